@@ -1,0 +1,115 @@
+//! What the user chooses: mode, channels, scheduling policy, limits, timeouts.
+
+use serde::{Deserialize, Serialize};
+use std::time::Duration;
+
+use crate::wire::{MAX_DEVICE_STATE_CHUNK, MAX_REQUEST_PAGES};
+
+/// Pure postcopy, or precopy rounds first.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Mode {
+    /// Stop the guest at once and move it; every page follows on demand or in
+    /// the background. Each page crosses the wire once.
+    Postcopy,
+    /// Push all RAM while the guest runs, re-send what it dirtied for
+    /// `precopy_rounds` rounds (or until the user switches), then postcopy.
+    Hybrid { precopy_rounds: u32 },
+}
+
+impl Mode {
+    pub fn precopy_rounds(self) -> u32 {
+        match self {
+            Mode::Postcopy => 0,
+            Mode::Hybrid { precopy_rounds } => precopy_rounds,
+        }
+    }
+}
+
+/// Settings of one side. Both sides' settings must agree on `mode`.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Config {
+    pub mode: Mode,
+    /// Open a third connection that carries requested pages only.
+    pub urgent_channel: bool,
+    /// After serving a request, continue the background push just after the
+    /// requested page (pre-paging), instead of where it was.
+    pub prepaging: bool,
+    /// Page indexes per request frame (the destination batches faults of one
+    /// block into one frame).
+    pub request_batch_pages: u32,
+    /// Page faults the destination keeps outstanding at most; announced to the
+    /// source, which rejects a peer that asks for more.
+    pub max_outstanding_requests: u32,
+    /// Largest device state accepted, in bytes.
+    pub max_device_state_bytes: u64,
+    /// Device state is sent in chunks of this many bytes.
+    pub device_state_chunk_bytes: u32,
+    /// Bound on connecting and on each handshake (first one and recoveries).
+    pub handshake_timeout: Duration,
+    /// Send a ping when a channel was idle this long (`None`: never).
+    pub keepalive_interval: Option<Duration>,
+    /// Declare the connection lost when the peer sent nothing this long.
+    pub peer_timeout: Option<Duration>,
+    /// First delay before reconnecting after a loss; doubles each attempt.
+    pub reconnect_delay_min: Duration,
+    /// Longest delay between reconnection attempts.
+    pub reconnect_delay_max: Duration,
+    /// How long a destination that loaded the device state but was never told
+    /// to start waits for the source to come back before dropping the guest.
+    pub start_timeout: Duration,
+    /// A deliberate bug, for showing that the checkers catch it.
+    #[cfg(feature = "planted-bugs")]
+    pub plant: Option<crate::plant::PlantedBug>,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            mode: Mode::Postcopy,
+            urgent_channel: true,
+            prepaging: true,
+            request_batch_pages: 64,
+            max_outstanding_requests: 4096,
+            max_device_state_bytes: 64 << 20,
+            device_state_chunk_bytes: MAX_DEVICE_STATE_CHUNK as u32,
+            handshake_timeout: Duration::from_secs(10),
+            keepalive_interval: Some(Duration::from_secs(1)),
+            peer_timeout: Some(Duration::from_secs(10)),
+            reconnect_delay_min: Duration::from_millis(50),
+            reconnect_delay_max: Duration::from_secs(2),
+            start_timeout: Duration::from_secs(60),
+            #[cfg(feature = "planted-bugs")]
+            plant: None,
+        }
+    }
+}
+
+impl Config {
+    /// Pure postcopy with the default settings.
+    pub fn postcopy() -> Self {
+        Self::default()
+    }
+
+    /// Hybrid with `rounds` precopy rounds and the default settings.
+    pub fn hybrid(rounds: u32) -> Self {
+        Self { mode: Mode::Hybrid { precopy_rounds: rounds }, ..Self::default() }
+    }
+
+    /// The request batch size, within the wire limit.
+    pub(crate) fn request_batch(&self) -> usize {
+        (self.request_batch_pages as usize).clamp(1, MAX_REQUEST_PAGES)
+    }
+
+    /// The device-state chunk size, within the wire limit.
+    pub(crate) fn device_state_chunk(&self) -> usize {
+        (self.device_state_chunk_bytes as usize).clamp(1, MAX_DEVICE_STATE_CHUNK)
+    }
+
+    /// The reconnection delay before attempt `attempt` (0-based): exponential, capped.
+    pub(crate) fn reconnect_delay(&self, attempt: u32) -> Duration {
+        let factor = 1u32.checked_shl(attempt.min(20)).unwrap_or(u32::MAX);
+        self.reconnect_delay_min.saturating_mul(factor).min(self.reconnect_delay_max)
+    }
+}

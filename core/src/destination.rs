@@ -1,0 +1,937 @@
+//! The destination side: the guest runs here at the end.
+//!
+//! # States
+//!
+//! ```text
+//!  Listening --Hello (fresh)--> Precopy --last DeviceState chunk--> LoadingDevice
+//!  (channels may                (precopy pages and stale            | device state loaded
+//!   attach in any order)         discards; empty in pure postcopy)  v
+//!                                                  AwaitingStart (ReadyToRun sent)
+//!                                                          | StartGuest
+//!                                                          v
+//!      +--------------------------------------------> Running --every page present,
+//!      |                                                          Eoc transmitted--> Completed
+//!      |  from AwaitingStart / Running: a lost connection or bad bytes --> Paused
+//!      |  Paused --Hello (resume, newer epoch)--> Recovering
+//!      +-- Recovering: Welcome, PresentPages..., PresentEnd transmitted
+//!
+//!  Before the device state is loaded, any failure ends in Failed: the guest
+//!  never ran here, the memory is discarded and the source keeps the guest.
+//!  Paused before StartGuest waits `start_timeout`, then drops the guest too.
+//!  Completed still answers a resume hello, so a source that lost the Eoc
+//!  completes as well.
+//! ```
+//!
+//! Faults are accepted from the moment the device state starts loading (it
+//! may touch guest RAM) and while paused: a vCPU whose page is present keeps
+//! running, one that faults waits for the recovery.
+
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, VecDeque};
+use std::fmt;
+
+use crate::bitmap::Bitmap;
+use crate::channel::Channel;
+use crate::config::Config;
+use crate::error::{EventError, MigrationError, ProtocolError};
+use crate::layout::{PageAddress, PageNumber, RamLayout};
+use crate::link::Link;
+use crate::stats::{DestinationStats, LatencyHistogram, Observed, PhaseClock};
+use crate::time::{earliest, Timestamp};
+use crate::wire::{self, Frame, Hello, PageData, PageFrame, PageKind, Welcome, WireMode, MAX_PRESENT_WORDS};
+use crate::{Finished, Notice, Side};
+
+/// Words of the present bitmap per recovery report frame.
+const PRESENT_WORDS_PER_FRAME: usize = 1024;
+const _: () = assert!(PRESENT_WORDS_PER_FRAME <= MAX_PRESENT_WORDS);
+
+/// Most vCPUs whose blocked time is accounted one by one.
+pub const MAX_TRACKED_VCPUS: usize = 64;
+
+/// Where the destination is in the migration. See the module docs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum DestinationState {
+    Listening,
+    Precopy,
+    LoadingDevice,
+    AwaitingStart,
+    Running,
+    Completed,
+    Paused,
+    Recovering,
+    Failed,
+}
+
+impl DestinationState {
+    pub fn is_terminal(self) -> bool {
+        matches!(self, DestinationState::Completed | DestinationState::Failed)
+    }
+}
+
+impl fmt::Display for DestinationState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let name = match self {
+            DestinationState::Listening => "LISTENING",
+            DestinationState::Precopy => "PRECOPY",
+            DestinationState::LoadingDevice => "LOADING_DEVICE",
+            DestinationState::AwaitingStart => "AWAITING_START",
+            DestinationState::Running => "RUNNING",
+            DestinationState::Completed => "COMPLETED",
+            DestinationState::Paused => "PAUSED",
+            DestinationState::Recovering => "RECOVERING",
+            DestinationState::Failed => "FAILED",
+        };
+        f.write_str(name)
+    }
+}
+
+/// Who waits for a faulting page.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum Waiter {
+    Vcpu(u32),
+    /// The VMM itself (loading device state, a device model).
+    Vmm,
+}
+
+/// What the destination's driver must do.
+#[must_use]
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum DestinationAction {
+    /// Map empty guest RAM for this layout, registered so that every access
+    /// to a missing page becomes [`Destination::handle_page_fault`].
+    PrepareMemory(RamLayout),
+    /// Put this content in the page and wake whoever waits for it.
+    /// `overwrite` is set only for precopy pages replacing an older copy
+    /// (the guest has not run here yet).
+    InstallPage { page: PageNumber, data: PageData, overwrite: bool },
+    /// Drop these pages so that the next access faults again.
+    DiscardPages { first: PageNumber, count: u64 },
+    /// Load the device state (it may fault on guest RAM: keep serving
+    /// faults), then call [`Destination::handle_device_state_loaded`].
+    LoadDeviceState(Bytes),
+    /// Run the guest here.
+    ResumeVcpus,
+    /// The page is already present: wake threads waiting on it.
+    Wake(PageNumber),
+    /// Close this channel's connection; deliver nothing more from it.
+    Close(Channel),
+    /// Write `bytes` (a last frame telling the peer why), then close.
+    Farewell { channel: Channel, bytes: Bytes },
+    /// Something worth telling the user.
+    Notice(Notice),
+    /// The migration is over for this side.
+    Finished(Box<Finished<DestinationStats>>),
+}
+
+/// A page fault waiting for its page.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+struct FaultWait {
+    since: Timestamp,
+    /// Bit `i`: vCPU `i` waits (vCPUs past 63 are counted, not named).
+    vcpus: u64,
+}
+
+/// What the destination learned from the main channel's hello.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+struct Session {
+    id: u64,
+    mode: WireMode,
+    urgent_channel: bool,
+    layout: RamLayout,
+}
+
+/// The destination's state machine.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct Destination {
+    config: Config,
+    page_size: u32,
+    session: Option<Session>,
+    epoch: u32,
+    state: DestinationState,
+    /// The state to return to when a recovery ends.
+    guest_started: bool,
+    device_loaded: bool,
+    end_of_stream_received: bool,
+    eoc_queued: bool,
+    links: [Link; 3],
+    /// The hello (session, epoch) seen on each connection, if any.
+    hellos: [Option<(u64, u32)>; 3],
+    present: Bitmap,
+    outstanding: BTreeMap<u64, FaultWait>,
+    pending_requests: VecDeque<PageNumber>,
+    device_state: Vec<u8>,
+    control: VecDeque<Frame>,
+    welcome_pending: bool,
+    /// Next word of the present bitmap to report, during a recovery.
+    report_word: Option<u64>,
+    handshake_deadline: Option<Timestamp>,
+    start_deadline: Option<Timestamp>,
+    last_received: Timestamp,
+    actions: VecDeque<DestinationAction>,
+    clock: Observed<PhaseClock>,
+    stats: Observed<DestinationStats>,
+    latency: Observed<LatencyHistogram>,
+}
+
+impl Destination {
+    /// A destination that accepts guests with pages of `page_size` bytes.
+    pub fn new(config: Config, page_size: u32) -> Self {
+        Destination {
+            config,
+            page_size,
+            session: None,
+            epoch: 0,
+            state: DestinationState::Listening,
+            guest_started: false,
+            device_loaded: false,
+            end_of_stream_received: false,
+            eoc_queued: false,
+            links: Default::default(),
+            hellos: [None; 3],
+            present: Bitmap::new(0),
+            outstanding: BTreeMap::new(),
+            pending_requests: VecDeque::new(),
+            device_state: Vec::new(),
+            control: VecDeque::new(),
+            welcome_pending: false,
+            report_word: None,
+            handshake_deadline: None,
+            start_deadline: None,
+            last_received: Timestamp::ZERO,
+            actions: VecDeque::new(),
+            clock: Observed::default(),
+            stats: Observed::default(),
+            latency: Observed::default(),
+        }
+    }
+
+    // ----- getters -------------------------------------------------------
+
+    pub fn state(&self) -> DestinationState {
+        self.state
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    /// The guest's RAM layout, once the hello arrived.
+    pub fn layout(&self) -> Option<&RamLayout> {
+        self.session.as_ref().map(|s| &s.layout)
+    }
+
+    pub fn epoch(&self) -> u32 {
+        self.epoch
+    }
+
+    pub fn is_present(&self, page: PageNumber) -> bool {
+        self.present.get(page.0)
+    }
+
+    pub fn pages_present(&self) -> u64 {
+        self.present.count_ones()
+    }
+
+    /// Whether the guest has been started here.
+    pub fn guest_started(&self) -> bool {
+        self.guest_started
+    }
+
+    /// Page faults waiting for their page.
+    pub fn outstanding_faults(&self) -> usize {
+        self.outstanding.len()
+    }
+
+    /// Whether `page` has a fault waiting for it.
+    pub fn is_outstanding(&self, page: PageNumber) -> bool {
+        self.outstanding.contains_key(&page.0)
+    }
+
+    pub fn is_connected(&self, channel: Channel) -> bool {
+        self.links[channel.index()].up
+    }
+
+    pub fn stats(&self, now: Timestamp) -> DestinationStats {
+        let mut stats = self.stats.0.clone();
+        stats.phases = self.clock.0.times(now);
+        stats.fault_latency = self.latency.0.summary();
+        stats
+    }
+
+    // ----- outputs -------------------------------------------------------
+
+    #[must_use]
+    pub fn poll_action(&mut self) -> Option<DestinationAction> {
+        self.actions.pop_front()
+    }
+
+    #[must_use]
+    pub fn poll_timeout(&self) -> Option<Timestamp> {
+        if self.state.is_terminal() && self.state != DestinationState::Completed {
+            return None;
+        }
+        let mut deadline = earliest(self.handshake_deadline, self.start_deadline);
+        let any_up = self.links.iter().any(|l| l.up);
+        if let Some(interval) = self.config.keepalive_interval {
+            let ret = &self.links[Channel::Return.index()];
+            if ret.up && self.state != DestinationState::Completed {
+                deadline = earliest(deadline, Some(ret.last_sent + interval));
+            }
+        }
+        if let Some(timeout) = self.config.peer_timeout {
+            if any_up && self.session.is_some() && !self.state.is_terminal() {
+                deadline = earliest(deadline, Some(self.last_received + timeout));
+            }
+        }
+        deadline
+    }
+
+    /// Appends frames for `channel` (only the return path is written by the
+    /// destination) to `out` until it holds at least `max_bytes`; returns the
+    /// number of frames appended.
+    #[must_use]
+    pub fn poll_transmit(&mut self, now: Timestamp, channel: Channel, out: &mut Vec<u8>, max_bytes: usize) -> usize {
+        if channel != Channel::Return || !self.links[channel.index()].up {
+            return 0;
+        }
+        let mut frames = 0;
+        while frames == 0 || out.len() < max_bytes {
+            if !self.next_return_frame(now, out) {
+                break;
+            }
+            frames += 1;
+        }
+        if frames > 0 {
+            self.links[channel.index()].last_sent = now;
+        }
+        frames
+    }
+
+    // ----- events ----------------------------------------------------------
+
+    /// A connection for `channel` was accepted (its preamble named it).
+    pub fn handle_connected(&mut self, now: Timestamp, channel: Channel) {
+        if self.state == DestinationState::Failed {
+            self.actions.push_back(DestinationAction::Close(channel));
+            return;
+        }
+        self.clock.0.touch(now);
+        if self.state == DestinationState::Listening && self.handshake_deadline.is_none() {
+            self.handshake_deadline = Some(now + self.config.handshake_timeout);
+        }
+        // A newer connection replaces an older one of the same channel.
+        self.links[channel.index()].connected(now);
+        self.hellos[channel.index()] = None;
+        self.last_received = now;
+        if channel == Channel::Return {
+            self.maybe_welcome();
+        }
+    }
+
+    /// The connection for `channel` was lost; frames in flight on it are gone.
+    pub fn handle_connection_lost(&mut self, now: Timestamp, channel: Channel) {
+        if !self.links[channel.index()].up {
+            return;
+        }
+        self.links[channel.index()].down();
+        self.hellos[channel.index()] = None;
+        self.on_link_failure(now, MigrationError::ConnectionLost { channel });
+    }
+
+    /// Bytes received on `channel`, in chunks of any size.
+    pub fn handle_input(&mut self, now: Timestamp, channel: Channel, bytes: Bytes) {
+        if !self.links[channel.index()].up {
+            return;
+        }
+        self.last_received = now;
+        self.links[channel.index()].decoder.push(bytes);
+        loop {
+            let link = &mut self.links[channel.index()];
+            if !link.up {
+                return;
+            }
+            match link.decoder.next_frame() {
+                Ok(Some(frame)) => {
+                    if let Err(error) = self.handle_frame(now, channel, frame) {
+                        self.on_protocol_error(now, channel, error);
+                    }
+                }
+                Ok(None) => return,
+                Err(error) => self.on_protocol_error(now, channel, ProtocolError::Wire { channel, error }),
+            }
+        }
+    }
+
+    /// Handles one decoded frame from `channel`.
+    pub fn handle_frame(&mut self, now: Timestamp, channel: Channel, frame: Frame) -> Result<(), ProtocolError> {
+        self.last_received = now;
+        let index = channel.index();
+        // Every source connection opens with its hello; nothing before it counts.
+        if self.hellos[index].is_none() {
+            return match (channel, frame) {
+                (Channel::Main, Frame::Hello(hello)) => self.on_hello(now, hello),
+                (Channel::Urgent, Frame::UrgentHello(hello)) => {
+                    self.hellos[index] = Some((hello.session, hello.epoch));
+                    self.check_urgent_hello();
+                    Ok(())
+                }
+                (channel, frame) => Err(self.unexpected(channel, &frame)),
+            };
+        }
+        match (channel, frame) {
+            (_, Frame::Ping) => Ok(()),
+            (Channel::Main | Channel::Urgent, Frame::Page(page)) => self.on_page(now, channel, page),
+            (Channel::Main, Frame::Discard(discard)) if self.state == DestinationState::Precopy => {
+                self.on_discard(discard)
+            }
+            (Channel::Main, Frame::DeviceState { last, chunk }) if self.state == DestinationState::Precopy => {
+                self.on_device_state(now, last, chunk)
+            }
+            (Channel::Main | Channel::Urgent, Frame::StartGuest) => self.on_start_guest(now, channel),
+            (Channel::Main, Frame::EndOfStream) if self.device_loaded => {
+                self.end_of_stream_received = true;
+                Ok(())
+            }
+            (Channel::Main, Frame::Cancel { reason }) if !self.guest_started => {
+                self.fail(now, MigrationError::CancelledByPeer(reason), None);
+                Ok(())
+            }
+            (channel, frame) => Err(self.unexpected(channel, &frame)),
+        }
+    }
+
+    /// A thread touched a missing page (or one that raced with its install).
+    pub fn handle_page_fault(&mut self, now: Timestamp, page: PageNumber, waiter: Waiter) -> Result<(), EventError> {
+        if matches!(self.state, DestinationState::Listening | DestinationState::Precopy | DestinationState::Failed) {
+            return Err(self.wrong_state("page fault"));
+        }
+        if page.0 >= self.present.len() {
+            return Err(EventError::PageOutOfRange(page.0));
+        }
+        if self.present.get(page.0) {
+            self.stats.0.faults_on_present_pages += 1;
+            self.actions.push_back(DestinationAction::Wake(page));
+            return Ok(());
+        }
+        let vcpu_bit = match waiter {
+            Waiter::Vcpu(id) if (id as usize) < MAX_TRACKED_VCPUS => 1u64 << id,
+            _ => 0,
+        };
+        if let Some(wait) = self.outstanding.get_mut(&page.0) {
+            wait.vcpus |= vcpu_bit;
+            return Ok(());
+        }
+        let limit = self.config.max_outstanding_requests;
+        if self.outstanding.len() >= limit as usize {
+            return Err(EventError::TooManyFaults { limit });
+        }
+        self.outstanding.insert(page.0, FaultWait { since: now, vcpus: vcpu_bit });
+        self.pending_requests.push_back(page);
+        self.stats.0.remote_faults += 1;
+        Ok(())
+    }
+
+    /// The device state asked for by [`DestinationAction::LoadDeviceState`]
+    /// is loaded (`Ok`) or could not be (`Err` with the reason).
+    pub fn handle_device_state_loaded(&mut self, now: Timestamp, result: Result<(), String>) -> Result<(), EventError> {
+        match self.state {
+            DestinationState::LoadingDevice => {}
+            // The migration ended while loading: nothing to do.
+            DestinationState::Failed => return Ok(()),
+            _ => return Err(self.wrong_state("device state loaded")),
+        }
+        match result {
+            Ok(()) => {
+                self.device_loaded = true;
+                self.state = DestinationState::AwaitingStart;
+                self.control.push_back(Frame::ReadyToRun);
+            }
+            Err(reason) => {
+                let farewell = Frame::GuestDropped { reason: format!("device state failed to load: {reason}") };
+                self.fail(now, MigrationError::DeviceStateLoad(reason), Some(farewell));
+            }
+        }
+        Ok(())
+    }
+
+    /// The user gives up on the migration. Allowed until the guest started
+    /// here; the source then keeps running it.
+    pub fn handle_cancel(&mut self, now: Timestamp) -> Result<(), EventError> {
+        if self.guest_started || self.state.is_terminal() {
+            return Err(self.wrong_state("cancel"));
+        }
+        let farewell = Frame::GuestDropped { reason: "cancelled on the destination".into() };
+        self.fail(now, MigrationError::Cancelled, Some(farewell));
+        Ok(())
+    }
+
+    /// A timer armed through [`Destination::poll_timeout`] expired.
+    pub fn handle_timeout(&mut self, now: Timestamp) {
+        if self.state == DestinationState::Failed {
+            return;
+        }
+        if self.handshake_deadline.is_some_and(|d| now >= d) {
+            self.handshake_deadline = None;
+            let timeout_ms = self.config.handshake_timeout.as_millis() as u64;
+            self.on_link_failure(now, MigrationError::HandshakeTimeout { timeout_ms });
+            return;
+        }
+        if self.start_deadline.is_some_and(|d| now >= d) {
+            self.start_deadline = None;
+            let timeout_ms = self.config.start_timeout.as_millis() as u64;
+            self.fail(now, MigrationError::StartTimeout { timeout_ms }, None);
+            return;
+        }
+        if self.state.is_terminal() {
+            return;
+        }
+        if let Some(timeout) = self.config.peer_timeout {
+            if self.session.is_some() && self.links.iter().any(|l| l.up) && now >= self.last_received + timeout {
+                let timeout_ms = timeout.as_millis() as u64;
+                self.close_all_links();
+                self.on_link_failure(now, MigrationError::PeerTimeout { timeout_ms });
+                return;
+            }
+        }
+        if let Some(interval) = self.config.keepalive_interval {
+            let ret = &self.links[Channel::Return.index()];
+            if ret.up && now >= ret.last_sent + interval && self.control.is_empty() {
+                self.control.push_back(Frame::Ping);
+            }
+        }
+    }
+
+    // ----- internals: frames in --------------------------------------------
+
+    fn on_hello(&mut self, now: Timestamp, hello: Hello) -> Result<(), ProtocolError> {
+        if hello.page_size != self.page_size {
+            return Err(ProtocolError::PageSizeMismatch { ours: self.page_size, theirs: hello.page_size });
+        }
+        let layout = RamLayout::new(hello.page_size, hello.blocks).map_err(ProtocolError::BadLayout)?;
+        match (&self.session, hello.resume) {
+            (None, false) if self.state == DestinationState::Listening => {
+                self.present = Bitmap::new(layout.total_pages());
+                self.stats.0.bookkeeping_bytes = self.present.heap_bytes() as u64;
+                self.actions.push_back(DestinationAction::PrepareMemory(layout.clone()));
+                self.session =
+                    Some(Session { id: hello.session, mode: hello.mode, urgent_channel: hello.urgent_channel, layout });
+                self.epoch = hello.epoch;
+                self.state = DestinationState::Precopy;
+                self.handshake_deadline = None;
+                self.clock.0.handshake_done = Some(now);
+            }
+            (Some(session), true)
+                if matches!(
+                    self.state,
+                    DestinationState::Paused | DestinationState::Recovering | DestinationState::Completed
+                ) =>
+            {
+                if session.id != hello.session {
+                    return Err(ProtocolError::SessionMismatch { expected: session.id, got: hello.session });
+                }
+                if hello.epoch <= self.epoch {
+                    return Err(ProtocolError::EpochMismatch { expected: self.epoch + 1, got: hello.epoch });
+                }
+                if session.layout != layout {
+                    return Err(ProtocolError::LayoutChanged);
+                }
+                self.epoch = hello.epoch;
+                self.end_of_stream_received = false;
+                self.eoc_queued = false;
+                self.report_word = None;
+                self.control.clear();
+                if self.state != DestinationState::Completed {
+                    self.state = DestinationState::Recovering;
+                }
+                self.start_deadline = None;
+            }
+            (None, true) => return Err(ProtocolError::Rejected("unknown session: nothing to resume".into())),
+            _ => {
+                return Err(ProtocolError::UnexpectedFrame {
+                    channel: Channel::Main,
+                    kind: wire::FrameKind::Hello,
+                    state: self.state.to_string(),
+                })
+            }
+        }
+        self.hellos[Channel::Main.index()] = Some((hello.session, hello.epoch));
+        self.check_urgent_hello();
+        self.welcome_pending = true;
+        self.maybe_welcome();
+        Ok(())
+    }
+
+    /// Closes an urgent connection that belongs to another session or epoch.
+    fn check_urgent_hello(&mut self) {
+        let (Some((session, epoch)), Some(current)) = (self.hellos[Channel::Urgent.index()], &self.session) else {
+            return;
+        };
+        let main_epoch = self.hellos[Channel::Main.index()].map(|(_, e)| e);
+        if session != current.id || (main_epoch.is_some() && Some(epoch) != main_epoch) {
+            self.links[Channel::Urgent.index()].down();
+            self.hellos[Channel::Urgent.index()] = None;
+            self.actions.push_back(DestinationAction::Close(Channel::Urgent));
+        }
+    }
+
+    fn on_page(&mut self, now: Timestamp, channel: Channel, frame: PageFrame) -> Result<(), ProtocolError> {
+        let Some(session) = &self.session else {
+            return Err(self.unexpected(channel, &Frame::Page(frame)));
+        };
+        let layout = &session.layout;
+        if layout.block_range(frame.address.block).is_none() {
+            return Err(ProtocolError::BlockOutOfRange { block: frame.address.block });
+        }
+        let page = layout
+            .page_number(frame.address)
+            .ok_or(ProtocolError::PageOutOfRange { block: frame.address.block, index: frame.address.index })?;
+        if let PageData::Bytes(bytes) = &frame.data {
+            if bytes.len() != self.page_size as usize {
+                return Err(ProtocolError::PageLength { expected: self.page_size, got: bytes.len() });
+            }
+        }
+        let precopy_ok = self.state == DestinationState::Precopy
+            && session.mode == WireMode::Hybrid
+            && channel == Channel::Main
+            && frame.kind == PageKind::Precopy;
+        let postcopy_ok = frame.kind != PageKind::Precopy
+            && matches!(
+                self.state,
+                DestinationState::LoadingDevice
+                    | DestinationState::AwaitingStart
+                    | DestinationState::Running
+                    | DestinationState::Recovering
+                    | DestinationState::Completed
+            );
+        if !(precopy_ok || postcopy_ok) {
+            return Err(self.unexpected(channel, &Frame::Page(frame)));
+        }
+        let was_present = self.present.get(page.0);
+        self.stats.0.pages_received.add(frame.kind, 1);
+        if frame.data == PageData::Zero {
+            self.stats.0.pages_received.zero += 1;
+        }
+        if was_present && postcopy_ok {
+            if planted!(self.config, BackgroundOverwritesNewer) && frame.kind == PageKind::Background {
+                self.actions.push_back(DestinationAction::InstallPage { page, data: frame.data, overwrite: true });
+                return Ok(());
+            }
+            // A late or duplicate copy never replaces the page present here:
+            // the guest may have written it since.
+            self.stats.0.duplicate_pages += 1;
+            return Ok(());
+        }
+        self.present.set(page.0);
+        self.actions.push_back(DestinationAction::InstallPage { page, data: frame.data, overwrite: was_present });
+        if let Some(wait) = self.outstanding.remove(&page.0) {
+            let waited_ns = now.saturating_since(wait.since).as_nanos() as u64;
+            self.latency.0.record_ns(waited_ns);
+            let blocked = &mut self.stats.0.vcpu_blocked_ns;
+            let mut vcpus = wait.vcpus;
+            while vcpus != 0 {
+                let vcpu = vcpus.trailing_zeros() as usize;
+                vcpus &= vcpus - 1;
+                if blocked.len() <= vcpu {
+                    blocked.resize(vcpu + 1, 0);
+                }
+                blocked[vcpu] += waited_ns;
+            }
+        }
+        self.check_end_of_copy();
+        Ok(())
+    }
+
+    fn on_discard(&mut self, discard: wire::Discard) -> Result<(), ProtocolError> {
+        let Some(session) = &self.session else {
+            return Err(ProtocolError::BlockOutOfRange { block: discard.block });
+        };
+        let range =
+            session.layout.block_range(discard.block).ok_or(ProtocolError::BlockOutOfRange { block: discard.block })?;
+        let block_pages = range.end - range.start;
+        // Check every range before acting on any.
+        for &(first, count) in &discard.ranges {
+            if u64::from(first) + u64::from(count) > block_pages {
+                let index = first.saturating_add(count.saturating_sub(1));
+                return Err(ProtocolError::PageOutOfRange { block: discard.block, index });
+            }
+        }
+        for (first, count) in discard.ranges {
+            let first = range.start + u64::from(first);
+            for page in first..first + u64::from(count) {
+                if self.present.clear(page) {
+                    self.stats.0.stale_pages_discarded += 1;
+                }
+            }
+            self.actions.push_back(DestinationAction::DiscardPages { first: PageNumber(first), count: count.into() });
+        }
+        Ok(())
+    }
+
+    fn on_device_state(&mut self, now: Timestamp, last: bool, chunk: Bytes) -> Result<(), ProtocolError> {
+        if self.device_state.is_empty() {
+            // The source stopped the guest before sending this.
+            self.clock.0.stopped.get_or_insert(now);
+        }
+        let limit = self.config.max_device_state_bytes;
+        if self.device_state.len() as u64 + chunk.len() as u64 > limit {
+            return Err(ProtocolError::DeviceStateTooLarge { limit });
+        }
+        self.device_state.extend_from_slice(&chunk);
+        if last {
+            self.clock.0.stopped.get_or_insert(now);
+            let state = Bytes::from(std::mem::take(&mut self.device_state));
+            self.stats.0.device_state_bytes = state.len() as u64;
+            self.state = DestinationState::LoadingDevice;
+            self.actions.push_back(DestinationAction::LoadDeviceState(state));
+        }
+        Ok(())
+    }
+
+    fn on_start_guest(&mut self, now: Timestamp, channel: Channel) -> Result<(), ProtocolError> {
+        match self.state {
+            DestinationState::AwaitingStart => {
+                self.guest_started = true;
+                self.state = DestinationState::Running;
+                self.clock.0.started = Some(now);
+                self.actions.push_back(DestinationAction::ResumeVcpus);
+                self.check_end_of_copy();
+                Ok(())
+            }
+            // Sent again after a recovery that crossed the first one.
+            DestinationState::Running | DestinationState::Completed if self.guest_started => Ok(()),
+            _ => Err(self.unexpected(channel, &Frame::StartGuest)),
+        }
+    }
+
+    // ----- internals: frames out -------------------------------------------
+
+    fn next_return_frame(&mut self, now: Timestamp, out: &mut Vec<u8>) -> bool {
+        if let Some(frame) = self.control.pop_front() {
+            wire::encode(&frame, out);
+            return true;
+        }
+        if let Some(word) = self.report_word {
+            self.send_present_report(now, word, out);
+            return true;
+        }
+        if matches!(
+            self.state,
+            DestinationState::LoadingDevice | DestinationState::AwaitingStart | DestinationState::Running
+        ) && self.send_request(out)
+        {
+            return true;
+        }
+        if self.eoc_queued {
+            self.eoc_queued = false;
+            wire::encode(&Frame::Eoc, out);
+            self.complete(now);
+            return true;
+        }
+        false
+    }
+
+    fn send_present_report(&mut self, now: Timestamp, word: u64, out: &mut Vec<u8>) {
+        let word_len = self.present.word_len() as u64;
+        if word >= word_len {
+            wire::encode(&Frame::PresentEnd { present_pages: self.present.count_ones() }, out);
+            self.report_word = None;
+            self.finish_recovery(now);
+            return;
+        }
+        let end = (word + PRESENT_WORDS_PER_FRAME as u64).min(word_len);
+        let words = (word..end).map(|w| self.present.word(w as usize)).collect();
+        wire::encode(&Frame::PresentPages(wire::PresentPages { first_word: word, words }), out);
+        self.report_word = Some(end);
+    }
+
+    /// Builds one request frame: pending faults of one block, in order.
+    fn send_request(&mut self, out: &mut Vec<u8>) -> bool {
+        let Some(session) = &self.session else {
+            return false;
+        };
+        let layout = &session.layout;
+        let batch = self.config.request_batch();
+        let mut block = None;
+        let mut indexes = Vec::new();
+        while let Some(&page) = self.pending_requests.front() {
+            if self.present.get(page.0) || !self.outstanding.contains_key(&page.0) {
+                self.pending_requests.pop_front();
+                continue;
+            }
+            let Some(PageAddress { block: b, index }) = layout.address(page) else {
+                self.pending_requests.pop_front();
+                continue;
+            };
+            if block.is_some_and(|current| current != b) || indexes.len() >= batch {
+                break;
+            }
+            block = Some(b);
+            indexes.push(index);
+            self.pending_requests.pop_front();
+        }
+        let Some(block) = block else { return false };
+        self.stats.0.requests_sent += indexes.len() as u64;
+        wire::encode(&Frame::Request(wire::Request { block, indexes }), out);
+        true
+    }
+
+    // ----- internals: transitions -----------------------------------------
+
+    fn maybe_welcome(&mut self) {
+        if !self.welcome_pending || !self.links[Channel::Return.index()].up {
+            return;
+        }
+        let Some(session) = &self.session else { return };
+        self.welcome_pending = false;
+        self.control.push_back(Frame::Welcome(Welcome {
+            session: session.id,
+            epoch: self.epoch,
+            guest_started: self.guest_started,
+            device_loaded: self.device_loaded,
+            max_outstanding_requests: self.config.max_outstanding_requests,
+        }));
+        if matches!(self.state, DestinationState::Recovering | DestinationState::Completed) && self.device_loaded {
+            self.report_word = Some(0);
+        }
+    }
+
+    fn finish_recovery(&mut self, now: Timestamp) {
+        self.stats.0.recoveries += 1;
+        self.clock.0.unpause(now);
+        self.actions.push_back(DestinationAction::Notice(Notice::Recovered { epoch: self.epoch }));
+        // Ask again for every page still awaited; the old requests died with
+        // the old connections.
+        self.pending_requests = self.outstanding.keys().map(|&p| PageNumber(p)).collect();
+        if self.state == DestinationState::Recovering {
+            self.state = if self.guest_started { DestinationState::Running } else { DestinationState::AwaitingStart };
+        }
+        self.check_end_of_copy();
+    }
+
+    fn check_end_of_copy(&mut self) {
+        if !self.guest_started || self.eoc_queued || self.report_word.is_some() {
+            return;
+        }
+        if !matches!(self.state, DestinationState::Running | DestinationState::Completed) {
+            return;
+        }
+        let all_present = if planted!(self.config, EarlyEoc) {
+            self.present.count_ones() + 1 >= self.present.len()
+        } else {
+            self.present.is_full()
+        };
+        if all_present {
+            self.eoc_queued = true;
+        }
+    }
+
+    fn complete(&mut self, now: Timestamp) {
+        if self.state == DestinationState::Completed {
+            return;
+        }
+        self.state = DestinationState::Completed;
+        self.handshake_deadline = None;
+        self.start_deadline = None;
+        let stats = self.stats(now);
+        self.actions.push_back(DestinationAction::Finished(Box::new(Finished {
+            result: Ok(()),
+            guest_on: Side::Destination,
+            stats,
+        })));
+    }
+
+    /// Ends the migration without the guest ever running here; the source
+    /// keeps it. `farewell` tells the source why, on the return path.
+    fn fail(&mut self, now: Timestamp, error: MigrationError, farewell: Option<Frame>) {
+        debug_assert!(!self.guest_started, "a destination that ran the guest never drops it");
+        if let Some(frame) = farewell {
+            if self.links[Channel::Return.index()].up {
+                let mut bytes = Vec::new();
+                wire::encode(&frame, &mut bytes);
+                self.links[Channel::Return.index()].down();
+                self.actions.push_back(DestinationAction::Farewell { channel: Channel::Return, bytes: bytes.into() });
+            }
+        }
+        self.close_all_links();
+        self.state = DestinationState::Failed;
+        self.handshake_deadline = None;
+        self.start_deadline = None;
+        let stats = self.stats(now);
+        self.actions.push_back(DestinationAction::Finished(Box::new(Finished {
+            result: Err(error),
+            guest_on: Side::Source,
+            stats,
+        })));
+    }
+
+    fn pause(&mut self, now: Timestamp, reason: MigrationError) {
+        self.close_all_links();
+        self.state = DestinationState::Paused;
+        self.control.clear();
+        self.pending_requests.clear();
+        self.report_word = None;
+        self.welcome_pending = false;
+        self.eoc_queued = false;
+        self.clock.0.pause(now);
+        if !self.guest_started {
+            self.start_deadline = Some(now + self.config.start_timeout);
+        }
+        self.actions.push_back(DestinationAction::Notice(Notice::Paused { reason }));
+    }
+
+    fn on_link_failure(&mut self, now: Timestamp, reason: MigrationError) {
+        match self.state {
+            DestinationState::Failed | DestinationState::Completed | DestinationState::Paused => {}
+            DestinationState::Listening if self.session.is_none() => {
+                if matches!(reason, MigrationError::HandshakeTimeout { .. }) {
+                    self.fail(now, reason, None);
+                }
+            }
+            DestinationState::Listening | DestinationState::Precopy | DestinationState::LoadingDevice => {
+                // The source takes the guest back: it never ran here.
+                self.fail(now, reason, None);
+            }
+            DestinationState::AwaitingStart | DestinationState::Running | DestinationState::Recovering => {
+                self.pause(now, reason)
+            }
+        }
+    }
+
+    fn on_protocol_error(&mut self, now: Timestamp, channel: Channel, error: ProtocolError) {
+        match self.state {
+            DestinationState::Failed => {}
+            DestinationState::Completed | DestinationState::Paused => {
+                // Nothing to lose: drop the offending connection only.
+                self.links[channel.index()].down();
+                self.hellos[channel.index()] = None;
+                self.actions.push_back(DestinationAction::Close(channel));
+            }
+            DestinationState::Listening | DestinationState::Precopy | DestinationState::LoadingDevice => {
+                let farewell = Frame::Reject { reason: error.to_string() };
+                self.fail(now, error.into(), Some(farewell));
+            }
+            DestinationState::AwaitingStart | DestinationState::Running | DestinationState::Recovering => {
+                self.pause(now, error.into())
+            }
+        }
+    }
+
+    fn close_all_links(&mut self) {
+        for channel in Channel::ALL {
+            if self.links[channel.index()].up {
+                self.links[channel.index()].down();
+                self.hellos[channel.index()] = None;
+                self.actions.push_back(DestinationAction::Close(channel));
+            }
+        }
+    }
+
+    fn unexpected(&self, channel: Channel, frame: &Frame) -> ProtocolError {
+        ProtocolError::UnexpectedFrame { channel, kind: frame.kind(), state: self.state.to_string() }
+    }
+
+    fn wrong_state(&self, event: &'static str) -> EventError {
+        EventError::WrongState { event, state: self.state.to_string() }
+    }
+}

@@ -1,0 +1,1177 @@
+//! The source side: the guest runs here at the start.
+//!
+//! # States
+//!
+//! The seed's states (`ACTIVE`, `EOC_RECEIVED`, `ALL_PAGES_SENT`,
+//! `COMPLETED`, `ERROR_RECEIVE`) are kept, with what precopy, a safe
+//! switchover and recovery need around them. Every arrow is an event named
+//! on it.
+//!
+//! ```text
+//!  handle_start
+//!       |
+//!       v
+//!  Connecting --all channels connected--> Handshake --Welcome--+----------------------+
+//!                                                              | hybrid               | postcopy
+//!                                                              v                      |
+//!              +--dirty log synced, rounds left-- DirtySync <-- Precopy               |
+//!              +-----------------------------------------------^  | last round done   |
+//!                                                                 | or switch command |
+//!                                                                 v                   v
+//!                                                   Stopping (StopVcpus issued) <-----+
+//!                                                        | vcpus stopped
+//!                                                        v (hybrid: FinalSync first)
+//!                Switchover: stale discards + device state sent, requests served;
+//!                the guest can still come back here (loss, GuestDropped, cancel)
+//!                        | ReadyToRun received, StartGuest transmitted
+//!                        v
+//!   +-------------> ACTIVE --every page sent--> ALL_PAGES_SENT --Eoc--> COMPLETED
+//!   |                  | Eoc                                               ^
+//!   |                  v                                                   |
+//!   |             EOC_RECEIVED --EndOfStream transmitted-------------------+
+//!   |
+//!   |  after StartGuest: a lost connection --> PAUSED; bad bytes --> ERROR_RECEIVE
+//!   |  PAUSED / ERROR_RECEIVE --retry timer, all channels connected--> RECOVERING
+//!   +-- RECOVERING: Welcome, PresentPages..., PresentEnd (lost again: PAUSED)
+//!
+//!  Before StartGuest is transmitted, any failure ends in Failed with the
+//!  guest running on the source (ResumeVcpus if it was stopped).
+//! ```
+//!
+//! # Driving it
+//!
+//! Feed events with the `handle_*` methods, then drain [`Source::poll_action`]
+//! and call [`Source::poll_transmit`] for every writable channel, and arm a
+//! timer for [`Source::poll_timeout`]. Time is always an argument.
+
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+use std::collections::VecDeque;
+use std::fmt;
+
+use crate::bitmap::{Bitmap, SearchBitmap};
+use crate::channel::Channel;
+use crate::config::{Config, Mode};
+use crate::error::{EventError, MigrationError, ProtocolError};
+use crate::layout::{PageAddress, PageNumber, RamLayout};
+use crate::link::Link;
+use crate::stats::{Observed, PhaseClock, SourceStats};
+use crate::time::{earliest, Timestamp};
+use crate::wire::{self, Frame, Hello, PageKind, UrgentHello, Welcome, WireMode, MAX_DISCARD_RANGES};
+use crate::{Finished, Notice, Side};
+
+/// Read access to the guest's RAM on the source.
+pub trait GuestMemory {
+    /// Copies page `page` into `out`, which is exactly one page long.
+    fn read_page(&self, page: PageNumber, out: &mut [u8]);
+}
+
+/// Ranges per discard frame the source builds (well under the wire limit).
+const DISCARD_RANGES_PER_FRAME: usize = 512;
+const _: () = assert!(DISCARD_RANGES_PER_FRAME <= MAX_DISCARD_RANGES);
+
+/// Where the source is in the migration. See the module docs for the diagram.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum SourceState {
+    Connecting,
+    Handshake,
+    Precopy,
+    DirtySync,
+    Stopping,
+    FinalSync,
+    Switchover,
+    Active,
+    EocReceived,
+    AllPagesSent,
+    Completed,
+    ErrorReceive,
+    Paused,
+    Recovering,
+    Failed,
+}
+
+impl SourceState {
+    /// Whether the destination may be running the guest (StartGuest was transmitted).
+    pub fn after_start(self) -> bool {
+        matches!(
+            self,
+            SourceState::Active
+                | SourceState::EocReceived
+                | SourceState::AllPagesSent
+                | SourceState::Completed
+                | SourceState::ErrorReceive
+                | SourceState::Paused
+                | SourceState::Recovering
+        )
+    }
+
+    pub fn is_terminal(self) -> bool {
+        matches!(self, SourceState::Completed | SourceState::Failed)
+    }
+}
+
+impl fmt::Display for SourceState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let name = match self {
+            SourceState::Connecting => "CONNECTING",
+            SourceState::Handshake => "HANDSHAKE",
+            SourceState::Precopy => "PRECOPY",
+            SourceState::DirtySync => "DIRTY_SYNC",
+            SourceState::Stopping => "STOPPING",
+            SourceState::FinalSync => "FINAL_SYNC",
+            SourceState::Switchover => "SWITCHOVER",
+            SourceState::Active => "ACTIVE",
+            SourceState::EocReceived => "EOC_RECEIVED",
+            SourceState::AllPagesSent => "ALL_PAGES_SENT",
+            SourceState::Completed => "COMPLETED",
+            SourceState::ErrorReceive => "ERROR_RECEIVE",
+            SourceState::Paused => "PAUSED",
+            SourceState::Recovering => "RECOVERING",
+            SourceState::Failed => "FAILED",
+        };
+        f.write_str(name)
+    }
+}
+
+/// What the source's driver must do.
+#[must_use]
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum SourceAction {
+    /// Open a connection for this channel, then report
+    /// [`Source::handle_connected`] or [`Source::handle_connect_failed`].
+    Connect(Channel),
+    /// Close this channel's connection; deliver nothing more from it.
+    Close(Channel),
+    /// Write `bytes` (a last frame telling the peer why), then close.
+    Farewell { channel: Channel, bytes: Bytes },
+    /// Stop every vCPU, then call [`Source::handle_vcpus_stopped`] with the
+    /// device state.
+    StopVcpus,
+    /// Run the guest again on the source (the migration was abandoned before
+    /// the destination could run it).
+    ResumeVcpus,
+    /// Read and clear the dirty log, then report it with
+    /// [`Source::handle_dirty_bitmap`] and [`Source::handle_dirty_sync_complete`].
+    SyncDirtyLog,
+    /// Something worth telling the user.
+    Notice(Notice),
+    /// The migration is over; no more events are needed.
+    Finished(Box<Finished<SourceStats>>),
+}
+
+/// Progress of reading the destination's present-page report.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash)]
+struct RecoveryReport {
+    welcome: Option<Welcome>,
+    next_word: u64,
+    present_seen: u64,
+}
+
+/// The source's state machine.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct Source {
+    config: Config,
+    layout: RamLayout,
+    session: u64,
+    epoch: u32,
+    state: SourceState,
+    links: [Link; 3],
+    /// Sent in the current phase and not known lost.
+    sent: SearchBitmap,
+    /// In `urgent_queue` (requested, not yet sent).
+    queued: Bitmap,
+    /// Sent in precopy and dirtied since: the destination's copy is stale.
+    stale: Bitmap,
+    /// Lost with a connection: the next copy counts as re-sent.
+    lost: Bitmap,
+    urgent_queue: VecDeque<PageNumber>,
+    /// Where the precopy scan or background push continues.
+    cursor: u64,
+    round: u32,
+    switch_requested: bool,
+    precopy_sent_any: bool,
+    /// Next page to examine when streaming discard frames.
+    discard_cursor: u64,
+    /// Device state still to send.
+    device_state: Option<Bytes>,
+    device_state_sent: bool,
+    start_queued: bool,
+    end_of_stream_queued: bool,
+    main_control: VecDeque<Frame>,
+    urgent_control: VecDeque<Frame>,
+    peer_max_requests: u32,
+    recovery: RecoveryReport,
+    attempt: u32,
+    retry_at: Option<Timestamp>,
+    handshake_deadline: Option<Timestamp>,
+    last_received: Timestamp,
+    actions: VecDeque<SourceAction>,
+    clock: Observed<PhaseClock>,
+    stats: Observed<SourceStats>,
+}
+
+impl Source {
+    /// A source for a guest with this RAM layout. `session` identifies the
+    /// migration (random, chosen by the driver: the core has no randomness).
+    pub fn new(config: Config, layout: RamLayout, session: u64) -> Self {
+        let pages = layout.total_pages();
+        let hybrid = matches!(config.mode, Mode::Hybrid { .. });
+        let mut source = Source {
+            sent: SearchBitmap::new(pages),
+            queued: Bitmap::new(pages),
+            stale: Bitmap::new(if hybrid { pages } else { 0 }),
+            lost: Bitmap::new(0),
+            config,
+            layout,
+            session,
+            epoch: 0,
+            state: SourceState::Connecting,
+            links: Default::default(),
+            urgent_queue: VecDeque::new(),
+            cursor: 0,
+            round: 0,
+            switch_requested: false,
+            precopy_sent_any: false,
+            discard_cursor: 0,
+            device_state: None,
+            device_state_sent: false,
+            start_queued: false,
+            end_of_stream_queued: false,
+            main_control: VecDeque::new(),
+            urgent_control: VecDeque::new(),
+            peer_max_requests: 0,
+            recovery: RecoveryReport::default(),
+            attempt: 0,
+            retry_at: None,
+            handshake_deadline: None,
+            last_received: Timestamp::ZERO,
+            actions: VecDeque::new(),
+            clock: Observed::default(),
+            stats: Observed::default(),
+        };
+        source.update_bookkeeping_stat();
+        source
+    }
+
+    // ----- getters -------------------------------------------------------
+
+    pub fn state(&self) -> SourceState {
+        self.state
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    pub fn layout(&self) -> &RamLayout {
+        &self.layout
+    }
+
+    pub fn session(&self) -> u64 {
+        self.session
+    }
+
+    pub fn epoch(&self) -> u32 {
+        self.epoch
+    }
+
+    /// Whether `page` has been sent (and not lost since).
+    pub fn is_sent(&self, page: PageNumber) -> bool {
+        self.sent.get(page.0)
+    }
+
+    pub fn pages_sent(&self) -> u64 {
+        self.sent.count_ones()
+    }
+
+    /// Requested pages waiting to be sent.
+    pub fn urgent_queue_len(&self) -> usize {
+        self.urgent_queue.len()
+    }
+
+    /// Whether the channel's connection is up.
+    pub fn is_connected(&self, channel: Channel) -> bool {
+        self.links[channel.index()].up
+    }
+
+    /// Statistics so far.
+    pub fn stats(&self, now: Timestamp) -> SourceStats {
+        let mut stats = self.stats.0.clone();
+        stats.phases = self.clock.0.times(now);
+        stats
+    }
+
+    /// The channels this migration uses.
+    pub fn channels(&self) -> impl Iterator<Item = Channel> + '_ {
+        Channel::ALL.into_iter().filter(|&c| c != Channel::Urgent || self.config.urgent_channel)
+    }
+
+    // ----- outputs -------------------------------------------------------
+
+    /// The next thing the driver must do.
+    #[must_use]
+    pub fn poll_action(&mut self) -> Option<SourceAction> {
+        self.actions.pop_front()
+    }
+
+    /// When [`Source::handle_timeout`] must be called next.
+    #[must_use]
+    pub fn poll_timeout(&self) -> Option<Timestamp> {
+        if self.state.is_terminal() {
+            return None;
+        }
+        let mut deadline = earliest(self.retry_at, self.handshake_deadline);
+        if let Some(interval) = self.config.keepalive_interval {
+            let main = &self.links[Channel::Main.index()];
+            if main.up {
+                deadline = earliest(deadline, Some(main.last_sent + interval));
+            }
+        }
+        if let Some(timeout) = self.config.peer_timeout {
+            if self.links[Channel::Return.index()].up {
+                deadline = earliest(deadline, Some(self.last_received + timeout));
+            }
+        }
+        deadline
+    }
+
+    /// Appends frames for `channel` to `out` until it holds at least
+    /// `max_bytes` (always at least one frame when one is ready). Returns the
+    /// number of frames appended. Call it whenever the channel can take more
+    /// bytes: pages are chosen as late as possible, so a slow channel applies
+    /// back-pressure instead of filling a queue.
+    #[must_use]
+    pub fn poll_transmit(
+        &mut self,
+        now: Timestamp,
+        channel: Channel,
+        out: &mut Vec<u8>,
+        max_bytes: usize,
+        guest: &impl GuestMemory,
+    ) -> usize {
+        if !self.links[channel.index()].up {
+            return 0;
+        }
+        let mut frames = 0;
+        while frames == 0 || out.len() < max_bytes {
+            let written = match channel {
+                Channel::Main => self.next_main_frame(now, out, guest),
+                Channel::Urgent => self.next_urgent_frame(now, out, guest),
+                Channel::Return => false,
+            };
+            if !written {
+                break;
+            }
+            frames += 1;
+            if !self.links[channel.index()].up {
+                break;
+            }
+        }
+        if frames > 0 {
+            self.links[channel.index()].last_sent = now;
+        }
+        frames
+    }
+
+    // ----- events ----------------------------------------------------------
+
+    /// Begins the migration: asks the driver to open the channels.
+    pub fn handle_start(&mut self, now: Timestamp) -> Result<(), EventError> {
+        if self.state != SourceState::Connecting || self.handshake_deadline.is_some() {
+            return Err(self.wrong_state("start"));
+        }
+        self.clock.0.touch(now);
+        self.handshake_deadline = Some(now + self.config.handshake_timeout);
+        self.connect_all();
+        Ok(())
+    }
+
+    /// The connection for `channel` is up.
+    pub fn handle_connected(&mut self, now: Timestamp, channel: Channel) {
+        let link = &mut self.links[channel.index()];
+        if !link.connecting {
+            // Not asked for (or already given up on): refuse it.
+            self.actions.push_back(SourceAction::Close(channel));
+            return;
+        }
+        link.connected(now);
+        if channel == Channel::Return {
+            self.last_received = now;
+        }
+        if !self.channels().all(|c| self.links[c.index()].up) {
+            return;
+        }
+        let hello = Hello {
+            resume: self.state != SourceState::Connecting,
+            urgent_channel: self.config.urgent_channel,
+            session: self.session,
+            epoch: self.epoch,
+            page_size: self.layout.page_size(),
+            mode: match self.config.mode {
+                Mode::Postcopy => WireMode::Postcopy,
+                Mode::Hybrid { .. } => WireMode::Hybrid,
+            },
+            precopy_rounds: self.config.mode.precopy_rounds(),
+            blocks: self.layout.blocks().to_vec(),
+        };
+        self.main_control.push_back(Frame::Hello(hello));
+        if self.config.urgent_channel {
+            self.urgent_control.push_back(Frame::UrgentHello(UrgentHello { session: self.session, epoch: self.epoch }));
+        }
+        match self.state {
+            SourceState::Connecting => self.state = SourceState::Handshake,
+            SourceState::Paused | SourceState::ErrorReceive => {
+                self.state = SourceState::Recovering;
+                self.recovery = RecoveryReport::default();
+            }
+            _ => {}
+        }
+    }
+
+    /// The connection attempt for `channel` failed.
+    pub fn handle_connect_failed(&mut self, now: Timestamp, channel: Channel) {
+        if !self.links[channel.index()].connecting {
+            return;
+        }
+        self.links[channel.index()].down();
+        self.on_link_failure(now, MigrationError::ConnectFailed { channel });
+    }
+
+    /// The connection for `channel` was lost (reset, closed by the peer, or
+    /// unusable). Frames in flight on it are gone.
+    pub fn handle_connection_lost(&mut self, now: Timestamp, channel: Channel) {
+        if !self.links[channel.index()].up {
+            return;
+        }
+        self.links[channel.index()].down();
+        self.on_link_failure(now, MigrationError::ConnectionLost { channel });
+    }
+
+    /// Bytes received on `channel` (only the return path carries bytes to the
+    /// source). Any chunking works; frames are decoded as they complete.
+    pub fn handle_input(&mut self, now: Timestamp, channel: Channel, bytes: Bytes) {
+        if channel != Channel::Return || !self.links[channel.index()].up {
+            return;
+        }
+        self.last_received = now;
+        self.links[channel.index()].decoder.push(bytes);
+        loop {
+            let link = &mut self.links[channel.index()];
+            if !link.up {
+                return;
+            }
+            match link.decoder.next_frame() {
+                Ok(Some(frame)) => {
+                    if let Err(error) = self.handle_frame(now, channel, frame) {
+                        self.on_protocol_error(now, error);
+                    }
+                }
+                Ok(None) => return,
+                Err(error) => {
+                    self.on_protocol_error(now, ProtocolError::Wire { channel, error });
+                }
+            }
+        }
+    }
+
+    /// Handles one decoded frame from `channel` (what [`Source::handle_input`]
+    /// does for each frame; exposed for drivers and checkers that move
+    /// frames, not bytes).
+    pub fn handle_frame(&mut self, now: Timestamp, channel: Channel, frame: Frame) -> Result<(), ProtocolError> {
+        if channel != Channel::Return {
+            return Err(self.unexpected(channel, &frame));
+        }
+        self.last_received = now;
+        match frame {
+            Frame::Ping => Ok(()),
+            Frame::Welcome(welcome) => self.on_welcome(now, welcome),
+            Frame::Reject { reason } => Err(ProtocolError::Rejected(reason)),
+            Frame::Request(request) => self.on_request(now, channel, request),
+            Frame::ReadyToRun if self.state == SourceState::Switchover && self.device_state_sent => {
+                if !self.start_queued {
+                    self.queue_start_guest();
+                }
+                Ok(())
+            }
+            Frame::Eoc => self.on_eoc(now, channel),
+            Frame::GuestDropped { reason } if !self.state.after_start() && self.state != SourceState::Connecting => {
+                self.fail(now, MigrationError::DestinationDropped(reason));
+                Ok(())
+            }
+            Frame::PresentPages(present) if self.state == SourceState::Recovering => self.on_present_pages(present),
+            Frame::PresentEnd { present_pages } if self.state == SourceState::Recovering => {
+                self.on_present_end(now, present_pages)
+            }
+            frame => Err(self.unexpected(channel, &frame)),
+        }
+    }
+
+    /// The vCPUs are stopped (after [`SourceAction::StopVcpus`]); `device_state`
+    /// is the VMM's opaque device state, to be loaded on the destination.
+    pub fn handle_vcpus_stopped(&mut self, now: Timestamp, device_state: Bytes) -> Result<(), EventError> {
+        if self.state != SourceState::Stopping {
+            return Err(self.wrong_state("vcpus stopped"));
+        }
+        if device_state.len() as u64 > self.config.max_device_state_bytes {
+            let limit = self.config.max_device_state_bytes;
+            self.fail(now, ProtocolError::DeviceStateTooLarge { limit }.into());
+            return Ok(());
+        }
+        self.stats.0.device_state_bytes = device_state.len() as u64;
+        self.device_state = Some(device_state);
+        if self.precopy_sent_any {
+            self.state = SourceState::FinalSync;
+            self.actions.push_back(SourceAction::SyncDirtyLog);
+        } else {
+            self.begin_switchover();
+        }
+        Ok(())
+    }
+
+    /// Part of a dirty log: bit `i` of `words[j]` set means page
+    /// `first_page + 64 j + i` was written since the previous sync.
+    /// `first_page` must be a multiple of 64.
+    pub fn handle_dirty_bitmap(&mut self, _now: Timestamp, first_page: u64, words: &[u64]) -> Result<(), EventError> {
+        if !matches!(self.state, SourceState::DirtySync | SourceState::FinalSync) {
+            return Err(self.wrong_state("dirty bitmap"));
+        }
+        let total = self.layout.total_pages();
+        if first_page % 64 != 0 || first_page > total {
+            return Err(EventError::PageOutOfRange(first_page));
+        }
+        for (j, &word) in words.iter().enumerate() {
+            let mut bits = word;
+            while bits != 0 {
+                let page = first_page + 64 * j as u64 + u64::from(bits.trailing_zeros());
+                bits &= bits - 1;
+                if page >= total {
+                    return Err(EventError::PageOutOfRange(page));
+                }
+                self.mark_dirty(page);
+            }
+        }
+        Ok(())
+    }
+
+    /// Dirty pages listed one by one (for drivers that track writes themselves).
+    pub fn handle_dirty_pages(
+        &mut self,
+        _now: Timestamp,
+        pages: impl IntoIterator<Item = PageNumber>,
+    ) -> Result<(), EventError> {
+        if !matches!(self.state, SourceState::DirtySync | SourceState::FinalSync) {
+            return Err(self.wrong_state("dirty pages"));
+        }
+        for page in pages {
+            if page.0 >= self.layout.total_pages() {
+                return Err(EventError::PageOutOfRange(page.0));
+            }
+            self.mark_dirty(page.0);
+        }
+        Ok(())
+    }
+
+    /// The dirty log asked for by [`SourceAction::SyncDirtyLog`] is complete.
+    pub fn handle_dirty_sync_complete(&mut self, now: Timestamp) -> Result<(), EventError> {
+        match self.state {
+            SourceState::DirtySync => {
+                self.round += 1;
+                self.stats.0.precopy_rounds = self.round;
+                if self.switch_requested || self.round >= self.config.mode.precopy_rounds() {
+                    self.stop_guest(now);
+                } else {
+                    self.state = SourceState::Precopy;
+                    self.cursor = 0;
+                }
+                Ok(())
+            }
+            SourceState::FinalSync => {
+                self.begin_switchover();
+                Ok(())
+            }
+            _ => Err(self.wrong_state("dirty sync complete")),
+        }
+    }
+
+    /// The user asks to stop precopy and switch to postcopy now.
+    pub fn handle_switch_to_postcopy(&mut self, now: Timestamp) -> Result<(), EventError> {
+        match self.state {
+            SourceState::Handshake | SourceState::DirtySync => {
+                self.switch_requested = true;
+                Ok(())
+            }
+            SourceState::Precopy => {
+                self.switch_requested = true;
+                self.stop_guest(now);
+                Ok(())
+            }
+            _ => Err(self.wrong_state("switch to postcopy")),
+        }
+    }
+
+    /// The user cancels the migration. Allowed until the destination may run
+    /// the guest; the guest then keeps (or resumes) running here.
+    pub fn handle_cancel(&mut self, now: Timestamp) -> Result<(), EventError> {
+        if self.state.after_start() || self.state.is_terminal() {
+            return Err(self.wrong_state("cancel"));
+        }
+        self.fail(now, MigrationError::Cancelled);
+        Ok(())
+    }
+
+    /// A timer armed through [`Source::poll_timeout`] expired (or any time: the
+    /// core checks what is due).
+    pub fn handle_timeout(&mut self, now: Timestamp) {
+        if self.state.is_terminal() {
+            return;
+        }
+        if self.handshake_deadline.is_some_and(|d| now >= d) {
+            self.handshake_deadline = None;
+            let timeout_ms = self.config.handshake_timeout.as_millis() as u64;
+            self.on_link_failure(now, MigrationError::HandshakeTimeout { timeout_ms });
+            return;
+        }
+        if self.retry_at.is_some_and(|t| now >= t) {
+            self.retry_at = None;
+            self.epoch += 1;
+            self.attempt += 1;
+            self.actions.push_back(SourceAction::Notice(Notice::RecoveryAttempt { attempt: self.attempt }));
+            self.handshake_deadline = Some(now + self.config.handshake_timeout);
+            self.connect_all();
+            return;
+        }
+        if let Some(timeout) = self.config.peer_timeout {
+            if self.links[Channel::Return.index()].up && now >= self.last_received + timeout {
+                let timeout_ms = timeout.as_millis() as u64;
+                self.on_link_failure(now, MigrationError::PeerTimeout { timeout_ms });
+                return;
+            }
+        }
+        if let Some(interval) = self.config.keepalive_interval {
+            let main = &self.links[Channel::Main.index()];
+            if main.up && now >= main.last_sent + interval && self.main_control.is_empty() {
+                self.main_control.push_back(Frame::Ping);
+            }
+        }
+    }
+
+    // ----- internals: frames in --------------------------------------------
+
+    fn on_welcome(&mut self, now: Timestamp, welcome: Welcome) -> Result<(), ProtocolError> {
+        if welcome.session != self.session {
+            return Err(ProtocolError::SessionMismatch { expected: self.session, got: welcome.session });
+        }
+        if welcome.epoch != self.epoch {
+            return Err(ProtocolError::EpochMismatch { expected: self.epoch, got: welcome.epoch });
+        }
+        self.peer_max_requests = welcome.max_outstanding_requests;
+        match self.state {
+            SourceState::Handshake => {
+                self.handshake_deadline = None;
+                self.clock.0.handshake_done = Some(now);
+                if self.config.mode.precopy_rounds() > 0 && !self.switch_requested {
+                    self.state = SourceState::Precopy;
+                } else {
+                    self.stop_guest(now);
+                }
+                Ok(())
+            }
+            SourceState::Recovering if self.recovery.welcome.is_none() => {
+                if !welcome.device_loaded {
+                    return Err(ProtocolError::BadPresentReport(
+                        "the destination has no device state to resume with".into(),
+                    ));
+                }
+                self.recovery.welcome = Some(welcome);
+                Ok(())
+            }
+            _ => Err(self.unexpected(Channel::Return, &Frame::Welcome(welcome))),
+        }
+    }
+
+    fn on_request(&mut self, _now: Timestamp, channel: Channel, request: wire::Request) -> Result<(), ProtocolError> {
+        match self.state {
+            SourceState::Switchover | SourceState::Active => {}
+            SourceState::AllPagesSent => {
+                // Every page is on its way; the copies in flight answer these.
+                self.stats.0.requests_received += request.indexes.len() as u64;
+                self.stats.0.requests_for_sent_pages += request.indexes.len() as u64;
+                return Ok(());
+            }
+            SourceState::EocReceived | SourceState::Completed => return Err(ProtocolError::RequestAfterEnd),
+            _ => return Err(self.unexpected(channel, &Frame::Request(request))),
+        }
+        if self.layout.block_range(request.block).is_none() {
+            return Err(ProtocolError::BlockOutOfRange { block: request.block });
+        }
+        for &index in &request.indexes {
+            let page = self
+                .layout
+                .page_number(PageAddress { block: request.block, index })
+                .ok_or(ProtocolError::PageOutOfRange { block: request.block, index })?;
+            self.stats.0.requests_received += 1;
+            if self.sent.get(page.0) {
+                self.stats.0.requests_for_sent_pages += 1;
+                continue;
+            }
+            if self.queued.get(page.0) {
+                continue;
+            }
+            if self.urgent_queue.len() >= self.peer_max_requests as usize {
+                return Err(ProtocolError::TooManyRequests { limit: self.peer_max_requests });
+            }
+            self.queued.set(page.0);
+            self.urgent_queue.push_back(page);
+        }
+        Ok(())
+    }
+
+    fn on_eoc(&mut self, now: Timestamp, channel: Channel) -> Result<(), ProtocolError> {
+        match self.state {
+            SourceState::AllPagesSent => {
+                self.complete(now);
+                Ok(())
+            }
+            SourceState::Active => {
+                self.state = SourceState::EocReceived;
+                self.queue_end_of_stream();
+                Ok(())
+            }
+            _ => Err(self.unexpected(channel, &Frame::Eoc)),
+        }
+    }
+
+    fn on_present_pages(&mut self, present: wire::PresentPages) -> Result<(), ProtocolError> {
+        if self.recovery.welcome.is_none() {
+            return Err(ProtocolError::BadPresentReport("present pages before the welcome".into()));
+        }
+        if present.first_word != self.recovery.next_word {
+            return Err(ProtocolError::BadPresentReport(format!(
+                "expected word {}, got {}",
+                self.recovery.next_word, present.first_word
+            )));
+        }
+        let word_len = self.sent.word_len() as u64;
+        if present.first_word + present.words.len() as u64 > word_len {
+            return Err(ProtocolError::BadPresentReport("report extends past the last page".into()));
+        }
+        let total = self.layout.total_pages();
+        if self.lost.is_empty() {
+            self.lost = Bitmap::new(total);
+            self.update_bookkeeping_stat();
+        }
+        for (j, &present_word) in present.words.iter().enumerate() {
+            let w = present.first_word + j as u64;
+            let base = w * 64;
+            let valid = if base + 64 <= total { !0 } else { (1u64 << (total - base)) - 1 };
+            if present_word & !valid != 0 {
+                return Err(ProtocolError::BadPresentReport("pages past the end reported present".into()));
+            }
+            let sent_word = self.sent.word(w as usize);
+            // Sent but missing at the destination: lost in flight, send again.
+            let mut missing = sent_word & !present_word;
+            while missing != 0 {
+                let page = base + u64::from(missing.trailing_zeros());
+                missing &= missing - 1;
+                self.sent.clear(page);
+                self.lost.set(page);
+            }
+            // Present but not marked sent here: the destination has it, never resend.
+            let mut extra = present_word & !sent_word;
+            while extra != 0 {
+                let page = base + u64::from(extra.trailing_zeros());
+                extra &= extra - 1;
+                self.sent.set(page);
+            }
+            self.recovery.present_seen += u64::from(present_word.count_ones());
+        }
+        self.recovery.next_word += present.words.len() as u64;
+        Ok(())
+    }
+
+    fn on_present_end(&mut self, now: Timestamp, present_pages: u64) -> Result<(), ProtocolError> {
+        let Some(welcome) = self.recovery.welcome else {
+            return Err(ProtocolError::BadPresentReport("end of report before the welcome".into()));
+        };
+        if self.recovery.next_word != self.sent.word_len() as u64 || self.recovery.present_seen != present_pages {
+            return Err(ProtocolError::BadPresentReport(format!(
+                "report covers {} words and {} pages, expected {} words and {present_pages} pages",
+                self.recovery.next_word,
+                self.recovery.present_seen,
+                self.sent.word_len()
+            )));
+        }
+        self.handshake_deadline = None;
+        self.attempt = 0;
+        self.stats.0.recoveries += 1;
+        self.clock.0.unpause(now);
+        self.actions.push_back(SourceAction::Notice(Notice::Recovered { epoch: self.epoch }));
+        self.state = SourceState::Active;
+        if !welcome.guest_started {
+            // StartGuest was lost with the connection: send it again. The
+            // destination may have run the guest for all the source can tell
+            // until now, so this stays past the point of no return.
+            self.queue_start_guest();
+        }
+        self.check_all_sent();
+        Ok(())
+    }
+
+    // ----- internals: frames out -------------------------------------------
+
+    fn next_main_frame(&mut self, now: Timestamp, out: &mut Vec<u8>, guest: &impl GuestMemory) -> bool {
+        if let Some(frame) = self.main_control.pop_front() {
+            wire::encode(&frame, out);
+            self.after_control_sent(now, &frame);
+            return true;
+        }
+        match self.state {
+            SourceState::Precopy => self.send_precopy_page(out, guest),
+            SourceState::Switchover => {
+                if self.send_discard(out) || self.send_device_state(out) {
+                    return true;
+                }
+                !self.config.urgent_channel && self.send_requested_page(out, guest)
+            }
+            SourceState::Active => {
+                if !self.config.urgent_channel && self.send_requested_page(out, guest) {
+                    return true;
+                }
+                self.send_background_page(out, guest)
+            }
+            _ => false,
+        }
+    }
+
+    fn next_urgent_frame(&mut self, now: Timestamp, out: &mut Vec<u8>, guest: &impl GuestMemory) -> bool {
+        if let Some(frame) = self.urgent_control.pop_front() {
+            wire::encode(&frame, out);
+            self.after_control_sent(now, &frame);
+            return true;
+        }
+        matches!(self.state, SourceState::Switchover | SourceState::Active) && self.send_requested_page(out, guest)
+    }
+
+    fn after_control_sent(&mut self, now: Timestamp, frame: &Frame) {
+        match frame {
+            Frame::StartGuest => {
+                // From here on the destination may run the guest: never take it back.
+                self.start_queued = false;
+                self.state = SourceState::Active;
+                self.clock.0.started.get_or_insert(now);
+                self.check_all_sent();
+            }
+            Frame::EndOfStream => match self.state {
+                SourceState::EocReceived => self.complete(now),
+                SourceState::Active => self.state = SourceState::AllPagesSent,
+                _ => {}
+            },
+            _ => {}
+        }
+    }
+
+    fn send_precopy_page(&mut self, out: &mut Vec<u8>, guest: &impl GuestMemory) -> bool {
+        match self.sent.next_clear(self.cursor) {
+            Some(page) => {
+                self.write_page(out, PageNumber(page), PageKind::Precopy, guest);
+                self.precopy_sent_any = true;
+                self.cursor = page + 1;
+                true
+            }
+            None => {
+                // Round over: learn what the guest dirtied meanwhile.
+                self.state = SourceState::DirtySync;
+                self.actions.push_back(SourceAction::SyncDirtyLog);
+                false
+            }
+        }
+    }
+
+    fn send_discard(&mut self, out: &mut Vec<u8>) -> bool {
+        let Some(first) = self.stale.next_set(self.discard_cursor) else {
+            self.discard_cursor = self.stale.len();
+            return false;
+        };
+        let Some(address) = self.layout.address(PageNumber(first)) else {
+            return false;
+        };
+        let block_end = self.layout.block_range(address.block).map_or(first + 1, |r| r.end);
+        let block_start = block_end - self.layout.blocks()[address.block as usize].page_count;
+        let mut ranges: Vec<(u32, u32)> = Vec::new();
+        let mut page = first;
+        while ranges.len() < DISCARD_RANGES_PER_FRAME {
+            let Some(start) = self.stale.next_set(page).filter(|&p| p < block_end) else {
+                page = block_end;
+                break;
+            };
+            let mut end = start + 1;
+            while end < block_end && self.stale.get(end) {
+                end += 1;
+            }
+            ranges.push(((start - block_start) as u32, (end - start) as u32));
+            self.stats.0.stale_pages_discarded += end - start;
+            page = end;
+        }
+        self.discard_cursor = page;
+        wire::encode(&Frame::Discard(wire::Discard { block: address.block, ranges }), out);
+        true
+    }
+
+    fn send_device_state(&mut self, out: &mut Vec<u8>) -> bool {
+        let Some(remaining) = self.device_state.as_mut() else {
+            return false;
+        };
+        let chunk = remaining.split_to(remaining.len().min(self.config.device_state_chunk()));
+        let last = remaining.is_empty();
+        wire::encode(&Frame::DeviceState { last, chunk }, out);
+        if last {
+            self.device_state = None;
+            self.device_state_sent = true;
+        }
+        true
+    }
+
+    fn send_requested_page(&mut self, out: &mut Vec<u8>, guest: &impl GuestMemory) -> bool {
+        while let Some(page) = self.urgent_queue.pop_front() {
+            self.queued.clear(page.0);
+            if self.sent.get(page.0) {
+                continue;
+            }
+            self.write_page(out, page, PageKind::Requested, guest);
+            if planted!(self.config, BackgroundOverwritesNewer) {
+                self.sent.clear(page.0);
+            }
+            if self.config.prepaging {
+                self.cursor = page.0 + 1;
+            }
+            self.check_all_sent();
+            return true;
+        }
+        false
+    }
+
+    fn send_background_page(&mut self, out: &mut Vec<u8>, guest: &impl GuestMemory) -> bool {
+        // Skip pages waiting in the urgent queue: they go there, once. Each
+        // queued page is skipped at most once per call, so this ends.
+        let mut candidate = self.cursor;
+        for _ in 0..=self.urgent_queue.len() {
+            let Some(page) = self.sent.next_clear_wrapping(candidate) else {
+                break;
+            };
+            if self.queued.get(page) {
+                candidate = page + 1;
+                continue;
+            }
+            self.write_page(out, PageNumber(page), PageKind::Background, guest);
+            self.cursor = page + 1;
+            self.check_all_sent();
+            return true;
+        }
+        false
+    }
+
+    fn write_page(&mut self, out: &mut Vec<u8>, page: PageNumber, kind: PageKind, guest: &impl GuestMemory) {
+        let Some(address) = self.layout.address(page) else {
+            debug_assert!(false, "the source only schedules pages of its own layout");
+            return;
+        };
+        let before = out.len();
+        let page_size = self.layout.page_size() as usize;
+        let zero = wire::encode_page_frame(out, address, kind, page_size, |buf| guest.read_page(page, buf));
+        self.sent.set(page.0);
+        let stats = &mut self.stats.0;
+        stats.pages_sent.add(kind, 1);
+        stats.page_bytes_sent.add(kind, (out.len() - before) as u64);
+        if zero {
+            stats.pages_sent.zero += 1;
+        }
+        if kind == PageKind::Precopy {
+            self.stale.clear(page.0);
+        }
+        if self.lost.get(page.0) {
+            self.lost.clear(page.0);
+            stats.pages_sent.resent += 1;
+            stats.page_bytes_sent.resent += (out.len() - before) as u64;
+        }
+    }
+
+    // ----- internals: transitions -----------------------------------------
+
+    fn mark_dirty(&mut self, page: u64) {
+        if self.sent.clear(page) && !self.stale.is_empty() {
+            self.stale.set(page);
+        }
+    }
+
+    fn stop_guest(&mut self, now: Timestamp) {
+        self.state = SourceState::Stopping;
+        self.clock.0.stopped = Some(now);
+        self.clock.0.handshake_done.get_or_insert(now);
+        self.actions.push_back(SourceAction::StopVcpus);
+    }
+
+    fn begin_switchover(&mut self) {
+        self.state = SourceState::Switchover;
+        self.cursor = 0;
+        if planted!(self.config, StaleNotDropped) {
+            self.stale.clear_all();
+        }
+        self.discard_cursor = 0;
+    }
+
+    fn queue_start_guest(&mut self) {
+        self.start_queued = true;
+        let urgent = self.config.urgent_channel && self.links[Channel::Urgent.index()].up;
+        let queue = if urgent { &mut self.urgent_control } else { &mut self.main_control };
+        queue.push_back(Frame::StartGuest);
+    }
+
+    fn queue_end_of_stream(&mut self) {
+        if !self.end_of_stream_queued {
+            self.end_of_stream_queued = true;
+            self.main_control.push_back(Frame::EndOfStream);
+        }
+    }
+
+    fn check_all_sent(&mut self) {
+        if self.state == SourceState::Active && self.sent.is_full() {
+            self.queue_end_of_stream();
+        }
+    }
+
+    fn complete(&mut self, now: Timestamp) {
+        self.state = SourceState::Completed;
+        self.handshake_deadline = None;
+        self.retry_at = None;
+        for channel in Channel::ALL {
+            if self.links[channel.index()].up {
+                self.links[channel.index()].down();
+                self.actions.push_back(SourceAction::Close(channel));
+            }
+        }
+        let stats = self.stats(now);
+        self.actions.push_back(SourceAction::Finished(Box::new(Finished {
+            result: Ok(()),
+            guest_on: Side::Destination,
+            stats,
+        })));
+    }
+
+    /// Ends the migration with the guest on the source, telling the
+    /// destination why when the main channel is up.
+    fn fail(&mut self, now: Timestamp, error: MigrationError) {
+        let stopped = matches!(self.state, SourceState::Stopping | SourceState::FinalSync | SourceState::Switchover);
+        let handshaken = !matches!(self.state, SourceState::Connecting);
+        if handshaken && self.links[Channel::Main.index()].up {
+            let mut bytes = Vec::new();
+            wire::encode(&Frame::Cancel { reason: error.to_string() }, &mut bytes);
+            self.links[Channel::Main.index()].down();
+            self.actions.push_back(SourceAction::Farewell { channel: Channel::Main, bytes: bytes.into() });
+        }
+        self.state = SourceState::Failed;
+        self.handshake_deadline = None;
+        self.retry_at = None;
+        self.close_all_links();
+        if stopped {
+            self.actions.push_back(SourceAction::ResumeVcpus);
+        }
+        let stats = self.stats(now);
+        self.actions.push_back(SourceAction::Finished(Box::new(Finished {
+            result: Err(error),
+            guest_on: Side::Source,
+            stats,
+        })));
+    }
+
+    /// Pauses after the destination may have started the guest: keep every
+    /// page, close the channels, and try again after a delay.
+    fn pause(&mut self, now: Timestamp, reason: MigrationError, bad_bytes: bool) {
+        if planted!(self.config, SourceResumesAfterSwitchover) {
+            self.close_all_links();
+            self.state = SourceState::Failed;
+            self.actions.push_back(SourceAction::ResumeVcpus);
+            return;
+        }
+        let was_recovering = self.state == SourceState::Recovering;
+        self.state = if bad_bytes { SourceState::ErrorReceive } else { SourceState::Paused };
+        self.close_all_links();
+        self.handshake_deadline = None;
+        // The destination re-sends its outstanding requests after recovery.
+        while let Some(page) = self.urgent_queue.pop_front() {
+            if !planted!(self.config, RequestForgottenOnReconnect) {
+                self.queued.clear(page.0);
+            }
+        }
+        self.main_control.clear();
+        self.urgent_control.clear();
+        self.end_of_stream_queued = false;
+        self.start_queued = false;
+        self.clock.0.pause(now);
+        if was_recovering {
+            self.actions.push_back(SourceAction::Notice(Notice::RecoveryFailed {
+                attempt: self.attempt,
+                reason: reason.clone(),
+            }));
+        }
+        self.actions.push_back(SourceAction::Notice(Notice::Paused { reason }));
+        self.retry_at = Some(now + self.config.reconnect_delay(self.attempt));
+    }
+
+    fn on_link_failure(&mut self, now: Timestamp, reason: MigrationError) {
+        match self.state {
+            SourceState::Completed | SourceState::Failed => {}
+            SourceState::Paused | SourceState::ErrorReceive => {
+                // A reconnection attempt failed: close what did connect, retry later.
+                self.close_all_links();
+                self.handshake_deadline = None;
+                self.actions.push_back(SourceAction::Notice(Notice::RecoveryFailed { attempt: self.attempt, reason }));
+                self.retry_at = Some(now + self.config.reconnect_delay(self.attempt));
+            }
+            state if state.after_start() => self.pause(now, reason, false),
+            _ => self.fail(now, reason),
+        }
+    }
+
+    fn on_protocol_error(&mut self, now: Timestamp, error: ProtocolError) {
+        match self.state {
+            SourceState::Completed | SourceState::Failed => {}
+            SourceState::Paused | SourceState::ErrorReceive => {}
+            state if state.after_start() => self.pause(now, error.into(), true),
+            _ => self.fail(now, error.into()),
+        }
+    }
+
+    fn connect_all(&mut self) {
+        let channels: Vec<Channel> = self.channels().collect();
+        for channel in channels {
+            let link = &mut self.links[channel.index()];
+            link.down();
+            link.connecting = true;
+            self.actions.push_back(SourceAction::Connect(channel));
+        }
+    }
+
+    fn close_all_links(&mut self) {
+        for channel in Channel::ALL {
+            let link = &mut self.links[channel.index()];
+            if link.up || link.connecting {
+                link.down();
+                self.actions.push_back(SourceAction::Close(channel));
+            }
+        }
+    }
+
+    fn unexpected(&self, channel: Channel, frame: &Frame) -> ProtocolError {
+        ProtocolError::UnexpectedFrame { channel, kind: frame.kind(), state: self.state.to_string() }
+    }
+
+    fn wrong_state(&self, event: &'static str) -> EventError {
+        EventError::WrongState { event, state: self.state.to_string() }
+    }
+
+    fn update_bookkeeping_stat(&mut self) {
+        let bytes =
+            self.sent.heap_bytes() + self.queued.heap_bytes() + self.stale.heap_bytes() + self.lost.heap_bytes();
+        self.stats.0.bookkeeping_bytes = bytes as u64;
+    }
+}

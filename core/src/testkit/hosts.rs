@@ -1,0 +1,250 @@
+//! Fake hosts: each owns one core and carries out its actions the way a real
+//! driver would, against a fake guest whose pages hold content versions.
+
+use bytes::Bytes;
+
+use super::{fill_page, page_version, Violation};
+use crate::bitmap::Bitmap;
+use crate::channel::Channel;
+use crate::config::Config;
+use crate::destination::{Destination, DestinationAction, Waiter};
+use crate::layout::{PageNumber, RamLayout};
+use crate::source::{GuestMemory, Source, SourceAction};
+use crate::stats::{DestinationStats, Observed, SourceStats};
+use crate::time::Timestamp;
+use crate::wire::PageData;
+use crate::Finished;
+
+/// The source's guest RAM: a content version per page, and the dirty log.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct SourceGuest {
+    pub versions: Vec<u64>,
+    pub dirty: Bitmap,
+}
+
+impl SourceGuest {
+    pub fn new(pages: u64) -> Self {
+        Self { versions: vec![0; pages as usize], dirty: Bitmap::new(pages) }
+    }
+
+    pub fn write(&mut self, page: PageNumber, version: u64) {
+        self.versions[page.0 as usize] = version;
+        self.dirty.set(page.0);
+    }
+}
+
+impl GuestMemory for SourceGuest {
+    fn read_page(&self, page: PageNumber, out: &mut [u8]) {
+        fill_page(out, page, self.versions[page.0 as usize]);
+    }
+}
+
+/// What a host asks of the network: connections to open and close.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash)]
+pub struct LinkRequests {
+    pub connect: Vec<Channel>,
+    /// Channels to close, with the last bytes to deliver first (a farewell).
+    pub close: Vec<(Channel, Option<Bytes>)>,
+}
+
+/// The source host: a [`Source`] and its guest.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct SourceHost {
+    pub core: Source,
+    pub guest: SourceGuest,
+    pub running: bool,
+    /// The core transmitted StartGuest: it must never run the guest again.
+    pub past_start: bool,
+    pub device_state: Bytes,
+    pub links: LinkRequests,
+    pub finished_ok: Option<bool>,
+    pub finished: Observed<Option<Finished<SourceStats>>>,
+    pub recovered: bool,
+    pub violations: Vec<Violation>,
+}
+
+impl SourceHost {
+    pub fn new(config: Config, layout: RamLayout, session: u64, device_state: Bytes) -> Self {
+        let pages = layout.total_pages();
+        Self {
+            core: Source::new(config, layout, session),
+            guest: SourceGuest::new(pages),
+            running: true,
+            past_start: false,
+            device_state,
+            links: LinkRequests::default(),
+            finished_ok: None,
+            finished: Observed(None),
+            recovered: false,
+            violations: Vec::new(),
+        }
+    }
+
+    /// Carries out every pending action.
+    pub fn process(&mut self, now: Timestamp) {
+        while let Some(action) = self.core.poll_action() {
+            match action {
+                SourceAction::Connect(channel) => self.links.connect.push(channel),
+                SourceAction::Close(channel) => self.links.close.push((channel, None)),
+                SourceAction::Farewell { channel, bytes } => self.links.close.push((channel, Some(bytes))),
+                SourceAction::StopVcpus => {
+                    self.running = false;
+                    let state = self.device_state.clone();
+                    if let Err(error) = self.core.handle_vcpus_stopped(now, state) {
+                        self.violations.push(Violation::DriverEvent { error: error.to_string() });
+                    }
+                }
+                SourceAction::ResumeVcpus => {
+                    if self.past_start {
+                        self.violations.push(Violation::SourceResumedAfterStart);
+                    }
+                    self.running = true;
+                }
+                SourceAction::SyncDirtyLog => {
+                    let dirty: Vec<PageNumber> =
+                        (0..self.guest.dirty.len()).filter(|&p| self.guest.dirty.get(p)).map(PageNumber).collect();
+                    self.guest.dirty.clear_all();
+                    let result = self
+                        .core
+                        .handle_dirty_pages(now, dirty)
+                        .and_then(|()| self.core.handle_dirty_sync_complete(now));
+                    if let Err(error) = result {
+                        self.violations.push(Violation::DriverEvent { error: error.to_string() });
+                    }
+                }
+                SourceAction::Notice(crate::Notice::Recovered { .. }) => self.recovered = true,
+                SourceAction::Notice(_) => {}
+                SourceAction::Finished(finished) => {
+                    self.finished_ok = Some(finished.result.is_ok());
+                    self.finished.0 = Some(*finished);
+                }
+            }
+        }
+        self.observe();
+    }
+
+    /// Records whether the core passed the point of no return.
+    pub fn observe(&mut self) {
+        if self.core.state().after_start() {
+            self.past_start = true;
+        }
+    }
+}
+
+/// The destination host: a [`Destination`] and guest RAM that starts empty.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct DestHost {
+    pub core: Destination,
+    /// Version of each present page; `None` where the page is missing.
+    pub memory: Vec<Option<u64>>,
+    pub running: bool,
+    pub expected_device_state: Bytes,
+    /// Pages the device-state load touches before it can finish.
+    pub device_pages: Vec<PageNumber>,
+    /// A device-state load in progress.
+    pub loading: bool,
+    pub links: LinkRequests,
+    pub finished_ok: Option<bool>,
+    pub finished: Observed<Option<Finished<DestinationStats>>>,
+    pub violations: Vec<Violation>,
+}
+
+impl DestHost {
+    pub fn new(config: Config, page_size: u32, expected_device_state: Bytes, device_pages: Vec<PageNumber>) -> Self {
+        Self {
+            core: Destination::new(config, page_size),
+            memory: Vec::new(),
+            running: false,
+            expected_device_state,
+            device_pages,
+            loading: false,
+            links: LinkRequests::default(),
+            finished_ok: None,
+            finished: Observed(None),
+            violations: Vec::new(),
+        }
+    }
+
+    pub fn is_present(&self, page: PageNumber) -> bool {
+        self.memory.get(page.0 as usize).is_some_and(|v| v.is_some())
+    }
+
+    /// Carries out every pending action, including the device-state load.
+    pub fn process(&mut self, now: Timestamp) {
+        loop {
+            while let Some(action) = self.core.poll_action() {
+                self.apply(now, action);
+            }
+            if !self.try_finish_loading(now) {
+                break;
+            }
+        }
+    }
+
+    fn apply(&mut self, now: Timestamp, action: DestinationAction) {
+        match action {
+            DestinationAction::PrepareMemory(layout) => self.memory = vec![None; layout.total_pages() as usize],
+            DestinationAction::InstallPage { page, data, overwrite } => {
+                let version = match &data {
+                    PageData::Zero => Some(0),
+                    PageData::Bytes(bytes) => page_version(bytes, page),
+                };
+                let Some(version) = version else {
+                    self.violations.push(Violation::CorruptPage { page: page.0 });
+                    return;
+                };
+                let slot = &mut self.memory[page.0 as usize];
+                if slot.is_some() && !overwrite {
+                    // The kernel refuses this (EEXIST); the core must never ask.
+                    self.violations.push(Violation::InstallOverPresent { page: page.0 });
+                    return;
+                }
+                *slot = Some(version);
+            }
+            DestinationAction::DiscardPages { first, count } => {
+                for page in first.0..first.0 + count {
+                    self.memory[page as usize] = None;
+                }
+            }
+            DestinationAction::LoadDeviceState(state) => {
+                if state != self.expected_device_state {
+                    self.violations.push(Violation::DeviceStateMismatch);
+                }
+                self.loading = true;
+                for &page in &self.device_pages {
+                    if self.memory.get(page.0 as usize).is_some_and(|v| v.is_none()) {
+                        if let Err(error) = self.core.handle_page_fault(now, page, Waiter::Vmm) {
+                            self.violations.push(Violation::DriverEvent { error: error.to_string() });
+                        }
+                    }
+                }
+            }
+            DestinationAction::ResumeVcpus => self.running = true,
+            DestinationAction::Wake(_) => {}
+            DestinationAction::Close(channel) => self.links.close.push((channel, None)),
+            DestinationAction::Farewell { channel, bytes } => self.links.close.push((channel, Some(bytes))),
+            DestinationAction::Notice(_) => {}
+            DestinationAction::Finished(finished) => {
+                self.finished_ok = Some(finished.result.is_ok());
+                if finished.result.is_err() {
+                    // The driver discards a guest that never ran here.
+                    self.memory.iter_mut().for_each(|v| *v = None);
+                    self.running = false;
+                }
+                self.finished.0 = Some(*finished);
+            }
+        }
+    }
+
+    /// Finishes a device-state load whose pages are all present.
+    fn try_finish_loading(&mut self, now: Timestamp) -> bool {
+        if !self.loading || !self.device_pages.iter().all(|&p| self.is_present(p)) {
+            return false;
+        }
+        self.loading = false;
+        if let Err(error) = self.core.handle_device_state_loaded(now, Ok(())) {
+            self.violations.push(Violation::DriverEvent { error: error.to_string() });
+        }
+        true
+    }
+}

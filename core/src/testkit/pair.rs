@@ -1,0 +1,413 @@
+//! Both hosts over in-memory links with a fake clock: every step is one
+//! decision (transmit, deliver, lose, guest access, timer), so tests, the
+//! property tests and the model checker can choose the interleaving.
+
+use bytes::Bytes;
+use std::collections::VecDeque;
+
+use super::hosts::{DestHost, SourceHost};
+use super::{Oracle, Violation};
+use crate::channel::Channel;
+use crate::config::{Config, Mode};
+use crate::destination::{DestinationState, Waiter};
+use crate::layout::{PageNumber, RamLayout};
+use crate::time::Timestamp;
+
+/// What a pair is made of.
+#[derive(Clone, Debug)]
+pub struct PairConfig {
+    pub config: Config,
+    pub layout: RamLayout,
+    pub session: u64,
+    pub vcpus: u32,
+    pub device_state: Bytes,
+    /// Pages the destination's device-state load touches.
+    pub device_pages: Vec<PageNumber>,
+}
+
+impl PairConfig {
+    /// `pages` pages of 64 bytes, one vCPU, a small device state.
+    pub fn new(config: Config, pages: u64) -> Self {
+        let layout = RamLayout::single("ram", 64, pages).expect("a valid test layout");
+        Self {
+            config,
+            layout,
+            session: 0x5eed,
+            vcpus: 1,
+            device_state: Bytes::from_static(b"vcpu registers and devices"),
+            device_pages: Vec::new(),
+        }
+    }
+}
+
+/// One channel's connection: bytes in flight, in order.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash)]
+pub struct Pipe {
+    pub up: bool,
+    pub in_flight: VecDeque<Bytes>,
+    /// The writer closed after a farewell: deliver what is in flight, then
+    /// report the connection lost.
+    pub closing: bool,
+}
+
+impl Pipe {
+    pub fn bytes_in_flight(&self) -> usize {
+        self.in_flight.iter().map(Bytes::len).sum()
+    }
+}
+
+/// A source and a destination joined by three pipes.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct Pair {
+    pub now: Timestamp,
+    pub src: SourceHost,
+    pub dst: DestHost,
+    pub pipes: [Pipe; 3],
+    pub oracle: Oracle,
+    /// A destination vCPU's access waiting for its page: `(page, write)`.
+    pub blocked: Vec<Option<(PageNumber, bool)>>,
+    /// Whether connection attempts succeed (false: a partition).
+    pub connect_allowed: bool,
+    /// Whether any connection was lost (invariant 4 allows re-sends then).
+    pub any_loss: bool,
+    pub violations: Vec<Violation>,
+}
+
+impl Pair {
+    /// Builds both hosts and starts the migration.
+    pub fn new(cfg: PairConfig) -> Self {
+        let pages = cfg.layout.total_pages();
+        let page_size = cfg.layout.page_size();
+        let src = SourceHost::new(cfg.config.clone(), cfg.layout, cfg.session, cfg.device_state.clone());
+        let dst = DestHost::new(cfg.config, page_size, cfg.device_state, cfg.device_pages);
+        let mut pair = Pair {
+            now: Timestamp::ZERO,
+            src,
+            dst,
+            pipes: Default::default(),
+            oracle: Oracle::new(pages),
+            blocked: vec![None; cfg.vcpus as usize],
+            connect_allowed: true,
+            any_loss: false,
+            violations: Vec::new(),
+        };
+        if let Err(error) = pair.src.core.handle_start(pair.now) {
+            pair.violations.push(Violation::DriverEvent { error: error.to_string() });
+        }
+        pair.settle();
+        pair
+    }
+
+    pub fn pages(&self) -> u64 {
+        self.oracle.pages()
+    }
+
+    /// Whether both sides finished.
+    pub fn finished(&self) -> bool {
+        self.src.finished_ok.is_some() && self.dst.finished_ok.is_some()
+    }
+
+    /// Whether both sides completed.
+    pub fn completed(&self) -> bool {
+        self.src.finished_ok == Some(true) && self.dst.finished_ok == Some(true)
+    }
+
+    /// Carries out actions and link requests until nothing is pending.
+    pub fn settle(&mut self) {
+        loop {
+            self.src.process(self.now);
+            self.dst.process(self.now);
+            self.retry_blocked();
+            let src_links = std::mem::take(&mut self.src.links);
+            let dst_links = std::mem::take(&mut self.dst.links);
+            if src_links.connect.is_empty() && src_links.close.is_empty() && dst_links.close.is_empty() {
+                break;
+            }
+            for (channel, farewell) in src_links.close.into_iter().chain(dst_links.close) {
+                self.close(channel, farewell);
+            }
+            for channel in src_links.connect {
+                self.connect(channel);
+            }
+        }
+        self.collect_violations();
+    }
+
+    fn connect(&mut self, channel: Channel) {
+        if !self.connect_allowed {
+            self.src.core.handle_connect_failed(self.now, channel);
+            return;
+        }
+        let pipe = &mut self.pipes[channel.index()];
+        if pipe.up {
+            // A new connection replaces the old one: the old one is gone.
+            pipe.in_flight.clear();
+            pipe.closing = false;
+            self.dst.core.handle_connection_lost(self.now, channel);
+        }
+        *pipe = Pipe { up: true, ..Pipe::default() };
+        self.src.core.handle_connected(self.now, channel);
+        self.dst.core.handle_connected(self.now, channel);
+    }
+
+    fn close(&mut self, channel: Channel, farewell: Option<Bytes>) {
+        let pipe = &mut self.pipes[channel.index()];
+        if !pipe.up {
+            return;
+        }
+        match farewell {
+            Some(bytes) if !pipe.closing => {
+                pipe.in_flight.push_back(bytes);
+                pipe.closing = true;
+            }
+            _ => self.drop_pipe(channel),
+        }
+    }
+
+    /// The connection is gone for both sides, with whatever was in flight.
+    fn drop_pipe(&mut self, channel: Channel) {
+        let pipe = &mut self.pipes[channel.index()];
+        pipe.up = false;
+        pipe.closing = false;
+        pipe.in_flight.clear();
+        self.src.core.handle_connection_lost(self.now, channel);
+        self.dst.core.handle_connection_lost(self.now, channel);
+    }
+
+    /// The writer of `channel` appends up to `max_bytes` (at least one
+    /// frame). Returns whether anything was written.
+    pub fn transmit(&mut self, channel: Channel, max_bytes: usize) -> bool {
+        let pipe = &self.pipes[channel.index()];
+        if !pipe.up || pipe.closing {
+            return false;
+        }
+        let mut out = Vec::new();
+        let frames = if channel.is_from_source() {
+            self.src.core.poll_transmit(self.now, channel, &mut out, max_bytes, &self.src.guest)
+        } else {
+            self.dst.core.poll_transmit(self.now, channel, &mut out, max_bytes)
+        };
+        self.src.observe();
+        if frames == 0 {
+            self.settle();
+            return false;
+        }
+        self.pipes[channel.index()].in_flight.push_back(out.into());
+        self.settle();
+        true
+    }
+
+    /// Delivers up to `max_bytes` of what is in flight on `channel` (the
+    /// oldest bytes first). Returns whether anything was delivered.
+    pub fn deliver(&mut self, channel: Channel, max_bytes: usize) -> bool {
+        let pipe = &mut self.pipes[channel.index()];
+        let Some(front) = pipe.in_flight.front_mut() else {
+            return false;
+        };
+        let bytes = if front.len() > max_bytes.max(1) {
+            front.split_to(max_bytes.max(1))
+        } else {
+            pipe.in_flight.pop_front().unwrap_or_default()
+        };
+        if channel.is_from_source() {
+            self.dst.core.handle_input(self.now, channel, bytes);
+        } else {
+            self.src.core.handle_input(self.now, channel, bytes);
+        }
+        let pipe = &self.pipes[channel.index()];
+        if pipe.closing && pipe.in_flight.is_empty() {
+            self.drop_pipe(channel);
+        }
+        self.settle();
+        true
+    }
+
+    /// The network loses `channel`'s connection and what is in flight on it.
+    pub fn lose(&mut self, channel: Channel) -> bool {
+        if !self.pipes[channel.index()].up {
+            return false;
+        }
+        self.any_loss = true;
+        self.drop_pipe(channel);
+        self.settle();
+        true
+    }
+
+    /// A vCPU of whichever side runs the guest touches `page`.
+    pub fn guest_access(&mut self, vcpu: u32, page: PageNumber, write: bool) {
+        if self.src.running {
+            let current = self.src.guest.versions[page.0 as usize];
+            if write {
+                let version = self.oracle.write(page);
+                self.src.guest.write(page, version);
+            } else if current != self.oracle.latest(page) {
+                self.violations.push(Violation::SourceStaleRead {
+                    page: page.0,
+                    expected: self.oracle.latest(page),
+                    found: current,
+                });
+            }
+        }
+        if self.dst.running && self.blocked.get(vcpu as usize).is_some_and(|b| b.is_none()) {
+            if self.dst.is_present(page) {
+                self.dst_access(page, write);
+            } else {
+                self.blocked[vcpu as usize] = Some((page, write));
+                if let Err(error) = self.dst.core.handle_page_fault(self.now, page, Waiter::Vcpu(vcpu)) {
+                    self.violations.push(Violation::DriverEvent { error: error.to_string() });
+                }
+            }
+        }
+        self.settle();
+    }
+
+    fn dst_access(&mut self, page: PageNumber, write: bool) {
+        if write {
+            let version = self.oracle.write(page);
+            self.dst.memory[page.0 as usize] = Some(version);
+        } else {
+            let found = self.dst.memory[page.0 as usize];
+            let expected = self.oracle.latest(page);
+            if found != Some(expected) {
+                self.violations.push(Violation::StaleRead { page: page.0, expected, found });
+            }
+        }
+    }
+
+    /// Completes blocked accesses whose pages arrived.
+    fn retry_blocked(&mut self) {
+        if !self.dst.running {
+            return;
+        }
+        for vcpu in 0..self.blocked.len() {
+            if let Some((page, write)) = self.blocked[vcpu] {
+                if self.dst.is_present(page) {
+                    self.blocked[vcpu] = None;
+                    self.dst_access(page, write);
+                }
+            }
+        }
+    }
+
+    /// Advances the clock to the earliest armed timer and fires it.
+    /// Returns whether a timer was armed.
+    pub fn fire_timer(&mut self) -> bool {
+        let next = match (self.src.core.poll_timeout(), self.dst.core.poll_timeout()) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        let Some(deadline) = next else { return false };
+        self.now = self.now.max(deadline);
+        self.src.core.handle_timeout(self.now);
+        self.dst.core.handle_timeout(self.now);
+        self.settle();
+        true
+    }
+
+    /// Checks the invariants that must hold at every step.
+    pub fn check(&mut self) {
+        if self.src.running && self.dst.running {
+            self.violations.push(Violation::TwoRunners);
+        }
+        let pages = self.pages();
+        let sent = self.src.core.stats(self.now).pages_sent.total();
+        if self.src.core.config().mode == Mode::Postcopy && !self.any_loss && sent > pages {
+            self.violations.push(Violation::PageSentTwice { sent, pages });
+        }
+        let limit = u64::from(self.src.core.config().max_outstanding_requests);
+        let queued = self.src.core.urgent_queue_len() as u64;
+        if queued > limit {
+            self.violations.push(Violation::QueueOverBound {
+                queue: "source urgent queue".into(),
+                len: queued,
+                bound: limit,
+            });
+        }
+        let faults = self.dst.core.outstanding_faults() as u64;
+        if faults > limit {
+            self.violations.push(Violation::QueueOverBound {
+                queue: "destination faults".into(),
+                len: faults,
+                bound: limit,
+            });
+        }
+        if self.dst.core.state() == DestinationState::Completed {
+            self.check_destination_memory();
+        }
+        self.collect_violations();
+    }
+
+    /// Every page present with the newest version (at completion).
+    pub fn check_destination_memory(&mut self) {
+        for page in 0..self.pages() {
+            let expected = self.oracle.latest(PageNumber(page));
+            let found = self.dst.memory.get(page as usize).copied().flatten();
+            if found != Some(expected) {
+                self.violations.push(Violation::WrongPageAtEnd { page, expected, found });
+                return;
+            }
+        }
+    }
+
+    fn collect_violations(&mut self) {
+        self.violations.append(&mut self.src.violations);
+        self.violations.append(&mut self.dst.violations);
+    }
+
+    /// Runs fairly (every channel drained in turn, timers fired when idle, no
+    /// new faults or losses) until both sides finish, for at most `max_steps`.
+    /// Then checks that both completed with every page in place.
+    pub fn run_to_completion(&mut self, max_steps: usize) -> Result<(), Violation> {
+        self.connect_allowed = true;
+        for _ in 0..max_steps {
+            if self.finished() {
+                break;
+            }
+            let mut progress = false;
+            for channel in Channel::ALL {
+                progress |= self.transmit(channel, 1 << 16);
+                while self.deliver(channel, usize::MAX) {
+                    progress = true;
+                }
+            }
+            self.check();
+            if let Some(violation) = self.violations.first() {
+                return Err(violation.clone());
+            }
+            if !progress && !self.fire_timer() {
+                break;
+            }
+        }
+        self.check_outcome()
+    }
+
+    /// After a healed run: both completed, every page newest, no violation.
+    pub fn check_outcome(&mut self) -> Result<(), Violation> {
+        self.check();
+        if let Some(violation) = self.violations.first() {
+            return Err(violation.clone());
+        }
+        let failure = |side: &str, error: String| Violation::MigrationFailed { side: side.into(), error };
+        match (self.src.finished_ok, self.dst.finished_ok) {
+            (Some(true), Some(true)) => {
+                self.check_destination_memory();
+                self.violations.first().cloned().map_or(Ok(()), Err)
+            }
+            (Some(false), _) => {
+                let error = self.src.finished.0.as_ref().map(|f| format!("{:?}", f.result)).unwrap_or_default();
+                Err(failure("source", error))
+            }
+            (_, Some(false)) => {
+                let error = self.dst.finished.0.as_ref().map(|f| format!("{:?}", f.result)).unwrap_or_default();
+                Err(failure("destination", error))
+            }
+            (src, dst) => Err(Violation::NoProgress {
+                detail: format!(
+                    "source {} ({src:?}), destination {} ({dst:?})",
+                    self.src.core.state(),
+                    self.dst.core.state()
+                ),
+            }),
+        }
+    }
+}

@@ -1,0 +1,189 @@
+//! The encoder. Frames are appended to a caller's buffer; the hot path (a page
+//! frame) reads the page straight into that buffer, with no copy in between.
+
+use super::*;
+
+/// Appends a frame header, returning the position of its length field.
+fn begin(out: &mut Vec<u8>, kind: FrameKind, flags: u8) -> usize {
+    out.push(kind.code());
+    out.push(flags);
+    out.extend_from_slice(&[0, 0]);
+    let length_at = out.len();
+    out.extend_from_slice(&[0; 4]);
+    length_at
+}
+
+/// Writes the payload length now that the payload is appended.
+fn finish(out: &mut [u8], length_at: usize, kind: FrameKind) {
+    let len = out.len() - length_at - 4;
+    debug_assert!(len <= kind.max_payload() as usize, "{kind} payload of {len} bytes exceeds its limit");
+    out[length_at..length_at + 4].copy_from_slice(&(len as u32).to_be_bytes());
+}
+
+fn put_reason(out: &mut Vec<u8>, reason: &str) {
+    out.extend_from_slice(truncate_reason(reason).as_bytes());
+}
+
+/// Appends the 8-byte preamble that opens a connection for `channel`.
+pub fn encode_preamble(out: &mut Vec<u8>, channel: Channel) {
+    out.extend_from_slice(&PREAMBLE_MAGIC.to_be_bytes());
+    out.extend_from_slice(&[channel.code(), 0, 0, 0]);
+}
+
+/// Appends a page frame whose payload `fill` writes in place (`page_size`
+/// bytes). An all-zero page is sent as a flag with no payload. Returns
+/// whether the page was zero.
+pub fn encode_page_frame(
+    out: &mut Vec<u8>,
+    address: PageAddress,
+    kind: PageKind,
+    page_size: usize,
+    fill: impl FnOnce(&mut [u8]),
+) -> bool {
+    let start = out.len();
+    let length_at = begin(out, FrameKind::Page, kind.code() << PAGE_KIND_SHIFT);
+    out.extend_from_slice(&address.block.to_be_bytes());
+    out.extend_from_slice(&address.index.to_be_bytes());
+    let data_at = out.len();
+    out.resize(data_at + page_size, 0);
+    fill(&mut out[data_at..]);
+    let zero = is_zero(&out[data_at..]);
+    if zero {
+        out.truncate(data_at);
+        out[start + 1] |= PAGE_FLAG_ZERO;
+    }
+    finish(out, length_at, FrameKind::Page);
+    zero
+}
+
+/// Whether every byte is zero (a word at a time: this runs on every page sent).
+fn is_zero(bytes: &[u8]) -> bool {
+    let words = bytes.chunks_exact(8);
+    let tail = words.remainder();
+    words.map(|w| u64::from_ne_bytes([w[0], w[1], w[2], w[3], w[4], w[5], w[6], w[7]])).all(|w| w == 0)
+        && tail.iter().all(|&b| b == 0)
+}
+
+/// Appends `frame` to `out`.
+///
+/// The caller keeps each frame within its wire limits (block counts, request
+/// batch sizes, chunk sizes); the core's own senders always do.
+pub fn encode(frame: &Frame, out: &mut Vec<u8>) {
+    let kind = frame.kind();
+    match frame {
+        Frame::Hello(hello) => {
+            let at = begin(out, kind, 0);
+            out.extend_from_slice(&MAGIC.to_be_bytes());
+            out.extend_from_slice(&PROTOCOL_VERSION.to_be_bytes());
+            let mut flags = 0;
+            if hello.resume {
+                flags |= HELLO_FLAG_RESUME;
+            }
+            if hello.urgent_channel {
+                flags |= HELLO_FLAG_URGENT;
+            }
+            out.extend_from_slice(&flags.to_be_bytes());
+            out.extend_from_slice(&hello.session.to_be_bytes());
+            out.extend_from_slice(&hello.epoch.to_be_bytes());
+            out.extend_from_slice(&hello.page_size.to_be_bytes());
+            out.push(match hello.mode {
+                WireMode::Postcopy => 0,
+                WireMode::Hybrid => 1,
+            });
+            out.extend_from_slice(&hello.precopy_rounds.to_be_bytes());
+            out.extend_from_slice(&(hello.blocks.len() as u16).to_be_bytes());
+            for block in &hello.blocks {
+                out.push(block.name.len() as u8);
+                out.extend_from_slice(block.name.as_bytes());
+                out.extend_from_slice(&block.page_count.to_be_bytes());
+            }
+            finish(out, at, kind);
+        }
+        Frame::UrgentHello(hello) => {
+            let at = begin(out, kind, 0);
+            out.extend_from_slice(&MAGIC.to_be_bytes());
+            out.extend_from_slice(&PROTOCOL_VERSION.to_be_bytes());
+            out.extend_from_slice(&0u16.to_be_bytes());
+            out.extend_from_slice(&hello.session.to_be_bytes());
+            out.extend_from_slice(&hello.epoch.to_be_bytes());
+            finish(out, at, kind);
+        }
+        Frame::Page(page) => {
+            let mut flags = page.kind.code() << PAGE_KIND_SHIFT;
+            if page.data == PageData::Zero {
+                flags |= PAGE_FLAG_ZERO;
+            }
+            let at = begin(out, kind, flags);
+            out.extend_from_slice(&page.address.block.to_be_bytes());
+            out.extend_from_slice(&page.address.index.to_be_bytes());
+            if let PageData::Bytes(bytes) = &page.data {
+                out.extend_from_slice(bytes);
+            }
+            finish(out, at, kind);
+        }
+        Frame::Discard(discard) => {
+            let at = begin(out, kind, 0);
+            out.extend_from_slice(&discard.block.to_be_bytes());
+            out.extend_from_slice(&(discard.ranges.len() as u16).to_be_bytes());
+            for (first, count) in &discard.ranges {
+                out.extend_from_slice(&first.to_be_bytes());
+                out.extend_from_slice(&count.to_be_bytes());
+            }
+            finish(out, at, kind);
+        }
+        Frame::DeviceState { last, chunk } => {
+            let at = begin(out, kind, if *last { DEVICE_STATE_FLAG_LAST } else { 0 });
+            out.extend_from_slice(chunk);
+            finish(out, at, kind);
+        }
+        Frame::StartGuest | Frame::EndOfStream | Frame::Ping | Frame::ReadyToRun | Frame::Eoc => {
+            let at = begin(out, kind, 0);
+            finish(out, at, kind);
+        }
+        Frame::Cancel { reason } | Frame::GuestDropped { reason } | Frame::Reject { reason } => {
+            let at = begin(out, kind, 0);
+            put_reason(out, reason);
+            finish(out, at, kind);
+        }
+        Frame::Welcome(welcome) => {
+            let at = begin(out, kind, 0);
+            out.extend_from_slice(&MAGIC.to_be_bytes());
+            out.extend_from_slice(&PROTOCOL_VERSION.to_be_bytes());
+            let mut flags = 0;
+            if welcome.guest_started {
+                flags |= WELCOME_FLAG_STARTED;
+            }
+            if welcome.device_loaded {
+                flags |= WELCOME_FLAG_LOADED;
+            }
+            out.extend_from_slice(&flags.to_be_bytes());
+            out.extend_from_slice(&welcome.session.to_be_bytes());
+            out.extend_from_slice(&welcome.epoch.to_be_bytes());
+            out.extend_from_slice(&welcome.max_outstanding_requests.to_be_bytes());
+            finish(out, at, kind);
+        }
+        Frame::Request(request) => {
+            let at = begin(out, kind, 0);
+            out.extend_from_slice(&request.block.to_be_bytes());
+            out.extend_from_slice(&(request.indexes.len() as u16).to_be_bytes());
+            for index in &request.indexes {
+                out.extend_from_slice(&index.to_be_bytes());
+            }
+            finish(out, at, kind);
+        }
+        Frame::PresentPages(present) => {
+            let at = begin(out, kind, 0);
+            out.extend_from_slice(&present.first_word.to_be_bytes());
+            out.extend_from_slice(&(present.words.len() as u16).to_be_bytes());
+            for word in &present.words {
+                out.extend_from_slice(&word.to_be_bytes());
+            }
+            finish(out, at, kind);
+        }
+        Frame::PresentEnd { present_pages } => {
+            let at = begin(out, kind, 0);
+            out.extend_from_slice(&present_pages.to_be_bytes());
+            finish(out, at, kind);
+        }
+    }
+}

@@ -1,0 +1,57 @@
+use postcopy_core::testkit::{Pair, PairConfig};
+use postcopy_core::{Channel, Config, PageNumber};
+
+#[test]
+fn pure_postcopy_completes() {
+    let mut pair = Pair::new(PairConfig::new(Config::postcopy(), 10));
+    for p in 0..10 {
+        pair.guest_access(0, PageNumber(p), true);
+    }
+    let result = pair.run_to_completion(10_000);
+    println!("{:?} {:?}", pair.src.core.state(), pair.dst.core.state());
+    result.unwrap();
+}
+
+#[test]
+fn hybrid_completes() {
+    let mut pair = Pair::new(PairConfig::new(Config::hybrid(2), 10));
+    for p in 0..10 {
+        pair.guest_access(0, PageNumber(p), true);
+    }
+    pair.transmit(Channel::Main, 0);
+    pair.transmit(Channel::Main, 0);
+    pair.guest_access(0, PageNumber(0), true);
+    pair.run_to_completion(10_000).unwrap();
+}
+
+#[test]
+fn recovers_after_lost_connection() {
+    let mut cfg = PairConfig::new(Config::postcopy(), 20);
+    cfg.vcpus = 2;
+    let mut pair = Pair::new(cfg);
+    for p in 0..20 {
+        pair.guest_access(0, PageNumber(p), true);
+    }
+    // Run until the destination runs the guest, then fault and lose the link.
+    for _ in 0..50 {
+        for ch in Channel::ALL {
+            pair.transmit(ch, 0);
+            pair.deliver(ch, usize::MAX);
+        }
+        if pair.dst.running {
+            break;
+        }
+    }
+    assert!(pair.dst.running, "destination should run: {:?} {:?}", pair.src.core.state(), pair.dst.core.state());
+    pair.guest_access(1, PageNumber(17), false);
+    pair.transmit(Channel::Return, 0);
+    pair.transmit(Channel::Main, 0);
+    pair.lose(Channel::Main);
+    assert_eq!(pair.src.core.state(), postcopy_core::SourceState::Paused);
+    assert_eq!(pair.dst.core.state(), postcopy_core::DestinationState::Paused);
+    pair.guest_access(0, PageNumber(3), true);
+    let result = pair.run_to_completion(10_000);
+    println!("{:?} {:?} {:?}", pair.src.core.state(), pair.dst.core.state(), pair.src.core.stats(pair.now));
+    result.unwrap();
+    assert!(pair.src.recovered);
+}
