@@ -1,1 +1,341 @@
+//! Codec tests: every frame round-trips through any chunking, and every kind
+//! of bad input gets its own error.
 
+use bytes::Bytes;
+use proptest::prelude::*;
+
+use super::*;
+use crate::error::WireError;
+
+fn decode_all(bytes: &[u8], chunk: usize) -> Result<Vec<Frame>, WireError> {
+    let mut decoder = Decoder::new();
+    let mut frames = Vec::new();
+    for piece in bytes.chunks(chunk.max(1)) {
+        decoder.push(Bytes::copy_from_slice(piece));
+        while let Some(frame) = decoder.next_frame()? {
+            frames.push(frame);
+        }
+    }
+    assert!(!decoder.has_partial(), "bytes left over after the last frame");
+    Ok(frames)
+}
+
+fn encoded(frame: &Frame) -> Vec<u8> {
+    let mut out = Vec::new();
+    encode(frame, &mut out);
+    out
+}
+
+fn one_error(bytes: &[u8]) -> WireError {
+    let mut decoder = Decoder::new();
+    decoder.push(Bytes::copy_from_slice(bytes));
+    match decoder.next_frame() {
+        Err(error) => error,
+        Ok(frame) => panic!("expected an error, decoded {frame:?}"),
+    }
+}
+
+fn sample_frames() -> Vec<Frame> {
+    vec![
+        Frame::Hello(Hello {
+            resume: false,
+            urgent_channel: true,
+            session: 0xdead_beef,
+            epoch: 0,
+            page_size: 4096,
+            mode: WireMode::Hybrid,
+            precopy_rounds: 3,
+            blocks: vec![
+                RamBlock { name: "pc.ram".into(), page_count: 262_144 },
+                RamBlock { name: "vga.vram".into(), page_count: 4096 },
+            ],
+        }),
+        Frame::UrgentHello(UrgentHello { session: 7, epoch: 2 }),
+        Frame::Page(PageFrame {
+            address: PageAddress { block: 1, index: 99 },
+            kind: PageKind::Requested,
+            data: PageData::Bytes(Bytes::from(vec![7u8; 64])),
+        }),
+        Frame::Page(PageFrame {
+            address: PageAddress { block: 0, index: 3 },
+            kind: PageKind::Background,
+            data: PageData::Zero,
+        }),
+        Frame::Discard(Discard { block: 0, ranges: vec![(0, 4), (10, 1)] }),
+        Frame::DeviceState { last: true, chunk: Bytes::from_static(b"registers") },
+        Frame::DeviceState { last: false, chunk: Bytes::new() },
+        Frame::StartGuest,
+        Frame::EndOfStream,
+        Frame::Cancel { reason: "cancelled by the user".into() },
+        Frame::Ping,
+        Frame::Welcome(Welcome {
+            session: 9,
+            epoch: 1,
+            guest_started: true,
+            device_loaded: true,
+            max_outstanding_requests: 4096,
+        }),
+        Frame::Request(Request { block: 0, indexes: vec![5, 6, 7, 1000] }),
+        Frame::ReadyToRun,
+        Frame::Eoc,
+        Frame::GuestDropped { reason: "device state failed".into() },
+        Frame::PresentPages(PresentPages { first_word: 3, words: vec![!0, 0, 5] }),
+        Frame::PresentEnd { present_pages: 12 },
+        Frame::Reject { reason: "unsupported version".into() },
+    ]
+}
+
+#[test]
+fn every_frame_round_trips_one_byte_at_a_time() {
+    let frames = sample_frames();
+    let mut stream = Vec::new();
+    for frame in &frames {
+        encode(frame, &mut stream);
+    }
+    for chunk in [1, 2, 3, 7, 8, 9, 64, 4096, stream.len()] {
+        assert_eq!(decode_all(&stream, chunk).unwrap(), frames, "chunk size {chunk}");
+    }
+}
+
+#[test]
+fn page_frames_are_sliced_not_copied() {
+    let frame = Frame::Page(PageFrame {
+        address: PageAddress { block: 0, index: 1 },
+        kind: PageKind::Background,
+        data: PageData::Bytes(Bytes::from(vec![1u8; 4096])),
+    });
+    let bytes = Bytes::from(encoded(&frame));
+    let base = bytes.as_ptr() as usize;
+    let mut decoder = Decoder::new();
+    decoder.push(bytes.clone());
+    let Some(Frame::Page(PageFrame { data: PageData::Bytes(data), .. })) = decoder.next_frame().unwrap() else {
+        panic!("expected a page frame");
+    };
+    assert_eq!(data.as_ptr() as usize, base + HEADER_LEN + 8, "page data should point into the receive buffer");
+}
+
+#[test]
+fn zero_pages_carry_no_payload() {
+    let mut out = Vec::new();
+    let zero =
+        encode_page_frame(&mut out, PageAddress { block: 0, index: 0 }, PageKind::Background, 4096, |b| b.fill(0));
+    assert!(zero);
+    assert_eq!(out.len(), HEADER_LEN + 8);
+    let mut out = Vec::new();
+    let zero =
+        encode_page_frame(&mut out, PageAddress { block: 0, index: 0 }, PageKind::Background, 4096, |b| b[4095] = 1);
+    assert!(!zero);
+    assert_eq!(out.len(), HEADER_LEN + 8 + 4096);
+}
+
+#[test]
+fn unknown_frame_type() {
+    assert_eq!(one_error(&[0x7f, 0, 0, 0, 0, 0, 0, 0]), WireError::UnknownFrameType(0x7f));
+}
+
+#[test]
+fn oversized_length_is_rejected_from_the_header_alone() {
+    // Only the header arrives: the decoder must refuse before buffering a payload.
+    let mut header = vec![FrameKind::DeviceState.code(), 0, 0, 0];
+    header.extend_from_slice(&u32::MAX.to_be_bytes());
+    let error = one_error(&header);
+    assert!(matches!(error, WireError::FrameTooLarge { kind: FrameKind::DeviceState, len: u32::MAX, .. }));
+    // Byte by byte too.
+    let mut decoder = Decoder::new();
+    let mut result = Ok(None);
+    for &b in &header {
+        decoder.push(Bytes::copy_from_slice(&[b]));
+        result = decoder.next_frame();
+    }
+    assert!(matches!(result, Err(WireError::FrameTooLarge { .. })));
+    // An empty frame type with a payload is oversized too.
+    assert!(matches!(one_error(&[FrameKind::Eoc.code(), 0, 0, 0, 0, 0, 0, 1, 0]), WireError::FrameTooLarge { .. }));
+}
+
+#[test]
+fn truncated_and_trailing_payloads() {
+    let mut bytes = encoded(&Frame::PresentEnd { present_pages: 1 });
+    // Claim a shorter payload than the frame needs.
+    bytes[7] = 4;
+    bytes.truncate(HEADER_LEN + 4);
+    assert_eq!(one_error(&bytes), WireError::Truncated { kind: FrameKind::PresentEnd });
+    let mut bytes = encoded(&Frame::Request(Request { block: 0, indexes: vec![1] }));
+    bytes.push(0);
+    bytes[7] += 1;
+    assert_eq!(one_error(&bytes), WireError::TrailingBytes { kind: FrameKind::Request, extra: 1 });
+}
+
+#[test]
+fn reserved_bits_are_rejected() {
+    let mut bytes = encoded(&Frame::Eoc);
+    bytes[2] = 1;
+    assert_eq!(one_error(&bytes), WireError::ReservedBits { kind: FrameKind::Eoc });
+    let mut bytes = encoded(&Frame::Eoc);
+    bytes[1] = 0x80;
+    assert_eq!(one_error(&bytes), WireError::ReservedBits { kind: FrameKind::Eoc });
+}
+
+#[test]
+fn bad_magic_and_version() {
+    let hello = sample_frames().remove(0);
+    let mut bytes = encoded(&hello);
+    bytes[HEADER_LEN] ^= 0xff;
+    assert!(matches!(one_error(&bytes), WireError::BadMagic(_)));
+    let mut bytes = encoded(&hello);
+    bytes[HEADER_LEN + 5] = 99;
+    assert_eq!(one_error(&bytes), WireError::UnsupportedVersion { got: 99, supported: PROTOCOL_VERSION });
+}
+
+#[test]
+fn malformed_fields() {
+    // A request with zero pages.
+    let mut bytes = vec![FrameKind::Request.code(), 0, 0, 0, 0, 0, 0, 6];
+    bytes.extend_from_slice(&[0, 0, 0, 0, 0, 0]);
+    assert!(matches!(one_error(&bytes), WireError::Malformed { kind: FrameKind::Request, .. }));
+    // A page frame with an unknown kind.
+    let mut bytes = vec![FrameKind::Page.code(), PAGE_KIND_MASK, 0, 0, 0, 0, 0, 9];
+    bytes.extend_from_slice(&[0; 9]);
+    assert!(matches!(one_error(&bytes), WireError::Malformed { kind: FrameKind::Page, .. }));
+    // A reason that is not UTF-8.
+    let bytes = vec![FrameKind::Reject.code(), 0, 0, 0, 0, 0, 0, 1, 0xff];
+    assert!(matches!(one_error(&bytes), WireError::Malformed { kind: FrameKind::Reject, .. }));
+}
+
+#[test]
+fn a_failed_stream_stays_failed() {
+    let mut decoder = Decoder::new();
+    decoder.push(Bytes::from_static(&[0x7f, 0, 0, 0, 0, 0, 0, 0]));
+    assert!(decoder.next_frame().is_err());
+    decoder.push(Bytes::from(encoded(&Frame::Eoc)));
+    assert_eq!(decoder.next_frame(), Err(WireError::Desynchronized));
+}
+
+#[test]
+fn preambles() {
+    for channel in Channel::ALL {
+        let mut out = Vec::new();
+        encode_preamble(&mut out, channel);
+        let bytes: [u8; PREAMBLE_LEN] = out.try_into().unwrap();
+        assert_eq!(Preamble::decode(&bytes), Ok(Preamble { channel }));
+    }
+    assert!(matches!(Preamble::decode(&[0; 8]), Err(PreambleError::BadMagic(0))));
+    let mut out = Vec::new();
+    encode_preamble(&mut out, Channel::Main);
+    out[4] = 9;
+    assert_eq!(Preamble::decode(&out.clone().try_into().unwrap()), Err(PreambleError::UnknownChannel(9)));
+    out[4] = 0;
+    out[7] = 1;
+    assert_eq!(Preamble::decode(&out.try_into().unwrap()), Err(PreambleError::ReservedBytes));
+}
+
+fn arb_bytes(max: usize) -> impl Strategy<Value = Bytes> {
+    prop::collection::vec(any::<u8>(), 0..max).prop_map(Bytes::from)
+}
+
+fn arb_reason() -> impl Strategy<Value = String> {
+    "[a-z ]{0,40}"
+}
+
+fn arb_frame() -> impl Strategy<Value = Frame> {
+    let block = (1usize..4).prop_flat_map(|n| {
+        prop::collection::vec(("[a-z]{1,20}", 1u64..1 << 32), n)
+            .prop_map(|v| v.into_iter().map(|(name, page_count)| RamBlock { name, page_count }).collect::<Vec<_>>())
+    });
+    prop_oneof![
+        (any::<bool>(), any::<bool>(), any::<u64>(), any::<u32>(), any::<u32>(), any::<bool>(), any::<u32>(), block)
+            .prop_map(|(resume, urgent_channel, session, epoch, page_size, hybrid, precopy_rounds, blocks)| {
+                Frame::Hello(Hello {
+                    resume,
+                    urgent_channel,
+                    session,
+                    epoch,
+                    page_size,
+                    mode: if hybrid { WireMode::Hybrid } else { WireMode::Postcopy },
+                    precopy_rounds,
+                    blocks,
+                })
+            }),
+        (any::<u64>(), any::<u32>()).prop_map(|(session, epoch)| Frame::UrgentHello(UrgentHello { session, epoch })),
+        (
+            any::<u32>(),
+            any::<u32>(),
+            0u8..3,
+            prop::option::of(arb_bytes(300).prop_filter("non-empty", |b| !b.is_empty()))
+        )
+            .prop_map(|(block, index, kind, data)| {
+                Frame::Page(PageFrame {
+                    address: PageAddress { block, index },
+                    kind: PageKind::from_code(kind).unwrap_or(PageKind::Background),
+                    data: data.map_or(PageData::Zero, PageData::Bytes),
+                })
+            }),
+        (any::<u32>(), prop::collection::vec((any::<u32>(), 1u32..), 1..20))
+            .prop_map(|(block, ranges)| Frame::Discard(Discard { block, ranges })),
+        (any::<bool>(), arb_bytes(500)).prop_map(|(last, chunk)| Frame::DeviceState { last, chunk }),
+        Just(Frame::StartGuest),
+        Just(Frame::EndOfStream),
+        arb_reason().prop_map(|reason| Frame::Cancel { reason }),
+        Just(Frame::Ping),
+        (any::<u64>(), any::<u32>(), any::<bool>(), any::<bool>(), any::<u32>()).prop_map(
+            |(session, epoch, guest_started, device_loaded, max_outstanding_requests)| {
+                Frame::Welcome(Welcome { session, epoch, guest_started, device_loaded, max_outstanding_requests })
+            }
+        ),
+        (any::<u32>(), prop::collection::vec(any::<u32>(), 1..50))
+            .prop_map(|(block, indexes)| Frame::Request(Request { block, indexes })),
+        Just(Frame::ReadyToRun),
+        Just(Frame::Eoc),
+        arb_reason().prop_map(|reason| Frame::GuestDropped { reason }),
+        (any::<u64>(), prop::collection::vec(any::<u64>(), 1..20))
+            .prop_map(|(first_word, words)| Frame::PresentPages(PresentPages { first_word, words })),
+        any::<u64>().prop_map(|present_pages| Frame::PresentEnd { present_pages }),
+        arb_reason().prop_map(|reason| Frame::Reject { reason }),
+    ]
+}
+
+proptest! {
+    #[test]
+    fn random_frames_round_trip(frames in prop::collection::vec(arb_frame(), 1..20), chunk in 1usize..200) {
+        let mut stream = Vec::new();
+        for frame in &frames {
+            encode(frame, &mut stream);
+        }
+        prop_assert_eq!(decode_all(&stream, chunk).unwrap(), frames);
+    }
+
+    #[test]
+    fn random_bytes_never_panic(bytes in prop::collection::vec(any::<u8>(), 0..2000), chunk in 1usize..64) {
+        let mut decoder = Decoder::new();
+        'outer: for piece in bytes.chunks(chunk) {
+            decoder.push(Bytes::copy_from_slice(piece));
+            loop {
+                match decoder.next_frame() {
+                    Ok(Some(frame)) => {
+                        // Whatever decodes re-encodes to a frame that decodes the same.
+                        let again = decode_all(&encoded(&frame), 3).unwrap();
+                        prop_assert_eq!(again, vec![frame]);
+                    }
+                    Ok(None) => break,
+                    Err(_) => break 'outer,
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn corrupted_streams_give_errors_not_panics(frames in prop::collection::vec(arb_frame(), 1..6), flips in prop::collection::vec((any::<usize>(), any::<u8>()), 1..8)) {
+        let mut stream = Vec::new();
+        for frame in &frames {
+            encode(frame, &mut stream);
+        }
+        for (at, value) in flips {
+            let len = stream.len();
+            stream[at % len] = value;
+        }
+        let mut decoder = Decoder::new();
+        for piece in stream.chunks(5) {
+            decoder.push(Bytes::copy_from_slice(piece));
+            while let Ok(Some(_)) = decoder.next_frame() {}
+        }
+    }
+}
