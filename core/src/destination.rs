@@ -124,8 +124,9 @@ pub enum DestinationAction {
     Finished(Box<Finished<DestinationStats>>),
 }
 
-/// A page fault waiting for its page.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+/// A page fault waiting for its page: when it began and who waits, for the
+/// statistics only (no decision reads them, see [`Observed`]).
+#[derive(Clone, Copy, Debug)]
 struct FaultWait {
     since: Timestamp,
     /// Bit `i`: vCPU `i` waits (vCPUs past 63 are counted, not named).
@@ -158,7 +159,9 @@ pub struct Destination {
     /// The hello (session, epoch) seen on each connection, if any.
     hellos: [Option<(u64, u32)>; 3],
     present: Bitmap,
-    outstanding: BTreeMap<u64, FaultWait>,
+    /// Pages with a fault waiting for them. Which vCPUs wait, and since when,
+    /// are observations: faults on one page by different vCPUs behave alike.
+    outstanding: BTreeMap<u64, Observed<FaultWait>>,
     pending_requests: VecDeque<PageNumber>,
     device_state: Vec<u8>,
     control: VecDeque<Frame>,
@@ -418,7 +421,7 @@ impl Destination {
             Waiter::Vcpu(id) if (id as usize) < MAX_TRACKED_VCPUS => 1u64 << id,
             _ => 0,
         };
-        if let Some(wait) = self.outstanding.get_mut(&page.0) {
+        if let Some(Observed(wait)) = self.outstanding.get_mut(&page.0) {
             wait.vcpus |= vcpu_bit;
             return Ok(());
         }
@@ -426,7 +429,7 @@ impl Destination {
         if self.outstanding.len() >= limit as usize {
             return Err(EventError::TooManyFaults { limit });
         }
-        self.outstanding.insert(page.0, FaultWait { since: now, vcpus: vcpu_bit });
+        self.outstanding.insert(page.0, Observed(FaultWait { since: now, vcpus: vcpu_bit }));
         self.pending_requests.push_back(page);
         self.stats.0.remote_faults += 1;
         Ok(())
@@ -624,7 +627,7 @@ impl Destination {
         }
         self.present.set(page.0);
         self.actions.push_back(DestinationAction::InstallPage { page, data: frame.data, overwrite: was_present });
-        if let Some(wait) = self.outstanding.remove(&page.0) {
+        if let Some(Observed(wait)) = self.outstanding.remove(&page.0) {
             let waited_ns = now.saturating_since(wait.since).as_nanos() as u64;
             self.latency.0.record_ns(waited_ns);
             let blocked = &mut self.stats.0.vcpu_blocked_ns;
