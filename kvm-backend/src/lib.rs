@@ -1,1 +1,54 @@
-//! KVM backend of postcopy migration.
+//! KVM backend of postcopy migration: the VMM layer.
+//!
+//! This crate runs real KVM guests and gives a migration driver what it
+//! needs, without any protocol logic of its own:
+//!
+//! - [`layout`]: the RAM layout (named blocks of 4 KiB pages, [`PageRef`]).
+//! - [`memory`]: guest RAM ([`GuestRam`], vm-memory mmaps) with the VMM's own
+//!   write tracking, and [`DirtyBitmap`].
+//! - [`vm`]: the KVM VM ([`Vm`]): memory slots, dirty logging, irqchip,
+//!   vCPU creation, VM-wide state.
+//! - [`vcpu`]: a vCPU ([`Vcpu`]) and its saved state ([`VcpuState`]).
+//! - [`runner`]: vCPU threads ([`VcpuSet`]): start, pause (with its
+//!   latency), resume, state save, stop; exit handling.
+//! - [`devices`]: serial port, port 0x92, the pattern guest's ports and its
+//!   statistics.
+//! - [`uffd`]: destination RAM under userfaultfd ([`UffdRam`],
+//!   [`FaultReader`]).
+//! - [`state`]: the whole device state as one versioned blob
+//!   ([`DeviceState`]).
+//! - [`guest`]: the built-in pattern guest ([`TestGuest`]) with its verifier,
+//!   and boot sectors ([`BootSector`]).
+//!
+//! All unsafe code is in the private `sys` module.
+
+#![deny(unsafe_op_in_unsafe_fn)]
+
+pub mod devices;
+pub mod error;
+pub mod guest;
+pub mod layout;
+pub mod memory;
+pub mod runner;
+pub mod state;
+mod sys;
+pub mod uffd;
+pub mod vcpu;
+pub mod vm;
+
+pub use devices::{Devices, GuestStats, ProgressSnapshot, SerialOutput};
+pub use error::{Error, Result};
+pub use guest::bootsector::BootSector;
+pub use guest::{CpuPosition, TestGuest, VerifyReport};
+pub use layout::{PageRef, RamBlock, RamLayout, PAGE_SIZE};
+pub use memory::{DirtyBitmap, GuestRam};
+pub use runner::{RunState, VcpuSet};
+pub use state::DeviceState;
+pub use uffd::{FaultReader, Install, PageFault, UffdRam};
+pub use vcpu::{Vcpu, VcpuState};
+pub use vm::{Vm, VmConfig};
+
+/// Whether `/dev/kvm` can be opened here.
+pub fn kvm_available() -> bool {
+    kvm_ioctls::Kvm::new().is_ok()
+}

@@ -1,0 +1,393 @@
+//! Guest RAM backed by `vm-memory`'s `GuestMemoryMmap`, one anonymous mapping
+//! per block of the [`RamLayout`], with a per-page bitmap of the writes the
+//! VMM itself makes (vm-memory's `AtomicBitmap`, set by every write through
+//! this type).
+//!
+//! The guest's own writes are tracked by KVM's dirty log (see
+//! [`crate::vm::Vm::take_dirty_log`]); a precopy round sends the union of
+//! both.
+
+use vm_memory::bitmap::AtomicBitmap;
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+
+use crate::error::{Error, Result};
+use crate::layout::{PageRef, RamLayout, PAGE_SIZE};
+
+/// The vm-memory type of guest RAM.
+pub type GuestMemory = GuestMemoryMmap<AtomicBitmap>;
+
+/// Guest RAM: the layout and its host mappings.
+#[derive(Debug)]
+pub struct GuestRam {
+    layout: RamLayout,
+    mem: GuestMemory,
+    /// Host virtual address of each block's first byte.
+    hosts: Vec<u64>,
+}
+
+impl GuestRam {
+    /// Allocates anonymous, zero-filled, lazily backed memory for `layout`.
+    pub fn new(layout: RamLayout) -> Result<Self> {
+        let ranges: Vec<(GuestAddress, usize)> = layout
+            .blocks()
+            .iter()
+            .map(|b| {
+                usize::try_from(b.size)
+                    .map(|size| (GuestAddress(b.gpa), size))
+                    .map_err(|_| Error::Layout(format!("block {:?} too large", b.name)))
+            })
+            .collect::<Result<_>>()?;
+        let mem = GuestMemory::from_ranges(&ranges).map_err(Error::Allocate)?;
+        let mut hosts = Vec::with_capacity(layout.blocks().len());
+        for b in layout.blocks() {
+            let region = mem
+                .find_region(GuestAddress(b.gpa))
+                .ok_or_else(|| Error::Layout(format!("no region for block {:?}", b.name)))?;
+            hosts.push(region.as_ptr() as u64);
+        }
+        Ok(Self { layout, mem, hosts })
+    }
+
+    /// The layout.
+    pub fn layout(&self) -> &RamLayout {
+        &self.layout
+    }
+
+    /// The underlying vm-memory object (for devices that use vm-memory).
+    pub fn memory(&self) -> &GuestMemory {
+        &self.mem
+    }
+
+    /// Host virtual address and length of block `block`.
+    pub fn block_host_range(&self, block: usize) -> Option<(u64, u64)> {
+        let b = self.layout.block(block)?;
+        Some((self.hosts[block], b.size))
+    }
+
+    /// Host virtual address of `count` pages from `first` (all in one block).
+    pub fn pages_host_addr(&self, first: PageRef, count: u64) -> Result<u64> {
+        self.layout.check_range(first, count)?;
+        Ok(self.hosts[first.block] + first.page * PAGE_SIZE)
+    }
+
+    /// The page at host virtual address `addr`, if it is guest RAM.
+    pub fn page_of_host_addr(&self, addr: u64) -> Option<PageRef> {
+        self.layout
+            .blocks()
+            .iter()
+            .zip(&self.hosts)
+            .enumerate()
+            .find(|(_, (b, &h))| addr >= h && addr - h < b.size)
+            .map(|(block, (_, &h))| PageRef {
+                block,
+                page: (addr - h) / PAGE_SIZE,
+            })
+    }
+
+    fn gpa(&self, page: PageRef) -> Result<u64> {
+        self.layout.gpa_of(page).ok_or(Error::PageOutOfRange {
+            block: page.block,
+            page: page.page,
+        })
+    }
+
+    /// Copies page `page` into `buf` (exactly one page long).
+    pub fn read_page(&self, page: PageRef, buf: &mut [u8]) -> Result<()> {
+        check_len(buf.len(), PAGE_SIZE as usize)?;
+        let gpa = self.gpa(page)?;
+        self.read(gpa, buf)
+    }
+
+    /// Overwrites page `page` with `data` (exactly one page); a VMM write,
+    /// so the page is marked in the VMM dirty bitmap.
+    pub fn write_page(&self, page: PageRef, data: &[u8]) -> Result<()> {
+        check_len(data.len(), PAGE_SIZE as usize)?;
+        let gpa = self.gpa(page)?;
+        self.write(gpa, data)
+    }
+
+    /// Reads guest memory at `gpa`.
+    pub fn read(&self, gpa: u64, buf: &mut [u8]) -> Result<()> {
+        self.mem
+            .read_slice(buf, GuestAddress(gpa))
+            .map_err(|e| mem_err(gpa, buf.len(), e))
+    }
+
+    /// Writes guest memory at `gpa` (a VMM write: tracked).
+    pub fn write(&self, gpa: u64, data: &[u8]) -> Result<()> {
+        self.mem
+            .write_slice(data, GuestAddress(gpa))
+            .map_err(|e| mem_err(gpa, data.len(), e))
+    }
+
+    /// Reads a little-endian u64 at `gpa`.
+    pub fn read_u64(&self, gpa: u64) -> Result<u64> {
+        let mut b = [0u8; 8];
+        self.read(gpa, &mut b)?;
+        Ok(u64::from_le_bytes(b))
+    }
+
+    /// Writes a little-endian u64 at `gpa` (tracked).
+    pub fn write_u64(&self, gpa: u64, value: u64) -> Result<()> {
+        self.write(gpa, &value.to_le_bytes())
+    }
+
+    /// Returns the pages the VMM wrote since the last call, and clears the
+    /// record.
+    pub fn take_vmm_dirty(&self) -> DirtyBitmap {
+        let blocks = self
+            .layout
+            .blocks()
+            .iter()
+            .map(|b| {
+                self.mem
+                    .find_region(GuestAddress(b.gpa))
+                    .map(|r| r.get_mmap().bitmap().get_and_reset())
+                    .unwrap_or_default()
+            })
+            .collect();
+        DirtyBitmap::from_words(&self.layout, blocks)
+    }
+}
+
+fn check_len(got: usize, want: usize) -> Result<()> {
+    if got == want {
+        Ok(())
+    } else {
+        Err(Error::BadLength { want, got })
+    }
+}
+
+fn mem_err(gpa: u64, len: usize, e: impl std::fmt::Display) -> Error {
+    Error::GuestMemory {
+        gpa,
+        len,
+        reason: e.to_string(),
+    }
+}
+
+/// A set of pages of a layout, one bit per page: 64-bit words per block,
+/// page index = bit index (bit `i % 64` of word `i / 64`), as KVM's dirty log.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DirtyBitmap {
+    blocks: Vec<Vec<u64>>,
+    pages: Vec<u64>,
+}
+
+impl DirtyBitmap {
+    /// An empty set for `layout`.
+    pub fn empty(layout: &RamLayout) -> Self {
+        Self::from_words(layout, Vec::new())
+    }
+
+    /// A set from per-block words; missing words are zero, extra words and
+    /// bits past each block's end are dropped.
+    pub fn from_words(layout: &RamLayout, mut words: Vec<Vec<u64>>) -> Self {
+        let pages: Vec<u64> = layout.blocks().iter().map(|b| b.pages()).collect();
+        words.resize(pages.len(), Vec::new());
+        for (w, &n) in words.iter_mut().zip(&pages) {
+            let nwords = n.div_ceil(64) as usize;
+            w.resize(nwords, 0);
+            if n % 64 != 0 {
+                if let Some(last) = w.last_mut() {
+                    *last &= (1u64 << (n % 64)) - 1;
+                }
+            }
+        }
+        Self {
+            blocks: words,
+            pages,
+        }
+    }
+
+    /// The words of block `block` (empty if there is no such block).
+    pub fn block_words(&self, block: usize) -> &[u64] {
+        self.blocks.get(block).map_or(&[], Vec::as_slice)
+    }
+
+    /// Number of blocks.
+    pub fn num_blocks(&self) -> usize {
+        self.blocks.len()
+    }
+
+    /// Whether `page` is in the set (false for pages outside the layout).
+    pub fn contains(&self, page: PageRef) -> bool {
+        match self.blocks.get(page.block) {
+            Some(w) if page.page < self.pages[page.block] => {
+                w[(page.page / 64) as usize] & (1 << (page.page % 64)) != 0
+            }
+            _ => false,
+        }
+    }
+
+    /// Adds `page`; returns false if it is outside the layout.
+    pub fn insert(&mut self, page: PageRef) -> bool {
+        match self.blocks.get_mut(page.block) {
+            Some(w) if page.page < self.pages[page.block] => {
+                w[(page.page / 64) as usize] |= 1 << (page.page % 64);
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Adds every page of `other` (same layout).
+    pub fn union_with(&mut self, other: &DirtyBitmap) {
+        for (a, b) in self.blocks.iter_mut().zip(&other.blocks) {
+            for (x, y) in a.iter_mut().zip(b) {
+                *x |= *y;
+            }
+        }
+    }
+
+    /// Number of pages in the set.
+    pub fn count(&self) -> u64 {
+        self.blocks
+            .iter()
+            .flatten()
+            .map(|w| u64::from(w.count_ones()))
+            .sum()
+    }
+
+    /// Whether the set is empty.
+    pub fn is_empty(&self) -> bool {
+        self.blocks.iter().flatten().all(|&w| w == 0)
+    }
+
+    /// The set as maximal runs of consecutive pages `(first, count)`, in
+    /// block then page order (for batched discards and copies).
+    pub fn runs(&self) -> impl Iterator<Item = (PageRef, u64)> + '_ {
+        let mut pages = self.iter().peekable();
+        std::iter::from_fn(move || {
+            let first = pages.next()?;
+            let mut count = 1;
+            while pages
+                .next_if(|p| p.block == first.block && p.page == first.page + count)
+                .is_some()
+            {
+                count += 1;
+            }
+            Some((first, count))
+        })
+    }
+
+    /// The pages in the set, in block then page order.
+    pub fn iter(&self) -> impl Iterator<Item = PageRef> + '_ {
+        self.blocks.iter().enumerate().flat_map(|(block, words)| {
+            words.iter().enumerate().flat_map(move |(i, &w)| {
+                let mut rest = w;
+                std::iter::from_fn(move || {
+                    if rest == 0 {
+                        return None;
+                    }
+                    let bit = rest.trailing_zeros();
+                    rest &= rest - 1;
+                    Some(PageRef {
+                        block,
+                        page: i as u64 * 64 + u64::from(bit),
+                    })
+                })
+            })
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::layout::MIB;
+
+    #[test]
+    fn vmm_writes_are_tracked_and_reset() {
+        let ram = GuestRam::new(RamLayout::pc(4 * MIB).unwrap()).unwrap();
+        assert!(ram.take_vmm_dirty().is_empty());
+        ram.write_u64(5 * PAGE_SIZE + 8, 42).unwrap();
+        ram.write(PAGE_SIZE * 9 - 2, &[1, 2, 3, 4]).unwrap();
+        let d = ram.take_vmm_dirty();
+        let pages: Vec<_> = d.iter().collect();
+        assert_eq!(
+            pages,
+            vec![PageRef::new(0, 5), PageRef::new(0, 8), PageRef::new(0, 9)]
+        );
+        assert!(ram.take_vmm_dirty().is_empty());
+        // Reads do not mark.
+        assert_eq!(ram.read_u64(5 * PAGE_SIZE + 8).unwrap(), 42);
+        assert!(ram.take_vmm_dirty().is_empty());
+    }
+
+    #[test]
+    fn page_io_checks_bounds_and_lengths() {
+        let ram = GuestRam::new(RamLayout::pc(2 * MIB).unwrap()).unwrap();
+        let mut buf = vec![0u8; PAGE_SIZE as usize];
+        assert!(ram.read_page(PageRef::new(0, 511), &mut buf).is_ok());
+        assert!(ram.read_page(PageRef::new(0, 512), &mut buf).is_err());
+        assert!(ram.read_page(PageRef::new(1, 0), &mut buf).is_err());
+        assert!(ram.write_page(PageRef::new(0, 0), &buf[..100]).is_err());
+        buf[7] = 9;
+        ram.write_page(PageRef::new(0, 3), &buf).unwrap();
+        let mut back = vec![0u8; PAGE_SIZE as usize];
+        ram.read_page(PageRef::new(0, 3), &mut back).unwrap();
+        assert_eq!(back, buf);
+        assert!(ram.read_u64(2 * MIB).is_err());
+    }
+
+    #[test]
+    fn host_addresses_map_back_to_pages() {
+        let ram = GuestRam::new(RamLayout::pc(4 * MIB).unwrap()).unwrap();
+        let (h, len) = ram.block_host_range(0).unwrap();
+        assert_eq!(len, 4 * MIB);
+        assert_eq!(
+            ram.page_of_host_addr(h + 3 * PAGE_SIZE + 17),
+            Some(PageRef::new(0, 3))
+        );
+        assert_eq!(ram.page_of_host_addr(h + len), None);
+        assert_eq!(
+            ram.pages_host_addr(PageRef::new(0, 2), 3).unwrap(),
+            h + 2 * PAGE_SIZE
+        );
+        assert!(ram.pages_host_addr(PageRef::new(0, 1023), 2).is_err());
+    }
+
+    #[test]
+    fn bitmap_set_operations() {
+        let layout = RamLayout::pc(4 * GIB_TEST).unwrap();
+        let mut a = DirtyBitmap::empty(&layout);
+        assert!(a.insert(PageRef::new(0, 0)));
+        assert!(a.insert(PageRef::new(1, 63)));
+        assert!(a.insert(PageRef::new(1, 64)));
+        assert!(!a.insert(PageRef::new(2, 0)));
+        assert!(!a.insert(PageRef::new(1, 1 << 40)));
+        let mut b = DirtyBitmap::empty(&layout);
+        b.insert(PageRef::new(0, 0));
+        b.insert(PageRef::new(0, 100));
+        a.union_with(&b);
+        assert_eq!(a.count(), 4);
+        assert!(a.contains(PageRef::new(0, 100)));
+        assert!(!a.contains(PageRef::new(0, 101)));
+        let v: Vec<_> = a.iter().collect();
+        assert_eq!(
+            v,
+            vec![
+                PageRef::new(0, 0),
+                PageRef::new(0, 100),
+                PageRef::new(1, 63),
+                PageRef::new(1, 64)
+            ]
+        );
+        let runs: Vec<_> = a.runs().collect();
+        assert_eq!(
+            runs,
+            vec![
+                (PageRef::new(0, 0), 1),
+                (PageRef::new(0, 100), 1),
+                (PageRef::new(1, 63), 2)
+            ]
+        );
+        // Bits past a block's end are dropped.
+        let l2 = RamLayout::pc(2 * MIB).unwrap(); // 512 pages = 8 words
+        let d = DirtyBitmap::from_words(&l2, vec![vec![u64::MAX; 9]]);
+        assert_eq!(d.count(), 512);
+    }
+
+    const GIB_TEST: u64 = 1 << 30;
+}

@@ -1,0 +1,426 @@
+//! vCPU threads: one per vCPU, started, paused, resumed and stopped together
+//! ([`VcpuSet`]), with the exit handling (port I/O, HLT, shutdown).
+//!
+//! # Pausing
+//! To pause, the controller sets the vCPU's `pause` flag, sets
+//! `kvm_run.immediate_exit` through its own mapping of the `kvm_run` page and
+//! sends the thread a real-time signal (whose handler does nothing). Whatever
+//! the thread is doing, it ends up in `KVM_RUN` returning `EINTR`:
+//! - in the guest: the signal forces an exit;
+//! - in the VMM, handling an exit: its next `KVM_RUN` first completes the
+//!   pending I/O (so the saved state is consistent, as KVM's API requires)
+//!   and then returns at once because of `immediate_exit`;
+//! - blocked in the kernel (in-kernel HLT, an interruptible userfault): the
+//!   signal wakes it.
+//!
+//! The thread then parks on a condition variable and reports `Paused`; while
+//! parked it can save its state on request; on resume it clears
+//! `immediate_exit` and re-enters the guest.
+
+use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use kvm_ioctls::VcpuExit;
+use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
+
+use crate::devices::{lock, Devices, GuestErrorReport, PioOutcome};
+use crate::error::{Error, Result};
+use crate::sys::KvmRunMapping;
+use crate::vcpu::{Vcpu, VcpuState};
+
+/// Offset from SIGRTMIN of the signal that kicks vCPU threads.
+const KICK_SIGNAL_OFFSET: i32 = 2;
+/// How long a pause, a save or a stop may take before it is an error.
+pub const CONTROL_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// What a vCPU thread is doing.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RunState {
+    /// Spawned, not yet in the guest.
+    Starting,
+    /// In (or about to enter) `KVM_RUN`.
+    Running,
+    /// Parked on request; its state is consistent and may be saved.
+    Paused,
+    /// The guest executed HLT (only without an in-kernel irqchip); parked.
+    Halted,
+    /// The guest triple-faulted or asked for a reset; parked.
+    Shutdown,
+    /// A KVM error or an exit the VMM cannot handle; parked.
+    Failed(String),
+    /// The thread has ended.
+    Exited,
+}
+
+impl RunState {
+    /// Whether the thread is parked (not running guest code).
+    pub fn is_parked(&self) -> bool {
+        matches!(
+            self,
+            Self::Paused | Self::Halted | Self::Shutdown | Self::Failed(_) | Self::Exited
+        )
+    }
+}
+
+#[derive(Debug)]
+struct Ctrl {
+    state: RunState,
+    /// Bumped by every resume; a parked thread runs again when it changes.
+    resume_gen: u64,
+    exit: bool,
+    save_requested: bool,
+    saved: Option<Result<VcpuState>>,
+}
+
+#[derive(Debug)]
+struct Shared {
+    index: usize,
+    pause: AtomicBool,
+    kick: KvmRunMapping,
+    tid: AtomicI32,
+    ctrl: Mutex<Ctrl>,
+    cv: Condvar,
+}
+
+impl Shared {
+    fn set_state(&self, state: RunState) {
+        let mut c = lock(&self.ctrl);
+        c.state = state;
+        self.cv.notify_all();
+    }
+}
+
+/// Threads running a VM's vCPUs.
+#[derive(Debug)]
+pub struct VcpuSet {
+    shared: Vec<Arc<Shared>>,
+    threads: Vec<Option<JoinHandle<Vcpu>>>,
+}
+
+extern "C" fn on_kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
+
+fn kick_signal() -> i32 {
+    SIGRTMIN() + KICK_SIGNAL_OFFSET
+}
+
+fn install_kick_handler() -> Result<()> {
+    static INSTALLED: std::sync::OnceLock<std::result::Result<(), i32>> =
+        std::sync::OnceLock::new();
+    INSTALLED
+        .get_or_init(|| register_signal_handler(kick_signal(), on_kick).map_err(|e| e.errno()))
+        .map_err(|errno| Error::Os {
+            op: "sigaction",
+            source: std::io::Error::from_raw_os_error(errno),
+        })
+}
+
+impl VcpuSet {
+    /// Spawns one thread per vCPU (named `vcpu<N>`); they enter the guest at
+    /// once. The vCPUs must be fully set up (registers, or restored state).
+    pub fn start(vcpus: Vec<Vcpu>, devices: Arc<Devices>) -> Result<Self> {
+        install_kick_handler()?;
+        let mut shared = Vec::with_capacity(vcpus.len());
+        let mut threads = Vec::with_capacity(vcpus.len());
+        for vcpu in vcpus {
+            let index = vcpu.index();
+            let kick =
+                KvmRunMapping::new(&vcpu.fd).map_err(crate::error::os_err("mmap kvm_run"))?;
+            kick.set_immediate_exit(false);
+            let s = Arc::new(Shared {
+                index,
+                pause: AtomicBool::new(false),
+                kick,
+                tid: AtomicI32::new(0),
+                ctrl: Mutex::new(Ctrl {
+                    state: RunState::Starting,
+                    resume_gen: 0,
+                    exit: false,
+                    save_requested: false,
+                    saved: None,
+                }),
+                cv: Condvar::new(),
+            });
+            let (s2, d2) = (s.clone(), devices.clone());
+            let handle = std::thread::Builder::new()
+                .name(format!("vcpu{index}"))
+                .spawn(move || vcpu_thread(vcpu, s2, d2))
+                .map_err(crate::error::os_err("spawn vCPU thread"))?;
+            shared.push(s);
+            threads.push(Some(handle));
+        }
+        let set = Self { shared, threads };
+        // Wait until every thread has published its tid.
+        let deadline = Instant::now() + CONTROL_TIMEOUT;
+        for s in &set.shared {
+            let mut c = lock(&s.ctrl);
+            while c.state == RunState::Starting {
+                let left = deadline.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    return Err(Error::Vcpu {
+                        vcpu: s.index,
+                        reason: "did not start".into(),
+                    });
+                }
+                c =
+                    s.cv.wait_timeout(c, left)
+                        .map(|r| r.0)
+                        .unwrap_or_else(|e| e.into_inner().0);
+            }
+        }
+        Ok(set)
+    }
+
+    /// Number of vCPUs.
+    pub fn len(&self) -> usize {
+        self.shared.len()
+    }
+
+    /// Whether the set is empty.
+    pub fn is_empty(&self) -> bool {
+        self.shared.is_empty()
+    }
+
+    /// Kernel thread ids of the vCPU threads (index = vCPU), to map
+    /// userfaultfd events to vCPUs.
+    pub fn thread_ids(&self) -> Vec<i32> {
+        self.shared
+            .iter()
+            .map(|s| s.tid.load(Ordering::SeqCst))
+            .collect()
+    }
+
+    /// The state of each vCPU thread.
+    pub fn states(&self) -> Vec<RunState> {
+        self.shared
+            .iter()
+            .map(|s| lock(&s.ctrl).state.clone())
+            .collect()
+    }
+
+    fn kick(&self, i: usize) {
+        let s = &self.shared[i];
+        s.pause.store(true, Ordering::SeqCst);
+        s.kick.set_immediate_exit(true);
+        if let Some(Some(t)) = self.threads.get(i) {
+            if let Err(e) = t.kill(kick_signal()) {
+                tracing::debug!(vcpu = i, %e, "kick signal not delivered");
+            }
+        }
+    }
+
+    fn wait_parked(&self, deadline: Instant) -> Result<()> {
+        for s in &self.shared {
+            let mut c = lock(&s.ctrl);
+            while !c.state.is_parked() {
+                let left = deadline.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    return Err(Error::Vcpu {
+                        vcpu: s.index,
+                        reason: format!("did not stop in time (state {:?})", c.state),
+                    });
+                }
+                c =
+                    s.cv.wait_timeout(c, left)
+                        .map(|r| r.0)
+                        .unwrap_or_else(|e| e.into_inner().0);
+            }
+        }
+        Ok(())
+    }
+
+    /// Pauses every vCPU and waits until all are parked; returns how long
+    /// that took (the stop latency).
+    pub fn pause(&self) -> Result<Duration> {
+        let t0 = Instant::now();
+        for i in 0..self.shared.len() {
+            self.kick(i);
+        }
+        self.wait_parked(t0 + CONTROL_TIMEOUT)?;
+        Ok(t0.elapsed())
+    }
+
+    /// Resumes every parked vCPU (paused, halted or shut down ones alike).
+    pub fn resume(&self) {
+        for s in &self.shared {
+            let mut c = lock(&s.ctrl);
+            s.pause.store(false, Ordering::SeqCst);
+            c.resume_gen += 1;
+            s.cv.notify_all();
+        }
+    }
+
+    /// Saves the state of every vCPU; they must be parked.
+    pub fn save_states(&self) -> Result<Vec<VcpuState>> {
+        let deadline = Instant::now() + CONTROL_TIMEOUT;
+        for s in &self.shared {
+            let mut c = lock(&s.ctrl);
+            if !c.state.is_parked() || c.state == RunState::Exited {
+                return Err(Error::Vcpu {
+                    vcpu: s.index,
+                    reason: format!("cannot save state while {:?}", c.state),
+                });
+            }
+            c.saved = None;
+            c.save_requested = true;
+            s.cv.notify_all();
+        }
+        let mut out = Vec::with_capacity(self.shared.len());
+        for s in &self.shared {
+            let mut c = lock(&s.ctrl);
+            loop {
+                if let Some(r) = c.saved.take() {
+                    out.push(r?);
+                    break;
+                }
+                let left = deadline.saturating_duration_since(Instant::now());
+                if left.is_zero() || c.state == RunState::Exited {
+                    return Err(Error::Vcpu {
+                        vcpu: s.index,
+                        reason: "state not saved in time".into(),
+                    });
+                }
+                c =
+                    s.cv.wait_timeout(c, left)
+                        .map(|r| r.0)
+                        .unwrap_or_else(|e| e.into_inner().0);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Stops every thread and returns the vCPUs (for inspection or reuse).
+    pub fn stop(mut self) -> Result<Vec<Vcpu>> {
+        self.shutdown()
+    }
+
+    fn shutdown(&mut self) -> Result<Vec<Vcpu>> {
+        for (i, s) in self.shared.iter().enumerate() {
+            lock(&s.ctrl).exit = true;
+            s.cv.notify_all();
+            self.kick(i);
+        }
+        let mut out = Vec::new();
+        for (i, t) in self.threads.iter_mut().enumerate() {
+            if let Some(t) = t.take() {
+                out.push(t.join().map_err(|_| Error::Vcpu {
+                    vcpu: i,
+                    reason: "thread panicked".into(),
+                })?);
+            }
+        }
+        Ok(out)
+    }
+}
+
+impl Drop for VcpuSet {
+    fn drop(&mut self) {
+        if self.threads.iter().any(Option::is_some) {
+            if let Err(e) = self.shutdown() {
+                tracing::error!(%e, "stopping vCPU threads");
+            }
+        }
+    }
+}
+
+/// Why the run loop parks.
+enum Park {
+    Paused,
+    Halted,
+    Shutdown,
+    Failed(String),
+}
+
+fn vcpu_thread(mut vcpu: Vcpu, s: Arc<Shared>, devices: Arc<Devices>) -> Vcpu {
+    s.tid.store(crate::sys::current_tid(), Ordering::SeqCst);
+    let index = s.index;
+    {
+        let mut c = lock(&s.ctrl);
+        if c.state == RunState::Starting {
+            c.state = RunState::Running;
+        }
+        s.cv.notify_all();
+    }
+    loop {
+        let park = match vcpu.fd.run() {
+            Ok(exit) => match exit {
+                VcpuExit::IoOut(port, data) => match devices.pio_write(index, port, data) {
+                    PioOutcome::Done => None,
+                    PioOutcome::GuestError => {
+                        match vcpu.regs() {
+                            Ok(r) => devices.stats().record_error(GuestErrorReport {
+                                vcpu: index,
+                                gpa: r.rdi,
+                                expected: r.rdx,
+                                found: r.rax,
+                            }),
+                            Err(e) => tracing::error!(vcpu = index, %e, "reading registers"),
+                        }
+                        None
+                    }
+                    PioOutcome::ResetRequested => Some(Park::Shutdown),
+                },
+                VcpuExit::IoIn(port, data) => {
+                    devices.pio_read(index, port, data);
+                    None
+                }
+                VcpuExit::MmioRead(_, data) => {
+                    data.fill(0xff);
+                    None
+                }
+                VcpuExit::MmioWrite(..) => None,
+                VcpuExit::Hlt => Some(Park::Halted),
+                VcpuExit::Shutdown => Some(Park::Shutdown),
+                VcpuExit::Intr => s.pause.load(Ordering::SeqCst).then_some(Park::Paused),
+                other => Some(Park::Failed(format!("unhandled exit {other:?}"))),
+            },
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+                s.pause.load(Ordering::SeqCst).then_some(Park::Paused)
+            }
+            Err(e) => Some(Park::Failed(format!("KVM_RUN: {e}"))),
+        };
+        if let Some(reason) = park {
+            if !park_thread(&vcpu, &s, reason) {
+                break;
+            }
+        }
+    }
+    s.set_state(RunState::Exited);
+    vcpu
+}
+
+/// Parks until resumed (returns true) or told to exit (false), saving state
+/// on request meanwhile.
+fn park_thread(vcpu: &Vcpu, s: &Shared, reason: Park) -> bool {
+    let mut c = lock(&s.ctrl);
+    c.state = match reason {
+        Park::Paused => RunState::Paused,
+        Park::Halted => RunState::Halted,
+        Park::Shutdown => RunState::Shutdown,
+        Park::Failed(msg) => {
+            tracing::error!(vcpu = s.index, msg, "vCPU failed");
+            RunState::Failed(msg)
+        }
+    };
+    let gen = c.resume_gen;
+    s.cv.notify_all();
+    loop {
+        if c.exit {
+            return false;
+        }
+        if c.save_requested {
+            c.save_requested = false;
+            c.saved = Some(vcpu.save_state());
+            s.cv.notify_all();
+            continue;
+        }
+        if c.resume_gen != gen && !s.pause.load(Ordering::SeqCst) {
+            s.kick.set_immediate_exit(false);
+            c.state = RunState::Running;
+            s.cv.notify_all();
+            return true;
+        }
+        c = s.cv.wait(c).unwrap_or_else(|e| e.into_inner());
+    }
+}

@@ -1,0 +1,224 @@
+//! The crate's unsafe code: thin wrappers over system calls and ioctls whose
+//! safety rests on invariants stated at each call.
+//!
+//! Everything else in the crate is safe Rust.
+
+use std::io;
+use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::time::Duration;
+
+use kvm_bindings::{kvm_run, kvm_userspace_memory_region};
+use kvm_ioctls::{VcpuFd, VmFd};
+
+/// A second, independently owned mapping of a vCPU's `kvm_run` page, used by
+/// other threads to set `immediate_exit` so that the vCPU's next (or current,
+/// once kicked by a signal) `KVM_RUN` returns `EINTR` at once.
+///
+/// Owning its own mapping means the pointer stays valid even after the vCPU
+/// thread has dropped its `VcpuFd`: the mapping holds a reference to the file.
+#[derive(Debug)]
+pub(crate) struct KvmRunMapping {
+    base: *mut libc::c_void,
+    len: usize,
+}
+
+// SAFETY: the mapping is plain shared memory; the only field we touch through
+// it (`immediate_exit`) is accessed atomically, so sharing it between threads
+// is sound.
+unsafe impl Send for KvmRunMapping {}
+// SAFETY: as above, all accesses go through an `AtomicU8`.
+unsafe impl Sync for KvmRunMapping {}
+
+impl KvmRunMapping {
+    /// Maps the `kvm_run` structure of `vcpu` a second time.
+    pub(crate) fn new(vcpu: &VcpuFd) -> io::Result<Self> {
+        let len = std::mem::size_of::<kvm_run>();
+        // SAFETY: a fresh shared mapping of a vCPU fd at offset 0, which is
+        // where KVM exposes `kvm_run`; the result is checked before use.
+        let base = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                vcpu.as_raw_fd(),
+                0,
+            )
+        };
+        if base == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(Self { base, len })
+    }
+
+    fn immediate_exit(&self) -> &AtomicU8 {
+        let offset = std::mem::offset_of!(kvm_run, immediate_exit);
+        // SAFETY: `base` maps a whole `kvm_run` (checked in `new`), the field
+        // is a single byte inside it, and `AtomicU8` has the layout of `u8`.
+        // The mapping lives as long as `self`.
+        unsafe { &*(self.base.cast::<u8>().add(offset).cast::<AtomicU8>()) }
+    }
+
+    /// Sets or clears `kvm_run.immediate_exit`.
+    pub(crate) fn set_immediate_exit(&self, on: bool) {
+        self.immediate_exit().store(u8::from(on), Ordering::SeqCst);
+    }
+}
+
+impl Drop for KvmRunMapping {
+    fn drop(&mut self) {
+        // SAFETY: unmaps exactly the mapping created in `new`, which nothing
+        // references any more (we hold the only `&mut`).
+        unsafe {
+            libc::munmap(self.base, self.len);
+        }
+    }
+}
+
+/// Registers (or updates, or with `size == 0` deletes) a KVM memory slot.
+///
+/// # Safety
+/// `[host_addr, host_addr + size)` must be a mapping owned by the caller that
+/// stays mapped for as long as the VM (any of its fds, including vCPU fds)
+/// exists, and is not used for anything but this guest's RAM.
+pub(crate) unsafe fn set_memory_slot(
+    vm: &VmFd,
+    slot: u32,
+    gpa: u64,
+    size: u64,
+    host_addr: u64,
+    flags: u32,
+) -> std::result::Result<(), kvm_ioctls::Error> {
+    let region = kvm_userspace_memory_region {
+        slot,
+        flags,
+        guest_phys_addr: gpa,
+        memory_size: size,
+        userspace_addr: host_addr,
+    };
+    // SAFETY: the caller guarantees the lifetime of the host range.
+    unsafe { vm.set_user_memory_region(region) }
+}
+
+/// `KVM_SET_XSAVE` with a checked size: `kvm_xsave_size` is the number of
+/// bytes KVM copies (KVM_CAP_XSAVE2, or 4096 without it), probed when the VM
+/// was created; it must fit in `kvm_xsave`.
+pub(crate) fn set_xsave(
+    vcpu: &VcpuFd,
+    xsave: &kvm_bindings::kvm_xsave,
+    kvm_xsave_size: usize,
+) -> std::result::Result<(), kvm_ioctls::Error> {
+    if kvm_xsave_size > std::mem::size_of::<kvm_bindings::kvm_xsave>() {
+        return Err(kvm_ioctls::Error::new(libc::EINVAL));
+    }
+    // SAFETY: KVM reads `kvm_xsave_size` bytes, which we checked fit in the
+    // `kvm_xsave` we pass by reference.
+    unsafe { vcpu.set_xsave(xsave) }
+}
+
+/// `madvise(MADV_DONTNEED)` over a range of anonymous guest memory: the pages
+/// are dropped and the next access faults (into userfaultfd when registered).
+///
+/// The range must lie inside a mapping owned by the caller (checked by the
+/// callers against the RAM layout); dropping guest pages never invalidates
+/// Rust references because guest memory is only accessed through volatile
+/// copies and raw pointers.
+pub(crate) fn madvise_dontneed(host_addr: u64, len: usize) -> io::Result<()> {
+    // SAFETY: the callers pass a page-aligned range inside a guest RAM mapping
+    // (see above); MADV_DONTNEED on private anonymous memory only zaps pages.
+    let ret = unsafe { libc::madvise(host_addr as *mut libc::c_void, len, libc::MADV_DONTNEED) };
+    if ret == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// Waits until `fd` is readable or `timeout` passes; returns whether it is.
+pub(crate) fn poll_readable(fd: &impl AsRawFd, timeout: Duration) -> io::Result<bool> {
+    let mut pfd = libc::pollfd {
+        fd: fd.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    let ms = i32::try_from(timeout.as_millis()).unwrap_or(i32::MAX);
+    loop {
+        // SAFETY: one valid pollfd, count 1.
+        let ret = unsafe { libc::poll(&mut pfd, 1, ms) };
+        if ret >= 0 {
+            return Ok(ret > 0 && pfd.revents & libc::POLLIN != 0);
+        }
+        let err = io::Error::last_os_error();
+        if err.kind() != io::ErrorKind::Interrupted {
+            return Err(err);
+        }
+    }
+}
+
+/// The calling thread's kernel thread id (what userfaultfd reports).
+pub(crate) fn current_tid() -> i32 {
+    // SAFETY: gettid has no preconditions.
+    unsafe { libc::gettid() }
+}
+
+/// Outcome of one `UFFDIO_COPY` / `UFFDIO_ZEROPAGE` call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum UffdFill {
+    /// This many bytes were filled (all of them unless the call was cut short).
+    Filled(usize),
+    /// The first page of the range is already present.
+    Exists,
+}
+
+/// `UFFDIO_COPY` of `src` to `dst`, waking the faulting threads.
+///
+/// `dst` must be a page-aligned range inside memory registered with `uffd`
+/// (checked by the callers against the RAM layout).
+pub(crate) fn uffd_copy(uffd: &userfaultfd::Uffd, dst: u64, src: &[u8]) -> io::Result<UffdFill> {
+    // SAFETY: `src` is a live slice for the duration of the call; `dst` is a
+    // registered range of guest memory (see above), which the kernel fills
+    // atomically; no Rust reference points into guest memory.
+    let res = unsafe {
+        uffd.copy(
+            src.as_ptr().cast(),
+            dst as *mut libc::c_void,
+            src.len(),
+            true,
+        )
+    };
+    map_fill(res)
+}
+
+/// `UFFDIO_ZEROPAGE` over `[dst, dst + len)`, waking the faulting threads.
+pub(crate) fn uffd_zeropage(
+    uffd: &userfaultfd::Uffd,
+    dst: u64,
+    len: usize,
+) -> io::Result<UffdFill> {
+    // SAFETY: `dst` is a registered range of guest memory (checked by the
+    // callers); the kernel maps the zero page there.
+    let res = unsafe { uffd.zeropage(dst as *mut libc::c_void, len, true) };
+    map_fill(res)
+}
+
+fn map_fill(res: userfaultfd::Result<usize>) -> io::Result<UffdFill> {
+    use userfaultfd::Error as E;
+    match res {
+        Ok(n) => Ok(UffdFill::Filled(n)),
+        Err(E::PartiallyCopied(n)) => Ok(UffdFill::Filled(n)),
+        Err(E::CopyFailed(errno)) | Err(E::ZeropageFailed(errno)) => {
+            if errno as i32 == libc::EEXIST {
+                Ok(UffdFill::Exists)
+            } else if errno as i32 == libc::EAGAIN {
+                // The address space changed under the call: nothing filled,
+                // the caller retries.
+                Ok(UffdFill::Filled(0))
+            } else {
+                Err(io::Error::from_raw_os_error(errno as i32))
+            }
+        }
+        Err(E::SystemError(errno)) => Err(io::Error::from_raw_os_error(errno as i32)),
+        Err(other) => Err(io::Error::other(other.to_string())),
+    }
+}

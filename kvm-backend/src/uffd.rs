@@ -1,0 +1,374 @@
+//! Destination memory: guest RAM registered with userfaultfd in missing mode,
+//! so that a touch of a page that has not arrived yet (by a vCPU, by KVM
+//! itself, or by the VMM) blocks until the page is installed.
+//!
+//! - [`UffdRam::register`] registers every block; do it before any vCPU runs.
+//! - [`UffdRam::install_page`] / [`UffdRam::install_pages`] (`UFFDIO_COPY`)
+//!   and [`UffdRam::install_zero_pages`] (`UFFDIO_ZEROPAGE`) place pages
+//!   atomically and wake the threads waiting for them; a page that is
+//!   already present is reported ([`Install::AlreadyPresent`]), not an error.
+//! - [`UffdRam::discard_pages`] drops pages (`MADV_DONTNEED`) so that they
+//!   fault again (stale precopy pages).
+//! - [`FaultReader`] turns userfaultfd events into [`PageFault`]s. Its fd is
+//!   non-blocking and pollable, so a driver thread can poll it together with
+//!   sockets.
+
+use std::os::fd::{AsRawFd, RawFd};
+use std::sync::Arc;
+use std::time::Duration;
+
+use userfaultfd::{Event, EventBuffer, FeatureFlags, IoctlFlags, ReadWrite, Uffd, UffdBuilder};
+
+use crate::error::{Error, Result};
+use crate::layout::{PageRef, PAGE_SIZE};
+use crate::memory::GuestRam;
+use crate::sys::{self, UffdFill};
+
+/// Events read per `read(2)` on the userfaultfd.
+pub const FAULT_BATCH: usize = 64;
+/// Retries of a fill the kernel cut short (`EAGAIN`: address space changing).
+const FILL_RETRIES: u32 = 1000;
+
+/// userfaultfd features, by name and `UFFD_FEATURE_*` bit.
+const FEATURES: &[(&str, u64)] = &[
+    ("PAGEFAULT_FLAG_WP", 1 << 0),
+    ("EVENT_FORK", 1 << 1),
+    ("EVENT_REMAP", 1 << 2),
+    ("EVENT_REMOVE", 1 << 3),
+    ("MISSING_HUGETLBFS", 1 << 4),
+    ("MISSING_SHMEM", 1 << 5),
+    ("EVENT_UNMAP", 1 << 6),
+    ("SIGBUS", 1 << 7),
+    ("THREAD_ID", 1 << 8),
+    ("MINOR_HUGETLBFS", 1 << 9),
+    ("MINOR_SHMEM", 1 << 10),
+    ("EXACT_ADDRESS", 1 << 11),
+    ("WP_HUGETLBFS_SHMEM", 1 << 12),
+    ("WP_UNPOPULATED", 1 << 13),
+    ("POISON", 1 << 14),
+    ("WP_ASYNC", 1 << 15),
+    ("MOVE", 1 << 16),
+];
+
+/// The userfaultfd features this kernel offers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UffdFeatures {
+    /// `UFFD_FEATURE_*` bits.
+    pub bits: u64,
+    /// Their names.
+    pub names: Vec<&'static str>,
+}
+
+impl UffdFeatures {
+    /// Whether the feature called `name` (e.g. "THREAD_ID") is offered.
+    pub fn has(&self, name: &str) -> bool {
+        self.names.contains(&name)
+    }
+}
+
+/// Asks the kernel which userfaultfd features it offers (one probe per
+/// feature: `UFFDIO_API` fails for an unknown one). Also checks that a
+/// userfaultfd that handles kernel faults can be created at all.
+pub fn probe_features() -> Result<UffdFeatures> {
+    new_uffd(FeatureFlags::empty())?;
+    let mut out = UffdFeatures {
+        bits: 0,
+        names: Vec::new(),
+    };
+    for &(name, bit) in FEATURES {
+        if new_uffd(FeatureFlags::from_bits_retain(bit)).is_ok() {
+            out.bits |= bit;
+            out.names.push(name);
+        }
+    }
+    Ok(out)
+}
+
+fn new_uffd(features: FeatureFlags) -> Result<Uffd> {
+    UffdBuilder::new()
+        .close_on_exec(true)
+        .non_blocking(true)
+        // Kernel faults too: KVM touches guest memory from the kernel.
+        .user_mode_only(false)
+        .require_features(features)
+        .require_ioctls(IoctlFlags::REGISTER | IoctlFlags::UNREGISTER)
+        .create()
+        .map_err(|e| Error::Uffd {
+            op: "create",
+            reason: e.to_string(),
+        })
+}
+
+/// Outcome of installing one page.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Install {
+    /// The page was missing and now holds the data.
+    Installed,
+    /// The page was already present; nothing changed.
+    AlreadyPresent,
+}
+
+/// Outcome of installing a run of pages.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct InstallCount {
+    /// Pages installed.
+    pub installed: u64,
+    /// Pages that were already present (left as they were).
+    pub already_present: u64,
+}
+
+/// A missing-page fault.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PageFault {
+    /// The page.
+    pub page: PageRef,
+    /// Whether the access was a write.
+    pub write: bool,
+    /// Kernel id of the faulting thread (a vCPU thread for guest and KVM
+    /// faults), when the kernel reports it.
+    pub thread_id: Option<i32>,
+}
+
+/// Guest RAM registered with a userfaultfd.
+#[derive(Debug)]
+pub struct UffdRam {
+    ram: Arc<GuestRam>,
+    uffd: Arc<Uffd>,
+    thread_id: bool,
+}
+
+impl UffdRam {
+    /// Registers every block of `ram` for missing faults. `ram` must not
+    /// have been touched (pages already present never fault) and no vCPU
+    /// may run before this.
+    pub fn register(ram: Arc<GuestRam>) -> Result<Self> {
+        let (uffd, thread_id) = match new_uffd(FeatureFlags::THREAD_ID) {
+            Ok(u) => (u, true),
+            Err(_) => (new_uffd(FeatureFlags::empty())?, false),
+        };
+        for block in 0..ram.layout().blocks().len() {
+            let (host, len) = ram
+                .block_host_range(block)
+                .ok_or_else(|| Error::Layout(format!("no mapping for block {block}")))?;
+            let ioctls = uffd
+                .register(host as *mut libc::c_void, len as usize)
+                .map_err(|e| Error::Uffd {
+                    op: "register",
+                    reason: e.to_string(),
+                })?;
+            let need = IoctlFlags::COPY | IoctlFlags::ZEROPAGE | IoctlFlags::WAKE;
+            if !ioctls.contains(need) {
+                return Err(Error::Uffd {
+                    op: "register",
+                    reason: format!("range supports {ioctls:?}, need {need:?}"),
+                });
+            }
+        }
+        Ok(Self {
+            ram,
+            uffd: Arc::new(uffd),
+            thread_id,
+        })
+    }
+
+    /// The guest RAM.
+    pub fn ram(&self) -> &Arc<GuestRam> {
+        &self.ram
+    }
+
+    /// Whether faults carry the faulting thread's id.
+    pub fn reports_thread_ids(&self) -> bool {
+        self.thread_id
+    }
+
+    /// A reader of this RAM's faults (several may exist; each event goes to
+    /// one of them).
+    pub fn fault_reader(&self) -> FaultReader {
+        FaultReader {
+            ram: self.ram.clone(),
+            uffd: self.uffd.clone(),
+            thread_id: self.thread_id,
+            buf: EventBuffer::new(FAULT_BATCH),
+        }
+    }
+
+    /// Installs one page (`UFFDIO_COPY`) and wakes the threads waiting for
+    /// it.
+    pub fn install_page(&self, page: PageRef, data: &[u8]) -> Result<Install> {
+        if data.len() != PAGE_SIZE as usize {
+            return Err(Error::BadLength {
+                want: PAGE_SIZE as usize,
+                got: data.len(),
+            });
+        }
+        let n = self.install_pages(page, data)?;
+        Ok(if n.installed == 1 {
+            Install::Installed
+        } else {
+            Install::AlreadyPresent
+        })
+    }
+
+    /// Installs `data.len() / 4096` consecutive pages from `first` (one
+    /// block), skipping those already present.
+    pub fn install_pages(&self, first: PageRef, data: &[u8]) -> Result<InstallCount> {
+        let len = data.len();
+        if len == 0 || len % PAGE_SIZE as usize != 0 {
+            return Err(Error::BadLength {
+                want: len.div_ceil(PAGE_SIZE as usize).max(1) * PAGE_SIZE as usize,
+                got: len,
+            });
+        }
+        let dst = self.ram.pages_host_addr(first, len as u64 / PAGE_SIZE)?;
+        self.fill(dst, len, |at, off| {
+            sys::uffd_copy(&self.uffd, at, &data[off..])
+        })
+    }
+
+    /// Installs `count` zero pages from `first` (`UFFDIO_ZEROPAGE`),
+    /// skipping those already present.
+    pub fn install_zero_pages(&self, first: PageRef, count: u64) -> Result<InstallCount> {
+        let dst = self.ram.pages_host_addr(first, count)?;
+        let len = (count * PAGE_SIZE) as usize;
+        self.fill(dst, len, |at, off| {
+            sys::uffd_zeropage(&self.uffd, at, len - off)
+        })
+    }
+
+    /// Installs one zero page.
+    pub fn install_zero_page(&self, page: PageRef) -> Result<Install> {
+        let n = self.install_zero_pages(page, 1)?;
+        Ok(if n.installed == 1 {
+            Install::Installed
+        } else {
+            Install::AlreadyPresent
+        })
+    }
+
+    fn fill(
+        &self,
+        dst: u64,
+        len: usize,
+        mut op: impl FnMut(u64, usize) -> std::io::Result<UffdFill>,
+    ) -> Result<InstallCount> {
+        let page = PAGE_SIZE as usize;
+        let mut count = InstallCount::default();
+        let mut off = 0usize;
+        let mut retries = 0;
+        while off < len {
+            let filled = op(dst + off as u64, off).map_err(|e| Error::Uffd {
+                op: "fill",
+                reason: e.to_string(),
+            })?;
+            match filled {
+                UffdFill::Exists => {
+                    count.already_present += 1;
+                    off += page;
+                    retries = 0;
+                }
+                UffdFill::Filled(n) if n >= page => {
+                    let n = n - n % page;
+                    count.installed += (n / page) as u64;
+                    off += n;
+                    retries = 0;
+                }
+                UffdFill::Filled(_) => {
+                    retries += 1;
+                    if retries > FILL_RETRIES {
+                        return Err(Error::Uffd {
+                            op: "fill",
+                            reason: "no progress (EAGAIN)".into(),
+                        });
+                    }
+                }
+            }
+        }
+        Ok(count)
+    }
+
+    /// Drops `count` pages from `first` so that the next access faults
+    /// again. Safe while vCPUs run: a vCPU touching them blocks until they
+    /// are installed again.
+    pub fn discard_pages(&self, first: PageRef, count: u64) -> Result<()> {
+        let host = self.ram.pages_host_addr(first, count)?;
+        sys::madvise_dontneed(host, (count * PAGE_SIZE) as usize)
+            .map_err(crate::error::os_err("madvise(MADV_DONTNEED)"))
+    }
+}
+
+/// Reads page faults from a [`UffdRam`]'s userfaultfd.
+pub struct FaultReader {
+    ram: Arc<GuestRam>,
+    uffd: Arc<Uffd>,
+    thread_id: bool,
+    buf: EventBuffer,
+}
+
+impl std::fmt::Debug for FaultReader {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FaultReader")
+            .field("fd", &self.uffd.as_raw_fd())
+            .finish()
+    }
+}
+
+impl AsRawFd for FaultReader {
+    /// The non-blocking userfaultfd, readable when faults are pending.
+    fn as_raw_fd(&self) -> RawFd {
+        self.uffd.as_raw_fd()
+    }
+}
+
+impl FaultReader {
+    /// Waits up to `timeout` for a fault; returns whether one is pending.
+    pub fn wait(&self, timeout: Duration) -> Result<bool> {
+        sys::poll_readable(&*self.uffd, timeout).map_err(crate::error::os_err("poll"))
+    }
+
+    /// Appends the pending faults (at most [`FAULT_BATCH`]) to `out` without
+    /// blocking; returns how many were read.
+    pub fn read(&mut self, out: &mut Vec<PageFault>) -> Result<usize> {
+        let events = self
+            .uffd
+            .read_events(&mut self.buf)
+            .map_err(|e| Error::Uffd {
+                op: "read",
+                reason: e.to_string(),
+            })?;
+        let mut n = 0;
+        for ev in events {
+            match ev.map_err(|e| Error::Uffd {
+                op: "read",
+                reason: e.to_string(),
+            })? {
+                Event::Pagefault {
+                    rw,
+                    addr,
+                    thread_id,
+                    ..
+                } => {
+                    let page =
+                        self.ram
+                            .page_of_host_addr(addr as u64)
+                            .ok_or_else(|| Error::Uffd {
+                                op: "read",
+                                reason: format!("fault at {addr:?} outside guest RAM"),
+                            })?;
+                    out.push(PageFault {
+                        page,
+                        write: rw == ReadWrite::Write,
+                        thread_id: self.thread_id.then(|| thread_id.as_raw()),
+                    });
+                    n += 1;
+                }
+                other => {
+                    return Err(Error::Uffd {
+                        op: "read",
+                        reason: format!("unexpected event {other:?}"),
+                    })
+                }
+            }
+        }
+        Ok(n)
+    }
+}
