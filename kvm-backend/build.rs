@@ -98,10 +98,7 @@ fn long_mode_program() -> BuildResult<LongModeProgram> {
     a.out(u32::from(ERROR_PORT), al)?;
     a.jmp(store)?;
 
-    let result = a.assemble_options(
-        LM_CODE_ADDR,
-        BlockEncoderOptions::RETURN_NEW_INSTRUCTION_OFFSETS,
-    )?;
+    let result = a.assemble_options(LM_CODE_ADDR, BlockEncoderOptions::RETURN_NEW_INSTRUCTION_OFFSETS)?;
     let program = LongModeProgram {
         pass_top: result.label_ip(&pass_top)?,
         pass_counted: result.label_ip(&pass_counted)?,
@@ -147,14 +144,7 @@ fn boot_data() -> BootData {
     let msg_prot = place(MSG_PROT);
     let msg_bad_dl = place(MSG_BAD_DL);
     let msg_a20 = place(MSG_A20);
-    BootData {
-        bytes,
-        gdt_desc,
-        msg_real,
-        msg_prot,
-        msg_bad_dl,
-        msg_a20,
-    }
+    BootData { bytes, gdt_desc, msg_real, msg_prot, msg_bad_dl, msg_a20 }
 }
 
 /// Emits a loop that prints the NUL-terminated string at `[si]`/`[esi]` on
@@ -231,10 +221,7 @@ fn test_boot_sector() -> BuildResult<Vec<u8>> {
     b.mov(es, ax)?;
     b.mov(ss, ax)?;
     b.mov(esp, BOOT_SECTOR_ADDR as i32)?;
-    b.mov(
-        dword_ptr(TEST_BOOT_MARKER_ADDR as u32),
-        TEST_BOOT_MARKER as i32,
-    )?;
+    b.mov(dword_ptr(TEST_BOOT_MARKER_ADDR as u32), TEST_BOOT_MARKER as i32)?;
     b.mov(esi, data.msg_prot as i32)?;
     let mut print32 = b.create_label();
     emit_print(&mut b, &mut print32)?;
@@ -284,21 +271,13 @@ fn main() -> BuildResult<()> {
         "/// Machine code of the long-mode pattern program (loaded at `LM_CODE_ADDR`).\npub const LM_CODE: &[u8] = &{};",
         bytes_literal(&lm.code)
     );
-    let _ = writeln!(
-        out,
-        "/// Entry point: start of a pass.\npub const LM_PASS_TOP: u64 = 0x{:x};",
-        lm.pass_top
-    );
+    let _ = writeln!(out, "/// Entry point: start of a pass.\npub const LM_PASS_TOP: u64 = 0x{:x};", lm.pass_top);
     let _ = writeln!(
         out,
         "/// First instruction after the pass counter is incremented.\npub const LM_PASS_COUNTED: u64 = 0x{:x};",
         lm.pass_counted
     );
-    let _ = writeln!(
-        out,
-        "/// Loads the next range's bounds.\npub const LM_RANGE_TOP: u64 = 0x{:x};",
-        lm.range_top
-    );
+    let _ = writeln!(out, "/// Loads the next range's bounds.\npub const LM_RANGE_TOP: u64 = 0x{:x};", lm.range_top);
     let _ = writeln!(
         out,
         "/// The test boot sector image (512 bytes, signature included).\npub const TEST_BOOT_SECTOR: [u8; 512] = {};",

@@ -159,13 +159,7 @@ impl ProgressSnapshot {
         self.reports
             .iter()
             .zip(&earlier.reports)
-            .map(|(a, b)| {
-                if secs > 0.0 {
-                    a.saturating_sub(*b) as f64 / secs
-                } else {
-                    0.0
-                }
-            })
+            .map(|(a, b)| if secs > 0.0 { a.saturating_sub(*b) as f64 / secs } else { 0.0 })
             .collect()
     }
 
@@ -222,16 +216,8 @@ impl GuestStats {
     pub fn snapshot(&self) -> ProgressSnapshot {
         ProgressSnapshot {
             at: Instant::now(),
-            reports: self
-                .vcpus
-                .iter()
-                .map(|p| p.reports.load(Ordering::Relaxed))
-                .collect(),
-            last_pass: self
-                .vcpus
-                .iter()
-                .map(|p| p.last_pass.load(Ordering::Relaxed))
-                .collect(),
+            reports: self.vcpus.iter().map(|p| p.reports.load(Ordering::Relaxed)).collect(),
+            last_pass: self.vcpus.iter().map(|p| p.last_pass.load(Ordering::Relaxed)).collect(),
         }
     }
 }
@@ -343,8 +329,7 @@ impl Devices {
                 let mut b = [0u8; 4];
                 let n = data.len().min(4);
                 b[..n].copy_from_slice(&data[..n]);
-                self.stats
-                    .record_progress(vcpu, u64::from(u32::from_le_bytes(b)));
+                self.stats.record_progress(vcpu, u64::from(u32::from_le_bytes(b)));
                 PioOutcome::Done
             }
             ERROR_PORT => PioOutcome::GuestError,
@@ -396,10 +381,7 @@ impl Devices {
 
     /// Snapshot of the device registers.
     pub fn save_state(&self) -> DevicesState {
-        DevicesState {
-            serial: lock(&self.serial).state().into(),
-            port92: self.port92.load(Ordering::Relaxed),
-        }
+        DevicesState { serial: lock(&self.serial).state().into(), port92: self.port92.load(Ordering::Relaxed) }
     }
 
     /// Loads device registers saved by [`Devices::save_state`]; the output
@@ -407,17 +389,13 @@ impl Devices {
     pub fn restore_state(&self, state: &DevicesState) -> crate::Result<()> {
         let mut serial = lock(&self.serial);
         let trigger = SerialIrq(match &serial.interrupt_evt().0 {
-            Some(evt) => Some(
-                evt.try_clone()
-                    .map_err(|e| crate::Error::State(format!("serial irq: {e}")))?,
-            ),
+            Some(evt) => Some(evt.try_clone().map_err(|e| crate::Error::State(format!("serial irq: {e}")))?),
             None => None,
         });
         let out = serial.writer().clone();
         *serial = Serial::from_state(&SerialState::from(&state.serial), trigger, NoEvents, out)
             .map_err(|e| crate::Error::State(format!("serial state: {e:?}")))?;
-        self.port92
-            .store(state.port92 & PORT92_A20, Ordering::Relaxed);
+        self.port92.store(state.port92 & PORT92_A20, Ordering::Relaxed);
         Ok(())
     }
 }
@@ -443,10 +421,7 @@ mod tests {
         let mut v = [0u8];
         d.pio_read(0, 0x92, &mut v);
         assert_eq!(v[0], PORT92_A20);
-        assert_eq!(
-            d.pio_write(0, 0x92, &[PORT92_RESET]),
-            PioOutcome::ResetRequested
-        );
+        assert_eq!(d.pio_write(0, 0x92, &[PORT92_RESET]), PioOutcome::ResetRequested);
         let mut unk = [0u8; 2];
         d.pio_read(0, 0x1234, &mut unk);
         assert_eq!(unk, [0xff, 0xff]);
@@ -463,12 +438,7 @@ mod tests {
         assert_eq!(s1.reports, vec![0, 2]);
         assert_eq!(s1.last_pass, vec![0, 8]);
         assert!(s1.rates_since(&s0)[1] > 0.0);
-        d.stats().record_error(GuestErrorReport {
-            vcpu: 0,
-            gpa: 1,
-            expected: 2,
-            found: 3,
-        });
+        d.stats().record_error(GuestErrorReport { vcpu: 0, gpa: 1, expected: 2, found: 3 });
         assert_eq!(d.stats().error_count(), 1);
     }
 

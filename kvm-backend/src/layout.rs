@@ -78,10 +78,7 @@ impl RamLayout {
     /// Checks and builds a layout.
     pub fn new(blocks: Vec<RamBlock>) -> Result<Self> {
         if blocks.is_empty() || blocks.len() > MAX_BLOCKS {
-            return Err(Error::Layout(format!(
-                "{} blocks (1..={MAX_BLOCKS} allowed)",
-                blocks.len()
-            )));
+            return Err(Error::Layout(format!("{} blocks (1..={MAX_BLOCKS} allowed)", blocks.len())));
         }
         let mut prev_end = 0u64;
         let mut total = 0u64;
@@ -92,14 +89,12 @@ impl RamLayout {
                     b.name, b.gpa, b.size
                 )));
             }
-            let end = b.gpa.checked_add(b.size).ok_or_else(|| {
-                Error::Layout(format!("block {:?} wraps the address space", b.name))
-            })?;
+            let end = b
+                .gpa
+                .checked_add(b.size)
+                .ok_or_else(|| Error::Layout(format!("block {:?} wraps the address space", b.name)))?;
             if i > 0 && b.gpa < prev_end {
-                return Err(Error::Layout(format!(
-                    "block {:?} overlaps or is out of order",
-                    b.name
-                )));
+                return Err(Error::Layout(format!("block {:?} overlaps or is out of order", b.name)));
             }
             if blocks[..i].iter().any(|o| o.name == b.name) {
                 return Err(Error::Layout(format!("duplicate block name {:?}", b.name)));
@@ -108,9 +103,7 @@ impl RamLayout {
             total += b.size;
         }
         if total > MAX_RAM_BYTES {
-            return Err(Error::Layout(format!(
-                "{total} bytes of RAM, at most {MAX_RAM_BYTES}"
-            )));
+            return Err(Error::Layout(format!("{total} bytes of RAM, at most {MAX_RAM_BYTES}")));
         }
         Ok(Self { blocks })
     }
@@ -119,22 +112,12 @@ impl RamLayout {
     /// MMIO hole at 3 GiB, and "ram-above-4g" from 4 GiB for the rest.
     pub fn pc(ram_bytes: u64) -> Result<Self> {
         if ram_bytes < 2 * MIB || ram_bytes % (2 * MIB) != 0 {
-            return Err(Error::Layout(format!(
-                "RAM size {ram_bytes} must be a non-zero multiple of 2 MiB"
-            )));
+            return Err(Error::Layout(format!("RAM size {ram_bytes} must be a non-zero multiple of 2 MiB")));
         }
         let below = ram_bytes.min(MMIO_HOLE_START);
-        let mut blocks = vec![RamBlock {
-            name: "ram-below-4g".into(),
-            gpa: 0,
-            size: below,
-        }];
+        let mut blocks = vec![RamBlock { name: "ram-below-4g".into(), gpa: 0, size: below }];
         if ram_bytes > below {
-            blocks.push(RamBlock {
-                name: "ram-above-4g".into(),
-                gpa: MMIO_HOLE_END,
-                size: ram_bytes - below,
-            });
+            blocks.push(RamBlock { name: "ram-above-4g".into(), gpa: MMIO_HOLE_END, size: ram_bytes - below });
         }
         Self::new(blocks)
     }
@@ -169,10 +152,7 @@ impl RamLayout {
         self.blocks
             .iter()
             .position(|b| b.contains(gpa))
-            .map(|block| PageRef {
-                block,
-                page: (gpa - self.blocks[block].gpa) / PAGE_SIZE,
-            })
+            .map(|block| PageRef { block, page: (gpa - self.blocks[block].gpa) / PAGE_SIZE })
     }
 
     /// Guest-physical address of `page`, if it exists.
@@ -183,25 +163,16 @@ impl RamLayout {
 
     /// Checks that `count` pages from `first` exist in one block.
     pub fn check_range(&self, first: PageRef, count: u64) -> Result<()> {
-        let b = self.blocks.get(first.block).ok_or(Error::PageOutOfRange {
-            block: first.block,
-            page: first.page,
-        })?;
+        let b = self.blocks.get(first.block).ok_or(Error::PageOutOfRange { block: first.block, page: first.page })?;
         match first.page.checked_add(count) {
             Some(end) if end <= b.pages() => Ok(()),
-            _ => Err(Error::PageOutOfRange {
-                block: first.block,
-                page: first.page.saturating_add(count),
-            }),
+            _ => Err(Error::PageOutOfRange { block: first.block, page: first.page.saturating_add(count) }),
         }
     }
 
     /// Every page of the layout, block by block.
     pub fn pages(&self) -> impl Iterator<Item = PageRef> + '_ {
-        self.blocks
-            .iter()
-            .enumerate()
-            .flat_map(|(block, b)| (0..b.pages()).map(move |page| PageRef { block, page }))
+        self.blocks.iter().enumerate().flat_map(|(block, b)| (0..b.pages()).map(move |page| PageRef { block, page }))
     }
 }
 
@@ -226,14 +197,8 @@ mod tests {
         assert_eq!(l.total_bytes(), 8 * GIB);
         assert_eq!(l.top(), 9 * GIB);
         assert_eq!(l.locate(MMIO_HOLE_START), None);
-        assert_eq!(
-            l.locate(MMIO_HOLE_END + PAGE_SIZE),
-            Some(PageRef::new(1, 1))
-        );
-        assert_eq!(
-            l.gpa_of(PageRef::new(1, 1)),
-            Some(MMIO_HOLE_END + PAGE_SIZE)
-        );
+        assert_eq!(l.locate(MMIO_HOLE_END + PAGE_SIZE), Some(PageRef::new(1, 1)));
+        assert_eq!(l.gpa_of(PageRef::new(1, 1)), Some(MMIO_HOLE_END + PAGE_SIZE));
         assert_eq!(l.gpa_of(PageRef::new(1, 5 * GIB / PAGE_SIZE)), None);
         assert_eq!(l.gpa_of(PageRef::new(2, 0)), None);
     }
@@ -243,11 +208,7 @@ mod tests {
         assert!(RamLayout::pc(0).is_err());
         assert!(RamLayout::pc(3 * MIB).is_err());
         assert!(RamLayout::pc(64 * GIB).is_err());
-        let b = |name: &str, gpa, size| RamBlock {
-            name: name.into(),
-            gpa,
-            size,
-        };
+        let b = |name: &str, gpa, size| RamBlock { name: name.into(), gpa, size };
         assert!(RamLayout::new(vec![]).is_err());
         assert!(RamLayout::new(vec![b("a", 0, 100)]).is_err());
         assert!(RamLayout::new(vec![b("a", 0, 2 * MIB), b("b", MIB, 2 * MIB)]).is_err());

@@ -78,17 +78,11 @@ impl GuestRam {
             .zip(&self.hosts)
             .enumerate()
             .find(|(_, (b, &h))| addr >= h && addr - h < b.size)
-            .map(|(block, (_, &h))| PageRef {
-                block,
-                page: (addr - h) / PAGE_SIZE,
-            })
+            .map(|(block, (_, &h))| PageRef { block, page: (addr - h) / PAGE_SIZE })
     }
 
     fn gpa(&self, page: PageRef) -> Result<u64> {
-        self.layout.gpa_of(page).ok_or(Error::PageOutOfRange {
-            block: page.block,
-            page: page.page,
-        })
+        self.layout.gpa_of(page).ok_or(Error::PageOutOfRange { block: page.block, page: page.page })
     }
 
     /// Copies page `page` into `buf` (exactly one page long).
@@ -108,16 +102,12 @@ impl GuestRam {
 
     /// Reads guest memory at `gpa`.
     pub fn read(&self, gpa: u64, buf: &mut [u8]) -> Result<()> {
-        self.mem
-            .read_slice(buf, GuestAddress(gpa))
-            .map_err(|e| mem_err(gpa, buf.len(), e))
+        self.mem.read_slice(buf, GuestAddress(gpa)).map_err(|e| mem_err(gpa, buf.len(), e))
     }
 
     /// Writes guest memory at `gpa` (a VMM write: tracked).
     pub fn write(&self, gpa: u64, data: &[u8]) -> Result<()> {
-        self.mem
-            .write_slice(data, GuestAddress(gpa))
-            .map_err(|e| mem_err(gpa, data.len(), e))
+        self.mem.write_slice(data, GuestAddress(gpa)).map_err(|e| mem_err(gpa, data.len(), e))
     }
 
     /// Reads a little-endian u64 at `gpa`.
@@ -159,11 +149,7 @@ fn check_len(got: usize, want: usize) -> Result<()> {
 }
 
 fn mem_err(gpa: u64, len: usize, e: impl std::fmt::Display) -> Error {
-    Error::GuestMemory {
-        gpa,
-        len,
-        reason: e.to_string(),
-    }
+    Error::GuestMemory { gpa, len, reason: e.to_string() }
 }
 
 /// A set of pages of a layout, one bit per page: 64-bit words per block,
@@ -194,10 +180,7 @@ impl DirtyBitmap {
                 }
             }
         }
-        Self {
-            blocks: words,
-            pages,
-        }
+        Self { blocks: words, pages }
     }
 
     /// The words of block `block` (empty if there is no such block).
@@ -242,11 +225,7 @@ impl DirtyBitmap {
 
     /// Number of pages in the set.
     pub fn count(&self) -> u64 {
-        self.blocks
-            .iter()
-            .flatten()
-            .map(|w| u64::from(w.count_ones()))
-            .sum()
+        self.blocks.iter().flatten().map(|w| u64::from(w.count_ones())).sum()
     }
 
     /// Whether the set is empty.
@@ -261,10 +240,7 @@ impl DirtyBitmap {
         std::iter::from_fn(move || {
             let first = pages.next()?;
             let mut count = 1;
-            while pages
-                .next_if(|p| p.block == first.block && p.page == first.page + count)
-                .is_some()
-            {
+            while pages.next_if(|p| p.block == first.block && p.page == first.page + count).is_some() {
                 count += 1;
             }
             Some((first, count))
@@ -282,10 +258,7 @@ impl DirtyBitmap {
                     }
                     let bit = rest.trailing_zeros();
                     rest &= rest - 1;
-                    Some(PageRef {
-                        block,
-                        page: i as u64 * 64 + u64::from(bit),
-                    })
+                    Some(PageRef { block, page: i as u64 * 64 + u64::from(bit) })
                 })
             })
         })
@@ -305,10 +278,7 @@ mod tests {
         ram.write(PAGE_SIZE * 9 - 2, &[1, 2, 3, 4]).unwrap();
         let d = ram.take_vmm_dirty();
         let pages: Vec<_> = d.iter().collect();
-        assert_eq!(
-            pages,
-            vec![PageRef::new(0, 5), PageRef::new(0, 8), PageRef::new(0, 9)]
-        );
+        assert_eq!(pages, vec![PageRef::new(0, 5), PageRef::new(0, 8), PageRef::new(0, 9)]);
         assert!(ram.take_vmm_dirty().is_empty());
         // Reads do not mark.
         assert_eq!(ram.read_u64(5 * PAGE_SIZE + 8).unwrap(), 42);
@@ -336,15 +306,9 @@ mod tests {
         let ram = GuestRam::new(RamLayout::pc(4 * MIB).unwrap()).unwrap();
         let (h, len) = ram.block_host_range(0).unwrap();
         assert_eq!(len, 4 * MIB);
-        assert_eq!(
-            ram.page_of_host_addr(h + 3 * PAGE_SIZE + 17),
-            Some(PageRef::new(0, 3))
-        );
+        assert_eq!(ram.page_of_host_addr(h + 3 * PAGE_SIZE + 17), Some(PageRef::new(0, 3)));
         assert_eq!(ram.page_of_host_addr(h + len), None);
-        assert_eq!(
-            ram.pages_host_addr(PageRef::new(0, 2), 3).unwrap(),
-            h + 2 * PAGE_SIZE
-        );
+        assert_eq!(ram.pages_host_addr(PageRef::new(0, 2), 3).unwrap(), h + 2 * PAGE_SIZE);
         assert!(ram.pages_host_addr(PageRef::new(0, 1023), 2).is_err());
     }
 
@@ -365,24 +329,9 @@ mod tests {
         assert!(a.contains(PageRef::new(0, 100)));
         assert!(!a.contains(PageRef::new(0, 101)));
         let v: Vec<_> = a.iter().collect();
-        assert_eq!(
-            v,
-            vec![
-                PageRef::new(0, 0),
-                PageRef::new(0, 100),
-                PageRef::new(1, 63),
-                PageRef::new(1, 64)
-            ]
-        );
+        assert_eq!(v, vec![PageRef::new(0, 0), PageRef::new(0, 100), PageRef::new(1, 63), PageRef::new(1, 64)]);
         let runs: Vec<_> = a.runs().collect();
-        assert_eq!(
-            runs,
-            vec![
-                (PageRef::new(0, 0), 1),
-                (PageRef::new(0, 100), 1),
-                (PageRef::new(1, 63), 2)
-            ]
-        );
+        assert_eq!(runs, vec![(PageRef::new(0, 0), 1), (PageRef::new(0, 100), 1), (PageRef::new(1, 63), 2)]);
         // Bits past a block's end are dropped.
         let l2 = RamLayout::pc(2 * MIB).unwrap(); // 512 pages = 8 words
         let d = DirtyBitmap::from_words(&l2, vec![vec![u64::MAX; 9]]);

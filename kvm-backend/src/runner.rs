@@ -57,10 +57,7 @@ pub enum RunState {
 impl RunState {
     /// Whether the thread is parked (not running guest code).
     pub fn is_parked(&self) -> bool {
-        matches!(
-            self,
-            Self::Paused | Self::Halted | Self::Shutdown | Self::Failed(_) | Self::Exited
-        )
+        matches!(self, Self::Paused | Self::Halted | Self::Shutdown | Self::Failed(_) | Self::Exited)
     }
 }
 
@@ -106,14 +103,10 @@ fn kick_signal() -> i32 {
 }
 
 fn install_kick_handler() -> Result<()> {
-    static INSTALLED: std::sync::OnceLock<std::result::Result<(), i32>> =
-        std::sync::OnceLock::new();
+    static INSTALLED: std::sync::OnceLock<std::result::Result<(), i32>> = std::sync::OnceLock::new();
     INSTALLED
         .get_or_init(|| register_signal_handler(kick_signal(), on_kick).map_err(|e| e.errno()))
-        .map_err(|errno| Error::Os {
-            op: "sigaction",
-            source: std::io::Error::from_raw_os_error(errno),
-        })
+        .map_err(|errno| Error::Os { op: "sigaction", source: std::io::Error::from_raw_os_error(errno) })
 }
 
 impl VcpuSet {
@@ -125,8 +118,7 @@ impl VcpuSet {
         let mut threads = Vec::with_capacity(vcpus.len());
         for vcpu in vcpus {
             let index = vcpu.index();
-            let kick =
-                KvmRunMapping::new(&vcpu.fd).map_err(crate::error::os_err("mmap kvm_run"))?;
+            let kick = KvmRunMapping::new(&vcpu.fd).map_err(crate::error::os_err("mmap kvm_run"))?;
             kick.set_immediate_exit(false);
             let s = Arc::new(Shared {
                 index,
@@ -158,15 +150,9 @@ impl VcpuSet {
             while c.state == RunState::Starting {
                 let left = deadline.saturating_duration_since(Instant::now());
                 if left.is_zero() {
-                    return Err(Error::Vcpu {
-                        vcpu: s.index,
-                        reason: "did not start".into(),
-                    });
+                    return Err(Error::Vcpu { vcpu: s.index, reason: "did not start".into() });
                 }
-                c =
-                    s.cv.wait_timeout(c, left)
-                        .map(|r| r.0)
-                        .unwrap_or_else(|e| e.into_inner().0);
+                c = s.cv.wait_timeout(c, left).map(|r| r.0).unwrap_or_else(|e| e.into_inner().0);
             }
         }
         Ok(set)
@@ -185,18 +171,12 @@ impl VcpuSet {
     /// Kernel thread ids of the vCPU threads (index = vCPU), to map
     /// userfaultfd events to vCPUs.
     pub fn thread_ids(&self) -> Vec<i32> {
-        self.shared
-            .iter()
-            .map(|s| s.tid.load(Ordering::SeqCst))
-            .collect()
+        self.shared.iter().map(|s| s.tid.load(Ordering::SeqCst)).collect()
     }
 
     /// The state of each vCPU thread.
     pub fn states(&self) -> Vec<RunState> {
-        self.shared
-            .iter()
-            .map(|s| lock(&s.ctrl).state.clone())
-            .collect()
+        self.shared.iter().map(|s| lock(&s.ctrl).state.clone()).collect()
     }
 
     fn kick(&self, i: usize) {
@@ -221,10 +201,7 @@ impl VcpuSet {
                         reason: format!("did not stop in time (state {:?})", c.state),
                     });
                 }
-                c =
-                    s.cv.wait_timeout(c, left)
-                        .map(|r| r.0)
-                        .unwrap_or_else(|e| e.into_inner().0);
+                c = s.cv.wait_timeout(c, left).map(|r| r.0).unwrap_or_else(|e| e.into_inner().0);
             }
         }
         Ok(())
@@ -257,10 +234,7 @@ impl VcpuSet {
         for s in &self.shared {
             let mut c = lock(&s.ctrl);
             if !c.state.is_parked() || c.state == RunState::Exited {
-                return Err(Error::Vcpu {
-                    vcpu: s.index,
-                    reason: format!("cannot save state while {:?}", c.state),
-                });
+                return Err(Error::Vcpu { vcpu: s.index, reason: format!("cannot save state while {:?}", c.state) });
             }
             c.saved = None;
             c.save_requested = true;
@@ -276,15 +250,9 @@ impl VcpuSet {
                 }
                 let left = deadline.saturating_duration_since(Instant::now());
                 if left.is_zero() || c.state == RunState::Exited {
-                    return Err(Error::Vcpu {
-                        vcpu: s.index,
-                        reason: "state not saved in time".into(),
-                    });
+                    return Err(Error::Vcpu { vcpu: s.index, reason: "state not saved in time".into() });
                 }
-                c =
-                    s.cv.wait_timeout(c, left)
-                        .map(|r| r.0)
-                        .unwrap_or_else(|e| e.into_inner().0);
+                c = s.cv.wait_timeout(c, left).map(|r| r.0).unwrap_or_else(|e| e.into_inner().0);
             }
         }
         Ok(out)
@@ -304,10 +272,7 @@ impl VcpuSet {
         let mut out = Vec::new();
         for (i, t) in self.threads.iter_mut().enumerate() {
             if let Some(t) = t.take() {
-                out.push(t.join().map_err(|_| Error::Vcpu {
-                    vcpu: i,
-                    reason: "thread panicked".into(),
-                })?);
+                out.push(t.join().map_err(|_| Error::Vcpu { vcpu: i, reason: "thread panicked".into() })?);
             }
         }
         Ok(out)

@@ -42,12 +42,7 @@ impl DeviceState {
     /// be paused.
     pub fn capture(vm: &Vm, set: &VcpuSet) -> Result<Self> {
         let vcpus = set.save_states()?;
-        Ok(Self {
-            ram: vm.ram().layout().clone(),
-            vm: vm.save_state()?,
-            vcpus,
-            devices: vm.devices().save_state(),
-        })
+        Ok(Self { ram: vm.ram().layout().clone(), vm: vm.save_state()?, vcpus, devices: vm.devices().save_state() })
     }
 
     /// Restores into `vm` and its new vCPUs (none may have run).
@@ -56,11 +51,7 @@ impl DeviceState {
             return Err(Error::State("RAM layout differs from the saved one".into()));
         }
         if self.vcpus.len() != vcpus.len() {
-            return Err(Error::State(format!(
-                "{} saved vCPUs for {} vCPUs",
-                self.vcpus.len(),
-                vcpus.len()
-            )));
+            return Err(Error::State(format!("{} saved vCPUs for {} vCPUs", self.vcpus.len(), vcpus.len())));
         }
         // VM-wide state first (PIT, clock, PIC/IOAPIC), then each vCPU (its
         // LAPIC refers to nothing of the VM-wide state, but the vCPUs must
@@ -74,13 +65,10 @@ impl DeviceState {
 
     /// Encodes the blob.
     pub fn to_bytes(&self) -> Result<Vec<u8>> {
-        let payload =
-            postcard::to_stdvec(self).map_err(|e| Error::State(format!("encode: {e}")))?;
+        let payload = postcard::to_stdvec(self).map_err(|e| Error::State(format!("encode: {e}")))?;
         let total = HEADER_BYTES + payload.len() + TRAILER_BYTES;
         if total > MAX_STATE_BYTES {
-            return Err(Error::State(format!(
-                "{total} bytes of state, at most {MAX_STATE_BYTES}"
-            )));
+            return Err(Error::State(format!("{total} bytes of state, at most {MAX_STATE_BYTES}")));
         }
         let mut out = Vec::with_capacity(total);
         out.extend_from_slice(&STATE_MAGIC);
@@ -103,13 +91,10 @@ impl DeviceState {
         if header[..8] != STATE_MAGIC {
             return Err(Error::State("bad magic".into()));
         }
-        let word =
-            |i: usize| u32::from_le_bytes([header[i], header[i + 1], header[i + 2], header[i + 3]]);
+        let word = |i: usize| u32::from_le_bytes([header[i], header[i + 1], header[i + 2], header[i + 3]]);
         let version = word(8);
         if version != STATE_VERSION {
-            return Err(Error::State(format!(
-                "format version {version}, this build reads {STATE_VERSION}"
-            )));
+            return Err(Error::State(format!("format version {version}, this build reads {STATE_VERSION}")));
         }
         let len = word(12) as usize;
         if rest.len() != len + TRAILER_BYTES {
@@ -134,7 +119,5 @@ impl DeviceState {
 }
 
 fn fnv1a64(data: &[u8]) -> u64 {
-    data.iter().fold(0xcbf2_9ce4_8422_2325, |h, &b| {
-        (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
-    })
+    data.iter().fold(0xcbf2_9ce4_8422_2325, |h, &b| (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3))
 }

@@ -90,13 +90,8 @@ pub(crate) unsafe fn set_memory_slot(
     host_addr: u64,
     flags: u32,
 ) -> std::result::Result<(), kvm_ioctls::Error> {
-    let region = kvm_userspace_memory_region {
-        slot,
-        flags,
-        guest_phys_addr: gpa,
-        memory_size: size,
-        userspace_addr: host_addr,
-    };
+    let region =
+        kvm_userspace_memory_region { slot, flags, guest_phys_addr: gpa, memory_size: size, userspace_addr: host_addr };
     // SAFETY: the caller guarantees the lifetime of the host range.
     unsafe { vm.set_user_memory_region(region) }
 }
@@ -137,11 +132,7 @@ pub(crate) fn madvise_dontneed(host_addr: u64, len: usize) -> io::Result<()> {
 
 /// Waits until `fd` is readable or `timeout` passes; returns whether it is.
 pub(crate) fn poll_readable(fd: &impl AsRawFd, timeout: Duration) -> io::Result<bool> {
-    let mut pfd = libc::pollfd {
-        fd: fd.as_raw_fd(),
-        events: libc::POLLIN,
-        revents: 0,
-    };
+    let mut pfd = libc::pollfd { fd: fd.as_raw_fd(), events: libc::POLLIN, revents: 0 };
     let ms = i32::try_from(timeout.as_millis()).unwrap_or(i32::MAX);
     loop {
         // SAFETY: one valid pollfd, count 1.
@@ -179,23 +170,12 @@ pub(crate) fn uffd_copy(uffd: &userfaultfd::Uffd, dst: u64, src: &[u8]) -> io::R
     // SAFETY: `src` is a live slice for the duration of the call; `dst` is a
     // registered range of guest memory (see above), which the kernel fills
     // atomically; no Rust reference points into guest memory.
-    let res = unsafe {
-        uffd.copy(
-            src.as_ptr().cast(),
-            dst as *mut libc::c_void,
-            src.len(),
-            true,
-        )
-    };
+    let res = unsafe { uffd.copy(src.as_ptr().cast(), dst as *mut libc::c_void, src.len(), true) };
     map_fill(res)
 }
 
 /// `UFFDIO_ZEROPAGE` over `[dst, dst + len)`, waking the faulting threads.
-pub(crate) fn uffd_zeropage(
-    uffd: &userfaultfd::Uffd,
-    dst: u64,
-    len: usize,
-) -> io::Result<UffdFill> {
+pub(crate) fn uffd_zeropage(uffd: &userfaultfd::Uffd, dst: u64, len: usize) -> io::Result<UffdFill> {
     // SAFETY: `dst` is a registered range of guest memory (checked by the
     // callers); the kernel maps the zero page there.
     let res = unsafe { uffd.zeropage(dst as *mut libc::c_void, len, true) };

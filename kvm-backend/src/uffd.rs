@@ -71,10 +71,7 @@ impl UffdFeatures {
 /// userfaultfd that handles kernel faults can be created at all.
 pub fn probe_features() -> Result<UffdFeatures> {
     new_uffd(FeatureFlags::empty())?;
-    let mut out = UffdFeatures {
-        bits: 0,
-        names: Vec::new(),
-    };
+    let mut out = UffdFeatures { bits: 0, names: Vec::new() };
     for &(name, bit) in FEATURES {
         if new_uffd(FeatureFlags::from_bits_retain(bit)).is_ok() {
             out.bits |= bit;
@@ -93,10 +90,7 @@ fn new_uffd(features: FeatureFlags) -> Result<Uffd> {
         .require_features(features)
         .require_ioctls(IoctlFlags::REGISTER | IoctlFlags::UNREGISTER)
         .create()
-        .map_err(|e| Error::Uffd {
-            op: "create",
-            reason: e.to_string(),
-        })
+        .map_err(|e| Error::Uffd { op: "create", reason: e.to_string() })
 }
 
 /// Outcome of installing one page.
@@ -147,15 +141,11 @@ impl UffdRam {
             Err(_) => (new_uffd(FeatureFlags::empty())?, false),
         };
         for block in 0..ram.layout().blocks().len() {
-            let (host, len) = ram
-                .block_host_range(block)
-                .ok_or_else(|| Error::Layout(format!("no mapping for block {block}")))?;
+            let (host, len) =
+                ram.block_host_range(block).ok_or_else(|| Error::Layout(format!("no mapping for block {block}")))?;
             let ioctls = uffd
                 .register(host as *mut libc::c_void, len as usize)
-                .map_err(|e| Error::Uffd {
-                    op: "register",
-                    reason: e.to_string(),
-                })?;
+                .map_err(|e| Error::Uffd { op: "register", reason: e.to_string() })?;
             let need = IoctlFlags::COPY | IoctlFlags::ZEROPAGE | IoctlFlags::WAKE;
             if !ioctls.contains(need) {
                 return Err(Error::Uffd {
@@ -164,11 +154,7 @@ impl UffdRam {
                 });
             }
         }
-        Ok(Self {
-            ram,
-            uffd: Arc::new(uffd),
-            thread_id,
-        })
+        Ok(Self { ram, uffd: Arc::new(uffd), thread_id })
     }
 
     /// The guest RAM.
@@ -196,17 +182,10 @@ impl UffdRam {
     /// it.
     pub fn install_page(&self, page: PageRef, data: &[u8]) -> Result<Install> {
         if data.len() != PAGE_SIZE as usize {
-            return Err(Error::BadLength {
-                want: PAGE_SIZE as usize,
-                got: data.len(),
-            });
+            return Err(Error::BadLength { want: PAGE_SIZE as usize, got: data.len() });
         }
         let n = self.install_pages(page, data)?;
-        Ok(if n.installed == 1 {
-            Install::Installed
-        } else {
-            Install::AlreadyPresent
-        })
+        Ok(if n.installed == 1 { Install::Installed } else { Install::AlreadyPresent })
     }
 
     /// Installs `data.len() / 4096` consecutive pages from `first` (one
@@ -220,9 +199,7 @@ impl UffdRam {
             });
         }
         let dst = self.ram.pages_host_addr(first, len as u64 / PAGE_SIZE)?;
-        self.fill(dst, len, |at, off| {
-            sys::uffd_copy(&self.uffd, at, &data[off..])
-        })
+        self.fill(dst, len, |at, off| sys::uffd_copy(&self.uffd, at, &data[off..]))
     }
 
     /// Installs `count` zero pages from `first` (`UFFDIO_ZEROPAGE`),
@@ -230,19 +207,13 @@ impl UffdRam {
     pub fn install_zero_pages(&self, first: PageRef, count: u64) -> Result<InstallCount> {
         let dst = self.ram.pages_host_addr(first, count)?;
         let len = (count * PAGE_SIZE) as usize;
-        self.fill(dst, len, |at, off| {
-            sys::uffd_zeropage(&self.uffd, at, len - off)
-        })
+        self.fill(dst, len, |at, off| sys::uffd_zeropage(&self.uffd, at, len - off))
     }
 
     /// Installs one zero page.
     pub fn install_zero_page(&self, page: PageRef) -> Result<Install> {
         let n = self.install_zero_pages(page, 1)?;
-        Ok(if n.installed == 1 {
-            Install::Installed
-        } else {
-            Install::AlreadyPresent
-        })
+        Ok(if n.installed == 1 { Install::Installed } else { Install::AlreadyPresent })
     }
 
     fn fill(
@@ -256,10 +227,7 @@ impl UffdRam {
         let mut off = 0usize;
         let mut retries = 0;
         while off < len {
-            let filled = op(dst + off as u64, off).map_err(|e| Error::Uffd {
-                op: "fill",
-                reason: e.to_string(),
-            })?;
+            let filled = op(dst + off as u64, off).map_err(|e| Error::Uffd { op: "fill", reason: e.to_string() })?;
             match filled {
                 UffdFill::Exists => {
                     count.already_present += 1;
@@ -275,10 +243,7 @@ impl UffdRam {
                 UffdFill::Filled(_) => {
                     retries += 1;
                     if retries > FILL_RETRIES {
-                        return Err(Error::Uffd {
-                            op: "fill",
-                            reason: "no progress (EAGAIN)".into(),
-                        });
+                        return Err(Error::Uffd { op: "fill", reason: "no progress (EAGAIN)".into() });
                     }
                 }
             }
@@ -306,9 +271,7 @@ pub struct FaultReader {
 
 impl std::fmt::Debug for FaultReader {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("FaultReader")
-            .field("fd", &self.uffd.as_raw_fd())
-            .finish()
+        f.debug_struct("FaultReader").field("fd", &self.uffd.as_raw_fd()).finish()
     }
 }
 
@@ -328,32 +291,16 @@ impl FaultReader {
     /// Appends the pending faults (at most [`FAULT_BATCH`]) to `out` without
     /// blocking; returns how many were read.
     pub fn read(&mut self, out: &mut Vec<PageFault>) -> Result<usize> {
-        let events = self
-            .uffd
-            .read_events(&mut self.buf)
-            .map_err(|e| Error::Uffd {
-                op: "read",
-                reason: e.to_string(),
-            })?;
+        let events =
+            self.uffd.read_events(&mut self.buf).map_err(|e| Error::Uffd { op: "read", reason: e.to_string() })?;
         let mut n = 0;
         for ev in events {
-            match ev.map_err(|e| Error::Uffd {
-                op: "read",
-                reason: e.to_string(),
-            })? {
-                Event::Pagefault {
-                    rw,
-                    addr,
-                    thread_id,
-                    ..
-                } => {
-                    let page =
-                        self.ram
-                            .page_of_host_addr(addr as u64)
-                            .ok_or_else(|| Error::Uffd {
-                                op: "read",
-                                reason: format!("fault at {addr:?} outside guest RAM"),
-                            })?;
+            match ev.map_err(|e| Error::Uffd { op: "read", reason: e.to_string() })? {
+                Event::Pagefault { rw, addr, thread_id, .. } => {
+                    let page = self.ram.page_of_host_addr(addr as u64).ok_or_else(|| Error::Uffd {
+                        op: "read",
+                        reason: format!("fault at {addr:?} outside guest RAM"),
+                    })?;
                     out.push(PageFault {
                         page,
                         write: rw == ReadWrite::Write,
@@ -361,12 +308,7 @@ impl FaultReader {
                     });
                     n += 1;
                 }
-                other => {
-                    return Err(Error::Uffd {
-                        op: "read",
-                        reason: format!("unexpected event {other:?}"),
-                    })
-                }
+                other => return Err(Error::Uffd { op: "read", reason: format!("unexpected event {other:?}") }),
             }
         }
         Ok(n)

@@ -5,8 +5,8 @@
 use std::sync::Arc;
 
 use kvm_bindings::{
-    kvm_cpuid_entry2, kvm_debugregs, kvm_fpu, kvm_lapic_state, kvm_mp_state, kvm_msr_entry,
-    kvm_regs, kvm_sregs, kvm_vcpu_events, kvm_xcrs, kvm_xsave, CpuId, Msrs, KVM_MP_STATE_RUNNABLE,
+    kvm_cpuid_entry2, kvm_debugregs, kvm_fpu, kvm_lapic_state, kvm_mp_state, kvm_msr_entry, kvm_regs, kvm_sregs,
+    kvm_vcpu_events, kvm_xcrs, kvm_xsave, CpuId, Msrs, KVM_MP_STATE_RUNNABLE,
 };
 use kvm_ioctls::VcpuFd;
 use serde::{Deserialize, Serialize};
@@ -146,12 +146,7 @@ pub struct Vcpu {
 
 impl Vcpu {
     pub(crate) fn new(fd: VcpuFd, index: usize, caps: Arc<VcpuCaps>, ram: Arc<GuestRam>) -> Self {
-        Self {
-            fd,
-            index,
-            caps,
-            _ram: ram,
-        }
+        Self { fd, index, caps, _ram: ram }
     }
 
     /// Index (also the vCPU id and APIC id).
@@ -182,21 +177,13 @@ impl Vcpu {
     /// Makes the vCPU runnable (application processors of an in-kernel
     /// irqchip otherwise wait for INIT/SIPI).
     pub fn set_runnable(&self) -> Result<()> {
-        self.fd
-            .set_mp_state(kvm_mp_state {
-                mp_state: KVM_MP_STATE_RUNNABLE,
-            })
-            .map_err(kvm_err("KVM_SET_MP_STATE"))
+        self.fd.set_mp_state(kvm_mp_state { mp_state: KVM_MP_STATE_RUNNABLE }).map_err(kvm_err("KVM_SET_MP_STATE"))
     }
 
     /// Sets x87 and SSE control words to their reset values (FCW 0x37f,
     /// MXCSR 0x1f80), as firmware would.
     pub fn init_fpu(&self) -> Result<()> {
-        let fpu = kvm_fpu {
-            fcw: 0x37f,
-            mxcsr: 0x1f80,
-            ..Default::default()
-        };
+        let fpu = kvm_fpu { fcw: 0x37f, mxcsr: 0x1f80, ..Default::default() };
         self.fd.set_fpu(&fpu).map_err(kvm_err("KVM_SET_FPU"))
     }
 
@@ -211,45 +198,22 @@ impl Vcpu {
         //   comes before the state that depends on it (TSC deadline MSR).
         // - KVM_GET_VCPU_EVENTS last: it reports pending exceptions and
         //   interrupts, which the other GET ioctls may still have changed.
-        let mp_state = self
-            .fd
-            .get_mp_state()
-            .map_err(kvm_err("KVM_GET_MP_STATE"))?;
+        let mp_state = self.fd.get_mp_state().map_err(kvm_err("KVM_GET_MP_STATE"))?;
         let regs = self.regs()?;
         let sregs = self.sregs()?;
         let fpu = FpuState::from(&self.fd.get_fpu().map_err(kvm_err("KVM_GET_FPU"))?);
         let xsave = if self.caps.xsave {
-            Some(
-                self.fd
-                    .get_xsave()
-                    .map_err(kvm_err("KVM_GET_XSAVE"))?
-                    .region
-                    .to_vec(),
-            )
+            Some(self.fd.get_xsave().map_err(kvm_err("KVM_GET_XSAVE"))?.region.to_vec())
         } else {
             None
         };
-        let xcrs = if self.caps.xcrs {
-            Some(self.fd.get_xcrs().map_err(kvm_err("KVM_GET_XCRS"))?)
-        } else {
-            None
-        };
-        let debug_regs = self
-            .fd
-            .get_debug_regs()
-            .map_err(kvm_err("KVM_GET_DEBUGREGS"))?;
-        let lapic = if self.caps.irqchip {
-            Some(self.fd.get_lapic().map_err(kvm_err("KVM_GET_LAPIC"))?)
-        } else {
-            None
-        };
+        let xcrs = if self.caps.xcrs { Some(self.fd.get_xcrs().map_err(kvm_err("KVM_GET_XCRS"))?) } else { None };
+        let debug_regs = self.fd.get_debug_regs().map_err(kvm_err("KVM_GET_DEBUGREGS"))?;
+        let lapic = if self.caps.irqchip { Some(self.fd.get_lapic().map_err(kvm_err("KVM_GET_LAPIC"))?) } else { None };
         let tsc_khz = self.fd.get_tsc_khz().ok();
         let cpuid = self.cpuid()?;
         let msrs = self.read_msrs(&self.caps.msrs)?;
-        let vcpu_events = self
-            .fd
-            .get_vcpu_events()
-            .map_err(kvm_err("KVM_GET_VCPU_EVENTS"))?;
+        let vcpu_events = self.fd.get_vcpu_events().map_err(kvm_err("KVM_GET_VCPU_EVENTS"))?;
         Ok(VcpuState {
             id: self.index as u64,
             cpuid,
@@ -271,25 +235,17 @@ impl Vcpu {
     /// never run) vCPU.
     pub fn restore_state(&self, state: &VcpuState) -> Result<()> {
         if state.id != self.index as u64 {
-            return Err(Error::State(format!(
-                "state of vCPU {} given to vCPU {}",
-                state.id, self.index
-            )));
+            return Err(Error::State(format!("state of vCPU {} given to vCPU {}", state.id, self.index)));
         }
         if state.lapic.is_some() != self.caps.irqchip {
-            return Err(Error::State(
-                "LAPIC state and in-kernel irqchip do not match".into(),
-            ));
+            return Err(Error::State("LAPIC state and in-kernel irqchip do not match".into()));
         }
         // Order:
         // 1. CPUID first: it decides which MSRs, XCR0 bits and EFER bits are
         //    valid (KVM rejects EFER.LME without CPUID.LM, for instance), and
         //    KVM refuses a CPUID change after the vCPU has run.
-        let cpuid =
-            CpuId::from_entries(&state.cpuid).map_err(|e| Error::State(format!("CPUID: {e:?}")))?;
-        self.fd
-            .set_cpuid2(&cpuid)
-            .map_err(kvm_err("KVM_SET_CPUID2"))?;
+        let cpuid = CpuId::from_entries(&state.cpuid).map_err(|e| Error::State(format!("CPUID: {e:?}")))?;
+        self.fd.set_cpuid2(&cpuid).map_err(kvm_err("KVM_SET_CPUID2"))?;
         // 2. TSC frequency before the TSC MSR, so that the TSC offset is
         //    computed at the guest's frequency.
         if let Some(khz) = state.tsc_khz {
@@ -302,9 +258,7 @@ impl Vcpu {
         // 3. MP state: KVM only records it here and acts on a pending
         //    INIT/SIPI at the next KVM_RUN, so the registers restored next
         //    are what the vCPU resumes with (Firecracker's order).
-        self.fd
-            .set_mp_state(state.mp_state)
-            .map_err(kvm_err("KVM_SET_MP_STATE"))?;
+        self.fd.set_mp_state(state.mp_state).map_err(kvm_err("KVM_SET_MP_STATE"))?;
         // 4. Registers before vCPU events: KVM_SET_REGS clears pending
         //    exceptions, which KVM_SET_VCPU_EVENTS restores.
         self.set_regs(&state.regs)?;
@@ -320,21 +274,15 @@ impl Vcpu {
                     return Err(Error::State(format!("XSAVE area of {} words", words.len())));
                 }
                 xsave.region.copy_from_slice(words);
-                crate::sys::set_xsave(&self.fd, &xsave, self.caps.xsave_size)
-                    .map_err(kvm_err("KVM_SET_XSAVE"))?
+                crate::sys::set_xsave(&self.fd, &xsave, self.caps.xsave_size).map_err(kvm_err("KVM_SET_XSAVE"))?
             }
             Some(_) => return Err(Error::State("XSAVE state but no KVM_CAP_XSAVE".into())),
-            None => self
-                .fd
-                .set_fpu(&kvm_fpu::from(&state.fpu))
-                .map_err(kvm_err("KVM_SET_FPU"))?,
+            None => self.fd.set_fpu(&kvm_fpu::from(&state.fpu)).map_err(kvm_err("KVM_SET_FPU"))?,
         }
         if let Some(xcrs) = &state.xcrs {
             self.fd.set_xcrs(xcrs).map_err(kvm_err("KVM_SET_XCRS"))?;
         }
-        self.fd
-            .set_debug_regs(&state.debug_regs)
-            .map_err(kvm_err("KVM_SET_DEBUGREGS"))?;
+        self.fd.set_debug_regs(&state.debug_regs).map_err(kvm_err("KVM_SET_DEBUGREGS"))?;
         // 7. LAPIC after SREGS (APIC base) and before the MSRs: the TSC
         //    deadline MSR is only accepted once the LAPIC is in TSC-deadline
         //    mode.
@@ -343,25 +291,18 @@ impl Vcpu {
         }
         // 8. MSRs, IA32_TSC before IA32_TSC_DEADLINE (the deadline is
         //    compared with the TSC when written).
-        let (deferred, first): (Vec<MsrValue>, Vec<MsrValue>) = state
-            .msrs
-            .iter()
-            .partition(|m| m.index == MSR_IA32_TSC_DEADLINE);
+        let (deferred, first): (Vec<MsrValue>, Vec<MsrValue>) =
+            state.msrs.iter().partition(|m| m.index == MSR_IA32_TSC_DEADLINE);
         self.write_msrs(&first)?;
         self.write_msrs(&deferred)?;
         // 9. vCPU events last: pending exceptions/interrupts/NMIs on top of
         //    everything else (SET_REGS and SET_SREGS would clear them).
-        self.fd
-            .set_vcpu_events(&state.vcpu_events)
-            .map_err(kvm_err("KVM_SET_VCPU_EVENTS"))?;
+        self.fd.set_vcpu_events(&state.vcpu_events).map_err(kvm_err("KVM_SET_VCPU_EVENTS"))?;
         Ok(())
     }
 
     fn cpuid(&self) -> Result<Vec<kvm_cpuid_entry2>> {
-        let cpuid = self
-            .fd
-            .get_cpuid2(CPUID_ENTRIES)
-            .map_err(kvm_err("KVM_GET_CPUID2"))?;
+        let cpuid = self.fd.get_cpuid2(CPUID_ENTRIES).map_err(kvm_err("KVM_GET_CPUID2"))?;
         Ok(cpuid
             .as_slice()
             .iter()
@@ -374,51 +315,26 @@ impl Vcpu {
     pub(crate) fn read_msrs(&self, indices: &[u32]) -> Result<Vec<MsrValue>> {
         let mut out = Vec::with_capacity(indices.len());
         for chunk in indices.chunks(MSR_CHUNK) {
-            let entries: Vec<kvm_msr_entry> = chunk
-                .iter()
-                .map(|&index| kvm_msr_entry {
-                    index,
-                    ..Default::default()
-                })
-                .collect();
-            let mut msrs = Msrs::from_entries(&entries)
-                .map_err(|e| Error::State(format!("MSR list: {e:?}")))?;
-            let n = self
-                .fd
-                .get_msrs(&mut msrs)
-                .map_err(kvm_err("KVM_GET_MSRS"))?;
+            let entries: Vec<kvm_msr_entry> =
+                chunk.iter().map(|&index| kvm_msr_entry { index, ..Default::default() }).collect();
+            let mut msrs = Msrs::from_entries(&entries).map_err(|e| Error::State(format!("MSR list: {e:?}")))?;
+            let n = self.fd.get_msrs(&mut msrs).map_err(kvm_err("KVM_GET_MSRS"))?;
             if n != chunk.len() {
-                return Err(Error::State(format!(
-                    "MSR {:#x} cannot be read",
-                    chunk[n.min(chunk.len() - 1)]
-                )));
+                return Err(Error::State(format!("MSR {:#x} cannot be read", chunk[n.min(chunk.len() - 1)])));
             }
-            out.extend(msrs.as_slice().iter().map(|e| MsrValue {
-                index: e.index,
-                data: e.data,
-            }));
+            out.extend(msrs.as_slice().iter().map(|e| MsrValue { index: e.index, data: e.data }));
         }
         Ok(out)
     }
 
     fn write_msrs(&self, values: &[MsrValue]) -> Result<()> {
         for chunk in values.chunks(MSR_CHUNK) {
-            let entries: Vec<kvm_msr_entry> = chunk
-                .iter()
-                .map(|m| kvm_msr_entry {
-                    index: m.index,
-                    data: m.data,
-                    ..Default::default()
-                })
-                .collect();
-            let msrs = Msrs::from_entries(&entries)
-                .map_err(|e| Error::State(format!("MSR list: {e:?}")))?;
+            let entries: Vec<kvm_msr_entry> =
+                chunk.iter().map(|m| kvm_msr_entry { index: m.index, data: m.data, ..Default::default() }).collect();
+            let msrs = Msrs::from_entries(&entries).map_err(|e| Error::State(format!("MSR list: {e:?}")))?;
             let n = self.fd.set_msrs(&msrs).map_err(kvm_err("KVM_SET_MSRS"))?;
             if n != chunk.len() {
-                return Err(Error::State(format!(
-                    "MSR {:#x} cannot be written",
-                    chunk[n.min(chunk.len() - 1)].index
-                )));
+                return Err(Error::State(format!("MSR {:#x} cannot be written", chunk[n.min(chunk.len() - 1)].index)));
             }
         }
         Ok(())
@@ -431,27 +347,15 @@ impl Vcpu {
         for chunk in candidates.chunks(MSR_CHUNK) {
             let mut rest: Vec<u32> = chunk.to_vec();
             while !rest.is_empty() {
-                let entries: Vec<kvm_msr_entry> = rest
-                    .iter()
-                    .map(|&index| kvm_msr_entry {
-                        index,
-                        ..Default::default()
-                    })
-                    .collect();
-                let mut msrs = Msrs::from_entries(&entries)
-                    .map_err(|e| Error::State(format!("MSR list: {e:?}")))?;
-                let n = self
-                    .fd
-                    .get_msrs(&mut msrs)
-                    .map_err(kvm_err("KVM_GET_MSRS"))?;
+                let entries: Vec<kvm_msr_entry> =
+                    rest.iter().map(|&index| kvm_msr_entry { index, ..Default::default() }).collect();
+                let mut msrs = Msrs::from_entries(&entries).map_err(|e| Error::State(format!("MSR list: {e:?}")))?;
+                let n = self.fd.get_msrs(&mut msrs).map_err(kvm_err("KVM_GET_MSRS"))?;
                 keep.extend_from_slice(&rest[..n.min(rest.len())]);
                 if n >= rest.len() {
                     break;
                 }
-                tracing::debug!(
-                    msr = format_args!("{:#x}", rest[n]),
-                    "MSR not readable, not saved"
-                );
+                tracing::debug!(msr = format_args!("{:#x}", rest[n]), "MSR not readable, not saved");
                 rest.drain(..=n);
             }
         }

@@ -7,9 +7,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
 
 use kvm_bindings::{
-    kvm_clock_data, kvm_irqchip, kvm_pit_config, kvm_pit_state2, CpuId, KVM_CLOCK_TSC_STABLE,
-    KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE, KVM_MEM_LOG_DIRTY_PAGES,
-    KVM_PIT_SPEAKER_DUMMY,
+    kvm_clock_data, kvm_irqchip, kvm_pit_config, kvm_pit_state2, CpuId, KVM_CLOCK_TSC_STABLE, KVM_IRQCHIP_IOAPIC,
+    KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE, KVM_MEM_LOG_DIRTY_PAGES, KVM_PIT_SPEAKER_DUMMY,
 };
 use kvm_ioctls::{Cap, Kvm, VmFd};
 use serde::{Deserialize, Serialize};
@@ -46,11 +45,7 @@ pub struct VmConfig {
 impl VmConfig {
     /// `vcpus` vCPUs, in-kernel irqchip, serial output dropped.
     pub fn new(vcpus: usize) -> Self {
-        Self {
-            vcpus,
-            irqchip: true,
-            serial: SerialOutput::Sink,
-        }
+        Self { vcpus, irqchip: true, serial: SerialOutput::Sink }
     }
 }
 
@@ -98,10 +93,7 @@ impl Vm {
     /// Creates the VM and registers `ram` (one slot per block).
     pub fn new(ram: Arc<GuestRam>, config: VmConfig) -> Result<Self> {
         if config.vcpus == 0 || config.vcpus > MAX_VCPUS {
-            return Err(Error::Config(format!(
-                "{} vCPUs (1..={MAX_VCPUS})",
-                config.vcpus
-            )));
+            return Err(Error::Config(format!("{} vCPUs (1..={MAX_VCPUS})", config.vcpus)));
         }
         let kvm = Kvm::new().map_err(Error::KvmUnavailable)?;
         for (cap, name) in [
@@ -118,37 +110,25 @@ impl Vm {
             }
         }
         if config.irqchip {
-            for (cap, name) in [
-                (Cap::Irqchip, "KVM_CAP_IRQCHIP"),
-                (Cap::Pit2, "KVM_CAP_PIT2"),
-                (Cap::Irqfd, "KVM_CAP_IRQFD"),
-            ] {
+            for (cap, name) in
+                [(Cap::Irqchip, "KVM_CAP_IRQCHIP"), (Cap::Pit2, "KVM_CAP_PIT2"), (Cap::Irqfd, "KVM_CAP_IRQFD")]
+            {
                 if !kvm.check_extension(cap) {
                     return Err(Error::MissingCapability(name));
                 }
             }
         }
         let fd = kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
-        fd.set_tss_address(TSS_ADDRESS)
-            .map_err(kvm_err("KVM_SET_TSS_ADDR"))?;
+        fd.set_tss_address(TSS_ADDRESS).map_err(kvm_err("KVM_SET_TSS_ADDR"))?;
         if fd.check_extension(Cap::SetIdentityMapAddr) {
-            fd.set_identity_map_address(IDENTITY_MAP_ADDRESS)
-                .map_err(kvm_err("KVM_SET_IDENTITY_MAP_ADDR"))?;
+            fd.set_identity_map_address(IDENTITY_MAP_ADDRESS).map_err(kvm_err("KVM_SET_IDENTITY_MAP_ADDR"))?;
         }
         let serial_irq = if config.irqchip {
-            fd.create_irq_chip()
-                .map_err(kvm_err("KVM_CREATE_IRQCHIP"))?;
-            let pit = kvm_pit_config {
-                flags: KVM_PIT_SPEAKER_DUMMY,
-                ..Default::default()
-            };
+            fd.create_irq_chip().map_err(kvm_err("KVM_CREATE_IRQCHIP"))?;
+            let pit = kvm_pit_config { flags: KVM_PIT_SPEAKER_DUMMY, ..Default::default() };
             fd.create_pit2(pit).map_err(kvm_err("KVM_CREATE_PIT2"))?;
-            let evt = EventFd::new(EFD_NONBLOCK).map_err(|e| Error::Os {
-                op: "eventfd",
-                source: e,
-            })?;
-            fd.register_irqfd(&evt, SERIAL_GSI)
-                .map_err(kvm_err("KVM_IRQFD"))?;
+            let evt = EventFd::new(EFD_NONBLOCK).map_err(|e| Error::Os { op: "eventfd", source: e })?;
+            fd.register_irqfd(&evt, SERIAL_GSI).map_err(kvm_err("KVM_IRQFD"))?;
             SerialIrq(Some(evt))
         } else {
             SerialIrq(None)
@@ -167,14 +147,8 @@ impl Vm {
             None
         };
         let xcrs = kvm.check_extension(Cap::Xcrs);
-        let cpuid = kvm
-            .get_supported_cpuid(CPUID_ENTRIES)
-            .map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?;
-        let msr_candidates = kvm
-            .get_msr_index_list()
-            .map_err(kvm_err("KVM_GET_MSR_INDEX_LIST"))?
-            .as_slice()
-            .to_vec();
+        let cpuid = kvm.get_supported_cpuid(CPUID_ENTRIES).map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?;
+        let msr_candidates = kvm.get_msr_index_list().map_err(kvm_err("KVM_GET_MSR_INDEX_LIST"))?.as_slice().to_vec();
         let devices = Arc::new(Devices::new(config.vcpus, config.serial, serial_irq));
         let vm = Self {
             kvm,
@@ -221,24 +195,16 @@ impl Vm {
     }
 
     fn set_slots(&self, log_dirty: bool) -> Result<()> {
-        let flags = if log_dirty {
-            KVM_MEM_LOG_DIRTY_PAGES
-        } else {
-            0
-        };
+        let flags = if log_dirty { KVM_MEM_LOG_DIRTY_PAGES } else { 0 };
         for (slot, block) in self.ram.layout().blocks().iter().enumerate() {
-            let (host, size) = self
-                .ram
-                .block_host_range(slot)
-                .ok_or_else(|| Error::Layout(format!("no mapping for block {slot}")))?;
+            let (host, size) =
+                self.ram.block_host_range(slot).ok_or_else(|| Error::Layout(format!("no mapping for block {slot}")))?;
             // SAFETY: `host..host + size` is the block's anonymous mapping
             // owned by `self.ram`; every fd of this VM (the VmFd here, the
             // VcpuFds in `Vcpu`, which hold an `Arc<GuestRam>`) keeps that
             // `GuestRam` alive, so the mapping outlives the VM's use of it.
-            unsafe {
-                crate::sys::set_memory_slot(&self.fd, slot as u32, block.gpa, size, host, flags)
-            }
-            .map_err(kvm_err("KVM_SET_USER_MEMORY_REGION"))?;
+            unsafe { crate::sys::set_memory_slot(&self.fd, slot as u32, block.gpa, size, host, flags) }
+                .map_err(kvm_err("KVM_SET_USER_MEMORY_REGION"))?;
         }
         Ok(())
     }
@@ -272,11 +238,7 @@ impl Vm {
             .blocks()
             .iter()
             .enumerate()
-            .map(|(slot, b)| {
-                self.fd
-                    .get_dirty_log(slot as u32, b.size as usize)
-                    .map_err(kvm_err("KVM_GET_DIRTY_LOG"))
-            })
+            .map(|(slot, b)| self.fd.get_dirty_log(slot as u32, b.size as usize).map_err(kvm_err("KVM_GET_DIRTY_LOG")))
             .collect::<Result<Vec<_>>>()?;
         let mut dirty = DirtyBitmap::from_words(layout, words);
         dirty.union_with(&self.ram.take_vmm_dirty());
@@ -291,10 +253,7 @@ impl Vm {
         }
         let mut out = Vec::with_capacity(self.vcpus);
         for index in 0..self.vcpus {
-            let fd = self
-                .fd
-                .create_vcpu(index as u64)
-                .map_err(kvm_err("KVM_CREATE_VCPU"))?;
+            let fd = self.fd.create_vcpu(index as u64).map_err(kvm_err("KVM_CREATE_VCPU"))?;
             let mut cpuid = self.cpuid.clone();
             patch_cpuid(&mut cpuid, index as u32);
             fd.set_cpuid2(&cpuid).map_err(kvm_err("KVM_SET_CPUID2"))?;
@@ -338,13 +297,8 @@ impl Vm {
         let clock = self.fd.get_clock().map_err(kvm_err("KVM_GET_CLOCK"))?;
         let irqchip = if self.irqchip {
             let chip = |chip_id| -> Result<kvm_irqchip> {
-                let mut c = kvm_irqchip {
-                    chip_id,
-                    ..Default::default()
-                };
-                self.fd
-                    .get_irqchip(&mut c)
-                    .map_err(kvm_err("KVM_GET_IRQCHIP"))?;
+                let mut c = kvm_irqchip { chip_id, ..Default::default() };
+                self.fd.get_irqchip(&mut c).map_err(kvm_err("KVM_GET_IRQCHIP"))?;
                 Ok(c)
             };
             Some(IrqchipState {
@@ -366,9 +320,7 @@ impl Vm {
             (Some(chip), true) => {
                 // PIT first, then the clock, then the interrupt controllers
                 // (Firecracker's order; none of these reads the others).
-                self.fd
-                    .set_pit2(&chip.pit)
-                    .map_err(kvm_err("KVM_SET_PIT2"))?;
+                self.fd.set_pit2(&chip.pit).map_err(kvm_err("KVM_SET_PIT2"))?;
                 self.set_clock(&state.clock)?;
                 for (c, id) in [
                     (&chip.pic_master, KVM_IRQCHIP_PIC_MASTER),
@@ -376,19 +328,14 @@ impl Vm {
                     (&chip.ioapic, KVM_IRQCHIP_IOAPIC),
                 ] {
                     if c.chip_id != id {
-                        return Err(Error::State(format!(
-                            "irqchip {} where {id} was expected",
-                            c.chip_id
-                        )));
+                        return Err(Error::State(format!("irqchip {} where {id} was expected", c.chip_id)));
                     }
                     self.fd.set_irqchip(c).map_err(kvm_err("KVM_SET_IRQCHIP"))?;
                 }
                 Ok(())
             }
             (None, false) => self.set_clock(&state.clock),
-            _ => Err(Error::State(
-                "irqchip state does not match the VM's irqchip".into(),
-            )),
+            _ => Err(Error::State("irqchip state does not match the VM's irqchip".into())),
         }
     }
 

@@ -16,9 +16,7 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use postcopy_kvm::layout::MIB;
-use postcopy_kvm::{
-    DeviceState, DirtyBitmap, GuestRam, Install, UffdRam, VcpuSet, Vm, VmConfig, PAGE_SIZE,
-};
+use postcopy_kvm::{DeviceState, DirtyBitmap, GuestRam, Install, UffdRam, VcpuSet, Vm, VmConfig, PAGE_SIZE};
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 enum Mode {
@@ -75,19 +73,12 @@ impl FaultServer {
                 st
             })
             .expect("spawn fault server");
-        Self {
-            stop,
-            thread: Some(thread),
-        }
+        Self { stop, thread: Some(thread) }
     }
 
     fn finish(mut self) -> FaultStats {
         self.stop.store(true, Ordering::SeqCst);
-        self.thread
-            .take()
-            .expect("thread")
-            .join()
-            .expect("fault server panicked")
+        self.thread.take().expect("thread").join().expect("fault server panicked")
     }
 }
 
@@ -136,10 +127,7 @@ fn migrate(mem: u64, vcpus: usize, mode: Mode) -> Outcome {
         let mut buf = vec![0u8; PAGE_SIZE as usize];
         for page in layout.pages() {
             a.ram.read_page(page, &mut buf).expect("read");
-            assert_eq!(
-                b_mem.install_page(page, &buf).expect("copy"),
-                Install::Installed
-            );
+            assert_eq!(b_mem.install_page(page, &buf).expect("copy"), Install::Installed);
             precopied += 1;
         }
         let dirty = a.vm.take_dirty_log().expect("dirty log");
@@ -147,10 +135,7 @@ fn migrate(mem: u64, vcpus: usize, mode: Mode) -> Outcome {
         for page in dirty.iter() {
             b_mem.discard_pages(page, 1).expect("discard");
             a.ram.read_page(page, &mut buf).expect("read");
-            assert_eq!(
-                b_mem.install_page(page, &buf).expect("re-copy"),
-                Install::Installed
-            );
+            assert_eq!(b_mem.install_page(page, &buf).expect("re-copy"), Install::Installed);
             precopied += 1;
         }
         std::thread::sleep(Duration::from_millis(50));
@@ -181,27 +166,17 @@ fn migrate(mem: u64, vcpus: usize, mode: Mode) -> Outcome {
     let a_positions = positions(&a.guest, &state.vcpus);
 
     let t_restore = Instant::now();
-    DeviceState::from_bytes(&blob)
-        .expect("decode")
-        .restore(&b_vm, &b_vcpus)
-        .expect("restore");
+    DeviceState::from_bytes(&blob).expect("decode").restore(&b_vm, &b_vcpus).expect("restore");
     let restore_time = t_restore.elapsed();
 
-    if mode
-        == (Mode::Hybrid {
-            skip_stale_discard: true,
-        })
-    {
+    if mode == (Mode::Hybrid { skip_stale_discard: true }) {
         // Do not run B: fill in the rest and check memory at the switchover.
         let pushed = AtomicU64::new(0);
         push_all(&a.ram, &b_mem, &pushed);
         let report = a.guest.verify(&b_ram, &a_positions).expect("verify");
         server.finish();
         eprintln!("hybrid without stale discard: {report:?}");
-        return Outcome {
-            verify_at_switchover_bad_pages: report.bad_pages,
-            stale_discarded,
-        };
+        return Outcome { verify_at_switchover_bad_pages: report.bad_pages, stale_discarded };
     }
 
     let b_set = VcpuSet::start(b_vcpus, b_vm.devices().clone()).expect("start B");
@@ -233,18 +208,10 @@ fn migrate(mem: u64, vcpus: usize, mode: Mode) -> Outcome {
     let b_positions = positions(&a.guest, &b_states);
     let report = a.guest.verify(&b_ram, &b_positions).expect("verify B");
     assert!(report.is_ok(), "{report:?}");
-    assert_eq!(
-        b_vm.devices().stats().error_count(),
-        0,
-        "{:?}",
-        b_vm.devices().stats().errors()
-    );
+    assert_eq!(b_vm.devices().stats().error_count(), 0, "{:?}", b_vm.devices().stats().errors());
     assert_eq!(a.vm.devices().stats().error_count(), 0);
     for (b, a) in b_positions.iter().zip(&a_positions) {
-        assert!(
-            b.passes >= a.passes + 2,
-            "B did not progress: {a:?} -> {b:?}"
-        );
+        assert!(b.passes >= a.passes + 2, "B did not progress: {a:?} -> {b:?}");
     }
     let total = layout.total_pages();
     let faults = stats.faults;
@@ -254,10 +221,7 @@ fn migrate(mem: u64, vcpus: usize, mode: Mode) -> Outcome {
         Mode::Hybrid { .. } => assert_eq!(faults + pushed, stale_discarded),
     }
     assert!(faults > 0, "B never faulted");
-    assert!(
-        stats.tids.iter().any(|t| tids.contains(t)),
-        "no fault attributed to a vCPU thread"
-    );
+    assert!(stats.tids.iter().any(|t| tids.contains(t)), "no fault attributed to a vCPU thread");
     let p50 = percentile(&mut stats.serve_us, 0.5);
     let p99 = percentile(&mut stats.serve_us, 0.99);
     let max = percentile(&mut stats.serve_us, 1.0);
@@ -271,10 +235,7 @@ fn migrate(mem: u64, vcpus: usize, mode: Mode) -> Outcome {
     );
     b_set.stop().expect("stop B");
     a.set.stop().expect("stop A");
-    Outcome {
-        verify_at_switchover_bad_pages: report.bad_pages,
-        stale_discarded,
-    }
+    Outcome { verify_at_switchover_bad_pages: report.bad_pages, stale_discarded }
 }
 
 #[test]
@@ -298,13 +259,7 @@ fn hybrid_two_vcpus() {
     if !uffd_or_skip("hybrid_two_vcpus") {
         return;
     }
-    let o = migrate(
-        64 * MIB,
-        2,
-        Mode::Hybrid {
-            skip_stale_discard: false,
-        },
-    );
+    let o = migrate(64 * MIB, 2, Mode::Hybrid { skip_stale_discard: false });
     assert!(o.stale_discarded > 0);
 }
 
@@ -313,17 +268,8 @@ fn hybrid_without_stale_discard_is_caught_by_the_verifier() {
     if !uffd_or_skip("hybrid_without_stale_discard_is_caught_by_the_verifier") {
         return;
     }
-    let o = migrate(
-        64 * MIB,
-        2,
-        Mode::Hybrid {
-            skip_stale_discard: true,
-        },
-    );
+    let o = migrate(64 * MIB, 2, Mode::Hybrid { skip_stale_discard: true });
     assert!(o.stale_discarded > 0);
-    assert!(
-        o.verify_at_switchover_bad_pages > 0,
-        "stale pages went unnoticed"
-    );
+    assert!(o.verify_at_switchover_bad_pages > 0, "stale pages went unnoticed");
     assert!(o.verify_at_switchover_bad_pages <= o.stale_discarded);
 }

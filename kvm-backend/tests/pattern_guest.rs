@@ -31,16 +31,10 @@ fn pattern_guest_runs_pauses_resumes_and_verifies() {
     let stop2 = p.set.pause().expect("pause");
     let states = p.set.save_states().expect("save");
     let pos2 = positions(&p.guest, &states);
-    assert!(
-        pos2.iter().zip(&pos1).all(|(b, a)| b.passes > a.passes),
-        "{pos1:?} -> {pos2:?}"
-    );
+    assert!(pos2.iter().zip(&pos1).all(|(b, a)| b.passes > a.passes), "{pos1:?} -> {pos2:?}");
     let report = p.guest.verify(&p.ram, &pos2).expect("verify");
     assert!(report.is_ok(), "{report:?}");
     assert_eq!(p.vm.devices().stats().error_count(), 0);
-    eprintln!(
-        "stop latency {stop2:?}, rates {:?} passes/s",
-        after.rates_since(&before)
-    );
+    eprintln!("stop latency {stop2:?}, rates {:?} passes/s", after.rates_since(&before));
     p.set.stop().expect("stop");
 }

@@ -30,12 +30,9 @@ impl BootSector {
     /// Checks an image: exactly 512 bytes ending in the 0x55 0xAA signature
     /// (a BIOS refuses to boot a sector without it).
     pub fn from_bytes(bytes: &[u8]) -> Result<Self> {
-        let image: [u8; BOOT_SECTOR_SIZE] = bytes.try_into().map_err(|_| {
-            Error::BootSector(format!(
-                "{} bytes, a boot sector has {BOOT_SECTOR_SIZE}",
-                bytes.len()
-            ))
-        })?;
+        let image: [u8; BOOT_SECTOR_SIZE] = bytes
+            .try_into()
+            .map_err(|_| Error::BootSector(format!("{} bytes, a boot sector has {BOOT_SECTOR_SIZE}", bytes.len())))?;
         if image[510..] != [0x55, 0xaa] {
             return Err(Error::BootSector("no 0x55 0xAA signature".into()));
         }
@@ -46,9 +43,7 @@ impl BootSector {
     /// through port 0x92, enters 32-bit protected mode, writes
     /// [`super::abi::TEST_BOOT_MARKER`] at 1 MiB, prints again, halts.
     pub fn test_image() -> Self {
-        Self {
-            image: super::programs::TEST_BOOT_SECTOR,
-        }
+        Self { image: super::programs::TEST_BOOT_SECTOR }
     }
 
     /// The image bytes.
@@ -59,15 +54,11 @@ impl BootSector {
     /// Writes the interrupt vector table, the `iret` stub and the sector.
     pub fn load(&self, ram: &GuestRam) -> Result<()> {
         if ram.layout().top() < 0x10_0000 {
-            return Err(Error::Config(
-                "a boot sector needs at least 1 MiB of RAM".into(),
-            ));
+            return Err(Error::Config("a boot sector needs at least 1 MiB of RAM".into()));
         }
         let seg = (IRET_STUB_ADDR >> 4) as u16 & 0xf000;
         let off = (IRET_STUB_ADDR - (u64::from(seg) << 4)) as u16;
-        let ivt: Vec<u8> = (0..256)
-            .flat_map(|_| off.to_le_bytes().into_iter().chain(seg.to_le_bytes()))
-            .collect();
+        let ivt: Vec<u8> = (0..256).flat_map(|_| off.to_le_bytes().into_iter().chain(seg.to_le_bytes())).collect();
         ram.write(0, &ivt)?;
         ram.write(IRET_STUB_ADDR, &[0xcf])?;
         ram.write(BOOT_SECTOR_ADDR, &self.image)
@@ -75,14 +66,7 @@ impl BootSector {
 
     /// Real-mode segments as a BIOS leaves them: CS = DS = ES = SS = 0.
     pub fn real_mode_sregs(sregs: &mut kvm_sregs) {
-        for seg in [
-            &mut sregs.cs,
-            &mut sregs.ds,
-            &mut sregs.es,
-            &mut sregs.fs,
-            &mut sregs.gs,
-            &mut sregs.ss,
-        ] {
+        for seg in [&mut sregs.cs, &mut sregs.ds, &mut sregs.es, &mut sregs.fs, &mut sregs.gs, &mut sregs.ss] {
             seg.base = 0;
             seg.selector = 0;
             seg.limit = 0xffff;
@@ -99,9 +83,7 @@ impl BootSector {
                 "application processors of a boot-sector guest need the in-kernel irqchip".into(),
             ));
         }
-        let bsp = vcpus
-            .first()
-            .ok_or_else(|| Error::Config("no vCPU".into()))?;
+        let bsp = vcpus.first().ok_or_else(|| Error::Config("no vCPU".into()))?;
         let mut sregs = bsp.sregs()?;
         Self::real_mode_sregs(&mut sregs);
         bsp.set_sregs(&sregs)?;
@@ -111,13 +93,7 @@ impl BootSector {
 
     /// Registers at the jump to the sector: IP = 0x7c00, DL = 0x80.
     pub fn initial_regs() -> kvm_regs {
-        kvm_regs {
-            rip: BOOT_SECTOR_ADDR,
-            rdx: 0x80,
-            rsp: BOOT_SECTOR_ADDR,
-            rflags: 2,
-            ..Default::default()
-        }
+        kvm_regs { rip: BOOT_SECTOR_ADDR, rdx: 0x80, rsp: BOOT_SECTOR_ADDR, rflags: 2, ..Default::default() }
     }
 }
 

@@ -60,9 +60,7 @@ impl Share {
 
     /// Guest-physical addresses of the share's pages, in walk order.
     pub fn page_addrs(&self) -> impl Iterator<Item = u64> + '_ {
-        self.ranges
-            .iter()
-            .flat_map(|&(s, e)| (s..e).step_by(PAGE_SIZE as usize))
+        self.ranges.iter().flat_map(|&(s, e)| (s..e).step_by(PAGE_SIZE as usize))
     }
 
     /// Number of pages of the share below `cursor`, if `cursor` lies in (or
@@ -135,16 +133,11 @@ impl TestGuest {
     /// Plans the guest: splits RAM above 1 MiB into `vcpus` shares.
     pub fn new(layout: &RamLayout, vcpus: usize) -> Result<Self> {
         if vcpus == 0 || vcpus > MAX_VCPUS {
-            return Err(Error::Config(format!(
-                "{vcpus} vCPUs (1..={MAX_VCPUS} supported)"
-            )));
+            return Err(Error::Config(format!("{vcpus} vCPUs (1..={MAX_VCPUS} supported)")));
         }
         let page_directories = layout.top().div_ceil(GIB);
         if page_directories > LM_MAX_PDS {
-            return Err(Error::Config(format!(
-                "guest-physical top {:#x} beyond the identity map",
-                layout.top()
-            )));
+            return Err(Error::Config(format!("guest-physical top {:#x} beyond the identity map", layout.top())));
         }
         // Usable ranges: RAM minus the reserved low megabyte.
         let usable: Vec<(u64, u64)> = layout
@@ -155,9 +148,7 @@ impl TestGuest {
             .collect();
         let total: u64 = usable.iter().map(|(s, e)| (e - s) / PAGE_SIZE).sum();
         if total < vcpus as u64 {
-            return Err(Error::Config(format!(
-                "{total} usable pages for {vcpus} vCPUs"
-            )));
+            return Err(Error::Config(format!("{total} usable pages for {vcpus} vCPUs")));
         }
         let max_ranges = (LM_TABLE_STRIDE / 16 - 1) as usize;
         let mut shares = Vec::with_capacity(vcpus);
@@ -180,10 +171,7 @@ impl TestGuest {
             }
             shares.push(Share { ranges });
         }
-        Ok(Self {
-            shares,
-            page_directories,
-        })
+        Ok(Self { shares, page_directories })
     }
 
     /// Number of vCPUs.
@@ -211,20 +199,14 @@ impl TestGuest {
         out.push((LM_IDT_ADDR, vec![0u8; 8]));
         // Identity map of [0, page_directories GiB) with 2 MiB pages.
         out.push((LM_PML4_ADDR, (LM_PDPT_ADDR | 3).to_le_bytes().to_vec()));
-        let pdpt: Vec<u8> = (0..self.page_directories)
-            .flat_map(|i| ((LM_PD_ADDR + i * PAGE_SIZE) | 3).to_le_bytes())
-            .collect();
+        let pdpt: Vec<u8> =
+            (0..self.page_directories).flat_map(|i| ((LM_PD_ADDR + i * PAGE_SIZE) | 3).to_le_bytes()).collect();
         out.push((LM_PDPT_ADDR, pdpt));
-        let pds: Vec<u8> = (0..self.page_directories * 512)
-            .flat_map(|j| ((j << 21) | 0x83).to_le_bytes())
-            .collect();
+        let pds: Vec<u8> = (0..self.page_directories * 512).flat_map(|j| ((j << 21) | 0x83).to_le_bytes()).collect();
         out.push((LM_PD_ADDR, pds));
         for (i, share) in self.shares.iter().enumerate() {
-            let mut table: Vec<u8> = share
-                .ranges
-                .iter()
-                .flat_map(|&(s, e)| s.to_le_bytes().into_iter().chain(e.to_le_bytes()))
-                .collect();
+            let mut table: Vec<u8> =
+                share.ranges.iter().flat_map(|&(s, e)| s.to_le_bytes().into_iter().chain(e.to_le_bytes())).collect();
             table.extend_from_slice(&[0u8; 16]);
             out.push((LM_TABLES_ADDR + i as u64 * LM_TABLE_STRIDE, table));
         }
@@ -294,11 +276,7 @@ impl TestGuest {
     /// Puts every vCPU at the program's entry in long mode, runnable.
     pub fn configure_vcpus(&self, vcpus: &[Vcpu]) -> Result<()> {
         if vcpus.len() != self.shares.len() {
-            return Err(Error::Config(format!(
-                "{} vCPUs for a guest planned for {}",
-                vcpus.len(),
-                self.shares.len()
-            )));
+            return Err(Error::Config(format!("{} vCPUs for a guest planned for {}", vcpus.len(), self.shares.len())));
         }
         for v in vcpus {
             let mut sregs = v.sregs()?;
@@ -317,61 +295,38 @@ impl TestGuest {
         let share = self.shares.get(vcpu).ok_or_else(|| no_vcpu(vcpu))?;
         let code_end = LM_CODE_ADDR + programs::LM_CODE.len() as u64;
         if regs.rip < LM_CODE_ADDR || regs.rip >= code_end {
-            return Err(Error::Vcpu {
-                vcpu,
-                reason: format!("rip {:#x} outside the pattern program", regs.rip),
-            });
+            return Err(Error::Vcpu { vcpu, reason: format!("rip {:#x} outside the pattern program", regs.rip) });
         }
         let cursor = regs.rdi.div_ceil(PAGE_SIZE) * PAGE_SIZE;
-        let done = share.pages_below(cursor).ok_or_else(|| Error::Vcpu {
-            vcpu,
-            reason: format!("rdi {:#x} outside its share", regs.rdi),
-        })?;
+        let done = share
+            .pages_below(cursor)
+            .ok_or_else(|| Error::Vcpu { vcpu, reason: format!("rdi {:#x} outside its share", regs.rdi) })?;
         if done < share.pages() {
-            return Ok(CpuPosition {
-                passes: regs.r10,
-                pages_done: done,
-            });
+            return Ok(CpuPosition { passes: regs.r10, pages_done: done });
         }
         // The pass is complete; r10 is incremented between PASS_COUNTED and
         // the reload of rdi at RANGE_TOP.
         let counted = regs.rip >= programs::LM_PASS_COUNTED && regs.rip <= programs::LM_RANGE_TOP;
-        Ok(CpuPosition {
-            passes: if counted { regs.r10 } else { regs.r10 + 1 },
-            pages_done: 0,
-        })
+        Ok(CpuPosition { passes: if counted { regs.r10 } else { regs.r10 + 1 }, pages_done: 0 })
     }
 
     /// Checks every pattern page of every share against `positions` (one per
     /// vCPU), and the reserved bytes against what setup wrote.
     pub fn verify(&self, ram: &GuestRam, positions: &[CpuPosition]) -> Result<VerifyReport> {
         if positions.len() != self.shares.len() {
-            return Err(Error::Config(format!(
-                "{} positions for {} vCPUs",
-                positions.len(),
-                self.shares.len()
-            )));
+            return Err(Error::Config(format!("{} positions for {} vCPUs", positions.len(), self.shares.len())));
         }
         let mut report = VerifyReport::default();
         for (vcpu, (share, pos)) in self.shares.iter().zip(positions).enumerate() {
             for (i, gpa) in share.page_addrs().enumerate() {
-                let passes = if (i as u64) < pos.pages_done {
-                    pos.passes + 1
-                } else {
-                    pos.passes
-                };
+                let passes = if (i as u64) < pos.pages_done { pos.passes + 1 } else { pos.passes };
                 let expected = pattern_value(passes, gpa);
                 let found = ram.read_u64(gpa)?;
                 report.pages_checked += 1;
                 if found != expected {
                     report.bad_pages += 1;
                     if report.first_bad.len() < MAX_REPORTED_BAD_PAGES {
-                        report.first_bad.push(BadPage {
-                            vcpu,
-                            gpa,
-                            expected,
-                            found,
-                        });
+                        report.first_bad.push(BadPage { vcpu, gpa, expected, found });
                     }
                 }
             }
@@ -386,8 +341,7 @@ impl TestGuest {
                     g[0] = (g[0] & !PTE_ACCESSED_DIRTY) | (w[0] & PTE_ACCESSED_DIRTY);
                 }
             }
-            report.bad_reserved_bytes +=
-                got.iter().zip(&want).filter(|(a, b)| a != b).count() as u64;
+            report.bad_reserved_bytes += got.iter().zip(&want).filter(|(a, b)| a != b).count() as u64;
         }
         Ok(report)
     }
@@ -397,11 +351,7 @@ impl TestGuest {
     pub fn write_pattern(&self, ram: &GuestRam, positions: &[CpuPosition]) -> Result<()> {
         for (share, pos) in self.shares.iter().zip(positions) {
             for (i, gpa) in share.page_addrs().enumerate() {
-                let passes = if (i as u64) < pos.pages_done {
-                    pos.passes + 1
-                } else {
-                    pos.passes
-                };
+                let passes = if (i as u64) < pos.pages_done { pos.passes + 1 } else { pos.passes };
                 ram.write_u64(gpa, pattern_value(passes, gpa))?;
             }
         }
@@ -410,33 +360,21 @@ impl TestGuest {
 }
 
 fn no_vcpu(vcpu: usize) -> Error {
-    Error::Vcpu {
-        vcpu,
-        reason: "no such vCPU in the guest".into(),
-    }
+    Error::Vcpu { vcpu, reason: "no such vCPU in the guest".into() }
 }
 
 /// Accessed (bit 5) and dirty (bit 6) bits of a page-table entry.
 const PTE_ACCESSED_DIRTY: u8 = 0x60;
 
 /// GDT of the long-mode guest: null, 64-bit code, data, 64-bit TSS.
-const GDT: [u64; 4] = [
-    0,
-    0x00af_9b00_0000_ffff,
-    0x00cf_9300_0000_ffff,
-    0x008f_8b00_0000_ffff,
-];
+const GDT: [u64; 4] = [0, 0x00af_9b00_0000_ffff, 0x00cf_9300_0000_ffff, 0x008f_8b00_0000_ffff];
 
 /// The KVM segment register a GDT entry describes.
 fn segment_from_gdt(entry: u64, index: u16) -> kvm_segment {
     let base = ((entry >> 16) & 0xff_ffff) | (((entry >> 56) & 0xff) << 24);
     let raw_limit = (entry & 0xffff) | (((entry >> 48) & 0xf) << 16);
     let g = ((entry >> 55) & 1) as u8;
-    let limit = if g == 1 {
-        (raw_limit << 12) | 0xfff
-    } else {
-        raw_limit
-    };
+    let limit = if g == 1 { (raw_limit << 12) | 0xfff } else { raw_limit };
     let present = ((entry >> 47) & 1) as u8;
     kvm_segment {
         base,
@@ -472,17 +410,13 @@ mod tests {
     fn shares_cover_usable_ram_exactly_once() {
         let layout = RamLayout::pc(5 * GIB).unwrap();
         let g = TestGuest::new(&layout, 3).unwrap();
-        let mut all: Vec<u64> = (0..3)
-            .flat_map(|v| g.share(v).unwrap().page_addrs().collect::<Vec<_>>())
-            .collect();
+        let mut all: Vec<u64> = (0..3).flat_map(|v| g.share(v).unwrap().page_addrs().collect::<Vec<_>>()).collect();
         let n = all.len() as u64;
         all.sort_unstable();
         all.dedup();
         assert_eq!(all.len() as u64, n);
         assert_eq!(n, (5 * GIB - LM_SHARES_START) / PAGE_SIZE);
-        assert!(all
-            .iter()
-            .all(|&a| layout.locate(a).is_some() && a >= LM_SHARES_START));
+        assert!(all.iter().all(|&a| layout.locate(a).is_some() && a >= LM_SHARES_START));
         // One share spans the hole.
         assert!((0..3).any(|v| g.share(v).unwrap().ranges.len() == 2));
     }
@@ -499,29 +433,14 @@ mod tests {
     #[test]
     fn verifier_accepts_the_pattern_and_catches_dropped_stale_and_corrupt_pages() {
         let (ram, g) = guest(8, 2);
-        let pos = [
-            CpuPosition {
-                passes: 3,
-                pages_done: 100,
-            },
-            CpuPosition {
-                passes: 0,
-                pages_done: 7,
-            },
-        ];
+        let pos = [CpuPosition { passes: 3, pages_done: 100 }, CpuPosition { passes: 0, pages_done: 7 }];
         g.write_pattern(&ram, &pos).unwrap();
         let r = g.verify(&ram, &pos).unwrap();
         assert!(r.is_ok(), "{r:?}");
         assert_eq!(r.pages_checked, g.pattern_pages());
 
         // A wrong position is itself a mismatch.
-        let shifted = [
-            CpuPosition {
-                passes: 3,
-                pages_done: 101,
-            },
-            pos[1],
-        ];
+        let shifted = [CpuPosition { passes: 3, pages_done: 101 }, pos[1]];
         assert_eq!(g.verify(&ram, &shifted).unwrap().bad_pages, 1);
 
         let share0: Vec<u64> = g.share(0).unwrap().page_addrs().collect();
@@ -539,8 +458,7 @@ mod tests {
         ram.write_u64(stale, pattern_value(4, stale)).unwrap();
         // Corrupted page.
         let corrupt = share0[500];
-        ram.write_u64(corrupt, pattern_value(3, corrupt) ^ 0x100)
-            .unwrap();
+        ram.write_u64(corrupt, pattern_value(3, corrupt) ^ 0x100).unwrap();
         assert_eq!(g.verify(&ram, &pos).unwrap().bad_pages, 1);
         ram.write_u64(corrupt, pattern_value(3, corrupt)).unwrap();
         assert!(g.verify(&ram, &pos).unwrap().is_ok());
@@ -559,60 +477,24 @@ mod tests {
         let share = g.share(0).unwrap().clone();
         let (start, end) = share.ranges[0];
         let mut regs = g.initial_regs(0).unwrap();
-        assert_eq!(
-            g.position_from_regs(0, &regs).unwrap(),
-            CpuPosition {
-                passes: 0,
-                pages_done: 0
-            }
-        );
+        assert_eq!(g.position_from_regs(0, &regs).unwrap(), CpuPosition { passes: 0, pages_done: 0 });
         // Mid pass, just after the store of page 5 (rdi = page + 8).
         regs.r10 = 7;
         regs.rdi = start + 5 * PAGE_SIZE + 8;
         regs.rip = programs::LM_PASS_TOP + 0x30;
-        assert_eq!(
-            g.position_from_regs(0, &regs).unwrap(),
-            CpuPosition {
-                passes: 7,
-                pages_done: 6
-            }
-        );
+        assert_eq!(g.position_from_regs(0, &regs).unwrap(), CpuPosition { passes: 7, pages_done: 6 });
         // Before the store of page 5.
         regs.rdi = start + 5 * PAGE_SIZE;
-        assert_eq!(
-            g.position_from_regs(0, &regs).unwrap(),
-            CpuPosition {
-                passes: 7,
-                pages_done: 5
-            }
-        );
+        assert_eq!(g.position_from_regs(0, &regs).unwrap(), CpuPosition { passes: 7, pages_done: 5 });
         // End of pass, counter not yet incremented.
         regs.rdi = end;
         regs.rip = programs::LM_PASS_TOP + 0x40;
-        assert_eq!(
-            g.position_from_regs(0, &regs).unwrap(),
-            CpuPosition {
-                passes: 8,
-                pages_done: 0
-            }
-        );
+        assert_eq!(g.position_from_regs(0, &regs).unwrap(), CpuPosition { passes: 8, pages_done: 0 });
         // End of pass, counter incremented.
         regs.rip = programs::LM_PASS_COUNTED;
-        assert_eq!(
-            g.position_from_regs(0, &regs).unwrap(),
-            CpuPosition {
-                passes: 7,
-                pages_done: 0
-            }
-        );
+        assert_eq!(g.position_from_regs(0, &regs).unwrap(), CpuPosition { passes: 7, pages_done: 0 });
         regs.rip = programs::LM_RANGE_TOP;
-        assert_eq!(
-            g.position_from_regs(0, &regs).unwrap(),
-            CpuPosition {
-                passes: 7,
-                pages_done: 0
-            }
-        );
+        assert_eq!(g.position_from_regs(0, &regs).unwrap(), CpuPosition { passes: 7, pages_done: 0 });
         // Nonsense registers.
         regs.rdi = 0x1000;
         assert!(g.position_from_regs(0, &regs).is_err());
@@ -625,10 +507,7 @@ mod tests {
     #[test]
     fn gdt_segments_decode() {
         let cs = segment_from_gdt(GDT[1], 1);
-        assert_eq!(
-            (cs.selector, cs.type_, cs.l, cs.db, cs.g, cs.present, cs.s),
-            (8, 0xb, 1, 0, 1, 1, 1)
-        );
+        assert_eq!((cs.selector, cs.type_, cs.l, cs.db, cs.g, cs.present, cs.s), (8, 0xb, 1, 0, 1, 1, 1));
         assert_eq!(cs.limit, 0xffff_ffff);
         let ds = segment_from_gdt(GDT[2], 2);
         assert_eq!((ds.selector, ds.type_, ds.l, ds.db), (16, 3, 0, 1));

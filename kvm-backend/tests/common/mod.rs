@@ -57,32 +57,16 @@ pub fn start_pattern_vm(mem_bytes: u64, vcpus: usize, irqchip: bool) -> PatternV
     let guest = TestGuest::new(&layout, vcpus).expect("guest");
     let ram = Arc::new(GuestRam::new(layout).expect("ram"));
     guest.load(&ram).expect("load");
-    let vm = Vm::new(
-        ram.clone(),
-        VmConfig {
-            irqchip,
-            ..VmConfig::new(vcpus)
-        },
-    )
-    .expect("vm");
+    let vm = Vm::new(ram.clone(), VmConfig { irqchip, ..VmConfig::new(vcpus) }).expect("vm");
     let v = vm.create_vcpus().expect("vcpus");
     guest.configure_vcpus(&v).expect("configure");
     let set = VcpuSet::start(v, vm.devices().clone()).expect("start");
-    PatternVm {
-        guest,
-        ram,
-        vm,
-        set,
-    }
+    PatternVm { guest, ram, vm, set }
 }
 
 /// Positions of every vCPU from saved states.
 pub fn positions(guest: &TestGuest, states: &[VcpuState]) -> Vec<CpuPosition> {
-    states
-        .iter()
-        .enumerate()
-        .map(|(i, s)| guest.position_from_regs(i, &s.regs).expect("position"))
-        .collect()
+    states.iter().enumerate().map(|(i, s)| guest.position_from_regs(i, &s.regs).expect("position")).collect()
 }
 
 /// Waits until every vCPU reported at least `passes` passes, or panics.
@@ -93,12 +77,7 @@ pub fn wait_for_passes(vm: &Vm, passes: u64, timeout: Duration) {
         if s.reports.iter().all(|&r| r >= passes) {
             return;
         }
-        assert!(
-            t0.elapsed() < timeout,
-            "guest too slow: {:?} passes after {:?}",
-            s.reports,
-            timeout
-        );
+        assert!(t0.elapsed() < timeout, "guest too slow: {:?} passes after {:?}", s.reports, timeout);
         std::thread::sleep(Duration::from_millis(10));
     }
 }
