@@ -55,7 +55,7 @@ fn main() {
     let destination = pair.dst.core.stats(pair.now);
     println!("source: {}", serde_json::to_string_pretty(&source).unwrap_or_default());
     println!("destination: {}", serde_json::to_string_pretty(&destination).unwrap_or_default());
-    if outcome.is_err() {
+    if outcome != Ok(postcopy_core::testkit::Outcome::Completed) {
         std::process::exit(1);
     }
 }

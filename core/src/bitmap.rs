@@ -67,7 +67,12 @@ impl Bitmap {
         let mask = 1 << (i % WORD_BITS);
         let was_clear = *word & mask == 0;
         *word |= mask;
-        self.ones += u64::from(was_clear);
+        // A branch, not `ones += u64::from(was_clear)`: rustc 1.95 (and
+        // nightly 1.97) miscompile that form in release builds when the call
+        // sits in a loop (see the `counts_survive_release_optimisation` test).
+        if was_clear {
+            self.ones += 1;
+        }
         was_clear
     }
 
@@ -78,7 +83,10 @@ impl Bitmap {
         let mask = 1 << (i % WORD_BITS);
         let was_set = *word & mask != 0;
         *word &= !mask;
-        self.ones -= u64::from(was_set);
+        // A branch on purpose: see `set`.
+        if was_set {
+            self.ones -= 1;
+        }
         was_set
     }
 
@@ -313,6 +321,29 @@ mod tests {
         assert!(!b.clear(3));
         assert_eq!(b.next_set(0), Some(129));
         assert!(!b.get(500));
+    }
+
+    /// `ones -= u64::from(was_set)` after a set, with the clear in a loop,
+    /// left `ones` at 1 in release builds of rustc 1.95: a miscompilation.
+    /// This is the shape in which the destination drops stale pages.
+    #[test]
+    fn counts_survive_release_optimisation() {
+        let mut b = Bitmap::new(1);
+        b.set(std::hint::black_box(0));
+        let first = std::hint::black_box(0u64);
+        let count = std::hint::black_box(1u32);
+        let mut cleared = 0;
+        for page in first..first + u64::from(count) {
+            if b.clear(page) {
+                cleared += 1;
+            }
+        }
+        assert_eq!(cleared, 1);
+        assert_eq!(b.count_ones(), 0);
+        for page in first..first + u64::from(count) {
+            b.set(page);
+        }
+        assert_eq!(b.count_ones(), 1);
     }
 
     #[test]

@@ -1,4 +1,4 @@
-use postcopy_core::testkit::{Pair, PairConfig};
+use postcopy_core::testkit::{Outcome, Pair, PairConfig};
 use postcopy_core::{Channel, Config, PageNumber};
 
 #[test]
@@ -9,7 +9,7 @@ fn pure_postcopy_completes() {
     }
     let result = pair.run_to_completion(10_000);
     println!("{:?} {:?}", pair.src.core.state(), pair.dst.core.state());
-    result.unwrap();
+    assert_eq!(result, Ok(Outcome::Completed));
 }
 
 #[test]
@@ -21,7 +21,7 @@ fn hybrid_completes() {
     pair.transmit(Channel::Main, 0);
     pair.transmit(Channel::Main, 0);
     pair.guest_access(0, PageNumber(0), true);
-    pair.run_to_completion(10_000).unwrap();
+    assert_eq!(pair.run_to_completion(10_000), Ok(Outcome::Completed));
 }
 
 #[test]
@@ -52,6 +52,6 @@ fn recovers_after_lost_connection() {
     pair.guest_access(0, PageNumber(3), true);
     let result = pair.run_to_completion(10_000);
     println!("{:?} {:?} {:?}", pair.src.core.state(), pair.dst.core.state(), pair.src.core.stats(pair.now));
-    result.unwrap();
+    assert_eq!(result, Ok(Outcome::Completed));
     assert!(pair.src.recovered);
 }

@@ -14,7 +14,7 @@ mod pair;
 
 pub use hosts::{DestHost, SourceGuest, SourceHost};
 pub use oracle::{Oracle, Violation};
-pub use pair::{Pair, PairConfig, Pipe};
+pub use pair::{Outcome, Pair, PairConfig, Pipe};
 
 use crate::layout::PageNumber;
 

@@ -41,6 +41,17 @@ impl PairConfig {
     }
 }
 
+/// How a healed run ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Outcome {
+    /// Both sides completed; every page on the destination is the newest.
+    Completed,
+    /// The migration was abandoned before the destination could run the
+    /// guest (a loss or an error before StartGuest): the guest runs on the
+    /// source with its newest content, the destination dropped its copy.
+    AbandonedOnSource,
+}
+
 /// One channel's connection: bytes in flight, in order.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Hash)]
 pub struct Pipe {
@@ -384,7 +395,7 @@ impl Pair {
     /// Runs fairly (every channel drained in turn, timers fired when idle, no
     /// new faults or losses) until both sides finish, for at most `max_steps`.
     /// Then checks that both completed with every page in place.
-    pub fn run_to_completion(&mut self, max_steps: usize) -> Result<(), Violation> {
+    pub fn run_to_completion(&mut self, max_steps: usize) -> Result<Outcome, Violation> {
         self.connect_allowed = true;
         for _ in 0..max_steps {
             if self.finished() {
@@ -408,8 +419,9 @@ impl Pair {
         self.check_outcome()
     }
 
-    /// After a healed run: both completed, every page newest, no violation.
-    pub fn check_outcome(&mut self) -> Result<(), Violation> {
+    /// After a healed run: both completed with every page newest, or both
+    /// gave up before the destination ran the guest; and no violation.
+    pub fn check_outcome(&mut self) -> Result<Outcome, Violation> {
         self.check();
         if let Some(violation) = self.violations.first() {
             return Err(violation.clone());
@@ -418,7 +430,17 @@ impl Pair {
         match (self.src.finished_ok, self.dst.finished_ok) {
             (Some(true), Some(true)) => {
                 self.check_destination_memory();
-                self.violations.first().cloned().map_or(Ok(()), Err)
+                self.violations.first().cloned().map_or(Ok(Outcome::Completed), Err)
+            }
+            (Some(false), Some(false)) if !self.src.past_start && self.src.running && !self.dst.running => {
+                for page in 0..self.pages() {
+                    let expected = self.oracle.latest(PageNumber(page));
+                    let found = self.src.guest.versions[page as usize];
+                    if found != expected {
+                        return Err(Violation::SourceStaleRead { page, expected, found });
+                    }
+                }
+                Ok(Outcome::AbandonedOnSource)
             }
             (Some(false), _) => {
                 let error = self.src.finished.0.as_ref().map(|f| format!("{:?}", f.result)).unwrap_or_default();
