@@ -458,10 +458,13 @@ impl Destination {
         Ok(())
     }
 
-    /// The user gives up on the migration. Allowed until the guest started
-    /// here; the source then keeps running it.
+    /// The user gives up on the migration. Allowed until the device state is
+    /// loaded here; the source then keeps running the guest. Once this side
+    /// has said ReadyToRun (or reported the device state loaded in a
+    /// recovery), the source may transmit StartGuest, its point of no return,
+    /// at any moment: only the source may cancel from then on.
     pub fn handle_cancel(&mut self, now: Timestamp) -> Result<(), EventError> {
-        if self.guest_started || self.state.is_terminal() {
+        if self.guest_started || self.device_loaded || self.state.is_terminal() {
             return Err(self.wrong_state("cancel"));
         }
         let farewell = Frame::GuestDropped { reason: "cancelled on the destination".into() };
