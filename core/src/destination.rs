@@ -912,6 +912,7 @@ impl Destination {
                 self.links[channel.index()].down();
                 self.hellos[channel.index()] = None;
                 self.actions.push_back(DestinationAction::Close(channel));
+                self.actions.push_back(DestinationAction::Notice(Notice::ConnectionRefused { channel, error }));
             }
             DestinationState::Listening | DestinationState::Precopy | DestinationState::LoadingDevice => {
                 let farewell = Frame::Reject { reason: error.to_string() };

@@ -70,8 +70,6 @@ pub enum ProtocolError {
     SessionMismatch { expected: u64, got: u64 },
     #[error("epoch mismatch: expected {expected}, got {got}")]
     EpochMismatch { expected: u32, got: u32 },
-    #[error("mode mismatch: the destination expects {expected}, the source asks {got}")]
-    ModeMismatch { expected: String, got: String },
     #[error("page request after the destination declared the end of copy")]
     RequestAfterEnd,
     #[error("more than {limit} page requests outstanding")]

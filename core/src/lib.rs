@@ -94,6 +94,9 @@ pub enum Notice {
     RecoveryFailed { attempt: u32, reason: MigrationError },
     /// The migration resumed on new connections.
     Recovered { epoch: u32 },
+    /// A connection was refused for bad bytes or a wrong hello while nothing
+    /// was at stake (paused, or already completed); the migration goes on.
+    ConnectionRefused { channel: crate::Channel, error: ProtocolError },
 }
 
 impl<S> PartialEq for Finished<S> {

@@ -445,13 +445,13 @@ fn cancel_from_the_source_before_start_drops_the_guest() {
 }
 
 #[test]
-fn user_cancel_only_before_ready_to_run() {
+fn user_cancel_only_before_the_device_state_is_loaded() {
     let mut h = Harness::handshaken(quiet(), WireMode::Postcopy);
+    h.receive(Channel::Main, Frame::DeviceState { last: true, chunk: Bytes::new() });
     h.dst.handle_cancel(h.now).unwrap();
     h.drain();
     assert_eq!(h.finished_error(), Some(MigrationError::Cancelled));
-    // Once ReadyToRun is out the source may have transmitted StartGuest:
-    // only the source may cancel then (see tests/model_regressions.rs).
+    // Once ReadyToRun is out, StartGuest may be on its way: only the source may cancel.
     let mut h = Harness::awaiting_start(quiet());
     assert!(h.dst.handle_cancel(h.now).is_err());
     let mut h = Harness::running(quiet());
@@ -554,11 +554,17 @@ fn resume_checks_session_epoch_and_layout() {
         precopy_rounds: 0,
         blocks: vec![RamBlock { name: "ram".into(), page_count: PAGES }],
     });
-    for frame in [other_layout, other_session] {
+    let cases = [
+        (other_layout, ProtocolError::LayoutChanged),
+        (other_session, ProtocolError::SessionMismatch { expected: SESSION, got: 7 }),
+        (hello(WireMode::Postcopy, true, 0), ProtocolError::EpochMismatch { expected: 1, got: 0 }),
+    ];
+    for (frame, error) in cases {
         h.actions.clear();
         h.connect(Channel::Main);
         h.receive(Channel::Main, frame);
         assert!(h.has(&DestinationAction::Close(Channel::Main)));
+        assert!(h.has(&DestinationAction::Notice(Notice::ConnectionRefused { channel: Channel::Main, error })));
         assert_eq!(h.dst.state(), DestinationState::Paused);
     }
 }

@@ -422,6 +422,9 @@ fn eoc_before_end_of_stream_goes_through_eoc_received() {
     h.request(&[1]);
     // A request after EOC is an error; the source pauses rather than lose anything.
     assert_eq!(h.src.state(), SourceState::ErrorReceive);
+    assert!(h.has(&SourceAction::Notice(Notice::Paused {
+        reason: MigrationError::Protocol(ProtocolError::RequestAfterEnd)
+    })));
 }
 
 #[test]
