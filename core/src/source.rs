@@ -857,7 +857,11 @@ impl Source {
             Frame::StartGuest => {
                 // From here on the destination may run the guest: never take it back.
                 self.start_queued = false;
-                self.state = SourceState::Active;
+                // Sent again after a recovery, it may follow the end of the
+                // background push: keep ALL_PAGES_SENT then.
+                if self.state == SourceState::Switchover {
+                    self.state = SourceState::Active;
+                }
                 self.clock.0.started.get_or_insert(now);
                 self.check_all_sent();
             }

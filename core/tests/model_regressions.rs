@@ -53,3 +53,41 @@ fn destination_cancel_before_ready_to_run_leaves_guest_on_source() {
     pair.check();
     assert!(pair.violations.is_empty(), "{:?}", pair.violations);
 }
+
+/// Found by the model: after a recovery in which StartGuest had been lost,
+/// the source re-sends StartGuest; when it went out after the background
+/// push had finished (the urgent channel lagging behind the main one), the
+/// source fell back from ALL_PAGES_SENT to ACTIVE. The destination's Eoc
+/// then moved it to EOC_RECEIVED, where it waited for an EndOfStream that
+/// had already been sent: the destination completed, the source never did.
+#[test]
+fn start_guest_resent_after_recovery_does_not_rewind_the_source() {
+    let mut pair = Pair::new(PairConfig::new(Config::postcopy(), 2));
+    for channel in [Channel::Main, Channel::Return, Channel::Main, Channel::Return] {
+        assert!(pair.transmit(channel, 0));
+        assert!(pair.deliver(channel, usize::MAX));
+    }
+    // StartGuest is transmitted, then lost with the connections.
+    while pair.src.core.state() != SourceState::Active {
+        assert!(pair.transmit(Channel::Urgent, 0));
+    }
+    assert!(pair.lose(Channel::Main));
+    assert_eq!(pair.src.core.state(), SourceState::Paused);
+    assert!(pair.fire_timer(), "the source retries");
+    assert_eq!(pair.src.core.state(), SourceState::Recovering);
+    // Recovery on the main channel and the return path only.
+    assert!(pair.transmit(Channel::Main, 0));
+    assert!(pair.deliver(Channel::Main, usize::MAX));
+    assert!(pair.transmit(Channel::Return, 1 << 16));
+    assert!(pair.deliver(Channel::Return, usize::MAX));
+    assert_eq!(pair.src.core.state(), SourceState::Active);
+    // The background push finishes before the urgent channel moves.
+    while pair.src.core.state() == SourceState::Active {
+        assert!(pair.transmit(Channel::Main, 0), "the source should push pages, then EndOfStream");
+    }
+    assert_eq!(pair.src.core.state(), SourceState::AllPagesSent);
+    // The urgent channel now carries its hello and StartGuest again.
+    assert!(pair.transmit(Channel::Urgent, 1 << 16));
+    assert_eq!(pair.src.core.state(), SourceState::AllPagesSent, "StartGuest must not rewind the source");
+    pair.run_to_completion(1_000).expect("the migration completes");
+}
