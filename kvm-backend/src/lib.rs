@@ -23,6 +23,7 @@
 //! All unsafe code is in the private `sys` module.
 
 #![deny(unsafe_op_in_unsafe_fn)]
+#![warn(missing_docs)]
 
 pub mod devices;
 pub mod error;

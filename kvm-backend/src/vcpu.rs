@@ -340,9 +340,35 @@ impl Vcpu {
         Ok(())
     }
 
+    /// Of `candidates`, the MSRs that can be saved and restored: readable,
+    /// and writable back with the value read (some are readable only, e.g.
+    /// MSR_KVM_ASYNC_PF_INT without an in-kernel LAPIC). Probed on a fresh
+    /// vCPU, where writing back the reset values changes nothing.
+    pub(crate) fn saveable_msrs(&self, candidates: &[u32]) -> Result<Vec<u32>> {
+        let readable = self.readable_msrs(candidates)?;
+        let values = self.read_msrs(&readable)?;
+        let mut keep = Vec::with_capacity(values.len());
+        for chunk in values.chunks(MSR_CHUNK) {
+            let mut rest: Vec<MsrValue> = chunk.to_vec();
+            while !rest.is_empty() {
+                let entries: Vec<kvm_msr_entry> =
+                    rest.iter().map(|m| kvm_msr_entry { index: m.index, data: m.data, ..Default::default() }).collect();
+                let msrs = Msrs::from_entries(&entries).map_err(|e| Error::State(format!("MSR list: {e:?}")))?;
+                let n = self.fd.set_msrs(&msrs).map_err(kvm_err("KVM_SET_MSRS"))?;
+                keep.extend(rest[..n.min(rest.len())].iter().map(|m| m.index));
+                if n >= rest.len() {
+                    break;
+                }
+                tracing::debug!(msr = format_args!("{:#x}", rest[n].index), "MSR not writable, not saved");
+                rest.drain(..=n);
+            }
+        }
+        Ok(keep)
+    }
+
     /// Of `candidates`, the MSRs this vCPU can read (KVM_GET_MSRS stops at
     /// the first one it refuses; drop it and go on).
-    pub(crate) fn readable_msrs(&self, candidates: &[u32]) -> Result<Vec<u32>> {
+    fn readable_msrs(&self, candidates: &[u32]) -> Result<Vec<u32>> {
         let mut keep = Vec::with_capacity(candidates.len());
         for chunk in candidates.chunks(MSR_CHUNK) {
             let mut rest: Vec<u32> = chunk.to_vec();

@@ -274,7 +274,7 @@ impl Vm {
                         }),
                         self.ram.clone(),
                     );
-                    let msrs = probe.readable_msrs(&self.msr_candidates)?;
+                    let msrs = probe.saveable_msrs(&self.msr_candidates)?;
                     let caps = Arc::new(VcpuCaps {
                         xsave: self.xsave_size.is_some(),
                         xsave_size: self.xsave_size.unwrap_or(0),

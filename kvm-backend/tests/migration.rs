@@ -273,3 +273,90 @@ fn hybrid_without_stale_discard_is_caught_by_the_verifier() {
     assert!(o.verify_at_switchover_bad_pages > 0, "stale pages went unnoticed");
     assert!(o.verify_at_switchover_bad_pages <= o.stale_discarded);
 }
+
+#[derive(Clone, Copy, Debug)]
+enum Damage {
+    /// The page is left zero (installed as a zero page).
+    Dropped,
+    /// One bit of the pattern word is flipped.
+    Corrupted,
+}
+
+/// Migrates with one page damaged on the way: the verifier finds exactly that
+/// page at the switchover, and the guest itself reports it through its error
+/// port when it gets there.
+fn migrate_with_damaged_page(damage: Damage) {
+    let a = start_pattern_vm(32 * MIB, 1, true);
+    wait_for_passes(&a.vm, 2, Duration::from_secs(60));
+    a.set.pause().expect("pause A");
+    let state = DeviceState::capture(&a.vm, &a.set).expect("capture");
+    let a_pos = positions(&a.guest, &state.vcpus);
+    let share: Vec<u64> = a.guest.share(0).expect("share").page_addrs().collect();
+    let victim_gpa = share[(a_pos[0].pages_done as usize + 100) % share.len()];
+    let layout = a.ram.layout().clone();
+    let victim = layout.locate(victim_gpa).expect("victim page");
+
+    let b_ram = Arc::new(GuestRam::new(layout.clone()).expect("ram B"));
+    let b_mem = UffdRam::register(b_ram.clone()).expect("uffd");
+    let mut buf = vec![0u8; PAGE_SIZE as usize];
+    for page in layout.pages() {
+        a.ram.read_page(page, &mut buf).expect("read");
+        let installed = match (page == victim, damage) {
+            (true, Damage::Dropped) => b_mem.install_zero_page(page),
+            (true, Damage::Corrupted) => {
+                buf[2] ^= 0x10;
+                b_mem.install_page(page, &buf)
+            }
+            (false, _) => b_mem.install_page(page, &buf),
+        };
+        assert_eq!(installed.expect("install"), Install::Installed);
+    }
+    let report = a.guest.verify(&b_ram, &a_pos).expect("verify");
+    assert_eq!(report.bad_pages, 1, "{report:?}");
+    let bad = report.first_bad[0];
+    assert_eq!(bad.gpa, victim_gpa);
+
+    let b_vm = Vm::new(b_ram.clone(), VmConfig::new(1)).expect("vm B");
+    let b_vcpus = b_vm.create_vcpus().expect("vcpus B");
+    state.restore(&b_vm, &b_vcpus).expect("restore");
+    let b_set = VcpuSet::start(b_vcpus, b_vm.devices().clone()).expect("start B");
+    let t0 = Instant::now();
+    while b_vm.devices().stats().error_count() == 0 {
+        assert!(t0.elapsed() < Duration::from_secs(30), "the guest did not notice the {damage:?} page");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    // After reporting, the guest repairs the page and goes on.
+    wait_for_passes(&b_vm, 2, Duration::from_secs(60));
+    b_set.pause().expect("pause B");
+    let errors = b_vm.devices().stats().errors();
+    assert_eq!(
+        errors,
+        vec![postcopy_kvm::devices::GuestErrorReport {
+            vcpu: 0,
+            gpa: victim_gpa,
+            expected: bad.expected,
+            found: bad.found
+        }]
+    );
+    let states = b_set.save_states().expect("save B");
+    assert!(a.guest.verify(&b_ram, &positions(&a.guest, &states)).expect("verify").is_ok());
+    eprintln!("{damage:?} page {victim_gpa:#x} caught by the verifier and reported by the guest: {:?}", errors[0]);
+    b_set.stop().expect("stop B");
+    a.set.stop().expect("stop A");
+}
+
+#[test]
+fn dropped_page_is_caught() {
+    if !uffd_or_skip("dropped_page_is_caught") {
+        return;
+    }
+    migrate_with_damaged_page(Damage::Dropped);
+}
+
+#[test]
+fn corrupted_page_is_caught() {
+    if !uffd_or_skip("corrupted_page_is_caught") {
+        return;
+    }
+    migrate_with_damaged_page(Damage::Corrupted);
+}

@@ -38,3 +38,54 @@ fn pattern_guest_runs_pauses_resumes_and_verifies() {
     eprintln!("stop latency {stop2:?}, rates {:?} passes/s", after.rates_since(&before));
     p.set.stop().expect("stop");
 }
+
+#[test]
+fn stop_latency_over_many_pauses() {
+    if !kvm_or_skip("stop_latency_over_many_pauses") {
+        return;
+    }
+    let p = start_pattern_vm(64 * MIB, 4, true);
+    wait_for_passes(&p.vm, 1, Duration::from_secs(60));
+    let mut us: Vec<f64> = (0..20)
+        .map(|_| {
+            std::thread::sleep(Duration::from_millis(20));
+            let d = p.set.pause().expect("pause");
+            p.set.resume();
+            d.as_secs_f64() * 1e6
+        })
+        .collect();
+    us.sort_by(f64::total_cmp);
+    eprintln!(
+        "stop latency of 4 vCPUs over 20 pauses: min {:.0} us, median {:.0} us, max {:.0} us",
+        us[0], us[10], us[19]
+    );
+    // Bounded by CONTROL_TIMEOUT anyway; this is a sanity bound, not a benchmark.
+    assert!(us[10] < 50_000.0, "median stop latency {:.0} us", us[10]);
+    p.set.pause().expect("pause");
+    let states = p.set.save_states().expect("save");
+    let report = p.guest.verify(&p.ram, &positions(&p.guest, &states)).expect("verify");
+    assert!(report.is_ok(), "{report:?}");
+    assert_eq!(p.vm.devices().stats().error_count(), 0);
+    p.set.stop().expect("stop");
+}
+
+#[test]
+fn eight_gib_guest_with_a_hole_runs_and_verifies() {
+    if !kvm_or_skip("eight_gib_guest_with_a_hole_runs_and_verifies") {
+        return;
+    }
+    let p = start_pattern_vm(8 * 1024 * MIB, 4, true);
+    assert_eq!(p.ram.layout().blocks().len(), 2, "RAM above 4 GiB");
+    // The vCPU whose share spans the hole must cross it: wait until every
+    // vCPU has done some pages, then check the whole 8 GiB.
+    std::thread::sleep(Duration::from_millis(1500));
+    p.set.pause().expect("pause");
+    let states = p.set.save_states().expect("save");
+    let pos = positions(&p.guest, &states);
+    assert!(pos.iter().all(|x| x.passes > 0 || x.pages_done > 0), "{pos:?}");
+    let t0 = std::time::Instant::now();
+    let report = p.guest.verify(&p.ram, &pos).expect("verify");
+    assert!(report.is_ok(), "{report:?}");
+    eprintln!("8 GiB: positions {pos:?}, verified {} pages in {:?}", report.pages_checked, t0.elapsed());
+    p.set.stop().expect("stop");
+}

@@ -13,6 +13,8 @@
 //! (an older pass) or corrupted is detected by the guest on its next visit,
 //! and by [`TestGuest::verify`] at any stop.
 
+/// Addresses, ports and constants shared with the build script that
+/// assembles the guest programs.
 #[path = "abi.rs"]
 pub mod abi;
 pub mod bootsector;

@@ -1,0 +1,154 @@
+//! Destination RAM under userfaultfd, without a VM: installing pages (copy
+//! and zero), "already present" handling, discards that fault again, and
+//! the fault reader (non-blocking, pollable, with thread ids).
+
+mod common;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::*;
+use postcopy_kvm::layout::MIB;
+use postcopy_kvm::uffd::InstallCount;
+use postcopy_kvm::{Error, GuestRam, Install, PageRef, RamLayout, UffdRam, PAGE_SIZE};
+
+fn fresh(mib: u64) -> Arc<UffdRam> {
+    let ram = Arc::new(GuestRam::new(RamLayout::pc(mib * MIB).expect("layout")).expect("ram"));
+    Arc::new(UffdRam::register(ram).expect("register"))
+}
+
+fn page_of(byte: u8) -> Vec<u8> {
+    vec![byte; PAGE_SIZE as usize]
+}
+
+#[test]
+fn features_are_reported() {
+    if !uffd_or_skip("features_are_reported") {
+        return;
+    }
+    let f = postcopy_kvm::uffd::probe_features().expect("probe");
+    eprintln!("userfaultfd features: {:?}", f.names);
+    assert!(f.has("THREAD_ID"), "{f:?}");
+    assert_eq!(f.bits.count_ones() as usize, f.names.len());
+    assert!(fresh(2).reports_thread_ids());
+}
+
+#[test]
+fn install_copy_zero_and_already_present() {
+    if !uffd_or_skip("install_copy_zero_and_already_present") {
+        return;
+    }
+    let m = fresh(2);
+    let p = PageRef::new(0, 7);
+    assert_eq!(m.install_page(p, &page_of(0xab)).unwrap(), Install::Installed);
+    // A late or duplicate copy never overwrites.
+    assert_eq!(m.install_page(p, &page_of(0xcd)).unwrap(), Install::AlreadyPresent);
+    assert_eq!(m.install_zero_page(p).unwrap(), Install::AlreadyPresent);
+    let mut back = page_of(0);
+    m.ram().read_page(p, &mut back).unwrap();
+    assert_eq!(back, page_of(0xab));
+
+    let z = PageRef::new(0, 8);
+    assert_eq!(m.install_zero_page(z).unwrap(), Install::Installed);
+    m.ram().read_page(z, &mut back).unwrap();
+    assert_eq!(back, page_of(0));
+    assert_eq!(m.install_page(z, &page_of(1)).unwrap(), Install::AlreadyPresent);
+
+    // A run with present pages inside: those are skipped, the rest filled.
+    let mut run = Vec::new();
+    for i in 0..6u8 {
+        run.extend_from_slice(&page_of(0x10 + i));
+    }
+    let n = m.install_pages(PageRef::new(0, 5), &run).unwrap();
+    assert_eq!(n, InstallCount { installed: 4, already_present: 2 });
+    for (i, want) in [(5, 0x10), (6, 0x11), (7, 0xab), (8, 0), (9, 0x14), (10, 0x15)] {
+        m.ram().read_page(PageRef::new(0, i), &mut back).unwrap();
+        assert_eq!(back[0], want, "page {i}");
+        assert!(back.iter().all(|&b| b == want));
+    }
+    let n = m.install_zero_pages(PageRef::new(0, 9), 4).unwrap();
+    assert_eq!(n, InstallCount { installed: 2, already_present: 2 });
+}
+
+#[test]
+fn bad_arguments_are_errors() {
+    if !uffd_or_skip("bad_arguments_are_errors") {
+        return;
+    }
+    let m = fresh(2);
+    assert!(matches!(m.install_page(PageRef::new(0, 0), &[0u8; 100]), Err(Error::BadLength { .. })));
+    assert!(matches!(m.install_pages(PageRef::new(0, 0), &[]), Err(Error::BadLength { .. })));
+    assert!(matches!(m.install_page(PageRef::new(0, 512), &page_of(0)), Err(Error::PageOutOfRange { .. })));
+    assert!(matches!(m.install_page(PageRef::new(1, 0), &page_of(0)), Err(Error::PageOutOfRange { .. })));
+    let two = [page_of(1), page_of(2)].concat();
+    assert!(matches!(m.install_pages(PageRef::new(0, 511), &two), Err(Error::PageOutOfRange { .. })));
+    assert!(matches!(m.install_zero_pages(PageRef::new(0, 500), 13), Err(Error::PageOutOfRange { .. })));
+    assert!(matches!(m.discard_pages(PageRef::new(0, 510), 3), Err(Error::PageOutOfRange { .. })));
+}
+
+#[test]
+fn faults_are_read_with_thread_ids_and_served() {
+    if !uffd_or_skip("faults_are_read_with_thread_ids_and_served") {
+        return;
+    }
+    let m = fresh(2);
+    let mut reader = m.fault_reader();
+    let mut faults = Vec::new();
+    // Non-blocking: nothing pending means an immediate empty read.
+    let t0 = Instant::now();
+    assert_eq!(reader.read(&mut faults).unwrap(), 0);
+    assert!(!reader.wait(Duration::from_millis(20)).unwrap());
+    assert!(t0.elapsed() < Duration::from_secs(1));
+
+    let page = PageRef::new(0, 42);
+    let gpa = m.ram().layout().gpa_of(page).unwrap();
+    let done = Arc::new(AtomicBool::new(false));
+    let toucher = {
+        let (m, done) = (m.clone(), done.clone());
+        std::thread::spawn(move || {
+            let tid = current_thread_id();
+            let v = m.ram().read_u64(gpa + 16).expect("read");
+            done.store(true, Ordering::SeqCst);
+            (tid, v)
+        })
+    };
+    assert!(reader.wait(Duration::from_secs(5)).unwrap(), "no fault arrived");
+    assert_eq!(reader.read(&mut faults).unwrap(), 1);
+    let f = faults[0];
+    assert_eq!(f.page, page);
+    assert!(!f.write);
+    std::thread::sleep(Duration::from_millis(20));
+    assert!(!done.load(Ordering::SeqCst), "the reader did not wait for the page");
+    let mut data = page_of(0);
+    data[16..24].copy_from_slice(&0x1122_3344_5566_7788u64.to_le_bytes());
+    assert_eq!(m.install_page(page, &data).unwrap(), Install::Installed);
+    let (tid, v) = toucher.join().unwrap();
+    assert_eq!(v, 0x1122_3344_5566_7788);
+    assert_eq!(f.thread_id, Some(tid));
+
+    // Discarded pages fault again, and a write fault says so.
+    m.discard_pages(page, 1).unwrap();
+    let writer = {
+        let m = m.clone();
+        std::thread::spawn(move || m.ram().write_u64(gpa, 5).expect("write"))
+    };
+    assert!(reader.wait(Duration::from_secs(5)).unwrap(), "no fault after discard");
+    faults.clear();
+    reader.read(&mut faults).unwrap();
+    assert_eq!(faults.len(), 1);
+    assert_eq!(faults[0].page, page);
+    assert!(faults[0].write);
+    assert_eq!(m.install_zero_page(page).unwrap(), Install::Installed);
+    writer.join().unwrap();
+    assert_eq!(m.ram().read_u64(gpa).unwrap(), 5);
+}
+
+/// The calling thread's kernel id.
+fn current_thread_id() -> i32 {
+    // std has no gettid; /proc/thread-self names it without unsafe code.
+    std::fs::read_link("/proc/thread-self")
+        .ok()
+        .and_then(|p| p.file_name().and_then(|n| n.to_str()).and_then(|s| s.parse().ok()))
+        .expect("thread id")
+}
