@@ -30,6 +30,7 @@ enum Mode {
 /// Serves B's faults from A's memory until told to stop.
 struct FaultServer {
     stop: Arc<AtomicBool>,
+    served: Arc<AtomicU64>,
     thread: Option<std::thread::JoinHandle<FaultStats>>,
 }
 
@@ -45,6 +46,8 @@ impl FaultServer {
     fn start(src: Arc<GuestRam>, dst: Arc<UffdRam>) -> Self {
         let stop = Arc::new(AtomicBool::new(false));
         let stop2 = stop.clone();
+        let served = Arc::new(AtomicU64::new(0));
+        let served2 = served.clone();
         let thread = std::thread::Builder::new()
             .name("fault-server".into())
             .spawn(move || {
@@ -68,12 +71,13 @@ impl FaultServer {
                         if let Some(t) = f.thread_id {
                             st.tids.push(t);
                         }
+                        served2.fetch_add(1, Ordering::SeqCst);
                     }
                 }
                 st
             })
             .expect("spawn fault server");
-        Self { stop, thread: Some(thread) }
+        Self { stop, served, thread: Some(thread) }
     }
 
     fn finish(mut self) -> FaultStats {
@@ -130,6 +134,9 @@ fn migrate(mem: u64, vcpus: usize, mode: Mode) -> Outcome {
             assert_eq!(b_mem.install_page(page, &buf).expect("copy"), Install::Installed);
             precopied += 1;
         }
+        // Let the guest run a whole pass meanwhile, so there are dirty pages
+        // however the threads were scheduled.
+        wait_for_more_passes(&a.vm, 1, Duration::from_secs(60));
         let dirty = a.vm.take_dirty_log().expect("dirty log");
         assert!(!dirty.is_empty(), "the running guest dirtied nothing");
         for page in dirty.iter() {
@@ -138,7 +145,8 @@ fn migrate(mem: u64, vcpus: usize, mode: Mode) -> Outcome {
             assert_eq!(b_mem.install_page(page, &buf).expect("re-copy"), Install::Installed);
             precopied += 1;
         }
-        std::thread::sleep(Duration::from_millis(50));
+        // A whole pass after the last copy: every share page is then stale.
+        wait_for_more_passes(&a.vm, 1, Duration::from_secs(60));
     }
 
     // The destination VM is prepared before the switchover, and its faults
@@ -183,7 +191,13 @@ fn migrate(mem: u64, vcpus: usize, mode: Mode) -> Outcome {
     let downtime = t_stop.elapsed();
     let tids = b_set.thread_ids();
 
-    // Background push.
+    // Background push, from B's first fault on (so that B does fault, however
+    // the threads are scheduled).
+    let t0 = Instant::now();
+    while server.served.load(Ordering::SeqCst) == 0 {
+        assert!(t0.elapsed() < Duration::from_secs(30), "B never faulted");
+        std::thread::sleep(Duration::from_millis(1));
+    }
     let pushed = Arc::new(AtomicU64::new(0));
     let t_push = Instant::now();
     let pusher = {

@@ -26,7 +26,7 @@ fn pattern_guest_runs_pauses_resumes_and_verifies() {
 
     p.set.resume();
     let before = p.vm.devices().stats().snapshot();
-    std::thread::sleep(Duration::from_millis(500));
+    wait_for_more_passes(&p.vm, 2, Duration::from_secs(60));
     let after = p.vm.devices().stats().snapshot();
     let stop2 = p.set.pause().expect("pause");
     let states = p.set.save_states().expect("save");
@@ -76,16 +76,57 @@ fn eight_gib_guest_with_a_hole_runs_and_verifies() {
     }
     let p = start_pattern_vm(8 * 1024 * MIB, 4, true);
     assert_eq!(p.ram.layout().blocks().len(), 2, "RAM above 4 GiB");
-    // The vCPU whose share spans the hole must cross it: wait until every
-    // vCPU has done some pages, then check the whole 8 GiB.
-    std::thread::sleep(Duration::from_millis(1500));
-    p.set.pause().expect("pause");
-    let states = p.set.save_states().expect("save");
-    let pos = positions(&p.guest, &states);
-    assert!(pos.iter().all(|x| x.passes > 0 || x.pages_done > 0), "{pos:?}");
+    // Wait until every vCPU has done some pages, then check all 8 GiB.
+    let t0 = std::time::Instant::now();
+    let pos = loop {
+        std::thread::sleep(Duration::from_millis(200));
+        p.set.pause().expect("pause");
+        let states = p.set.save_states().expect("save");
+        let pos = positions(&p.guest, &states);
+        if pos.iter().all(|x| x.passes > 0 || x.pages_done > 1000) {
+            break pos;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(60), "{pos:?}");
+        p.set.resume();
+    };
     let t0 = std::time::Instant::now();
     let report = p.guest.verify(&p.ram, &pos).expect("verify");
     assert!(report.is_ok(), "{report:?}");
     eprintln!("8 GiB: positions {pos:?}, verified {} pages in {:?}", report.pages_checked, t0.elapsed());
     p.set.stop().expect("stop");
+}
+
+#[test]
+fn shares_with_several_ranges_are_walked_across_holes() {
+    if !kvm_or_skip("shares_with_several_ranges_are_walked_across_holes") {
+        return;
+    }
+    use postcopy_kvm::{GuestRam, RamBlock, RamLayout, TestGuest, VcpuSet, Vm, VmConfig};
+    use std::sync::Arc;
+    let block = |name: &str, gpa, size| RamBlock { name: name.into(), gpa, size };
+    let layout = RamLayout::new(vec![
+        block("low", 0, 6 * MIB),
+        block("mid", 10 * MIB, 4 * MIB),
+        block("high", 64 * MIB, 6 * MIB),
+    ])
+    .expect("layout");
+    for vcpus in [1, 2] {
+        let guest = TestGuest::new(&layout, vcpus).expect("guest");
+        assert!((0..vcpus).any(|v| guest.share(v).expect("share").ranges.len() >= 2));
+        let ram = Arc::new(GuestRam::new(layout.clone()).expect("ram"));
+        guest.load(&ram).expect("load");
+        let vm = Vm::new(ram.clone(), VmConfig::new(vcpus)).expect("vm");
+        let v = vm.create_vcpus().expect("vcpus");
+        guest.configure_vcpus(&v).expect("configure");
+        let set = VcpuSet::start(v, vm.devices().clone()).expect("start");
+        wait_for_passes(&vm, 3, Duration::from_secs(60));
+        set.pause().expect("pause");
+        let states = set.save_states().expect("save");
+        let pos = positions(&guest, &states);
+        let report = guest.verify(&ram, &pos).expect("verify");
+        assert!(report.is_ok(), "{report:?}");
+        assert_eq!(report.pages_checked, (16 * MIB - MIB) / postcopy_kvm::PAGE_SIZE);
+        assert_eq!(vm.devices().stats().error_count(), 0);
+        set.stop().expect("stop");
+    }
 }

@@ -81,3 +81,17 @@ pub fn wait_for_passes(vm: &Vm, passes: u64, timeout: Duration) {
         std::thread::sleep(Duration::from_millis(10));
     }
 }
+
+/// Waits until every vCPU reported `more` passes beyond the count now.
+pub fn wait_for_more_passes(vm: &Vm, more: u64, timeout: Duration) {
+    let base = vm.devices().stats().snapshot().reports;
+    let t0 = std::time::Instant::now();
+    loop {
+        let s = vm.devices().stats().snapshot();
+        if s.reports.iter().zip(&base).all(|(r, b)| *r >= b + more) {
+            return;
+        }
+        assert!(t0.elapsed() < timeout, "guest too slow: {:?} -> {:?} passes in {:?}", base, s.reports, timeout);
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
