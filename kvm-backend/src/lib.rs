@@ -43,7 +43,7 @@ pub use guest::bootsector::BootSector;
 pub use guest::{CpuPosition, TestGuest, VerifyReport};
 pub use layout::{PageRef, RamBlock, RamLayout, PAGE_SIZE};
 pub use memory::{DirtyBitmap, GuestRam};
-pub use runner::{RunState, VcpuSet};
+pub use runner::{PauseReport, RunState, VcpuSet};
 pub use state::DeviceState;
 pub use uffd::{FaultReader, Install, PageFault, UffdRam};
 pub use vcpu::{Vcpu, VcpuState};

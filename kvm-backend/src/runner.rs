@@ -10,12 +10,21 @@
 //! - in the VMM, handling an exit: its next `KVM_RUN` first completes the
 //!   pending I/O (so the saved state is consistent, as KVM's API requires)
 //!   and then returns at once because of `immediate_exit`;
-//! - blocked in the kernel (in-kernel HLT, an interruptible userfault): the
+//! - blocked in the kernel in an interruptible wait (in-kernel HLT): the
 //!   signal wakes it.
 //!
 //! The thread then parks on a condition variable and reports `Paused`; while
 //! parked it can save its state on request; on resume it clears
 //! `immediate_exit` and re-enters the guest.
+//!
+//! # vCPUs waiting for a missing page
+//! A vCPU blocked in a userfault (its page is not there yet) cannot be
+//! interrupted: on this kernel the wait does not end on a signal, whether
+//! the guest or KVM itself (walking guest page tables) touched the page. It
+//! runs no guest code meanwhile, and parks as soon as its page arrives (it
+//! stays kicked). [`VcpuSet::pause_within`] reports such vCPUs instead of
+//! failing; to abandon a guest whose pages will never come, unregister its
+//! RAM ([`crate::UffdRam::unregister_all`]) before [`VcpuSet::stop`].
 
 use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
@@ -190,32 +199,53 @@ impl VcpuSet {
         }
     }
 
-    fn wait_parked(&self, deadline: Instant) -> Result<()> {
-        for s in &self.shared {
-            let mut c = lock(&s.ctrl);
-            while !c.state.is_parked() {
-                let left = deadline.saturating_duration_since(Instant::now());
-                if left.is_zero() {
-                    return Err(Error::Vcpu {
-                        vcpu: s.index,
-                        reason: format!("did not stop in time (state {:?})", c.state),
-                    });
+    /// Waits until every vCPU is parked or `deadline` passes; returns which
+    /// are parked.
+    fn wait_parked(&self, deadline: Instant) -> Vec<bool> {
+        self.shared
+            .iter()
+            .map(|s| {
+                let mut c = lock(&s.ctrl);
+                while !c.state.is_parked() {
+                    let left = deadline.saturating_duration_since(Instant::now());
+                    if left.is_zero() {
+                        return false;
+                    }
+                    c = s.cv.wait_timeout(c, left).map(|r| r.0).unwrap_or_else(|e| e.into_inner().0);
                 }
-                c = s.cv.wait_timeout(c, left).map(|r| r.0).unwrap_or_else(|e| e.into_inner().0);
-            }
-        }
-        Ok(())
+                true
+            })
+            .collect()
     }
 
     /// Pauses every vCPU and waits until all are parked; returns how long
-    /// that took (the stop latency).
+    /// that took (the stop latency). Fails if one does not park within
+    /// [`CONTROL_TIMEOUT`] (e.g. it waits for a page that does not come; it
+    /// stays kicked and parks when the page arrives).
     pub fn pause(&self) -> Result<Duration> {
+        let r = self.pause_within(CONTROL_TIMEOUT);
+        match r.parked.iter().position(|p| !p) {
+            None => Ok(r.latency),
+            Some(vcpu) => Err(Error::Vcpu { vcpu, reason: format!("did not stop within {CONTROL_TIMEOUT:?}") }),
+        }
+    }
+
+    /// Kicks every vCPU and waits up to `timeout` for them to park. vCPUs
+    /// that did not (blocked on a missing page) run no guest code and park
+    /// when their page arrives; [`VcpuSet::wait_paused`] waits for them.
+    pub fn pause_within(&self, timeout: Duration) -> PauseReport {
         let t0 = Instant::now();
         for i in 0..self.shared.len() {
             self.kick(i);
         }
-        self.wait_parked(t0 + CONTROL_TIMEOUT)?;
-        Ok(t0.elapsed())
+        let parked = self.wait_parked(t0 + timeout);
+        PauseReport { latency: t0.elapsed(), parked }
+    }
+
+    /// After a pause, waits up to `timeout` for the vCPUs still running to
+    /// park; returns whether all are parked.
+    pub fn wait_paused(&self, timeout: Duration) -> bool {
+        self.wait_parked(Instant::now() + timeout).iter().all(|&p| p)
     }
 
     /// Resumes every parked vCPU (paused, halted or shut down ones alike).
@@ -259,6 +289,8 @@ impl VcpuSet {
     }
 
     /// Stops every thread and returns the vCPUs (for inspection or reuse).
+    /// Waits at most [`CONTROL_TIMEOUT`]; a thread still blocked on a missing
+    /// page then is left behind (detached) and reported as an error.
     pub fn stop(mut self) -> Result<Vec<Vcpu>> {
         self.shutdown()
     }
@@ -269,13 +301,49 @@ impl VcpuSet {
             s.cv.notify_all();
             self.kick(i);
         }
+        let deadline = Instant::now() + CONTROL_TIMEOUT;
         let mut out = Vec::new();
-        for (i, t) in self.threads.iter_mut().enumerate() {
-            if let Some(t) = t.take() {
-                out.push(t.join().map_err(|_| Error::Vcpu { vcpu: i, reason: "thread panicked".into() })?);
+        let mut stuck = None;
+        for (i, s) in self.shared.iter().enumerate() {
+            let mut c = lock(&s.ctrl);
+            while c.state != RunState::Exited {
+                let left = deadline.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    break;
+                }
+                c = s.cv.wait_timeout(c, left).map(|r| r.0).unwrap_or_else(|e| e.into_inner().0);
+            }
+            let exited = c.state == RunState::Exited;
+            drop(c);
+            let handle = self.threads.get_mut(i).and_then(Option::take);
+            match (exited, handle) {
+                (true, Some(t)) => {
+                    out.push(t.join().map_err(|_| Error::Vcpu { vcpu: i, reason: "thread panicked".into() })?)
+                }
+                (false, Some(_)) => stuck = Some(i),
+                (_, None) => {}
             }
         }
-        Ok(out)
+        match stuck {
+            Some(vcpu) => Err(Error::Vcpu { vcpu, reason: "thread did not exit (blocked on a missing page?)".into() }),
+            None => Ok(out),
+        }
+    }
+}
+
+/// Result of [`VcpuSet::pause_within`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PauseReport {
+    /// Time from the first kick until all parked, or until the timeout.
+    pub latency: Duration,
+    /// Per vCPU, whether it parked.
+    pub parked: Vec<bool>,
+}
+
+impl PauseReport {
+    /// Whether every vCPU parked.
+    pub fn all_parked(&self) -> bool {
+        self.parked.iter().all(|&p| p)
     }
 }
 
@@ -337,11 +405,21 @@ fn vcpu_thread(mut vcpu: Vcpu, s: Arc<Shared>, devices: Arc<Devices>) -> Vcpu {
                 VcpuExit::MmioWrite(..) => None,
                 VcpuExit::Hlt => Some(Park::Halted),
                 VcpuExit::Shutdown => Some(Park::Shutdown),
-                VcpuExit::Intr => s.pause.load(Ordering::SeqCst).then_some(Park::Paused),
                 other => Some(Park::Failed(format!("unhandled exit {other:?}"))),
             },
             Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
-                s.pause.load(Ordering::SeqCst).then_some(Park::Paused)
+                if s.pause.load(Ordering::SeqCst) {
+                    Some(Park::Paused)
+                } else {
+                    // Kicked, then resumed before parking: clear the kick,
+                    // then look again, so that a pause requested meanwhile
+                    // (flag first, kick second) is never lost.
+                    s.kick.set_immediate_exit(false);
+                    if s.pause.load(Ordering::SeqCst) {
+                        s.kick.set_immediate_exit(true);
+                    }
+                    None
+                }
             }
             Err(e) => Some(Park::Failed(format!("KVM_RUN: {e}"))),
         };

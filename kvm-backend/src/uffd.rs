@@ -251,6 +251,22 @@ impl UffdRam {
         Ok(count)
     }
 
+    /// Unregisters all RAM from userfaultfd: threads waiting for pages wake
+    /// up and find zero pages. Only to abandon a guest whose pages will not
+    /// come (so that its vCPU threads can exit); installs fail afterwards.
+    pub fn unregister_all(&self) -> Result<()> {
+        for block in 0..self.ram.layout().blocks().len() {
+            let (host, len) = self
+                .ram
+                .block_host_range(block)
+                .ok_or_else(|| Error::Layout(format!("no mapping for block {block}")))?;
+            self.uffd
+                .unregister(host as *mut libc::c_void, len as usize)
+                .map_err(|e| Error::Uffd { op: "unregister", reason: e.to_string() })?;
+        }
+        Ok(())
+    }
+
     /// Drops `count` pages from `first` so that the next access faults
     /// again. Safe while vCPUs run: a vCPU touching them blocks until they
     /// are installed again.

@@ -374,3 +374,54 @@ fn corrupted_page_is_caught() {
     }
     migrate_with_damaged_page(Damage::Corrupted);
 }
+
+/// A vCPU blocked on a missing page cannot be interrupted; a pause reports
+/// it, it parks as soon as its page arrives, and a guest whose pages will
+/// never come can still be torn down by unregistering its RAM.
+#[test]
+fn vcpu_waiting_for_a_page_parks_when_it_arrives() {
+    if !uffd_or_skip("vcpu_waiting_for_a_page_parks_when_it_arrives") {
+        return;
+    }
+    let a = start_pattern_vm(16 * MIB, 1, true);
+    wait_for_passes(&a.vm, 1, Duration::from_secs(60));
+    a.set.pause().expect("pause A");
+    let state = DeviceState::capture(&a.vm, &a.set).expect("capture");
+    let b_ram = Arc::new(GuestRam::new(a.ram.layout().clone()).expect("ram B"));
+    let b_mem = UffdRam::register(b_ram.clone()).expect("uffd");
+    let b_vm = Vm::new(b_ram.clone(), VmConfig::new(1)).expect("vm B");
+    let b_vcpus = b_vm.create_vcpus().expect("vcpus B");
+    state.restore(&b_vm, &b_vcpus).expect("restore");
+    let b_set = VcpuSet::start(b_vcpus, b_vm.devices().clone()).expect("start B");
+    let mut reader = b_mem.fault_reader();
+    let mut faults = Vec::new();
+    let mut buf = vec![0u8; PAGE_SIZE as usize];
+    assert!(reader.wait(Duration::from_secs(10)).expect("poll"), "B did not fault");
+
+    let r = b_set.pause_within(Duration::from_millis(200));
+    assert_eq!(r.parked, vec![false], "a vCPU waiting for a page parked");
+    // Serve pages until it parks: it stays kicked, so it stops at once.
+    let t0 = Instant::now();
+    let mut served = 0;
+    while !b_set.wait_paused(Duration::from_millis(1)) {
+        assert!(t0.elapsed() < Duration::from_secs(10), "did not park after its pages arrived");
+        if reader.wait(Duration::from_millis(1)).expect("poll") {
+            reader.read(&mut faults).expect("read");
+            for f in faults.drain(..) {
+                a.ram.read_page(f.page, &mut buf).expect("read A");
+                b_mem.install_page(f.page, &buf).expect("install");
+                served += 1;
+            }
+        }
+    }
+    eprintln!("parked {:?} after its first page arrived ({served} pages served)", t0.elapsed());
+    b_set.save_states().expect("state of a parked vCPU");
+
+    // Resume: it blocks on its next missing page; abandon the guest.
+    b_set.resume();
+    assert!(reader.wait(Duration::from_secs(10)).expect("poll"), "B did not fault again");
+    assert!(!b_set.pause_within(Duration::from_millis(100)).all_parked());
+    b_mem.unregister_all().expect("unregister");
+    b_set.stop().expect("stop after unregistering");
+    a.set.stop().expect("stop A");
+}
