@@ -162,14 +162,18 @@ fn migrate(mem: u64, vcpus: usize, mode: Mode) -> Outcome {
     let blob = state.to_bytes().expect("encode");
     let capture_time = t_stop.elapsed();
     if let Mode::Hybrid { skip_stale_discard } = mode {
+        let t = Instant::now();
         let stale: DirtyBitmap = a.vm.take_dirty_log().expect("final dirty log");
+        let sync_time = t.elapsed();
         assert!(!stale.is_empty(), "no page dirtied since the last copy");
         stale_discarded = stale.count();
+        let t = Instant::now();
         if !skip_stale_discard {
             for (first, count) in stale.runs() {
                 b_mem.discard_pages(first, count).expect("discard stale");
             }
         }
+        eprintln!("final dirty sync {sync_time:?}, discard of {stale_discarded} stale pages {:?}", t.elapsed());
     }
     let a_positions = positions(&a.guest, &state.vcpus);
 
