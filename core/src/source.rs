@@ -322,8 +322,8 @@ impl Source {
         }
         let mut deadline = earliest(self.retry_at, self.handshake_deadline);
         if let Some(interval) = self.config.keepalive_interval {
-            let main = &self.links[Channel::Main.index()];
-            if main.up {
+            if self.hello_queued() {
+                let main = &self.links[Channel::Main.index()];
                 deadline = earliest(deadline, Some(main.last_sent + interval));
             }
         }
@@ -649,7 +649,7 @@ impl Source {
         }
         if let Some(interval) = self.config.keepalive_interval {
             let main = &self.links[Channel::Main.index()];
-            if main.up && now >= main.last_sent + interval && self.main_control.is_empty() {
+            if self.hello_queued() && now >= main.last_sent + interval && self.main_control.is_empty() {
                 self.main_control.push_back(Frame::Ping);
             }
         }
@@ -1143,6 +1143,13 @@ impl Source {
             state if state.after_start() => self.pause(now, error.into(), true),
             _ => self.fail(now, error.into()),
         }
+    }
+
+    /// Whether the current main connection has its hello queued or sent: it
+    /// is queued the moment every channel is up, and nothing may go before
+    /// it (the destination refuses any other first frame).
+    fn hello_queued(&self) -> bool {
+        self.channels().all(|c| self.links[c.index()].up)
     }
 
     fn connect_all(&mut self) {
