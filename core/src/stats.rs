@@ -7,6 +7,7 @@
 use hdrhistogram::Histogram;
 use serde::{Deserialize, Serialize};
 use std::hash::{Hash, Hasher};
+use std::sync::Arc;
 
 use crate::time::Timestamp;
 use crate::wire::PageKind;
@@ -106,35 +107,68 @@ pub struct LatencySummary {
     pub mean_us: f64,
 }
 
-/// A latency histogram in nanoseconds, 1 ns to 1 hour, 3 significant digits.
-#[derive(Clone, Debug)]
-pub struct LatencyHistogram(Histogram<u64>);
-
-impl Default for LatencyHistogram {
-    fn default() -> Self {
-        // Constant bounds that hdrhistogram accepts: this cannot fail at run time.
-        Self(Histogram::new_with_bounds(1, 3_600_000_000_000, 3).expect("constant histogram bounds are valid"))
-    }
+/// Fault latencies in nanoseconds: the first [`EXACT_LATENCY_SAMPLES`]
+/// exactly, then a histogram (1 ns to 1 hour, 3 significant digits).
+///
+/// A migration with few remote faults (and every state of the model
+/// checker, which clones a destination per explored state) never pays for
+/// the histogram's 256 KiB of counts; once it exists it is shared
+/// copy-on-write, so clones stay cheap and a record on an unshared one
+/// costs one reference check.
+#[derive(Clone, Debug, Default)]
+pub struct LatencyHistogram {
+    samples: Vec<u64>,
+    histogram: Option<Arc<Histogram<u64>>>,
 }
+
+/// Latencies kept exactly before switching to a histogram.
+pub const EXACT_LATENCY_SAMPLES: usize = 64;
 
 impl LatencyHistogram {
     pub fn record_ns(&mut self, nanos: u64) {
-        self.0.saturating_record(nanos.max(1));
+        let nanos = nanos.max(1);
+        if let Some(histogram) = &mut self.histogram {
+            Arc::make_mut(histogram).saturating_record(nanos);
+        } else if self.samples.len() < EXACT_LATENCY_SAMPLES {
+            self.samples.push(nanos);
+        } else {
+            // Constant bounds that hdrhistogram accepts: this cannot fail at run time.
+            let mut histogram =
+                Histogram::new_with_bounds(1, 3_600_000_000_000, 3).expect("constant histogram bounds are valid");
+            for sample in self.samples.drain(..).chain([nanos]) {
+                histogram.saturating_record(sample);
+            }
+            self.histogram = Some(Arc::new(histogram));
+        }
     }
 
     pub fn summary(&self) -> LatencySummary {
-        let h = &self.0;
-        if h.is_empty() {
+        let us = |ns: u64| ns as f64 / 1000.0;
+        if let Some(h) = &self.histogram {
+            return LatencySummary {
+                count: h.len(),
+                p50_us: us(h.value_at_quantile(0.50)),
+                p90_us: us(h.value_at_quantile(0.90)),
+                p99_us: us(h.value_at_quantile(0.99)),
+                max_us: us(h.max()),
+                mean_us: h.mean() / 1000.0,
+            };
+        }
+        if self.samples.is_empty() {
             return LatencySummary::default();
         }
-        let us = |ns: u64| ns as f64 / 1000.0;
+        let mut sorted = self.samples.clone();
+        sorted.sort_unstable();
+        let count = sorted.len();
+        // Nearest rank: the smallest sample with at least `q` of all at or below it.
+        let at = |q: f64| sorted[((q * count as f64).ceil() as usize).clamp(1, count) - 1];
         LatencySummary {
-            count: h.len(),
-            p50_us: us(h.value_at_quantile(0.50)),
-            p90_us: us(h.value_at_quantile(0.90)),
-            p99_us: us(h.value_at_quantile(0.99)),
-            max_us: us(h.max()),
-            mean_us: h.mean() / 1000.0,
+            count: count as u64,
+            p50_us: us(at(0.50)),
+            p90_us: us(at(0.90)),
+            p99_us: us(at(0.99)),
+            max_us: us(sorted[count - 1]),
+            mean_us: sorted.iter().map(|&ns| ns as f64).sum::<f64>() / count as f64 / 1000.0,
         }
     }
 }
@@ -201,5 +235,35 @@ impl PhaseClock {
             paused_ns: self.paused_ns,
             total_ns: ns(first, Some(now)),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn few_latencies_are_exact_many_go_to_the_histogram() {
+        let mut latency = LatencyHistogram::default();
+        assert_eq!(latency.summary(), LatencySummary::default());
+        for us in [5_u64, 1, 3, 2, 4] {
+            latency.record_ns(us * 1000);
+        }
+        let summary = latency.summary();
+        assert_eq!((summary.count, summary.p50_us, summary.p90_us, summary.max_us), (5, 3.0, 5.0, 5.0));
+        assert_eq!(summary.mean_us, 3.0);
+        for us in 6..=200_u64 {
+            latency.record_ns(us * 1000);
+        }
+        let summary = latency.summary();
+        assert_eq!(summary.count, 200);
+        assert!((summary.p50_us - 100.0).abs() < 0.2, "{summary:?}");
+        assert!((summary.p99_us - 198.0).abs() < 0.3, "{summary:?}");
+        assert!((summary.max_us - 200.0).abs() < 0.3, "{summary:?}");
+        // Clones share the histogram until one of them records.
+        let mut copy = latency.clone();
+        copy.record_ns(1);
+        assert_eq!(latency.summary().count, 200);
+        assert_eq!(copy.summary().count, 201);
     }
 }
