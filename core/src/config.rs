@@ -44,6 +44,9 @@ pub struct Config {
     pub max_outstanding_requests: u32,
     /// Largest device state accepted, in bytes.
     pub max_device_state_bytes: u64,
+    /// Largest guest the destination accepts, in pages: the peer's hello
+    /// sizes the destination's bookkeeping (a bit per page) and its memory.
+    pub max_guest_pages: u64,
     /// Device state is sent in chunks of this many bytes.
     pub device_state_chunk_bytes: u32,
     /// Bound on connecting and on each handshake (first one and recoveries).
@@ -73,6 +76,8 @@ impl Default for Config {
             request_batch_pages: 64,
             max_outstanding_requests: 4096,
             max_device_state_bytes: 64 << 20,
+            // 1 TiB of 4 KiB pages; 32 MiB of present bitmap.
+            max_guest_pages: 1 << 28,
             device_state_chunk_bytes: MAX_DEVICE_STATE_CHUNK as u32,
             handshake_timeout: Duration::from_secs(10),
             keepalive_interval: Some(Duration::from_secs(1)),

@@ -515,6 +515,12 @@ impl Destination {
             return Err(ProtocolError::PageSizeMismatch { ours: self.page_size, theirs: hello.page_size });
         }
         let layout = RamLayout::new(hello.page_size, hello.blocks).map_err(ProtocolError::BadLayout)?;
+        if layout.total_pages() > self.config.max_guest_pages {
+            return Err(ProtocolError::GuestTooLarge {
+                pages: layout.total_pages(),
+                limit: self.config.max_guest_pages,
+            });
+        }
         match (&self.session, hello.resume) {
             (None, false) if self.state == DestinationState::Listening => {
                 self.present = Bitmap::new(layout.total_pages());

@@ -64,6 +64,8 @@ pub enum ProtocolError {
     PageLength { expected: u32, got: usize },
     #[error("the peer's RAM layout is invalid: {0}")]
     BadLayout(LayoutError),
+    #[error("the guest has {pages} pages, more than the {limit} this side accepts")]
+    GuestTooLarge { pages: u64, limit: u64 },
     #[error("the resumed session's RAM layout differs from the original one")]
     LayoutChanged,
     #[error("session mismatch: expected {expected:#x}, got {got:#x}")]

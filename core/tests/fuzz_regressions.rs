@@ -2,8 +2,11 @@
 //! direct test; the fuzz input that found it stays in fuzz/artifacts/.
 
 use bytes::Bytes;
-use postcopy_core::wire::{Decoder, Frame};
-use postcopy_core::{Channel, Config, GuestMemory, PageNumber, RamLayout, Source, Timestamp};
+use postcopy_core::wire::{Decoder, Frame, Hello, WireMode};
+use postcopy_core::{
+    Channel, Config, Destination, DestinationAction, GuestMemory, PageNumber, ProtocolError, RamBlock, RamLayout,
+    Source, Timestamp,
+};
 use std::time::Duration;
 
 struct ZeroGuest;
@@ -45,4 +48,32 @@ fn no_keepalive_before_the_hello() {
     src.handle_connected(now, Channel::Urgent);
     let frames = frames_on(&mut src, now, Channel::Main);
     assert!(matches!(frames.first(), Some(Frame::Hello(_))), "main opens with its hello: {frames:?}");
+}
+
+/// fuzz/artifacts/destination_events/huge-layout: a hello announcing a guest
+/// of up to 2^40 pages made the destination allocate its present bitmap
+/// (up to 128 GiB) before anything else. The destination now refuses a guest
+/// larger than `Config::max_guest_pages`.
+#[test]
+fn destination_refuses_a_guest_larger_than_its_bound() {
+    let mut dst = Destination::new(Config::postcopy(), 4096);
+    let now = Timestamp::ZERO;
+    dst.handle_connected(now, Channel::Main);
+    let blocks = (0..256).map(|i| RamBlock { name: format!("b{i}"), page_count: 1 << 32 }).collect();
+    let hello = Hello {
+        resume: false,
+        urgent_channel: false,
+        session: 1,
+        epoch: 0,
+        page_size: 4096,
+        mode: WireMode::Postcopy,
+        precopy_rounds: 0,
+        blocks,
+    };
+    let error = dst.handle_frame(now, Channel::Main, Frame::Hello(hello)).unwrap_err();
+    assert_eq!(error, ProtocolError::GuestTooLarge { pages: 1 << 40, limit: Config::postcopy().max_guest_pages });
+    assert_eq!(dst.layout(), None);
+    while let Some(action) = dst.poll_action() {
+        assert!(!matches!(action, DestinationAction::PrepareMemory(_)), "no memory for a refused guest");
+    }
 }
