@@ -4,6 +4,7 @@
 
 use bytes::Bytes;
 use std::collections::VecDeque;
+use std::hash::{Hash, Hasher};
 
 use super::hosts::{DestHost, SourceHost};
 use super::{Oracle, Violation};
@@ -401,6 +402,9 @@ impl Pair {
             if self.finished() {
                 break;
             }
+            // A step that moves no bytes may still move a core (a precopy
+            // round over pages all sent ends with a dirty-log sync only).
+            let before = self.cores_hash();
             let mut progress = false;
             for channel in Channel::ALL {
                 progress |= self.transmit(channel, 1 << 16);
@@ -408,6 +412,7 @@ impl Pair {
                     progress = true;
                 }
             }
+            progress |= self.cores_hash() != before;
             self.check();
             if let Some(violation) = self.violations.first() {
                 return Err(violation.clone());
@@ -417,6 +422,13 @@ impl Pair {
             }
         }
         self.check_outcome()
+    }
+
+    fn cores_hash(&self) -> u64 {
+        let mut hasher = std::hash::DefaultHasher::new();
+        self.src.core.hash(&mut hasher);
+        self.dst.core.hash(&mut hasher);
+        hasher.finish()
     }
 
     /// After a healed run: both completed with every page newest, or both
