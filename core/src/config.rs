@@ -59,8 +59,10 @@ pub struct Config {
     pub reconnect_delay_min: Duration,
     /// Longest delay between reconnection attempts.
     pub reconnect_delay_max: Duration,
-    /// How long a destination that loaded the device state but was never told
-    /// to start waits for the source to come back before dropping the guest.
+    /// How long a destination that loaded the device state, but lost the
+    /// connection before its ReadyToRun left, waits for the source to come
+    /// back before dropping the guest. Once ReadyToRun has left, the source
+    /// may have transmitted StartGuest, and the destination waits however long.
     pub start_timeout: Duration,
     /// A deliberate bug, for showing that the checkers catch it.
     #[cfg(feature = "planted-bugs")]

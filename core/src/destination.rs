@@ -17,7 +17,11 @@
 //!
 //!  Before the device state is loaded, any failure ends in Failed: the guest
 //!  never ran here, the memory is discarded and the source keeps the guest.
-//!  Paused before StartGuest waits `start_timeout`, then drops the guest too.
+//!  Once ReadyToRun (or a recovery welcome saying the device state is
+//!  loaded) has left, the source may transmit StartGuest, its point of no
+//!  return, at any moment: from then on the destination never drops the
+//!  guest on its own and, paused, waits for the source however long. Paused
+//!  before that, it waits `start_timeout`, then drops the guest too.
 //!  Completed still answers a resume hello, so a source that lost the Eoc
 //!  completes as well.
 //! ```
@@ -155,6 +159,9 @@ pub struct Destination {
     device_loaded: bool,
     end_of_stream_received: bool,
     eoc_queued: bool,
+    /// ReadyToRun, or a welcome saying the device state is loaded, has been
+    /// transmitted: the source may have given the guest away since.
+    start_possible: bool,
     links: [Link; 3],
     /// The hello (session, epoch) seen on each connection, if any.
     hellos: [Option<(u64, u32)>; 3],
@@ -190,6 +197,7 @@ impl Destination {
             device_loaded: false,
             end_of_stream_received: false,
             eoc_queued: false,
+            start_possible: false,
             links: Default::default(),
             hellos: [None; 3],
             present: Bitmap::new(0),
@@ -721,6 +729,9 @@ impl Destination {
     fn next_return_frame(&mut self, now: Timestamp, out: &mut Vec<u8>) -> bool {
         if let Some(frame) = self.control.pop_front() {
             wire::encode(&frame, out);
+            if matches!(frame, Frame::ReadyToRun | Frame::Welcome(Welcome { device_loaded: true, .. })) {
+                self.start_possible = true;
+            }
             return true;
         }
         if let Some(word) = self.report_word {
@@ -886,7 +897,9 @@ impl Destination {
         self.welcome_pending = false;
         self.eoc_queued = false;
         self.clock.0.pause(now);
-        if !self.guest_started {
+        // Dropping the guest is safe only while the source cannot have
+        // transmitted StartGuest.
+        if !self.guest_started && !self.start_possible {
             self.start_deadline = Some(now + self.config.start_timeout);
         }
         self.actions.push_back(DestinationAction::Notice(Notice::Paused { reason }));

@@ -476,8 +476,13 @@ fn losses_before_the_device_state_loads_drop_the_guest() {
 }
 
 #[test]
-fn lost_before_start_waits_then_drops() {
-    let mut h = Harness::awaiting_start(Config { start_timeout: Duration::from_secs(5), ..quiet() });
+fn lost_before_ready_to_run_left_waits_then_drops() {
+    let mut h = Harness::handshaken(Config { start_timeout: Duration::from_secs(5), ..quiet() }, WireMode::Postcopy);
+    h.receive(Channel::Main, Frame::DeviceState { last: true, chunk: Bytes::from_static(b"dev") });
+    h.dst.handle_device_state_loaded(h.now, Ok(())).unwrap();
+    h.drain();
+    assert_eq!(h.dst.state(), DestinationState::AwaitingStart);
+    // ReadyToRun is queued, not transmitted: the source cannot have started.
     h.dst.handle_connection_lost(h.now, Channel::Main);
     h.drain();
     assert_eq!(h.dst.state(), DestinationState::Paused);
@@ -487,6 +492,21 @@ fn lost_before_start_waits_then_drops() {
     h.drain();
     assert_eq!(h.finished_error(), Some(MigrationError::StartTimeout { timeout_ms: 5000 }));
     assert!(!h.has(&DestinationAction::ResumeVcpus));
+}
+
+#[test]
+fn lost_after_ready_to_run_left_waits_for_the_source() {
+    let mut h = Harness::awaiting_start(Config { start_timeout: Duration::from_secs(5), ..quiet() });
+    h.dst.handle_connection_lost(h.now, Channel::Main);
+    h.drain();
+    assert_eq!(h.dst.state(), DestinationState::Paused);
+    // The source may have transmitted StartGuest: no deadline to drop the guest.
+    assert_eq!(h.dst.poll_timeout(), None);
+    h.now = Timestamp(3_600_000_000_000);
+    h.dst.handle_timeout(h.now);
+    h.drain();
+    assert_eq!(h.dst.state(), DestinationState::Paused);
+    assert_eq!(h.finished_error(), None);
 }
 
 #[test]

@@ -5,8 +5,8 @@ use bytes::Bytes;
 use postcopy_core::testkit::{Outcome, Pair, PairConfig};
 use postcopy_core::wire::{Decoder, Frame, Hello, WireMode};
 use postcopy_core::{
-    Channel, Config, Destination, DestinationAction, GuestMemory, PageNumber, ProtocolError, RamBlock, RamLayout,
-    Source, Timestamp,
+    Channel, Config, Destination, DestinationAction, DestinationState, GuestMemory, PageNumber, ProtocolError,
+    RamBlock, RamLayout, Source, SourceState, Timestamp,
 };
 use std::time::Duration;
 
@@ -88,4 +88,43 @@ fn pair_counts_a_round_without_bytes_as_progress() {
     let config = Config { keepalive_interval: None, peer_timeout: None, ..Config::hybrid(3) };
     let mut pair = Pair::new(PairConfig::new(config, 16));
     assert_eq!(pair.run_to_completion(1_000), Ok(Outcome::Completed));
+}
+
+/// fuzz/artifacts/pair/start-timeout-after-start-guest: the connection was
+/// lost with StartGuest in flight; the source, past its point of no return,
+/// paused and retried, while the destination dropped the guest when its
+/// `start_timeout` ran out before the source got back: nobody ran the guest
+/// any more. A destination whose ReadyToRun has left now waits for the
+/// source however long.
+#[test]
+fn destination_keeps_the_guest_once_ready_to_run_left() {
+    let config = Config {
+        urgent_channel: false,
+        start_timeout: Duration::from_secs(2),
+        reconnect_delay_min: Duration::from_millis(200),
+        reconnect_delay_max: Duration::from_secs(2),
+        ..Config::postcopy()
+    };
+    let mut pair = Pair::new(PairConfig::new(config, 4));
+    pair.guest_access(0, PageNumber(1), true);
+    // Handshake, device state, ReadyToRun.
+    for channel in [Channel::Main, Channel::Return, Channel::Main, Channel::Return] {
+        assert!(pair.transmit(channel, 0));
+        assert!(pair.deliver(channel, usize::MAX));
+    }
+    assert_eq!(pair.dst.core.state(), DestinationState::AwaitingStart);
+    // StartGuest leaves the source and is lost with the main connection.
+    while pair.src.core.state() != SourceState::Active {
+        assert!(pair.transmit(Channel::Main, 0), "the source should transmit StartGuest");
+    }
+    pair.lose(Channel::Main);
+    assert_eq!(pair.src.core.state(), SourceState::Paused);
+    assert_eq!(pair.dst.core.state(), DestinationState::Paused);
+    // A partition outlasts the destination's start timeout.
+    pair.connect_allowed = false;
+    while pair.now < Timestamp::ZERO + Duration::from_secs(30) {
+        assert!(pair.fire_timer());
+    }
+    assert_eq!(pair.dst.core.state(), DestinationState::Paused, "the destination keeps the guest");
+    assert_eq!(pair.run_to_completion(10_000), Ok(Outcome::Completed));
 }

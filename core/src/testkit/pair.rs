@@ -49,7 +49,9 @@ pub enum Outcome {
     Completed,
     /// The migration was abandoned before the destination could run the
     /// guest (a loss or an error before StartGuest): the guest runs on the
-    /// source with its newest content, the destination dropped its copy.
+    /// source with its newest content, the destination dropped its copy or,
+    /// if its ReadyToRun had left, waits paused for a source that will not
+    /// come back (it cannot tell that from a source past StartGuest).
     AbandonedOnSource,
 }
 
@@ -444,7 +446,13 @@ impl Pair {
                 self.check_destination_memory();
                 self.violations.first().cloned().map_or(Ok(Outcome::Completed), Err)
             }
-            (Some(false), Some(false)) if !self.src.past_start && self.src.running && !self.dst.running => {
+            (Some(false), dst)
+                if !self.src.past_start
+                    && self.src.running
+                    && !self.dst.running
+                    && (dst == Some(false)
+                        || matches!(self.dst.core.state(), DestinationState::Paused | DestinationState::Listening)) =>
+            {
                 for page in 0..self.pages() {
                     let expected = self.oracle.latest(PageNumber(page));
                     let found = self.src.guest.versions[page as usize];
