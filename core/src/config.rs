@@ -40,7 +40,8 @@ pub struct Config {
     /// block into one frame).
     pub request_batch_pages: u32,
     /// Page faults the destination keeps outstanding at most; announced to the
-    /// source, which rejects a peer that asks for more.
+    /// source, which rejects a peer that asks for more. The source also caps
+    /// its queue of requested pages at its own value (both sides should agree).
     pub max_outstanding_requests: u32,
     /// Largest device state accepted, in bytes.
     pub max_device_state_bytes: u64,

@@ -664,7 +664,9 @@ impl Source {
         if welcome.epoch != self.epoch {
             return Err(ProtocolError::EpochMismatch { expected: self.epoch, got: welcome.epoch });
         }
-        self.peer_max_requests = welcome.max_outstanding_requests;
+        // The peer's bound, within this side's own: a peer that announces
+        // more cannot make the source queue more.
+        self.peer_max_requests = welcome.max_outstanding_requests.min(self.config.max_outstanding_requests);
         match self.state {
             SourceState::Handshake => {
                 self.handshake_deadline = None;

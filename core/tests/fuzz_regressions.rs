@@ -3,7 +3,7 @@
 
 use bytes::Bytes;
 use postcopy_core::testkit::{Outcome, Pair, PairConfig};
-use postcopy_core::wire::{Decoder, Frame, Hello, WireMode};
+use postcopy_core::wire::{Decoder, Frame, Hello, Request, Welcome, WireMode};
 use postcopy_core::{
     Channel, Config, Destination, DestinationAction, DestinationState, GuestMemory, PageNumber, ProtocolError,
     RamBlock, RamLayout, Source, SourceState, Timestamp,
@@ -127,4 +127,30 @@ fn destination_keeps_the_guest_once_ready_to_run_left() {
     }
     assert_eq!(pair.dst.core.state(), DestinationState::Paused, "the destination keeps the guest");
     assert_eq!(pair.run_to_completion(10_000), Ok(Outcome::Completed));
+}
+
+/// fuzz/artifacts/source_events/queue-over-own-bound: the source bounded its
+/// queue of requested pages by the destination's announced
+/// `max_outstanding_requests` only, so a destination announcing a large
+/// bound made the source queue up to one entry per guest page, past its own
+/// configured bound. The source now caps at the smaller of the two.
+#[test]
+fn source_caps_requests_at_its_own_bound() {
+    let config =
+        Config { max_outstanding_requests: 2, keepalive_interval: None, peer_timeout: None, ..Config::postcopy() };
+    let mut src = Source::new(config, RamLayout::single("ram", 64, 16).unwrap(), 7);
+    let now = Timestamp::ZERO;
+    src.handle_start(now).unwrap();
+    for channel in Channel::ALL {
+        src.handle_connected(now, channel);
+    }
+    let welcome =
+        Welcome { session: 7, epoch: 0, guest_started: false, device_loaded: false, max_outstanding_requests: 1000 };
+    src.handle_frame(now, Channel::Return, Frame::Welcome(welcome)).unwrap();
+    src.handle_vcpus_stopped(now, Bytes::from_static(b"dev")).unwrap();
+    assert_eq!(src.state(), SourceState::Switchover);
+    let request = Request { block: 0, indexes: vec![3, 4, 5, 6] };
+    let error = src.handle_frame(now, Channel::Return, Frame::Request(request)).unwrap_err();
+    assert_eq!(error, ProtocolError::TooManyRequests { limit: 2 });
+    assert!(src.urgent_queue_len() <= 2);
 }
