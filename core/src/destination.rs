@@ -812,7 +812,9 @@ impl Destination {
         }
         let Some(session) = &self.session else { return };
         self.welcome_pending = false;
-        self.control.push_back(Frame::Welcome(Welcome {
+        // First on the connection, ahead of anything queued while the return
+        // path was not up yet (a ReadyToRun, a keep-alive).
+        self.control.push_front(Frame::Welcome(Welcome {
             session: session.id,
             epoch: self.epoch,
             guest_started: self.guest_started,

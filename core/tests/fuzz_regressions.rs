@@ -154,3 +154,45 @@ fn source_caps_requests_at_its_own_bound() {
     assert_eq!(error, ProtocolError::TooManyRequests { limit: 2 });
     assert!(src.urgent_queue_len() <= 2);
 }
+
+fn returned(dst: &mut Destination, now: Timestamp) -> Vec<Frame> {
+    let mut out = Vec::new();
+    while dst.poll_transmit(now, Channel::Return, &mut out, usize::MAX) > 0 {}
+    let mut decoder = Decoder::new();
+    decoder.push(Bytes::from(out));
+    let mut frames = Vec::new();
+    while let Some(frame) = decoder.next_frame().unwrap() {
+        frames.push(frame);
+    }
+    frames
+}
+
+fn small_hello() -> Frame {
+    Frame::Hello(Hello {
+        resume: false,
+        urgent_channel: false,
+        session: 7,
+        epoch: 0,
+        page_size: 64,
+        mode: WireMode::Postcopy,
+        precopy_rounds: 0,
+        blocks: vec![RamBlock { name: "ram".into(), page_count: 4 }],
+    })
+}
+
+/// fuzz/artifacts/destination_events/ready-to-run-before-welcome: the return
+/// path connected after the device state had loaded; the welcome was queued
+/// behind the ReadyToRun, so the connection did not open with its welcome.
+#[test]
+fn the_return_path_opens_with_the_welcome() {
+    let mut dst = Destination::new(Config { keepalive_interval: None, peer_timeout: None, ..Config::postcopy() }, 64);
+    let now = Timestamp::ZERO;
+    dst.handle_connected(now, Channel::Main);
+    dst.handle_frame(now, Channel::Main, small_hello()).unwrap();
+    dst.handle_frame(now, Channel::Main, Frame::DeviceState { last: true, chunk: Bytes::from_static(b"dev") }).unwrap();
+    dst.handle_device_state_loaded(now, Ok(())).unwrap();
+    assert_eq!(dst.state(), DestinationState::AwaitingStart);
+    dst.handle_connected(now, Channel::Return);
+    let frames = returned(&mut dst, now);
+    assert!(matches!(&frames[..], [Frame::Welcome(_), Frame::ReadyToRun]), "{frames:?}");
+}
