@@ -103,7 +103,8 @@ pub enum Waiter {
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub enum DestinationAction {
     /// Map empty guest RAM for this layout, registered so that every access
-    /// to a missing page becomes [`Destination::handle_page_fault`].
+    /// to a missing page becomes [`Destination::handle_page_fault`], and
+    /// build the machine of [`Destination::machine_description`].
     PrepareMemory(RamLayout),
     /// Put this content in the page and wake whoever waits for it.
     /// `overwrite` is set only for precopy pages replacing an older copy
@@ -141,6 +142,7 @@ struct FaultWait {
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 struct Session {
     id: u64,
+    machine: Bytes,
     mode: WireMode,
     urgent_channel: bool,
     layout: RamLayout,
@@ -225,6 +227,12 @@ impl Destination {
 
     pub fn config(&self) -> &Config {
         &self.config
+    }
+
+    /// The source's machine description (opaque), once the hello arrived:
+    /// build the machine from it when [`DestinationAction::PrepareMemory`] comes.
+    pub fn machine_description(&self) -> Option<&Bytes> {
+        self.session.as_ref().map(|s| &s.machine)
     }
 
     /// The guest's RAM layout, once the hello arrived.
@@ -539,8 +547,13 @@ impl Destination {
                 self.present = Bitmap::new(layout.total_pages());
                 self.stats.0.bookkeeping_bytes = self.present.heap_bytes() as u64;
                 self.actions.push_back(DestinationAction::PrepareMemory(layout.clone()));
-                self.session =
-                    Some(Session { id: hello.session, mode: hello.mode, urgent_channel: hello.urgent_channel, layout });
+                self.session = Some(Session {
+                    id: hello.session,
+                    machine: hello.machine,
+                    mode: hello.mode,
+                    urgent_channel: hello.urgent_channel,
+                    layout,
+                });
                 self.epoch = hello.epoch;
                 self.state = DestinationState::Precopy;
                 self.handshake_deadline = None;

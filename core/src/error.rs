@@ -118,4 +118,6 @@ pub enum EventError {
     WrongState { event: &'static str, state: String },
     #[error("{limit} page faults are already outstanding")]
     TooManyFaults { limit: u32 },
+    #[error("machine description of {len} bytes exceeds {max}")]
+    MachineDescriptionTooLong { len: usize, max: usize },
 }

@@ -208,6 +208,8 @@ pub struct Source {
     actions: VecDeque<SourceAction>,
     clock: Observed<PhaseClock>,
     stats: Observed<SourceStats>,
+    /// Opaque description of the machine, carried in the hello.
+    machine: Bytes,
 }
 
 impl Source {
@@ -248,9 +250,22 @@ impl Source {
             actions: VecDeque::new(),
             clock: Observed::default(),
             stats: Observed::default(),
+            machine: Bytes::new(),
         };
         source.update_bookkeeping_stat();
         source
+    }
+
+    /// Sets what the destination must build before the device state
+    /// arrives (vCPU count, interrupt controller...): opaque bytes, at most
+    /// [`wire::MAX_MACHINE_LEN`], sent in the hello and handed to the
+    /// destination's driver with [`DestinationAction::PrepareMemory`](crate::DestinationAction).
+    pub fn set_machine_description(&mut self, machine: Bytes) -> Result<(), EventError> {
+        if machine.len() > wire::MAX_MACHINE_LEN {
+            return Err(EventError::MachineDescriptionTooLong { len: machine.len(), max: wire::MAX_MACHINE_LEN });
+        }
+        self.machine = machine;
+        Ok(())
     }
 
     // ----- getters -------------------------------------------------------
@@ -413,6 +428,7 @@ impl Source {
             },
             precopy_rounds: self.config.mode.precopy_rounds(),
             blocks: self.layout.blocks().to_vec(),
+            machine: self.machine.clone(),
         };
         self.main_control.push_back(Frame::Hello(hello));
         if self.config.urgent_channel {

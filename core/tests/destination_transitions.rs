@@ -38,6 +38,7 @@ fn hello(mode: WireMode, resume: bool, epoch: u32) -> Frame {
             RamBlock { name: "low".into(), page_count: 60 },
             RamBlock { name: "high".into(), page_count: PAGES - 60 },
         ],
+        machine: Bytes::from_static(b"vcpus=2"),
     })
 }
 
@@ -161,6 +162,7 @@ fn channels_may_connect_in_any_order() {
     let frames = h.returned();
     assert!(matches!(&frames[..], [Frame::Welcome(w)] if w.session == SESSION && !w.guest_started));
     assert!(matches!(&h.actions[0], DestinationAction::PrepareMemory(layout) if layout.total_pages() == PAGES));
+    assert_eq!(h.dst.machine_description(), Some(&Bytes::from_static(b"vcpus=2")));
     assert!(h.dst.is_connected(Channel::Urgent));
 }
 
@@ -184,6 +186,7 @@ fn handshake_errors_reject_and_fail() {
         mode: WireMode::Postcopy,
         precopy_rounds: 0,
         blocks: vec![RamBlock { name: "ram".into(), page_count: 1 }],
+        machine: bytes::Bytes::new(),
     });
     let bad_layout = Frame::Hello(Hello {
         resume: false,
@@ -194,6 +197,7 @@ fn handshake_errors_reject_and_fail() {
         mode: WireMode::Postcopy,
         precopy_rounds: 0,
         blocks: vec![RamBlock { name: "ram".into(), page_count: 0 }],
+        machine: bytes::Bytes::new(),
     });
     let cases = [
         (bad_size, MigrationError::Protocol(ProtocolError::PageSizeMismatch { ours: PAGE_SIZE, theirs: 4096 })),
@@ -563,6 +567,7 @@ fn resume_checks_session_epoch_and_layout() {
         mode: WireMode::Postcopy,
         precopy_rounds: 0,
         blocks: vec![RamBlock { name: "ram".into(), page_count: PAGES }],
+        machine: bytes::Bytes::new(),
     });
     let other_session = Frame::Hello(Hello {
         resume: true,
@@ -573,6 +578,7 @@ fn resume_checks_session_epoch_and_layout() {
         mode: WireMode::Postcopy,
         precopy_rounds: 0,
         blocks: vec![RamBlock { name: "ram".into(), page_count: PAGES }],
+        machine: bytes::Bytes::new(),
     });
     let cases = [
         (other_layout, ProtocolError::LayoutChanged),

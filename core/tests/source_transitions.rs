@@ -183,6 +183,22 @@ fn start_asks_for_every_channel_and_handshakes() {
 }
 
 #[test]
+fn the_hello_carries_the_machine_description() {
+    let layout = RamLayout::single("ram", 64, PAGES).unwrap();
+    let mut src = Source::new(quiet(), layout, SESSION);
+    assert_eq!(
+        src.set_machine_description(Bytes::from(vec![0; wire::MAX_MACHINE_LEN + 1])),
+        Err(EventError::MachineDescriptionTooLong { len: wire::MAX_MACHINE_LEN + 1, max: wire::MAX_MACHINE_LEN })
+    );
+    src.set_machine_description(Bytes::from_static(b"vcpus=4 irqchip")).unwrap();
+    let mut h = Harness { src, now: Timestamp(0), guest: Guest { zero: vec![] }, actions: vec![] };
+    h.src.handle_start(h.now).unwrap();
+    h.connect_all();
+    let main = h.frames(Channel::Main);
+    assert!(matches!(&main[0], Frame::Hello(hello) if hello.machine == Bytes::from_static(b"vcpus=4 irqchip")));
+}
+
+#[test]
 fn without_urgent_channel_two_connections_suffice() {
     let mut h = Harness::new(Config { urgent_channel: false, ..quiet() });
     assert!(!h.has(&SourceAction::Connect(Channel::Urgent)));
@@ -638,6 +654,7 @@ fn bad_requests_after_start_pause_with_typed_errors() {
                 mode: wire::WireMode::Postcopy,
                 precopy_rounds: 0,
                 blocks: vec![postcopy_core::RamBlock { name: "ram".into(), page_count: 1 }],
+                machine: bytes::Bytes::new(),
             }),
             ProtocolError::UnexpectedFrame {
                 channel: Channel::Return,

@@ -239,6 +239,11 @@ fn parse_payload(header: Header, payload: Bytes) -> Result<Frame, WireError> {
                 let page_count = r.u64()?;
                 blocks.push(RamBlock { name, page_count });
             }
+            let machine_len = r.u16()? as usize;
+            if machine_len > MAX_MACHINE_LEN {
+                return Err(r.malformed("machine description too long"));
+            }
+            let machine = r.take(machine_len)?;
             Frame::Hello(Hello {
                 resume: flags & HELLO_FLAG_RESUME != 0,
                 urgent_channel: flags & HELLO_FLAG_URGENT != 0,
@@ -248,6 +253,7 @@ fn parse_payload(header: Header, payload: Bytes) -> Result<Frame, WireError> {
                 mode,
                 precopy_rounds,
                 blocks,
+                machine,
             })
         }
         FrameKind::UrgentHello => {

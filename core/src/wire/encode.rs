@@ -97,6 +97,8 @@ pub fn encode(frame: &Frame, out: &mut Vec<u8>) {
                 out.extend_from_slice(block.name.as_bytes());
                 out.extend_from_slice(&block.page_count.to_be_bytes());
             }
+            out.extend_from_slice(&(hello.machine.len() as u16).to_be_bytes());
+            out.extend_from_slice(&hello.machine);
             finish(out, at, kind);
         }
         Frame::UrgentHello(hello) => {

@@ -26,7 +26,7 @@
 //!
 //! | type | frame | channel | payload |
 //! |------|-------|---------|---------|
-//! | 0x01 | `Hello` | main | magic u32, version u16, flags u16 (bit 0: resume, bit 1: urgent channel), session u64, epoch u32, page size u32, mode u8, precopy rounds u32, block count u16, then per block: name length u8, name (UTF-8), page count u64 |
+//! | 0x01 | `Hello` | main | magic u32, version u16, flags u16 (bit 0: resume, bit 1: urgent channel), session u64, epoch u32, page size u32, mode u8, precopy rounds u32, block count u16, then per block: name length u8, name (UTF-8), page count u64; then machine description length u16 and bytes (opaque, at most 4 KiB) |
 //! | 0x02 | `UrgentHello` | urgent | magic u32, version u16, reserved u16, session u64, epoch u32 |
 //! | 0x03 | `Page` | main, urgent | block u32, page index u32, then the page (absent when flag bit 0, *zero*, is set); flags bits 1-2: kind (0 precopy, 1 background, 2 requested) |
 //! | 0x04 | `Discard` | main | block u32, range count u16, then per range: first page u32, page count u32 |
@@ -77,6 +77,8 @@ pub const MAX_PRESENT_WORDS: usize = 8192;
 pub const MAX_DEVICE_STATE_CHUNK: usize = 64 * 1024;
 /// Bytes of a reason string, at most.
 pub const MAX_REASON_LEN: usize = 1024;
+/// Bytes of the machine description in a hello, at most.
+pub const MAX_MACHINE_LEN: usize = 4096;
 
 /// Frame types, with their wire codes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -133,7 +135,7 @@ impl FrameKind {
     pub fn max_payload(self) -> u32 {
         use FrameKind::*;
         let bytes = match self {
-            Hello => 32 + MAX_BLOCKS * (1 + MAX_BLOCK_NAME_LEN + 8),
+            Hello => 34 + MAX_BLOCKS * (1 + MAX_BLOCK_NAME_LEN + 8) + MAX_MACHINE_LEN,
             UrgentHello => 20,
             Page => 8 + MAX_PAGE_SIZE as usize,
             Discard => 6 + 8 * MAX_DISCARD_RANGES,
@@ -226,6 +228,9 @@ pub struct Hello {
     pub mode: WireMode,
     pub precopy_rounds: u32,
     pub blocks: Vec<RamBlock>,
+    /// What the destination must build before the device state arrives
+    /// (vCPU count, interrupt controller...), opaque to the protocol.
+    pub machine: Bytes,
 }
 
 /// The first frame of the urgent channel.

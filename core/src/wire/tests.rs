@@ -49,6 +49,7 @@ fn sample_frames() -> Vec<Frame> {
                 RamBlock { name: "pc.ram".into(), page_count: 262_144 },
                 RamBlock { name: "vga.vram".into(), page_count: 4096 },
             ],
+            machine: Bytes::from_static(b"vcpus=4"),
         }),
         Frame::UrgentHello(UrgentHello { session: 7, epoch: 2 }),
         Frame::Page(PageFrame {
@@ -253,6 +254,7 @@ fn arb_frame() -> impl Strategy<Value = Frame> {
                     mode: if hybrid { WireMode::Hybrid } else { WireMode::Postcopy },
                     precopy_rounds,
                     blocks,
+                    machine: Bytes::from(vec![page_size as u8; (session % 300) as usize]),
                 })
             }),
         (any::<u64>(), any::<u32>()).prop_map(|(session, epoch)| Frame::UrgentHello(UrgentHello { session, epoch })),
