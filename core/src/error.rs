@@ -72,6 +72,8 @@ pub enum ProtocolError {
     SessionMismatch { expected: u64, got: u64 },
     #[error("epoch mismatch: expected {expected}, got {got}")]
     EpochMismatch { expected: u32, got: u32 },
+    #[error("end of copy while {unsent} pages were never sent")]
+    PrematureEoc { unsent: u64 },
     #[error("page request after the destination declared the end of copy")]
     RequestAfterEnd,
     #[error("more than {limit} page requests outstanding")]

@@ -758,6 +758,11 @@ impl Source {
                 self.complete(now);
                 Ok(())
             }
+            SourceState::Active if !self.sent.is_full() => {
+                // The destination cannot hold pages this side never sent:
+                // completing now would leave the guest without them.
+                Err(ProtocolError::PrematureEoc { unsent: self.layout.total_pages() - self.sent.count_ones() })
+            }
             SourceState::Active => {
                 self.state = SourceState::EocReceived;
                 self.queue_end_of_stream();

@@ -196,3 +196,34 @@ fn the_return_path_opens_with_the_welcome() {
     let frames = returned(&mut dst, now);
     assert!(matches!(&frames[..], [Frame::Welcome(_), Frame::ReadyToRun]), "{frames:?}");
 }
+
+/// fuzz/artifacts/source_events/premature-eoc: a destination declared the
+/// end of copy while most pages had never been sent; the source answered
+/// with its end of stream and completed, giving up a guest whose pages the
+/// destination cannot have. An EOC with pages unsent is now a protocol
+/// error (after StartGuest: a pause, and the recovery's report tells what
+/// the destination really has).
+#[test]
+fn source_refuses_an_eoc_with_pages_unsent() {
+    let config = Config { keepalive_interval: None, peer_timeout: None, urgent_channel: false, ..Config::postcopy() };
+    let mut src = Source::new(config, RamLayout::single("ram", 64, 16).unwrap(), 7);
+    let now = Timestamp::ZERO;
+    src.handle_start(now).unwrap();
+    for channel in [Channel::Main, Channel::Return] {
+        src.handle_connected(now, channel);
+    }
+    let welcome =
+        Welcome { session: 7, epoch: 0, guest_started: false, device_loaded: false, max_outstanding_requests: 8 };
+    src.handle_frame(now, Channel::Return, Frame::Welcome(welcome)).unwrap();
+    src.handle_vcpus_stopped(now, Bytes::from_static(b"dev")).unwrap();
+    let _ = frames_on(&mut src, now, Channel::Main);
+    src.handle_frame(now, Channel::Return, Frame::ReadyToRun).unwrap();
+    let mut out = Vec::new();
+    while src.state() != SourceState::Active {
+        assert!(src.poll_transmit(now, Channel::Main, &mut out, 0, &ZeroGuest) > 0);
+    }
+    assert!(src.pages_sent() < 16);
+    let error = src.handle_frame(now, Channel::Return, Frame::Eoc).unwrap_err();
+    assert!(matches!(error, ProtocolError::PrematureEoc { .. }), "{error:?}");
+    assert_eq!(src.state(), SourceState::Active);
+}
