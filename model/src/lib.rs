@@ -94,7 +94,7 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use postcopy_core::testkit::{page_version, Pair, PairConfig, Violation};
+use postcopy_core::testkit::{page_version, Outcome, Pair, PairConfig, Violation};
 use postcopy_core::wire::{Decoder, Frame, PageData, PageKind};
 use postcopy_core::{Channel, Config, DestinationState, Mode, PageNumber, PlantedBug, SourceState};
 use stateright::{Checker, Expectation, HasDiscoveries, Model, Property};
@@ -757,51 +757,32 @@ fn fair_run_inner(
     Ok(total)
 }
 
-/// Both sides finished, and correctly: completed with every page newest
-/// and no fault waiting, or (only if the guest never started on the
-/// destination) both failed with the guest running on the source.
+/// Both sides finished, and correctly, as the testkit judges a healed run
+/// ([`Pair::check_outcome`]): completed with every page newest, or
+/// abandoned before StartGuest with the guest running on the source with
+/// its newest content (the destination dropped its copy or, if its
+/// ReadyToRun had left, waits paused: it cannot tell that source from one
+/// past StartGuest). In addition: no vCPU still waits, no fault is
+/// outstanding, and no page the destination holds is stale.
 pub fn judge_end(pair: &mut Pair) -> Result<(), String> {
-    pair.check();
-    if let Some(violation) = pair.violations.first() {
-        return Err(violation.to_string());
-    }
-    no_page_lost(pair)?;
-    let started = pair.dst.core.guest_started() || pair.src.past_start;
-    match (pair.src.finished_ok, pair.dst.finished_ok) {
-        (Some(true), Some(true)) => {
-            pair.check_destination_memory();
-            if let Some(violation) = pair.violations.first() {
-                return Err(violation.to_string());
-            }
-            if let Some(vcpu) = pair.blocked.iter().position(Option::is_some) {
-                return Err(format!("completed with vCPU {vcpu} still waiting"));
-            }
-            if pair.dst.core.outstanding_faults() > 0 {
-                return Err("completed with faults outstanding".into());
-            }
-            Ok(())
-        }
-        (Some(false), Some(false)) if !started => {
-            if !pair.src.running || pair.dst.running {
-                return Err("both failed but the guest does not run on the source".into());
-            }
-            for page in 0..pair.pages() {
-                let expected = pair.oracle.latest(PageNumber(page));
-                let found = pair.src.guest.versions[page as usize];
-                if found != expected {
-                    return Err(format!("abandoned: page {page} on the source is v{found}, newest v{expected}"));
-                }
-            }
-            Ok(())
-        }
-        (src, dst) => Err(format!(
-            "not finished correctly: source {} (finished {src:?}), destination {} (finished {dst:?}), guest started \
-             on the destination: {started}, vCPUs waiting: {}",
+    let outcome = pair.check_outcome().map_err(|violation| {
+        format!(
+            "{violation} (source {}, destination {}, vCPUs waiting: {})",
             pair.src.core.state(),
             pair.dst.core.state(),
             pair.blocked.iter().filter(|b| b.is_some()).count()
-        )),
+        )
+    })?;
+    no_page_lost(pair)?;
+    if outcome == Outcome::Completed {
+        if let Some(vcpu) = pair.blocked.iter().position(Option::is_some) {
+            return Err(format!("completed with vCPU {vcpu} still waiting"));
+        }
+        if pair.dst.core.outstanding_faults() > 0 {
+            return Err("completed with faults outstanding".into());
+        }
     }
+    Ok(())
 }
 
 // ----- running the checker ----------------------------------------------
