@@ -70,6 +70,7 @@ fn destination_refuses_a_guest_larger_than_its_bound() {
         mode: WireMode::Postcopy,
         precopy_rounds: 0,
         blocks,
+        machine: Bytes::new(),
     };
     let error = dst.handle_frame(now, Channel::Main, Frame::Hello(hello)).unwrap_err();
     assert_eq!(error, ProtocolError::GuestTooLarge { pages: 1 << 40, limit: Config::postcopy().max_guest_pages });
@@ -177,6 +178,7 @@ fn small_hello() -> Frame {
         mode: WireMode::Postcopy,
         precopy_rounds: 0,
         blocks: vec![RamBlock { name: "ram".into(), page_count: 4 }],
+        machine: Bytes::new(),
     })
 }
 
