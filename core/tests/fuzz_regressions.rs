@@ -229,3 +229,24 @@ fn source_refuses_an_eoc_with_pages_unsent() {
     assert!(matches!(error, ProtocolError::PrematureEoc { .. }), "{error:?}");
     assert_eq!(src.state(), SourceState::Active);
 }
+
+/// fuzz/artifacts/pair/peer-timeout-loses-pages-in-flight: every page was in
+/// flight when the source's peer timeout closed the connections; the
+/// recovery re-sent them, and the testkit took that for invariant 4 broken
+/// (it counted only losses it injected itself as losses).
+#[test]
+fn pages_lost_to_a_timeout_may_cross_again() {
+    let config = Config { urgent_channel: false, peer_timeout: Some(Duration::from_secs(3)), ..Config::postcopy() };
+    let mut pair = Pair::new(PairConfig::new(config, 8));
+    for channel in [Channel::Main, Channel::Return, Channel::Main, Channel::Return] {
+        assert!(pair.transmit(channel, 0));
+        assert!(pair.deliver(channel, usize::MAX));
+    }
+    // StartGuest and every page leave the source; none arrives.
+    assert!(pair.transmit(Channel::Main, 1 << 16));
+    assert_eq!(pair.src.core.pages_sent(), 8);
+    while pair.src.core.state() != SourceState::Paused {
+        assert!(pair.fire_timer());
+    }
+    assert_eq!(pair.run_to_completion(10_000), Ok(Outcome::Completed));
+}

@@ -160,6 +160,7 @@ impl Pair {
         let pipe = &mut self.pipes[channel.index()];
         if pipe.up {
             // A new connection replaces the old one: the old one is gone.
+            self.any_loss |= !pipe.in_flight.is_empty();
             pipe.in_flight.clear();
             pipe.closing = false;
             self.dst.core.handle_connection_lost(self.now, channel);
@@ -186,6 +187,9 @@ impl Pair {
     /// The connection is gone for both sides, with whatever was in flight.
     fn drop_pipe(&mut self, channel: Channel) {
         let pipe = &mut self.pipes[channel.index()];
+        // Bytes still in flight are lost with the connection, whoever closed
+        // it (a core timing out closes it too): re-sends are allowed then.
+        self.any_loss |= !pipe.in_flight.is_empty();
         pipe.up = false;
         pipe.closing = false;
         pipe.in_flight.clear();
