@@ -1,0 +1,27 @@
+//! `postcopy-sim`: a deterministic simulator that runs the real
+//! `postcopy_core::Source` and `Destination` through whole migrations under a
+//! simulated clock, network and guest, with checkers for PROTOCOL.md's
+//! invariants (after TigerBeetle's VOPR, FoundationDB's simulation and
+//! turmoil).
+//!
+//! - [`scenario`]: every option of a run, drawn from its seed.
+//! - [`sim`]: the event loop, the hosts that drive the cores, the fault injector.
+//! - [`net`]: connections, socket buffers, links.
+//! - [`guest`]: guest RAM with content versions, vCPU workloads.
+//! - [`check`]: the invariant checkers, separate from the simulation.
+//! - [`trace`]: the trace hash and the tail printed on failure.
+//! - [`swarm`]: many seeds; the policy comparison.
+
+pub mod check;
+pub mod guest;
+pub mod net;
+pub mod report;
+pub mod rng;
+pub mod scenario;
+pub mod sim;
+pub mod swarm;
+pub mod trace;
+
+pub use report::RunResult;
+pub use scenario::Scenario;
+pub use swarm::run;

@@ -1,0 +1,1512 @@
+//! The simulation: one clock, one event queue, the two real cores, the
+//! network, the guest, the fault injector and the checkers.
+//!
+//! Events are ordered by `(time, tie-break, sequence)`, the tie-break drawn
+//! from the seeded generator when the event is scheduled, so that events of
+//! one instant run in a seed-chosen order. After every event the simulation
+//! drains both cores' actions (as the core's driver rules ask), lets every
+//! writer with socket room call `poll_transmit`, fires fault points, re-arms
+//! the cores' timers and runs the step checkers. Nothing reads the real
+//! clock except to report the simulator's own speed.
+
+use bytes::Bytes;
+use std::cmp::Reverse;
+use std::collections::BinaryHeap;
+use std::time::Instant;
+
+use postcopy_core::wire::PageData;
+use postcopy_core::{
+    Channel, Destination, DestinationAction, DestinationState, DestinationStats, Finished, MigrationError, Notice,
+    PageNumber, RamLayout, Side, Source, SourceAction, SourceState, SourceStats, Timestamp, Waiter,
+};
+
+use crate::check::{Checkers, StepView, Where};
+use crate::guest::{decode_version, Pattern, SourceMemory, Vcpu, MISSING};
+use crate::net::{scan_chunk, serialise_ns, Chunk, Conn, Link};
+use crate::report::{GuestProgress, Report, RunResult};
+use crate::rng::{stream, Rng};
+use crate::scenario::{Crash, Scenario, Triggers, CHARGED_PAGE_BYTES};
+use crate::trace::{Trace, What};
+
+const MS: u64 = 1_000_000;
+const US: u64 = 1_000;
+/// A vCPU runs at most this long per event (a coarser step is faster to
+/// simulate; a vCPU that is about to fault stops at the faulting access).
+const QUANTUM_NS: u64 = 50 * US;
+/// Timer firings at one instant without the deadline moving: a busy loop.
+const TIMER_LIVELOCK: u32 = 10_000;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum Ev {
+    Start,
+    NewAttempt,
+    Vcpu { vcpu: u32, generation: u32 },
+    LinkFree { dir: u8 },
+    Deliver { conn: u32 },
+    SynArrive { conn: u32 },
+    SynAck { conn: u32 },
+    ConnectFail { conn: u32 },
+    Lost { conn: u32, to_source: bool },
+    Timer { dest: bool, generation: u32 },
+    VcpusStopped { generation: u32 },
+    DirtySynced { generation: u32, slot: u32 },
+    DeviceLoaded { generation: u32 },
+    Switch { generation: u32 },
+    Reset,
+    PartitionStart { index: u32 },
+    PartitionEnd,
+    Heal,
+    DestRestart,
+    Deadline,
+    AfterEnd,
+}
+
+impl Ev {
+    fn name(&self) -> &'static str {
+        match self {
+            Ev::Start => "start",
+            Ev::NewAttempt => "new-attempt",
+            Ev::Vcpu { .. } => "vcpu",
+            Ev::LinkFree { .. } => "link-free",
+            Ev::Deliver { .. } => "deliver",
+            Ev::SynArrive { .. } => "syn-arrive",
+            Ev::SynAck { .. } => "syn-ack",
+            Ev::ConnectFail { .. } => "connect-fail",
+            Ev::Lost { .. } => "lost",
+            Ev::Timer { .. } => "timer",
+            Ev::VcpusStopped { .. } => "vcpus-stopped",
+            Ev::DirtySynced { .. } => "dirty-synced",
+            Ev::DeviceLoaded { .. } => "device-loaded",
+            Ev::Switch { .. } => "switch",
+            Ev::Reset => "reset",
+            Ev::PartitionStart { .. } => "partition-start",
+            Ev::PartitionEnd => "partition-end",
+            Ev::Heal => "heal",
+            Ev::DestRestart => "dest-restart",
+            Ev::Deadline => "deadline",
+            Ev::AfterEnd => "after-end",
+        }
+    }
+
+    fn args(&self) -> (u64, u64) {
+        match *self {
+            Ev::Vcpu { vcpu, .. } => (u64::from(vcpu), 0),
+            Ev::LinkFree { dir } => (u64::from(dir), 0),
+            Ev::Deliver { conn } | Ev::SynArrive { conn } | Ev::SynAck { conn } | Ev::ConnectFail { conn } => {
+                (u64::from(conn), 0)
+            }
+            Ev::Lost { conn, to_source } => (u64::from(conn), u64::from(to_source)),
+            Ev::Timer { dest, .. } => (u64::from(dest), 0),
+            Ev::PartitionStart { index } => (u64::from(index), 0),
+            _ => (0, 0),
+        }
+    }
+}
+
+struct SourceHost {
+    core: Source,
+    running: bool,
+    /// StartGuest was transmitted in this attempt.
+    past_start: bool,
+    finished: Option<Finished<SourceStats>>,
+}
+
+struct DestHost {
+    core: Destination,
+    /// The process exists (not crashed).
+    alive: bool,
+    running: bool,
+    /// The guest ran here in this attempt.
+    started: bool,
+    memory: Vec<u64>,
+    /// A device-state load: done at this time, once its pages are present.
+    load_until: Option<u64>,
+    finished: Option<Finished<DestinationStats>>,
+}
+
+impl DestHost {
+    fn new(scenario: &Scenario) -> Self {
+        Self {
+            core: Destination::new(scenario.config(), scenario.wire_page_bytes),
+            alive: true,
+            running: false,
+            started: false,
+            memory: Vec::new(),
+            load_until: None,
+            finished: None,
+        }
+    }
+}
+
+/// One simulated migration.
+pub struct Sim {
+    sc: Scenario,
+    layout: RamLayout,
+    block_start: Vec<u64>,
+    now: u64,
+    queue: BinaryHeap<Reverse<(u64, u64, u64, Ev)>>,
+    seq: u64,
+    rng: Rng,
+
+    attempt: u32,
+    /// Generation of each host's core (0 source, 1 destination): events
+    /// of a replaced core are ignored.
+    generation: [u32; 2],
+    attempt_start: u64,
+    src: SourceHost,
+    dst: DestHost,
+    src_mem: SourceMemory,
+    device_state: Bytes,
+    device_pages: Vec<u64>,
+    vcpus: Vec<Vcpu>,
+    vcpu_generation: u32,
+    blocked: u32,
+
+    conns: Vec<Conn>,
+    src_conn: [Option<usize>; 3],
+    dst_conn: [Option<usize>; 3],
+    links: [Link; 2],
+    partition_until: Option<u64>,
+    partitions: Vec<(u64, bool)>,
+    pending_dirty: Vec<Vec<u64>>,
+
+    faults_on: bool,
+    healed: bool,
+    heal_at: u64,
+    trigger_budget: [u32; 5],
+    crash_done: bool,
+    timer_at: [Option<u64>; 2],
+    timer_spins: [(u64, u32); 2],
+    last_states: (SourceState, Option<DestinationState>),
+
+    checks: Checkers,
+    trace: Trace,
+    done: bool,
+
+    // Measurements.
+    events: u64,
+    page_frames: u64,
+    charged_bytes: u64,
+    accesses: [u64; 4],
+    start_at: Option<u64>,
+    stop_at: Option<u64>,
+    dst_started_at: Option<u64>,
+    completed_at: Option<u64>,
+    notes: Vec<String>,
+}
+
+impl Sim {
+    pub fn new(sc: Scenario, trace_tail: usize) -> Self {
+        let layout = sc.layout();
+        let block_start = (0..sc.blocks).map(|b| layout.block_start(b).map_or(0, |p| p.0)).collect();
+        let pages = sc.pages;
+        let mut content = Rng::new(sc.seed, stream::CONTENT);
+        let mut checks = Checkers::new(pages);
+        let mut src_mem = SourceMemory::new(pages);
+        // The guest's RAM before the migration: some pages zero, the others
+        // written once (that history is the checkers').
+        for page in 0..pages {
+            if content.below(100) >= u64::from(sc.zero_pct) {
+                src_mem.versions[page as usize] = checks.write(page);
+            }
+        }
+        src_mem.take_dirty();
+        let ws_len = (pages * u64::from(sc.working_set_pct) / 100).max(1);
+        let ws_base = content.below(pages - ws_len + 1);
+        let vcpus = (0..sc.vcpus)
+            .map(|i| Vcpu { pattern: Pattern::new(&sc, i, ws_base, ws_len), pending: None, blocked_on: None, until: 0 })
+            .collect();
+        let device_pages = (0..sc.device_pages).map(|_| content.below(pages)).collect();
+        let device_state: Bytes =
+            (0..sc.device_state_bytes).map(|i| (i as u8) ^ (sc.seed as u8).rotate_left(i as u32 % 8)).collect();
+        let mut rng = Rng::new(sc.seed, stream::WORLD);
+        let session = rng.u64();
+        let partitions =
+            (0..sc.partitions).map(|_| (rng.log_uniform(1, sc.partition_max_ms.max(1)) * MS, rng.chance(0.5))).collect();
+        let src = SourceHost {
+            core: Source::new(sc.config(), layout.clone(), session),
+            running: true,
+            past_start: false,
+            finished: None,
+        };
+        let dst = DestHost::new(&sc);
+        let budget = sc.trigger_budget;
+        let faults_on = sc.faults;
+        let initial_state = src.core.state();
+        Sim {
+            layout,
+            block_start,
+            now: 0,
+            queue: BinaryHeap::new(),
+            seq: 0,
+            rng,
+            attempt: 1,
+            generation: [0, 0],
+            attempt_start: 0,
+            src,
+            dst,
+            src_mem,
+            device_state,
+            device_pages,
+            vcpus,
+            vcpu_generation: 0,
+            blocked: 0,
+            conns: Vec::new(),
+            src_conn: [None; 3],
+            dst_conn: [None; 3],
+            links: Default::default(),
+            partition_until: None,
+            partitions,
+            pending_dirty: Vec::new(),
+            faults_on,
+            healed: !faults_on,
+            heal_at: 0,
+            trigger_budget: [budget; 5],
+            crash_done: false,
+            timer_at: [None; 2],
+            timer_spins: [(u64::MAX, 0); 2],
+            last_states: (initial_state, None),
+            checks,
+            trace: Trace::new(trace_tail),
+            done: false,
+            events: 0,
+            page_frames: 0,
+            charged_bytes: 0,
+            accesses: [0; 4],
+            start_at: None,
+            stop_at: None,
+            dst_started_at: None,
+            completed_at: None,
+            notes: Vec::new(),
+            sc,
+        }
+    }
+
+    fn at(&mut self, time: u64, ev: Ev) {
+        self.seq += 1;
+        let tie = self.rng.u64();
+        self.queue.push(Reverse((time.max(self.now), tie, self.seq, ev)));
+    }
+
+    fn ts(&self) -> Timestamp {
+        Timestamp::from_nanos(self.now)
+    }
+
+    fn latency(&self) -> u64 {
+        self.sc.latency_us * US
+    }
+
+    fn jitter(&mut self) -> u64 {
+        if self.sc.jitter_us == 0 {
+            0
+        } else {
+            self.rng.below(self.sc.jitter_us * US + 1)
+        }
+    }
+
+    fn partitioned(&self) -> bool {
+        self.partition_until.is_some()
+    }
+
+    /// Runs the migration to its end and reports.
+    pub fn run(mut self) -> RunResult {
+        let real_start = Instant::now();
+        let start = self.sc.warmup_ms * MS;
+        self.heal_at = start + if self.faults_on { self.sc.heal_ms * MS } else { 0 };
+        let deadline = self.heal_at + self.sc.liveness_ms * MS;
+        for vcpu in 0..self.sc.vcpus {
+            self.at(0, Ev::Vcpu { vcpu, generation: 0 });
+        }
+        self.at(start, Ev::Start);
+        self.at(deadline, Ev::Deadline);
+        if self.faults_on {
+            self.at(self.heal_at, Ev::Heal);
+            let span = self.heal_at - start;
+            for _ in 0..self.sc.resets {
+                let t = start + self.rng.below(span + 1);
+                self.at(t, Ev::Reset);
+            }
+            for index in 0..self.sc.partitions {
+                let t = start + self.rng.below(span + 1);
+                self.at(t, Ev::PartitionStart { index });
+            }
+        }
+        while let Some(Reverse((time, _, _, ev))) = self.queue.pop() {
+            self.now = time;
+            self.events += 1;
+            let (a, b) = ev.args();
+            self.trace.record(time, What::Event(ev.name()), a, b);
+            self.dispatch(ev);
+            if self.done {
+                break;
+            }
+            self.after_event();
+            if self.done {
+                break;
+            }
+        }
+        if !self.done {
+            let detail = format!("nothing left to happen: {}", self.states());
+            self.checks.no_progress(detail);
+        }
+        let real = real_start.elapsed();
+        self.result(real.as_secs_f64())
+    }
+
+    fn states(&self) -> String {
+        format!(
+            "source {} (attempt {}), destination {}{}",
+            self.src.core.state(),
+            self.attempt,
+            self.dst.core.state(),
+            if self.dst.alive { "" } else { " (crashed)" }
+        )
+    }
+
+    // ----- events --------------------------------------------------------
+
+    fn dispatch(&mut self, ev: Ev) {
+        match ev {
+            Ev::Start => {
+                self.start_at = Some(self.now);
+                self.begin_attempt();
+            }
+            Ev::NewAttempt => self.new_attempt(),
+            Ev::Vcpu { vcpu, generation } => {
+                if generation == self.vcpu_generation {
+                    self.step_vcpu(vcpu as usize);
+                }
+            }
+            Ev::LinkFree { dir } => {
+                self.links[dir as usize].busy = false;
+                self.kick(dir as usize);
+            }
+            Ev::Deliver { conn } => self.deliver(conn as usize),
+            Ev::SynArrive { conn } => self.syn_arrive(conn as usize),
+            Ev::SynAck { conn } => self.syn_ack(conn as usize),
+            Ev::ConnectFail { conn } => {
+                let c = conn as usize;
+                let ch = self.conns[c].channel;
+                if self.src_conn[ch.index()] == Some(c) {
+                    self.src_conn[ch.index()] = None;
+                    self.kill(c);
+                    self.src.core.handle_connect_failed(self.ts(), ch);
+                    self.drain_source();
+                }
+            }
+            Ev::Lost { conn, to_source } => self.lost(conn as usize, to_source),
+            Ev::Timer { dest, generation } => self.fire_timer(dest, generation),
+            Ev::VcpusStopped { generation } => {
+                if generation == self.generation[0] && self.src.core.state() == SourceState::Stopping {
+                    let state = self.device_state.clone();
+                    if let Err(error) = self.src.core.handle_vcpus_stopped(self.ts(), state) {
+                        self.checks.driver_event("source", error.to_string());
+                    }
+                    self.drain_source();
+                }
+            }
+            Ev::DirtySynced { generation, slot } => {
+                let words = std::mem::take(&mut self.pending_dirty[slot as usize]);
+                let state = self.src.core.state();
+                if generation == self.generation[0] && matches!(state, SourceState::DirtySync | SourceState::FinalSync) {
+                    let now = self.ts();
+                    let result = self
+                        .src
+                        .core
+                        .handle_dirty_bitmap(now, 0, &words)
+                        .and_then(|()| self.src.core.handle_dirty_sync_complete(now));
+                    if let Err(error) = result {
+                        self.checks.driver_event("source", error.to_string());
+                    }
+                    self.drain_source();
+                }
+            }
+            Ev::DeviceLoaded { generation } => {
+                if generation == self.generation[1] {
+                    self.try_finish_load();
+                }
+            }
+            Ev::Switch { generation } => {
+                let state = self.src.core.state();
+                if generation == self.generation[0]
+                    && matches!(state, SourceState::Handshake | SourceState::Precopy | SourceState::DirtySync)
+                {
+                    if let Err(error) = self.src.core.handle_switch_to_postcopy(self.ts()) {
+                        self.checks.driver_event("source", error.to_string());
+                    }
+                    self.drain_source();
+                }
+            }
+            Ev::Reset => {
+                if !self.healed {
+                    let d_src = self.rng.below(self.latency() + 1);
+                    let d_dst = self.rng.below(self.latency() + 1);
+                    if let Some(c) = self.pick_conn() {
+                        self.trace.record(self.now, What::Fault("reset"), c as u64, 0);
+                        self.reset(c, d_src, d_dst);
+                    }
+                }
+            }
+            Ev::PartitionStart { index } => self.partition(index as usize),
+            Ev::PartitionEnd => {
+                if self.partition_until.is_some_and(|until| self.now >= until) {
+                    self.end_partition();
+                }
+            }
+            Ev::Heal => {
+                self.healed = true;
+                self.trace.record(self.now, What::Fault("heal"), 0, 0);
+                if self.partitioned() {
+                    self.end_partition();
+                }
+            }
+            Ev::DestRestart => {
+                if !self.dst.alive {
+                    self.generation[1] += 1;
+                    self.dst = DestHost::new(&self.sc);
+                    self.timer_at[1] = None;
+                    self.trace.record(self.now, What::Note("destination restarted"), 0, 0);
+                }
+            }
+            Ev::Deadline => {
+                if self.completed_at.is_none() {
+                    let detail = format!(
+                        "not finished {} ms after the faults healed: {}",
+                        self.sc.liveness_ms,
+                        self.states()
+                    );
+                    self.checks.no_progress(detail);
+                    self.done = true;
+                }
+            }
+            Ev::AfterEnd => self.done = true,
+        }
+    }
+
+    fn after_event(&mut self) {
+        self.pump();
+        self.fault_points();
+        self.arm_timers();
+        self.observe();
+        let max_buffered = self.conns.iter().filter(|c| !c.dead).map(|c| c.buffered).max().unwrap_or(0);
+        let view = StepView {
+            source_running: self.src.running,
+            destination_running: self.dst.running,
+            source_queue: self.src.core.urgent_queue_len() as u64,
+            destination_faults: self.dst.core.outstanding_faults() as u64,
+            max_outstanding: u64::from(self.sc.max_outstanding),
+            max_buffered,
+            // A writer may overshoot its room by one chunk plus one frame.
+            buffer_bound: (self.sc.buffer_kib + 2 * self.sc.chunk_kib) * 1024 + (128 << 10),
+        };
+        self.checks.step(view);
+        if !self.checks.ok() {
+            self.done = true;
+        }
+    }
+
+    /// Records state changes and the point of no return.
+    fn observe(&mut self) {
+        let s = self.src.core.state();
+        let d = self.dst.alive.then(|| self.dst.core.state());
+        if s != self.last_states.0 {
+            self.trace.record(self.now, What::SourceState(s), u64::from(self.attempt), 0);
+        }
+        if d != self.last_states.1 {
+            if let Some(d) = d {
+                self.trace.record(self.now, What::DestState(d), u64::from(self.attempt), 0);
+            }
+        }
+        self.last_states = (s, d);
+        if s.after_start() {
+            self.src.past_start = true;
+        }
+    }
+
+    // ----- attempts --------------------------------------------------------
+
+    fn begin_attempt(&mut self) {
+        self.attempt_start = self.now;
+        if let Err(error) = self.src.core.handle_start(self.ts()) {
+            self.checks.driver_event("source", error.to_string());
+        }
+        self.drain_source();
+        if self.sc.switch_after_ms > 0 {
+            let generation = self.generation[0];
+            self.at(self.now + self.sc.switch_after_ms * MS, Ev::Switch { generation });
+        }
+    }
+
+    /// A new migration after one that left the guest on the source (an
+    /// orchestrator retrying): fresh cores, fresh connections.
+    fn new_attempt(&mut self) {
+        self.attempt += 1;
+        self.generation[0] += 1;
+        self.generation[1] += 1;
+        for c in 0..self.conns.len() {
+            self.kill(c);
+        }
+        self.src_conn = [None; 3];
+        self.dst_conn = [None; 3];
+        let session = self.rng.u64();
+        self.src.core = Source::new(self.sc.config(), self.layout.clone(), session);
+        self.src.past_start = false;
+        self.src.finished = None;
+        self.dst = DestHost::new(&self.sc);
+        self.src_mem.take_dirty();
+        self.checks.new_attempt();
+        self.timer_at = [None; 2];
+        self.trace.record(self.now, What::Note("new attempt"), u64::from(self.attempt), 0);
+        self.begin_attempt();
+    }
+
+    fn source_finished(&mut self, finished: Finished<SourceStats>) {
+        let ok = finished.result.is_ok();
+        let reason = finished.result.as_ref().err().map(ToString::to_string).unwrap_or_default();
+        self.src.finished = Some(finished);
+        if ok {
+            self.maybe_completed();
+            return;
+        }
+        if self.dst.started {
+            self.checks.disagreement(format!("the source failed ({reason}) after the destination ran the guest"));
+            return;
+        }
+        if self.attempt_start >= self.heal_at {
+            self.checks.migration_failed(format!("a migration started after the faults healed failed: {reason}"));
+            return;
+        }
+        if self.attempt >= 50 {
+            self.checks.migration_failed(format!("50 attempts failed, the last: {reason}"));
+            return;
+        }
+        self.notes.push(format!("attempt {} failed, guest back on the source: {reason}", self.attempt));
+        let delay = self.rng.range(1, 20) * MS;
+        self.at(self.now + delay, Ev::NewAttempt);
+    }
+
+    fn maybe_completed(&mut self) {
+        let src_ok = self.src.finished.as_ref().is_some_and(|f| f.result.is_ok());
+        let dst_ok = self.dst.finished.as_ref().is_some_and(|f| f.result.is_ok());
+        if src_ok && dst_ok && self.completed_at.is_none() {
+            self.completed_at = Some(self.now);
+            self.trace.record(self.now, What::Note("completed"), 0, 0);
+            self.at(self.now + self.sc.after_ms * MS, Ev::AfterEnd);
+        }
+    }
+
+    // ----- the cores' actions ---------------------------------------------
+
+    fn drain_source(&mut self) {
+        while let Some(action) = self.src.core.poll_action() {
+            self.source_action(action);
+        }
+    }
+
+    fn drain_dest(&mut self) {
+        while let Some(action) = self.dst.core.poll_action() {
+            self.dest_action(action);
+        }
+    }
+
+    fn source_action(&mut self, action: SourceAction) {
+        let now = self.now;
+        match action {
+            SourceAction::Connect(ch) => {
+                self.trace.record(now, What::SourceAction("connect"), ch.index() as u64, 0);
+                if let Some(old) = self.src_conn[ch.index()].take() {
+                    self.close_endpoint(old, true, None);
+                }
+                let c = self.conns.len();
+                self.conns.push(Conn::new(ch));
+                self.src_conn[ch.index()] = Some(c);
+                let t = now + self.latency() + self.jitter();
+                self.at(t, Ev::SynArrive { conn: c as u32 });
+            }
+            SourceAction::Close(ch) => {
+                self.trace.record(now, What::SourceAction("close"), ch.index() as u64, 0);
+                if let Some(c) = self.src_conn[ch.index()].take() {
+                    self.close_endpoint(c, true, None);
+                }
+            }
+            SourceAction::Farewell { channel, bytes } => {
+                self.trace.record(now, What::SourceAction("farewell"), channel.index() as u64, bytes.len() as u64);
+                if let Some(c) = self.src_conn[channel.index()].take() {
+                    self.close_endpoint(c, true, Some(bytes));
+                }
+            }
+            SourceAction::StopVcpus => {
+                self.trace.record(now, What::SourceAction("stop-vcpus"), 0, 0);
+                self.src.running = false;
+                self.vcpu_generation += 1;
+                self.stop_at = Some(now);
+                // vCPUs leave the guest at the end of their current step.
+                let until = self.vcpus.iter().map(|v| v.until).max().unwrap_or(now);
+                let generation = self.generation[0];
+                self.at(until.max(now + self.sc.stop_us * US), Ev::VcpusStopped { generation });
+            }
+            SourceAction::ResumeVcpus => {
+                self.trace.record(now, What::SourceAction("resume-vcpus"), 0, 0);
+                self.checks.source_resumed(self.src.past_start);
+                self.src.running = true;
+                self.run_vcpus();
+            }
+            SourceAction::SyncDirtyLog => {
+                let (words, dirty) = self.src_mem.take_dirty();
+                self.trace.record(now, What::SourceAction("sync-dirty-log"), dirty, 0);
+                let slot = self.pending_dirty.len() as u32;
+                self.pending_dirty.push(words);
+                // KVM_GET_DIRTY_LOG: about 5 us, plus 3 ns per dirty page.
+                let generation = self.generation[0];
+                self.at(now + 5 * US + 3 * dirty, Ev::DirtySynced { generation, slot });
+            }
+            SourceAction::Notice(notice) => self.notice("source", &notice),
+            SourceAction::Finished(finished) => {
+                let code = u64::from(finished.result.is_ok());
+                self.trace.record(now, What::SourceAction("finished"), code, 0);
+                if let Err(MigrationError::Protocol(error)) = &finished.result {
+                    self.checks.protocol_error("source", error.to_string());
+                }
+                if finished.guest_on == Side::Source && finished.result.is_ok() {
+                    self.checks.disagreement("the source completed with the guest on the source".into());
+                }
+                self.source_finished(*finished);
+            }
+        }
+    }
+
+    fn dest_action(&mut self, action: DestinationAction) {
+        let now = self.now;
+        match action {
+            DestinationAction::PrepareMemory(layout) => {
+                self.trace.record(now, What::DestAction("prepare-memory"), layout.total_pages(), 0);
+                self.dst.memory = vec![MISSING; layout.total_pages() as usize];
+            }
+            DestinationAction::InstallPage { page, data, overwrite } => {
+                let p = page.0;
+                self.trace.record(now, What::DestAction("install"), p, u64::from(overwrite));
+                let version = match &data {
+                    PageData::Zero => Some(0),
+                    PageData::Bytes(bytes) => decode_version(bytes, page),
+                };
+                let Some(slot) = self.dst.memory.get_mut(p as usize) else {
+                    self.checks.driver_event("destination", format!("install of page {p} outside the memory"));
+                    return;
+                };
+                let was_present = *slot != MISSING;
+                if let Some(v) = version {
+                    if !was_present || overwrite {
+                        *slot = v;
+                    }
+                }
+                self.checks.install(p, version, was_present, overwrite, self.dst.started);
+                self.wake(p);
+                if self.dst.load_until.is_some() {
+                    self.try_finish_load();
+                }
+            }
+            DestinationAction::DiscardPages { first, count } => {
+                self.trace.record(now, What::DestAction("discard"), first.0, count);
+                for p in first.0..first.0 + count {
+                    if let Some(slot) = self.dst.memory.get_mut(p as usize) {
+                        *slot = MISSING;
+                    }
+                    self.checks.discard(p, self.dst.started);
+                }
+            }
+            DestinationAction::LoadDeviceState(state) => {
+                self.trace.record(now, What::DestAction("load-device-state"), state.len() as u64, 0);
+                self.checks.device_state(state == self.device_state);
+                self.dst.load_until = Some(now + self.sc.device_load_us * US);
+                let generation = self.generation[1];
+                self.at(now + self.sc.device_load_us * US, Ev::DeviceLoaded { generation });
+                // Loading touches guest pages: fault those not there yet.
+                let mut faulted = Vec::new();
+                for &p in &self.device_pages {
+                    if self.dst.memory.get(p as usize) == Some(&MISSING) && !faulted.contains(&p) {
+                        faulted.push(p);
+                        if let Err(error) = self.dst.core.handle_page_fault(self.ts(), PageNumber(p), Waiter::Vmm) {
+                            self.checks.driver_event("destination", error.to_string());
+                        }
+                    }
+                }
+            }
+            DestinationAction::ResumeVcpus => {
+                self.trace.record(now, What::DestAction("resume-vcpus"), 0, 0);
+                self.dst.running = true;
+                self.dst.started = true;
+                self.dst_started_at = Some(now);
+                self.checks.guest_started(&self.dst.memory);
+                self.run_vcpus();
+            }
+            DestinationAction::Wake(page) => {
+                self.trace.record(now, What::DestAction("wake"), page.0, 0);
+                if self.dst.memory.get(page.0 as usize).is_some_and(|&v| v != MISSING) {
+                    self.wake(page.0);
+                }
+            }
+            DestinationAction::Close(ch) => {
+                self.trace.record(now, What::DestAction("close"), ch.index() as u64, 0);
+                if let Some(c) = self.dst_conn[ch.index()].take() {
+                    self.close_endpoint(c, false, None);
+                }
+            }
+            DestinationAction::Farewell { channel, bytes } => {
+                self.trace.record(now, What::DestAction("farewell"), channel.index() as u64, bytes.len() as u64);
+                if let Some(c) = self.dst_conn[channel.index()].take() {
+                    self.close_endpoint(c, false, Some(bytes));
+                }
+            }
+            DestinationAction::Notice(notice) => self.notice("destination", &notice),
+            DestinationAction::Finished(finished) => {
+                let ok = finished.result.is_ok();
+                if std::env::var("DBGPAGE").is_ok() { eprintln!("finished: present {} of {:?} state {}", self.dst.core.pages_present(), self.dst.core.layout().map(|l| l.total_pages()), self.dst.core.state()); }
+                self.trace.record(now, What::DestAction("finished"), u64::from(ok), 0);
+                if let Err(MigrationError::Protocol(error)) = &finished.result {
+                    self.checks.protocol_error("destination", error.to_string());
+                }
+                if ok {
+                    self.checks.completed(&self.dst.memory);
+                } else {
+                    if self.dst.started {
+                        self.checks.disagreement("the destination dropped a guest it ran".into());
+                    }
+                    // The driver discards a guest that never ran here.
+                    self.dst.memory.fill(MISSING);
+                    self.dst.running = false;
+                    self.dst.load_until = None;
+                }
+                self.dst.finished = Some(*finished);
+                if ok {
+                    self.maybe_completed();
+                }
+            }
+        }
+    }
+
+    fn notice(&mut self, side: &'static str, notice: &Notice) {
+        let (name, reason) = match notice {
+            Notice::Paused { reason } => ("paused", Some(reason)),
+            Notice::RecoveryAttempt { .. } => ("recovery-attempt", None),
+            Notice::RecoveryFailed { reason, .. } => ("recovery-failed", Some(reason)),
+            Notice::Recovered { .. } => ("recovered", None),
+            Notice::ConnectionRefused { error, .. } => {
+                self.checks.protocol_error(side, format!("connection refused: {error}"));
+                ("connection-refused", None)
+            }
+        };
+        let what = if side == "source" { What::SourceAction(name) } else { What::DestAction(name) };
+        self.trace.record(self.now, what, 0, 0);
+        if let Some(MigrationError::Protocol(error)) = reason {
+            self.checks.protocol_error(side, error.to_string());
+        }
+    }
+
+    fn try_finish_load(&mut self) {
+        let Some(until) = self.dst.load_until else { return };
+        if self.now < until || !self.device_pages.iter().all(|&p| self.dst.memory.get(p as usize) != Some(&MISSING))
+        {
+            return;
+        }
+        self.dst.load_until = None;
+        let fail = self.sc.crash == Crash::LoadError && !self.healed && !self.crash_done;
+        let result = if fail {
+            self.crash_done = true;
+            self.trace.record(self.now, What::Fault("device-load-error"), 0, 0);
+            Err("simulated device-state load failure".to_owned())
+        } else {
+            Ok(())
+        };
+        if let Err(error) = self.dst.core.handle_device_state_loaded(self.ts(), result) {
+            self.checks.driver_event("destination", error.to_string());
+        }
+        self.drain_dest();
+    }
+
+    // ----- timers ---------------------------------------------------------
+
+    fn arm_timers(&mut self) {
+        for side in 0..2 {
+            let deadline = if side == 0 {
+                self.src.core.poll_timeout()
+            } else if self.dst.alive {
+                self.dst.core.poll_timeout()
+            } else {
+                None
+            };
+            let Some(deadline) = deadline else { continue };
+            let t = deadline.as_nanos().max(self.now);
+            if self.timer_at[side].is_none_or(|armed| t < armed) {
+                self.timer_at[side] = Some(t);
+                let generation = self.generation[side];
+                self.at(t, Ev::Timer { dest: side == 1, generation });
+            }
+        }
+    }
+
+    fn fire_timer(&mut self, dest: bool, generation: u32) {
+        let side = usize::from(dest);
+        if generation != self.generation[side] || (dest && !self.dst.alive) {
+            return;
+        }
+        if self.timer_at[side] == Some(self.now) {
+            self.timer_at[side] = None;
+        }
+        let deadline = if dest { self.dst.core.poll_timeout() } else { self.src.core.poll_timeout() };
+        if !deadline.is_some_and(|d| d.as_nanos() <= self.now) {
+            return;
+        }
+        let spins = &mut self.timer_spins[side];
+        if spins.0 == self.now {
+            spins.1 += 1;
+            if spins.1 > TIMER_LIVELOCK {
+                let name = if dest { "destination" } else { "source" };
+                self.checks.timer_livelock(name, self.now);
+                return;
+            }
+        } else {
+            *spins = (self.now, 0);
+        }
+        if dest {
+            self.dst.core.handle_timeout(self.ts());
+            self.drain_dest();
+        } else {
+            self.src.core.handle_timeout(self.ts());
+            self.drain_source();
+        }
+    }
+
+    // ----- network --------------------------------------------------------
+
+    /// Lets every writer with room hand its socket more frames.
+    fn pump(&mut self) {
+        let capacity = self.sc.buffer_kib * 1024;
+        let chunk = self.sc.chunk_kib * 1024;
+        let watermark = chunk.min(capacity / 2).max(1);
+        let wire_page = u64::from(self.sc.wire_page_bytes);
+        // Real bytes per charged byte, for a page frame.
+        let ratio = (16 + wire_page) as f64 / (16 + CHARGED_PAGE_BYTES) as f64;
+        loop {
+            let mut wrote = false;
+            for ch in Channel::ALL {
+                let from_source = ch.is_from_source();
+                let Some(c) = (if from_source { self.src_conn[ch.index()] } else { self.dst_conn[ch.index()] }) else {
+                    continue;
+                };
+                if (from_source && !self.conns[c].src_established) || (!from_source && !self.dst.alive) {
+                    continue;
+                }
+                loop {
+                    let conn = &self.conns[c];
+                    if conn.writer_closed {
+                        break;
+                    }
+                    let room = capacity.saturating_sub(conn.buffered);
+                    if room < watermark {
+                        break;
+                    }
+                    let max_bytes = ((room.min(chunk) as f64 * ratio).ceil() as usize).max(1);
+                    let mut out = Vec::with_capacity(max_bytes + 256);
+                    let now = self.ts();
+                    let frames = if from_source {
+                        self.src.core.poll_transmit(now, ch, &mut out, max_bytes, &self.src_mem)
+                    } else {
+                        self.dst.core.poll_transmit(now, ch, &mut out, max_bytes)
+                    };
+                    if frames > 0 {
+                        wrote = true;
+                        self.write_chunk(c, Bytes::from(out), false);
+                    }
+                    if from_source {
+                        self.drain_source();
+                    } else {
+                        self.drain_dest();
+                    }
+                    let current = if from_source { self.src_conn[ch.index()] } else { self.dst_conn[ch.index()] };
+                    if frames == 0 || current != Some(c) {
+                        break;
+                    }
+                }
+            }
+            if !wrote {
+                break;
+            }
+        }
+    }
+
+    fn global_page(block_start: &[u64], block: u32, index: u32) -> Option<u64> {
+        block_start.get(block as usize).map(|start| start + u64::from(index))
+    }
+
+    fn write_chunk(&mut self, c: usize, bytes: Bytes, fin: bool) {
+        let charged = if fin {
+            0
+        } else {
+            let (checks, block_start, frames) = (&mut self.checks, &self.block_start, &mut self.page_frames);
+            scan_chunk(&bytes, u64::from(self.sc.wire_page_bytes), |p| {
+                *frames += 1;
+                if let Some(page) = Self::global_page(block_start, p.block, p.index) {
+                    checks.page_sent(page, p.kind);
+                }
+            })
+        };
+        self.charged_bytes += charged;
+        let conn = &mut self.conns[c];
+        conn.buffered += charged;
+        let chunk = Chunk { bytes, charged, arrival: 0, fin };
+        if conn.dead {
+            // Written into a connection that is gone and the writer does not
+            // know yet: lost.
+            self.drop_chunk(&chunk);
+            return;
+        }
+        conn.waiting.push_back(chunk);
+        let dir = conn.dir();
+        if !conn.in_ready {
+            conn.in_ready = true;
+            self.links[dir].ready.push_back(c);
+        }
+        self.kick(dir);
+    }
+
+    fn drop_chunk(&mut self, chunk: &Chunk) {
+        if chunk.fin {
+            return;
+        }
+        let (checks, block_start) = (&mut self.checks, &self.block_start);
+        scan_chunk(&chunk.bytes, 0, |p| {
+            if let Some(page) = Self::global_page(block_start, p.block, p.index) {
+                checks.page_dropped(page, p.kind);
+            }
+        });
+    }
+
+    /// Puts the next waiting chunk on an idle link.
+    fn kick(&mut self, dir: usize) {
+        if self.links[dir].busy || self.partitioned() {
+            return;
+        }
+        while let Some(c) = self.links[dir].ready.pop_front() {
+            self.conns[c].in_ready = false;
+            if self.conns[c].dead {
+                continue;
+            }
+            let Some(mut chunk) = self.conns[c].waiting.pop_front() else { continue };
+            let serialise = serialise_ns(chunk.charged.max(1), self.sc.bandwidth_mbps);
+            let flight = self.latency() + self.jitter();
+            let conn = &mut self.conns[c];
+            let arrival = (self.now + serialise + flight).max(conn.last_arrival);
+            conn.last_arrival = arrival;
+            chunk.arrival = arrival;
+            conn.in_flight.push_back(chunk);
+            let schedule_delivery = conn.deliver_at.is_none();
+            if schedule_delivery {
+                conn.deliver_at = Some(arrival);
+            }
+            if !conn.waiting.is_empty() {
+                conn.in_ready = true;
+                self.links[dir].ready.push_back(c);
+            }
+            if schedule_delivery {
+                self.at(arrival, Ev::Deliver { conn: c as u32 });
+            }
+            self.links[dir].busy = true;
+            self.at(self.now + serialise, Ev::LinkFree { dir: dir as u8 });
+            return;
+        }
+    }
+
+    fn deliver(&mut self, c: usize) {
+        self.conns[c].deliver_at = None;
+        if self.conns[c].dead || self.partitioned() {
+            return;
+        }
+        let ch = self.conns[c].channel;
+        let to_dest = ch.is_from_source();
+        loop {
+            let conn = &mut self.conns[c];
+            let Some(head) = conn.in_flight.front() else { break };
+            if head.arrival > self.now {
+                let t = head.arrival;
+                conn.deliver_at = Some(t);
+                self.at(t, Ev::Deliver { conn: c as u32 });
+                break;
+            }
+            let Some(chunk) = conn.in_flight.pop_front() else { break };
+            conn.buffered = conn.buffered.saturating_sub(chunk.charged);
+            if chunk.fin {
+                conn.dead = true;
+                self.reader_sees_end(c);
+                break;
+            }
+            let reader_ok = if to_dest {
+                self.dst.alive && self.dst_conn[ch.index()] == Some(c) && self.dst.core.is_connected(ch)
+            } else {
+                self.src_conn[ch.index()] == Some(c) && conn.src_established && self.src.core.is_connected(ch)
+            };
+            if !reader_ok {
+                self.drop_chunk(&chunk);
+                continue;
+            }
+            if to_dest {
+                self.dst.core.handle_input(self.ts(), ch, chunk.bytes);
+                self.drain_dest();
+                if std::env::var("DBGPAGE").is_ok() {
+                    let p: u64 = std::env::var("DBGPAGE").unwrap().parse().unwrap();
+                    if (p as usize) < self.dst.memory.len() {
+                        let mine = self.dst.memory.iter().filter(|&&v| v != MISSING).count();
+                        eprintln!("{} ch {:?} core {} mem {} count core {} mine {}", self.now, ch, self.dst.core.is_present(PageNumber(p)), self.dst.memory[p as usize], self.dst.core.pages_present(), mine);
+                    }
+                }
+            } else {
+                self.src.core.handle_input(self.ts(), ch, chunk.bytes);
+                self.drain_source();
+            }
+            if self.conns[c].dead {
+                break;
+            }
+        }
+    }
+
+    /// A graceful close reached the reader.
+    fn reader_sees_end(&mut self, c: usize) {
+        let ch = self.conns[c].channel;
+        if ch.is_from_source() {
+            if self.dst.alive && self.dst_conn[ch.index()] == Some(c) {
+                self.dst_conn[ch.index()] = None;
+                self.dst.core.handle_connection_lost(self.ts(), ch);
+                self.drain_dest();
+            }
+        } else if self.src_conn[ch.index()] == Some(c) {
+            self.src_conn[ch.index()] = None;
+            self.src.core.handle_connection_lost(self.ts(), ch);
+            self.drain_source();
+        }
+    }
+
+    /// One side closes its end. The writer's close is graceful (its data,
+    /// then the end of the stream) or abortive (a reset); the reader's close
+    /// resets the connection and the writer learns one latency later.
+    fn close_endpoint(&mut self, c: usize, by_source: bool, farewell: Option<Bytes>) {
+        let conn = &mut self.conns[c];
+        if by_source {
+            conn.src_open = false;
+        } else {
+            conn.dst_open = false;
+        }
+        if conn.dead {
+            return;
+        }
+        let writer_is_source = conn.channel.is_from_source();
+        let latency = self.latency();
+        if by_source == writer_is_source {
+            let graceful = farewell.is_some() || self.rng.chance(0.7);
+            if let Some(bytes) = farewell {
+                self.write_chunk(c, bytes, false);
+            }
+            if graceful {
+                self.write_chunk(c, Bytes::new(), true);
+            } else {
+                self.trace.record(self.now, What::Note("abortive close"), c as u64, 0);
+                self.reset(c, latency, latency);
+            }
+            self.conns[c].writer_closed = true;
+        } else {
+            self.reset(c, latency, latency);
+        }
+    }
+
+    /// The connection is gone: what it carried is lost; each open end learns
+    /// after its delay.
+    fn reset(&mut self, c: usize, d_src: u64, d_dst: u64) {
+        self.kill(c);
+        let conn = &self.conns[c];
+        let (src_open, dst_open) = (conn.src_open, conn.dst_open);
+        if src_open {
+            self.at(self.now + d_src, Ev::Lost { conn: c as u32, to_source: true });
+        }
+        if dst_open {
+            self.at(self.now + d_dst, Ev::Lost { conn: c as u32, to_source: false });
+        }
+    }
+
+    fn kill(&mut self, c: usize) {
+        let conn = &mut self.conns[c];
+        if conn.dead {
+            return;
+        }
+        conn.dead = true;
+        let chunks: Vec<Chunk> = conn.waiting.drain(..).chain(conn.in_flight.drain(..)).collect();
+        for chunk in &chunks {
+            self.drop_chunk(chunk);
+        }
+    }
+
+    fn lost(&mut self, c: usize, to_source: bool) {
+        let ch = self.conns[c].channel;
+        if to_source {
+            if self.src_conn[ch.index()] == Some(c) {
+                self.src_conn[ch.index()] = None;
+                if self.conns[c].src_established {
+                    self.src.core.handle_connection_lost(self.ts(), ch);
+                } else {
+                    self.src.core.handle_connect_failed(self.ts(), ch);
+                }
+                self.drain_source();
+            }
+        } else if self.dst.alive && self.dst_conn[ch.index()] == Some(c) {
+            self.dst_conn[ch.index()] = None;
+            self.dst.core.handle_connection_lost(self.ts(), ch);
+            self.drain_dest();
+        }
+    }
+
+    fn syn_arrive(&mut self, c: usize) {
+        let conn = &self.conns[c];
+        if conn.dead || !conn.src_open {
+            return;
+        }
+        if self.partitioned() {
+            // The SYN is lost; the source's connect times out.
+            let t = self.now + self.sc.connect_timeout_ms * MS;
+            self.at(t, Ev::ConnectFail { conn: c as u32 });
+            return;
+        }
+        if !self.dst.alive {
+            // Refused: the reset comes back one latency later.
+            let t = self.now + self.latency();
+            self.at(t, Ev::ConnectFail { conn: c as u32 });
+            return;
+        }
+        let ch = self.conns[c].channel;
+        if let Some(old) = self.dst_conn[ch.index()] {
+            // A newer connection of the channel replaces the older one.
+            self.conns[old].dst_open = false;
+            let src_had_it = self.src_conn[ch.index()] == Some(old);
+            self.kill(old);
+            if src_had_it {
+                self.at(self.now + self.latency(), Ev::Lost { conn: old as u32, to_source: true });
+            }
+        }
+        self.dst_conn[ch.index()] = Some(c);
+        self.conns[c].dst_open = true;
+        self.dst.core.handle_connected(self.ts(), ch);
+        self.drain_dest();
+        let t = self.now + self.latency() + self.jitter();
+        self.at(t, Ev::SynAck { conn: c as u32 });
+    }
+
+    fn syn_ack(&mut self, c: usize) {
+        let ch = self.conns[c].channel;
+        if self.conns[c].dead || self.src_conn[ch.index()] != Some(c) {
+            return;
+        }
+        self.conns[c].src_established = true;
+        self.src.core.handle_connected(self.ts(), ch);
+        self.drain_source();
+    }
+
+    // ----- faults ---------------------------------------------------------
+
+    /// A random connection that either side still uses.
+    fn pick_conn(&mut self) -> Option<usize> {
+        let mut live: Vec<usize> = self
+            .src_conn
+            .iter()
+            .chain(self.dst_conn.iter())
+            .flatten()
+            .copied()
+            .filter(|&c| !self.conns[c].dead)
+            .collect();
+        live.sort_unstable();
+        live.dedup();
+        if live.is_empty() {
+            None
+        } else {
+            Some(live[self.rng.below(live.len() as u64) as usize])
+        }
+    }
+
+    fn partition(&mut self, index: usize) {
+        if self.healed {
+            return;
+        }
+        let (duration, silent) = self.partitions[index];
+        let until = (self.now + duration).min(self.heal_at.max(self.now));
+        self.partition_until = Some(self.partition_until.map_or(until, |u| u.max(until)));
+        self.trace.record(self.now, What::Fault(if silent { "partition" } else { "partition+reset" }), duration, 0);
+        self.at(until, Ev::PartitionEnd);
+        if !silent {
+            let live: Vec<usize> = (0..self.conns.len()).filter(|&c| !self.conns[c].dead).collect();
+            for c in live {
+                let d_src = self.rng.below(self.latency() + 1);
+                let d_dst = self.rng.below(self.latency() + 1);
+                self.reset(c, d_src, d_dst);
+            }
+        }
+    }
+
+    fn end_partition(&mut self) {
+        self.partition_until = None;
+        self.trace.record(self.now, What::Fault("partition-end"), 0, 0);
+        // TCP retransmits what the partition held: it arrives one latency on.
+        let base = self.now + self.latency();
+        for c in 0..self.conns.len() {
+            let conn = &mut self.conns[c];
+            if conn.dead || conn.in_flight.is_empty() {
+                continue;
+            }
+            for chunk in conn.in_flight.iter_mut() {
+                chunk.arrival = chunk.arrival.max(base);
+            }
+            conn.last_arrival = conn.last_arrival.max(base);
+            if conn.deliver_at.is_none() {
+                let t = conn.in_flight.front().map_or(base, |h| h.arrival);
+                conn.deliver_at = Some(t);
+                self.at(t, Ev::Deliver { conn: c as u32 });
+            }
+        }
+        self.kick(0);
+        self.kick(1);
+    }
+
+    /// Fault points in the cores' own paths, and the crash.
+    fn fault_points(&mut self) {
+        if self.healed || self.start_at.is_none() {
+            return;
+        }
+        let s = self.src.core.state();
+        let d = self.dst.alive.then(|| self.dst.core.state());
+        let t = self.sc.triggers;
+        let hits = [
+            (Triggers::QUEUED, s.after_start() && self.src.core.urgent_queue_len() > 0, "trigger-queued"),
+            (Triggers::RECOVERING, s == SourceState::Recovering, "trigger-recovering"),
+            (Triggers::LOADING, d == Some(DestinationState::LoadingDevice), "trigger-loading"),
+            (
+                Triggers::STARTED,
+                s == SourceState::Active && self.last_states.0 == SourceState::Switchover,
+                "trigger-started",
+            ),
+            (Triggers::EOC, d == Some(DestinationState::Completed) && !s.is_terminal(), "trigger-eoc"),
+        ];
+        for (i, (bit, hit, name)) in hits.into_iter().enumerate() {
+            if t.has(bit) && hit && self.trigger_budget[i] > 0 {
+                if let Some(c) = self.pick_conn() {
+                    self.trigger_budget[i] -= 1;
+                    self.trace.record(self.now, What::Fault(name), c as u64, 0);
+                    let d_dst = self.rng.below(self.latency() + 1);
+                    self.reset(c, 0, d_dst);
+                }
+            }
+        }
+        if self.crash_done || !self.dst.alive {
+            return;
+        }
+        let hit = match self.sc.crash {
+            Crash::Handshake => s == SourceState::Handshake,
+            Crash::Precopy => s == SourceState::Precopy && d == Some(DestinationState::Precopy),
+            Crash::Loading => d == Some(DestinationState::LoadingDevice),
+            Crash::AwaitingStart => d == Some(DestinationState::AwaitingStart),
+            Crash::None | Crash::LoadError => false,
+        };
+        if !hit {
+            return;
+        }
+        self.crash_done = true;
+        if s.after_start() {
+            // The destination may run the only guest: a crash now loses it
+            // whatever the protocol does. Not modelled.
+            self.trace.record(self.now, What::Fault("crash skipped: past StartGuest"), 0, 0);
+            self.notes.push("destination crash skipped: the source had transmitted StartGuest".into());
+            return;
+        }
+        self.crash_destination();
+    }
+
+    /// The destination process dies: its memory and connections vanish; the
+    /// source's kernel sees resets one latency later; a new destination
+    /// process starts after a while.
+    fn crash_destination(&mut self) {
+        self.trace.record(self.now, What::Fault("crash destination"), 0, 0);
+        self.notes.push(format!("destination crashed in {}", self.dst.core.state()));
+        self.dst.alive = false;
+        self.dst.running = false;
+        self.dst.load_until = None;
+        self.generation[1] += 1;
+        self.timer_at[1] = None;
+        for ch in Channel::ALL {
+            if let Some(c) = self.dst_conn[ch.index()].take() {
+                self.conns[c].dst_open = false;
+                let latency = self.latency();
+                self.reset(c, latency, 0);
+            }
+        }
+        let restart = self.now + self.rng.range(1, 20) * MS;
+        self.at(restart, Ev::DestRestart);
+    }
+
+    // ----- guest ----------------------------------------------------------
+
+    fn run_vcpus(&mut self) {
+        self.vcpu_generation += 1;
+        let generation = self.vcpu_generation;
+        for vcpu in 0..self.sc.vcpus {
+            if self.vcpus[vcpu as usize].blocked_on.is_none() {
+                self.at(self.now, Ev::Vcpu { vcpu, generation });
+            }
+        }
+    }
+
+    fn wake(&mut self, page: u64) {
+        if self.blocked == 0 {
+            return;
+        }
+        let generation = self.vcpu_generation;
+        let t = self.now + self.sc.fault_wake_us * US;
+        for vcpu in 0..self.vcpus.len() {
+            if self.vcpus[vcpu].blocked_on == Some(page) {
+                self.vcpus[vcpu].blocked_on = None;
+                self.blocked -= 1;
+                if self.dst.running {
+                    self.at(t, Ev::Vcpu { vcpu: vcpu as u32, generation });
+                }
+            }
+        }
+    }
+
+    /// Runs vCPU `i` for up to one quantum, or to its next fault.
+    fn step_vcpu(&mut self, i: usize) {
+        let on_source = self.src.running;
+        let on_dest = !on_source && self.dst.running && self.dst.alive;
+        if (!on_source && !on_dest) || self.vcpus[i].blocked_on.is_some() {
+            return;
+        }
+        let phase = match (on_source, self.start_at.is_some(), self.completed_at.is_some()) {
+            (true, false, _) => 0,
+            (true, true, _) => 1,
+            (false, _, false) => 2,
+            (false, _, true) => 3,
+        };
+        let end = self.now + QUANTUM_NS;
+        let mut t = self.now;
+        let generation = self.vcpu_generation;
+        loop {
+            let (page, write) = {
+                let vcpu = &mut self.vcpus[i];
+                vcpu.pending.take().unwrap_or_else(|| vcpu.pattern.next())
+            };
+            if on_dest && self.dst.memory[page as usize] == MISSING {
+                let vcpu = &mut self.vcpus[i];
+                vcpu.pending = Some((page, write));
+                if t > self.now {
+                    // Fault at the right time, not ahead of it.
+                    vcpu.until = t;
+                    self.at(t, Ev::Vcpu { vcpu: i as u32, generation });
+                    return;
+                }
+                vcpu.blocked_on = Some(page);
+                self.blocked += 1;
+                self.trace.record(self.now, What::Note("fault"), i as u64, page);
+                let result = self.dst.core.handle_page_fault(self.ts(), PageNumber(page), Waiter::Vcpu(i as u32));
+                if let Err(error) = result {
+                    self.checks.driver_event("destination", error.to_string());
+                }
+                self.drain_dest();
+                return;
+            }
+            if on_source {
+                if write {
+                    let version = self.checks.write(page);
+                    self.src_mem.write(page, version);
+                } else {
+                    self.checks.read(Where::Source, page, self.src_mem.versions[page as usize]);
+                }
+            } else if write {
+                self.dst.memory[page as usize] = self.checks.write(page);
+            } else {
+                self.checks.read(Where::Destination, page, self.dst.memory[page as usize]);
+            }
+            self.accesses[phase] += 1;
+            t += self.sc.access_ns;
+            if t >= end {
+                self.vcpus[i].until = t;
+                self.at(t, Ev::Vcpu { vcpu: i as u32, generation });
+                return;
+            }
+        }
+    }
+
+    // ----- results --------------------------------------------------------
+
+    fn result(self, real_secs: f64) -> RunResult {
+        let now = self.ts();
+        let src_stats = self.src.finished.as_ref().map_or_else(|| self.src.core.stats(now), |f| f.stats.clone());
+        let dst_stats = self.dst.finished.as_ref().map_or_else(|| self.dst.core.stats(now), |f| f.stats.clone());
+        let ms = |ns: u64| ns as f64 / 1e6;
+        let window = |from: Option<u64>, to: Option<u64>| match (from, to) {
+            (Some(a), Some(b)) if b > a => Some(ms(b - a)),
+            _ => None,
+        };
+        let start = self.start_at;
+        let rate = |count: u64, span: Option<f64>| span.filter(|&s| s > 0.0).map(|s| count as f64 / s);
+        let before_ms = Some(ms(start.unwrap_or(self.now)));
+        let source_ms = window(start, self.stop_at);
+        let postcopy_ms = window(self.dst_started_at, self.completed_at);
+        let after_ms = window(self.completed_at, Some(self.now));
+        let before = rate(self.accesses[0], before_ms);
+        let postcopy = rate(self.accesses[2], postcopy_ms);
+        let guest = GuestProgress {
+            before_per_ms: before,
+            migrating_on_source_per_ms: rate(self.accesses[1], source_ms),
+            postcopy_per_ms: postcopy,
+            after_per_ms: rate(self.accesses[3], after_ms),
+            postcopy_vs_before: match (postcopy, before) {
+                (Some(p), Some(b)) if b > 0.0 => Some(p / b),
+                _ => None,
+            },
+        };
+        let blocked = &dst_stats.vcpu_blocked_ns;
+        let report = Report {
+            total_ms: window(start, self.completed_at),
+            downtime_ms: window(self.stop_at, self.dst_started_at),
+            phases: src_stats.phases,
+            pages_sent: src_stats.pages_sent,
+            network_bytes: self.charged_bytes,
+            remote_faults: dst_stats.remote_faults,
+            fault_latency: dst_stats.fault_latency,
+            vcpu_blocked_ms_total: ms(blocked.iter().sum()),
+            vcpu_blocked_ms_max: ms(blocked.iter().copied().max().unwrap_or(0)),
+            recoveries: src_stats.recoveries,
+            duplicate_pages: dst_stats.duplicate_pages,
+            stale_pages_discarded: dst_stats.stale_pages_discarded,
+            requests_sent: dst_stats.requests_sent,
+            guest,
+        };
+        let violations: Vec<String> = self.checks.violations.iter().map(ToString::to_string).collect();
+        let outcome = if !violations.is_empty() {
+            "violation"
+        } else if self.completed_at.is_some() {
+            "completed"
+        } else {
+            "unfinished"
+        };
+        RunResult {
+            seed: self.sc.seed,
+            options: self.sc.options_line(),
+            replay: self.sc.replay_command(),
+            outcome: outcome.into(),
+            violations,
+            notes: self.notes,
+            attempts: self.attempt,
+            sim_ms: ms(self.now),
+            real_ms: real_secs * 1e3,
+            events: self.events,
+            page_transfers: self.page_frames,
+            transfers_per_sec: self.page_frames as f64 / real_secs.max(1e-9),
+            trace_hash: format!("{:016x}", self.trace.hash()),
+            trace_records: self.trace.records,
+            tail: self.trace.tail(),
+            report,
+        }
+    }
+}
