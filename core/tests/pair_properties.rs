@@ -35,7 +35,19 @@ fn op(pages: u64, vcpus: u32, losses: bool) -> impl Strategy<Value = Op> {
 
 fn config(hybrid: bool, urgent: bool, prepaging: bool) -> Config {
     let base = if hybrid { Config::hybrid(2) } else { Config::postcopy() };
-    Config { urgent_channel: urgent, prepaging, request_batch_pages: 3, max_outstanding_requests: 8, ..base }
+    // A `Timer` op jumps to the next deadline: keep-alives come every
+    // second, so 250 ops must not reach a handshake or peer timeout, which
+    // would be a loss (a run "without losses" must complete).
+    let hour = std::time::Duration::from_secs(3600);
+    Config {
+        urgent_channel: urgent,
+        prepaging,
+        request_batch_pages: 3,
+        max_outstanding_requests: 8,
+        handshake_timeout: hour,
+        peer_timeout: Some(hour),
+        ..base
+    }
 }
 
 fn apply(pair: &mut Pair, op: &Op) {
