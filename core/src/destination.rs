@@ -927,7 +927,15 @@ impl Destination {
 
     fn on_link_failure(&mut self, now: Timestamp, reason: MigrationError) {
         match self.state {
-            DestinationState::Failed | DestinationState::Completed | DestinationState::Paused => {}
+            DestinationState::Failed | DestinationState::Paused => {}
+            DestinationState::Completed => {
+                // A recovery of a source that lost the EOC was cut: what it
+                // had queued answers a hello of a connection now gone, and
+                // must not go out on the next recovery's connections.
+                self.welcome_pending = false;
+                self.report_word = None;
+                self.control.clear();
+            }
             DestinationState::Listening if self.session.is_none() => {
                 if matches!(reason, MigrationError::HandshakeTimeout { .. }) {
                     self.fail(now, reason, None);
