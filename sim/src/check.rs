@@ -87,7 +87,12 @@ pub struct Checkers {
 
 impl Checkers {
     pub fn new(pages: u64) -> Self {
-        Self { latest: vec![0; pages as usize], next_version: 1, alive: vec![0; pages as usize], violations: Vec::new() }
+        Self {
+            latest: vec![0; pages as usize],
+            next_version: 1,
+            alive: vec![0; pages as usize],
+            violations: Vec::new(),
+        }
     }
 
     fn flag(&mut self, violation: Violation) {
@@ -118,18 +123,23 @@ impl Checkers {
         if found != expected {
             self.flag(match side {
                 Where::Source => Violation::SourceStaleRead { page, expected, found },
-                Where::Destination => Violation::StaleRead {
-                    page,
-                    expected,
-                    found: (found != MISSING).then_some(found),
-                },
+                Where::Destination => {
+                    Violation::StaleRead { page, expected, found: (found != MISSING).then_some(found) }
+                }
             });
         }
     }
 
     /// A page installed on the destination. `guest_started`: the guest has
     /// run there, so only the newest content may arrive.
-    pub fn install(&mut self, page: u64, version: Option<u64>, was_present: bool, overwrite: bool, guest_started: bool) {
+    pub fn install(
+        &mut self,
+        page: u64,
+        version: Option<u64>,
+        was_present: bool,
+        overwrite: bool,
+        guest_started: bool,
+    ) {
         let Some(version) = version else {
             self.flag(Violation::CorruptPage { page });
             return;
@@ -150,9 +160,7 @@ impl Checkers {
 
     /// The guest starts on the destination: every present page is newest.
     pub fn guest_started(&mut self, memory: &[u64]) {
-        if let Some((page, &found)) =
-            memory.iter().enumerate().find(|&(p, &v)| v != MISSING && v != self.latest[p])
-        {
+        if let Some((page, &found)) = memory.iter().enumerate().find(|&(p, &v)| v != MISSING && v != self.latest[p]) {
             let page = page as u64;
             self.flag(Violation::StaleAtStart { page, expected: self.latest[page as usize], found });
         }

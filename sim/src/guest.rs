@@ -107,7 +107,7 @@ impl Pattern {
     }
 
     /// The next access: `(page, write)`.
-    pub fn next(&mut self) -> (u64, bool) {
+    pub fn next_access(&mut self) -> (u64, bool) {
         let offset = match self.kind {
             Workload::Sequential => {
                 self.cursor = (self.cursor + 1) % self.len;
@@ -169,7 +169,7 @@ mod tests {
             for vcpu in 0..3 {
                 let mut pattern = Pattern::new(&scenario, vcpu, 100, 1000);
                 for _ in 0..10_000 {
-                    let (page, _) = pattern.next();
+                    let (page, _) = pattern.next_access();
                     assert!((100..1100).contains(&page), "{workload}: {page}");
                 }
             }

@@ -177,7 +177,11 @@ fn real_main() -> Result<ExitCode, String> {
             if json {
                 println!("{}", to_json(&rows)?);
             } else {
-                println!("compare: seeds {first}..{}, fault-free, {:.1} s", first + seeds, start.elapsed().as_secs_f64());
+                println!(
+                    "compare: seeds {first}..{}, fault-free, {:.1} s",
+                    first + seeds,
+                    start.elapsed().as_secs_f64()
+                );
                 print!("{}", compare_table(&rows));
             }
             Ok(ExitCode::SUCCESS)
@@ -187,6 +191,9 @@ fn real_main() -> Result<ExitCode, String> {
                 ("pages", "1048576"),
                 ("faults", "false"),
                 ("mode", "postcopy"),
+                ("urgent", "true"),
+                ("prepaging", "true"),
+                ("batch_pages", "64"),
                 ("vcpus", "4"),
                 ("workload", "uniform"),
                 ("access_ns", "5000"),

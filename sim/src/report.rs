@@ -98,7 +98,13 @@ pub fn table(result: &RunResult) -> String {
     let p = &r.phases;
     row(
         "phases: setup/precopy/down/post (ms)",
-        format!("{} / {} / {} / {}", ns_ms(p.setup_ns), ns_ms(p.precopy_ns), ns_ms(p.downtime_ns), ns_ms(p.postcopy_ns)),
+        format!(
+            "{} / {} / {} / {}",
+            ns_ms(p.setup_ns),
+            ns_ms(p.precopy_ns),
+            ns_ms(p.downtime_ns),
+            ns_ms(p.postcopy_ns)
+        ),
     );
     row("paused (ms)", ns_ms(p.paused_ns));
     let s = &r.pages_sent;

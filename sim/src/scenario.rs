@@ -67,9 +67,10 @@ impl fmt::Display for Workload {
 impl FromStr for Workload {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
-        Workload::ALL.into_iter().find(|w| w.name() == s).ok_or_else(|| {
-            format!("unknown workload {s:?}; known: {}", Workload::ALL.map(|w| w.name()).join(", "))
-        })
+        Workload::ALL
+            .into_iter()
+            .find(|w| w.name() == s)
+            .ok_or_else(|| format!("unknown workload {s:?}; known: {}", Workload::ALL.map(|w| w.name()).join(", ")))
     }
 }
 
@@ -334,7 +335,8 @@ scenario! {
     crash: Crash,
     /// End of the safety phase, from the migration's start: faults heal.
     heal_ms: u64,
-    /// The migration must finish this long after the heal.
+    /// The migration must finish this long after the heal (0: derived from
+    /// the other options, see `Scenario::liveness_bound_ms`).
     liveness_ms: u64,
     plant: Plant,
 }
@@ -380,12 +382,19 @@ impl Scenario {
         let connect_timeout_ms = r.log_uniform(1, 100);
 
         // Keep one migration's wire time within 3 simulated seconds, so that
-        // a seed costs about a second of real time at most.
-        let wire_ms = |mbps: u64| pages * (CHARGED_PAGE_BYTES + 16) * 8 / mbps / 1000;
-        if wire_ms(bandwidth_mbps) > 3000 {
-            bandwidth_mbps = pages * (CHARGED_PAGE_BYTES + 16) * 8 / 1000 / 3000 + 1;
+        // a seed costs about a second of real time at most. A socket buffer
+        // holds bytes until they arrive, so it caps a connection at
+        // buffer / latency.
+        let mut buffer_kib = buffer_kib;
+        let wire_bits = pages * (CHARGED_PAGE_BYTES + 16) * 8;
+        let needed_mbps = wire_bits / 1000 / 3000 + 1;
+        bandwidth_mbps = bandwidth_mbps.max(needed_mbps);
+        let window_mbps = |kib: u64| kib * 1024 * 8 / latency_us.max(1);
+        if window_mbps(buffer_kib) < needed_mbps {
+            buffer_kib = (needed_mbps * latency_us.max(1)).div_ceil(8 * 1024) + 1;
         }
-        let est_ms = wire_ms(bandwidth_mbps) + 1;
+        let effective_mbps = bandwidth_mbps.min(window_mbps(buffer_kib)).max(1);
+        let est_ms = wire_bits / effective_mbps / 1000 + 1;
         let rounds = u64::from(mode.precopy_rounds());
         let switch_after_ms = if rounds > 0 && r.chance(0.3) { r.range(1, est_ms * rounds) } else { 0 };
 
@@ -399,7 +408,7 @@ impl Scenario {
         };
         // A recovery reports the present pages (8 bytes per 64 pages) within
         // one handshake.
-        let report_ms = pages / 8 * 8 / bandwidth_mbps / 1000;
+        let report_ms = pages / 8 * 8 / effective_mbps / 1000;
         let handshake_floor = 20 + 20 * rtt_ms + 4 * report_ms;
         let handshake_timeout_ms = r.log_uniform(handshake_floor, handshake_floor.max(2000));
         let reconnect_min_ms = r.log_uniform(1, 50);
@@ -420,13 +429,7 @@ impl Scenario {
         let trigger_budget = r.range(1, 3) as u32;
         let crash = if r.chance(0.15) { r.pick(&Crash::ALL[1..]) } else { Crash::None };
         let heal_ms = r.log_uniform(1, 2 * est_ms * (rounds + 1) + 50);
-        let liveness_ms = (rounds + 4) * est_ms
-            + 2 * handshake_timeout_ms
-            + 2 * reconnect_max_ms
-            + 2 * peer_timeout_ms
-            + start_timeout_ms
-            + device_load_us / 1000
-            + 200;
+        let liveness_ms = 0;
 
         Scenario {
             seed,
@@ -474,6 +477,30 @@ impl Scenario {
             liveness_ms,
             plant: Plant(None),
         }
+    }
+
+    /// Simulated milliseconds the liveness phase may take: `liveness_ms`, or
+    /// when it is 0 a bound from the options (wire time at the effective
+    /// bandwidth per round, timeouts, back-off).
+    pub fn liveness_bound_ms(&self) -> u64 {
+        if self.liveness_ms > 0 {
+            return self.liveness_ms;
+        }
+        let wire_bits = self.pages * (CHARGED_PAGE_BYTES + 16) * 8;
+        let window_mbps = self.buffer_kib * 1024 * 8 / self.latency_us.max(1);
+        let effective_mbps = self.bandwidth_mbps.min(window_mbps).max(1);
+        let est_ms = wire_bits / effective_mbps / 1000 + 1;
+        let rounds = u64::from(self.mode.0.precopy_rounds());
+        // Faults served one round trip each, by a vCPU that scans.
+        let fault_ms = self.pages * 2 * self.latency_us / 1000 / 8;
+        (rounds + 4) * est_ms
+            + fault_ms
+            + 2 * self.handshake_timeout_ms
+            + 2 * self.reconnect_max_ms
+            + 2 * self.peer_timeout_ms
+            + self.start_timeout_ms
+            + self.device_load_us / 1000
+            + 200
     }
 
     /// The scenario of `seed`, then the overrides, in order.

@@ -221,8 +221,9 @@ impl Sim {
             (0..sc.device_state_bytes).map(|i| (i as u8) ^ (sc.seed as u8).rotate_left(i as u32 % 8)).collect();
         let mut rng = Rng::new(sc.seed, stream::WORLD);
         let session = rng.u64();
-        let partitions =
-            (0..sc.partitions).map(|_| (rng.log_uniform(1, sc.partition_max_ms.max(1)) * MS, rng.chance(0.5))).collect();
+        let partitions = (0..sc.partitions)
+            .map(|_| (rng.log_uniform(1, sc.partition_max_ms.max(1)) * MS, rng.chance(0.5)))
+            .collect();
         let src = SourceHost {
             core: Source::new(sc.config(), layout.clone(), session),
             running: true,
@@ -313,7 +314,7 @@ impl Sim {
         let real_start = Instant::now();
         let start = self.sc.warmup_ms * MS;
         self.heal_at = start + if self.faults_on { self.sc.heal_ms * MS } else { 0 };
-        let deadline = self.heal_at + self.sc.liveness_ms * MS;
+        let deadline = self.heal_at + self.sc.liveness_bound_ms() * MS;
         for vcpu in 0..self.sc.vcpus {
             self.at(0, Ev::Vcpu { vcpu, generation: 0 });
         }
@@ -408,7 +409,8 @@ impl Sim {
             Ev::DirtySynced { generation, slot } => {
                 let words = std::mem::take(&mut self.pending_dirty[slot as usize]);
                 let state = self.src.core.state();
-                if generation == self.generation[0] && matches!(state, SourceState::DirtySync | SourceState::FinalSync) {
+                if generation == self.generation[0] && matches!(state, SourceState::DirtySync | SourceState::FinalSync)
+                {
                     let now = self.ts();
                     let result = self
                         .src
@@ -470,11 +472,8 @@ impl Sim {
             }
             Ev::Deadline => {
                 if self.completed_at.is_none() {
-                    let detail = format!(
-                        "not finished {} ms after the faults healed: {}",
-                        self.sc.liveness_ms,
-                        self.states()
-                    );
+                    let detail =
+                        format!("not finished {} ms after the faults healed: {}", self.sc.liveness_ms, self.states());
                     self.checks.no_progress(detail);
                     self.done = true;
                 }
@@ -760,7 +759,6 @@ impl Sim {
             DestinationAction::Notice(notice) => self.notice("destination", &notice),
             DestinationAction::Finished(finished) => {
                 let ok = finished.result.is_ok();
-                if std::env::var("DBGPAGE").is_ok() { eprintln!("finished: present {} of {:?} state {}", self.dst.core.pages_present(), self.dst.core.layout().map(|l| l.total_pages()), self.dst.core.state()); }
                 self.trace.record(now, What::DestAction("finished"), u64::from(ok), 0);
                 if let Err(MigrationError::Protocol(error)) = &finished.result {
                     self.checks.protocol_error("destination", error.to_string());
@@ -804,8 +802,7 @@ impl Sim {
 
     fn try_finish_load(&mut self) {
         let Some(until) = self.dst.load_until else { return };
-        if self.now < until || !self.device_pages.iter().all(|&p| self.dst.memory.get(p as usize) != Some(&MISSING))
-        {
+        if self.now < until || !self.device_pages.iter().all(|&p| self.dst.memory.get(p as usize) != Some(&MISSING)) {
             return;
         }
         self.dst.load_until = None;
@@ -853,7 +850,7 @@ impl Sim {
             self.timer_at[side] = None;
         }
         let deadline = if dest { self.dst.core.poll_timeout() } else { self.src.core.poll_timeout() };
-        if !deadline.is_some_and(|d| d.as_nanos() <= self.now) {
+        if deadline.is_none_or(|d| d.as_nanos() > self.now) {
             return;
         }
         let spins = &mut self.timer_spins[side];
@@ -1051,13 +1048,6 @@ impl Sim {
             if to_dest {
                 self.dst.core.handle_input(self.ts(), ch, chunk.bytes);
                 self.drain_dest();
-                if std::env::var("DBGPAGE").is_ok() {
-                    let p: u64 = std::env::var("DBGPAGE").unwrap().parse().unwrap();
-                    if (p as usize) < self.dst.memory.len() {
-                        let mine = self.dst.memory.iter().filter(|&&v| v != MISSING).count();
-                        eprintln!("{} ch {:?} core {} mem {} count core {} mine {}", self.now, ch, self.dst.core.is_present(PageNumber(p)), self.dst.memory[p as usize], self.dst.core.pages_present(), mine);
-                    }
-                }
             } else {
                 self.src.core.handle_input(self.ts(), ch, chunk.bytes);
                 self.drain_source();
@@ -1393,7 +1383,7 @@ impl Sim {
         loop {
             let (page, write) = {
                 let vcpu = &mut self.vcpus[i];
-                vcpu.pending.take().unwrap_or_else(|| vcpu.pattern.next())
+                vcpu.pending.take().unwrap_or_else(|| vcpu.pattern.next_access())
             };
             if on_dest && self.dst.memory[page as usize] == MISSING {
                 let vcpu = &mut self.vcpus[i];

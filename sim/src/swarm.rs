@@ -236,7 +236,8 @@ pub fn compare_table(rows: &[PolicyRow]) -> String {
         let _ = write!(out, "---:|");
     }
     out.push('\n');
-    let metrics: [(&str, &dyn Fn(&PolicyRow) -> String); 11] = [
+    type Metric<'a> = (&'a str, &'a dyn Fn(&PolicyRow) -> String);
+    let metrics: [Metric; 11] = [
         ("runs passed", &|r| format!("{}/{}", r.passed, r.runs)),
         ("total time (ms)", &|r| format!("{:.1}", r.total_ms)),
         ("downtime (ms)", &|r| format!("{:.2}", r.downtime_ms)),

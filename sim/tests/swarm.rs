@@ -1,0 +1,63 @@
+//! The simulator's own guarantees: a seed replays exactly, the clean core
+//! passes a swarm, and the same swarm catches every planted bug.
+
+use postcopy_core::PlantedBug;
+use postcopy_sim::swarm::run_many;
+use postcopy_sim::{run, Scenario};
+
+/// Seeds of the catch test; small guests keep it quick in debug builds.
+const SEEDS: u64 = 100;
+
+fn small(extra: &[(&str, &str)]) -> Vec<(String, String)> {
+    let mut list = vec![("pages".to_owned(), "4096".to_owned())];
+    list.extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+    list
+}
+
+#[test]
+fn the_same_seed_gives_the_same_trace() {
+    for seed in [0, 5, 9, 34, 41, 77] {
+        let scenario = Scenario::with_overrides(seed, &small(&[])).unwrap();
+        let a = run(scenario.clone(), 0);
+        let b = run(scenario, 0);
+        assert_eq!(a.trace_hash, b.trace_hash, "seed {seed}");
+        assert_eq!(a.trace_records, b.trace_records, "seed {seed}");
+        assert_eq!(a.events, b.events, "seed {seed}");
+        assert_eq!(a.outcome, b.outcome, "seed {seed}");
+        assert!(a.trace_records > 100, "seed {seed}: the trace records the run");
+    }
+    let a = run(Scenario::with_overrides(1, &small(&[])).unwrap(), 0);
+    let b = run(Scenario::with_overrides(2, &small(&[])).unwrap(), 0);
+    assert_ne!(a.trace_hash, b.trace_hash);
+}
+
+#[test]
+fn a_replay_command_reproduces_the_run() {
+    let scenario = Scenario::with_overrides(12, &small(&[("mode", "hybrid:2")])).unwrap();
+    let replay = scenario.replay_command();
+    assert!(replay.starts_with("postcopy-sim run --seed 12 --set pages=4096"), "{replay}");
+    let overrides: Vec<(String, String)> = replay
+        .split(" --set ")
+        .skip(1)
+        .filter_map(|kv| kv.split_once('=').map(|(k, v)| (k.to_owned(), v.to_owned())))
+        .collect();
+    let again = Scenario::with_overrides(12, &overrides).unwrap();
+    assert_eq!(again, scenario);
+    assert_eq!(run(scenario, 0).trace_hash, run(again, 0).trace_hash);
+}
+
+#[test]
+fn the_swarm_passes_on_the_clean_core_and_catches_every_planted_bug() {
+    let clean = run_many(0..SEEDS, &small(&[]), 2, 30).unwrap();
+    for r in &clean {
+        assert!(r.passed(), "clean core failed: {}\n{:?}\n{}", r.replay, r.violations, r.tail.join("\n"));
+    }
+    assert!(clean.iter().any(|r| r.report.recoveries > 0), "some runs recover after a loss");
+    assert!(clean.iter().any(|r| r.attempts > 1), "some runs retry after a pre-start failure");
+    for bug in PlantedBug::ALL {
+        let results = run_many(0..SEEDS, &small(&[("plant", bug.name())]), 2, 0).unwrap();
+        let caught: Vec<u64> = results.iter().filter(|r| !r.passed()).map(|r| r.seed).collect();
+        println!("{bug}: caught by {} of {SEEDS} seeds: {caught:?}", caught.len());
+        assert!(!caught.is_empty(), "the swarm missed planted bug {bug}");
+    }
+}
