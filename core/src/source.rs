@@ -1170,7 +1170,9 @@ impl Source {
     fn on_protocol_error(&mut self, now: Timestamp, error: ProtocolError) {
         match self.state {
             SourceState::Completed | SourceState::Failed => {}
-            SourceState::Paused | SourceState::ErrorReceive => {}
+            // Bad bytes on a connection of a reconnection attempt: the
+            // attempt failed (its connections close), retry later.
+            SourceState::Paused | SourceState::ErrorReceive => self.on_link_failure(now, error.into()),
             state if state.after_start() => self.pause(now, error.into(), true),
             _ => self.fail(now, error.into()),
         }

@@ -250,3 +250,37 @@ fn pages_lost_to_a_timeout_may_cross_again() {
     }
     assert_eq!(pair.run_to_completion(10_000), Ok(Outcome::Completed));
 }
+
+/// fuzz/artifacts/source_events/bad-bytes-while-reconnecting: during a
+/// reconnection attempt (PAUSED, the return path already up, the others
+/// still connecting) undecodable bytes on the return path were ignored
+/// without closing it, and `handle_input` looped forever on the failed
+/// decoder. The attempt now fails: its connections close, a retry follows.
+#[test]
+fn bad_bytes_while_reconnecting_end_the_attempt() {
+    let config = Config { keepalive_interval: None, peer_timeout: None, urgent_channel: false, ..Config::postcopy() };
+    let mut src = Source::new(config, RamLayout::single("ram", 64, 4).unwrap(), 7);
+    let mut now = Timestamp::ZERO;
+    src.handle_start(now).unwrap();
+    for channel in [Channel::Main, Channel::Return] {
+        src.handle_connected(now, channel);
+    }
+    let welcome =
+        Welcome { session: 7, epoch: 0, guest_started: false, device_loaded: false, max_outstanding_requests: 8 };
+    src.handle_frame(now, Channel::Return, Frame::Welcome(welcome)).unwrap();
+    src.handle_vcpus_stopped(now, Bytes::from_static(b"dev")).unwrap();
+    let _ = frames_on(&mut src, now, Channel::Main);
+    src.handle_frame(now, Channel::Return, Frame::ReadyToRun).unwrap();
+    let _ = frames_on(&mut src, now, Channel::Main);
+    assert!(src.state().after_start());
+    src.handle_connection_lost(now, Channel::Main);
+    assert_eq!(src.state(), SourceState::Paused);
+    now = src.poll_timeout().unwrap();
+    src.handle_timeout(now);
+    while src.poll_action().is_some() {}
+    src.handle_connected(now, Channel::Return);
+    assert!(src.is_connected(Channel::Return));
+    src.handle_input(now, Channel::Return, Bytes::from_static(&[0x7f, 0, 0, 0, 0, 0, 0, 0]));
+    assert!(!src.is_connected(Channel::Return), "the attempt's connections close");
+    assert!(src.poll_timeout().is_some(), "another attempt follows");
+}
