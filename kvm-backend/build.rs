@@ -28,7 +28,7 @@ struct LongModeProgram {
 ///
 /// Registers on entry (set by the VMM): `r8` = this vCPU's range table,
 /// `r10` = passes completed (0), `r11` = `PATTERN_K`, `rdi` = start of the
-/// first range, `rsp` = top of its stack, DF clear.
+/// first range, `r12` = pages written (0), `rsp` = top of its stack, DF clear.
 ///
 /// Invariant at every instruction boundary, which the host verifier relies
 /// on: with `c = align_up(rdi, 4096)`, every page of the share below `c` holds
@@ -46,6 +46,7 @@ fn long_mode_program() -> BuildResult<LongModeProgram> {
     let mut page_loop = a.create_label();
     let mut store = a.create_label();
     let mut mismatch = a.create_label();
+    let mut no_report = a.create_label();
 
     // End of a pass: count it, report it, fall through into the next pass.
     a.set_label(&mut pass_end)?;
@@ -86,6 +87,14 @@ fn long_mode_program() -> BuildResult<LongModeProgram> {
     // The commit point: stores the word and advances rdi in one instruction.
     a.stosq()?;
     a.add(rdi, (GUEST_PAGE_SIZE - 8) as i32)?;
+    // Fine-grained progress: r12 counts pages written since boot; every
+    // PAGES_REPORT_INTERVAL pages its low 32 bits go out on PAGES_PORT.
+    a.inc(r12)?;
+    a.test(r12d, (PAGES_REPORT_INTERVAL - 1) as i32)?;
+    a.jnz(no_report)?;
+    a.mov(eax, r12d)?;
+    a.out(u32::from(PAGES_PORT), eax)?;
+    a.set_label(&mut no_report)?;
     a.cmp(rdi, r9)?;
     a.jb(page_loop)?;
     a.add(rsi, 16)?;

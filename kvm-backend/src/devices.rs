@@ -13,7 +13,7 @@ use vm_superio::serial::{NoEvents, SerialState};
 use vm_superio::{Serial, Trigger};
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::guest::abi::{ERROR_PORT, PROGRESS_PORT};
+use crate::guest::abi::{ERROR_PORT, PAGES_PORT, PROGRESS_PORT};
 
 /// First port of COM1.
 pub const SERIAL_PORT_BASE: u16 = 0x3f8;
@@ -27,6 +27,9 @@ pub const PORT92_A20: u8 = 1 << 1;
 pub const PORT92_RESET: u8 = 1 << 0;
 /// Most guest errors kept in detail (all are counted).
 pub const MAX_GUEST_ERRORS_KEPT: usize = 1024;
+/// Most page-count reports kept per vCPU (about 40 minutes of a vCPU at full
+/// speed); later ones are dropped.
+pub const MAX_PAGE_REPORTS_KEPT: usize = 1 << 20;
 
 /// Where serial output goes.
 #[derive(Clone, Debug, Default)]
@@ -131,6 +134,8 @@ struct VcpuProgress {
     reports: AtomicU64,
     /// Last pass count the guest reported (low 32 bits of its counter).
     last_pass: AtomicU64,
+    /// Page-count reports: (monotonic ns, low 32 bits of pages written).
+    pages: Mutex<Vec<(u64, u32)>>,
 }
 
 /// Counters fed by the pattern guest's ports.
@@ -177,6 +182,41 @@ impl GuestStats {
             errors: Mutex::new(Vec::new()),
             error_count: AtomicU64::new(0),
         }
+    }
+
+    fn record_pages(&self, vcpu: usize, pages: u32) {
+        if let Some(p) = self.vcpus.get(vcpu) {
+            let mut log = lock(&p.pages);
+            if log.len() < MAX_PAGE_REPORTS_KEPT {
+                log.push((crate::sys::monotonic_ns(), pages));
+            }
+        }
+    }
+
+    /// Pages per second the guest wrote between the monotonic times `from_ns`
+    /// and `to_ns`, summed over vCPUs: for each vCPU, from its first to its
+    /// last page-count report inside the window (a vCPU with fewer than two
+    /// reports there wrote fewer than [`crate::guest::abi::PAGES_REPORT_INTERVAL`]
+    /// pages in it and counts as 0). `None` if no vCPU had two reports.
+    pub fn pages_rate(&self, from_ns: u64, to_ns: u64) -> Option<f64> {
+        let mut total = None;
+        for p in &self.vcpus {
+            let log = lock(&p.pages);
+            let inside: Vec<&(u64, u32)> = log.iter().filter(|(t, _)| *t >= from_ns && *t <= to_ns).collect();
+            let rate = match (inside.first(), inside.last()) {
+                (Some(a), Some(b)) if b.0 > a.0 => f64::from(b.1.wrapping_sub(a.1)) / ((b.0 - a.0) as f64 / 1e9),
+                _ => 0.0,
+            };
+            if inside.len() >= 2 {
+                total = Some(total.unwrap_or(0.0) + rate);
+            }
+        }
+        total
+    }
+
+    /// The time of the latest page-count report, if any.
+    pub fn last_pages_report_ns(&self) -> Option<u64> {
+        self.vcpus.iter().filter_map(|p| lock(&p.pages).last().map(|r| r.0)).max()
     }
 
     fn record_progress(&self, vcpu: usize, pass: u64) {
@@ -333,6 +373,13 @@ impl Devices {
                 PioOutcome::Done
             }
             ERROR_PORT => PioOutcome::GuestError,
+            PAGES_PORT => {
+                let mut b = [0u8; 4];
+                let n = data.len().min(4);
+                b[..n].copy_from_slice(&data[..n]);
+                self.stats.record_pages(vcpu, u32::from_le_bytes(b));
+                PioOutcome::Done
+            }
             PORT_SYSTEM_CONTROL_A => {
                 let v = data.first().copied().unwrap_or(0);
                 self.port92.store(v & PORT92_A20, Ordering::Relaxed);

@@ -26,6 +26,7 @@
 #![warn(missing_docs)]
 
 pub mod devices;
+pub mod driver;
 pub mod error;
 pub mod guest;
 pub mod layout;
@@ -45,6 +46,7 @@ pub use layout::{PageRef, RamBlock, RamLayout, PAGE_SIZE};
 pub use memory::{DirtyBitmap, GuestRam};
 pub use runner::{PauseReport, RunState, VcpuSet};
 pub use state::DeviceState;
+pub use sys::{current_cpu, monotonic_ns, pin_thread};
 pub use uffd::{FaultReader, Install, PageFault, UffdRam};
 pub use vcpu::{Vcpu, VcpuState};
 pub use vm::{Vm, VmConfig};

@@ -202,3 +202,76 @@ fn map_fill(res: userfaultfd::Result<usize>) -> io::Result<UffdFill> {
         Err(other) => Err(io::Error::other(other.to_string())),
     }
 }
+
+/// `UFFDIO_WAKE` over `[dst, dst + len)`: wakes threads waiting on pages
+/// that are already present (a fault that raced with an install).
+pub(crate) fn uffd_wake(uffd: &userfaultfd::Uffd, dst: u64, len: usize) -> io::Result<()> {
+    uffd.wake(dst as *mut libc::c_void, len).map_err(|e| match e {
+        userfaultfd::Error::SystemError(errno) => io::Error::from_raw_os_error(errno as i32),
+        other => io::Error::other(other.to_string()),
+    })
+}
+
+/// `CLOCK_MONOTONIC` in nanoseconds: one time base for every process of this
+/// host, so that a source and a destination on one machine can compare times.
+pub fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: `ts` is a valid, writable timespec; CLOCK_MONOTONIC always exists.
+    let ret = unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    if ret != 0 {
+        return 0;
+    }
+    (ts.tv_sec as u64).saturating_mul(1_000_000_000).saturating_add(ts.tv_nsec as u64)
+}
+
+/// Pins thread `tid` (0: the calling thread) to CPU `cpu`.
+pub fn pin_thread(tid: i32, cpu: usize) -> io::Result<()> {
+    if cpu >= libc::CPU_SETSIZE as usize {
+        return Err(io::Error::from_raw_os_error(libc::EINVAL));
+    }
+    // SAFETY: an all-zero cpu_set_t is a valid empty set.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    // SAFETY: `cpu` is below CPU_SETSIZE (checked above).
+    unsafe { libc::CPU_SET(cpu, &mut set) };
+    // SAFETY: `set` is a valid cpu_set_t of the size passed.
+    let ret = unsafe { libc::sched_setaffinity(tid, std::mem::size_of::<libc::cpu_set_t>(), &set) };
+    if ret == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// The CPU the calling thread runs on now.
+pub fn current_cpu() -> Option<usize> {
+    // SAFETY: sched_getcpu has no preconditions.
+    let cpu = unsafe { libc::sched_getcpu() };
+    usize::try_from(cpu).ok()
+}
+
+/// `recv(2)` of at most `max` bytes into the spare capacity of `buf`
+/// (grown as needed), without zeroing it first. `dontwait`: return
+/// `WouldBlock` instead of blocking. Returns the bytes received (0: the peer
+/// closed).
+pub(crate) fn recv_into(fd: &impl AsRawFd, buf: &mut bytes::BytesMut, max: usize, dontwait: bool) -> io::Result<usize> {
+    buf.reserve(max);
+    let spare = buf.spare_capacity_mut();
+    let len = spare.len().min(max);
+    let flags = if dontwait { libc::MSG_DONTWAIT } else { 0 };
+    loop {
+        // SAFETY: `spare` is writable memory of at least `len` bytes owned by
+        // `buf`; recv writes at most `len` bytes there.
+        let n = unsafe { libc::recv(fd.as_raw_fd(), spare.as_mut_ptr().cast(), len, flags) };
+        if n >= 0 {
+            let n = n as usize;
+            // SAFETY: recv initialised the first `n <= len` bytes of the spare
+            // capacity.
+            unsafe { buf.set_len(buf.len() + n) };
+            return Ok(n);
+        }
+        let err = io::Error::last_os_error();
+        if err.kind() != io::ErrorKind::Interrupted {
+            return Err(err);
+        }
+    }
+}

@@ -251,6 +251,14 @@ impl UffdRam {
         Ok(count)
     }
 
+    /// Wakes the threads waiting on `count` pages from `first` (`UFFDIO_WAKE`),
+    /// for a fault that raced with the page's install.
+    pub fn wake_pages(&self, first: PageRef, count: u64) -> Result<()> {
+        let dst = self.ram.pages_host_addr(first, count)?;
+        sys::uffd_wake(&self.uffd, dst, (count * PAGE_SIZE) as usize)
+            .map_err(|e| Error::Uffd { op: "wake", reason: e.to_string() })
+    }
+
     /// Unregisters all RAM from userfaultfd: threads waiting for pages wake
     /// up and find zero pages. Only to abandon a guest whose pages will not
     /// come (so that its vCPU threads can exit); installs fail afterwards.

@@ -12,6 +12,13 @@ pub const PROGRESS_PORT: u16 = 0xe0;
 /// `rdx` the expected word and `rax` the word found.
 pub const ERROR_PORT: u16 = 0xe1;
 
+/// Port the built-in guest writes the low 32 bits of its count of pages
+/// written since boot to, every [`PAGES_REPORT_INTERVAL`] pages: a progress
+/// rate finer than whole passes.
+pub const PAGES_PORT: u16 = 0xe2;
+/// Pages between two reports on [`PAGES_PORT`] (a power of two).
+pub const PAGES_REPORT_INTERVAL: u32 = 256;
+
 /// Multiplier of the pattern word: `value(pass, addr) = pass * K ^ addr` for
 /// `pass >= 1`, and 0 for pass 0 (fresh memory is zero).
 pub const PATTERN_K: u64 = 0x9e37_79b9_7f4a_7c15;

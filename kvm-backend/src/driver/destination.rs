@@ -1,0 +1,809 @@
+//! The destination side's driver. See the module docs of [`super`] for
+//! threads.
+
+use std::net::TcpListener;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::thread::Scope;
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+use hdrhistogram::Histogram;
+use postcopy_core::wire::PageData;
+use postcopy_core::{
+    Channel, Config, DestinationAction, DestinationStats, Finished, LatencySummary, Notice, PageNumber, Timestamp,
+    Waiter,
+};
+
+use super::digest::PageDigests;
+use super::machine::{core_layout, GuestKind, MachineDescription, PageMap};
+use super::net::{self, lock_spin, Conn};
+use super::report::{DestinationReport, PatternCheck};
+use super::source::notice_text;
+use super::sync::{Doorbell, FaultClock, PageBits};
+use super::{now, pin_self, Damage, Tuning};
+use crate::devices::{lock, SerialOutput};
+use crate::guest::TestGuest;
+use crate::layout::PAGE_SIZE;
+use crate::memory::GuestRam;
+use crate::runner::VcpuSet;
+use crate::state::DeviceState;
+use crate::uffd::{Install, PageFault, UffdRam};
+use crate::vcpu::Vcpu;
+use crate::vm::{Vm, VmConfig};
+
+/// Bytes read per receive on the main channel.
+const MAIN_READ_BYTES: usize = 256 * 1024;
+/// Bytes read per receive on the urgent channel.
+const URGENT_READ_BYTES: usize = 64 * 1024;
+/// How long a thread spins for the core lock before sleeping on it.
+const LOCK_SPIN: Duration = Duration::from_micros(50);
+/// How long the fault thread blocks in one poll (it checks for shutdown
+/// in between).
+const FAULT_POLL: Duration = Duration::from_millis(50);
+
+/// How to run the destination.
+#[derive(Clone, Debug)]
+pub struct DestinationOptions {
+    /// The core's settings.
+    pub config: Config,
+    /// Thread placement and polling.
+    pub tuning: Tuning,
+    /// Where the guest's serial port writes.
+    pub serial: SerialOutput,
+    /// How long the guest runs here after the migration before it is checked.
+    pub run_after: Duration,
+    /// Write guest RAM here after the migration (guest stopped).
+    pub dump_memory: Option<PathBuf>,
+    /// Test-only damage to one page.
+    pub damage: Option<Damage>,
+    /// Draw a progress bar on stderr (when it is a terminal).
+    pub progress_bar: bool,
+}
+
+/// What the destination reports, and whether it succeeded.
+#[derive(Debug)]
+pub struct DestinationOutcome {
+    /// The report (also for failures).
+    pub report: DestinationReport,
+}
+
+struct Machine {
+    desc: MachineDescription,
+    ram: Arc<GuestRam>,
+    uffd: UffdRam,
+    vm: Vm,
+    map: PageMap,
+    installed: PageBits,
+    digests: PageDigests,
+    clock: FaultClock,
+}
+
+struct Locked {
+    core: postcopy_core::Destination,
+    conns: [Option<Arc<Conn>>; 3],
+}
+
+impl Locked {
+    fn is_current(&self, conn: &Conn) -> bool {
+        self.conns[conn.channel.index()].as_ref().is_some_and(|c| c.id == conn.id)
+    }
+}
+
+enum Op {
+    Prepare(Bytes),
+    Install { page: PageNumber, data: PageData, overwrite: bool },
+    Discard { first: PageNumber, count: u64 },
+    Load(Bytes),
+    Resume,
+    Wake(PageNumber),
+    Shutdown(Arc<Conn>),
+    Farewell(Arc<Conn>, Bytes),
+    Notice(Notice),
+    Finished(Box<Finished<DestinationStats>>),
+}
+
+fn drain(l: &mut Locked) -> Vec<Op> {
+    let mut ops = Vec::new();
+    while let Some(action) = l.core.poll_action() {
+        ops.push(match action {
+            DestinationAction::PrepareMemory(_) => {
+                Op::Prepare(l.core.machine_description().cloned().unwrap_or_default())
+            }
+            DestinationAction::InstallPage { page, data, overwrite } => Op::Install { page, data, overwrite },
+            DestinationAction::DiscardPages { first, count } => Op::Discard { first, count },
+            DestinationAction::LoadDeviceState(state) => Op::Load(state),
+            DestinationAction::ResumeVcpus => Op::Resume,
+            DestinationAction::Wake(page) => Op::Wake(page),
+            DestinationAction::Close(channel) => match l.conns[channel.index()].take() {
+                Some(conn) => Op::Shutdown(conn),
+                None => continue,
+            },
+            DestinationAction::Farewell { channel, bytes } => match l.conns[channel.index()].take() {
+                Some(conn) => Op::Farewell(conn, bytes),
+                None => continue,
+            },
+            DestinationAction::Notice(notice) => Op::Notice(notice),
+            DestinationAction::Finished(finished) => Op::Finished(finished),
+        });
+    }
+    ops
+}
+
+struct Driver<'a> {
+    locked: Mutex<Locked>,
+    write_lock: Mutex<()>,
+    flush_wanted: AtomicBool,
+    machine: OnceLock<Machine>,
+    vcpus: Mutex<Option<Vec<Vcpu>>>,
+    set: Mutex<Option<VcpuSet>>,
+    vcpu_tids: OnceLock<Vec<i32>>,
+    finished: Mutex<Option<Finished<DestinationStats>>>,
+    finished_flag: AtomicBool,
+    finished_bell: Doorbell,
+    stopping: AtomicBool,
+    fatal: Mutex<Option<String>>,
+    latency: Mutex<Histogram<u64>>,
+    resume_ns: AtomicU64,
+    end_ns: AtomicU64,
+    faults_read: AtomicU64,
+    install_anomalies: AtomicU64,
+    notices: Mutex<Vec<String>>,
+    opts: &'a DestinationOptions,
+    listener: TcpListener,
+}
+
+fn spawn<'s, 'e, F: FnOnce() + Send + 's>(s: &'s Scope<'s, 'e>, name: &str, f: F) {
+    if let Err(e) = std::thread::Builder::new().name(name.into()).spawn_scoped(s, f) {
+        tracing::error!(%e, name, "cannot spawn a driver thread");
+    }
+}
+
+/// Accepts a migration on `listener`, runs the guest after it, checks it,
+/// and reports. Returns when the migration failed, or when the guest ran
+/// `run_after` here and was checked.
+pub fn run_destination(listener: TcpListener, opts: &DestinationOptions) -> DestinationOutcome {
+    let histogram = Histogram::new_with_bounds(1, 3_600_000_000_000, 3).map_err(|e| e.to_string());
+    let histogram = match histogram {
+        Ok(h) => h,
+        Err(e) => {
+            return DestinationOutcome {
+                report: DestinationReport { error: Some(format!("histogram: {e}")), ..Default::default() },
+            }
+        }
+    };
+    let driver = Driver {
+        locked: Mutex::new(Locked {
+            core: postcopy_core::Destination::new(opts.config.clone(), PAGE_SIZE as u32),
+            conns: [None, None, None],
+        }),
+        write_lock: Mutex::new(()),
+        flush_wanted: AtomicBool::new(false),
+        machine: OnceLock::new(),
+        vcpus: Mutex::new(None),
+        set: Mutex::new(None),
+        vcpu_tids: OnceLock::new(),
+        finished: Mutex::new(None),
+        finished_flag: AtomicBool::new(false),
+        finished_bell: Doorbell::new(),
+        stopping: AtomicBool::new(false),
+        fatal: Mutex::new(None),
+        latency: Mutex::new(histogram),
+        resume_ns: AtomicU64::new(0),
+        end_ns: AtomicU64::new(0),
+        faults_read: AtomicU64::new(0),
+        install_anomalies: AtomicU64::new(0),
+        notices: Mutex::new(Vec::new()),
+        opts,
+        listener,
+    };
+    let mut report = DestinationReport::default();
+    std::thread::scope(|s| {
+        let d = &driver;
+        spawn(s, "dst-accept", move || d.accept_loop(s));
+        spawn(s, "dst-timer", move || d.timer_loop(s));
+        if opts.progress_bar {
+            spawn(s, "dst-progress", move || d.progress_loop());
+        }
+        while !d.finished_flag.load(Ordering::SeqCst) {
+            d.finished_bell.wait_timeout(Duration::from_millis(100));
+        }
+        report = d.after_finish();
+        d.stop_all();
+    });
+    if let Some(set) = lock(&driver.set).take() {
+        if let Err(e) = set.stop() {
+            tracing::warn!(%e, "stopping the vCPUs");
+        }
+    }
+    DestinationOutcome { report }
+}
+
+impl<'a> Driver<'a> {
+    fn event<'s>(&'s self, s: &'s Scope<'s, '_>, f: impl FnOnce(&mut Locked, Timestamp)) {
+        let ops = {
+            let mut l = lock_spin(&self.locked, LOCK_SPIN);
+            f(&mut l, now());
+            drain(&mut l)
+        };
+        self.execute(s, ops);
+    }
+
+    fn execute<'s>(&'s self, s: &'s Scope<'s, '_>, ops: Vec<Op>) {
+        for op in ops {
+            match op {
+                Op::Prepare(machine) => self.prepare(s, &machine),
+                Op::Install { page, data, overwrite } => self.install(page, data, overwrite),
+                Op::Discard { first, count } => self.discard(first, count),
+                Op::Load(state) => spawn(s, "dst-loader", move || self.load(s, state)),
+                Op::Resume => self.resume(),
+                Op::Wake(page) => {
+                    if let Some(m) = self.machine.get() {
+                        if let Some(r) = m.map.page_ref(page) {
+                            if let Err(e) = m.uffd.wake_pages(r, 1) {
+                                tracing::warn!(%e, "wake");
+                            }
+                        }
+                    }
+                }
+                Op::Shutdown(conn) => conn.shutdown(),
+                Op::Farewell(conn, bytes) => spawn(s, "dst-farewell", move || {
+                    let _w = lock(&self.write_lock);
+                    let _ = conn.stream.set_write_timeout(Some(Duration::from_secs(1)));
+                    let _ = conn.write_all(&bytes);
+                    conn.shutdown();
+                }),
+                Op::Notice(notice) => {
+                    let text = notice_text(&notice);
+                    eprintln!("destination: {text}");
+                    lock(&self.notices).push(text);
+                }
+                Op::Finished(finished) => {
+                    self.end_ns.store(now().0, Ordering::SeqCst);
+                    *lock(&self.finished) = Some(*finished);
+                    self.finished_flag.store(true, Ordering::SeqCst);
+                    self.finished_bell.ring();
+                }
+            }
+        }
+        self.flush_return(s);
+    }
+
+    /// Builds the VM and its userfaultfd-registered RAM before any vCPU
+    /// runs, and starts serving faults.
+    fn prepare<'s>(&'s self, s: &'s Scope<'s, '_>, machine: &[u8]) {
+        let built = (|| -> Result<Machine, String> {
+            let desc = MachineDescription::from_bytes(machine)?;
+            let layout = self.locked_layout()?;
+            if core_layout(&desc.ram)? != layout {
+                return Err("the machine description's RAM differs from the hello's layout".into());
+            }
+            let ram = Arc::new(GuestRam::new(desc.ram.clone()).map_err(|e| e.to_string())?);
+            let uffd = UffdRam::register(ram.clone()).map_err(|e| e.to_string())?;
+            let config = VmConfig { vcpus: desc.vcpus, irqchip: desc.irqchip, serial: self.opts.serial.clone() };
+            let vm = Vm::new(ram.clone(), config).map_err(|e| e.to_string())?;
+            let vcpus = vm.create_vcpus().map_err(|e| e.to_string())?;
+            *lock(&self.vcpus) = Some(vcpus);
+            let map = PageMap::new(ram.layout());
+            let pages = map.total_pages();
+            Ok(Machine {
+                desc,
+                ram,
+                uffd,
+                vm,
+                map,
+                installed: PageBits::new(pages),
+                digests: PageDigests::new(pages, PAGE_SIZE as usize),
+                clock: FaultClock::new(pages),
+            })
+        })();
+        match built {
+            Ok(machine) => {
+                if self.machine.set(machine).is_err() {
+                    tracing::error!("the machine was prepared twice");
+                    return;
+                }
+                spawn(s, "dst-fault", move || self.fault_loop(s));
+            }
+            Err(e) => {
+                eprintln!("destination: cannot build the machine: {e}");
+                *lock(&self.fatal) = Some(format!("cannot build the machine: {e}"));
+                self.event(s, |l, now| {
+                    let _ = l.core.handle_cancel(now);
+                });
+            }
+        }
+    }
+
+    fn locked_layout(&self) -> Result<postcopy_core::RamLayout, String> {
+        // Called from an op, after the lock was released.
+        lock(&self.locked).core.layout().cloned().ok_or_else(|| "no layout yet".to_string())
+    }
+
+    fn install(&self, page: PageNumber, data: PageData, overwrite: bool) {
+        let Some(m) = self.machine.get() else {
+            tracing::error!("page before the machine was built");
+            return;
+        };
+        let Some(r) = m.map.page_ref(page) else { return };
+        let mut data = data;
+        if let Some(damage) = self.opts.damage.filter(|d| d.page() == page.0) {
+            data = match (damage, data) {
+                (Damage::Drop(_), _) => PageData::Zero,
+                (Damage::Corrupt(_), PageData::Bytes(b)) => {
+                    let mut v = b.to_vec();
+                    v[0] ^= 0x10;
+                    PageData::Bytes(Bytes::from(v))
+                }
+                (Damage::Corrupt(_), PageData::Zero) => {
+                    let mut v = vec![0u8; PAGE_SIZE as usize];
+                    v[0] ^= 0x10;
+                    PageData::Bytes(Bytes::from(v))
+                }
+            };
+            eprintln!("destination: test-only damage applied to page {} ({damage:?})", page.0);
+        }
+        let result = match (&data, overwrite) {
+            (PageData::Bytes(b), true) => m.ram.write_page(r, b).map(|()| Install::Installed),
+            (PageData::Zero, true) => m.ram.write_page(r, &[0u8; PAGE_SIZE as usize]).map(|()| Install::Installed),
+            (PageData::Bytes(b), false) => m.uffd.install_page(r, b),
+            (PageData::Zero, false) => m.uffd.install_zero_page(r),
+        };
+        match result {
+            Ok(Install::Installed) => {
+                match &data {
+                    PageData::Bytes(b) => m.digests.record(page.0, b),
+                    PageData::Zero => m.digests.record_zero(page.0),
+                }
+                m.installed.set(page.0);
+                if let Some(waited) = m.clock.finish(page.0, now().0) {
+                    let _ = lock(&self.latency).record(waited.max(1));
+                }
+            }
+            Ok(Install::AlreadyPresent) => {
+                self.install_anomalies.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(page = page.0, "page already present: install skipped");
+            }
+            Err(e) => {
+                self.install_anomalies.fetch_add(1, Ordering::Relaxed);
+                tracing::error!(%e, page = page.0, "install failed");
+            }
+        }
+    }
+
+    fn discard(&self, first: PageNumber, count: u64) {
+        let Some(m) = self.machine.get() else { return };
+        let Some(r) = m.map.page_ref(first) else { return };
+        if let Err(e) = m.uffd.discard_pages(r, count) {
+            tracing::error!(%e, "discard failed");
+            self.install_anomalies.fetch_add(1, Ordering::Relaxed);
+        }
+        for page in first.0..first.0 + count {
+            m.digests.forget(page);
+            m.installed.clear(page);
+        }
+    }
+
+    /// Loads the device state in its own thread: restoring may touch guest
+    /// RAM, whose faults the fault thread keeps serving.
+    fn load<'s>(&'s self, s: &'s Scope<'s, '_>, state: Bytes) {
+        let result = (|| -> Result<(), String> {
+            let m = self.machine.get().ok_or("no machine")?;
+            let vcpus = lock(&self.vcpus).take().ok_or("no vCPUs")?;
+            let r = DeviceState::from_bytes(&state).and_then(|st| st.restore(&m.vm, &vcpus)).map_err(|e| e.to_string());
+            *lock(&self.vcpus) = Some(vcpus);
+            r
+        })();
+        if let Err(e) = &result {
+            eprintln!("destination: loading the device state failed: {e}");
+        }
+        self.event(s, |l, now| {
+            if let Err(e) = l.core.handle_device_state_loaded(now, result) {
+                tracing::error!(%e, "device state loaded");
+            }
+        });
+    }
+
+    fn resume(&self) {
+        let Some(m) = self.machine.get() else { return };
+        let Some(vcpus) = lock(&self.vcpus).take() else {
+            tracing::error!("resume without vCPUs");
+            return;
+        };
+        match VcpuSet::start(vcpus, m.vm.devices().clone()) {
+            Ok(set) => {
+                self.resume_ns.store(now().0, Ordering::SeqCst);
+                let tids = set.thread_ids();
+                if let Some(cpu) = self.opts.tuning.vcpu_cpu {
+                    for &tid in &tids {
+                        if let Err(e) = crate::sys::pin_thread(tid, cpu) {
+                            tracing::warn!(%e, "pinning a vCPU");
+                        }
+                    }
+                }
+                let _ = self.vcpu_tids.set(tids);
+                *lock(&self.set) = Some(set);
+            }
+            Err(e) => {
+                // Past StartGuest nothing can give the guest back: report loudly.
+                eprintln!("destination: cannot start the vCPUs: {e}");
+                *lock(&self.fatal) = Some(format!("cannot start the vCPUs: {e}"));
+            }
+        }
+    }
+
+    fn flush_return<'s>(&'s self, s: &'s Scope<'s, '_>) {
+        self.flush_wanted.store(true, Ordering::SeqCst);
+        loop {
+            let Ok(guard) = self.write_lock.try_lock() else { return };
+            let mut buf = Vec::new();
+            while self.flush_wanted.swap(false, Ordering::SeqCst) {
+                loop {
+                    buf.clear();
+                    let (conn, ops) = {
+                        let mut l = lock_spin(&self.locked, LOCK_SPIN);
+                        let conn = l.conns[Channel::Return.index()].clone();
+                        if conn.is_some() {
+                            let _ = l.core.poll_transmit(now(), Channel::Return, &mut buf, 64 * 1024);
+                        }
+                        (conn, drain(&mut l))
+                    };
+                    if !ops.is_empty() {
+                        self.flush_wanted.store(true, Ordering::SeqCst);
+                        self.execute(s, ops);
+                    }
+                    let Some(conn) = conn else { break };
+                    if buf.is_empty() {
+                        break;
+                    }
+                    if conn.write_all(&buf).is_err() {
+                        self.lost(s, &conn);
+                        break;
+                    }
+                }
+            }
+            drop(guard);
+            if !self.flush_wanted.load(Ordering::SeqCst) {
+                return;
+            }
+        }
+    }
+
+    fn lost<'s>(&'s self, s: &'s Scope<'s, '_>, conn: &Arc<Conn>) {
+        conn.shutdown();
+        self.event(s, |l, now| {
+            if l.is_current(conn) {
+                l.conns[conn.channel.index()] = None;
+                l.core.handle_connection_lost(now, conn.channel);
+            }
+        });
+    }
+
+    fn accept_loop<'s>(&'s self, s: &'s Scope<'s, '_>) {
+        if let Err(e) = self.listener.set_nonblocking(true) {
+            *lock(&self.fatal) = Some(format!("listener: {e}"));
+            self.finish_with_fatal();
+            return;
+        }
+        while !self.stopping.load(Ordering::SeqCst) {
+            match crate::sys::poll_readable(&self.listener, Duration::from_millis(50)) {
+                Ok(false) => continue,
+                Ok(true) => {}
+                Err(e) => {
+                    tracing::warn!(%e, "poll on the listener");
+                    std::thread::sleep(Duration::from_millis(10));
+                    continue;
+                }
+            }
+            match self.listener.accept() {
+                Ok((stream, peer)) => spawn(s, "dst-conn", move || self.serve_connection(s, stream, peer)),
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                Err(e) => tracing::warn!(%e, "accept"),
+            }
+        }
+    }
+
+    fn serve_connection<'s>(
+        &'s self,
+        s: &'s Scope<'s, '_>,
+        mut stream: std::net::TcpStream,
+        peer: std::net::SocketAddr,
+    ) {
+        let _ = stream.set_nonblocking(false);
+        let channel = match net::read_preamble(&mut stream, self.opts.config.handshake_timeout) {
+            Ok(channel) => channel,
+            Err(reason) => {
+                let listening = {
+                    let l = lock(&self.locked);
+                    l.core.state() == postcopy_core::DestinationState::Listening && l.core.layout().is_none()
+                };
+                eprintln!("destination: connection from {peer} refused: {reason}");
+                if listening {
+                    // Nothing is at stake yet: a peer that does not speak the
+                    // protocol ends this destination with a clear error.
+                    *lock(&self.fatal) = Some(format!("connection from {peer}: {reason}"));
+                    self.finish_with_fatal();
+                }
+                return;
+            }
+        };
+        let conn = Arc::new(Conn::new(channel, stream));
+        let _ = conn.stream.set_write_timeout(self.opts.config.peer_timeout);
+        let c2 = conn.clone();
+        self.event(s, move |l, now| {
+            if let Some(old) = l.conns[channel.index()].replace(c2) {
+                old.shutdown();
+            }
+            l.core.handle_connected(now, channel);
+        });
+        self.read_loop(s, conn);
+    }
+
+    fn read_loop<'s>(&'s self, s: &'s Scope<'s, '_>, conn: Arc<Conn>) {
+        let (max, spin) = match conn.channel {
+            Channel::Main => {
+                pin_self(self.opts.tuning.bulk_cpu, "dst-main");
+                (MAIN_READ_BYTES, Duration::ZERO)
+            }
+            Channel::Urgent => {
+                pin_self(self.opts.tuning.latency_cpu, "dst-urgent");
+                (URGENT_READ_BYTES, self.opts.tuning.spin())
+            }
+            Channel::Return => (4096, Duration::ZERO),
+        };
+        let mut buf = BytesMut::with_capacity(max);
+        loop {
+            match conn.recv(&mut buf, max, spin) {
+                Ok(0) | Err(_) => {
+                    self.event(s, |l, now| {
+                        if l.is_current(&conn) {
+                            l.conns[conn.channel.index()] = None;
+                            l.core.handle_connection_lost(now, conn.channel);
+                        }
+                    });
+                    return;
+                }
+                Ok(_) => {
+                    let bytes = buf.split().freeze();
+                    let mut stale = false;
+                    self.event(s, |l, now| {
+                        if l.is_current(&conn) {
+                            l.core.handle_input(now, conn.channel, bytes);
+                        } else {
+                            stale = true;
+                        }
+                    });
+                    if stale {
+                        return;
+                    }
+                }
+            }
+        }
+    }
+
+    fn fault_loop<'s>(&'s self, s: &'s Scope<'s, '_>) {
+        let Some(m) = self.machine.get() else { return };
+        pin_self(self.opts.tuning.latency_cpu, "dst-fault");
+        let spin = self.opts.tuning.spin();
+        let mut reader = m.uffd.fault_reader();
+        let mut faults: Vec<PageFault> = Vec::new();
+        while !self.stopping.load(Ordering::SeqCst) {
+            faults.clear();
+            let got = if spin.is_zero() {
+                match reader.wait(FAULT_POLL) {
+                    Ok(true) => reader.read(&mut faults),
+                    Ok(false) => continue,
+                    Err(e) => Err(e),
+                }
+            } else {
+                let until = Instant::now() + spin;
+                loop {
+                    match reader.read(&mut faults) {
+                        Ok(0) if Instant::now() < until => std::hint::spin_loop(),
+                        Ok(0) => match reader.wait(FAULT_POLL) {
+                            Ok(true) => break reader.read(&mut faults),
+                            Ok(false) => break Ok(0),
+                            Err(e) => break Err(e),
+                        },
+                        other => break other,
+                    }
+                }
+            };
+            match got {
+                Ok(0) => continue,
+                Ok(_) => {}
+                Err(e) => {
+                    eprintln!("destination: reading faults failed: {e}");
+                    std::thread::sleep(Duration::from_millis(10));
+                    continue;
+                }
+            }
+            let t = now();
+            let tids = self.vcpu_tids.get();
+            let pages: Vec<(PageNumber, Waiter)> = faults
+                .iter()
+                .filter_map(|f| {
+                    let page = m.map.number(f.page)?;
+                    m.clock.start(page.0, t.0);
+                    let vcpu = f.thread_id.and_then(|tid| tids.and_then(|ts| ts.iter().position(|&x| x == tid)));
+                    Some((page, vcpu.map_or(Waiter::Vmm, |i| Waiter::Vcpu(i as u32))))
+                })
+                .collect();
+            self.faults_read.fetch_add(pages.len() as u64, Ordering::Relaxed);
+            self.event(s, |l, now| {
+                for (page, waiter) in pages {
+                    if let Err(e) = l.core.handle_page_fault(now, page, waiter) {
+                        tracing::error!(%e, page = page.0, "page fault");
+                    }
+                }
+            });
+        }
+    }
+
+    fn timer_loop<'s>(&'s self, s: &'s Scope<'s, '_>) {
+        while !self.stopping.load(Ordering::SeqCst) {
+            let deadline = lock(&self.locked).core.poll_timeout();
+            let t = now();
+            match deadline {
+                Some(d) if d <= t => self.event(s, |l, now| l.core.handle_timeout(now)),
+                Some(d) => std::thread::sleep(d.saturating_since(t).min(Duration::from_millis(10))),
+                None => std::thread::sleep(Duration::from_millis(10)),
+            }
+        }
+    }
+
+    fn progress_loop(&self) {
+        use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+        let bar = ProgressBar::with_draw_target(None, ProgressDrawTarget::stderr());
+        if let Ok(style) =
+            ProgressStyle::with_template("{spinner} {msg} [{bar:40}] {pos}/{len} pages present ({percent}%)")
+        {
+            bar.set_style(style.progress_chars("=> "));
+        }
+        bar.set_message("waiting for the source");
+        while !self.stopping.load(Ordering::SeqCst) && !self.finished_flag.load(Ordering::SeqCst) {
+            if let Some(m) = self.machine.get() {
+                bar.set_length(m.installed.len());
+                bar.set_position(m.installed.count());
+                bar.set_message(format!("{} faults served", self.faults_read.load(Ordering::Relaxed)));
+            }
+            bar.tick();
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        if let Some(m) = self.machine.get() {
+            bar.set_position(m.installed.count());
+        }
+        bar.finish_and_clear();
+    }
+
+    fn finish_with_fatal(&self) {
+        self.finished_flag.store(true, Ordering::SeqCst);
+        self.finished_bell.ring();
+    }
+
+    /// Ends every driver thread: connections, listener, fault thread, timer.
+    fn stop_all(&self) {
+        self.stopping.store(true, Ordering::SeqCst);
+        let conns: Vec<Arc<Conn>> = lock(&self.locked).conns.iter_mut().filter_map(Option::take).collect();
+        for conn in conns {
+            conn.shutdown();
+        }
+        let started = lock(&self.set).is_some();
+        if let Some(m) = self.machine.get() {
+            if !started || lock(&self.finished).as_ref().is_none_or(|f| f.result.is_err()) {
+                // Wake any thread still waiting for a page (a loader cut off
+                // mid-way): the guest is abandoned here.
+                let _ = m.uffd.unregister_all();
+            }
+        }
+    }
+
+    /// After the core finished: run the guest a while, check it, report.
+    fn after_finish(&self) -> DestinationReport {
+        let finished = lock(&self.finished).clone();
+        let fatal = lock(&self.fatal).clone();
+        let mut report = DestinationReport {
+            resume_ns: self.resume_ns.load(Ordering::SeqCst),
+            end_ns: self.end_ns.load(Ordering::SeqCst),
+            damage: self.opts.damage.map(|d| format!("{d:?}")),
+            ..Default::default()
+        };
+        if let Some(f) = &finished {
+            report.stats = f.stats.clone();
+            report.error = f.result.as_ref().err().map(|e| e.to_string());
+        }
+        if let Some(e) = fatal {
+            report.error = Some(report.error.map_or(e.clone(), |r| format!("{e}; {r}")));
+        }
+        report.ok = finished.as_ref().is_some_and(|f| f.result.is_ok()) && report.error.is_none();
+        report.notices = lock(&self.notices).clone();
+        report.install_anomalies = self.install_anomalies.load(Ordering::Relaxed);
+        let summary = {
+            let h = lock(&self.latency);
+            let us = |ns: u64| ns as f64 / 1e3;
+            if h.is_empty() {
+                LatencySummary::default()
+            } else {
+                LatencySummary {
+                    count: h.len(),
+                    p50_us: us(h.value_at_quantile(0.5)),
+                    p90_us: us(h.value_at_quantile(0.9)),
+                    p99_us: us(h.value_at_quantile(0.99)),
+                    max_us: us(h.max()),
+                    mean_us: h.mean() / 1e3,
+                }
+            }
+        };
+        report.fault_latency = summary;
+        let Some(m) = self.machine.get() else { return report };
+        if !report.ok {
+            report.digest = m.digests.fold();
+            return report;
+        }
+        // The guest runs here now; let it run, then stop and check it.
+        let stats = m.vm.devices().stats().clone();
+        let t_done = report.end_ns;
+        std::thread::sleep(self.opts.run_after);
+        report.progress_during_pages_per_s = stats.pages_rate(report.resume_ns, t_done);
+        report.progress_after_pages_per_s = stats.pages_rate(t_done, now().0);
+        report.pages_installed = m.installed.count();
+        if let Some(first) = m.installed.first_clear() {
+            report.ok = false;
+            report.error = Some(format!("page {first} was never installed"));
+        }
+        let set_guard = lock(&self.set);
+        let Some(set) = set_guard.as_ref() else { return report };
+        let states = set.pause().and_then(|_| set.save_states());
+        report.digest = m.digests.fold();
+        if m.desc.guest == GuestKind::Pattern {
+            let check = states.map_err(|e| e.to_string()).and_then(|states| {
+                let guest = TestGuest::new(&m.desc.ram, m.desc.vcpus).map_err(|e| e.to_string())?;
+                let positions = states
+                    .iter()
+                    .enumerate()
+                    .map(|(i, st)| guest.position_from_regs(i, &st.regs))
+                    .collect::<Result<Vec<_>, _>>()
+                    .map_err(|e| e.to_string())?;
+                let v = guest.verify(&m.ram, &positions).map_err(|e| e.to_string())?;
+                Ok(PatternCheck {
+                    pages_checked: v.pages_checked,
+                    bad_pages: v.bad_pages,
+                    bad_reserved_bytes: v.bad_reserved_bytes,
+                    guest_reported_errors: stats.error_count(),
+                    first_bad: v
+                        .first_bad
+                        .iter()
+                        .map(|b| {
+                            format!(
+                                "vcpu {} gpa {:#x}: expected {:#x}, found {:#x}",
+                                b.vcpu, b.gpa, b.expected, b.found
+                            )
+                        })
+                        .chain(stats.errors().iter().take(4).map(|e| {
+                            format!("guest reported gpa {:#x}: expected {:#x}, found {:#x}", e.gpa, e.expected, e.found)
+                        }))
+                        .collect(),
+                    passes_after: stats.snapshot().reports.iter().sum(),
+                })
+            });
+            match check {
+                Ok(c) => report.pattern = Some(c),
+                Err(e) => {
+                    report.ok = false;
+                    report.error = Some(format!("cannot check the guest's memory: {e}"));
+                }
+            }
+        }
+        if let Some(path) = &self.opts.dump_memory {
+            let dumped = std::fs::File::create(path)
+                .map_err(|e| e.to_string())
+                .and_then(|f| m.ram.dump(&mut std::io::BufWriter::new(f)).map_err(|e| e.to_string()));
+            if let Err(e) = dumped {
+                report.ok = false;
+                report.error = Some(format!("cannot dump memory to {}: {e}", path.display()));
+            }
+        }
+        report
+    }
+}

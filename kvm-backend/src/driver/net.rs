@@ -1,0 +1,114 @@
+//! Connections: one TCP connection per channel, opened by the source, which
+//! first writes the 8-byte preamble naming the channel.
+
+use std::io::{self, Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpStream};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Mutex, MutexGuard, TryLockError};
+use std::time::{Duration, Instant};
+
+use bytes::BytesMut;
+use postcopy_core::wire::{self, Preamble, PREAMBLE_LEN};
+use postcopy_core::Channel;
+
+/// One accepted or opened connection.
+#[derive(Debug)]
+pub struct Conn {
+    /// Unique in the process: tells a replaced connection from its successor.
+    pub id: u64,
+    /// Which channel it carries.
+    pub channel: Channel,
+    /// The socket.
+    pub stream: TcpStream,
+    /// Where it goes (or comes from).
+    pub peer: Option<SocketAddr>,
+}
+
+static NEXT_CONN_ID: AtomicU64 = AtomicU64::new(1);
+
+impl Conn {
+    /// Wraps a connected socket (Nagle off: requests and pages must not wait).
+    pub fn new(channel: Channel, stream: TcpStream) -> Self {
+        let _ = stream.set_nodelay(true);
+        let peer = stream.peer_addr().ok();
+        Self { id: NEXT_CONN_ID.fetch_add(1, Ordering::Relaxed), channel, stream, peer }
+    }
+
+    /// Ends the connection both ways (unblocks its reader and writer).
+    pub fn shutdown(&self) {
+        let _ = self.stream.shutdown(Shutdown::Both);
+    }
+
+    /// Writes all of `bytes`.
+    pub fn write_all(&self, bytes: &[u8]) -> io::Result<()> {
+        (&self.stream).write_all(bytes)
+    }
+
+    /// Receives at most `max` bytes into `buf`, spinning (non-blocking
+    /// receives) for up to `spin` before blocking. Ok(0): the peer closed.
+    pub fn recv(&self, buf: &mut BytesMut, max: usize, spin: Duration) -> io::Result<usize> {
+        if !spin.is_zero() {
+            let until = Instant::now() + spin;
+            loop {
+                match crate::sys::recv_into(&self.stream, buf, max, true) {
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                        if Instant::now() >= until {
+                            break;
+                        }
+                        std::hint::spin_loop();
+                    }
+                    other => return other,
+                }
+            }
+        }
+        crate::sys::recv_into(&self.stream, buf, max, false)
+    }
+}
+
+/// Opens a connection for `channel` and writes its preamble.
+pub fn connect(addr: SocketAddr, channel: Channel, timeout: Duration) -> io::Result<Conn> {
+    let stream = TcpStream::connect_timeout(&addr, timeout)?;
+    let conn = Conn::new(channel, stream);
+    let mut preamble = Vec::with_capacity(PREAMBLE_LEN);
+    wire::encode_preamble(&mut preamble, channel);
+    conn.write_all(&preamble)?;
+    Ok(conn)
+}
+
+/// Reads an accepted connection's preamble within `timeout`.
+pub fn read_preamble(stream: &mut TcpStream, timeout: Duration) -> Result<Channel, String> {
+    stream.set_read_timeout(Some(timeout.max(Duration::from_millis(1)))).map_err(|e| e.to_string())?;
+    let mut bytes = [0u8; PREAMBLE_LEN];
+    let result = stream.read_exact(&mut bytes);
+    let _ = stream.set_read_timeout(None);
+    match result {
+        Ok(()) => Preamble::decode(&bytes).map(|p| p.channel).map_err(|e| format!("bad preamble: {e}")),
+        Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => Err("closed before its preamble".into()),
+        Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => {
+            Err(format!("no preamble within {} ms", timeout.as_millis()))
+        }
+        Err(e) => Err(format!("reading its preamble: {e}")),
+    }
+}
+
+/// Locks `m`, spinning on `try_lock` for up to `spin` first: a holder on the
+/// other CPU releases within microseconds, and sleeping on the lock would
+/// cost a cross-CPU wake-up (about 30 us here).
+pub fn lock_spin<T>(m: &Mutex<T>, spin: Duration) -> MutexGuard<'_, T> {
+    if !spin.is_zero() {
+        let until = Instant::now() + spin;
+        loop {
+            match m.try_lock() {
+                Ok(g) => return g,
+                Err(TryLockError::Poisoned(e)) => return e.into_inner(),
+                Err(TryLockError::WouldBlock) => {
+                    if Instant::now() >= until {
+                        break;
+                    }
+                    std::hint::spin_loop();
+                }
+            }
+        }
+    }
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}

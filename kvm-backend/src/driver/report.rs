@@ -1,0 +1,223 @@
+//! What each side reports (serde, for `--json`), and the table of
+//! PROTOCOL.md's "What a run reports" built from both.
+
+use serde::{Deserialize, Serialize};
+
+use super::digest::MemoryDigest;
+use postcopy_core::{DestinationStats, LatencySummary, SourceStats};
+
+/// The source's report.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct SourceReport {
+    /// The migration completed.
+    pub ok: bool,
+    /// Why it did not.
+    pub error: Option<String>,
+    /// "source" or "destination".
+    pub guest_on: String,
+    /// Guest RAM in bytes.
+    pub mem_bytes: u64,
+    /// vCPUs.
+    pub vcpus: usize,
+    /// "postcopy" or "hybrid".
+    pub mode: String,
+    /// The core's statistics.
+    pub stats: SourceStats,
+    /// Monotonic ns: migration start, vCPU stop, end.
+    pub start_ns: u64,
+    /// When the source stopped the vCPUs (0: never).
+    pub stop_ns: u64,
+    /// When the source's migration ended.
+    pub end_ns: u64,
+    /// Time to pause the vCPUs and capture the device state, in us.
+    pub stop_capture_us: f64,
+    /// Digest of every page as sent (its content at the stop).
+    pub digest: MemoryDigest,
+    /// Guest pages written per second before the migration.
+    pub progress_before_pages_per_s: Option<f64>,
+    /// Pattern passes completed before the migration (all vCPUs).
+    pub passes_before: u64,
+    /// After a failure: pages per second the guest wrote on the source.
+    pub progress_after_failure_pages_per_s: Option<f64>,
+    /// Notices (pauses, recoveries).
+    pub notices: Vec<String>,
+}
+
+/// The pattern check of the destination's memory after the migration.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct PatternCheck {
+    /// Pages checked.
+    pub pages_checked: u64,
+    /// Pages that did not hold the pattern.
+    pub bad_pages: u64,
+    /// Reserved bytes (code, tables) that differ.
+    pub bad_reserved_bytes: u64,
+    /// Bad pages the guest itself reported through its error port.
+    pub guest_reported_errors: u64,
+    /// The first bad pages, described.
+    pub first_bad: Vec<String>,
+    /// Passes of the guest (all vCPUs) completed on the destination.
+    pub passes_after: u64,
+}
+
+impl PatternCheck {
+    /// Whether the pattern held everywhere.
+    pub fn ok(&self) -> bool {
+        self.bad_pages == 0 && self.bad_reserved_bytes == 0 && self.guest_reported_errors == 0
+    }
+}
+
+/// The destination's report.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct DestinationReport {
+    /// The migration completed.
+    pub ok: bool,
+    /// Why it did not.
+    pub error: Option<String>,
+    /// The core's statistics.
+    pub stats: DestinationStats,
+    /// Monotonic ns when the vCPUs started here (0: never).
+    pub resume_ns: u64,
+    /// Monotonic ns when this side completed.
+    pub end_ns: u64,
+    /// Fault latency measured by the driver: fault read from userfaultfd
+    /// to the page installed (UFFDIO_COPY returned).
+    pub fault_latency: LatencySummary,
+    /// Digest of every page as installed.
+    pub digest: MemoryDigest,
+    /// Pages installed (each at most once, overwrites aside).
+    pub pages_installed: u64,
+    /// Installs that failed or found the page already there.
+    pub install_anomalies: u64,
+    /// Guest pages written per second while postcopy ran.
+    pub progress_during_pages_per_s: Option<f64>,
+    /// Guest pages written per second after the migration.
+    pub progress_after_pages_per_s: Option<f64>,
+    /// The pattern guest's memory check (pattern guests only).
+    pub pattern: Option<PatternCheck>,
+    /// The boot-sector guest's serial output after the migration, if kept.
+    pub notices: Vec<String>,
+    /// Test-only damage that was applied.
+    pub damage: Option<String>,
+}
+
+/// Both sides' reports and the checks that need both.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct RunReport {
+    /// The source's report.
+    pub source: SourceReport,
+    /// The destination's report.
+    pub destination: DestinationReport,
+    /// Source stop to destination resume, in ms (one host, one clock).
+    pub downtime_ms: f64,
+    /// Source start to destination completion, in ms.
+    pub total_ms: f64,
+    /// The page digests of both sides agree.
+    pub digests_match: bool,
+    /// Digests and pattern both passed.
+    pub integrity_ok: bool,
+}
+
+impl RunReport {
+    /// Combines the two sides' reports.
+    pub fn new(source: SourceReport, destination: DestinationReport) -> Self {
+        let ms = |a: u64, b: u64| if a != 0 && b >= a { (b - a) as f64 / 1e6 } else { 0.0 };
+        let downtime_ms = ms(source.stop_ns, destination.resume_ns);
+        let total_ms = ms(source.start_ns, destination.end_ns.max(source.end_ns));
+        let digests_match = source.digest == destination.digest && source.digest.missing_pages == 0;
+        let pattern_ok = destination.pattern.as_ref().is_none_or(PatternCheck::ok);
+        let integrity_ok = source.ok && destination.ok && digests_match && pattern_ok;
+        Self { source, destination, downtime_ms, total_ms, digests_match, integrity_ok }
+    }
+
+    /// The human-readable table.
+    pub fn table(&self) -> String {
+        let s = &self.source;
+        let d = &self.destination;
+        let ms = |ns: u64| ns as f64 / 1e6;
+        let mut out = String::new();
+        let mut row = |k: &str, v: String| out.push_str(&format!("  {k:<34} {v}\n"));
+        row("result", if self.integrity_ok { "COMPLETED, verified".into() } else { "FAILED".into() });
+        row("guest", format!("{} MiB, {} vCPUs, {} mode", s.mem_bytes >> 20, s.vcpus, s.mode));
+        row("total time", format!("{:.1} ms", self.total_ms));
+        row("downtime (source stop -> dest resume)", format!("{:.2} ms", self.downtime_ms));
+        let p = &s.stats.phases;
+        row(
+            "phases (source view)",
+            format!(
+                "setup {:.1} ms, precopy {:.1} ms, stopped {:.2} ms, postcopy {:.1} ms, paused {:.1} ms",
+                ms(p.setup_ns),
+                ms(p.precopy_ns),
+                ms(p.downtime_ns),
+                ms(p.postcopy_ns),
+                ms(p.paused_ns)
+            ),
+        );
+        row(
+            "stop + device state capture",
+            format!("{:.2} ms ({} bytes of state)", s.stop_capture_us / 1e3, s.stats.device_state_bytes),
+        );
+        let n = &s.stats.pages_sent;
+        let b = &s.stats.page_bytes_sent;
+        let mib = |x: u64| x as f64 / (1 << 20) as f64;
+        row("pages sent: precopy", format!("{} ({:.1} MiB)", n.precopy, mib(b.precopy)));
+        row("pages sent: requested", format!("{} ({:.1} MiB)", n.requested, mib(b.requested)));
+        row("pages sent: background", format!("{} ({:.1} MiB)", n.background, mib(b.background)));
+        row("pages sent: re-sent after a loss", format!("{} ({:.1} MiB)", n.resent, mib(b.resent)));
+        row("pages sent: zero (flag only)", format!("{}", n.zero));
+        row("stale precopy pages discarded", format!("{}", s.stats.stale_pages_discarded));
+        row(
+            "remote faults",
+            format!("{} ({} on pages already present)", d.stats.remote_faults, d.stats.faults_on_present_pages),
+        );
+        let l = &d.fault_latency;
+        row(
+            "fault latency (fault read -> installed)",
+            format!("p50 {:.0} us, p90 {:.0} us, p99 {:.0} us, max {:.0} us", l.p50_us, l.p90_us, l.p99_us, l.max_us),
+        );
+        let blocked: Vec<String> =
+            d.stats.vcpu_blocked_ns.iter().enumerate().map(|(i, ns)| format!("vcpu{i} {:.1} ms", ms(*ns))).collect();
+        row("vCPU time blocked on faults", if blocked.is_empty() { "none".into() } else { blocked.join(", ") });
+        let rate = |r: Option<f64>| r.map_or("n/a".to_string(), |r| format!("{:.0}k pages/s", r / 1e3));
+        row(
+            "guest progress before/during/after",
+            format!(
+                "{} / {} / {}",
+                rate(s.progress_before_pages_per_s),
+                rate(d.progress_during_pages_per_s),
+                rate(d.progress_after_pages_per_s)
+            ),
+        );
+        row("recoveries", format!("{}", s.stats.recoveries.max(d.stats.recoveries)));
+        row(
+            "page digests (sent vs installed)",
+            format!(
+                "{:016x} vs {:016x}: {}",
+                s.digest.digest,
+                d.digest.digest,
+                if self.digests_match { "match" } else { "MISMATCH" }
+            ),
+        );
+        match &d.pattern {
+            Some(p) => row(
+                "guest pattern over all memory",
+                format!(
+                    "{} pages checked, {} bad, {} reserved bytes bad, {} errors reported by the guest: {}",
+                    p.pages_checked,
+                    p.bad_pages,
+                    p.bad_reserved_bytes,
+                    p.guest_reported_errors,
+                    if p.ok() { "ok" } else { "FAILED" }
+                ),
+            ),
+            None => row("guest pattern over all memory", "n/a (not the pattern guest)".into()),
+        }
+        if let Some(e) = &s.error {
+            row("source error", e.clone());
+        }
+        if let Some(e) = &d.error {
+            row("destination error", e.clone());
+        }
+        out
+    }
+}

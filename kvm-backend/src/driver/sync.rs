@@ -1,0 +1,338 @@
+//! The small structures that the driver's threads share outside the core's
+//! lock, each checked with `loom` (`RUSTFLAGS="--cfg loom" cargo test -p
+//! postcopy-kvm --release --lib driver::sync`):
+//!
+//! - [`PageBits`]: one bit per page (pages installed on the destination),
+//!   set and cleared by installer threads, read by the progress bar and the
+//!   end-of-run checks, with an exact count.
+//! - [`FaultClock`]: per page, when the first fault on it was read; the
+//!   thread that installs the page takes the start time exactly once.
+//! - [`Doorbell`]: "there is work" from any thread to one sleeping worker,
+//!   without lost wake-ups and without a system call when the worker is awake.
+
+#[cfg(loom)]
+use loom::sync::atomic::{AtomicU64, Ordering};
+#[cfg(loom)]
+use loom::sync::{Condvar, Mutex};
+#[cfg(not(loom))]
+use std::sync::atomic::{AtomicU64, Ordering};
+#[cfg(not(loom))]
+use std::sync::{Condvar, Mutex};
+
+/// One bit per page, with a count of the set bits.
+#[derive(Debug)]
+pub struct PageBits {
+    words: Box<[AtomicU64]>,
+    len: u64,
+    ones: AtomicU64,
+}
+
+impl PageBits {
+    /// `len` clear bits.
+    pub fn new(len: u64) -> Self {
+        let words = (0..len.div_ceil(64)).map(|_| AtomicU64::new(0)).collect();
+        Self { words, len, ones: AtomicU64::new(0) }
+    }
+
+    /// Number of bits.
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+
+    /// Whether there are no bits at all.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Sets bit `i`; returns whether it was clear. Out of range: false.
+    pub fn set(&self, i: u64) -> bool {
+        if i >= self.len {
+            return false;
+        }
+        let Some(word) = self.words.get((i / 64) as usize) else { return false };
+        let bit = 1u64 << (i % 64);
+        let was_clear = word.fetch_or(bit, Ordering::AcqRel) & bit == 0;
+        if was_clear {
+            self.ones.fetch_add(1, Ordering::AcqRel);
+        }
+        was_clear
+    }
+
+    /// Clears bit `i`; returns whether it was set.
+    pub fn clear(&self, i: u64) -> bool {
+        let Some(word) = self.words.get((i / 64) as usize) else { return false };
+        let bit = 1u64 << (i % 64);
+        let was_set = word.fetch_and(!bit, Ordering::AcqRel) & bit != 0;
+        // A branch, not `ones -= u64::from(was_set)`: see core/src/bitmap.rs
+        // for the release-mode miscompile of that form.
+        if was_set {
+            self.ones.fetch_sub(1, Ordering::AcqRel);
+        }
+        was_set
+    }
+
+    /// Whether bit `i` is set.
+    pub fn get(&self, i: u64) -> bool {
+        self.words.get((i / 64) as usize).is_some_and(|w| w.load(Ordering::Acquire) & (1 << (i % 64)) != 0)
+    }
+
+    /// Number of set bits (exact once the writers are done).
+    pub fn count(&self) -> u64 {
+        self.ones.load(Ordering::Acquire)
+    }
+
+    /// The first clear bit, if any (end-of-run checks).
+    pub fn first_clear(&self) -> Option<u64> {
+        self.words.iter().enumerate().find_map(|(w, word)| {
+            let v = word.load(Ordering::Acquire);
+            let bit = u64::from((!v).trailing_zeros());
+            let i = w as u64 * 64 + bit;
+            (v != u64::MAX && i < self.len).then_some(i)
+        })
+    }
+}
+
+/// Per page, the time (ns, never 0) its first outstanding fault was read.
+#[derive(Debug)]
+pub struct FaultClock {
+    starts: Box<[AtomicU64]>,
+}
+
+impl FaultClock {
+    /// Clocks for `pages` pages.
+    pub fn new(pages: u64) -> Self {
+        Self { starts: (0..pages).map(|_| AtomicU64::new(0)).collect() }
+    }
+
+    /// A fault on `page` was read at `now_ns`; a later fault on the same page
+    /// keeps the first start. Returns whether this one started the clock.
+    pub fn start(&self, page: u64, now_ns: u64) -> bool {
+        self.starts
+            .get(page as usize)
+            .is_some_and(|s| s.compare_exchange(0, now_ns.max(1), Ordering::AcqRel, Ordering::Acquire).is_ok())
+    }
+
+    /// `page` was installed at `now_ns`: the wait of its fault, if one was
+    /// started (and not yet taken by another installer).
+    pub fn finish(&self, page: u64, now_ns: u64) -> Option<u64> {
+        let start = self.starts.get(page as usize)?.swap(0, Ordering::AcqRel);
+        (start != 0).then(|| now_ns.saturating_sub(start))
+    }
+}
+
+/// "Work is waiting": rung by any thread, waited on by one worker.
+///
+/// One atomic word holds the state (idle, pending, worker asleep), changed
+/// only by read-modify-write operations: a ring swaps in "pending" and,
+/// seeing "asleep", takes the lock to wake the worker; the worker sets
+/// "asleep" only while it holds that lock, right before it waits.
+#[derive(Debug)]
+pub struct Doorbell {
+    state: AtomicU64,
+    lock: Mutex<()>,
+    cv: Condvar,
+}
+
+const IDLE: u64 = 0;
+const PENDING: u64 = 1;
+const ASLEEP: u64 = 2;
+
+impl Default for Doorbell {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Doorbell {
+    /// A doorbell that has not rung.
+    pub fn new() -> Self {
+        Self { state: AtomicU64::new(IDLE), lock: Mutex::new(()), cv: Condvar::new() }
+    }
+
+    /// Rings: the worker's current or next wait returns. No system call when
+    /// the worker is not asleep.
+    pub fn ring(&self) {
+        if self.state.swap(PENDING, Ordering::AcqRel) == ASLEEP {
+            let _guard = self.lock.lock().unwrap_or_else(|e| e.into_inner());
+            self.cv.notify_all();
+        }
+    }
+
+    /// Takes a ring without waiting; returns whether there was one.
+    pub fn take(&self) -> bool {
+        self.state.compare_exchange(PENDING, IDLE, Ordering::AcqRel, Ordering::Acquire).is_ok()
+    }
+
+    /// Waits for a ring (consumed) at most `timeout`; returns whether it
+    /// rang. A ring that came before the wait counts.
+    pub fn wait_timeout(&self, timeout: std::time::Duration) -> bool {
+        if self.take() {
+            return true;
+        }
+        let deadline = std::time::Instant::now() + timeout;
+        let mut guard = self.lock.lock().unwrap_or_else(|e| e.into_inner());
+        loop {
+            match self.state.compare_exchange(IDLE, ASLEEP, Ordering::AcqRel, Ordering::Acquire) {
+                Ok(_) | Err(ASLEEP) => {}
+                Err(_) => return self.take(),
+            }
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            if left.is_zero() {
+                // Withdraw; a ring that came meanwhile is taken.
+                return match self.state.compare_exchange(ASLEEP, IDLE, Ordering::AcqRel, Ordering::Acquire) {
+                    Ok(_) => false,
+                    Err(_) => self.take(),
+                };
+            }
+            guard = self.cv.wait_timeout(guard, left).map(|r| r.0).unwrap_or_else(|e| e.into_inner().0);
+            if self.take() {
+                return true;
+            }
+        }
+    }
+}
+
+#[cfg(all(test, loom))]
+mod loom_tests {
+    use super::*;
+    use loom::sync::Arc;
+    use loom::thread;
+
+    #[test]
+    fn page_bits_count_matches_bits_under_races() {
+        loom::model(|| {
+            let bits = Arc::new(PageBits::new(130));
+            let a = {
+                let bits = bits.clone();
+                thread::spawn(move || {
+                    bits.set(1);
+                    bits.set(129);
+                    bits.clear(1);
+                })
+            };
+            let b = {
+                let bits = bits.clone();
+                thread::spawn(move || {
+                    bits.set(1);
+                    bits.set(2);
+                })
+            };
+            a.join().unwrap();
+            b.join().unwrap();
+            let expected = (0..130).filter(|&i| bits.get(i)).count() as u64;
+            assert_eq!(bits.count(), expected);
+            assert!(bits.get(129) && bits.get(2));
+        });
+    }
+
+    #[test]
+    fn each_fault_wait_is_taken_once() {
+        loom::model(|| {
+            let clock = Arc::new(FaultClock::new(4));
+            let faulter = {
+                let clock = clock.clone();
+                thread::spawn(move || {
+                    let first = clock.start(3, 10);
+                    let second = clock.start(3, 20);
+                    (first, second)
+                })
+            };
+            let installers: Vec<_> = (0..2)
+                .map(|_| {
+                    let clock = clock.clone();
+                    thread::spawn(move || clock.finish(3, 50))
+                })
+                .collect();
+            let (first, second) = faulter.join().unwrap();
+            let taken: Vec<u64> = installers.into_iter().filter_map(|t| t.join().unwrap()).collect();
+            assert!(first, "the first fault on an idle page starts its clock");
+            // Whatever the interleaving, no wait is counted twice, and each
+            // counted wait is measured from a fault that really started one.
+            let left = clock.finish(3, 100);
+            let started = 1 + u64::from(second);
+            assert_eq!(taken.len() as u64 + u64::from(left.is_some()), started);
+            assert!(taken.iter().all(|&w| w == 40 || w == 30));
+        });
+    }
+
+    #[test]
+    fn a_ring_is_never_lost() {
+        loom::model(|| {
+            let bell = Arc::new(Doorbell::new());
+            let ringer = {
+                let bell = bell.clone();
+                thread::spawn(move || bell.ring())
+            };
+            // Returns only if the ring is seen, whenever it happens (loom's
+            // timed wait never times out).
+            while !bell.wait_timeout(std::time::Duration::from_secs(3600)) {}
+            ringer.join().unwrap();
+            assert!(!bell.take(), "the ring was consumed by the wait");
+        });
+    }
+
+    #[test]
+    fn two_rings_one_wait_then_none_pending() {
+        loom::model(|| {
+            let bell = Arc::new(Doorbell::new());
+            let ringers: Vec<_> = (0..2)
+                .map(|_| {
+                    let bell = bell.clone();
+                    thread::spawn(move || bell.ring())
+                })
+                .collect();
+            for r in ringers {
+                r.join().unwrap();
+            }
+            assert!(bell.wait_timeout(std::time::Duration::from_secs(3600)));
+            assert!(!bell.take());
+        });
+    }
+}
+
+#[cfg(all(test, not(loom)))]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn page_bits_basics() {
+        let bits = PageBits::new(130);
+        assert!(bits.set(0) && !bits.set(0));
+        assert!(bits.set(129));
+        assert!(!bits.set(130), "out of range");
+        assert_eq!(bits.count(), 2);
+        assert_eq!(bits.first_clear(), Some(1));
+        assert!(bits.clear(0) && !bits.clear(0));
+        assert_eq!(bits.count(), 1);
+        for i in 0..130 {
+            bits.set(i);
+        }
+        assert_eq!(bits.first_clear(), None);
+        assert_eq!(bits.count(), 130);
+    }
+
+    #[test]
+    fn fault_clock_measures_from_the_first_fault() {
+        let clock = FaultClock::new(2);
+        assert!(clock.start(1, 100));
+        assert!(!clock.start(1, 150));
+        assert_eq!(clock.finish(1, 180), Some(80));
+        assert_eq!(clock.finish(1, 190), None);
+        assert_eq!(clock.finish(0, 10), None);
+        assert!(!clock.start(7, 1));
+    }
+
+    #[test]
+    fn doorbell_rings_across_threads() {
+        let bell = std::sync::Arc::new(Doorbell::new());
+        assert!(!bell.wait_timeout(Duration::from_millis(1)));
+        bell.ring();
+        assert!(bell.wait_timeout(Duration::from_millis(1)));
+        let b2 = bell.clone();
+        let t = std::thread::spawn(move || b2.wait_timeout(Duration::from_secs(10)));
+        std::thread::sleep(Duration::from_millis(20));
+        bell.ring();
+        assert!(t.join().unwrap());
+    }
+}
