@@ -558,6 +558,10 @@ impl<'a> Driver<'a> {
                 Ok(0) | Err(_) => {
                     self.event(s, |l, now| {
                         if l.is_current(&conn) {
+                            if !self.stopping.load(Ordering::SeqCst) {
+                                let peer = conn.peer.map_or("?".to_string(), |p| p.to_string());
+                                eprintln!("destination: the {} connection from {peer} closed", conn.channel);
+                            }
                             l.conns[conn.channel.index()] = None;
                             l.core.handle_connection_lost(now, conn.channel);
                         }

@@ -1,0 +1,200 @@
+//! Bad input: a destination that receives garbage, a wrong version, a bad
+//! frame or an early close reports a clear error and exits non-zero; a
+//! source whose destination goes away before the switchover keeps its guest
+//! running.
+
+mod common;
+
+use std::io::Write;
+use std::net::{TcpListener, TcpStream};
+use std::time::Duration;
+
+use common::*;
+use postcopy_core::wire::{self, Frame, Hello, WireMode};
+use postcopy_core::{Channel, RamBlock};
+
+fn preamble(channel: Channel) -> Vec<u8> {
+    let mut v = Vec::new();
+    wire::encode_preamble(&mut v, channel);
+    v
+}
+
+fn hello() -> Vec<u8> {
+    let mut v = Vec::new();
+    wire::encode(
+        &Frame::Hello(Hello {
+            resume: false,
+            urgent_channel: false,
+            session: 7,
+            epoch: 0,
+            page_size: 4096,
+            mode: WireMode::Postcopy,
+            precopy_rounds: 0,
+            blocks: vec![RamBlock { name: "ram-below-4g".into(), page_count: 4096 }],
+            machine: bytes::Bytes::new(),
+        }),
+        &mut v,
+    );
+    v
+}
+
+/// Sends `bytes` to a fresh destination (then closes, after `linger`), and
+/// returns how the destination ended.
+fn send_to_dest(test: &str, bytes: &[u8], linger: Duration) -> Finished {
+    let dir = temp_dir(test);
+    let dest = start_dest(&dir, &["--handshake-timeout-ms", "1500"], &[]);
+    let mut s = TcpStream::connect(dest.addr).expect("connect");
+    s.write_all(bytes).expect("write");
+    std::thread::sleep(linger);
+    drop(s);
+    let out = collect(dest.child, Duration::from_secs(30));
+    eprintln!("{test}: exit {:?}\n{}", out.code, out.stderr);
+    out
+}
+
+fn assert_failed_with(out: &Finished, needle: &str) {
+    assert!(!out.success, "the destination must exit non-zero");
+    assert_eq!(out.code, Some(1));
+    let json: serde_json::Value = serde_json::from_str(out.json_line().expect("a report")).expect("JSON");
+    assert_eq!(json["ok"], false);
+    let error = json["error"].as_str().unwrap_or_default().to_string();
+    assert!(error.contains(needle) || out.stderr.contains(needle), "expected {needle:?} in {error:?} / {}", out.stderr);
+}
+
+#[test]
+fn garbage_instead_of_a_preamble() {
+    if !kvm_or_skip("garbage_instead_of_a_preamble") {
+        return;
+    }
+    let out = send_to_dest("garbage_preamble", b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", Duration::from_millis(200));
+    assert_failed_with(&out, "bad preamble");
+}
+
+#[test]
+fn garbage_frame_after_the_preamble() {
+    if !kvm_or_skip("garbage_frame_after_the_preamble") {
+        return;
+    }
+    let mut bytes = preamble(Channel::Main);
+    bytes.extend_from_slice(&[0x7f, 0, 0, 0, 0, 0, 0, 4, 1, 2, 3, 4]);
+    let out = send_to_dest("garbage_frame", &bytes, Duration::from_millis(200));
+    assert_failed_with(&out, "unknown frame type 0x7f");
+}
+
+#[test]
+fn wrong_protocol_version() {
+    if !kvm_or_skip("wrong_protocol_version") {
+        return;
+    }
+    let mut h = hello();
+    // Frame header (8 bytes), then magic (4), then the version (u16 BE).
+    h[12] = 0;
+    h[13] = 99;
+    let mut bytes = preamble(Channel::Main);
+    bytes.extend_from_slice(&h);
+    let out = send_to_dest("wrong_version", &bytes, Duration::from_millis(200));
+    assert_failed_with(&out, "protocol version 99");
+}
+
+#[test]
+fn early_close_in_the_middle_of_the_hello() {
+    if !kvm_or_skip("early_close_in_the_middle_of_the_hello") {
+        return;
+    }
+    let h = hello();
+    let mut bytes = preamble(Channel::Main);
+    bytes.extend_from_slice(&h[..h.len() / 2]);
+    let out = send_to_dest("early_close", &bytes, Duration::from_millis(50));
+    assert_failed_with(&out, "handshake did not finish");
+    assert!(out.stderr.contains("the main connection from"), "the early close is reported: {}", out.stderr);
+}
+
+#[test]
+fn early_close_after_the_hello() {
+    if !kvm_or_skip("early_close_after_the_hello") {
+        return;
+    }
+    // A whole hello: the destination builds the machine, then the source
+    // vanishes before any device state: nothing ran here, fail cleanly.
+    let machine = postcopy_kvm::driver::machine::MachineDescription {
+        format: postcopy_kvm::driver::machine::MACHINE_FORMAT,
+        vcpus: 1,
+        irqchip: true,
+        ram: postcopy_kvm::RamLayout::pc(16 << 20).expect("layout"),
+        guest: postcopy_kvm::driver::machine::GuestKind::Pattern,
+    };
+    let mut v = Vec::new();
+    wire::encode(
+        &Frame::Hello(Hello {
+            resume: false,
+            urgent_channel: false,
+            session: 7,
+            epoch: 0,
+            page_size: 4096,
+            mode: WireMode::Postcopy,
+            precopy_rounds: 0,
+            blocks: vec![RamBlock { name: "ram-below-4g".into(), page_count: 4096 }],
+            machine: bytes::Bytes::from(machine.to_bytes()),
+        }),
+        &mut v,
+    );
+    let mut bytes = preamble(Channel::Main);
+    bytes.extend_from_slice(&v);
+    let out = send_to_dest("early_close_after_hello", &bytes, Duration::from_millis(300));
+    assert_failed_with(&out, "connection was lost");
+}
+
+#[test]
+fn source_keeps_its_guest_when_the_destination_goes_away() {
+    if !kvm_or_skip("source_keeps_its_guest_when_the_destination_goes_away") {
+        return;
+    }
+    let _one = serial();
+    // A "destination" that accepts every connection and closes it at once.
+    let listener = TcpListener::bind("127.0.0.1:0").expect("listen");
+    let addr = listener.local_addr().expect("addr");
+    std::thread::spawn(move || {
+        for s in listener.incoming().flatten() {
+            drop(s);
+        }
+    });
+    let out = collect(
+        start_source(addr, &["--mem", "32M", "--vcpus", "1", "--handshake-timeout-ms", "2000"]),
+        Duration::from_secs(60),
+    );
+    eprintln!("{}", out.stderr);
+    assert_eq!(out.code, Some(1));
+    let json: serde_json::Value = serde_json::from_str(out.json_line().expect("report")).expect("JSON");
+    assert_eq!(json["ok"], false);
+    assert_eq!(json["guest_on"], "source");
+    let after = json["progress_after_failure_pages_per_s"].as_f64().unwrap_or(0.0);
+    assert!(after > 0.0, "the guest does not run on the source after the failure: {json}");
+    assert!(out.stderr.contains("keeps running here"));
+}
+
+#[test]
+fn source_takes_the_guest_back_when_the_connection_drops_during_precopy() {
+    if !kvm_or_skip("source_takes_the_guest_back_when_the_connection_drops_during_precopy") {
+        return;
+    }
+    let _one = serial();
+    let dir = temp_dir("drop_in_precopy");
+    // The relay cuts every connection after 4 MiB of the first precopy
+    // round of a 64 MiB guest, long before the switchover.
+    let relay = Relay::start(4 << 20);
+    let run = migrate(&dir, &["--mem", "64M", "--vcpus", "1", "--mode", "hybrid"], &[], &[], Some(&relay));
+    run.dump();
+    assert!(relay.cut_done.load(std::sync::atomic::Ordering::SeqCst));
+    assert_eq!(run.source.code, Some(1));
+    let s = run.source_report();
+    assert_eq!(s.guest_on, "source");
+    assert_eq!(s.stop_ns, 0, "the source never stopped its guest");
+    assert!(s.stats.pages_sent.precopy > 0);
+    assert!(s.progress_after_failure_pages_per_s.unwrap_or(0.0) > 0.0, "the guest runs on: {s:?}");
+    // The destination never ran the guest: it fails cleanly.
+    assert_eq!(run.dest.code, Some(1));
+    let d = run.dest_report();
+    assert!(!d.ok);
+    assert_eq!(d.resume_ns, 0);
+    assert!(d.error.unwrap_or_default().contains("connection was lost"));
+}

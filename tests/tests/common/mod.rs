@@ -1,0 +1,361 @@
+//! Helpers: find (or build) the `postcopy` binary, run a destination and a
+//! source as processes, a relay that cuts connections, KVM skip logic.
+#![allow(dead_code)]
+
+use std::io::{Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::time::{Duration, Instant};
+
+use postcopy_kvm::driver::report::{DestinationReport, RunReport, SourceReport};
+
+/// Env var that turns a skip (no /dev/kvm or userfaultfd) into a failure.
+pub const REQUIRE_KVM_ENV: &str = "POSTCOPY_REQUIRE_KVM";
+
+/// True if KVM and userfaultfd can be used; otherwise prints why the test
+/// is skipped, or panics when `POSTCOPY_REQUIRE_KVM=1` (CI).
+pub fn kvm_or_skip(test: &str) -> bool {
+    let required = std::env::var(REQUIRE_KVM_ENV).is_ok_and(|v| v == "1");
+    let problem = if !postcopy_kvm::kvm_available() {
+        Some("/dev/kvm is not usable".to_string())
+    } else {
+        postcopy_kvm::uffd::probe_features().err().map(|e| format!("userfaultfd is unusable: {e}"))
+    };
+    match problem {
+        None => true,
+        Some(p) if required => panic!("{test}: {p} and {REQUIRE_KVM_ENV}=1"),
+        Some(p) => {
+            eprintln!("SKIPPED {test}: {p} (set {REQUIRE_KVM_ENV}=1 to fail instead)");
+            false
+        }
+    }
+}
+
+/// Migrations run one at a time: the machine has 2 CPUs, and guests of
+/// parallel tests would starve each other.
+pub fn serial() -> MutexGuard<'static, ()> {
+    static LOCK: Mutex<()> = Mutex::new(());
+    LOCK.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// The `postcopy` binary of this build profile, built if needed.
+pub fn binary() -> PathBuf {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        if let Ok(p) = std::env::var("POSTCOPY_BIN") {
+            return PathBuf::from(p);
+        }
+        // target/<profile>/deps/<this test> -> target/<profile>/postcopy
+        let exe = std::env::current_exe().expect("test executable path");
+        let profile_dir = exe.parent().and_then(Path::parent).expect("target profile dir").to_path_buf();
+        let bin = profile_dir.join("postcopy");
+        let release = profile_dir.file_name().is_some_and(|n| n == "release");
+        // `cargo test --workspace` builds it (postcopy-kvm has integration
+        // tests); build it here too, so `-p postcopy-e2e` alone is not stale.
+        let mut cargo = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+        cargo.args(["build", "--quiet", "-p", "postcopy-kvm", "--bin", "postcopy"]);
+        if release {
+            cargo.arg("--release");
+        }
+        if let Some(target_dir) = profile_dir.parent() {
+            cargo.arg("--target-dir").arg(target_dir);
+        }
+        let status = cargo.status();
+        assert!(bin.exists(), "cannot find or build {} ({status:?})", bin.display());
+        bin
+    })
+    .clone()
+}
+
+/// A fresh temporary directory for one test.
+pub fn temp_dir(test: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("postcopy-e2e-{}-{test}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    dir
+}
+
+/// A destination process listening on a free loopback port.
+pub struct Dest {
+    pub child: Child,
+    pub addr: SocketAddr,
+}
+
+/// Starts `postcopy dest --json` with `extra` arguments and `env`.
+pub fn start_dest(dir: &Path, extra: &[&str], env: &[(&str, &str)]) -> Dest {
+    let ready = dir.join("dest.addr");
+    let _ = std::fs::remove_file(&ready);
+    let mut cmd = Command::new(binary());
+    cmd.args(["dest", "--listen", "127.0.0.1:0", "--json", "--run-after-ms", "300", "--ready-file"])
+        .arg(&ready)
+        .args(extra)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let mut child = cmd.spawn().expect("start the destination");
+    let t0 = Instant::now();
+    loop {
+        if let Ok(s) = std::fs::read_to_string(&ready) {
+            return Dest { child, addr: s.trim().parse().expect("address") };
+        }
+        if let Ok(Some(status)) = child.try_wait() {
+            let out = collect(child, Duration::from_secs(1));
+            panic!("destination exited early ({status}): {}", out.stderr);
+        }
+        assert!(t0.elapsed() < Duration::from_secs(30), "destination did not listen");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Starts `postcopy source --json --connect addr` with `extra` arguments.
+pub fn start_source(addr: SocketAddr, extra: &[&str]) -> Child {
+    Command::new(binary())
+        .args(["source", "--json", "--run-before-ms", "100", "--connect"])
+        .arg(addr.to_string())
+        .args(extra)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start the source")
+}
+
+/// A finished process: exit status, stdout, stderr.
+pub struct Finished {
+    pub success: bool,
+    pub code: Option<i32>,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl Finished {
+    /// The JSON report (the last line of stdout that is JSON).
+    pub fn json_line(&self) -> Option<&str> {
+        self.stdout.lines().rev().find(|l| l.starts_with('{'))
+    }
+}
+
+/// Waits for `child` at most `timeout` (then kills it) and collects output.
+pub fn collect(mut child: Child, timeout: Duration) -> Finished {
+    let mut stdout = child.stdout.take();
+    let mut stderr = child.stderr.take();
+    let out_t = std::thread::spawn(move || {
+        let mut s = String::new();
+        if let Some(o) = stdout.as_mut() {
+            let _ = o.read_to_string(&mut s);
+        }
+        s
+    });
+    let err_t = std::thread::spawn(move || {
+        let mut s = String::new();
+        if let Some(e) = stderr.as_mut() {
+            let _ = e.read_to_string(&mut s);
+        }
+        s
+    });
+    let t0 = Instant::now();
+    let status = loop {
+        match child.try_wait() {
+            Ok(Some(s)) => break Some(s),
+            Ok(None) if t0.elapsed() > timeout => {
+                let _ = child.kill();
+                let _ = child.wait();
+                break None;
+            }
+            Ok(None) => std::thread::sleep(Duration::from_millis(10)),
+            Err(_) => break None,
+        }
+    };
+    let stdout = out_t.join().unwrap_or_default();
+    let stderr = err_t.join().unwrap_or_default();
+    if status.is_none() {
+        eprintln!("process killed after {timeout:?}; stderr:\n{stderr}");
+    }
+    Finished { success: status.is_some_and(|s| s.success()), code: status.and_then(|s| s.code()), stdout, stderr }
+}
+
+/// Both sides of one migration, finished.
+pub struct Run {
+    pub source: Finished,
+    pub dest: Finished,
+    pub report: Option<RunReport>,
+}
+
+impl Run {
+    pub fn source_report(&self) -> SourceReport {
+        serde_json::from_str(self.source.json_line().expect("source JSON")).expect("source report")
+    }
+
+    pub fn dest_report(&self) -> DestinationReport {
+        serde_json::from_str(self.dest.json_line().expect("destination JSON")).expect("destination report")
+    }
+
+    /// Prints both sides' messages (shown when a test fails).
+    pub fn dump(&self) {
+        eprintln!("--- source stderr ---\n{}\n--- destination stderr ---\n{}", self.source.stderr, self.dest.stderr);
+        if let Some(r) = &self.report {
+            eprintln!("{}", r.table());
+        }
+    }
+
+    /// Asserts the migration completed and both integrity checks passed.
+    pub fn assert_verified(&self) {
+        let r = self.report.as_ref().unwrap_or_else(|| {
+            self.dump();
+            panic!("no reports")
+        });
+        if !(self.source.success && self.dest.success && r.integrity_ok) {
+            self.dump();
+        }
+        assert!(self.source.success, "source exit {:?}", self.source.code);
+        assert!(self.dest.success, "destination exit {:?}", self.dest.code);
+        assert!(r.source.ok && r.destination.ok);
+        assert_eq!(r.source.digest, r.destination.digest, "page digests: sent vs installed");
+        assert_eq!(r.source.digest.missing_pages, 0);
+        if let Some(p) = &r.destination.pattern {
+            assert!(p.ok(), "guest pattern: {p:?}");
+            assert!(p.pages_checked > 0);
+        }
+        assert!(r.integrity_ok);
+        eprintln!("{}", r.table());
+    }
+}
+
+/// Runs a destination and a source (through `relay` when given) to the end.
+pub fn migrate(
+    dir: &Path,
+    source_args: &[&str],
+    dest_args: &[&str],
+    env: &[(&str, &str)],
+    relay: Option<&Relay>,
+) -> Run {
+    let dest = start_dest(dir, dest_args, env);
+    let target = relay.map_or(dest.addr, |r| {
+        r.set_target(dest.addr);
+        r.addr
+    });
+    let source = start_source(target, source_args);
+    let source = collect(source, Duration::from_secs(180));
+    let dest = collect(dest.child, Duration::from_secs(60));
+    let report = match (source.json_line(), dest.json_line()) {
+        (Some(s), Some(d)) => match (serde_json::from_str(s), serde_json::from_str(d)) {
+            (Ok(s), Ok(d)) => Some(RunReport::new(s, d)),
+            _ => None,
+        },
+        _ => None,
+    };
+    Run { source, dest, report }
+}
+
+/// A relay between source and destination that cuts every connection once
+/// the main channel (preamble code 0) has carried `cut_after` bytes; later
+/// connections pass untouched.
+pub struct Relay {
+    pub addr: SocketAddr,
+    target: Arc<Mutex<Option<SocketAddr>>>,
+    pub cut_done: Arc<AtomicBool>,
+    stop: Arc<AtomicBool>,
+}
+
+impl Relay {
+    pub fn start(cut_after: u64) -> Relay {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("relay listen");
+        let addr = listener.local_addr().expect("relay addr");
+        listener.set_nonblocking(true).expect("nonblocking");
+        let target: Arc<Mutex<Option<SocketAddr>>> = Arc::new(Mutex::new(None));
+        let cut_done = Arc::new(AtomicBool::new(false));
+        let stop = Arc::new(AtomicBool::new(false));
+        let main_bytes = Arc::new(AtomicU64::new(0));
+        let live: Arc<Mutex<Vec<TcpStream>>> = Arc::new(Mutex::new(Vec::new()));
+        let (t, c, s) = (target.clone(), cut_done.clone(), stop.clone());
+        std::thread::spawn(move || {
+            while !s.load(Ordering::SeqCst) {
+                let (client, _) = match listener.accept() {
+                    Ok(x) => x,
+                    Err(_) => {
+                        std::thread::sleep(Duration::from_millis(5));
+                        continue;
+                    }
+                };
+                let _ = client.set_nonblocking(false);
+                let Some(to) = *t.lock().unwrap() else { continue };
+                let Ok(server) = TcpStream::connect(to) else { continue };
+                let _ = client.set_nodelay(true);
+                let _ = server.set_nodelay(true);
+                let cut_now = !c.load(Ordering::SeqCst);
+                if cut_now {
+                    let mut l = live.lock().unwrap();
+                    l.push(client.try_clone().unwrap());
+                    l.push(server.try_clone().unwrap());
+                }
+                let (c2, mb, lv) = (c.clone(), main_bytes.clone(), live.clone());
+                let (cl, sv) = (client.try_clone().unwrap(), server.try_clone().unwrap());
+                // Source -> destination, counting the main channel's bytes.
+                std::thread::spawn(move || {
+                    pump(cl, sv, move |first, n| {
+                        if !cut_now || first != Some(0) || c2.load(Ordering::SeqCst) {
+                            return false;
+                        }
+                        if mb.fetch_add(n, Ordering::SeqCst) + n >= cut_after {
+                            c2.store(true, Ordering::SeqCst);
+                            for s in lv.lock().unwrap().drain(..) {
+                                let _ = s.shutdown(Shutdown::Both);
+                            }
+                            return true;
+                        }
+                        false
+                    })
+                });
+                std::thread::spawn(move || pump(server, client, |_, _| false));
+            }
+        });
+        Relay { addr, target, cut_done, stop }
+    }
+
+    fn set_target(&self, to: SocketAddr) {
+        *self.target.lock().unwrap() = Some(to);
+    }
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+    }
+}
+
+/// Copies `from` to `to`; `on_bytes(channel code seen in the preamble, n)`
+/// returns true to stop.
+fn pump(mut from: TcpStream, mut to: TcpStream, mut on_bytes: impl FnMut(Option<u8>, u64) -> bool) {
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut first: Option<u8> = None;
+    let mut seen = 0usize;
+    loop {
+        let n = match from.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        if seen < 5 && seen + n >= 5 {
+            first = Some(buf[4 - seen]);
+        }
+        seen += n;
+        if to.write_all(&buf[..n]).is_err() || on_bytes(first, n as u64) {
+            break;
+        }
+    }
+    let _ = to.shutdown(Shutdown::Write);
+    let _ = from.shutdown(Shutdown::Read);
+}
+
+/// Runs a process to the end (helper for the bad-input tests).
+pub fn run_to_end(mut cmd: Command, timeout: Duration) -> Finished {
+    let child = cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("spawn");
+    collect(child, timeout)
+}
+
+pub fn output_text(o: &Output) -> String {
+    format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr))
+}
