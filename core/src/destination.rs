@@ -175,6 +175,9 @@ pub struct Destination {
     device_state: Vec<u8>,
     control: VecDeque<Frame>,
     welcome_pending: bool,
+    /// The current return connection has carried (or queued) its welcome:
+    /// a later hello's welcome belongs on a newer connection.
+    return_welcomed: bool,
     /// Next word of the present bitmap to report, during a recovery.
     report_word: Option<u64>,
     handshake_deadline: Option<Timestamp>,
@@ -208,6 +211,7 @@ impl Destination {
             device_state: Vec::new(),
             control: VecDeque::new(),
             welcome_pending: false,
+            return_welcomed: false,
             report_word: None,
             handshake_deadline: None,
             start_deadline: None,
@@ -344,6 +348,7 @@ impl Destination {
         self.hellos[channel.index()] = None;
         self.last_received = now;
         if channel == Channel::Return {
+            self.return_welcomed = false;
             self.maybe_welcome();
         }
     }
@@ -595,6 +600,13 @@ impl Destination {
         }
         self.hellos[Channel::Main.index()] = Some((hello.session, hello.epoch));
         self.check_urgent_hello();
+        if self.return_welcomed && self.links[Channel::Return.index()].up {
+            // The return connection already answered an older hello: the
+            // source that sent this one reads a newer connection. Close it
+            // and answer on the next.
+            self.links[Channel::Return.index()].down();
+            self.actions.push_back(DestinationAction::Close(Channel::Return));
+        }
         self.welcome_pending = true;
         self.maybe_welcome();
         Ok(())
@@ -825,6 +837,7 @@ impl Destination {
         }
         let Some(session) = &self.session else { return };
         self.welcome_pending = false;
+        self.return_welcomed = true;
         // First on the connection, ahead of anything queued while the return
         // path was not up yet (a ReadyToRun, a keep-alive).
         self.control.push_front(Frame::Welcome(Welcome {

@@ -3,10 +3,10 @@
 
 use bytes::Bytes;
 use postcopy_core::testkit::{Outcome, Pair, PairConfig};
-use postcopy_core::wire::{Decoder, Frame, Hello, Request, Welcome, WireMode};
+use postcopy_core::wire::{Decoder, Frame, Hello, PageData, PageFrame, PageKind, Request, Welcome, WireMode};
 use postcopy_core::{
-    Channel, Config, Destination, DestinationAction, DestinationState, GuestMemory, PageNumber, ProtocolError,
-    RamBlock, RamLayout, Source, SourceState, Timestamp,
+    Channel, Config, Destination, DestinationAction, DestinationState, GuestMemory, PageAddress, PageNumber,
+    ProtocolError, RamBlock, RamLayout, Source, SourceState, Timestamp,
 };
 use std::time::Duration;
 
@@ -283,4 +283,45 @@ fn bad_bytes_while_reconnecting_end_the_attempt() {
     src.handle_input(now, Channel::Return, Bytes::from_static(&[0x7f, 0, 0, 0, 0, 0, 0, 0]));
     assert!(!src.is_connected(Channel::Return), "the attempt's connections close");
     assert!(src.poll_timeout().is_some(), "another attempt follows");
+}
+
+/// fuzz/artifacts/destination_events/second-welcome-on-old-return-path: a
+/// completed destination kept the return connection that carried its EOC;
+/// the resume hello of a source that lost the EOC was answered on that old
+/// connection, which the source no longer reads (and its new return
+/// connection then got no welcome at all). A return connection carries one
+/// welcome: a later hello closes it and is answered on the next one.
+#[test]
+fn a_resume_hello_is_answered_on_a_new_return_connection() {
+    let config = Config { keepalive_interval: None, peer_timeout: None, ..Config::postcopy() };
+    let mut dst = Destination::new(config, 64);
+    let now = Timestamp::ZERO;
+    dst.handle_connected(now, Channel::Main);
+    dst.handle_connected(now, Channel::Return);
+    dst.handle_frame(now, Channel::Main, small_hello()).unwrap();
+    dst.handle_frame(now, Channel::Main, Frame::DeviceState { last: true, chunk: Bytes::from_static(b"dev") }).unwrap();
+    dst.handle_device_state_loaded(now, Ok(())).unwrap();
+    dst.handle_frame(now, Channel::Main, Frame::StartGuest).unwrap();
+    for index in 0..4 {
+        let page = PageFrame {
+            address: PageAddress { block: 0, index },
+            kind: PageKind::Background,
+            data: PageData::Bytes(Bytes::from(vec![1; 64])),
+        };
+        dst.handle_frame(now, Channel::Main, Frame::Page(page)).unwrap();
+    }
+    let frames = returned(&mut dst, now);
+    assert!(matches!(frames.last(), Some(Frame::Eoc)), "{frames:?}");
+    assert_eq!(dst.state(), DestinationState::Completed);
+    // The source lost the EOC and comes back; its new main connection
+    // arrives first, the old return connection still looks up here.
+    dst.handle_connected(now, Channel::Main);
+    let Frame::Hello(mut hello) = small_hello() else { unreachable!() };
+    hello.resume = true;
+    hello.epoch = 1;
+    dst.handle_frame(now, Channel::Main, Frame::Hello(hello)).unwrap();
+    assert!(!dst.is_connected(Channel::Return), "the old return connection closes");
+    dst.handle_connected(now, Channel::Return);
+    let frames = returned(&mut dst, now);
+    assert!(matches!(frames.first(), Some(Frame::Welcome(w)) if w.epoch == 1), "{frames:?}");
 }
