@@ -69,6 +69,10 @@ pub struct Common {
     /// Do not open the urgent channel (requested pages go on the main one).
     #[arg(long, hide = true)]
     pub no_urgent: bool,
+    /// The background push does not jump to follow requests (more remote
+    /// faults: the benchmark's fault-heavy workload).
+    #[arg(long, hide = true)]
+    pub no_prepaging: bool,
 }
 
 impl Common {
@@ -85,6 +89,7 @@ impl Common {
         Config {
             mode,
             urgent_channel: !self.no_urgent,
+            prepaging: !self.no_prepaging,
             handshake_timeout: Duration::from_millis(self.handshake_timeout_ms),
             ..Config::default()
         }
@@ -104,6 +109,9 @@ impl Common {
         out.push(format!("--handshake-timeout-ms={}", self.handshake_timeout_ms));
         if self.no_urgent {
             out.push("--no-urgent".into());
+        }
+        if self.no_prepaging {
+            out.push("--no-prepaging".into());
         }
         out
     }
@@ -363,6 +371,7 @@ pub fn source(a: SourceArgs) -> Result<ExitCode, String> {
         stop_ns: outcome.stop_ns,
         end_ns: outcome.end_ns,
         stop_capture_us: outcome.stop_capture_us,
+        pause_us: outcome.pause_us,
         digest: outcome.digests.fold(),
         progress_before_pages_per_s: progress_before,
         passes_before,

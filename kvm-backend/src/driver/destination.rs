@@ -146,6 +146,9 @@ struct Driver<'a> {
     fatal: Mutex<Option<String>>,
     latency: Mutex<Histogram<u64>>,
     resume_ns: AtomicU64,
+    state_received_ns: AtomicU64,
+    state_loaded_ns: AtomicU64,
+    start_received_ns: AtomicU64,
     end_ns: AtomicU64,
     faults_read: AtomicU64,
     install_anomalies: AtomicU64,
@@ -191,6 +194,9 @@ pub fn run_destination(listener: TcpListener, opts: &DestinationOptions) -> Dest
         fatal: Mutex::new(None),
         latency: Mutex::new(histogram),
         resume_ns: AtomicU64::new(0),
+        state_received_ns: AtomicU64::new(0),
+        state_loaded_ns: AtomicU64::new(0),
+        start_received_ns: AtomicU64::new(0),
         end_ns: AtomicU64::new(0),
         faults_read: AtomicU64::new(0),
         install_anomalies: AtomicU64::new(0),
@@ -236,8 +242,14 @@ impl<'a> Driver<'a> {
                 Op::Prepare(machine) => self.prepare(s, &machine),
                 Op::Install { page, data, overwrite } => self.install(page, data, overwrite),
                 Op::Discard { first, count } => self.discard(first, count),
-                Op::Load(state) => spawn(s, "dst-loader", move || self.load(s, state)),
-                Op::Resume => self.resume(),
+                Op::Load(state) => {
+                    self.state_received_ns.store(now().0, Ordering::SeqCst);
+                    spawn(s, "dst-loader", move || self.load(s, state))
+                }
+                Op::Resume => {
+                    self.start_received_ns.store(now().0, Ordering::SeqCst);
+                    self.resume()
+                }
                 Op::Wake(page) => {
                     if let Some(m) = self.machine.get() {
                         if let Some(r) = m.map.page_ref(page) {
@@ -395,6 +407,7 @@ impl<'a> Driver<'a> {
             *lock(&self.vcpus) = Some(vcpus);
             r
         })();
+        self.state_loaded_ns.store(now().0, Ordering::SeqCst);
         if let Err(e) = &result {
             eprintln!("destination: loading the device state failed: {e}");
         }
@@ -558,7 +571,7 @@ impl<'a> Driver<'a> {
                 Ok(0) | Err(_) => {
                     self.event(s, |l, now| {
                         if l.is_current(&conn) {
-                            if !self.stopping.load(Ordering::SeqCst) {
+                            if !self.stopping.load(Ordering::SeqCst) && !l.core.state().is_terminal() {
                                 let peer = conn.peer.map_or("?".to_string(), |p| p.to_string());
                                 eprintln!("destination: the {} connection from {peer} closed", conn.channel);
                             }
@@ -709,6 +722,9 @@ impl<'a> Driver<'a> {
         let fatal = lock(&self.fatal).clone();
         let mut report = DestinationReport {
             resume_ns: self.resume_ns.load(Ordering::SeqCst),
+            device_state_received_ns: self.state_received_ns.load(Ordering::SeqCst),
+            device_state_loaded_ns: self.state_loaded_ns.load(Ordering::SeqCst),
+            start_received_ns: self.start_received_ns.load(Ordering::SeqCst),
             end_ns: self.end_ns.load(Ordering::SeqCst),
             damage: self.opts.damage.map(|d| format!("{d:?}")),
             ..Default::default()

@@ -31,6 +31,8 @@ pub struct SourceReport {
     pub end_ns: u64,
     /// Time to pause the vCPUs and capture the device state, in us.
     pub stop_capture_us: f64,
+    /// Time to pause the vCPUs alone, in us.
+    pub pause_us: f64,
     /// Digest of every page as sent (its content at the stop).
     pub digest: MemoryDigest,
     /// Guest pages written per second before the migration.
@@ -78,6 +80,12 @@ pub struct DestinationReport {
     pub stats: DestinationStats,
     /// Monotonic ns when the vCPUs started here (0: never).
     pub resume_ns: u64,
+    /// Monotonic ns: the whole device state received (loading starts).
+    pub device_state_received_ns: u64,
+    /// Monotonic ns: the device state loaded.
+    pub device_state_loaded_ns: u64,
+    /// Monotonic ns: StartGuest received (the vCPU threads start).
+    pub start_received_ns: u64,
     /// Monotonic ns when this side completed.
     pub end_ns: u64,
     /// Fault latency measured by the driver: fault read from userfaultfd
@@ -155,7 +163,30 @@ impl RunReport {
         );
         row(
             "stop + device state capture",
-            format!("{:.2} ms ({} bytes of state)", s.stop_capture_us / 1e3, s.stats.device_state_bytes),
+            format!(
+                "{:.2} ms (pause {:.2} ms; {} bytes of state)",
+                s.stop_capture_us / 1e3,
+                s.pause_us / 1e3,
+                s.stats.device_state_bytes
+            ),
+        );
+        let at = |t: u64| {
+            if t >= s.stop_ns && s.stop_ns != 0 {
+                format!("{:.2}", (t - s.stop_ns) as f64 / 1e6)
+            } else {
+                "-".into()
+            }
+        };
+        row(
+            "downtime steps (ms after the stop)",
+            format!(
+                "state captured {}, state received {}, loaded {}, start received {}, vCPUs running {}",
+                at(s.stop_ns + (s.stop_capture_us * 1e3) as u64),
+                at(d.device_state_received_ns),
+                at(d.device_state_loaded_ns),
+                at(d.start_received_ns),
+                at(d.resume_ns)
+            ),
         );
         let n = &s.stats.pages_sent;
         let b = &s.stats.page_bytes_sent;

@@ -56,6 +56,8 @@ pub struct SourceOutcome {
     pub end_ns: u64,
     /// Pause + capture time, us.
     pub stop_capture_us: f64,
+    /// Pause time alone, us.
+    pub pause_us: f64,
     /// Digests of the pages as sent.
     pub digests: PageDigests,
     /// Notices, as text.
@@ -145,6 +147,7 @@ struct Driver<'a> {
     tuning: Tuning,
     stop_ns: AtomicU64,
     stop_capture_ns: AtomicU64,
+    pause_ns: AtomicU64,
     notices: Mutex<Vec<String>>,
 }
 
@@ -185,6 +188,7 @@ pub fn run_source(
         tuning: opts.tuning.clone(),
         stop_ns: AtomicU64::new(0),
         stop_capture_ns: AtomicU64::new(0),
+        pause_ns: AtomicU64::new(0),
         notices: Mutex::new(Vec::new()),
     };
     let start_ns = now().0;
@@ -217,6 +221,7 @@ pub fn run_source(
         stop_ns: driver.stop_ns.load(Ordering::SeqCst),
         end_ns: now().0,
         stop_capture_us: driver.stop_capture_ns.load(Ordering::SeqCst) as f64 / 1e3,
+        pause_us: driver.pause_ns.load(Ordering::SeqCst) as f64 / 1e3,
         digests: driver.guest.digests,
         notices: driver.notices.into_inner().unwrap_or_else(|e| e.into_inner()),
     })
@@ -278,8 +283,10 @@ impl<'a> Driver<'a> {
     fn stop_vcpus<'s>(&'s self, s: &'s Scope<'s, '_>) {
         let t0 = now().0;
         self.stop_ns.store(t0, Ordering::SeqCst);
-        let captured =
-            self.set.pause().and_then(|_| DeviceState::capture(self.vm, self.set)).and_then(|state| state.to_bytes());
+        let captured = self.set.pause().and_then(|pause| {
+            self.pause_ns.store(pause.as_nanos() as u64, Ordering::SeqCst);
+            DeviceState::capture(self.vm, self.set).and_then(|state| state.to_bytes())
+        });
         self.stop_capture_ns.store(now().0.saturating_sub(t0), Ordering::SeqCst);
         match captured {
             Ok(bytes) => self.event(s, |l, now| {
