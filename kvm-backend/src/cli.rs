@@ -63,6 +63,9 @@ pub struct Common {
     /// Fault-path readers spin this long (us) before blocking.
     #[arg(long, default_value_t = 0)]
     pub spin_us: u64,
+    /// Run the fault path's threads in SCHED_FIFO at this priority (1-99).
+    #[arg(long)]
+    pub rt_priority: Option<i32>,
     /// Bound on connecting and on each handshake, in ms.
     #[arg(long, default_value_t = 10_000, hide = true)]
     pub handshake_timeout_ms: u64,
@@ -82,6 +85,7 @@ impl Common {
             bulk_cpu: self.bulk_cpu,
             vcpu_cpu: self.vcpu_cpu,
             spin_us: self.spin_us,
+            rt_priority: self.rt_priority,
         }
     }
 
@@ -105,6 +109,9 @@ impl Common {
         opt("latency-cpu", self.latency_cpu);
         opt("bulk-cpu", self.bulk_cpu);
         opt("vcpu-cpu", self.vcpu_cpu);
+        if let Some(p) = self.rt_priority {
+            out.push(format!("--rt-priority={p}"));
+        }
         out.push(format!("--spin-us={}", self.spin_us));
         out.push(format!("--handshake-timeout-ms={}", self.handshake_timeout_ms));
         if self.no_urgent {

@@ -275,3 +275,16 @@ pub(crate) fn recv_into(fd: &impl AsRawFd, buf: &mut bytes::BytesMut, max: usize
         }
     }
 }
+
+/// Puts the calling thread in `SCHED_FIFO` at `priority` (1-99): it then
+/// runs as soon as it wakes, ahead of every normal thread on its CPU.
+pub fn set_realtime(priority: i32) -> io::Result<()> {
+    let param = libc::sched_param { sched_priority: priority };
+    // SAFETY: `param` is a valid sched_param; pid 0 is the calling thread.
+    let ret = unsafe { libc::sched_setscheduler(0, libc::SCHED_FIFO, &param) };
+    if ret == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}

@@ -560,7 +560,7 @@ impl<'a> Driver<'a> {
                 (MAIN_READ_BYTES, Duration::ZERO)
             }
             Channel::Urgent => {
-                pin_self(self.opts.tuning.latency_cpu, "dst-urgent");
+                super::latency_thread(&self.opts.tuning, "dst-urgent");
                 (URGENT_READ_BYTES, self.opts.tuning.spin())
             }
             Channel::Return => (4096, Duration::ZERO),
@@ -601,7 +601,7 @@ impl<'a> Driver<'a> {
 
     fn fault_loop<'s>(&'s self, s: &'s Scope<'s, '_>) {
         let Some(m) = self.machine.get() else { return };
-        pin_self(self.opts.tuning.latency_cpu, "dst-fault");
+        super::latency_thread(&self.opts.tuning, "dst-fault");
         let spin = self.opts.tuning.spin();
         let mut reader = m.uffd.fault_reader();
         let mut faults: Vec<PageFault> = Vec::new();

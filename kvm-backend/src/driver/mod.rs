@@ -70,6 +70,9 @@ pub struct Tuning {
     pub vcpu_cpu: Option<usize>,
     /// How long fault-path readers spin before blocking, in microseconds.
     pub spin_us: u64,
+    /// Run the fault path's threads in `SCHED_FIFO` at this priority, so
+    /// that a wake-up never waits behind other work on the CPU.
+    pub rt_priority: Option<i32>,
 }
 
 impl Tuning {
@@ -83,6 +86,16 @@ pub(crate) fn pin_self(cpu: Option<usize>, what: &str) {
     if let Some(cpu) = cpu {
         if let Err(e) = crate::sys::pin_thread(0, cpu) {
             tracing::warn!(%e, cpu, what, "cannot pin thread");
+        }
+    }
+}
+
+/// Places a fault-path thread: its CPU, and real-time priority if asked.
+pub(crate) fn latency_thread(tuning: &Tuning, what: &str) {
+    pin_self(tuning.latency_cpu, what);
+    if let Some(priority) = tuning.rt_priority {
+        if let Err(e) = crate::sys::set_realtime(priority) {
+            eprintln!("{what}: cannot use SCHED_FIFO priority {priority}: {e}");
         }
     }
 }

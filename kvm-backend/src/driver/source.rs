@@ -352,7 +352,7 @@ impl<'a> Driver<'a> {
     fn read_loop<'s>(&'s self, s: &'s Scope<'s, '_>, conn: Arc<Conn>) {
         let fast = conn.channel == Channel::Return;
         if fast {
-            pin_self(self.tuning.latency_cpu, "src-return");
+            super::latency_thread(&self.tuning, "src-return");
         }
         let spin = if fast { self.tuning.spin() } else { Duration::ZERO };
         let mut buf = BytesMut::with_capacity(READ_BYTES);
