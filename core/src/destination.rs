@@ -972,7 +972,11 @@ impl Destination {
                 self.links[channel.index()].down();
                 self.hellos[channel.index()] = None;
                 self.actions.push_back(DestinationAction::Close(channel));
-                self.actions.push_back(DestinationAction::Notice(Notice::ConnectionRefused { channel, error }));
+                self.actions
+                    .push_back(DestinationAction::Notice(Notice::ConnectionRefused { channel, error: error.clone() }));
+                // A recovery answer queued for those connections is cut with
+                // them, as after a loss.
+                self.on_link_failure(now, error.into());
             }
             DestinationState::Listening | DestinationState::Precopy | DestinationState::LoadingDevice => {
                 let farewell = Frame::Reject { reason: error.to_string() };

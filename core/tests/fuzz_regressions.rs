@@ -325,3 +325,47 @@ fn a_resume_hello_is_answered_on_a_new_return_connection() {
     let frames = returned(&mut dst, now);
     assert!(matches!(frames.first(), Some(Frame::Welcome(w)) if w.epoch == 1), "{frames:?}");
 }
+
+/// fuzz/artifacts/destination_events/report-after-refused-connection: a
+/// completed destination answering a resume hello had sent the welcome, not
+/// yet the present-page report, when bad bytes made it refuse the return
+/// connection; the rest of the report then went out first on the next
+/// return connection, before any welcome. Refusing a connection now cuts
+/// the answer queued for it, as a loss does.
+#[test]
+fn a_refused_connection_cuts_the_recovery_answer() {
+    let config = Config { keepalive_interval: None, peer_timeout: None, ..Config::postcopy() };
+    let mut dst = Destination::new(config, 64);
+    let now = Timestamp::ZERO;
+    dst.handle_connected(now, Channel::Main);
+    dst.handle_connected(now, Channel::Return);
+    dst.handle_frame(now, Channel::Main, small_hello()).unwrap();
+    dst.handle_frame(now, Channel::Main, Frame::DeviceState { last: true, chunk: Bytes::from_static(b"dev") }).unwrap();
+    dst.handle_device_state_loaded(now, Ok(())).unwrap();
+    dst.handle_frame(now, Channel::Main, Frame::StartGuest).unwrap();
+    for index in 0..4 {
+        let page = PageFrame {
+            address: PageAddress { block: 0, index },
+            kind: PageKind::Background,
+            data: PageData::Bytes(Bytes::from(vec![1; 64])),
+        };
+        dst.handle_frame(now, Channel::Main, Frame::Page(page)).unwrap();
+    }
+    let _ = returned(&mut dst, now);
+    assert_eq!(dst.state(), DestinationState::Completed);
+    // A resume hello on fresh connections; only the welcome leaves.
+    dst.handle_connected(now, Channel::Main);
+    dst.handle_connected(now, Channel::Return);
+    let Frame::Hello(mut hello) = small_hello() else { unreachable!() };
+    hello.resume = true;
+    hello.epoch = 1;
+    dst.handle_frame(now, Channel::Main, Frame::Hello(hello)).unwrap();
+    let mut out = Vec::new();
+    assert_eq!(dst.poll_transmit(now, Channel::Return, &mut out, 1), 1);
+    // Bad bytes on the return connection: refused.
+    dst.handle_input(now, Channel::Return, Bytes::from_static(&[0x7f, 0, 0, 0, 0, 0, 0, 0]));
+    assert!(!dst.is_connected(Channel::Return));
+    dst.handle_connected(now, Channel::Return);
+    let frames = returned(&mut dst, now);
+    assert!(frames.is_empty(), "nothing of the cut answer on the new connection: {frames:?}");
+}
