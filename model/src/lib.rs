@@ -50,7 +50,7 @@
 //! (invariant 2), each page crosses once in pure postcopy without a lost
 //! connection (invariant 4), queues within bounds (invariant 5), the cores
 //! accept every event a correct driver gives them, and a fair run from here
-//! completes (invariant 3, below). `sometimes` properties show that the
+//! finishes correctly (invariant 3, below). `sometimes` properties show that the
 //! interesting states are reached at all, so that no `always` passes
 //! vacuously: completion, recovery after a lost connection, a hybrid
 //! switchover, a fault served while the background push runs, a safe
@@ -63,29 +63,51 @@
 //! so a run that loops forever without completing would pass. Invariant 3
 //! is checked in two parts instead.
 //!
-//! 1. **From every reachable state a fair run completes** (the `always`
-//!    property "fair run completes"). On a copy of the state the real cores
-//!    are driven by a deterministic fair scheduler: every channel is
-//!    drained in turn, timers fire when nothing else moves, connection
+//! 1. **From every reachable state a fair run finishes correctly** (the
+//!    `always` property "a fair run completes"). On a copy of the state the
+//!    real cores are driven by a deterministic fair scheduler: every channel
+//!    is drained in turn, timers fire when nothing else moves, connection
 //!    attempts succeed, no new faults, writes or losses. Within
-//!    `fair_rounds` rounds both sides must finish: if the guest ever started
-//!    on the destination (or the source passed `StartGuest`), both must be
-//!    COMPLETED with every page present and newest, no vCPU waiting and no
-//!    fault outstanding; otherwise both may instead have failed, with the
-//!    guest running on the source. So no reachable state is a trap: after
-//!    any prefix of faults, once they stop, the migration ends correctly,
-//!    EOC leads to COMPLETED, and every fault is resolved.
-//! 2. **Every run of the model is finite** ([`find_cycle`]): a depth-first
-//!    search over the same transition relation finds no cycle. With part 1,
-//!    this excludes fair runs that go round forever under some *other*
-//!    schedule than the one in part 1: every run ends, within the bounds, in
-//!    a state from which part 1 guarantees completion, and where the model has
-//!    no more moves, the only thing left for a real run is what part 1's
-//!    scheduler does.
+//!    `fair_rounds` rounds both sides must finish as the testkit's
+//!    [`Pair::check_outcome`] requires: COMPLETED on both sides with every
+//!    page present and newest (and here also no vCPU waiting, no fault
+//!    outstanding), or, only if the source never passed `StartGuest`, the
+//!    migration abandoned with the guest running on the source. So no
+//!    reachable state is a trap: whatever happened before, once faults stop,
+//!    EOC leads to COMPLETED and every fault is resolved. The scheduler is a
+//!    function of the state at the start of each round, so states known to
+//!    finish are cached by fingerprint and a run that reaches one stops
+//!    there.
+//! 2. **Every run of the model is finite** ([`find_cycle`], `check
+//!    --cycles`): a depth-first search over the same transitions finds no
+//!    cycle. So every run within the bounds ends in a state where the model
+//!    has no move left. Where that is because nothing can move at all, part 1
+//!    from that state could not move either, so the state is already a
+//!    correct end. Where it is because the timer budget is spent, part 1
+//!    says the fair continuation finishes correctly.
 //!
-//! Together: within the bounds, every fair run without a permanent fault
-//! finishes, and finishes correctly. The bounds (pages, vCPUs, budgets,
-//! window) are what the argument does not cover.
+//! Together: within the bounds, every run without new faults finishes, and
+//! finishes correctly, under any schedule, not only the one of part 1. The
+//! bounds (pages, vCPUs, budgets, window) are what the argument does not
+//! cover.
+//!
+//! # Assumptions
+//!
+//! - Both sides share one clock and a timer fires at the earliest armed
+//!   deadline of either side (no clock skew): the source's reconnection
+//!   delay (50 ms, doubling) always runs out before the destination's
+//!   timeouts (seconds). Messages, on the other hand, may be arbitrarily
+//!   slow: a timer may fire with anything in flight.
+//! - Connections are independent: closing several at once, the testkit
+//!   drops them one after the other, and a side reacts to the first loss it
+//!   sees; a farewell (Cancel, GuestDropped) may so be lost with the rest.
+//!   After a source-side cancel between ReadyToRun and StartGuest the
+//!   destination may then wait paused for good (it cannot tell that source
+//!   from one past StartGuest, core commit b134bc8): the model accepts that
+//!   end, with the guest running on the source.
+//! - No process crashes: a crash after StartGuest loses the guest whatever
+//!   the protocol does; before it, it is a lost connection, which is
+//!   modelled.
 
 use std::collections::HashMap;
 use std::fmt::{self, Write as _};
