@@ -523,13 +523,8 @@ impl Destination {
         }
         if let Some(interval) = self.config.keepalive_interval {
             let ret = &mut self.links[Channel::Return.index()];
-            if ret.up && now >= ret.last_sent + interval {
-                if self.control.is_empty() {
-                    self.control.push_back(Frame::Ping);
-                }
-                // Next keep-alive an interval from now, even while the Ping
-                // waits for room (see the source's keep-alive).
-                ret.last_sent = now;
+            if ret.up && ret.keepalive_due(now, interval) && self.control.is_empty() {
+                self.control.push_back(Frame::Ping);
             }
         }
     }

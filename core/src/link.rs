@@ -1,5 +1,7 @@
 //! One side's view of one channel's connection.
 
+use std::time::Duration;
+
 use crate::time::Timestamp;
 use crate::wire::Decoder;
 
@@ -25,5 +27,16 @@ impl Link {
     /// The connection is gone (lost, closed or never made).
     pub fn down(&mut self) {
         *self = Link::default();
+    }
+
+    /// Whether a keep-alive is due at `now`. When it is, the next one is due
+    /// an interval from now even while this one waits for room: a deadline
+    /// left in the past would spin a driver whose socket is full.
+    pub fn keepalive_due(&mut self, now: Timestamp, interval: Duration) -> bool {
+        if now < self.last_sent + interval {
+            return false;
+        }
+        self.last_sent = now;
+        true
     }
 }

@@ -665,16 +665,11 @@ impl Source {
         }
         if let Some(interval) = self.config.keepalive_interval {
             let hello_queued = self.hello_queued();
-            let main = &mut self.links[Channel::Main.index()];
-            if hello_queued && now >= main.last_sent + interval {
-                if self.main_control.is_empty() {
-                    self.main_control.push_back(Frame::Ping);
-                }
-                // The keep-alive is queued (or control frames that do as
-                // well are): next one due an interval from now. Left in the
-                // past, the deadline would spin a driver whose socket has no
-                // room for the Ping.
-                main.last_sent = now;
+            if hello_queued
+                && self.links[Channel::Main.index()].keepalive_due(now, interval)
+                && self.main_control.is_empty()
+            {
+                self.main_control.push_back(Frame::Ping);
             }
         }
     }
