@@ -119,6 +119,23 @@ fn lost_connection_during_postcopy_recovers() {
     assert!(r.source.stats.phases.paused_ns > 0);
 }
 
+#[test]
+fn main_channel_connects_last() {
+    if !kvm_or_skip("main_channel_connects_last") {
+        return;
+    }
+    let _one = serial();
+    let dir = temp_dir("main_channel_connects_last");
+    // The relay holds the main connection back: the return and urgent
+    // connections reach the destination first.
+    let relay = Relay::start_with(u64::MAX, std::time::Duration::from_millis(300));
+    let run = migrate(&dir, &["--mem", "32M", "--vcpus", "1"], &[], &[], Some(&relay));
+    run.assert_verified();
+    let order = relay.order.lock().expect("order").clone();
+    assert_eq!(order.len(), 3, "{order:?}");
+    assert_eq!(order[2], 0, "main arrived last: {order:?}");
+}
+
 /// With one page damaged on the destination, both checks must fail: the
 /// digests differ, and the guest's pattern (checked over all memory, and by
 /// the guest itself) is broken at that page.

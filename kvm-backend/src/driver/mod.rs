@@ -146,3 +146,18 @@ impl Damage {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn damage_switch_parses() {
+        assert_eq!(Damage::parse("drop:300"), Ok(Damage::Drop(300)));
+        assert_eq!(Damage::parse("corrupt:7"), Ok(Damage::Corrupt(7)));
+        assert!(Damage::parse("drop").is_err());
+        assert!(Damage::parse("flip:3").is_err());
+        assert!(Damage::parse("drop:x").is_err());
+        assert_eq!(Damage::Corrupt(7).page(), 7);
+    }
+}

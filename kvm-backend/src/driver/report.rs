@@ -252,3 +252,61 @@ impl RunReport {
         out
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pair() -> (SourceReport, DestinationReport) {
+        let digest = MemoryDigest { digest: 42, missing_pages: 0 };
+        let s = SourceReport {
+            ok: true,
+            start_ns: 1_000,
+            stop_ns: 2_000_000,
+            end_ns: 9_000_000,
+            digest,
+            ..Default::default()
+        };
+        let d = DestinationReport {
+            ok: true,
+            resume_ns: 3_500_000,
+            end_ns: 10_000_000,
+            digest,
+            pattern: Some(PatternCheck { pages_checked: 10, ..Default::default() }),
+            ..Default::default()
+        };
+        (s, d)
+    }
+
+    #[test]
+    fn integrity_needs_equal_digests_and_an_intact_pattern() {
+        let (s, d) = pair();
+        let r = RunReport::new(s.clone(), d.clone());
+        assert!(r.integrity_ok && r.digests_match);
+        assert_eq!(r.downtime_ms, 1.5);
+        assert!((r.total_ms - 9.999).abs() < 1e-9);
+        assert!(r.table().contains("COMPLETED, verified"));
+
+        let mut d2 = d.clone();
+        d2.digest.digest = 43;
+        let r = RunReport::new(s.clone(), d2);
+        assert!(!r.digests_match && !r.integrity_ok);
+        assert!(r.table().contains("MISMATCH"));
+
+        let mut d3 = d.clone();
+        if let Some(p) = d3.pattern.as_mut() {
+            p.guest_reported_errors = 1;
+        }
+        assert!(!RunReport::new(s.clone(), d3).integrity_ok);
+
+        let mut s2 = s.clone();
+        s2.digest.missing_pages = 1;
+        let mut d4 = d.clone();
+        d4.digest.missing_pages = 1;
+        assert!(!RunReport::new(s2, d4).digests_match, "a page missing on both sides is no match");
+
+        let mut d5 = d;
+        d5.ok = false;
+        assert!(!RunReport::new(s, d5).integrity_ok);
+    }
+}

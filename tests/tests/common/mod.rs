@@ -251,69 +251,90 @@ pub fn migrate(
     Run { source, dest, report }
 }
 
-/// A relay between source and destination that cuts every connection once
-/// the main channel (preamble code 0) has carried `cut_after` bytes; later
-/// connections pass untouched.
+/// A relay between source and destination. It reads each connection's
+/// preamble, may hold the main channel back (`main_delay`) so that the other
+/// channels arrive first, and cuts every connection once the main channel
+/// (preamble code 0) has carried `cut_after` bytes; later connections pass
+/// untouched.
 pub struct Relay {
     pub addr: SocketAddr,
     target: Arc<Mutex<Option<SocketAddr>>>,
     pub cut_done: Arc<AtomicBool>,
+    /// Channel codes in the order their connections reached the destination.
+    pub order: Arc<Mutex<Vec<u8>>>,
     stop: Arc<AtomicBool>,
 }
 
 impl Relay {
     pub fn start(cut_after: u64) -> Relay {
+        Self::start_with(cut_after, Duration::ZERO)
+    }
+
+    pub fn start_with(cut_after: u64, main_delay: Duration) -> Relay {
         let listener = TcpListener::bind("127.0.0.1:0").expect("relay listen");
         let addr = listener.local_addr().expect("relay addr");
         listener.set_nonblocking(true).expect("nonblocking");
         let target: Arc<Mutex<Option<SocketAddr>>> = Arc::new(Mutex::new(None));
         let cut_done = Arc::new(AtomicBool::new(false));
+        let order = Arc::new(Mutex::new(Vec::new()));
         let stop = Arc::new(AtomicBool::new(false));
         let main_bytes = Arc::new(AtomicU64::new(0));
         let live: Arc<Mutex<Vec<TcpStream>>> = Arc::new(Mutex::new(Vec::new()));
-        let (t, c, s) = (target.clone(), cut_done.clone(), stop.clone());
+        let (t, c, s, o) = (target.clone(), cut_done.clone(), stop.clone(), order.clone());
         std::thread::spawn(move || {
             while !s.load(Ordering::SeqCst) {
-                let (client, _) = match listener.accept() {
+                let (mut client, _) = match listener.accept() {
                     Ok(x) => x,
                     Err(_) => {
                         std::thread::sleep(Duration::from_millis(5));
                         continue;
                     }
                 };
-                let _ = client.set_nonblocking(false);
                 let Some(to) = *t.lock().unwrap() else { continue };
-                let Ok(server) = TcpStream::connect(to) else { continue };
-                let _ = client.set_nodelay(true);
-                let _ = server.set_nodelay(true);
-                let cut_now = !c.load(Ordering::SeqCst);
-                if cut_now {
-                    let mut l = live.lock().unwrap();
-                    l.push(client.try_clone().unwrap());
-                    l.push(server.try_clone().unwrap());
-                }
-                let (c2, mb, lv) = (c.clone(), main_bytes.clone(), live.clone());
-                let (cl, sv) = (client.try_clone().unwrap(), server.try_clone().unwrap());
-                // Source -> destination, counting the main channel's bytes.
+                let (c, mb, lv, o) = (c.clone(), main_bytes.clone(), live.clone(), o.clone());
                 std::thread::spawn(move || {
-                    pump(cl, sv, move |first, n| {
-                        if !cut_now || first != Some(0) || c2.load(Ordering::SeqCst) {
+                    let _ = client.set_nonblocking(false);
+                    let mut preamble = [0u8; 8];
+                    if client.read_exact(&mut preamble).is_err() {
+                        return;
+                    }
+                    let channel = preamble[4];
+                    if channel == 0 && !main_delay.is_zero() {
+                        std::thread::sleep(main_delay);
+                    }
+                    let Ok(mut server) = TcpStream::connect(to) else { return };
+                    if server.write_all(&preamble).is_err() {
+                        return;
+                    }
+                    o.lock().unwrap().push(channel);
+                    let _ = client.set_nodelay(true);
+                    let _ = server.set_nodelay(true);
+                    let cut_now = !c.load(Ordering::SeqCst);
+                    if cut_now {
+                        let mut l = lv.lock().unwrap();
+                        l.push(client.try_clone().unwrap());
+                        l.push(server.try_clone().unwrap());
+                    }
+                    let (cl, sv) = (client.try_clone().unwrap(), server.try_clone().unwrap());
+                    std::thread::spawn(move || pump(server, client, |_| false));
+                    // Source -> destination, counting the main channel's bytes.
+                    pump(cl, sv, move |n| {
+                        if !cut_now || channel != 0 || c.load(Ordering::SeqCst) {
                             return false;
                         }
                         if mb.fetch_add(n, Ordering::SeqCst) + n >= cut_after {
-                            c2.store(true, Ordering::SeqCst);
+                            c.store(true, Ordering::SeqCst);
                             for s in lv.lock().unwrap().drain(..) {
                                 let _ = s.shutdown(Shutdown::Both);
                             }
                             return true;
                         }
                         false
-                    })
+                    });
                 });
-                std::thread::spawn(move || pump(server, client, |_, _| false));
             }
         });
-        Relay { addr, target, cut_done, stop }
+        Relay { addr, target, cut_done, order, stop }
     }
 
     fn set_target(&self, to: SocketAddr) {
@@ -327,22 +348,15 @@ impl Drop for Relay {
     }
 }
 
-/// Copies `from` to `to`; `on_bytes(channel code seen in the preamble, n)`
-/// returns true to stop.
-fn pump(mut from: TcpStream, mut to: TcpStream, mut on_bytes: impl FnMut(Option<u8>, u64) -> bool) {
+/// Copies `from` to `to`; `on_bytes(n)` returns true to stop.
+fn pump(mut from: TcpStream, mut to: TcpStream, mut on_bytes: impl FnMut(u64) -> bool) {
     let mut buf = vec![0u8; 64 * 1024];
-    let mut first: Option<u8> = None;
-    let mut seen = 0usize;
     loop {
         let n = match from.read(&mut buf) {
             Ok(0) | Err(_) => break,
             Ok(n) => n,
         };
-        if seen < 5 && seen + n >= 5 {
-            first = Some(buf[4 - seen]);
-        }
-        seen += n;
-        if to.write_all(&buf[..n]).is_err() || on_bytes(first, n as u64) {
+        if to.write_all(&buf[..n]).is_err() || on_bytes(n as u64) {
             break;
         }
     }
