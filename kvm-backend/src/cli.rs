@@ -66,6 +66,10 @@ pub struct Common {
     /// Run the fault path's threads in SCHED_FIFO at this priority (1-99).
     #[arg(long)]
     pub rt_priority: Option<i32>,
+    /// Run the switchover's threads in SCHED_FIFO at this priority until the
+    /// guest runs on the destination (0: off).
+    #[arg(long, default_value_t = 10)]
+    pub rt_switchover: i32,
     /// Bound on connecting and on each handshake, in ms.
     #[arg(long, default_value_t = 10_000, hide = true)]
     pub handshake_timeout_ms: u64,
@@ -86,6 +90,7 @@ impl Common {
             vcpu_cpu: self.vcpu_cpu,
             spin_us: self.spin_us,
             rt_priority: self.rt_priority,
+            rt_switchover: (self.rt_switchover > 0).then_some(self.rt_switchover),
         }
     }
 
@@ -112,6 +117,7 @@ impl Common {
         if let Some(p) = self.rt_priority {
             out.push(format!("--rt-priority={p}"));
         }
+        out.push(format!("--rt-switchover={}", self.rt_switchover));
         out.push(format!("--spin-us={}", self.spin_us));
         out.push(format!("--handshake-timeout-ms={}", self.handshake_timeout_ms));
         if self.no_urgent {

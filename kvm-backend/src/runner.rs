@@ -375,6 +375,13 @@ fn vcpu_thread(mut vcpu: Vcpu, s: Arc<Shared>, devices: Arc<Devices>) -> Vcpu {
         }
         s.cv.notify_all();
     }
+    // A thread inherits its creator's scheduling policy (a migration driver
+    // may start vCPUs from a real-time thread, so that starting them is not
+    // delayed): a guest never runs in real time, it would starve the VMM's
+    // own threads. Done after reporting in, which the starter waits for.
+    if let Err(e) = crate::sys::set_realtime(0, None) {
+        tracing::debug!(%e, "vCPU thread keeps its inherited policy");
+    }
     loop {
         let park = match vcpu.fd.run() {
             Ok(exit) => match exit {

@@ -276,12 +276,17 @@ pub(crate) fn recv_into(fd: &impl AsRawFd, buf: &mut bytes::BytesMut, max: usize
     }
 }
 
-/// Puts the calling thread in `SCHED_FIFO` at `priority` (1-99): it then
-/// runs as soon as it wakes, ahead of every normal thread on its CPU.
-pub fn set_realtime(priority: i32) -> io::Result<()> {
-    let param = libc::sched_param { sched_priority: priority };
-    // SAFETY: `param` is a valid sched_param; pid 0 is the calling thread.
-    let ret = unsafe { libc::sched_setscheduler(0, libc::SCHED_FIFO, &param) };
+/// Puts thread `tid` (0: the calling thread) in `SCHED_FIFO` at `priority`
+/// (1-99): it then runs as soon as it wakes, ahead of every normal thread on
+/// its CPU. `None`: back to the normal policy (`SCHED_OTHER`).
+pub fn set_realtime(tid: i32, priority: Option<i32>) -> io::Result<()> {
+    let (policy, prio) = match priority {
+        Some(p) => (libc::SCHED_FIFO, p),
+        None => (libc::SCHED_OTHER, 0),
+    };
+    let param = libc::sched_param { sched_priority: prio };
+    // SAFETY: `param` is a valid sched_param; a tid of 0 is the calling thread.
+    let ret = unsafe { libc::sched_setscheduler(tid, policy, &param) };
     if ret == 0 {
         Ok(())
     } else {

@@ -22,7 +22,7 @@ use super::net::{self, lock_spin, Conn};
 use super::report::{DestinationReport, PatternCheck};
 use super::source::notice_text;
 use super::sync::{Doorbell, FaultClock, PageBits};
-use super::{now, pin_self, Damage, Tuning};
+use super::{now, pin_self, set_policy, Boost, Damage, Tuning};
 use crate::devices::{lock, SerialOutput};
 use crate::guest::TestGuest;
 use crate::layout::PAGE_SIZE;
@@ -38,7 +38,7 @@ const MAIN_READ_BYTES: usize = 256 * 1024;
 /// Bytes read per receive on the urgent channel.
 const URGENT_READ_BYTES: usize = 64 * 1024;
 /// How long a thread spins for the core lock before sleeping on it.
-const LOCK_SPIN: Duration = Duration::from_micros(50);
+const LOCK_SPIN: Duration = Duration::from_micros(10);
 /// How long the fault thread blocks in one poll (it checks for shutdown
 /// in between).
 const FAULT_POLL: Duration = Duration::from_millis(50);
@@ -261,6 +261,7 @@ impl<'a> Driver<'a> {
                 }
                 Op::Shutdown(conn) => conn.shutdown(),
                 Op::Farewell(conn, bytes) => spawn(s, "dst-farewell", move || {
+                    set_policy(None, "dst-farewell");
                     let _w = lock(&self.write_lock);
                     let _ = conn.stream.set_write_timeout(Some(Duration::from_secs(1)));
                     let _ = conn.write_all(&bytes);
@@ -400,6 +401,7 @@ impl<'a> Driver<'a> {
     /// Loads the device state in its own thread: restoring may touch guest
     /// RAM, whose faults the fault thread keeps serving.
     fn load<'s>(&'s self, s: &'s Scope<'s, '_>, state: Bytes) {
+        set_policy(self.opts.tuning.rt_switchover, "dst-loader");
         let result = (|| -> Result<(), String> {
             let m = self.machine.get().ok_or("no machine")?;
             let vcpus = lock(&self.vcpus).take().ok_or("no vCPUs")?;
@@ -424,10 +426,17 @@ impl<'a> Driver<'a> {
             tracing::error!("resume without vCPUs");
             return;
         };
+        // vCPU threads inherit this thread's policy, possibly real time;
+        // each switches itself to the normal policy first thing (runner.rs).
         match VcpuSet::start(vcpus, m.vm.devices().clone()) {
             Ok(set) => {
                 self.resume_ns.store(now().0, Ordering::SeqCst);
                 let tids = set.thread_ids();
+                // vCPU threads inherit the policy of the thread that spawned
+                // them: never leave a guest in real time.
+                for &tid in &tids {
+                    let _ = crate::sys::set_realtime(tid, None);
+                }
                 if let Some(cpu) = self.opts.tuning.vcpu_cpu {
                     for &tid in &tids {
                         if let Err(e) = crate::sys::pin_thread(tid, cpu) {
@@ -494,6 +503,7 @@ impl<'a> Driver<'a> {
     }
 
     fn accept_loop<'s>(&'s self, s: &'s Scope<'s, '_>) {
+        set_policy(None, "dst-accept");
         if let Err(e) = self.listener.set_nonblocking(true) {
             *lock(&self.fatal) = Some(format!("listener: {e}"));
             self.finish_with_fatal();
@@ -554,17 +564,25 @@ impl<'a> Driver<'a> {
     }
 
     fn read_loop<'s>(&'s self, s: &'s Scope<'s, '_>, conn: Arc<Conn>) {
-        let (max, spin) = match conn.channel {
+        let tuning = &self.opts.tuning;
+        let (max, spin, base) = match conn.channel {
             Channel::Main => {
-                pin_self(self.opts.tuning.bulk_cpu, "dst-main");
-                (MAIN_READ_BYTES, Duration::ZERO)
+                pin_self(tuning.bulk_cpu, "dst-main");
+                (MAIN_READ_BYTES, Duration::ZERO, None)
             }
             Channel::Urgent => {
-                super::latency_thread(&self.opts.tuning, "dst-urgent");
-                (URGENT_READ_BYTES, self.opts.tuning.spin())
+                pin_self(tuning.latency_cpu, "dst-urgent");
+                (URGENT_READ_BYTES, tuning.spin(), tuning.rt_priority)
             }
-            Channel::Return => (4096, Duration::ZERO),
+            Channel::Return => (4096, Duration::ZERO, None),
         };
+        set_policy(base, "dst-reader");
+        // The main and urgent readers carry the switchover (device state,
+        // StartGuest): boosted until the guest runs here.
+        let mut boost = Boost::default();
+        let boostable = conn.channel != Channel::Return;
+        let mut started = lock(&self.locked).core.guest_started();
+        boost.set(base, tuning.rt_switchover, boostable && !started, "dst-reader");
         let mut buf = BytesMut::with_capacity(max);
         loop {
             match conn.recv(&mut buf, max, spin) {
@@ -587,6 +605,7 @@ impl<'a> Driver<'a> {
                     self.event(s, |l, now| {
                         if l.is_current(&conn) {
                             l.core.handle_input(now, conn.channel, bytes);
+                            started = l.core.guest_started();
                         } else {
                             stale = true;
                         }
@@ -594,6 +613,7 @@ impl<'a> Driver<'a> {
                     if stale {
                         return;
                     }
+                    boost.set(base, tuning.rt_switchover, boostable && !started, "dst-reader");
                 }
             }
         }
@@ -659,8 +679,16 @@ impl<'a> Driver<'a> {
     }
 
     fn timer_loop<'s>(&'s self, s: &'s Scope<'s, '_>) {
+        set_policy(None, "dst-timer");
+        // It takes the core lock too: boosted with the switchover's threads,
+        // it is never preempted while holding it (priority inversion).
+        let mut boost = Boost::default();
         while !self.stopping.load(Ordering::SeqCst) {
-            let deadline = lock(&self.locked).core.poll_timeout();
+            let (deadline, started) = {
+                let l = lock(&self.locked);
+                (l.core.poll_timeout(), l.core.guest_started() || l.core.state().is_terminal())
+            };
+            boost.set(None, self.opts.tuning.rt_switchover, !started, "dst-timer");
             let t = now();
             match deadline {
                 Some(d) if d <= t => self.event(s, |l, now| l.core.handle_timeout(now)),
@@ -672,6 +700,7 @@ impl<'a> Driver<'a> {
 
     fn progress_loop(&self) {
         use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+        set_policy(None, "dst-progress");
         let bar = ProgressBar::with_draw_target(None, ProgressDrawTarget::stderr());
         if let Ok(style) =
             ProgressStyle::with_template("{spinner} {msg} [{bar:40}] {pos}/{len} pages present ({percent}%)")
@@ -719,6 +748,15 @@ impl<'a> Driver<'a> {
     /// After the core finished: run the guest a while, check it, report.
     fn after_finish(&self) -> DestinationReport {
         let finished = lock(&self.finished).clone();
+        if finished.as_ref().is_some_and(|f| f.result.is_ok()) {
+            // The core may complete (all pages present, EOC sent by another
+            // thread) while the thread that took StartGuest still starts the
+            // vCPUs: wait for them, within a bound.
+            let t0 = Instant::now();
+            while lock(&self.set).is_none() && lock(&self.fatal).is_none() && t0.elapsed() < Duration::from_secs(10) {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        }
         let fatal = lock(&self.fatal).clone();
         let mut report = DestinationReport {
             resume_ns: self.resume_ns.load(Ordering::SeqCst),
@@ -773,7 +811,11 @@ impl<'a> Driver<'a> {
             report.error = Some(format!("page {first} was never installed"));
         }
         let set_guard = lock(&self.set);
-        let Some(set) = set_guard.as_ref() else { return report };
+        let Some(set) = set_guard.as_ref() else {
+            report.ok = false;
+            report.error = Some("the migration completed but the vCPUs never started here".into());
+            return report;
+        };
         let states = set.pause().and_then(|_| set.save_states());
         report.digest = m.digests.fold();
         if m.desc.guest == GuestKind::Pattern {

@@ -73,6 +73,12 @@ pub struct Tuning {
     /// Run the fault path's threads in `SCHED_FIFO` at this priority, so
     /// that a wake-up never waits behind other work on the CPU.
     pub rt_priority: Option<i32>,
+    /// Run the switchover's threads (source main writer until the guest
+    /// starts on the destination; destination main and urgent readers and
+    /// the device-state loader until then) in `SCHED_FIFO` at this
+    /// priority, and in the normal policy after: the downtime then does not
+    /// wait for other work on the CPUs.
+    pub rt_switchover: Option<i32>,
 }
 
 impl Tuning {
@@ -93,9 +99,35 @@ pub(crate) fn pin_self(cpu: Option<usize>, what: &str) {
 /// Places a fault-path thread: its CPU, and real-time priority if asked.
 pub(crate) fn latency_thread(tuning: &Tuning, what: &str) {
     pin_self(tuning.latency_cpu, what);
-    if let Some(priority) = tuning.rt_priority {
-        if let Err(e) = crate::sys::set_realtime(priority) {
-            eprintln!("{what}: cannot use SCHED_FIFO priority {priority}: {e}");
+    set_policy(tuning.rt_priority, what);
+}
+
+/// Sets the calling thread's scheduling policy: `SCHED_FIFO` at `priority`,
+/// or the normal policy (threads inherit their creator's policy, so every
+/// driver thread sets its own).
+pub(crate) fn set_policy(priority: Option<i32>, what: &str) {
+    if let Err(e) = crate::sys::set_realtime(0, priority) {
+        if priority.is_some() {
+            tracing::warn!(%e, what, "cannot change the scheduling policy");
+        }
+    }
+}
+
+/// A thread's real-time boost during the switchover, changed only when it
+/// must change.
+#[derive(Debug, Default)]
+pub(crate) struct Boost {
+    on: bool,
+}
+
+impl Boost {
+    /// Runs the calling thread at `boosted` (when `Some`) while `want`, and
+    /// at `base` otherwise.
+    pub(crate) fn set(&mut self, base: Option<i32>, boosted: Option<i32>, want: bool, what: &str) {
+        let want = want && boosted.is_some();
+        if want != self.on {
+            self.on = want;
+            set_policy(if want { boosted } else { base }, what);
         }
     }
 }

@@ -8,14 +8,15 @@ use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use postcopy_core::{
-    Channel, Config, Finished, GuestMemory, Notice, PageNumber, Source, SourceAction, SourceStats, Timestamp,
+    Channel, Config, Finished, GuestMemory, Notice, PageNumber, Source, SourceAction, SourceState, SourceStats,
+    Timestamp,
 };
 
 use super::digest::PageDigests;
 use super::machine::{core_layout, MachineDescription, PageMap};
 use super::net::{self, lock_spin, Conn};
 use super::sync::Doorbell;
-use super::{now, pin_self, Tuning};
+use super::{now, pin_self, set_policy, Boost, Tuning};
 use crate::devices::lock;
 use crate::layout::PAGE_SIZE;
 use crate::memory::GuestRam;
@@ -30,7 +31,7 @@ const BULK_WRITE_BYTES: usize = 256 * 1024;
 /// Bytes read per receive on the return path.
 const READ_BYTES: usize = 64 * 1024;
 /// How long a thread spins for the core lock before sleeping on it.
-const LOCK_SPIN: Duration = Duration::from_micros(50);
+const LOCK_SPIN: Duration = Duration::from_micros(10);
 
 /// How to run the source.
 #[derive(Clone, Debug)]
@@ -251,6 +252,7 @@ impl<'a> Driver<'a> {
                 Op::Connect(channel) => spawn(s, "src-connect", move || self.connect(s, channel)),
                 Op::Shutdown(conn) => conn.shutdown(),
                 Op::Farewell(conn, bytes) => spawn(s, "src-farewell", move || {
+                    set_policy(None, "src-farewell");
                     let _w = lock(&self.write_locks[conn.channel.index()]);
                     let _ = conn.stream.set_write_timeout(Some(Duration::from_secs(1)));
                     let _ = conn.write_all(&bytes);
@@ -283,10 +285,34 @@ impl<'a> Driver<'a> {
     fn stop_vcpus<'s>(&'s self, s: &'s Scope<'s, '_>) {
         let t0 = now().0;
         self.stop_ns.store(t0, Ordering::SeqCst);
-        let captured = self.set.pause().and_then(|pause| {
-            self.pause_ns.store(pause.as_nanos() as u64, Ordering::SeqCst);
+        let rt = self.tuning.rt_switchover;
+        // The stopping thread (the return path's reader in pure postcopy,
+        // the bulk writer after the last precopy round) runs in real time
+        // from here to the switchover; its own boost logic lowers it after.
+        set_policy(rt, "src-stop");
+        // Kick first; then the vCPU threads, which must run to park and to
+        // save their state, get a real-time priority just below this
+        // thread's, so that they do it at once however busy the CPUs are;
+        // back to normal after (they run the guest again only after a failed
+        // migration).
+        let first = self.set.pause_within(Duration::ZERO);
+        let tids = self.set.thread_ids();
+        if let Some(p) = rt {
+            for &tid in &tids {
+                let _ = crate::sys::set_realtime(tid, Some((p - 1).max(1)));
+            }
+        }
+        let parked = first.all_parked() || self.set.wait_paused(crate::runner::CONTROL_TIMEOUT);
+        self.pause_ns.store(now().0.saturating_sub(t0), Ordering::SeqCst);
+        // Each parked vCPU thread saves its own state: still boosted.
+        let captured = if parked {
             DeviceState::capture(self.vm, self.set).and_then(|state| state.to_bytes())
-        });
+        } else {
+            Err(crate::Error::Vcpu { vcpu: 0, reason: "a vCPU did not stop in time".into() })
+        };
+        for &tid in &tids {
+            let _ = crate::sys::set_realtime(tid, None);
+        }
         self.stop_capture_ns.store(now().0.saturating_sub(t0), Ordering::SeqCst);
         match captured {
             Ok(bytes) => self.event(s, |l, now| {
@@ -328,6 +354,7 @@ impl<'a> Driver<'a> {
     }
 
     fn connect<'s>(&'s self, s: &'s Scope<'s, '_>, channel: Channel) {
+        set_policy(None, "src-connect");
         match net::connect(self.addr, channel, self.connect_timeout) {
             Ok(conn) => {
                 let _ = conn.stream.set_write_timeout(self.write_timeout);
@@ -351,9 +378,18 @@ impl<'a> Driver<'a> {
 
     fn read_loop<'s>(&'s self, s: &'s Scope<'s, '_>, conn: Arc<Conn>) {
         let fast = conn.channel == Channel::Return;
+        let base = if fast { self.tuning.rt_priority } else { None };
         if fast {
             super::latency_thread(&self.tuning, "src-return");
+        } else {
+            set_policy(None, "src-reader");
         }
+        // The return path's reader stops the guest (on the welcome) and
+        // queues StartGuest (on ReadyToRun): boosted until the guest started.
+        let before_start = |state: SourceState| fast && !state.after_start() && !state.is_terminal();
+        let mut boost = Boost::default();
+        let mut state = lock(&self.locked).core.state();
+        boost.set(base, self.tuning.rt_switchover, before_start(state), "src-return");
         let spin = if fast { self.tuning.spin() } else { Duration::ZERO };
         let mut buf = BytesMut::with_capacity(READ_BYTES);
         loop {
@@ -373,6 +409,7 @@ impl<'a> Driver<'a> {
                     self.event(s, |l, now| {
                         if l.is_current(&conn) {
                             l.core.handle_input(now, conn.channel, bytes);
+                            state = l.core.state();
                         } else {
                             stale = true;
                         }
@@ -380,6 +417,7 @@ impl<'a> Driver<'a> {
                     if stale {
                         return;
                     }
+                    boost.set(base, self.tuning.rt_switchover, before_start(state), "src-return");
                 }
             }
         }
@@ -439,6 +477,8 @@ impl<'a> Driver<'a> {
 
     fn bulk_loop<'s>(&'s self, s: &'s Scope<'s, '_>) {
         pin_self(self.tuning.bulk_cpu, "src-bulk");
+        set_policy(None, "src-bulk");
+        let mut boost = Boost::default();
         let ch = Channel::Main.index();
         let mut buf: Vec<u8> = Vec::with_capacity(BULK_WRITE_BYTES + BULK_STEP_BYTES + 2 * PAGE_SIZE as usize);
         while !self.done.load(Ordering::SeqCst) {
@@ -447,8 +487,9 @@ impl<'a> Driver<'a> {
             let mut conn: Option<Arc<Conn>> = None;
             while buf.len() < BULK_WRITE_BYTES {
                 let before = buf.len();
-                let (changed, ops) = {
+                let (changed, ops, state) = {
                     let mut l = lock_spin(&self.locked, LOCK_SPIN);
+                    let state = l.core.state();
                     let current = l.conns[ch].clone();
                     let changed = match (&conn, &current) {
                         (Some(a), Some(b)) => a.id != b.id,
@@ -467,8 +508,15 @@ impl<'a> Driver<'a> {
                             );
                         }
                     }
-                    (changed, drain(&mut l))
+                    (changed, drain(&mut l), state)
                 };
+                // Ready for the switchover (idle until the stop, then the
+                // device state): wake at once when it comes.
+                let switchover = matches!(
+                    state,
+                    SourceState::Handshake | SourceState::Stopping | SourceState::FinalSync | SourceState::Switchover
+                );
+                boost.set(None, self.tuning.rt_switchover, switchover, "src-bulk");
                 if !ops.is_empty() {
                     self.execute(s, ops);
                 }
@@ -491,8 +539,16 @@ impl<'a> Driver<'a> {
     }
 
     fn timer_loop<'s>(&'s self, s: &'s Scope<'s, '_>) {
+        set_policy(None, "src-timer");
+        // It takes the core lock too: boosted with the switchover's threads,
+        // it is never preempted while holding it (priority inversion).
+        let mut boost = Boost::default();
         while !self.done.load(Ordering::SeqCst) {
-            let deadline = lock(&self.locked).core.poll_timeout();
+            let (deadline, state) = {
+                let l = lock(&self.locked);
+                (l.core.poll_timeout(), l.core.state())
+            };
+            boost.set(None, self.tuning.rt_switchover, !state.after_start() && !state.is_terminal(), "src-timer");
             let t = now();
             match deadline {
                 Some(d) if d <= t => self.event(s, |l, now| l.core.handle_timeout(now)),
