@@ -48,6 +48,10 @@ pub struct Config {
     /// Largest guest the destination accepts, in pages: the peer's hello
     /// sizes the destination's bookkeeping (a bit per page) and its memory.
     pub max_guest_pages: u64,
+    /// Connection attempts the source makes, after taking the guest back,
+    /// to tell a destination that may be waiting after its ReadyToRun to
+    /// drop its copy (0: do not try).
+    pub withdraw_attempts: u32,
     /// Device state is sent in chunks of this many bytes.
     pub device_state_chunk_bytes: u32,
     /// Bound on connecting and on each handshake (first one and recoveries).
@@ -81,6 +85,7 @@ impl Default for Config {
             max_device_state_bytes: 64 << 20,
             // 1 TiB of 4 KiB pages; 32 MiB of present bitmap.
             max_guest_pages: 1 << 28,
+            withdraw_attempts: 8,
             device_state_chunk_bytes: MAX_DEVICE_STATE_CHUNK as u32,
             handshake_timeout: Duration::from_secs(10),
             keepalive_interval: Some(Duration::from_secs(1)),

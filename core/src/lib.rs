@@ -90,6 +90,10 @@ pub enum Notice {
     Paused { reason: MigrationError },
     /// The source tries to reconnect (attempts count from 1).
     RecoveryAttempt { attempt: u32 },
+    /// The migration was abandoned before StartGuest left and the guest runs
+    /// on the source again; the source reconnects only to tell the
+    /// destination to drop its copy.
+    Withdrawing { reason: MigrationError },
     /// A recovery attempt ended without success; another follows.
     RecoveryFailed { attempt: u32, reason: MigrationError },
     /// The migration resumed on new connections.

@@ -87,6 +87,10 @@ pub enum SourceState {
     ErrorReceive,
     Paused,
     Recovering,
+    /// The guest runs on the source again after a loss before StartGuest;
+    /// the source reconnects (a bounded number of times) only to tell the
+    /// destination, which may be waiting after its ReadyToRun, to drop it.
+    Withdrawing,
     Failed,
 }
 
@@ -127,6 +131,7 @@ impl fmt::Display for SourceState {
             SourceState::ErrorReceive => "ERROR_RECEIVE",
             SourceState::Paused => "PAUSED",
             SourceState::Recovering => "RECOVERING",
+            SourceState::Withdrawing => "WITHDRAWING",
             SourceState::Failed => "FAILED",
         };
         f.write_str(name)
@@ -210,6 +215,8 @@ pub struct Source {
     stats: Observed<SourceStats>,
     /// Opaque description of the machine, carried in the hello.
     machine: Bytes,
+    /// Why the migration was abandoned, while withdrawing.
+    withdraw_reason: Option<MigrationError>,
 }
 
 impl Source {
@@ -251,6 +258,7 @@ impl Source {
             clock: Observed::default(),
             stats: Observed::default(),
             machine: Bytes::new(),
+            withdraw_reason: None,
         };
         source.update_bookkeeping_stat();
         source
@@ -318,7 +326,13 @@ impl Source {
 
     /// The channels this migration uses.
     pub fn channels(&self) -> impl Iterator<Item = Channel> + '_ {
-        Channel::ALL.into_iter().filter(|&c| c != Channel::Urgent || self.config.urgent_channel)
+        let withdrawing = self.state == SourceState::Withdrawing;
+        Channel::ALL.into_iter().filter(move |&c| match c {
+            Channel::Main => true,
+            // Telling the destination to drop the guest needs the main channel only.
+            Channel::Return => !withdrawing,
+            Channel::Urgent => self.config.urgent_channel && !withdrawing,
+        })
     }
 
     // ----- outputs -------------------------------------------------------
@@ -416,7 +430,27 @@ impl Source {
         if !self.channels().all(|c| self.links[c.index()].up) {
             return;
         }
-        let hello = Hello {
+        let hello = self.hello();
+        if self.state == SourceState::Withdrawing {
+            self.tell_destination_to_drop(now, hello);
+            return;
+        }
+        self.main_control.push_back(Frame::Hello(hello));
+        if self.config.urgent_channel {
+            self.urgent_control.push_back(Frame::UrgentHello(UrgentHello { session: self.session, epoch: self.epoch }));
+        }
+        match self.state {
+            SourceState::Connecting => self.state = SourceState::Handshake,
+            SourceState::Paused | SourceState::ErrorReceive => {
+                self.state = SourceState::Recovering;
+                self.recovery = RecoveryReport::default();
+            }
+            _ => {}
+        }
+    }
+
+    fn hello(&self) -> Hello {
+        Hello {
             resume: self.state != SourceState::Connecting,
             urgent_channel: self.config.urgent_channel,
             session: self.session,
@@ -429,18 +463,6 @@ impl Source {
             precopy_rounds: self.config.mode.precopy_rounds(),
             blocks: self.layout.blocks().to_vec(),
             machine: self.machine.clone(),
-        };
-        self.main_control.push_back(Frame::Hello(hello));
-        if self.config.urgent_channel {
-            self.urgent_control.push_back(Frame::UrgentHello(UrgentHello { session: self.session, epoch: self.epoch }));
-        }
-        match self.state {
-            SourceState::Connecting => self.state = SourceState::Handshake,
-            SourceState::Paused | SourceState::ErrorReceive => {
-                self.state = SourceState::Recovering;
-                self.recovery = RecoveryReport::default();
-            }
-            _ => {}
         }
     }
 
@@ -626,7 +648,8 @@ impl Source {
     }
 
     /// The user cancels the migration. Allowed until the destination may run
-    /// the guest; the guest then keeps (or resumes) running here.
+    /// the guest; the guest then keeps (or resumes) running here. While
+    /// withdrawing it stops the attempts to tell the destination.
     pub fn handle_cancel(&mut self, now: Timestamp) -> Result<(), EventError> {
         if self.state.after_start() || self.state.is_terminal() {
             return Err(self.wrong_state("cancel"));
@@ -651,7 +674,9 @@ impl Source {
             self.retry_at = None;
             self.epoch += 1;
             self.attempt += 1;
-            self.actions.push_back(SourceAction::Notice(Notice::RecoveryAttempt { attempt: self.attempt }));
+            if self.state != SourceState::Withdrawing {
+                self.actions.push_back(SourceAction::Notice(Notice::RecoveryAttempt { attempt: self.attempt }));
+            }
             self.handshake_deadline = Some(now + self.config.handshake_timeout);
             self.connect_all();
             return;
@@ -1091,7 +1116,15 @@ impl Source {
     /// destination why when the main channel is up.
     fn fail(&mut self, now: Timestamp, error: MigrationError) {
         let stopped = matches!(self.state, SourceState::Stopping | SourceState::FinalSync | SourceState::Switchover);
-        let handshaken = !matches!(self.state, SourceState::Connecting);
+        if self.state == SourceState::Switchover
+            && self.device_state_sent
+            && !self.links[Channel::Main.index()].up
+            && self.config.withdraw_attempts > 0
+        {
+            self.withdraw(now, error);
+            return;
+        }
+        let handshaken = !matches!(self.state, SourceState::Connecting | SourceState::Withdrawing);
         if handshaken && self.links[Channel::Main.index()].up {
             let mut bytes = Vec::new();
             wire::encode(&Frame::Cancel { reason: error.to_string() }, &mut bytes);
@@ -1105,6 +1138,48 @@ impl Source {
         if stopped {
             self.actions.push_back(SourceAction::ResumeVcpus);
         }
+        let stats = self.stats(now);
+        self.actions.push_back(SourceAction::Finished(Box::new(Finished {
+            result: Err(error),
+            guest_on: Side::Source,
+            stats,
+        })));
+    }
+
+    /// The main channel died after the whole device state left and before
+    /// StartGuest did: the destination may have loaded it and be waiting.
+    /// Run the guest here again at once (StartGuest never left, so this is
+    /// safe), then reconnect only to tell the destination to drop its copy,
+    /// so that it does not wait forever.
+    fn withdraw(&mut self, now: Timestamp, error: MigrationError) {
+        self.close_all_links();
+        self.state = SourceState::Withdrawing;
+        self.withdraw_reason = Some(error.clone());
+        self.handshake_deadline = None;
+        self.attempt = 0;
+        self.actions.push_back(SourceAction::ResumeVcpus);
+        self.actions.push_back(SourceAction::Notice(Notice::Withdrawing { reason: error }));
+        self.retry_at = Some(now + self.config.reconnect_delay(0));
+    }
+
+    /// Withdrawing and connected: a resume hello so that the destination
+    /// takes the connection, then the cancel; then the migration is over.
+    fn tell_destination_to_drop(&mut self, now: Timestamp, mut hello: Hello) {
+        hello.resume = true;
+        let error = self.withdraw_reason.take().unwrap_or(MigrationError::Cancelled);
+        let mut bytes = Vec::new();
+        wire::encode(&Frame::Hello(hello), &mut bytes);
+        wire::encode(&Frame::Cancel { reason: format!("the source took the guest back: {error}") }, &mut bytes);
+        self.links[Channel::Main.index()].down();
+        self.actions.push_back(SourceAction::Farewell { channel: Channel::Main, bytes: bytes.into() });
+        self.finish_withdrawn(now, error);
+    }
+
+    fn finish_withdrawn(&mut self, now: Timestamp, error: MigrationError) {
+        self.state = SourceState::Failed;
+        self.handshake_deadline = None;
+        self.retry_at = None;
+        self.close_all_links();
         let stats = self.stats(now);
         self.actions.push_back(SourceAction::Finished(Box::new(Finished {
             result: Err(error),
@@ -1150,6 +1225,18 @@ impl Source {
     fn on_link_failure(&mut self, now: Timestamp, reason: MigrationError) {
         match self.state {
             SourceState::Completed | SourceState::Failed => {}
+            SourceState::Withdrawing => {
+                self.close_all_links();
+                self.handshake_deadline = None;
+                if self.attempt >= self.config.withdraw_attempts {
+                    // Every attempt failed: the destination may keep waiting
+                    // until its operator stops it. The guest runs here.
+                    let error = self.withdraw_reason.take().unwrap_or(reason);
+                    self.finish_withdrawn(now, error);
+                } else {
+                    self.retry_at = Some(now + self.config.reconnect_delay(self.attempt));
+                }
+            }
             SourceState::Paused | SourceState::ErrorReceive => {
                 // A reconnection attempt failed: close what did connect, retry later.
                 self.close_all_links();
@@ -1167,7 +1254,9 @@ impl Source {
             SourceState::Completed | SourceState::Failed => {}
             // Bad bytes on a connection of a reconnection attempt: the
             // attempt failed (its connections close), retry later.
-            SourceState::Paused | SourceState::ErrorReceive => self.on_link_failure(now, error.into()),
+            SourceState::Paused | SourceState::ErrorReceive | SourceState::Withdrawing => {
+                self.on_link_failure(now, error.into())
+            }
             state if state.after_start() => self.pause(now, error.into(), true),
             _ => self.fail(now, error.into()),
         }

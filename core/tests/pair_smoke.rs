@@ -55,3 +55,27 @@ fn recovers_after_lost_connection() {
     assert_eq!(result, Ok(Outcome::Completed));
     assert!(pair.src.recovered);
 }
+
+/// The main channel dies after the destination said ReadyToRun and before
+/// StartGuest left: the source runs the guest again and tells the
+/// destination, which was waiting, to drop its copy. Nobody waits forever.
+#[test]
+fn a_waiting_destination_is_told_to_drop_the_guest() {
+    let mut pair = Pair::new(PairConfig::new(Config::postcopy(), 4));
+    pair.guest_access(0, PageNumber(1), true);
+    for channel in [Channel::Main, Channel::Return, Channel::Urgent, Channel::Main] {
+        pair.transmit(channel, 1 << 16);
+        pair.deliver(channel, usize::MAX);
+    }
+    pair.transmit(Channel::Return, 1 << 16);
+    pair.deliver(Channel::Return, usize::MAX);
+    assert_eq!(pair.dst.core.state(), postcopy_core::DestinationState::AwaitingStart);
+    assert_eq!(pair.src.core.state(), postcopy_core::SourceState::Switchover);
+    pair.lose(Channel::Main);
+    assert!(pair.src.running, "the guest runs on the source again");
+    assert_eq!(pair.dst.core.state(), postcopy_core::DestinationState::Paused);
+    assert_eq!(pair.run_to_completion(10_000), Ok(Outcome::AbandonedOnSource));
+    assert_eq!(pair.dst.core.state(), postcopy_core::DestinationState::Failed);
+    pair.guest_access(0, PageNumber(1), false);
+    assert!(pair.violations.is_empty(), "{:?}", pair.violations);
+}

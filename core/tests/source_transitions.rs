@@ -752,3 +752,70 @@ fn wrong_events_are_refused() {
     let layout = RamLayout::single("ram", 64, PAGES).unwrap();
     assert_eq!(layout.address(PageNumber(5)), Some(PageAddress { block: 0, index: 5 }));
 }
+
+#[test]
+fn lost_main_before_start_takes_the_guest_back_then_tells_the_destination() {
+    let mut h = Harness::to_switchover(quiet());
+    h.receive(Frame::ReadyToRun);
+    h.actions.clear();
+    h.src.handle_connection_lost(h.now, Channel::Main);
+    h.drain();
+    // The guest runs here again at once; StartGuest never left.
+    assert!(h.has(&SourceAction::ResumeVcpus));
+    assert_eq!(h.src.state(), SourceState::Withdrawing);
+    assert!(!h.src.state().after_start());
+    assert!(h.finished_error().is_none(), "not over until the destination is told");
+    // A first attempt fails; the second connects the main channel only.
+    h.now = h.src.poll_timeout().unwrap();
+    h.src.handle_timeout(h.now);
+    h.drain();
+    assert!(h.has(&SourceAction::Connect(Channel::Main)));
+    assert!(!h.has(&SourceAction::Connect(Channel::Return)));
+    h.src.handle_connect_failed(h.now, Channel::Main);
+    h.drain();
+    assert_eq!(h.src.state(), SourceState::Withdrawing);
+    h.now = h.src.poll_timeout().unwrap();
+    h.src.handle_timeout(h.now);
+    h.drain();
+    h.src.handle_connected(h.now, Channel::Main);
+    h.drain();
+    let bytes = h
+        .actions
+        .iter()
+        .find_map(|a| match a {
+            SourceAction::Farewell { channel: Channel::Main, bytes } => Some(bytes.clone()),
+            _ => None,
+        })
+        .expect("a hello and a cancel");
+    let mut decoder = Decoder::new();
+    decoder.push(bytes);
+    assert!(matches!(decoder.next_frame(), Ok(Some(Frame::Hello(hello))) if hello.resume && hello.epoch == 2));
+    assert!(matches!(decoder.next_frame(), Ok(Some(Frame::Cancel { .. }))));
+    assert_eq!(h.src.state(), SourceState::Failed);
+    assert_eq!(h.finished_error(), Some(MigrationError::ConnectionLost { channel: Channel::Main }));
+    assert_eq!(h.actions.iter().filter(|a| **a == SourceAction::ResumeVcpus).count(), 1);
+}
+
+#[test]
+fn withdrawing_gives_up_after_its_attempts() {
+    let mut h = Harness::to_switchover(Config { withdraw_attempts: 2, ..quiet() });
+    h.src.handle_connection_lost(h.now, Channel::Main);
+    h.drain();
+    for _ in 0..2 {
+        h.now = h.src.poll_timeout().unwrap();
+        h.src.handle_timeout(h.now);
+        h.drain();
+        h.src.handle_connect_failed(h.now, Channel::Main);
+        h.drain();
+    }
+    assert_eq!(h.src.state(), SourceState::Failed);
+    assert_eq!(h.finished_error(), Some(MigrationError::ConnectionLost { channel: Channel::Main }));
+    // The user may stop the attempts: the migration ends at once.
+    let mut h = Harness::to_switchover(quiet());
+    h.src.handle_connection_lost(h.now, Channel::Main);
+    h.drain();
+    h.src.handle_cancel(h.now).unwrap();
+    h.drain();
+    assert_eq!(h.finished_error(), Some(MigrationError::Cancelled));
+    assert_eq!(h.actions.iter().filter(|a| **a == SourceAction::ResumeVcpus).count(), 1);
+}
