@@ -584,7 +584,7 @@ impl Destination {
                 }
                 self.start_deadline = None;
             }
-            (None, true) => return Err(ProtocolError::Rejected("unknown session: nothing to resume".into())),
+            (None, true) => return Err(ProtocolError::NothingToResume { session: hello.session }),
             _ => {
                 return Err(ProtocolError::UnexpectedFrame {
                     channel: Channel::Main,

@@ -70,6 +70,10 @@ pub enum ProtocolError {
     LayoutChanged,
     #[error("session mismatch: expected {expected:#x}, got {got:#x}")]
     SessionMismatch { expected: u64, got: u64 },
+    /// A resume hello reached a destination that holds no migration (it was
+    /// restarted, or never took part).
+    #[error("nothing to resume: this destination holds no migration (session {session:#x})")]
+    NothingToResume { session: u64 },
     #[error("epoch mismatch: expected {expected}, got {got}")]
     EpochMismatch { expected: u32, got: u32 },
     #[error("end of copy while {unsent} pages were never sent")]

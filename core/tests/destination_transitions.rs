@@ -210,7 +210,7 @@ fn handshake_errors_reject_and_fail() {
         ),
         (
             hello(WireMode::Postcopy, true, 1),
-            MigrationError::Protocol(ProtocolError::Rejected("unknown session: nothing to resume".into())),
+            MigrationError::Protocol(ProtocolError::NothingToResume { session: SESSION }),
         ),
         (
             page(0, 0, PageKind::Background),

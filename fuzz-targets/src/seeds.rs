@@ -630,7 +630,7 @@ fn destination_seeds(events: &[Event], hybrid_events: &[Event]) -> Vec<Seed> {
     let mut ops = connect_all();
     ops.push(on(Channel::Main, hello(true, false, vec![(0, Num::Near(3))])));
     seeds.push(destination_error("resume-of-unknown-session", ops, |e| {
-        matches!(e, MigrationError::Protocol(ProtocolError::Rejected(_)))
+        matches!(e, MigrationError::Protocol(ProtocolError::NothingToResume { .. }))
     }));
     let mut ops = connect_all();
     ops.extend([

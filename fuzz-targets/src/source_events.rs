@@ -297,6 +297,8 @@ struct Driver {
     raw_return: bool,
     sends: Vec<u8>,
     any_pause: bool,
+    /// The source took the guest back and withdraws.
+    withdrawing: bool,
     device_state: Option<Bytes>,
     device_sent: Vec<u8>,
     next_word: u64,
@@ -358,9 +360,16 @@ impl Driver {
                 SourceAction::Farewell { channel, bytes } => {
                     assert_eq!(channel, Channel::Main, "the source's farewell goes on the main channel");
                     let frames = decode_all(&bytes);
+                    // A Cancel; when withdrawing, on a new connection, after
+                    // the resume hello that lets the destination take it.
+                    let withdrawing = self.withdrawing;
                     assert!(
-                        matches!(&frames[..], [Frame::Cancel { .. }]),
-                        "a source farewell is one Cancel: {frames:?}"
+                        match &frames[..] {
+                            [Frame::Cancel { .. }] => true,
+                            [Frame::Hello(hello), Frame::Cancel { .. }] => withdrawing && hello.resume,
+                            _ => false,
+                        },
+                        "a source farewell is one Cancel (after a resume hello when withdrawing): {frames:?}"
                     );
                 }
                 SourceAction::StopVcpus => {
@@ -392,6 +401,12 @@ impl Driver {
                         self.report.errors.push(reason);
                     }
                     Notice::RecoveryAttempt { .. } | Notice::Recovered { .. } => assert!(self.past_start),
+                    Notice::Withdrawing { reason } => {
+                        assert!(!self.past_start, "withdrawing after StartGuest: the guest would run twice");
+                        assert!(self.running, "withdrawing without the guest running here again");
+                        self.withdrawing = true;
+                        self.report.errors.push(reason);
+                    }
                     Notice::ConnectionRefused { .. } => panic!("the source does not refuse connections"),
                 },
                 SourceAction::Finished(finished) => {
@@ -681,6 +696,7 @@ pub fn run(input: &SourceInput) -> SourceReport {
         raw_return: false,
         sends: vec![0; total as usize],
         any_pause: false,
+        withdrawing: false,
         device_state: None,
         device_sent: Vec::new(),
         next_word: 0,

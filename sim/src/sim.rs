@@ -17,7 +17,7 @@ use std::time::Instant;
 use postcopy_core::wire::PageData;
 use postcopy_core::{
     Channel, Destination, DestinationAction, DestinationState, DestinationStats, Finished, MigrationError, Notice,
-    PageNumber, RamLayout, Side, Source, SourceAction, SourceState, SourceStats, Timestamp, Waiter,
+    PageNumber, ProtocolError, RamLayout, Side, Source, SourceAction, SourceState, SourceStats, Timestamp, Waiter,
 };
 
 use crate::check::{Checkers, StepView, Where};
@@ -760,8 +760,16 @@ impl Sim {
             DestinationAction::Finished(finished) => {
                 let ok = finished.result.is_ok();
                 self.trace.record(now, What::DestAction("finished"), u64::from(ok), 0);
-                if let Err(MigrationError::Protocol(error)) = &finished.result {
-                    self.checks.protocol_error("destination", error.to_string());
+                match &finished.result {
+                    // A restarted destination knows no migration: the resume
+                    // hello of a source that took its guest back and comes to
+                    // say so is rightly refused.
+                    Err(MigrationError::Protocol(ProtocolError::NothingToResume { .. }))
+                        if self.generation[1] > 0 && self.src.finished.is_some() => {}
+                    Err(MigrationError::Protocol(error)) => {
+                        self.checks.protocol_error("destination", error.to_string())
+                    }
+                    _ => {}
                 }
                 if ok {
                     self.checks.completed(&self.dst.memory);
@@ -786,6 +794,7 @@ impl Sim {
         let (name, reason) = match notice {
             Notice::Paused { reason } => ("paused", Some(reason)),
             Notice::RecoveryAttempt { .. } => ("recovery-attempt", None),
+            Notice::Withdrawing { reason } => ("withdrawing", Some(reason)),
             Notice::RecoveryFailed { reason, .. } => ("recovery-failed", Some(reason)),
             Notice::Recovered { .. } => ("recovered", None),
             Notice::ConnectionRefused { error, .. } => {

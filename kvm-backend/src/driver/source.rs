@@ -564,6 +564,9 @@ pub(crate) fn notice_text(notice: &Notice) -> String {
     match notice {
         Notice::Paused { reason } => format!("paused: {reason}"),
         Notice::RecoveryAttempt { attempt } => format!("recovery attempt {attempt}"),
+        Notice::Withdrawing { reason } => {
+            format!("the guest runs here again ({reason}); telling the destination to drop its copy")
+        }
         Notice::RecoveryFailed { attempt, reason } => format!("recovery attempt {attempt} failed: {reason}"),
         Notice::Recovered { epoch } => format!("recovered (epoch {epoch})"),
         Notice::ConnectionRefused { channel, error } => format!("refused a {channel} connection: {error}"),
