@@ -51,7 +51,8 @@ pub struct Common {
     /// Print the report as JSON on stdout.
     #[arg(long)]
     pub json: bool,
-    /// Pin the fault path's threads to this CPU.
+    /// Pin the fault path's threads to this CPU (default: no pinning, which
+    /// measured best here; see the README).
     #[arg(long)]
     pub latency_cpu: Option<usize>,
     /// Pin the bulk path's threads to this CPU.
@@ -70,6 +71,10 @@ pub struct Common {
     /// guest runs on the destination (0: off).
     #[arg(long, default_value_t = 10)]
     pub rt_switchover: i32,
+    /// Nice value of the background push's threads (above 0: the guest
+    /// gets the CPU first).
+    #[arg(long, default_value_t = 0, allow_negative_numbers = true)]
+    pub bulk_nice: i32,
     /// Bound on connecting and on each handshake, in ms.
     #[arg(long, default_value_t = 10_000, hide = true)]
     pub handshake_timeout_ms: u64,
@@ -91,6 +96,7 @@ impl Common {
             spin_us: self.spin_us,
             rt_priority: self.rt_priority,
             rt_switchover: (self.rt_switchover > 0).then_some(self.rt_switchover),
+            bulk_nice: self.bulk_nice,
         }
     }
 
@@ -118,6 +124,7 @@ impl Common {
             out.push(format!("--rt-priority={p}"));
         }
         out.push(format!("--rt-switchover={}", self.rt_switchover));
+        out.push(format!("--bulk-nice={}", self.bulk_nice));
         out.push(format!("--spin-us={}", self.spin_us));
         out.push(format!("--handshake-timeout-ms={}", self.handshake_timeout_ms));
         if self.no_urgent {

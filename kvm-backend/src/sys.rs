@@ -293,3 +293,15 @@ pub fn set_realtime(tid: i32, priority: Option<i32>) -> io::Result<()> {
         Err(io::Error::last_os_error())
     }
 }
+
+/// Sets the nice value of the calling thread (Linux: per thread).
+pub fn set_nice(nice: i32) -> io::Result<()> {
+    // SAFETY: setpriority has no memory preconditions; who = 0 is the
+    // calling thread on Linux.
+    let ret = unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, nice) };
+    if ret == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}

@@ -83,6 +83,10 @@ struct Machine {
 struct Locked {
     core: postcopy_core::Destination,
     conns: [Option<Arc<Conn>>; 3],
+    /// The machine is being built: nothing goes out on the return path
+    /// (the welcome would let the source stop its guest before this side
+    /// can take it).
+    preparing: bool,
 }
 
 impl Locked {
@@ -109,6 +113,7 @@ fn drain(l: &mut Locked) -> Vec<Op> {
     while let Some(action) = l.core.poll_action() {
         ops.push(match action {
             DestinationAction::PrepareMemory(_) => {
+                l.preparing = true;
                 Op::Prepare(l.core.machine_description().cloned().unwrap_or_default())
             }
             DestinationAction::InstallPage { page, data, overwrite } => Op::Install { page, data, overwrite },
@@ -180,6 +185,7 @@ pub fn run_destination(listener: TcpListener, opts: &DestinationOptions) -> Dest
         locked: Mutex::new(Locked {
             core: postcopy_core::Destination::new(opts.config.clone(), PAGE_SIZE as u32),
             conns: [None, None, None],
+            preparing: false,
         }),
         write_lock: Mutex::new(()),
         flush_wanted: AtomicBool::new(false),
@@ -311,6 +317,7 @@ impl<'a> Driver<'a> {
                 clock: FaultClock::new(pages),
             })
         })();
+        lock(&self.locked).preparing = false;
         match built {
             Ok(machine) => {
                 if self.machine.set(machine).is_err() {
@@ -465,7 +472,7 @@ impl<'a> Driver<'a> {
                     buf.clear();
                     let (conn, ops) = {
                         let mut l = lock_spin(&self.locked, LOCK_SPIN);
-                        let conn = l.conns[Channel::Return.index()].clone();
+                        let conn = if l.preparing { None } else { l.conns[Channel::Return.index()].clone() };
                         if conn.is_some() {
                             let _ = l.core.poll_transmit(now(), Channel::Return, &mut buf, 64 * 1024);
                         }
@@ -582,7 +589,11 @@ impl<'a> Driver<'a> {
         let mut boost = Boost::default();
         let boostable = conn.channel != Channel::Return;
         let mut started = lock(&self.locked).core.guest_started();
-        boost.set(base, tuning.rt_switchover, boostable && !started, "dst-reader");
+        if conn.channel == Channel::Main {
+            boost.set_nice(tuning.rt_switchover, !started, tuning.bulk_nice, "dst-main");
+        } else {
+            boost.set(base, tuning.rt_switchover, boostable && !started, "dst-reader");
+        }
         let mut buf = BytesMut::with_capacity(max);
         loop {
             match conn.recv(&mut buf, max, spin) {
@@ -613,7 +624,11 @@ impl<'a> Driver<'a> {
                     if stale {
                         return;
                     }
-                    boost.set(base, tuning.rt_switchover, boostable && !started, "dst-reader");
+                    if conn.channel == Channel::Main {
+                        boost.set_nice(tuning.rt_switchover, !started, tuning.bulk_nice, "dst-main");
+                    } else {
+                        boost.set(base, tuning.rt_switchover, boostable && !started, "dst-reader");
+                    }
                 }
             }
         }

@@ -79,6 +79,10 @@ pub struct Tuning {
     /// priority, and in the normal policy after: the downtime then does not
     /// wait for other work on the CPUs.
     pub rt_switchover: Option<i32>,
+    /// Nice value of the bulk path's threads (source main writer,
+    /// destination main reader) in postcopy: above 0, the guest's vCPUs get
+    /// the CPU first and the background push takes what is left.
+    pub bulk_nice: i32,
 }
 
 impl Tuning {
@@ -115,9 +119,16 @@ pub(crate) fn set_policy(priority: Option<i32>, what: &str) {
 
 /// A thread's real-time boost during the switchover, changed only when it
 /// must change.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub(crate) struct Boost {
     on: bool,
+    first_nice: bool,
+}
+
+impl Default for Boost {
+    fn default() -> Self {
+        Self { on: false, first_nice: true }
+    }
 }
 
 impl Boost {
@@ -128,6 +139,18 @@ impl Boost {
         if want != self.on {
             self.on = want;
             set_policy(if want { boosted } else { base }, what);
+        }
+    }
+
+    /// As [`Boost::set`], and when not boosted, runs at nice value `nice`.
+    pub(crate) fn set_nice(&mut self, boosted: Option<i32>, want: bool, nice: i32, what: &str) {
+        let before = self.on;
+        self.set(None, boosted, want, what);
+        if before && !self.on || self.first_nice {
+            self.first_nice = false;
+            if let Err(e) = crate::sys::set_nice(if self.on { 0 } else { nice }) {
+                tracing::warn!(%e, what, "cannot change the nice value");
+            }
         }
     }
 }

@@ -516,7 +516,7 @@ impl<'a> Driver<'a> {
                     state,
                     SourceState::Handshake | SourceState::Stopping | SourceState::FinalSync | SourceState::Switchover
                 );
-                boost.set(None, self.tuning.rt_switchover, switchover, "src-bulk");
+                boost.set_nice(self.tuning.rt_switchover, switchover, self.tuning.bulk_nice, "src-bulk");
                 if !ops.is_empty() {
                     self.execute(s, ops);
                 }
