@@ -1116,20 +1116,26 @@ impl Source {
     /// destination why when the main channel is up.
     fn fail(&mut self, now: Timestamp, error: MigrationError) {
         let stopped = matches!(self.state, SourceState::Stopping | SourceState::FinalSync | SourceState::Switchover);
-        if self.state == SourceState::Switchover
-            && self.device_state_sent
-            && !self.links[Channel::Main.index()].up
-            && self.config.withdraw_attempts > 0
-        {
-            self.withdraw(now, error);
-            return;
-        }
+        let main_up = self.links[Channel::Main.index()].up;
         let handshaken = !matches!(self.state, SourceState::Connecting | SourceState::Withdrawing);
-        if handshaken && self.links[Channel::Main.index()].up {
+        if handshaken && main_up {
             let mut bytes = Vec::new();
             wire::encode(&Frame::Cancel { reason: error.to_string() }, &mut bytes);
             self.links[Channel::Main.index()].down();
             self.actions.push_back(SourceAction::Farewell { channel: Channel::Main, bytes: bytes.into() });
+        }
+        // The destination may wait after its ReadyToRun, and the cancel may
+        // not reach it: the main channel is gone, or the failure is a loss
+        // that may have cut the main channel too before this side saw it.
+        let cancel_may_be_lost =
+            !main_up || matches!(error, MigrationError::ConnectionLost { .. } | MigrationError::PeerTimeout { .. });
+        if self.state == SourceState::Switchover
+            && self.device_state_sent
+            && cancel_may_be_lost
+            && self.config.withdraw_attempts > 0
+        {
+            self.withdraw(now, error);
+            return;
         }
         self.state = SourceState::Failed;
         self.handshake_deadline = None;
@@ -1146,11 +1152,12 @@ impl Source {
         })));
     }
 
-    /// The main channel died after the whole device state left and before
-    /// StartGuest did: the destination may have loaded it and be waiting.
-    /// Run the guest here again at once (StartGuest never left, so this is
-    /// safe), then reconnect only to tell the destination to drop its copy,
-    /// so that it does not wait forever.
+    /// A loss after the whole device state left and before StartGuest did:
+    /// the destination may have loaded it and be waiting. Run the guest here
+    /// again at once (StartGuest never left, so this is safe), then reconnect
+    /// only to tell the destination to drop its copy, so that it does not
+    /// wait forever. A destination that already heard the cancel has
+    /// finished: the attempts then fail and the source finishes after them.
     fn withdraw(&mut self, now: Timestamp, error: MigrationError) {
         self.close_all_links();
         self.state = SourceState::Withdrawing;

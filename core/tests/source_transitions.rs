@@ -460,11 +460,41 @@ fn lost_connection_before_start_gives_the_guest_back() {
     let mut h = Harness::to_switchover(quiet());
     h.receive(Frame::ReadyToRun);
     // StartGuest is queued but not written: withdrawing it is still safe.
+    h.actions.clear();
     h.src.handle_connection_lost(h.now, Channel::Urgent);
+    h.drain();
+    assert!(h.has(&SourceAction::ResumeVcpus));
+    // The cancel goes out on the main channel, but the loss may have cut that
+    // too: the source comes back once to make sure the destination heard it.
+    let farewell = h.actions.iter().find_map(|a| match a {
+        SourceAction::Farewell { channel: Channel::Main, bytes } => Some(bytes.clone()),
+        _ => None,
+    });
+    let mut decoder = Decoder::new();
+    decoder.push(farewell.expect("a cancel on the main channel"));
+    assert!(matches!(decoder.next_frame(), Ok(Some(Frame::Cancel { .. }))));
+    assert_eq!(h.src.state(), SourceState::Withdrawing);
+    h.now = h.src.poll_timeout().unwrap();
+    h.src.handle_timeout(h.now);
+    h.src.handle_connected(h.now, Channel::Main);
+    h.drain();
+    assert_eq!(h.src.state(), SourceState::Failed);
+    assert_eq!(h.finished_error(), Some(MigrationError::ConnectionLost { channel: Channel::Urgent }));
+    assert_eq!(h.actions.iter().filter(|a| **a == SourceAction::ResumeVcpus).count(), 1);
+}
+
+#[test]
+fn cancel_before_start_with_every_connection_up_fails_at_once() {
+    let mut h = Harness::to_switchover(quiet());
+    h.receive(Frame::ReadyToRun);
+    h.actions.clear();
+    // The cancel travels in order on a live main connection: no need to
+    // come back and repeat it.
+    h.src.handle_cancel(h.now).unwrap();
     h.drain();
     assert_eq!(h.src.state(), SourceState::Failed);
     assert!(h.has(&SourceAction::ResumeVcpus));
-    assert_eq!(h.finished_error(), Some(MigrationError::ConnectionLost { channel: Channel::Urgent }));
+    assert_eq!(h.finished_error(), Some(MigrationError::Cancelled));
 }
 
 #[test]

@@ -198,3 +198,31 @@ fn source_takes_the_guest_back_when_the_connection_drops_during_precopy() {
     assert_eq!(d.resume_ns, 0);
     assert!(d.error.unwrap_or_default().contains("connection was lost"));
 }
+
+#[test]
+fn a_destination_waiting_to_run_is_told_to_drop_the_guest() {
+    if !kvm_or_skip("a_destination_waiting_to_run_is_told_to_drop_the_guest") {
+        return;
+    }
+    let _one = serial();
+    let dir = temp_dir("drop_after_ready");
+    // Every connection is cut as the destination says ReadyToRun: it has
+    // loaded the device state and waits for StartGuest, which never leaves.
+    let relay = Relay::start_at_ready_to_run();
+    let run = migrate(&dir, &["--mem", "64M", "--vcpus", "1"], &[], &[], Some(&relay));
+    run.dump();
+    assert!(relay.cut_done.load(std::sync::atomic::Ordering::SeqCst));
+    // The source stopped its guest, took it back, and came back once to say so.
+    assert_eq!(run.source.code, Some(1));
+    let s = run.source_report();
+    assert_eq!(s.guest_on, "source");
+    assert!(s.stop_ns > 0, "the source had stopped its guest");
+    assert!(s.progress_after_failure_pages_per_s.unwrap_or(0.0) > 0.0, "the guest runs on: {s:?}");
+    // The destination, which would otherwise wait for ever, drops its copy.
+    assert_eq!(run.dest.code, Some(1));
+    let d = run.dest_report();
+    assert!(!d.ok);
+    assert_eq!(d.resume_ns, 0, "the destination never ran the guest");
+    let error = d.error.unwrap_or_default();
+    assert!(error.contains("the source took the guest back"), "{error}");
+}

@@ -10,6 +10,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 
+use postcopy_core::wire::FrameKind;
+use postcopy_core::Channel;
 use postcopy_kvm::driver::report::{DestinationReport, RunReport, SourceReport};
 
 /// Env var that turns a skip (no /dev/kvm or userfaultfd) into a failure.
@@ -254,8 +256,9 @@ pub fn migrate(
 /// A relay between source and destination. It reads each connection's
 /// preamble, may hold the main channel back (`main_delay`) so that the other
 /// channels arrive first, and cuts every connection once the main channel
-/// (preamble code 0) has carried `cut_after` bytes; later connections pass
-/// untouched.
+/// (preamble code 0) has carried `cut_after` bytes, or (`start_at_ready_to_run`)
+/// instead of passing on the destination's `ReadyToRun`; later connections
+/// pass untouched.
 pub struct Relay {
     pub addr: SocketAddr,
     target: Arc<Mutex<Option<SocketAddr>>>,
@@ -270,7 +273,18 @@ impl Relay {
         Self::start_with(cut_after, Duration::ZERO)
     }
 
+    /// Cuts every connection when the destination says `ReadyToRun` (which
+    /// never reaches the source): the source has sent the whole device
+    /// state, the destination has loaded it, and `StartGuest` never leaves.
+    pub fn start_at_ready_to_run() -> Relay {
+        Self::start_inner(u64::MAX, Duration::ZERO, true)
+    }
+
     pub fn start_with(cut_after: u64, main_delay: Duration) -> Relay {
+        Self::start_inner(cut_after, main_delay, false)
+    }
+
+    fn start_inner(cut_after: u64, main_delay: Duration, cut_at_ready: bool) -> Relay {
         let listener = TcpListener::bind("127.0.0.1:0").expect("relay listen");
         let addr = listener.local_addr().expect("relay addr");
         listener.set_nonblocking(true).expect("nonblocking");
@@ -316,7 +330,18 @@ impl Relay {
                         l.push(server.try_clone().unwrap());
                     }
                     let (cl, sv) = (client.try_clone().unwrap(), server.try_clone().unwrap());
-                    std::thread::spawn(move || pump(server, client, |_| false));
+                    if cut_at_ready && cut_now && channel == Channel::Return.code() {
+                        let (c, lv) = (c.clone(), lv.clone());
+                        std::thread::spawn(move || {
+                            pump_until_frame(server, client, READY_TO_RUN);
+                            c.store(true, Ordering::SeqCst);
+                            for s in lv.lock().unwrap().drain(..) {
+                                let _ = s.shutdown(Shutdown::Both);
+                            }
+                        });
+                    } else {
+                        std::thread::spawn(move || pump(server, client, |_| false));
+                    }
                     // Source -> destination, counting the main channel's bytes.
                     pump(cl, sv, move |n| {
                         if !cut_now || channel != 0 || c.load(Ordering::SeqCst) {
@@ -362,6 +387,40 @@ fn pump(mut from: TcpStream, mut to: TcpStream, mut on_bytes: impl FnMut(u64) ->
     }
     let _ = to.shutdown(Shutdown::Write);
     let _ = from.shutdown(Shutdown::Read);
+}
+
+/// The wire type of `ReadyToRun`.
+const READY_TO_RUN: u8 = FrameKind::ReadyToRun as u8;
+
+/// Copies whole frames from `from` to `to` until a frame of type `kind`
+/// arrives, which is not passed on; then returns.
+fn pump_until_frame(mut from: TcpStream, mut to: TcpStream, kind: u8) {
+    let mut pending: Vec<u8> = Vec::new();
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let n = match from.read(&mut buf) {
+            Ok(0) | Err(_) => return,
+            Ok(n) => n,
+        };
+        pending.extend_from_slice(&buf[..n]);
+        // Frames: type u8, flags u8, reserved u16, payload length u32 (BE).
+        let mut whole = 0;
+        while pending.len() >= whole + 8 {
+            if pending[whole] == kind {
+                let _ = to.write_all(&pending[..whole]);
+                return;
+            }
+            let len = u32::from_be_bytes(pending[whole + 4..whole + 8].try_into().unwrap()) as usize;
+            if pending.len() < whole + 8 + len {
+                break;
+            }
+            whole += 8 + len;
+        }
+        if to.write_all(&pending[..whole]).is_err() {
+            return;
+        }
+        pending.drain(..whole);
+    }
 }
 
 /// Runs a process to the end (helper for the bad-input tests).
