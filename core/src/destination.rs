@@ -569,7 +569,10 @@ impl Destination {
                     return Err(ProtocolError::SessionMismatch { expected: session.id, got: hello.session });
                 }
                 if hello.epoch <= self.epoch {
-                    return Err(ProtocolError::EpochMismatch { expected: self.epoch + 1, got: hello.epoch });
+                    return Err(ProtocolError::EpochMismatch {
+                        expected: self.epoch.saturating_add(1),
+                        got: hello.epoch,
+                    });
                 }
                 if session.layout != layout {
                     return Err(ProtocolError::LayoutChanged);

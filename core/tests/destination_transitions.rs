@@ -645,3 +645,26 @@ fn handshake_timeout_fails_a_listening_destination() {
     h.drain();
     assert!(matches!(h.finished_error(), Some(MigrationError::HandshakeTimeout { .. })));
 }
+
+#[test]
+fn a_session_opened_at_the_last_epoch_refuses_every_resume_without_overflow() {
+    let mut h = Harness::new(quiet());
+    for channel in Channel::ALL {
+        h.connect(channel);
+    }
+    h.receive(Channel::Main, hello(WireMode::Postcopy, false, u32::MAX));
+    h.receive(Channel::Urgent, Frame::UrgentHello(UrgentHello { session: SESSION, epoch: u32::MAX }));
+    h.receive(Channel::Main, Frame::DeviceState { last: true, chunk: Bytes::from_static(b"dev") });
+    h.dst.handle_device_state_loaded(h.now, Ok(())).unwrap();
+    h.receive(Channel::Urgent, Frame::StartGuest);
+    assert_eq!(h.dst.state(), DestinationState::Running);
+    h.dst.handle_connection_lost(h.now, Channel::Main);
+    h.drain();
+    assert_eq!(h.dst.state(), DestinationState::Paused);
+    h.actions.clear();
+    h.connect(Channel::Main);
+    h.receive(Channel::Main, hello(WireMode::Postcopy, true, u32::MAX));
+    let error = ProtocolError::EpochMismatch { expected: u32::MAX, got: u32::MAX };
+    assert!(h.has(&DestinationAction::Notice(Notice::ConnectionRefused { channel: Channel::Main, error })));
+    assert_eq!(h.dst.state(), DestinationState::Paused);
+}

@@ -472,7 +472,8 @@ impl Driver {
         let resume_hello = matches!(spec, FrameSpec::Hello { resume: true, .. });
         let ctx = Ctx {
             session: SESSION,
-            epoch: self.core.epoch() + u32::from(resume_hello),
+            // A peer may have opened with the last epoch: no resume can follow.
+            epoch: self.core.epoch().saturating_add(u32::from(resume_hello)),
             page_size: self.page_size,
             layout: self.core.layout(),
             next_word: 0,
