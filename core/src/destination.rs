@@ -104,7 +104,9 @@ pub enum Waiter {
 pub enum DestinationAction {
     /// Map empty guest RAM for this layout, registered so that every access
     /// to a missing page becomes [`Destination::handle_page_fault`], and
-    /// build the machine of [`Destination::machine_description`].
+    /// build the machine of [`Destination::machine_description`]. Finish it
+    /// before transmitting anything (the welcome that may already be queued
+    /// lets the source stop its guest) and before any later action.
     PrepareMemory(RamLayout),
     /// Put this content in the page and wake whoever waits for it.
     /// `overwrite` is set only for precopy pages replacing an older copy
