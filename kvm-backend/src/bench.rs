@@ -26,7 +26,7 @@ pub struct BenchArgs {
     #[arg(long, default_value_t = 3000)]
     pub round_trips: usize,
     /// Migrations of each kind; figures are medians (the range is shown).
-    #[arg(long, default_value_t = 3)]
+    #[arg(long, default_value_t = 5)]
     pub repeat: usize,
     #[command(flatten)]
     pub common: Common,

@@ -191,6 +191,17 @@ impl UffdRam {
     /// Installs `data.len() / 4096` consecutive pages from `first` (one
     /// block), skipping those already present.
     pub fn install_pages(&self, first: PageRef, data: &[u8]) -> Result<InstallCount> {
+        self.install_pages_with(first, data, |_| {})
+    }
+
+    /// As [`UffdRam::install_pages`], calling `already_present(i)` for the
+    /// `i`-th page of the run when it was left as it was.
+    pub fn install_pages_with(
+        &self,
+        first: PageRef,
+        data: &[u8],
+        already_present: impl FnMut(u64),
+    ) -> Result<InstallCount> {
         let len = data.len();
         if len == 0 || len % PAGE_SIZE as usize != 0 {
             return Err(Error::BadLength {
@@ -199,7 +210,7 @@ impl UffdRam {
             });
         }
         let dst = self.ram.pages_host_addr(first, len as u64 / PAGE_SIZE)?;
-        self.fill(dst, len, |at, off| sys::uffd_copy(&self.uffd, at, &data[off..]))
+        self.fill(dst, len, |at, off| sys::uffd_copy(&self.uffd, at, &data[off..]), already_present)
     }
 
     /// Installs `count` zero pages from `first` (`UFFDIO_ZEROPAGE`),
@@ -207,7 +218,7 @@ impl UffdRam {
     pub fn install_zero_pages(&self, first: PageRef, count: u64) -> Result<InstallCount> {
         let dst = self.ram.pages_host_addr(first, count)?;
         let len = (count * PAGE_SIZE) as usize;
-        self.fill(dst, len, |at, off| sys::uffd_zeropage(&self.uffd, at, len - off))
+        self.fill(dst, len, |at, off| sys::uffd_zeropage(&self.uffd, at, len - off), |_| {})
     }
 
     /// Installs one zero page.
@@ -221,6 +232,7 @@ impl UffdRam {
         dst: u64,
         len: usize,
         mut op: impl FnMut(u64, usize) -> std::io::Result<UffdFill>,
+        mut already_present: impl FnMut(u64),
     ) -> Result<InstallCount> {
         let page = PAGE_SIZE as usize;
         let mut count = InstallCount::default();
@@ -230,6 +242,7 @@ impl UffdRam {
             let filled = op(dst + off as u64, off).map_err(|e| Error::Uffd { op: "fill", reason: e.to_string() })?;
             match filled {
                 UffdFill::Exists => {
+                    already_present((off / page) as u64);
                     count.already_present += 1;
                     off += page;
                     retries = 0;

@@ -60,8 +60,10 @@ fn install_copy_zero_and_already_present() {
     for i in 0..6u8 {
         run.extend_from_slice(&page_of(0x10 + i));
     }
-    let n = m.install_pages(PageRef::new(0, 5), &run).unwrap();
+    let mut skipped = Vec::new();
+    let n = m.install_pages_with(PageRef::new(0, 5), &run, |i| skipped.push(i)).unwrap();
     assert_eq!(n, InstallCount { installed: 4, already_present: 2 });
+    assert_eq!(skipped, vec![2, 3], "pages 7 and 8 are the third and fourth of the run");
     for (i, want) in [(5, 0x10), (6, 0x11), (7, 0xab), (8, 0), (9, 0x14), (10, 0x15)] {
         m.ram().read_page(PageRef::new(0, i), &mut back).unwrap();
         assert_eq!(back[0], want, "page {i}");
