@@ -115,6 +115,21 @@ impl Harness {
         })
     }
 
+    /// The frames of the farewell written on the main channel, if any.
+    fn farewell_frames(&self) -> Option<Vec<Frame>> {
+        let bytes = self.actions.iter().find_map(|a| match a {
+            SourceAction::Farewell { channel: Channel::Main, bytes } => Some(bytes.clone()),
+            _ => None,
+        })?;
+        let mut decoder = Decoder::new();
+        decoder.push(bytes);
+        let mut frames = Vec::new();
+        while let Ok(Some(frame)) = decoder.next_frame() {
+            frames.push(frame);
+        }
+        Some(frames)
+    }
+
     fn completed(&self) -> bool {
         self.actions.iter().any(|a| matches!(a, SourceAction::Finished(f) if f.result.is_ok()))
     }
@@ -466,13 +481,8 @@ fn lost_connection_before_start_gives_the_guest_back() {
     assert!(h.has(&SourceAction::ResumeVcpus));
     // The cancel goes out on the main channel, but the loss may have cut that
     // too: the source comes back once to make sure the destination heard it.
-    let farewell = h.actions.iter().find_map(|a| match a {
-        SourceAction::Farewell { channel: Channel::Main, bytes } => Some(bytes.clone()),
-        _ => None,
-    });
-    let mut decoder = Decoder::new();
-    decoder.push(farewell.expect("a cancel on the main channel"));
-    assert!(matches!(decoder.next_frame(), Ok(Some(Frame::Cancel { .. }))));
+    let farewell = h.farewell_frames().expect("a cancel on the main channel");
+    assert!(matches!(&farewell[..], [Frame::Cancel { .. }]), "{farewell:?}");
     assert_eq!(h.src.state(), SourceState::Withdrawing);
     h.now = h.src.poll_timeout().unwrap();
     h.src.handle_timeout(h.now);
@@ -809,18 +819,11 @@ fn lost_main_before_start_takes_the_guest_back_then_tells_the_destination() {
     h.drain();
     h.src.handle_connected(h.now, Channel::Main);
     h.drain();
-    let bytes = h
-        .actions
-        .iter()
-        .find_map(|a| match a {
-            SourceAction::Farewell { channel: Channel::Main, bytes } => Some(bytes.clone()),
-            _ => None,
-        })
-        .expect("a hello and a cancel");
-    let mut decoder = Decoder::new();
-    decoder.push(bytes);
-    assert!(matches!(decoder.next_frame(), Ok(Some(Frame::Hello(hello))) if hello.resume && hello.epoch == 2));
-    assert!(matches!(decoder.next_frame(), Ok(Some(Frame::Cancel { .. }))));
+    let farewell = h.farewell_frames().expect("a hello and a cancel");
+    assert!(
+        matches!(&farewell[..], [Frame::Hello(hello), Frame::Cancel { .. }] if hello.resume && hello.epoch == 2),
+        "{farewell:?}"
+    );
     assert_eq!(h.src.state(), SourceState::Failed);
     assert_eq!(h.finished_error(), Some(MigrationError::ConnectionLost { channel: Channel::Main }));
     assert_eq!(h.actions.iter().filter(|a| **a == SourceAction::ResumeVcpus).count(), 1);
