@@ -394,19 +394,13 @@ impl<'a> Driver<'a> {
         };
         match result {
             Ok(Install::Installed) => {
-                match &data {
-                    PageData::Bytes(b) => m.digests.record(page.0, b),
-                    PageData::Zero => m.digests.record_zero(page.0),
-                }
-                m.installed.set(page.0);
-                if let Some(waited) = m.clock.finish(page.0, now().0) {
-                    let _ = lock(&self.latency).record(waited.max(1));
-                }
+                let bytes = match &data {
+                    PageData::Bytes(b) => Some(&b[..]),
+                    PageData::Zero => None,
+                };
+                self.note_installed(m, page, bytes, now().0);
             }
-            Ok(Install::AlreadyPresent) => {
-                self.install_anomalies.fetch_add(1, Ordering::Relaxed);
-                tracing::warn!(page = page.0, "page already present: install skipped");
-            }
+            Ok(Install::AlreadyPresent) => self.note_already_present(page),
             Err(e) => {
                 self.install_anomalies.fetch_add(1, Ordering::Relaxed);
                 tracing::error!(%e, page = page.0, "install failed");
@@ -456,16 +450,30 @@ impl<'a> Driver<'a> {
         let t = now().0;
         for (i, (page, bytes)) in run.iter().enumerate() {
             if present >> i & 1 == 1 {
-                self.install_anomalies.fetch_add(1, Ordering::Relaxed);
-                tracing::warn!(page = page.0, "page already present: install skipped");
-                continue;
-            }
-            m.digests.record(page.0, bytes);
-            m.installed.set(page.0);
-            if let Some(waited) = m.clock.finish(page.0, t) {
-                let _ = lock(&self.latency).record(waited.max(1));
+                self.note_already_present(*page);
+            } else {
+                self.note_installed(m, *page, Some(bytes), t);
             }
         }
+    }
+
+    /// `page` now holds `data` (None: zeros): its hash for the digest, its
+    /// present bit, and the latency of a fault that waited for it.
+    fn note_installed(&self, m: &Machine, page: PageNumber, data: Option<&[u8]>, at_ns: u64) {
+        match data {
+            Some(bytes) => m.digests.record(page.0, bytes),
+            None => m.digests.record_zero(page.0),
+        }
+        m.installed.set(page.0);
+        if let Some(waited) = m.clock.finish(page.0, at_ns) {
+            let _ = lock(&self.latency).record(waited.max(1));
+        }
+    }
+
+    /// The kernel already had `page`: left as it was, counted as an anomaly.
+    fn note_already_present(&self, page: PageNumber) {
+        self.install_anomalies.fetch_add(1, Ordering::Relaxed);
+        tracing::warn!(page = page.0, "page already present: install skipped");
     }
 
     fn discard(&self, first: PageNumber, count: u64) {
