@@ -1137,19 +1137,7 @@ impl Source {
             self.withdraw(now, error);
             return;
         }
-        self.state = SourceState::Failed;
-        self.handshake_deadline = None;
-        self.retry_at = None;
-        self.close_all_links();
-        if stopped {
-            self.actions.push_back(SourceAction::ResumeVcpus);
-        }
-        let stats = self.stats(now);
-        self.actions.push_back(SourceAction::Finished(Box::new(Finished {
-            result: Err(error),
-            guest_on: Side::Source,
-            stats,
-        })));
+        self.finish_failed(now, error, stopped);
     }
 
     /// A loss after the whole device state left and before StartGuest did:
@@ -1179,14 +1167,19 @@ impl Source {
         wire::encode(&Frame::Cancel { reason: format!("the source took the guest back: {error}") }, &mut bytes);
         self.links[Channel::Main.index()].down();
         self.actions.push_back(SourceAction::Farewell { channel: Channel::Main, bytes: bytes.into() });
-        self.finish_withdrawn(now, error);
+        self.finish_failed(now, error, false);
     }
 
-    fn finish_withdrawn(&mut self, now: Timestamp, error: MigrationError) {
+    /// The migration is over with the guest on this side (resumed here first
+    /// when `resume_guest`).
+    fn finish_failed(&mut self, now: Timestamp, error: MigrationError, resume_guest: bool) {
         self.state = SourceState::Failed;
         self.handshake_deadline = None;
         self.retry_at = None;
         self.close_all_links();
+        if resume_guest {
+            self.actions.push_back(SourceAction::ResumeVcpus);
+        }
         let stats = self.stats(now);
         self.actions.push_back(SourceAction::Finished(Box::new(Finished {
             result: Err(error),
@@ -1239,7 +1232,7 @@ impl Source {
                     // Every attempt failed: the destination may keep waiting
                     // until its operator stops it. The guest runs here.
                     let error = self.withdraw_reason.take().unwrap_or(reason);
-                    self.finish_withdrawn(now, error);
+                    self.finish_failed(now, error, false);
                 } else {
                     self.retry_at = Some(now + self.config.reconnect_delay(self.attempt));
                 }
