@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 
-use postcopy_core::wire::FrameKind;
+use postcopy_core::wire::{self, FrameKind};
 use postcopy_core::Channel;
 use postcopy_kvm::driver::report::{DestinationReport, RunReport, SourceReport};
 
@@ -333,11 +333,8 @@ impl Relay {
                     if cut_at_ready && cut_now && channel == Channel::Return.code() {
                         let (c, lv) = (c.clone(), lv.clone());
                         std::thread::spawn(move || {
-                            pump_until_frame(server, client, READY_TO_RUN);
-                            c.store(true, Ordering::SeqCst);
-                            for s in lv.lock().unwrap().drain(..) {
-                                let _ = s.shutdown(Shutdown::Both);
-                            }
+                            pump_until_frame(server, client, FrameKind::ReadyToRun);
+                            cut_all(&c, &lv);
                         });
                     } else {
                         std::thread::spawn(move || pump(server, client, |_| false));
@@ -348,10 +345,7 @@ impl Relay {
                             return false;
                         }
                         if mb.fetch_add(n, Ordering::SeqCst) + n >= cut_after {
-                            c.store(true, Ordering::SeqCst);
-                            for s in lv.lock().unwrap().drain(..) {
-                                let _ = s.shutdown(Shutdown::Both);
-                            }
+                            cut_all(&c, &lv);
                             return true;
                         }
                         false
@@ -389,37 +383,37 @@ fn pump(mut from: TcpStream, mut to: TcpStream, mut on_bytes: impl FnMut(u64) ->
     let _ = from.shutdown(Shutdown::Read);
 }
 
-/// The wire type of `ReadyToRun`.
-const READY_TO_RUN: u8 = FrameKind::ReadyToRun as u8;
+/// Marks the cut done and shuts down every connection the relay holds.
+fn cut_all(cut_done: &AtomicBool, live: &Mutex<Vec<TcpStream>>) {
+    cut_done.store(true, Ordering::SeqCst);
+    for s in live.lock().unwrap().drain(..) {
+        let _ = s.shutdown(Shutdown::Both);
+    }
+}
 
-/// Copies whole frames from `from` to `to` until a frame of type `kind`
-/// arrives, which is not passed on; then returns.
-fn pump_until_frame(mut from: TcpStream, mut to: TcpStream, kind: u8) {
-    let mut pending: Vec<u8> = Vec::new();
+/// Passes whole frames from `from` to `to` (decoded and re-encoded with the
+/// core's codec) until a frame of type `kind` arrives, which is not passed
+/// on; then returns.
+fn pump_until_frame(mut from: TcpStream, mut to: TcpStream, kind: FrameKind) {
+    let mut decoder = wire::Decoder::new();
     let mut buf = vec![0u8; 64 * 1024];
     loop {
         let n = match from.read(&mut buf) {
             Ok(0) | Err(_) => return,
             Ok(n) => n,
         };
-        pending.extend_from_slice(&buf[..n]);
-        // Frames: type u8, flags u8, reserved u16, payload length u32 (BE).
-        let mut whole = 0;
-        while pending.len() >= whole + 8 {
-            if pending[whole] == kind {
-                let _ = to.write_all(&pending[..whole]);
+        decoder.push(bytes::Bytes::copy_from_slice(&buf[..n]));
+        let mut out = Vec::new();
+        while let Ok(Some(frame)) = decoder.next_frame() {
+            if frame.kind() == kind {
+                let _ = to.write_all(&out);
                 return;
             }
-            let len = u32::from_be_bytes(pending[whole + 4..whole + 8].try_into().unwrap()) as usize;
-            if pending.len() < whole + 8 + len {
-                break;
-            }
-            whole += 8 + len;
+            wire::encode(&frame, &mut out);
         }
-        if to.write_all(&pending[..whole]).is_err() {
+        if to.write_all(&out).is_err() {
             return;
         }
-        pending.drain(..whole);
     }
 }
 
