@@ -58,7 +58,7 @@ pub use error::{EventError, LayoutError, MigrationError, ProtocolError, WireErro
 pub use layout::{PageAddress, PageNumber, RamBlock, RamLayout};
 #[cfg(feature = "planted-bugs")]
 pub use plant::PlantedBug;
-pub use source::{GuestMemory, Source, SourceAction, SourceState};
+pub use source::{DeferredPage, GuestMemory, Source, SourceAction, SourceState};
 pub use stats::{DestinationStats, LatencySummary, SourceStats};
 pub use time::Timestamp;
 

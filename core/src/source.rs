@@ -64,6 +64,32 @@ use crate::{Finished, Notice, Side};
 pub trait GuestMemory {
     /// Copies page `page` into `out`, which is exactly one page long.
     fn read_page(&self, page: PageNumber, out: &mut [u8]);
+
+    /// Whether page `page` (`page_size` bytes) is all zeros. Used by
+    /// [`Source::poll_transmit_deferred`], which decides a frame's shape
+    /// before its payload is read; the default reads the page. A driver
+    /// overrides it with a check that stops at the first non-zero byte.
+    fn is_zero_page(&self, page: PageNumber, page_size: usize) -> bool {
+        let mut bytes = vec![0; page_size];
+        self.read_page(page, &mut bytes);
+        wire::is_zero_page(&bytes)
+    }
+}
+
+/// A page payload that [`Source::poll_transmit_deferred`] reserved but did
+/// not read: the page's bytes go at `offset` of the output buffer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DeferredPage {
+    pub offset: usize,
+    pub page: PageNumber,
+}
+
+/// Where a transmit poll writes: the frames, and either the guest pages
+/// read into them at once or a list of payloads left to the caller.
+struct Outbox<'a, G: ?Sized> {
+    bytes: &'a mut Vec<u8>,
+    guest: &'a G,
+    deferred: Option<&'a mut Vec<DeferredPage>>,
 }
 
 /// Ranges per discard frame the source builds (well under the wire limit).
@@ -378,14 +404,44 @@ impl Source {
         max_bytes: usize,
         guest: &impl GuestMemory,
     ) -> usize {
+        self.transmit(now, channel, &mut Outbox { bytes: out, guest, deferred: None }, max_bytes)
+    }
+
+    /// Like [`Source::poll_transmit`], but page payloads are not read: each
+    /// non-zero page gets its bytes reserved in `out` and an entry in
+    /// `deferred`, and the caller fills them in before sending `out`. This
+    /// lets a driver that shares the source between threads read and hash
+    /// pages without holding it; only [`GuestMemory::is_zero_page`] runs
+    /// inside. The caller must fill every entry: the frames are already
+    /// counted as sent.
+    #[must_use]
+    pub fn poll_transmit_deferred(
+        &mut self,
+        now: Timestamp,
+        channel: Channel,
+        out: &mut Vec<u8>,
+        max_bytes: usize,
+        guest: &impl GuestMemory,
+        deferred: &mut Vec<DeferredPage>,
+    ) -> usize {
+        self.transmit(now, channel, &mut Outbox { bytes: out, guest, deferred: Some(deferred) }, max_bytes)
+    }
+
+    fn transmit(
+        &mut self,
+        now: Timestamp,
+        channel: Channel,
+        out: &mut Outbox<'_, impl GuestMemory + ?Sized>,
+        max_bytes: usize,
+    ) -> usize {
         if !self.links[channel.index()].up {
             return 0;
         }
         let mut frames = 0;
-        while frames == 0 || out.len() < max_bytes {
+        while frames == 0 || out.bytes.len() < max_bytes {
             let written = match channel {
-                Channel::Main => self.next_main_frame(now, out, guest),
-                Channel::Urgent => self.next_urgent_frame(now, out, guest),
+                Channel::Main => self.next_main_frame(now, out),
+                Channel::Urgent => self.next_urgent_frame(now, out),
                 Channel::Return => false,
             };
             if !written {
@@ -870,37 +926,37 @@ impl Source {
 
     // ----- internals: frames out -------------------------------------------
 
-    fn next_main_frame(&mut self, now: Timestamp, out: &mut Vec<u8>, guest: &impl GuestMemory) -> bool {
+    fn next_main_frame(&mut self, now: Timestamp, out: &mut Outbox<'_, impl GuestMemory + ?Sized>) -> bool {
         if let Some(frame) = self.main_control.pop_front() {
-            wire::encode(&frame, out);
+            wire::encode(&frame, out.bytes);
             self.after_control_sent(now, &frame);
             return true;
         }
         match self.state {
-            SourceState::Precopy => self.send_precopy_page(out, guest),
+            SourceState::Precopy => self.send_precopy_page(out),
             SourceState::Switchover => {
-                if self.send_discard(out) || self.send_device_state(out) {
+                if self.send_discard(out.bytes) || self.send_device_state(out.bytes) {
                     return true;
                 }
-                !self.config.urgent_channel && self.send_requested_page(out, guest)
+                !self.config.urgent_channel && self.send_requested_page(out)
             }
             SourceState::Active => {
-                if !self.config.urgent_channel && self.send_requested_page(out, guest) {
+                if !self.config.urgent_channel && self.send_requested_page(out) {
                     return true;
                 }
-                self.send_background_page(out, guest)
+                self.send_background_page(out)
             }
             _ => false,
         }
     }
 
-    fn next_urgent_frame(&mut self, now: Timestamp, out: &mut Vec<u8>, guest: &impl GuestMemory) -> bool {
+    fn next_urgent_frame(&mut self, now: Timestamp, out: &mut Outbox<'_, impl GuestMemory + ?Sized>) -> bool {
         if let Some(frame) = self.urgent_control.pop_front() {
-            wire::encode(&frame, out);
+            wire::encode(&frame, out.bytes);
             self.after_control_sent(now, &frame);
             return true;
         }
-        matches!(self.state, SourceState::Switchover | SourceState::Active) && self.send_requested_page(out, guest)
+        matches!(self.state, SourceState::Switchover | SourceState::Active) && self.send_requested_page(out)
     }
 
     fn after_control_sent(&mut self, now: Timestamp, frame: &Frame) {
@@ -925,10 +981,10 @@ impl Source {
         }
     }
 
-    fn send_precopy_page(&mut self, out: &mut Vec<u8>, guest: &impl GuestMemory) -> bool {
+    fn send_precopy_page(&mut self, out: &mut Outbox<'_, impl GuestMemory + ?Sized>) -> bool {
         match self.sent.next_clear(self.cursor) {
             Some(page) => {
-                self.write_page(out, PageNumber(page), PageKind::Precopy, guest);
+                self.write_page(out, PageNumber(page), PageKind::Precopy);
                 self.precopy_sent_any = true;
                 self.cursor = page + 1;
                 true
@@ -986,13 +1042,13 @@ impl Source {
         true
     }
 
-    fn send_requested_page(&mut self, out: &mut Vec<u8>, guest: &impl GuestMemory) -> bool {
+    fn send_requested_page(&mut self, out: &mut Outbox<'_, impl GuestMemory + ?Sized>) -> bool {
         while let Some(page) = self.urgent_queue.pop_front() {
             self.queued.clear(page.0);
             if self.sent.get(page.0) {
                 continue;
             }
-            self.write_page(out, page, PageKind::Requested, guest);
+            self.write_page(out, page, PageKind::Requested);
             if planted!(self.config, BackgroundOverwritesNewer) {
                 self.sent.clear(page.0);
             }
@@ -1005,7 +1061,7 @@ impl Source {
         false
     }
 
-    fn send_background_page(&mut self, out: &mut Vec<u8>, guest: &impl GuestMemory) -> bool {
+    fn send_background_page(&mut self, out: &mut Outbox<'_, impl GuestMemory + ?Sized>) -> bool {
         // Skip pages waiting in the urgent queue: they go there, once. Each
         // queued page is skipped at most once per call, so this ends.
         let mut candidate = self.cursor;
@@ -1017,7 +1073,7 @@ impl Source {
                 candidate = page + 1;
                 continue;
             }
-            self.write_page(out, PageNumber(page), PageKind::Background, guest);
+            self.write_page(out, PageNumber(page), PageKind::Background);
             self.cursor = page + 1;
             self.check_all_sent();
             return true;
@@ -1025,14 +1081,25 @@ impl Source {
         false
     }
 
-    fn write_page(&mut self, out: &mut Vec<u8>, page: PageNumber, kind: PageKind, guest: &impl GuestMemory) {
+    fn write_page(&mut self, out: &mut Outbox<'_, impl GuestMemory + ?Sized>, page: PageNumber, kind: PageKind) {
         let Some(address) = self.layout.address(page) else {
             debug_assert!(false, "the source only schedules pages of its own layout");
             return;
         };
-        let before = out.len();
+        let before = out.bytes.len();
         let page_size = self.layout.page_size() as usize;
-        let zero = wire::encode_page_frame(out, address, kind, page_size, |buf| guest.read_page(page, buf));
+        let guest = out.guest;
+        let zero = match &mut out.deferred {
+            None => wire::encode_page_frame(out.bytes, address, kind, page_size, |buf| guest.read_page(page, buf)),
+            Some(deferred) => {
+                let zero = guest.is_zero_page(page, page_size);
+                if let Some(offset) = wire::encode_page_frame_unfilled(out.bytes, address, kind, page_size, zero) {
+                    deferred.push(DeferredPage { offset, page });
+                }
+                zero
+            }
+        };
+        let out = &mut *out.bytes;
         self.sent.set(page.0);
         let stats = &mut self.stats.0;
         stats.pages_sent.add(kind, 1);

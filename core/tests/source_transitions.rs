@@ -427,6 +427,38 @@ fn zero_pages_are_flagged() {
 }
 
 #[test]
+fn deferred_payloads_once_filled_are_the_copied_frames() {
+    let guest = Guest { zero: vec![3, 4, 40, 99] };
+    let mut copied = Harness::to_active(quiet());
+    let mut deferred = Harness::to_active(quiet());
+    copied.guest.zero = guest.zero.clone();
+    deferred.guest.zero = guest.zero.clone();
+    copied.request(&[70, 4]);
+    deferred.request(&[70, 4]);
+    for channel in [Channel::Urgent, Channel::Main] {
+        loop {
+            let (mut a, mut b, mut holes) = (Vec::new(), Vec::new(), Vec::new());
+            let n = copied.src.poll_transmit(copied.now, channel, &mut a, 8 * 1024, &copied.guest);
+            let m = deferred.src.poll_transmit_deferred(deferred.now, channel, &mut b, 8 * 1024, &guest, &mut holes);
+            assert_eq!(n, m);
+            if n == 0 {
+                break;
+            }
+            assert_eq!(a.len(), b.len(), "payloads are reserved in place");
+            assert!(holes.iter().all(|h| !guest.zero.contains(&h.page.0)), "zero pages need no payload");
+            assert!(holes.iter().all(|h| b[h.offset..h.offset + 64].iter().all(|&x| x == 0)), "left unread");
+            for hole in &holes {
+                guest.read_page(hole.page, &mut b[hole.offset..hole.offset + 64]);
+            }
+            assert_eq!(a, b);
+        }
+    }
+    assert_eq!(copied.src.state(), SourceState::AllPagesSent);
+    assert_eq!(copied.src.stats(copied.now), deferred.src.stats(deferred.now));
+    assert_eq!(deferred.src.stats(deferred.now).pages_sent.zero, 4);
+}
+
+#[test]
 fn every_page_sent_then_eoc_completes() {
     let mut h = Harness::to_active(quiet());
     let frames = h.frames(Channel::Main);

@@ -40,24 +40,45 @@ pub fn encode_page_frame(
     page_size: usize,
     fill: impl FnOnce(&mut [u8]),
 ) -> bool {
-    let start = out.len();
-    let length_at = begin(out, FrameKind::Page, kind.code() << PAGE_KIND_SHIFT);
-    out.extend_from_slice(&address.block.to_be_bytes());
-    out.extend_from_slice(&address.index.to_be_bytes());
-    let data_at = out.len();
-    out.resize(data_at + page_size, 0);
+    let Some(data_at) = encode_page_frame_unfilled(out, address, kind, page_size, false) else {
+        return true;
+    };
     fill(&mut out[data_at..]);
-    let zero = is_zero(&out[data_at..]);
+    let zero = is_zero_page(&out[data_at..]);
     if zero {
         out.truncate(data_at);
+        let start = data_at - HEADER_LEN - 8;
         out[start + 1] |= PAGE_FLAG_ZERO;
+        let length_at = start + 4;
+        finish(out, length_at, FrameKind::Page);
     }
-    finish(out, length_at, FrameKind::Page);
     zero
 }
 
+/// Appends a page frame whose payload the caller writes later: a zero page
+/// is a flag with no payload (None); otherwise `page_size` bytes are
+/// reserved at the returned offset, to be filled before `out` is sent.
+pub fn encode_page_frame_unfilled(
+    out: &mut Vec<u8>,
+    address: PageAddress,
+    kind: PageKind,
+    page_size: usize,
+    zero: bool,
+) -> Option<usize> {
+    let flags = kind.code() << PAGE_KIND_SHIFT | if zero { PAGE_FLAG_ZERO } else { 0 };
+    let length_at = begin(out, FrameKind::Page, flags);
+    out.extend_from_slice(&address.block.to_be_bytes());
+    out.extend_from_slice(&address.index.to_be_bytes());
+    let data_at = out.len();
+    if !zero {
+        out.resize(data_at + page_size, 0);
+    }
+    finish(out, length_at, FrameKind::Page);
+    (!zero).then_some(data_at)
+}
+
 /// Whether every byte is zero (a word at a time: this runs on every page sent).
-fn is_zero(bytes: &[u8]) -> bool {
+pub fn is_zero_page(bytes: &[u8]) -> bool {
     let words = bytes.chunks_exact(8);
     let tail = words.remainder();
     words.map(|w| u64::from_ne_bytes([w[0], w[1], w[2], w[3], w[4], w[5], w[6], w[7]])).all(|w| w == 0)

@@ -48,7 +48,7 @@ mod decode;
 mod encode;
 
 pub use decode::{Decoder, PreambleError};
-pub use encode::{encode, encode_page_frame, encode_preamble};
+pub use encode::{encode, encode_page_frame, encode_page_frame_unfilled, encode_preamble, is_zero_page};
 
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
