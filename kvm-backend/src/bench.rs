@@ -28,8 +28,37 @@ pub struct BenchArgs {
     /// Migrations of each kind; figures are medians (the range is shown).
     #[arg(long, default_value_t = 5)]
     pub repeat: usize,
+    /// Leave thread placement to the scheduler. By default, when no
+    /// --*-cpu option is given and there are two CPUs or more, the vCPU and
+    /// the fault path share the last CPU and the bulk path takes CPU 0
+    /// (measured best here; see the README).
+    #[arg(long)]
+    pub unpinned: bool,
     #[command(flatten)]
     pub common: Common,
+}
+
+impl BenchArgs {
+    /// The settings of the migrations, with the bench's default placement
+    /// applied; and that placement, in words.
+    fn placed(&self) -> (Common, String) {
+        let mut common = self.common.clone();
+        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let chosen = common.latency_cpu.is_some() || common.bulk_cpu.is_some() || common.vcpu_cpu.is_some();
+        if !self.unpinned && !chosen && cpus >= 2 {
+            common.latency_cpu = Some(cpus - 1);
+            common.vcpu_cpu = Some(cpus - 1);
+            common.bulk_cpu = Some(0);
+        }
+        let cpu = |c: Option<usize>| c.map_or("any CPU".to_string(), |c| format!("CPU {c}"));
+        let placement = format!(
+            "vCPU on {}, fault path on {}, bulk path on {}",
+            cpu(common.vcpu_cpu),
+            cpu(common.latency_cpu),
+            cpu(common.bulk_cpu)
+        );
+        (common, placement)
+    }
 }
 
 #[derive(Debug, Default, Serialize)]
@@ -42,6 +71,11 @@ struct Floor {
 #[derive(Debug, Serialize)]
 struct BenchReport {
     load_average: String,
+    /// Where the migrations' threads ran (the floor's two ends ran where
+    /// the fault path did).
+    placement: String,
+    /// TCP congestion control of floors and migrations (None: the system's).
+    tcp_congestion: Option<String>,
     /// With the driver's placement of the fault path (the goals' floor).
     floor: Floor,
     /// Both ends on one CPU: what the fault path costs without a
@@ -79,7 +113,8 @@ fn percentile(sorted: &[f64], q: f64) -> f64 {
 /// The floor of a remote fault: an 8-byte request, a 4 KiB reply over
 /// loopback TCP, and the `UFFDIO_COPY` of the reply into registered memory,
 /// with both ends on `latency_cpu` (None: where the scheduler puts them).
-fn measure_floor(round_trips: usize, latency_cpu: Option<usize>) -> Result<Floor, String> {
+fn measure_floor(round_trips: usize, latency_cpu: Option<usize>, cc: Option<&str>) -> Result<Floor, String> {
+    let (accept_cc, connect_cc) = (cc.map(String::from), cc.map(String::from));
     let pages = (round_trips as u64 + 1).next_multiple_of(512);
     let layout = RamLayout::pc(pages * PAGE_SIZE).map_err(|e| e.to_string())?;
     let ram = Arc::new(GuestRam::new(layout).map_err(|e| e.to_string())?);
@@ -91,6 +126,7 @@ fn measure_floor(round_trips: usize, latency_cpu: Option<usize>) -> Result<Floor
             let _ = postcopy_kvm::pin_thread(0, cpu);
         }
         let (mut s, _) = listener.accept()?;
+        tune(&s, accept_cc.as_deref());
         s.set_nodelay(true)?;
         let page = vec![0x5au8; PAGE_SIZE as usize];
         let mut req = [0u8; 8];
@@ -108,6 +144,7 @@ fn measure_floor(round_trips: usize, latency_cpu: Option<usize>) -> Result<Floor
             let _ = postcopy_kvm::pin_thread(0, cpu);
         }
         let mut c = TcpStream::connect(addr).map_err(|e| e.to_string())?;
+        tune(&c, connect_cc.as_deref());
         c.set_nodelay(true).map_err(|e| e.to_string())?;
         let mut buf = vec![0u8; PAGE_SIZE as usize];
         let mut samples = Vec::with_capacity(round_trips);
@@ -131,12 +168,24 @@ fn measure_floor(round_trips: usize, latency_cpu: Option<usize>) -> Result<Floor
     })
 }
 
+/// Sets the migration's congestion control on a floor's socket, so that
+/// floors and migrations use the same TCP.
+fn tune(stream: &TcpStream, cc: Option<&str>) {
+    if let Some(name) = cc {
+        if let Err(e) = postcopy_kvm::set_tcp_congestion(stream, name) {
+            eprintln!("bench: cannot set TCP congestion control {name}: {e}");
+        }
+    }
+}
+
 /// Loopback TCP bandwidth, one connection, 1 MiB writes, `bytes` in all.
-fn measure_bandwidth(bytes: u64) -> Result<f64, String> {
+fn measure_bandwidth(bytes: u64, cc: Option<&str>) -> Result<f64, String> {
+    let accept_cc = cc.map(String::from);
     let listener = TcpListener::bind("127.0.0.1:0").map_err(|e| e.to_string())?;
     let addr = listener.local_addr().map_err(|e| e.to_string())?;
     let reader = std::thread::spawn(move || -> std::io::Result<u64> {
         let (mut s, _) = listener.accept()?;
+        tune(&s, accept_cc.as_deref());
         let mut buf = vec![0u8; MIB as usize];
         let mut total = 0;
         loop {
@@ -148,6 +197,7 @@ fn measure_bandwidth(bytes: u64) -> Result<f64, String> {
         }
     });
     let mut c = TcpStream::connect(addr).map_err(|e| e.to_string())?;
+    tune(&c, cc);
     let chunk = vec![0xa5u8; MIB as usize];
     let t0 = Instant::now();
     let mut sent = 0;
@@ -165,7 +215,8 @@ fn measure_bandwidth(bytes: u64) -> Result<f64, String> {
 /// bytes over loopback TCP (1 MiB writes) and into userfaultfd-registered
 /// memory with one `UFFDIO_COPY` per 4 KiB page (no framing, no hashing,
 /// no guest), sender and receiver on one CPU; returns the milliseconds.
-fn measure_push_on_one_cpu(mem: u64) -> Result<f64, String> {
+fn measure_push_on_one_cpu(mem: u64, cc: Option<&str>) -> Result<f64, String> {
+    let (accept_cc, connect_cc) = (cc.map(String::from), cc.map(String::from));
     // One block, so that page numbers run from 0 to the end.
     let block = RamBlock { name: "push-floor".into(), gpa: 0, size: mem };
     let layout = RamLayout::new(vec![block]).map_err(|e| e.to_string())?;
@@ -177,6 +228,7 @@ fn measure_push_on_one_cpu(mem: u64) -> Result<f64, String> {
     let sender = std::thread::spawn(move || -> std::io::Result<()> {
         let _ = postcopy_kvm::pin_thread(0, 0);
         let (mut s, _) = listener.accept()?;
+        tune(&s, accept_cc.as_deref());
         let chunk = vec![0xa5u8; MIB as usize];
         let mut sent = 0;
         while sent < pages * PAGE_SIZE {
@@ -188,6 +240,7 @@ fn measure_push_on_one_cpu(mem: u64) -> Result<f64, String> {
     let receiver = std::thread::spawn(move || -> Result<f64, String> {
         let _ = postcopy_kvm::pin_thread(0, 0);
         let mut c = TcpStream::connect(addr).map_err(|e| e.to_string())?;
+        tune(&c, connect_cc.as_deref());
         // 256 KiB reads, like the driver's receiver.
         const BATCH: u64 = 64;
         let mut buf = vec![0u8; (BATCH * PAGE_SIZE) as usize];
@@ -226,11 +279,14 @@ pub fn run(a: BenchArgs) -> Result<ExitCode, String> {
     }
     let load_average = std::fs::read_to_string("/proc/loadavg").unwrap_or_default().trim().to_string();
     eprintln!("bench: load average {load_average}; measuring the floors...");
-    let floor = measure_floor(a.round_trips, a.common.latency_cpu)?;
-    let floor_same_cpu = measure_floor(a.round_trips, Some(0))?;
-    let loopback_gb_per_s = measure_bandwidth(a.mem.max(256 * MIB))?;
+    let (common, placement) = a.placed();
+    let cc = common.tcp_congestion();
+    let cc = cc.as_deref();
+    let floor = measure_floor(a.round_trips, common.latency_cpu, cc)?;
+    let floor_same_cpu = measure_floor(a.round_trips, Some(0), cc)?;
+    let loopback_gb_per_s = measure_bandwidth(a.mem.max(256 * MIB), cc)?;
     let ram_over_bandwidth_ms = a.mem as f64 / (loopback_gb_per_s * 1e9) * 1e3;
-    let push_on_one_cpu_ms = measure_push_on_one_cpu(a.mem)?;
+    let push_on_one_cpu_ms = measure_push_on_one_cpu(a.mem, cc)?;
     eprintln!(
         "bench: floor p50 {:.1} us p99 {:.1} us; loopback {:.2} GB/s; a {} MiB migration (default settings)...",
         floor.p50_us,
@@ -243,9 +299,9 @@ pub fn run(a: BenchArgs) -> Result<ExitCode, String> {
     let mut fault_heavy_runs = Vec::new();
     for i in 0..repeat {
         eprintln!("bench: run {}/{repeat}: default settings...", i + 1);
-        default_runs.push(migration(a.mem, &a.common, false)?);
+        default_runs.push(migration(a.mem, &common, false)?);
         eprintln!("bench: run {}/{repeat}: fault-heavy workload (no pre-paging)...", i + 1);
-        fault_heavy_runs.push(migration(a.mem, &a.common, true)?);
+        fault_heavy_runs.push(migration(a.mem, &common, true)?);
     }
     // Median and range of a figure over the runs.
     let stat = |runs: &[RunReport], f: &dyn Fn(&RunReport) -> f64| -> (f64, f64, f64) {
@@ -312,6 +368,8 @@ pub fn run(a: BenchArgs) -> Result<ExitCode, String> {
     add("same, fault-heavy", p, "", 1.0, "", ">= 0.6x", 0.6, true);
     let report = BenchReport {
         load_average,
+        placement,
+        tcp_congestion: common.tcp_congestion(),
         floor,
         floor_same_cpu,
         loopback_gb_per_s,
@@ -328,6 +386,11 @@ pub fn run(a: BenchArgs) -> Result<ExitCode, String> {
             "postcopy bench: {} MiB guest, 1 vCPU, {repeat} migrations of each kind; load average at start {}",
             a.mem / MIB,
             report.load_average
+        );
+        println!(
+            "placement: {}; TCP congestion control: {}",
+            report.placement,
+            report.tcp_congestion.as_deref().unwrap_or("the system's")
         );
         if let (Some(d), Some(f)) = (report.default_runs.last(), report.fault_heavy_runs.last()) {
             println!("\nlast run, default settings (pre-paging on):\n{}", d.table());

@@ -75,6 +75,11 @@ pub struct Common {
     /// gets the CPU first).
     #[arg(long, default_value_t = 0, allow_negative_numbers = true)]
     pub bulk_nice: i32,
+    /// TCP congestion control of the migration's connections ("system":
+    /// leave the system's default). BBR's pacing timers interrupt the fault
+    /// path and slow loopback transfers here; see the README.
+    #[arg(long, default_value = "cubic")]
+    pub tcp_congestion: String,
     /// Bound on connecting and on each handshake, in ms.
     #[arg(long, default_value_t = 10_000, hide = true)]
     pub handshake_timeout_ms: u64,
@@ -97,7 +102,14 @@ impl Common {
             rt_priority: self.rt_priority,
             rt_switchover: (self.rt_switchover > 0).then_some(self.rt_switchover),
             bulk_nice: self.bulk_nice,
+            tcp_congestion: self.tcp_congestion(),
         }
+    }
+
+    /// The congestion control to set on sockets, None for the system's.
+    pub fn tcp_congestion(&self) -> Option<String> {
+        let name = self.tcp_congestion.trim();
+        (!name.is_empty() && name != "system").then(|| name.to_string())
     }
 
     fn config(&self, mode: Mode) -> Config {
@@ -125,6 +137,7 @@ impl Common {
         }
         out.push(format!("--rt-switchover={}", self.rt_switchover));
         out.push(format!("--bulk-nice={}", self.bulk_nice));
+        out.push(format!("--tcp-congestion={}", self.tcp_congestion));
         out.push(format!("--spin-us={}", self.spin_us));
         out.push(format!("--handshake-timeout-ms={}", self.handshake_timeout_ms));
         if self.no_urgent {

@@ -92,6 +92,21 @@ impl GuestRam {
         self.read(gpa, buf)
     }
 
+    /// Whether page `page` is all zeros. Reads it a piece at a time and stops
+    /// at the first non-zero piece: for most pages, one read of 256 bytes.
+    pub fn page_is_zero(&self, page: PageRef) -> Result<bool> {
+        const PIECE: usize = 256;
+        let gpa = self.gpa(page)?;
+        let mut piece = [0u8; PIECE];
+        for offset in (0..PAGE_SIZE).step_by(PIECE) {
+            self.read(gpa + offset, &mut piece)?;
+            if !postcopy_core::wire::is_zero_page(&piece) {
+                return Ok(false);
+            }
+        }
+        Ok(true)
+    }
+
     /// Overwrites page `page` with `data` (exactly one page); a VMM write,
     /// so the page is marked in the VMM dirty bitmap.
     pub fn write_page(&self, page: PageRef, data: &[u8]) -> Result<()> {
@@ -335,6 +350,19 @@ mod tests {
         ram.read_page(PageRef::new(0, 3), &mut back).unwrap();
         assert_eq!(back, buf);
         assert!(ram.read_u64(2 * MIB).is_err());
+    }
+
+    #[test]
+    fn zero_pages_are_told_apart_by_any_byte() {
+        let ram = GuestRam::new(RamLayout::pc(2 * MIB).unwrap()).unwrap();
+        assert_eq!(ram.page_is_zero(PageRef::new(0, 5)).ok(), Some(true));
+        for offset in [0, 255, 256, PAGE_SIZE - 1] {
+            ram.write(5 * PAGE_SIZE + offset, &[1]).unwrap();
+            assert_eq!(ram.page_is_zero(PageRef::new(0, 5)).ok(), Some(false), "byte {offset}");
+            ram.write(5 * PAGE_SIZE + offset, &[0]).unwrap();
+        }
+        assert_eq!(ram.page_is_zero(PageRef::new(0, 5)).ok(), Some(true));
+        assert!(ram.page_is_zero(PageRef::new(0, 512)).is_err());
     }
 
     #[test]

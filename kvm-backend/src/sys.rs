@@ -305,3 +305,35 @@ pub fn set_nice(nice: i32) -> io::Result<()> {
         Err(io::Error::last_os_error())
     }
 }
+
+/// Sets the TCP congestion control algorithm of `stream` (`TCP_CONGESTION`,
+/// a name from `net.ipv4.tcp_available_congestion_control`).
+pub fn set_tcp_congestion(stream: &impl AsRawFd, name: &str) -> io::Result<()> {
+    let len = libc::socklen_t::try_from(name.len()).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+    // SAFETY: the option value is `name`'s bytes, valid for `len` bytes for
+    // the duration of the call; the kernel copies them.
+    let ret = unsafe {
+        libc::setsockopt(stream.as_raw_fd(), libc::IPPROTO_TCP, libc::TCP_CONGESTION, name.as_ptr().cast(), len)
+    };
+    if ret == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::{TcpListener, TcpStream};
+
+    #[test]
+    fn congestion_control_is_set_or_refused() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let stream = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        // Reno is built into every kernel; a made-up name is refused.
+        set_tcp_congestion(&stream, "reno").unwrap();
+        let err = set_tcp_congestion(&stream, "no-such-algorithm").unwrap_err();
+        assert_eq!(err.raw_os_error(), Some(libc::ENOENT), "{err}");
+    }
+}

@@ -83,11 +83,26 @@ pub struct Tuning {
     /// destination main reader) in postcopy: above 0, the guest's vCPUs get
     /// the CPU first and the background push takes what is left.
     pub bulk_nice: i32,
+    /// TCP congestion control of every connection (None: the system's).
+    /// The pacing of BBR, a common system default, runs from timer
+    /// interrupts that land on whichever thread holds the CPU, fault path
+    /// included; see the README.
+    pub tcp_congestion: Option<String>,
 }
 
 impl Tuning {
     pub(crate) fn spin(&self) -> Duration {
         Duration::from_micros(self.spin_us)
+    }
+
+    /// Applies the socket settings to a new connection (a failure is
+    /// logged: the connection works with the system's settings).
+    pub(crate) fn tune_socket(&self, stream: &std::net::TcpStream) {
+        if let Some(name) = &self.tcp_congestion {
+            if let Err(e) = crate::sys::set_tcp_congestion(stream, name) {
+                tracing::warn!(%e, name, "cannot set the TCP congestion control");
+            }
+        }
     }
 }
 

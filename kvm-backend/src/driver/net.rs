@@ -65,9 +65,11 @@ impl Conn {
     }
 }
 
-/// Opens a connection for `channel` and writes its preamble.
-pub fn connect(addr: SocketAddr, channel: Channel, timeout: Duration) -> io::Result<Conn> {
+/// Opens a connection for `channel` (with `tuning`'s socket settings) and
+/// writes its preamble.
+pub fn connect(addr: SocketAddr, channel: Channel, timeout: Duration, tuning: &super::Tuning) -> io::Result<Conn> {
     let stream = TcpStream::connect_timeout(&addr, timeout)?;
+    tuning.tune_socket(&stream);
     let conn = Conn::new(channel, stream);
     let mut preamble = Vec::with_capacity(PREAMBLE_LEN);
     wire::encode_preamble(&mut preamble, channel);

@@ -8,8 +8,8 @@ use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use postcopy_core::{
-    Channel, Config, Finished, GuestMemory, Notice, PageNumber, Source, SourceAction, SourceState, SourceStats,
-    Timestamp,
+    Channel, Config, DeferredPage, Finished, GuestMemory, Notice, PageNumber, Source, SourceAction, SourceState,
+    SourceStats, Timestamp,
 };
 
 use super::digest::PageDigests;
@@ -82,6 +82,50 @@ impl GuestMemory for SourceRam<'_> {
             out.fill(0);
         }
         self.digests.record(page.0, out);
+    }
+
+    /// Asked only for a page about to be sent: a zero page goes without
+    /// payload and is never read, so its digest is recorded here.
+    fn is_zero_page(&self, page: PageNumber, _page_size: usize) -> bool {
+        // A page the core cannot place is sent (as zeros) by read_page, which reports it.
+        let zero = self.map.page_ref(page).is_some_and(|r| self.ram.page_is_zero(r).unwrap_or(false));
+        if zero {
+            self.digests.record_zero(page.0);
+        }
+        zero
+    }
+}
+
+impl SourceRam<'_> {
+    /// Reads the pages [`Source::poll_transmit_deferred`] left in `buf`.
+    fn fill(&self, buf: &mut [u8], deferred: &[DeferredPage]) {
+        let size = PAGE_SIZE as usize;
+        for d in deferred {
+            match buf.get_mut(d.offset..d.offset + size) {
+                Some(payload) => self.read_page(d.page, payload),
+                None => tracing::error!(page = d.page.0, "a deferred payload outside the buffer"),
+            }
+        }
+    }
+}
+
+/// Asks the core for frames on `channel`. While the guest may still run here
+/// (precopy), pages are read under the core lock, so that the digest of a
+/// page's last copy is recorded last; once it is stopped, contents no longer
+/// change and the reads wait until the lock is released (`deferred`): the
+/// fault path's threads then never wait for a bulk page being copied and hashed.
+fn poll_frames(
+    l: &mut Locked,
+    channel: Channel,
+    buf: &mut Vec<u8>,
+    max_bytes: usize,
+    guest: &SourceRam<'_>,
+    deferred: &mut Vec<DeferredPage>,
+) {
+    if l.core.state() == SourceState::Precopy {
+        let _ = l.core.poll_transmit(now(), channel, buf, max_bytes, guest);
+    } else {
+        let _ = l.core.poll_transmit_deferred(now(), channel, buf, max_bytes, guest, deferred);
     }
 }
 
@@ -355,7 +399,7 @@ impl<'a> Driver<'a> {
 
     fn connect<'s>(&'s self, s: &'s Scope<'s, '_>, channel: Channel) {
         set_policy(None, "src-connect");
-        match net::connect(self.addr, channel, self.connect_timeout) {
+        match net::connect(self.addr, channel, self.connect_timeout, &self.tuning) {
             Ok(conn) => {
                 let _ = conn.stream.set_write_timeout(self.write_timeout);
                 let conn = Arc::new(conn);
@@ -432,18 +476,20 @@ impl<'a> Driver<'a> {
         loop {
             let Ok(guard) = self.write_locks[ch].try_lock() else { return };
             let mut buf = Vec::new();
+            let mut deferred = Vec::new();
             while self.flush_wanted[ch].swap(false, Ordering::SeqCst) {
                 loop {
                     buf.clear();
+                    deferred.clear();
                     let (conn, ops) = {
                         let mut l = lock_spin(&self.locked, LOCK_SPIN);
                         let conn = l.conns[ch].clone();
                         if conn.is_some() {
-                            let _ =
-                                l.core.poll_transmit(now(), Channel::Urgent, &mut buf, BULK_STEP_BYTES, &self.guest);
+                            poll_frames(&mut l, Channel::Urgent, &mut buf, BULK_STEP_BYTES, &self.guest, &mut deferred);
                         }
                         (conn, drain(&mut l))
                     };
+                    self.guest.fill(&mut buf, &deferred);
                     if !ops.is_empty() {
                         self.flush_wanted[ch].store(true, Ordering::SeqCst);
                         self.execute(s, ops);
@@ -481,6 +527,7 @@ impl<'a> Driver<'a> {
         let mut boost = Boost::default();
         let ch = Channel::Main.index();
         let mut buf: Vec<u8> = Vec::with_capacity(BULK_WRITE_BYTES + BULK_STEP_BYTES + 2 * PAGE_SIZE as usize);
+        let mut deferred = Vec::new();
         while !self.done.load(Ordering::SeqCst) {
             let guard = lock(&self.write_locks[ch]);
             buf.clear();
@@ -499,17 +546,15 @@ impl<'a> Driver<'a> {
                     if !changed {
                         conn = current;
                         if conn.is_some() {
-                            let _ = l.core.poll_transmit(
-                                now(),
-                                Channel::Main,
-                                &mut buf,
-                                before + BULK_STEP_BYTES,
-                                &self.guest,
-                            );
+                            let max = before + BULK_STEP_BYTES;
+                            deferred.clear();
+                            poll_frames(&mut l, Channel::Main, &mut buf, max, &self.guest, &mut deferred);
                         }
                     }
                     (changed, drain(&mut l), state)
                 };
+                self.guest.fill(&mut buf, &deferred);
+                deferred.clear();
                 // Ready for the switchover (idle until the stop, then the
                 // device state): wake at once when it comes.
                 let switchover = matches!(
