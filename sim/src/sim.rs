@@ -16,8 +16,9 @@ use std::time::Instant;
 
 use postcopy_core::wire::PageData;
 use postcopy_core::{
-    Channel, Destination, DestinationAction, DestinationState, DestinationStats, Finished, MigrationError, Notice,
-    PageNumber, ProtocolError, RamLayout, Side, Source, SourceAction, SourceState, SourceStats, Timestamp, Waiter,
+    Channel, Destination, DestinationAction, DestinationState, DestinationStats, Finished, GuestMemory as _,
+    MigrationError, Notice, PageNumber, ProtocolError, RamLayout, Side, Source, SourceAction, SourceState, SourceStats,
+    Timestamp, Waiter,
 };
 
 use crate::check::{Checkers, StepView, Where};
@@ -914,7 +915,24 @@ impl Sim {
                     let max_bytes = ((room.min(chunk) as f64 * ratio).ceil() as usize).max(1);
                     let mut out = Vec::with_capacity(max_bytes + 256);
                     let now = self.ts();
-                    let frames = if from_source {
+                    let frames = if from_source && self.sc.seed % 2 == 1 {
+                        // Odd seeds take the path of a driver that reads pages
+                        // after releasing the core: the same frames once filled.
+                        let mut deferred = Vec::new();
+                        let frames = self.src.core.poll_transmit_deferred(
+                            now,
+                            ch,
+                            &mut out,
+                            max_bytes,
+                            &self.src_mem,
+                            &mut deferred,
+                        );
+                        let page_size = self.src.core.layout().page_size() as usize;
+                        for d in deferred {
+                            self.src_mem.read_page(d.page, &mut out[d.offset..d.offset + page_size]);
+                        }
+                        frames
+                    } else if from_source {
                         self.src.core.poll_transmit(now, ch, &mut out, max_bytes, &self.src_mem)
                     } else {
                         self.dst.core.poll_transmit(now, ch, &mut out, max_bytes)
