@@ -9,7 +9,9 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Instant;
 
+use postcopy_core::Channel;
 use postcopy_kvm::driver::report::RunReport;
+use postcopy_kvm::driver::Tuning;
 use postcopy_kvm::layout::MIB;
 use postcopy_kvm::{GuestRam, PageRef, RamBlock, RamLayout, UffdRam, PAGE_SIZE};
 use serde::Serialize;
@@ -113,8 +115,8 @@ fn percentile(sorted: &[f64], q: f64) -> f64 {
 /// The floor of a remote fault: an 8-byte request, a 4 KiB reply over
 /// loopback TCP, and the `UFFDIO_COPY` of the reply into registered memory,
 /// with both ends on `latency_cpu` (None: where the scheduler puts them).
-fn measure_floor(round_trips: usize, latency_cpu: Option<usize>, cc: Option<&str>) -> Result<Floor, String> {
-    let (accept_cc, connect_cc) = (cc.map(String::from), cc.map(String::from));
+fn measure_floor(round_trips: usize, latency_cpu: Option<usize>, net: &Tuning) -> Result<Floor, String> {
+    let (accept_net, connect_net) = (net.clone(), net.clone());
     let pages = (round_trips as u64 + 1).next_multiple_of(512);
     let layout = RamLayout::pc(pages * PAGE_SIZE).map_err(|e| e.to_string())?;
     let ram = Arc::new(GuestRam::new(layout).map_err(|e| e.to_string())?);
@@ -126,7 +128,7 @@ fn measure_floor(round_trips: usize, latency_cpu: Option<usize>, cc: Option<&str
             let _ = postcopy_kvm::pin_thread(0, cpu);
         }
         let (mut s, _) = listener.accept()?;
-        tune(&s, accept_cc.as_deref());
+        accept_net.tune_socket(&s, CHANNEL_OF_FLOOR);
         s.set_nodelay(true)?;
         let page = vec![0x5au8; PAGE_SIZE as usize];
         let mut req = [0u8; 8];
@@ -144,7 +146,7 @@ fn measure_floor(round_trips: usize, latency_cpu: Option<usize>, cc: Option<&str
             let _ = postcopy_kvm::pin_thread(0, cpu);
         }
         let mut c = TcpStream::connect(addr).map_err(|e| e.to_string())?;
-        tune(&c, connect_cc.as_deref());
+        connect_net.tune_socket(&c, CHANNEL_OF_FLOOR);
         c.set_nodelay(true).map_err(|e| e.to_string())?;
         let mut buf = vec![0u8; PAGE_SIZE as usize];
         let mut samples = Vec::with_capacity(round_trips);
@@ -168,24 +170,20 @@ fn measure_floor(round_trips: usize, latency_cpu: Option<usize>, cc: Option<&str
     })
 }
 
-/// Sets the migration's congestion control on a floor's socket, so that
-/// floors and migrations use the same TCP.
-fn tune(stream: &TcpStream, cc: Option<&str>) {
-    if let Some(name) = cc {
-        if let Err(e) = postcopy_kvm::set_tcp_congestion(stream, name) {
-            eprintln!("bench: cannot set TCP congestion control {name}: {e}");
-        }
-    }
-}
+/// The floors' sockets get the migration's congestion control but keep
+/// autotuned buffers, as the urgent channel does: the bandwidth is then the
+/// best this loopback gives (the main channel's bounded buffers, which cap
+/// the slowest faults, would lower it, and flatter the ratio).
+const CHANNEL_OF_FLOOR: Channel = Channel::Urgent;
 
 /// Loopback TCP bandwidth, one connection, 1 MiB writes, `bytes` in all.
-fn measure_bandwidth(bytes: u64, cc: Option<&str>) -> Result<f64, String> {
-    let accept_cc = cc.map(String::from);
+fn measure_bandwidth(bytes: u64, net: &Tuning) -> Result<f64, String> {
+    let accept_net = net.clone();
     let listener = TcpListener::bind("127.0.0.1:0").map_err(|e| e.to_string())?;
     let addr = listener.local_addr().map_err(|e| e.to_string())?;
     let reader = std::thread::spawn(move || -> std::io::Result<u64> {
         let (mut s, _) = listener.accept()?;
-        tune(&s, accept_cc.as_deref());
+        accept_net.tune_socket(&s, CHANNEL_OF_FLOOR);
         let mut buf = vec![0u8; MIB as usize];
         let mut total = 0;
         loop {
@@ -197,7 +195,7 @@ fn measure_bandwidth(bytes: u64, cc: Option<&str>) -> Result<f64, String> {
         }
     });
     let mut c = TcpStream::connect(addr).map_err(|e| e.to_string())?;
-    tune(&c, cc);
+    net.tune_socket(&c, CHANNEL_OF_FLOOR);
     let chunk = vec![0xa5u8; MIB as usize];
     let t0 = Instant::now();
     let mut sent = 0;
@@ -215,8 +213,8 @@ fn measure_bandwidth(bytes: u64, cc: Option<&str>) -> Result<f64, String> {
 /// bytes over loopback TCP (1 MiB writes) and into userfaultfd-registered
 /// memory with one `UFFDIO_COPY` per 4 KiB page (no framing, no hashing,
 /// no guest), sender and receiver on one CPU; returns the milliseconds.
-fn measure_push_on_one_cpu(mem: u64, cc: Option<&str>) -> Result<f64, String> {
-    let (accept_cc, connect_cc) = (cc.map(String::from), cc.map(String::from));
+fn measure_push_on_one_cpu(mem: u64, net: &Tuning) -> Result<f64, String> {
+    let (accept_net, connect_net) = (net.clone(), net.clone());
     // One block, so that page numbers run from 0 to the end.
     let block = RamBlock { name: "push-floor".into(), gpa: 0, size: mem };
     let layout = RamLayout::new(vec![block]).map_err(|e| e.to_string())?;
@@ -228,7 +226,7 @@ fn measure_push_on_one_cpu(mem: u64, cc: Option<&str>) -> Result<f64, String> {
     let sender = std::thread::spawn(move || -> std::io::Result<()> {
         let _ = postcopy_kvm::pin_thread(0, 0);
         let (mut s, _) = listener.accept()?;
-        tune(&s, accept_cc.as_deref());
+        accept_net.tune_socket(&s, CHANNEL_OF_FLOOR);
         let chunk = vec![0xa5u8; MIB as usize];
         let mut sent = 0;
         while sent < pages * PAGE_SIZE {
@@ -240,7 +238,7 @@ fn measure_push_on_one_cpu(mem: u64, cc: Option<&str>) -> Result<f64, String> {
     let receiver = std::thread::spawn(move || -> Result<f64, String> {
         let _ = postcopy_kvm::pin_thread(0, 0);
         let mut c = TcpStream::connect(addr).map_err(|e| e.to_string())?;
-        tune(&c, connect_cc.as_deref());
+        connect_net.tune_socket(&c, CHANNEL_OF_FLOOR);
         // 256 KiB reads, like the driver's receiver.
         const BATCH: u64 = 64;
         let mut buf = vec![0u8; (BATCH * PAGE_SIZE) as usize];
@@ -280,13 +278,12 @@ pub fn run(a: BenchArgs) -> Result<ExitCode, String> {
     let load_average = std::fs::read_to_string("/proc/loadavg").unwrap_or_default().trim().to_string();
     eprintln!("bench: load average {load_average}; measuring the floors...");
     let (common, placement) = a.placed();
-    let cc = common.tcp_congestion();
-    let cc = cc.as_deref();
-    let floor = measure_floor(a.round_trips, common.latency_cpu, cc)?;
-    let floor_same_cpu = measure_floor(a.round_trips, Some(0), cc)?;
-    let loopback_gb_per_s = measure_bandwidth(a.mem.max(256 * MIB), cc)?;
+    let net = common.tuning();
+    let floor = measure_floor(a.round_trips, common.latency_cpu, &net)?;
+    let floor_same_cpu = measure_floor(a.round_trips, Some(0), &net)?;
+    let loopback_gb_per_s = measure_bandwidth(a.mem.max(256 * MIB), &net)?;
     let ram_over_bandwidth_ms = a.mem as f64 / (loopback_gb_per_s * 1e9) * 1e3;
-    let push_on_one_cpu_ms = measure_push_on_one_cpu(a.mem, cc)?;
+    let push_on_one_cpu_ms = measure_push_on_one_cpu(a.mem, &net)?;
     eprintln!(
         "bench: floor p50 {:.1} us p99 {:.1} us; loopback {:.2} GB/s; a {} MiB migration (default settings)...",
         floor.p50_us,

@@ -51,8 +51,8 @@ pub struct Common {
     /// Print the report as JSON on stdout.
     #[arg(long)]
     pub json: bool,
-    /// Pin the fault path's threads to this CPU (default: no pinning, which
-    /// measured best here; see the README).
+    /// Pin the fault path's threads to this CPU (default: no pinning; the
+    /// bench pins unless --unpinned; see the README).
     #[arg(long)]
     pub latency_cpu: Option<usize>,
     /// Pin the bulk path's threads to this CPU.
@@ -80,6 +80,11 @@ pub struct Common {
     /// path and slow loopback transfers here; see the README.
     #[arg(long, default_value = "cubic")]
     pub tcp_congestion: String,
+    /// Send and receive buffer of the main channel's sockets (0: let the
+    /// kernel autotune them). A fault on a page the push just sent waits
+    /// for what is queued ahead of it there; see the README.
+    #[arg(long, default_value = "256K", value_parser = parse_size)]
+    pub main_socket_buffer: u64,
     /// Bound on connecting and on each handshake, in ms.
     #[arg(long, default_value_t = 10_000, hide = true)]
     pub handshake_timeout_ms: u64,
@@ -93,7 +98,7 @@ pub struct Common {
 }
 
 impl Common {
-    fn tuning(&self) -> Tuning {
+    pub fn tuning(&self) -> Tuning {
         Tuning {
             latency_cpu: self.latency_cpu,
             bulk_cpu: self.bulk_cpu,
@@ -103,7 +108,13 @@ impl Common {
             rt_switchover: (self.rt_switchover > 0).then_some(self.rt_switchover),
             bulk_nice: self.bulk_nice,
             tcp_congestion: self.tcp_congestion(),
+            main_socket_buffer: self.main_socket_buffer(),
         }
+    }
+
+    /// The main channel's socket buffer size, None to let the kernel tune it.
+    pub fn main_socket_buffer(&self) -> Option<usize> {
+        usize::try_from(self.main_socket_buffer).ok().filter(|&b| b > 0)
     }
 
     /// The congestion control to set on sockets, None for the system's.
@@ -138,6 +149,7 @@ impl Common {
         out.push(format!("--rt-switchover={}", self.rt_switchover));
         out.push(format!("--bulk-nice={}", self.bulk_nice));
         out.push(format!("--tcp-congestion={}", self.tcp_congestion));
+        out.push(format!("--main-socket-buffer={}", self.main_socket_buffer));
         out.push(format!("--spin-us={}", self.spin_us));
         out.push(format!("--handshake-timeout-ms={}", self.handshake_timeout_ms));
         if self.no_urgent {

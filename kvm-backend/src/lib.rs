@@ -46,7 +46,7 @@ pub use layout::{PageRef, RamBlock, RamLayout, PAGE_SIZE};
 pub use memory::{DirtyBitmap, GuestRam};
 pub use runner::{PauseReport, RunState, VcpuSet};
 pub use state::DeviceState;
-pub use sys::{current_cpu, monotonic_ns, pin_thread, set_realtime, set_tcp_congestion};
+pub use sys::{current_cpu, monotonic_ns, pin_thread, set_realtime};
 pub use uffd::{FaultReader, Install, PageFault, UffdRam};
 pub use vcpu::{Vcpu, VcpuState};
 pub use vm::{Vm, VmConfig};

@@ -322,6 +322,30 @@ pub fn set_tcp_congestion(stream: &impl AsRawFd, name: &str) -> io::Result<()> {
     }
 }
 
+/// Sets the send and receive buffer sizes of `stream` (`SO_SNDBUF`,
+/// `SO_RCVBUF`; the kernel doubles them for its bookkeeping and stops
+/// autotuning them).
+pub fn set_socket_buffers(stream: &impl AsRawFd, bytes: usize) -> io::Result<()> {
+    let value = libc::c_int::try_from(bytes).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+    for option in [libc::SO_SNDBUF, libc::SO_RCVBUF] {
+        // SAFETY: the option value is a c_int that lives for the call; the
+        // kernel copies it.
+        let ret = unsafe {
+            libc::setsockopt(
+                stream.as_raw_fd(),
+                libc::SOL_SOCKET,
+                option,
+                (&value as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        if ret != 0 {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -335,5 +359,29 @@ mod tests {
         set_tcp_congestion(&stream, "reno").unwrap();
         let err = set_tcp_congestion(&stream, "no-such-algorithm").unwrap_err();
         assert_eq!(err.raw_os_error(), Some(libc::ENOENT), "{err}");
+    }
+
+    #[test]
+    fn socket_buffers_are_bounded() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let stream = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        set_socket_buffers(&stream, 64 * 1024).unwrap();
+        for option in [libc::SO_SNDBUF, libc::SO_RCVBUF] {
+            let mut value: libc::c_int = 0;
+            let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+            // SAFETY: value and len are valid for writes of their sizes.
+            let ret = unsafe {
+                libc::getsockopt(
+                    stream.as_raw_fd(),
+                    libc::SOL_SOCKET,
+                    option,
+                    (&mut value as *mut libc::c_int).cast(),
+                    &mut len,
+                )
+            };
+            assert_eq!(ret, 0);
+            assert_eq!(value, 128 * 1024, "the kernel reports twice the size asked");
+        }
+        assert!(set_socket_buffers(&stream, usize::MAX).is_err());
     }
 }

@@ -642,7 +642,7 @@ impl<'a> Driver<'a> {
                 return;
             }
         };
-        self.opts.tuning.tune_socket(&stream);
+        self.opts.tuning.tune_socket(&stream, channel);
         let conn = Arc::new(Conn::new(channel, stream));
         let _ = conn.stream.set_write_timeout(self.opts.config.peer_timeout);
         let c2 = conn.clone();

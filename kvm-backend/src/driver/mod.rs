@@ -88,6 +88,12 @@ pub struct Tuning {
     /// interrupts that land on whichever thread holds the CPU, fault path
     /// included; see the README.
     pub tcp_congestion: Option<String>,
+    /// Send and receive buffer of the main channel's sockets, in bytes
+    /// (None: the kernel autotunes them, up to megabytes). A page requested
+    /// just after the background push sent it is not sent again: the fault
+    /// waits for everything queued ahead of it on the main channel, so this
+    /// bounds the slowest faults.
+    pub main_socket_buffer: Option<usize>,
 }
 
 impl Tuning {
@@ -95,12 +101,17 @@ impl Tuning {
         Duration::from_micros(self.spin_us)
     }
 
-    /// Applies the socket settings to a new connection (a failure is
-    /// logged: the connection works with the system's settings).
-    pub(crate) fn tune_socket(&self, stream: &std::net::TcpStream) {
+    /// Applies the socket settings to a new connection for `channel` (a
+    /// failure is logged: the connection works with the system's settings).
+    pub fn tune_socket(&self, stream: &std::net::TcpStream, channel: postcopy_core::Channel) {
         if let Some(name) = &self.tcp_congestion {
             if let Err(e) = crate::sys::set_tcp_congestion(stream, name) {
                 tracing::warn!(%e, name, "cannot set the TCP congestion control");
+            }
+        }
+        if let (postcopy_core::Channel::Main, Some(bytes)) = (channel, self.main_socket_buffer) {
+            if let Err(e) = crate::sys::set_socket_buffers(stream, bytes) {
+                tracing::warn!(%e, bytes, "cannot set the main channel's socket buffers");
             }
         }
     }

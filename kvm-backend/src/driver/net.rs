@@ -69,7 +69,7 @@ impl Conn {
 /// writes its preamble.
 pub fn connect(addr: SocketAddr, channel: Channel, timeout: Duration, tuning: &super::Tuning) -> io::Result<Conn> {
     let stream = TcpStream::connect_timeout(&addr, timeout)?;
-    tuning.tune_socket(&stream);
+    tuning.tune_socket(&stream, channel);
     let conn = Conn::new(channel, stream);
     let mut preamble = Vec::with_capacity(PREAMBLE_LEN);
     wire::encode_preamble(&mut preamble, channel);
