@@ -531,6 +531,23 @@ impl Source {
         self.on_link_failure(now, MigrationError::ConnectFailed { channel });
     }
 
+    /// Connecting for `channel` was refused: nothing listens at the
+    /// destination's address. The same as [`Source::handle_connect_failed`]
+    /// except while withdrawing: a destination that holds a device state
+    /// keeps listening until it finishes (recoveries connect to it), so a
+    /// refusal means no destination waits for this guest, and the source
+    /// finishes at once instead of spending its remaining attempts.
+    pub fn handle_connect_refused(&mut self, now: Timestamp, channel: Channel) {
+        if self.state != SourceState::Withdrawing || !self.links[channel.index()].connecting {
+            self.handle_connect_failed(now, channel);
+            return;
+        }
+        self.close_all_links();
+        self.handshake_deadline = None;
+        let error = self.withdraw_reason.take().unwrap_or(MigrationError::ConnectFailed { channel });
+        self.finish_failed(now, error, false);
+    }
+
     /// The connection for `channel` was lost (reset, closed by the peer, or
     /// unusable). Frames in flight on it are gone.
     pub fn handle_connection_lost(&mut self, now: Timestamp, channel: Channel) {

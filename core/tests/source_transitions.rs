@@ -862,6 +862,40 @@ fn lost_main_before_start_takes_the_guest_back_then_tells_the_destination() {
 }
 
 #[test]
+fn withdrawing_ends_at_once_when_nothing_listens() {
+    let mut h = Harness::to_switchover(quiet());
+    h.src.handle_connection_lost(h.now, Channel::Main);
+    h.drain();
+    assert_eq!(h.src.state(), SourceState::Withdrawing);
+    h.now = h.src.poll_timeout().unwrap();
+    h.src.handle_timeout(h.now);
+    h.drain();
+    h.src.handle_connect_refused(h.now, Channel::Main);
+    h.drain();
+    assert_eq!(h.src.state(), SourceState::Failed, "no destination listens: none waits");
+    assert_eq!(h.finished_error(), Some(MigrationError::ConnectionLost { channel: Channel::Main }));
+    assert_eq!(h.actions.iter().filter(|a| **a == SourceAction::ResumeVcpus).count(), 1);
+    assert_eq!(h.src.poll_timeout(), None);
+    // After the start a refusal is one more failed attempt: the guest may
+    // run over there, and a restarted destination may come back.
+    let mut h = Harness::to_active(quiet());
+    h.src.handle_connection_lost(h.now, Channel::Main);
+    h.drain();
+    h.now = h.src.poll_timeout().unwrap();
+    h.src.handle_timeout(h.now);
+    h.drain();
+    h.src.handle_connect_refused(h.now, Channel::Main);
+    h.drain();
+    assert!(h.src.state().after_start() && !h.src.state().is_terminal(), "{}", h.src.state());
+    assert!(h.src.poll_timeout().is_some(), "it tries again");
+    // Before the device state left, a refusal fails the migration as before.
+    let mut h = Harness::new(quiet());
+    h.src.handle_connect_refused(h.now, Channel::Main);
+    h.drain();
+    assert_eq!(h.finished_error(), Some(MigrationError::ConnectFailed { channel: Channel::Main }));
+}
+
+#[test]
 fn withdrawing_gives_up_after_its_attempts() {
     let mut h = Harness::to_switchover(Config { withdraw_attempts: 2, ..quiet() });
     h.src.handle_connection_lost(h.now, Channel::Main);

@@ -620,6 +620,10 @@ impl Driver {
                 let _ = self.core.handle_start(self.now);
             }
             SourceOp::Connected(ch) => self.connected(Channel::ALL[*ch as usize % 3]),
+            // The high bit: refused (nothing listens) rather than failed.
+            SourceOp::ConnectFailed(ch) if *ch >= 0x80 => {
+                self.core.handle_connect_refused(self.now, Channel::ALL[*ch as usize % 3])
+            }
             SourceOp::ConnectFailed(ch) => self.core.handle_connect_failed(self.now, Channel::ALL[*ch as usize % 3]),
             SourceOp::ConnectionLost(ch) => self.core.handle_connection_lost(self.now, Channel::ALL[*ch as usize % 3]),
             SourceOp::Frame { ch, frame, split } => {

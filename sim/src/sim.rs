@@ -41,20 +41,52 @@ const TIMER_LIVELOCK: u32 = 10_000;
 enum Ev {
     Start,
     NewAttempt,
-    Vcpu { vcpu: u32, generation: u32 },
-    LinkFree { dir: u8 },
-    Deliver { conn: u32 },
-    SynArrive { conn: u32 },
-    SynAck { conn: u32 },
-    ConnectFail { conn: u32 },
-    Lost { conn: u32, to_source: bool },
-    Timer { dest: bool, generation: u32 },
-    VcpusStopped { generation: u32 },
-    DirtySynced { generation: u32, slot: u32 },
-    DeviceLoaded { generation: u32 },
-    Switch { generation: u32 },
+    Vcpu {
+        vcpu: u32,
+        generation: u32,
+    },
+    LinkFree {
+        dir: u8,
+    },
+    Deliver {
+        conn: u32,
+    },
+    SynArrive {
+        conn: u32,
+    },
+    SynAck {
+        conn: u32,
+    },
+    /// `refused`: nothing listened (a reset), else the connect timed out.
+    ConnectFail {
+        conn: u32,
+        refused: bool,
+    },
+    Lost {
+        conn: u32,
+        to_source: bool,
+    },
+    Timer {
+        dest: bool,
+        generation: u32,
+    },
+    VcpusStopped {
+        generation: u32,
+    },
+    DirtySynced {
+        generation: u32,
+        slot: u32,
+    },
+    DeviceLoaded {
+        generation: u32,
+    },
+    Switch {
+        generation: u32,
+    },
     Reset,
-    PartitionStart { index: u32 },
+    PartitionStart {
+        index: u32,
+    },
     PartitionEnd,
     Heal,
     DestRestart,
@@ -93,7 +125,7 @@ impl Ev {
         match *self {
             Ev::Vcpu { vcpu, .. } => (u64::from(vcpu), 0),
             Ev::LinkFree { dir } => (u64::from(dir), 0),
-            Ev::Deliver { conn } | Ev::SynArrive { conn } | Ev::SynAck { conn } | Ev::ConnectFail { conn } => {
+            Ev::Deliver { conn } | Ev::SynArrive { conn } | Ev::SynAck { conn } | Ev::ConnectFail { conn, .. } => {
                 (u64::from(conn), 0)
             }
             Ev::Lost { conn, to_source } => (u64::from(conn), u64::from(to_source)),
@@ -386,13 +418,17 @@ impl Sim {
             Ev::Deliver { conn } => self.deliver(conn as usize),
             Ev::SynArrive { conn } => self.syn_arrive(conn as usize),
             Ev::SynAck { conn } => self.syn_ack(conn as usize),
-            Ev::ConnectFail { conn } => {
+            Ev::ConnectFail { conn, refused } => {
                 let c = conn as usize;
                 let ch = self.conns[c].channel;
                 if self.src_conn[ch.index()] == Some(c) {
                     self.src_conn[ch.index()] = None;
                     self.kill(c);
-                    self.src.core.handle_connect_failed(self.ts(), ch);
+                    if refused {
+                        self.src.core.handle_connect_refused(self.ts(), ch);
+                    } else {
+                        self.src.core.handle_connect_failed(self.ts(), ch);
+                    }
                     self.drain_source();
                 }
             }
@@ -1186,13 +1222,13 @@ impl Sim {
         if self.partitioned() {
             // The SYN is lost; the source's connect times out.
             let t = self.now + self.sc.connect_timeout_ms * MS;
-            self.at(t, Ev::ConnectFail { conn: c as u32 });
+            self.at(t, Ev::ConnectFail { conn: c as u32, refused: false });
             return;
         }
         if !self.dst.alive {
             // Refused: the reset comes back one latency later.
             let t = self.now + self.latency();
-            self.at(t, Ev::ConnectFail { conn: c as u32 });
+            self.at(t, Ev::ConnectFail { conn: c as u32, refused: true });
             return;
         }
         let ch = self.conns[c].channel;

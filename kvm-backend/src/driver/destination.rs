@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::thread::Scope;
 use std::time::{Duration, Instant};
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use hdrhistogram::Histogram;
 use postcopy_core::wire::PageData;
 use postcopy_core::{
@@ -673,50 +673,44 @@ impl<'a> Driver<'a> {
         // StartGuest): boosted until the guest runs here.
         let mut boost = Boost::default();
         let boostable = conn.channel != Channel::Return;
-        let mut started = lock(&self.locked).core.guest_started();
-        if conn.channel == Channel::Main {
-            boost.set_nice(tuning.rt_switchover, !started, tuning.bulk_nice, "dst-main");
-        } else {
-            boost.set(base, tuning.rt_switchover, boostable && !started, "dst-reader");
-        }
-        let mut buf = BytesMut::with_capacity(max);
-        loop {
-            match conn.recv(&mut buf, max, spin) {
-                Ok(0) | Err(_) => {
-                    self.event(s, |l, now| {
-                        if l.is_current(&conn) {
-                            if !self.stopping.load(Ordering::SeqCst) && !l.core.state().is_terminal() {
-                                let peer = conn.peer.map_or("?".to_string(), |p| p.to_string());
-                                eprintln!("destination: the {} connection from {peer} closed", conn.channel);
-                            }
-                            l.conns[conn.channel.index()] = None;
-                            l.core.handle_connection_lost(now, conn.channel);
-                        }
-                    });
-                    return;
-                }
-                Ok(_) => {
-                    let bytes = buf.split().freeze();
-                    let mut stale = false;
-                    self.event(s, |l, now| {
-                        if l.is_current(&conn) {
-                            l.core.handle_input(now, conn.channel, bytes);
-                            started = l.core.guest_started();
-                        } else {
-                            stale = true;
-                        }
-                    });
-                    if stale {
-                        return;
-                    }
-                    if conn.channel == Channel::Main {
-                        boost.set_nice(tuning.rt_switchover, !started, tuning.bulk_nice, "dst-main");
-                    } else {
-                        boost.set(base, tuning.rt_switchover, boostable && !started, "dst-reader");
-                    }
-                }
+        let mut apply_boost = |started: bool| {
+            if conn.channel == Channel::Main {
+                boost.set_nice(tuning.rt_switchover, !started, tuning.bulk_nice, "dst-main");
+            } else {
+                boost.set(base, tuning.rt_switchover, boostable && !started, "dst-reader");
             }
-        }
+        };
+        apply_boost(lock(&self.locked).core.guest_started());
+        let on_bytes = |bytes| {
+            let mut started = None;
+            self.event(s, |l, now| {
+                if l.is_current(&conn) {
+                    l.core.handle_input(now, conn.channel, bytes);
+                    started = Some(l.core.guest_started());
+                }
+            });
+            match started {
+                Some(started) => {
+                    apply_boost(started);
+                    true
+                }
+                // The connection was replaced: its successor's reader goes on.
+                None => false,
+            }
+        };
+        let on_closed = || {
+            self.event(s, |l, now| {
+                if l.is_current(&conn) {
+                    if !self.stopping.load(Ordering::SeqCst) && !l.core.state().is_terminal() {
+                        let peer = conn.peer.map_or("?".to_string(), |p| p.to_string());
+                        eprintln!("destination: the {} connection from {peer} closed", conn.channel);
+                    }
+                    l.conns[conn.channel.index()] = None;
+                    l.core.handle_connection_lost(now, conn.channel);
+                }
+            })
+        };
+        net::read_until_closed(&conn, max, spin, on_bytes, on_closed);
     }
 
     fn fault_loop<'s>(&'s self, s: &'s Scope<'s, '_>) {

@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard, TryLockError};
 use std::time::{Duration, Instant};
 
-use bytes::BytesMut;
+use bytes::{Bytes, BytesMut};
 use postcopy_core::wire::{self, Preamble, PREAMBLE_LEN};
 use postcopy_core::Channel;
 
@@ -62,6 +62,33 @@ impl Conn {
             }
         }
         crate::sys::recv_into(&self.stream, buf, max, false)
+    }
+}
+
+/// Receives from `conn` (at most `max` bytes at a time, spinning `spin`
+/// before each blocking receive) and hands every piece to `on_bytes`, until
+/// the connection closes or fails (`on_closed` runs) or `on_bytes` returns
+/// false (the connection was replaced: its successor's reader carries on).
+pub fn read_until_closed(
+    conn: &Conn,
+    max: usize,
+    spin: Duration,
+    mut on_bytes: impl FnMut(Bytes) -> bool,
+    on_closed: impl FnOnce(),
+) {
+    let mut buf = BytesMut::with_capacity(max);
+    loop {
+        match conn.recv(&mut buf, max, spin) {
+            Ok(0) | Err(_) => {
+                on_closed();
+                return;
+            }
+            Ok(_) => {
+                if !on_bytes(buf.split().freeze()) {
+                    return;
+                }
+            }
+        }
     }
 }
 

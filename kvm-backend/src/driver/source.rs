@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::Scope;
 use std::time::Duration;
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use postcopy_core::{
     Channel, Config, DeferredPage, Finished, GuestMemory, Notice, PageNumber, Source, SourceAction, SourceState,
     SourceStats, Timestamp,
@@ -413,6 +413,10 @@ impl<'a> Driver<'a> {
                 });
                 spawn(s, "src-reader", move || self.read_loop(s, conn));
             }
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
+                tracing::info!(%e, %channel, "connect refused");
+                self.event(s, |l, now| l.core.handle_connect_refused(now, channel));
+            }
             Err(e) => {
                 tracing::info!(%e, %channel, "connect failed");
                 self.event(s, |l, now| l.core.handle_connect_failed(now, channel));
@@ -435,36 +439,29 @@ impl<'a> Driver<'a> {
         let mut state = lock(&self.locked).core.state();
         boost.set(base, self.tuning.rt_switchover, before_start(state), "src-return");
         let spin = if fast { self.tuning.spin() } else { Duration::ZERO };
-        let mut buf = BytesMut::with_capacity(READ_BYTES);
-        loop {
-            match conn.recv(&mut buf, READ_BYTES, spin) {
-                Ok(0) | Err(_) => {
-                    self.event(s, |l, now| {
-                        if l.is_current(&conn) {
-                            l.conns[conn.channel.index()] = None;
-                            l.core.handle_connection_lost(now, conn.channel);
-                        }
-                    });
-                    return;
+        let on_bytes = |bytes| {
+            let mut current = false;
+            self.event(s, |l, now| {
+                if l.is_current(&conn) {
+                    current = true;
+                    l.core.handle_input(now, conn.channel, bytes);
+                    state = l.core.state();
                 }
-                Ok(_) => {
-                    let bytes = buf.split().freeze();
-                    let mut stale = false;
-                    self.event(s, |l, now| {
-                        if l.is_current(&conn) {
-                            l.core.handle_input(now, conn.channel, bytes);
-                            state = l.core.state();
-                        } else {
-                            stale = true;
-                        }
-                    });
-                    if stale {
-                        return;
-                    }
-                    boost.set(base, self.tuning.rt_switchover, before_start(state), "src-return");
-                }
+            });
+            if current {
+                boost.set(base, self.tuning.rt_switchover, before_start(state), "src-return");
             }
-        }
+            current
+        };
+        let on_closed = || {
+            self.event(s, |l, now| {
+                if l.is_current(&conn) {
+                    l.conns[conn.channel.index()] = None;
+                    l.core.handle_connection_lost(now, conn.channel);
+                }
+            })
+        };
+        net::read_until_closed(&conn, READ_BYTES, spin, on_bytes, on_closed);
     }
 
     /// Writes what the core has for the urgent channel. Re-entrant and
