@@ -226,3 +226,31 @@ fn a_destination_waiting_to_run_is_told_to_drop_the_guest() {
     let error = d.error.unwrap_or_default();
     assert!(error.contains("the source took the guest back"), "{error}");
 }
+
+#[test]
+fn a_source_withdrawing_from_a_vanished_destination_stops_at_the_first_refusal() {
+    if !kvm_or_skip("a_source_withdrawing_from_a_vanished_destination_stops_at_the_first_refusal") {
+        return;
+    }
+    let _one = serial();
+    let dir = temp_dir("withdraw_refused");
+    // As above, but nothing listens any more after the cut: the source's
+    // attempt to tell the destination is refused.
+    let relay = Relay::start_at_ready_to_run_then_refuse();
+    let dest = start_dest(&dir, &[], &[]);
+    relay.set_target(dest.addr);
+    let source = collect(start_source(relay.addr, &["--mem", "64M", "--vcpus", "1"]), Duration::from_secs(60));
+    // Nobody can reach this destination: it waits until stopped.
+    let dest = collect(dest.child, Duration::from_millis(100));
+    let run = Run { source, dest, report: None };
+    run.dump();
+    assert!(relay.cut_done.load(std::sync::atomic::Ordering::SeqCst));
+    assert_eq!(run.source.code, Some(1));
+    let s = run.source_report();
+    assert_eq!(s.guest_on, "source");
+    assert!(s.progress_after_failure_pages_per_s.unwrap_or(0.0) > 0.0, "the guest runs on: {s:?}");
+    // One refused attempt ends it. Spending all eight attempts, as a
+    // failed connect does, takes about 7 s of back-off.
+    let withdrawing_s = (s.end_ns - s.stop_ns) as f64 / 1e9;
+    assert!(withdrawing_s < 3.0, "the source withdrew for {withdrawing_s:.1} s");
+}

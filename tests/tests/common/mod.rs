@@ -266,6 +266,8 @@ pub struct Relay {
     /// Channel codes in the order their connections reached the destination.
     pub order: Arc<Mutex<Vec<u8>>>,
     stop: Arc<AtomicBool>,
+    /// Close the listener once the cut is done.
+    refuse_after_cut: Arc<AtomicBool>,
 }
 
 impl Relay {
@@ -278,6 +280,14 @@ impl Relay {
     /// state, the destination has loaded it, and `StartGuest` never leaves.
     pub fn start_at_ready_to_run() -> Relay {
         Self::start_inner(u64::MAX, Duration::ZERO, true)
+    }
+
+    /// As [`Relay::start_at_ready_to_run`], and the relay stops listening
+    /// at the cut: every later connection to it is refused.
+    pub fn start_at_ready_to_run_then_refuse() -> Relay {
+        let relay = Self::start_at_ready_to_run();
+        relay.refuse_after_cut.store(true, Ordering::SeqCst);
+        relay
     }
 
     pub fn start_with(cut_after: u64, main_delay: Duration) -> Relay {
@@ -294,9 +304,12 @@ impl Relay {
         let stop = Arc::new(AtomicBool::new(false));
         let main_bytes = Arc::new(AtomicU64::new(0));
         let live: Arc<Mutex<Vec<TcpStream>>> = Arc::new(Mutex::new(Vec::new()));
-        let (t, c, s, o) = (target.clone(), cut_done.clone(), stop.clone(), order.clone());
+        let refuse_after_cut = Arc::new(AtomicBool::new(false));
+        let (t, c, s, o, r) = (target.clone(), cut_done.clone(), stop.clone(), order.clone(), refuse_after_cut.clone());
         std::thread::spawn(move || {
-            while !s.load(Ordering::SeqCst) {
+            // Dropping the listener when this loop ends makes connects fail
+            // with "connection refused".
+            while !s.load(Ordering::SeqCst) && !(r.load(Ordering::SeqCst) && c.load(Ordering::SeqCst)) {
                 let (mut client, _) = match listener.accept() {
                     Ok(x) => x,
                     Err(_) => {
@@ -353,10 +366,10 @@ impl Relay {
                 });
             }
         });
-        Relay { addr, target, cut_done, order, stop }
+        Relay { addr, target, cut_done, order, stop, refuse_after_cut }
     }
 
-    fn set_target(&self, to: SocketAddr) {
+    pub fn set_target(&self, to: SocketAddr) {
         *self.target.lock().unwrap() = Some(to);
     }
 }
