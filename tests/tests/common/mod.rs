@@ -309,7 +309,8 @@ impl Relay {
         std::thread::spawn(move || {
             // Dropping the listener when this loop ends makes connects fail
             // with "connection refused".
-            while !s.load(Ordering::SeqCst) && !(r.load(Ordering::SeqCst) && c.load(Ordering::SeqCst)) {
+            let refusing = || r.load(Ordering::SeqCst) && c.load(Ordering::SeqCst);
+            while !s.load(Ordering::SeqCst) && !refusing() {
                 let (mut client, _) = match listener.accept() {
                     Ok(x) => x,
                     Err(_) => {
