@@ -82,7 +82,9 @@ pub struct Common {
     pub tcp_congestion: String,
     /// Send and receive buffer of the main channel's sockets (0: let the
     /// kernel autotune them). A fault on a page the push just sent waits
-    /// for what is queued ahead of it there; see the README.
+    /// for what is queued ahead of it there. The default suits loopback and
+    /// a LAN; on a long or slow link use about the bandwidth-delay product
+    /// (or 0), or the push is capped. See the README.
     #[arg(long, default_value = "256K", value_parser = parse_size)]
     pub main_socket_buffer: u64,
     /// Bound on connecting and on each handshake, in ms.
