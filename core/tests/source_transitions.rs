@@ -55,6 +55,13 @@ impl Harness {
         new
     }
 
+    /// Moves the clock to the armed timer and fires it.
+    fn fire_timer(&mut self) {
+        self.now = self.src.poll_timeout().expect("a timer is armed");
+        self.src.handle_timeout(self.now);
+        self.drain();
+    }
+
     fn connect_all(&mut self) {
         for channel in Channel::ALL {
             self.src.handle_connected(self.now, channel);
@@ -610,9 +617,7 @@ fn recovery_resends_start_guest_when_the_destination_never_got_it() {
     let mut h = Harness::to_active(quiet());
     h.src.handle_connection_lost(h.now, Channel::Urgent);
     h.drain();
-    h.now = h.src.poll_timeout().unwrap();
-    h.src.handle_timeout(h.now);
-    h.drain();
+    h.fire_timer();
     h.connect_all();
     let _ = h.frames(Channel::Main);
     h.receive(Frame::Welcome(Welcome {
@@ -633,9 +638,7 @@ fn recovery_can_fail_and_be_retried() {
     h.src.handle_connection_lost(h.now, Channel::Main);
     h.drain();
     for attempt in 1..=3 {
-        h.now = h.src.poll_timeout().unwrap();
-        h.src.handle_timeout(h.now);
-        h.drain();
+        h.fire_timer();
         assert!(h.has(&SourceAction::Notice(Notice::RecoveryAttempt { attempt })));
         h.src.handle_connect_failed(h.now, Channel::Return);
         h.drain();
@@ -646,14 +649,10 @@ fn recovery_can_fail_and_be_retried() {
         h.actions.iter().filter(|a| matches!(a, SourceAction::Notice(Notice::RecoveryFailed { .. }))).count();
     assert_eq!(failures, 3);
     // An attempt that connects but whose handshake stalls times out.
-    h.now = h.src.poll_timeout().unwrap();
-    h.src.handle_timeout(h.now);
-    h.drain();
+    h.fire_timer();
     h.connect_all();
     assert_eq!(h.src.state(), SourceState::Recovering);
-    h.now = h.src.poll_timeout().unwrap();
-    h.src.handle_timeout(h.now);
-    h.drain();
+    h.fire_timer();
     assert_eq!(h.src.state(), SourceState::Paused);
 }
 
@@ -675,9 +674,7 @@ fn bad_present_reports_are_rejected() {
         let mut h = Harness::to_active(quiet());
         h.src.handle_connection_lost(h.now, Channel::Main);
         h.drain();
-        h.now = h.src.poll_timeout().unwrap();
-        h.src.handle_timeout(h.now);
-        h.drain();
+        h.fire_timer();
         h.connect_all();
         h.receive(Frame::Welcome(Welcome {
             session: SESSION,
@@ -838,17 +835,13 @@ fn lost_main_before_start_takes_the_guest_back_then_tells_the_destination() {
     assert!(!h.src.state().after_start());
     assert!(h.finished_error().is_none(), "not over until the destination is told");
     // A first attempt fails; the second connects the main channel only.
-    h.now = h.src.poll_timeout().unwrap();
-    h.src.handle_timeout(h.now);
-    h.drain();
+    h.fire_timer();
     assert!(h.has(&SourceAction::Connect(Channel::Main)));
     assert!(!h.has(&SourceAction::Connect(Channel::Return)));
     h.src.handle_connect_failed(h.now, Channel::Main);
     h.drain();
     assert_eq!(h.src.state(), SourceState::Withdrawing);
-    h.now = h.src.poll_timeout().unwrap();
-    h.src.handle_timeout(h.now);
-    h.drain();
+    h.fire_timer();
     h.src.handle_connected(h.now, Channel::Main);
     h.drain();
     let farewell = h.farewell_frames().expect("a hello and a cancel");
@@ -867,9 +860,7 @@ fn withdrawing_ends_at_once_when_nothing_listens() {
     h.src.handle_connection_lost(h.now, Channel::Main);
     h.drain();
     assert_eq!(h.src.state(), SourceState::Withdrawing);
-    h.now = h.src.poll_timeout().unwrap();
-    h.src.handle_timeout(h.now);
-    h.drain();
+    h.fire_timer();
     h.src.handle_connect_refused(h.now, Channel::Main);
     h.drain();
     assert_eq!(h.src.state(), SourceState::Failed, "no destination listens: none waits");
@@ -881,9 +872,7 @@ fn withdrawing_ends_at_once_when_nothing_listens() {
     let mut h = Harness::to_active(quiet());
     h.src.handle_connection_lost(h.now, Channel::Main);
     h.drain();
-    h.now = h.src.poll_timeout().unwrap();
-    h.src.handle_timeout(h.now);
-    h.drain();
+    h.fire_timer();
     h.src.handle_connect_refused(h.now, Channel::Main);
     h.drain();
     assert!(h.src.state().after_start() && !h.src.state().is_terminal(), "{}", h.src.state());
@@ -901,9 +890,7 @@ fn withdrawing_gives_up_after_its_attempts() {
     h.src.handle_connection_lost(h.now, Channel::Main);
     h.drain();
     for _ in 0..2 {
-        h.now = h.src.poll_timeout().unwrap();
-        h.src.handle_timeout(h.now);
-        h.drain();
+        h.fire_timer();
         h.src.handle_connect_failed(h.now, Channel::Main);
         h.drain();
     }
