@@ -84,6 +84,21 @@ pub struct DeferredPage {
     pub page: PageNumber,
 }
 
+impl DeferredPage {
+    /// Reads every page of `deferred` from `guest` into its room in `out`
+    /// (the buffer [`Source::poll_transmit_deferred`] wrote; an entry that
+    /// does not fit in `out` is skipped).
+    pub fn fill_all(deferred: &[DeferredPage], out: &mut [u8], page_size: usize, guest: &(impl GuestMemory + ?Sized)) {
+        for d in deferred {
+            let room = d.offset.checked_add(page_size).and_then(|end| out.get_mut(d.offset..end));
+            debug_assert!(room.is_some(), "deferred page {} outside the buffer", d.page.0);
+            if let Some(room) = room {
+                guest.read_page(d.page, room);
+            }
+        }
+    }
+}
+
 /// Where a transmit poll writes: the frames, and either the guest pages
 /// read into them at once or a list of payloads left to the caller.
 struct Outbox<'a, G: ?Sized> {

@@ -4,8 +4,8 @@
 use bytes::Bytes;
 use postcopy_core::wire::{self, Decoder, Frame, PageData, PageKind, PresentPages, Request, Welcome};
 use postcopy_core::{
-    Channel, Config, EventError, GuestMemory, MigrationError, Notice, PageAddress, PageNumber, ProtocolError,
-    RamLayout, Source, SourceAction, SourceState, Timestamp,
+    Channel, Config, DeferredPage, EventError, GuestMemory, MigrationError, Notice, PageAddress, PageNumber,
+    ProtocolError, RamLayout, Source, SourceAction, SourceState, Timestamp,
 };
 use std::time::Duration;
 
@@ -454,9 +454,7 @@ fn deferred_payloads_once_filled_are_the_copied_frames() {
             assert_eq!(a.len(), b.len(), "payloads are reserved in place");
             assert!(holes.iter().all(|h| !guest.zero.contains(&h.page.0)), "zero pages need no payload");
             assert!(holes.iter().all(|h| b[h.offset..h.offset + 64].iter().all(|&x| x == 0)), "left unread");
-            for hole in &holes {
-                guest.read_page(hole.page, &mut b[hole.offset..hole.offset + 64]);
-            }
+            DeferredPage::fill_all(&holes, &mut b, 64, &guest);
             assert_eq!(a, b);
         }
     }

@@ -33,7 +33,7 @@ use std::time::Duration;
 use postcopy_core::testkit::{fill_page, SourceGuest};
 use postcopy_core::wire::{self, Decoder, Frame, PageData, PageKind};
 use postcopy_core::{
-    Channel, Config, GuestMemory as _, MigrationError, Mode, Notice, PageNumber, RamBlock, RamLayout, Side, Source,
+    Channel, Config, DeferredPage, MigrationError, Mode, Notice, PageNumber, RamBlock, RamLayout, Side, Source,
     SourceAction, SourceState, Timestamp,
 };
 
@@ -464,9 +464,7 @@ impl Driver {
             let frames =
                 self.core.poll_transmit_deferred(self.now, channel, &mut out, max_bytes, &self.guest, &mut deferred);
             let page_size = self.core.layout().page_size() as usize;
-            for d in deferred {
-                self.guest.read_page(d.page, &mut out[d.offset..d.offset + page_size]);
-            }
+            DeferredPage::fill_all(&deferred, &mut out, page_size, &self.guest);
             frames
         } else {
             self.core.poll_transmit(self.now, channel, &mut out, max_bytes, &self.guest)

@@ -16,7 +16,7 @@ use std::time::Instant;
 
 use postcopy_core::wire::PageData;
 use postcopy_core::{
-    Channel, Destination, DestinationAction, DestinationState, DestinationStats, Finished, GuestMemory as _,
+    Channel, DeferredPage, Destination, DestinationAction, DestinationState, DestinationStats, Finished,
     MigrationError, Notice, PageNumber, ProtocolError, RamLayout, Side, Source, SourceAction, SourceState, SourceStats,
     Timestamp, Waiter,
 };
@@ -964,9 +964,7 @@ impl Sim {
                             &mut deferred,
                         );
                         let page_size = self.src.core.layout().page_size() as usize;
-                        for d in deferred {
-                            self.src_mem.read_page(d.page, &mut out[d.offset..d.offset + page_size]);
-                        }
+                        DeferredPage::fill_all(&deferred, &mut out, page_size, &self.src_mem);
                         frames
                     } else if from_source {
                         self.src.core.poll_transmit(now, ch, &mut out, max_bytes, &self.src_mem)

@@ -96,19 +96,6 @@ impl GuestMemory for SourceRam<'_> {
     }
 }
 
-impl SourceRam<'_> {
-    /// Reads the pages [`Source::poll_transmit_deferred`] left in `buf`.
-    fn fill(&self, buf: &mut [u8], deferred: &[DeferredPage]) {
-        let size = PAGE_SIZE as usize;
-        for d in deferred {
-            match buf.get_mut(d.offset..d.offset + size) {
-                Some(payload) => self.read_page(d.page, payload),
-                None => tracing::error!(page = d.page.0, "a deferred payload outside the buffer"),
-            }
-        }
-    }
-}
-
 /// Asks the core for frames on `channel`. While the guest may still run here
 /// (precopy), pages are read under the core lock, so that the digest of a
 /// page's last copy is recorded last; once it is stopped, contents no longer
@@ -486,7 +473,7 @@ impl<'a> Driver<'a> {
                         }
                         (conn, drain(&mut l))
                     };
-                    self.guest.fill(&mut buf, &deferred);
+                    DeferredPage::fill_all(&deferred, &mut buf, PAGE_SIZE as usize, &self.guest);
                     if !ops.is_empty() {
                         self.flush_wanted[ch].store(true, Ordering::SeqCst);
                         self.execute(s, ops);
@@ -550,7 +537,7 @@ impl<'a> Driver<'a> {
                     }
                     (changed, drain(&mut l), state)
                 };
-                self.guest.fill(&mut buf, &deferred);
+                DeferredPage::fill_all(&deferred, &mut buf, PAGE_SIZE as usize, &self.guest);
                 deferred.clear();
                 // Ready for the switchover (idle until the stop, then the
                 // device state): wake at once when it comes.
