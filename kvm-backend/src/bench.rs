@@ -85,6 +85,9 @@ struct BenchReport {
     floor_same_cpu: Floor,
     loopback_gb_per_s: f64,
     ram_over_bandwidth_ms: f64,
+    /// The RAM over loopback with both ends on one CPU, nothing installed:
+    /// what the push's transfer alone costs on the CPU the guest leaves.
+    loopback_one_cpu_ms: f64,
     /// The RAM over loopback into `UFFDIO_COPY`, both ends on one CPU (the
     /// guest's vCPU holds the other during postcopy).
     push_on_one_cpu_ms: f64,
@@ -176,12 +179,17 @@ fn measure_floor(round_trips: usize, latency_cpu: Option<usize>, net: &Tuning) -
 /// the slowest faults, would lower it, and flatter the ratio).
 const CHANNEL_OF_FLOOR: Channel = Channel::Urgent;
 
-/// Loopback TCP bandwidth, one connection, 1 MiB writes, `bytes` in all.
-fn measure_bandwidth(bytes: u64, net: &Tuning) -> Result<f64, String> {
-    let accept_net = net.clone();
+/// Loopback TCP bandwidth, one connection, 1 MiB writes, `bytes` in all;
+/// both ends on `cpu` when given (in threads of their own: the migrations'
+/// processes inherit the calling thread's affinity).
+fn measure_bandwidth(bytes: u64, net: &Tuning, cpu: Option<usize>) -> Result<f64, String> {
+    let (accept_net, connect_net) = (net.clone(), net.clone());
     let listener = TcpListener::bind("127.0.0.1:0").map_err(|e| e.to_string())?;
     let addr = listener.local_addr().map_err(|e| e.to_string())?;
     let reader = std::thread::spawn(move || -> std::io::Result<u64> {
+        if let Some(cpu) = cpu {
+            let _ = postcopy_kvm::pin_thread(0, cpu);
+        }
         let (mut s, _) = listener.accept()?;
         accept_net.tune_socket(&s, CHANNEL_OF_FLOOR);
         let mut buf = vec![0u8; MIB as usize];
@@ -194,18 +202,24 @@ fn measure_bandwidth(bytes: u64, net: &Tuning) -> Result<f64, String> {
             total += n as u64;
         }
     });
-    let mut c = TcpStream::connect(addr).map_err(|e| e.to_string())?;
-    net.tune_socket(&c, CHANNEL_OF_FLOOR);
-    let chunk = vec![0xa5u8; MIB as usize];
-    let t0 = Instant::now();
-    let mut sent = 0;
-    while sent < bytes {
-        c.write_all(&chunk).map_err(|e| e.to_string())?;
-        sent += MIB;
-    }
-    drop(c);
+    let writer = std::thread::spawn(move || -> Result<f64, String> {
+        if let Some(cpu) = cpu {
+            let _ = postcopy_kvm::pin_thread(0, cpu);
+        }
+        let mut c = TcpStream::connect(addr).map_err(|e| e.to_string())?;
+        connect_net.tune_socket(&c, CHANNEL_OF_FLOOR);
+        let chunk = vec![0xa5u8; MIB as usize];
+        let t0 = Instant::now();
+        let mut sent = 0;
+        while sent < bytes {
+            c.write_all(&chunk).map_err(|e| e.to_string())?;
+            sent += MIB;
+        }
+        drop(c);
+        Ok(t0.elapsed().as_secs_f64())
+    });
     let got = reader.join().map_err(|_| "reader panicked".to_string())?.map_err(|e| e.to_string())?;
-    let secs = t0.elapsed().as_secs_f64();
+    let secs = writer.join().map_err(|_| "writer panicked".to_string())??;
     Ok(got as f64 / secs / 1e9)
 }
 
@@ -281,7 +295,8 @@ pub fn run(a: BenchArgs) -> Result<ExitCode, String> {
     let net = common.tuning();
     let floor = measure_floor(a.round_trips, common.latency_cpu, &net)?;
     let floor_same_cpu = measure_floor(a.round_trips, Some(0), &net)?;
-    let loopback_gb_per_s = measure_bandwidth(a.mem.max(256 * MIB), &net)?;
+    let loopback_gb_per_s = measure_bandwidth(a.mem.max(256 * MIB), &net, None)?;
+    let loopback_one_cpu_ms = a.mem as f64 / (measure_bandwidth(a.mem.max(256 * MIB), &net, Some(0))? * 1e9) * 1e3;
     let ram_over_bandwidth_ms = a.mem as f64 / (loopback_gb_per_s * 1e9) * 1e3;
     let push_on_one_cpu_ms = measure_push_on_one_cpu(a.mem, &net)?;
     eprintln!(
@@ -371,6 +386,7 @@ pub fn run(a: BenchArgs) -> Result<ExitCode, String> {
         floor_same_cpu,
         loopback_gb_per_s,
         ram_over_bandwidth_ms,
+        loopback_one_cpu_ms,
         push_on_one_cpu_ms,
         default_runs,
         fault_heavy_runs,
@@ -395,13 +411,14 @@ pub fn run(a: BenchArgs) -> Result<ExitCode, String> {
             println!("{}", f.table());
         }
         println!(
-            "floor: 4 KiB request/reply + UFFDIO_COPY p50 {:.1} us, p99 {:.1} us (driver's placement), p50 {:.1} us, p99 {:.1} us (one CPU); loopback TCP {:.2} GB/s ({:.0} ms for the RAM); the RAM into UFFDIO_COPY on one CPU {:.0} ms\n",
+            "floor: 4 KiB request/reply + UFFDIO_COPY p50 {:.1} us, p99 {:.1} us (driver's placement), p50 {:.1} us, p99 {:.1} us (one CPU); loopback TCP {:.2} GB/s ({:.0} ms for the RAM; {:.0} ms on one CPU); the RAM into UFFDIO_COPY on one CPU {:.0} ms\n",
             report.floor.p50_us,
             report.floor.p99_us,
             report.floor_same_cpu.p50_us,
             report.floor_same_cpu.p99_us,
             report.loopback_gb_per_s,
             report.ram_over_bandwidth_ms,
+            report.loopback_one_cpu_ms,
             report.push_on_one_cpu_ms
         );
         println!(
