@@ -40,17 +40,14 @@ pub fn encode_page_frame(
     page_size: usize,
     fill: impl FnOnce(&mut [u8]),
 ) -> bool {
-    let Some(data_at) = encode_page_frame_unfilled(out, address, kind, page_size, false) else {
-        return true;
-    };
+    let start = out.len();
+    let data_at = page_frame_with_room(out, address, kind, page_size, false);
     fill(&mut out[data_at..]);
     let zero = is_zero_page(&out[data_at..]);
     if zero {
         out.truncate(data_at);
-        let start = data_at - HEADER_LEN - 8;
         out[start + 1] |= PAGE_FLAG_ZERO;
-        let length_at = start + 4;
-        finish(out, length_at, FrameKind::Page);
+        finish(out, start + 4, FrameKind::Page);
     }
     zero
 }
@@ -65,6 +62,19 @@ pub fn encode_page_frame_unfilled(
     page_size: usize,
     zero: bool,
 ) -> Option<usize> {
+    let data_at = page_frame_with_room(out, address, kind, page_size, zero);
+    (!zero).then_some(data_at)
+}
+
+/// A whole page frame with `page_size` zero bytes of room for the payload
+/// (none when `zero`); returns where the payload starts.
+fn page_frame_with_room(
+    out: &mut Vec<u8>,
+    address: PageAddress,
+    kind: PageKind,
+    page_size: usize,
+    zero: bool,
+) -> usize {
     let flags = kind.code() << PAGE_KIND_SHIFT | if zero { PAGE_FLAG_ZERO } else { 0 };
     let length_at = begin(out, FrameKind::Page, flags);
     out.extend_from_slice(&address.block.to_be_bytes());
@@ -74,7 +84,7 @@ pub fn encode_page_frame_unfilled(
         out.resize(data_at + page_size, 0);
     }
     finish(out, length_at, FrameKind::Page);
-    (!zero).then_some(data_at)
+    data_at
 }
 
 /// Whether every byte is zero (a word at a time: this runs on every page sent).
