@@ -37,56 +37,26 @@ const QUANTUM_NS: u64 = 50 * US;
 /// Timer firings at one instant without the deadline moving: a busy loop.
 const TIMER_LIVELOCK: u32 = 10_000;
 
+/// A scheduled event. `ConnectFail::refused`: nothing listened (a reset
+/// came back); otherwise the connect timed out.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 enum Ev {
     Start,
     NewAttempt,
-    Vcpu {
-        vcpu: u32,
-        generation: u32,
-    },
-    LinkFree {
-        dir: u8,
-    },
-    Deliver {
-        conn: u32,
-    },
-    SynArrive {
-        conn: u32,
-    },
-    SynAck {
-        conn: u32,
-    },
-    /// `refused`: nothing listened (a reset), else the connect timed out.
-    ConnectFail {
-        conn: u32,
-        refused: bool,
-    },
-    Lost {
-        conn: u32,
-        to_source: bool,
-    },
-    Timer {
-        dest: bool,
-        generation: u32,
-    },
-    VcpusStopped {
-        generation: u32,
-    },
-    DirtySynced {
-        generation: u32,
-        slot: u32,
-    },
-    DeviceLoaded {
-        generation: u32,
-    },
-    Switch {
-        generation: u32,
-    },
+    Vcpu { vcpu: u32, generation: u32 },
+    LinkFree { dir: u8 },
+    Deliver { conn: u32 },
+    SynArrive { conn: u32 },
+    SynAck { conn: u32 },
+    ConnectFail { conn: u32, refused: bool },
+    Lost { conn: u32, to_source: bool },
+    Timer { dest: bool, generation: u32 },
+    VcpusStopped { generation: u32 },
+    DirtySynced { generation: u32, slot: u32 },
+    DeviceLoaded { generation: u32 },
+    Switch { generation: u32 },
     Reset,
-    PartitionStart {
-        index: u32,
-    },
+    PartitionStart { index: u32 },
     PartitionEnd,
     Heal,
     DestRestart,
