@@ -162,23 +162,33 @@ pub(crate) enum UffdFill {
     Exists,
 }
 
-/// `UFFDIO_COPY` of `src` to `dst`, waking the faulting threads.
+/// When a fill wakes the threads waiting for its pages.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Wake {
+    /// In the same call.
+    Now,
+    /// Not in the call (`..._MODE_DONTWAKE`): the caller wakes them with `UFFDIO_WAKE`.
+    Later,
+}
+
+/// `UFFDIO_COPY` of `src` to `dst`, waking the faulting threads when `wake` says.
 ///
 /// `dst` must be a page-aligned range inside memory registered with `uffd`
 /// (checked by the callers against the RAM layout).
-pub(crate) fn uffd_copy(uffd: &userfaultfd::Uffd, dst: u64, src: &[u8]) -> io::Result<UffdFill> {
+
+pub(crate) fn uffd_copy(uffd: &userfaultfd::Uffd, dst: u64, src: &[u8], wake: Wake) -> io::Result<UffdFill> {
     // SAFETY: `src` is a live slice for the duration of the call; `dst` is a
     // registered range of guest memory (see above), which the kernel fills
     // atomically; no Rust reference points into guest memory.
-    let res = unsafe { uffd.copy(src.as_ptr().cast(), dst as *mut libc::c_void, src.len(), true) };
+    let res = unsafe { uffd.copy(src.as_ptr().cast(), dst as *mut libc::c_void, src.len(), wake == Wake::Now) };
     map_fill(res)
 }
 
-/// `UFFDIO_ZEROPAGE` over `[dst, dst + len)`, waking the faulting threads.
-pub(crate) fn uffd_zeropage(uffd: &userfaultfd::Uffd, dst: u64, len: usize) -> io::Result<UffdFill> {
+/// `UFFDIO_ZEROPAGE` over `[dst, dst + len)`, waking the faulting threads when `wake` says.
+pub(crate) fn uffd_zeropage(uffd: &userfaultfd::Uffd, dst: u64, len: usize, wake: Wake) -> io::Result<UffdFill> {
     // SAFETY: `dst` is a registered range of guest memory (checked by the
     // callers); the kernel maps the zero page there.
-    let res = unsafe { uffd.zeropage(dst as *mut libc::c_void, len, true) };
+    let res = unsafe { uffd.zeropage(dst as *mut libc::c_void, len, wake == Wake::Now) };
     map_fill(res)
 }
 
@@ -204,7 +214,8 @@ fn map_fill(res: userfaultfd::Result<usize>) -> io::Result<UffdFill> {
 }
 
 /// `UFFDIO_WAKE` over `[dst, dst + len)`: wakes threads waiting on pages
-/// that are already present (a fault that raced with an install).
+/// that are already present (after a fill that did not wake, or a fault
+/// that raced with an install).
 pub(crate) fn uffd_wake(uffd: &userfaultfd::Uffd, dst: u64, len: usize) -> io::Result<()> {
     uffd.wake(dst as *mut libc::c_void, len).map_err(|e| match e {
         userfaultfd::Error::SystemError(errno) => io::Error::from_raw_os_error(errno as i32),

@@ -7,6 +7,7 @@
 //!   and [`UffdRam::install_zero_pages`] (`UFFDIO_ZEROPAGE`) place pages
 //!   atomically and wake the threads waiting for them; a page that is
 //!   already present is reported ([`Install::AlreadyPresent`]), not an error.
+//!   Their `_with` forms run a callback between the install and the wake-up.
 //! - [`UffdRam::discard_pages`] drops pages (`MADV_DONTNEED`) so that they
 //!   fault again (stale precopy pages).
 //! - [`FaultReader`] turns userfaultfd events into [`PageFault`]s. Its fd is
@@ -22,7 +23,7 @@ use userfaultfd::{Event, EventBuffer, FeatureFlags, IoctlFlags, ReadWrite, Uffd,
 use crate::error::{Error, Result};
 use crate::layout::{PageRef, PAGE_SIZE};
 use crate::memory::GuestRam;
-use crate::sys::{self, UffdFill};
+use crate::sys::{self, UffdFill, Wake};
 
 /// Events read per `read(2)` on the userfaultfd.
 pub const FAULT_BATCH: usize = 64;
@@ -100,6 +101,17 @@ pub enum Install {
     Installed,
     /// The page was already present; nothing changed.
     AlreadyPresent,
+}
+
+impl Install {
+    /// The outcome of a one-page run.
+    fn of(count: InstallCount) -> Self {
+        if count.installed == 1 {
+            Install::Installed
+        } else {
+            Install::AlreadyPresent
+        }
+    }
 }
 
 /// Outcome of installing a run of pages.
@@ -181,36 +193,54 @@ impl UffdRam {
     /// Installs one page (`UFFDIO_COPY`) and wakes the threads waiting for
     /// it.
     pub fn install_page(&self, page: PageRef, data: &[u8]) -> Result<Install> {
-        if data.len() != PAGE_SIZE as usize {
-            return Err(Error::BadLength { want: PAGE_SIZE as usize, got: data.len() });
-        }
+        Self::check_page(data)?;
         let n = self.install_pages(page, data)?;
-        Ok(if n.installed == 1 { Install::Installed } else { Install::AlreadyPresent })
+        Ok(Install::of(n))
+    }
+
+    /// As [`UffdRam::install_page`], calling `installed()` once the page is
+    /// in place and before its waiting threads are woken (see
+    /// [`UffdRam::install_pages_with`]).
+    pub fn install_page_with<T>(
+        &self,
+        page: PageRef,
+        data: &[u8],
+        installed: impl FnOnce() -> T,
+    ) -> Result<(Install, T)> {
+        Self::check_page(data)?;
+        let (n, t) = self.install_pages_with(page, data, |_| {}, installed)?;
+        Ok((Install::of(n), t))
     }
 
     /// Installs `data.len() / 4096` consecutive pages from `first` (one
     /// block), skipping those already present.
     pub fn install_pages(&self, first: PageRef, data: &[u8]) -> Result<InstallCount> {
-        self.install_pages_with(first, data, |_| {})
+        let dst = self.copy_target(first, data)?;
+        self.fill(dst, data.len(), |at, off| sys::uffd_copy(&self.uffd, at, &data[off..], Wake::Now), |_| {})
     }
 
     /// As [`UffdRam::install_pages`], calling `already_present(i)` for the
-    /// `i`-th page of the run when it was left as it was.
-    pub fn install_pages_with(
+    /// `i`-th page of the run when it was left as it was, and `installed()`
+    /// once the pages are in place but before the threads waiting for them
+    /// are woken (`UFFDIO_COPY_MODE_DONTWAKE`, then `UFFDIO_WAKE`). A vCPU
+    /// woken on the caller's CPU runs first: whatever `installed` records
+    /// (the install time) would otherwise wait until the guest faults again.
+    pub fn install_pages_with<T>(
         &self,
         first: PageRef,
         data: &[u8],
         already_present: impl FnMut(u64),
-    ) -> Result<InstallCount> {
+        installed: impl FnOnce() -> T,
+    ) -> Result<(InstallCount, T)> {
+        let dst = self.copy_target(first, data)?;
         let len = data.len();
-        if len == 0 || len % PAGE_SIZE as usize != 0 {
-            return Err(Error::BadLength {
-                want: len.div_ceil(PAGE_SIZE as usize).max(1) * PAGE_SIZE as usize,
-                got: len,
-            });
-        }
-        let dst = self.ram.pages_host_addr(first, len as u64 / PAGE_SIZE)?;
-        self.fill(dst, len, |at, off| sys::uffd_copy(&self.uffd, at, &data[off..]), already_present)
+        self.fill_then_wake(
+            dst,
+            len,
+            |at, off| sys::uffd_copy(&self.uffd, at, &data[off..], Wake::Later),
+            already_present,
+            installed,
+        )
     }
 
     /// Installs `count` zero pages from `first` (`UFFDIO_ZEROPAGE`),
@@ -218,13 +248,63 @@ impl UffdRam {
     pub fn install_zero_pages(&self, first: PageRef, count: u64) -> Result<InstallCount> {
         let dst = self.ram.pages_host_addr(first, count)?;
         let len = (count * PAGE_SIZE) as usize;
-        self.fill(dst, len, |at, off| sys::uffd_zeropage(&self.uffd, at, len - off), |_| {})
+        self.fill(dst, len, |at, off| sys::uffd_zeropage(&self.uffd, at, len - off, Wake::Now), |_| {})
     }
 
     /// Installs one zero page.
     pub fn install_zero_page(&self, page: PageRef) -> Result<Install> {
-        let n = self.install_zero_pages(page, 1)?;
-        Ok(if n.installed == 1 { Install::Installed } else { Install::AlreadyPresent })
+        Ok(Install::of(self.install_zero_pages(page, 1)?))
+    }
+
+    /// As [`UffdRam::install_zero_page`], calling `installed()` before the
+    /// waiting threads are woken (see [`UffdRam::install_pages_with`]).
+    pub fn install_zero_page_with<T>(&self, page: PageRef, installed: impl FnOnce() -> T) -> Result<(Install, T)> {
+        let dst = self.ram.pages_host_addr(page, 1)?;
+        let len = PAGE_SIZE as usize;
+        let (n, t) = self.fill_then_wake(
+            dst,
+            len,
+            |at, off| sys::uffd_zeropage(&self.uffd, at, len - off, Wake::Later),
+            |_| {},
+            installed,
+        )?;
+        Ok((Install::of(n), t))
+    }
+
+    fn check_page(data: &[u8]) -> Result<()> {
+        if data.len() != PAGE_SIZE as usize {
+            return Err(Error::BadLength { want: PAGE_SIZE as usize, got: data.len() });
+        }
+        Ok(())
+    }
+
+    /// Where `data` goes from `first`: whole pages of one block.
+    fn copy_target(&self, first: PageRef, data: &[u8]) -> Result<u64> {
+        let len = data.len();
+        if len == 0 || len % PAGE_SIZE as usize != 0 {
+            return Err(Error::BadLength {
+                want: len.div_ceil(PAGE_SIZE as usize).max(1) * PAGE_SIZE as usize,
+                got: len,
+            });
+        }
+        self.ram.pages_host_addr(first, len as u64 / PAGE_SIZE)
+    }
+
+    /// [`UffdRam::fill`] with an `op` that does not wake, then `installed()`,
+    /// then one wake over the whole range, failed fill or not: a page
+    /// placed before the failure may have waiters.
+    fn fill_then_wake<T>(
+        &self,
+        dst: u64,
+        len: usize,
+        op: impl FnMut(u64, usize) -> std::io::Result<UffdFill>,
+        already_present: impl FnMut(u64),
+        installed: impl FnOnce() -> T,
+    ) -> Result<(InstallCount, T)> {
+        let filled = self.fill(dst, len, op, already_present);
+        let t = installed();
+        sys::uffd_wake(&self.uffd, dst, len).map_err(|e| Error::Uffd { op: "wake", reason: e.to_string() })?;
+        Ok((filled?, t))
     }
 
     fn fill(

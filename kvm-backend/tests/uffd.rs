@@ -61,8 +61,8 @@ fn install_copy_zero_and_already_present() {
         run.extend_from_slice(&page_of(0x10 + i));
     }
     let mut skipped = Vec::new();
-    let n = m.install_pages_with(PageRef::new(0, 5), &run, |i| skipped.push(i)).unwrap();
-    assert_eq!(n, InstallCount { installed: 4, already_present: 2 });
+    let (n, marker) = m.install_pages_with(PageRef::new(0, 5), &run, |i| skipped.push(i), || "installed").unwrap();
+    assert_eq!((n, marker), (InstallCount { installed: 4, already_present: 2 }, "installed"));
     assert_eq!(skipped, vec![2, 3], "pages 7 and 8 are the third and fourth of the run");
     for (i, want) in [(5, 0x10), (6, 0x11), (7, 0xab), (8, 0), (9, 0x14), (10, 0x15)] {
         m.ram().read_page(PageRef::new(0, i), &mut back).unwrap();
@@ -73,6 +73,50 @@ fn install_copy_zero_and_already_present() {
     assert_eq!(n, InstallCount { installed: 2, already_present: 2 });
 }
 
+/// The `_with` installs run their callback with the page in place and its
+/// faulting thread still asleep, and wake it afterwards.
+#[test]
+fn installs_with_a_callback_wake_the_waiter_after_it() {
+    if !uffd_or_skip("installs_with_a_callback_wake_the_waiter_after_it") {
+        return;
+    }
+    let m = fresh(2);
+    let mut reader = m.fault_reader();
+    for (i, zero) in [(0u64, false), (1, true)] {
+        let page = PageRef::new(0, 100 + i);
+        let gpa = m.ram().layout().gpa_of(page).unwrap();
+        let done = Arc::new(AtomicBool::new(false));
+        let toucher = {
+            let (m, done) = (m.clone(), done.clone());
+            std::thread::spawn(move || {
+                let v = m.ram().read_u64(gpa).expect("read");
+                done.store(true, Ordering::SeqCst);
+                v
+            })
+        };
+        assert!(reader.wait(Duration::from_secs(5)).unwrap(), "no fault arrived");
+        let mut faults = Vec::new();
+        assert_eq!(reader.read(&mut faults).unwrap(), 1);
+        let asleep_after_install = || {
+            // Time enough for a woken thread to finish its read.
+            std::thread::sleep(Duration::from_millis(50));
+            !done.load(Ordering::SeqCst)
+        };
+        let (outcome, asleep) = if zero {
+            m.install_zero_page_with(page, asleep_after_install).unwrap()
+        } else {
+            m.install_page_with(page, &page_of(0x77), asleep_after_install).unwrap()
+        };
+        assert_eq!(outcome, Install::Installed);
+        assert!(asleep, "the waiter was woken before the callback ran (zero page: {zero})");
+        let want = if zero { 0 } else { 0x7777_7777_7777_7777 };
+        assert_eq!(toucher.join().unwrap(), want, "the waiter was not woken, or read the wrong page");
+    }
+    // A page already present: reported, the callback still runs.
+    let (outcome, ran) = m.install_page_with(PageRef::new(0, 100), &page_of(1), || true).unwrap();
+    assert_eq!((outcome, ran), (Install::AlreadyPresent, true));
+}
+
 #[test]
 fn bad_arguments_are_errors() {
     if !uffd_or_skip("bad_arguments_are_errors") {
@@ -80,6 +124,8 @@ fn bad_arguments_are_errors() {
     }
     let m = fresh(2);
     assert!(matches!(m.install_page(PageRef::new(0, 0), &[0u8; 100]), Err(Error::BadLength { .. })));
+    assert!(matches!(m.install_page_with(PageRef::new(0, 0), &[0u8; 100], || ()), Err(Error::BadLength { .. })));
+    assert!(matches!(m.install_zero_page_with(PageRef::new(0, 512), || ()), Err(Error::PageOutOfRange { .. })));
     assert!(matches!(m.install_pages(PageRef::new(0, 0), &[]), Err(Error::BadLength { .. })));
     assert!(matches!(m.install_page(PageRef::new(0, 512), &page_of(0)), Err(Error::PageOutOfRange { .. })));
     assert!(matches!(m.install_page(PageRef::new(1, 0), &page_of(0)), Err(Error::PageOutOfRange { .. })));

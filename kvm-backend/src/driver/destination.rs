@@ -386,21 +386,24 @@ impl<'a> Driver<'a> {
             };
             eprintln!("destination: test-only damage applied to page {} ({damage:?})", page.0);
         }
+        // The install time is taken before a woken vCPU can preempt this thread.
         let result = match (&data, overwrite) {
-            (PageData::Bytes(b), true) => m.ram.write_page(r, b).map(|()| Install::Installed),
-            (PageData::Zero, true) => m.ram.write_page(r, &[0u8; PAGE_SIZE as usize]).map(|()| Install::Installed),
-            (PageData::Bytes(b), false) => m.uffd.install_page(r, b),
-            (PageData::Zero, false) => m.uffd.install_zero_page(r),
+            (PageData::Bytes(b), true) => m.ram.write_page(r, b).map(|()| (Install::Installed, now().0)),
+            (PageData::Zero, true) => {
+                m.ram.write_page(r, &[0u8; PAGE_SIZE as usize]).map(|()| (Install::Installed, now().0))
+            }
+            (PageData::Bytes(b), false) => m.uffd.install_page_with(r, b, || now().0),
+            (PageData::Zero, false) => m.uffd.install_zero_page_with(r, || now().0),
         };
         match result {
-            Ok(Install::Installed) => {
+            Ok((Install::Installed, at_ns)) => {
                 let bytes = match &data {
                     PageData::Bytes(b) => Some(&b[..]),
                     PageData::Zero => None,
                 };
-                self.note_installed(m, page, bytes, now().0);
+                self.note_installed(m, page, bytes, at_ns);
             }
-            Ok(Install::AlreadyPresent) => self.note_already_present(page),
+            Ok((Install::AlreadyPresent, _)) => self.note_already_present(page),
             Err(e) => {
                 self.install_anomalies.fetch_add(1, Ordering::Relaxed);
                 tracing::error!(%e, page = page.0, "install failed");
@@ -440,14 +443,16 @@ impl<'a> Driver<'a> {
             for (_, bytes) in &run {
                 staging.extend_from_slice(bytes);
             }
-            m.uffd.install_pages_with(r, staging, |i| present |= 1 << i)
+            m.uffd.install_pages_with(r, staging, |i| present |= 1 << i, || now().0)
         });
-        if let Err(e) = result {
-            self.install_anomalies.fetch_add(run.len() as u64, Ordering::Relaxed);
-            tracing::error!(%e, first = first.0, pages = run.len(), "install failed");
-            return;
-        }
-        let t = now().0;
+        let t = match result {
+            Ok((_, t)) => t,
+            Err(e) => {
+                self.install_anomalies.fetch_add(run.len() as u64, Ordering::Relaxed);
+                tracing::error!(%e, first = first.0, pages = run.len(), "install failed");
+                return;
+            }
+        };
         for (i, (page, bytes)) in run.iter().enumerate() {
             if present >> i & 1 == 1 {
                 self.note_already_present(*page);
