@@ -175,7 +175,6 @@ pub(crate) enum Wake {
 ///
 /// `dst` must be a page-aligned range inside memory registered with `uffd`
 /// (checked by the callers against the RAM layout).
-
 pub(crate) fn uffd_copy(uffd: &userfaultfd::Uffd, dst: u64, src: &[u8], wake: Wake) -> io::Result<UffdFill> {
     // SAFETY: `src` is a live slice for the duration of the call; `dst` is a
     // registered range of guest memory (see above), which the kernel fills
