@@ -91,6 +91,13 @@ struct BenchReport {
     /// The RAM over loopback into `UFFDIO_COPY`, both ends on one CPU (the
     /// guest's vCPU holds the other during postcopy).
     push_on_one_cpu_ms: f64,
+    /// The first touch of as much fresh anonymous memory as the RAM, one
+    /// write per page, as the allocator hands it out: what backing the
+    /// destination's pages costs here now. It varies with how much of this
+    /// VM's free memory the host has reclaimed (see the README).
+    fresh_memory_touch_ms: f64,
+    /// The same again at once, in memory just freed (still backed).
+    fresh_memory_retouch_ms: f64,
     default_runs: Vec<RunReport>,
     fault_heavy_runs: Vec<RunReport>,
     ratios: Vec<Ratio>,
@@ -272,6 +279,20 @@ fn measure_push_on_one_cpu(mem: u64, net: &Tuning) -> Result<f64, String> {
     ms?
 }
 
+/// Writes one byte in every page of `mem` bytes of fresh anonymous memory;
+/// returns the milliseconds.
+fn touch_fresh_memory(mem: u64) -> f64 {
+    // calloc'd: mapped on first touch, like pages placed by UFFDIO_COPY.
+    let mut fresh = vec![0u8; mem as usize];
+    let t0 = Instant::now();
+    for byte in fresh.iter_mut().step_by(PAGE_SIZE as usize) {
+        *byte = 1;
+    }
+    let ms = t0.elapsed().as_secs_f64() * 1e3;
+    std::hint::black_box(&fresh);
+    ms
+}
+
 fn migration(mem: u64, common: &Common, fault_heavy: bool) -> Result<RunReport, String> {
     let guest =
         GuestArgs { mode: ModeArg::Postcopy, precopy_rounds: 0, mem, vcpus: 1, guest_image: None, run_before_ms: 500 };
@@ -299,6 +320,8 @@ pub fn run(a: BenchArgs) -> Result<ExitCode, String> {
     let loopback_one_cpu_ms = a.mem as f64 / (measure_bandwidth(a.mem.max(256 * MIB), &net, Some(0))? * 1e9) * 1e3;
     let ram_over_bandwidth_ms = a.mem as f64 / (loopback_gb_per_s * 1e9) * 1e3;
     let push_on_one_cpu_ms = measure_push_on_one_cpu(a.mem, &net)?;
+    let fresh_memory_touch_ms = touch_fresh_memory(a.mem);
+    let fresh_memory_retouch_ms = touch_fresh_memory(a.mem);
     eprintln!(
         "bench: floor p50 {:.1} us p99 {:.1} us; loopback {:.2} GB/s; a {} MiB migration (default settings)...",
         floor.p50_us,
@@ -363,6 +386,17 @@ pub fn run(a: BenchArgs) -> Result<ExitCode, String> {
         f64::INFINITY,
         false,
     );
+    let placing = stat(&default_runs, &|r| r.destination.install_busy_ns as f64 / 1e6);
+    add(
+        "time placing pages vs fresh memory (info)",
+        placing,
+        "ms",
+        fresh_memory_touch_ms,
+        "first touch of fresh memory, one write per page",
+        "-",
+        f64::INFINITY,
+        false,
+    );
     let downtime = stat(&default_runs, &|r| r.downtime_ms);
     add("downtime", downtime, "ms", 5.0, "goal", "< 5 ms", 1.0, false);
     let progress = |r: &RunReport| {
@@ -388,6 +422,8 @@ pub fn run(a: BenchArgs) -> Result<ExitCode, String> {
         ram_over_bandwidth_ms,
         loopback_one_cpu_ms,
         push_on_one_cpu_ms,
+        fresh_memory_touch_ms,
+        fresh_memory_retouch_ms,
         default_runs,
         fault_heavy_runs,
         ratios,
@@ -411,7 +447,7 @@ pub fn run(a: BenchArgs) -> Result<ExitCode, String> {
             println!("{}", f.table());
         }
         println!(
-            "floor: 4 KiB request/reply + UFFDIO_COPY p50 {:.1} us, p99 {:.1} us (driver's placement), p50 {:.1} us, p99 {:.1} us (one CPU); loopback TCP {:.2} GB/s ({:.0} ms for the RAM; {:.0} ms on one CPU); the RAM into UFFDIO_COPY on one CPU {:.0} ms\n",
+            "floor: 4 KiB request/reply + UFFDIO_COPY p50 {:.1} us, p99 {:.1} us (driver's placement), p50 {:.1} us, p99 {:.1} us (one CPU); loopback TCP {:.2} GB/s ({:.0} ms for the RAM; {:.0} ms on one CPU); the RAM into UFFDIO_COPY on one CPU {:.0} ms; first touch of as much fresh memory {:.0} ms ({:.0} ms again just after freeing it)\n",
             report.floor.p50_us,
             report.floor.p99_us,
             report.floor_same_cpu.p50_us,
@@ -419,7 +455,9 @@ pub fn run(a: BenchArgs) -> Result<ExitCode, String> {
             report.loopback_gb_per_s,
             report.ram_over_bandwidth_ms,
             report.loopback_one_cpu_ms,
-            report.push_on_one_cpu_ms
+            report.push_on_one_cpu_ms,
+            report.fresh_memory_touch_ms,
+            report.fresh_memory_retouch_ms
         );
         println!(
             "{:<42} {:>14} {:>14} {:>8} {:>9}  met",

@@ -159,6 +159,8 @@ struct Driver<'a> {
     end_ns: AtomicU64,
     faults_read: AtomicU64,
     install_anomalies: AtomicU64,
+    /// Wall time in the calls that placed pages, summed over the installers.
+    install_busy_ns: AtomicU64,
     notices: Mutex<Vec<String>>,
     opts: &'a DestinationOptions,
     listener: TcpListener,
@@ -208,6 +210,7 @@ pub fn run_destination(listener: TcpListener, opts: &DestinationOptions) -> Dest
         end_ns: AtomicU64::new(0),
         faults_read: AtomicU64::new(0),
         install_anomalies: AtomicU64::new(0),
+        install_busy_ns: AtomicU64::new(0),
         notices: Mutex::new(Vec::new()),
         opts,
         listener,
@@ -387,6 +390,7 @@ impl<'a> Driver<'a> {
             eprintln!("destination: test-only damage applied to page {} ({damage:?})", page.0);
         }
         // The install time is taken before a woken vCPU can preempt this thread.
+        let started_ns = now().0;
         let result = match (&data, overwrite) {
             (PageData::Bytes(b), true) => m.ram.write_page(r, b).map(|()| (Install::Installed, now().0)),
             (PageData::Zero, true) => {
@@ -397,13 +401,17 @@ impl<'a> Driver<'a> {
         };
         match result {
             Ok((Install::Installed, at_ns)) => {
+                self.install_busy_ns.fetch_add(at_ns.saturating_sub(started_ns), Ordering::Relaxed);
                 let bytes = match &data {
                     PageData::Bytes(b) => Some(&b[..]),
                     PageData::Zero => None,
                 };
                 self.note_installed(m, page, bytes, at_ns);
             }
-            Ok((Install::AlreadyPresent, _)) => self.note_already_present(page),
+            Ok((Install::AlreadyPresent, at_ns)) => {
+                self.install_busy_ns.fetch_add(at_ns.saturating_sub(started_ns), Ordering::Relaxed);
+                self.note_already_present(page)
+            }
             Err(e) => {
                 self.install_anomalies.fetch_add(1, Ordering::Relaxed);
                 tracing::error!(%e, page = page.0, "install failed");
@@ -443,10 +451,14 @@ impl<'a> Driver<'a> {
             for (_, bytes) in &run {
                 staging.extend_from_slice(bytes);
             }
-            m.uffd.install_pages_with(r, staging, |i| present |= 1 << i, || now().0)
+            let started_ns = now().0;
+            m.uffd.install_pages_with(r, staging, |i| present |= 1 << i, || now().0).map(|(_, t)| (started_ns, t))
         });
         let t = match result {
-            Ok((_, t)) => t,
+            Ok((started_ns, t)) => {
+                self.install_busy_ns.fetch_add(t.saturating_sub(started_ns), Ordering::Relaxed);
+                t
+            }
             Err(e) => {
                 self.install_anomalies.fetch_add(run.len() as u64, Ordering::Relaxed);
                 tracing::error!(%e, first = first.0, pages = run.len(), "install failed");
@@ -876,6 +888,7 @@ impl<'a> Driver<'a> {
         report.ok = finished.as_ref().is_some_and(|f| f.result.is_ok()) && report.error.is_none();
         report.notices = lock(&self.notices).clone();
         report.install_anomalies = self.install_anomalies.load(Ordering::Relaxed);
+        report.install_busy_ns = self.install_busy_ns.load(Ordering::Relaxed);
         let summary = {
             let h = lock(&self.latency);
             let us = |ns: u64| ns as f64 / 1e3;

@@ -89,7 +89,7 @@ pub struct DestinationReport {
     /// Monotonic ns when this side completed.
     pub end_ns: u64,
     /// Fault latency measured by the driver: fault read from userfaultfd
-    /// to the page installed (UFFDIO_COPY returned).
+    /// to the page in place (taken before its waiting threads are woken).
     pub fault_latency: LatencySummary,
     /// Digest of every page as installed.
     pub digest: MemoryDigest,
@@ -97,6 +97,12 @@ pub struct DestinationReport {
     pub pages_installed: u64,
     /// Installs that failed or found the page already there.
     pub install_anomalies: u64,
+    /// Wall time in the calls that placed pages (`UFFDIO_COPY`,
+    /// `UFFDIO_ZEROPAGE`, writes over present pages), summed over the
+    /// installing threads: on this machine mostly the kernel backing fresh
+    /// memory (see the README).
+    #[serde(default)]
+    pub install_busy_ns: u64,
     /// Guest pages written per second while postcopy ran.
     pub progress_during_pages_per_s: Option<f64>,
     /// Guest pages written per second after the migration.
@@ -205,6 +211,15 @@ impl RunReport {
         row(
             "fault latency (fault read -> installed)",
             format!("p50 {:.0} us, p90 {:.0} us, p99 {:.0} us, max {:.0} us", l.p50_us, l.p90_us, l.p99_us, l.max_us),
+        );
+        row(
+            "time placing pages",
+            format!(
+                "{:.1} ms for {} pages, {:.2} us/page (UFFDIO_COPY/ZEROPAGE calls)",
+                ms(d.install_busy_ns),
+                d.pages_installed,
+                d.install_busy_ns as f64 / 1e3 / d.pages_installed.max(1) as f64
+            ),
         );
         let blocked: Vec<String> =
             d.stats.vcpu_blocked_ns.iter().enumerate().map(|(i, ns)| format!("vcpu{i} {:.1} ms", ms(*ns))).collect();
