@@ -184,6 +184,14 @@ pub struct DestArgs {
     /// No progress bar.
     #[arg(long)]
     pub no_progress: bool,
+    /// Allocate this much guest RAM (the source's --mem) before listening,
+    /// every page in shared memory: the migration then only copies pages
+    /// into place (UFFDIO_CONTINUE) instead of allocating each one as it
+    /// arrives, which costs up to ~10 us a page on a host that reclaims this
+    /// machine's free memory (see the README). Takes as long as touching
+    /// that much memory. A source with other RAM is refused.
+    #[arg(long, value_parser = parse_size)]
+    pub prealloc: Option<u64>,
     #[command(flatten)]
     pub common: Common,
 }
@@ -280,6 +288,20 @@ pub fn dest(a: DestArgs) -> Result<ExitCode, String> {
     if !postcopy_kvm::kvm_available() {
         return Err("/dev/kvm is not usable here".into());
     }
+    let preallocated = match a.prealloc {
+        Some(bytes) => {
+            let layout = RamLayout::pc(bytes).map_err(|e| format!("--prealloc: {e}"))?;
+            let t0 = Instant::now();
+            let ram = GuestRam::new_preallocated(layout).map_err(|e| format!("--prealloc: {e}"))?;
+            eprintln!(
+                "destination: {} MiB of guest RAM preallocated in {:.0} ms",
+                bytes >> 20,
+                t0.elapsed().as_secs_f64() * 1e3
+            );
+            Some(Arc::new(ram))
+        }
+        None => None,
+    };
     let listener = TcpListener::bind(resolve(&a.listen)?).map_err(|e| format!("listen on {}: {e}", a.listen))?;
     let addr = listener.local_addr().map_err(|e| e.to_string())?;
     eprintln!("destination: listening on {addr}");
@@ -295,6 +317,7 @@ pub fn dest(a: DestArgs) -> Result<ExitCode, String> {
         dump_memory: a.dump_memory.clone(),
         damage: Damage::from_env()?,
         progress_bar: !a.no_progress && !a.common.json,
+        preallocated,
     };
     let outcome = driver::run_destination(listener, &opts);
     let r = outcome.report;
@@ -465,6 +488,7 @@ pub fn run_pair(
     let mut dest = Process::new(&exe);
     dest.args(["dest", "--listen", "127.0.0.1:0", "--json", "--run-after-ms"])
         .arg(run_after_ms.to_string())
+        .arg(format!("--prealloc={}", guest.mem))
         .arg("--ready-file")
         .arg(&ready)
         .args(common.forward())
@@ -482,7 +506,8 @@ pub fn run_pair(
         if let Ok(Some(status)) = dest.try_wait() {
             return Err(format!("the destination exited early ({status})"));
         }
-        if t0.elapsed() > Duration::from_secs(30) {
+        // Preallocating takes up to ~3 s per GiB here.
+        if t0.elapsed() > Duration::from_secs(30 + 5 * guest.mem.div_ceil(1 << 30)) {
             let _ = dest.kill();
             return Err("the destination did not start listening".into());
         }

@@ -130,6 +130,19 @@ pub(crate) fn madvise_dontneed(host_addr: u64, len: usize) -> io::Result<()> {
     }
 }
 
+/// `madvise(MADV_POPULATE_WRITE)`: allocates and maps writable every page
+/// of `[host_addr, host_addr + len)`, a range of a mapping this process made.
+pub(crate) fn madvise_populate_write(host_addr: u64, len: usize) -> io::Result<()> {
+    // SAFETY: the callers pass a page-aligned range of a mapping they own;
+    // populating only allocates and maps pages, contents are unchanged.
+    let ret = unsafe { libc::madvise(host_addr as *mut libc::c_void, len, libc::MADV_POPULATE_WRITE) };
+    if ret == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
 /// Waits until `fd` is readable or `timeout` passes; returns whether it is.
 pub(crate) fn poll_readable(fd: &impl AsRawFd, timeout: Duration) -> io::Result<bool> {
     let mut pfd = libc::pollfd { fd: fd.as_raw_fd(), events: libc::POLLIN, revents: 0 };
@@ -191,6 +204,15 @@ pub(crate) fn uffd_zeropage(uffd: &userfaultfd::Uffd, dst: u64, len: usize, wake
     map_fill(res)
 }
 
+/// `UFFDIO_CONTINUE` over `[dst, dst + len)`: maps pages already in memory
+/// into a minor-fault-registered mapping, waking the faulting threads when
+/// `wake` says.
+pub(crate) fn uffd_continue(uffd: &userfaultfd::Uffd, dst: u64, len: usize, wake: Wake) -> io::Result<UffdFill> {
+    // The crate's call is safe: the kernel only maps pages already in memory.
+    let res = uffd.r#continue(dst as *mut libc::c_void, len, wake == Wake::Now);
+    map_fill(res.map(|n| n as usize))
+}
+
 fn map_fill(res: userfaultfd::Result<usize>) -> io::Result<UffdFill> {
     use userfaultfd::Error as E;
     match res {
@@ -207,6 +229,9 @@ fn map_fill(res: userfaultfd::Result<usize>) -> io::Result<UffdFill> {
                 Err(io::Error::from_raw_os_error(errno as i32))
             }
         }
+        // UFFDIO_CONTINUE reports its failures this way.
+        Err(E::SystemError(errno)) if errno as i32 == libc::EEXIST => Ok(UffdFill::Exists),
+        Err(E::SystemError(errno)) if errno as i32 == libc::EAGAIN => Ok(UffdFill::Filled(0)),
         Err(E::SystemError(errno)) => Err(io::Error::from_raw_os_error(errno as i32)),
         Err(other) => Err(io::Error::other(other.to_string())),
     }

@@ -1,12 +1,18 @@
-//! Destination memory: guest RAM registered with userfaultfd in missing mode,
-//! so that a touch of a page that has not arrived yet (by a vCPU, by KVM
-//! itself, or by the VMM) blocks until the page is installed.
+//! Destination memory: guest RAM registered with userfaultfd, so that a
+//! touch of a page that has not arrived yet (by a vCPU, by KVM itself, or by
+//! the VMM) blocks until the page is installed. Anonymous RAM is registered
+//! for missing faults; preallocated RAM (every page already allocated in
+//! shared memory) for minor faults: its pages are in memory but not yet
+//! mapped into the guest's mapping.
 //!
 //! - [`UffdRam::register`] registers every block; do it before any vCPU runs.
-//! - [`UffdRam::install_page`] / [`UffdRam::install_pages`] (`UFFDIO_COPY`)
-//!   and [`UffdRam::install_zero_pages`] (`UFFDIO_ZEROPAGE`) place pages
-//!   atomically and wake the threads waiting for them; a page that is
-//!   already present is reported ([`Install::AlreadyPresent`]), not an error.
+//! - [`UffdRam::install_page`] / [`UffdRam::install_pages`] and
+//!   [`UffdRam::install_zero_pages`] place pages and wake the threads waiting
+//!   for them: `UFFDIO_COPY` / `UFFDIO_ZEROPAGE` for anonymous RAM; for
+//!   preallocated RAM a copy through the placement mapping, then
+//!   `UFFDIO_CONTINUE` maps the pages into the guest's. A page that is
+//!   already present is reported ([`Install::AlreadyPresent`]), not an error,
+//!   and never overwritten.
 //!   Their `_with` forms run a callback between the install and the wake-up.
 //! - [`UffdRam::discard_pages`] drops pages (`MADV_DONTNEED`) so that they
 //!   fault again (stale precopy pages).
@@ -18,7 +24,9 @@ use std::os::fd::{AsRawFd, RawFd};
 use std::sync::Arc;
 use std::time::Duration;
 
-use userfaultfd::{Event, EventBuffer, FeatureFlags, IoctlFlags, ReadWrite, Uffd, UffdBuilder};
+use userfaultfd::{Event, EventBuffer, FeatureFlags, IoctlFlags, ReadWrite, RegisterMode, Uffd, UffdBuilder};
+
+use crate::driver::sync::PageBits;
 
 use crate::error::{Error, Result};
 use crate::layout::{PageRef, PAGE_SIZE};
@@ -29,6 +37,11 @@ use crate::sys::{self, UffdFill, Wake};
 pub const FAULT_BATCH: usize = 64;
 /// Retries of a fill the kernel cut short (`EAGAIN`: address space changing).
 const FILL_RETRIES: u32 = 1000;
+
+/// `UFFD_FEATURE_MINOR_SHMEM` (the crate names no constant for it).
+const FEATURE_MINOR_SHMEM: u64 = 1 << 10;
+/// `1 << _UFFDIO_CONTINUE` among a registration's ioctls.
+const IOCTL_CONTINUE: u64 = 1 << 0x07;
 
 /// userfaultfd features, by name and `UFFD_FEATURE_*` bit.
 const FEATURES: &[(&str, u64)] = &[
@@ -141,24 +154,37 @@ pub struct UffdRam {
     ram: Arc<GuestRam>,
     uffd: Arc<Uffd>,
     thread_id: bool,
+    /// Preallocated RAM: per block, the pages mapped into the guest's
+    /// mapping. The kernel cannot refuse a late copy there (the copy goes
+    /// through the placement mapping before `UFFDIO_CONTINUE`): a page is
+    /// claimed here first, and never written again once claimed.
+    mapped: Option<Vec<PageBits>>,
 }
 
 impl UffdRam {
-    /// Registers every block of `ram` for missing faults. `ram` must not
-    /// have been touched (pages already present never fault) and no vCPU
-    /// may run before this.
+    /// Registers every block of `ram`: for missing faults, or for minor
+    /// faults when it is preallocated. An anonymous `ram` must not have been
+    /// touched (pages already present never fault), a preallocated one must
+    /// not have been touched through its guest mapping, and no vCPU may run
+    /// before this.
     pub fn register(ram: Arc<GuestRam>) -> Result<Self> {
-        let (uffd, thread_id) = match new_uffd(FeatureFlags::THREAD_ID) {
+        let preallocated = ram.is_preallocated();
+        let (mode, base, need) = if preallocated {
+            let need = IoctlFlags::from_bits_retain(IOCTL_CONTINUE) | IoctlFlags::WAKE;
+            (RegisterMode::MINOR, FeatureFlags::from_bits_retain(FEATURE_MINOR_SHMEM), need)
+        } else {
+            (RegisterMode::MISSING, FeatureFlags::empty(), IoctlFlags::COPY | IoctlFlags::ZEROPAGE | IoctlFlags::WAKE)
+        };
+        let (uffd, thread_id) = match new_uffd(base | FeatureFlags::THREAD_ID) {
             Ok(u) => (u, true),
-            Err(_) => (new_uffd(FeatureFlags::empty())?, false),
+            Err(_) => (new_uffd(base)?, false),
         };
         for block in 0..ram.layout().blocks().len() {
             let (host, len) =
                 ram.block_host_range(block).ok_or_else(|| Error::Layout(format!("no mapping for block {block}")))?;
             let ioctls = uffd
-                .register(host as *mut libc::c_void, len as usize)
+                .register_with_mode(host as *mut libc::c_void, len as usize, mode)
                 .map_err(|e| Error::Uffd { op: "register", reason: e.to_string() })?;
-            let need = IoctlFlags::COPY | IoctlFlags::ZEROPAGE | IoctlFlags::WAKE;
             if !ioctls.contains(need) {
                 return Err(Error::Uffd {
                     op: "register",
@@ -166,7 +192,8 @@ impl UffdRam {
                 });
             }
         }
-        Ok(Self { ram, uffd: Arc::new(uffd), thread_id })
+        let mapped = preallocated.then(|| ram.layout().blocks().iter().map(|b| PageBits::new(b.pages())).collect());
+        Ok(Self { ram, uffd: Arc::new(uffd), thread_id, mapped })
     }
 
     /// The guest RAM.
@@ -216,6 +243,9 @@ impl UffdRam {
     /// block), skipping those already present.
     pub fn install_pages(&self, first: PageRef, data: &[u8]) -> Result<InstallCount> {
         let dst = self.copy_target(first, data)?;
+        if self.mapped.is_some() {
+            return self.place_then_wake(first, Some(data), |_| {}, || ()).map(|(n, ())| n);
+        }
         self.fill(dst, data.len(), |at, off| sys::uffd_copy(&self.uffd, at, &data[off..], Wake::Now), |_| {})
     }
 
@@ -233,6 +263,9 @@ impl UffdRam {
         installed: impl FnOnce() -> T,
     ) -> Result<(InstallCount, T)> {
         let dst = self.copy_target(first, data)?;
+        if self.mapped.is_some() {
+            return self.place_then_wake(first, Some(data), already_present, installed);
+        }
         let len = data.len();
         self.fill_then_wake(
             dst,
@@ -247,6 +280,10 @@ impl UffdRam {
     /// skipping those already present.
     pub fn install_zero_pages(&self, first: PageRef, count: u64) -> Result<InstallCount> {
         let dst = self.ram.pages_host_addr(first, count)?;
+        if self.mapped.is_some() {
+            let zeros = vec![0u8; (count * PAGE_SIZE) as usize];
+            return self.place_then_wake(first, Some(&zeros), |_| {}, || ()).map(|(n, ())| n);
+        }
         let len = (count * PAGE_SIZE) as usize;
         self.fill(dst, len, |at, off| sys::uffd_zeropage(&self.uffd, at, len - off, Wake::Now), |_| {})
     }
@@ -260,6 +297,10 @@ impl UffdRam {
     /// waiting threads are woken (see [`UffdRam::install_pages_with`]).
     pub fn install_zero_page_with<T>(&self, page: PageRef, installed: impl FnOnce() -> T) -> Result<(Install, T)> {
         let dst = self.ram.pages_host_addr(page, 1)?;
+        if self.mapped.is_some() {
+            let (n, t) = self.place_then_wake(page, None, |_| {}, installed)?;
+            return Ok((Install::of(n), t));
+        }
         let len = PAGE_SIZE as usize;
         let (n, t) = self.fill_then_wake(
             dst,
@@ -288,6 +329,87 @@ impl UffdRam {
             });
         }
         self.ram.pages_host_addr(first, len as u64 / PAGE_SIZE)
+    }
+
+    /// Preallocated RAM: claims each page of the run that is not mapped yet,
+    /// writes `data` (None: zeros) into the claimed ones through the
+    /// placement mapping, maps them into the guest's (`UFFDIO_CONTINUE`
+    /// without waking), then runs `installed()` and wakes the whole range.
+    fn place_then_wake<T>(
+        &self,
+        first: PageRef,
+        data: Option<&[u8]>,
+        mut already_present: impl FnMut(u64),
+        installed: impl FnOnce() -> T,
+    ) -> Result<(InstallCount, T)> {
+        const ZERO_PAGE: [u8; PAGE_SIZE as usize] = [0; PAGE_SIZE as usize];
+        let page = PAGE_SIZE as usize;
+        let count = data.map_or(1, |d| (d.len() / page) as u64);
+        let dst = self.ram.pages_host_addr(first, count)?;
+        let bits = self.block_bits(first.block)?;
+        let mut done = InstallCount::default();
+        let mut failed = None;
+        let mut i = 0;
+        while i < count && failed.is_none() {
+            if !bits.set(first.page + i) {
+                already_present(i);
+                done.already_present += 1;
+                i += 1;
+                continue;
+            }
+            let start = i;
+            i += 1;
+            while i < count && bits.set(first.page + i) {
+                i += 1;
+            }
+            let run = PageRef { block: first.block, page: first.page + start };
+            let (from, to) = (start as usize * page, i as usize * page);
+            let placed = match data {
+                Some(d) => self.ram.place(run, &d[from..to]),
+                None => {
+                    (start..i).try_for_each(|k| self.ram.place(PageRef { page: first.page + k, ..first }, &ZERO_PAGE))
+                }
+            };
+            let len = to - from;
+            let at = dst + from as u64;
+            let mapped = placed.and_then(|()| {
+                self.fill(
+                    at,
+                    len,
+                    |a, _| sys::uffd_continue(&self.uffd, a, len - (a - at) as usize, Wake::Later),
+                    |_| {},
+                )
+            });
+            match mapped {
+                Ok(n) if n.already_present == 0 => done.installed += i - start,
+                Ok(n) => {
+                    failed = Some(Error::Uffd {
+                        op: "continue",
+                        reason: format!("{} claimed pages were already mapped", n.already_present),
+                    })
+                }
+                Err(e) => {
+                    for k in start..i {
+                        bits.clear(first.page + k);
+                    }
+                    failed = Some(e);
+                }
+            }
+        }
+        let t = installed();
+        let woken = sys::uffd_wake(&self.uffd, dst, count as usize * page);
+        if let Some(e) = failed {
+            return Err(e);
+        }
+        woken.map_err(|e| Error::Uffd { op: "wake", reason: e.to_string() })?;
+        Ok((done, t))
+    }
+
+    fn block_bits(&self, block: usize) -> Result<&PageBits> {
+        self.mapped
+            .as_ref()
+            .and_then(|m| m.get(block))
+            .ok_or_else(|| Error::Layout(format!("no block {block} among the mapped-page records")))
     }
 
     /// [`UffdRam::fill`] with an `op` that does not wake, then `installed()`,
@@ -373,8 +495,18 @@ impl UffdRam {
     /// are installed again.
     pub fn discard_pages(&self, first: PageRef, count: u64) -> Result<()> {
         let host = self.ram.pages_host_addr(first, count)?;
+        // Preallocated RAM: this unmaps the pages from the guest's mapping
+        // only; their stale contents stay in memory, and the next install
+        // overwrites them before mapping them again.
         sys::madvise_dontneed(host, (count * PAGE_SIZE) as usize)
-            .map_err(crate::error::os_err("madvise(MADV_DONTNEED)"))
+            .map_err(crate::error::os_err("madvise(MADV_DONTNEED)"))?;
+        if self.mapped.is_some() {
+            let bits = self.block_bits(first.block)?;
+            for page in first.page..first.page + count {
+                bits.clear(page);
+            }
+        }
+        Ok(())
     }
 }
 

@@ -1,6 +1,7 @@
-//! Destination RAM under userfaultfd, without a VM: installing pages (copy
-//! and zero), "already present" handling, discards that fault again, and
-//! the fault reader (non-blocking, pollable, with thread ids).
+//! Destination RAM under userfaultfd, without a VM, for both kinds of RAM
+//! (anonymous, missing faults; preallocated, minor faults): installing pages
+//! (copy and zero), "already present" handling, discards that fault again,
+//! and the fault reader (non-blocking, pollable, with thread ids).
 
 mod common;
 
@@ -13,10 +14,16 @@ use postcopy_kvm::layout::MIB;
 use postcopy_kvm::uffd::InstallCount;
 use postcopy_kvm::{Error, GuestRam, Install, PageRef, RamLayout, UffdRam, PAGE_SIZE};
 
-fn fresh(mib: u64) -> Arc<UffdRam> {
-    let ram = Arc::new(GuestRam::new(RamLayout::pc(mib * MIB).expect("layout")).expect("ram"));
+/// Registered RAM of `mib` MiB, anonymous or preallocated.
+fn fresh(mib: u64, preallocated: bool) -> Arc<UffdRam> {
+    let layout = RamLayout::pc(mib * MIB).expect("layout");
+    let ram = if preallocated { GuestRam::new_preallocated(layout) } else { GuestRam::new(layout) };
+    let ram = Arc::new(ram.expect("ram"));
+    assert_eq!(ram.is_preallocated(), preallocated);
     Arc::new(UffdRam::register(ram).expect("register"))
 }
+
+const KINDS: [bool; 2] = [false, true];
 
 fn page_of(byte: u8) -> Vec<u8> {
     vec![byte; PAGE_SIZE as usize]
@@ -31,7 +38,7 @@ fn features_are_reported() {
     eprintln!("userfaultfd features: {:?}", f.names);
     assert!(f.has("THREAD_ID"), "{f:?}");
     assert_eq!(f.bits.count_ones() as usize, f.names.len());
-    assert!(fresh(2).reports_thread_ids());
+    assert!(KINDS.iter().all(|&p| fresh(2, p).reports_thread_ids()));
 }
 
 #[test]
@@ -39,38 +46,41 @@ fn install_copy_zero_and_already_present() {
     if !uffd_or_skip("install_copy_zero_and_already_present") {
         return;
     }
-    let m = fresh(2);
-    let p = PageRef::new(0, 7);
-    assert_eq!(m.install_page(p, &page_of(0xab)).unwrap(), Install::Installed);
-    // A late or duplicate copy never overwrites.
-    assert_eq!(m.install_page(p, &page_of(0xcd)).unwrap(), Install::AlreadyPresent);
-    assert_eq!(m.install_zero_page(p).unwrap(), Install::AlreadyPresent);
-    let mut back = page_of(0);
-    m.ram().read_page(p, &mut back).unwrap();
-    assert_eq!(back, page_of(0xab));
+    for preallocated in KINDS {
+        eprintln!("preallocated RAM: {preallocated}");
+        let m = fresh(2, preallocated);
+        let p = PageRef::new(0, 7);
+        assert_eq!(m.install_page(p, &page_of(0xab)).unwrap(), Install::Installed);
+        // A late or duplicate copy never overwrites.
+        assert_eq!(m.install_page(p, &page_of(0xcd)).unwrap(), Install::AlreadyPresent);
+        assert_eq!(m.install_zero_page(p).unwrap(), Install::AlreadyPresent);
+        let mut back = page_of(0);
+        m.ram().read_page(p, &mut back).unwrap();
+        assert_eq!(back, page_of(0xab));
 
-    let z = PageRef::new(0, 8);
-    assert_eq!(m.install_zero_page(z).unwrap(), Install::Installed);
-    m.ram().read_page(z, &mut back).unwrap();
-    assert_eq!(back, page_of(0));
-    assert_eq!(m.install_page(z, &page_of(1)).unwrap(), Install::AlreadyPresent);
+        let z = PageRef::new(0, 8);
+        assert_eq!(m.install_zero_page(z).unwrap(), Install::Installed);
+        m.ram().read_page(z, &mut back).unwrap();
+        assert_eq!(back, page_of(0));
+        assert_eq!(m.install_page(z, &page_of(1)).unwrap(), Install::AlreadyPresent);
 
-    // A run with present pages inside: those are skipped, the rest filled.
-    let mut run = Vec::new();
-    for i in 0..6u8 {
-        run.extend_from_slice(&page_of(0x10 + i));
+        // A run with present pages inside: those are skipped, the rest filled.
+        let mut run = Vec::new();
+        for i in 0..6u8 {
+            run.extend_from_slice(&page_of(0x10 + i));
+        }
+        let mut skipped = Vec::new();
+        let (n, marker) = m.install_pages_with(PageRef::new(0, 5), &run, |i| skipped.push(i), || "installed").unwrap();
+        assert_eq!((n, marker), (InstallCount { installed: 4, already_present: 2 }, "installed"));
+        assert_eq!(skipped, vec![2, 3], "pages 7 and 8 are the third and fourth of the run");
+        for (i, want) in [(5, 0x10), (6, 0x11), (7, 0xab), (8, 0), (9, 0x14), (10, 0x15)] {
+            m.ram().read_page(PageRef::new(0, i), &mut back).unwrap();
+            assert_eq!(back[0], want, "page {i}");
+            assert!(back.iter().all(|&b| b == want));
+        }
+        let n = m.install_zero_pages(PageRef::new(0, 9), 4).unwrap();
+        assert_eq!(n, InstallCount { installed: 2, already_present: 2 });
     }
-    let mut skipped = Vec::new();
-    let (n, marker) = m.install_pages_with(PageRef::new(0, 5), &run, |i| skipped.push(i), || "installed").unwrap();
-    assert_eq!((n, marker), (InstallCount { installed: 4, already_present: 2 }, "installed"));
-    assert_eq!(skipped, vec![2, 3], "pages 7 and 8 are the third and fourth of the run");
-    for (i, want) in [(5, 0x10), (6, 0x11), (7, 0xab), (8, 0), (9, 0x14), (10, 0x15)] {
-        m.ram().read_page(PageRef::new(0, i), &mut back).unwrap();
-        assert_eq!(back[0], want, "page {i}");
-        assert!(back.iter().all(|&b| b == want));
-    }
-    let n = m.install_zero_pages(PageRef::new(0, 9), 4).unwrap();
-    assert_eq!(n, InstallCount { installed: 2, already_present: 2 });
 }
 
 /// The `_with` installs run their callback with the page in place and its
@@ -80,41 +90,44 @@ fn installs_with_a_callback_wake_the_waiter_after_it() {
     if !uffd_or_skip("installs_with_a_callback_wake_the_waiter_after_it") {
         return;
     }
-    let m = fresh(2);
-    let mut reader = m.fault_reader();
-    for (i, zero) in [(0u64, false), (1, true)] {
-        let page = PageRef::new(0, 100 + i);
-        let gpa = m.ram().layout().gpa_of(page).unwrap();
-        let done = Arc::new(AtomicBool::new(false));
-        let toucher = {
-            let (m, done) = (m.clone(), done.clone());
-            std::thread::spawn(move || {
-                let v = m.ram().read_u64(gpa).expect("read");
-                done.store(true, Ordering::SeqCst);
-                v
-            })
-        };
-        assert!(reader.wait(Duration::from_secs(5)).unwrap(), "no fault arrived");
-        let mut faults = Vec::new();
-        assert_eq!(reader.read(&mut faults).unwrap(), 1);
-        let asleep_after_install = || {
-            // Time enough for a woken thread to finish its read.
-            std::thread::sleep(Duration::from_millis(50));
-            !done.load(Ordering::SeqCst)
-        };
-        let (outcome, asleep) = if zero {
-            m.install_zero_page_with(page, asleep_after_install).unwrap()
-        } else {
-            m.install_page_with(page, &page_of(0x77), asleep_after_install).unwrap()
-        };
-        assert_eq!(outcome, Install::Installed);
-        assert!(asleep, "the waiter was woken before the callback ran (zero page: {zero})");
-        let want = if zero { 0 } else { 0x7777_7777_7777_7777 };
-        assert_eq!(toucher.join().unwrap(), want, "the waiter was not woken, or read the wrong page");
+    for preallocated in KINDS {
+        eprintln!("preallocated RAM: {preallocated}");
+        let m = fresh(2, preallocated);
+        let mut reader = m.fault_reader();
+        for (i, zero) in [(0u64, false), (1, true)] {
+            let page = PageRef::new(0, 100 + i);
+            let gpa = m.ram().layout().gpa_of(page).unwrap();
+            let done = Arc::new(AtomicBool::new(false));
+            let toucher = {
+                let (m, done) = (m.clone(), done.clone());
+                std::thread::spawn(move || {
+                    let v = m.ram().read_u64(gpa).expect("read");
+                    done.store(true, Ordering::SeqCst);
+                    v
+                })
+            };
+            assert!(reader.wait(Duration::from_secs(5)).unwrap(), "no fault arrived");
+            let mut faults = Vec::new();
+            assert_eq!(reader.read(&mut faults).unwrap(), 1);
+            let asleep_after_install = || {
+                // Time enough for a woken thread to finish its read.
+                std::thread::sleep(Duration::from_millis(50));
+                !done.load(Ordering::SeqCst)
+            };
+            let (outcome, asleep) = if zero {
+                m.install_zero_page_with(page, asleep_after_install).unwrap()
+            } else {
+                m.install_page_with(page, &page_of(0x77), asleep_after_install).unwrap()
+            };
+            assert_eq!(outcome, Install::Installed);
+            assert!(asleep, "the waiter was woken before the callback ran (zero page: {zero})");
+            let want = if zero { 0 } else { 0x7777_7777_7777_7777 };
+            assert_eq!(toucher.join().unwrap(), want, "the waiter was not woken, or read the wrong page");
+        }
+        // A page already present: reported, the callback still runs.
+        let (outcome, ran) = m.install_page_with(PageRef::new(0, 100), &page_of(1), || true).unwrap();
+        assert_eq!((outcome, ran), (Install::AlreadyPresent, true));
     }
-    // A page already present: reported, the callback still runs.
-    let (outcome, ran) = m.install_page_with(PageRef::new(0, 100), &page_of(1), || true).unwrap();
-    assert_eq!((outcome, ran), (Install::AlreadyPresent, true));
 }
 
 #[test]
@@ -122,17 +135,20 @@ fn bad_arguments_are_errors() {
     if !uffd_or_skip("bad_arguments_are_errors") {
         return;
     }
-    let m = fresh(2);
-    assert!(matches!(m.install_page(PageRef::new(0, 0), &[0u8; 100]), Err(Error::BadLength { .. })));
-    assert!(matches!(m.install_page_with(PageRef::new(0, 0), &[0u8; 100], || ()), Err(Error::BadLength { .. })));
-    assert!(matches!(m.install_zero_page_with(PageRef::new(0, 512), || ()), Err(Error::PageOutOfRange { .. })));
-    assert!(matches!(m.install_pages(PageRef::new(0, 0), &[]), Err(Error::BadLength { .. })));
-    assert!(matches!(m.install_page(PageRef::new(0, 512), &page_of(0)), Err(Error::PageOutOfRange { .. })));
-    assert!(matches!(m.install_page(PageRef::new(1, 0), &page_of(0)), Err(Error::PageOutOfRange { .. })));
-    let two = [page_of(1), page_of(2)].concat();
-    assert!(matches!(m.install_pages(PageRef::new(0, 511), &two), Err(Error::PageOutOfRange { .. })));
-    assert!(matches!(m.install_zero_pages(PageRef::new(0, 500), 13), Err(Error::PageOutOfRange { .. })));
-    assert!(matches!(m.discard_pages(PageRef::new(0, 510), 3), Err(Error::PageOutOfRange { .. })));
+    for preallocated in KINDS {
+        eprintln!("preallocated RAM: {preallocated}");
+        let m = fresh(2, preallocated);
+        assert!(matches!(m.install_page(PageRef::new(0, 0), &[0u8; 100]), Err(Error::BadLength { .. })));
+        assert!(matches!(m.install_page_with(PageRef::new(0, 0), &[0u8; 100], || ()), Err(Error::BadLength { .. })));
+        assert!(matches!(m.install_zero_page_with(PageRef::new(0, 512), || ()), Err(Error::PageOutOfRange { .. })));
+        assert!(matches!(m.install_pages(PageRef::new(0, 0), &[]), Err(Error::BadLength { .. })));
+        assert!(matches!(m.install_page(PageRef::new(0, 512), &page_of(0)), Err(Error::PageOutOfRange { .. })));
+        assert!(matches!(m.install_page(PageRef::new(1, 0), &page_of(0)), Err(Error::PageOutOfRange { .. })));
+        let two = [page_of(1), page_of(2)].concat();
+        assert!(matches!(m.install_pages(PageRef::new(0, 511), &two), Err(Error::PageOutOfRange { .. })));
+        assert!(matches!(m.install_zero_pages(PageRef::new(0, 500), 13), Err(Error::PageOutOfRange { .. })));
+        assert!(matches!(m.discard_pages(PageRef::new(0, 510), 3), Err(Error::PageOutOfRange { .. })));
+    }
 }
 
 #[test]
@@ -140,56 +156,61 @@ fn faults_are_read_with_thread_ids_and_served() {
     if !uffd_or_skip("faults_are_read_with_thread_ids_and_served") {
         return;
     }
-    let m = fresh(2);
-    let mut reader = m.fault_reader();
-    let mut faults = Vec::new();
-    // Non-blocking: nothing pending means an immediate empty read.
-    let t0 = Instant::now();
-    assert_eq!(reader.read(&mut faults).unwrap(), 0);
-    assert!(!reader.wait(Duration::from_millis(20)).unwrap());
-    assert!(t0.elapsed() < Duration::from_secs(1));
+    for preallocated in KINDS {
+        eprintln!("preallocated RAM: {preallocated}");
+        let m = fresh(2, preallocated);
+        let mut reader = m.fault_reader();
+        let mut faults = Vec::new();
+        // Non-blocking: nothing pending means an immediate empty read.
+        let t0 = Instant::now();
+        assert_eq!(reader.read(&mut faults).unwrap(), 0);
+        assert!(!reader.wait(Duration::from_millis(20)).unwrap());
+        assert!(t0.elapsed() < Duration::from_secs(1));
 
-    let page = PageRef::new(0, 42);
-    let gpa = m.ram().layout().gpa_of(page).unwrap();
-    let done = Arc::new(AtomicBool::new(false));
-    let toucher = {
-        let (m, done) = (m.clone(), done.clone());
-        std::thread::spawn(move || {
-            let tid = current_thread_id();
-            let v = m.ram().read_u64(gpa + 16).expect("read");
-            done.store(true, Ordering::SeqCst);
-            (tid, v)
-        })
-    };
-    assert!(reader.wait(Duration::from_secs(5)).unwrap(), "no fault arrived");
-    assert_eq!(reader.read(&mut faults).unwrap(), 1);
-    let f = faults[0];
-    assert_eq!(f.page, page);
-    assert!(!f.write);
-    std::thread::sleep(Duration::from_millis(20));
-    assert!(!done.load(Ordering::SeqCst), "the reader did not wait for the page");
-    let mut data = page_of(0);
-    data[16..24].copy_from_slice(&0x1122_3344_5566_7788u64.to_le_bytes());
-    assert_eq!(m.install_page(page, &data).unwrap(), Install::Installed);
-    let (tid, v) = toucher.join().unwrap();
-    assert_eq!(v, 0x1122_3344_5566_7788);
-    assert_eq!(f.thread_id, Some(tid));
+        let page = PageRef::new(0, 42);
+        let gpa = m.ram().layout().gpa_of(page).unwrap();
+        let done = Arc::new(AtomicBool::new(false));
+        let toucher = {
+            let (m, done) = (m.clone(), done.clone());
+            std::thread::spawn(move || {
+                let tid = current_thread_id();
+                let v = m.ram().read_u64(gpa + 16).expect("read");
+                done.store(true, Ordering::SeqCst);
+                (tid, v)
+            })
+        };
+        assert!(reader.wait(Duration::from_secs(5)).unwrap(), "no fault arrived");
+        assert_eq!(reader.read(&mut faults).unwrap(), 1);
+        let f = faults[0];
+        assert_eq!(f.page, page);
+        assert!(!f.write);
+        std::thread::sleep(Duration::from_millis(20));
+        assert!(!done.load(Ordering::SeqCst), "the reader did not wait for the page");
+        let mut data = page_of(0);
+        data[16..24].copy_from_slice(&0x1122_3344_5566_7788u64.to_le_bytes());
+        assert_eq!(m.install_page(page, &data).unwrap(), Install::Installed);
+        let (tid, v) = toucher.join().unwrap();
+        assert_eq!(v, 0x1122_3344_5566_7788);
+        assert_eq!(f.thread_id, Some(tid));
 
-    // Discarded pages fault again, and a write fault says so.
-    m.discard_pages(page, 1).unwrap();
-    let writer = {
-        let m = m.clone();
-        std::thread::spawn(move || m.ram().write_u64(gpa, 5).expect("write"))
-    };
-    assert!(reader.wait(Duration::from_secs(5)).unwrap(), "no fault after discard");
-    faults.clear();
-    reader.read(&mut faults).unwrap();
-    assert_eq!(faults.len(), 1);
-    assert_eq!(faults[0].page, page);
-    assert!(faults[0].write);
-    assert_eq!(m.install_zero_page(page).unwrap(), Install::Installed);
-    writer.join().unwrap();
-    assert_eq!(m.ram().read_u64(gpa).unwrap(), 5);
+        // Discarded pages fault again, and a write fault says so.
+        m.discard_pages(page, 1).unwrap();
+        let writer = {
+            let m = m.clone();
+            std::thread::spawn(move || m.ram().write_u64(gpa, 5).expect("write"))
+        };
+        assert!(reader.wait(Duration::from_secs(5)).unwrap(), "no fault after discard");
+        faults.clear();
+        reader.read(&mut faults).unwrap();
+        assert_eq!(faults.len(), 1);
+        assert_eq!(faults[0].page, page);
+        assert!(faults[0].write);
+        assert_eq!(m.install_zero_page(page).unwrap(), Install::Installed);
+        writer.join().unwrap();
+        assert_eq!(m.ram().read_u64(gpa).unwrap(), 5);
+        // The page's content before the discard is gone.
+        assert_eq!(m.ram().read_u64(gpa + 16).unwrap(), 0);
+    }
 }
 
 /// The calling thread's kernel id.

@@ -62,6 +62,10 @@ pub struct DestinationOptions {
     pub damage: Option<Damage>,
     /// Draw a progress bar on stderr (when it is a terminal).
     pub progress_bar: bool,
+    /// Guest RAM allocated before listening ([`GuestRam::new_preallocated`]),
+    /// for the layout the source is expected to send; None: anonymous RAM
+    /// allocated when the machine description arrives.
+    pub preallocated: Option<Arc<GuestRam>>,
 }
 
 /// What the destination reports, and whether it succeeded.
@@ -323,7 +327,17 @@ impl<'a> Driver<'a> {
             if core_layout(&desc.ram)? != layout {
                 return Err("the machine description's RAM differs from the hello's layout".into());
             }
-            let ram = Arc::new(GuestRam::new(desc.ram.clone()).map_err(|e| e.to_string())?);
+            let ram = match &self.opts.preallocated {
+                Some(ram) if ram.layout() == &desc.ram => ram.clone(),
+                Some(ram) => {
+                    return Err(format!(
+                        "the source's guest RAM ({} MiB) is not the RAM preallocated here ({} MiB, --prealloc)",
+                        desc.ram.total_bytes() >> 20,
+                        ram.layout().total_bytes() >> 20
+                    ))
+                }
+                None => Arc::new(GuestRam::new(desc.ram.clone()).map_err(|e| e.to_string())?),
+            };
             let uffd = UffdRam::register(ram.clone()).map_err(|e| e.to_string())?;
             let config = VmConfig { vcpus: desc.vcpus, irqchip: desc.irqchip, serial: self.opts.serial.clone() };
             let vm = Vm::new(ram.clone(), config).map_err(|e| e.to_string())?;
@@ -889,6 +903,7 @@ impl<'a> Driver<'a> {
         report.notices = lock(&self.notices).clone();
         report.install_anomalies = self.install_anomalies.load(Ordering::Relaxed);
         report.install_busy_ns = self.install_busy_ns.load(Ordering::Relaxed);
+        report.preallocated = self.opts.preallocated.is_some();
         let summary = {
             let h = lock(&self.latency);
             let us = |ns: u64| ns as f64 / 1e3;

@@ -103,6 +103,10 @@ pub struct DestinationReport {
     /// memory (see the README).
     #[serde(default)]
     pub install_busy_ns: u64,
+    /// Guest RAM was preallocated before the migration (shared memory,
+    /// minor faults) rather than allocated as pages arrived.
+    #[serde(default)]
+    pub preallocated: bool,
     /// Guest pages written per second while postcopy ran.
     pub progress_during_pages_per_s: Option<f64>,
     /// Guest pages written per second after the migration.
@@ -215,10 +219,15 @@ impl RunReport {
         row(
             "time placing pages",
             format!(
-                "{:.1} ms for {} pages, {:.2} us/page (UFFDIO_COPY/ZEROPAGE calls)",
+                "{:.1} ms for {} pages, {:.2} us/page ({})",
                 ms(d.install_busy_ns),
                 d.pages_installed,
-                d.install_busy_ns as f64 / 1e3 / d.pages_installed.max(1) as f64
+                d.install_busy_ns as f64 / 1e3 / d.pages_installed.max(1) as f64,
+                if d.preallocated {
+                    "preallocated RAM: copy + UFFDIO_CONTINUE"
+                } else {
+                    "RAM allocated as pages arrive: UFFDIO_COPY/ZEROPAGE"
+                }
             ),
         );
         let blocked: Vec<String> =
