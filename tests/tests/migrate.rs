@@ -24,6 +24,7 @@ fn postcopy_one_vcpu() {
     assert_eq!(r.source.stats.pages_sent.total(), pages, "each page crosses once in pure postcopy");
     assert!(r.destination.stats.remote_faults > 0, "the guest never faulted");
     assert!(r.destination.fault_latency.count > 0);
+    assert!(!r.destination.preallocated, "RAM allocated as pages arrive");
     // Placing the pages took time, within the migration (two installer
     // threads: the main and urgent readers).
     let placing_ms = r.destination.install_busy_ns as f64 / 1e6;
@@ -38,9 +39,10 @@ fn postcopy_three_vcpus() {
     }
     let _one = serial();
     let dir = temp_dir("postcopy_three_vcpus");
-    let run = migrate(&dir, &["--mem", "96M", "--vcpus", "3"], &[], &[], None);
+    let run = migrate(&dir, &["--mem", "96M", "--vcpus", "3"], &["--prealloc", "96M"], &[], None);
     run.assert_verified();
     let r = run.report.expect("report");
+    assert!(r.destination.preallocated);
     assert_eq!(r.source.vcpus, 3);
     assert!(r.destination.stats.vcpu_blocked_ns.iter().filter(|&&ns| ns > 0).count() >= 2, "{:?}", r.destination.stats);
 }
@@ -52,10 +54,13 @@ fn hybrid_two_vcpus() {
     }
     let _one = serial();
     let dir = temp_dir("hybrid_two_vcpus");
-    let run =
-        migrate(&dir, &["--mem", "64M", "--vcpus", "2", "--mode", "hybrid", "--precopy-rounds", "2"], &[], &[], None);
+    // Preallocated RAM: stale precopy pages are unmapped from the guest
+    // and overwritten before they are mapped again.
+    let source_args = ["--mem", "64M", "--vcpus", "2", "--mode", "hybrid", "--precopy-rounds", "2"];
+    let run = migrate(&dir, &source_args, &["--prealloc", "64M"], &[], None);
     run.assert_verified();
     let r = run.report.expect("report");
+    assert!(r.destination.preallocated);
     assert_eq!(r.source.mode, "hybrid");
     assert!(r.source.stats.pages_sent.precopy >= 64 << 8, "a whole precopy round");
     assert_eq!(r.source.stats.precopy_rounds, 2);
@@ -112,8 +117,9 @@ fn lost_connection_during_postcopy_recovers() {
     // 128 MiB of pages; the main channel is cut after 24 MiB, well after
     // the switchover (the device state is a few KiB) and before the end.
     let relay = Relay::start(24 << 20);
-    let run = migrate(&dir, &["--mem", "128M", "--vcpus", "2"], &[], &[], Some(&relay));
+    let run = migrate(&dir, &["--mem", "128M", "--vcpus", "2"], &["--prealloc", "128M"], &[], Some(&relay));
     run.assert_verified();
+    assert!(run.report.as_ref().is_some_and(|r| r.destination.preallocated));
     assert!(relay.cut_done.load(std::sync::atomic::Ordering::SeqCst), "the relay never cut");
     let r = run.report.expect("report");
     assert!(r.source.stats.recoveries >= 1, "{:?}", r.source.notices);
@@ -143,11 +149,12 @@ fn main_channel_connects_last() {
 /// With one page damaged on the destination, both checks must fail: the
 /// digests differ, and the guest's pattern (checked over all memory, and by
 /// the guest itself) is broken at that page.
-fn damaged(kind: &str) {
+/// `dest_args` choose the kind of destination RAM.
+fn damaged(kind: &str, dest_args: &[&str]) {
     let dir = temp_dir(&format!("damaged_{kind}"));
     // Page 300 is at 1.17 MiB: in vCPU 0's share, written in every pass.
     let damage = format!("{kind}:300");
-    let run = migrate(&dir, &["--mem", "32M", "--vcpus", "1"], &[], &[(DAMAGE_ENV, &damage)], None);
+    let run = migrate(&dir, &["--mem", "32M", "--vcpus", "1"], dest_args, &[(DAMAGE_ENV, &damage)], None);
     let r = run.report.as_ref().unwrap_or_else(|| {
         run.dump();
         panic!("no reports")
@@ -155,6 +162,7 @@ fn damaged(kind: &str) {
     eprintln!("{}", r.table());
     assert!(r.source.ok, "the source completed");
     assert!(r.destination.damage.is_some(), "the damage was applied");
+    assert_eq!(r.destination.preallocated, !dest_args.is_empty());
     assert_ne!(r.source.digest, r.destination.digest, "the digests missed the {kind}ped page");
     assert!(!r.digests_match);
     let p = r.destination.pattern.as_ref().expect("pattern check");
@@ -175,7 +183,7 @@ fn dropped_page_fails_both_checks() {
         return;
     }
     let _one = serial();
-    damaged("drop");
+    damaged("drop", &["--prealloc", "32M"]);
 }
 
 #[test]
@@ -184,5 +192,5 @@ fn corrupted_page_fails_both_checks() {
         return;
     }
     let _one = serial();
-    damaged("corrupt");
+    damaged("corrupt", &[]);
 }
