@@ -70,7 +70,7 @@ impl GuestRam {
                 .map_err(|e| Error::Layout(format!("placement mapping at {:#x}: {e}", gpa.0)))?;
             // Allocates the pages and maps them writable here (not in the
             // guest's mapping): placing a page later is a plain copy.
-            crate::sys::madvise_populate_write(map.as_ptr() as u64, size)
+            crate::sys::madvise(map.as_ptr() as u64, size, crate::sys::Advice::PopulateWrite)
                 .map_err(crate::error::os_err("madvise(MADV_POPULATE_WRITE)"))?;
             let region = GuestRegionMmap::new(map, gpa)
                 .ok_or_else(|| Error::Layout(format!("placement region at {:#x} overflows", gpa.0)))?;

@@ -112,30 +112,29 @@ pub(crate) fn set_xsave(
     unsafe { vcpu.set_xsave(xsave) }
 }
 
-/// `madvise(MADV_DONTNEED)` over a range of anonymous guest memory: the pages
-/// are dropped and the next access faults (into userfaultfd when registered).
-///
-/// The range must lie inside a mapping owned by the caller (checked by the
-/// callers against the RAM layout); dropping guest pages never invalidates
-/// Rust references because guest memory is only accessed through volatile
-/// copies and raw pointers.
-pub(crate) fn madvise_dontneed(host_addr: u64, len: usize) -> io::Result<()> {
-    // SAFETY: the callers pass a page-aligned range inside a guest RAM mapping
-    // (see above); MADV_DONTNEED on private anonymous memory only zaps pages.
-    let ret = unsafe { libc::madvise(host_addr as *mut libc::c_void, len, libc::MADV_DONTNEED) };
-    if ret == 0 {
-        Ok(())
-    } else {
-        Err(io::Error::last_os_error())
-    }
+/// What [`madvise`] asks of a range of guest memory.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Advice {
+    /// `MADV_DONTNEED`: unmap the pages, so that the next access faults (into
+    /// userfaultfd when registered). Anonymous memory loses them; shared
+    /// memory keeps its contents, only this mapping drops them.
+    DontNeed,
+    /// `MADV_POPULATE_WRITE`: allocate every page and map it writable.
+    PopulateWrite,
 }
 
-/// `madvise(MADV_POPULATE_WRITE)`: allocates and maps writable every page
-/// of `[host_addr, host_addr + len)`, a range of a mapping this process made.
-pub(crate) fn madvise_populate_write(host_addr: u64, len: usize) -> io::Result<()> {
-    // SAFETY: the callers pass a page-aligned range of a mapping they own;
-    // populating only allocates and maps pages, contents are unchanged.
-    let ret = unsafe { libc::madvise(host_addr as *mut libc::c_void, len, libc::MADV_POPULATE_WRITE) };
+/// `madvise` over `[host_addr, host_addr + len)`, a page-aligned range inside
+/// a guest-memory mapping this process made (checked by the callers against
+/// the RAM layout). Dropping guest pages never invalidates Rust references:
+/// guest memory is only accessed through volatile copies and raw pointers.
+pub(crate) fn madvise(host_addr: u64, len: usize, advice: Advice) -> io::Result<()> {
+    let advice = match advice {
+        Advice::DontNeed => libc::MADV_DONTNEED,
+        Advice::PopulateWrite => libc::MADV_POPULATE_WRITE,
+    };
+    // SAFETY: the range lies inside a mapping of ours (see above); either
+    // advice only unmaps or maps pages, and no Rust reference points there.
+    let ret = unsafe { libc::madvise(host_addr as *mut libc::c_void, len, advice) };
     if ret == 0 {
         Ok(())
     } else {

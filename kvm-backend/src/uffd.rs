@@ -498,7 +498,7 @@ impl UffdRam {
         // Preallocated RAM: this unmaps the pages from the guest's mapping
         // only; their stale contents stay in memory, and the next install
         // overwrites them before mapping them again.
-        sys::madvise_dontneed(host, (count * PAGE_SIZE) as usize)
+        sys::madvise(host, (count * PAGE_SIZE) as usize, sys::Advice::DontNeed)
             .map_err(crate::error::os_err("madvise(MADV_DONTNEED)"))?;
         if self.mapped.is_some() {
             let bits = self.block_bits(first.block)?;

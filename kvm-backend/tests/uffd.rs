@@ -25,6 +25,14 @@ fn fresh(mib: u64, preallocated: bool) -> Arc<UffdRam> {
 
 const KINDS: [bool; 2] = [false, true];
 
+/// Runs `test` on 2 MiB of each kind of registered RAM.
+fn for_each_kind(test: impl Fn(Arc<UffdRam>)) {
+    for preallocated in KINDS {
+        eprintln!("preallocated RAM: {preallocated}");
+        test(fresh(2, preallocated));
+    }
+}
+
 fn page_of(byte: u8) -> Vec<u8> {
     vec![byte; PAGE_SIZE as usize]
 }
@@ -46,9 +54,7 @@ fn install_copy_zero_and_already_present() {
     if !uffd_or_skip("install_copy_zero_and_already_present") {
         return;
     }
-    for preallocated in KINDS {
-        eprintln!("preallocated RAM: {preallocated}");
-        let m = fresh(2, preallocated);
+    for_each_kind(|m| {
         let p = PageRef::new(0, 7);
         assert_eq!(m.install_page(p, &page_of(0xab)).unwrap(), Install::Installed);
         // A late or duplicate copy never overwrites.
@@ -80,7 +86,7 @@ fn install_copy_zero_and_already_present() {
         }
         let n = m.install_zero_pages(PageRef::new(0, 9), 4).unwrap();
         assert_eq!(n, InstallCount { installed: 2, already_present: 2 });
-    }
+    });
 }
 
 /// The `_with` installs run their callback with the page in place and its
@@ -90,9 +96,7 @@ fn installs_with_a_callback_wake_the_waiter_after_it() {
     if !uffd_or_skip("installs_with_a_callback_wake_the_waiter_after_it") {
         return;
     }
-    for preallocated in KINDS {
-        eprintln!("preallocated RAM: {preallocated}");
-        let m = fresh(2, preallocated);
+    for_each_kind(|m| {
         let mut reader = m.fault_reader();
         for (i, zero) in [(0u64, false), (1, true)] {
             let page = PageRef::new(0, 100 + i);
@@ -127,7 +131,7 @@ fn installs_with_a_callback_wake_the_waiter_after_it() {
         // A page already present: reported, the callback still runs.
         let (outcome, ran) = m.install_page_with(PageRef::new(0, 100), &page_of(1), || true).unwrap();
         assert_eq!((outcome, ran), (Install::AlreadyPresent, true));
-    }
+    });
 }
 
 #[test]
@@ -135,9 +139,7 @@ fn bad_arguments_are_errors() {
     if !uffd_or_skip("bad_arguments_are_errors") {
         return;
     }
-    for preallocated in KINDS {
-        eprintln!("preallocated RAM: {preallocated}");
-        let m = fresh(2, preallocated);
+    for_each_kind(|m| {
         assert!(matches!(m.install_page(PageRef::new(0, 0), &[0u8; 100]), Err(Error::BadLength { .. })));
         assert!(matches!(m.install_page_with(PageRef::new(0, 0), &[0u8; 100], || ()), Err(Error::BadLength { .. })));
         assert!(matches!(m.install_zero_page_with(PageRef::new(0, 512), || ()), Err(Error::PageOutOfRange { .. })));
@@ -148,7 +150,7 @@ fn bad_arguments_are_errors() {
         assert!(matches!(m.install_pages(PageRef::new(0, 511), &two), Err(Error::PageOutOfRange { .. })));
         assert!(matches!(m.install_zero_pages(PageRef::new(0, 500), 13), Err(Error::PageOutOfRange { .. })));
         assert!(matches!(m.discard_pages(PageRef::new(0, 510), 3), Err(Error::PageOutOfRange { .. })));
-    }
+    });
 }
 
 #[test]
@@ -156,9 +158,7 @@ fn faults_are_read_with_thread_ids_and_served() {
     if !uffd_or_skip("faults_are_read_with_thread_ids_and_served") {
         return;
     }
-    for preallocated in KINDS {
-        eprintln!("preallocated RAM: {preallocated}");
-        let m = fresh(2, preallocated);
+    for_each_kind(|m| {
         let mut reader = m.fault_reader();
         let mut faults = Vec::new();
         // Non-blocking: nothing pending means an immediate empty read.
@@ -210,7 +210,7 @@ fn faults_are_read_with_thread_ids_and_served() {
         assert_eq!(m.ram().read_u64(gpa).unwrap(), 5);
         // The page's content before the discard is gone.
         assert_eq!(m.ram().read_u64(gpa + 16).unwrap(), 0);
-    }
+    });
 }
 
 /// The calling thread's kernel id.
