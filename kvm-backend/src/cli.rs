@@ -290,6 +290,12 @@ pub fn dest(a: DestArgs) -> Result<ExitCode, String> {
     }
     let preallocated = match a.prealloc {
         Some(bytes) => {
+            let features = postcopy_kvm::uffd::probe_features().map_err(|e| format!("--prealloc: {e}"))?;
+            if !features.has("MINOR_SHMEM") {
+                return Err("--prealloc needs userfaultfd minor faults on shared memory (Linux 5.14 or later); \
+                            run without it to allocate RAM as pages arrive"
+                    .into());
+            }
             let layout = RamLayout::pc(bytes).map_err(|e| format!("--prealloc: {e}"))?;
             let t0 = Instant::now();
             let ram = GuestRam::new_preallocated(layout).map_err(|e| format!("--prealloc: {e}"))?;
