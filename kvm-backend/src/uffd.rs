@@ -148,6 +148,11 @@ pub struct PageFault {
     pub thread_id: Option<i32>,
 }
 
+/// Whole pages in `data` (checked by the callers).
+fn pages_in(data: &[u8]) -> u64 {
+    (data.len() / PAGE_SIZE as usize) as u64
+}
+
 /// Guest RAM registered with a userfaultfd.
 #[derive(Debug)]
 pub struct UffdRam {
@@ -217,8 +222,7 @@ impl UffdRam {
         }
     }
 
-    /// Installs one page (`UFFDIO_COPY`) and wakes the threads waiting for
-    /// it.
+    /// Installs one page and wakes the threads waiting for it.
     pub fn install_page(&self, page: PageRef, data: &[u8]) -> Result<Install> {
         Self::check_page(data)?;
         let n = self.install_pages(page, data)?;
@@ -244,7 +248,7 @@ impl UffdRam {
     pub fn install_pages(&self, first: PageRef, data: &[u8]) -> Result<InstallCount> {
         let dst = self.copy_target(first, data)?;
         if self.mapped.is_some() {
-            return self.place_then_wake(first, Some(data), |_| {}, || ()).map(|(n, ())| n);
+            return self.place_then_wake(first, pages_in(data), Some(data), |_| {}, || ()).map(|(n, ())| n);
         }
         self.fill(dst, data.len(), |at, off| sys::uffd_copy(&self.uffd, at, &data[off..], Wake::Now), |_| {})
     }
@@ -264,7 +268,7 @@ impl UffdRam {
     ) -> Result<(InstallCount, T)> {
         let dst = self.copy_target(first, data)?;
         if self.mapped.is_some() {
-            return self.place_then_wake(first, Some(data), already_present, installed);
+            return self.place_then_wake(first, pages_in(data), Some(data), already_present, installed);
         }
         let len = data.len();
         self.fill_then_wake(
@@ -281,8 +285,7 @@ impl UffdRam {
     pub fn install_zero_pages(&self, first: PageRef, count: u64) -> Result<InstallCount> {
         let dst = self.ram.pages_host_addr(first, count)?;
         if self.mapped.is_some() {
-            let zeros = vec![0u8; (count * PAGE_SIZE) as usize];
-            return self.place_then_wake(first, Some(&zeros), |_| {}, || ()).map(|(n, ())| n);
+            return self.place_then_wake(first, count, None, |_| {}, || ()).map(|(n, ())| n);
         }
         let len = (count * PAGE_SIZE) as usize;
         self.fill(dst, len, |at, off| sys::uffd_zeropage(&self.uffd, at, len - off, Wake::Now), |_| {})
@@ -298,7 +301,7 @@ impl UffdRam {
     pub fn install_zero_page_with<T>(&self, page: PageRef, installed: impl FnOnce() -> T) -> Result<(Install, T)> {
         let dst = self.ram.pages_host_addr(page, 1)?;
         if self.mapped.is_some() {
-            let (n, t) = self.place_then_wake(page, None, |_| {}, installed)?;
+            let (n, t) = self.place_then_wake(page, 1, None, |_| {}, installed)?;
             return Ok((Install::of(n), t));
         }
         let len = PAGE_SIZE as usize;
@@ -331,20 +334,20 @@ impl UffdRam {
         self.ram.pages_host_addr(first, len as u64 / PAGE_SIZE)
     }
 
-    /// Preallocated RAM: claims each page of the run that is not mapped yet,
-    /// writes `data` (None: zeros) into the claimed ones through the
+    /// Preallocated RAM: claims each of the `count` pages from `first` that is
+    /// not mapped yet, writes `data` (None: zeros) into the claimed ones through the
     /// placement mapping, maps them into the guest's (`UFFDIO_CONTINUE`
     /// without waking), then runs `installed()` and wakes the whole range.
     fn place_then_wake<T>(
         &self,
         first: PageRef,
+        count: u64,
         data: Option<&[u8]>,
         mut already_present: impl FnMut(u64),
         installed: impl FnOnce() -> T,
     ) -> Result<(InstallCount, T)> {
         const ZERO_PAGE: [u8; PAGE_SIZE as usize] = [0; PAGE_SIZE as usize];
         let page = PAGE_SIZE as usize;
-        let count = data.map_or(1, |d| (d.len() / page) as u64);
         let dst = self.ram.pages_host_addr(first, count)?;
         let bits = self.block_bits(first.block)?;
         let mut done = InstallCount::default();
