@@ -25,8 +25,12 @@ fn fresh(mib: u64, preallocated: bool) -> Arc<UffdRam> {
 
 const KINDS: [bool; 2] = [false, true];
 
-/// Runs `test` on 2 MiB of each kind of registered RAM.
-fn for_each_kind(test: impl Fn(Arc<UffdRam>)) {
+/// Runs `test` (called `name`) on 2 MiB of each kind of registered RAM, or
+/// skips it where userfaultfd is missing.
+fn for_each_kind(name: &str, test: impl Fn(Arc<UffdRam>)) {
+    if !uffd_or_skip(name) {
+        return;
+    }
     for preallocated in KINDS {
         eprintln!("preallocated RAM: {preallocated}");
         test(fresh(2, preallocated));
@@ -51,10 +55,7 @@ fn features_are_reported() {
 
 #[test]
 fn install_copy_zero_and_already_present() {
-    if !uffd_or_skip("install_copy_zero_and_already_present") {
-        return;
-    }
-    for_each_kind(|m| {
+    for_each_kind("install_copy_zero_and_already_present", |m| {
         let p = PageRef::new(0, 7);
         assert_eq!(m.install_page(p, &page_of(0xab)).unwrap(), Install::Installed);
         // A late or duplicate copy never overwrites.
@@ -93,10 +94,7 @@ fn install_copy_zero_and_already_present() {
 /// faulting thread still asleep, and wake it afterwards.
 #[test]
 fn installs_with_a_callback_wake_the_waiter_after_it() {
-    if !uffd_or_skip("installs_with_a_callback_wake_the_waiter_after_it") {
-        return;
-    }
-    for_each_kind(|m| {
+    for_each_kind("installs_with_a_callback_wake_the_waiter_after_it", |m| {
         let mut reader = m.fault_reader();
         for (i, zero) in [(0u64, false), (1, true)] {
             let page = PageRef::new(0, 100 + i);
@@ -136,10 +134,7 @@ fn installs_with_a_callback_wake_the_waiter_after_it() {
 
 #[test]
 fn bad_arguments_are_errors() {
-    if !uffd_or_skip("bad_arguments_are_errors") {
-        return;
-    }
-    for_each_kind(|m| {
+    for_each_kind("bad_arguments_are_errors", |m| {
         assert!(matches!(m.install_page(PageRef::new(0, 0), &[0u8; 100]), Err(Error::BadLength { .. })));
         assert!(matches!(m.install_page_with(PageRef::new(0, 0), &[0u8; 100], || ()), Err(Error::BadLength { .. })));
         assert!(matches!(m.install_zero_page_with(PageRef::new(0, 512), || ()), Err(Error::PageOutOfRange { .. })));
@@ -155,10 +150,7 @@ fn bad_arguments_are_errors() {
 
 #[test]
 fn faults_are_read_with_thread_ids_and_served() {
-    if !uffd_or_skip("faults_are_read_with_thread_ids_and_served") {
-        return;
-    }
-    for_each_kind(|m| {
+    for_each_kind("faults_are_read_with_thread_ids_and_served", |m| {
         let mut reader = m.fault_reader();
         let mut faults = Vec::new();
         // Non-blocking: nothing pending means an immediate empty read.
