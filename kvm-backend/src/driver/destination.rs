@@ -413,19 +413,18 @@ impl<'a> Driver<'a> {
             (PageData::Bytes(b), false) => m.uffd.install_page_with(r, b, || now().0),
             (PageData::Zero, false) => m.uffd.install_zero_page_with(r, || now().0),
         };
+        if let Ok((_, at_ns)) = &result {
+            self.install_busy_ns.fetch_add(at_ns.saturating_sub(started_ns), Ordering::Relaxed);
+        }
         match result {
             Ok((Install::Installed, at_ns)) => {
-                self.install_busy_ns.fetch_add(at_ns.saturating_sub(started_ns), Ordering::Relaxed);
                 let bytes = match &data {
                     PageData::Bytes(b) => Some(&b[..]),
                     PageData::Zero => None,
                 };
                 self.note_installed(m, page, bytes, at_ns);
             }
-            Ok((Install::AlreadyPresent, at_ns)) => {
-                self.install_busy_ns.fetch_add(at_ns.saturating_sub(started_ns), Ordering::Relaxed);
-                self.note_already_present(page)
-            }
+            Ok((Install::AlreadyPresent, _)) => self.note_already_present(page),
             Err(e) => {
                 self.install_anomalies.fetch_add(1, Ordering::Relaxed);
                 tracing::error!(%e, page = page.0, "install failed");

@@ -97,10 +97,11 @@ pub struct DestinationReport {
     pub pages_installed: u64,
     /// Installs that failed or found the page already there.
     pub install_anomalies: u64,
-    /// Wall time in the calls that placed pages (`UFFDIO_COPY`,
-    /// `UFFDIO_ZEROPAGE`, writes over present pages), summed over the
-    /// installing threads: on this machine mostly the kernel backing fresh
-    /// memory (see the README).
+    /// Wall time in the calls that placed pages (`UFFDIO_COPY` /
+    /// `UFFDIO_ZEROPAGE`, or for preallocated RAM a copy and
+    /// `UFFDIO_CONTINUE`; writes over present pages), summed over the
+    /// installing threads. With RAM allocated as pages arrive, mostly the
+    /// kernel backing fresh memory here (see the README).
     #[serde(default)]
     pub install_busy_ns: u64,
     /// Guest RAM was preallocated before the migration (shared memory,
