@@ -1,4 +1,4 @@
-//! What a run reports (PROTOCOL.md, "What a run reports"), as far as each
+//! What a run reports (docs/protocol.md, "What a run reports"), as far as each
 //! side's core can know it. Serde-serialisable for `--json` output.
 //!
 //! Statistics are observations only: no decision of a core ever reads them,

@@ -1,5 +1,5 @@
 //! Property tests over both cores together: random guest accesses, channel
-//! interleavings, byte chunkings and lost connections, with PROTOCOL.md's
+//! interleavings, byte chunkings and lost connections, with docs/protocol.md's
 //! invariants checked after every step, then a healed run that must complete
 //! with every page holding its newest version.
 

@@ -8,7 +8,7 @@
 //! writes on either side, timers, and the user's switch to postcopy; the
 //! configuration (mode, urgent channel, batch sizes, timeouts, vCPUs, pages
 //! the device-state load touches, RAM layout) too. The pair's oracle checks
-//! PROTOCOL.md's invariants after every step (no stale read, one runner, no
+//! docs/protocol.md's invariants after every step (no stale read, one runner, no
 //! install over a present page, bounded queues, each page once in pure
 //! postcopy without a loss). Then the network heals and the run must end:
 //! either both sides completed with every page present at its newest

@@ -1,6 +1,6 @@
 //! A [stateright] model of postcopy migration that drives the **real**
 //! [`postcopy_core::Source`] and [`postcopy_core::Destination`], and checks
-//! the invariants of `PROTOCOL.md` exhaustively for small configurations.
+//! the invariants of `docs/protocol.md` exhaustively for small configurations.
 //!
 //! # State
 //!

@@ -1,7 +1,7 @@
 //! Checkers: separate from the simulation, they watch it and never steer it.
 //!
 //! They hold the guest's own history (the newest content version of every
-//! page, wherever the guest ran) and check PROTOCOL.md's invariants as the
+//! page, wherever the guest ran) and check docs/protocol.md's invariants as the
 //! simulation reports what happens:
 //!
 //! 1. no page lost: every destination read sees the newest version; when

@@ -1,6 +1,6 @@
 //! `postcopy-sim`: a deterministic simulator that runs the real
 //! `postcopy_core::Source` and `Destination` through whole migrations under a
-//! simulated clock, network and guest, with checkers for PROTOCOL.md's
+//! simulated clock, network and guest, with checkers for docs/protocol.md's
 //! invariants (after TigerBeetle's VOPR, FoundationDB's simulation and
 //! turmoil).
 //!

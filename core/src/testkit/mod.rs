@@ -1,6 +1,6 @@
 //! A reusable harness: a fake guest with a content version in every page,
 //! hosts that carry out each core's actions, in-memory links, and an oracle
-//! that checks PROTOCOL.md's invariants at every step (quinn-proto's `Pair`
+//! that checks docs/protocol.md's invariants at every step (quinn-proto's `Pair`
 //! idea). The unit tests, the property tests, the model checker and the
 //! fuzzers use it; the simulator reuses its guest and oracle.
 //!

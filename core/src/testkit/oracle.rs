@@ -1,4 +1,4 @@
-//! The guest's own history, and what counts as breaking PROTOCOL.md.
+//! The guest's own history, and what counts as breaking docs/protocol.md.
 
 use serde::{Deserialize, Serialize};
 use std::fmt;

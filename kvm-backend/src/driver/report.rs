@@ -1,5 +1,5 @@
 //! What each side reports (serde, for `--json`), and the table of
-//! PROTOCOL.md's "What a run reports" built from both.
+//! docs/protocol.md's "What a run reports" built from both.
 
 use serde::{Deserialize, Serialize};
 
