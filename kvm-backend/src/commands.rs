@@ -324,7 +324,7 @@ pub fn source(a: SourceArgs) -> Result<ExitCode, CommandError> {
     let ok = outcome.finished.result.is_ok();
     let mut report = SourceReport {
         ok,
-        error: outcome.finished.result.as_ref().err().map(|e| e.to_string()),
+        error: outcome.finished.result.as_ref().err().map(|e| driver::error_chain(e)),
         guest_on: format!("{:?}", outcome.finished.guest_on).to_lowercase(),
         mem_bytes: a.guest.mem,
         vcpus: guest.machine.vcpus,

@@ -407,3 +407,85 @@ pub(super) fn notice_text(notice: &Notice) -> String {
         Notice::ConnectionRefused { channel, error } => format!("refused a {channel} connection: {error}"),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::io::Read;
+    use std::net::{TcpListener, TcpStream};
+
+    use super::*;
+
+    /// A core that records what the shell tells it.
+    #[derive(Default)]
+    struct RecordingCore {
+        events: Vec<String>,
+    }
+
+    impl ProtocolCore for RecordingCore {
+        type Action = ();
+        fn poll_action(&mut self) -> Option<()> {
+            None
+        }
+        fn poll_timeout(&self) -> Option<Timestamp> {
+            None
+        }
+        fn handle_timeout(&mut self, _now: Timestamp) {
+            self.events.push("timeout".into());
+        }
+        fn handle_connected(&mut self, _now: Timestamp, channel: Channel) {
+            self.events.push(format!("connected {channel}"));
+        }
+        fn handle_connection_lost(&mut self, _now: Timestamp, channel: Channel) {
+            self.events.push(format!("lost {channel}"));
+        }
+        fn handle_input(&mut self, _now: Timestamp, channel: Channel, bytes: Bytes) {
+            self.events.push(format!("input {channel} {}", bytes.len()));
+        }
+        fn is_terminal(&self) -> bool {
+            false
+        }
+        fn guest_started(&self) -> bool {
+            false
+        }
+    }
+
+    /// A loopback connection for `channel` and the peer's end of it.
+    fn connection(channel: Channel) -> (Arc<Connection>, TcpStream) {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("listen");
+        let ours = TcpStream::connect(listener.local_addr().expect("addr")).expect("connect");
+        let (theirs, _) = listener.accept().expect("accept");
+        (Arc::new(Connection::new(channel, ours)), theirs)
+    }
+
+    #[test]
+    fn a_replaced_connection_is_shut_down_and_no_longer_heard() {
+        let mut l = LockedCore::new(RecordingCore::default());
+        let t = Timestamp(0);
+        let (first, mut first_peer) = connection(Channel::Main);
+        let (second, _second_peer) = connection(Channel::Main);
+        first_peer.set_read_timeout(Some(Duration::from_secs(2))).expect("timeout");
+        l.attach(t, first.clone());
+        assert!(l.is_current(&first));
+        l.attach(t, second.clone());
+        assert!(!l.is_current(&first) && l.is_current(&second));
+        // The replaced connection was shut down: its peer reads the end.
+        assert_eq!(first_peer.read(&mut [0u8; 8]).expect("read"), 0);
+        assert!(!l.input(t, &first, Bytes::from_static(b"late")), "a replaced connection's bytes are dropped");
+        assert!(!l.detach(t, &first), "a replaced connection's loss is not the channel's");
+        assert!(l.input(t, &second, Bytes::from_static(b"abc")));
+        assert!(l.detach(t, &second));
+        assert!(l.connection(Channel::Main).is_none());
+        assert_eq!(l.core.events, ["connected main", "connected main", "input main 3", "lost main"]);
+    }
+
+    #[test]
+    fn close_and_farewell_take_the_current_connection_once() {
+        let mut l = LockedCore::new(RecordingCore::default());
+        let (conn, _peer) = connection(Channel::Return);
+        l.attach(Timestamp(0), conn.clone());
+        assert!(matches!(l.farewell(Channel::Return, Bytes::from_static(b"bye")),
+            Some(ConnectionOp::Farewell(c, b)) if c.id == conn.id && &b[..] == b"bye"));
+        assert!(l.close(Channel::Return).is_none(), "the connection was taken already");
+        assert!(!l.is_current(&conn));
+    }
+}

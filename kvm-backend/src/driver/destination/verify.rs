@@ -105,7 +105,7 @@ impl DestinationDriver<'_> {
         };
         if let Some(f) = finished {
             report.stats = f.stats.clone();
-            report.error = f.result.as_ref().err().map(|e| e.to_string());
+            report.error = f.result.as_ref().err().map(|e| error_chain(e));
         }
         if let Some(e) = lock(&self.fatal).as_ref() {
             let fatal = error_chain(e);
