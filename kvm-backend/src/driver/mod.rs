@@ -13,11 +13,11 @@
 //!   `postcopy_core::Source` and `Destination`) and the side.
 //! - `source`: the source's operations: connecting, the bulk writer,
 //!   stopping the vCPUs and capturing their state, dirty logging.
-//! - `destination`: accepting and reading connections, building the
-//!   machine, loading the device state, starting the vCPUs; by job in
-//!   `destination::install` (placing pages, batching, the test-only
-//!   damage switch), `destination::fault` (the fault thread) and
-//!   `destination::verify` (the checks after the migration, the report).
+//! - `destination`: accepting and reading connections; by job in
+//!   `destination::guest` (building the machine, loading the device state,
+//!   starting the vCPUs), `destination::install` (placing pages, batching,
+//!   the test-only damage switch), `destination::fault` (the fault thread)
+//!   and `destination::verify` (the checks after the migration, the report).
 //! - [`net`] (connections), [`machine`] (what the destination builds),
 //!   [`digest`], [`report`], [`sync`] (lock-free pieces, checked with loom).
 //!
