@@ -16,13 +16,60 @@ use postcopy_kvm::layout::MIB;
 use postcopy_kvm::{GuestRam, PageRef, RamBlock, RamLayout, UffdRam, PAGE_SIZE};
 use serde::Serialize;
 
-use crate::cli::{self, Common, GuestArgs, ModeArg};
+use crate::args::{parse_size, Common, GuestArgs, ModeArg};
+use crate::pair::{run_pair, PairError, PairReports};
+
+/// Why the benchmark could not measure.
+#[derive(Debug, thiserror::Error)]
+pub enum BenchError {
+    /// No KVM.
+    #[error("/dev/kvm is not usable here")]
+    NoKvm,
+    /// A socket or thread operation of a floor failed.
+    #[error("{what}")]
+    Io {
+        /// What was being done.
+        what: &'static str,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Setting up memory for a floor failed.
+    #[error("{what}")]
+    Memory {
+        /// What was being done.
+        what: &'static str,
+        /// Why.
+        #[source]
+        source: postcopy_kvm::Error,
+    },
+    /// A floor's thread panicked.
+    #[error("the {0} thread panicked")]
+    Panicked(&'static str),
+    /// A migration could not be run.
+    #[error("cannot run a migration")]
+    Pair(#[source] PairError),
+    /// A side of a migration gave no report.
+    #[error("a side of the migration ended without a report")]
+    MissingReport,
+    /// The report could not be encoded.
+    #[error("cannot encode the report")]
+    Json(#[source] serde_json::Error),
+}
+
+fn io(what: &'static str) -> impl FnOnce(std::io::Error) -> BenchError {
+    move |source| BenchError::Io { what, source }
+}
+
+fn memory(what: &'static str) -> impl FnOnce(postcopy_kvm::Error) -> BenchError {
+    move |source| BenchError::Memory { what, source }
+}
 
 /// Benchmark settings.
 #[derive(clap::Args, Debug)]
 pub struct BenchArgs {
     /// Guest RAM of the migrations.
-    #[arg(long, default_value = "1G", value_parser = cli::parse_size)]
+    #[arg(long, default_value = "1G", value_parser = parse_size)]
     pub mem: u64,
     /// Request/reply round trips for the floor.
     #[arg(long, default_value_t = 3000)]
@@ -125,14 +172,14 @@ fn percentile(sorted: &[f64], q: f64) -> f64 {
 /// The floor of a remote fault: an 8-byte request, a 4 KiB reply over
 /// loopback TCP, and the `UFFDIO_COPY` of the reply into registered memory,
 /// with both ends on `latency_cpu` (None: where the scheduler puts them).
-fn measure_floor(round_trips: usize, latency_cpu: Option<usize>, net: &Tuning) -> Result<Floor, String> {
+fn measure_floor(round_trips: usize, latency_cpu: Option<usize>, net: &Tuning) -> Result<Floor, BenchError> {
     let (accept_net, connect_net) = (net.clone(), net.clone());
     let pages = (round_trips as u64 + 1).next_multiple_of(512);
-    let layout = RamLayout::pc(pages * PAGE_SIZE).map_err(|e| e.to_string())?;
-    let ram = Arc::new(GuestRam::new(layout).map_err(|e| e.to_string())?);
-    let uffd = UffdRam::register(ram).map_err(|e| e.to_string())?;
-    let listener = TcpListener::bind("127.0.0.1:0").map_err(|e| e.to_string())?;
-    let addr = listener.local_addr().map_err(|e| e.to_string())?;
+    let layout = RamLayout::pc(pages * PAGE_SIZE).map_err(memory("lay out the floor's memory"))?;
+    let ram = Arc::new(GuestRam::new(layout).map_err(memory("allocate the floor's memory"))?);
+    let uffd = UffdRam::register(ram).map_err(memory("register the floor's memory"))?;
+    let listener = TcpListener::bind("127.0.0.1:0").map_err(io("listen for the floor"))?;
+    let addr = listener.local_addr().map_err(io("read the floor's address"))?;
     let server = std::thread::spawn(move || -> std::io::Result<()> {
         if let Some(cpu) = latency_cpu {
             let _ = postcopy_kvm::pin_thread(0, cpu);
@@ -151,25 +198,25 @@ fn measure_floor(round_trips: usize, latency_cpu: Option<usize>, net: &Tuning) -
     });
     // The client runs in a thread of its own: pinning the calling thread
     // would pin the migrations' processes too (affinity is inherited).
-    let client = std::thread::spawn(move || -> Result<Vec<f64>, String> {
+    let client = std::thread::spawn(move || -> Result<Vec<f64>, BenchError> {
         if let Some(cpu) = latency_cpu {
             let _ = postcopy_kvm::pin_thread(0, cpu);
         }
-        let mut c = TcpStream::connect(addr).map_err(|e| e.to_string())?;
+        let mut c = TcpStream::connect(addr).map_err(io("connect to the floor's server"))?;
         connect_net.tune_socket(&c, CHANNEL_OF_FLOOR);
-        c.set_nodelay(true).map_err(|e| e.to_string())?;
+        c.set_nodelay(true).map_err(io("turn Nagle off"))?;
         let mut buf = vec![0u8; PAGE_SIZE as usize];
         let mut samples = Vec::with_capacity(round_trips);
         for i in 0..round_trips as u64 {
             let t0 = Instant::now();
-            c.write_all(&i.to_le_bytes()).map_err(|e| e.to_string())?;
-            c.read_exact(&mut buf).map_err(|e| e.to_string())?;
-            uffd.install_page(PageRef::new(0, i), &buf).map_err(|e| e.to_string())?;
+            c.write_all(&i.to_le_bytes()).map_err(io("send a floor request"))?;
+            c.read_exact(&mut buf).map_err(io("receive a floor reply"))?;
+            uffd.install_page(PageRef::new(0, i), &buf).map_err(memory("install a floor page"))?;
             samples.push(t0.elapsed().as_secs_f64() * 1e6);
         }
         Ok(samples)
     });
-    let samples = client.join().map_err(|_| "floor client panicked".to_string());
+    let samples = client.join().map_err(|_| BenchError::Panicked("floor client"));
     let _ = server.join();
     let mut samples = samples??;
     samples.sort_by(|a, b| a.total_cmp(b));
@@ -189,10 +236,10 @@ const CHANNEL_OF_FLOOR: Channel = Channel::Urgent;
 /// Loopback TCP bandwidth, one connection, 1 MiB writes, `bytes` in all;
 /// both ends on `cpu` when given (in threads of their own: the migrations'
 /// processes inherit the calling thread's affinity).
-fn measure_bandwidth(bytes: u64, net: &Tuning, cpu: Option<usize>) -> Result<f64, String> {
+fn measure_bandwidth(bytes: u64, net: &Tuning, cpu: Option<usize>) -> Result<f64, BenchError> {
     let (accept_net, connect_net) = (net.clone(), net.clone());
-    let listener = TcpListener::bind("127.0.0.1:0").map_err(|e| e.to_string())?;
-    let addr = listener.local_addr().map_err(|e| e.to_string())?;
+    let listener = TcpListener::bind("127.0.0.1:0").map_err(io("listen for the bandwidth floor"))?;
+    let addr = listener.local_addr().map_err(io("read the bandwidth floor's address"))?;
     let reader = std::thread::spawn(move || -> std::io::Result<u64> {
         if let Some(cpu) = cpu {
             let _ = postcopy_kvm::pin_thread(0, cpu);
@@ -209,24 +256,25 @@ fn measure_bandwidth(bytes: u64, net: &Tuning, cpu: Option<usize>) -> Result<f64
             total += n as u64;
         }
     });
-    let writer = std::thread::spawn(move || -> Result<f64, String> {
+    let writer = std::thread::spawn(move || -> Result<f64, BenchError> {
         if let Some(cpu) = cpu {
             let _ = postcopy_kvm::pin_thread(0, cpu);
         }
-        let mut c = TcpStream::connect(addr).map_err(|e| e.to_string())?;
+        let mut c = TcpStream::connect(addr).map_err(io("connect to the bandwidth floor's reader"))?;
         connect_net.tune_socket(&c, CHANNEL_OF_FLOOR);
         let chunk = vec![0xa5u8; MIB as usize];
         let t0 = Instant::now();
         let mut sent = 0;
         while sent < bytes {
-            c.write_all(&chunk).map_err(|e| e.to_string())?;
+            c.write_all(&chunk).map_err(io("write to the bandwidth floor's reader"))?;
             sent += MIB;
         }
         drop(c);
         Ok(t0.elapsed().as_secs_f64())
     });
-    let got = reader.join().map_err(|_| "reader panicked".to_string())?.map_err(|e| e.to_string())?;
-    let secs = writer.join().map_err(|_| "writer panicked".to_string())??;
+    let got =
+        reader.join().map_err(|_| BenchError::Panicked("bandwidth reader"))?.map_err(io("read the bandwidth floor"))?;
+    let secs = writer.join().map_err(|_| BenchError::Panicked("bandwidth writer"))??;
     Ok(got as f64 / secs / 1e9)
 }
 
@@ -236,16 +284,16 @@ fn measure_bandwidth(bytes: u64, net: &Tuning, cpu: Option<usize>) -> Result<f64
 /// placement mapping and one `UFFDIO_CONTINUE`; no framing, no hashing, no
 /// guest), sender and receiver on one CPU; returns the milliseconds
 /// (preallocation excluded).
-fn measure_push_on_one_cpu(mem: u64, net: &Tuning) -> Result<f64, String> {
+fn measure_push_on_one_cpu(mem: u64, net: &Tuning) -> Result<f64, BenchError> {
     let (accept_net, connect_net) = (net.clone(), net.clone());
     // One block, so that page numbers run from 0 to the end.
     let block = RamBlock { name: "push-floor".into(), gpa: 0, size: mem };
-    let layout = RamLayout::new(vec![block]).map_err(|e| e.to_string())?;
+    let layout = RamLayout::new(vec![block]).map_err(memory("lay out the push floor's memory"))?;
     let pages = layout.total_pages();
-    let ram = Arc::new(GuestRam::new_preallocated(layout).map_err(|e| e.to_string())?);
-    let uffd = UffdRam::register(ram).map_err(|e| e.to_string())?;
-    let listener = TcpListener::bind("127.0.0.1:0").map_err(|e| e.to_string())?;
-    let addr = listener.local_addr().map_err(|e| e.to_string())?;
+    let ram = Arc::new(GuestRam::new_preallocated(layout).map_err(memory("preallocate the push floor's memory"))?);
+    let uffd = UffdRam::register(ram).map_err(memory("register the push floor's memory"))?;
+    let listener = TcpListener::bind("127.0.0.1:0").map_err(io("listen for the push floor"))?;
+    let addr = listener.local_addr().map_err(io("read the push floor's address"))?;
     let sender = std::thread::spawn(move || -> std::io::Result<()> {
         let _ = postcopy_kvm::pin_thread(0, 0);
         let (mut s, _) = listener.accept()?;
@@ -258,9 +306,9 @@ fn measure_push_on_one_cpu(mem: u64, net: &Tuning) -> Result<f64, String> {
         }
         Ok(())
     });
-    let receiver = std::thread::spawn(move || -> Result<f64, String> {
+    let receiver = std::thread::spawn(move || -> Result<f64, BenchError> {
         let _ = postcopy_kvm::pin_thread(0, 0);
-        let mut c = TcpStream::connect(addr).map_err(|e| e.to_string())?;
+        let mut c = TcpStream::connect(addr).map_err(io("connect to the push floor's sender"))?;
         connect_net.tune_socket(&c, CHANNEL_OF_FLOOR);
         // 256 KiB reads, like the driver's receiver.
         const BATCH: u64 = 64;
@@ -269,12 +317,12 @@ fn measure_push_on_one_cpu(mem: u64, net: &Tuning) -> Result<f64, String> {
         for first in (0..pages).step_by(BATCH as usize) {
             let n = BATCH.min(pages - first);
             let chunk = &mut buf[..(n * PAGE_SIZE) as usize];
-            c.read_exact(chunk).map_err(|e| e.to_string())?;
-            uffd.install_pages(PageRef::new(0, first), chunk).map_err(|e| e.to_string())?;
+            c.read_exact(chunk).map_err(io("receive pushed pages"))?;
+            uffd.install_pages(PageRef::new(0, first), chunk).map_err(memory("place pushed pages"))?;
         }
         Ok(t0.elapsed().as_secs_f64() * 1e3)
     });
-    let ms = receiver.join().map_err(|_| "push floor receiver panicked".to_string());
+    let ms = receiver.join().map_err(|_| BenchError::Panicked("push floor receiver"));
     let _ = sender.join();
     ms?
 }
@@ -293,22 +341,23 @@ fn touch_fresh_memory(mem: u64) -> f64 {
     ms
 }
 
-fn migration(mem: u64, common: &Common, fault_heavy: bool) -> Result<RunReport, String> {
+fn migration(mem: u64, common: &Common, fault_heavy: bool) -> Result<RunReport, BenchError> {
     let guest =
         GuestArgs { mode: ModeArg::Postcopy, precopy_rounds: 0, mem, vcpus: 1, guest_image: None, run_before_ms: 500 };
     let mut common = common.clone();
     common.json = true;
     common.no_prepaging = fault_heavy;
-    let (source, destination, _, _) = cli::run_pair(&guest, &common, 500, &[])?;
+    let PairReports { source, destination } = run_pair(&guest, &common, 500, &[]).map_err(BenchError::Pair)?;
     match (source, destination) {
         (Some(s), Some(d)) => Ok(RunReport::new(s, d)),
-        _ => Err("a side of the migration ended without a report".into()),
+        _ => Err(BenchError::MissingReport),
     }
 }
 
-pub fn run(a: BenchArgs) -> Result<ExitCode, String> {
+/// `postcopy bench`.
+pub fn run(a: BenchArgs) -> Result<ExitCode, BenchError> {
     if !postcopy_kvm::kvm_available() {
-        return Err("/dev/kvm is not usable here".into());
+        return Err(BenchError::NoKvm);
     }
     let load_average = std::fs::read_to_string("/proc/loadavg").unwrap_or_default().trim().to_string();
     eprintln!("bench: load average {load_average}; measuring the floors...");
@@ -429,7 +478,7 @@ pub fn run(a: BenchArgs) -> Result<ExitCode, String> {
         ratios,
     };
     if a.common.json {
-        println!("{}", serde_json::to_string_pretty(&report).map_err(|e| e.to_string())?);
+        println!("{}", serde_json::to_string_pretty(&report).map_err(BenchError::Json)?);
     } else {
         println!(
             "postcopy bench: {} MiB guest, 1 vCPU, {repeat} migrations of each kind; load average at start {}",

@@ -42,28 +42,48 @@ impl MachineDescription {
     }
 
     /// Parses and checks a description received from the peer.
-    pub fn from_bytes(bytes: &[u8]) -> Result<Self, String> {
-        let m: Self = serde_json::from_slice(bytes).map_err(|e| format!("bad machine description: {e}"))?;
+    pub fn from_bytes(bytes: &[u8]) -> Result<Self, MachineError> {
+        let m: Self = serde_json::from_slice(bytes).map_err(MachineError::Decode)?;
         if m.format != MACHINE_FORMAT {
-            return Err(format!("machine description format {}, this build reads {MACHINE_FORMAT}", m.format));
+            return Err(MachineError::Format { found: m.format });
         }
         if m.vcpus == 0 || m.vcpus > crate::vm::MAX_VCPUS {
-            return Err(format!("machine description asks for {} vCPUs", m.vcpus));
+            return Err(MachineError::Vcpus(m.vcpus));
         }
         // Re-check the layout's invariants (serde bypassed the constructor).
-        let ram = RamLayout::new(m.ram.blocks().to_vec()).map_err(|e| e.to_string())?;
+        let ram = RamLayout::new(m.ram.blocks().to_vec()).map_err(MachineError::Layout)?;
         Ok(Self { ram, ..m })
     }
 }
 
+/// Why a machine description from the peer was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum MachineError {
+    /// Not the JSON of a description.
+    #[error("bad machine description")]
+    Decode(#[source] serde_json::Error),
+    /// Another version of the encoding.
+    #[error("machine description format {found}, this build reads {MACHINE_FORMAT}")]
+    Format {
+        /// The format it has.
+        found: u32,
+    },
+    /// No vCPU, or more than a VM here can have.
+    #[error("machine description asks for {0} vCPUs")]
+    Vcpus(usize),
+    /// Its RAM layout breaks the layout's invariants.
+    #[error("machine description's RAM layout")]
+    Layout(#[source] crate::Error),
+}
+
 /// The core's view of a layout: same blocks (names, page counts), 4 KiB pages.
-pub fn core_layout(layout: &RamLayout) -> Result<postcopy_core::RamLayout, String> {
+pub fn core_layout(layout: &RamLayout) -> Result<postcopy_core::RamLayout, postcopy_core::LayoutError> {
     let blocks = layout
         .blocks()
         .iter()
         .map(|b| postcopy_core::RamBlock { name: b.name.clone(), page_count: b.pages() })
         .collect();
-    postcopy_core::RamLayout::new(PAGE_SIZE as u32, blocks).map_err(|e| e.to_string())
+    postcopy_core::RamLayout::new(PAGE_SIZE as u32, blocks)
 }
 
 /// Global page numbers (blocks end to end, as the core numbers them) to and
@@ -151,10 +171,12 @@ mod tests {
         let bytes = m.to_bytes();
         assert!(bytes.len() < postcopy_core::wire::MAX_MACHINE_LEN);
         assert_eq!(MachineDescription::from_bytes(&bytes).unwrap(), m);
-        assert!(MachineDescription::from_bytes(b"garbage").is_err());
+        assert!(matches!(MachineDescription::from_bytes(b"garbage"), Err(MachineError::Decode(_))));
         let bad = MachineDescription { vcpus: 0, ..m.clone() };
-        assert!(MachineDescription::from_bytes(&bad.to_bytes()).is_err());
+        assert!(matches!(MachineDescription::from_bytes(&bad.to_bytes()), Err(MachineError::Vcpus(0))));
         let future = MachineDescription { format: 99, ..m };
-        assert!(MachineDescription::from_bytes(&future.to_bytes()).unwrap_err().contains("format 99"));
+        let err = MachineDescription::from_bytes(&future.to_bytes()).unwrap_err();
+        assert!(matches!(err, MachineError::Format { found: 99 }));
+        assert!(err.to_string().contains("format 99"));
     }
 }

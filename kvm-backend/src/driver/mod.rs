@@ -3,14 +3,33 @@
 //! socket reads, userfaultfd faults, timers and vCPU events into core events
 //! and carries out the core's actions.
 //!
+//! # Modules
+//!
+//! - `shell`: what both sides share. The core and the table of current
+//!   connections under one mutex (`LockedCore`); one event at a time
+//!   (`SideDriver::event`); the timer thread; a lost connection; the
+//!   farewell; the try-lock flush of the fault path's outgoing channel.
+//!   Generic over the core (`ProtocolCore`, implemented here for
+//!   `postcopy_core::Source` and `Destination`) and the side.
+//! - `source`: the source's operations: connecting, the bulk writer,
+//!   stopping the vCPUs and capturing their state, dirty logging.
+//! - `destination`: accepting and reading connections; by job in
+//!   `destination::guest` (building the machine, loading the device state,
+//!   starting the vCPUs), `destination::install` (placing pages, batching,
+//!   the test-only damage switch), `destination::fault` (the fault thread)
+//!   and `destination::verify` (the checks after the migration, the report).
+//! - [`net`] (connections), [`machine`] (what the destination builds),
+//!   [`digest`], [`report`], [`sync`] (lock-free pieces, checked with loom).
+//!
 //! # Threads and what they own
 //!
 //! Each side keeps its core and the table of current connections under one
-//! mutex (`Locked`); a thread locks it for one event (a few microseconds),
-//! drains the actions into driver operations while still holding it (so a
-//! `Close` names exactly the connection the core meant), then carries them
-//! out with the lock released. Lock order: a channel's write lock, then the
-//! core lock; nobody takes a write lock while holding the core lock.
+//! mutex (`LockedCore`); a thread locks it for one event (a few
+//! microseconds), drains the actions into driver operations while still
+//! holding it (so a `Close` names exactly the connection the core meant),
+//! then carries them out with the lock released. Lock order: a channel's
+//! write lock, then the core lock; nobody takes a write lock while holding
+//! the core lock.
 //!
 //! Source:
 //! - `src-bulk`: writes the main channel (hello, precopy pages, discards,
@@ -49,10 +68,14 @@ pub mod report;
 pub mod sync;
 
 mod destination;
+mod shell;
 mod source;
 
-pub use destination::{run_destination, DestinationOptions, DestinationOutcome};
-pub use source::{new_session_id, run_source, SourceOptions, SourceOutcome};
+pub use destination::{
+    run_destination, BuildError, Damage, DamageError, DestinationError, DestinationOptions, DestinationOutcome,
+    LoadError, VerifyError, DAMAGE_ENV,
+};
+pub use source::{new_session_id, run_source, SourceError, SourceOptions, SourceOutcome};
 
 use std::time::Duration;
 
@@ -186,59 +209,37 @@ pub fn now() -> Timestamp {
     Timestamp(crate::sys::monotonic_ns())
 }
 
-/// Test-only damage on the destination (`POSTCOPY_TEST_DAMAGE=drop:PAGE` or
-/// `corrupt:PAGE`): the page is installed as zeros, or with one bit flipped,
-/// to prove that the integrity checks fail.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Damage {
-    /// Install zeros instead of the page.
-    Drop(u64),
-    /// Flip one bit of the page's first word.
-    Corrupt(u64),
-}
-
-/// Name of the environment variable that asks for [`Damage`].
-pub const DAMAGE_ENV: &str = "POSTCOPY_TEST_DAMAGE";
-
-impl Damage {
-    /// Parses `drop:N` or `corrupt:N`.
-    pub fn parse(s: &str) -> Result<Self, String> {
-        let (kind, page) =
-            s.split_once(':').ok_or_else(|| format!("{DAMAGE_ENV}={s}: expected drop:N or corrupt:N"))?;
-        let page: u64 = page.parse().map_err(|_| format!("{DAMAGE_ENV}={s}: bad page number"))?;
-        match kind {
-            "drop" => Ok(Damage::Drop(page)),
-            "corrupt" => Ok(Damage::Corrupt(page)),
-            _ => Err(format!("{DAMAGE_ENV}={s}: expected drop:N or corrupt:N")),
+/// `error` and its sources, as one line ("a: b: c"). A source whose text
+/// its parent already shows (errors that print their cause) is not repeated.
+pub fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(e) = source {
+        let part = e.to_string();
+        if !text.contains(&part) {
+            text.push_str(": ");
+            text.push_str(&part);
         }
+        source = e.source();
     }
-
-    /// From the environment, if set.
-    pub fn from_env() -> Result<Option<Self>, String> {
-        match std::env::var(DAMAGE_ENV) {
-            Ok(v) if !v.is_empty() => Self::parse(&v).map(Some),
-            _ => Ok(None),
-        }
-    }
-
-    pub(crate) fn page(self) -> u64 {
-        match self {
-            Damage::Drop(p) | Damage::Corrupt(p) => p,
-        }
-    }
+    text
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    #[derive(Debug, thiserror::Error)]
+    #[error("outer")]
+    struct Outer(#[source] Middle);
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("middle: {0}")]
+    struct Middle(#[source] std::io::Error);
+
     #[test]
-    fn damage_switch_parses() {
-        assert_eq!(Damage::parse("drop:300"), Ok(Damage::Drop(300)));
-        assert_eq!(Damage::parse("corrupt:7"), Ok(Damage::Corrupt(7)));
-        assert!(Damage::parse("drop").is_err());
-        assert!(Damage::parse("flip:3").is_err());
-        assert!(Damage::parse("drop:x").is_err());
-        assert_eq!(Damage::Corrupt(7).page(), 7);
+    fn error_chain_shows_every_cause_once() {
+        let e = Outer(Middle(std::io::Error::other("inner")));
+        assert_eq!(error_chain(&e), "outer: middle: inner");
     }
 }

@@ -13,7 +13,7 @@ use postcopy_core::Channel;
 
 /// One accepted or opened connection.
 #[derive(Debug)]
-pub struct Conn {
+pub struct Connection {
     /// Unique in the process: tells a replaced connection from its successor.
     pub id: u64,
     /// Which channel it carries.
@@ -26,7 +26,7 @@ pub struct Conn {
 
 static NEXT_CONN_ID: AtomicU64 = AtomicU64::new(1);
 
-impl Conn {
+impl Connection {
     /// Wraps a connected socket (Nagle off: requests and pages must not wait).
     pub fn new(channel: Channel, stream: TcpStream) -> Self {
         let _ = stream.set_nodelay(true);
@@ -70,7 +70,7 @@ impl Conn {
 /// the connection closes or fails (`on_closed` runs) or `on_bytes` returns
 /// false (the connection was replaced: its successor's reader carries on).
 pub fn read_until_closed(
-    conn: &Conn,
+    conn: &Connection,
     max: usize,
     spin: Duration,
     mut on_bytes: impl FnMut(Bytes) -> bool,
@@ -94,29 +94,57 @@ pub fn read_until_closed(
 
 /// Opens a connection for `channel` (with `tuning`'s socket settings) and
 /// writes its preamble.
-pub fn connect(addr: SocketAddr, channel: Channel, timeout: Duration, tuning: &super::Tuning) -> io::Result<Conn> {
+pub fn connect(
+    addr: SocketAddr,
+    channel: Channel,
+    timeout: Duration,
+    tuning: &super::Tuning,
+) -> io::Result<Connection> {
     let stream = TcpStream::connect_timeout(&addr, timeout)?;
     tuning.tune_socket(&stream, channel);
-    let conn = Conn::new(channel, stream);
+    let conn = Connection::new(channel, stream);
     let mut preamble = Vec::with_capacity(PREAMBLE_LEN);
     wire::encode_preamble(&mut preamble, channel);
     conn.write_all(&preamble)?;
     Ok(conn)
 }
 
+/// Why an accepted connection did not name its channel.
+#[derive(Debug, thiserror::Error)]
+pub enum PreambleReadError {
+    /// The read timeout could not be set.
+    #[error("cannot set a read timeout")]
+    SetTimeout(#[source] io::Error),
+    /// The peer closed first.
+    #[error("closed before its preamble")]
+    Closed,
+    /// Nothing (or not all of it) came in time.
+    #[error("no preamble within {timeout_ms} ms")]
+    TimedOut {
+        /// The bound.
+        timeout_ms: u128,
+    },
+    /// The read failed.
+    #[error("reading its preamble")]
+    Read(#[source] io::Error),
+    /// The bytes are not a preamble.
+    #[error("bad preamble")]
+    Decode(#[source] wire::PreambleError),
+}
+
 /// Reads an accepted connection's preamble within `timeout`.
-pub fn read_preamble(stream: &mut TcpStream, timeout: Duration) -> Result<Channel, String> {
-    stream.set_read_timeout(Some(timeout.max(Duration::from_millis(1)))).map_err(|e| e.to_string())?;
+pub fn read_preamble(stream: &mut TcpStream, timeout: Duration) -> Result<Channel, PreambleReadError> {
+    stream.set_read_timeout(Some(timeout.max(Duration::from_millis(1)))).map_err(PreambleReadError::SetTimeout)?;
     let mut bytes = [0u8; PREAMBLE_LEN];
     let result = stream.read_exact(&mut bytes);
     let _ = stream.set_read_timeout(None);
     match result {
-        Ok(()) => Preamble::decode(&bytes).map(|p| p.channel).map_err(|e| format!("bad preamble: {e}")),
-        Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => Err("closed before its preamble".into()),
+        Ok(()) => Preamble::decode(&bytes).map(|p| p.channel).map_err(PreambleReadError::Decode),
+        Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => Err(PreambleReadError::Closed),
         Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => {
-            Err(format!("no preamble within {} ms", timeout.as_millis()))
+            Err(PreambleReadError::TimedOut { timeout_ms: timeout.as_millis() })
         }
-        Err(e) => Err(format!("reading its preamble: {e}")),
+        Err(e) => Err(PreambleReadError::Read(e)),
     }
 }
 

@@ -1,7 +1,7 @@
 //! The source side's driver. See the module docs of [`super`] for threads.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::Scope;
 use std::time::Duration;
@@ -9,14 +9,15 @@ use std::time::Duration;
 use bytes::Bytes;
 use postcopy_core::{
     Channel, Config, DeferredPage, Finished, GuestMemory, Notice, PageNumber, Source, SourceAction, SourceState,
-    SourceStats, Timestamp,
+    SourceStats,
 };
 
 use super::digest::PageDigests;
 use super::machine::{core_layout, MachineDescription, PageMap};
-use super::net::{self, lock_spin, Conn};
+use super::net::{self, lock_spin, Connection};
+use super::shell::{spawn, ConnectionOp, LockedCore, Shell, SideDriver, LOCK_SPIN};
 use super::sync::Doorbell;
-use super::{now, pin_self, set_policy, Boost, Tuning};
+use super::{error_chain, now, pin_self, set_policy, Boost, Tuning};
 use crate::devices::lock;
 use crate::layout::PAGE_SIZE;
 use crate::memory::GuestRam;
@@ -30,8 +31,6 @@ const BULK_STEP_BYTES: usize = 32 * 1024;
 const BULK_WRITE_BYTES: usize = 256 * 1024;
 /// Bytes read per receive on the return path.
 const READ_BYTES: usize = 64 * 1024;
-/// How long a thread spins for the core lock before sleeping on it.
-const LOCK_SPIN: Duration = Duration::from_micros(10);
 
 /// How to run the source.
 #[derive(Clone, Debug)]
@@ -63,6 +62,24 @@ pub struct SourceOutcome {
     pub digests: PageDigests,
     /// Notices, as text.
     pub notices: Vec<String>,
+}
+
+/// Why the source could not run a migration (the core's own verdict is in
+/// [`SourceOutcome::finished`]).
+#[derive(Debug, thiserror::Error)]
+pub enum SourceError {
+    /// The guest's RAM cannot be described to the core.
+    #[error("the guest's RAM layout does not fit the protocol")]
+    Layout(#[source] postcopy_core::LayoutError),
+    /// The core refused the machine description.
+    #[error("the machine description cannot be sent")]
+    MachineDescription(#[source] postcopy_core::EventError),
+    /// Dirty logging (for precopy rounds) could not be turned on.
+    #[error("cannot turn on dirty logging")]
+    DirtyLogging(#[source] crate::Error),
+    /// The core never finished (a driver thread died).
+    #[error("the source ended without a verdict")]
+    NoVerdict,
 }
 
 /// The guest's RAM as the core reads it: every page read is hashed, so the
@@ -102,7 +119,7 @@ impl GuestMemory for SourceRam<'_> {
 /// change and the reads wait until the lock is released (`deferred`): the
 /// fault path's threads then never wait for a bulk page being copied and hashed.
 fn poll_frames(
-    l: &mut Locked,
+    l: &mut LockedCore<Source>,
     channel: Channel,
     buf: &mut Vec<u8>,
     max_bytes: usize,
@@ -116,114 +133,73 @@ fn poll_frames(
     }
 }
 
-struct Locked {
-    core: Source,
-    conns: [Option<Arc<Conn>>; 3],
-}
-
-impl Locked {
-    fn is_current(&self, conn: &Conn) -> bool {
-        self.conns[conn.channel.index()].as_ref().is_some_and(|c| c.id == conn.id)
-    }
-}
-
-/// What the driver does for the core, resolved while the core lock is held.
-enum Op {
+/// What the source's driver does for the core, resolved while the core
+/// lock is held.
+enum SourceOp {
     Connect(Channel),
-    Shutdown(Arc<Conn>),
-    Farewell(Arc<Conn>, Bytes),
-    Stop,
-    Resume,
+    Close(ConnectionOp),
+    StopVcpus,
+    ResumeVcpus,
     SyncDirtyLog,
     Notice(Notice),
     Finished(Box<Finished<SourceStats>>),
 }
 
-fn drain(l: &mut Locked) -> Vec<Op> {
-    let mut ops = Vec::new();
-    while let Some(action) = l.core.poll_action() {
-        ops.push(match action {
-            SourceAction::Connect(channel) => Op::Connect(channel),
-            SourceAction::Close(channel) => match l.conns[channel.index()].take() {
-                Some(conn) => Op::Shutdown(conn),
-                None => continue,
-            },
-            SourceAction::Farewell { channel, bytes } => match l.conns[channel.index()].take() {
-                Some(conn) => Op::Farewell(conn, bytes),
-                None => continue,
-            },
-            SourceAction::StopVcpus => Op::Stop,
-            SourceAction::ResumeVcpus => Op::Resume,
-            SourceAction::SyncDirtyLog => Op::SyncDirtyLog,
-            SourceAction::Notice(notice) => Op::Notice(notice),
-            SourceAction::Finished(finished) => Op::Finished(finished),
-        });
-    }
-    ops
-}
-
-struct Driver<'a> {
-    locked: Mutex<Locked>,
-    write_locks: [Mutex<()>; 3],
-    flush_wanted: [AtomicBool; 3],
+/// The source's driver: the shell, the guest it migrates, the bulk writer's
+/// wake-ups and the switchover's timings.
+struct SourceDriver<'a> {
+    shell: Shell<Source>,
     bulk_bell: Doorbell,
     done_bell: Doorbell,
-    done: AtomicBool,
     finished: Mutex<Option<Finished<SourceStats>>>,
     guest: SourceRam<'a>,
     vm: &'a Vm,
-    set: &'a VcpuSet,
+    vcpus: &'a VcpuSet,
     addr: SocketAddr,
     connect_timeout: Duration,
     write_timeout: Option<Duration>,
-    tuning: Tuning,
     stop_ns: AtomicU64,
     stop_capture_ns: AtomicU64,
     pause_ns: AtomicU64,
-    notices: Mutex<Vec<String>>,
 }
 
-/// Runs a migration of the running guest (`vm`, its vCPUs in `set`) to the
-/// destination at `opts.connect`. Returns when the core finished: with the
-/// guest on the destination, or (before the switchover) back on the source,
-/// running.
+/// Runs a migration of the running guest (`vm`, its vCPUs in `vcpus`) to
+/// the destination at `opts.connect`. Returns when the core finished: with
+/// the guest on the destination, or (before the switchover) back on the
+/// source, running.
 pub fn run_source(
     vm: &Vm,
-    set: &VcpuSet,
+    vcpus: &VcpuSet,
     machine: &MachineDescription,
     session: u64,
     opts: &SourceOptions,
-) -> Result<SourceOutcome, String> {
+) -> Result<SourceOutcome, SourceError> {
     let ram = vm.ram();
-    let layout = core_layout(ram.layout())?;
+    let layout = core_layout(ram.layout()).map_err(SourceError::Layout)?;
     let map = PageMap::new(ram.layout());
     let pages = map.total_pages();
     let mut core = Source::new(opts.config.clone(), layout, session);
-    core.set_machine_description(Bytes::from(machine.to_bytes())).map_err(|e| e.to_string())?;
+    core.set_machine_description(Bytes::from(machine.to_bytes())).map_err(SourceError::MachineDescription)?;
     if opts.config.mode.precopy_rounds() > 0 {
-        vm.set_dirty_logging(true).map_err(|e| e.to_string())?;
+        vm.set_dirty_logging(true).map_err(SourceError::DirtyLogging)?;
     }
-    let driver = Driver {
-        locked: Mutex::new(Locked { core, conns: [None, None, None] }),
-        write_locks: [Mutex::new(()), Mutex::new(()), Mutex::new(())],
-        flush_wanted: [AtomicBool::new(false), AtomicBool::new(false), AtomicBool::new(false)],
+    let driver = SourceDriver {
+        shell: Shell::new(core, opts.tuning.clone()),
         bulk_bell: Doorbell::new(),
         done_bell: Doorbell::new(),
-        done: AtomicBool::new(false),
         finished: Mutex::new(None),
         guest: SourceRam { ram, map, digests: PageDigests::new(pages, PAGE_SIZE as usize) },
         vm,
-        set,
+        vcpus,
         addr: opts.connect,
         connect_timeout: opts.config.handshake_timeout,
         write_timeout: opts.config.peer_timeout,
-        tuning: opts.tuning.clone(),
         stop_ns: AtomicU64::new(0),
         stop_capture_ns: AtomicU64::new(0),
         pause_ns: AtomicU64::new(0),
-        notices: Mutex::new(Vec::new()),
     };
     let start_ns = now().0;
+    tracing::info!(session, destination = %opts.connect, pages, "migration starts");
     std::thread::scope(|s| {
         let d = &driver;
         spawn(s, "src-bulk", move || d.bulk_loop(s));
@@ -233,20 +209,20 @@ pub fn run_source(
                 tracing::error!(%e, "start");
             }
         });
-        while !d.done.load(Ordering::SeqCst) {
+        while !d.shell.is_stopping() {
             d.done_bell.wait_timeout(Duration::from_millis(100));
         }
         // Unblock every reader and writer still attached to a connection.
-        let conns: Vec<Arc<Conn>> = lock(&d.locked).conns.iter_mut().filter_map(Option::take).collect();
-        for conn in conns {
-            conn.shutdown();
-        }
+        d.shell.shutdown_all();
         d.bulk_bell.ring();
     });
     if opts.config.mode.precopy_rounds() > 0 {
-        let _ = vm.set_dirty_logging(false);
+        if let Err(e) = vm.set_dirty_logging(false) {
+            tracing::warn!(e = error_chain(&e), "cannot turn off dirty logging");
+        }
     }
-    let finished = lock(&driver.finished).take().ok_or("the source ended without a verdict")?;
+    let finished = lock(&driver.finished).take().ok_or(SourceError::NoVerdict)?;
+    tracing::info!(result = ?finished.result, "migration ended");
     Ok(SourceOutcome {
         finished,
         start_ns,
@@ -254,69 +230,83 @@ pub fn run_source(
         end_ns: now().0,
         stop_capture_us: driver.stop_capture_ns.load(Ordering::SeqCst) as f64 / 1e3,
         pause_us: driver.pause_ns.load(Ordering::SeqCst) as f64 / 1e3,
+        notices: driver.shell.notices(),
         digests: driver.guest.digests,
-        notices: driver.notices.into_inner().unwrap_or_else(|e| e.into_inner()),
     })
 }
 
-fn spawn<'s, 'e, F: FnOnce() + Send + 's>(s: &'s Scope<'s, 'e>, name: &str, f: F) {
-    if let Err(e) = std::thread::Builder::new().name(name.into()).spawn_scoped(s, f) {
-        tracing::error!(%e, name, "cannot spawn a driver thread");
-    }
-}
+impl SideDriver for SourceDriver<'_> {
+    type Core = Source;
+    type Op = SourceOp;
+    const SIDE: &'static str = "source";
+    const TIMER_THREAD: &'static str = "src-timer";
+    const FAREWELL_THREAD: &'static str = "src-farewell";
+    const FAULT_PATH_CHANNEL: Channel = Channel::Urgent;
 
-impl<'a> Driver<'a> {
-    /// One event: runs `f` on the core under the lock, then carries out what
-    /// it asked for.
-    fn event<'s>(&'s self, s: &'s Scope<'s, '_>, f: impl FnOnce(&mut Locked, Timestamp)) {
-        let ops = {
-            let mut l = lock_spin(&self.locked, LOCK_SPIN);
-            f(&mut l, now());
-            drain(&mut l)
-        };
-        self.execute(s, ops);
+    fn shell(&self) -> &Shell<Source> {
+        &self.shell
     }
 
-    fn execute<'s>(&'s self, s: &'s Scope<'s, '_>, ops: Vec<Op>) {
+    fn to_op(&self, l: &mut LockedCore<Source>, action: SourceAction) -> Option<SourceOp> {
+        Some(match action {
+            SourceAction::Connect(channel) => SourceOp::Connect(channel),
+            SourceAction::Close(channel) => SourceOp::Close(l.close(channel)?),
+            SourceAction::Farewell { channel, bytes } => SourceOp::Close(l.farewell(channel, bytes)?),
+            SourceAction::StopVcpus => SourceOp::StopVcpus,
+            SourceAction::ResumeVcpus => SourceOp::ResumeVcpus,
+            SourceAction::SyncDirtyLog => SourceOp::SyncDirtyLog,
+            SourceAction::Notice(notice) => SourceOp::Notice(notice),
+            SourceAction::Finished(finished) => SourceOp::Finished(finished),
+        })
+    }
+
+    fn execute<'s>(&'s self, s: &'s Scope<'s, '_>, ops: Vec<SourceOp>) {
         for op in ops {
             match op {
-                Op::Connect(channel) => spawn(s, "src-connect", move || self.connect(s, channel)),
-                Op::Shutdown(conn) => conn.shutdown(),
-                Op::Farewell(conn, bytes) => spawn(s, "src-farewell", move || {
-                    set_policy(None, "src-farewell");
-                    let _w = lock(&self.write_locks[conn.channel.index()]);
-                    let _ = conn.stream.set_write_timeout(Some(Duration::from_secs(1)));
-                    let _ = conn.write_all(&bytes);
-                    conn.shutdown();
-                }),
-                Op::Stop => self.stop_vcpus(s),
-                Op::Resume => {
+                SourceOp::Connect(channel) => spawn(s, "src-connect", move || self.connect(s, channel)),
+                SourceOp::Close(op) => self.close_connection(s, op),
+                SourceOp::StopVcpus => self.stop_vcpus(s),
+                SourceOp::ResumeVcpus => {
                     tracing::info!("the guest resumes on the source");
-                    self.set.resume();
+                    self.vcpus.resume();
                 }
-                Op::SyncDirtyLog => self.sync_dirty_log(s),
-                Op::Notice(notice) => {
-                    let text = notice_text(&notice);
-                    tracing::warn!("{text}");
-                    eprintln!("source: {text}");
-                    lock(&self.notices).push(text);
-                }
-                Op::Finished(finished) => {
+                SourceOp::SyncDirtyLog => self.sync_dirty_log(s),
+                SourceOp::Notice(notice) => self.notice(&notice),
+                SourceOp::Finished(finished) => {
                     *lock(&self.finished) = Some(*finished);
-                    self.done.store(true, Ordering::SeqCst);
+                    self.shell.stopping.store(true, Ordering::SeqCst);
                     self.done_bell.ring();
                     self.bulk_bell.ring();
                 }
             }
         }
-        self.flush_urgent(s);
+        self.flush_fault_path(s);
         self.bulk_bell.ring();
     }
 
+    fn poll_fault_path(
+        &self,
+        l: &mut LockedCore<Source>,
+        buf: &mut Vec<u8>,
+        deferred: &mut Vec<DeferredPage>,
+    ) -> Option<Arc<Connection>> {
+        let conn = l.connection(Channel::Urgent).cloned();
+        if conn.is_some() {
+            poll_frames(l, Channel::Urgent, buf, BULK_STEP_BYTES, &self.guest, deferred);
+        }
+        conn
+    }
+
+    fn fill_deferred(&self, deferred: &[DeferredPage], buf: &mut [u8]) {
+        DeferredPage::fill_all(deferred, buf, PAGE_SIZE as usize, &self.guest);
+    }
+}
+
+impl SourceDriver<'_> {
     fn stop_vcpus<'s>(&'s self, s: &'s Scope<'s, '_>) {
         let t0 = now().0;
         self.stop_ns.store(t0, Ordering::SeqCst);
-        let rt = self.tuning.rt_switchover;
+        let rt = self.shell.tuning.rt_switchover;
         // The stopping thread (the return path's reader in pure postcopy,
         // the bulk writer after the last precopy round) runs in real time
         // from here to the switchover; its own boost logic lowers it after.
@@ -326,18 +316,18 @@ impl<'a> Driver<'a> {
         // thread's, so that they do it at once however busy the CPUs are;
         // back to normal after (they run the guest again only after a failed
         // migration).
-        let first = self.set.pause_within(Duration::ZERO);
-        let tids = self.set.thread_ids();
+        let first = self.vcpus.pause_within(Duration::ZERO);
+        let tids = self.vcpus.thread_ids();
         if let Some(p) = rt {
             for &tid in &tids {
                 let _ = crate::sys::set_realtime(tid, Some((p - 1).max(1)));
             }
         }
-        let parked = first.all_parked() || self.set.wait_paused(crate::runner::CONTROL_TIMEOUT);
+        let parked = first.all_parked() || self.vcpus.wait_paused(crate::runner::CONTROL_TIMEOUT);
         self.pause_ns.store(now().0.saturating_sub(t0), Ordering::SeqCst);
         // Each parked vCPU thread saves its own state: still boosted.
         let captured = if parked {
-            DeviceState::capture(self.vm, self.set).and_then(|state| state.to_bytes())
+            DeviceState::capture(self.vm, self.vcpus).and_then(|state| state.to_bytes())
         } else {
             Err(crate::Error::Vcpu { vcpu: 0, reason: "a vCPU did not stop in time".into() })
         };
@@ -346,13 +336,16 @@ impl<'a> Driver<'a> {
         }
         self.stop_capture_ns.store(now().0.saturating_sub(t0), Ordering::SeqCst);
         match captured {
-            Ok(bytes) => self.event(s, |l, now| {
-                if let Err(e) = l.core.handle_vcpus_stopped(now, Bytes::from(bytes)) {
-                    tracing::error!(%e, "vcpus stopped");
-                }
-            }),
+            Ok(bytes) => {
+                tracing::debug!(device_state_bytes = bytes.len(), "vCPUs stopped, device state captured");
+                self.event(s, |l, now| {
+                    if let Err(e) = l.core.handle_vcpus_stopped(now, Bytes::from(bytes)) {
+                        tracing::error!(%e, "vcpus stopped");
+                    }
+                })
+            }
             Err(e) => {
-                eprintln!("source: cannot stop the guest and capture its state: {e}");
+                tracing::error!(e = error_chain(&e), "cannot stop the guest and capture its state");
                 self.event(s, |l, now| {
                     if let Err(e) = l.core.handle_cancel(now) {
                         tracing::error!(%e, "cancel");
@@ -376,7 +369,7 @@ impl<'a> Driver<'a> {
                 }
             }),
             Err(e) => {
-                eprintln!("source: cannot read the dirty log: {e}");
+                tracing::error!(e = error_chain(&e), "cannot read the dirty log");
                 self.event(s, |l, now| {
                     let _ = l.core.handle_cancel(now);
                 });
@@ -386,18 +379,13 @@ impl<'a> Driver<'a> {
 
     fn connect<'s>(&'s self, s: &'s Scope<'s, '_>, channel: Channel) {
         set_policy(None, "src-connect");
-        match net::connect(self.addr, channel, self.connect_timeout, &self.tuning) {
+        match net::connect(self.addr, channel, self.connect_timeout, &self.shell.tuning) {
             Ok(conn) => {
+                tracing::debug!(%channel, addr = %self.addr, id = conn.id, "connected");
                 let _ = conn.stream.set_write_timeout(self.write_timeout);
                 let conn = Arc::new(conn);
-                let c2 = conn.clone();
-                self.event(s, move |l, now| {
-                    let old = l.conns[channel.index()].replace(c2);
-                    if let Some(old) = old {
-                        old.shutdown();
-                    }
-                    l.core.handle_connected(now, channel);
-                });
+                let attached = conn.clone();
+                self.event(s, move |l, now| l.attach(now, attached));
                 spawn(s, "src-reader", move || self.read_loop(s, conn));
             }
             Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
@@ -411,11 +399,12 @@ impl<'a> Driver<'a> {
         }
     }
 
-    fn read_loop<'s>(&'s self, s: &'s Scope<'s, '_>, conn: Arc<Conn>) {
+    fn read_loop<'s>(&'s self, s: &'s Scope<'s, '_>, conn: Arc<Connection>) {
+        let tuning = &self.shell.tuning;
         let fast = conn.channel == Channel::Return;
-        let base = if fast { self.tuning.rt_priority } else { None };
+        let base = if fast { tuning.rt_priority } else { None };
         if fast {
-            super::latency_thread(&self.tuning, "src-return");
+            super::latency_thread(tuning, "src-return");
         } else {
             set_policy(None, "src-reader");
         }
@@ -423,105 +412,48 @@ impl<'a> Driver<'a> {
         // queues StartGuest (on ReadyToRun): boosted until the guest started.
         let before_start = |state: SourceState| fast && !state.after_start() && !state.is_terminal();
         let mut boost = Boost::default();
-        let mut state = lock(&self.locked).core.state();
-        boost.set(base, self.tuning.rt_switchover, before_start(state), "src-return");
-        let spin = if fast { self.tuning.spin() } else { Duration::ZERO };
+        let mut state = lock(&self.shell.locked).core.state();
+        boost.set(base, tuning.rt_switchover, before_start(state), "src-return");
+        let spin = if fast { tuning.spin() } else { Duration::ZERO };
         let on_bytes = |bytes| {
             let mut current = false;
             self.event(s, |l, now| {
-                if l.is_current(&conn) {
-                    current = true;
-                    l.core.handle_input(now, conn.channel, bytes);
+                current = l.input(now, &conn, bytes);
+                if current {
                     state = l.core.state();
                 }
             });
             if current {
-                boost.set(base, self.tuning.rt_switchover, before_start(state), "src-return");
+                boost.set(base, tuning.rt_switchover, before_start(state), "src-return");
             }
             current
         };
         let on_closed = || {
+            tracing::debug!(channel = %conn.channel, id = conn.id, "connection closed");
             self.event(s, |l, now| {
-                if l.is_current(&conn) {
-                    l.conns[conn.channel.index()] = None;
-                    l.core.handle_connection_lost(now, conn.channel);
-                }
+                l.detach(now, &conn);
             })
         };
         net::read_until_closed(&conn, READ_BYTES, spin, on_bytes, on_closed);
     }
 
-    /// Writes what the core has for the urgent channel. Re-entrant and
-    /// never blocks on another writer: one that holds the channel writes our
-    /// frames too (`flush_wanted`).
-    fn flush_urgent<'s>(&'s self, s: &'s Scope<'s, '_>) {
-        let ch = Channel::Urgent.index();
-        self.flush_wanted[ch].store(true, Ordering::SeqCst);
-        loop {
-            let Ok(guard) = self.write_locks[ch].try_lock() else { return };
-            let mut buf = Vec::new();
-            let mut deferred = Vec::new();
-            while self.flush_wanted[ch].swap(false, Ordering::SeqCst) {
-                loop {
-                    buf.clear();
-                    deferred.clear();
-                    let (conn, ops) = {
-                        let mut l = lock_spin(&self.locked, LOCK_SPIN);
-                        let conn = l.conns[ch].clone();
-                        if conn.is_some() {
-                            poll_frames(&mut l, Channel::Urgent, &mut buf, BULK_STEP_BYTES, &self.guest, &mut deferred);
-                        }
-                        (conn, drain(&mut l))
-                    };
-                    DeferredPage::fill_all(&deferred, &mut buf, PAGE_SIZE as usize, &self.guest);
-                    if !ops.is_empty() {
-                        self.flush_wanted[ch].store(true, Ordering::SeqCst);
-                        self.execute(s, ops);
-                    }
-                    let Some(conn) = conn else { break };
-                    if buf.is_empty() {
-                        break;
-                    }
-                    if conn.write_all(&buf).is_err() {
-                        self.lost(s, &conn);
-                        break;
-                    }
-                }
-            }
-            drop(guard);
-            if !self.flush_wanted[ch].load(Ordering::SeqCst) {
-                return;
-            }
-        }
-    }
-
-    fn lost<'s>(&'s self, s: &'s Scope<'s, '_>, conn: &Arc<Conn>) {
-        conn.shutdown();
-        self.event(s, |l, now| {
-            if l.is_current(conn) {
-                l.conns[conn.channel.index()] = None;
-                l.core.handle_connection_lost(now, conn.channel);
-            }
-        });
-    }
-
     fn bulk_loop<'s>(&'s self, s: &'s Scope<'s, '_>) {
-        pin_self(self.tuning.bulk_cpu, "src-bulk");
+        let tuning = &self.shell.tuning;
+        pin_self(tuning.bulk_cpu, "src-bulk");
         set_policy(None, "src-bulk");
         let mut boost = Boost::default();
-        let ch = Channel::Main.index();
         let mut buf: Vec<u8> = Vec::with_capacity(BULK_WRITE_BYTES + BULK_STEP_BYTES + 2 * PAGE_SIZE as usize);
         let mut deferred = Vec::new();
-        while !self.done.load(Ordering::SeqCst) {
-            let guard = lock(&self.write_locks[ch]);
+        while !self.shell.is_stopping() {
+            let guard = lock(&self.shell.write_locks[Channel::Main.index()]);
             buf.clear();
-            let mut conn: Option<Arc<Conn>> = None;
+            let mut conn: Option<Arc<Connection>> = None;
             while buf.len() < BULK_WRITE_BYTES {
                 let before = buf.len();
                 let (changed, ops, state) = {
-                    let mut l = lock_spin(&self.locked, LOCK_SPIN);
+                    let mut l = lock_spin(&self.shell.locked, LOCK_SPIN);
                     let state = l.core.state();
-                    let current = l.conns[ch].clone();
+                    let current = l.connection(Channel::Main).cloned();
                     let changed = match (&conn, &current) {
                         (Some(a), Some(b)) => a.id != b.id,
                         (Some(_), None) => true,
@@ -535,7 +467,7 @@ impl<'a> Driver<'a> {
                             poll_frames(&mut l, Channel::Main, &mut buf, max, &self.guest, &mut deferred);
                         }
                     }
-                    (changed, drain(&mut l), state)
+                    (changed, self.drain(&mut l), state)
                 };
                 DeferredPage::fill_all(&deferred, &mut buf, PAGE_SIZE as usize, &self.guest);
                 deferred.clear();
@@ -545,7 +477,7 @@ impl<'a> Driver<'a> {
                     state,
                     SourceState::Handshake | SourceState::Stopping | SourceState::FinalSync | SourceState::Switchover
                 );
-                boost.set_nice(self.tuning.rt_switchover, switchover, self.tuning.bulk_nice, "src-bulk");
+                boost.set_nice(tuning.rt_switchover, switchover, tuning.bulk_nice, "src-bulk");
                 if !ops.is_empty() {
                     self.execute(s, ops);
                 }
@@ -565,40 +497,6 @@ impl<'a> Driver<'a> {
                 }
             }
         }
-    }
-
-    fn timer_loop<'s>(&'s self, s: &'s Scope<'s, '_>) {
-        set_policy(None, "src-timer");
-        // It takes the core lock too: boosted with the switchover's threads,
-        // it is never preempted while holding it (priority inversion).
-        let mut boost = Boost::default();
-        while !self.done.load(Ordering::SeqCst) {
-            let (deadline, state) = {
-                let l = lock(&self.locked);
-                (l.core.poll_timeout(), l.core.state())
-            };
-            boost.set(None, self.tuning.rt_switchover, !state.after_start() && !state.is_terminal(), "src-timer");
-            let t = now();
-            match deadline {
-                Some(d) if d <= t => self.event(s, |l, now| l.core.handle_timeout(now)),
-                Some(d) => std::thread::sleep(d.saturating_since(t).min(Duration::from_millis(10))),
-                None => std::thread::sleep(Duration::from_millis(10)),
-            }
-        }
-    }
-}
-
-/// A notice in words.
-pub(crate) fn notice_text(notice: &Notice) -> String {
-    match notice {
-        Notice::Paused { reason } => format!("paused: {reason}"),
-        Notice::RecoveryAttempt { attempt } => format!("recovery attempt {attempt}"),
-        Notice::Withdrawing { reason } => {
-            format!("the guest runs here again ({reason}); telling the destination to drop its copy")
-        }
-        Notice::RecoveryFailed { attempt, reason } => format!("recovery attempt {attempt} failed: {reason}"),
-        Notice::Recovered { epoch } => format!("recovered (epoch {epoch})"),
-        Notice::ConnectionRefused { channel, error } => format!("refused a {channel} connection: {error}"),
     }
 }
 

@@ -1,0 +1,222 @@
+//! The arguments several commands share: the guest, the migration mode,
+//! thread placement and socket settings, and sizes.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, ValueEnum};
+use postcopy_core::{Config, Mode};
+use postcopy_kvm::driver::Tuning;
+
+/// Migration mode.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum ModeArg {
+    /// Stop at once; every page follows on demand or in the background.
+    Postcopy,
+    /// Precopy rounds while the guest runs, then postcopy.
+    Hybrid,
+}
+
+/// Settings both sides take.
+#[derive(Args, Debug, Clone, Default)]
+pub struct Common {
+    /// Print the report as JSON on stdout.
+    #[arg(long)]
+    pub json: bool,
+    /// Pin the fault path's threads to this CPU (default: no pinning; the
+    /// bench pins unless --unpinned; see the README).
+    #[arg(long)]
+    pub latency_cpu: Option<usize>,
+    /// Pin the bulk path's threads to this CPU.
+    #[arg(long)]
+    pub bulk_cpu: Option<usize>,
+    /// Pin the vCPU threads to this CPU.
+    #[arg(long)]
+    pub vcpu_cpu: Option<usize>,
+    /// Fault-path readers spin this long (us) before blocking.
+    #[arg(long, default_value_t = 0)]
+    pub spin_us: u64,
+    /// Run the fault path's threads in SCHED_FIFO at this priority (1-99).
+    #[arg(long)]
+    pub rt_priority: Option<i32>,
+    /// Run the switchover's threads in SCHED_FIFO at this priority until the
+    /// guest runs on the destination (0: off).
+    #[arg(long, default_value_t = 10)]
+    pub rt_switchover: i32,
+    /// Nice value of the background push's threads (above 0: the guest
+    /// gets the CPU first).
+    #[arg(long, default_value_t = 0, allow_negative_numbers = true)]
+    pub bulk_nice: i32,
+    /// TCP congestion control of the migration's connections ("system":
+    /// leave the system's default). BBR's pacing timers interrupt the fault
+    /// path and slow loopback transfers here; see the README.
+    #[arg(long, default_value = "cubic")]
+    pub tcp_congestion: String,
+    /// Send and receive buffer of the main channel's sockets (0: let the
+    /// kernel autotune them). A fault on a page the push just sent waits
+    /// for what is queued ahead of it there. The default suits loopback and
+    /// a LAN; on a long or slow link use about the bandwidth-delay product
+    /// (or 0), or the push is capped. See the README.
+    #[arg(long, default_value = "256K", value_parser = parse_size)]
+    pub main_socket_buffer: u64,
+    /// Bound on connecting and on each handshake, in ms.
+    #[arg(long, default_value_t = 10_000, hide = true)]
+    pub handshake_timeout_ms: u64,
+    /// Do not open the urgent channel (requested pages go on the main one).
+    #[arg(long, hide = true)]
+    pub no_urgent: bool,
+    /// The background push does not jump to follow requests (more remote
+    /// faults: the benchmark's fault-heavy workload).
+    #[arg(long, hide = true)]
+    pub no_prepaging: bool,
+}
+
+impl Common {
+    /// Thread placement and socket settings.
+    pub fn tuning(&self) -> Tuning {
+        Tuning {
+            latency_cpu: self.latency_cpu,
+            bulk_cpu: self.bulk_cpu,
+            vcpu_cpu: self.vcpu_cpu,
+            spin_us: self.spin_us,
+            rt_priority: self.rt_priority,
+            rt_switchover: (self.rt_switchover > 0).then_some(self.rt_switchover),
+            bulk_nice: self.bulk_nice,
+            tcp_congestion: self.tcp_congestion(),
+            main_socket_buffer: self.main_socket_buffer(),
+        }
+    }
+
+    /// The main channel's socket buffer size, None to let the kernel tune it.
+    pub fn main_socket_buffer(&self) -> Option<usize> {
+        usize::try_from(self.main_socket_buffer).ok().filter(|&b| b > 0)
+    }
+
+    /// The congestion control to set on sockets, None for the system's.
+    pub fn tcp_congestion(&self) -> Option<String> {
+        let name = self.tcp_congestion.trim();
+        (!name.is_empty() && name != "system").then(|| name.to_string())
+    }
+
+    /// The core's settings for a migration in `mode`.
+    pub fn config(&self, mode: Mode) -> Config {
+        Config {
+            mode,
+            urgent_channel: !self.no_urgent,
+            prepaging: !self.no_prepaging,
+            handshake_timeout: Duration::from_millis(self.handshake_timeout_ms),
+            ..Config::default()
+        }
+    }
+
+    /// These settings as arguments for a child `postcopy dest` or `source`.
+    pub fn forward(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        let mut opt = |name: &str, v: Option<usize>| {
+            if let Some(v) = v {
+                out.push(format!("--{name}={v}"));
+            }
+        };
+        opt("latency-cpu", self.latency_cpu);
+        opt("bulk-cpu", self.bulk_cpu);
+        opt("vcpu-cpu", self.vcpu_cpu);
+        if let Some(p) = self.rt_priority {
+            out.push(format!("--rt-priority={p}"));
+        }
+        out.push(format!("--rt-switchover={}", self.rt_switchover));
+        out.push(format!("--bulk-nice={}", self.bulk_nice));
+        out.push(format!("--tcp-congestion={}", self.tcp_congestion));
+        out.push(format!("--main-socket-buffer={}", self.main_socket_buffer));
+        out.push(format!("--spin-us={}", self.spin_us));
+        out.push(format!("--handshake-timeout-ms={}", self.handshake_timeout_ms));
+        if self.no_urgent {
+            out.push("--no-urgent".into());
+        }
+        if self.no_prepaging {
+            out.push("--no-prepaging".into());
+        }
+        out
+    }
+}
+
+/// The guest and the migration mode.
+#[derive(Args, Debug, Clone)]
+pub struct GuestArgs {
+    /// Migration mode.
+    #[arg(long, value_enum, default_value_t = ModeArg::Postcopy)]
+    pub mode: ModeArg,
+    /// Precopy rounds in hybrid mode.
+    #[arg(long, default_value_t = 2)]
+    pub precopy_rounds: u32,
+    /// Guest RAM (e.g. 256M, 1G).
+    #[arg(long, default_value = "256M", value_parser = parse_size)]
+    pub mem: u64,
+    /// vCPUs (1 to 4 for the built-in guest).
+    #[arg(long, default_value_t = 2)]
+    pub vcpus: usize,
+    /// Boot this 512-byte PC boot sector instead of the built-in guest.
+    #[arg(long)]
+    pub guest_image: Option<PathBuf>,
+    /// How long the guest runs before the migration starts, in ms (after
+    /// the built-in guest's first pass).
+    #[arg(long, default_value_t = 300)]
+    pub run_before_ms: u64,
+}
+
+impl GuestArgs {
+    /// The core's migration mode.
+    pub fn core_mode(&self) -> Mode {
+        match self.mode {
+            ModeArg::Postcopy => Mode::Postcopy,
+            ModeArg::Hybrid => Mode::Hybrid { precopy_rounds: self.precopy_rounds.max(1) },
+        }
+    }
+}
+
+/// A size that is not a number with an optional K, M or G unit.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SizeError {
+    /// Not a number.
+    #[error("bad size {0:?}")]
+    Number(String),
+    /// An unknown unit.
+    #[error("bad size unit in {0:?} (use K, M or G)")]
+    Unit(String),
+    /// More than 2^64 bytes.
+    #[error("size {0:?} too large")]
+    TooLarge(String),
+}
+
+/// Parses 4096, 64K, 256M, 1G, 2GiB...
+pub fn parse_size(s: &str) -> Result<u64, SizeError> {
+    let t = s.trim();
+    let lower = t.to_ascii_lowercase();
+    let digits = lower.trim_end_matches(|c: char| c.is_ascii_alphabetic());
+    let unit = &lower[digits.len()..];
+    let n: u64 = digits.parse().map_err(|_| SizeError::Number(s.into()))?;
+    let mult = match unit {
+        "" | "b" => 1,
+        "k" | "kb" | "kib" => 1 << 10,
+        "m" | "mb" | "mib" => 1 << 20,
+        "g" | "gb" | "gib" => 1 << 30,
+        _ => return Err(SizeError::Unit(s.into())),
+    };
+    n.checked_mul(mult).ok_or_else(|| SizeError::TooLarge(s.into()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_parse() {
+        assert_eq!(parse_size("4096"), Ok(4096));
+        assert_eq!(parse_size("64K"), Ok(64 << 10));
+        assert_eq!(parse_size("256M"), Ok(256 << 20));
+        assert_eq!(parse_size("1GiB"), Ok(1 << 30));
+        assert_eq!(parse_size("2g"), Ok(2 << 30));
+        assert_eq!(parse_size("12Q"), Err(SizeError::Unit("12Q".into())));
+        assert_eq!(parse_size(""), Err(SizeError::Number(String::new())));
+        assert_eq!(parse_size("99999999999999G"), Err(SizeError::TooLarge("99999999999999G".into())));
+    }
+}

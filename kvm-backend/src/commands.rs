@@ -1,0 +1,395 @@
+//! The commands `dest`, `source` and `demo`.
+
+use std::net::{SocketAddr, TcpListener, ToSocketAddrs};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use clap::Args;
+use postcopy_core::Mode;
+use postcopy_kvm::driver::machine::{GuestKind, MachineDescription, MACHINE_FORMAT};
+use postcopy_kvm::driver::report::{DestinationReport, RunReport, SourceReport};
+use postcopy_kvm::driver::{self, Damage, DamageError, DestinationOptions, SourceError, SourceOptions, Tuning};
+use postcopy_kvm::layout::MIB;
+use postcopy_kvm::{BootSector, GuestRam, RamLayout, SerialOutput, TestGuest, VcpuSet, Vm, VmConfig};
+
+use crate::args::{parse_size, Common, GuestArgs};
+use crate::pair::{run_pair, PairError, PairReports};
+
+/// How long the built-in guest may take for its first pass.
+const FIRST_PASS_TIMEOUT: Duration = Duration::from_secs(300);
+
+/// Why a command could not run (a migration that ran and failed is
+/// reported, not an error).
+#[derive(Debug, thiserror::Error)]
+pub enum CommandError {
+    /// No KVM.
+    #[error("/dev/kvm is not usable here")]
+    NoKvm,
+    /// `--prealloc` on a kernel without minor faults on shared memory.
+    #[error(
+        "--prealloc needs userfaultfd minor faults on shared memory (Linux 5.14 or later); \
+         run without it to allocate RAM as pages arrive"
+    )]
+    PreallocUnsupported,
+    /// A step of the VMM failed.
+    #[error("cannot {step}")]
+    Vmm {
+        /// What was being done.
+        step: &'static str,
+        /// Why.
+        #[source]
+        source: postcopy_kvm::Error,
+    },
+    /// An address that does not resolve.
+    #[error("address {addr}")]
+    Resolve {
+        /// As given.
+        addr: String,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// An address that resolves to nothing.
+    #[error("address {0} resolves to nothing")]
+    Unresolved(String),
+    /// A file or socket operation failed.
+    #[error("{what} {path}")]
+    Io {
+        /// What was being done.
+        what: &'static str,
+        /// On what (a file or an address).
+        path: String,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A bad test-only damage switch.
+    #[error("bad test-only damage switch")]
+    Damage(#[source] DamageError),
+    /// The built-in guest did not write its pattern once.
+    #[error("the guest did not complete a pass in {0:?}")]
+    NoFirstPass(Duration),
+    /// The source could not run the migration.
+    #[error("the source cannot migrate")]
+    Source(#[source] SourceError),
+    /// The two processes of the demo could not run.
+    #[error("cannot run the migration's two processes")]
+    Pair(#[source] PairError),
+    /// A side of the demo gave no report.
+    #[error("a side ended without a report (see its messages above)")]
+    MissingReport,
+    /// A report could not be encoded.
+    #[error("cannot encode the report")]
+    Json(#[source] serde_json::Error),
+}
+
+fn vmm(step: &'static str) -> impl FnOnce(postcopy_kvm::Error) -> CommandError {
+    move |source| CommandError::Vmm { step, source }
+}
+
+fn io_error(what: &'static str, path: impl std::fmt::Display) -> impl FnOnce(std::io::Error) -> CommandError {
+    let path = path.to_string();
+    move |source| CommandError::Io { what, path, source }
+}
+
+#[derive(Args, Debug)]
+pub struct DestinationArgs {
+    /// Address to listen on (port 0: any free port; see --ready-file).
+    #[arg(long)]
+    pub listen: String,
+    /// Write guest RAM here after the migration (guest stopped).
+    #[arg(long)]
+    pub dump_memory: Option<PathBuf>,
+    /// Where the guest's serial port writes: a file, or - for stdout.
+    #[arg(long)]
+    pub serial: Option<String>,
+    /// How long the guest runs here after the migration before it is checked.
+    #[arg(long, default_value_t = 500)]
+    pub run_after_ms: u64,
+    /// Write the address actually listened on to this file once ready.
+    #[arg(long, hide = true)]
+    pub ready_file: Option<PathBuf>,
+    /// No progress bar.
+    #[arg(long)]
+    pub no_progress: bool,
+    /// Allocate this much guest RAM (the source's --mem) before listening,
+    /// every page in shared memory: the migration then only copies pages
+    /// into place (UFFDIO_CONTINUE) instead of allocating each one as it
+    /// arrives, which costs up to ~10 us a page on a host that reclaims this
+    /// machine's free memory (see the README). Takes as long as touching
+    /// that much memory. A source with other RAM is refused.
+    #[arg(long, value_parser = parse_size)]
+    pub prealloc: Option<u64>,
+    #[command(flatten)]
+    pub common: Common,
+}
+
+#[derive(Args, Debug)]
+pub struct SourceArgs {
+    /// The destination's address.
+    #[arg(long)]
+    pub connect: String,
+    #[command(flatten)]
+    pub guest: GuestArgs,
+    /// Where the guest's serial port writes: a file, or - for stdout.
+    #[arg(long)]
+    pub serial: Option<String>,
+    #[command(flatten)]
+    pub common: Common,
+}
+
+#[derive(Args, Debug)]
+pub struct DemoArgs {
+    #[command(flatten)]
+    pub guest: GuestArgs,
+    /// How long the guest runs on the destination before it is checked, in ms.
+    #[arg(long, default_value_t = 500)]
+    pub run_after_ms: u64,
+    #[command(flatten)]
+    pub common: Common,
+}
+
+fn serial_output(arg: &Option<String>) -> Result<SerialOutput, CommandError> {
+    match arg.as_deref() {
+        None => Ok(SerialOutput::Sink),
+        Some("-") => Ok(SerialOutput::Stdout),
+        Some(path) => {
+            SerialOutput::file(std::path::Path::new(path)).map_err(io_error("cannot create the serial file", path))
+        }
+    }
+}
+
+fn resolve(addr: &str) -> Result<SocketAddr, CommandError> {
+    addr.to_socket_addrs()
+        .map_err(|source| CommandError::Resolve { addr: addr.into(), source })?
+        .next()
+        .ok_or_else(|| CommandError::Unresolved(addr.into()))
+}
+
+fn to_json(value: &impl serde::Serialize, pretty: bool) -> Result<String, CommandError> {
+    if pretty { serde_json::to_string_pretty(value) } else { serde_json::to_string(value) }.map_err(CommandError::Json)
+}
+
+/// `postcopy dest`.
+pub fn destination(a: DestinationArgs) -> Result<ExitCode, CommandError> {
+    if !postcopy_kvm::kvm_available() {
+        return Err(CommandError::NoKvm);
+    }
+    let preallocated = match a.prealloc {
+        Some(bytes) => {
+            let features = postcopy_kvm::uffd::probe_features().map_err(vmm("probe userfaultfd for --prealloc"))?;
+            if !features.has("MINOR_SHMEM") {
+                return Err(CommandError::PreallocUnsupported);
+            }
+            let layout = RamLayout::pc(bytes).map_err(vmm("lay out the RAM of --prealloc"))?;
+            let t0 = Instant::now();
+            let ram = GuestRam::new_preallocated(layout).map_err(vmm("preallocate the RAM of --prealloc"))?;
+            tracing::info!(mib = bytes >> 20, ms = t0.elapsed().as_secs_f64() * 1e3, "guest RAM preallocated");
+            Some(Arc::new(ram))
+        }
+        None => None,
+    };
+    let listener = TcpListener::bind(resolve(&a.listen)?).map_err(io_error("cannot listen on", &a.listen))?;
+    let addr = listener.local_addr().map_err(io_error("cannot read the address listened on", &a.listen))?;
+    eprintln!("destination: listening on {addr}");
+    if let Some(path) = &a.ready_file {
+        let tmp = path.with_extension("tmp");
+        std::fs::write(&tmp, addr.to_string())
+            .and_then(|()| std::fs::rename(&tmp, path))
+            .map_err(io_error("cannot write the ready file", path.display()))?;
+    }
+    let opts = DestinationOptions {
+        config: a.common.config(Mode::Postcopy),
+        tuning: a.common.tuning(),
+        serial: serial_output(&a.serial)?,
+        run_after: Duration::from_millis(a.run_after_ms),
+        dump_memory: a.dump_memory.clone(),
+        damage: Damage::from_env().map_err(CommandError::Damage)?,
+        progress_bar: !a.no_progress && !a.common.json,
+        preallocated,
+    };
+    let outcome = driver::run_destination(listener, &opts);
+    let r = outcome.report;
+    if a.common.json {
+        println!("{}", to_json(&r, false)?);
+    } else {
+        print_destination(&r);
+    }
+    let pattern_ok = r.pattern.as_ref().is_none_or(|p| p.ok());
+    Ok(if r.ok && pattern_ok { ExitCode::SUCCESS } else { ExitCode::from(1) })
+}
+
+fn print_destination(r: &DestinationReport) {
+    if r.ok {
+        println!("destination: migration COMPLETED; the guest runs here");
+    } else {
+        println!("destination: migration FAILED: {}", r.error.as_deref().unwrap_or("unknown error"));
+    }
+    println!(
+        "  remote faults {}, fault latency p50 {:.0} us p99 {:.0} us, pages installed {}",
+        r.stats.remote_faults, r.fault_latency.p50_us, r.fault_latency.p99_us, r.pages_installed
+    );
+    println!("  digest of installed pages {:016x} ({} missing)", r.digest.digest, r.digest.missing_pages);
+    if let Some(p) = &r.pattern {
+        println!(
+            "  guest pattern: {} pages checked, {} bad, {} errors reported by the guest: {}",
+            p.pages_checked,
+            p.bad_pages,
+            p.guest_reported_errors,
+            if p.ok() { "ok" } else { "FAILED" }
+        );
+        for b in &p.first_bad {
+            println!("    {b}");
+        }
+    }
+}
+
+/// A guest running on the source.
+struct RunningGuest {
+    vm: Vm,
+    set: VcpuSet,
+    machine: MachineDescription,
+}
+
+fn start_guest(g: &GuestArgs, serial: SerialOutput, tuning: &Tuning) -> Result<RunningGuest, CommandError> {
+    if !postcopy_kvm::kvm_available() {
+        return Err(CommandError::NoKvm);
+    }
+    let layout = RamLayout::pc(g.mem).map_err(vmm("lay out the guest's RAM"))?;
+    let ram = Arc::new(GuestRam::new(layout.clone()).map_err(vmm("allocate the guest's RAM"))?);
+    let (kind, vcpus) = match &g.guest_image {
+        Some(path) => {
+            let bytes = std::fs::read(path).map_err(io_error("cannot read the guest image", path.display()))?;
+            let sector = BootSector::from_bytes(&bytes).map_err(vmm("use the guest image"))?;
+            sector.load(&ram).map_err(vmm("load the guest image"))?;
+            (GuestKind::BootSector, g.vcpus)
+        }
+        None => {
+            let guest = TestGuest::new(&layout, g.vcpus).map_err(vmm("build the pattern guest"))?;
+            guest.load(&ram).map_err(vmm("load the pattern guest"))?;
+            (GuestKind::Pattern, g.vcpus)
+        }
+    };
+    let vm = Vm::new(ram.clone(), VmConfig { vcpus, irqchip: true, serial }).map_err(vmm("create the VM"))?;
+    let v = vm.create_vcpus().map_err(vmm("create the vCPUs"))?;
+    match kind {
+        GuestKind::Pattern => {
+            TestGuest::new(&layout, vcpus).and_then(|t| t.configure_vcpus(&v)).map_err(vmm("set up the vCPUs"))?
+        }
+        GuestKind::BootSector => BootSector::configure_vcpus(&v, true).map_err(vmm("set up the vCPUs"))?,
+    }
+    let set = VcpuSet::start(v, vm.devices().clone()).map_err(vmm("start the vCPUs"))?;
+    if let Some(cpu) = tuning.vcpu_cpu {
+        for tid in set.thread_ids() {
+            let _ = postcopy_kvm::pin_thread(tid, cpu);
+        }
+    }
+    let machine = MachineDescription { format: MACHINE_FORMAT, vcpus, irqchip: true, ram: layout, guest: kind };
+    Ok(RunningGuest { vm, set, machine })
+}
+
+/// `postcopy source`.
+pub fn source(a: SourceArgs) -> Result<ExitCode, CommandError> {
+    let addr = resolve(&a.connect)?;
+    let tuning = a.common.tuning();
+    let guest = start_guest(&a.guest, serial_output(&a.serial)?, &tuning)?;
+    let stats = guest.vm.devices().stats().clone();
+    if guest.machine.guest == GuestKind::Pattern {
+        // Let every vCPU write its whole share once, so that memory holds
+        // the pattern (not zeros) when it moves.
+        let t0 = Instant::now();
+        while stats.snapshot().reports.iter().any(|&r| r < 1) {
+            if t0.elapsed() > FIRST_PASS_TIMEOUT {
+                return Err(CommandError::NoFirstPass(FIRST_PASS_TIMEOUT));
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+    let t_a = postcopy_kvm::monotonic_ns();
+    std::thread::sleep(Duration::from_millis(a.guest.run_before_ms));
+    let progress_before = stats.pages_rate(t_a, postcopy_kvm::monotonic_ns());
+    let passes_before: u64 = stats.snapshot().reports.iter().sum();
+    eprintln!(
+        "source: {} MiB guest with {} vCPUs running; migrating to {addr} ({:?} mode)",
+        a.guest.mem / MIB,
+        guest.machine.vcpus,
+        a.guest.mode
+    );
+    let opts = SourceOptions { connect: addr, config: a.common.config(a.guest.core_mode()), tuning };
+    let session = driver::new_session_id();
+    let outcome =
+        driver::run_source(&guest.vm, &guest.set, &guest.machine, session, &opts).map_err(CommandError::Source)?;
+    let ok = outcome.finished.result.is_ok();
+    let mut report = SourceReport {
+        ok,
+        error: outcome.finished.result.as_ref().err().map(|e| driver::error_chain(e)),
+        guest_on: format!("{:?}", outcome.finished.guest_on).to_lowercase(),
+        mem_bytes: a.guest.mem,
+        vcpus: guest.machine.vcpus,
+        mode: format!("{:?}", a.guest.mode).to_lowercase(),
+        stats: outcome.finished.stats.clone(),
+        start_ns: outcome.start_ns,
+        stop_ns: outcome.stop_ns,
+        end_ns: outcome.end_ns,
+        stop_capture_us: outcome.stop_capture_us,
+        pause_us: outcome.pause_us,
+        digest: outcome.digests.fold(),
+        progress_before_pages_per_s: progress_before,
+        passes_before,
+        progress_after_failure_pages_per_s: None,
+        notices: outcome.notices.clone(),
+    };
+    if ok {
+        // The guest lives on the destination now; its vCPUs here stay stopped.
+        let _ = guest.set.stop();
+    } else {
+        let t = postcopy_kvm::monotonic_ns();
+        std::thread::sleep(Duration::from_millis(300));
+        report.progress_after_failure_pages_per_s = stats.pages_rate(t, postcopy_kvm::monotonic_ns());
+        eprintln!(
+            "source: migration FAILED: {}; the guest keeps running here ({})",
+            report.error.as_deref().unwrap_or("?"),
+            report
+                .progress_after_failure_pages_per_s
+                .map_or("no progress report".into(), |r| format!("{:.0}k pages/s", r / 1e3))
+        );
+    }
+    if a.common.json {
+        println!("{}", to_json(&report, false)?);
+    } else if ok {
+        println!("source: migration COMPLETED; the guest runs on the destination");
+        println!("  digest of sent pages {:016x} ({} missing)", report.digest.digest, report.digest.missing_pages);
+    } else {
+        println!("source: migration FAILED: {}", report.error.as_deref().unwrap_or("?"));
+    }
+    Ok(if ok { ExitCode::SUCCESS } else { ExitCode::from(1) })
+}
+
+/// `postcopy demo`.
+pub fn demo(a: DemoArgs) -> Result<ExitCode, CommandError> {
+    if !a.common.json {
+        println!(
+            "postcopy demo: a {} MiB {} with {} vCPUs migrates between two processes over loopback ({} mode)",
+            a.guest.mem / MIB,
+            if a.guest.guest_image.is_some() { "boot-sector guest" } else { "pattern guest" },
+            a.guest.vcpus,
+            format!("{:?}", a.guest.mode).to_lowercase()
+        );
+    }
+    let damage = std::env::var(driver::DAMAGE_ENV).unwrap_or_default();
+    let env: Vec<(&str, &str)> = if damage.is_empty() { vec![] } else { vec![(driver::DAMAGE_ENV, damage.as_str())] };
+    let PairReports { source, destination } =
+        run_pair(&a.guest, &a.common, a.run_after_ms, &env).map_err(CommandError::Pair)?;
+    let (Some(source), Some(destination)) = (source, destination) else {
+        return Err(CommandError::MissingReport);
+    };
+    let run = RunReport::new(source, destination);
+    if a.common.json {
+        println!("{}", to_json(&run, true)?);
+    } else {
+        println!("{}", run.table());
+    }
+    Ok(if run.integrity_ok { ExitCode::SUCCESS } else { ExitCode::from(1) })
+}

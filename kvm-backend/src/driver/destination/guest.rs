@@ -1,0 +1,240 @@
+//! The guest's machine on this side: built from the source's description
+//! when the hello arrives (RAM registered with userfaultfd, VM, vCPUs),
+//! the device state loaded into it, the vCPUs started.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::thread::Scope;
+
+use bytes::Bytes;
+use postcopy_core::PageNumber;
+
+use super::{DestinationDriver, DestinationError, Timeline};
+use crate::devices::lock;
+use crate::driver::digest::PageDigests;
+use crate::driver::machine::{core_layout, MachineDescription, MachineError, PageMap};
+use crate::driver::shell::{spawn, SideDriver};
+use crate::driver::sync::{FaultClock, PageBits};
+use crate::driver::{error_chain, set_policy};
+use crate::layout::PAGE_SIZE;
+use crate::memory::GuestRam;
+use crate::runner::VcpuSet;
+use crate::state::DeviceState;
+use crate::uffd::UffdRam;
+use crate::vm::{Vm, VmConfig};
+
+/// Why the machine could not be built from the source's description.
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    /// The description is not valid.
+    #[error("bad machine description")]
+    Description(#[source] MachineError),
+    /// The core has no layout (no hello) yet.
+    #[error("no RAM layout from the source yet")]
+    NoLayout,
+    /// The description's RAM cannot be described to the core.
+    #[error("the machine description's RAM does not fit the protocol")]
+    CoreLayout(#[source] postcopy_core::LayoutError),
+    /// The description's RAM is not the hello's.
+    #[error("the machine description's RAM differs from the hello's layout")]
+    LayoutMismatch,
+    /// `--prealloc` prepared other RAM.
+    #[error(
+        "the source's guest RAM ({source_mib} MiB) is not the RAM preallocated here ({preallocated_mib} MiB, --prealloc)"
+    )]
+    PreallocatedMismatch {
+        /// The source's RAM.
+        source_mib: u64,
+        /// This side's preallocated RAM.
+        preallocated_mib: u64,
+    },
+    /// A step of the build failed.
+    #[error("cannot {step}")]
+    Step {
+        /// What was being done.
+        step: &'static str,
+        /// Why it failed.
+        #[source]
+        source: crate::Error,
+    },
+}
+
+/// Why the device state could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    /// The machine was never built.
+    #[error("no machine to load the device state into")]
+    NoMachine,
+    /// The vCPUs are not there (already started, or never created).
+    #[error("no vCPUs to load the device state into")]
+    NoVcpus,
+    /// Decoding or restoring the state failed.
+    #[error("cannot restore the device state")]
+    Restore(#[source] crate::Error),
+}
+
+/// What the destination builds for the guest when the hello arrives.
+pub(super) struct Machine {
+    pub(super) desc: MachineDescription,
+    pub(super) ram: Arc<GuestRam>,
+    pub(super) uffd: UffdRam,
+    pub(super) vm: Vm,
+    pub(super) map: PageMap,
+    pub(super) installed: PageBits,
+    pub(super) digests: PageDigests,
+    pub(super) clock: FaultClock,
+}
+
+impl DestinationDriver<'_> {
+    /// Builds the VM and its userfaultfd-registered RAM before any vCPU
+    /// runs, and starts serving faults.
+    pub(super) fn prepare<'s>(&'s self, s: &'s Scope<'s, '_>, machine: &[u8]) {
+        let built = self.build_machine(machine);
+        {
+            // Cleared under the core lock, as it is read.
+            let _l = lock(&self.shell.locked);
+            self.preparing.store(false, Ordering::Relaxed);
+        }
+        match built {
+            Ok(machine) => {
+                tracing::info!(
+                    vcpus = machine.desc.vcpus,
+                    mib = machine.desc.ram.total_bytes() >> 20,
+                    preallocated = self.opts.preallocated.is_some(),
+                    "machine built"
+                );
+                if self.machine.set(machine).is_err() {
+                    tracing::error!("the machine was prepared twice");
+                    return;
+                }
+                spawn(s, "dst-fault", move || self.fault_loop(s));
+            }
+            Err(e) => {
+                let e = DestinationError::Build(e);
+                tracing::error!(e = error_chain(&e));
+                *lock(&self.fatal) = Some(e);
+                self.event(s, |l, now| {
+                    let _ = l.core.handle_cancel(now);
+                });
+            }
+        }
+    }
+
+    fn build_machine(&self, machine: &[u8]) -> Result<Machine, BuildError> {
+        let step = |step| move |source| BuildError::Step { step, source };
+        let desc = MachineDescription::from_bytes(machine).map_err(BuildError::Description)?;
+        // Called from an op, after the lock was released.
+        let layout = lock(&self.shell.locked).core.layout().cloned().ok_or(BuildError::NoLayout)?;
+        if core_layout(&desc.ram).map_err(BuildError::CoreLayout)? != layout {
+            return Err(BuildError::LayoutMismatch);
+        }
+        let ram = match &self.opts.preallocated {
+            Some(ram) if ram.layout() == &desc.ram => ram.clone(),
+            Some(ram) => {
+                return Err(BuildError::PreallocatedMismatch {
+                    source_mib: desc.ram.total_bytes() >> 20,
+                    preallocated_mib: ram.layout().total_bytes() >> 20,
+                })
+            }
+            None => Arc::new(GuestRam::new(desc.ram.clone()).map_err(step("allocate guest RAM"))?),
+        };
+        let uffd = UffdRam::register(ram.clone()).map_err(step("register guest RAM with userfaultfd"))?;
+        let config = VmConfig { vcpus: desc.vcpus, irqchip: desc.irqchip, serial: self.opts.serial.clone() };
+        let vm = Vm::new(ram.clone(), config).map_err(step("create the VM"))?;
+        let vcpus = vm.create_vcpus().map_err(step("create the vCPUs"))?;
+        *lock(&self.vcpus) = Some(vcpus);
+        let map = PageMap::new(ram.layout());
+        let pages = map.total_pages();
+        Ok(Machine {
+            desc,
+            ram,
+            uffd,
+            vm,
+            map,
+            installed: PageBits::new(pages),
+            digests: PageDigests::new(pages, PAGE_SIZE as usize),
+            clock: FaultClock::new(pages),
+        })
+    }
+
+    /// Loads the device state in its own thread: restoring may touch guest
+    /// RAM, whose faults the fault thread keeps serving.
+    pub(super) fn load<'s>(&'s self, s: &'s Scope<'s, '_>, state: Bytes) {
+        set_policy(self.opts.tuning.rt_switchover, "dst-loader");
+        let result = self.load_device_state(&state);
+        Timeline::mark(&self.timeline.device_state_loaded_ns);
+        let result = match result {
+            Ok(()) => {
+                tracing::debug!(bytes = state.len(), "device state loaded");
+                Ok(())
+            }
+            Err(e) => {
+                let text = error_chain(&e);
+                tracing::error!(e = text, "loading the device state failed");
+                // The core keeps the reason as text.
+                Err(text)
+            }
+        };
+        self.event(s, |l, now| {
+            if let Err(e) = l.core.handle_device_state_loaded(now, result) {
+                tracing::error!(%e, "device state loaded");
+            }
+        });
+    }
+
+    fn load_device_state(&self, state: &[u8]) -> Result<(), LoadError> {
+        let m = self.machine.get().ok_or(LoadError::NoMachine)?;
+        let vcpus = lock(&self.vcpus).take().ok_or(LoadError::NoVcpus)?;
+        let restored = DeviceState::from_bytes(state).and_then(|st| st.restore(&m.vm, &vcpus));
+        *lock(&self.vcpus) = Some(vcpus);
+        restored.map_err(LoadError::Restore)
+    }
+
+    /// Starts the vCPU threads (the core took StartGuest).
+    pub(super) fn resume(&self) {
+        let Some(m) = self.machine.get() else { return };
+        let Some(vcpus) = lock(&self.vcpus).take() else {
+            tracing::error!("resume without vCPUs");
+            return;
+        };
+        // vCPU threads inherit this thread's policy, possibly real time;
+        // each switches itself to the normal policy first thing (runner.rs).
+        match VcpuSet::start(vcpus, m.vm.devices().clone()) {
+            Ok(running) => {
+                Timeline::mark(&self.timeline.resume_ns);
+                let tids = running.thread_ids();
+                // vCPU threads inherit the policy of the thread that spawned
+                // them: never leave a guest in real time.
+                for &tid in &tids {
+                    let _ = crate::sys::set_realtime(tid, None);
+                }
+                if let Some(cpu) = self.opts.tuning.vcpu_cpu {
+                    for &tid in &tids {
+                        if let Err(e) = crate::sys::pin_thread(tid, cpu) {
+                            tracing::warn!(%e, tid, cpu, "pinning a vCPU");
+                        }
+                    }
+                }
+                tracing::info!(vcpus = tids.len(), "the guest runs here");
+                let _ = self.vcpu_tids.set(tids);
+                *lock(&self.running) = Some(running);
+            }
+            Err(e) => {
+                // Past StartGuest nothing can give the guest back: report loudly.
+                let e = DestinationError::StartVcpus(e);
+                tracing::error!(e = error_chain(&e));
+                *lock(&self.fatal) = Some(e);
+            }
+        }
+    }
+
+    /// Wakes the threads waiting for `page` (it is present already).
+    pub(super) fn wake(&self, page: PageNumber) {
+        let Some(m) = self.machine.get() else { return };
+        if let Some(r) = m.map.page_ref(page) {
+            if let Err(e) = m.uffd.wake_pages(r, 1) {
+                tracing::warn!(%e, page = page.0, "wake");
+            }
+        }
+    }
+}

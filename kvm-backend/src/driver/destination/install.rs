@@ -1,0 +1,290 @@
+//! Placing pages in guest RAM: single pages, runs of consecutive pages in
+//! one `UFFDIO_COPY`, discards, the bookkeeping per page (digest, present
+//! bit, fault latency), and the test-only damage switch.
+
+use std::iter::Peekable;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use bytes::Bytes;
+use postcopy_core::wire::PageData;
+use postcopy_core::PageNumber;
+
+use super::{DestinationDriver, DestinationOp, Machine};
+use crate::devices::lock;
+use crate::driver::now;
+use crate::layout::PAGE_SIZE;
+use crate::uffd::Install;
+
+/// Pages installed with one `UFFDIO_COPY` at most (the run's bits fit a u64).
+const MAX_INSTALL_RUN: usize = 64;
+
+/// Test-only damage on the destination (`POSTCOPY_TEST_DAMAGE=drop:PAGE` or
+/// `corrupt:PAGE`): the page is installed as zeros, or with one bit flipped,
+/// to prove that the integrity checks fail.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Damage {
+    /// Install zeros instead of the page.
+    Drop(u64),
+    /// Flip one bit of the page's first word.
+    Corrupt(u64),
+}
+
+/// Name of the environment variable that asks for [`Damage`].
+pub const DAMAGE_ENV: &str = "POSTCOPY_TEST_DAMAGE";
+
+/// A [`DAMAGE_ENV`] value that is not `drop:N` or `corrupt:N`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DamageError {
+    /// Not `KIND:PAGE` with a known kind.
+    #[error("{DAMAGE_ENV}={value}: expected drop:N or corrupt:N")]
+    Form {
+        /// The value given.
+        value: String,
+    },
+    /// The page is not a number.
+    #[error("{DAMAGE_ENV}={value}: bad page number")]
+    Page {
+        /// The value given.
+        value: String,
+    },
+}
+
+impl Damage {
+    /// Parses `drop:N` or `corrupt:N`.
+    pub fn parse(s: &str) -> Result<Self, DamageError> {
+        let (kind, page) = s.split_once(':').ok_or_else(|| DamageError::Form { value: s.into() })?;
+        let page: u64 = page.parse().map_err(|_| DamageError::Page { value: s.into() })?;
+        match kind {
+            "drop" => Ok(Damage::Drop(page)),
+            "corrupt" => Ok(Damage::Corrupt(page)),
+            _ => Err(DamageError::Form { value: s.into() }),
+        }
+    }
+
+    /// From the environment, if set.
+    pub fn from_env() -> Result<Option<Self>, DamageError> {
+        match std::env::var(DAMAGE_ENV) {
+            Ok(v) if !v.is_empty() => Self::parse(&v).map(Some),
+            _ => Ok(None),
+        }
+    }
+
+    fn page(self) -> u64 {
+        match self {
+            Damage::Drop(p) | Damage::Corrupt(p) => p,
+        }
+    }
+
+    /// `data` as this damage changes it.
+    fn apply(self, data: PageData) -> PageData {
+        match (self, data) {
+            (Damage::Drop(_), _) => PageData::Zero,
+            (Damage::Corrupt(_), PageData::Bytes(b)) => {
+                let mut v = b.to_vec();
+                v[0] ^= 0x10;
+                PageData::Bytes(Bytes::from(v))
+            }
+            (Damage::Corrupt(_), PageData::Zero) => {
+                let mut v = vec![0u8; PAGE_SIZE as usize];
+                v[0] ^= 0x10;
+                PageData::Bytes(Bytes::from(v))
+            }
+        }
+    }
+}
+
+/// What the installing threads count, for the report.
+#[derive(Debug, Default)]
+pub(super) struct InstallCounters {
+    /// Installs that failed or found the page already there.
+    pub(super) anomalies: AtomicU64,
+    /// Wall time in the calls that placed pages, summed over the installers.
+    pub(super) busy_ns: AtomicU64,
+}
+
+impl DestinationDriver<'_> {
+    /// Installs `page` and, when the next operations install the pages after
+    /// it in the same block, those too in one `UFFDIO_COPY` (a syscall per
+    /// page was a fifth of the receiver's time).
+    pub(super) fn install_batch(
+        &self,
+        page: PageNumber,
+        bytes: Bytes,
+        ops: &mut Peekable<impl Iterator<Item = DestinationOp>>,
+    ) {
+        let mut run = vec![(page, bytes)];
+        while run.len() < MAX_INSTALL_RUN {
+            let next = PageNumber(page.0 + run.len() as u64);
+            match ops.peek() {
+                Some(DestinationOp::Install { page: p, data: PageData::Bytes(_), overwrite: false })
+                    if *p == next && self.batchable(next) && self.same_block(page, next) =>
+                {
+                    if let Some(DestinationOp::Install { page, data: PageData::Bytes(bytes), .. }) = ops.next() {
+                        run.push((page, bytes));
+                    }
+                }
+                _ => break,
+            }
+        }
+        self.install_run(run);
+    }
+
+    /// Installs one page (`overwrite`: write over a present page).
+    pub(super) fn install(&self, page: PageNumber, data: PageData, overwrite: bool) {
+        let Some(m) = self.machine.get() else {
+            tracing::error!(page = page.0, "page before the machine was built");
+            return;
+        };
+        let Some(r) = m.map.page_ref(page) else { return };
+        let mut data = data;
+        if let Some(damage) = self.opts.damage.filter(|d| d.page() == page.0) {
+            data = damage.apply(data);
+            tracing::warn!(page = page.0, ?damage, "test-only damage applied");
+        }
+        // The install time is taken before a woken vCPU can preempt this thread.
+        let started_ns = now().0;
+        let result = match (&data, overwrite) {
+            (PageData::Bytes(b), true) => m.ram.write_page(r, b).map(|()| (Install::Installed, now().0)),
+            (PageData::Zero, true) => {
+                m.ram.write_page(r, &[0u8; PAGE_SIZE as usize]).map(|()| (Install::Installed, now().0))
+            }
+            (PageData::Bytes(b), false) => m.uffd.install_page_with(r, b, || now().0),
+            (PageData::Zero, false) => m.uffd.install_zero_page_with(r, || now().0),
+        };
+        if let Ok((_, at_ns)) = &result {
+            self.install_counters.busy_ns.fetch_add(at_ns.saturating_sub(started_ns), Ordering::Relaxed);
+        }
+        match result {
+            Ok((Install::Installed, at_ns)) => {
+                let bytes = match &data {
+                    PageData::Bytes(b) => Some(&b[..]),
+                    PageData::Zero => None,
+                };
+                self.note_installed(m, page, bytes, at_ns);
+            }
+            Ok((Install::AlreadyPresent, _)) => self.note_already_present(page),
+            Err(e) => {
+                self.install_counters.anomalies.fetch_add(1, Ordering::Relaxed);
+                tracing::error!(%e, page = page.0, "install failed");
+            }
+        }
+    }
+
+    /// Whether `page` may be installed as part of a run (the machine is
+    /// built and no test-only damage applies to it).
+    pub(super) fn batchable(&self, page: PageNumber) -> bool {
+        self.machine.get().is_some() && self.opts.damage.is_none_or(|d| d.page() != page.0)
+    }
+
+    fn same_block(&self, a: PageNumber, b: PageNumber) -> bool {
+        let Some(m) = self.machine.get() else { return false };
+        matches!((m.map.page_ref(a), m.map.page_ref(b)), (Some(x), Some(y)) if x.block == y.block)
+    }
+
+    /// Installs consecutive pages of one block with one `UFFDIO_COPY`
+    /// through a per-thread staging buffer; the bookkeeping is per page,
+    /// as in [`DestinationDriver::install`].
+    fn install_run(&self, run: Vec<(PageNumber, Bytes)>) {
+        thread_local! {
+            static STAGING: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+        }
+        let (Some(m), Some(&(first, _))) = (self.machine.get(), run.first()) else { return };
+        if run.len() == 1 {
+            for (page, bytes) in run {
+                self.install(page, PageData::Bytes(bytes), false);
+            }
+            return;
+        }
+        let Some(r) = m.map.page_ref(first) else { return };
+        let mut present = 0u64;
+        let result = STAGING.with_borrow_mut(|staging| {
+            staging.clear();
+            for (_, bytes) in &run {
+                staging.extend_from_slice(bytes);
+            }
+            let started_ns = now().0;
+            m.uffd.install_pages_with(r, staging, |i| present |= 1 << i, || now().0).map(|(_, t)| (started_ns, t))
+        });
+        let t = match result {
+            Ok((started_ns, t)) => {
+                self.install_counters.busy_ns.fetch_add(t.saturating_sub(started_ns), Ordering::Relaxed);
+                t
+            }
+            Err(e) => {
+                self.install_counters.anomalies.fetch_add(run.len() as u64, Ordering::Relaxed);
+                tracing::error!(%e, first = first.0, pages = run.len(), "install failed");
+                return;
+            }
+        };
+        for (i, (page, bytes)) in run.iter().enumerate() {
+            if present >> i & 1 == 1 {
+                self.note_already_present(*page);
+            } else {
+                self.note_installed(m, *page, Some(bytes), t);
+            }
+        }
+    }
+
+    /// `page` now holds `data` (None: zeros): its hash for the digest, its
+    /// present bit, and the latency of a fault that waited for it.
+    fn note_installed(&self, m: &Machine, page: PageNumber, data: Option<&[u8]>, at_ns: u64) {
+        match data {
+            Some(bytes) => m.digests.record(page.0, bytes),
+            None => m.digests.record_zero(page.0),
+        }
+        m.installed.set(page.0);
+        if let Some(waited) = m.clock.finish(page.0, at_ns) {
+            let _ = lock(&self.latency).record(waited.max(1));
+        }
+    }
+
+    /// The kernel already had `page`: left as it was, counted as an anomaly.
+    fn note_already_present(&self, page: PageNumber) {
+        self.install_counters.anomalies.fetch_add(1, Ordering::Relaxed);
+        tracing::warn!(page = page.0, "page already present: install skipped");
+    }
+
+    /// Drops `count` pages from `first` (the source sends them again).
+    pub(super) fn discard(&self, first: PageNumber, count: u64) {
+        let Some(m) = self.machine.get() else { return };
+        let Some(r) = m.map.page_ref(first) else { return };
+        if let Err(e) = m.uffd.discard_pages(r, count) {
+            tracing::error!(%e, first = first.0, count, "discard failed");
+            self.install_counters.anomalies.fetch_add(1, Ordering::Relaxed);
+        }
+        for page in first.0..first.0 + count {
+            m.digests.forget(page);
+            m.installed.clear(page);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn damage_switch_parses() {
+        assert_eq!(Damage::parse("drop:300"), Ok(Damage::Drop(300)));
+        assert_eq!(Damage::parse("corrupt:7"), Ok(Damage::Corrupt(7)));
+        assert_eq!(Damage::parse("drop"), Err(DamageError::Form { value: "drop".into() }));
+        assert_eq!(Damage::parse("flip:3"), Err(DamageError::Form { value: "flip:3".into() }));
+        assert_eq!(Damage::parse("drop:x"), Err(DamageError::Page { value: "drop:x".into() }));
+        assert_eq!(Damage::Corrupt(7).page(), 7);
+    }
+
+    #[test]
+    fn damage_changes_the_page() {
+        let page = Bytes::from(vec![0x55u8; PAGE_SIZE as usize]);
+        assert_eq!(Damage::Drop(1).apply(PageData::Bytes(page.clone())), PageData::Zero);
+        let PageData::Bytes(flipped) = Damage::Corrupt(1).apply(PageData::Bytes(page.clone())) else {
+            panic!("a corrupted page keeps bytes")
+        };
+        assert_eq!(flipped[0], 0x45);
+        assert_eq!(flipped[1..], page[1..]);
+        let PageData::Bytes(from_zero) = Damage::Corrupt(1).apply(PageData::Zero) else {
+            panic!("a corrupted zero page gets bytes")
+        };
+        assert_eq!(from_zero[0], 0x10);
+    }
+}

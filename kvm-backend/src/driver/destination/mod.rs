@@ -1,0 +1,466 @@
+//! The destination side's driver. See the module docs of [`super`] for
+//! threads. By job: `guest` builds the machine, loads the device state and
+//! starts the vCPUs; `install` places pages; `fault` is the fault thread;
+//! `verify` checks the guest after the migration and reports. Here: the
+//! driver itself, its operations, accepting connections and reading them.
+
+mod fault;
+mod guest;
+mod install;
+mod verify;
+
+pub use guest::{BuildError, LoadError};
+pub use install::{Damage, DamageError, DAMAGE_ENV};
+pub use verify::VerifyError;
+
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::thread::Scope;
+use std::time::Duration;
+
+use bytes::Bytes;
+use hdrhistogram::Histogram;
+use postcopy_core::wire::PageData;
+use postcopy_core::{
+    Channel, Config, DeferredPage, Destination, DestinationAction, DestinationState, DestinationStats, Finished,
+    Notice, PageNumber,
+};
+
+use super::net::{self, Connection, PreambleReadError};
+use super::report::DestinationReport;
+use super::shell::{spawn, ConnectionOp, LockedCore, Shell, SideDriver};
+use super::sync::Doorbell;
+use super::{error_chain, now, pin_self, set_policy, Boost, Tuning};
+use crate::devices::{lock, SerialOutput};
+use crate::layout::PAGE_SIZE;
+use crate::memory::GuestRam;
+use crate::runner::VcpuSet;
+use crate::vcpu::Vcpu;
+use guest::Machine;
+use install::InstallCounters;
+
+/// Bytes read per receive on the main channel.
+const MAIN_READ_BYTES: usize = 256 * 1024;
+/// Bytes read per receive on the urgent channel.
+const URGENT_READ_BYTES: usize = 64 * 1024;
+/// Bytes read per receive on the return path (only the source's farewell).
+const RETURN_READ_BYTES: usize = 4096;
+/// Bytes of frames the return path writes per system call at most.
+const RETURN_WRITE_BYTES: usize = 64 * 1024;
+/// How long the acceptor blocks in one poll (it checks for shutdown in between).
+const ACCEPT_POLL: Duration = Duration::from_millis(50);
+/// How often the progress bar is redrawn.
+const PROGRESS_TICK: Duration = Duration::from_millis(50);
+
+/// How to run the destination.
+#[derive(Clone, Debug)]
+pub struct DestinationOptions {
+    /// The core's settings.
+    pub config: Config,
+    /// Thread placement and polling.
+    pub tuning: Tuning,
+    /// Where the guest's serial port writes.
+    pub serial: SerialOutput,
+    /// How long the guest runs here after the migration before it is checked.
+    pub run_after: Duration,
+    /// Write guest RAM here after the migration (guest stopped).
+    pub dump_memory: Option<PathBuf>,
+    /// Test-only damage to one page.
+    pub damage: Option<Damage>,
+    /// Draw a progress bar on stderr (when it is a terminal).
+    pub progress_bar: bool,
+    /// Guest RAM allocated before listening ([`GuestRam::new_preallocated`]),
+    /// for the layout the source is expected to send; None: anonymous RAM
+    /// allocated when the machine description arrives.
+    pub preallocated: Option<Arc<GuestRam>>,
+}
+
+/// What the destination reports, and whether it succeeded.
+#[derive(Debug)]
+pub struct DestinationOutcome {
+    /// The report (also for failures).
+    pub report: DestinationReport,
+}
+
+/// A failure of the destination's driver (beside the core's own verdict).
+#[derive(Debug, thiserror::Error)]
+pub enum DestinationError {
+    /// The fault path's histogram could not be made.
+    #[error("cannot create the fault latency histogram")]
+    Histogram(#[source] hdrhistogram::CreationError),
+    /// The listener could not be polled.
+    #[error("cannot make the listener non-blocking")]
+    Listener(#[source] std::io::Error),
+    /// A peer that does not speak the protocol, before any migration.
+    #[error("connection from {peer} refused")]
+    Refused {
+        /// The peer.
+        peer: SocketAddr,
+        /// What it sent.
+        #[source]
+        reason: PreambleReadError,
+    },
+    /// The machine could not be built.
+    #[error("cannot build the machine")]
+    Build(#[source] BuildError),
+    /// The vCPUs could not be started after StartGuest.
+    #[error("cannot start the vCPUs")]
+    StartVcpus(#[source] crate::Error),
+}
+
+/// When the switchover's steps happened (monotonic ns, 0: not yet).
+#[derive(Debug, Default)]
+struct Timeline {
+    /// The whole device state received (loading starts).
+    device_state_received_ns: AtomicU64,
+    /// The device state loaded.
+    device_state_loaded_ns: AtomicU64,
+    /// StartGuest received (the vCPU threads start).
+    start_received_ns: AtomicU64,
+    /// The vCPUs started.
+    resume_ns: AtomicU64,
+    /// The core finished.
+    end_ns: AtomicU64,
+}
+
+impl Timeline {
+    fn mark(at: &AtomicU64) {
+        at.store(now().0, Ordering::SeqCst);
+    }
+}
+
+/// What the destination's driver does for the core, resolved while the
+/// core lock is held.
+enum DestinationOp {
+    Prepare(Bytes),
+    Install { page: PageNumber, data: PageData, overwrite: bool },
+    Discard { first: PageNumber, count: u64 },
+    LoadDeviceState(Bytes),
+    ResumeVcpus,
+    Wake(PageNumber),
+    Close(ConnectionOp),
+    Notice(Notice),
+    Finished(Box<Finished<DestinationStats>>),
+}
+
+/// The destination's driver: the shell, the machine once built, the vCPUs,
+/// the verdict, and what the report needs.
+struct DestinationDriver<'a> {
+    shell: Shell<Destination>,
+    opts: &'a DestinationOptions,
+    listener: TcpListener,
+    /// The machine is being built: nothing goes out on the return path
+    /// (the welcome would let the source stop its guest before this side
+    /// can take it). Read and written only under the core lock.
+    preparing: AtomicBool,
+    machine: OnceLock<Machine>,
+    /// The vCPUs, created with the machine, until they start.
+    vcpus: Mutex<Option<Vec<Vcpu>>>,
+    /// The vCPU threads, once started.
+    running: Mutex<Option<VcpuSet>>,
+    vcpu_tids: OnceLock<Vec<i32>>,
+    finished: Mutex<Option<Finished<DestinationStats>>>,
+    finished_flag: AtomicBool,
+    finished_bell: Doorbell,
+    fatal: Mutex<Option<DestinationError>>,
+    /// Fault read to page in place, ns.
+    latency: Mutex<Histogram<u64>>,
+    timeline: Timeline,
+    faults_read: AtomicU64,
+    install_counters: InstallCounters,
+}
+
+/// Accepts a migration on `listener`, runs the guest after it, checks it,
+/// and reports. Returns when the migration failed, or when the guest ran
+/// `run_after` here and was checked.
+pub fn run_destination(listener: TcpListener, opts: &DestinationOptions) -> DestinationOutcome {
+    let histogram = match Histogram::new_with_bounds(1, 3_600_000_000_000, 3) {
+        Ok(h) => h,
+        Err(e) => {
+            let error = error_chain(&DestinationError::Histogram(e));
+            return DestinationOutcome { report: DestinationReport { error: Some(error), ..Default::default() } };
+        }
+    };
+    let driver = DestinationDriver {
+        shell: Shell::new(Destination::new(opts.config.clone(), PAGE_SIZE as u32), opts.tuning.clone()),
+        opts,
+        listener,
+        preparing: AtomicBool::new(false),
+        machine: OnceLock::new(),
+        vcpus: Mutex::new(None),
+        running: Mutex::new(None),
+        vcpu_tids: OnceLock::new(),
+        finished: Mutex::new(None),
+        finished_flag: AtomicBool::new(false),
+        finished_bell: Doorbell::new(),
+        fatal: Mutex::new(None),
+        latency: Mutex::new(histogram),
+        timeline: Timeline::default(),
+        faults_read: AtomicU64::new(0),
+        install_counters: InstallCounters::default(),
+    };
+    let mut report = DestinationReport::default();
+    std::thread::scope(|s| {
+        let d = &driver;
+        spawn(s, "dst-accept", move || d.accept_loop(s));
+        spawn(s, "dst-timer", move || d.timer_loop(s));
+        if opts.progress_bar {
+            spawn(s, "dst-progress", move || d.progress_loop());
+        }
+        while !d.finished_flag.load(Ordering::SeqCst) {
+            d.finished_bell.wait_timeout(Duration::from_millis(100));
+        }
+        report = d.verify_and_report();
+        d.stop_all();
+    });
+    if let Some(vcpus) = lock(&driver.running).take() {
+        if let Err(e) = vcpus.stop() {
+            tracing::warn!(e = error_chain(&e), "stopping the vCPUs");
+        }
+    }
+    tracing::info!(ok = report.ok, error = report.error.as_deref(), "destination done");
+    DestinationOutcome { report }
+}
+
+impl SideDriver for DestinationDriver<'_> {
+    type Core = Destination;
+    type Op = DestinationOp;
+    const SIDE: &'static str = "destination";
+    const TIMER_THREAD: &'static str = "dst-timer";
+    const FAREWELL_THREAD: &'static str = "dst-farewell";
+    const FAULT_PATH_CHANNEL: Channel = Channel::Return;
+
+    fn shell(&self) -> &Shell<Destination> {
+        &self.shell
+    }
+
+    fn to_op(&self, l: &mut LockedCore<Destination>, action: DestinationAction) -> Option<DestinationOp> {
+        Some(match action {
+            DestinationAction::PrepareMemory(_) => {
+                self.preparing.store(true, Ordering::Relaxed);
+                DestinationOp::Prepare(l.core.machine_description().cloned().unwrap_or_default())
+            }
+            DestinationAction::InstallPage { page, data, overwrite } => {
+                DestinationOp::Install { page, data, overwrite }
+            }
+            DestinationAction::DiscardPages { first, count } => DestinationOp::Discard { first, count },
+            DestinationAction::LoadDeviceState(state) => DestinationOp::LoadDeviceState(state),
+            DestinationAction::ResumeVcpus => DestinationOp::ResumeVcpus,
+            DestinationAction::Wake(page) => DestinationOp::Wake(page),
+            DestinationAction::Close(channel) => DestinationOp::Close(l.close(channel)?),
+            DestinationAction::Farewell { channel, bytes } => DestinationOp::Close(l.farewell(channel, bytes)?),
+            DestinationAction::Notice(notice) => DestinationOp::Notice(notice),
+            DestinationAction::Finished(finished) => DestinationOp::Finished(finished),
+        })
+    }
+
+    fn execute<'s>(&'s self, s: &'s Scope<'s, '_>, ops: Vec<DestinationOp>) {
+        let mut ops = ops.into_iter().peekable();
+        while let Some(op) = ops.next() {
+            match op {
+                DestinationOp::Prepare(machine) => self.prepare(s, &machine),
+                DestinationOp::Install { page, data: PageData::Bytes(bytes), overwrite: false }
+                    if self.batchable(page) =>
+                {
+                    self.install_batch(page, bytes, &mut ops)
+                }
+                DestinationOp::Install { page, data, overwrite } => self.install(page, data, overwrite),
+                DestinationOp::Discard { first, count } => self.discard(first, count),
+                DestinationOp::LoadDeviceState(state) => {
+                    Timeline::mark(&self.timeline.device_state_received_ns);
+                    spawn(s, "dst-loader", move || self.load(s, state))
+                }
+                DestinationOp::ResumeVcpus => {
+                    Timeline::mark(&self.timeline.start_received_ns);
+                    self.resume()
+                }
+                DestinationOp::Wake(page) => self.wake(page),
+                DestinationOp::Close(op) => self.close_connection(s, op),
+                DestinationOp::Notice(notice) => self.notice(&notice),
+                DestinationOp::Finished(finished) => {
+                    Timeline::mark(&self.timeline.end_ns);
+                    tracing::info!(result = ?finished.result, "the core finished");
+                    *lock(&self.finished) = Some(*finished);
+                    self.finished_flag.store(true, Ordering::SeqCst);
+                    self.finished_bell.ring();
+                }
+            }
+        }
+        self.flush_fault_path(s);
+    }
+
+    fn poll_fault_path(
+        &self,
+        l: &mut LockedCore<Destination>,
+        buf: &mut Vec<u8>,
+        _deferred: &mut Vec<DeferredPage>,
+    ) -> Option<Arc<Connection>> {
+        if self.preparing.load(Ordering::Relaxed) {
+            return None;
+        }
+        let conn = l.connection(Channel::Return).cloned();
+        if conn.is_some() {
+            let _ = l.core.poll_transmit(now(), Channel::Return, buf, RETURN_WRITE_BYTES);
+        }
+        conn
+    }
+
+    /// The destination sends no page contents.
+    fn fill_deferred(&self, _deferred: &[DeferredPage], _buf: &mut [u8]) {}
+}
+
+impl DestinationDriver<'_> {
+    fn accept_loop<'s>(&'s self, s: &'s Scope<'s, '_>) {
+        set_policy(None, "dst-accept");
+        if let Err(e) = self.listener.set_nonblocking(true) {
+            *lock(&self.fatal) = Some(DestinationError::Listener(e));
+            self.finish_with_fatal();
+            return;
+        }
+        while !self.shell.is_stopping() {
+            match crate::sys::poll_readable(&self.listener, ACCEPT_POLL) {
+                Ok(false) => continue,
+                Ok(true) => {}
+                Err(e) => {
+                    tracing::warn!(%e, "poll on the listener");
+                    std::thread::sleep(Duration::from_millis(10));
+                    continue;
+                }
+            }
+            match self.listener.accept() {
+                Ok((stream, peer)) => spawn(s, "dst-conn", move || self.serve_connection(s, stream, peer)),
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                Err(e) => tracing::warn!(%e, "accept"),
+            }
+        }
+    }
+
+    fn serve_connection<'s>(&'s self, s: &'s Scope<'s, '_>, mut stream: TcpStream, peer: SocketAddr) {
+        let _ = stream.set_nonblocking(false);
+        let channel = match net::read_preamble(&mut stream, self.opts.config.handshake_timeout) {
+            Ok(channel) => channel,
+            Err(reason) => {
+                let listening = {
+                    let l = lock(&self.shell.locked);
+                    l.core.state() == DestinationState::Listening && l.core.layout().is_none()
+                };
+                let e = DestinationError::Refused { peer, reason };
+                tracing::warn!(e = error_chain(&e));
+                if listening {
+                    // Nothing is at stake yet: a peer that does not speak the
+                    // protocol ends this destination with a clear error.
+                    *lock(&self.fatal) = Some(e);
+                    self.finish_with_fatal();
+                }
+                return;
+            }
+        };
+        tracing::debug!(%channel, %peer, "accepted");
+        self.opts.tuning.tune_socket(&stream, channel);
+        let conn = Arc::new(Connection::new(channel, stream));
+        let _ = conn.stream.set_write_timeout(self.opts.config.peer_timeout);
+        let attached = conn.clone();
+        self.event(s, move |l, now| l.attach(now, attached));
+        self.read_loop(s, conn);
+    }
+
+    fn read_loop<'s>(&'s self, s: &'s Scope<'s, '_>, conn: Arc<Connection>) {
+        let tuning = &self.opts.tuning;
+        let (max, spin, base) = match conn.channel {
+            Channel::Main => {
+                pin_self(tuning.bulk_cpu, "dst-main");
+                (MAIN_READ_BYTES, Duration::ZERO, None)
+            }
+            Channel::Urgent => {
+                pin_self(tuning.latency_cpu, "dst-urgent");
+                (URGENT_READ_BYTES, tuning.spin(), tuning.rt_priority)
+            }
+            Channel::Return => (RETURN_READ_BYTES, Duration::ZERO, None),
+        };
+        set_policy(base, "dst-reader");
+        // The main and urgent readers carry the switchover (device state,
+        // StartGuest): boosted until the guest runs here.
+        let mut boost = Boost::default();
+        let boostable = conn.channel != Channel::Return;
+        let mut apply_boost = |started: bool| {
+            if conn.channel == Channel::Main {
+                boost.set_nice(tuning.rt_switchover, !started, tuning.bulk_nice, "dst-main");
+            } else {
+                boost.set(base, tuning.rt_switchover, boostable && !started, "dst-reader");
+            }
+        };
+        apply_boost(lock(&self.shell.locked).core.guest_started());
+        let on_bytes = |bytes| {
+            let mut started = None;
+            self.event(s, |l, now| {
+                if l.input(now, &conn, bytes) {
+                    started = Some(l.core.guest_started());
+                }
+            });
+            match started {
+                Some(started) => {
+                    apply_boost(started);
+                    true
+                }
+                // The connection was replaced: its successor's reader goes on.
+                None => false,
+            }
+        };
+        let on_closed = || {
+            self.event(s, |l, now| {
+                if l.is_current(&conn) && !self.shell.is_stopping() && !l.core.state().is_terminal() {
+                    let peer = conn.peer.map_or("?".to_string(), |p| p.to_string());
+                    tracing::warn!("the {} connection from {peer} closed", conn.channel);
+                }
+                l.detach(now, &conn);
+            })
+        };
+        net::read_until_closed(&conn, max, spin, on_bytes, on_closed);
+    }
+
+    fn progress_loop(&self) {
+        use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+        set_policy(None, "dst-progress");
+        let bar = ProgressBar::with_draw_target(None, ProgressDrawTarget::stderr());
+        if let Ok(style) =
+            ProgressStyle::with_template("{spinner} {msg} [{bar:40}] {pos}/{len} pages present ({percent}%)")
+        {
+            bar.set_style(style.progress_chars("=> "));
+        }
+        bar.set_message("waiting for the source");
+        while !self.shell.is_stopping() && !self.finished_flag.load(Ordering::SeqCst) {
+            if let Some(m) = self.machine.get() {
+                bar.set_length(m.installed.len());
+                bar.set_position(m.installed.count());
+                bar.set_message(format!("{} faults served", self.faults_read.load(Ordering::Relaxed)));
+            }
+            bar.tick();
+            std::thread::sleep(PROGRESS_TICK);
+        }
+        if let Some(m) = self.machine.get() {
+            bar.set_position(m.installed.count());
+        }
+        bar.finish_and_clear();
+    }
+
+    fn finish_with_fatal(&self) {
+        self.finished_flag.store(true, Ordering::SeqCst);
+        self.finished_bell.ring();
+    }
+
+    /// Ends every driver thread: connections, listener, fault thread, timer.
+    fn stop_all(&self) {
+        self.shell.stopping.store(true, Ordering::SeqCst);
+        self.shell.shutdown_all();
+        let started = lock(&self.running).is_some();
+        if let Some(m) = self.machine.get() {
+            if !started || lock(&self.finished).as_ref().is_none_or(|f| f.result.is_err()) {
+                // Wake any thread still waiting for a page (a loader cut off
+                // mid-way): the guest is abandoned here.
+                let _ = m.uffd.unregister_all();
+            }
+        }
+    }
+}

@@ -1,0 +1,156 @@
+//! A migration between two child processes of this program over loopback
+//! (`postcopy dest` and `postcopy source`), for `demo` and `bench`. The
+//! children inherit the environment, `POSTCOPY_LOG` included, and write
+//! their messages to this process's stderr.
+
+use std::io::{BufRead, BufReader};
+use std::path::PathBuf;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use postcopy_kvm::driver::report::{DestinationReport, SourceReport};
+
+use crate::args::{Common, GuestArgs, ModeArg};
+
+/// How long the source may run.
+const SOURCE_TIMEOUT: Duration = Duration::from_secs(600);
+/// How long the destination may run after the source ended.
+const DESTINATION_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// Why the pair could not be run.
+#[derive(Debug, thiserror::Error)]
+pub enum PairError {
+    /// The path of this program is unknown.
+    #[error("cannot find this program")]
+    CurrentExe(#[source] std::io::Error),
+    /// A child could not be started.
+    #[error("cannot start the {side}")]
+    Spawn {
+        /// "source" or "destination".
+        side: &'static str,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The destination ended before it listened.
+    #[error("the destination exited early ({0})")]
+    DestinationExited(ExitStatus),
+    /// The destination did not write its address in time.
+    #[error("the destination did not start listening within {0:?} (ready file {1})")]
+    NotListening(Duration, PathBuf),
+}
+
+/// What each side reported (None: it ended without a report).
+#[derive(Debug)]
+pub struct PairReports {
+    /// The source's report.
+    pub source: Option<SourceReport>,
+    /// The destination's report.
+    pub destination: Option<DestinationReport>,
+}
+
+/// Runs a destination and a source as child processes of this binary over
+/// loopback and gathers both reports.
+pub fn run_pair(
+    guest: &GuestArgs,
+    common: &Common,
+    run_after_ms: u64,
+    extra_env: &[(&str, &str)],
+) -> Result<PairReports, PairError> {
+    let exe = std::env::current_exe().map_err(PairError::CurrentExe)?;
+    let ready = std::env::temp_dir().join(format!("postcopy-demo-{}-{}.addr", std::process::id(), rand_tag()));
+    let _ = std::fs::remove_file(&ready);
+    let mut destination = Command::new(&exe);
+    destination
+        .args(["dest", "--listen", "127.0.0.1:0", "--json", "--run-after-ms"])
+        .arg(run_after_ms.to_string())
+        .arg(format!("--prealloc={}", guest.mem))
+        .arg("--ready-file")
+        .arg(&ready)
+        .args(common.forward())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit());
+    for (k, v) in extra_env {
+        destination.env(k, v);
+    }
+    let mut destination = destination.spawn().map_err(|source| PairError::Spawn { side: "destination", source })?;
+    let t0 = Instant::now();
+    // Preallocating takes up to ~3 s per GiB here.
+    let listen_timeout = Duration::from_secs(30 + 5 * guest.mem.div_ceil(1 << 30));
+    let addr = loop {
+        if let Ok(s) = std::fs::read_to_string(&ready) {
+            break s;
+        }
+        if let Ok(Some(status)) = destination.try_wait() {
+            return Err(PairError::DestinationExited(status));
+        }
+        if t0.elapsed() > listen_timeout {
+            let _ = destination.kill();
+            return Err(PairError::NotListening(listen_timeout, ready));
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    let _ = std::fs::remove_file(&ready);
+    let mut source = Command::new(&exe);
+    source
+        .args(["source", "--connect", addr.trim(), "--json", "--mode"])
+        .arg(match guest.mode {
+            ModeArg::Postcopy => "postcopy",
+            ModeArg::Hybrid => "hybrid",
+        })
+        .arg(format!("--precopy-rounds={}", guest.precopy_rounds))
+        .arg(format!("--mem={}", guest.mem))
+        .arg(format!("--vcpus={}", guest.vcpus))
+        .arg(format!("--run-before-ms={}", guest.run_before_ms))
+        .args(common.forward())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit());
+    if let Some(image) = &guest.guest_image {
+        source.arg("--guest-image").arg(image);
+    }
+    let source = source.spawn().map_err(|source| {
+        let _ = destination.kill();
+        PairError::Spawn { side: "source", source }
+    })?;
+    let source_out = wait_json(source, SOURCE_TIMEOUT);
+    let destination_out = wait_json(destination, DESTINATION_TIMEOUT);
+    Ok(PairReports {
+        source: source_out.and_then(|s| serde_json::from_str(&s).ok()),
+        destination: destination_out.and_then(|s| serde_json::from_str(&s).ok()),
+    })
+}
+
+fn rand_tag() -> u64 {
+    postcopy_kvm::monotonic_ns() % 1_000_000_007
+}
+
+/// Waits for a child (killing it after `timeout`) and returns the last JSON
+/// line of its stdout.
+fn wait_json(mut child: Child, timeout: Duration) -> Option<String> {
+    let stdout = child.stdout.take();
+    let reader = std::thread::spawn(move || {
+        let mut last = None;
+        if let Some(out) = stdout {
+            for line in BufReader::new(out).lines().map_while(Result::ok) {
+                if line.starts_with('{') {
+                    last = Some(line);
+                }
+            }
+        }
+        last
+    });
+    let t0 = Instant::now();
+    loop {
+        match child.try_wait() {
+            Ok(Some(_)) | Err(_) => break,
+            Ok(None) if t0.elapsed() > timeout => {
+                tracing::warn!(pid = child.id(), ?timeout, "a child ran too long: killed");
+                let _ = child.kill();
+                let _ = child.wait();
+                break;
+            }
+            Ok(None) => std::thread::sleep(Duration::from_millis(10)),
+        }
+    }
+    reader.join().ok().flatten()
+}
