@@ -77,10 +77,8 @@ impl FakeVmm {
     }
 
     fn with_state(events: Arc<dyn EventSink>, run_state: RunState, incoming: Incoming) -> FakeVmm {
-        let capabilities = MigrationCapability::ALL
-            .iter()
-            .map(|&c| (c, matches!(c, MigrationCapability::XPostcopyAutoRecover | MigrationCapability::Events)))
-            .collect();
+        let capabilities =
+            MigrationCapability::ALL.iter().map(|&c| (c, c == MigrationCapability::XPostcopyAutoRecover)).collect();
         let parameters = MigrationParameters {
             max_bandwidth: Some(0),
             max_postcopy_bandwidth: Some(0),
@@ -131,11 +129,17 @@ impl FakeVmm {
         self.lock().last_uri.clone()
     }
 
+    /// QEMU sends MIGRATION and MIGRATION_PASS only with the `events`
+    /// capability on (off by default).
+    fn migration_event(&self, state: &State, event: Event) {
+        if state.capabilities.get(&MigrationCapability::Events).copied().unwrap_or(false) {
+            self.events.emit(event);
+        }
+    }
+
     fn set_migration(&self, state: &mut State, status: MigrationStatus) {
         state.migration = Some(status);
-        if state.capabilities.get(&MigrationCapability::Events).copied().unwrap_or(false) {
-            self.events.emit(Event::Migration { status });
-        }
+        self.migration_event(state, Event::Migration { status });
     }
 
     fn set_run_state(&self, state: &mut State, run_state: RunState) {
@@ -160,7 +164,7 @@ impl FakeVmm {
             Some(MigrationStatus::Setup) => {
                 if state.incoming == Incoming::No {
                     state.passes = 1;
-                    self.events.emit(Event::MigrationPass { pass: 1 });
+                    self.migration_event(&state, Event::MigrationPass { pass: 1 });
                 }
                 self.set_migration(&mut state, MigrationStatus::Active);
             }
@@ -173,7 +177,7 @@ impl FakeVmm {
                 } else if state.remaining_bytes > 0 && state.incoming == Incoming::No {
                     state.passes += 1;
                     let pass = state.passes;
-                    self.events.emit(Event::MigrationPass { pass });
+                    self.migration_event(&state, Event::MigrationPass { pass });
                 }
                 if state.remaining_bytes == 0 {
                     if state.incoming == Incoming::No {
@@ -400,5 +404,89 @@ impl Vmm for FakeVmm {
             x_postcopy: Some(XPostcopyInfo { recoveries: Some(state.recoveries), ..Default::default() }),
             ..Default::default()
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Default)]
+    struct Collect(Mutex<Vec<Event>>);
+
+    impl EventSink for Collect {
+        fn emit(&self, event: Event) {
+            self.0.lock().unwrap().push(event);
+        }
+    }
+
+    fn migrate(uri: &str, resume: bool) -> MigrateArgs {
+        MigrateArgs { uri: uri.into(), resume }
+    }
+
+    fn enable(vmm: &FakeVmm, capability: MigrationCapability) {
+        vmm.migrate_set_capabilities(&[MigrationCapabilityStatus { capability, state: true }]).unwrap();
+    }
+
+    #[test]
+    fn migration_events_need_the_events_capability() {
+        let sink = Arc::new(Collect::default());
+        let vmm = FakeVmm::running(sink.clone());
+        vmm.migrate(&migrate("tcp:127.0.0.1:1", false)).unwrap();
+        vmm.advance();
+        vmm.advance();
+        assert_eq!(*sink.0.lock().unwrap(), []);
+        vmm.migrate_cancel().unwrap();
+        enable(&vmm, MigrationCapability::Events);
+        vmm.migrate(&migrate("tcp:127.0.0.1:1", false)).unwrap();
+        vmm.advance();
+        assert_eq!(
+            *sink.0.lock().unwrap(),
+            [
+                Event::Migration { status: MigrationStatus::Setup },
+                Event::MigrationPass { pass: 1 },
+                Event::Migration { status: MigrationStatus::Active }
+            ]
+        );
+    }
+
+    #[test]
+    fn wrong_states_get_qemus_errors() {
+        let vmm = FakeVmm::running(Arc::new(Collect::default()));
+        assert_eq!(vmm.migrate_pause(), Err(QmpError::pause_outside_postcopy()));
+        assert_eq!(vmm.migrate_recover("tcp:h:1"), Err(QmpError::recover_not_paused()));
+        assert_eq!(vmm.migrate(&migrate("tcp:h:1", true)), Err(QmpError::no_paused_migration()));
+        assert_eq!(vmm.migrate_start_postcopy(), Err(QmpError::postcopy_not_enabled()));
+        enable(&vmm, MigrationCapability::PostcopyRam);
+        assert_eq!(vmm.migrate_start_postcopy(), Err(QmpError::postcopy_before_migration()));
+        assert_eq!(
+            vmm.migrate_incoming(&MigrateIncomingArgs { uri: "tcp:h:1".into(), exit_on_error: None }),
+            Err(QmpError::incoming_not_deferred())
+        );
+        assert_eq!(vmm.migrate(&migrate("rdma:h:1", false)), Err(QmpError::unknown_migration_protocol("rdma:h:1")));
+        vmm.migrate(&migrate("tcp:h:1", false)).unwrap();
+        assert_eq!(vmm.migrate(&migrate("tcp:h:1", false)), Err(QmpError::migration_active()));
+        assert_eq!(
+            vmm.migrate_set_capabilities(&[MigrationCapabilityStatus {
+                capability: MigrationCapability::Events,
+                state: true
+            }]),
+            Err(QmpError::migration_active())
+        );
+    }
+
+    #[test]
+    fn a_guest_that_arrived_can_migrate_onward_only_once_completed() {
+        let vmm = FakeVmm::incoming_deferred(Arc::new(Collect::default()));
+        vmm.migrate_incoming(&MigrateIncomingArgs { uri: "tcp:h:1".into(), exit_on_error: None }).unwrap();
+        vmm.advance();
+        vmm.advance();
+        assert_eq!(vmm.migrate(&migrate("tcp:h:2", false)), Err(QmpError::guest_inmigrate()));
+        while vmm.query_migrate().unwrap().status != Some(MigrationStatus::Completed) {
+            vmm.advance();
+        }
+        assert_eq!(vmm.query_status().unwrap().status, RunState::Running);
+        vmm.migrate(&migrate("tcp:h:2", false)).unwrap();
+        assert_eq!(vmm.query_migrate().unwrap().status, Some(MigrationStatus::Setup));
     }
 }

@@ -58,9 +58,19 @@ impl Default for ServerConfig {
 
 type Message = Arc<[u8]>;
 
+/// Whether a client is past negotiation. Its lock orders the reply to
+/// `qmp_capabilities` before any event: the reader queues that reply and
+/// sets the flag under it, `emit_at` reads the flag and queues under it
+/// (both with `try_send`, so neither ever waits for the client).
+type NegotiatedGate = Arc<Mutex<bool>>;
+
+fn gate(negotiated: &NegotiatedGate) -> MutexGuard<'_, bool> {
+    negotiated.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
 struct ClientSlot {
     id: u64,
-    negotiated: Arc<AtomicBool>,
+    negotiated: NegotiatedGate,
     outbound: SyncSender<Message>,
     /// For shutting the connection down from outside its threads.
     stream: UnixStream,
@@ -99,7 +109,8 @@ impl EventBus {
     pub fn emit_at(&self, event: &Event, timestamp: Timestamp) {
         let message: Message = event_line(event, timestamp).into();
         for client in self.clients().iter() {
-            if !client.negotiated.load(Ordering::Acquire) {
+            let negotiated = gate(&client.negotiated);
+            if !*negotiated {
                 continue;
             }
             match client.outbound.try_send(message.clone()) {
@@ -245,7 +256,7 @@ fn spawn_client(
 ) -> std::io::Result<[JoinHandle<()>; 2]> {
     let id = bus.registry.next_id.fetch_add(1, Ordering::Relaxed);
     let (outbound, queue) = sync_channel::<Message>(config.outbound_queue_messages);
-    let negotiated = Arc::new(AtomicBool::new(false));
+    let negotiated: NegotiatedGate = Arc::new(Mutex::new(false));
     let mut writer_stream = stream.try_clone()?;
     bus.clients().push(ClientSlot {
         id,
@@ -290,7 +301,7 @@ fn serve(
     mut session: Session,
     vmm: &dyn Vmm,
     outbound: &SyncSender<Message>,
-    negotiated: &AtomicBool,
+    negotiated: &NegotiatedGate,
 ) {
     if outbound.send(session.greeting().into()).is_err() {
         return;
@@ -304,7 +315,9 @@ fn serve(
             Err(_) => return,
         };
         session.push(&buffer[..read]);
-        while let Some(step) = session.poll() {
+        loop {
+            let was_negotiated = session.is_negotiated();
+            let Some(step) = session.poll() else { break };
             let reply = match step {
                 Step::Reply(bytes) => bytes,
                 Step::Execute(request) => {
@@ -312,13 +325,17 @@ fn serve(
                     session.respond(request.id.as_ref(), result)
                 }
             };
-            if outbound.send(reply.into()).is_err() {
+            if session.is_negotiated() && !was_negotiated {
+                // The reply to qmp_capabilities, then the flag, with no
+                // event between. A client whose queue is full before it
+                // even negotiated is not reading: drop it.
+                let mut negotiated = gate(negotiated);
+                if outbound.try_send(reply.into()).is_err() {
+                    return;
+                }
+                *negotiated = true;
+            } else if outbound.send(reply.into()).is_err() {
                 return;
-            }
-            // Only after the reply to qmp_capabilities is queued: no event
-            // may overtake it.
-            if session.is_negotiated() {
-                negotiated.store(true, Ordering::Release);
             }
         }
     }

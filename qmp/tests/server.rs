@@ -235,9 +235,14 @@ fn a_client_that_does_not_read_is_dropped_and_never_blocks_events() {
         let started = Instant::now();
         rig.server.events().emit_at(&Event::MigrationPass { pass }, Timestamp { seconds: 1, microseconds: 0 });
         emitting += started.elapsed();
-        if pass % 128 == 0 {
-            // The reading client keeps up.
-            while reader.next_event(Some(Duration::ZERO)).unwrap().is_some() {}
+        if pass % 64 == 63 {
+            // The reading client keeps up: it reads up to this event.
+            loop {
+                let event = reader.next_event(Some(WAIT)).unwrap().expect("the reader gets every event");
+                if event.event() == Some(Event::MigrationPass { pass }) {
+                    break;
+                }
+            }
         }
     }
     assert!(emitting < Duration::from_secs(2), "emitting never waits for a client ({emitting:?} for 20000 events)");
@@ -291,4 +296,36 @@ fn binding_over_a_regular_file_is_refused() {
     let err = Server::bind(&path, ServerConfig::default(), vmm, bus).err().expect("refused");
     assert!(matches!(err, ServerError::NotASocket { .. }), "{err}");
     std::fs::remove_file(&path).unwrap();
+}
+
+#[test]
+fn an_event_right_after_negotiation_reaches_the_client_and_never_precedes_the_reply() {
+    let rig = rig();
+    // Events all along, from another thread.
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let emitter = {
+        let (bus, stop) = (rig.server.events().clone(), stop.clone());
+        std::thread::spawn(move || {
+            while !stop.load(Ordering::Relaxed) {
+                bus.emit_at(&Event::Resume, Timestamp { seconds: 1, microseconds: 0 });
+                std::thread::yield_now();
+            }
+        })
+    };
+    for round in 0..200 {
+        let mut raw = Raw::connect(&rig);
+        raw.message();
+        raw.send(b"{\"execute\":\"qmp_capabilities\"}\n");
+        assert_eq!(raw.message(), json!({"return": {}}), "round {round}: the reply comes first");
+        rig.server.events().emit_at(&Event::Stop, Timestamp { seconds: 2, microseconds: 0 });
+        loop {
+            let message = raw.message();
+            if message["event"] == "STOP" {
+                break;
+            }
+            assert_eq!(message["event"], "RESUME", "round {round}");
+        }
+    }
+    stop.store(true, Ordering::Relaxed);
+    emitter.join().unwrap();
 }
