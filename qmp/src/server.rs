@@ -193,9 +193,14 @@ impl Server {
     fn stop(&mut self) {
         let Some(accept) = self.accept.take() else { return };
         self.stopping.store(true, Ordering::Release);
-        // Wake the accept loop; it sees the flag and ends.
-        let _ = UnixStream::connect(&self.path);
-        let _ = accept.join();
+        // Wake the accept loop; it sees the flag and ends. If the socket
+        // file was removed under us nothing can wake it: leave it blocked
+        // (it accepts nobody any more) rather than hang here.
+        if UnixStream::connect(&self.path).is_ok() {
+            let _ = accept.join();
+        } else {
+            tracing::warn!(path = %self.path.display(), "QMP socket gone; its accept thread stays blocked");
+        }
         // Readers see end of input; writers then drain their queues and close.
         for client in self.bus.clients().iter() {
             let _ = client.stream.shutdown(std::net::Shutdown::Read);

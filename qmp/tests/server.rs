@@ -333,3 +333,14 @@ fn an_event_right_after_negotiation_reaches_the_client_and_never_precedes_the_re
     stop.store(true, Ordering::Relaxed);
     emitter.join().unwrap();
 }
+
+#[test]
+fn shutdown_does_not_hang_when_the_socket_file_was_removed() {
+    let rig = rig();
+    let mut client = QmpClient::connect_negotiated(rig.server.path()).unwrap();
+    std::fs::remove_file(rig.server.path()).unwrap();
+    let started = Instant::now();
+    rig.server.shutdown();
+    assert!(started.elapsed() < WAIT);
+    assert!(matches!(client.next_event(Some(WAIT)), Err(ClientError::Closed { .. })), "clients are closed");
+}
