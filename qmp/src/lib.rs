@@ -35,9 +35,10 @@
 //! | `migrate-recover` | `uri` | `{}` |
 //! | `query-migrate` | | `MigrationInfo`, with QEMU 10.1's `postcopy-latency*` and our `x-postcopy` |
 //!
-//! Events: `STOP`, `RESUME`, `SHUTDOWN {guest, reason}`, `MIGRATION
-//! {status}` (with the `events` capability), `MIGRATION_PASS {pass}`, each
-//! with `timestamp {seconds, microseconds}`.
+//! Events: `STOP`, `RESUME`, `SHUTDOWN {guest, reason}`, and with the
+//! `events` capability on (off by default, as in QEMU) `MIGRATION {status}`
+//! and `MIGRATION_PASS {pass}`; each with `timestamp {seconds,
+//! microseconds}`, and only to clients past negotiation.
 //!
 //! # Where this differs from QEMU
 //! - No `oob` capability (see [`session`] for why); `migrate-pause` and
