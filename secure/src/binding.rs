@@ -86,8 +86,7 @@ impl MigrationSecret {
     /// Reads a secret file (for `--migration-secret FILE`); its bytes are
     /// the secret, trailing white space (a newline) dropped.
     pub fn load(path: &Path) -> Result<Self, BindingError> {
-        let mut bytes =
-            std::fs::read(path).map_err(|source| BindingError::Io { path: path.to_owned(), source })?;
+        let mut bytes = std::fs::read(path).map_err(|source| BindingError::Io { path: path.to_owned(), source })?;
         while bytes.last().is_some_and(|b| b.is_ascii_whitespace()) {
             bytes.pop();
         }

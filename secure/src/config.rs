@@ -184,7 +184,15 @@ impl ServerSide {
     /// Builds the server configuration from `creds`, accepting client
     /// identities in `allow`.
     pub fn new(creds: &Credentials, allow: Allowlist) -> Result<Self, CredentialError> {
-        let provider = provider();
+        Self::with_provider(creds, allow, provider())
+    }
+
+    /// As [`ServerSide::new`] with another crypto provider (to compare).
+    pub fn with_provider(
+        creds: &Credentials,
+        allow: Allowlist,
+        provider: Arc<CryptoProvider>,
+    ) -> Result<Self, CredentialError> {
         let inner = WebPkiClientVerifier::builder_with_provider(roots(creds)?, provider.clone())
             .build()
             .map_err(|e| CredentialError::BadCertificate { what: "CA certificates".into(), detail: e.to_string() })?;
@@ -197,6 +205,8 @@ impl ServerSide {
             .map_err(CredentialError::Config)?;
         // Every connection authenticates in full: no tickets, no resumption.
         config.send_tls13_tickets = 0;
+        // The record layer runs outside rustls once the handshake is done.
+        config.enable_secret_extraction = true;
         config.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
         Ok(Self { config: Arc::new(config), own_validity: own_validity(creds)? })
     }
@@ -217,7 +227,15 @@ impl ClientSide {
     /// Builds the client configuration from `creds`, accepting server
     /// identities in `allow`.
     pub fn new(creds: &Credentials, allow: Allowlist) -> Result<Self, CredentialError> {
-        let provider = provider();
+        Self::with_provider(creds, allow, provider())
+    }
+
+    /// As [`ClientSide::new`] with another crypto provider (to compare).
+    pub fn with_provider(
+        creds: &Credentials,
+        allow: Allowlist,
+        provider: Arc<CryptoProvider>,
+    ) -> Result<Self, CredentialError> {
         let inner = WebPkiServerVerifier::builder_with_provider(roots(creds)?, provider.clone())
             .build()
             .map_err(|e| CredentialError::BadCertificate { what: "CA certificates".into(), detail: e.to_string() })?;
@@ -230,6 +248,7 @@ impl ClientSide {
             .with_client_auth_cert(creds.chain.clone(), creds.key.clone_key())
             .map_err(CredentialError::Config)?;
         config.resumption = rustls::client::Resumption::disabled();
+        config.enable_secret_extraction = true;
         Ok(Self { config: Arc::new(config), own_validity: own_validity(creds)? })
     }
 }

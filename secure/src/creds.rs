@@ -75,10 +75,8 @@ fn parse_certificates(pem: &[u8], path: &Path) -> Result<Vec<CertificateDer<'sta
         return Err(CredentialError::NoCertificate { path: path.to_owned() });
     }
     for cert in &certs {
-        x509_parser::parse_x509_certificate(cert.as_ref()).map_err(|e| CredentialError::BadCertificate {
-            what: path.display().to_string(),
-            detail: e.to_string(),
-        })?;
+        x509_parser::parse_x509_certificate(cert.as_ref())
+            .map_err(|e| CredentialError::BadCertificate { what: path.display().to_string(), detail: e.to_string() })?;
     }
     Ok(certs)
 }

@@ -176,6 +176,13 @@ pub enum ChannelError {
     /// stream may have been cut short by an attacker.
     #[error("the connection closed without a TLS close_notify")]
     Truncated,
+    /// The connection's keys protected as many records as their cipher
+    /// allows (AES-GCM: 2^24.5); a new handshake is needed.
+    #[error("the traffic keys reached their limit of {records} records; reconnect")]
+    KeyLimit {
+        /// Records protected with them.
+        records: u64,
+    },
 }
 
 impl From<ChannelError> for io::Error {
@@ -183,7 +190,7 @@ impl From<ChannelError> for io::Error {
         match e {
             ChannelError::Io(e) => e,
             ChannelError::Truncated => io::Error::new(io::ErrorKind::UnexpectedEof, e),
-            ChannelError::Tls(_) => io::Error::new(io::ErrorKind::InvalidData, e),
+            ChannelError::Tls(_) | ChannelError::KeyLimit { .. } => io::Error::new(io::ErrorKind::InvalidData, e),
         }
     }
 }

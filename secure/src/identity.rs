@@ -117,9 +117,8 @@ pub struct Validity {
 impl Validity {
     /// Reads `cert`'s validity period.
     pub fn of(cert: &CertificateDer<'_>) -> Result<Self, CredentialError> {
-        let (_, parsed) = x509_parser::parse_x509_certificate(cert.as_ref()).map_err(|e| {
-            CredentialError::BadCertificate { what: "own certificate".into(), detail: e.to_string() }
-        })?;
+        let (_, parsed) = x509_parser::parse_x509_certificate(cert.as_ref())
+            .map_err(|e| CredentialError::BadCertificate { what: "own certificate".into(), detail: e.to_string() })?;
         let v = parsed.validity();
         Ok(Self { not_before_s: v.not_before.timestamp(), not_after_s: v.not_after.timestamp() })
     }

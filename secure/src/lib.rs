@@ -23,11 +23,13 @@ pub mod error;
 pub mod identity;
 pub mod ktls;
 pub mod limits;
+pub mod record;
 
 pub use binding::{ChannelBinding, MigrationSecret, Role};
-pub use channel::{accept, connect, SecureChannel, Wait};
+pub use channel::{accept, connect, SecureChannel};
 pub use config::{ClientSide, ServerSide};
 pub use creds::{write_first_run_credentials, CertificateAuthority, Credentials, HostCertificate, Lifetime};
 pub use error::{BindingError, ChannelError, CredentialError, HandshakeError, Refusal};
 pub use identity::{Allowlist, Identity};
 pub use limits::{HandshakeGate, HandshakeLimits, HandshakeSlot};
+pub use record::Wait;

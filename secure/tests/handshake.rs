@@ -47,16 +47,18 @@ impl Pki {
     }
 
     fn expired(&self, name: &str) -> Credentials {
-        let lifetime = Lifetime { not_before: datetime!(2001-01-01 0:00 UTC), not_after: datetime!(2002-01-01 0:00 UTC) };
+        let lifetime =
+            Lifetime { not_before: datetime!(2001-01-01 0:00 UTC), not_after: datetime!(2002-01-01 0:00 UTC) };
         self.creds_from(&self.ca, name, lifetime)
     }
 
     fn not_yet_valid(&self, name: &str) -> Credentials {
-        let lifetime = Lifetime { not_before: datetime!(2090-01-01 0:00 UTC), not_after: datetime!(2091-01-01 0:00 UTC) };
+        let lifetime =
+            Lifetime { not_before: datetime!(2090-01-01 0:00 UTC), not_after: datetime!(2091-01-01 0:00 UTC) };
         self.creds_from(&self.ca, name, lifetime)
     }
 
-    fn from_other_ca(&self, name: &str) -> Credentials {
+    fn signed_by_other_ca(&self, name: &str) -> Credentials {
         self.creds_from(&self.other_ca, name, Lifetime::days_from_now(1))
     }
 }
@@ -85,11 +87,8 @@ fn pair(server_side: ServerSide, client_side: &ClientSide, dial: &str) -> Ends {
 }
 
 fn good_pair(pki: &Pki) -> (SecureChannel, SecureChannel) {
-    let (s, c) = pair(
-        server(&pki.creds(DESTINATION), &[SOURCE]),
-        &client(&pki.creds(SOURCE), &[DESTINATION]),
-        DESTINATION,
-    );
+    let (s, c) =
+        pair(server(&pki.creds(DESTINATION), &[SOURCE]), &client(&pki.creds(SOURCE), &[DESTINATION]), DESTINATION);
     (s.unwrap(), c.unwrap())
 }
 
@@ -221,11 +220,13 @@ fn channel_binding_is_equal_on_both_ends_and_differs_across_connections() {
 fn expired_certificates_are_refused_on_both_ends() {
     let pki = Pki::new();
     // The server's certificate expired.
-    let (s, c) = pair(server(&pki.expired(DESTINATION), &[SOURCE]), &client(&pki.creds(SOURCE), &[DESTINATION]), DESTINATION);
+    let (s, c) =
+        pair(server(&pki.expired(DESTINATION), &[SOURCE]), &client(&pki.creds(SOURCE), &[DESTINATION]), DESTINATION);
     assert!(matches!(refusal(c, "client"), Refusal::PeerCertificateExpired));
     assert!(matches!(refusal(s, "server"), Refusal::OurCertificateExpired));
     // The client's certificate expired.
-    let (s, c) = pair(server(&pki.creds(DESTINATION), &[SOURCE]), &client(&pki.expired(SOURCE), &[DESTINATION]), DESTINATION);
+    let (s, c) =
+        pair(server(&pki.creds(DESTINATION), &[SOURCE]), &client(&pki.expired(SOURCE), &[DESTINATION]), DESTINATION);
     assert!(matches!(refusal(s, "server"), Refusal::PeerCertificateExpired));
     assert!(matches!(refusal(c, "client"), Refusal::OurCertificateExpired));
 }
@@ -253,7 +254,7 @@ fn not_yet_valid_certificates_are_refused_on_both_ends() {
 fn certificates_from_another_ca_are_refused_on_both_ends() {
     let pki = Pki::new();
     let (s, c) = pair(
-        server(&pki.from_other_ca(DESTINATION), &[SOURCE]),
+        server(&pki.signed_by_other_ca(DESTINATION), &[SOURCE]),
         &client(&pki.creds(SOURCE), &[DESTINATION]),
         DESTINATION,
     );
@@ -261,7 +262,7 @@ fn certificates_from_another_ca_are_refused_on_both_ends() {
     assert!(matches!(refusal(s, "server"), Refusal::OurCaNotTrusted));
     let (s, c) = pair(
         server(&pki.creds(DESTINATION), &[SOURCE]),
-        &client(&pki.from_other_ca(SOURCE), &[DESTINATION]),
+        &client(&pki.signed_by_other_ca(SOURCE), &[DESTINATION]),
         DESTINATION,
     );
     assert!(matches!(refusal(s, "server"), Refusal::PeerCertificateUnknownCa));
@@ -313,11 +314,12 @@ fn a_client_without_a_certificate_is_refused_on_both_ends() {
     let with_cert = client(&pki.creds(SOURCE), &[DESTINATION]);
     let mut roots = rustls::RootCertStore::empty();
     roots.add(pki.creds(SOURCE).ca[0].clone()).unwrap();
-    let config = rustls::ClientConfig::builder_with_provider(postcopy_secure::config::provider())
+    let mut config = rustls::ClientConfig::builder_with_provider(postcopy_secure::config::provider())
         .with_protocol_versions(&[&rustls::version::TLS13])
         .unwrap()
         .with_root_certificates(roots)
         .with_no_client_auth();
+    config.enable_secret_extraction = true;
     let no_cert = ClientSide { config: Arc::new(config), own_validity: with_cert.own_validity };
     let (s, c) = pair(server(&pki.creds(DESTINATION), &[SOURCE]), &no_cert, DESTINATION);
     assert!(matches!(refusal(s, "server"), Refusal::PeerPresentedNoCertificate));
@@ -391,10 +393,8 @@ fn a_silent_or_trickling_peer_times_out_at_the_deadline() {
 fn the_gate_refuses_handshakes_beyond_its_limit_while_slow_peers_hold_slots() {
     let pki = Pki::new();
     let side = server(&pki.creds(DESTINATION), &[SOURCE]);
-    let gate = Arc::new(HandshakeGate::new(HandshakeLimits {
-        max_in_handshake: 2,
-        timeout: Duration::from_millis(400),
-    }));
+    let gate =
+        Arc::new(HandshakeGate::new(HandshakeLimits { max_in_handshake: 2, timeout: Duration::from_millis(400) }));
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap();
     // Two silent peers take both slots.
@@ -424,7 +424,8 @@ fn the_gate_refuses_handshakes_beyond_its_limit_while_slow_peers_hold_slots() {
             accept(stream, &side, slot.timeout())
         })
     };
-    let src = connect(TcpStream::connect(addr).unwrap(), &client(&pki.creds(SOURCE), &[DESTINATION]), DESTINATION, TIMEOUT);
+    let src =
+        connect(TcpStream::connect(addr).unwrap(), &client(&pki.creds(SOURCE), &[DESTINATION]), DESTINATION, TIMEOUT);
     assert!(src.is_ok() && server_thread.join().unwrap().is_ok());
 }
 

@@ -1,0 +1,319 @@
+//! The TLS 1.3 record layer after the handshake, split in two halves that
+//! share nothing but the socket: the send half (its own key and sequence
+//! number) and the receive half (likewise). This is what kernel TLS offload
+//! does in the kernel; here it runs in the calling thread, with the
+//! record protection itself done by rustls's provider (aws-lc-rs), so the
+//! socket stays a plain fd that a reader and writers use at once.
+//!
+//! Each record is protected by rustls's `MessageEncrypter` and
+//! `MessageDecrypter` for the negotiated suite, built from the session's
+//! extracted keys; this module only frames records (RFC 8446 5.1-5.2),
+//! counts sequence numbers and handles alerts. Key updates are not
+//! exchanged: a half refuses to go past the suite's confidentiality limit
+//! (AES-GCM: 2^24.5 records, about 370 GiB one way), so a connection that
+//! carries more must be replaced by a new handshake.
+
+use std::io::{self, IoSlice, Read, Write};
+use std::net::TcpStream;
+
+use rustls::crypto::cipher::{
+    InboundOpaqueMessage, MessageDecrypter, MessageEncrypter, OutboundChunks, OutboundPlainMessage,
+};
+use rustls::{AlertDescription, ConnectionTrafficSecrets, ContentType, ProtocolVersion, Tls13CipherSuite};
+
+use crate::error::ChannelError;
+
+/// The largest plaintext of one record (RFC 8446 5.1).
+pub const MAX_FRAGMENT: usize = 16 * 1024;
+/// The largest ciphertext of one record (RFC 8446 5.2).
+const MAX_CIPHERTEXT: usize = MAX_FRAGMENT + 256;
+const HEADER: usize = 5;
+/// Records encrypted before one vectored send.
+const RECORDS_PER_SEND: usize = 64;
+/// The receive buffer: several records per receive call.
+const RX_BUFFER: usize = 256 * 1024;
+
+fn key_and_iv(
+    secrets: ConnectionTrafficSecrets,
+) -> Result<(rustls::crypto::cipher::AeadKey, rustls::crypto::cipher::Iv), ChannelError> {
+    match secrets {
+        ConnectionTrafficSecrets::Aes128Gcm { key, iv }
+        | ConnectionTrafficSecrets::Aes256Gcm { key, iv }
+        | ConnectionTrafficSecrets::Chacha20Poly1305 { key, iv } => Ok((key, iv)),
+        _ => Err(ChannelError::Tls(rustls::Error::General("unsupported traffic secrets".into()))),
+    }
+}
+
+/// The sending half.
+pub struct SendHalf {
+    encrypter: Box<dyn MessageEncrypter>,
+    seq: u64,
+    limit: u64,
+    closed: bool,
+}
+
+impl SendHalf {
+    pub(crate) fn new(
+        suite: &Tls13CipherSuite,
+        seq: u64,
+        secrets: ConnectionTrafficSecrets,
+    ) -> Result<Self, ChannelError> {
+        let (key, iv) = key_and_iv(secrets)?;
+        Ok(Self {
+            encrypter: suite.aead_alg.encrypter(key, iv),
+            seq,
+            limit: suite.common.confidentiality_limit,
+            closed: false,
+        })
+    }
+
+    fn seal(&mut self, typ: ContentType, fragment: &[u8]) -> Result<Vec<u8>, ChannelError> {
+        if self.seq >= self.limit {
+            return Err(ChannelError::KeyLimit { records: self.seq });
+        }
+        let msg =
+            OutboundPlainMessage { typ, version: ProtocolVersion::TLSv1_2, payload: OutboundChunks::Single(fragment) };
+        let sealed = self.encrypter.encrypt(msg, self.seq)?;
+        self.seq += 1;
+        Ok(sealed.encode())
+    }
+
+    /// Encrypts `bytes` into records and sends them.
+    pub fn write_all(&mut self, stream: &TcpStream, bytes: &[u8]) -> Result<(), ChannelError> {
+        if self.closed {
+            return Err(ChannelError::Io(io::Error::new(io::ErrorKind::BrokenPipe, "the channel was closed")));
+        }
+        let mut records = Vec::with_capacity(RECORDS_PER_SEND);
+        for batch in bytes.chunks(MAX_FRAGMENT * RECORDS_PER_SEND) {
+            records.clear();
+            for fragment in batch.chunks(MAX_FRAGMENT) {
+                records.push(self.seal(ContentType::ApplicationData, fragment)?);
+            }
+            send_all(stream, &records)?;
+        }
+        Ok(())
+    }
+
+    /// Sends a close_notify alert; nothing more can be sent.
+    pub fn close(&mut self, stream: &TcpStream) -> Result<(), ChannelError> {
+        if self.closed {
+            return Ok(());
+        }
+        let record = self.seal(ContentType::Alert, &[1, AlertDescription::CloseNotify.into()])?;
+        self.closed = true;
+        send_all(stream, &[record])
+    }
+}
+
+/// Sends every record, in order, with vectored writes.
+fn send_all(stream: &TcpStream, records: &[Vec<u8>]) -> Result<(), ChannelError> {
+    let mut slices: Vec<IoSlice<'_>> = records.iter().map(|r| IoSlice::new(r)).collect();
+    let mut rest = &mut slices[..];
+    let mut s = stream;
+    while !rest.is_empty() {
+        match s.write_vectored(rest) {
+            Ok(0) => return Err(ChannelError::Io(io::ErrorKind::WriteZero.into())),
+            Ok(n) => IoSlice::advance_slices(&mut rest, n),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(())
+}
+
+/// Whether a receive may block.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Wait {
+    /// Block until data, end of stream or an error.
+    Block,
+    /// Return `WouldBlock` (as `ChannelError::Io`) when nothing is there.
+    NoWait,
+}
+
+/// The receiving half.
+pub struct RecvHalf {
+    decrypter: Box<dyn MessageDecrypter>,
+    seq: u64,
+    limit: u64,
+    buf: Vec<u8>,
+    /// Received bytes not yet decrypted: `buf[start..end]`.
+    start: usize,
+    end: usize,
+    /// Decrypted bytes not yet delivered: `buf[plain_start..plain_end]`.
+    plain_start: usize,
+    plain_end: usize,
+    closed: bool,
+}
+
+impl RecvHalf {
+    pub(crate) fn new(
+        suite: &Tls13CipherSuite,
+        seq: u64,
+        secrets: ConnectionTrafficSecrets,
+    ) -> Result<Self, ChannelError> {
+        let (key, iv) = key_and_iv(secrets)?;
+        Ok(Self {
+            decrypter: suite.aead_alg.decrypter(key, iv),
+            seq,
+            limit: suite.common.confidentiality_limit,
+            buf: vec![0; RX_BUFFER],
+            start: 0,
+            end: 0,
+            plain_start: 0,
+            plain_end: 0,
+            closed: false,
+        })
+    }
+
+    /// Receives decrypted bytes into `out`: Ok(n > 0), or Ok(0) once the
+    /// peer sent close_notify. A close without it is `Truncated`.
+    pub fn recv(&mut self, stream: &TcpStream, out: &mut [u8], wait: Wait) -> Result<usize, ChannelError> {
+        if out.is_empty() {
+            return Ok(0);
+        }
+        let mut filled = 0;
+        loop {
+            // Deliver decrypted bytes, then decrypt whole records already here.
+            let n = (self.plain_end - self.plain_start).min(out.len() - filled);
+            out[filled..filled + n].copy_from_slice(&self.buf[self.plain_start..self.plain_start + n]);
+            self.plain_start += n;
+            filled += n;
+            if filled == out.len() {
+                return Ok(filled);
+            }
+            if self.open_next_record()? {
+                continue;
+            }
+            if filled > 0 {
+                return Ok(filled);
+            }
+            if self.closed {
+                return Ok(0);
+            }
+            self.receive_more(stream, wait)?;
+        }
+    }
+
+    /// Decrypts the next whole record in the buffer, if there is one.
+    fn open_next_record(&mut self) -> Result<bool, ChannelError> {
+        if self.closed || self.end - self.start < HEADER {
+            return Ok(false);
+        }
+        let head = &self.buf[self.start..self.start + HEADER];
+        let outer = head[0];
+        let len = usize::from(u16::from_be_bytes([head[3], head[4]]));
+        if outer != u8::from(ContentType::ApplicationData) || len > MAX_CIPHERTEXT {
+            return Err(ChannelError::Tls(rustls::Error::General(format!(
+                "bad record header (type {outer}, {len} bytes)"
+            ))));
+        }
+        if self.end - self.start < HEADER + len {
+            return Ok(false);
+        }
+        if self.seq >= self.limit {
+            return Err(ChannelError::KeyLimit { records: self.seq });
+        }
+        let body_start = self.start + HEADER;
+        self.start = body_start + len;
+        let base = self.buf.as_ptr() as usize;
+        let msg = InboundOpaqueMessage::new(
+            ContentType::ApplicationData,
+            ProtocolVersion::TLSv1_2,
+            &mut self.buf[body_start..body_start + len],
+        );
+        let plain = self.decrypter.decrypt(msg, self.seq)?;
+        self.seq += 1;
+        let (typ, offset, plain_len) = (plain.typ, plain.payload.as_ptr() as usize - base, plain.payload.len());
+        match typ {
+            ContentType::ApplicationData => {
+                self.plain_start = offset;
+                self.plain_end = offset + plain_len;
+                Ok(true)
+            }
+            ContentType::Alert => {
+                let alert = &self.buf[offset..offset + plain_len];
+                match alert {
+                    [_, 0] => {
+                        self.closed = true;
+                        Ok(false)
+                    }
+                    [_, desc] => Err(ChannelError::Tls(rustls::Error::AlertReceived(AlertDescription::from(*desc)))),
+                    _ => Err(ChannelError::Tls(rustls::Error::General("malformed alert".into()))),
+                }
+            }
+            other => Err(ChannelError::Tls(rustls::Error::General(format!(
+                "unexpected {other:?} record after the handshake (key updates are not exchanged)"
+            )))),
+        }
+    }
+
+    /// Receives more bytes from the socket (the buffer's plaintext has all
+    /// been delivered, so the undecrypted rest can move to the front).
+    fn receive_more(&mut self, stream: &TcpStream, wait: Wait) -> Result<(), ChannelError> {
+        if self.start > 0 {
+            self.buf.copy_within(self.start..self.end, 0);
+            self.end -= self.start;
+            self.start = 0;
+            self.plain_start = 0;
+            self.plain_end = 0;
+        }
+        let flags = match wait {
+            Wait::Block => rustix::net::RecvFlags::empty(),
+            Wait::NoWait => rustix::net::RecvFlags::DONTWAIT,
+        };
+        let received = loop {
+            match rustix::net::recv(stream, &mut self.buf[self.end..], flags) {
+                Ok((n, _)) => break n,
+                Err(rustix::io::Errno::INTR) => {}
+                Err(e) => return Err(ChannelError::Io(e.into())),
+            }
+        };
+        if received == 0 {
+            return Err(ChannelError::Truncated);
+        }
+        self.end += received;
+        Ok(())
+    }
+}
+
+/// Feeds rustls one record at a time during the handshake, so no byte past
+/// the last handshake record is taken from the socket (what follows belongs
+/// to [`RecvHalf`] once the keys are extracted).
+pub(crate) struct RecordAtATime<'a> {
+    pub(crate) stream: &'a TcpStream,
+    header: [u8; HEADER],
+    header_len: usize,
+    body_left: usize,
+}
+
+impl<'a> RecordAtATime<'a> {
+    pub(crate) fn new(stream: &'a TcpStream) -> Self {
+        Self { stream, header: [0; HEADER], header_len: 0, body_left: 0 }
+    }
+}
+
+impl Read for RecordAtATime<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let mut s = self.stream;
+        if self.header_len < HEADER {
+            let want = (HEADER - self.header_len).min(buf.len());
+            let n = s.read(&mut buf[..want])?;
+            self.header[self.header_len..self.header_len + n].copy_from_slice(&buf[..n]);
+            self.header_len += n;
+            if self.header_len == HEADER {
+                self.body_left = usize::from(u16::from_be_bytes([self.header[3], self.header[4]]));
+                if self.body_left == 0 {
+                    self.header_len = 0;
+                }
+            }
+            return Ok(n);
+        }
+        let want = self.body_left.min(buf.len());
+        let n = s.read(&mut buf[..want])?;
+        self.body_left -= n;
+        if self.body_left == 0 {
+            self.header_len = 0;
+        }
+        Ok(n)
+    }
+}
