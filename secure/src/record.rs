@@ -317,3 +317,115 @@ impl Read for RecordAtATime<'_> {
         Ok(n)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::io::Write;
+    use std::net::{TcpListener, TcpStream};
+
+    use rustls::crypto::aws_lc_rs::cipher_suite::TLS13_AES_256_GCM_SHA384;
+    use rustls::crypto::cipher::{AeadKey, Iv};
+
+    use super::*;
+
+    fn suite() -> &'static Tls13CipherSuite {
+        TLS13_AES_256_GCM_SHA384.tls13().unwrap()
+    }
+
+    fn secrets() -> ConnectionTrafficSecrets {
+        ConnectionTrafficSecrets::Aes256Gcm { key: AeadKey::from([7u8; 32]), iv: Iv::from([9u8; 12]) }
+    }
+
+    /// A loopback pair: (sending socket, receiving socket).
+    fn sockets() -> (TcpStream, TcpStream) {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let tx = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (rx, _) = listener.accept().unwrap();
+        (tx, rx)
+    }
+
+    fn halves() -> (SendHalf, RecvHalf) {
+        (SendHalf::new(suite(), 0, secrets()).unwrap(), RecvHalf::new(suite(), 0, secrets()).unwrap())
+    }
+
+    fn recv_exactly(rx: &mut RecvHalf, sock: &TcpStream, len: usize) -> Result<Vec<u8>, ChannelError> {
+        let mut out = vec![0u8; len];
+        let mut got = 0;
+        while got < len {
+            match rx.recv(sock, &mut out[got..], Wait::Block)? {
+                0 => return Err(ChannelError::Truncated),
+                n => got += n,
+            }
+        }
+        Ok(out)
+    }
+
+    #[test]
+    fn halves_carry_bytes_across_record_and_buffer_boundaries() {
+        let (tx_sock, rx_sock) = sockets();
+        let (mut tx, mut rx) = halves();
+        let data: Vec<u8> = (0..3 * RX_BUFFER + 12_345).map(|i| (i % 241) as u8).collect();
+        let sender = std::thread::spawn(move || {
+            tx.write_all(&tx_sock, &data[..1]).unwrap();
+            tx.write_all(&tx_sock, &data[1..]).unwrap();
+            tx.close(&tx_sock).unwrap();
+            data
+        });
+        let got = recv_exactly(&mut rx, &rx_sock, 3 * RX_BUFFER + 12_345).unwrap();
+        let data = sender.join().unwrap();
+        assert_eq!(got, data);
+        let mut tail = [0u8; 8];
+        assert_eq!(rx.recv(&rx_sock, &mut tail, Wait::Block).unwrap(), 0, "close_notify");
+    }
+
+    #[test]
+    fn a_flipped_bit_fails_authentication() {
+        let (mut tx_sock, rx_sock) = sockets();
+        let (mut tx, mut rx) = halves();
+        let mut record = tx.seal(ContentType::ApplicationData, b"a page of guest memory").unwrap();
+        record[HEADER + 3] ^= 0x10;
+        tx_sock.write_all(&record).unwrap();
+        let err = recv_exactly(&mut rx, &rx_sock, 1).unwrap_err();
+        assert!(matches!(err, ChannelError::Tls(rustls::Error::DecryptError)), "{err:?}");
+    }
+
+    #[test]
+    fn a_replayed_or_reordered_record_fails_authentication() {
+        let (mut tx_sock, rx_sock) = sockets();
+        let (mut tx, mut rx) = halves();
+        let first = tx.seal(ContentType::ApplicationData, b"first").unwrap();
+        let second = tx.seal(ContentType::ApplicationData, b"second").unwrap();
+        // In order, then the first again: the replay is refused.
+        tx_sock.write_all(&first).unwrap();
+        tx_sock.write_all(&second).unwrap();
+        tx_sock.write_all(&first).unwrap();
+        assert_eq!(recv_exactly(&mut rx, &rx_sock, 11).unwrap(), b"firstsecond");
+        assert!(matches!(recv_exactly(&mut rx, &rx_sock, 1), Err(ChannelError::Tls(rustls::Error::DecryptError))));
+        // Out of order from the start: refused too.
+        let (mut tx_sock, rx_sock) = sockets();
+        let (_, mut rx) = halves();
+        tx_sock.write_all(&second).unwrap();
+        assert!(matches!(recv_exactly(&mut rx, &rx_sock, 1), Err(ChannelError::Tls(rustls::Error::DecryptError))));
+    }
+
+    #[test]
+    fn neither_half_goes_past_the_confidentiality_limit() {
+        let (tx_sock, rx_sock) = sockets();
+        let (mut tx, mut rx) = halves();
+        tx.limit = 3;
+        tx.write_all(&tx_sock, &[1u8; 3 * MAX_FRAGMENT]).unwrap();
+        assert!(matches!(tx.write_all(&tx_sock, &[2u8]), Err(ChannelError::KeyLimit { records: 3 })));
+        rx.limit = 2;
+        assert_eq!(recv_exactly(&mut rx, &rx_sock, 2 * MAX_FRAGMENT).unwrap(), vec![1u8; 2 * MAX_FRAGMENT]);
+        assert!(matches!(recv_exactly(&mut rx, &rx_sock, 1), Err(ChannelError::KeyLimit { records: 2 })));
+    }
+
+    #[test]
+    fn a_record_header_that_is_not_application_data_is_refused() {
+        let (mut tx_sock, rx_sock) = sockets();
+        let (_, mut rx) = halves();
+        // A plaintext alert header (type 21) where only encrypted records may come.
+        tx_sock.write_all(&[21, 3, 3, 0, 2, 2, 40]).unwrap();
+        assert!(matches!(recv_exactly(&mut rx, &rx_sock, 1), Err(ChannelError::Tls(rustls::Error::General(_)))));
+    }
+}
