@@ -439,3 +439,20 @@ fn a_cut_connection_is_truncated_not_a_clean_end() {
     let mut buf = [0u8; 8];
     assert!(matches!(dst.recv(&mut buf, Wait::Block), Err(ChannelError::Truncated)));
 }
+
+#[test]
+fn first_run_credentials_written_to_files_authenticate_both_hosts() {
+    let dir = std::env::temp_dir().join(format!("postcopy-secure-first-run-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let written =
+        postcopy_secure::write_first_run_credentials(&dir, &[SOURCE.to_owned(), DESTINATION.to_owned()], 7).unwrap();
+    let load = |name: &str| {
+        let (_, cert, key) = written.hosts.iter().find(|(n, _, _)| n == name).unwrap();
+        Credentials::load(cert, key, &written.ca_cert).unwrap()
+    };
+    let (s, c) = pair(server(&load(DESTINATION), &[SOURCE]), &client(&load(SOURCE), &[DESTINATION]), DESTINATION);
+    let (dst, src) = (s.unwrap(), c.unwrap());
+    src.write_all(b"hello").unwrap();
+    assert_eq!(read_exactly(&dst, 5), b"hello");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
