@@ -6,6 +6,9 @@
 //! - [`channel`]: [`connect`] and [`accept`] handshake over blocking
 //!   `TcpStream`s within a deadline and give a [`SecureChannel`] that one
 //!   reader thread and many writer threads use through `&self`.
+//! - [`record`]: the record layer after the handshake, split into a send
+//!   half and a receive half that share no lock (the socket stays a plain
+//!   fd, as with kernel TLS offload).
 //! - [`error`]: typed errors; each refusal (expired, not yet valid, wrong
 //!   CA, wrong name, not allowed, no certificate, not TLS) has its own
 //!   variant on both ends.
