@@ -210,11 +210,9 @@ fn sides(provider: Arc<CryptoProvider>) -> (ServerSide, ClientSide) {
 fn ring_provider() -> Option<Arc<CryptoProvider>> {
     use rustls::crypto::ring;
     let mut p = ring::default_provider();
-    p.cipher_suites = vec![
-        ring::cipher_suite::TLS13_AES_128_GCM_SHA256,
-        ring::cipher_suite::TLS13_AES_256_GCM_SHA384,
-        ring::cipher_suite::TLS13_CHACHA20_POLY1305_SHA256,
-    ];
+    // The suites the split record layer can update keys for.
+    p.cipher_suites =
+        vec![ring::cipher_suite::TLS13_AES_256_GCM_SHA384, ring::cipher_suite::TLS13_CHACHA20_POLY1305_SHA256];
     Some(Arc::new(p))
 }
 

@@ -16,7 +16,8 @@
 
 use std::io;
 use std::net::{Shutdown, TcpStream};
-use std::sync::{Mutex, MutexGuard};
+use std::sync::atomic::AtomicBool;
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime};
 
 use rustls::{AlertDescription, CertificateError, Connection};
@@ -27,6 +28,7 @@ use crate::config::{ClientSide, NotInAllowlist, ServerSide};
 use crate::error::{ChannelError, HandshakeError, PeerAddr, Refusal};
 use crate::identity::{identities_of, Identity, Validity, ValidityCheck};
 use crate::record::{RecordAtATime, RecvHalf, SendHalf, Wait};
+use crate::rekey::TrafficSecrets;
 
 /// The confirmation a server sends once it has accepted a client: the
 /// first application-data byte on every channel.
@@ -65,12 +67,16 @@ pub fn connect(
     let fail = |refusal| HandshakeError { peer, refusal };
     let name = ServerName::try_from(server_name.to_owned())
         .map_err(|_| fail(Refusal::Tls(rustls::Error::General(format!("bad server name {server_name:?}")))))?;
-    let conn = rustls::ClientConnection::new(side.config.clone(), name).map_err(|e| fail(Refusal::Tls(e)))?;
+    // A key log per connection keeps its traffic secrets for key updates.
+    let secrets = TrafficSecrets::default();
+    let mut config = (*side.config).clone();
+    config.key_log = Arc::new(secrets.clone());
+    let conn = rustls::ClientConnection::new(Arc::new(config), name).map_err(|e| fail(Refusal::Tls(e)))?;
     let mut conn = Connection::Client(conn);
     let deadline = Instant::now() + timeout;
     let validity = side.own_validity;
     handshake(&mut conn, &mut RecordAtATime::new(&stream), deadline, timeout, &validity).map_err(fail)?;
-    let channel = SecureChannel::established(stream, conn, peer)?;
+    let channel = SecureChannel::established(stream, conn, peer, &secrets)?;
     await_acceptance(&channel, deadline, timeout, &validity).map_err(fail)?;
     Ok(channel)
 }
@@ -80,11 +86,14 @@ pub fn connect(
 pub fn accept(stream: TcpStream, side: &ServerSide, timeout: Duration) -> Result<SecureChannel, HandshakeError> {
     let peer = PeerAddr(stream.peer_addr().ok());
     let fail = |refusal| HandshakeError { peer, refusal };
-    let conn = rustls::ServerConnection::new(side.config.clone()).map_err(|e| fail(Refusal::Tls(e)))?;
+    let secrets = TrafficSecrets::default();
+    let mut config = (*side.config).clone();
+    config.key_log = Arc::new(secrets.clone());
+    let conn = rustls::ServerConnection::new(Arc::new(config)).map_err(|e| fail(Refusal::Tls(e)))?;
     let mut conn = Connection::Server(conn);
     let deadline = Instant::now() + timeout;
     handshake(&mut conn, &mut RecordAtATime::new(&stream), deadline, timeout, &side.own_validity).map_err(fail)?;
-    let channel = SecureChannel::established(stream, conn, peer)?;
+    let channel = SecureChannel::established(stream, conn, peer, &secrets)?;
     // The confirmation goes through the extracted keys (sequence 0), as all
     // records after the handshake do.
     channel.write_all(&[ACCEPTED]).map_err(|e| fail(Refusal::Io(e.into())))?;
@@ -226,7 +235,12 @@ fn classify(e: rustls::Error, own: &Validity, handshaking: bool) -> Refusal {
 }
 
 impl SecureChannel {
-    fn established(stream: TcpStream, conn: Connection, peer: PeerAddr) -> Result<Self, HandshakeError> {
+    fn established(
+        stream: TcpStream,
+        conn: Connection,
+        peer: PeerAddr,
+        traffic: &TrafficSecrets,
+    ) -> Result<Self, HandshakeError> {
         let fail = |refusal| HandshakeError { peer, refusal };
         let peer_identities = match conn.peer_certificates().and_then(|c| c.first()) {
             Some(leaf) => identities_of(leaf)
@@ -238,10 +252,18 @@ impl SecureChannel {
             Some(rustls::SupportedCipherSuite::Tls13(suite)) => suite,
             _ => return Err(fail(Refusal::Tls(rustls::Error::General("not a TLS 1.3 suite".into())))),
         };
+        let is_client = matches!(conn, Connection::Client(_));
         let secrets = conn.dangerous_extract_secrets().map_err(|e| fail(Refusal::Tls(e)))?;
+        let (client_secret, server_secret) = traffic
+            .take()
+            .ok_or_else(|| fail(Refusal::Tls(rustls::Error::General("no traffic secrets were logged".into()))))?;
+        let (tx_secret, rx_secret) =
+            if is_client { (client_secret, server_secret) } else { (server_secret, client_secret) };
         let half_err = |e: ChannelError| fail(Refusal::Tls(rustls::Error::General(e.to_string())));
-        let send = SendHalf::new(suite, secrets.tx.0, secrets.tx.1).map_err(half_err)?;
-        let recv = RecvHalf::new(suite, secrets.rx.0, secrets.rx.1).map_err(half_err)?;
+        let update_requested = Arc::new(AtomicBool::new(false));
+        let send =
+            SendHalf::new(suite, secrets.tx.0, secrets.tx.1, tx_secret, update_requested.clone()).map_err(half_err)?;
+        let recv = RecvHalf::new(suite, secrets.rx.0, secrets.rx.1, rx_secret, update_requested).map_err(half_err)?;
         stream.set_read_timeout(None).map_err(|e| fail(Refusal::Io(e)))?;
         stream.set_write_timeout(None).map_err(|e| fail(Refusal::Io(e)))?;
         let _ = stream.set_nodelay(true);
@@ -281,6 +303,12 @@ impl SecureChannel {
     /// `ChannelError::Truncated`. One reader at a time (others wait).
     pub fn recv(&self, out: &mut [u8], wait: Wait) -> Result<usize, ChannelError> {
         lock(&self.recv).recv(&self.stream, out, wait)
+    }
+
+    /// Sets how many records are sent under one key before a key update
+    /// (default [`crate::record::DEFAULT_UPDATE_EVERY`]).
+    pub fn set_key_update_interval(&self, records: u64) {
+        lock(&self.send).set_update_every(records);
     }
 
     /// Sends a TLS close_notify: the peer's reads end with Ok(0).

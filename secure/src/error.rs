@@ -177,7 +177,7 @@ pub enum ChannelError {
     #[error("the connection closed without a TLS close_notify")]
     Truncated,
     /// The connection's keys protected as many records as their cipher
-    /// allows (AES-GCM: 2^24.5); a new handshake is needed.
+    /// allows (AES-GCM: 2^24.5). A guard: key updates come long before.
     #[error("the traffic keys reached their limit of {records} records; reconnect")]
     KeyLimit {
         /// Records protected with them.

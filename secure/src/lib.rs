@@ -1,7 +1,7 @@
 //! Secure channels for postcopy migration connections.
 //!
 //! - [`config`]: rustls configurations for both ends (TLS 1.3, aws-lc-rs,
-//!   AES-128-GCM first, no resumption), each checking the peer's chain
+//!   AES-256-GCM first, no resumption), each checking the peer's chain
 //!   against its CA and the peer's identity against an [`Allowlist`].
 //! - [`channel`]: [`connect`] and [`accept`] handshake over blocking
 //!   `TcpStream`s within a deadline and give a [`SecureChannel`] that one
@@ -27,6 +27,7 @@ pub mod identity;
 pub mod ktls;
 pub mod limits;
 pub mod record;
+mod rekey;
 
 pub use binding::{ChannelBinding, MigrationSecret, Role};
 pub use channel::{accept, connect, SecureChannel};

@@ -7,14 +7,16 @@
 //!
 //! Each record is protected by rustls's `MessageEncrypter` and
 //! `MessageDecrypter` for the negotiated suite, built from the session's
-//! extracted keys; this module only frames records (RFC 8446 5.1-5.2),
-//! counts sequence numbers and handles alerts. Key updates are not
-//! exchanged: a half refuses to go past the suite's confidentiality limit
-//! (AES-GCM: 2^24.5 records, about 370 GiB one way), so a connection that
-//! carries more must be replaced by a new handshake.
+//! extracted keys; this module frames records (RFC 8446 5.1-5.2), counts
+//! sequence numbers, handles alerts and runs key updates (4.6.3): the send
+//! half moves to the next traffic secret every `update_every` records
+//! (well inside AES-GCM's 2^24.5-record limit), and the receive half
+//! follows the peer's updates.
 
 use std::io::{self, IoSlice, Read, Write};
 use std::net::TcpStream;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 
 use rustls::crypto::cipher::{
     InboundOpaqueMessage, MessageDecrypter, MessageEncrypter, OutboundChunks, OutboundPlainMessage,
@@ -22,6 +24,7 @@ use rustls::crypto::cipher::{
 use rustls::{AlertDescription, ConnectionTrafficSecrets, ContentType, ProtocolVersion, Tls13CipherSuite};
 
 use crate::error::ChannelError;
+use crate::rekey::{self, Secret};
 
 /// The largest plaintext of one record (RFC 8446 5.1).
 pub const MAX_FRAGMENT: usize = 16 * 1024;
@@ -32,39 +35,75 @@ const HEADER: usize = 5;
 const RECORDS_PER_SEND: usize = 64;
 /// The receive buffer: several records per receive call.
 const RX_BUFFER: usize = 256 * 1024;
+/// Records sent under one key before a key update (2^23: 128 GiB of full
+/// records, a third of AES-GCM's limit).
+pub const DEFAULT_UPDATE_EVERY: u64 = 1 << 23;
+/// A KeyUpdate handshake message's type (RFC 8446 4).
+const KEY_UPDATE: u8 = 24;
 
-fn key_and_iv(
-    secrets: ConnectionTrafficSecrets,
+/// The generation-0 key and IV: rustls's extracted ones, checked against
+/// those derived from the captured traffic secret (so later generations,
+/// derived the same way, are right too).
+fn first_key(
+    suite: &Tls13CipherSuite,
+    extracted: ConnectionTrafficSecrets,
+    secret: &Secret,
 ) -> Result<(rustls::crypto::cipher::AeadKey, rustls::crypto::cipher::Iv), ChannelError> {
-    match secrets {
-        ConnectionTrafficSecrets::Aes128Gcm { key, iv }
-        | ConnectionTrafficSecrets::Aes256Gcm { key, iv }
-        | ConnectionTrafficSecrets::Chacha20Poly1305 { key, iv } => Ok((key, iv)),
-        _ => Err(ChannelError::Tls(rustls::Error::General("unsupported traffic secrets".into()))),
+    let (key, iv) = match extracted {
+        ConnectionTrafficSecrets::Aes256Gcm { key, iv } | ConnectionTrafficSecrets::Chacha20Poly1305 { key, iv } => {
+            (key, iv)
+        }
+        _ => {
+            return Err(ChannelError::Tls(rustls::Error::General("a suite without key updates was negotiated".into())))
+        }
+    };
+    let (derived_key, derived_iv) = rekey::key_and_iv(suite, secret)?;
+    if derived_key.as_ref() != key.as_ref() || derived_iv.as_ref() != iv.as_ref() {
+        return Err(ChannelError::Tls(rustls::Error::General(
+            "the captured traffic secret does not give the session's keys".into(),
+        )));
     }
+    Ok((key, iv))
 }
 
 /// The sending half.
 pub struct SendHalf {
+    suite: &'static Tls13CipherSuite,
     encrypter: Box<dyn MessageEncrypter>,
+    secret: Secret,
     seq: u64,
     limit: u64,
+    update_every: u64,
+    /// Set by the receive half when the peer asked for our key update.
+    update_requested: Arc<AtomicBool>,
     closed: bool,
 }
 
 impl SendHalf {
     pub(crate) fn new(
-        suite: &Tls13CipherSuite,
+        suite: &'static Tls13CipherSuite,
         seq: u64,
-        secrets: ConnectionTrafficSecrets,
+        extracted: ConnectionTrafficSecrets,
+        secret: Secret,
+        update_requested: Arc<AtomicBool>,
     ) -> Result<Self, ChannelError> {
-        let (key, iv) = key_and_iv(secrets)?;
+        let (key, iv) = first_key(suite, extracted, &secret)?;
         Ok(Self {
+            suite,
             encrypter: suite.aead_alg.encrypter(key, iv),
+            secret,
             seq,
             limit: suite.common.confidentiality_limit,
+            update_every: DEFAULT_UPDATE_EVERY,
+            update_requested,
             closed: false,
         })
+    }
+
+    /// Sets the records sent under one key (at least 1, capped below the
+    /// suite's confidentiality limit).
+    pub fn set_update_every(&mut self, records: u64) {
+        self.update_every = records.clamp(1, self.limit.saturating_sub(1).max(1));
     }
 
     fn seal(&mut self, typ: ContentType, fragment: &[u8]) -> Result<Vec<u8>, ChannelError> {
@@ -78,15 +117,33 @@ impl SendHalf {
         Ok(sealed.encode())
     }
 
+    /// Appends a KeyUpdate record to `records` and moves to the next key,
+    /// when due or asked for.
+    fn update_key_if_due(&mut self, records: &mut Vec<Vec<u8>>) -> Result<(), ChannelError> {
+        let asked = self.update_requested.swap(false, Ordering::AcqRel);
+        if !asked && self.seq < self.update_every {
+            return Ok(());
+        }
+        // update_not_requested: the peer's sending keys are its own affair.
+        records.push(self.seal(ContentType::Handshake, &[KEY_UPDATE, 0, 0, 1, 0])?);
+        let next = rekey::next_secret(self.suite, &self.secret)?;
+        let (key, iv) = rekey::key_and_iv(self.suite, &next)?;
+        self.encrypter = self.suite.aead_alg.encrypter(key, iv);
+        self.secret = next;
+        self.seq = 0;
+        Ok(())
+    }
+
     /// Encrypts `bytes` into records and sends them.
     pub fn write_all(&mut self, stream: &TcpStream, bytes: &[u8]) -> Result<(), ChannelError> {
         if self.closed {
             return Err(ChannelError::Io(io::Error::new(io::ErrorKind::BrokenPipe, "the channel was closed")));
         }
-        let mut records = Vec::with_capacity(RECORDS_PER_SEND);
+        let mut records = Vec::with_capacity(RECORDS_PER_SEND + 1);
         for batch in bytes.chunks(MAX_FRAGMENT * RECORDS_PER_SEND) {
             records.clear();
             for fragment in batch.chunks(MAX_FRAGMENT) {
+                self.update_key_if_due(&mut records)?;
                 records.push(self.seal(ContentType::ApplicationData, fragment)?);
             }
             send_all(stream, &records)?;
@@ -99,9 +156,11 @@ impl SendHalf {
         if self.closed {
             return Ok(());
         }
-        let record = self.seal(ContentType::Alert, &[1, AlertDescription::CloseNotify.into()])?;
+        let mut records = Vec::with_capacity(2);
+        self.update_key_if_due(&mut records)?;
+        records.push(self.seal(ContentType::Alert, &[1, AlertDescription::CloseNotify.into()])?);
         self.closed = true;
-        send_all(stream, &[record])
+        send_all(stream, &records)
     }
 }
 
@@ -132,7 +191,11 @@ pub enum Wait {
 
 /// The receiving half.
 pub struct RecvHalf {
+    suite: &'static Tls13CipherSuite,
     decrypter: Box<dyn MessageDecrypter>,
+    secret: Secret,
+    /// Tells the send half the peer asked for its key update.
+    update_requested: Arc<AtomicBool>,
     seq: u64,
     limit: u64,
     buf: Vec<u8>,
@@ -147,13 +210,18 @@ pub struct RecvHalf {
 
 impl RecvHalf {
     pub(crate) fn new(
-        suite: &Tls13CipherSuite,
+        suite: &'static Tls13CipherSuite,
         seq: u64,
-        secrets: ConnectionTrafficSecrets,
+        extracted: ConnectionTrafficSecrets,
+        secret: Secret,
+        update_requested: Arc<AtomicBool>,
     ) -> Result<Self, ChannelError> {
-        let (key, iv) = key_and_iv(secrets)?;
+        let (key, iv) = first_key(suite, extracted, &secret)?;
         Ok(Self {
+            suite,
             decrypter: suite.aead_alg.decrypter(key, iv),
+            secret,
+            update_requested,
             seq,
             limit: suite.common.confidentiality_limit,
             buf: vec![0; RX_BUFFER],
@@ -163,6 +231,29 @@ impl RecvHalf {
             plain_end: 0,
             closed: false,
         })
+    }
+
+    /// Follows the peer's KeyUpdate (its record holds exactly that message).
+    fn follow_key_update(&mut self, message: &[u8]) -> Result<(), ChannelError> {
+        let requested = match message {
+            [KEY_UPDATE, 0, 0, 1, r @ (0 | 1)] => *r == 1,
+            _ => {
+                return Err(ChannelError::Tls(rustls::Error::General(format!(
+                    "unexpected handshake message after the handshake ({} bytes, type {:?})",
+                    message.len(),
+                    message.first()
+                ))))
+            }
+        };
+        let next = rekey::next_secret(self.suite, &self.secret)?;
+        let (key, iv) = rekey::key_and_iv(self.suite, &next)?;
+        self.decrypter = self.suite.aead_alg.decrypter(key, iv);
+        self.secret = next;
+        self.seq = 0;
+        if requested {
+            self.update_requested.store(true, Ordering::Release);
+        }
+        Ok(())
     }
 
     /// Receives decrypted bytes into `out`: Ok(n > 0), or Ok(0) once the
@@ -241,8 +332,13 @@ impl RecvHalf {
                     _ => Err(ChannelError::Tls(rustls::Error::General("malformed alert".into()))),
                 }
             }
+            ContentType::Handshake => {
+                let message = self.buf[offset..offset + plain_len].to_vec();
+                self.follow_key_update(&message)?;
+                Ok(true)
+            }
             other => Err(ChannelError::Tls(rustls::Error::General(format!(
-                "unexpected {other:?} record after the handshake (key updates are not exchanged)"
+                "unexpected {other:?} record after the handshake"
             )))),
         }
     }
@@ -324,7 +420,6 @@ mod tests {
     use std::net::{TcpListener, TcpStream};
 
     use rustls::crypto::aws_lc_rs::cipher_suite::TLS13_AES_256_GCM_SHA384;
-    use rustls::crypto::cipher::{AeadKey, Iv};
 
     use super::*;
 
@@ -332,8 +427,14 @@ mod tests {
         TLS13_AES_256_GCM_SHA384.tls13().unwrap()
     }
 
-    fn secrets() -> ConnectionTrafficSecrets {
-        ConnectionTrafficSecrets::Aes256Gcm { key: AeadKey::from([7u8; 32]), iv: Iv::from([9u8; 12]) }
+    fn secret() -> Secret {
+        Secret::new(&[5u8; 48])
+    }
+
+    /// The extracted form of `secret()`'s keys.
+    fn extracted() -> ConnectionTrafficSecrets {
+        let (key, iv) = rekey::key_and_iv(suite(), &secret()).unwrap();
+        ConnectionTrafficSecrets::Aes256Gcm { key, iv }
     }
 
     /// A loopback pair: (sending socket, receiving socket).
@@ -345,7 +446,11 @@ mod tests {
     }
 
     fn halves() -> (SendHalf, RecvHalf) {
-        (SendHalf::new(suite(), 0, secrets()).unwrap(), RecvHalf::new(suite(), 0, secrets()).unwrap())
+        let flag = Arc::new(AtomicBool::new(false));
+        (
+            SendHalf::new(suite(), 0, extracted(), secret(), flag.clone()).unwrap(),
+            RecvHalf::new(suite(), 0, extracted(), secret(), flag).unwrap(),
+        )
     }
 
     fn recv_exactly(rx: &mut RecvHalf, sock: &TcpStream, len: usize) -> Result<Vec<u8>, ChannelError> {
@@ -409,10 +514,45 @@ mod tests {
     }
 
     #[test]
+    fn keys_are_updated_every_n_records_and_followed_by_the_receiver() {
+        let (tx_sock, rx_sock) = sockets();
+        let (mut tx, mut rx) = halves();
+        tx.set_update_every(3);
+        let data: Vec<u8> = (0..20 * MAX_FRAGMENT + 7).map(|i| (i % 239) as u8).collect();
+        let sender = std::thread::spawn(move || {
+            tx.write_all(&tx_sock, &data).unwrap();
+            (tx, data)
+        });
+        let got = recv_exactly(&mut rx, &rx_sock, 20 * MAX_FRAGMENT + 7).unwrap();
+        let (tx, data) = sender.join().unwrap();
+        assert_eq!(got, data);
+        // 21 records, a new key every 3: the last key has sealed 3 (or fewer).
+        assert!(tx.seq <= 3 && rx.seq == tx.seq, "tx {} rx {}", tx.seq, rx.seq);
+    }
+
+    #[test]
+    fn a_receiver_that_misses_a_key_update_cannot_read_on() {
+        let (mut tx_sock, rx_sock) = sockets();
+        let (mut tx, mut rx) = halves();
+        tx.set_update_every(1);
+        let mut records = Vec::new();
+        records.push(tx.seal(ContentType::ApplicationData, b"one").unwrap());
+        tx.update_key_if_due(&mut records).unwrap();
+        records.push(tx.seal(ContentType::ApplicationData, b"two").unwrap());
+        // Drop the KeyUpdate record: the next record is under a key the
+        // receiver does not have.
+        tx_sock.write_all(&records[0]).unwrap();
+        tx_sock.write_all(&records[2]).unwrap();
+        assert_eq!(recv_exactly(&mut rx, &rx_sock, 3).unwrap(), b"one");
+        assert!(matches!(recv_exactly(&mut rx, &rx_sock, 1), Err(ChannelError::Tls(rustls::Error::DecryptError))));
+    }
+
+    #[test]
     fn neither_half_goes_past_the_confidentiality_limit() {
         let (tx_sock, rx_sock) = sockets();
         let (mut tx, mut rx) = halves();
         tx.limit = 3;
+        tx.update_every = u64::MAX;
         tx.write_all(&tx_sock, &[1u8; 3 * MAX_FRAGMENT]).unwrap();
         assert!(matches!(tx.write_all(&tx_sock, &[2u8]), Err(ChannelError::KeyLimit { records: 3 })));
         rx.limit = 2;

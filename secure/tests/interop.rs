@@ -1,6 +1,8 @@
 //! The split record layer against rustls's own: each end of our channel
 //! talks to a plain rustls connection (which keeps its record layer), so a
-//! framing or sequencing mistake that both of our halves share would show.
+//! framing, sequencing or key-update mistake that both of our halves share
+//! would show. Both ends update their keys often: ours every few records,
+//! rustls's before each of its messages.
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
@@ -63,6 +65,7 @@ fn our_client_with_a_rustls_server() {
             let mut got = vec![0u8; len];
             tls.read_exact(&mut got).unwrap();
             assert_eq!(got, pattern(i, len), "rustls server: message {i}");
+            tls.conn.refresh_traffic_keys().unwrap();
             tls.write_all(&pattern(i + 100, len)).unwrap();
         }
         // Our close_notify ends rustls's reads cleanly.
@@ -73,6 +76,7 @@ fn our_client_with_a_rustls_server() {
         tls.flush().unwrap();
     });
     let ch = connect(TcpStream::connect(addr).unwrap(), &client_side, "dst.test", TIMEOUT).unwrap();
+    ch.set_key_update_interval(2);
     for (i, &len) in SIZES.iter().enumerate() {
         ch.write_all(&pattern(i, len)).unwrap();
         assert_eq!(read_exactly_channel(&ch, len), pattern(i + 100, len), "our client: message {i}");
@@ -92,6 +96,7 @@ fn our_server_with_a_rustls_client() {
     let ours = thread::spawn(move || {
         let (sock, _) = listener.accept().unwrap();
         let ch = Arc::new(accept(sock, &server_side, TIMEOUT).unwrap());
+        ch.set_key_update_interval(3);
         for (i, &len) in SIZES.iter().enumerate() {
             assert_eq!(read_exactly_channel(&ch, len), pattern(i, len), "our server: message {i}");
             ch.write_all(&pattern(i + 100, len)).unwrap();
@@ -107,6 +112,7 @@ fn our_server_with_a_rustls_client() {
     tls.read_exact(&mut first).unwrap();
     assert_eq!(first[0], ACCEPTED);
     for (i, &len) in SIZES.iter().enumerate() {
+        tls.conn.refresh_traffic_keys().unwrap();
         tls.write_all(&pattern(i, len)).unwrap();
         let mut got = vec![0u8; len];
         tls.read_exact(&mut got).unwrap();
