@@ -12,6 +12,8 @@
 //! - [`trace`]: the trace hash and the tail printed on failure.
 //! - [`swarm`]: many seeds; the policy comparison.
 
+#![forbid(unsafe_code)]
+
 pub mod check;
 pub mod guest;
 pub mod net;
