@@ -723,4 +723,145 @@ mod tests {
         assert_eq!(serialise_ns(1250, 10_000), 1000);
         assert_eq!(serialise_ns(1, 100_000), 1);
     }
+
+    const LATENCY: u64 = 1_000;
+
+    fn network() -> Network {
+        Network::new(NetConfig {
+            latency_ns: LATENCY,
+            jitter_ns: 0,
+            bandwidth_mbps: 8_000, // one byte per nanosecond
+            connect_timeout_ns: 50_000,
+            buffer_bytes: 1 << 20,
+            wire_page_bytes: 4096,
+        })
+    }
+
+    /// The outputs the network has for us now, timers apart (returned
+    /// second, as `(time, timer)`).
+    fn drain(net: &mut Network) -> (Vec<NetOutput>, Vec<(u64, NetTimer)>) {
+        let (mut outputs, mut timers) = (Vec::new(), Vec::new());
+        while let Some(output) = net.poll_output() {
+            match output {
+                NetOutput::Timer { at_ns, timer, .. } => timers.push((at_ns, timer)),
+                other => outputs.push(other),
+            }
+        }
+        (outputs, timers)
+    }
+
+    /// Opens a main-channel connection and carries it through the handshake.
+    fn connected(net: &mut Network, rng: &mut Rng) -> ConnId {
+        net.handle_input(0, NetInput::Connect { channel: Channel::Main }, rng);
+        let (outputs, timers) = drain(net);
+        let [NetOutput::Connecting { conn, .. }] = outputs[..] else { panic!("{outputs:?}") };
+        assert_eq!(timers, vec![(LATENCY, NetTimer::SynArrive { conn })]);
+        net.handle_input(LATENCY, NetInput::Timer(NetTimer::SynArrive { conn }), rng);
+        assert!(matches!(drain(net).0[..], [NetOutput::Incoming { conn: c, .. }] if c == conn));
+        net.handle_input(LATENCY, NetInput::Accept { conn }, rng);
+        net.handle_input(LATENCY, NetInput::Acknowledge { conn }, rng);
+        assert_eq!(drain(net).1, vec![(2 * LATENCY, NetTimer::SynAck { conn })]);
+        net.handle_input(2 * LATENCY, NetInput::Timer(NetTimer::SynAck { conn }), rng);
+        assert!(matches!(drain(net).0[..], [NetOutput::Established { conn: c, .. }] if c == conn));
+        conn
+    }
+
+    #[test]
+    fn a_chunk_arrives_after_its_serialisation_and_the_latency() {
+        let (mut net, mut rng) = (network(), Rng::new(1, 2));
+        let conn = connected(&mut net, &mut rng);
+        let now = 2 * LATENCY;
+        net.handle_input(now, NetInput::Write { conn, bytes: Bytes::from_static(b"hello"), charged: 500 }, &mut rng);
+        let (_, timers) = drain(&mut net);
+        let arrival = now + 500 + LATENCY;
+        assert_eq!(
+            timers,
+            vec![(arrival, NetTimer::Deliver { conn }), (now + 500, NetTimer::TransmitterFree { dir: 0 })]
+        );
+        assert_eq!(net.room(conn), (1 << 20) - 500);
+        // Not there yet: a reader that looks early finds nothing.
+        assert!(net.receive(arrival - 1, conn, &mut rng).is_none());
+        net.handle_input(arrival, NetInput::Timer(NetTimer::Deliver { conn }), &mut rng);
+        assert!(matches!(drain(&mut net).0[..], [NetOutput::Readable { .. }]));
+        let Some(Received::Data(bytes)) = net.receive(arrival, conn, &mut rng) else { panic!() };
+        assert_eq!(&bytes[..], b"hello");
+        assert!(net.receive(arrival, conn, &mut rng).is_none());
+        assert_eq!(net.room(conn), 1 << 20);
+        assert_eq!(net.charged_bytes(), 500);
+    }
+
+    #[test]
+    fn a_partition_holds_chunks_and_syns_until_it_ends() {
+        let (mut net, mut rng) = (network(), Rng::new(1, 2));
+        let conn = connected(&mut net, &mut rng);
+        let now = 2 * LATENCY;
+        net.handle_input(now, NetInput::Partition { until_ns: now + 10_000 }, &mut rng);
+        assert_eq!(drain(&mut net).1, vec![(now + 10_000, NetTimer::PartitionEnd)]);
+        net.handle_input(now, NetInput::Write { conn, bytes: Bytes::from_static(b"x"), charged: 100 }, &mut rng);
+        assert_eq!(drain(&mut net).1, vec![], "nothing leaves during a partition");
+        net.handle_input(now, NetInput::Connect { channel: Channel::Urgent }, &mut rng);
+        let (outputs, _) = drain(&mut net);
+        let [NetOutput::Connecting { conn: urgent, .. }] = outputs[..] else { panic!() };
+        net.handle_input(now + LATENCY, NetInput::Timer(NetTimer::SynArrive { conn: urgent }), &mut rng);
+        assert_eq!(
+            drain(&mut net).1,
+            vec![(now + LATENCY + 50_000, NetTimer::ConnectFail { conn: urgent, refused: false })],
+            "a SYN lost in a partition times the connect out"
+        );
+        let end = now + 10_000;
+        net.handle_input(end, NetInput::Timer(NetTimer::PartitionEnd), &mut rng);
+        let (outputs, timers) = drain(&mut net);
+        assert!(matches!(outputs[..], [NetOutput::PartitionEnded]));
+        assert_eq!(
+            timers,
+            vec![(end + 100 + LATENCY, NetTimer::Deliver { conn }), (end + 100, NetTimer::TransmitterFree { dir: 0 })]
+        );
+    }
+
+    #[test]
+    fn a_reset_drops_what_was_in_flight_and_tells_the_open_ends() {
+        let (mut net, mut rng) = (network(), Rng::new(1, 2));
+        let conn = connected(&mut net, &mut rng);
+        let now = 2 * LATENCY;
+        net.handle_input(now, NetInput::Write { conn, bytes: Bytes::from_static(b"lost"), charged: 100 }, &mut rng);
+        drain(&mut net);
+        net.handle_input(now, NetInput::Abandon { conn, end: Side::Destination }, &mut rng);
+        let reset = NetInput::Reset { conn, tell_source_after_ns: Some(7), tell_destination_after_ns: Some(9) };
+        net.handle_input(now, reset, &mut rng);
+        let (outputs, timers) = drain(&mut net);
+        assert!(matches!(&outputs[..], [NetOutput::Dropped { bytes }] if &bytes[..] == b"lost"));
+        assert_eq!(timers, vec![(now + 7, NetTimer::Lost { conn, to_source: true })], "the abandoned end is not told");
+        assert!(net.is_dead(conn));
+        assert_eq!(net.live_connections(), vec![]);
+        // A chunk written after the reset, before the writer knows, is lost too.
+        net.handle_input(now, NetInput::Write { conn, bytes: Bytes::from_static(b"late"), charged: 1 }, &mut rng);
+        assert!(matches!(&drain(&mut net).0[..], [NetOutput::Dropped { bytes }] if &bytes[..] == b"late"));
+    }
+
+    #[test]
+    fn the_readers_close_resets_and_the_writers_close_ends_the_stream() {
+        let (mut net, mut rng) = (network(), Rng::new(1, 2));
+        let conn = connected(&mut net, &mut rng);
+        let now = 2 * LATENCY;
+        // The destination reads the main channel: its close is a reset.
+        net.handle_input(now, NetInput::Close { conn, end: Side::Destination, farewell: None }, &mut rng);
+        assert_eq!(drain(&mut net).1, vec![(now + LATENCY, NetTimer::Lost { conn, to_source: true })]);
+        // The source writes it: a close with a farewell is graceful.
+        let conn = connected(&mut net, &mut rng);
+        let farewell = Some(Bytes::from_static(b"bye"));
+        net.handle_input(now, NetInput::Close { conn, end: Side::Source, farewell }, &mut rng);
+        assert_eq!(net.room(conn), 0, "a closed writer writes no more");
+        let (_, timers) = drain(&mut net);
+        let (arrival, deliver) = timers[0];
+        assert_eq!(deliver, NetTimer::Deliver { conn });
+        net.handle_input(now + 10_000, NetInput::Timer(NetTimer::TransmitterFree { dir: 0 }), &mut rng);
+        drain(&mut net);
+        let later = now + 10_000 + 2 * LATENCY;
+        assert!(arrival < later);
+        let Some(Received::Data(bytes)) = net.receive(later, conn, &mut rng) else { panic!() };
+        assert_eq!(&bytes[..], b"bye");
+        assert!(matches!(net.receive(later, conn, &mut rng), Some(Received::End)));
+        assert!(net.is_dead(conn));
+        assert!(net.receive(later, conn, &mut rng).is_none());
+    }
 }

@@ -1,5 +1,8 @@
-//! The simulation: one clock, one event queue, the two real cores, the
-//! network, the guest, the fault injector and the checkers.
+//! The simulation: one clock, one event queue, the two real cores and the
+//! hosts that drive them, the guest, the fault injector and the checkers.
+//! The network ([`crate::net::Network`]) is a component of its own: the
+//! simulation feeds it inputs, schedules the timers it asks for and hands
+//! the hosts what it delivers.
 //!
 //! Events are ordered by `(time, tie-break, sequence)`, the tie-break drawn
 //! from the seeded generator when the event is scheduled, so that events of
