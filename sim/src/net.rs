@@ -662,7 +662,7 @@ impl Network {
 
 /// A page frame found in a chunk.
 #[derive(Clone, Copy, Debug)]
-pub struct PageRef {
+pub struct ScannedPage {
     pub block: u32,
     pub index: u32,
     /// The wire's kind code: 0 precopy, 1 background, 2 requested.
@@ -673,7 +673,7 @@ pub struct PageRef {
 /// Walks the frames of a chunk (chunks always hold whole frames), calling
 /// `page` for each page frame; returns the chunk's charged size: non-zero
 /// pages cost [`CHARGED_PAGE_BYTES`] whatever the simulation's page size.
-pub fn scan_chunk(bytes: &[u8], wire_page_bytes: u64, mut page: impl FnMut(PageRef)) -> u64 {
+pub fn scan_chunk(bytes: &[u8], wire_page_bytes: u64, mut page: impl FnMut(ScannedPage)) -> u64 {
     // Page frame flags (see `postcopy_core::wire`): bit 0 zero, bits 1-2 kind.
     const ZERO: u8 = 0x01;
     let mut charged = bytes.len() as u64;
@@ -687,7 +687,7 @@ pub fn scan_chunk(bytes: &[u8], wire_page_bytes: u64, mut page: impl FnMut(PageR
             if !zero {
                 charged += CHARGED_PAGE_BYTES.saturating_sub(wire_page_bytes);
             }
-            page(PageRef {
+            page(ScannedPage {
                 block: u32::from_be_bytes([p[0], p[1], p[2], p[3]]),
                 index: u32::from_be_bytes([p[4], p[5], p[6], p[7]]),
                 kind: (header[1] >> 1) & 0x3,
