@@ -179,7 +179,11 @@ pub enum NetInput {
     EndPartition,
 }
 
-/// What the network asks of the simulation.
+/// What the network asks of the simulation. An output the hosts answer by
+/// calling their cores (`Readable`, `Incoming`, `Established`,
+/// `ConnectFailed`, `Lost`) is the only output of its input, so carrying
+/// outputs out as they come, inputs they cause included, keeps cause before
+/// effect.
 #[derive(Clone, Debug)]
 pub enum NetOutput {
     /// Schedule `timer` at `at_ns`, ordered among the events of that instant

@@ -40,38 +40,20 @@ const QUANTUM_NS: u64 = 50 * US;
 /// Timer firings at one instant without the deadline moving: a busy loop.
 const TIMER_LIVELOCK: u32 = 10_000;
 
-/// A scheduled event.
+/// A scheduled event. `Net` carries a timer the network asked for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 enum Ev {
     Start,
     NewAttempt,
-    Vcpu {
-        vcpu: u32,
-        generation: u32,
-    },
-    /// A timer the network asked for.
+    Vcpu { vcpu: u32, generation: u32 },
     Net(NetTimer),
-    Timer {
-        dest: bool,
-        generation: u32,
-    },
-    VcpusStopped {
-        generation: u32,
-    },
-    DirtySynced {
-        generation: u32,
-        slot: u32,
-    },
-    DeviceLoaded {
-        generation: u32,
-    },
-    Switch {
-        generation: u32,
-    },
+    Timer { dest: bool, generation: u32 },
+    VcpusStopped { generation: u32 },
+    DirtySynced { generation: u32, slot: u32 },
+    DeviceLoaded { generation: u32 },
+    Switch { generation: u32 },
     Reset,
-    PartitionStart {
-        index: u32,
-    },
+    PartitionStart { index: u32 },
     Heal,
     DestRestart,
     Deadline,
