@@ -41,10 +41,10 @@ use crate::config::Config;
 use crate::error::{EventError, MigrationError, ProtocolError};
 use crate::layout::{PageAddress, PageNumber, RamLayout};
 use crate::link::Link;
+use crate::outcome::{Finished, Notice, Side};
 use crate::stats::{DestinationStats, LatencyHistogram, Observed, PhaseClock};
 use crate::time::{earliest, Timestamp};
 use crate::wire::{self, Frame, Hello, PageData, PageFrame, PageKind, Welcome, WireMode, MAX_PRESENT_WORDS};
-use crate::{Finished, Notice, Side};
 
 /// Words of the present bitmap per recovery report frame.
 const PRESENT_WORDS_PER_FRAME: usize = 1024;

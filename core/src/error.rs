@@ -1,51 +1,17 @@
-//! Typed errors. Every way the peer's bytes or the driver's events can be
-//! wrong has its own variant, so a user reads what went wrong, not a code.
+//! The errors of a migration. Every way the peer's bytes or the driver's
+//! events can be wrong has its own variant, so a user reads what went wrong,
+//! not a code.
+//!
+//! Each module owns the errors of its own idea ([`LayoutError`] in
+//! [`layout`](crate::layout), [`WireError`] in [`wire`](crate::wire)); the
+//! errors here are the cores' and compose those.
 
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 use crate::channel::Channel;
-use crate::wire::FrameKind;
-
-/// A RAM layout the protocol cannot carry.
-#[derive(Clone, Debug, PartialEq, Eq, Hash, Error, Serialize, Deserialize)]
-pub enum LayoutError {
-    #[error("page size {0} is not a power of two between 16 and 65536")]
-    BadPageSize(u32),
-    #[error("a layout needs 1 to 256 blocks, not {0}")]
-    BadBlockCount(usize),
-    #[error("block name {0:?} is empty or longer than 255 bytes")]
-    BadBlockName(String),
-    #[error("block name {0:?} appears twice")]
-    DuplicateBlockName(String),
-    #[error("block {name:?} has {pages} pages (1 to 2^32 allowed)")]
-    BadBlockSize { name: String, pages: u64 },
-    #[error("layout has {0} pages, more than 2^40")]
-    TooManyPages(u64),
-}
-
-/// Bytes that do not form a valid frame. The stream cannot be trusted after one.
-#[derive(Clone, Debug, PartialEq, Eq, Hash, Error, Serialize, Deserialize)]
-pub enum WireError {
-    #[error("unknown frame type {0:#04x}")]
-    UnknownFrameType(u8),
-    #[error("{kind} frame of {len} bytes exceeds its limit of {max} bytes")]
-    FrameTooLarge { kind: FrameKind, len: u32, max: u32 },
-    #[error("{kind} frame is truncated")]
-    Truncated { kind: FrameKind },
-    #[error("{kind} frame has {extra} bytes after its last field")]
-    TrailingBytes { kind: FrameKind, extra: usize },
-    #[error("{kind} frame has reserved bits set")]
-    ReservedBits { kind: FrameKind },
-    #[error("{kind} frame: {what}")]
-    Malformed { kind: FrameKind, what: String },
-    #[error("bad magic {0:#010x}: the peer does not speak this protocol")]
-    BadMagic(u32),
-    #[error("peer speaks protocol version {got}, this side speaks {supported}")]
-    UnsupportedVersion { got: u16, supported: u16 },
-    #[error("the stream is unusable after an earlier decoding error")]
-    Desynchronized,
-}
+use crate::layout::LayoutError;
+use crate::wire::{FrameKind, WireError};
 
 /// A frame that decoded but breaks the protocol in the receiver's state.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, Error, Serialize, Deserialize)]

@@ -7,8 +7,7 @@
 
 use serde::{Deserialize, Serialize};
 use std::fmt;
-
-use crate::error::LayoutError;
+use thiserror::Error;
 
 /// Smallest page size the protocol accepts. Tiny pages let simulators and
 /// model checkers carry a content version in each page cheaply.
@@ -23,6 +22,23 @@ pub const MAX_BLOCK_NAME_LEN: usize = 255;
 pub const MAX_BLOCK_PAGES: u64 = 1 << 32;
 /// Most pages in a whole layout (2^40 pages: 4 PiB of 4 KiB pages).
 pub const MAX_TOTAL_PAGES: u64 = 1 << 40;
+
+/// A RAM layout the protocol cannot carry.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Error, Serialize, Deserialize)]
+pub enum LayoutError {
+    #[error("page size {0} is not a power of two between 16 and 65536")]
+    BadPageSize(u32),
+    #[error("a layout needs 1 to 256 blocks, not {0}")]
+    BadBlockCount(usize),
+    #[error("block name {0:?} is empty or longer than 255 bytes")]
+    BadBlockName(String),
+    #[error("block name {0:?} appears twice")]
+    DuplicateBlockName(String),
+    #[error("block {name:?} has {pages} pages (1 to 2^32 allowed)")]
+    BadBlockSize { name: String, pages: u64 },
+    #[error("layout has {0} pages, more than 2^40")]
+    TooManyPages(u64),
+}
 
 /// Index of a page across the whole layout (blocks laid end to end).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]

@@ -19,6 +19,8 @@
 //!
 //! The state diagrams are in the docs of [`source`] and [`destination`].
 
+#![forbid(unsafe_code)]
+
 #[cfg(feature = "planted-bugs")]
 macro_rules! planted {
     ($config:expr, $bug:ident) => {
@@ -40,6 +42,7 @@ pub mod destination;
 pub mod error;
 pub mod layout;
 mod link;
+pub mod outcome;
 #[cfg(feature = "planted-bugs")]
 pub mod plant;
 pub mod source;
@@ -49,71 +52,15 @@ pub mod testkit;
 pub mod time;
 pub mod wire;
 
-use serde::{Deserialize, Serialize};
-
 pub use channel::Channel;
 pub use config::{Config, Mode};
 pub use destination::{Destination, DestinationAction, DestinationState, Waiter};
-pub use error::{EventError, LayoutError, MigrationError, ProtocolError, WireError};
-pub use layout::{PageAddress, PageNumber, RamBlock, RamLayout};
+pub use error::{EventError, MigrationError, ProtocolError};
+pub use layout::{LayoutError, PageAddress, PageNumber, RamBlock, RamLayout};
+pub use outcome::{Finished, Notice, Side};
 #[cfg(feature = "planted-bugs")]
 pub use plant::PlantedBug;
 pub use source::{DeferredPage, GuestMemory, Source, SourceAction, SourceState};
 pub use stats::{DestinationStats, LatencySummary, SourceStats};
 pub use time::Timestamp;
-
-/// One of the two hosts of a migration.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
-pub enum Side {
-    Source,
-    Destination,
-}
-
-/// How a migration ended, as one side saw it.
-///
-/// Comparisons and hashes look at `result` and `guest_on` only: statistics
-/// are observations, not part of what happened.
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct Finished<S> {
-    /// `Ok` when the migration completed.
-    pub result: Result<(), MigrationError>,
-    /// Where the guest lives now.
-    pub guest_on: Side,
-    pub stats: S,
-}
-
-/// Something worth telling the user while the migration goes on.
-#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
-pub enum Notice {
-    /// Connections were lost after the switchover: both sides keep their
-    /// memory and wait for a new connection.
-    Paused { reason: MigrationError },
-    /// The source tries to reconnect (attempts count from 1).
-    RecoveryAttempt { attempt: u32 },
-    /// The migration was abandoned before StartGuest left and the guest runs
-    /// on the source again; the source reconnects only to tell the
-    /// destination to drop its copy.
-    Withdrawing { reason: MigrationError },
-    /// A recovery attempt ended without success; another follows.
-    RecoveryFailed { attempt: u32, reason: MigrationError },
-    /// The migration resumed on new connections.
-    Recovered { epoch: u32 },
-    /// A connection was refused for bad bytes or a wrong hello while nothing
-    /// was at stake (paused, or already completed); the migration goes on.
-    ConnectionRefused { channel: crate::Channel, error: ProtocolError },
-}
-
-impl<S> PartialEq for Finished<S> {
-    fn eq(&self, other: &Self) -> bool {
-        self.result == other.result && self.guest_on == other.guest_on
-    }
-}
-
-impl<S> Eq for Finished<S> {}
-
-impl<S> std::hash::Hash for Finished<S> {
-    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
-        self.result.hash(state);
-        self.guest_on.hash(state);
-    }
-}
+pub use wire::WireError;

@@ -55,10 +55,10 @@ use crate::config::{Config, Mode};
 use crate::error::{EventError, MigrationError, ProtocolError};
 use crate::layout::{PageAddress, PageNumber, RamLayout};
 use crate::link::Link;
+use crate::outcome::{Finished, Notice, Side};
 use crate::stats::{Observed, PhaseClock, SourceStats};
 use crate::time::{earliest, Timestamp};
 use crate::wire::{self, Frame, Hello, PageKind, UrgentHello, Welcome, WireMode, MAX_DISCARD_RANGES};
-use crate::{Finished, Notice, Side};
 
 /// Read access to the guest's RAM on the source.
 pub trait GuestMemory {

@@ -8,7 +8,7 @@ use postcopy_core::{Channel, Config, Mode, PageNumber, PlantedBug};
 use proptest::prelude::*;
 
 #[derive(Clone, Debug)]
-enum Op {
+enum PairStep {
     Transmit(Channel, usize),
     Deliver(Channel, usize),
     Lose(Channel),
@@ -21,21 +21,21 @@ fn channel() -> impl Strategy<Value = Channel> {
     prop_oneof![Just(Channel::Main), Just(Channel::Return), Just(Channel::Urgent)]
 }
 
-fn op(pages: u64, vcpus: u32, losses: bool) -> impl Strategy<Value = Op> {
+fn pair_step(pages: u64, vcpus: u32, losses: bool) -> impl Strategy<Value = PairStep> {
     let lose_weight = if losses { 1 } else { 0 };
     prop_oneof![
-        8 => (channel(), prop_oneof![Just(0usize), 1usize..300]).prop_map(|(c, n)| Op::Transmit(c, n)),
-        8 => (channel(), prop_oneof![Just(usize::MAX), 1usize..100]).prop_map(|(c, n)| Op::Deliver(c, n)),
-        lose_weight => channel().prop_map(Op::Lose),
-        6 => (0..vcpus, 0..pages, any::<bool>()).prop_map(|(vcpu, page, write)| Op::Access { vcpu, page, write }),
-        1 => Just(Op::Timer),
-        1 => Just(Op::SwitchToPostcopy),
+        8 => (channel(), prop_oneof![Just(0usize), 1usize..300]).prop_map(|(c, n)| PairStep::Transmit(c, n)),
+        8 => (channel(), prop_oneof![Just(usize::MAX), 1usize..100]).prop_map(|(c, n)| PairStep::Deliver(c, n)),
+        lose_weight => channel().prop_map(PairStep::Lose),
+        6 => (0..vcpus, 0..pages, any::<bool>()).prop_map(|(vcpu, page, write)| PairStep::Access { vcpu, page, write }),
+        1 => Just(PairStep::Timer),
+        1 => Just(PairStep::SwitchToPostcopy),
     ]
 }
 
 fn config(hybrid: bool, urgent: bool, prepaging: bool) -> Config {
     let base = if hybrid { Config::hybrid(2) } else { Config::postcopy() };
-    // A `Timer` op jumps to the next deadline: keep-alives come every
+    // A `Timer` step jumps to the next deadline: keep-alives come every
     // second, so 250 ops must not reach a handshake or peer timeout, which
     // would be a loss (a run "without losses" must complete).
     let hour = std::time::Duration::from_secs(3600);
@@ -50,22 +50,22 @@ fn config(hybrid: bool, urgent: bool, prepaging: bool) -> Config {
     }
 }
 
-fn apply(pair: &mut Pair, op: &Op) {
+fn apply(pair: &mut Pair, op: &PairStep) {
     match *op {
-        Op::Transmit(channel, max) => {
+        PairStep::Transmit(channel, max) => {
             pair.transmit(channel, max);
         }
-        Op::Deliver(channel, max) => {
+        PairStep::Deliver(channel, max) => {
             pair.deliver(channel, max);
         }
-        Op::Lose(channel) => {
+        PairStep::Lose(channel) => {
             pair.lose(channel);
         }
-        Op::Access { vcpu, page, write } => pair.guest_access(vcpu, PageNumber(page), write),
-        Op::Timer => {
+        PairStep::Access { vcpu, page, write } => pair.guest_access(vcpu, PageNumber(page), write),
+        PairStep::Timer => {
             pair.fire_timer();
         }
-        Op::SwitchToPostcopy => {
+        PairStep::SwitchToPostcopy => {
             let _ = pair.src.core.handle_switch_to_postcopy(pair.now);
             pair.settle();
         }
@@ -73,7 +73,7 @@ fn apply(pair: &mut Pair, op: &Op) {
 }
 
 /// Runs `ops`, checking after each; then heals and runs to completion.
-fn run(cfg: PairConfig, ops: &[Op]) -> Result<(Outcome, Box<Pair>), (Violation, Box<Pair>)> {
+fn run(cfg: PairConfig, ops: &[PairStep]) -> Result<(Outcome, Box<Pair>), (Violation, Box<Pair>)> {
     let mut pair = Box::new(Pair::new(cfg));
     for op in ops {
         apply(&mut pair, op);
@@ -88,13 +88,13 @@ fn run(cfg: PairConfig, ops: &[Op]) -> Result<(Outcome, Box<Pair>), (Violation, 
     }
 }
 
-fn scenario(losses: bool) -> impl Strategy<Value = (PairConfig, Vec<Op>)> {
+fn scenario(losses: bool) -> impl Strategy<Value = (PairConfig, Vec<PairStep>)> {
     (1u64..12, 1u32..3, any::<bool>(), any::<bool>(), any::<bool>(), 0usize..3).prop_flat_map(
         move |(pages, vcpus, hybrid, urgent, prepaging, device_pages)| {
             let mut cfg = PairConfig::new(config(hybrid, urgent, prepaging), pages);
             cfg.vcpus = vcpus;
             cfg.device_pages = (0..device_pages as u64).map(|p| PageNumber(p % pages)).collect();
-            (Just(cfg), prop::collection::vec(op(pages, vcpus, losses), 0..250))
+            (Just(cfg), prop::collection::vec(pair_step(pages, vcpus, losses), 0..250))
         },
     )
 }
@@ -143,17 +143,17 @@ impl XorShift {
     }
 }
 
-fn random_ops(rng: &mut XorShift, pages: u64, vcpus: u32, len: usize) -> Vec<Op> {
+fn random_ops(rng: &mut XorShift, pages: u64, vcpus: u32, len: usize) -> Vec<PairStep> {
     (0..len)
         .map(|_| {
             let channel = Channel::ALL[rng.below(3) as usize];
             match rng.below(30) {
-                0..=7 => Op::Transmit(channel, 0),
-                8..=17 => Op::Deliver(channel, usize::MAX),
-                18 => Op::Lose(channel),
-                19 => Op::Timer,
-                20 => Op::SwitchToPostcopy,
-                _ => Op::Access {
+                0..=7 => PairStep::Transmit(channel, 0),
+                8..=17 => PairStep::Deliver(channel, usize::MAX),
+                18 => PairStep::Lose(channel),
+                19 => PairStep::Timer,
+                20 => PairStep::SwitchToPostcopy,
+                _ => PairStep::Access {
                     vcpu: rng.below(u64::from(vcpus)) as u32,
                     page: rng.below(pages),
                     write: rng.below(2) == 0,

@@ -109,6 +109,8 @@
 //!   the protocol does; before it, it is a lost connection, which is
 //!   modelled.
 
+#![forbid(unsafe_code)]
+
 use std::collections::HashMap;
 use std::fmt::{self, Write as _};
 use std::hash::{Hash, Hasher};

@@ -7,6 +7,8 @@
 //! cargo run --release -p postcopy-model -- explore --port 3000   # stateright's Explorer
 //! ```
 
+#![forbid(unsafe_code)]
+
 use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};

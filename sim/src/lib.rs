@@ -5,12 +5,17 @@
 //! turmoil).
 //!
 //! - [`scenario`]: every option of a run, drawn from its seed.
-//! - [`sim`]: the event loop, the hosts that drive the cores, the fault injector.
-//! - [`net`]: connections, socket buffers, links.
+//! - [`sim`]: the event queue and dispatch, the hosts that drive the cores
+//!   (and own their sockets), the fault injector.
+//! - [`net`]: the network, sans-IO like the cores: connections, socket
+//!   buffers, transmitters, resets and partitions, driven by inputs and polled
+//!   for outputs.
 //! - [`guest`]: guest RAM with content versions, vCPU workloads.
 //! - [`check`]: the invariant checkers, separate from the simulation.
 //! - [`trace`]: the trace hash and the tail printed on failure.
 //! - [`swarm`]: many seeds; the policy comparison.
+
+#![forbid(unsafe_code)]
 
 pub mod check;
 pub mod guest;

@@ -1,6 +1,8 @@
 //! `postcopy-sim`: run, swarm, compare, bench. See the crate docs and the
 //! README's `sim/` section.
 
+#![forbid(unsafe_code)]
+
 use clap::{Parser, Subcommand};
 use std::process::ExitCode;
 use std::time::Instant;

@@ -1,5 +1,8 @@
-//! The simulation: one clock, one event queue, the two real cores, the
-//! network, the guest, the fault injector and the checkers.
+//! The simulation: one clock, one event queue, the two real cores and the
+//! hosts that drive them, the guest, the fault injector and the checkers.
+//! The network ([`crate::net::Network`]) is a component of its own: the
+//! simulation feeds it inputs, schedules the timers it asks for and hands
+//! the hosts what it delivers.
 //!
 //! Events are ordered by `(time, tie-break, sequence)`, the tie-break drawn
 //! from the seeded generator when the event is scheduled, so that events of
@@ -23,7 +26,7 @@ use postcopy_core::{
 
 use crate::check::{Checkers, StepView, Where};
 use crate::guest::{decode_version, Pattern, SourceMemory, Vcpu, MISSING};
-use crate::net::{scan_chunk, serialise_ns, Chunk, Conn, Link};
+use crate::net::{scan_chunk, ConnId, NetConfig, NetInput, NetOutput, NetTimer, Network, Received};
 use crate::report::{GuestProgress, Report, RunResult};
 use crate::rng::{stream, Rng};
 use crate::scenario::{Crash, Scenario, Triggers, CHARGED_PAGE_BYTES};
@@ -37,19 +40,13 @@ const QUANTUM_NS: u64 = 50 * US;
 /// Timer firings at one instant without the deadline moving: a busy loop.
 const TIMER_LIVELOCK: u32 = 10_000;
 
-/// A scheduled event. `ConnectFail::refused`: nothing listened (a reset
-/// came back); otherwise the connect timed out.
+/// A scheduled event. `Net` carries a timer the network asked for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 enum Ev {
     Start,
     NewAttempt,
     Vcpu { vcpu: u32, generation: u32 },
-    LinkFree { dir: u8 },
-    Deliver { conn: u32 },
-    SynArrive { conn: u32 },
-    SynAck { conn: u32 },
-    ConnectFail { conn: u32, refused: bool },
-    Lost { conn: u32, to_source: bool },
+    Net(NetTimer),
     Timer { dest: bool, generation: u32 },
     VcpusStopped { generation: u32 },
     DirtySynced { generation: u32, slot: u32 },
@@ -57,7 +54,6 @@ enum Ev {
     Switch { generation: u32 },
     Reset,
     PartitionStart { index: u32 },
-    PartitionEnd,
     Heal,
     DestRestart,
     Deadline,
@@ -70,12 +66,7 @@ impl Ev {
             Ev::Start => "start",
             Ev::NewAttempt => "new-attempt",
             Ev::Vcpu { .. } => "vcpu",
-            Ev::LinkFree { .. } => "link-free",
-            Ev::Deliver { .. } => "deliver",
-            Ev::SynArrive { .. } => "syn-arrive",
-            Ev::SynAck { .. } => "syn-ack",
-            Ev::ConnectFail { .. } => "connect-fail",
-            Ev::Lost { .. } => "lost",
+            Ev::Net(timer) => timer.name(),
             Ev::Timer { .. } => "timer",
             Ev::VcpusStopped { .. } => "vcpus-stopped",
             Ev::DirtySynced { .. } => "dirty-synced",
@@ -83,7 +74,6 @@ impl Ev {
             Ev::Switch { .. } => "switch",
             Ev::Reset => "reset",
             Ev::PartitionStart { .. } => "partition-start",
-            Ev::PartitionEnd => "partition-end",
             Ev::Heal => "heal",
             Ev::DestRestart => "dest-restart",
             Ev::Deadline => "deadline",
@@ -94,11 +84,7 @@ impl Ev {
     fn args(&self) -> (u64, u64) {
         match *self {
             Ev::Vcpu { vcpu, .. } => (u64::from(vcpu), 0),
-            Ev::LinkFree { dir } => (u64::from(dir), 0),
-            Ev::Deliver { conn } | Ev::SynArrive { conn } | Ev::SynAck { conn } | Ev::ConnectFail { conn, .. } => {
-                (u64::from(conn), 0)
-            }
-            Ev::Lost { conn, to_source } => (u64::from(conn), u64::from(to_source)),
+            Ev::Net(timer) => timer.args(),
             Ev::Timer { dest, .. } => (u64::from(dest), 0),
             Ev::PartitionStart { index } => (u64::from(index), 0),
             _ => (0, 0),
@@ -106,8 +92,18 @@ impl Ev {
     }
 }
 
+/// The source's end of a channel's connection.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct SourceSocket {
+    conn: ConnId,
+    /// The source learned that the connection is up (the SYN-ACK came).
+    established: bool,
+}
+
 struct SourceHost {
     core: Source,
+    /// Its connection of each channel.
+    sockets: [Option<SourceSocket>; 3],
     running: bool,
     /// StartGuest was transmitted in this attempt.
     past_start: bool,
@@ -116,6 +112,8 @@ struct SourceHost {
 
 struct DestHost {
     core: Destination,
+    /// Its connection of each channel.
+    sockets: [Option<ConnId>; 3],
     /// The process exists (not crashed).
     alive: bool,
     running: bool,
@@ -127,10 +125,18 @@ struct DestHost {
     finished: Option<Finished<DestinationStats>>,
 }
 
+impl SourceHost {
+    /// The connection the source uses for `channel`.
+    fn conn(&self, channel: Channel) -> Option<ConnId> {
+        self.sockets[channel.index()].map(|socket| socket.conn)
+    }
+}
+
 impl DestHost {
     fn new(scenario: &Scenario) -> Self {
         Self {
             core: Destination::new(scenario.config(), scenario.wire_page_bytes),
+            sockets: [None; 3],
             alive: true,
             running: false,
             started: false,
@@ -165,11 +171,7 @@ pub struct Sim {
     vcpu_generation: u32,
     blocked: u32,
 
-    conns: Vec<Conn>,
-    src_conn: [Option<usize>; 3],
-    dst_conn: [Option<usize>; 3],
-    links: [Link; 2],
-    partition_until: Option<u64>,
+    net: Network,
     partitions: Vec<(u64, bool)>,
     pending_dirty: Vec<Vec<u64>>,
 
@@ -189,7 +191,6 @@ pub struct Sim {
     // Measurements.
     events: u64,
     page_frames: u64,
-    charged_bytes: u64,
     accesses: [u64; 4],
     start_at: Option<u64>,
     stop_at: Option<u64>,
@@ -229,6 +230,7 @@ impl Sim {
             .collect();
         let src = SourceHost {
             core: Source::new(sc.config(), layout.clone(), session),
+            sockets: [None; 3],
             running: true,
             past_start: false,
             finished: None,
@@ -237,6 +239,14 @@ impl Sim {
         let budget = sc.trigger_budget;
         let faults_on = sc.faults;
         let initial_state = src.core.state();
+        let net = Network::new(NetConfig {
+            latency_ns: sc.latency_us * US,
+            jitter_ns: sc.jitter_us * US,
+            bandwidth_mbps: sc.bandwidth_mbps,
+            connect_timeout_ns: sc.connect_timeout_ms * MS,
+            buffer_bytes: sc.buffer_kib * 1024,
+            wire_page_bytes: u64::from(sc.wire_page_bytes),
+        });
         Sim {
             layout,
             block_start,
@@ -255,11 +265,7 @@ impl Sim {
             vcpus,
             vcpu_generation: 0,
             blocked: 0,
-            conns: Vec::new(),
-            src_conn: [None; 3],
-            dst_conn: [None; 3],
-            links: Default::default(),
-            partition_until: None,
+            net,
             partitions,
             pending_dirty: Vec::new(),
             faults_on,
@@ -275,7 +281,6 @@ impl Sim {
             done: false,
             events: 0,
             page_frames: 0,
-            charged_bytes: 0,
             accesses: [0; 4],
             start_at: None,
             stop_at: None,
@@ -287,8 +292,14 @@ impl Sim {
     }
 
     fn at(&mut self, time: u64, ev: Ev) {
-        self.seq += 1;
         let tie = self.rng.u64();
+        self.push(time, tie, ev);
+    }
+
+    /// Schedules `ev` at `time`, after the events of that instant whose
+    /// tie-break is smaller.
+    fn push(&mut self, time: u64, tie: u64, ev: Ev) {
+        self.seq += 1;
         self.queue.push(Reverse((time.max(self.now), tie, self.seq, ev)));
     }
 
@@ -298,18 +309,6 @@ impl Sim {
 
     fn latency(&self) -> u64 {
         self.sc.latency_us * US
-    }
-
-    fn jitter(&mut self) -> u64 {
-        if self.sc.jitter_us == 0 {
-            0
-        } else {
-            self.rng.below(self.sc.jitter_us * US + 1)
-        }
-    }
-
-    fn partitioned(&self) -> bool {
-        self.partition_until.is_some()
     }
 
     /// Runs the migration to its end and reports.
@@ -381,28 +380,7 @@ impl Sim {
                     self.step_vcpu(vcpu as usize);
                 }
             }
-            Ev::LinkFree { dir } => {
-                self.links[dir as usize].busy = false;
-                self.kick(dir as usize);
-            }
-            Ev::Deliver { conn } => self.deliver(conn as usize),
-            Ev::SynArrive { conn } => self.syn_arrive(conn as usize),
-            Ev::SynAck { conn } => self.syn_ack(conn as usize),
-            Ev::ConnectFail { conn, refused } => {
-                let c = conn as usize;
-                let ch = self.conns[c].channel;
-                if self.src_conn[ch.index()] == Some(c) {
-                    self.src_conn[ch.index()] = None;
-                    self.kill(c);
-                    if refused {
-                        self.src.core.handle_connect_refused(self.ts(), ch);
-                    } else {
-                        self.src.core.handle_connect_failed(self.ts(), ch);
-                    }
-                    self.drain_source();
-                }
-            }
-            Ev::Lost { conn, to_source } => self.lost(conn as usize, to_source),
+            Ev::Net(timer) => self.net_input(NetInput::Timer(timer)),
             Ev::Timer { dest, generation } => self.fire_timer(dest, generation),
             Ev::VcpusStopped { generation } => {
                 if generation == self.generation[0] && self.src.core.state() == SourceState::Stopping {
@@ -450,24 +428,21 @@ impl Sim {
                 if !self.healed {
                     let d_src = self.rng.below(self.latency() + 1);
                     let d_dst = self.rng.below(self.latency() + 1);
-                    if let Some(c) = self.pick_conn() {
-                        self.trace.record(self.now, What::Fault("reset"), c as u64, 0);
-                        self.reset(c, d_src, d_dst);
+                    if let Some(conn) = self.pick_conn() {
+                        self.trace.record(self.now, What::Fault("reset"), u64::from(conn.0), 0);
+                        self.net_input(NetInput::Reset {
+                            conn,
+                            tell_source_after_ns: Some(d_src),
+                            tell_destination_after_ns: Some(d_dst),
+                        });
                     }
                 }
             }
             Ev::PartitionStart { index } => self.partition(index as usize),
-            Ev::PartitionEnd => {
-                if self.partition_until.is_some_and(|until| self.now >= until) {
-                    self.end_partition();
-                }
-            }
             Ev::Heal => {
                 self.healed = true;
                 self.trace.record(self.now, What::Fault("heal"), 0, 0);
-                if self.partitioned() {
-                    self.end_partition();
-                }
+                self.net_input(NetInput::EndPartition);
             }
             Ev::DestRestart => {
                 if !self.dst.alive {
@@ -494,7 +469,7 @@ impl Sim {
         self.fault_points();
         self.arm_timers();
         self.observe();
-        let max_buffered = self.conns.iter().filter(|c| !c.dead).map(|c| c.buffered).max().unwrap_or(0);
+        let max_buffered = self.net.max_buffered();
         let view = StepView {
             source_running: self.src.running,
             destination_running: self.dst.running,
@@ -549,11 +524,8 @@ impl Sim {
         self.attempt += 1;
         self.generation[0] += 1;
         self.generation[1] += 1;
-        for c in 0..self.conns.len() {
-            self.kill(c);
-        }
-        self.src_conn = [None; 3];
-        self.dst_conn = [None; 3];
+        self.net_input(NetInput::ResetAll);
+        self.src.sockets = [None; 3];
         let session = self.rng.u64();
         self.src.core = Source::new(self.sc.config(), self.layout.clone(), session);
         self.src.past_start = false;
@@ -620,25 +592,21 @@ impl Sim {
         match action {
             SourceAction::Connect(ch) => {
                 self.trace.record(now, What::SourceAction("connect"), ch.index() as u64, 0);
-                if let Some(old) = self.src_conn[ch.index()].take() {
-                    self.close_endpoint(old, true, None);
+                if let Some(old) = self.src.sockets[ch.index()].take() {
+                    self.net_input(NetInput::Close { conn: old.conn, end: Side::Source, farewell: None });
                 }
-                let c = self.conns.len();
-                self.conns.push(Conn::new(ch));
-                self.src_conn[ch.index()] = Some(c);
-                let t = now + self.latency() + self.jitter();
-                self.at(t, Ev::SynArrive { conn: c as u32 });
+                self.net_input(NetInput::Connect { channel: ch });
             }
             SourceAction::Close(ch) => {
                 self.trace.record(now, What::SourceAction("close"), ch.index() as u64, 0);
-                if let Some(c) = self.src_conn[ch.index()].take() {
-                    self.close_endpoint(c, true, None);
+                if let Some(socket) = self.src.sockets[ch.index()].take() {
+                    self.net_input(NetInput::Close { conn: socket.conn, end: Side::Source, farewell: None });
                 }
             }
             SourceAction::Farewell { channel, bytes } => {
                 self.trace.record(now, What::SourceAction("farewell"), channel.index() as u64, bytes.len() as u64);
-                if let Some(c) = self.src_conn[channel.index()].take() {
-                    self.close_endpoint(c, true, Some(bytes));
+                if let Some(socket) = self.src.sockets[channel.index()].take() {
+                    self.net_input(NetInput::Close { conn: socket.conn, end: Side::Source, farewell: Some(bytes) });
                 }
             }
             SourceAction::StopVcpus => {
@@ -753,14 +721,14 @@ impl Sim {
             }
             DestinationAction::Close(ch) => {
                 self.trace.record(now, What::DestAction("close"), ch.index() as u64, 0);
-                if let Some(c) = self.dst_conn[ch.index()].take() {
-                    self.close_endpoint(c, false, None);
+                if let Some(conn) = self.dst.sockets[ch.index()].take() {
+                    self.net_input(NetInput::Close { conn, end: Side::Destination, farewell: None });
                 }
             }
             DestinationAction::Farewell { channel, bytes } => {
                 self.trace.record(now, What::DestAction("farewell"), channel.index() as u64, bytes.len() as u64);
-                if let Some(c) = self.dst_conn[channel.index()].take() {
-                    self.close_endpoint(c, false, Some(bytes));
+                if let Some(conn) = self.dst.sockets[channel.index()].take() {
+                    self.net_input(NetInput::Close { conn, end: Side::Destination, farewell: Some(bytes) });
                 }
             }
             DestinationAction::Notice(notice) => self.notice("destination", &notice),
@@ -891,6 +859,60 @@ impl Sim {
 
     // ----- network --------------------------------------------------------
 
+    /// Feeds the network one input and carries out what it asks at once, so
+    /// its timers are scheduled in the order their tie-breaks were drawn.
+    fn net_input(&mut self, input: NetInput) {
+        self.net.handle_input(self.now, input, &mut self.rng);
+        self.drain_net();
+    }
+
+    fn drain_net(&mut self) {
+        while let Some(output) = self.net.poll_output() {
+            self.net_output(output);
+        }
+    }
+
+    fn net_output(&mut self, output: NetOutput) {
+        match output {
+            NetOutput::Timer { at_ns, tie, timer } => self.push(at_ns, tie, Ev::Net(timer)),
+            NetOutput::Connecting { conn, channel } => {
+                self.src.sockets[channel.index()] = Some(SourceSocket { conn, established: false });
+            }
+            NetOutput::Readable { conn, channel } => self.read(conn, channel),
+            NetOutput::Incoming { conn, channel } => self.incoming(conn, channel),
+            NetOutput::Established { conn, channel } => {
+                let Some(socket) = self.src.sockets[channel.index()].as_mut().filter(|s| s.conn == conn) else {
+                    return;
+                };
+                socket.established = true;
+                self.src.core.handle_connected(self.ts(), channel);
+                self.drain_source();
+            }
+            NetOutput::ConnectFailed { conn, channel, refused } => {
+                if self.src.conn(channel) == Some(conn) {
+                    self.src.sockets[channel.index()] = None;
+                    self.net_input(NetInput::Reset {
+                        conn,
+                        tell_source_after_ns: None,
+                        tell_destination_after_ns: None,
+                    });
+                    if refused {
+                        self.src.core.handle_connect_refused(self.ts(), channel);
+                    } else {
+                        self.src.core.handle_connect_failed(self.ts(), channel);
+                    }
+                    self.drain_source();
+                }
+            }
+            NetOutput::Lost { conn, channel, end } => self.lost(conn, channel, end),
+            NetOutput::Dropped { bytes } => self.drop_chunk(&bytes),
+            NetOutput::AbortiveClose { conn } => {
+                self.trace.record(self.now, What::Note("abortive close"), u64::from(conn.0), 0);
+            }
+            NetOutput::PartitionEnded => self.trace.record(self.now, What::Fault("partition-end"), 0, 0),
+        }
+    }
+
     /// Lets every writer with room hand its socket more frames.
     fn pump(&mut self) {
         let capacity = self.sc.buffer_kib * 1024;
@@ -903,18 +925,14 @@ impl Sim {
             let mut wrote = false;
             for ch in Channel::ALL {
                 let from_source = ch.is_from_source();
-                let Some(c) = (if from_source { self.src_conn[ch.index()] } else { self.dst_conn[ch.index()] }) else {
-                    continue;
+                let writer = if from_source {
+                    self.src.sockets[ch.index()].filter(|s| s.established).map(|s| s.conn)
+                } else {
+                    self.dst.sockets[ch.index()].filter(|_| self.dst.alive)
                 };
-                if (from_source && !self.conns[c].src_established) || (!from_source && !self.dst.alive) {
-                    continue;
-                }
+                let Some(c) = writer else { continue };
                 loop {
-                    let conn = &self.conns[c];
-                    if conn.writer_closed {
-                        break;
-                    }
-                    let room = capacity.saturating_sub(conn.buffered);
+                    let room = self.net.room(c);
                     if room < watermark {
                         break;
                     }
@@ -943,14 +961,14 @@ impl Sim {
                     };
                     if frames > 0 {
                         wrote = true;
-                        self.write_chunk(c, Bytes::from(out), false);
+                        self.write_chunk(c, Bytes::from(out));
                     }
                     if from_source {
                         self.drain_source();
                     } else {
                         self.drain_dest();
                     }
-                    let current = if from_source { self.src_conn[ch.index()] } else { self.dst_conn[ch.index()] };
+                    let current = if from_source { self.src.conn(ch) } else { self.dst.sockets[ch.index()] };
                     if frames == 0 || current != Some(c) {
                         break;
                     }
@@ -966,278 +984,130 @@ impl Sim {
         block_start.get(block as usize).map(|start| start + u64::from(index))
     }
 
-    fn write_chunk(&mut self, c: usize, bytes: Bytes, fin: bool) {
-        let charged = if fin {
-            0
-        } else {
-            let (checks, block_start, frames) = (&mut self.checks, &self.block_start, &mut self.page_frames);
-            scan_chunk(&bytes, u64::from(self.sc.wire_page_bytes), |p| {
-                *frames += 1;
-                if let Some(page) = Self::global_page(block_start, p.block, p.index) {
-                    checks.page_sent(page, p.kind);
-                }
-            })
-        };
-        self.charged_bytes += charged;
-        let conn = &mut self.conns[c];
-        conn.buffered += charged;
-        let chunk = Chunk { bytes, charged, arrival: 0, fin };
-        if conn.dead {
-            // Written into a connection that is gone and the writer does not
-            // know yet: lost.
-            self.drop_chunk(&chunk);
-            return;
-        }
-        conn.waiting.push_back(chunk);
-        let dir = conn.dir();
-        if !conn.in_ready {
-            conn.in_ready = true;
-            self.links[dir].ready.push_back(c);
-        }
-        self.kick(dir);
+    /// Hands the network frames a core wrote, telling the checkers which
+    /// pages left.
+    fn write_chunk(&mut self, conn: ConnId, bytes: Bytes) {
+        let (checks, block_start, frames) = (&mut self.checks, &self.block_start, &mut self.page_frames);
+        let charged = scan_chunk(&bytes, u64::from(self.sc.wire_page_bytes), |p| {
+            *frames += 1;
+            if let Some(page) = Self::global_page(block_start, p.block, p.index) {
+                checks.page_sent(page, p.kind);
+            }
+        });
+        self.net_input(NetInput::Write { conn, bytes, charged });
     }
 
-    fn drop_chunk(&mut self, chunk: &Chunk) {
-        if chunk.fin {
-            return;
-        }
+    /// Bytes that will never be read: their pages are lost.
+    fn drop_chunk(&mut self, bytes: &[u8]) {
         let (checks, block_start) = (&mut self.checks, &self.block_start);
-        scan_chunk(&chunk.bytes, 0, |p| {
+        scan_chunk(bytes, 0, |p| {
             if let Some(page) = Self::global_page(block_start, p.block, p.index) {
                 checks.page_dropped(page, p.kind);
             }
         });
     }
 
-    /// Puts the next waiting chunk on an idle link.
-    fn kick(&mut self, dir: usize) {
-        if self.links[dir].busy || self.partitioned() {
-            return;
-        }
-        while let Some(c) = self.links[dir].ready.pop_front() {
-            self.conns[c].in_ready = false;
-            if self.conns[c].dead {
-                continue;
-            }
-            let Some(mut chunk) = self.conns[c].waiting.pop_front() else { continue };
-            let serialise = serialise_ns(chunk.charged.max(1), self.sc.bandwidth_mbps);
-            let flight = self.latency() + self.jitter();
-            let conn = &mut self.conns[c];
-            let arrival = (self.now + serialise + flight).max(conn.last_arrival);
-            conn.last_arrival = arrival;
-            chunk.arrival = arrival;
-            conn.in_flight.push_back(chunk);
-            let schedule_delivery = conn.deliver_at.is_none();
-            if schedule_delivery {
-                conn.deliver_at = Some(arrival);
-            }
-            if !conn.waiting.is_empty() {
-                conn.in_ready = true;
-                self.links[dir].ready.push_back(c);
-            }
-            if schedule_delivery {
-                self.at(arrival, Ev::Deliver { conn: c as u32 });
-            }
-            self.links[dir].busy = true;
-            self.at(self.now + serialise, Ev::LinkFree { dir: dir as u8 });
-            return;
-        }
-    }
-
-    fn deliver(&mut self, c: usize) {
-        self.conns[c].deliver_at = None;
-        if self.conns[c].dead || self.partitioned() {
-            return;
-        }
-        let ch = self.conns[c].channel;
+    /// The reader takes what has arrived, chunk by chunk: the bytes go to
+    /// its core if the core still reads that connection, else they are lost.
+    fn read(&mut self, conn: ConnId, ch: Channel) {
         let to_dest = ch.is_from_source();
-        loop {
-            let conn = &mut self.conns[c];
-            let Some(head) = conn.in_flight.front() else { break };
-            if head.arrival > self.now {
-                let t = head.arrival;
-                conn.deliver_at = Some(t);
-                self.at(t, Ev::Deliver { conn: c as u32 });
-                break;
-            }
-            let Some(chunk) = conn.in_flight.pop_front() else { break };
-            conn.buffered = conn.buffered.saturating_sub(chunk.charged);
-            if chunk.fin {
-                conn.dead = true;
-                self.reader_sees_end(c);
-                break;
-            }
+        while let Some(received) = self.net.receive(self.now, conn, &mut self.rng) {
+            let bytes = match received {
+                Received::Data(bytes) => bytes,
+                Received::End => {
+                    self.reader_sees_end(conn, ch);
+                    continue;
+                }
+            };
             let reader_ok = if to_dest {
-                self.dst.alive && self.dst_conn[ch.index()] == Some(c) && self.dst.core.is_connected(ch)
+                self.dst.alive && self.dst.sockets[ch.index()] == Some(conn) && self.dst.core.is_connected(ch)
             } else {
-                self.src_conn[ch.index()] == Some(c) && conn.src_established && self.src.core.is_connected(ch)
+                self.src.sockets[ch.index()] == Some(SourceSocket { conn, established: true })
+                    && self.src.core.is_connected(ch)
             };
             if !reader_ok {
-                self.drop_chunk(&chunk);
+                self.drop_chunk(&bytes);
                 continue;
             }
             if to_dest {
-                self.dst.core.handle_input(self.ts(), ch, chunk.bytes);
+                self.dst.core.handle_input(self.ts(), ch, bytes);
                 self.drain_dest();
             } else {
-                self.src.core.handle_input(self.ts(), ch, chunk.bytes);
+                self.src.core.handle_input(self.ts(), ch, bytes);
                 self.drain_source();
             }
-            if self.conns[c].dead {
-                break;
-            }
         }
+        self.drain_net();
     }
 
     /// A graceful close reached the reader.
-    fn reader_sees_end(&mut self, c: usize) {
-        let ch = self.conns[c].channel;
+    fn reader_sees_end(&mut self, conn: ConnId, ch: Channel) {
         if ch.is_from_source() {
-            if self.dst.alive && self.dst_conn[ch.index()] == Some(c) {
-                self.dst_conn[ch.index()] = None;
+            if self.dst.alive && self.dst.sockets[ch.index()] == Some(conn) {
+                self.dst.sockets[ch.index()] = None;
                 self.dst.core.handle_connection_lost(self.ts(), ch);
                 self.drain_dest();
             }
-        } else if self.src_conn[ch.index()] == Some(c) {
-            self.src_conn[ch.index()] = None;
+        } else if self.src.conn(ch) == Some(conn) {
+            self.src.sockets[ch.index()] = None;
             self.src.core.handle_connection_lost(self.ts(), ch);
             self.drain_source();
         }
     }
 
-    /// One side closes its end. The writer's close is graceful (its data,
-    /// then the end of the stream) or abortive (a reset); the reader's close
-    /// resets the connection and the writer learns one latency later.
-    fn close_endpoint(&mut self, c: usize, by_source: bool, farewell: Option<Bytes>) {
-        let conn = &mut self.conns[c];
-        if by_source {
-            conn.src_open = false;
-        } else {
-            conn.dst_open = false;
-        }
-        if conn.dead {
-            return;
-        }
-        let writer_is_source = conn.channel.is_from_source();
-        let latency = self.latency();
-        if by_source == writer_is_source {
-            let graceful = farewell.is_some() || self.rng.chance(0.7);
-            if let Some(bytes) = farewell {
-                self.write_chunk(c, bytes, false);
-            }
-            if graceful {
-                self.write_chunk(c, Bytes::new(), true);
+    fn lost(&mut self, conn: ConnId, ch: Channel, end: Side) {
+        if end == Side::Source {
+            let Some(socket) = self.src.sockets[ch.index()].filter(|s| s.conn == conn) else { return };
+            self.src.sockets[ch.index()] = None;
+            if socket.established {
+                self.src.core.handle_connection_lost(self.ts(), ch);
             } else {
-                self.trace.record(self.now, What::Note("abortive close"), c as u64, 0);
-                self.reset(c, latency, latency);
+                self.src.core.handle_connect_failed(self.ts(), ch);
             }
-            self.conns[c].writer_closed = true;
-        } else {
-            self.reset(c, latency, latency);
-        }
-    }
-
-    /// The connection is gone: what it carried is lost; each open end learns
-    /// after its delay.
-    fn reset(&mut self, c: usize, d_src: u64, d_dst: u64) {
-        self.kill(c);
-        let conn = &self.conns[c];
-        let (src_open, dst_open) = (conn.src_open, conn.dst_open);
-        if src_open {
-            self.at(self.now + d_src, Ev::Lost { conn: c as u32, to_source: true });
-        }
-        if dst_open {
-            self.at(self.now + d_dst, Ev::Lost { conn: c as u32, to_source: false });
-        }
-    }
-
-    fn kill(&mut self, c: usize) {
-        let conn = &mut self.conns[c];
-        if conn.dead {
-            return;
-        }
-        conn.dead = true;
-        let chunks: Vec<Chunk> = conn.waiting.drain(..).chain(conn.in_flight.drain(..)).collect();
-        for chunk in &chunks {
-            self.drop_chunk(chunk);
-        }
-    }
-
-    fn lost(&mut self, c: usize, to_source: bool) {
-        let ch = self.conns[c].channel;
-        if to_source {
-            if self.src_conn[ch.index()] == Some(c) {
-                self.src_conn[ch.index()] = None;
-                if self.conns[c].src_established {
-                    self.src.core.handle_connection_lost(self.ts(), ch);
-                } else {
-                    self.src.core.handle_connect_failed(self.ts(), ch);
-                }
-                self.drain_source();
-            }
-        } else if self.dst.alive && self.dst_conn[ch.index()] == Some(c) {
-            self.dst_conn[ch.index()] = None;
+            self.drain_source();
+        } else if self.dst.alive && self.dst.sockets[ch.index()] == Some(conn) {
+            self.dst.sockets[ch.index()] = None;
             self.dst.core.handle_connection_lost(self.ts(), ch);
             self.drain_dest();
         }
     }
 
-    fn syn_arrive(&mut self, c: usize) {
-        let conn = &self.conns[c];
-        if conn.dead || !conn.src_open {
-            return;
-        }
-        if self.partitioned() {
-            // The SYN is lost; the source's connect times out.
-            let t = self.now + self.sc.connect_timeout_ms * MS;
-            self.at(t, Ev::ConnectFail { conn: c as u32, refused: false });
-            return;
-        }
+    /// A SYN reached the destination host.
+    fn incoming(&mut self, conn: ConnId, ch: Channel) {
         if !self.dst.alive {
-            // Refused: the reset comes back one latency later.
-            let t = self.now + self.latency();
-            self.at(t, Ev::ConnectFail { conn: c as u32, refused: true });
+            self.net_input(NetInput::Refuse { conn });
             return;
         }
-        let ch = self.conns[c].channel;
-        if let Some(old) = self.dst_conn[ch.index()] {
-            // A newer connection of the channel replaces the older one.
-            self.conns[old].dst_open = false;
-            let src_had_it = self.src_conn[ch.index()] == Some(old);
-            self.kill(old);
-            if src_had_it {
-                self.at(self.now + self.latency(), Ev::Lost { conn: old as u32, to_source: true });
-            }
+        if let Some(old) = self.dst.sockets[ch.index()] {
+            // A newer connection of the channel replaces the older one; the
+            // source learns one latency later if it still uses it.
+            let source_had_it = self.src.conn(ch) == Some(old);
+            self.net_input(NetInput::Abandon { conn: old, end: Side::Destination });
+            self.net_input(NetInput::Reset {
+                conn: old,
+                tell_source_after_ns: source_had_it.then(|| self.latency()),
+                tell_destination_after_ns: None,
+            });
         }
-        self.dst_conn[ch.index()] = Some(c);
-        self.conns[c].dst_open = true;
+        self.dst.sockets[ch.index()] = Some(conn);
+        self.net_input(NetInput::Accept { conn });
         self.dst.core.handle_connected(self.ts(), ch);
         self.drain_dest();
-        let t = self.now + self.latency() + self.jitter();
-        self.at(t, Ev::SynAck { conn: c as u32 });
-    }
-
-    fn syn_ack(&mut self, c: usize) {
-        let ch = self.conns[c].channel;
-        if self.conns[c].dead || self.src_conn[ch.index()] != Some(c) {
-            return;
-        }
-        self.conns[c].src_established = true;
-        self.src.core.handle_connected(self.ts(), ch);
-        self.drain_source();
+        self.net_input(NetInput::Acknowledge { conn });
     }
 
     // ----- faults ---------------------------------------------------------
 
     /// A random connection that either side still uses.
-    fn pick_conn(&mut self) -> Option<usize> {
-        let mut live: Vec<usize> = self
-            .src_conn
+    fn pick_conn(&mut self) -> Option<ConnId> {
+        let mut live: Vec<ConnId> = self
+            .src
+            .sockets
             .iter()
-            .chain(self.dst_conn.iter())
             .flatten()
-            .copied()
-            .filter(|&c| !self.conns[c].dead)
+            .map(|s| s.conn)
+            .chain(self.dst.sockets.iter().flatten().copied())
+            .filter(|&c| !self.net.is_dead(c))
             .collect();
         live.sort_unstable();
         live.dedup();
@@ -1254,41 +1124,19 @@ impl Sim {
         }
         let (duration, silent) = self.partitions[index];
         let until = (self.now + duration).min(self.heal_at.max(self.now));
-        self.partition_until = Some(self.partition_until.map_or(until, |u| u.max(until)));
         self.trace.record(self.now, What::Fault(if silent { "partition" } else { "partition+reset" }), duration, 0);
-        self.at(until, Ev::PartitionEnd);
+        self.net_input(NetInput::Partition { until_ns: until });
         if !silent {
-            let live: Vec<usize> = (0..self.conns.len()).filter(|&c| !self.conns[c].dead).collect();
-            for c in live {
+            for conn in self.net.live_connections() {
                 let d_src = self.rng.below(self.latency() + 1);
                 let d_dst = self.rng.below(self.latency() + 1);
-                self.reset(c, d_src, d_dst);
+                self.net_input(NetInput::Reset {
+                    conn,
+                    tell_source_after_ns: Some(d_src),
+                    tell_destination_after_ns: Some(d_dst),
+                });
             }
         }
-    }
-
-    fn end_partition(&mut self) {
-        self.partition_until = None;
-        self.trace.record(self.now, What::Fault("partition-end"), 0, 0);
-        // TCP retransmits what the partition held: it arrives one latency on.
-        let base = self.now + self.latency();
-        for c in 0..self.conns.len() {
-            let conn = &mut self.conns[c];
-            if conn.dead || conn.in_flight.is_empty() {
-                continue;
-            }
-            for chunk in conn.in_flight.iter_mut() {
-                chunk.arrival = chunk.arrival.max(base);
-            }
-            conn.last_arrival = conn.last_arrival.max(base);
-            if conn.deliver_at.is_none() {
-                let t = conn.in_flight.front().map_or(base, |h| h.arrival);
-                conn.deliver_at = Some(t);
-                self.at(t, Ev::Deliver { conn: c as u32 });
-            }
-        }
-        self.kick(0);
-        self.kick(1);
     }
 
     /// Fault points in the cores' own paths, and the crash.
@@ -1312,11 +1160,15 @@ impl Sim {
         ];
         for (i, (bit, hit, name)) in hits.into_iter().enumerate() {
             if t.has(bit) && hit && self.trigger_budget[i] > 0 {
-                if let Some(c) = self.pick_conn() {
+                if let Some(conn) = self.pick_conn() {
                     self.trigger_budget[i] -= 1;
-                    self.trace.record(self.now, What::Fault(name), c as u64, 0);
+                    self.trace.record(self.now, What::Fault(name), u64::from(conn.0), 0);
                     let d_dst = self.rng.below(self.latency() + 1);
-                    self.reset(c, 0, d_dst);
+                    self.net_input(NetInput::Reset {
+                        conn,
+                        tell_source_after_ns: Some(0),
+                        tell_destination_after_ns: Some(d_dst),
+                    });
                 }
             }
         }
@@ -1356,10 +1208,13 @@ impl Sim {
         self.generation[1] += 1;
         self.timer_at[1] = None;
         for ch in Channel::ALL {
-            if let Some(c) = self.dst_conn[ch.index()].take() {
-                self.conns[c].dst_open = false;
-                let latency = self.latency();
-                self.reset(c, latency, 0);
+            if let Some(conn) = self.dst.sockets[ch.index()].take() {
+                self.net_input(NetInput::Abandon { conn, end: Side::Destination });
+                self.net_input(NetInput::Reset {
+                    conn,
+                    tell_source_after_ns: Some(self.latency()),
+                    tell_destination_after_ns: Some(0),
+                });
             }
         }
         let restart = self.now + self.rng.range(1, 20) * MS;
@@ -1492,7 +1347,7 @@ impl Sim {
             downtime_ms: window(self.stop_at, self.dst_started_at),
             phases: src_stats.phases,
             pages_sent: src_stats.pages_sent,
-            network_bytes: self.charged_bytes,
+            network_bytes: self.net.charged_bytes(),
             remote_faults: dst_stats.remote_faults,
             fault_latency: dst_stats.fault_latency,
             vcpu_blocked_ms_total: ms(blocked.iter().sum()),

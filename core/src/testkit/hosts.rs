@@ -3,17 +3,18 @@
 
 use bytes::Bytes;
 
-use super::{fill_page, page_version, Violation};
+use super::content::{fill_page, page_version};
+use super::oracle::Violation;
 use crate::bitmap::Bitmap;
 use crate::channel::Channel;
 use crate::config::Config;
 use crate::destination::{Destination, DestinationAction, Waiter};
 use crate::layout::{PageNumber, RamLayout};
+use crate::outcome::{Finished, Notice};
 use crate::source::{GuestMemory, Source, SourceAction};
 use crate::stats::{DestinationStats, Observed, SourceStats};
 use crate::time::Timestamp;
 use crate::wire::PageData;
-use crate::Finished;
 
 /// The source's guest RAM: a content version per page, and the dirty log.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -112,7 +113,7 @@ impl SourceHost {
                         self.violations.push(Violation::DriverEvent { error: error.to_string() });
                     }
                 }
-                SourceAction::Notice(crate::Notice::Recovered { .. }) => self.recovered = true,
+                SourceAction::Notice(Notice::Recovered { .. }) => self.recovered = true,
                 SourceAction::Notice(_) => {}
                 SourceAction::Finished(finished) => {
                     self.finished_ok = Some(finished.result.is_ok());

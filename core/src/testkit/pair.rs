@@ -7,7 +7,7 @@ use std::collections::VecDeque;
 use std::hash::{Hash, Hasher};
 
 use super::hosts::{DestHost, SourceHost};
-use super::{Oracle, Violation};
+use super::oracle::{Oracle, Violation};
 use crate::channel::Channel;
 use crate::config::{Config, Mode};
 use crate::destination::{DestinationState, Waiter};

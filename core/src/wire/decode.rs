@@ -9,8 +9,10 @@ use bytes::{Buf, Bytes, BytesMut};
 use std::collections::VecDeque;
 use thiserror::Error;
 
-use super::*;
-use crate::error::WireError;
+use super::error::WireError;
+use super::frame::*;
+use crate::channel::Channel;
+use crate::layout::{PageAddress, RamBlock, MAX_BLOCKS};
 
 /// A frame header, checked.
 #[derive(Clone, Copy, Debug)]

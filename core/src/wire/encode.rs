@@ -1,7 +1,9 @@
 //! The encoder. Frames are appended to a caller's buffer; the hot path (a page
 //! frame) reads the page straight into that buffer, with no copy in between.
 
-use super::*;
+use super::frame::*;
+use crate::channel::Channel;
+use crate::layout::PageAddress;
 
 /// Appends a frame header, returning the position of its length field.
 fn begin(out: &mut Vec<u8>, kind: FrameKind, flags: u8) -> usize {

@@ -4,8 +4,10 @@
 use bytes::Bytes;
 use proptest::prelude::*;
 
+use super::frame::PAGE_KIND_MASK;
 use super::*;
-use crate::error::WireError;
+use crate::channel::Channel;
+use crate::layout::{PageAddress, RamBlock};
 
 fn decode_all(bytes: &[u8], chunk: usize) -> Result<Vec<Frame>, WireError> {
     let mut decoder = Decoder::new();
