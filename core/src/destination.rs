@@ -42,7 +42,8 @@ use crate::error::{EventError, MigrationError, ProtocolError};
 use crate::layout::{PageAddress, PageNumber, RamLayout};
 use crate::link::Link;
 use crate::stats::{DestinationStats, LatencyHistogram, Observed, PhaseClock};
-use crate::time::{earliest, Timestamp};
+use crate::time::Timestamp;
+use crate::timer::{Timer, TimerTable};
 use crate::wire::{self, Frame, Hello, PageData, PageFrame, PageKind, Welcome, WireMode, MAX_PRESENT_WORDS};
 use crate::{Finished, Notice, Side};
 
@@ -182,9 +183,7 @@ pub struct Destination {
     return_welcomed: bool,
     /// Next word of the present bitmap to report, during a recovery.
     report_word: Option<u64>,
-    handshake_deadline: Option<Timestamp>,
-    start_deadline: Option<Timestamp>,
-    last_received: Timestamp,
+    timers: TimerTable,
     actions: VecDeque<DestinationAction>,
     clock: Observed<PhaseClock>,
     stats: Observed<DestinationStats>,
@@ -215,9 +214,7 @@ impl Destination {
             welcome_pending: false,
             return_welcomed: false,
             report_word: None,
-            handshake_deadline: None,
-            start_deadline: None,
-            last_received: Timestamp::ZERO,
+            timers: TimerTable::default(),
             actions: VecDeque::new(),
             clock: Observed::default(),
             stats: Observed::default(),
@@ -293,23 +290,7 @@ impl Destination {
 
     #[must_use]
     pub fn poll_timeout(&self) -> Option<Timestamp> {
-        if self.state.is_terminal() && self.state != DestinationState::Completed {
-            return None;
-        }
-        let mut deadline = earliest(self.handshake_deadline, self.start_deadline);
-        let any_up = self.links.iter().any(|l| l.up);
-        if let Some(interval) = self.config.keepalive_interval {
-            let ret = &self.links[Channel::Return.index()];
-            if ret.up && self.state != DestinationState::Completed {
-                deadline = earliest(deadline, Some(ret.last_sent + interval));
-            }
-        }
-        if let Some(timeout) = self.config.peer_timeout {
-            if any_up && self.session.is_some() && !self.state.is_terminal() {
-                deadline = earliest(deadline, Some(self.last_received + timeout));
-            }
-        }
-        deadline
+        self.timers.next()
     }
 
     /// Appends frames for `channel` (only the return path is written by the
@@ -328,7 +309,7 @@ impl Destination {
             frames += 1;
         }
         if frames > 0 {
-            self.links[channel.index()].last_sent = now;
+            self.arm_keepalive(now);
         }
         frames
     }
@@ -342,14 +323,15 @@ impl Destination {
             return;
         }
         self.clock.0.touch(now);
-        if self.state == DestinationState::Listening && self.handshake_deadline.is_none() {
-            self.handshake_deadline = Some(now + self.config.handshake_timeout);
+        if self.state == DestinationState::Listening && !self.timers.is_armed(Timer::Handshake) {
+            self.timers.set(Timer::Handshake, now + self.config.handshake_timeout);
         }
         // A newer connection replaces an older one of the same channel.
         self.links[channel.index()].connected(now);
         self.hellos[channel.index()] = None;
-        self.last_received = now;
+        self.heard_from_peer(now);
         if channel == Channel::Return {
+            self.arm_keepalive(now);
             self.return_welcomed = false;
             self.maybe_welcome();
         }
@@ -360,8 +342,7 @@ impl Destination {
         if !self.links[channel.index()].up {
             return;
         }
-        self.links[channel.index()].down();
-        self.hellos[channel.index()] = None;
+        self.link_down(channel);
         self.on_link_failure(now, MigrationError::ConnectionLost { channel });
     }
 
@@ -370,7 +351,7 @@ impl Destination {
         if !self.links[channel.index()].up {
             return;
         }
-        self.last_received = now;
+        self.heard_from_peer(now);
         self.links[channel.index()].decoder.push(bytes);
         loop {
             let link = &mut self.links[channel.index()];
@@ -391,7 +372,7 @@ impl Destination {
 
     /// Handles one decoded frame from `channel`.
     pub fn handle_frame(&mut self, now: Timestamp, channel: Channel, frame: Frame) -> Result<(), ProtocolError> {
-        self.last_received = now;
+        self.heard_from_peer(now);
         let index = channel.index();
         // Every source connection opens with its hello; nothing before it counts.
         if self.hellos[index].is_none() {
@@ -497,37 +478,33 @@ impl Destination {
 
     /// A timer armed through [`Destination::poll_timeout`] expired.
     pub fn handle_timeout(&mut self, now: Timestamp) {
-        if self.state == DestinationState::Failed {
+        let Some(timer) = self.timers.take_expired(now) else {
             return;
-        }
-        if self.handshake_deadline.is_some_and(|d| now >= d) {
-            self.handshake_deadline = None;
-            let timeout_ms = self.config.handshake_timeout.as_millis() as u64;
-            self.on_link_failure(now, MigrationError::HandshakeTimeout { timeout_ms });
-            return;
-        }
-        if self.start_deadline.is_some_and(|d| now >= d) {
-            self.start_deadline = None;
-            let timeout_ms = self.config.start_timeout.as_millis() as u64;
-            self.fail(now, MigrationError::StartTimeout { timeout_ms }, None);
-            return;
-        }
-        if self.state.is_terminal() {
-            return;
-        }
-        if let Some(timeout) = self.config.peer_timeout {
-            if self.session.is_some() && self.links.iter().any(|l| l.up) && now >= self.last_received + timeout {
-                let timeout_ms = timeout.as_millis() as u64;
+        };
+        match timer {
+            Timer::Handshake => {
+                let timeout_ms = self.config.handshake_timeout.as_millis() as u64;
+                self.on_link_failure(now, MigrationError::HandshakeTimeout { timeout_ms });
+            }
+            Timer::Start => {
+                let timeout_ms = self.config.start_timeout.as_millis() as u64;
+                self.fail(now, MigrationError::StartTimeout { timeout_ms }, None);
+            }
+            Timer::PeerTimeout => {
+                let timeout_ms = self.config.peer_timeout.unwrap_or_default().as_millis() as u64;
                 self.close_all_links();
                 self.on_link_failure(now, MigrationError::PeerTimeout { timeout_ms });
-                return;
             }
-        }
-        if let Some(interval) = self.config.keepalive_interval {
-            let ret = &mut self.links[Channel::Return.index()];
-            if ret.up && ret.keepalive_due(now, interval) && self.control.is_empty() {
-                self.control.push_back(Frame::Ping);
+            Timer::Keepalive => {
+                // The next one is due an interval from now even while this
+                // one waits for room: a deadline left in the past would spin
+                // a driver whose socket is full.
+                self.arm_keepalive(now);
+                if self.control.is_empty() {
+                    self.control.push_back(Frame::Ping);
+                }
             }
+            Timer::Retry => {}
         }
     }
 
@@ -558,7 +535,8 @@ impl Destination {
                 });
                 self.epoch = hello.epoch;
                 self.state = DestinationState::Precopy;
-                self.handshake_deadline = None;
+                self.timers.stop(Timer::Handshake);
+                self.heard_from_peer(now);
                 self.clock.0.handshake_done = Some(now);
             }
             (Some(session), true)
@@ -587,7 +565,7 @@ impl Destination {
                 if self.state != DestinationState::Completed {
                     self.state = DestinationState::Recovering;
                 }
-                self.start_deadline = None;
+                self.timers.stop(Timer::Start);
             }
             (None, true) => return Err(ProtocolError::NothingToResume { session: hello.session }),
             _ => {
@@ -604,7 +582,7 @@ impl Destination {
             // The return connection already answered an older hello: the
             // source that sent this one reads a newer connection. Close it
             // and answer on the next.
-            self.links[Channel::Return.index()].down();
+            self.link_down(Channel::Return);
             self.actions.push_back(DestinationAction::Close(Channel::Return));
         }
         self.welcome_pending = true;
@@ -619,8 +597,7 @@ impl Destination {
         };
         let main_epoch = self.hellos[Channel::Main.index()].map(|(_, e)| e);
         if session != current.id || (main_epoch.is_some() && Some(epoch) != main_epoch) {
-            self.links[Channel::Urgent.index()].down();
-            self.hellos[Channel::Urgent.index()] = None;
+            self.link_down(Channel::Urgent);
             self.actions.push_back(DestinationAction::Close(Channel::Urgent));
         }
     }
@@ -887,8 +864,7 @@ impl Destination {
             return;
         }
         self.state = DestinationState::Completed;
-        self.handshake_deadline = None;
-        self.start_deadline = None;
+        self.timers.stop_all();
         let stats = self.stats(now);
         self.actions.push_back(DestinationAction::Finished(Box::new(Finished {
             result: Ok(()),
@@ -905,14 +881,13 @@ impl Destination {
             if self.links[Channel::Return.index()].up {
                 let mut bytes = Vec::new();
                 wire::encode(&frame, &mut bytes);
-                self.links[Channel::Return.index()].down();
+                self.link_down(Channel::Return);
                 self.actions.push_back(DestinationAction::Farewell { channel: Channel::Return, bytes: bytes.into() });
             }
         }
         self.close_all_links();
         self.state = DestinationState::Failed;
-        self.handshake_deadline = None;
-        self.start_deadline = None;
+        self.timers.stop_all();
         let stats = self.stats(now);
         self.actions.push_back(DestinationAction::Finished(Box::new(Finished {
             result: Err(error),
@@ -933,7 +908,7 @@ impl Destination {
         // Dropping the guest is safe only while the source cannot have
         // transmitted StartGuest.
         if !self.guest_started && !self.start_possible {
-            self.start_deadline = Some(now + self.config.start_timeout);
+            self.timers.set(Timer::Start, now + self.config.start_timeout);
         }
         self.actions.push_back(DestinationAction::Notice(Notice::Paused { reason }));
     }
@@ -969,8 +944,7 @@ impl Destination {
             DestinationState::Failed => {}
             DestinationState::Completed | DestinationState::Paused => {
                 // Nothing to lose: drop the offending connection only.
-                self.links[channel.index()].down();
-                self.hellos[channel.index()] = None;
+                self.link_down(channel);
                 self.actions.push_back(DestinationAction::Close(channel));
                 self.actions
                     .push_back(DestinationAction::Notice(Notice::ConnectionRefused { channel, error: error.clone() }));
@@ -991,10 +965,40 @@ impl Destination {
     fn close_all_links(&mut self) {
         for channel in Channel::ALL {
             if self.links[channel.index()].up {
-                self.links[channel.index()].down();
-                self.hellos[channel.index()] = None;
+                self.link_down(channel);
                 self.actions.push_back(DestinationAction::Close(channel));
             }
+        }
+    }
+
+    /// `channel`'s connection is gone, with its hello and the timers that
+    /// watch it.
+    fn link_down(&mut self, channel: Channel) {
+        self.links[channel.index()].down();
+        self.hellos[channel.index()] = None;
+        if channel == Channel::Return {
+            self.timers.stop(Timer::Keepalive);
+        }
+        if !self.links.iter().any(|l| l.up) {
+            self.timers.stop(Timer::PeerTimeout);
+        }
+    }
+
+    /// Something came from the source: it is alive. The peer timeout runs
+    /// while a connection of a known session is up and the migration is not over.
+    fn heard_from_peer(&mut self, now: Timestamp) {
+        let Some(timeout) = self.config.peer_timeout else { return };
+        if self.session.is_some() && !self.state.is_terminal() && self.links.iter().any(|l| l.up) {
+            self.timers.set(Timer::PeerTimeout, now + timeout);
+        }
+    }
+
+    /// A keep-alive an interval after `since` (the last write on the return
+    /// channel), while the return channel is up and the migration not over.
+    fn arm_keepalive(&mut self, since: Timestamp) {
+        let Some(interval) = self.config.keepalive_interval else { return };
+        if self.links[Channel::Return.index()].up && !self.state.is_terminal() {
+            self.timers.set(Timer::Keepalive, since + interval);
         }
     }
 

@@ -47,6 +47,7 @@ pub mod stats;
 #[cfg(feature = "testkit")]
 pub mod testkit;
 pub mod time;
+mod timer;
 pub mod wire;
 
 use serde::{Deserialize, Serialize};

@@ -56,7 +56,8 @@ use crate::error::{EventError, MigrationError, ProtocolError};
 use crate::layout::{PageAddress, PageNumber, RamLayout};
 use crate::link::Link;
 use crate::stats::{Observed, PhaseClock, SourceStats};
-use crate::time::{earliest, Timestamp};
+use crate::time::Timestamp;
+use crate::timer::{Timer, TimerTable};
 use crate::wire::{self, Frame, Hello, PageKind, UrgentHello, Welcome, WireMode, MAX_DISCARD_RANGES};
 use crate::{Finished, Notice, Side};
 
@@ -248,9 +249,7 @@ pub struct Source {
     peer_max_requests: u32,
     recovery: RecoveryReport,
     attempt: u32,
-    retry_at: Option<Timestamp>,
-    handshake_deadline: Option<Timestamp>,
-    last_received: Timestamp,
+    timers: TimerTable,
     actions: VecDeque<SourceAction>,
     clock: Observed<PhaseClock>,
     stats: Observed<SourceStats>,
@@ -292,9 +291,7 @@ impl Source {
             peer_max_requests: 0,
             recovery: RecoveryReport::default(),
             attempt: 0,
-            retry_at: None,
-            handshake_deadline: None,
-            last_received: Timestamp::ZERO,
+            timers: TimerTable::default(),
             actions: VecDeque::new(),
             clock: Observed::default(),
             stats: Observed::default(),
@@ -387,22 +384,7 @@ impl Source {
     /// When [`Source::handle_timeout`] must be called next.
     #[must_use]
     pub fn poll_timeout(&self) -> Option<Timestamp> {
-        if self.state.is_terminal() {
-            return None;
-        }
-        let mut deadline = earliest(self.retry_at, self.handshake_deadline);
-        if let Some(interval) = self.config.keepalive_interval {
-            if self.hello_queued() {
-                let main = &self.links[Channel::Main.index()];
-                deadline = earliest(deadline, Some(main.last_sent + interval));
-            }
-        }
-        if let Some(timeout) = self.config.peer_timeout {
-            if self.links[Channel::Return.index()].up {
-                deadline = earliest(deadline, Some(self.last_received + timeout));
-            }
-        }
-        deadline
+        self.timers.next()
     }
 
     /// Appends frames for `channel` to `out` until it holds at least
@@ -467,8 +449,8 @@ impl Source {
                 break;
             }
         }
-        if frames > 0 {
-            self.links[channel.index()].last_sent = now;
+        if frames > 0 && channel == Channel::Main && self.timers.is_armed(Timer::Keepalive) {
+            self.arm_keepalive(now);
         }
         frames
     }
@@ -477,11 +459,11 @@ impl Source {
 
     /// Begins the migration: asks the driver to open the channels.
     pub fn handle_start(&mut self, now: Timestamp) -> Result<(), EventError> {
-        if self.state != SourceState::Connecting || self.handshake_deadline.is_some() {
+        if self.state != SourceState::Connecting || self.timers.is_armed(Timer::Handshake) {
             return Err(self.wrong_state("start"));
         }
         self.clock.0.touch(now);
-        self.handshake_deadline = Some(now + self.config.handshake_timeout);
+        self.timers.set(Timer::Handshake, now + self.config.handshake_timeout);
         self.connect_all();
         Ok(())
     }
@@ -496,7 +478,7 @@ impl Source {
         }
         link.connected(now);
         if channel == Channel::Return {
-            self.last_received = now;
+            self.heard_from_peer(now);
         }
         if !self.channels().all(|c| self.links[c.index()].up) {
             return;
@@ -507,6 +489,9 @@ impl Source {
             return;
         }
         self.main_control.push_back(Frame::Hello(hello));
+        // Nothing went out on the main channel before its hello: idle since it came up.
+        let main_up_since = self.links[Channel::Main.index()].connected_at;
+        self.arm_keepalive(main_up_since);
         if self.config.urgent_channel {
             self.urgent_control.push_back(Frame::UrgentHello(UrgentHello { session: self.session, epoch: self.epoch }));
         }
@@ -558,7 +543,6 @@ impl Source {
             return;
         }
         self.close_all_links();
-        self.handshake_deadline = None;
         let error = self.withdraw_reason.take().unwrap_or(MigrationError::ConnectFailed { channel });
         self.finish_failed(now, error, false);
     }
@@ -579,7 +563,7 @@ impl Source {
         if channel != Channel::Return || !self.links[channel.index()].up {
             return;
         }
-        self.last_received = now;
+        self.heard_from_peer(now);
         self.links[channel.index()].decoder.push(bytes);
         loop {
             let link = &mut self.links[channel.index()];
@@ -607,7 +591,7 @@ impl Source {
         if channel != Channel::Return {
             return Err(self.unexpected(channel, &frame));
         }
-        self.last_received = now;
+        self.heard_from_peer(now);
         match frame {
             Frame::Ping => Ok(()),
             Frame::Welcome(welcome) => self.on_welcome(now, welcome),
@@ -749,41 +733,37 @@ impl Source {
     /// A timer armed through [`Source::poll_timeout`] expired (or any time: the
     /// core checks what is due).
     pub fn handle_timeout(&mut self, now: Timestamp) {
-        if self.state.is_terminal() {
+        let Some(timer) = self.timers.take_expired(now) else {
             return;
-        }
-        if self.handshake_deadline.is_some_and(|d| now >= d) {
-            self.handshake_deadline = None;
-            let timeout_ms = self.config.handshake_timeout.as_millis() as u64;
-            self.on_link_failure(now, MigrationError::HandshakeTimeout { timeout_ms });
-            return;
-        }
-        if self.retry_at.is_some_and(|t| now >= t) {
-            self.retry_at = None;
-            self.epoch += 1;
-            self.attempt += 1;
-            if self.state != SourceState::Withdrawing {
-                self.actions.push_back(SourceAction::Notice(Notice::RecoveryAttempt { attempt: self.attempt }));
+        };
+        match timer {
+            Timer::Handshake => {
+                let timeout_ms = self.config.handshake_timeout.as_millis() as u64;
+                self.on_link_failure(now, MigrationError::HandshakeTimeout { timeout_ms });
             }
-            self.handshake_deadline = Some(now + self.config.handshake_timeout);
-            self.connect_all();
-            return;
-        }
-        if let Some(timeout) = self.config.peer_timeout {
-            if self.links[Channel::Return.index()].up && now >= self.last_received + timeout {
-                let timeout_ms = timeout.as_millis() as u64;
+            Timer::Retry => {
+                self.epoch += 1;
+                self.attempt += 1;
+                if self.state != SourceState::Withdrawing {
+                    self.actions.push_back(SourceAction::Notice(Notice::RecoveryAttempt { attempt: self.attempt }));
+                }
+                self.timers.set(Timer::Handshake, now + self.config.handshake_timeout);
+                self.connect_all();
+            }
+            Timer::PeerTimeout => {
+                let timeout_ms = self.config.peer_timeout.unwrap_or_default().as_millis() as u64;
                 self.on_link_failure(now, MigrationError::PeerTimeout { timeout_ms });
-                return;
             }
-        }
-        if let Some(interval) = self.config.keepalive_interval {
-            let hello_queued = self.hello_queued();
-            if hello_queued
-                && self.links[Channel::Main.index()].keepalive_due(now, interval)
-                && self.main_control.is_empty()
-            {
-                self.main_control.push_back(Frame::Ping);
+            Timer::Keepalive => {
+                // The next one is due an interval from now even while this
+                // one waits for room: a deadline left in the past would spin
+                // a driver whose socket is full.
+                self.arm_keepalive(now);
+                if self.main_control.is_empty() {
+                    self.main_control.push_back(Frame::Ping);
+                }
             }
+            Timer::Start => {}
         }
     }
 
@@ -801,7 +781,7 @@ impl Source {
         self.peer_max_requests = welcome.max_outstanding_requests.min(self.config.max_outstanding_requests);
         match self.state {
             SourceState::Handshake => {
-                self.handshake_deadline = None;
+                self.timers.stop(Timer::Handshake);
                 self.clock.0.handshake_done = Some(now);
                 if self.config.mode.precopy_rounds() > 0 && !self.switch_requested {
                     self.state = SourceState::Precopy;
@@ -940,7 +920,7 @@ impl Source {
                 self.sent.word_len()
             )));
         }
-        self.handshake_deadline = None;
+        self.timers.stop(Timer::Handshake);
         self.attempt = 0;
         self.stats.0.recoveries += 1;
         self.clock.0.unpause(now);
@@ -1195,8 +1175,7 @@ impl Source {
 
     fn complete(&mut self, now: Timestamp) {
         self.state = SourceState::Completed;
-        self.handshake_deadline = None;
-        self.retry_at = None;
+        self.timers.stop_all();
         for channel in Channel::ALL {
             if self.links[channel.index()].up {
                 self.links[channel.index()].down();
@@ -1249,11 +1228,11 @@ impl Source {
         self.close_all_links();
         self.state = SourceState::Withdrawing;
         self.withdraw_reason = Some(error.clone());
-        self.handshake_deadline = None;
+        self.timers.stop(Timer::Handshake);
         self.attempt = 0;
         self.actions.push_back(SourceAction::ResumeVcpus);
         self.actions.push_back(SourceAction::Notice(Notice::Withdrawing { reason: error }));
-        self.retry_at = Some(now + self.config.reconnect_delay(0));
+        self.timers.set(Timer::Retry, now + self.config.reconnect_delay(0));
     }
 
     /// Withdrawing and connected: a resume hello so that the destination
@@ -1273,8 +1252,7 @@ impl Source {
     /// when `resume_guest`).
     fn finish_failed(&mut self, now: Timestamp, error: MigrationError, resume_guest: bool) {
         self.state = SourceState::Failed;
-        self.handshake_deadline = None;
-        self.retry_at = None;
+        self.timers.stop_all();
         self.close_all_links();
         if resume_guest {
             self.actions.push_back(SourceAction::ResumeVcpus);
@@ -1292,6 +1270,7 @@ impl Source {
     fn pause(&mut self, now: Timestamp, reason: MigrationError, bad_bytes: bool) {
         if planted!(self.config, SourceResumesAfterSwitchover) {
             self.close_all_links();
+            self.timers.stop_all();
             self.state = SourceState::Failed;
             self.actions.push_back(SourceAction::ResumeVcpus);
             return;
@@ -1299,7 +1278,7 @@ impl Source {
         let was_recovering = self.state == SourceState::Recovering;
         self.state = if bad_bytes { SourceState::ErrorReceive } else { SourceState::Paused };
         self.close_all_links();
-        self.handshake_deadline = None;
+        self.timers.stop(Timer::Handshake);
         // The destination re-sends its outstanding requests after recovery.
         while let Some(page) = self.urgent_queue.pop_front() {
             if !planted!(self.config, RequestForgottenOnReconnect) {
@@ -1318,7 +1297,7 @@ impl Source {
             }));
         }
         self.actions.push_back(SourceAction::Notice(Notice::Paused { reason }));
-        self.retry_at = Some(now + self.config.reconnect_delay(self.attempt));
+        self.timers.set(Timer::Retry, now + self.config.reconnect_delay(self.attempt));
     }
 
     fn on_link_failure(&mut self, now: Timestamp, reason: MigrationError) {
@@ -1326,22 +1305,22 @@ impl Source {
             SourceState::Completed | SourceState::Failed => {}
             SourceState::Withdrawing => {
                 self.close_all_links();
-                self.handshake_deadline = None;
+                self.timers.stop(Timer::Handshake);
                 if self.attempt >= self.config.withdraw_attempts {
                     // Every attempt failed: the destination may keep waiting
                     // until its operator stops it. The guest runs here.
                     let error = self.withdraw_reason.take().unwrap_or(reason);
                     self.finish_failed(now, error, false);
                 } else {
-                    self.retry_at = Some(now + self.config.reconnect_delay(self.attempt));
+                    self.timers.set(Timer::Retry, now + self.config.reconnect_delay(self.attempt));
                 }
             }
             SourceState::Paused | SourceState::ErrorReceive => {
                 // A reconnection attempt failed: close what did connect, retry later.
                 self.close_all_links();
-                self.handshake_deadline = None;
+                self.timers.stop(Timer::Handshake);
                 self.actions.push_back(SourceAction::Notice(Notice::RecoveryFailed { attempt: self.attempt, reason }));
-                self.retry_at = Some(now + self.config.reconnect_delay(self.attempt));
+                self.timers.set(Timer::Retry, now + self.config.reconnect_delay(self.attempt));
             }
             state if state.after_start() => self.pause(now, reason, false),
             _ => self.fail(now, reason),
@@ -1361,11 +1340,24 @@ impl Source {
         }
     }
 
-    /// Whether the current main connection has its hello queued or sent: it
-    /// is queued the moment every channel is up, and nothing may go before
-    /// it (the destination refuses any other first frame).
-    fn hello_queued(&self) -> bool {
-        self.channels().all(|c| self.links[c.index()].up)
+    /// Something came from the destination: it is alive. The peer timeout
+    /// runs while the return channel, the one it writes, is up.
+    fn heard_from_peer(&mut self, now: Timestamp) {
+        if let Some(timeout) = self.config.peer_timeout {
+            if self.links[Channel::Return.index()].up {
+                self.timers.set(Timer::PeerTimeout, now + timeout);
+            }
+        }
+    }
+
+    /// A keep-alive an interval after `since`, when keep-alives are on. It
+    /// runs from the moment the main connection has its hello queued:
+    /// nothing may go before the hello (the destination refuses any other
+    /// first frame).
+    fn arm_keepalive(&mut self, since: Timestamp) {
+        if let Some(interval) = self.config.keepalive_interval {
+            self.timers.set(Timer::Keepalive, since + interval);
+        }
     }
 
     fn connect_all(&mut self) {
@@ -1379,6 +1371,8 @@ impl Source {
     }
 
     fn close_all_links(&mut self) {
+        self.timers.stop(Timer::Keepalive);
+        self.timers.stop(Timer::PeerTimeout);
         for channel in Channel::ALL {
             let link = &mut self.links[channel.index()];
             if link.up || link.connecting {
