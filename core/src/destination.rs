@@ -151,6 +151,38 @@ struct Session {
     layout: RamLayout,
 }
 
+/// Where the destination is, with what only that state needs (the public
+/// [`DestinationState`] is its name).
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+enum State {
+    Listening,
+    /// The device state received so far.
+    Precopy(Vec<u8>),
+    LoadingDevice,
+    AwaitingStart,
+    Running,
+    Completed,
+    Paused,
+    Recovering,
+    Failed,
+}
+
+impl State {
+    fn kind(&self) -> DestinationState {
+        match self {
+            State::Listening => DestinationState::Listening,
+            State::Precopy(_) => DestinationState::Precopy,
+            State::LoadingDevice => DestinationState::LoadingDevice,
+            State::AwaitingStart => DestinationState::AwaitingStart,
+            State::Running => DestinationState::Running,
+            State::Completed => DestinationState::Completed,
+            State::Paused => DestinationState::Paused,
+            State::Recovering => DestinationState::Recovering,
+            State::Failed => DestinationState::Failed,
+        }
+    }
+}
+
 /// The destination's state machine.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct Destination {
@@ -158,11 +190,10 @@ pub struct Destination {
     page_size: u32,
     session: Option<Session>,
     epoch: u32,
-    state: DestinationState,
+    state: State,
     /// The state to return to when a recovery ends.
     guest_started: bool,
     device_loaded: bool,
-    end_of_stream_received: bool,
     eoc_queued: bool,
     /// ReadyToRun, or a welcome saying the device state is loaded, has been
     /// transmitted: the source may have given the guest away since.
@@ -175,7 +206,6 @@ pub struct Destination {
     /// are observations: faults on one page by different vCPUs behave alike.
     outstanding: BTreeMap<u64, Observed<FaultWait>>,
     pending_requests: VecDeque<PageNumber>,
-    device_state: Vec<u8>,
     control: VecDeque<Frame>,
     welcome_pending: bool,
     /// The current return connection has carried (or queued) its welcome:
@@ -198,10 +228,9 @@ impl Destination {
             page_size,
             session: None,
             epoch: 0,
-            state: DestinationState::Listening,
+            state: State::Listening,
             guest_started: false,
             device_loaded: false,
-            end_of_stream_received: false,
             eoc_queued: false,
             start_possible: false,
             links: Default::default(),
@@ -209,7 +238,6 @@ impl Destination {
             present: Bitmap::new(0),
             outstanding: BTreeMap::new(),
             pending_requests: VecDeque::new(),
-            device_state: Vec::new(),
             control: VecDeque::new(),
             welcome_pending: false,
             return_welcomed: false,
@@ -225,7 +253,7 @@ impl Destination {
     // ----- getters -------------------------------------------------------
 
     pub fn state(&self) -> DestinationState {
-        self.state
+        self.state.kind()
     }
 
     pub fn config(&self) -> &Config {
@@ -318,12 +346,12 @@ impl Destination {
 
     /// A connection for `channel` was accepted (its preamble named it).
     pub fn handle_connected(&mut self, now: Timestamp, channel: Channel) {
-        if self.state == DestinationState::Failed {
+        if self.state() == DestinationState::Failed {
             self.actions.push_back(DestinationAction::Close(channel));
             return;
         }
         self.clock.0.touch(now);
-        if self.state == DestinationState::Listening && !self.timers.is_armed(Timer::Handshake) {
+        if self.state() == DestinationState::Listening && !self.timers.is_armed(Timer::Handshake) {
             self.timers.set(Timer::Handshake, now + self.config.handshake_timeout);
         }
         // A newer connection replaces an older one of the same channel.
@@ -389,17 +417,12 @@ impl Destination {
         match (channel, frame) {
             (_, Frame::Ping) => Ok(()),
             (Channel::Main | Channel::Urgent, Frame::Page(page)) => self.on_page(now, channel, page),
-            (Channel::Main, Frame::Discard(discard)) if self.state == DestinationState::Precopy => {
+            (Channel::Main, Frame::Discard(discard)) if self.state() == DestinationState::Precopy => {
                 self.on_discard(discard)
             }
-            (Channel::Main, Frame::DeviceState { last, chunk }) if self.state == DestinationState::Precopy => {
-                self.on_device_state(now, last, chunk)
-            }
+            (Channel::Main, Frame::DeviceState { last, chunk }) => self.on_device_state(now, last, chunk),
             (Channel::Main | Channel::Urgent, Frame::StartGuest) => self.on_start_guest(now, channel),
-            (Channel::Main, Frame::EndOfStream) if self.device_loaded => {
-                self.end_of_stream_received = true;
-                Ok(())
-            }
+            (Channel::Main, Frame::EndOfStream) if self.device_loaded => Ok(()),
             (Channel::Main, Frame::Cancel { reason }) if !self.guest_started => {
                 self.fail(now, MigrationError::CancelledByPeer(reason), None);
                 Ok(())
@@ -410,7 +433,7 @@ impl Destination {
 
     /// A thread touched a missing page (or one that raced with its install).
     pub fn handle_page_fault(&mut self, now: Timestamp, page: PageNumber, waiter: Waiter) -> Result<(), EventError> {
-        if matches!(self.state, DestinationState::Listening | DestinationState::Precopy | DestinationState::Failed) {
+        if matches!(self.state(), DestinationState::Listening | DestinationState::Precopy | DestinationState::Failed) {
             return Err(self.wrong_state("page fault"));
         }
         if page.0 >= self.present.len() {
@@ -442,7 +465,7 @@ impl Destination {
     /// The device state asked for by [`DestinationAction::LoadDeviceState`]
     /// is loaded (`Ok`) or could not be (`Err` with the reason).
     pub fn handle_device_state_loaded(&mut self, now: Timestamp, result: Result<(), String>) -> Result<(), EventError> {
-        match self.state {
+        match self.state() {
             DestinationState::LoadingDevice => {}
             // The migration ended while loading: nothing to do.
             DestinationState::Failed => return Ok(()),
@@ -451,7 +474,7 @@ impl Destination {
         match result {
             Ok(()) => {
                 self.device_loaded = true;
-                self.state = DestinationState::AwaitingStart;
+                self.state = State::AwaitingStart;
                 self.control.push_back(Frame::ReadyToRun);
             }
             Err(reason) => {
@@ -468,7 +491,7 @@ impl Destination {
     /// recovery), the source may transmit StartGuest, its point of no return,
     /// at any moment: only the source may cancel from then on.
     pub fn handle_cancel(&mut self, now: Timestamp) -> Result<(), EventError> {
-        if self.guest_started || self.device_loaded || self.state.is_terminal() {
+        if self.guest_started || self.device_loaded || self.state().is_terminal() {
             return Err(self.wrong_state("cancel"));
         }
         let farewell = Frame::GuestDropped { reason: "cancelled on the destination".into() };
@@ -522,7 +545,7 @@ impl Destination {
             });
         }
         match (&self.session, hello.resume) {
-            (None, false) if self.state == DestinationState::Listening => {
+            (None, false) if self.state() == DestinationState::Listening => {
                 self.present = Bitmap::new(layout.total_pages());
                 self.stats.0.bookkeeping_bytes = self.present.heap_bytes() as u64;
                 self.actions.push_back(DestinationAction::PrepareMemory(layout.clone()));
@@ -534,14 +557,14 @@ impl Destination {
                     layout,
                 });
                 self.epoch = hello.epoch;
-                self.state = DestinationState::Precopy;
+                self.state = State::Precopy(Vec::new());
                 self.timers.stop(Timer::Handshake);
                 self.heard_from_peer(now);
                 self.clock.0.handshake_done = Some(now);
             }
             (Some(session), true)
                 if matches!(
-                    self.state,
+                    self.state(),
                     DestinationState::Paused | DestinationState::Recovering | DestinationState::Completed
                 ) =>
             {
@@ -558,12 +581,11 @@ impl Destination {
                     return Err(ProtocolError::LayoutChanged);
                 }
                 self.epoch = hello.epoch;
-                self.end_of_stream_received = false;
                 self.eoc_queued = false;
                 self.report_word = None;
                 self.control.clear();
-                if self.state != DestinationState::Completed {
-                    self.state = DestinationState::Recovering;
+                if self.state() != DestinationState::Completed {
+                    self.state = State::Recovering;
                 }
                 self.timers.stop(Timer::Start);
             }
@@ -572,7 +594,7 @@ impl Destination {
                 return Err(ProtocolError::UnexpectedFrame {
                     channel: Channel::Main,
                     kind: wire::FrameKind::Hello,
-                    state: self.state.to_string(),
+                    state: self.state().to_string(),
                 })
             }
         }
@@ -618,13 +640,13 @@ impl Destination {
                 return Err(ProtocolError::PageLength { expected: self.page_size, got: bytes.len() });
             }
         }
-        let precopy_ok = self.state == DestinationState::Precopy
+        let precopy_ok = self.state() == DestinationState::Precopy
             && session.mode == WireMode::Hybrid
             && channel == Channel::Main
             && frame.kind == PageKind::Precopy;
         let postcopy_ok = frame.kind != PageKind::Precopy
             && matches!(
-                self.state,
+                self.state(),
                 DestinationState::LoadingDevice
                     | DestinationState::AwaitingStart
                     | DestinationState::Running
@@ -696,30 +718,33 @@ impl Destination {
     }
 
     fn on_device_state(&mut self, now: Timestamp, last: bool, chunk: Bytes) -> Result<(), ProtocolError> {
-        if self.device_state.is_empty() {
+        let State::Precopy(device_state) = &mut self.state else {
+            return Err(self.unexpected(Channel::Main, &Frame::DeviceState { last, chunk }));
+        };
+        if device_state.is_empty() {
             // The source stopped the guest before sending this.
             self.clock.0.stopped.get_or_insert(now);
         }
         let limit = self.config.max_device_state_bytes;
-        if self.device_state.len() as u64 + chunk.len() as u64 > limit {
+        if device_state.len() as u64 + chunk.len() as u64 > limit {
             return Err(ProtocolError::DeviceStateTooLarge { limit });
         }
-        self.device_state.extend_from_slice(&chunk);
+        device_state.extend_from_slice(&chunk);
         if last {
             self.clock.0.stopped.get_or_insert(now);
-            let state = Bytes::from(std::mem::take(&mut self.device_state));
+            let state = Bytes::from(std::mem::take(device_state));
             self.stats.0.device_state_bytes = state.len() as u64;
-            self.state = DestinationState::LoadingDevice;
+            self.state = State::LoadingDevice;
             self.actions.push_back(DestinationAction::LoadDeviceState(state));
         }
         Ok(())
     }
 
     fn on_start_guest(&mut self, now: Timestamp, channel: Channel) -> Result<(), ProtocolError> {
-        match self.state {
+        match self.state() {
             DestinationState::AwaitingStart => {
                 self.guest_started = true;
-                self.state = DestinationState::Running;
+                self.state = State::Running;
                 self.clock.0.started = Some(now);
                 self.actions.push_back(DestinationAction::ResumeVcpus);
                 self.check_end_of_copy();
@@ -746,7 +771,7 @@ impl Destination {
             return true;
         }
         if matches!(
-            self.state,
+            self.state(),
             DestinationState::LoadingDevice | DestinationState::AwaitingStart | DestinationState::Running
         ) && self.send_request(out)
         {
@@ -824,7 +849,7 @@ impl Destination {
             device_loaded: self.device_loaded,
             max_outstanding_requests: self.config.max_outstanding_requests,
         }));
-        if matches!(self.state, DestinationState::Recovering | DestinationState::Completed) && self.device_loaded {
+        if matches!(self.state(), DestinationState::Recovering | DestinationState::Completed) && self.device_loaded {
             self.report_word = Some(0);
         }
     }
@@ -836,8 +861,8 @@ impl Destination {
         // Ask again for every page still awaited; the old requests died with
         // the old connections.
         self.pending_requests = self.outstanding.keys().map(|&p| PageNumber(p)).collect();
-        if self.state == DestinationState::Recovering {
-            self.state = if self.guest_started { DestinationState::Running } else { DestinationState::AwaitingStart };
+        if self.state() == DestinationState::Recovering {
+            self.state = if self.guest_started { State::Running } else { State::AwaitingStart };
         }
         self.check_end_of_copy();
     }
@@ -846,7 +871,7 @@ impl Destination {
         if !self.guest_started || self.eoc_queued || self.report_word.is_some() {
             return;
         }
-        if !matches!(self.state, DestinationState::Running | DestinationState::Completed) {
+        if !matches!(self.state(), DestinationState::Running | DestinationState::Completed) {
             return;
         }
         let all_present = if planted!(self.config, EarlyEoc) {
@@ -860,10 +885,10 @@ impl Destination {
     }
 
     fn complete(&mut self, now: Timestamp) {
-        if self.state == DestinationState::Completed {
+        if self.state() == DestinationState::Completed {
             return;
         }
-        self.state = DestinationState::Completed;
+        self.state = State::Completed;
         self.timers.stop_all();
         let stats = self.stats(now);
         self.actions.push_back(DestinationAction::Finished(Box::new(Finished {
@@ -886,7 +911,7 @@ impl Destination {
             }
         }
         self.close_all_links();
-        self.state = DestinationState::Failed;
+        self.state = State::Failed;
         self.timers.stop_all();
         let stats = self.stats(now);
         self.actions.push_back(DestinationAction::Finished(Box::new(Finished {
@@ -898,7 +923,7 @@ impl Destination {
 
     fn pause(&mut self, now: Timestamp, reason: MigrationError) {
         self.close_all_links();
-        self.state = DestinationState::Paused;
+        self.state = State::Paused;
         self.control.clear();
         self.pending_requests.clear();
         self.report_word = None;
@@ -914,7 +939,7 @@ impl Destination {
     }
 
     fn on_link_failure(&mut self, now: Timestamp, reason: MigrationError) {
-        match self.state {
+        match self.state() {
             DestinationState::Failed | DestinationState::Paused => {}
             DestinationState::Completed => {
                 // A recovery of a source that lost the EOC was cut: what it
@@ -940,7 +965,7 @@ impl Destination {
     }
 
     fn on_protocol_error(&mut self, now: Timestamp, channel: Channel, error: ProtocolError) {
-        match self.state {
+        match self.state() {
             DestinationState::Failed => {}
             DestinationState::Completed | DestinationState::Paused => {
                 // Nothing to lose: drop the offending connection only.
@@ -988,7 +1013,7 @@ impl Destination {
     /// while a connection of a known session is up and the migration is not over.
     fn heard_from_peer(&mut self, now: Timestamp) {
         let Some(timeout) = self.config.peer_timeout else { return };
-        if self.session.is_some() && !self.state.is_terminal() && self.links.iter().any(|l| l.up) {
+        if self.session.is_some() && !self.state().is_terminal() && self.links.iter().any(|l| l.up) {
             self.timers.set(Timer::PeerTimeout, now + timeout);
         }
     }
@@ -997,16 +1022,16 @@ impl Destination {
     /// channel), while the return channel is up and the migration not over.
     fn arm_keepalive(&mut self, since: Timestamp) {
         let Some(interval) = self.config.keepalive_interval else { return };
-        if self.links[Channel::Return.index()].up && !self.state.is_terminal() {
+        if self.links[Channel::Return.index()].up && !self.state().is_terminal() {
             self.timers.set(Timer::Keepalive, since + interval);
         }
     }
 
     fn unexpected(&self, channel: Channel, frame: &Frame) -> ProtocolError {
-        ProtocolError::UnexpectedFrame { channel, kind: frame.kind(), state: self.state.to_string() }
+        ProtocolError::UnexpectedFrame { channel, kind: frame.kind(), state: self.state().to_string() }
     }
 
     fn wrong_state(&self, event: &'static str) -> EventError {
-        EventError::WrongState { event, state: self.state.to_string() }
+        EventError::WrongState { event, state: self.state().to_string() }
     }
 }
