@@ -43,7 +43,8 @@ use crate::layout::{PageAddress, PageNumber, RamLayout};
 use crate::link::Link;
 use crate::outcome::{Finished, Notice, Side};
 use crate::stats::{DestinationStats, LatencyHistogram, Observed, PhaseClock};
-use crate::time::{earliest, Timestamp};
+use crate::time::Timestamp;
+use crate::timer::{Timer, TimerTable};
 use crate::wire::{self, Frame, Hello, PageData, PageFrame, PageKind, Welcome, WireMode, MAX_PRESENT_WORDS};
 
 /// Words of the present bitmap per recovery report frame.
@@ -150,6 +151,38 @@ struct Session {
     layout: RamLayout,
 }
 
+/// Where the destination is, with what only that state needs (the public
+/// [`DestinationState`] is its name).
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+enum State {
+    Listening,
+    /// The device state received so far.
+    Precopy(Vec<u8>),
+    LoadingDevice,
+    AwaitingStart,
+    Running,
+    Completed,
+    Paused,
+    Recovering,
+    Failed,
+}
+
+impl State {
+    fn kind(&self) -> DestinationState {
+        match self {
+            State::Listening => DestinationState::Listening,
+            State::Precopy(_) => DestinationState::Precopy,
+            State::LoadingDevice => DestinationState::LoadingDevice,
+            State::AwaitingStart => DestinationState::AwaitingStart,
+            State::Running => DestinationState::Running,
+            State::Completed => DestinationState::Completed,
+            State::Paused => DestinationState::Paused,
+            State::Recovering => DestinationState::Recovering,
+            State::Failed => DestinationState::Failed,
+        }
+    }
+}
+
 /// The destination's state machine.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct Destination {
@@ -157,11 +190,10 @@ pub struct Destination {
     page_size: u32,
     session: Option<Session>,
     epoch: u32,
-    state: DestinationState,
+    state: State,
     /// The state to return to when a recovery ends.
     guest_started: bool,
     device_loaded: bool,
-    end_of_stream_received: bool,
     eoc_queued: bool,
     /// ReadyToRun, or a welcome saying the device state is loaded, has been
     /// transmitted: the source may have given the guest away since.
@@ -174,7 +206,6 @@ pub struct Destination {
     /// are observations: faults on one page by different vCPUs behave alike.
     outstanding: BTreeMap<u64, Observed<FaultWait>>,
     pending_requests: VecDeque<PageNumber>,
-    device_state: Vec<u8>,
     control: VecDeque<Frame>,
     welcome_pending: bool,
     /// The current return connection has carried (or queued) its welcome:
@@ -182,9 +213,7 @@ pub struct Destination {
     return_welcomed: bool,
     /// Next word of the present bitmap to report, during a recovery.
     report_word: Option<u64>,
-    handshake_deadline: Option<Timestamp>,
-    start_deadline: Option<Timestamp>,
-    last_received: Timestamp,
+    timers: TimerTable,
     actions: VecDeque<DestinationAction>,
     clock: Observed<PhaseClock>,
     stats: Observed<DestinationStats>,
@@ -199,10 +228,9 @@ impl Destination {
             page_size,
             session: None,
             epoch: 0,
-            state: DestinationState::Listening,
+            state: State::Listening,
             guest_started: false,
             device_loaded: false,
-            end_of_stream_received: false,
             eoc_queued: false,
             start_possible: false,
             links: Default::default(),
@@ -210,14 +238,11 @@ impl Destination {
             present: Bitmap::new(0),
             outstanding: BTreeMap::new(),
             pending_requests: VecDeque::new(),
-            device_state: Vec::new(),
             control: VecDeque::new(),
             welcome_pending: false,
             return_welcomed: false,
             report_word: None,
-            handshake_deadline: None,
-            start_deadline: None,
-            last_received: Timestamp::ZERO,
+            timers: TimerTable::default(),
             actions: VecDeque::new(),
             clock: Observed::default(),
             stats: Observed::default(),
@@ -228,7 +253,7 @@ impl Destination {
     // ----- getters -------------------------------------------------------
 
     pub fn state(&self) -> DestinationState {
-        self.state
+        self.state.kind()
     }
 
     pub fn config(&self) -> &Config {
@@ -293,23 +318,7 @@ impl Destination {
 
     #[must_use]
     pub fn poll_timeout(&self) -> Option<Timestamp> {
-        if self.state.is_terminal() && self.state != DestinationState::Completed {
-            return None;
-        }
-        let mut deadline = earliest(self.handshake_deadline, self.start_deadline);
-        let any_up = self.links.iter().any(|l| l.up);
-        if let Some(interval) = self.config.keepalive_interval {
-            let ret = &self.links[Channel::Return.index()];
-            if ret.up && self.state != DestinationState::Completed {
-                deadline = earliest(deadline, Some(ret.last_sent + interval));
-            }
-        }
-        if let Some(timeout) = self.config.peer_timeout {
-            if any_up && self.session.is_some() && !self.state.is_terminal() {
-                deadline = earliest(deadline, Some(self.last_received + timeout));
-            }
-        }
-        deadline
+        self.timers.next()
     }
 
     /// Appends frames for `channel` (only the return path is written by the
@@ -328,7 +337,7 @@ impl Destination {
             frames += 1;
         }
         if frames > 0 {
-            self.links[channel.index()].last_sent = now;
+            self.arm_keepalive(now);
         }
         frames
     }
@@ -337,19 +346,20 @@ impl Destination {
 
     /// A connection for `channel` was accepted (its preamble named it).
     pub fn handle_connected(&mut self, now: Timestamp, channel: Channel) {
-        if self.state == DestinationState::Failed {
+        if self.state() == DestinationState::Failed {
             self.actions.push_back(DestinationAction::Close(channel));
             return;
         }
         self.clock.0.touch(now);
-        if self.state == DestinationState::Listening && self.handshake_deadline.is_none() {
-            self.handshake_deadline = Some(now + self.config.handshake_timeout);
+        if self.state() == DestinationState::Listening && !self.timers.is_armed(Timer::Handshake) {
+            self.timers.set(Timer::Handshake, now + self.config.handshake_timeout);
         }
         // A newer connection replaces an older one of the same channel.
         self.links[channel.index()].connected(now);
         self.hellos[channel.index()] = None;
-        self.last_received = now;
+        self.heard_from_peer(now);
         if channel == Channel::Return {
+            self.arm_keepalive(now);
             self.return_welcomed = false;
             self.maybe_welcome();
         }
@@ -360,8 +370,7 @@ impl Destination {
         if !self.links[channel.index()].up {
             return;
         }
-        self.links[channel.index()].down();
-        self.hellos[channel.index()] = None;
+        self.link_down(channel);
         self.on_link_failure(now, MigrationError::ConnectionLost { channel });
     }
 
@@ -370,7 +379,7 @@ impl Destination {
         if !self.links[channel.index()].up {
             return;
         }
-        self.last_received = now;
+        self.heard_from_peer(now);
         self.links[channel.index()].decoder.push(bytes);
         loop {
             let link = &mut self.links[channel.index()];
@@ -391,7 +400,7 @@ impl Destination {
 
     /// Handles one decoded frame from `channel`.
     pub fn handle_frame(&mut self, now: Timestamp, channel: Channel, frame: Frame) -> Result<(), ProtocolError> {
-        self.last_received = now;
+        self.heard_from_peer(now);
         let index = channel.index();
         // Every source connection opens with its hello; nothing before it counts.
         if self.hellos[index].is_none() {
@@ -408,17 +417,12 @@ impl Destination {
         match (channel, frame) {
             (_, Frame::Ping) => Ok(()),
             (Channel::Main | Channel::Urgent, Frame::Page(page)) => self.on_page(now, channel, page),
-            (Channel::Main, Frame::Discard(discard)) if self.state == DestinationState::Precopy => {
+            (Channel::Main, Frame::Discard(discard)) if self.state() == DestinationState::Precopy => {
                 self.on_discard(discard)
             }
-            (Channel::Main, Frame::DeviceState { last, chunk }) if self.state == DestinationState::Precopy => {
-                self.on_device_state(now, last, chunk)
-            }
+            (Channel::Main, Frame::DeviceState { last, chunk }) => self.on_device_state(now, last, chunk),
             (Channel::Main | Channel::Urgent, Frame::StartGuest) => self.on_start_guest(now, channel),
-            (Channel::Main, Frame::EndOfStream) if self.device_loaded => {
-                self.end_of_stream_received = true;
-                Ok(())
-            }
+            (Channel::Main, Frame::EndOfStream) if self.device_loaded => Ok(()),
             (Channel::Main, Frame::Cancel { reason }) if !self.guest_started => {
                 self.fail(now, MigrationError::CancelledByPeer(reason), None);
                 Ok(())
@@ -429,7 +433,7 @@ impl Destination {
 
     /// A thread touched a missing page (or one that raced with its install).
     pub fn handle_page_fault(&mut self, now: Timestamp, page: PageNumber, waiter: Waiter) -> Result<(), EventError> {
-        if matches!(self.state, DestinationState::Listening | DestinationState::Precopy | DestinationState::Failed) {
+        if matches!(self.state(), DestinationState::Listening | DestinationState::Precopy | DestinationState::Failed) {
             return Err(self.wrong_state("page fault"));
         }
         if page.0 >= self.present.len() {
@@ -461,7 +465,7 @@ impl Destination {
     /// The device state asked for by [`DestinationAction::LoadDeviceState`]
     /// is loaded (`Ok`) or could not be (`Err` with the reason).
     pub fn handle_device_state_loaded(&mut self, now: Timestamp, result: Result<(), String>) -> Result<(), EventError> {
-        match self.state {
+        match self.state() {
             DestinationState::LoadingDevice => {}
             // The migration ended while loading: nothing to do.
             DestinationState::Failed => return Ok(()),
@@ -470,7 +474,7 @@ impl Destination {
         match result {
             Ok(()) => {
                 self.device_loaded = true;
-                self.state = DestinationState::AwaitingStart;
+                self.state = State::AwaitingStart;
                 self.control.push_back(Frame::ReadyToRun);
             }
             Err(reason) => {
@@ -487,7 +491,7 @@ impl Destination {
     /// recovery), the source may transmit StartGuest, its point of no return,
     /// at any moment: only the source may cancel from then on.
     pub fn handle_cancel(&mut self, now: Timestamp) -> Result<(), EventError> {
-        if self.guest_started || self.device_loaded || self.state.is_terminal() {
+        if self.guest_started || self.device_loaded || self.state().is_terminal() {
             return Err(self.wrong_state("cancel"));
         }
         let farewell = Frame::GuestDropped { reason: "cancelled on the destination".into() };
@@ -497,37 +501,33 @@ impl Destination {
 
     /// A timer armed through [`Destination::poll_timeout`] expired.
     pub fn handle_timeout(&mut self, now: Timestamp) {
-        if self.state == DestinationState::Failed {
+        let Some(timer) = self.timers.take_expired(now) else {
             return;
-        }
-        if self.handshake_deadline.is_some_and(|d| now >= d) {
-            self.handshake_deadline = None;
-            let timeout_ms = self.config.handshake_timeout.as_millis() as u64;
-            self.on_link_failure(now, MigrationError::HandshakeTimeout { timeout_ms });
-            return;
-        }
-        if self.start_deadline.is_some_and(|d| now >= d) {
-            self.start_deadline = None;
-            let timeout_ms = self.config.start_timeout.as_millis() as u64;
-            self.fail(now, MigrationError::StartTimeout { timeout_ms }, None);
-            return;
-        }
-        if self.state.is_terminal() {
-            return;
-        }
-        if let Some(timeout) = self.config.peer_timeout {
-            if self.session.is_some() && self.links.iter().any(|l| l.up) && now >= self.last_received + timeout {
-                let timeout_ms = timeout.as_millis() as u64;
+        };
+        match timer {
+            Timer::Handshake => {
+                let timeout_ms = self.config.handshake_timeout.as_millis() as u64;
+                self.on_link_failure(now, MigrationError::HandshakeTimeout { timeout_ms });
+            }
+            Timer::Start => {
+                let timeout_ms = self.config.start_timeout.as_millis() as u64;
+                self.fail(now, MigrationError::StartTimeout { timeout_ms }, None);
+            }
+            Timer::PeerTimeout => {
+                let timeout_ms = self.config.peer_timeout.unwrap_or_default().as_millis() as u64;
                 self.close_all_links();
                 self.on_link_failure(now, MigrationError::PeerTimeout { timeout_ms });
-                return;
             }
-        }
-        if let Some(interval) = self.config.keepalive_interval {
-            let ret = &mut self.links[Channel::Return.index()];
-            if ret.up && ret.keepalive_due(now, interval) && self.control.is_empty() {
-                self.control.push_back(Frame::Ping);
+            Timer::Keepalive => {
+                // The next one is due an interval from now even while this
+                // one waits for room: a deadline left in the past would spin
+                // a driver whose socket is full.
+                self.arm_keepalive(now);
+                if self.control.is_empty() {
+                    self.control.push_back(Frame::Ping);
+                }
             }
+            Timer::Retry => {}
         }
     }
 
@@ -545,7 +545,7 @@ impl Destination {
             });
         }
         match (&self.session, hello.resume) {
-            (None, false) if self.state == DestinationState::Listening => {
+            (None, false) if self.state() == DestinationState::Listening => {
                 self.present = Bitmap::new(layout.total_pages());
                 self.stats.0.bookkeeping_bytes = self.present.heap_bytes() as u64;
                 self.actions.push_back(DestinationAction::PrepareMemory(layout.clone()));
@@ -557,13 +557,14 @@ impl Destination {
                     layout,
                 });
                 self.epoch = hello.epoch;
-                self.state = DestinationState::Precopy;
-                self.handshake_deadline = None;
+                self.state = State::Precopy(Vec::new());
+                self.timers.stop(Timer::Handshake);
+                self.heard_from_peer(now);
                 self.clock.0.handshake_done = Some(now);
             }
             (Some(session), true)
                 if matches!(
-                    self.state,
+                    self.state(),
                     DestinationState::Paused | DestinationState::Recovering | DestinationState::Completed
                 ) =>
             {
@@ -580,21 +581,20 @@ impl Destination {
                     return Err(ProtocolError::LayoutChanged);
                 }
                 self.epoch = hello.epoch;
-                self.end_of_stream_received = false;
                 self.eoc_queued = false;
                 self.report_word = None;
                 self.control.clear();
-                if self.state != DestinationState::Completed {
-                    self.state = DestinationState::Recovering;
+                if self.state() != DestinationState::Completed {
+                    self.state = State::Recovering;
                 }
-                self.start_deadline = None;
+                self.timers.stop(Timer::Start);
             }
             (None, true) => return Err(ProtocolError::NothingToResume { session: hello.session }),
             _ => {
                 return Err(ProtocolError::UnexpectedFrame {
                     channel: Channel::Main,
                     kind: wire::FrameKind::Hello,
-                    state: self.state.to_string(),
+                    state: self.state().to_string(),
                 })
             }
         }
@@ -604,7 +604,7 @@ impl Destination {
             // The return connection already answered an older hello: the
             // source that sent this one reads a newer connection. Close it
             // and answer on the next.
-            self.links[Channel::Return.index()].down();
+            self.link_down(Channel::Return);
             self.actions.push_back(DestinationAction::Close(Channel::Return));
         }
         self.welcome_pending = true;
@@ -619,8 +619,7 @@ impl Destination {
         };
         let main_epoch = self.hellos[Channel::Main.index()].map(|(_, e)| e);
         if session != current.id || (main_epoch.is_some() && Some(epoch) != main_epoch) {
-            self.links[Channel::Urgent.index()].down();
-            self.hellos[Channel::Urgent.index()] = None;
+            self.link_down(Channel::Urgent);
             self.actions.push_back(DestinationAction::Close(Channel::Urgent));
         }
     }
@@ -641,13 +640,13 @@ impl Destination {
                 return Err(ProtocolError::PageLength { expected: self.page_size, got: bytes.len() });
             }
         }
-        let precopy_ok = self.state == DestinationState::Precopy
+        let precopy_ok = self.state() == DestinationState::Precopy
             && session.mode == WireMode::Hybrid
             && channel == Channel::Main
             && frame.kind == PageKind::Precopy;
         let postcopy_ok = frame.kind != PageKind::Precopy
             && matches!(
-                self.state,
+                self.state(),
                 DestinationState::LoadingDevice
                     | DestinationState::AwaitingStart
                     | DestinationState::Running
@@ -719,30 +718,33 @@ impl Destination {
     }
 
     fn on_device_state(&mut self, now: Timestamp, last: bool, chunk: Bytes) -> Result<(), ProtocolError> {
-        if self.device_state.is_empty() {
+        let State::Precopy(device_state) = &mut self.state else {
+            return Err(self.unexpected(Channel::Main, &Frame::DeviceState { last, chunk }));
+        };
+        if device_state.is_empty() {
             // The source stopped the guest before sending this.
             self.clock.0.stopped.get_or_insert(now);
         }
         let limit = self.config.max_device_state_bytes;
-        if self.device_state.len() as u64 + chunk.len() as u64 > limit {
+        if device_state.len() as u64 + chunk.len() as u64 > limit {
             return Err(ProtocolError::DeviceStateTooLarge { limit });
         }
-        self.device_state.extend_from_slice(&chunk);
+        device_state.extend_from_slice(&chunk);
         if last {
             self.clock.0.stopped.get_or_insert(now);
-            let state = Bytes::from(std::mem::take(&mut self.device_state));
+            let state = Bytes::from(std::mem::take(device_state));
             self.stats.0.device_state_bytes = state.len() as u64;
-            self.state = DestinationState::LoadingDevice;
+            self.state = State::LoadingDevice;
             self.actions.push_back(DestinationAction::LoadDeviceState(state));
         }
         Ok(())
     }
 
     fn on_start_guest(&mut self, now: Timestamp, channel: Channel) -> Result<(), ProtocolError> {
-        match self.state {
+        match self.state() {
             DestinationState::AwaitingStart => {
                 self.guest_started = true;
-                self.state = DestinationState::Running;
+                self.state = State::Running;
                 self.clock.0.started = Some(now);
                 self.actions.push_back(DestinationAction::ResumeVcpus);
                 self.check_end_of_copy();
@@ -769,7 +771,7 @@ impl Destination {
             return true;
         }
         if matches!(
-            self.state,
+            self.state(),
             DestinationState::LoadingDevice | DestinationState::AwaitingStart | DestinationState::Running
         ) && self.send_request(out)
         {
@@ -847,7 +849,7 @@ impl Destination {
             device_loaded: self.device_loaded,
             max_outstanding_requests: self.config.max_outstanding_requests,
         }));
-        if matches!(self.state, DestinationState::Recovering | DestinationState::Completed) && self.device_loaded {
+        if matches!(self.state(), DestinationState::Recovering | DestinationState::Completed) && self.device_loaded {
             self.report_word = Some(0);
         }
     }
@@ -859,8 +861,8 @@ impl Destination {
         // Ask again for every page still awaited; the old requests died with
         // the old connections.
         self.pending_requests = self.outstanding.keys().map(|&p| PageNumber(p)).collect();
-        if self.state == DestinationState::Recovering {
-            self.state = if self.guest_started { DestinationState::Running } else { DestinationState::AwaitingStart };
+        if self.state() == DestinationState::Recovering {
+            self.state = if self.guest_started { State::Running } else { State::AwaitingStart };
         }
         self.check_end_of_copy();
     }
@@ -869,7 +871,7 @@ impl Destination {
         if !self.guest_started || self.eoc_queued || self.report_word.is_some() {
             return;
         }
-        if !matches!(self.state, DestinationState::Running | DestinationState::Completed) {
+        if !matches!(self.state(), DestinationState::Running | DestinationState::Completed) {
             return;
         }
         let all_present = if planted!(self.config, EarlyEoc) {
@@ -883,12 +885,11 @@ impl Destination {
     }
 
     fn complete(&mut self, now: Timestamp) {
-        if self.state == DestinationState::Completed {
+        if self.state() == DestinationState::Completed {
             return;
         }
-        self.state = DestinationState::Completed;
-        self.handshake_deadline = None;
-        self.start_deadline = None;
+        self.state = State::Completed;
+        self.timers.stop_all();
         let stats = self.stats(now);
         self.actions.push_back(DestinationAction::Finished(Box::new(Finished {
             result: Ok(()),
@@ -905,14 +906,13 @@ impl Destination {
             if self.links[Channel::Return.index()].up {
                 let mut bytes = Vec::new();
                 wire::encode(&frame, &mut bytes);
-                self.links[Channel::Return.index()].down();
+                self.link_down(Channel::Return);
                 self.actions.push_back(DestinationAction::Farewell { channel: Channel::Return, bytes: bytes.into() });
             }
         }
         self.close_all_links();
-        self.state = DestinationState::Failed;
-        self.handshake_deadline = None;
-        self.start_deadline = None;
+        self.state = State::Failed;
+        self.timers.stop_all();
         let stats = self.stats(now);
         self.actions.push_back(DestinationAction::Finished(Box::new(Finished {
             result: Err(error),
@@ -923,7 +923,7 @@ impl Destination {
 
     fn pause(&mut self, now: Timestamp, reason: MigrationError) {
         self.close_all_links();
-        self.state = DestinationState::Paused;
+        self.state = State::Paused;
         self.control.clear();
         self.pending_requests.clear();
         self.report_word = None;
@@ -933,13 +933,13 @@ impl Destination {
         // Dropping the guest is safe only while the source cannot have
         // transmitted StartGuest.
         if !self.guest_started && !self.start_possible {
-            self.start_deadline = Some(now + self.config.start_timeout);
+            self.timers.set(Timer::Start, now + self.config.start_timeout);
         }
         self.actions.push_back(DestinationAction::Notice(Notice::Paused { reason }));
     }
 
     fn on_link_failure(&mut self, now: Timestamp, reason: MigrationError) {
-        match self.state {
+        match self.state() {
             DestinationState::Failed | DestinationState::Paused => {}
             DestinationState::Completed => {
                 // A recovery of a source that lost the EOC was cut: what it
@@ -965,12 +965,11 @@ impl Destination {
     }
 
     fn on_protocol_error(&mut self, now: Timestamp, channel: Channel, error: ProtocolError) {
-        match self.state {
+        match self.state() {
             DestinationState::Failed => {}
             DestinationState::Completed | DestinationState::Paused => {
                 // Nothing to lose: drop the offending connection only.
-                self.links[channel.index()].down();
-                self.hellos[channel.index()] = None;
+                self.link_down(channel);
                 self.actions.push_back(DestinationAction::Close(channel));
                 self.actions
                     .push_back(DestinationAction::Notice(Notice::ConnectionRefused { channel, error: error.clone() }));
@@ -991,18 +990,48 @@ impl Destination {
     fn close_all_links(&mut self) {
         for channel in Channel::ALL {
             if self.links[channel.index()].up {
-                self.links[channel.index()].down();
-                self.hellos[channel.index()] = None;
+                self.link_down(channel);
                 self.actions.push_back(DestinationAction::Close(channel));
             }
         }
     }
 
+    /// `channel`'s connection is gone, with its hello and the timers that
+    /// watch it.
+    fn link_down(&mut self, channel: Channel) {
+        self.links[channel.index()].down();
+        self.hellos[channel.index()] = None;
+        if channel == Channel::Return {
+            self.timers.stop(Timer::Keepalive);
+        }
+        if !self.links.iter().any(|l| l.up) {
+            self.timers.stop(Timer::PeerTimeout);
+        }
+    }
+
+    /// Something came from the source: it is alive. The peer timeout runs
+    /// while a connection of a known session is up and the migration is not over.
+    fn heard_from_peer(&mut self, now: Timestamp) {
+        let Some(timeout) = self.config.peer_timeout else { return };
+        if self.session.is_some() && !self.state().is_terminal() && self.links.iter().any(|l| l.up) {
+            self.timers.set(Timer::PeerTimeout, now + timeout);
+        }
+    }
+
+    /// A keep-alive an interval after `since` (the last write on the return
+    /// channel), while the return channel is up and the migration not over.
+    fn arm_keepalive(&mut self, since: Timestamp) {
+        let Some(interval) = self.config.keepalive_interval else { return };
+        if self.links[Channel::Return.index()].up && !self.state().is_terminal() {
+            self.timers.set(Timer::Keepalive, since + interval);
+        }
+    }
+
     fn unexpected(&self, channel: Channel, frame: &Frame) -> ProtocolError {
-        ProtocolError::UnexpectedFrame { channel, kind: frame.kind(), state: self.state.to_string() }
+        ProtocolError::UnexpectedFrame { channel, kind: frame.kind(), state: self.state().to_string() }
     }
 
     fn wrong_state(&self, event: &'static str) -> EventError {
-        EventError::WrongState { event, state: self.state.to_string() }
+        EventError::WrongState { event, state: self.state().to_string() }
     }
 }

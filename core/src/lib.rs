@@ -50,6 +50,7 @@ pub mod stats;
 #[cfg(feature = "testkit")]
 pub mod testkit;
 pub mod time;
+mod timer;
 pub mod wire;
 
 pub use channel::Channel;

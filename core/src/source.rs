@@ -57,7 +57,8 @@ use crate::layout::{PageAddress, PageNumber, RamLayout};
 use crate::link::Link;
 use crate::outcome::{Finished, Notice, Side};
 use crate::stats::{Observed, PhaseClock, SourceStats};
-use crate::time::{earliest, Timestamp};
+use crate::time::Timestamp;
+use crate::timer::{Timer, TimerTable};
 use crate::wire::{self, Frame, Hello, PageKind, UrgentHello, Welcome, WireMode, MAX_DISCARD_RANGES};
 
 /// Read access to the guest's RAM on the source.
@@ -213,6 +214,66 @@ struct RecoveryReport {
     present_seen: u64,
 }
 
+/// Where the source is, with what only that state needs (the public
+/// [`SourceState`] is its name).
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+enum State {
+    Connecting,
+    Handshake,
+    Precopy,
+    DirtySync,
+    Stopping,
+    /// The vCPUs are stopped; their device state waits for the last dirty log.
+    FinalSync(Bytes),
+    Switchover(Switchover),
+    Active {
+        end_of_stream_queued: bool,
+    },
+    EocReceived,
+    AllPagesSent,
+    Completed,
+    ErrorReceive,
+    Paused,
+    Recovering(RecoveryReport),
+    /// Why the migration was abandoned.
+    Withdrawing(MigrationError),
+    Failed,
+}
+
+/// What the source sends between stopping the vCPUs and StartGuest.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+struct Switchover {
+    /// Next page to examine when streaming discard frames.
+    discard_cursor: u64,
+    /// Device state still to send; `None` once its last chunk left.
+    device_state: Option<Bytes>,
+    /// The destination is ready and StartGuest is queued.
+    start_queued: bool,
+}
+
+impl State {
+    fn kind(&self) -> SourceState {
+        match self {
+            State::Connecting => SourceState::Connecting,
+            State::Handshake => SourceState::Handshake,
+            State::Precopy => SourceState::Precopy,
+            State::DirtySync => SourceState::DirtySync,
+            State::Stopping => SourceState::Stopping,
+            State::FinalSync(_) => SourceState::FinalSync,
+            State::Switchover(_) => SourceState::Switchover,
+            State::Active { .. } => SourceState::Active,
+            State::EocReceived => SourceState::EocReceived,
+            State::AllPagesSent => SourceState::AllPagesSent,
+            State::Completed => SourceState::Completed,
+            State::ErrorReceive => SourceState::ErrorReceive,
+            State::Paused => SourceState::Paused,
+            State::Recovering(_) => SourceState::Recovering,
+            State::Withdrawing(_) => SourceState::Withdrawing,
+            State::Failed => SourceState::Failed,
+        }
+    }
+}
+
 /// The source's state machine.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct Source {
@@ -220,7 +281,7 @@ pub struct Source {
     layout: RamLayout,
     session: u64,
     epoch: u32,
-    state: SourceState,
+    state: State,
     links: [Link; 3],
     /// Sent in the current phase and not known lost.
     sent: SearchBitmap,
@@ -236,28 +297,16 @@ pub struct Source {
     round: u32,
     switch_requested: bool,
     precopy_sent_any: bool,
-    /// Next page to examine when streaming discard frames.
-    discard_cursor: u64,
-    /// Device state still to send.
-    device_state: Option<Bytes>,
-    device_state_sent: bool,
-    start_queued: bool,
-    end_of_stream_queued: bool,
     main_control: VecDeque<Frame>,
     urgent_control: VecDeque<Frame>,
     peer_max_requests: u32,
-    recovery: RecoveryReport,
     attempt: u32,
-    retry_at: Option<Timestamp>,
-    handshake_deadline: Option<Timestamp>,
-    last_received: Timestamp,
+    timers: TimerTable,
     actions: VecDeque<SourceAction>,
     clock: Observed<PhaseClock>,
     stats: Observed<SourceStats>,
     /// Opaque description of the machine, carried in the hello.
     machine: Bytes,
-    /// Why the migration was abandoned, while withdrawing.
-    withdraw_reason: Option<MigrationError>,
 }
 
 impl Source {
@@ -275,31 +324,22 @@ impl Source {
             layout,
             session,
             epoch: 0,
-            state: SourceState::Connecting,
+            state: State::Connecting,
             links: Default::default(),
             urgent_queue: VecDeque::new(),
             cursor: 0,
             round: 0,
             switch_requested: false,
             precopy_sent_any: false,
-            discard_cursor: 0,
-            device_state: None,
-            device_state_sent: false,
-            start_queued: false,
-            end_of_stream_queued: false,
             main_control: VecDeque::new(),
             urgent_control: VecDeque::new(),
             peer_max_requests: 0,
-            recovery: RecoveryReport::default(),
             attempt: 0,
-            retry_at: None,
-            handshake_deadline: None,
-            last_received: Timestamp::ZERO,
+            timers: TimerTable::default(),
             actions: VecDeque::new(),
             clock: Observed::default(),
             stats: Observed::default(),
             machine: Bytes::new(),
-            withdraw_reason: None,
         };
         source.update_bookkeeping_stat();
         source
@@ -320,7 +360,7 @@ impl Source {
     // ----- getters -------------------------------------------------------
 
     pub fn state(&self) -> SourceState {
-        self.state
+        self.state.kind()
     }
 
     pub fn config(&self) -> &Config {
@@ -367,7 +407,7 @@ impl Source {
 
     /// The channels this migration uses.
     pub fn channels(&self) -> impl Iterator<Item = Channel> + '_ {
-        let withdrawing = self.state == SourceState::Withdrawing;
+        let withdrawing = self.state() == SourceState::Withdrawing;
         Channel::ALL.into_iter().filter(move |&c| match c {
             Channel::Main => true,
             // Telling the destination to drop the guest needs the main channel only.
@@ -387,22 +427,7 @@ impl Source {
     /// When [`Source::handle_timeout`] must be called next.
     #[must_use]
     pub fn poll_timeout(&self) -> Option<Timestamp> {
-        if self.state.is_terminal() {
-            return None;
-        }
-        let mut deadline = earliest(self.retry_at, self.handshake_deadline);
-        if let Some(interval) = self.config.keepalive_interval {
-            if self.hello_queued() {
-                let main = &self.links[Channel::Main.index()];
-                deadline = earliest(deadline, Some(main.last_sent + interval));
-            }
-        }
-        if let Some(timeout) = self.config.peer_timeout {
-            if self.links[Channel::Return.index()].up {
-                deadline = earliest(deadline, Some(self.last_received + timeout));
-            }
-        }
-        deadline
+        self.timers.next()
     }
 
     /// Appends frames for `channel` to `out` until it holds at least
@@ -467,8 +492,8 @@ impl Source {
                 break;
             }
         }
-        if frames > 0 {
-            self.links[channel.index()].last_sent = now;
+        if frames > 0 && channel == Channel::Main && self.timers.is_armed(Timer::Keepalive) {
+            self.arm_keepalive(now);
         }
         frames
     }
@@ -477,11 +502,11 @@ impl Source {
 
     /// Begins the migration: asks the driver to open the channels.
     pub fn handle_start(&mut self, now: Timestamp) -> Result<(), EventError> {
-        if self.state != SourceState::Connecting || self.handshake_deadline.is_some() {
+        if self.state() != SourceState::Connecting || self.timers.is_armed(Timer::Handshake) {
             return Err(self.wrong_state("start"));
         }
         self.clock.0.touch(now);
-        self.handshake_deadline = Some(now + self.config.handshake_timeout);
+        self.timers.set(Timer::Handshake, now + self.config.handshake_timeout);
         self.connect_all();
         Ok(())
     }
@@ -496,25 +521,27 @@ impl Source {
         }
         link.connected(now);
         if channel == Channel::Return {
-            self.last_received = now;
+            self.heard_from_peer(now);
         }
         if !self.channels().all(|c| self.links[c.index()].up) {
             return;
         }
         let hello = self.hello();
-        if self.state == SourceState::Withdrawing {
+        if self.state() == SourceState::Withdrawing {
             self.tell_destination_to_drop(now, hello);
             return;
         }
         self.main_control.push_back(Frame::Hello(hello));
+        // Nothing went out on the main channel before its hello: idle since it came up.
+        let main_up_since = self.links[Channel::Main.index()].connected_at;
+        self.arm_keepalive(main_up_since);
         if self.config.urgent_channel {
             self.urgent_control.push_back(Frame::UrgentHello(UrgentHello { session: self.session, epoch: self.epoch }));
         }
-        match self.state {
-            SourceState::Connecting => self.state = SourceState::Handshake,
+        match self.state() {
+            SourceState::Connecting => self.state = State::Handshake,
             SourceState::Paused | SourceState::ErrorReceive => {
-                self.state = SourceState::Recovering;
-                self.recovery = RecoveryReport::default();
+                self.state = State::Recovering(RecoveryReport::default())
             }
             _ => {}
         }
@@ -522,7 +549,7 @@ impl Source {
 
     fn hello(&self) -> Hello {
         Hello {
-            resume: self.state != SourceState::Connecting,
+            resume: self.state() != SourceState::Connecting,
             urgent_channel: self.config.urgent_channel,
             session: self.session,
             epoch: self.epoch,
@@ -553,13 +580,12 @@ impl Source {
     /// refusal means no destination waits for this guest, and the source
     /// finishes at once instead of spending its remaining attempts.
     pub fn handle_connect_refused(&mut self, now: Timestamp, channel: Channel) {
-        if self.state != SourceState::Withdrawing || !self.links[channel.index()].connecting {
+        if self.state() != SourceState::Withdrawing || !self.links[channel.index()].connecting {
             self.handle_connect_failed(now, channel);
             return;
         }
         self.close_all_links();
-        self.handshake_deadline = None;
-        let error = self.withdraw_reason.take().unwrap_or(MigrationError::ConnectFailed { channel });
+        let error = self.withdraw_reason().unwrap_or(MigrationError::ConnectFailed { channel });
         self.finish_failed(now, error, false);
     }
 
@@ -579,7 +605,7 @@ impl Source {
         if channel != Channel::Return || !self.links[channel.index()].up {
             return;
         }
-        self.last_received = now;
+        self.heard_from_peer(now);
         self.links[channel.index()].decoder.push(bytes);
         loop {
             let link = &mut self.links[channel.index()];
@@ -607,27 +633,29 @@ impl Source {
         if channel != Channel::Return {
             return Err(self.unexpected(channel, &frame));
         }
-        self.last_received = now;
+        self.heard_from_peer(now);
         match frame {
             Frame::Ping => Ok(()),
             Frame::Welcome(welcome) => self.on_welcome(now, welcome),
             Frame::Reject { reason } => Err(ProtocolError::Rejected(reason)),
             Frame::Request(request) => self.on_request(now, channel, request),
-            Frame::ReadyToRun if self.state == SourceState::Switchover && self.device_state_sent => {
-                if !self.start_queued {
-                    self.queue_start_guest();
+            Frame::ReadyToRun if self.device_state_sent() => {
+                if let State::Switchover(switchover) = &mut self.state {
+                    if !std::mem::replace(&mut switchover.start_queued, true) {
+                        self.queue_start_guest();
+                    }
                 }
                 Ok(())
             }
             Frame::Eoc => self.on_eoc(now, channel),
-            Frame::GuestDropped { reason } if !self.state.after_start() && self.state != SourceState::Connecting => {
+            Frame::GuestDropped { reason }
+                if !self.state().after_start() && self.state() != SourceState::Connecting =>
+            {
                 self.fail(now, MigrationError::DestinationDropped(reason));
                 Ok(())
             }
-            Frame::PresentPages(present) if self.state == SourceState::Recovering => self.on_present_pages(present),
-            Frame::PresentEnd { present_pages } if self.state == SourceState::Recovering => {
-                self.on_present_end(now, present_pages)
-            }
+            Frame::PresentPages(present) => self.on_present_pages(present),
+            Frame::PresentEnd { present_pages } => self.on_present_end(now, present_pages),
             frame => Err(self.unexpected(channel, &frame)),
         }
     }
@@ -635,7 +663,7 @@ impl Source {
     /// The vCPUs are stopped (after [`SourceAction::StopVcpus`]); `device_state`
     /// is the VMM's opaque device state, to be loaded on the destination.
     pub fn handle_vcpus_stopped(&mut self, now: Timestamp, device_state: Bytes) -> Result<(), EventError> {
-        if self.state != SourceState::Stopping {
+        if self.state() != SourceState::Stopping {
             return Err(self.wrong_state("vcpus stopped"));
         }
         if device_state.len() as u64 > self.config.max_device_state_bytes {
@@ -644,12 +672,11 @@ impl Source {
             return Ok(());
         }
         self.stats.0.device_state_bytes = device_state.len() as u64;
-        self.device_state = Some(device_state);
         if self.precopy_sent_any {
-            self.state = SourceState::FinalSync;
+            self.state = State::FinalSync(device_state);
             self.actions.push_back(SourceAction::SyncDirtyLog);
         } else {
-            self.begin_switchover();
+            self.begin_switchover(device_state);
         }
         Ok(())
     }
@@ -658,7 +685,7 @@ impl Source {
     /// `first_page + 64 j + i` was written since the previous sync.
     /// `first_page` must be a multiple of 64.
     pub fn handle_dirty_bitmap(&mut self, _now: Timestamp, first_page: u64, words: &[u64]) -> Result<(), EventError> {
-        if !matches!(self.state, SourceState::DirtySync | SourceState::FinalSync) {
+        if !matches!(self.state(), SourceState::DirtySync | SourceState::FinalSync) {
             return Err(self.wrong_state("dirty bitmap"));
         }
         let total = self.layout.total_pages();
@@ -685,7 +712,7 @@ impl Source {
         _now: Timestamp,
         pages: impl IntoIterator<Item = PageNumber>,
     ) -> Result<(), EventError> {
-        if !matches!(self.state, SourceState::DirtySync | SourceState::FinalSync) {
+        if !matches!(self.state(), SourceState::DirtySync | SourceState::FinalSync) {
             return Err(self.wrong_state("dirty pages"));
         }
         for page in pages {
@@ -699,20 +726,21 @@ impl Source {
 
     /// The dirty log asked for by [`SourceAction::SyncDirtyLog`] is complete.
     pub fn handle_dirty_sync_complete(&mut self, now: Timestamp) -> Result<(), EventError> {
-        match self.state {
-            SourceState::DirtySync => {
+        match &mut self.state {
+            State::DirtySync => {
                 self.round += 1;
                 self.stats.0.precopy_rounds = self.round;
                 if self.switch_requested || self.round >= self.config.mode.precopy_rounds() {
                     self.stop_guest(now);
                 } else {
-                    self.state = SourceState::Precopy;
+                    self.state = State::Precopy;
                     self.cursor = 0;
                 }
                 Ok(())
             }
-            SourceState::FinalSync => {
-                self.begin_switchover();
+            State::FinalSync(device_state) => {
+                let device_state = std::mem::take(device_state);
+                self.begin_switchover(device_state);
                 Ok(())
             }
             _ => Err(self.wrong_state("dirty sync complete")),
@@ -721,7 +749,7 @@ impl Source {
 
     /// The user asks to stop precopy and switch to postcopy now.
     pub fn handle_switch_to_postcopy(&mut self, now: Timestamp) -> Result<(), EventError> {
-        match self.state {
+        match self.state() {
             SourceState::Handshake | SourceState::DirtySync => {
                 self.switch_requested = true;
                 Ok(())
@@ -739,7 +767,7 @@ impl Source {
     /// the guest; the guest then keeps (or resumes) running here. While
     /// withdrawing it stops the attempts to tell the destination.
     pub fn handle_cancel(&mut self, now: Timestamp) -> Result<(), EventError> {
-        if self.state.after_start() || self.state.is_terminal() {
+        if self.state().after_start() || self.state().is_terminal() {
             return Err(self.wrong_state("cancel"));
         }
         self.fail(now, MigrationError::Cancelled);
@@ -749,41 +777,37 @@ impl Source {
     /// A timer armed through [`Source::poll_timeout`] expired (or any time: the
     /// core checks what is due).
     pub fn handle_timeout(&mut self, now: Timestamp) {
-        if self.state.is_terminal() {
+        let Some(timer) = self.timers.take_expired(now) else {
             return;
-        }
-        if self.handshake_deadline.is_some_and(|d| now >= d) {
-            self.handshake_deadline = None;
-            let timeout_ms = self.config.handshake_timeout.as_millis() as u64;
-            self.on_link_failure(now, MigrationError::HandshakeTimeout { timeout_ms });
-            return;
-        }
-        if self.retry_at.is_some_and(|t| now >= t) {
-            self.retry_at = None;
-            self.epoch += 1;
-            self.attempt += 1;
-            if self.state != SourceState::Withdrawing {
-                self.actions.push_back(SourceAction::Notice(Notice::RecoveryAttempt { attempt: self.attempt }));
+        };
+        match timer {
+            Timer::Handshake => {
+                let timeout_ms = self.config.handshake_timeout.as_millis() as u64;
+                self.on_link_failure(now, MigrationError::HandshakeTimeout { timeout_ms });
             }
-            self.handshake_deadline = Some(now + self.config.handshake_timeout);
-            self.connect_all();
-            return;
-        }
-        if let Some(timeout) = self.config.peer_timeout {
-            if self.links[Channel::Return.index()].up && now >= self.last_received + timeout {
-                let timeout_ms = timeout.as_millis() as u64;
+            Timer::Retry => {
+                self.epoch += 1;
+                self.attempt += 1;
+                if self.state() != SourceState::Withdrawing {
+                    self.actions.push_back(SourceAction::Notice(Notice::RecoveryAttempt { attempt: self.attempt }));
+                }
+                self.timers.set(Timer::Handshake, now + self.config.handshake_timeout);
+                self.connect_all();
+            }
+            Timer::PeerTimeout => {
+                let timeout_ms = self.config.peer_timeout.unwrap_or_default().as_millis() as u64;
                 self.on_link_failure(now, MigrationError::PeerTimeout { timeout_ms });
-                return;
             }
-        }
-        if let Some(interval) = self.config.keepalive_interval {
-            let hello_queued = self.hello_queued();
-            if hello_queued
-                && self.links[Channel::Main.index()].keepalive_due(now, interval)
-                && self.main_control.is_empty()
-            {
-                self.main_control.push_back(Frame::Ping);
+            Timer::Keepalive => {
+                // The next one is due an interval from now even while this
+                // one waits for room: a deadline left in the past would spin
+                // a driver whose socket is full.
+                self.arm_keepalive(now);
+                if self.main_control.is_empty() {
+                    self.main_control.push_back(Frame::Ping);
+                }
             }
+            Timer::Start => {}
         }
     }
 
@@ -799,24 +823,24 @@ impl Source {
         // The peer's bound, within this side's own: a peer that announces
         // more cannot make the source queue more.
         self.peer_max_requests = welcome.max_outstanding_requests.min(self.config.max_outstanding_requests);
-        match self.state {
-            SourceState::Handshake => {
-                self.handshake_deadline = None;
+        match &mut self.state {
+            State::Handshake => {
+                self.timers.stop(Timer::Handshake);
                 self.clock.0.handshake_done = Some(now);
                 if self.config.mode.precopy_rounds() > 0 && !self.switch_requested {
-                    self.state = SourceState::Precopy;
+                    self.state = State::Precopy;
                 } else {
                     self.stop_guest(now);
                 }
                 Ok(())
             }
-            SourceState::Recovering if self.recovery.welcome.is_none() => {
+            State::Recovering(report) if report.welcome.is_none() => {
                 if !welcome.device_loaded {
                     return Err(ProtocolError::BadPresentReport(
                         "the destination has no device state to resume with".into(),
                     ));
                 }
-                self.recovery.welcome = Some(welcome);
+                report.welcome = Some(welcome);
                 Ok(())
             }
             _ => Err(self.unexpected(Channel::Return, &Frame::Welcome(welcome))),
@@ -824,7 +848,7 @@ impl Source {
     }
 
     fn on_request(&mut self, _now: Timestamp, channel: Channel, request: wire::Request) -> Result<(), ProtocolError> {
-        match self.state {
+        match self.state() {
             SourceState::Switchover | SourceState::Active => {}
             SourceState::AllPagesSent => {
                 // Every page is on its way; the copies in flight answer these.
@@ -861,7 +885,7 @@ impl Source {
     }
 
     fn on_eoc(&mut self, now: Timestamp, channel: Channel) -> Result<(), ProtocolError> {
-        match self.state {
+        match self.state() {
             SourceState::AllPagesSent => {
                 self.complete(now);
                 Ok(())
@@ -872,8 +896,10 @@ impl Source {
                 Err(ProtocolError::PrematureEoc { unsent: self.layout.total_pages() - self.sent.count_ones() })
             }
             SourceState::Active => {
-                self.state = SourceState::EocReceived;
-                self.queue_end_of_stream();
+                if !matches!(self.state, State::Active { end_of_stream_queued: true }) {
+                    self.main_control.push_back(Frame::EndOfStream);
+                }
+                self.state = State::EocReceived;
                 Ok(())
             }
             _ => Err(self.unexpected(channel, &Frame::Eoc)),
@@ -881,13 +907,16 @@ impl Source {
     }
 
     fn on_present_pages(&mut self, present: wire::PresentPages) -> Result<(), ProtocolError> {
-        if self.recovery.welcome.is_none() {
+        let State::Recovering(report) = &self.state else {
+            return Err(self.unexpected(Channel::Return, &Frame::PresentPages(present)));
+        };
+        if report.welcome.is_none() {
             return Err(ProtocolError::BadPresentReport("present pages before the welcome".into()));
         }
-        if present.first_word != self.recovery.next_word {
+        if present.first_word != report.next_word {
             return Err(ProtocolError::BadPresentReport(format!(
                 "expected word {}, got {}",
-                self.recovery.next_word, present.first_word
+                report.next_word, present.first_word
             )));
         }
         let word_len = self.sent.word_len() as u64;
@@ -899,6 +928,7 @@ impl Source {
             self.lost = Bitmap::new(total);
             self.update_bookkeeping_stat();
         }
+        let mut seen = 0;
         for (j, &present_word) in present.words.iter().enumerate() {
             let w = present.first_word + j as u64;
             let base = w * 64;
@@ -922,30 +952,36 @@ impl Source {
                 extra &= extra - 1;
                 self.sent.set(page);
             }
-            self.recovery.present_seen += u64::from(present_word.count_ones());
+            seen += u64::from(present_word.count_ones());
         }
-        self.recovery.next_word += present.words.len() as u64;
+        if let State::Recovering(report) = &mut self.state {
+            report.next_word += present.words.len() as u64;
+            report.present_seen += seen;
+        }
         Ok(())
     }
 
     fn on_present_end(&mut self, now: Timestamp, present_pages: u64) -> Result<(), ProtocolError> {
-        let Some(welcome) = self.recovery.welcome else {
+        let State::Recovering(report) = &self.state else {
+            return Err(self.unexpected(Channel::Return, &Frame::PresentEnd { present_pages }));
+        };
+        let Some(welcome) = report.welcome else {
             return Err(ProtocolError::BadPresentReport("end of report before the welcome".into()));
         };
-        if self.recovery.next_word != self.sent.word_len() as u64 || self.recovery.present_seen != present_pages {
+        if report.next_word != self.sent.word_len() as u64 || report.present_seen != present_pages {
             return Err(ProtocolError::BadPresentReport(format!(
                 "report covers {} words and {} pages, expected {} words and {present_pages} pages",
-                self.recovery.next_word,
-                self.recovery.present_seen,
+                report.next_word,
+                report.present_seen,
                 self.sent.word_len()
             )));
         }
-        self.handshake_deadline = None;
+        self.timers.stop(Timer::Handshake);
         self.attempt = 0;
         self.stats.0.recoveries += 1;
         self.clock.0.unpause(now);
         self.actions.push_back(SourceAction::Notice(Notice::Recovered { epoch: self.epoch }));
-        self.state = SourceState::Active;
+        self.state = State::Active { end_of_stream_queued: false };
         if !welcome.guest_started {
             // StartGuest was lost with the connection: send it again. The
             // destination may have run the guest for all the source can tell
@@ -964,7 +1000,7 @@ impl Source {
             self.after_control_sent(now, &frame);
             return true;
         }
-        match self.state {
+        match self.state() {
             SourceState::Precopy => self.send_precopy_page(out),
             SourceState::Switchover => {
                 if self.send_discard(out.bytes) || self.send_device_state(out.bytes) {
@@ -988,25 +1024,24 @@ impl Source {
             self.after_control_sent(now, &frame);
             return true;
         }
-        matches!(self.state, SourceState::Switchover | SourceState::Active) && self.send_requested_page(out)
+        matches!(self.state(), SourceState::Switchover | SourceState::Active) && self.send_requested_page(out)
     }
 
     fn after_control_sent(&mut self, now: Timestamp, frame: &Frame) {
         match frame {
             Frame::StartGuest => {
                 // From here on the destination may run the guest: never take it back.
-                self.start_queued = false;
                 // Sent again after a recovery, it may follow the end of the
                 // background push: keep ALL_PAGES_SENT then.
-                if self.state == SourceState::Switchover {
-                    self.state = SourceState::Active;
+                if self.state() == SourceState::Switchover {
+                    self.state = State::Active { end_of_stream_queued: false };
                 }
                 self.clock.0.started.get_or_insert(now);
                 self.check_all_sent();
             }
-            Frame::EndOfStream => match self.state {
+            Frame::EndOfStream => match self.state() {
                 SourceState::EocReceived => self.complete(now),
-                SourceState::Active => self.state = SourceState::AllPagesSent,
+                SourceState::Active => self.state = State::AllPagesSent,
                 _ => {}
             },
             _ => {}
@@ -1023,7 +1058,7 @@ impl Source {
             }
             None => {
                 // Round over: learn what the guest dirtied meanwhile.
-                self.state = SourceState::DirtySync;
+                self.state = State::DirtySync;
                 self.actions.push_back(SourceAction::SyncDirtyLog);
                 false
             }
@@ -1031,8 +1066,11 @@ impl Source {
     }
 
     fn send_discard(&mut self, out: &mut Vec<u8>) -> bool {
-        let Some(first) = self.stale.next_set(self.discard_cursor) else {
-            self.discard_cursor = self.stale.len();
+        let State::Switchover(Switchover { discard_cursor, .. }) = &mut self.state else {
+            return false;
+        };
+        let Some(first) = self.stale.next_set(*discard_cursor) else {
+            *discard_cursor = self.stale.len();
             return false;
         };
         let Some(address) = self.layout.address(PageNumber(first)) else {
@@ -1055,21 +1093,23 @@ impl Source {
             self.stats.0.stale_pages_discarded += end - start;
             page = end;
         }
-        self.discard_cursor = page;
+        *discard_cursor = page;
         wire::encode(&Frame::Discard(wire::Discard { block: address.block, ranges }), out);
         true
     }
 
     fn send_device_state(&mut self, out: &mut Vec<u8>) -> bool {
-        let Some(remaining) = self.device_state.as_mut() else {
+        let State::Switchover(switchover) = &mut self.state else {
+            return false;
+        };
+        let Some(remaining) = switchover.device_state.as_mut() else {
             return false;
         };
         let chunk = remaining.split_to(remaining.len().min(self.config.device_state_chunk()));
         let last = remaining.is_empty();
         wire::encode(&Frame::DeviceState { last, chunk }, out);
         if last {
-            self.device_state = None;
-            self.device_state_sent = true;
+            switchover.device_state = None;
         }
         true
     }
@@ -1158,45 +1198,39 @@ impl Source {
     }
 
     fn stop_guest(&mut self, now: Timestamp) {
-        self.state = SourceState::Stopping;
+        self.state = State::Stopping;
         self.clock.0.stopped = Some(now);
         self.clock.0.handshake_done.get_or_insert(now);
         self.actions.push_back(SourceAction::StopVcpus);
     }
 
-    fn begin_switchover(&mut self) {
-        self.state = SourceState::Switchover;
+    fn begin_switchover(&mut self, device_state: Bytes) {
+        self.state =
+            State::Switchover(Switchover { discard_cursor: 0, device_state: Some(device_state), start_queued: false });
         self.cursor = 0;
         if planted!(self.config, StaleNotDropped) {
             self.stale.clear_all();
         }
-        self.discard_cursor = 0;
     }
 
     fn queue_start_guest(&mut self) {
-        self.start_queued = true;
         let urgent = self.config.urgent_channel && self.links[Channel::Urgent.index()].up;
         let queue = if urgent { &mut self.urgent_control } else { &mut self.main_control };
         queue.push_back(Frame::StartGuest);
     }
 
-    fn queue_end_of_stream(&mut self) {
-        if !self.end_of_stream_queued {
-            self.end_of_stream_queued = true;
-            self.main_control.push_back(Frame::EndOfStream);
-        }
-    }
-
     fn check_all_sent(&mut self) {
-        if self.state == SourceState::Active && self.sent.is_full() {
-            self.queue_end_of_stream();
+        if let State::Active { end_of_stream_queued: queued @ false } = &mut self.state {
+            if self.sent.is_full() {
+                *queued = true;
+                self.main_control.push_back(Frame::EndOfStream);
+            }
         }
     }
 
     fn complete(&mut self, now: Timestamp) {
-        self.state = SourceState::Completed;
-        self.handshake_deadline = None;
-        self.retry_at = None;
+        self.state = State::Completed;
+        self.timers.stop_all();
         for channel in Channel::ALL {
             if self.links[channel.index()].up {
                 self.links[channel.index()].down();
@@ -1214,9 +1248,9 @@ impl Source {
     /// Ends the migration with the guest on the source, telling the
     /// destination why when the main channel is up.
     fn fail(&mut self, now: Timestamp, error: MigrationError) {
-        let stopped = matches!(self.state, SourceState::Stopping | SourceState::FinalSync | SourceState::Switchover);
+        let stopped = matches!(self.state(), SourceState::Stopping | SourceState::FinalSync | SourceState::Switchover);
         let main_up = self.links[Channel::Main.index()].up;
-        let handshaken = !matches!(self.state, SourceState::Connecting | SourceState::Withdrawing);
+        let handshaken = !matches!(self.state(), SourceState::Connecting | SourceState::Withdrawing);
         if handshaken && main_up {
             let mut bytes = Vec::new();
             wire::encode(&Frame::Cancel { reason: error.to_string() }, &mut bytes);
@@ -1228,11 +1262,7 @@ impl Source {
         // that may have cut the main channel too before this side saw it.
         let cancel_may_be_lost =
             !main_up || matches!(error, MigrationError::ConnectionLost { .. } | MigrationError::PeerTimeout { .. });
-        if self.state == SourceState::Switchover
-            && self.device_state_sent
-            && cancel_may_be_lost
-            && self.config.withdraw_attempts > 0
-        {
+        if self.device_state_sent() && cancel_may_be_lost && self.config.withdraw_attempts > 0 {
             self.withdraw(now, error);
             return;
         }
@@ -1247,20 +1277,19 @@ impl Source {
     /// finished: the attempts then fail and the source finishes after them.
     fn withdraw(&mut self, now: Timestamp, error: MigrationError) {
         self.close_all_links();
-        self.state = SourceState::Withdrawing;
-        self.withdraw_reason = Some(error.clone());
-        self.handshake_deadline = None;
+        self.state = State::Withdrawing(error.clone());
+        self.timers.stop(Timer::Handshake);
         self.attempt = 0;
         self.actions.push_back(SourceAction::ResumeVcpus);
         self.actions.push_back(SourceAction::Notice(Notice::Withdrawing { reason: error }));
-        self.retry_at = Some(now + self.config.reconnect_delay(0));
+        self.timers.set(Timer::Retry, now + self.config.reconnect_delay(0));
     }
 
     /// Withdrawing and connected: a resume hello so that the destination
     /// takes the connection, then the cancel; then the migration is over.
     fn tell_destination_to_drop(&mut self, now: Timestamp, mut hello: Hello) {
         hello.resume = true;
-        let error = self.withdraw_reason.take().unwrap_or(MigrationError::Cancelled);
+        let error = self.withdraw_reason().unwrap_or(MigrationError::Cancelled);
         let mut bytes = Vec::new();
         wire::encode(&Frame::Hello(hello), &mut bytes);
         wire::encode(&Frame::Cancel { reason: format!("the source took the guest back: {error}") }, &mut bytes);
@@ -1272,9 +1301,8 @@ impl Source {
     /// The migration is over with the guest on this side (resumed here first
     /// when `resume_guest`).
     fn finish_failed(&mut self, now: Timestamp, error: MigrationError, resume_guest: bool) {
-        self.state = SourceState::Failed;
-        self.handshake_deadline = None;
-        self.retry_at = None;
+        self.state = State::Failed;
+        self.timers.stop_all();
         self.close_all_links();
         if resume_guest {
             self.actions.push_back(SourceAction::ResumeVcpus);
@@ -1292,14 +1320,15 @@ impl Source {
     fn pause(&mut self, now: Timestamp, reason: MigrationError, bad_bytes: bool) {
         if planted!(self.config, SourceResumesAfterSwitchover) {
             self.close_all_links();
-            self.state = SourceState::Failed;
+            self.timers.stop_all();
+            self.state = State::Failed;
             self.actions.push_back(SourceAction::ResumeVcpus);
             return;
         }
-        let was_recovering = self.state == SourceState::Recovering;
-        self.state = if bad_bytes { SourceState::ErrorReceive } else { SourceState::Paused };
+        let was_recovering = self.state() == SourceState::Recovering;
+        self.state = if bad_bytes { State::ErrorReceive } else { State::Paused };
         self.close_all_links();
-        self.handshake_deadline = None;
+        self.timers.stop(Timer::Handshake);
         // The destination re-sends its outstanding requests after recovery.
         while let Some(page) = self.urgent_queue.pop_front() {
             if !planted!(self.config, RequestForgottenOnReconnect) {
@@ -1308,8 +1337,6 @@ impl Source {
         }
         self.main_control.clear();
         self.urgent_control.clear();
-        self.end_of_stream_queued = false;
-        self.start_queued = false;
         self.clock.0.pause(now);
         if was_recovering {
             self.actions.push_back(SourceAction::Notice(Notice::RecoveryFailed {
@@ -1318,30 +1345,30 @@ impl Source {
             }));
         }
         self.actions.push_back(SourceAction::Notice(Notice::Paused { reason }));
-        self.retry_at = Some(now + self.config.reconnect_delay(self.attempt));
+        self.timers.set(Timer::Retry, now + self.config.reconnect_delay(self.attempt));
     }
 
     fn on_link_failure(&mut self, now: Timestamp, reason: MigrationError) {
-        match self.state {
+        match self.state() {
             SourceState::Completed | SourceState::Failed => {}
             SourceState::Withdrawing => {
                 self.close_all_links();
-                self.handshake_deadline = None;
+                self.timers.stop(Timer::Handshake);
                 if self.attempt >= self.config.withdraw_attempts {
                     // Every attempt failed: the destination may keep waiting
                     // until its operator stops it. The guest runs here.
-                    let error = self.withdraw_reason.take().unwrap_or(reason);
+                    let error = self.withdraw_reason().unwrap_or(reason);
                     self.finish_failed(now, error, false);
                 } else {
-                    self.retry_at = Some(now + self.config.reconnect_delay(self.attempt));
+                    self.timers.set(Timer::Retry, now + self.config.reconnect_delay(self.attempt));
                 }
             }
             SourceState::Paused | SourceState::ErrorReceive => {
                 // A reconnection attempt failed: close what did connect, retry later.
                 self.close_all_links();
-                self.handshake_deadline = None;
+                self.timers.stop(Timer::Handshake);
                 self.actions.push_back(SourceAction::Notice(Notice::RecoveryFailed { attempt: self.attempt, reason }));
-                self.retry_at = Some(now + self.config.reconnect_delay(self.attempt));
+                self.timers.set(Timer::Retry, now + self.config.reconnect_delay(self.attempt));
             }
             state if state.after_start() => self.pause(now, reason, false),
             _ => self.fail(now, reason),
@@ -1349,7 +1376,7 @@ impl Source {
     }
 
     fn on_protocol_error(&mut self, now: Timestamp, error: ProtocolError) {
-        match self.state {
+        match self.state() {
             SourceState::Completed | SourceState::Failed => {}
             // Bad bytes on a connection of a reconnection attempt: the
             // attempt failed (its connections close), retry later.
@@ -1361,11 +1388,38 @@ impl Source {
         }
     }
 
-    /// Whether the current main connection has its hello queued or sent: it
-    /// is queued the moment every channel is up, and nothing may go before
-    /// it (the destination refuses any other first frame).
-    fn hello_queued(&self) -> bool {
-        self.channels().all(|c| self.links[c.index()].up)
+    /// Switching over, with the whole device state sent: the destination
+    /// may have loaded it and be waiting for StartGuest.
+    fn device_state_sent(&self) -> bool {
+        matches!(self.state, State::Switchover(Switchover { device_state: None, .. }))
+    }
+
+    /// Why the migration was abandoned, while withdrawing.
+    fn withdraw_reason(&self) -> Option<MigrationError> {
+        match &self.state {
+            State::Withdrawing(reason) => Some(reason.clone()),
+            _ => None,
+        }
+    }
+
+    /// Something came from the destination: it is alive. The peer timeout
+    /// runs while the return channel, the one it writes, is up.
+    fn heard_from_peer(&mut self, now: Timestamp) {
+        if let Some(timeout) = self.config.peer_timeout {
+            if self.links[Channel::Return.index()].up {
+                self.timers.set(Timer::PeerTimeout, now + timeout);
+            }
+        }
+    }
+
+    /// A keep-alive an interval after `since`, when keep-alives are on. It
+    /// runs from the moment the main connection has its hello queued:
+    /// nothing may go before the hello (the destination refuses any other
+    /// first frame).
+    fn arm_keepalive(&mut self, since: Timestamp) {
+        if let Some(interval) = self.config.keepalive_interval {
+            self.timers.set(Timer::Keepalive, since + interval);
+        }
     }
 
     fn connect_all(&mut self) {
@@ -1379,6 +1433,8 @@ impl Source {
     }
 
     fn close_all_links(&mut self) {
+        self.timers.stop(Timer::Keepalive);
+        self.timers.stop(Timer::PeerTimeout);
         for channel in Channel::ALL {
             let link = &mut self.links[channel.index()];
             if link.up || link.connecting {
@@ -1389,11 +1445,11 @@ impl Source {
     }
 
     fn unexpected(&self, channel: Channel, frame: &Frame) -> ProtocolError {
-        ProtocolError::UnexpectedFrame { channel, kind: frame.kind(), state: self.state.to_string() }
+        ProtocolError::UnexpectedFrame { channel, kind: frame.kind(), state: self.state().to_string() }
     }
 
     fn wrong_state(&self, event: &'static str) -> EventError {
-        EventError::WrongState { event, state: self.state.to_string() }
+        EventError::WrongState { event, state: self.state().to_string() }
     }
 
     fn update_bookkeeping_stat(&mut self) {

@@ -42,12 +42,3 @@ impl Sub for Timestamp {
         self.saturating_since(rhs)
     }
 }
-
-/// The earlier of two optional deadlines.
-pub(crate) fn earliest(a: Option<Timestamp>, b: Option<Timestamp>) -> Option<Timestamp> {
-    match (a, b) {
-        (Some(a), Some(b)) => Some(a.min(b)),
-        (a, None) => a,
-        (None, b) => b,
-    }
-}
