@@ -121,7 +121,7 @@ impl Config {
     }
 
     /// The reconnection delay before attempt `attempt` (0-based): exponential, capped.
-    pub(crate) fn reconnect_delay(&self, attempt: u32) -> Duration {
+    pub fn reconnect_delay(&self, attempt: u32) -> Duration {
         let factor = 1u32.checked_shl(attempt.min(20)).unwrap_or(u32::MAX);
         self.reconnect_delay_min.saturating_mul(factor).min(self.reconnect_delay_max)
     }

@@ -339,6 +339,12 @@ impl Source {
         self.epoch
     }
 
+    /// The current reconnection attempt (recovery or withdrawal), counted
+    /// from 1; 0 before the first.
+    pub fn reconnect_attempt(&self) -> u32 {
+        self.attempt
+    }
+
     /// Whether `page` has been sent (and not lost since).
     pub fn is_sent(&self, page: PageNumber) -> bool {
         self.sent.get(page.0)
