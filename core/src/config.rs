@@ -69,6 +69,17 @@ pub struct Config {
     /// back before dropping the guest. Once ReadyToRun has left, the source
     /// may have transmitted StartGuest, and the destination waits however long.
     pub start_timeout: Duration,
+    /// How long a paused source (past StartGuest) keeps reconnecting while
+    /// every attempt is refused (nothing listens at the destination's
+    /// address) before it concludes that the destination finished and
+    /// exited, and ends with [`MigrationError::DestinationGone`], the guest
+    /// left to the destination (it never resumes here). A destination that
+    /// needs the source keeps listening until it finishes, so only a
+    /// destination restarting takes this long; an attempt that is not
+    /// refused (a partition times out instead) starts the count again.
+    ///
+    /// [`MigrationError::DestinationGone`]: crate::MigrationError::DestinationGone
+    pub destination_gone_timeout: Duration,
     /// A deliberate bug, for showing that the checkers catch it.
     #[cfg(feature = "planted-bugs")]
     pub plant: Option<crate::plant::PlantedBug>,
@@ -93,6 +104,7 @@ impl Default for Config {
             reconnect_delay_min: Duration::from_millis(50),
             reconnect_delay_max: Duration::from_secs(2),
             start_timeout: Duration::from_secs(60),
+            destination_gone_timeout: Duration::from_secs(600),
             #[cfg(feature = "planted-bugs")]
             plant: None,
         }
@@ -121,7 +133,7 @@ impl Config {
     }
 
     /// The reconnection delay before attempt `attempt` (0-based): exponential, capped.
-    pub(crate) fn reconnect_delay(&self, attempt: u32) -> Duration {
+    pub fn reconnect_delay(&self, attempt: u32) -> Duration {
         let factor = 1u32.checked_shl(attempt.min(20)).unwrap_or(u32::MAX);
         self.reconnect_delay_min.saturating_mul(factor).min(self.reconnect_delay_max)
     }

@@ -944,10 +944,12 @@ impl Destination {
             DestinationState::Completed => {
                 // A recovery of a source that lost the EOC was cut: what it
                 // had queued answers a hello of a connection now gone, and
-                // must not go out on the next recovery's connections.
+                // must not go out on the next recovery's connections (the
+                // EOC too: the next recovery's report queues it again).
                 self.welcome_pending = false;
                 self.report_word = None;
                 self.control.clear();
+                self.eoc_queued = false;
             }
             DestinationState::Listening if self.session.is_none() => {
                 if matches!(reason, MigrationError::HandshakeTimeout { .. }) {

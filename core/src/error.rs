@@ -65,6 +65,20 @@ pub enum MigrationError {
     ConnectionLost { channel: Channel },
     #[error("could not connect the {channel} channel")]
     ConnectFailed { channel: Channel },
+    /// A paused source's attempt was refused: nothing listens at the
+    /// destination's address (it finished and exited, or is restarting).
+    #[error(
+        "the destination refused the {channel} connection (nothing listens: it finished and exited, or is \
+         restarting); refused for {refused_ms} ms, giving up after {limit_ms} ms"
+    )]
+    DestinationRefused { channel: Channel, refused_ms: u64, limit_ms: u64 },
+    /// A paused source gave up: every attempt was refused for this long. The
+    /// guest's fate is the destination's (the source never resumes it).
+    #[error(
+        "every connection to the destination was refused for {refused_ms} ms: it finished and exited; the \
+         guest's fate is the destination's and it never resumes on the source"
+    )]
+    DestinationGone { refused_ms: u64 },
     #[error("the peer sent nothing for {timeout_ms} ms")]
     PeerTimeout { timeout_ms: u64 },
     #[error("the handshake did not finish within {timeout_ms} ms")]

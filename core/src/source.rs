@@ -34,6 +34,10 @@
 //!   |  PAUSED / ERROR_RECEIVE --retry timer, all channels connected--> RECOVERING
 //!   +-- RECOVERING: Welcome, PresentPages..., PresentEnd (lost again: PAUSED)
 //!
+//!  PAUSED / ERROR_RECEIVE, every attempt refused for destination_gone_timeout
+//!  (the destination finished and exited) --> Failed, the guest left to the
+//!  destination: never resumed here.
+//!
 //!  Before StartGuest is transmitted, any failure ends in Failed with the
 //!  guest running on the source (ResumeVcpus if it was stopped).
 //! ```
@@ -307,6 +311,8 @@ pub struct Source {
     stats: Observed<SourceStats>,
     /// Opaque description of the machine, carried in the hello.
     machine: Bytes,
+    /// Paused: since when every reconnection attempt was refused.
+    refused_since: Option<Timestamp>,
 }
 
 impl Source {
@@ -340,6 +346,7 @@ impl Source {
             clock: Observed::default(),
             stats: Observed::default(),
             machine: Bytes::new(),
+            refused_since: None,
         };
         source.update_bookkeeping_stat();
         source
@@ -377,6 +384,12 @@ impl Source {
 
     pub fn epoch(&self) -> u32 {
         self.epoch
+    }
+
+    /// The current reconnection attempt (recovery or withdrawal), counted
+    /// from 1; 0 before the first.
+    pub fn reconnect_attempt(&self) -> u32 {
+        self.attempt
     }
 
     /// Whether `page` has been sent (and not lost since).
@@ -520,6 +533,7 @@ impl Source {
             return;
         }
         link.connected(now);
+        self.refused_since = None;
         if channel == Channel::Return {
             self.heard_from_peer(now);
         }
@@ -569,6 +583,7 @@ impl Source {
         if !self.links[channel.index()].connecting {
             return;
         }
+        self.refused_since = None;
         self.links[channel.index()].down();
         self.on_link_failure(now, MigrationError::ConnectFailed { channel });
     }
@@ -578,9 +593,27 @@ impl Source {
     /// except while withdrawing: a destination that holds a device state
     /// keeps listening until it finishes (recoveries connect to it), so a
     /// refusal means no destination waits for this guest, and the source
-    /// finishes at once instead of spending its remaining attempts.
+    /// finishes at once instead of spending its remaining attempts. Paused
+    /// (past StartGuest), it retries, saying so, until attempts were refused
+    /// for `destination_gone_timeout`, then leaves the guest to the
+    /// destination (see [`Config::destination_gone_timeout`]).
     pub fn handle_connect_refused(&mut self, now: Timestamp, channel: Channel) {
-        if self.state() != SourceState::Withdrawing || !self.links[channel.index()].connecting {
+        if !self.links[channel.index()].connecting {
+            return;
+        }
+        if matches!(self.state(), SourceState::Paused | SourceState::ErrorReceive) {
+            self.links[channel.index()].down();
+            let since = *self.refused_since.get_or_insert(now);
+            let refused_ms = duration_ms(now.saturating_since(since));
+            let limit_ms = duration_ms(self.config.destination_gone_timeout);
+            if refused_ms >= limit_ms {
+                self.leave_guest_to_destination(now, refused_ms);
+            } else {
+                self.on_link_failure(now, MigrationError::DestinationRefused { channel, refused_ms, limit_ms });
+            }
+            return;
+        }
+        if self.state() != SourceState::Withdrawing {
             self.handle_connect_failed(now, channel);
             return;
         }
@@ -782,6 +815,7 @@ impl Source {
         };
         match timer {
             Timer::Handshake => {
+                self.refused_since = None;
                 let timeout_ms = self.config.handshake_timeout.as_millis() as u64;
                 self.on_link_failure(now, MigrationError::HandshakeTimeout { timeout_ms });
             }
@@ -1315,6 +1349,23 @@ impl Source {
         })));
     }
 
+    /// Paused, and every attempt was refused for `destination_gone_timeout`:
+    /// the destination finished and exited (a source that lost the Eoc of a
+    /// completed migration), or failed with the guest. Either way the guest
+    /// is the destination's, and never resumes here: end, keeping nothing.
+    fn leave_guest_to_destination(&mut self, now: Timestamp, refused_ms: u64) {
+        self.state = State::Failed;
+        self.timers.stop_all();
+        self.refused_since = None;
+        self.close_all_links();
+        let stats = self.stats(now);
+        self.actions.push_back(SourceAction::Finished(Box::new(Finished {
+            result: Err(MigrationError::DestinationGone { refused_ms }),
+            guest_on: Side::Destination,
+            stats,
+        })));
+    }
+
     /// Pauses after the destination may have started the guest: keep every
     /// page, close the channels, and try again after a delay.
     fn pause(&mut self, now: Timestamp, reason: MigrationError, bad_bytes: bool) {
@@ -1457,4 +1508,8 @@ impl Source {
             self.sent.heap_bytes() + self.queued.heap_bytes() + self.stale.heap_bytes() + self.lost.heap_bytes();
         self.stats.0.bookkeeping_bytes = bytes as u64;
     }
+}
+
+fn duration_ms(duration: std::time::Duration) -> u64 {
+    u64::try_from(duration.as_millis()).unwrap_or(u64::MAX)
 }

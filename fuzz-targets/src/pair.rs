@@ -289,6 +289,8 @@ pub fn run(input: &PairInput) -> PairOutcome {
     match pair.run_to_completion(HEAL_STEPS) {
         Ok(Outcome::Completed) => PairOutcome::Completed,
         Ok(Outcome::AbandonedOnSource) => PairOutcome::FailedBeforeStart,
+        // Only after the destination exits, which this target never does.
+        Ok(Outcome::CompletedSourceGaveUp) => panic!("the source gave the guest up to a destination still there"),
         // The source gave up before StartGuest and took the guest back; the
         // destination may still be listening (it never learned of a session).
         Err(Violation::MigrationFailed { .. })

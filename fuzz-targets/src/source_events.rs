@@ -248,6 +248,8 @@ impl SourceSetup {
             handshake_timeout: Duration::from_secs(2),
             reconnect_delay_min: Duration::from_millis(20),
             reconnect_delay_max: Duration::from_millis(500),
+            // Within reach of an input's refusals and timers.
+            destination_gone_timeout: Duration::from_secs(3),
             ..Config::default()
         }
     }
@@ -416,6 +418,15 @@ impl Driver {
                             assert_eq!(state, SourceState::Completed);
                             assert_eq!(finished.guest_on, Side::Destination);
                             assert!(self.past_start, "completed without StartGuest");
+                        }
+                        Err(error @ MigrationError::DestinationGone { .. }) => {
+                            // Paused past StartGuest, refused long enough:
+                            // the guest is the destination's, stopped here.
+                            assert_eq!(state, SourceState::Failed);
+                            assert_eq!(finished.guest_on, Side::Destination);
+                            assert!(self.past_start, "left a guest it never gave away to the destination");
+                            assert!(!self.running, "left the guest to the destination while running it");
+                            self.report.errors.push(error.clone());
                         }
                         Err(error) => {
                             assert_eq!(state, SourceState::Failed);

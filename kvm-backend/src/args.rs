@@ -62,6 +62,10 @@ pub struct Common {
     /// Bound on connecting and on each handshake, in ms.
     #[arg(long, default_value_t = 10_000, hide = true)]
     pub handshake_timeout_ms: u64,
+    /// A paused source whose reconnections are all refused this long (the
+    /// destination finished and exited) leaves the guest to it and exits, in s.
+    #[arg(long, default_value_t = 600, hide = true)]
+    pub destination_gone_timeout_s: u64,
     /// Do not open the urgent channel (requested pages go on the main one).
     #[arg(long, hide = true)]
     pub no_urgent: bool,
@@ -105,6 +109,7 @@ impl Common {
             urgent_channel: !self.no_urgent,
             prepaging: !self.no_prepaging,
             handshake_timeout: Duration::from_millis(self.handshake_timeout_ms),
+            destination_gone_timeout: Duration::from_secs(self.destination_gone_timeout_s),
             ..Config::default()
         }
     }
@@ -129,6 +134,7 @@ impl Common {
         out.push(format!("--main-socket-buffer={}", self.main_socket_buffer));
         out.push(format!("--spin-us={}", self.spin_us));
         out.push(format!("--handshake-timeout-ms={}", self.handshake_timeout_ms));
+        out.push(format!("--destination-gone-timeout-s={}", self.destination_gone_timeout_s));
         if self.no_urgent {
             out.push("--no-urgent".into());
         }

@@ -349,8 +349,12 @@ pub fn source(a: SourceArgs) -> Result<ExitCode, CommandError> {
         std::thread::sleep(Duration::from_millis(300));
         report.progress_after_failure_pages_per_s = stats.pages_rate(t, postcopy_kvm::monotonic_ns());
         eprintln!(
-            "source: migration FAILED: {}; the guest keeps running here ({})",
+            "source: migration FAILED: {}; {} ({})",
             report.error.as_deref().unwrap_or("?"),
+            match outcome.finished.guest_on {
+                postcopy_core::Side::Destination => "the guest is the destination's, stopped here",
+                postcopy_core::Side::Source => "the guest keeps running here",
+            },
             report
                 .progress_after_failure_pages_per_s
                 .map_or("no progress report".into(), |r| format!("{:.0}k pages/s", r / 1e3))

@@ -30,7 +30,11 @@
 //! - `Lose(c)`: the network drops connection `c` and what is in flight on it.
 //! - `Timer` / `TimerConnectFails`: the earliest armed timer fires (the
 //!   source's reconnection timer among them); in the second form every
-//!   connection attempt it makes fails (a partition).
+//!   connection attempt it makes fails (a partition), also while the source
+//!   withdraws (those cost a timer only, so that the withdrawal's attempt
+//!   cap, [`WITHDRAW_ATTEMPTS`], is within the timer budget).
+//! - `DestinationExits`: a destination that finished (completed, or dropped
+//!   the guest) exits; every connection attempt is refused from then on.
 //! - `Read`/`Write { vcpu, page }`: the guest touches a page on whichever
 //!   side runs it; on the destination a missing page faults and the vCPU
 //!   waits. The dirty-log sync happens when the source core asks for it.
@@ -49,12 +53,16 @@
 //! page is present and newest), one runner
 //! (invariant 2), each page crosses once in pure postcopy without a lost
 //! connection (invariant 4), queues within bounds (invariant 5), the cores
-//! accept every event a correct driver gives them, and a fair run from here
+//! accept every event a correct driver gives them, every connection carries
+//! its frames in protocol order (the harness checks each batch as it is
+//! written, as the fuzz targets do: its opening frame first and once, a
+//! present report whole and in order, nothing after an Eoc), and a fair run from here
 //! finishes correctly (invariant 3, below). `sometimes` properties show that the
 //! interesting states are reached at all, so that no `always` passes
 //! vacuously: completion, recovery after a lost connection, a hybrid
 //! switchover, a fault served while the background push runs, a safe
-//! cancellation.
+//! cancellation, a withdrawal that ends at its attempt cap, a paused source
+//! that leaves the guest to a completed destination that exited.
 //!
 //! # Liveness: why not `eventually`
 //!
@@ -107,7 +115,7 @@
 //!   end, with the guest running on the source.
 //! - No process crashes: a crash after StartGuest loses the guest whatever
 //!   the protocol does; before it, it is a lost connection, which is
-//!   modelled.
+//!   modelled. A destination does exit once it has finished.
 
 #![forbid(unsafe_code)]
 
@@ -120,8 +128,11 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use postcopy_core::testkit::{page_version, Outcome, Pair, PairConfig, Violation};
 use postcopy_core::wire::{Decoder, Frame, PageData, PageKind};
-use postcopy_core::{Channel, Config, DestinationState, Mode, PageNumber, PlantedBug, SourceState};
+use postcopy_core::{Channel, Config, DestinationState, Mode, PageNumber, PlantedBug, Side, SourceState};
 use stateright::{Checker, Expectation, HasDiscoveries, Model, Property};
+
+/// Withdrawal attempts in the model's core configuration.
+pub const WITHDRAW_ATTEMPTS: u32 = 2;
 
 /// The bounds and switches of one model.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -197,6 +208,13 @@ impl ModelConfig {
             peer_timeout: None,
             // A fault can be outstanding for every page, never more.
             max_outstanding_requests: self.pages.max(1) as u32,
+            // Small enough that the timer budget reaches the withdrawal's
+            // cap (each attempt is a timer firing)...
+            withdraw_attempts: WITHDRAW_ATTEMPTS,
+            // ...and a paused source's giving up on a destination that
+            // exited (refused at the first retry, 50 ms after the pause,
+            // and at the second, 100 ms later).
+            destination_gone_timeout: Duration::from_millis(100),
             plant: self.plant,
             ..Config::default()
         }
@@ -254,6 +272,7 @@ pub enum Action {
     Lose(Channel),
     Timer,
     TimerConnectFails,
+    DestinationExits,
     Read { vcpu: u32, page: u64 },
     Write { vcpu: u32, page: u64 },
     SwitchToPostcopy,
@@ -269,6 +288,7 @@ impl fmt::Display for Action {
             Action::Lose(c) => write!(f, "LOSE {c} connection"),
             Action::Timer => write!(f, "timer fires"),
             Action::TimerConnectFails => write!(f, "timer fires, connections fail"),
+            Action::DestinationExits => write!(f, "the finished destination exits"),
             Action::Read { vcpu, page } => write!(f, "vCPU {vcpu} reads page {page}"),
             Action::Write { vcpu, page } => write!(f, "vCPU {vcpu} writes page {page}"),
             Action::SwitchToPostcopy => write!(f, "user: switch to postcopy"),
@@ -321,10 +341,17 @@ impl MigrationModel {
             }
             Action::TimerConnectFails => {
                 state.timers_left -= 1;
-                state.losses_left -= 1;
+                // A withdrawal's failed attempts cost timers only, so that
+                // the timer budget reaches its cap.
+                if pair.src.core.state() != SourceState::Withdrawing {
+                    state.losses_left -= 1;
+                }
                 pair.connect_allowed = false;
                 pair.fire_timer();
                 pair.connect_allowed = true;
+            }
+            Action::DestinationExits => {
+                pair.destination_exits();
             }
             Action::Read { vcpu, page } => pair.guest_access(vcpu, PageNumber(page), false),
             Action::Write { vcpu, page } => {
@@ -452,14 +479,23 @@ impl Model for MigrationModel {
         let dst_deadline = pair.dst.core.poll_timeout();
         if state.timers_left > 0 && (src_deadline.is_some() || dst_deadline.is_some()) {
             actions.push(Action::Timer);
-            let reconnecting = matches!(pair.src.core.state(), SourceState::Paused | SourceState::ErrorReceive);
+            let reconnecting = matches!(
+                pair.src.core.state(),
+                SourceState::Paused | SourceState::ErrorReceive | SourceState::Withdrawing
+            );
             let source_first = match (src_deadline, dst_deadline) {
                 (Some(s), Some(d)) => s <= d,
                 (s, _) => s.is_some(),
             };
-            if state.losses_left > 0 && reconnecting && source_first {
+            let withdrawing = pair.src.core.state() == SourceState::Withdrawing;
+            if (state.losses_left > 0 || withdrawing) && reconnecting && source_first {
                 actions.push(Action::TimerConnectFails);
             }
+        }
+        // A destination that finished (completed, or dropped the guest)
+        // exits: the source's attempts are refused from then on.
+        if pair.dst.finished_ok.is_some() && !pair.dst_gone {
+            actions.push(Action::DestinationExits);
         }
         // The user.
         if state.switch_left
@@ -499,6 +535,7 @@ impl Model for MigrationModel {
             Property::always(CROSSES_ONCE, |_: &MigrationModel, s: &State| crosses_once(&s.pair).is_ok()),
             Property::always(BOUNDED, |m: &MigrationModel, s: &State| bounded(m, &s.pair).is_ok()),
             Property::always(DRIVER_CONTRACT, |_: &MigrationModel, s: &State| driver_contract(&s.pair).is_ok()),
+            Property::always(FRAME_ORDER, |_: &MigrationModel, s: &State| frame_order(&s.pair).is_ok()),
             Property::always(FAIR_RUN_COMPLETES, |m: &MigrationModel, s: &State| m.fair_run_ok(&s.pair)),
             Property::sometimes("both sides complete", |_: &MigrationModel, s: &State| s.pair.completed()),
             Property::sometimes("fault served during background push", |_: &MigrationModel, s: &State| {
@@ -515,6 +552,20 @@ impl Model for MigrationModel {
             properties.push(Property::sometimes(
                 "hybrid switchover: precopy pages, then postcopy",
                 |_: &MigrationModel, s: &State| hybrid_switchover(&s.pair),
+            ));
+        }
+        if self.cfg.losses > 0 && self.cfg.timers >= WITHDRAW_ATTEMPTS as u8 {
+            properties.push(Property::sometimes(
+                "a withdrawal ends at its attempt cap, the guest on the source",
+                |_: &MigrationModel, s: &State| withdrawal_capped(&s.pair),
+            ));
+            properties.push(Property::sometimes(
+                "a paused source leaves the guest to a completed destination that exited",
+                |_: &MigrationModel, s: &State| {
+                    s.pair.dst_gone
+                        && s.pair.dst.finished_ok == Some(true)
+                        && s.pair.src.finished.0.as_ref().is_some_and(|f| f.guest_on == Side::Destination)
+                },
             ));
         }
         if self.cfg.cancel || self.cfg.losses > 0 {
@@ -534,10 +585,12 @@ pub const ONE_RUNNER: &str = "one runner (invariant 2)";
 pub const CROSSES_ONCE: &str = "each page crosses once in pure postcopy (invariant 4)";
 pub const BOUNDED: &str = "queues within bounds (invariant 5)";
 pub const DRIVER_CONTRACT: &str = "cores accept every event of a correct driver";
+pub const FRAME_ORDER: &str = "frames in protocol order on every connection";
 pub const FAIR_RUN_COMPLETES: &str = "a fair run completes: EOC reaches COMPLETED, faults resolved (invariant 3)";
 
 /// The names of the `always` properties.
-pub const SAFETY: [&str; 6] = [NO_PAGE_LOST, ONE_RUNNER, CROSSES_ONCE, BOUNDED, DRIVER_CONTRACT, FAIR_RUN_COMPLETES];
+pub const SAFETY: [&str; 7] =
+    [NO_PAGE_LOST, ONE_RUNNER, CROSSES_ONCE, BOUNDED, DRIVER_CONTRACT, FRAME_ORDER, FAIR_RUN_COMPLETES];
 
 fn violation_of(pair: &Pair, matches: impl Fn(&Violation) -> bool) -> Result<(), String> {
     pair.violations.iter().find(|v| matches(v)).map_or(Ok(()), |v| Err(v.to_string()))
@@ -621,6 +674,27 @@ pub fn driver_contract(pair: &Pair) -> Result<(), String> {
                 | Violation::DeviceStateMismatch
         )
     })
+}
+
+/// Every connection carried its frames in an order the protocol allows
+/// (checked by the harness as each batch is written, as the fuzz targets
+/// do): its opening frame first and once, a present report whole and in
+/// order, nothing after an Eoc.
+pub fn frame_order(pair: &Pair) -> Result<(), String> {
+    violation_of(pair, |v| matches!(v, Violation::FrameOrder { .. }))
+}
+
+/// The source withdrew, its attempts to tell the destination failed to
+/// connect, and it finished after the last one with the guest running
+/// here: the destination, never told, waits paused (a connected attempt
+/// ends the withdrawal at once, its farewell then delivered or lost).
+fn withdrawal_capped(pair: &Pair) -> bool {
+    pair.src.running
+        && !pair.src.past_start
+        && pair.src.core.state() == SourceState::Failed
+        && pair.src.core.reconnect_attempt() == WITHDRAW_ATTEMPTS
+        && pair.dst.core.state() == DestinationState::Paused
+        && pair.pipes.iter().all(|p| !p.up)
 }
 
 /// The guest runs on the destination after precopy pages crossed.
@@ -798,7 +872,7 @@ pub fn judge_end(pair: &mut Pair) -> Result<(), String> {
         )
     })?;
     no_page_lost(pair)?;
-    if outcome == Outcome::Completed {
+    if matches!(outcome, Outcome::Completed | Outcome::CompletedSourceGaveUp) {
         if let Some(vcpu) = pair.blocked.iter().position(Option::is_some) {
             return Err(format!("completed with vCPU {vcpu} still waiting"));
         }
@@ -886,6 +960,7 @@ pub fn format_trace(model: &MigrationModel, property: &str, steps: &[(State, Opt
             CROSSES_ONCE => crosses_once(&last.pair),
             BOUNDED => bounded(model, &last.pair),
             DRIVER_CONTRACT => driver_contract(&last.pair),
+            FRAME_ORDER => frame_order(&last.pair),
             FAIR_RUN_COMPLETES => {
                 let _ = writeln!(out, "      then the fair run from this state (no new faults or losses):");
                 let (log, result) = fair_run_log(&last.pair, model.cfg.fair_rounds);

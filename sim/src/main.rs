@@ -5,10 +5,10 @@
 
 use clap::{Parser, Subcommand};
 use std::process::ExitCode;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use postcopy_sim::report::table;
-use postcopy_sim::swarm::{compare, compare_table, failure_report, run_line, swarm};
+use postcopy_sim::swarm::{compare, compare_table, failure_report, run_line, swarm, swarm_for};
 use postcopy_sim::{run, Scenario};
 
 #[derive(Parser)]
@@ -65,8 +65,13 @@ enum Command {
     Swarm {
         #[arg(long, default_value_t = 200)]
         seeds: u64,
-        #[arg(long, default_value_t = 0)]
-        first: u64,
+        /// The first seed (default: 0; with `--for`, a random one).
+        #[arg(long)]
+        first: Option<u64>,
+        /// Instead of `--seeds`: run consecutive seeds until this much time
+        /// has passed (`90s`, `30m`, `2h`) or a seed fails.
+        #[arg(long = "for", value_name = "DURATION", value_parser = parse_duration)]
+        for_duration: Option<Duration>,
         #[command(flatten)]
         overrides: Overrides,
         /// Simulation threads.
@@ -112,6 +117,20 @@ fn main() -> ExitCode {
     }
 }
 
+/// A duration of whole seconds, minutes or hours: `90s`, `30m`, `2h` (a
+/// bare number is seconds).
+fn parse_duration(text: &str) -> Result<Duration, String> {
+    let text = text.trim();
+    let (number, unit_secs) = match text.char_indices().last() {
+        Some((i, 's')) => (&text[..i], 1),
+        Some((i, 'm')) => (&text[..i], 60),
+        Some((i, 'h')) => (&text[..i], 3600),
+        _ => (text, 1),
+    };
+    let count: u64 = number.parse().map_err(|_| format!("{text:?}: expected a duration like 90s, 30m or 2h"))?;
+    count.checked_mul(unit_secs).map(Duration::from_secs).ok_or_else(|| format!("{text:?}: too long"))
+}
+
 fn to_json<T: serde::Serialize>(value: &T) -> Result<String, String> {
     serde_json::to_string_pretty(value).map_err(|e| e.to_string())
 }
@@ -143,8 +162,32 @@ fn real_main() -> Result<ExitCode, String> {
             }
             Ok(if result.passed() { ExitCode::SUCCESS } else { ExitCode::FAILURE })
         }
-        Command::Swarm { seeds, first, overrides, jobs, json, verbose, tail } => {
-            let (results, summary) = swarm(first, seeds, &overrides.pairs()?, jobs, tail)?;
+        Command::Swarm { seeds, first, for_duration, overrides, jobs, json, verbose, tail } => {
+            let (results, summary, first) = match for_duration {
+                Some(duration) => {
+                    // A random start, printed first, so that every long
+                    // search covers new seeds and any of them replays.
+                    let first = first.unwrap_or_else(|| fastrand::u64(1 << 20..1 << 40));
+                    eprintln!(
+                        "swarm: seeds from {first} for {}s (replay one: postcopy-sim run --seed S)",
+                        duration.as_secs()
+                    );
+                    let (failures, summary) = swarm_for(first, duration, &overrides.pairs()?, jobs, tail, |so_far| {
+                        eprintln!(
+                            "swarm: {} seeds in {:.0} s, {} failed",
+                            so_far.seeds,
+                            so_far.real_secs,
+                            so_far.failed.len()
+                        );
+                    })?;
+                    (failures, summary, first)
+                }
+                None => {
+                    let first = first.unwrap_or(0);
+                    let (results, summary) = swarm(first, seeds, &overrides.pairs()?, jobs, tail)?;
+                    (results, summary, first)
+                }
+            };
             if json {
                 println!("{}", to_json(&serde_json::json!({ "summary": summary, "runs": results }))?);
             } else {

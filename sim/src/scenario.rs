@@ -18,6 +18,50 @@ use crate::rng::{stream, Rng};
 /// is spent as if every non-zero page were 4 KiB.
 pub const CHARGED_PAGE_BYTES: u64 = 4096;
 
+/// The simulated orchestrator starts the next migration at most this long
+/// after one that left the guest on the source.
+pub const NEW_ATTEMPT_DELAY_MAX_MS: u64 = 20;
+
+/// How long a run may take after the faults heal, from the schedules the
+/// cores and the simulated orchestrator must be allowed to follow. The run
+/// either recovers the migration under way or abandons it (the source
+/// withdraws) and the orchestrator starts another, fault-free one.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub struct LivenessSchedule {
+    /// A side notices a connection the faults broke: its peer timeout
+    /// (a silent connection) or its handshake timeout (an attempt under way).
+    pub detect_ms: u64,
+    /// A paused source: the back-off in force (at most the longest delay),
+    /// then one recovery handshake.
+    pub recovery_ms: u64,
+    /// A withdrawing source: every attempt of the withdrawal's back-off
+    /// schedule (`withdraw_attempts` of them), each up to one handshake
+    /// timeout, before it finishes.
+    pub withdrawal_ms: u64,
+    /// The orchestrator's delay before the next migration.
+    pub next_attempt_ms: u64,
+    /// One fault-free migration: its handshake, the wire time of every
+    /// round (plus the background push, the switchover and margin), faults
+    /// served one round trip each, the device state's load.
+    pub migration_ms: u64,
+    /// Event granularity and the tail after the last page.
+    pub slack_ms: u64,
+}
+
+impl LivenessSchedule {
+    /// The longer of the two ways a healed run ends: the migration under way
+    /// recovers and finishes, or it is abandoned and the next one runs.
+    pub fn bound_ms(&self) -> u64 {
+        let recover = self.recovery_ms + self.migration_ms;
+        let abandon = self.withdrawal_ms + self.next_attempt_ms + self.migration_ms;
+        self.detect_ms + recover.max(abandon) + self.slack_ms
+    }
+}
+
+fn duration_ms(duration: Duration) -> u64 {
+    u64::try_from(duration.as_millis()).unwrap_or(u64::MAX)
+}
+
 /// How a vCPU chooses the pages it touches.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "kebab-case")]
@@ -480,12 +524,17 @@ impl Scenario {
     }
 
     /// Simulated milliseconds the liveness phase may take: `liveness_ms`, or
-    /// when it is 0 a bound from the options (wire time at the effective
-    /// bandwidth per round, timeouts, back-off).
+    /// when it is 0 the bound [`Scenario::liveness_schedule`] derives.
     pub fn liveness_bound_ms(&self) -> u64 {
         if self.liveness_ms > 0 {
             return self.liveness_ms;
         }
+        self.liveness_schedule().bound_ms()
+    }
+
+    /// The longest schedule the cores and the simulated orchestrator may
+    /// follow after the faults heal, phase by phase, from the options.
+    pub fn liveness_schedule(&self) -> LivenessSchedule {
         let wire_bits = self.pages * (CHARGED_PAGE_BYTES + 16) * 8;
         let window_mbps = self.buffer_kib * 1024 * 8 / self.latency_us.max(1);
         let effective_mbps = self.bandwidth_mbps.min(window_mbps).max(1);
@@ -493,14 +542,21 @@ impl Scenario {
         let rounds = u64::from(self.mode.0.precopy_rounds());
         // Faults served one round trip each, by a vCPU that scans.
         let fault_ms = self.pages * 2 * self.latency_us / 1000 / 8;
-        (rounds + 4) * est_ms
-            + fault_ms
-            + 2 * self.handshake_timeout_ms
-            + 2 * self.reconnect_max_ms
-            + 2 * self.peer_timeout_ms
-            + self.start_timeout_ms
-            + self.device_load_us / 1000
-            + 200
+        let config = self.config();
+        // Each withdrawal attempt waits its back-off, then lasts one
+        // handshake timeout at most (the core's bound on connecting and on
+        // the handshake); the source finishes after the last one.
+        let withdrawal_ms = (0..config.withdraw_attempts)
+            .map(|attempt| duration_ms(config.reconnect_delay(attempt)) + self.handshake_timeout_ms)
+            .sum();
+        LivenessSchedule {
+            detect_ms: self.peer_timeout_ms.max(self.handshake_timeout_ms),
+            recovery_ms: self.reconnect_max_ms + self.handshake_timeout_ms,
+            withdrawal_ms,
+            next_attempt_ms: NEW_ATTEMPT_DELAY_MAX_MS,
+            migration_ms: self.handshake_timeout_ms + (rounds + 4) * est_ms + fault_ms + self.device_load_us / 1000,
+            slack_ms: 200,
+        }
     }
 
     /// The scenario of `seed`, then the overrides, in order.

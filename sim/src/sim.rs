@@ -29,7 +29,7 @@ use crate::guest::{decode_version, Pattern, SourceMemory, Vcpu, MISSING};
 use crate::net::{scan_chunk, ConnId, NetConfig, NetInput, NetOutput, NetTimer, Network, Received};
 use crate::report::{GuestProgress, Report, RunResult};
 use crate::rng::{stream, Rng};
-use crate::scenario::{Crash, Scenario, Triggers, CHARGED_PAGE_BYTES};
+use crate::scenario::{Crash, Scenario, Triggers, CHARGED_PAGE_BYTES, NEW_ATTEMPT_DELAY_MAX_MS};
 use crate::trace::{Trace, What};
 
 const MS: u64 = 1_000_000;
@@ -358,9 +358,10 @@ impl Sim {
 
     fn states(&self) -> String {
         format!(
-            "source {} (attempt {}), destination {}{}",
-            self.src.core.state(),
+            "migration attempt {} (the simulator's), source {} (the core's reconnection attempt {}), destination {}{}",
             self.attempt,
+            self.src.core.state(),
+            self.src.core.reconnect_attempt(),
             self.dst.core.state(),
             if self.dst.alive { "" } else { " (crashed)" }
         )
@@ -454,8 +455,16 @@ impl Sim {
             }
             Ev::Deadline => {
                 if self.completed_at.is_none() {
-                    let detail =
-                        format!("not finished {} ms after the faults healed: {}", self.sc.liveness_ms, self.states());
+                    let bound = if self.sc.liveness_ms > 0 {
+                        "set by liveness_ms".to_owned()
+                    } else {
+                        format!("derived: {:?}", self.sc.liveness_schedule())
+                    };
+                    let detail = format!(
+                        "not finished {} ms after the faults healed ({bound}): {}",
+                        self.sc.liveness_bound_ms(),
+                        self.states()
+                    );
                     self.checks.no_progress(detail);
                     self.done = true;
                 }
@@ -558,8 +567,8 @@ impl Sim {
             self.checks.migration_failed(format!("50 attempts failed, the last: {reason}"));
             return;
         }
-        self.notes.push(format!("attempt {} failed, guest back on the source: {reason}", self.attempt));
-        let delay = self.rng.range(1, 20) * MS;
+        self.notes.push(format!("migration attempt {} failed, guest back on the source: {reason}", self.attempt));
+        let delay = self.rng.range(1, NEW_ATTEMPT_DELAY_MAX_MS) * MS;
         self.at(self.now + delay, Ev::NewAttempt);
     }
 

@@ -5,7 +5,7 @@ use serde::Serialize;
 use std::fmt::Write;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use crate::report::RunResult;
 use crate::scenario::Scenario;
@@ -91,6 +91,51 @@ pub fn swarm(
     let results = run_many(first..first + seeds, overrides, jobs, tail)?;
     let summary = summarise(&results, start.elapsed().as_secs_f64());
     Ok((results, summary))
+}
+
+/// Runs consecutive seeds from `first`, a batch at a time, until `duration`
+/// has passed or a seed fails; returns the failing runs and the summary of
+/// every seed run. `progress` sees each batch's summary as it ends.
+pub fn swarm_for(
+    first: u64,
+    duration: Duration,
+    overrides: &[(String, String)],
+    jobs: usize,
+    tail: usize,
+    mut progress: impl FnMut(&SwarmSummary),
+) -> Result<(Vec<RunResult>, SwarmSummary), String> {
+    let start = Instant::now();
+    // Enough seeds per batch to keep every thread busy, few enough that the
+    // time limit is kept to within a batch.
+    let batch = 8 * jobs.max(1) as u64;
+    let mut next = first;
+    let mut failures = Vec::new();
+    let mut total = summarise(&[], 0.0);
+    while start.elapsed() < duration && failures.is_empty() {
+        let results = run_many(next..next.saturating_add(batch), overrides, jobs, tail)?;
+        next = next.saturating_add(batch);
+        let batch_summary = summarise(&results, 0.0);
+        total.merge(&batch_summary);
+        total.real_secs = start.elapsed().as_secs_f64();
+        total.transfers_per_sec = total.page_transfers as f64 / total.real_secs.max(1e-9);
+        progress(&total);
+        failures.extend(results.into_iter().filter(|r| !r.passed()));
+    }
+    Ok((failures, total))
+}
+
+impl SwarmSummary {
+    /// Adds another set of runs' counts (the times are the caller's).
+    fn merge(&mut self, other: &SwarmSummary) {
+        self.seeds += other.seeds;
+        self.passed += other.passed;
+        self.failed.extend(&other.failed);
+        self.sim_secs += other.sim_secs;
+        self.page_transfers += other.page_transfers;
+        self.faulted_runs += other.faulted_runs;
+        self.recovered_runs += other.recovered_runs;
+        self.retried_runs += other.retried_runs;
+    }
 }
 
 /// One line per run, for the swarm's log.

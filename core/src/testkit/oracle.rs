@@ -38,6 +38,9 @@ pub enum Violation {
     MigrationFailed { side: String, error: String },
     /// One side completed and the other failed.
     Disagreement { detail: String },
+    /// A connection carried frames in an order the protocol does not allow
+    /// (its opening frame first, a present report whole and in order...).
+    FrameOrder { channel: crate::Channel, detail: String },
 }
 
 impl fmt::Display for Violation {

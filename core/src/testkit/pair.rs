@@ -47,6 +47,10 @@ impl PairConfig {
 pub enum Outcome {
     /// Both sides completed; every page on the destination is the newest.
     Completed,
+    /// The destination completed and runs the guest; the source lost the
+    /// Eoc and, every attempt refused once the destination had exited, left
+    /// the guest to it (`MigrationError::DestinationGone`).
+    CompletedSourceGaveUp,
     /// The migration was abandoned before the destination could run the
     /// guest (a loss or an error before StartGuest): the guest runs on the
     /// source with its newest content, the destination dropped its copy or,
@@ -63,6 +67,67 @@ pub struct Pipe {
     /// The writer closed after a farewell: deliver what is in flight, then
     /// report the connection lost.
     pub closing: bool,
+    /// What this connection has carried, for the frame-order checks.
+    pub order: FrameOrder,
+}
+
+/// Where one connection is in the frame order the protocol allows. The
+/// same rules as the fuzz harnesses': every connection opens with its
+/// hello (main, urgent) or the welcome (return), once; a present report
+/// follows the welcome whole and in order, nothing inside it; nothing
+/// follows an Eoc but keep-alives.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash)]
+pub struct FrameOrder {
+    /// The opening frame (hello, urgent hello, welcome) went out.
+    opened: bool,
+    /// A present report is under way: the next word it must carry.
+    report_next_word: Option<u64>,
+    /// The Eoc went out (return path).
+    ended: bool,
+}
+
+impl FrameOrder {
+    /// Checks `frame`, written next on a `channel` connection.
+    pub fn check(&mut self, channel: Channel, frame: &Frame) -> Result<(), String> {
+        let opening = match channel {
+            Channel::Main => matches!(frame, Frame::Hello(_)),
+            Channel::Urgent => matches!(frame, Frame::UrgentHello(_)),
+            Channel::Return => matches!(frame, Frame::Welcome(_)),
+        };
+        if opening {
+            if self.opened {
+                return Err(format!("a second {} on one connection", frame.kind()));
+            }
+            self.opened = true;
+            return Ok(());
+        }
+        // Keep-alives may go out on a return path before its welcome (the
+        // source ignores them), never before a hello.
+        if matches!(frame, Frame::Ping) && (self.opened || channel == Channel::Return) {
+            return Ok(());
+        }
+        if !self.opened {
+            return Err(format!("{} before the connection's opening frame", frame.kind()));
+        }
+        if self.ended {
+            return Err(format!("{} after the Eoc", frame.kind()));
+        }
+        match (frame, self.report_next_word) {
+            (Frame::PresentPages(report), next) => {
+                let expected = next.unwrap_or(0);
+                if report.first_word != expected {
+                    return Err(format!("present report word {} where {expected} was due", report.first_word));
+                }
+                self.report_next_word = Some(expected + report.words.len() as u64);
+            }
+            (Frame::PresentEnd { .. }, Some(_)) => self.report_next_word = None,
+            (Frame::PresentEnd { .. }, None) => return Err("PresentEnd without a present report".into()),
+            (_, Some(_)) => return Err(format!("{} inside a present report", frame.kind())),
+            (Frame::Eoc, None) => self.ended = true,
+            (_, None) => {}
+        }
+        Ok(())
+    }
 }
 
 impl Pipe {
@@ -88,6 +153,9 @@ pub struct Pair {
     /// Page frames written to the wire, per page (read from the bytes, so
     /// it is part of the pair's identity, unlike the cores' statistics).
     pub page_crossings: Vec<u32>,
+    /// The destination process finished and exited: nothing listens any
+    /// more, connection attempts are refused.
+    pub dst_gone: bool,
     pub violations: Vec<Violation>,
 }
 
@@ -108,6 +176,7 @@ impl Pair {
             connect_allowed: true,
             any_loss: false,
             page_crossings: vec![0; pages as usize],
+            dst_gone: false,
             violations: Vec::new(),
         };
         if let Err(error) = pair.src.core.handle_start(pair.now) {
@@ -153,6 +222,10 @@ impl Pair {
     }
 
     fn connect(&mut self, channel: Channel) {
+        if self.dst_gone {
+            self.src.core.handle_connect_refused(self.now, channel);
+            return;
+        }
         if !self.connect_allowed {
             self.src.core.handle_connect_failed(self.now, channel);
             return;
@@ -197,6 +270,22 @@ impl Pair {
         self.dst.core.handle_connection_lost(self.now, channel);
     }
 
+    /// The destination, finished, exits: its connections close with it and
+    /// nothing listens from now on. Returns whether it had finished.
+    pub fn destination_exits(&mut self) -> bool {
+        if self.dst.finished_ok.is_none() || self.dst_gone {
+            return false;
+        }
+        self.dst_gone = true;
+        for channel in Channel::ALL {
+            if self.pipes[channel.index()].up {
+                self.drop_pipe(channel);
+            }
+        }
+        self.settle();
+        true
+    }
+
     /// The writer of `channel` appends up to `max_bytes` (at least one
     /// frame). Returns whether anything was written.
     pub fn transmit(&mut self, channel: Channel, max_bytes: usize) -> bool {
@@ -219,9 +308,23 @@ impl Pair {
         if channel.is_from_source() {
             self.count_crossings(&out);
         }
+        self.check_frame_order(channel, &out);
         self.pipes[channel.index()].in_flight.push_back(out);
         self.settle();
         true
+    }
+
+    /// Checks the frames in `bytes`, written on `channel`'s connection, against
+    /// the order the protocol allows.
+    fn check_frame_order(&mut self, channel: Channel, bytes: &Bytes) {
+        let mut decoder = Decoder::new();
+        decoder.push(bytes.clone());
+        while let Ok(Some(frame)) = decoder.next_frame() {
+            if let Err(detail) = self.pipes[channel.index()].order.check(channel, &frame) {
+                self.violations.push(Violation::FrameOrder { channel, detail });
+                return;
+            }
+        }
     }
 
     /// Counts the page frames in `bytes` (whole frames written by the source).
@@ -449,6 +552,17 @@ impl Pair {
             (Some(true), Some(true)) => {
                 self.check_destination_memory();
                 self.violations.first().cloned().map_or(Ok(Outcome::Completed), Err)
+            }
+            (Some(false), Some(true))
+                if self.dst_gone
+                    && !self.src.running
+                    && self.src.finished.0.as_ref().is_some_and(|f| {
+                        f.guest_on == crate::Side::Destination
+                            && matches!(f.result, Err(crate::MigrationError::DestinationGone { .. }))
+                    }) =>
+            {
+                self.check_destination_memory();
+                self.violations.first().cloned().map_or(Ok(Outcome::CompletedSourceGaveUp), Err)
             }
             (Some(false), dst)
                 if !self.src.past_start
