@@ -321,7 +321,7 @@ impl<'a> Driver<'a> {
     /// Builds the VM and its userfaultfd-registered RAM before any vCPU
     /// runs, and starts serving faults.
     fn prepare<'s>(&'s self, s: &'s Scope<'s, '_>, machine: &[u8]) {
-        let built = (|| -> Result<Machine, String> {
+        let built = (|| -> Result<(Machine, Vec<Vcpu>), String> {
             let desc = MachineDescription::from_bytes(machine)?;
             let layout = self.locked_layout()?;
             if core_layout(&desc.ram)? != layout {
@@ -342,10 +342,9 @@ impl<'a> Driver<'a> {
             let config = VmConfig { vcpus: desc.vcpus, irqchip: desc.irqchip, serial: self.opts.serial.clone() };
             let vm = Vm::new(ram.clone(), config).map_err(|e| e.to_string())?;
             let vcpus = vm.create_vcpus().map_err(|e| e.to_string())?;
-            *lock(&self.vcpus) = Some(vcpus);
             let map = PageMap::new(ram.layout());
             let pages = map.total_pages();
-            Ok(Machine {
+            let machine = Machine {
                 desc,
                 ram,
                 uffd,
@@ -354,15 +353,19 @@ impl<'a> Driver<'a> {
                 installed: PageBits::new(pages),
                 digests: PageDigests::new(pages, PAGE_SIZE as usize),
                 clock: FaultClock::new(pages),
-            })
+            };
+            Ok((machine, vcpus))
         })();
         lock(&self.locked).preparing = false;
         match built {
-            Ok(machine) => {
+            Ok((machine, vcpus)) => {
                 if self.machine.set(machine).is_err() {
                     tracing::error!("the machine was prepared twice");
                     return;
                 }
+                // Only the vCPUs of the machine in place: a second prepare
+                // must not swap in vCPUs of a VM that was dropped.
+                *lock(&self.vcpus) = Some(vcpus);
                 spawn(s, "dst-fault", move || self.fault_loop(s));
             }
             Err(e) => {
@@ -859,12 +862,19 @@ impl<'a> Driver<'a> {
         for conn in conns {
             conn.shutdown();
         }
-        let started = lock(&self.set).is_some();
+        let set = lock(&self.set);
         if let Some(m) = self.machine.get() {
-            if !started || lock(&self.finished).as_ref().is_none_or(|f| f.result.is_err()) {
+            if set.is_none() || lock(&self.finished).as_ref().is_none_or(|f| f.result.is_err()) {
                 // Wake any thread still waiting for a page (a loader cut off
-                // mid-way): the guest is abandoned here.
-                let _ = m.uffd.unregister_all();
+                // mid-way): the guest is abandoned here. Running vCPUs are
+                // kicked first, so that none runs the guest on missing pages.
+                let abandoned = match set.as_ref() {
+                    Some(set) => set.abandon(&m.uffd),
+                    None => m.uffd.unregister_all(),
+                };
+                if let Err(e) = abandoned {
+                    tracing::warn!(%e, "abandoning the guest");
+                }
             }
         }
     }
