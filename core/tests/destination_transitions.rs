@@ -713,7 +713,7 @@ fn a_failed_install_withdraws_the_eoc_and_recovers_the_page() {
         Frame::PresentPages(p) => Some(p.words[0]),
         _ => None,
     });
-    assert_eq!(report, Some(!0 & !(1 << 3)), "the report lacks page 3, so the source resends it");
+    assert_eq!(report, Some(!(1u64 << 3)), "the report lacks page 3, so the source resends it");
     assert!(frames.contains(&Frame::Request(Request { block: 0, indexes: vec![3] })));
     h.receive(Channel::Urgent, page(0, 3, PageKind::Requested));
     assert_eq!(h.installed().last(), Some(&(3, false)));
