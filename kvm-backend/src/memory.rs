@@ -104,6 +104,12 @@ impl GuestRam {
     /// Crate-private: it bypasses both the claims that keep a page mapped
     /// into the guest from being written again ([`crate::uffd`] calls it
     /// only for pages it claimed) and the VMM's dirty tracking.
+    ///
+    /// ```compile_fail
+    /// # use postcopy_kvm::{GuestRam, PageRef, RamLayout};
+    /// let ram = GuestRam::new_preallocated(RamLayout::pc(2 << 20).unwrap()).unwrap();
+    /// ram.place(PageRef::new(0, 0), &[0u8; 4096]).unwrap(); // private: this does not compile
+    /// ```
     pub(crate) fn place(&self, first: PageRef, data: &[u8]) -> Result<()> {
         let placement = self.placement.as_ref().ok_or_else(|| Error::Config("RAM is not preallocated".into()))?;
         if data.is_empty() || data.len() % PAGE_SIZE as usize != 0 {
