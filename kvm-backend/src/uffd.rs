@@ -343,6 +343,13 @@ impl UffdRam {
         self.injection_armed.store(slot.is_some(), Ordering::SeqCst);
     }
 
+    /// Test-only: the injected fault still armed (None once it fired its
+    /// last time, or if none was armed).
+    #[doc(hidden)]
+    pub fn armed_install_fault(&self) -> Option<InstallFaultPlan> {
+        *self.injected.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     /// The injected fault that fires on a fill of `pages` pages from `first`,
     /// if any: its page's index in the range. Counts the firing.
     fn injected_in(&self, first: PageRef, pages: u64, wake: bool) -> Option<(u64, InjectedFault)> {

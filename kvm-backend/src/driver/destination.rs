@@ -29,7 +29,7 @@ use crate::layout::PAGE_SIZE;
 use crate::memory::GuestRam;
 use crate::runner::VcpuSet;
 use crate::state::DeviceState;
-use crate::uffd::{Install, PageFault, UffdRam};
+use crate::uffd::{Install, InstallFailure, PageFault, UffdRam};
 use crate::vcpu::Vcpu;
 use crate::vm::{Vm, VmConfig};
 
@@ -44,6 +44,9 @@ const LOCK_SPIN: Duration = Duration::from_micros(10);
 /// How long the fault thread blocks in one poll (it checks for shutdown
 /// in between).
 const FAULT_POLL: Duration = Duration::from_millis(50);
+/// Retries of an install that failed transiently (`EAGAIN`) before the page
+/// is reported missing to the core.
+const INSTALL_RETRIES: u32 = 3;
 
 /// How to run the destination.
 #[derive(Clone, Debug)]
@@ -165,6 +168,9 @@ struct Driver<'a> {
     install_anomalies: AtomicU64,
     /// Wall time in the calls that placed pages, summed over the installers.
     install_busy_ns: AtomicU64,
+    /// Installs drained from the core and not yet carried out: the EOC
+    /// waits for them (a failure must reach the core before it leaves).
+    installs_in_flight: AtomicU64,
     notices: Mutex<Vec<String>>,
     opts: &'a DestinationOptions,
     listener: TcpListener,
@@ -215,6 +221,7 @@ pub fn run_destination(listener: TcpListener, opts: &DestinationOptions) -> Dest
         faults_read: AtomicU64::new(0),
         install_anomalies: AtomicU64::new(0),
         install_busy_ns: AtomicU64::new(0),
+        installs_in_flight: AtomicU64::new(0),
         notices: Mutex::new(Vec::new()),
         opts,
         listener,
@@ -246,9 +253,20 @@ impl<'a> Driver<'a> {
         let ops = {
             let mut l = lock_spin(&self.locked, LOCK_SPIN);
             f(&mut l, now());
-            drain(&mut l)
+            self.drain_counted(&mut l)
         };
         self.execute(s, ops);
+    }
+
+    /// [`drain`], counting the installs it hands out (under the core lock,
+    /// so that the EOC check in [`Driver::flush_return`] sees them).
+    fn drain_counted(&self, l: &mut Locked) -> Vec<Op> {
+        let ops = drain(l);
+        let installs = ops.iter().filter(|op| matches!(op, Op::Install { .. })).count() as u64;
+        if installs > 0 {
+            self.installs_in_flight.fetch_add(installs, Ordering::SeqCst);
+        }
+        ops
     }
 
     fn execute<'s>(&'s self, s: &'s Scope<'s, '_>, ops: Vec<Op>) {
@@ -273,9 +291,14 @@ impl<'a> Driver<'a> {
                             _ => break,
                         }
                     }
-                    self.install_run(run);
+                    let n = run.len() as u64;
+                    self.install_run(s, run);
+                    self.installs_in_flight.fetch_sub(n, Ordering::SeqCst);
                 }
-                Op::Install { page, data, overwrite } => self.install(page, data, overwrite),
+                Op::Install { page, data, overwrite } => {
+                    self.install(s, page, data, overwrite);
+                    self.installs_in_flight.fetch_sub(1, Ordering::SeqCst);
+                }
                 Op::Discard { first, count } => self.discard(first, count),
                 Op::Load(state) => {
                     self.state_received_ns.store(now().0, Ordering::SeqCst);
@@ -366,6 +389,7 @@ impl<'a> Driver<'a> {
                 // Only the vCPUs of the machine in place: a second prepare
                 // must not swap in vCPUs of a VM that was dropped.
                 *lock(&self.vcpus) = Some(vcpus);
+                self.arm_install_fault();
                 spawn(s, "dst-fault", move || self.fault_loop(s));
             }
             Err(e) => {
@@ -378,12 +402,29 @@ impl<'a> Driver<'a> {
         }
     }
 
+    /// Test-only: arms the install fault asked for in the environment.
+    fn arm_install_fault(&self) {
+        let Some(m) = self.machine.get() else { return };
+        match super::install_faults::InstallFault::from_env() {
+            Ok(None) => {}
+            Ok(Some(f)) => match m.map.page_ref(PageNumber(f.page)) {
+                Some(page) => {
+                    eprintln!("destination: test-only install fault armed: {f:?}");
+                    let plan = crate::uffd::InstallFaultPlan { page, fault: f.fault, times: f.times };
+                    m.uffd.inject_install_fault(Some(plan));
+                }
+                None => eprintln!("destination: test-only install fault at page {} outside the guest", f.page),
+            },
+            Err(e) => eprintln!("destination: {e}"),
+        }
+    }
+
     fn locked_layout(&self) -> Result<postcopy_core::RamLayout, String> {
         // Called from an op, after the lock was released.
         lock(&self.locked).core.layout().cloned().ok_or_else(|| "no layout yet".to_string())
     }
 
-    fn install(&self, page: PageNumber, data: PageData, overwrite: bool) {
+    fn install<'s>(&'s self, s: &'s Scope<'s, '_>, page: PageNumber, data: PageData, overwrite: bool) {
         let Some(m) = self.machine.get() else {
             tracing::error!("page before the machine was built");
             return;
@@ -428,10 +469,7 @@ impl<'a> Driver<'a> {
                 self.note_installed(m, page, bytes, at_ns);
             }
             Ok((Install::AlreadyPresent, _)) => self.note_already_present(page),
-            Err(e) => {
-                self.install_anomalies.fetch_add(1, Ordering::Relaxed);
-                tracing::error!(%e, page = page.0, "install failed");
-            }
+            Err(e) => self.install_failed(s, m, page, &data, overwrite, e),
         }
     }
 
@@ -449,14 +487,14 @@ impl<'a> Driver<'a> {
     /// Installs consecutive pages of one block with one `UFFDIO_COPY`
     /// through a per-thread staging buffer; the bookkeeping is per page,
     /// as in [`Driver::install`].
-    fn install_run(&self, run: Vec<(PageNumber, Bytes)>) {
+    fn install_run<'s>(&'s self, s: &'s Scope<'s, '_>, run: Vec<(PageNumber, Bytes)>) {
         thread_local! {
             static STAGING: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
         }
         let (Some(m), Some(&(first, _))) = (self.machine.get(), run.first()) else { return };
         if run.len() == 1 {
             for (page, bytes) in run {
-                self.install(page, PageData::Bytes(bytes), false);
+                self.install(s, page, PageData::Bytes(bytes), false);
             }
             return;
         }
@@ -475,11 +513,7 @@ impl<'a> Driver<'a> {
                 self.install_busy_ns.fetch_add(t.saturating_sub(started_ns), Ordering::Relaxed);
                 t
             }
-            Err(e) => {
-                self.install_anomalies.fetch_add(run.len() as u64, Ordering::Relaxed);
-                tracing::error!(%e, first = first.0, pages = run.len(), "install failed");
-                return;
-            }
+            Err(e) => return self.install_run_failed(s, m, run, present, e),
         };
         for (i, (page, bytes)) in run.iter().enumerate() {
             if present >> i & 1 == 1 {
@@ -507,6 +541,103 @@ impl<'a> Driver<'a> {
     fn note_already_present(&self, page: PageNumber) {
         self.install_anomalies.fetch_add(1, Ordering::Relaxed);
         tracing::warn!(page = page.0, "page already present: install skipped");
+    }
+
+    /// A run stopped part-way: the pages before the stop are noted as
+    /// usual, each later one goes through [`Driver::install`] again (and
+    /// its failure handling) on its own.
+    fn install_run_failed<'s>(
+        &'s self,
+        s: &'s Scope<'s, '_>,
+        m: &Machine,
+        run: Vec<(PageNumber, Bytes)>,
+        present: u64,
+        error: crate::Error,
+    ) {
+        let stopped_at = match &error {
+            crate::Error::Install(e) => (e.stopped_at as usize).min(run.len()),
+            _ => 0,
+        };
+        tracing::warn!(%error, "install of a run stopped; its remaining pages go one by one");
+        let t = now().0;
+        for (i, (page, bytes)) in run.iter().enumerate().take(stopped_at) {
+            if present >> i & 1 == 1 {
+                self.note_already_present(*page);
+            } else {
+                self.note_installed(m, *page, Some(bytes), t);
+            }
+        }
+        if let (Some(&(first, _)), true) = (run.first(), stopped_at == run.len()) {
+            // Only the wake-up failed: wake again.
+            if let Some(r) = m.map.page_ref(first) {
+                if let Err(e) = m.uffd.wake_pages(r, run.len() as u64) {
+                    tracing::error!(%e, first = first.0, "waking a run's waiters");
+                }
+            }
+        }
+        for (page, bytes) in run.into_iter().skip(stopped_at) {
+            self.install(s, page, PageData::Bytes(bytes), false);
+        }
+    }
+
+    /// Installing `page` failed with `error`. Installed after all with only
+    /// the wake-up failing: noted, woken again. A transient failure is
+    /// retried a few times here. Otherwise the page is missing: the core
+    /// hears of it ([`postcopy_core::Destination::handle_install_failed`])
+    /// and gets it back from the source, or ends the migration.
+    fn install_failed<'s>(
+        &'s self,
+        s: &'s Scope<'s, '_>,
+        m: &Machine,
+        page: PageNumber,
+        data: &PageData,
+        overwrite: bool,
+        error: crate::Error,
+    ) {
+        let bytes = match data {
+            PageData::Bytes(b) => Some(&b[..]),
+            PageData::Zero => None,
+        };
+        let Some(r) = m.map.page_ref(page) else { return };
+        let mut error = error;
+        for attempt in 0..=INSTALL_RETRIES {
+            match &error {
+                crate::Error::Install(e) if matches!(e.cause, InstallFailure::Wake(_)) => {
+                    self.note_installed(m, page, bytes, now().0);
+                    if let Err(e) = m.uffd.wake_pages(r, 1) {
+                        tracing::error!(%e, page = page.0, "waking a page's waiters");
+                    }
+                    return;
+                }
+                crate::Error::Install(e) if e.is_transient() && !overwrite && attempt < INSTALL_RETRIES => {
+                    eprintln!("destination: page {} failed to install ({}), retrying", page.0, e.cause);
+                    std::thread::sleep(Duration::from_millis(1 << attempt));
+                }
+                _ => break,
+            }
+            let retried = match bytes {
+                Some(b) => m.uffd.install_page(r, b),
+                None => m.uffd.install_zero_page(r),
+            };
+            match retried {
+                Ok(Install::Installed) => return self.note_installed(m, page, bytes, now().0),
+                Ok(Install::AlreadyPresent) => return self.note_already_present(page),
+                Err(e) => error = e,
+            }
+        }
+        self.install_anomalies.fetch_add(1, Ordering::Relaxed);
+        eprintln!("destination: page {} could not be installed: {error}", page.0);
+        let reason = error.to_string();
+        let mut late = None;
+        self.event(s, |l, now| {
+            if let Err(e) = l.core.handle_install_failed(now, page, reason) {
+                late = Some(e);
+            }
+        });
+        if let Some(e) = late {
+            // Nothing brings the page back: the guest is not run on the hole.
+            *lock(&self.fatal) = Some(format!("install failed: {e}"));
+        }
     }
 
     fn discard(&self, first: PageNumber, count: u64) {
@@ -589,11 +720,14 @@ impl<'a> Driver<'a> {
                     buf.clear();
                     let (conn, ops) = {
                         let mut l = lock_spin(&self.locked, LOCK_SPIN);
-                        let conn = if l.preparing { None } else { l.conns[Channel::Return.index()].clone() };
+                        // The EOC waits while an install may still fail.
+                        let eoc_held = l.core.eoc_queued() && self.installs_in_flight.load(Ordering::SeqCst) > 0;
+                        let conn =
+                            if l.preparing || eoc_held { None } else { l.conns[Channel::Return.index()].clone() };
                         if conn.is_some() {
                             let _ = l.core.poll_transmit(now(), Channel::Return, &mut buf, 64 * 1024);
                         }
-                        (conn, drain(&mut l))
+                        (conn, self.drain_counted(&mut l))
                     };
                     if !ops.is_empty() {
                         self.flush_wanted.store(true, Ordering::SeqCst);
@@ -863,8 +997,12 @@ impl<'a> Driver<'a> {
             conn.shutdown();
         }
         let set = lock(&self.set);
+        if let Some(plan) = self.machine.get().and_then(|m| m.uffd.armed_install_fault()) {
+            eprintln!("destination: test-only install fault left unfired: {plan:?}");
+        }
         if let Some(m) = self.machine.get() {
-            if set.is_none() || lock(&self.finished).as_ref().is_none_or(|f| f.result.is_err()) {
+            let hole = m.installed.first_clear().is_some();
+            if set.is_none() || hole || lock(&self.finished).as_ref().is_none_or(|f| f.result.is_err()) {
                 // Wake any thread still waiting for a page (a loader cut off
                 // mid-way): the guest is abandoned here. Running vCPUs are
                 // kicked first, so that none runs the guest on missing pages.
@@ -943,8 +1081,16 @@ impl<'a> Driver<'a> {
         report.progress_after_pages_per_s = stats.pages_rate(t_done, now().0);
         report.pages_installed = m.installed.count();
         if let Some(first) = m.installed.first_clear() {
+            // Reading through the guest mapping would block on the hole:
+            // no verification, no dump; the guest is paused (vCPUs blocked
+            // on the hole stay kicked, and the stop abandons them).
             report.ok = false;
             report.error = Some(format!("page {first} was never installed"));
+            if let Some(set) = lock(&self.set).as_ref() {
+                set.pause_within(Duration::from_millis(100));
+            }
+            report.digest = m.digests.fold();
+            return report;
         }
         let set_guard = lock(&self.set);
         let Some(set) = set_guard.as_ref() else {
