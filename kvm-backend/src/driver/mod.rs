@@ -62,6 +62,7 @@
 //! block: on this machine a wake-up across CPUs costs about 30 us.
 
 pub mod digest;
+pub mod install_faults;
 pub mod machine;
 pub mod net;
 pub mod report;

@@ -1,14 +1,17 @@
 //! The small structures that the driver's threads share outside the core's
-//! lock, each checked with `loom` (`RUSTFLAGS="--cfg loom" cargo test -p
-//! postcopy-kvm --release --lib driver::sync`):
+//! lock, each checked with `loom` (with [`crate::page_bits`]:
+//! `RUSTFLAGS="--cfg loom" CARGO_TARGET_DIR=target/loom cargo test -p
+//! postcopy-kvm --release --locked --lib -- page_bits driver::sync`):
 //!
-//! - [`PageBits`]: one bit per page (pages installed on the destination),
-//!   set and cleared by installer threads, read by the progress bar and the
-//!   end-of-run checks, with an exact count.
+//! - [`PageBits`] (defined in [`crate::page_bits`], checked there): one bit
+//!   per page (pages installed on the destination), set and cleared by
+//!   installer threads, read by the progress bar and the end-of-run checks.
 //! - [`FaultClock`]: per page, when the first fault on it was read; the
 //!   thread that installs the page takes the start time exactly once.
 //! - [`Doorbell`]: "there is work" from any thread to one sleeping worker,
 //!   without lost wake-ups and without a system call when the worker is awake.
+
+pub use crate::page_bits::PageBits;
 
 #[cfg(loom)]
 use loom::sync::atomic::{AtomicU64, Ordering};
@@ -18,79 +21,6 @@ use loom::sync::{Condvar, Mutex};
 use std::sync::atomic::{AtomicU64, Ordering};
 #[cfg(not(loom))]
 use std::sync::{Condvar, Mutex};
-
-/// One bit per page, with a count of the set bits.
-#[derive(Debug)]
-pub struct PageBits {
-    words: Box<[AtomicU64]>,
-    len: u64,
-    ones: AtomicU64,
-}
-
-impl PageBits {
-    /// `len` clear bits.
-    pub fn new(len: u64) -> Self {
-        let words = (0..len.div_ceil(64)).map(|_| AtomicU64::new(0)).collect();
-        Self { words, len, ones: AtomicU64::new(0) }
-    }
-
-    /// Number of bits.
-    pub fn len(&self) -> u64 {
-        self.len
-    }
-
-    /// Whether there are no bits at all.
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
-    }
-
-    /// Sets bit `i`; returns whether it was clear. Out of range: false.
-    pub fn set(&self, i: u64) -> bool {
-        if i >= self.len {
-            return false;
-        }
-        let Some(word) = self.words.get((i / 64) as usize) else { return false };
-        let bit = 1u64 << (i % 64);
-        let was_clear = word.fetch_or(bit, Ordering::AcqRel) & bit == 0;
-        if was_clear {
-            self.ones.fetch_add(1, Ordering::AcqRel);
-        }
-        was_clear
-    }
-
-    /// Clears bit `i`; returns whether it was set.
-    pub fn clear(&self, i: u64) -> bool {
-        let Some(word) = self.words.get((i / 64) as usize) else { return false };
-        let bit = 1u64 << (i % 64);
-        let was_set = word.fetch_and(!bit, Ordering::AcqRel) & bit != 0;
-        // A branch, not `ones -= u64::from(was_set)`: see core/src/bitmap.rs
-        // for the release-mode miscompile of that form.
-        if was_set {
-            self.ones.fetch_sub(1, Ordering::AcqRel);
-        }
-        was_set
-    }
-
-    /// Whether bit `i` is set.
-    pub fn get(&self, i: u64) -> bool {
-        self.words.get((i / 64) as usize).is_some_and(|w| w.load(Ordering::Acquire) & (1 << (i % 64)) != 0)
-    }
-
-    /// Number of set bits (exact once the writers are done).
-    pub fn count(&self) -> u64 {
-        self.ones.load(Ordering::Acquire)
-    }
-
-    /// The first clear bit, if any (end-of-run checks).
-    pub fn first_clear(&self) -> Option<u64> {
-        self.words.iter().enumerate().find_map(|(w, word)| {
-            let v = word.load(Ordering::Acquire);
-            let bit = u64::from((!v).trailing_zeros());
-            let i = w as u64 * 64 + bit;
-            (v != u64::MAX && i < self.len).then_some(i)
-        })
-    }
-}
 
 /// Per page, the time (ns, never 0) its first outstanding fault was read.
 #[derive(Debug)]
@@ -199,33 +129,6 @@ mod loom_tests {
     use loom::thread;
 
     #[test]
-    fn page_bits_count_matches_bits_under_races() {
-        loom::model(|| {
-            let bits = Arc::new(PageBits::new(130));
-            let a = {
-                let bits = bits.clone();
-                thread::spawn(move || {
-                    bits.set(1);
-                    bits.set(129);
-                    bits.clear(1);
-                })
-            };
-            let b = {
-                let bits = bits.clone();
-                thread::spawn(move || {
-                    bits.set(1);
-                    bits.set(2);
-                })
-            };
-            a.join().unwrap();
-            b.join().unwrap();
-            let expected = (0..130).filter(|&i| bits.get(i)).count() as u64;
-            assert_eq!(bits.count(), expected);
-            assert!(bits.get(129) && bits.get(2));
-        });
-    }
-
-    #[test]
     fn each_fault_wait_is_taken_once() {
         loom::model(|| {
             let clock = Arc::new(FaultClock::new(4));
@@ -294,23 +197,6 @@ mod loom_tests {
 mod tests {
     use super::*;
     use std::time::Duration;
-
-    #[test]
-    fn page_bits_basics() {
-        let bits = PageBits::new(130);
-        assert!(bits.set(0) && !bits.set(0));
-        assert!(bits.set(129));
-        assert!(!bits.set(130), "out of range");
-        assert_eq!(bits.count(), 2);
-        assert_eq!(bits.first_clear(), Some(1));
-        assert!(bits.clear(0) && !bits.clear(0));
-        assert_eq!(bits.count(), 1);
-        for i in 0..130 {
-            bits.set(i);
-        }
-        assert_eq!(bits.first_clear(), None);
-        assert_eq!(bits.count(), 130);
-    }
 
     #[test]
     fn fault_clock_measures_from_the_first_fault() {
