@@ -10,6 +10,9 @@
 //!   thread that installs the page takes the start time exactly once.
 //! - [`Doorbell`]: "there is work" from any thread to one sleeping worker,
 //!   without lost wake-ups and without a system call when the worker is awake.
+//! - [`InstallsInFlight`]: installs the destination's core handed out and
+//!   the driver has not carried out; the end of copy waits for them (the
+//!   loom model checks that protocol with the core lock around it).
 
 pub use crate::page_bits::PageBits;
 
@@ -122,6 +125,46 @@ impl Doorbell {
     }
 }
 
+/// Installs the destination's core handed out that are not carried out yet.
+/// Counted up under the core lock as they are drained, down once each is
+/// done, its failure (if any) reported to the core first. So a holder of
+/// the core lock that finds none knows that every install drained before
+/// it succeeded or had its failure heard: the end of copy may leave.
+#[derive(Debug)]
+pub struct InstallsInFlight {
+    count: AtomicU64,
+}
+
+impl Default for InstallsInFlight {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl InstallsInFlight {
+    /// None in flight.
+    pub fn new() -> Self {
+        Self { count: AtomicU64::new(0) }
+    }
+
+    /// `installs` were drained from the core (call under the core lock).
+    pub fn handed_out(&self, installs: u64) {
+        if installs > 0 {
+            self.count.fetch_add(installs, Ordering::SeqCst);
+        }
+    }
+
+    /// `installs` were carried out (a failure already reported to the core).
+    pub fn done(&self, installs: u64) {
+        self.count.fetch_sub(installs, Ordering::SeqCst);
+    }
+
+    /// Whether any install is still in flight.
+    pub fn any(&self) -> bool {
+        self.count.load(Ordering::SeqCst) > 0
+    }
+}
+
 #[cfg(all(test, loom))]
 mod loom_tests {
     use super::*;
@@ -156,6 +199,80 @@ mod loom_tests {
             assert_eq!(taken.len() as u64 + u64::from(left.is_some()), started);
             assert!(taken.iter().all(|&w| w == 40 || w == 30));
         });
+    }
+
+    /// What the model's core knows about the end of copy (EOC).
+    #[derive(Default)]
+    struct EocCore {
+        eoc_queued: bool,
+        eoc_sent: bool,
+        failure_after_eoc: bool,
+    }
+
+    /// A reader drains the last page's install (the core queues the EOC)
+    /// and carries it out, failing or not, then flushes; a fault-path
+    /// flusher runs at the same time. The EOC leaves only when queued and
+    /// no install is in flight. `report_first`: the failure reaches the
+    /// core before the install counts as done (false: a planted bug).
+    fn eoc_model(install_fails: bool, report_first: bool) {
+        loom::model(move || {
+            let core = Arc::new(Mutex::new(EocCore::default()));
+            let in_flight = Arc::new(InstallsInFlight::new());
+            let flush = |core: &Mutex<EocCore>, in_flight: &InstallsInFlight| {
+                let mut c = core.lock().unwrap();
+                if c.eoc_queued && !in_flight.any() {
+                    c.eoc_sent = true;
+                }
+            };
+            let report = |core: &Mutex<EocCore>| {
+                let mut c = core.lock().unwrap();
+                if c.eoc_sent {
+                    c.failure_after_eoc = true;
+                } else {
+                    c.eoc_queued = false;
+                }
+            };
+            let reader = {
+                let (core, in_flight) = (core.clone(), in_flight.clone());
+                thread::spawn(move || {
+                    {
+                        let mut c = core.lock().unwrap();
+                        c.eoc_queued = true;
+                        in_flight.handed_out(1);
+                    }
+                    if install_fails && report_first {
+                        report(&core);
+                    }
+                    in_flight.done(1);
+                    if install_fails && !report_first {
+                        report(&core);
+                    }
+                    flush(&core, &in_flight);
+                })
+            };
+            let flusher = {
+                let (core, in_flight) = (core.clone(), in_flight.clone());
+                thread::spawn(move || flush(&core, &in_flight))
+            };
+            reader.join().unwrap();
+            flusher.join().unwrap();
+            let c = core.lock().unwrap();
+            assert!(!c.failure_after_eoc, "an install failed after the EOC left");
+            // No EOC is lost: without a failure it leaves, with one it waits.
+            assert_eq!(c.eoc_sent, !install_fails);
+        });
+    }
+
+    #[test]
+    fn the_eoc_waits_for_installs_in_flight() {
+        eoc_model(false, true);
+        eoc_model(true, true);
+    }
+
+    #[test]
+    #[should_panic(expected = "an install failed after the EOC left")]
+    fn the_eoc_model_catches_an_install_done_before_its_failure_is_heard() {
+        eoc_model(true, false);
     }
 
     #[test]
@@ -207,6 +324,19 @@ mod tests {
         assert_eq!(clock.finish(1, 190), None);
         assert_eq!(clock.finish(0, 10), None);
         assert!(!clock.start(7, 1));
+    }
+
+    #[test]
+    fn installs_in_flight_count_up_and_down() {
+        let in_flight = InstallsInFlight::new();
+        assert!(!in_flight.any());
+        in_flight.handed_out(0);
+        assert!(!in_flight.any());
+        in_flight.handed_out(3);
+        in_flight.done(2);
+        assert!(in_flight.any());
+        in_flight.done(1);
+        assert!(!in_flight.any());
     }
 
     #[test]

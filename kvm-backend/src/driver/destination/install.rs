@@ -16,6 +16,7 @@ use super::{DestinationDriver, DestinationError, DestinationOp, Machine};
 use crate::devices::lock;
 use crate::driver::install_faults::InstallFault;
 use crate::driver::shell::SideDriver;
+use crate::driver::sync::InstallsInFlight;
 use crate::driver::{error_chain, now};
 use crate::layout::PAGE_SIZE;
 use crate::uffd::{Install, InstallFailure, InstallFaultPlan};
@@ -111,7 +112,7 @@ pub(super) struct InstallCounters {
     /// Installs drained from the core and not yet carried out (added under
     /// the core lock): the EOC waits for them, as a failure must reach the
     /// core before it leaves.
-    pub(super) in_flight: AtomicU64,
+    pub(super) in_flight: InstallsInFlight,
 }
 
 impl DestinationDriver<'_> {

@@ -285,11 +285,11 @@ impl SideDriver for DestinationDriver<'_> {
                     if self.batchable(page) =>
                 {
                     let pages = self.install_batch(s, page, bytes, &mut ops);
-                    self.install_counters.in_flight.fetch_sub(pages, Ordering::SeqCst);
+                    self.install_counters.in_flight.done(pages);
                 }
                 DestinationOp::Install { page, data, overwrite } => {
                     self.install(s, page, data, overwrite);
-                    self.install_counters.in_flight.fetch_sub(1, Ordering::SeqCst);
+                    self.install_counters.in_flight.done(1);
                 }
                 DestinationOp::Discard { first, count } => self.discard(first, count),
                 DestinationOp::LoadDeviceState(state) => {
@@ -327,9 +327,7 @@ impl SideDriver for DestinationDriver<'_> {
                 ops.push(op);
             }
         }
-        if installs > 0 {
-            self.install_counters.in_flight.fetch_add(installs, Ordering::SeqCst);
-        }
+        self.install_counters.in_flight.handed_out(installs);
         ops
     }
 
@@ -345,7 +343,7 @@ impl SideDriver for DestinationDriver<'_> {
         // The EOC waits while an install may still fail: a failure must
         // reach the core (which then withdraws the EOC) before it leaves.
         // The installer's execute flushes again once its count is down.
-        if l.core.eoc_queued() && self.install_counters.in_flight.load(Ordering::SeqCst) > 0 {
+        if l.core.eoc_queued() && self.install_counters.in_flight.any() {
             return None;
         }
         let conn = l.connection(Channel::Return).cloned();
