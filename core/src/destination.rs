@@ -54,6 +54,10 @@ const _: () = assert!(PRESENT_WORDS_PER_FRAME <= MAX_PRESENT_WORDS);
 /// Most vCPUs whose blocked time is accounted one by one.
 pub const MAX_TRACKED_VCPUS: usize = 64;
 
+/// How often one page may fail to install (each failure costs a recovery)
+/// before the destination gives up on the migration.
+pub const MAX_INSTALL_FAILURES: u32 = 3;
+
 /// Where the destination is in the migration. See the module docs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum DestinationState {
@@ -218,6 +222,9 @@ pub struct Destination {
     clock: Observed<PhaseClock>,
     stats: Observed<DestinationStats>,
     latency: Observed<LatencyHistogram>,
+    /// Per page, how often installing it failed (see
+    /// [`Destination::handle_install_failed`]).
+    install_failures: BTreeMap<u64, u32>,
 }
 
 impl Destination {
@@ -247,6 +254,7 @@ impl Destination {
             clock: Observed::default(),
             stats: Observed::default(),
             latency: Observed::default(),
+            install_failures: BTreeMap::new(),
         }
     }
 
@@ -296,6 +304,15 @@ impl Destination {
     /// Whether `page` has a fault waiting for it.
     pub fn is_outstanding(&self, page: PageNumber) -> bool {
         self.outstanding.contains_key(&page.0)
+    }
+
+    /// Whether the end of copy is queued and not yet transmitted: every
+    /// page is present as far as this side knows. A driver whose installs
+    /// run outside its lock holds the EOC back while one is in flight (a
+    /// failure reported in time un-queues it, see
+    /// [`Destination::handle_install_failed`]).
+    pub fn eoc_queued(&self) -> bool {
+        self.eoc_queued
     }
 
     pub fn is_connected(&self, channel: Channel) -> bool {
@@ -481,6 +498,68 @@ impl Destination {
                 let farewell = Frame::GuestDropped { reason: format!("device state failed to load: {reason}") };
                 self.fail(now, MigrationError::DeviceStateLoad(reason), Some(farewell));
             }
+        }
+        Ok(())
+    }
+
+    /// Installing `page` (an [`DestinationAction::InstallPage`]) failed: it is
+    /// not in guest memory. It becomes missing again, and the EOC, if
+    /// queued, is withdrawn. The source sent it once and never sends a page
+    /// twice on request, but does resend what a recovery's present report
+    /// lacks; so:
+    /// - before the device state is loaded, the migration fails: the guest
+    ///   never ran here and the source keeps it;
+    /// - from then on the destination pauses (closes its connections): the
+    ///   source reconnects and resends the page, as after a lost
+    ///   connection. Paused already, the next report covers it;
+    /// - the [`MAX_INSTALL_FAILURES`]-th failure of one page once the guest
+    ///   may run here cannot be survived: the migration ends with
+    ///   [`MigrationError::InstallFailed`], the guest left here paused by
+    ///   the driver, never run on memory with a hole;
+    /// - after the EOC was transmitted nothing can bring the page back:
+    ///   [`EventError::InstallFailedAfterEnd`] (hold the EOC while installs
+    ///   are in flight, see [`Destination::eoc_queued`]).
+    ///
+    /// A driver retries transient failures itself before reporting one.
+    pub fn handle_install_failed(
+        &mut self,
+        now: Timestamp,
+        page: PageNumber,
+        reason: String,
+    ) -> Result<(), EventError> {
+        match self.state {
+            DestinationState::Listening => return Err(self.wrong_state("install failed")),
+            DestinationState::Failed => return Ok(()),
+            _ => {}
+        }
+        if page.0 >= self.present.len() {
+            return Err(EventError::PageOutOfRange(page.0));
+        }
+        if self.state == DestinationState::Completed {
+            return Err(EventError::InstallFailedAfterEnd { page: page.0 });
+        }
+        // A discard may have made it missing already: then nothing is lost.
+        if !self.present.clear(page.0) {
+            return Ok(());
+        }
+        self.eoc_queued = false;
+        let failures = self.install_failures.entry(page.0).or_insert(0);
+        *failures += 1;
+        let error = MigrationError::InstallFailed { page: page.0, reason };
+        match self.state {
+            DestinationState::Precopy | DestinationState::LoadingDevice => {
+                let farewell = Frame::GuestDropped { reason: error.to_string() };
+                self.fail(now, error, Some(farewell));
+            }
+            _ if *failures >= MAX_INSTALL_FAILURES && (self.guest_started || self.start_possible) => {
+                self.give_up_with_guest(now, error);
+            }
+            _ if *failures >= MAX_INSTALL_FAILURES => {
+                let farewell = Frame::GuestDropped { reason: error.to_string() };
+                self.fail(now, error, Some(farewell));
+            }
+            DestinationState::Paused => {}
+            _ => self.pause(now, error),
         }
         Ok(())
     }
@@ -917,6 +996,25 @@ impl Destination {
         self.actions.push_back(DestinationAction::Finished(Box::new(Finished {
             result: Err(error),
             guest_on: Side::Source,
+            stats,
+        })));
+    }
+
+    /// Ends a migration whose guest may already run here but cannot be
+    /// given memory without a hole: the driver keeps the guest paused.
+    fn give_up_with_guest(&mut self, now: Timestamp, error: MigrationError) {
+        self.close_all_links();
+        self.state = DestinationState::Failed;
+        self.control.clear();
+        self.pending_requests.clear();
+        self.report_word = None;
+        self.welcome_pending = false;
+        self.handshake_deadline = None;
+        self.start_deadline = None;
+        let stats = self.stats(now);
+        self.actions.push_back(DestinationAction::Finished(Box::new(Finished {
+            result: Err(error),
+            guest_on: Side::Destination,
             stats,
         })));
     }

@@ -93,6 +93,8 @@ pub enum MigrationError {
     DestinationDropped(String),
     #[error("loading the device state failed: {0}")]
     DeviceStateLoad(String),
+    #[error("page {page} could not be installed: {reason}")]
+    InstallFailed { page: u64, reason: String },
 }
 
 /// An event the driver should not have delivered (a bug in the driver, not the peer).
@@ -106,4 +108,6 @@ pub enum EventError {
     TooManyFaults { limit: u32 },
     #[error("machine description of {len} bytes exceeds {max}")]
     MachineDescriptionTooLong { len: usize, max: usize },
+    #[error("page {page} failed to install after the end of copy was sent: the guest has a hole")]
+    InstallFailedAfterEnd { page: u64 },
 }

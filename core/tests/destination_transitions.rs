@@ -668,3 +668,123 @@ fn a_session_opened_at_the_last_epoch_refuses_every_resume_without_overflow() {
     assert!(h.has(&DestinationAction::Notice(Notice::ConnectionRefused { channel: Channel::Main, error })));
     assert_eq!(h.dst.state(), DestinationState::Paused);
 }
+
+/// Every page of the layout as a background frame.
+fn all_pages(h: &mut Harness) {
+    for p in 0..PAGES {
+        let (block, index) = if p < 60 { (0, p as u32) } else { (1, (p - 60) as u32) };
+        h.receive(Channel::Main, page(block, index, PageKind::Background));
+    }
+}
+
+/// Reconnects every channel with a resume hello of `epoch`.
+fn resume(h: &mut Harness, epoch: u32) -> Vec<Frame> {
+    for channel in Channel::ALL {
+        h.connect(channel);
+    }
+    h.receive(Channel::Urgent, Frame::UrgentHello(UrgentHello { session: SESSION, epoch }));
+    h.receive(Channel::Main, hello(WireMode::Postcopy, true, epoch));
+    h.returned()
+}
+
+/// A page whose install failed is missing again: the queued EOC is
+/// withdrawn, the destination pauses, and the recovery's report asks the
+/// source for the page again; once it is installed the EOC goes out.
+#[test]
+fn a_failed_install_withdraws_the_eoc_and_recovers_the_page() {
+    let mut h = Harness::running(quiet());
+    all_pages(&mut h);
+    assert!(h.dst.eoc_queued(), "every page present");
+    h.dst.handle_install_failed(h.now, PageNumber(3), "ENOMEM".into()).unwrap();
+    h.drain();
+    assert!(!h.dst.eoc_queued(), "the EOC waits for the page");
+    assert!(!h.dst.is_present(PageNumber(3)));
+    assert_eq!(h.dst.state(), DestinationState::Paused);
+    assert!(matches!(h.paused_reason(), Some(MigrationError::InstallFailed { page: 3, .. })));
+    assert!(h.has(&DestinationAction::Close(Channel::Main)));
+    // A vCPU touching it meanwhile waits (no wake: it is missing).
+    h.actions.clear();
+    h.dst.handle_page_fault(h.now, PageNumber(3), Waiter::Vcpu(0)).unwrap();
+    h.drain();
+    assert!(!h.has(&DestinationAction::Wake(PageNumber(3))));
+    let frames = resume(&mut h, 1);
+    assert!(!frames.contains(&Frame::Eoc), "no EOC while page 3 is missing: {frames:?}");
+    let report = frames.iter().find_map(|f| match f {
+        Frame::PresentPages(p) => Some(p.words[0]),
+        _ => None,
+    });
+    assert_eq!(report, Some(!(1u64 << 3)), "the report lacks page 3, so the source resends it");
+    assert!(frames.contains(&Frame::Request(Request { block: 0, indexes: vec![3] })));
+    h.receive(Channel::Urgent, page(0, 3, PageKind::Requested));
+    assert_eq!(h.installed().last(), Some(&(3, false)));
+    assert_eq!(h.returned(), vec![Frame::Eoc]);
+    assert_eq!(h.dst.state(), DestinationState::Completed);
+    assert_eq!(h.finished_error(), None);
+}
+
+/// Before the device state is loaded the source still has the guest: a
+/// failed install fails the migration, telling the source why.
+#[test]
+fn a_failed_install_before_the_device_state_drops_the_guest() {
+    let mut h = Harness::handshaken(quiet(), WireMode::Hybrid);
+    h.receive(Channel::Main, page(0, 5, PageKind::Precopy));
+    h.dst.handle_install_failed(h.now, PageNumber(5), "EFAULT".into()).unwrap();
+    h.drain();
+    assert_eq!(h.dst.state(), DestinationState::Failed);
+    assert!(matches!(h.finished_error(), Some(MigrationError::InstallFailed { page: 5, .. })));
+    assert!(h.actions.iter().any(|a| matches!(a, DestinationAction::Farewell { channel: Channel::Return, .. })));
+    // Later reports change nothing.
+    h.dst.handle_install_failed(h.now, PageNumber(5), "again".into()).unwrap();
+}
+
+/// A page that keeps failing once the guest runs here cannot be survived:
+/// the migration ends with a typed error and the guest stays here (the
+/// driver keeps it paused); no EOC ever leaves.
+#[test]
+fn a_page_that_keeps_failing_ends_the_migration_with_the_guest_here() {
+    let mut h = Harness::running(quiet());
+    all_pages(&mut h);
+    for attempt in 1..=postcopy_core::destination::MAX_INSTALL_FAILURES {
+        h.dst.handle_install_failed(h.now, PageNumber(61), format!("ENOMEM #{attempt}")).unwrap();
+        h.drain();
+        if attempt < postcopy_core::destination::MAX_INSTALL_FAILURES {
+            assert_eq!(h.dst.state(), DestinationState::Paused, "attempt {attempt}");
+            let frames = resume(&mut h, attempt);
+            assert!(!frames.contains(&Frame::Eoc));
+            h.receive(Channel::Main, page(1, 1, PageKind::Background));
+        }
+    }
+    assert_eq!(h.dst.state(), DestinationState::Failed);
+    let finished = h.actions.iter().find_map(|a| match a {
+        DestinationAction::Finished(f) => Some(f.clone()),
+        _ => None,
+    });
+    let finished = finished.expect("finished");
+    assert!(matches!(finished.result, Err(MigrationError::InstallFailed { page: 61, .. })), "{finished:?}");
+    assert_eq!(finished.guest_on, postcopy_core::Side::Destination);
+    assert!(h.returned().is_empty(), "nothing leaves a failed destination");
+}
+
+/// Failures the core cannot act on are typed errors of the event.
+#[test]
+fn install_failures_out_of_place_are_event_errors() {
+    let mut h = Harness::new(quiet());
+    assert!(matches!(
+        h.dst.handle_install_failed(h.now, PageNumber(0), "x".into()),
+        Err(EventError::WrongState { .. })
+    ));
+    let mut h = Harness::running(quiet());
+    assert_eq!(
+        h.dst.handle_install_failed(h.now, PageNumber(PAGES), "x".into()),
+        Err(EventError::PageOutOfRange(PAGES))
+    );
+    // A page not present (never arrived, or discarded): nothing lost.
+    h.dst.handle_install_failed(h.now, PageNumber(9), "x".into()).unwrap();
+    assert_eq!(h.dst.state(), DestinationState::Running);
+    all_pages(&mut h);
+    assert_eq!(h.returned(), vec![Frame::Eoc]);
+    assert_eq!(
+        h.dst.handle_install_failed(h.now, PageNumber(4), "late".into()),
+        Err(EventError::InstallFailedAfterEnd { page: 4 })
+    );
+}

@@ -32,8 +32,8 @@ use std::time::Duration;
 
 use postcopy_core::wire::{self, Decoder, Frame, FrameKind, PageData};
 use postcopy_core::{
-    Channel, Config, Destination, DestinationAction, DestinationState, MigrationError, Notice, PageAddress, PageNumber,
-    RamLayout, Side, Timestamp, Waiter,
+    Channel, Config, Destination, DestinationAction, DestinationState, EventError, MigrationError, Notice, PageAddress,
+    PageNumber, RamLayout, Side, Timestamp, Waiter,
 };
 
 use crate::alloc_guard::Scope;
@@ -96,6 +96,10 @@ pub enum DestinationOp {
     Cancel,
     /// 0: jump to the armed timer; else advance `v^2` ms.
     Timer(u8),
+    /// Installing a page (`Near(k)`: page `k` of the layout) failed.
+    InstallFailed {
+        page: Num,
+    },
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -108,7 +112,7 @@ const MAIN_FIRST: [Channel; 3] = [Channel::Main, Channel::Urgent, Channel::Retur
 
 impl DestinationOp {
     fn read(r: &mut In) -> DestinationOp {
-        match r.u8() % 9 {
+        match r.u8() % 10 {
             0 => DestinationOp::Connected(r.u8()),
             1 => DestinationOp::ConnectionLost(r.u8()),
             2 => DestinationOp::Frame { ch: r.u8(), frame: FrameSpec::read(r), split: r.u16() },
@@ -117,7 +121,8 @@ impl DestinationOp {
             5 => DestinationOp::PageFault { page: r.num(), waiter: r.u8() },
             6 => DestinationOp::DeviceStateLoaded { ok: r.bool() },
             7 => DestinationOp::Cancel,
-            _ => DestinationOp::Timer(r.u8()),
+            8 => DestinationOp::Timer(r.u8()),
+            _ => DestinationOp::InstallFailed { page: r.num() },
         }
     }
 
@@ -151,6 +156,9 @@ impl DestinationOp {
             }
             DestinationOp::Timer(v) => {
                 o.u8(8).u8(*v);
+            }
+            DestinationOp::InstallFailed { page } => {
+                o.u8(9).num(*page);
             }
         }
     }
@@ -227,6 +235,9 @@ struct Driver {
     loading: bool,
     loaded: bool,
     resumed: bool,
+    /// The migration ended on a page that never installed, with the guest
+    /// here (kept paused by the driver).
+    ended_with_guest_here: bool,
     finished: Option<bool>,
     decoder: Decoder,
     /// A welcome went out on the current return connection (`None`: not
@@ -336,6 +347,16 @@ impl Driver {
                             assert!(self.resumed, "completed without running the guest");
                             assert_eq!(self.present.len() as u64, self.total(), "completed with pages missing");
                         }
+                        Err(error) if finished.guest_on == Side::Destination => {
+                            // Only a page that cannot be installed ends a
+                            // migration whose guest may run here.
+                            assert!(
+                                matches!(error, MigrationError::InstallFailed { .. }),
+                                "{error} with the guest here"
+                            );
+                            self.ended_with_guest_here = true;
+                            self.report.errors.push(error.clone());
+                        }
                         Err(error) => {
                             assert_eq!(finished.guest_on, Side::Source);
                             assert!(!self.resumed, "failed after running the guest");
@@ -360,7 +381,7 @@ impl Driver {
         let outstanding = self.core.outstanding_faults();
         assert!(outstanding <= bound, "{outstanding} faults outstanding, bound {bound}");
         assert_eq!(self.core.guest_started(), self.resumed, "guest_started() vs ResumeVcpus");
-        if self.resumed {
+        if self.resumed && !self.ended_with_guest_here {
             assert!(
                 matches!(
                     state,
@@ -513,6 +534,25 @@ impl Driver {
                 let _ = self.core.handle_page_fault(self.now, page, waiter);
             }
             DestinationOp::DeviceStateLoaded { ok } => self.loaded(*ok),
+            DestinationOp::InstallFailed { page } => {
+                let page = PageNumber(page.index_below(self.total()));
+                let was_present = self.core.is_present(page);
+                let state = self.core.state();
+                match self.core.handle_install_failed(self.now, page, "the fuzzer failed the install".into()) {
+                    // The page is gone from memory (a failed migration's
+                    // memory is discarded when its Finished is processed).
+                    Ok(()) if was_present && state != DestinationState::Failed => {
+                        assert!(self.present.remove(&page.0), "the core had page {} that memory lacked", page.0);
+                        assert!(!self.core.is_present(page), "page {} still present after failing", page.0);
+                        assert!(!self.core.eoc_queued(), "EOC queued with page {} missing", page.0);
+                    }
+                    Ok(()) => {}
+                    Err(EventError::InstallFailedAfterEnd { .. }) => {
+                        assert_eq!(state, DestinationState::Completed, "a late failure before the end");
+                    }
+                    Err(_) => assert!(matches!(state, DestinationState::Listening), "refused in {state}"),
+                }
+            }
             DestinationOp::Cancel => {
                 let _ = self.core.handle_cancel(self.now);
             }
@@ -555,6 +595,7 @@ pub fn run(input: &DestinationInput) -> DestinationReport {
         loading: false,
         loaded: false,
         resumed: false,
+        ended_with_guest_here: false,
         finished: None,
         decoder: Decoder::new(),
         welcomed: Some(false),

@@ -532,6 +532,37 @@ fn destination_seeds(events: &[Event], hybrid_events: &[Event]) -> Vec<Seed> {
             completed(r);
         },
     ));
+    // A page that failed to install: paused, recovered, the page sent again.
+    let mut ops = destination_to_awaiting_start();
+    ops.extend([
+        on(Channel::Urgent, FrameSpec::StartGuest),
+        DestinationOp::PageFault { page: Num::Near(6), waiter: 1 },
+        RETURN_TRANSMIT,
+        on(Channel::Urgent, page(6, 2)),
+        DestinationOp::InstallFailed { page: Num::Near(6) },
+        DestinationOp::Timer(30),
+    ]);
+    ops.extend(connect_all());
+    ops.extend([
+        on(Channel::Main, hello(true, false, vec![(0, Num::Near(11))])),
+        on(Channel::Urgent, FrameSpec::UrgentHello { session: Num::Near(0), epoch: Num::Near(0) }),
+        RETURN_TRANSMIT,
+    ]);
+    ops.extend((0..12).map(|p| on(Channel::Main, page(p, 1))));
+    ops.push(RETURN_TRANSMIT);
+    seeds.push(destination_seed(
+        "seed-install-failed",
+        DestinationInput { setup: destination_setup(DESTINATION_AUTO), ops },
+        move |r| {
+            assert!(r.states.contains(&postcopy_core::DestinationState::Recovering), "{:?}", r.states);
+            assert!(
+                r.errors.iter().any(|e| matches!(e, postcopy_core::MigrationError::InstallFailed { page: 6, .. })),
+                "{:?}",
+                r.errors
+            );
+            completed(r);
+        },
+    ));
     // Hybrid: precopy pages, a stale discard, overwrites before the start.
     let mut ops = connect_all();
     ops.extend([

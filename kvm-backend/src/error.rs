@@ -52,6 +52,9 @@ pub enum Error {
         /// Given length.
         got: usize,
     },
+    /// Installing pages stopped part-way (which pages, and why, inside).
+    #[error(transparent)]
+    Install(Box<crate::uffd::InstallError>),
     /// A userfaultfd operation failed.
     #[error("userfaultfd {op} failed: {reason}")]
     Uffd {

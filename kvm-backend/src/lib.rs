@@ -31,6 +31,7 @@ pub mod error;
 pub mod guest;
 pub mod layout;
 pub mod memory;
+pub mod page_bits;
 pub mod runner;
 pub mod state;
 mod sys;

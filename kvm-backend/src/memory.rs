@@ -70,8 +70,7 @@ impl GuestRam {
                 .map_err(|e| Error::Layout(format!("placement mapping at {:#x}: {e}", gpa.0)))?;
             // Allocates the pages and maps them writable here (not in the
             // guest's mapping): placing a page later is a plain copy.
-            crate::sys::madvise(map.as_ptr() as u64, size, crate::sys::Advice::PopulateWrite)
-                .map_err(crate::error::os_err("madvise(MADV_POPULATE_WRITE)"))?;
+            crate::sys::populate_write(&map).map_err(crate::error::os_err("madvise(MADV_POPULATE_WRITE)"))?;
             let region = GuestRegionMmap::new(map, gpa)
                 .ok_or_else(|| Error::Layout(format!("placement region at {:#x} overflows", gpa.0)))?;
             regions.push(Arc::new(region));
@@ -101,7 +100,17 @@ impl GuestRam {
     /// Writes `data` (whole pages) from page `first` through the placement
     /// mapping, not the guest's: no fault, no VMM dirty mark; the guest sees
     /// the pages once they are mapped into its mapping. Preallocated RAM only.
-    pub fn place(&self, first: PageRef, data: &[u8]) -> Result<()> {
+    ///
+    /// Crate-private: it bypasses both the claims that keep a page mapped
+    /// into the guest from being written again ([`crate::uffd`] calls it
+    /// only for pages it claimed) and the VMM's dirty tracking.
+    ///
+    /// ```compile_fail
+    /// # use postcopy_kvm::{GuestRam, PageRef, RamLayout};
+    /// let ram = GuestRam::new_preallocated(RamLayout::pc(2 << 20).unwrap()).unwrap();
+    /// ram.place(PageRef::new(0, 0), &[0u8; 4096]).unwrap(); // private: this does not compile
+    /// ```
+    pub(crate) fn place(&self, first: PageRef, data: &[u8]) -> Result<()> {
         let placement = self.placement.as_ref().ok_or_else(|| Error::Config("RAM is not preallocated".into()))?;
         if data.is_empty() || data.len() % PAGE_SIZE as usize != 0 {
             return Err(Error::BadLength {

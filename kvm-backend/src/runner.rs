@@ -23,8 +23,8 @@
 //! the guest or KVM itself (walking guest page tables) touched the page. It
 //! runs no guest code meanwhile, and parks as soon as its page arrives (it
 //! stays kicked). [`VcpuSet::pause_within`] reports such vCPUs instead of
-//! failing; to abandon a guest whose pages will never come, unregister its
-//! RAM ([`crate::UffdRam::unregister_all`]) before [`VcpuSet::stop`].
+//! failing; to abandon a guest whose pages will never come, kick the vCPUs
+//! and then unregister its RAM ([`VcpuSet::abandon`]) before [`VcpuSet::stop`].
 
 use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
@@ -37,6 +37,7 @@ use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 use crate::devices::{lock, Devices, GuestErrorReport, PioOutcome};
 use crate::error::{Error, Result};
 use crate::sys::KvmRunMapping;
+use crate::uffd::UffdRam;
 use crate::vcpu::{Vcpu, VcpuState};
 
 /// Offset from SIGRTMIN of the signal that kicks vCPU threads.
@@ -121,12 +122,21 @@ fn install_kick_handler() -> Result<()> {
 impl VcpuSet {
     /// Spawns one thread per vCPU (named `vcpu<N>`); they enter the guest at
     /// once. The vCPUs must be fully set up (registers, or restored state).
+    ///
+    /// If one cannot be started, those already started are stopped and
+    /// joined before the error returns: no vCPU thread outlives a failed
+    /// start.
     pub fn start(vcpus: Vec<Vcpu>, devices: Arc<Devices>) -> Result<Self> {
         install_kick_handler()?;
-        let mut shared = Vec::with_capacity(vcpus.len());
-        let mut threads = Vec::with_capacity(vcpus.len());
+        // Built up as threads start: an early return drops it, and its
+        // `Drop` stops and joins the threads started so far.
+        let mut set = Self { shared: Vec::with_capacity(vcpus.len()), threads: Vec::with_capacity(vcpus.len()) };
         for vcpu in vcpus {
             let index = vcpu.index();
+            #[cfg(test)]
+            if tests::FAIL_START_OF.get() == Some(index) {
+                return Err(Error::Vcpu { vcpu: index, reason: "test-only start failure".into() });
+            }
             let kick = KvmRunMapping::new(&vcpu.fd).map_err(crate::error::os_err("mmap kvm_run"))?;
             kick.set_immediate_exit(false);
             let s = Arc::new(Shared {
@@ -148,10 +158,9 @@ impl VcpuSet {
                 .name(format!("vcpu{index}"))
                 .spawn(move || vcpu_thread(vcpu, s2, d2))
                 .map_err(crate::error::os_err("spawn vCPU thread"))?;
-            shared.push(s);
-            threads.push(Some(handle));
+            set.shared.push(s);
+            set.threads.push(Some(handle));
         }
-        let set = Self { shared, threads };
         // Wait until every thread has published its tid.
         let deadline = Instant::now() + CONTROL_TIMEOUT;
         for s in &set.shared {
@@ -286,6 +295,17 @@ impl VcpuSet {
             }
         }
         Ok(out)
+    }
+
+    /// Abandons a guest whose pages will not come, so that its threads can
+    /// be stopped: kicks every vCPU first, then unregisters `ram` from
+    /// userfaultfd, which wakes the vCPUs blocked on a missing page. Kicked
+    /// first, a woken vCPU parks before it runs another guest instruction;
+    /// in the other order it would run the guest on zero pages until its
+    /// kick arrived. The vCPUs are left paused; [`VcpuSet::stop`] ends them.
+    pub fn abandon(&self, ram: &UffdRam) -> Result<()> {
+        self.pause_within(Duration::ZERO);
+        ram.unregister_all()
     }
 
     /// Stops every thread and returns the vCPUs (for inspection or reuse).
@@ -472,5 +492,41 @@ fn park_thread(vcpu: &Vcpu, s: &Shared, reason: Park) -> bool {
             return true;
         }
         c = s.cv.wait(c).unwrap_or_else(|e| e.into_inner());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::cell::Cell;
+
+    use super::*;
+    use crate::layout::{RamLayout, MIB};
+    use crate::memory::GuestRam;
+    use crate::vm::{Vm, VmConfig};
+
+    thread_local! {
+        /// Test-only: [`VcpuSet::start`] on this thread fails at this vCPU.
+        pub(super) static FAIL_START_OF: Cell<Option<usize>> = const { Cell::new(None) };
+    }
+
+    /// A start that fails at the third vCPU stops and joins the two it had
+    /// started: none still runs, none holds the devices.
+    #[test]
+    fn a_failed_start_leaves_no_vcpu_thread_behind() {
+        if !crate::kvm_available() {
+            assert!(std::env::var_os("POSTCOPY_REQUIRE_KVM").is_none(), "KVM required but unavailable");
+            eprintln!("SKIPPED: no KVM");
+            return;
+        }
+        let ram = Arc::new(GuestRam::new(RamLayout::pc(2 * MIB).expect("layout")).expect("ram"));
+        let vm = Vm::new(ram, VmConfig::new(3)).expect("vm");
+        let vcpus = vm.create_vcpus().expect("vcpus");
+        let devices = vm.devices().clone();
+        let held_before = Arc::strong_count(&devices);
+        FAIL_START_OF.set(Some(2));
+        let started = VcpuSet::start(vcpus, devices.clone());
+        FAIL_START_OF.set(None);
+        assert!(matches!(started, Err(Error::Vcpu { vcpu: 2, .. })), "{started:?}");
+        assert_eq!(Arc::strong_count(&devices), held_before, "vCPU threads still hold the devices");
     }
 }

@@ -11,6 +11,9 @@ use std::time::Duration;
 use kvm_bindings::{kvm_run, kvm_userspace_memory_region};
 use kvm_ioctls::{VcpuFd, VmFd};
 
+use crate::layout::{PageRef, PAGE_SIZE};
+use crate::memory::GuestRam;
+
 /// A second, independently owned mapping of a vCPU's `kvm_run` page, used by
 /// other threads to set `immediate_exit` so that the vCPU's next (or current,
 /// once kicked by a signal) `KVM_RUN` returns `EINTR` at once.
@@ -114,7 +117,7 @@ pub(crate) fn set_xsave(
 
 /// What [`madvise`] asks of a range of guest memory.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum Advice {
+enum Advice {
     /// `MADV_DONTNEED`: unmap the pages, so that the next access faults (into
     /// userfaultfd when registered). Anonymous memory loses them; shared
     /// memory keeps its contents, only this mapping drops them.
@@ -123,23 +126,49 @@ pub(crate) enum Advice {
     PopulateWrite,
 }
 
-/// `madvise` over `[host_addr, host_addr + len)`, a page-aligned range inside
-/// a guest-memory mapping this process made (checked by the callers against
-/// the RAM layout). Dropping guest pages never invalidates Rust references:
-/// guest memory is only accessed through volatile copies and raw pointers.
-pub(crate) fn madvise(host_addr: u64, len: usize, advice: Advice) -> io::Result<()> {
+/// `madvise` over `[host_addr, host_addr + len)`.
+///
+/// # Safety
+/// The range must be page-aligned and lie inside a guest-memory mapping
+/// this process made (checked by the caller against the RAM layout), and no
+/// Rust reference may point into it: `MADV_DONTNEED` drops anonymous pages,
+/// which would change memory under such a reference. Guest memory is only
+/// ever accessed through volatile copies and raw pointers.
+unsafe fn madvise(host_addr: u64, len: usize, advice: Advice) -> io::Result<()> {
     let advice = match advice {
         Advice::DontNeed => libc::MADV_DONTNEED,
         Advice::PopulateWrite => libc::MADV_POPULATE_WRITE,
     };
-    // SAFETY: the range lies inside a mapping of ours (see above); either
-    // advice only unmaps or maps pages, and no Rust reference points there.
+    // SAFETY: the caller guarantees the range is guest memory of ours that
+    // no Rust reference points into; either advice only unmaps or maps pages.
     let ret = unsafe { libc::madvise(host_addr as *mut libc::c_void, len, advice) };
     if ret == 0 {
         Ok(())
     } else {
         Err(io::Error::last_os_error())
     }
+}
+
+/// Drops `count` pages from `first` of `ram`'s guest mapping
+/// (`MADV_DONTNEED`): the next access faults (into userfaultfd when the RAM
+/// is registered). The range comes from the RAM itself, checked against its
+/// layout: no other memory can be named.
+pub(crate) fn discard_guest_pages(ram: &GuestRam, first: PageRef, count: u64) -> crate::Result<()> {
+    let host = ram.pages_host_addr(first, count)?;
+    let len = usize::try_from(count * PAGE_SIZE)
+        .map_err(|_| crate::Error::PageOutOfRange { block: first.block, page: first.page.saturating_add(count) })?;
+    // SAFETY: `[host, host + len)` is whole pages of `ram`'s guest mapping
+    // (checked just above), which lives as long as `ram` and is only
+    // accessed through volatile copies and raw pointers.
+    unsafe { madvise(host, len, Advice::DontNeed) }.map_err(crate::error::os_err("madvise(MADV_DONTNEED)"))
+}
+
+/// Allocates every page of `region` and maps it writable
+/// (`MADV_POPULATE_WRITE`): writing there later faults no more.
+pub(crate) fn populate_write(region: &vm_memory::MmapRegion<()>) -> io::Result<()> {
+    // SAFETY: the whole of a live mapping that `region` owns; populating
+    // only allocates and maps pages, their contents stay zero.
+    unsafe { madvise(region.as_ptr() as u64, region.size(), Advice::PopulateWrite) }
 }
 
 /// Waits until `fd` is readable or `timeout` passes; returns whether it is.
@@ -165,13 +194,18 @@ pub(crate) fn current_tid() -> i32 {
     unsafe { libc::gettid() }
 }
 
-/// Outcome of one `UFFDIO_COPY` / `UFFDIO_ZEROPAGE` call.
+/// Outcome of one `UFFDIO_COPY` / `UFFDIO_ZEROPAGE` / `UFFDIO_CONTINUE` call.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum UffdFill {
-    /// This many bytes were filled (all of them unless the call was cut short).
+    /// This many bytes from the start of the range were filled (all of them
+    /// unless the call was cut short; the caller goes on after them).
     Filled(usize),
-    /// The first page of the range is already present.
+    /// The first page of the range is already present; nothing filled.
     Exists,
+    /// Nothing filled: the address space is changing (`EAGAIN` with a count
+    /// of `-EAGAIN`: a pending `MADV_DONTNEED`, `mremap`, `fork`, `munmap`
+    /// whose userfaultfd event is unread). Retry once the event is read.
+    Again,
 }
 
 /// When a fill wakes the threads waiting for its pages.
@@ -188,19 +222,50 @@ pub(crate) enum Wake {
 /// `dst` must be a page-aligned range inside memory registered with `uffd`
 /// (checked by the callers against the RAM layout).
 pub(crate) fn uffd_copy(uffd: &userfaultfd::Uffd, dst: u64, src: &[u8], wake: Wake) -> io::Result<UffdFill> {
-    // SAFETY: `src` is a live slice for the duration of the call; `dst` is a
-    // registered range of guest memory (see above), which the kernel fills
-    // atomically; no Rust reference points into guest memory.
-    let res = unsafe { uffd.copy(src.as_ptr().cast(), dst as *mut libc::c_void, src.len(), wake == Wake::Now) };
-    map_fill(res)
+    let mode = if wake == Wake::Now { 0 } else { userfaultfd_sys::UFFDIO_COPY_MODE_DONTWAKE };
+    let mut arg = userfaultfd_sys::uffdio_copy { dst, src: src.as_ptr() as u64, len: src.len() as u64, mode, copy: 0 };
+    // SAFETY: `arg` is a valid uffdio_copy for the duration of the call;
+    // `src` is a live slice of `len` bytes; `dst` is a registered range of
+    // guest memory (see above), which the kernel fills atomically; no Rust
+    // reference points into guest memory.
+    let ret = unsafe { libc::ioctl(uffd.as_raw_fd(), userfaultfd_sys::UFFDIO_COPY as _, &mut arg) };
+    fill_outcome(ret, arg.copy, src.len())
 }
 
 /// `UFFDIO_ZEROPAGE` over `[dst, dst + len)`, waking the faulting threads when `wake` says.
 pub(crate) fn uffd_zeropage(uffd: &userfaultfd::Uffd, dst: u64, len: usize, wake: Wake) -> io::Result<UffdFill> {
-    // SAFETY: `dst` is a registered range of guest memory (checked by the
-    // callers); the kernel maps the zero page there.
-    let res = unsafe { uffd.zeropage(dst as *mut libc::c_void, len, wake == Wake::Now) };
-    map_fill(res)
+    let mode = if wake == Wake::Now { 0 } else { userfaultfd_sys::UFFDIO_ZEROPAGE_MODE_DONTWAKE };
+    let range = userfaultfd_sys::uffdio_range { start: dst, len: len as u64 };
+    let mut arg = userfaultfd_sys::uffdio_zeropage { range, mode, zeropage: 0 };
+    // SAFETY: `arg` is a valid uffdio_zeropage for the duration of the call;
+    // `dst` is a registered range of guest memory (checked by the callers);
+    // the kernel maps the zero page there.
+    let ret = unsafe { libc::ioctl(uffd.as_raw_fd(), userfaultfd_sys::UFFDIO_ZEROPAGE as _, &mut arg) };
+    fill_outcome(ret, arg.zeropage, len)
+}
+
+/// Decodes a fill ioctl's return value and count field. The kernel stores
+/// in the count the bytes filled, or a negative errno when none were; a
+/// call cut short after some bytes fails with `EAGAIN` and a positive count.
+/// (`userfaultfd` 0.9 reads a count of `-EAGAIN` as 2^64 - 11 bytes copied,
+/// and drops a partial zero-fill's count: hence the raw ioctls.)
+fn fill_outcome(ret: libc::c_int, count: i64, len: usize) -> io::Result<UffdFill> {
+    if ret == 0 {
+        return Ok(UffdFill::Filled(len));
+    }
+    let errno = io::Error::last_os_error().raw_os_error().unwrap_or(libc::EIO);
+    decode_fill(errno, count, len)
+}
+
+/// [`fill_outcome`] after a failed call with `errno`.
+fn decode_fill(errno: i32, count: i64, len: usize) -> io::Result<UffdFill> {
+    match usize::try_from(count) {
+        Ok(n) if n > 0 && n <= len => Ok(UffdFill::Filled(n)),
+        Ok(n) if n > len => Err(io::Error::other(format!("the kernel reports {n} bytes filled of {len}"))),
+        _ if errno == libc::EEXIST => Ok(UffdFill::Exists),
+        _ if errno == libc::EAGAIN => Ok(UffdFill::Again),
+        _ => Err(io::Error::from_raw_os_error(errno)),
+    }
 }
 
 /// `UFFDIO_CONTINUE` over `[dst, dst + len)`: maps pages already in memory
@@ -208,30 +273,15 @@ pub(crate) fn uffd_zeropage(uffd: &userfaultfd::Uffd, dst: u64, len: usize, wake
 /// `wake` says.
 pub(crate) fn uffd_continue(uffd: &userfaultfd::Uffd, dst: u64, len: usize, wake: Wake) -> io::Result<UffdFill> {
     // The crate's call is safe: the kernel only maps pages already in memory.
-    let res = uffd.r#continue(dst as *mut libc::c_void, len, wake == Wake::Now);
-    map_fill(res.map(|n| n as usize))
-}
-
-fn map_fill(res: userfaultfd::Result<usize>) -> io::Result<UffdFill> {
-    use userfaultfd::Error as E;
-    match res {
-        Ok(n) => Ok(UffdFill::Filled(n)),
-        Err(E::PartiallyCopied(n)) => Ok(UffdFill::Filled(n)),
-        Err(E::CopyFailed(errno)) | Err(E::ZeropageFailed(errno)) => {
-            if errno as i32 == libc::EEXIST {
-                Ok(UffdFill::Exists)
-            } else if errno as i32 == libc::EAGAIN {
-                // The address space changed under the call: nothing filled,
-                // the caller retries.
-                Ok(UffdFill::Filled(0))
-            } else {
-                Err(io::Error::from_raw_os_error(errno as i32))
-            }
-        }
-        // UFFDIO_CONTINUE reports its failures this way.
-        Err(E::SystemError(errno)) if errno as i32 == libc::EEXIST => Ok(UffdFill::Exists),
-        Err(E::SystemError(errno)) if errno as i32 == libc::EAGAIN => Ok(UffdFill::Filled(0)),
-        Err(E::SystemError(errno)) => Err(io::Error::from_raw_os_error(errno as i32)),
+    // It returns a partial count as Ok, and other failures as their errno.
+    match uffd.r#continue(dst as *mut libc::c_void, len, wake == Wake::Now) {
+        Ok(0) => Ok(UffdFill::Again),
+        Ok(n) => usize::try_from(n)
+            .ok()
+            .filter(|&n| n <= len)
+            .map(UffdFill::Filled)
+            .ok_or_else(|| io::Error::other(format!("the kernel reports {n} bytes mapped of {len}"))),
+        Err(userfaultfd::Error::SystemError(errno)) => decode_fill(errno as i32, 0, len),
         Err(other) => Err(io::Error::other(other.to_string())),
     }
 }
@@ -384,6 +434,22 @@ pub fn set_socket_buffers(stream: &impl AsRawFd, bytes: usize) -> io::Result<()>
 mod tests {
     use super::*;
     use std::net::{TcpListener, TcpStream};
+
+    /// The kernel's count field decoded: a count of -EAGAIN is "retry", not
+    /// 2^64 - 11 bytes; a partial count is kept whatever the errno.
+    #[test]
+    fn fill_counts_are_decoded() {
+        let page = 4096usize;
+        let again = -i64::from(libc::EAGAIN);
+        assert_eq!(decode_fill(libc::EAGAIN, again, 2 * page).unwrap(), UffdFill::Again);
+        assert_eq!(decode_fill(libc::EAGAIN, page as i64, 2 * page).unwrap(), UffdFill::Filled(page));
+        assert_eq!(decode_fill(libc::EEXIST, -i64::from(libc::EEXIST), page).unwrap(), UffdFill::Exists);
+        assert_eq!(
+            decode_fill(libc::ENOMEM, -i64::from(libc::ENOMEM), page).unwrap_err().raw_os_error(),
+            Some(libc::ENOMEM)
+        );
+        assert!(decode_fill(libc::EAGAIN, 3 * page as i64, 2 * page).is_err(), "more than asked");
+    }
 
     #[test]
     fn congestion_control_is_set_or_refused() {

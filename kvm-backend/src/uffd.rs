@@ -14,19 +14,25 @@
 //!   already present is reported ([`Install::AlreadyPresent`]), not an error,
 //!   and never overwritten.
 //!   Their `_with` forms run a callback between the install and the wake-up.
+//!   An install the kernel cuts short fails with an [`InstallError`] that
+//!   says which pages of the run were handled and which were not, and why
+//!   (retry later, refused, claims out of step, wake-up failed).
 //! - [`UffdRam::discard_pages`] drops pages (`MADV_DONTNEED`) so that they
-//!   fault again (stale precopy pages).
+//!   fault again (stale precopy pages); safe while other threads install.
+//! - [`UffdRam::inject_install_fault`] (tests only) makes an install fail,
+//!   return `EAGAIN`, or stop part-way at a chosen page.
 //! - [`FaultReader`] turns userfaultfd events into [`PageFault`]s. Its fd is
 //!   non-blocking and pollable, so a driver thread can poll it together with
 //!   sockets.
 
 use std::os::fd::{AsRawFd, RawFd};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use userfaultfd::{Event, EventBuffer, FeatureFlags, IoctlFlags, ReadWrite, RegisterMode, Uffd, UffdBuilder};
 
-use crate::driver::sync::PageBits;
+use crate::page_bits::MappedPages;
 
 use crate::error::{Error, Result};
 use crate::layout::{PageRef, PAGE_SIZE};
@@ -35,8 +41,12 @@ use crate::sys::{self, UffdFill, Wake};
 
 /// Events read per `read(2)` on the userfaultfd.
 pub const FAULT_BATCH: usize = 64;
-/// Retries of a fill the kernel cut short (`EAGAIN`: address space changing).
-const FILL_RETRIES: u32 = 1000;
+/// Retries, each after a yield, of a fill that made no progress because the
+/// address space is changing (`EAGAIN`); after them the install fails with
+/// [`InstallFailure::Again`]. The change ends only when its userfaultfd
+/// event is read, which may be this thread's caller's job: spinning longer
+/// could wait for ever.
+const AGAIN_RETRIES: u32 = 16;
 
 /// `UFFD_FEATURE_MINOR_SHMEM` (the crate names no constant for it).
 const FEATURE_MINOR_SHMEM: u64 = 1 << 10;
@@ -136,6 +146,108 @@ pub struct InstallCount {
     pub already_present: u64,
 }
 
+/// Why an install stopped before the end of its run.
+#[derive(Debug, thiserror::Error)]
+pub enum InstallFailure {
+    /// The address space is changing (`EAGAIN` with nothing filled: an
+    /// unread `REMOVE`/`REMAP`/`UNMAP`/`FORK` event): retry once it is read.
+    #[error("the address space is changing (EAGAIN); retry later")]
+    Again,
+    /// The kernel refused the fill (`ENOMEM`, `EFAULT`, ...).
+    #[error("{op}: {source}")]
+    Os {
+        /// Which ioctl.
+        op: &'static str,
+        /// The error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Writing a claimed page through the placement mapping failed.
+    #[error("writing through the placement mapping: {0}")]
+    Place(#[source] Box<Error>),
+    /// Pages claimed here were already mapped into the guest's mapping
+    /// (claims and mapping out of step): their contents may be stale.
+    #[error("{0} claimed pages were already mapped")]
+    AlreadyMapped(u64),
+    /// Every page was handled, but waking the threads waiting for them
+    /// failed: they sleep until a later wake ([`UffdRam::wake_pages`]).
+    #[error("UFFDIO_WAKE: {0}")]
+    Wake(#[source] std::io::Error),
+}
+
+/// An install that stopped part-way: which pages of the run it handled.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "install of {pages} pages from page {} of block {}: stopped at page {stopped_at} of the run \
+     ({} installed, {} already present before it): {cause}",
+    first.page, first.block, done.installed, done.already_present
+)]
+pub struct InstallError {
+    /// First page of the run.
+    pub first: PageRef,
+    /// Pages in the run.
+    pub pages: u64,
+    /// What happened to the pages before `stopped_at` (every one of them is
+    /// present: installed by this call, or already present).
+    pub done: InstallCount,
+    /// Index in the run of the first page this call did not handle: it and
+    /// every page after it were not installed by this call (they were
+    /// missing, or already present). `pages` when only the wake-up failed.
+    pub stopped_at: u64,
+    /// Why.
+    pub cause: InstallFailure,
+}
+
+impl InstallError {
+    /// The pages of the run (indexes) this call did not install.
+    pub fn not_installed(&self) -> std::ops::Range<u64> {
+        self.stopped_at..self.pages
+    }
+
+    /// Whether trying the same install again may succeed (the kernel asked
+    /// for a retry, or only the wake-up failed).
+    pub fn is_transient(&self) -> bool {
+        matches!(self.cause, InstallFailure::Again | InstallFailure::Wake(_))
+    }
+}
+
+/// A fill that stopped: progress so far (run-relative) and why.
+struct Stopped {
+    done: InstallCount,
+    at_page: u64,
+    cause: InstallFailure,
+}
+
+/// Test-only: how an injected install fault behaves at its page (see
+/// [`UffdRam::inject_install_fault`]).
+#[doc(hidden)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum InjectedFault {
+    /// The fill that reaches the page fills the pages before it, then the
+    /// kernel refuses the page with `errno` (e.g. `ENOMEM`).
+    Fail(i32),
+    /// The fill that reaches the page fills the pages before it, then
+    /// reports `EAGAIN` with nothing filled (address space changing).
+    Again,
+    /// The fill that reaches the page stops just before it, as a kernel
+    /// cut short does (a partial count); the next fill goes on from there.
+    Partial,
+    /// The page is filled, but waking its waiters fails.
+    WakeFails,
+}
+
+/// Test-only: an [`InjectedFault`] armed at a page, for a number of fills.
+#[doc(hidden)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct InstallFaultPlan {
+    /// The page it fires at.
+    pub page: PageRef,
+    /// What it does.
+    pub fault: InjectedFault,
+    /// How many times it fires (each fill or wake that reaches the page).
+    pub times: u32,
+}
+
 /// A missing-page fault.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PageFault {
@@ -163,7 +275,11 @@ pub struct UffdRam {
     /// mapping. The kernel cannot refuse a late copy there (the copy goes
     /// through the placement mapping before `UFFDIO_CONTINUE`): a page is
     /// claimed here first, and never written again once claimed.
-    mapped: Option<Vec<PageBits>>,
+    mapped: Option<MappedPages>,
+    /// Test-only injected fault ([`UffdRam::inject_install_fault`]).
+    injected: Mutex<Option<InstallFaultPlan>>,
+    /// Whether `injected` holds a plan (checked without the lock).
+    injection_armed: AtomicBool,
 }
 
 impl UffdRam {
@@ -173,6 +289,14 @@ impl UffdRam {
     /// not have been touched through its guest mapping, and no vCPU may run
     /// before this.
     pub fn register(ram: Arc<GuestRam>) -> Result<Self> {
+        Self::register_with_features(ram, 0)
+    }
+
+    /// Test-only: [`UffdRam::register`] asking for the extra `UFFD_FEATURE_*`
+    /// bits `extra` too (e.g. `EVENT_REMOVE`, so that a discard leaves the
+    /// address space "changing" until its event is read).
+    #[doc(hidden)]
+    pub fn register_with_features(ram: Arc<GuestRam>, extra: u64) -> Result<Self> {
         let preallocated = ram.is_preallocated();
         let (mode, base, need) = if preallocated {
             let need = IoctlFlags::from_bits_retain(IOCTL_CONTINUE) | IoctlFlags::WAKE;
@@ -180,6 +304,7 @@ impl UffdRam {
         } else {
             (RegisterMode::MISSING, FeatureFlags::empty(), IoctlFlags::COPY | IoctlFlags::ZEROPAGE | IoctlFlags::WAKE)
         };
+        let base = base | FeatureFlags::from_bits_retain(extra);
         let (uffd, thread_id) = match new_uffd(base | FeatureFlags::THREAD_ID) {
             Ok(u) => (u, true),
             Err(_) => (new_uffd(base)?, false),
@@ -197,8 +322,62 @@ impl UffdRam {
                 });
             }
         }
-        let mapped = preallocated.then(|| ram.layout().blocks().iter().map(|b| PageBits::new(b.pages())).collect());
-        Ok(Self { ram, uffd: Arc::new(uffd), thread_id, mapped })
+        let mapped = preallocated.then(|| MappedPages::new(ram.layout().blocks().iter().map(|b| b.pages())));
+        Ok(Self {
+            ram,
+            uffd: Arc::new(uffd),
+            thread_id,
+            mapped,
+            injected: Mutex::new(None),
+            injection_armed: AtomicBool::new(false),
+        })
+    }
+
+    /// Test-only: arms (or with None, disarms) an injected install fault:
+    /// fills and wake-ups that reach `plan.page` behave as `plan.fault`
+    /// says, `plan.times` times. Installs of other pages are unaffected.
+    #[doc(hidden)]
+    pub fn inject_install_fault(&self, plan: Option<InstallFaultPlan>) {
+        let mut slot = self.injected.lock().unwrap_or_else(|e| e.into_inner());
+        *slot = plan.filter(|p| p.times > 0);
+        self.injection_armed.store(slot.is_some(), Ordering::SeqCst);
+    }
+
+    /// Test-only: the injected fault still armed (None once it fired its
+    /// last time, or if none was armed).
+    #[doc(hidden)]
+    pub fn armed_install_fault(&self) -> Option<InstallFaultPlan> {
+        *self.injected.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The injected fault that fires on a fill of `pages` pages from `first`,
+    /// if any: its page's index in the range. Counts the firing.
+    fn injected_in(&self, first: PageRef, pages: u64, wake: bool) -> Option<(u64, InjectedFault)> {
+        if !self.injection_armed.load(Ordering::Relaxed) {
+            return None;
+        }
+        let mut slot = self.injected.lock().unwrap_or_else(|e| e.into_inner());
+        let plan = slot.as_mut()?;
+        let in_range = plan.page.block == first.block
+            && plan.page.page >= first.page
+            && plan.page.page - first.page < pages
+            && (plan.fault == InjectedFault::WakeFails) == wake;
+        if !in_range {
+            return None;
+        }
+        let fired = (plan.page.page - first.page, plan.fault);
+        // A fill that only reaches up to the page (fills the pages before
+        // it) does not count: the next one, starting at the page, fires.
+        let fires = wake || fired.0 == 0 || plan.fault == InjectedFault::Partial;
+        if !fires {
+            return Some(fired);
+        }
+        plan.times -= 1;
+        if plan.times == 0 {
+            *slot = None;
+            self.injection_armed.store(false, Ordering::SeqCst);
+        }
+        Some(fired)
     }
 
     /// The guest RAM.
@@ -219,6 +398,7 @@ impl UffdRam {
             uffd: self.uffd.clone(),
             thread_id: self.thread_id,
             buf: EventBuffer::new(FAULT_BATCH),
+            deferred: None,
         }
     }
 
@@ -244,13 +424,15 @@ impl UffdRam {
     }
 
     /// Installs `data.len() / 4096` consecutive pages from `first` (one
-    /// block), skipping those already present.
+    /// block), skipping those already present. A run cut short fails with
+    /// [`Error::Install`], which says which pages were installed.
     pub fn install_pages(&self, first: PageRef, data: &[u8]) -> Result<InstallCount> {
         let dst = self.copy_target(first, data)?;
         if self.mapped.is_some() {
             return self.place_then_wake(first, pages_in(data), Some(data), |_| {}, || ()).map(|(n, ())| n);
         }
-        self.fill(dst, data.len(), |at, off| sys::uffd_copy(&self.uffd, at, &data[off..], Wake::Now), |_| {})
+        let copy = |at, off: usize, len| sys::uffd_copy(&self.uffd, at, &data[off..off + len], Wake::Now);
+        self.fill(first, dst, data.len(), copy, "UFFDIO_COPY", |_| {}).map_err(|s| s.into_error(first, pages_in(data)))
     }
 
     /// As [`UffdRam::install_pages`], calling `already_present(i)` for the
@@ -270,14 +452,8 @@ impl UffdRam {
         if self.mapped.is_some() {
             return self.place_then_wake(first, pages_in(data), Some(data), already_present, installed);
         }
-        let len = data.len();
-        self.fill_then_wake(
-            dst,
-            len,
-            |at, off| sys::uffd_copy(&self.uffd, at, &data[off..], Wake::Later),
-            already_present,
-            installed,
-        )
+        let copy = |at, off: usize, len| sys::uffd_copy(&self.uffd, at, &data[off..off + len], Wake::Later);
+        self.fill_then_wake(first, dst, data.len(), copy, "UFFDIO_COPY", already_present, installed)
     }
 
     /// Installs `count` zero pages from `first` (`UFFDIO_ZEROPAGE`),
@@ -287,8 +463,9 @@ impl UffdRam {
         if self.mapped.is_some() {
             return self.place_then_wake(first, count, None, |_| {}, || ()).map(|(n, ())| n);
         }
+        let zero = |at, _, len| sys::uffd_zeropage(&self.uffd, at, len, Wake::Now);
         let len = (count * PAGE_SIZE) as usize;
-        self.fill(dst, len, |at, off| sys::uffd_zeropage(&self.uffd, at, len - off, Wake::Now), |_| {})
+        self.fill(first, dst, len, zero, "UFFDIO_ZEROPAGE", |_| {}).map_err(|s| s.into_error(first, count))
     }
 
     /// Installs one zero page.
@@ -304,14 +481,8 @@ impl UffdRam {
             let (n, t) = self.place_then_wake(page, 1, None, |_| {}, installed)?;
             return Ok((Install::of(n), t));
         }
-        let len = PAGE_SIZE as usize;
-        let (n, t) = self.fill_then_wake(
-            dst,
-            len,
-            |at, off| sys::uffd_zeropage(&self.uffd, at, len - off, Wake::Later),
-            |_| {},
-            installed,
-        )?;
+        let zero = |at, _, len| sys::uffd_zeropage(&self.uffd, at, len, Wake::Later);
+        let (n, t) = self.fill_then_wake(page, dst, PAGE_SIZE as usize, zero, "UFFDIO_ZEROPAGE", |_| {}, installed)?;
         Ok((Install::of(n), t))
     }
 
@@ -338,6 +509,11 @@ impl UffdRam {
     /// not mapped yet, writes `data` (None: zeros) into the claimed ones through the
     /// placement mapping, maps them into the guest's (`UFFDIO_CONTINUE`
     /// without waking), then runs `installed()` and wakes the whole range.
+    ///
+    /// The claims are taken and given back under the table's shared guard,
+    /// so a discard never runs in between (see [`MappedPages`]). A map cut
+    /// short gives back the claims of the pages it did not map, and only
+    /// those: a page it mapped stays claimed.
     fn place_then_wake<T>(
         &self,
         first: PageRef,
@@ -349,12 +525,12 @@ impl UffdRam {
         const ZERO_PAGE: [u8; PAGE_SIZE as usize] = [0; PAGE_SIZE as usize];
         let page = PAGE_SIZE as usize;
         let dst = self.ram.pages_host_addr(first, count)?;
-        let bits = self.block_bits(first.block)?;
+        let claims = self.claims_of(first.block)?.claim();
         let mut done = InstallCount::default();
-        let mut failed = None;
+        let mut stopped = None;
         let mut i = 0;
-        while i < count && failed.is_none() {
-            if !bits.set(first.page + i) {
+        while i < count && stopped.is_none() {
+            if !claims.take(first.block, first.page + i) {
                 already_present(i);
                 done.already_present += 1;
                 i += 1;
@@ -362,7 +538,7 @@ impl UffdRam {
             }
             let start = i;
             i += 1;
-            while i < count && bits.set(first.page + i) {
+            while i < count && claims.take(first.block, first.page + i) {
                 i += 1;
             }
             let run = PageRef { block: first.block, page: first.page + start };
@@ -373,96 +549,144 @@ impl UffdRam {
                     (start..i).try_for_each(|k| self.ram.place(PageRef { page: first.page + k, ..first }, &ZERO_PAGE))
                 }
             };
-            let len = to - from;
-            let at = dst + from as u64;
-            let mapped = placed.and_then(|()| {
-                self.fill(
-                    at,
-                    len,
-                    |a, _| sys::uffd_continue(&self.uffd, a, len - (a - at) as usize, Wake::Later),
-                    |_| {},
-                )
-            });
-            match mapped {
-                Ok(n) if n.already_present == 0 => done.installed += i - start,
-                Ok(n) => {
-                    failed = Some(Error::Uffd {
-                        op: "continue",
-                        reason: format!("{} claimed pages were already mapped", n.already_present),
-                    })
+            let mapped = match placed {
+                Ok(()) => {
+                    let map = |at, _, len| sys::uffd_continue(&self.uffd, at, len, Wake::Later);
+                    self.fill(run, dst + from as u64, to - from, map, "UFFDIO_CONTINUE", |_| {})
                 }
-                Err(e) => {
-                    for k in start..i {
-                        bits.clear(first.page + k);
+                Err(e) => Err(Stopped {
+                    done: InstallCount::default(),
+                    at_page: 0,
+                    cause: InstallFailure::Place(Box::new(e)),
+                }),
+            };
+            match mapped {
+                Ok(n) => {
+                    // Every claimed page is mapped now, with the data just
+                    // placed; one that was mapped already is out of step.
+                    done.installed += n.installed;
+                    if n.already_present > 0 {
+                        done.installed += n.already_present;
+                        stopped = Some((i, InstallFailure::AlreadyMapped(n.already_present)));
                     }
-                    failed = Some(e);
+                }
+                Err(stop) => {
+                    for k in start + stop.at_page..i {
+                        claims.release(first.block, first.page + k);
+                    }
+                    done.installed += stop.done.installed + stop.done.already_present;
+                    stopped = Some((start + stop.at_page, stop.cause));
                 }
             }
         }
+        drop(claims);
         let t = installed();
-        let woken = sys::uffd_wake(&self.uffd, dst, count as usize * page);
-        if let Some(e) = failed {
-            return Err(e);
+        let woken = self.wake_range(first, dst, count);
+        match (stopped, woken) {
+            (Some((at_page, cause)), _) => Err(Stopped { done, at_page, cause }.into_error(first, count)),
+            (None, Err(e)) => {
+                Err(Stopped { done, at_page: count, cause: InstallFailure::Wake(e) }.into_error(first, count))
+            }
+            (None, Ok(())) => Ok((done, t)),
         }
-        woken.map_err(|e| Error::Uffd { op: "wake", reason: e.to_string() })?;
-        Ok((done, t))
     }
 
-    fn block_bits(&self, block: usize) -> Result<&PageBits> {
+    fn claims_of(&self, block: usize) -> Result<&MappedPages> {
         self.mapped
             .as_ref()
-            .and_then(|m| m.get(block))
+            .filter(|m| block < m.blocks())
             .ok_or_else(|| Error::Layout(format!("no block {block} among the mapped-page records")))
     }
 
     /// [`UffdRam::fill`] with an `op` that does not wake, then `installed()`,
     /// then one wake over the whole range, failed fill or not: a page
-    /// placed before the failure may have waiters.
+    /// placed before the failure may have waiters. A failed fill is
+    /// reported as such whatever the wake did; a wake that fails after a
+    /// complete fill is reported with every page counted.
+    #[allow(clippy::too_many_arguments)]
     fn fill_then_wake<T>(
         &self,
+        first: PageRef,
         dst: u64,
         len: usize,
-        op: impl FnMut(u64, usize) -> std::io::Result<UffdFill>,
+        op: impl FnMut(u64, usize, usize) -> std::io::Result<UffdFill>,
+        op_name: &'static str,
         already_present: impl FnMut(u64),
         installed: impl FnOnce() -> T,
     ) -> Result<(InstallCount, T)> {
-        let filled = self.fill(dst, len, op, already_present);
+        let pages = (len / PAGE_SIZE as usize) as u64;
+        let filled = self.fill(first, dst, len, op, op_name, already_present);
         let t = installed();
-        sys::uffd_wake(&self.uffd, dst, len).map_err(|e| Error::Uffd { op: "wake", reason: e.to_string() })?;
-        Ok((filled?, t))
+        let woken = self.wake_range(first, dst, pages);
+        match (filled, woken) {
+            (Err(stop), _) => Err(stop.into_error(first, pages)),
+            (Ok(done), Err(e)) => {
+                Err(Stopped { done, at_page: pages, cause: InstallFailure::Wake(e) }.into_error(first, pages))
+            }
+            (Ok(done), Ok(())) => Ok((done, t)),
+        }
     }
 
+    /// `UFFDIO_WAKE` over `pages` pages from `first` (at host address `dst`).
+    fn wake_range(&self, first: PageRef, dst: u64, pages: u64) -> std::io::Result<()> {
+        if self.injected_in(first, pages, true).is_some() {
+            return Err(std::io::Error::other("test-only injected wake failure"));
+        }
+        sys::uffd_wake(&self.uffd, dst, (pages * PAGE_SIZE) as usize)
+    }
+
+    /// Fills `len` bytes at `dst` (pages from `first`) with `op(address,
+    /// offset, len)`, one call after another while the kernel cuts them
+    /// short. A page already present is skipped (`already_present(i)`, `i`
+    /// its index from `first`); `EAGAIN` with nothing filled is retried a
+    /// few times. Stops at the first error, saying where.
     fn fill(
         &self,
+        first: PageRef,
         dst: u64,
         len: usize,
-        mut op: impl FnMut(u64, usize) -> std::io::Result<UffdFill>,
+        mut op: impl FnMut(u64, usize, usize) -> std::io::Result<UffdFill>,
+        op_name: &'static str,
         mut already_present: impl FnMut(u64),
-    ) -> Result<InstallCount> {
+    ) -> std::result::Result<InstallCount, Stopped> {
         let page = PAGE_SIZE as usize;
         let mut count = InstallCount::default();
         let mut off = 0usize;
-        let mut retries = 0;
+        let mut again = 0;
         while off < len {
-            let filled = op(dst + off as u64, off).map_err(|e| Error::Uffd { op: "fill", reason: e.to_string() })?;
+            let at_page = (off / page) as u64;
+            let here = PageRef { block: first.block, page: first.page + at_page };
+            let left = len - off;
+            let at = dst + off as u64;
+            let filled = match self.injected_in(here, (left / page) as u64, false) {
+                None => op(at, off, left),
+                Some((k, InjectedFault::Partial)) => op(at, off, left.min((k as usize + 1) * page)),
+                Some((0, InjectedFault::Fail(errno))) => Err(std::io::Error::from_raw_os_error(errno)),
+                Some((0, InjectedFault::Again)) => Ok(UffdFill::Again),
+                Some((k, _)) => op(at, off, k as usize * page),
+            };
             match filled {
-                UffdFill::Exists => {
-                    already_present((off / page) as u64);
+                Ok(UffdFill::Exists) => {
+                    already_present(at_page);
                     count.already_present += 1;
                     off += page;
-                    retries = 0;
+                    again = 0;
                 }
-                UffdFill::Filled(n) if n >= page => {
+                Ok(UffdFill::Filled(n)) if n >= page => {
                     let n = n - n % page;
                     count.installed += (n / page) as u64;
                     off += n;
-                    retries = 0;
+                    again = 0;
                 }
-                UffdFill::Filled(_) => {
-                    retries += 1;
-                    if retries > FILL_RETRIES {
-                        return Err(Error::Uffd { op: "fill", reason: "no progress (EAGAIN)".into() });
+                Ok(UffdFill::Filled(_) | UffdFill::Again) => {
+                    again += 1;
+                    if again > AGAIN_RETRIES {
+                        return Err(Stopped { done: count, at_page, cause: InstallFailure::Again });
                     }
+                    std::thread::yield_now();
+                }
+                Err(source) => {
+                    return Err(Stopped { done: count, at_page, cause: InstallFailure::Os { op: op_name, source } })
                 }
             }
         }
@@ -494,22 +718,33 @@ impl UffdRam {
     }
 
     /// Drops `count` pages from `first` so that the next access faults
-    /// again. Safe while vCPUs run: a vCPU touching them blocks until they
-    /// are installed again.
+    /// again. Safe while vCPUs run and other threads install: a vCPU
+    /// touching the pages blocks until they are installed again, and on
+    /// preallocated RAM the unmap and the claims change with no install in
+    /// between.
     pub fn discard_pages(&self, first: PageRef, count: u64) -> Result<()> {
-        let host = self.ram.pages_host_addr(first, count)?;
         // Preallocated RAM: this unmaps the pages from the guest's mapping
         // only; their stale contents stay in memory, and the next install
         // overwrites them before mapping them again.
-        sys::madvise(host, (count * PAGE_SIZE) as usize, sys::Advice::DontNeed)
-            .map_err(crate::error::os_err("madvise(MADV_DONTNEED)"))?;
-        if self.mapped.is_some() {
-            let bits = self.block_bits(first.block)?;
-            for page in first.page..first.page + count {
-                bits.clear(page);
-            }
+        // Checked before the claims change: a bad range changes nothing.
+        self.ram.pages_host_addr(first, count)?;
+        let unmap = || sys::discard_guest_pages(&self.ram, first, count);
+        match &self.mapped {
+            Some(_) => self.claims_of(first.block)?.discard(first.block, first.page, count, unmap),
+            None => unmap(),
         }
-        Ok(())
+    }
+}
+
+impl Stopped {
+    fn into_error(self, first: PageRef, pages: u64) -> Error {
+        Error::Install(Box::new(InstallError {
+            first,
+            pages,
+            done: self.done,
+            stopped_at: self.at_page,
+            cause: self.cause,
+        }))
     }
 }
 
@@ -519,6 +754,9 @@ pub struct FaultReader {
     uffd: Arc<Uffd>,
     thread_id: bool,
     buf: EventBuffer,
+    /// An error met while reading faults that were returned; the next read
+    /// reports it.
+    deferred: Option<Error>,
 }
 
 impl std::fmt::Debug for FaultReader {
@@ -541,28 +779,57 @@ impl FaultReader {
     }
 
     /// Appends the pending faults (at most [`FAULT_BATCH`]) to `out` without
-    /// blocking; returns how many were read.
+    /// blocking; returns how many were read. An event that is not a fault
+    /// in guest RAM never costs the faults read with it: they are returned,
+    /// and the error comes from the next call.
     pub fn read(&mut self, out: &mut Vec<PageFault>) -> Result<usize> {
+        if let Some(e) = self.deferred.take() {
+            return Err(e);
+        }
         let events =
             self.uffd.read_events(&mut self.buf).map_err(|e| Error::Uffd { op: "read", reason: e.to_string() })?;
         let mut n = 0;
+        let mut bad: Option<(Error, usize)> = None;
         for ev in events {
-            match ev.map_err(|e| Error::Uffd { op: "read", reason: e.to_string() })? {
-                Event::Pagefault { rw, addr, thread_id, .. } => {
-                    let page = self.ram.page_of_host_addr(addr as u64).ok_or_else(|| Error::Uffd {
-                        op: "read",
-                        reason: format!("fault at {addr:?} outside guest RAM"),
-                    })?;
-                    out.push(PageFault {
+            let fault = match ev {
+                Ok(Event::Pagefault { rw, addr, thread_id, .. }) => match self.ram.page_of_host_addr(addr as u64) {
+                    Some(page) => Ok(PageFault {
                         page,
                         write: rw == ReadWrite::Write,
                         thread_id: self.thread_id.then(|| thread_id.as_raw()),
-                    });
+                    }),
+                    None => Err(format!("fault at {addr:?} outside guest RAM")),
+                },
+                Ok(other) => Err(format!("unexpected event {other:?}")),
+                Err(e) => Err(e.to_string()),
+            };
+            match fault {
+                Ok(f) => {
+                    out.push(f);
                     n += 1;
                 }
-                other => return Err(Error::Uffd { op: "read", reason: format!("unexpected event {other:?}") }),
+                Err(reason) => match &mut bad {
+                    Some((_, more)) => *more += 1,
+                    None => bad = Some((Error::Uffd { op: "read", reason }, 0)),
+                },
             }
         }
-        Ok(n)
+        match bad {
+            None => Ok(n),
+            Some((e, more)) => {
+                let e = match (e, more) {
+                    (Error::Uffd { op, reason }, m) if m > 0 => {
+                        Error::Uffd { op, reason: format!("{reason} (and {m} more bad events)") }
+                    }
+                    (e, _) => e,
+                };
+                if n == 0 {
+                    Err(e)
+                } else {
+                    self.deferred = Some(e);
+                    Ok(n)
+                }
+            }
+        }
     }
 }

@@ -429,3 +429,55 @@ fn vcpu_waiting_for_a_page_parks_when_it_arrives() {
     b_set.stop().expect("stop after unregistering");
     a.set.stop().expect("stop A");
 }
+
+/// Abandoning a guest blocked on a missing page: its vCPUs are kicked
+/// before the RAM is unregistered, so the one woken by the unregister parks
+/// without running a guest instruction on the zero pages it would now see
+/// (the pattern guest would report them as bad at once).
+#[test]
+fn an_abandoned_guest_runs_nothing_on_missing_pages() {
+    if !uffd_or_skip("an_abandoned_guest_runs_nothing_on_missing_pages") {
+        return;
+    }
+    let a = start_pattern_vm(16 * MIB, 1, true);
+    wait_for_passes(&a.vm, 1, Duration::from_secs(60));
+    a.set.pause().expect("pause A");
+    let state = DeviceState::capture(&a.vm, &a.set).expect("capture");
+    let b_ram = Arc::new(GuestRam::new(a.ram.layout().clone()).expect("ram B"));
+    let b_mem = UffdRam::register(b_ram.clone()).expect("uffd");
+    let b_vm = Vm::new(b_ram.clone(), VmConfig::new(1)).expect("vm B");
+    let b_vcpus = b_vm.create_vcpus().expect("vcpus B");
+    state.restore(&b_vm, &b_vcpus).expect("restore");
+    let b_set = VcpuSet::start(b_vcpus, b_vm.devices().clone()).expect("start B");
+    // Serve B's first faults (its code, page tables and some data arrive),
+    // then stop: it blocks on the next page it touches.
+    let mut reader = b_mem.fault_reader();
+    let mut faults = Vec::new();
+    let mut buf = vec![0u8; PAGE_SIZE as usize];
+    let mut served = 0;
+    loop {
+        assert!(reader.wait(Duration::from_secs(10)).expect("poll"), "B did not fault");
+        reader.read(&mut faults).expect("read");
+        if served >= 64 {
+            break;
+        }
+        for f in faults.drain(..) {
+            a.ram.read_page(f.page, &mut buf).expect("read A");
+            b_mem.install_page(f.page, &buf).expect("install");
+            served += 1;
+        }
+    }
+    // Let it sit on the unserved fault, as an abandoned guest would.
+    std::thread::sleep(Duration::from_millis(50));
+    let stats = b_vm.devices().stats().clone();
+    let errors_before = stats.error_count();
+    b_set.abandon(&b_mem).expect("abandon");
+    assert!(b_set.wait_paused(Duration::from_secs(10)), "the woken vCPU did not park");
+    // Time for a vCPU that ran on would reach a zero page and report it.
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(b_set.states(), vec![postcopy_kvm::RunState::Paused]);
+    let bad = stats.error_count() - errors_before;
+    assert_eq!(bad, 0, "the abandoned guest ran on zero pages ({bad} reported, first {:?})", stats.errors().first());
+    b_set.stop().expect("stop B");
+    a.set.stop().expect("stop A");
+}

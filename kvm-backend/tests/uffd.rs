@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use postcopy_kvm::layout::MIB;
-use postcopy_kvm::uffd::InstallCount;
+use postcopy_kvm::uffd::{InjectedFault, InstallCount, InstallError, InstallFailure, InstallFaultPlan};
 use postcopy_kvm::{Error, GuestRam, Install, PageRef, RamLayout, UffdRam, PAGE_SIZE};
 
 /// Registered RAM of `mib` MiB, anonymous or preallocated.
@@ -212,4 +212,201 @@ fn current_thread_id() -> i32 {
         .ok()
         .and_then(|p| p.file_name().and_then(|n| n.to_str()).and_then(|s| s.parse().ok()))
         .expect("thread id")
+}
+
+/// `UFFD_FEATURE_EVENT_REMOVE`: a discard then waits until its event is
+/// read, and fills meanwhile fail with `EAGAIN` (address space changing).
+const EVENT_REMOVE: u64 = 1 << 3;
+
+fn install_error(e: Error) -> InstallError {
+    match e {
+        Error::Install(e) => *e,
+        other => panic!("not an install error: {other}"),
+    }
+}
+
+/// A page of `byte`s, `n` times.
+fn pages_of(byte: u8, n: usize) -> Vec<u8> {
+    (0..n).flat_map(|i| page_of(byte.wrapping_add(i as u8))).collect()
+}
+
+/// A copy refused with `EAGAIN` while a discard's REMOVE event is unread
+/// (the kernel stores -EAGAIN as the count) is "retry later", never
+/// "2^64 - 11 bytes copied"; once the event is read, the retry installs.
+/// Anonymous RAM only: on preallocated RAM a discard and an install of one
+/// `UffdRam` exclude each other, so an install never meets this.
+#[test]
+fn eagain_from_a_changing_address_space_is_a_retry_not_a_copy() {
+    if !uffd_or_skip("eagain_from_a_changing_address_space_is_a_retry_not_a_copy") {
+        return;
+    }
+    let layout = RamLayout::pc(2 * MIB).expect("layout");
+    let ram = Arc::new(GuestRam::new(layout).expect("ram"));
+    let m = Arc::new(UffdRam::register_with_features(ram, EVENT_REMOVE).expect("register with EVENT_REMOVE"));
+    let mut reader = m.fault_reader();
+    let discarder = {
+        let m = m.clone();
+        std::thread::spawn(move || m.discard_pages(PageRef::new(0, 300), 1))
+    };
+    assert!(reader.wait(Duration::from_secs(5)).unwrap(), "no REMOVE event");
+    let page = PageRef::new(0, 10);
+    for (what, result) in [
+        ("copy", m.install_page(page, &page_of(0x5a)).map(|_| ())),
+        ("zero", m.install_zero_page(page).map(|_| ())),
+        ("run", m.install_pages(page, &pages_of(1, 3)).map(|_| ())),
+    ] {
+        let e = install_error(result.expect_err(what));
+        assert!(matches!(e.cause, InstallFailure::Again), "{what}: {e}");
+        assert_eq!((e.stopped_at, e.done), (0, InstallCount::default()), "{what}: {e}");
+        assert!(e.is_transient());
+    }
+    // Reading the event ends the change; the discard returns.
+    let mut faults = Vec::new();
+    let read = reader.read(&mut faults);
+    assert!(matches!(read, Err(Error::Uffd { .. })), "a REMOVE event is not a fault: {read:?}");
+    discarder.join().unwrap().expect("discard");
+    assert_eq!(m.install_page(page, &page_of(0x5a)).unwrap(), Install::Installed);
+    let mut back = page_of(0);
+    m.ram().read_page(page, &mut back).unwrap();
+    assert_eq!(back, page_of(0x5a));
+}
+
+/// A zero-fill the kernel cuts short at a present page counts the pages it
+/// zeroed as installed, not as already present (`userfaultfd` 0.9 drops the
+/// partial count of `UFFDIO_ZEROPAGE`).
+#[test]
+fn a_zero_fill_cut_short_counts_its_pages() {
+    if !uffd_or_skip("a_zero_fill_cut_short_counts_its_pages") {
+        return;
+    }
+    let m = fresh(2, false);
+    assert_eq!(m.install_page(PageRef::new(0, 22), &page_of(9)).unwrap(), Install::Installed);
+    let n = m.install_zero_pages(PageRef::new(0, 20), 4).unwrap();
+    assert_eq!(n, InstallCount { installed: 3, already_present: 1 });
+    // The same through a copy cut short.
+    assert_eq!(m.install_page(PageRef::new(0, 42), &page_of(9)).unwrap(), Install::Installed);
+    let mut skipped = Vec::new();
+    let (n, ()) = m.install_pages_with(PageRef::new(0, 40), &pages_of(1, 4), |i| skipped.push(i), || ()).unwrap();
+    assert_eq!((n, skipped), (InstallCount { installed: 3, already_present: 1 }, vec![2]));
+}
+
+/// An install refused part-way says exactly which pages it installed; the
+/// others are still missing (preallocated RAM: their claims were given
+/// back, and only theirs), so installing the run again fills just them.
+#[test]
+fn a_failed_install_says_which_pages_it_installed() {
+    for_each_kind("a_failed_install_says_which_pages_it_installed", |m| {
+        let first = PageRef::new(0, 60);
+        let plan = InstallFaultPlan { page: PageRef::new(0, 63), fault: InjectedFault::Fail(libc::ENOMEM), times: 1 };
+        m.inject_install_fault(Some(plan));
+        let run = pages_of(0x30, 6);
+        let e = install_error(m.install_pages(first, &run).expect_err("injected ENOMEM"));
+        assert_eq!((e.stopped_at, e.done.installed, e.not_installed()), (3, 3, 3..6), "{e}");
+        match &e.cause {
+            InstallFailure::Os { source, .. } => assert_eq!(source.raw_os_error(), Some(libc::ENOMEM)),
+            other => panic!("{other}"),
+        }
+        assert!(!e.is_transient());
+        let mut skipped = Vec::new();
+        let (n, ()) = m.install_pages_with(first, &run, |i| skipped.push(i), || ()).expect("the retry");
+        assert_eq!((n, skipped), (InstallCount { installed: 3, already_present: 3 }, vec![0, 1, 2]));
+        let mut back = page_of(0);
+        for i in 0..6u64 {
+            m.ram().read_page(PageRef::new(0, 60 + i), &mut back).unwrap();
+            assert_eq!(back, page_of(0x30 + i as u8), "page {i}");
+        }
+        // The same for zero pages, failing on the first page.
+        let plan = InstallFaultPlan { page: PageRef::new(0, 70), fault: InjectedFault::Fail(libc::EFAULT), times: 1 };
+        m.inject_install_fault(Some(plan));
+        let e = install_error(m.install_zero_pages(PageRef::new(0, 70), 2).expect_err("injected EFAULT"));
+        assert_eq!((e.stopped_at, e.done), (0, InstallCount::default()), "{e}");
+        assert_eq!(m.install_zero_pages(PageRef::new(0, 70), 2).unwrap().installed, 2);
+    });
+}
+
+/// Fills cut short by the kernel go on from where they stopped; `EAGAIN`
+/// is retried a few times, then reported as transient, and the pages
+/// before it are counted.
+#[test]
+fn partial_fills_and_eagain_are_counted_exactly() {
+    for_each_kind("partial_fills_and_eagain_are_counted_exactly", |m| {
+        let partial = InstallFaultPlan { page: PageRef::new(0, 81), fault: InjectedFault::Partial, times: 1 };
+        m.inject_install_fault(Some(partial));
+        let n = m.install_pages(PageRef::new(0, 80), &pages_of(0x40, 4)).expect("a partial copy goes on");
+        assert_eq!(n, InstallCount { installed: 4, already_present: 0 });
+        m.inject_install_fault(Some(InstallFaultPlan { page: PageRef::new(0, 91), ..partial }));
+        assert_eq!(m.install_zero_pages(PageRef::new(0, 90), 3).unwrap().installed, 3);
+
+        // EAGAIN a few times: absorbed.
+        let again = InstallFaultPlan { page: PageRef::new(0, 102), fault: InjectedFault::Again, times: 3 };
+        m.inject_install_fault(Some(again));
+        assert_eq!(m.install_pages(PageRef::new(0, 100), &pages_of(1, 4)).unwrap().installed, 4);
+        // EAGAIN for ever: reported, the pages before it installed.
+        m.inject_install_fault(Some(InstallFaultPlan { page: PageRef::new(0, 112), times: u32::MAX, ..again }));
+        let e = install_error(m.install_pages(PageRef::new(0, 110), &pages_of(1, 4)).expect_err("EAGAIN for ever"));
+        assert!(matches!(e.cause, InstallFailure::Again) && e.is_transient(), "{e}");
+        assert_eq!((e.stopped_at, e.done.installed), (2, 2), "{e}");
+        m.inject_install_fault(None);
+        let n = m.install_pages(PageRef::new(0, 110), &pages_of(1, 4)).unwrap();
+        assert_eq!(n, InstallCount { installed: 2, already_present: 2 });
+    });
+}
+
+/// A fill that succeeded is reported as such when only the wake-up after
+/// it fails: every page counted, the cause named; a later wake works.
+#[test]
+fn a_failed_wake_still_reports_the_pages_installed() {
+    for_each_kind("a_failed_wake_still_reports_the_pages_installed", |m| {
+        for (i, zero) in [(0u64, false), (1, true)] {
+            let page = PageRef::new(0, 120 + i);
+            let plan = InstallFaultPlan { page, fault: InjectedFault::WakeFails, times: 1 };
+            m.inject_install_fault(Some(plan));
+            let result = if zero {
+                m.install_zero_page_with(page, || ())
+            } else {
+                m.install_page_with(page, &page_of(3), || ())
+            };
+            let e = install_error(result.map(|_| ()).expect_err("injected wake failure"));
+            assert!(matches!(e.cause, InstallFailure::Wake(_)), "{e}");
+            assert_eq!((e.stopped_at, e.done.installed, e.not_installed()), (1, 1, 1..1), "{e}");
+            m.wake_pages(page, 1).expect("a later wake");
+            assert_eq!(m.install_page(page, &page_of(4)).unwrap(), Install::AlreadyPresent);
+        }
+    });
+}
+
+/// Faults read together with an event that is not a fault are returned;
+/// the bad event is reported by the next read.
+#[test]
+fn a_bad_event_does_not_cost_the_faults_read_with_it() {
+    if !uffd_or_skip("a_bad_event_does_not_cost_the_faults_read_with_it") {
+        return;
+    }
+    let layout = RamLayout::pc(2 * MIB).expect("layout");
+    let ram = Arc::new(GuestRam::new(layout).expect("ram"));
+    let m = Arc::new(UffdRam::register_with_features(ram, EVENT_REMOVE).expect("register with EVENT_REMOVE"));
+    let mut reader = m.fault_reader();
+    let page = PageRef::new(0, 5);
+    let gpa = m.ram().layout().gpa_of(page).unwrap();
+    let toucher = {
+        let m = m.clone();
+        std::thread::spawn(move || m.ram().read_u64(gpa).expect("read"))
+    };
+    let discarder = {
+        let m = m.clone();
+        std::thread::spawn(move || m.discard_pages(PageRef::new(0, 300), 1))
+    };
+    // Both the fault and the REMOVE event are queued.
+    std::thread::sleep(Duration::from_millis(200));
+    let mut faults = Vec::new();
+    let read = reader.read(&mut faults);
+    assert_eq!(read.ok(), Some(1), "the fault was dropped with the bad event");
+    assert_eq!(faults[0].page, page);
+    let next = reader.read(&mut faults);
+    assert!(matches!(&next, Err(Error::Uffd { reason, .. }) if reason.contains("Remove")), "{next:?}");
+    discarder.join().unwrap().expect("discard");
+    let mut data = page_of(0);
+    data[..8].copy_from_slice(&77u64.to_le_bytes());
+    assert_eq!(m.install_page(page, &data).unwrap(), Install::Installed);
+    assert_eq!(toucher.join().unwrap(), 77);
 }

@@ -53,7 +53,8 @@
 //!
 //! Shared outside the core lock: [`sync::PageBits`] (pages installed),
 //! [`sync::FaultClock`] (fault start times), [`sync::Doorbell`] (work for
-//! the bulk writer), all checked with loom.
+//! the bulk writer), [`sync::InstallsInFlight`] (installs the end of copy
+//! waits for), all checked with loom.
 //!
 //! # Placement and polling
 //! [`Tuning`] pins the fault path (destination fault thread and urgent
@@ -62,6 +63,7 @@
 //! block: on this machine a wake-up across CPUs costs about 30 us.
 
 pub mod digest;
+pub mod install_faults;
 pub mod machine;
 pub mod net;
 pub mod report;

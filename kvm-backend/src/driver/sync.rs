@@ -1,14 +1,20 @@
 //! The small structures that the driver's threads share outside the core's
-//! lock, each checked with `loom` (`RUSTFLAGS="--cfg loom" cargo test -p
-//! postcopy-kvm --release --lib driver::sync`):
+//! lock, each checked with `loom` (with [`crate::page_bits`]:
+//! `RUSTFLAGS="--cfg loom" CARGO_TARGET_DIR=target/loom cargo test -p
+//! postcopy-kvm --release --locked --lib -- page_bits driver::sync`):
 //!
-//! - [`PageBits`]: one bit per page (pages installed on the destination),
-//!   set and cleared by installer threads, read by the progress bar and the
-//!   end-of-run checks, with an exact count.
+//! - [`PageBits`] (defined in [`crate::page_bits`], checked there): one bit
+//!   per page (pages installed on the destination), set and cleared by
+//!   installer threads, read by the progress bar and the end-of-run checks.
 //! - [`FaultClock`]: per page, when the first fault on it was read; the
 //!   thread that installs the page takes the start time exactly once.
 //! - [`Doorbell`]: "there is work" from any thread to one sleeping worker,
 //!   without lost wake-ups and without a system call when the worker is awake.
+//! - [`InstallsInFlight`]: installs the destination's core handed out and
+//!   the driver has not carried out; the end of copy waits for them (the
+//!   loom model checks that protocol with the core lock around it).
+
+pub use crate::page_bits::PageBits;
 
 #[cfg(loom)]
 use loom::sync::atomic::{AtomicU64, Ordering};
@@ -18,79 +24,6 @@ use loom::sync::{Condvar, Mutex};
 use std::sync::atomic::{AtomicU64, Ordering};
 #[cfg(not(loom))]
 use std::sync::{Condvar, Mutex};
-
-/// One bit per page, with a count of the set bits.
-#[derive(Debug)]
-pub struct PageBits {
-    words: Box<[AtomicU64]>,
-    len: u64,
-    ones: AtomicU64,
-}
-
-impl PageBits {
-    /// `len` clear bits.
-    pub fn new(len: u64) -> Self {
-        let words = (0..len.div_ceil(64)).map(|_| AtomicU64::new(0)).collect();
-        Self { words, len, ones: AtomicU64::new(0) }
-    }
-
-    /// Number of bits.
-    pub fn len(&self) -> u64 {
-        self.len
-    }
-
-    /// Whether there are no bits at all.
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
-    }
-
-    /// Sets bit `i`; returns whether it was clear. Out of range: false.
-    pub fn set(&self, i: u64) -> bool {
-        if i >= self.len {
-            return false;
-        }
-        let Some(word) = self.words.get((i / 64) as usize) else { return false };
-        let bit = 1u64 << (i % 64);
-        let was_clear = word.fetch_or(bit, Ordering::AcqRel) & bit == 0;
-        if was_clear {
-            self.ones.fetch_add(1, Ordering::AcqRel);
-        }
-        was_clear
-    }
-
-    /// Clears bit `i`; returns whether it was set.
-    pub fn clear(&self, i: u64) -> bool {
-        let Some(word) = self.words.get((i / 64) as usize) else { return false };
-        let bit = 1u64 << (i % 64);
-        let was_set = word.fetch_and(!bit, Ordering::AcqRel) & bit != 0;
-        // A branch, not `ones -= u64::from(was_set)`: see core/src/bitmap.rs
-        // for the release-mode miscompile of that form.
-        if was_set {
-            self.ones.fetch_sub(1, Ordering::AcqRel);
-        }
-        was_set
-    }
-
-    /// Whether bit `i` is set.
-    pub fn get(&self, i: u64) -> bool {
-        self.words.get((i / 64) as usize).is_some_and(|w| w.load(Ordering::Acquire) & (1 << (i % 64)) != 0)
-    }
-
-    /// Number of set bits (exact once the writers are done).
-    pub fn count(&self) -> u64 {
-        self.ones.load(Ordering::Acquire)
-    }
-
-    /// The first clear bit, if any (end-of-run checks).
-    pub fn first_clear(&self) -> Option<u64> {
-        self.words.iter().enumerate().find_map(|(w, word)| {
-            let v = word.load(Ordering::Acquire);
-            let bit = u64::from((!v).trailing_zeros());
-            let i = w as u64 * 64 + bit;
-            (v != u64::MAX && i < self.len).then_some(i)
-        })
-    }
-}
 
 /// Per page, the time (ns, never 0) its first outstanding fault was read.
 #[derive(Debug)]
@@ -192,38 +125,51 @@ impl Doorbell {
     }
 }
 
+/// Installs the destination's core handed out that are not carried out yet.
+/// Counted up under the core lock as they are drained, down once each is
+/// done, its failure (if any) reported to the core first. So a holder of
+/// the core lock that finds none knows that every install drained before
+/// it succeeded or had its failure heard: the end of copy may leave.
+#[derive(Debug)]
+pub struct InstallsInFlight {
+    count: AtomicU64,
+}
+
+impl Default for InstallsInFlight {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl InstallsInFlight {
+    /// None in flight.
+    pub fn new() -> Self {
+        Self { count: AtomicU64::new(0) }
+    }
+
+    /// `installs` were drained from the core (call under the core lock).
+    pub fn handed_out(&self, installs: u64) {
+        if installs > 0 {
+            self.count.fetch_add(installs, Ordering::SeqCst);
+        }
+    }
+
+    /// `installs` were carried out (a failure already reported to the core).
+    pub fn done(&self, installs: u64) {
+        self.count.fetch_sub(installs, Ordering::SeqCst);
+    }
+
+    /// Whether any install is still in flight.
+    pub fn any(&self) -> bool {
+        self.count.load(Ordering::SeqCst) > 0
+    }
+}
+
 #[cfg(all(test, loom))]
 mod loom_tests {
     use super::*;
     use loom::sync::Arc;
     use loom::thread;
-
-    #[test]
-    fn page_bits_count_matches_bits_under_races() {
-        loom::model(|| {
-            let bits = Arc::new(PageBits::new(130));
-            let a = {
-                let bits = bits.clone();
-                thread::spawn(move || {
-                    bits.set(1);
-                    bits.set(129);
-                    bits.clear(1);
-                })
-            };
-            let b = {
-                let bits = bits.clone();
-                thread::spawn(move || {
-                    bits.set(1);
-                    bits.set(2);
-                })
-            };
-            a.join().unwrap();
-            b.join().unwrap();
-            let expected = (0..130).filter(|&i| bits.get(i)).count() as u64;
-            assert_eq!(bits.count(), expected);
-            assert!(bits.get(129) && bits.get(2));
-        });
-    }
 
     #[test]
     fn each_fault_wait_is_taken_once() {
@@ -253,6 +199,80 @@ mod loom_tests {
             assert_eq!(taken.len() as u64 + u64::from(left.is_some()), started);
             assert!(taken.iter().all(|&w| w == 40 || w == 30));
         });
+    }
+
+    /// What the model's core knows about the end of copy (EOC).
+    #[derive(Default)]
+    struct EocCore {
+        eoc_queued: bool,
+        eoc_sent: bool,
+        failure_after_eoc: bool,
+    }
+
+    /// A reader drains the last page's install (the core queues the EOC)
+    /// and carries it out, failing or not, then flushes; a fault-path
+    /// flusher runs at the same time. The EOC leaves only when queued and
+    /// no install is in flight. `report_first`: the failure reaches the
+    /// core before the install counts as done (false: a planted bug).
+    fn eoc_model(install_fails: bool, report_first: bool) {
+        loom::model(move || {
+            let core = Arc::new(Mutex::new(EocCore::default()));
+            let in_flight = Arc::new(InstallsInFlight::new());
+            let flush = |core: &Mutex<EocCore>, in_flight: &InstallsInFlight| {
+                let mut c = core.lock().unwrap();
+                if c.eoc_queued && !in_flight.any() {
+                    c.eoc_sent = true;
+                }
+            };
+            let report = |core: &Mutex<EocCore>| {
+                let mut c = core.lock().unwrap();
+                if c.eoc_sent {
+                    c.failure_after_eoc = true;
+                } else {
+                    c.eoc_queued = false;
+                }
+            };
+            let reader = {
+                let (core, in_flight) = (core.clone(), in_flight.clone());
+                thread::spawn(move || {
+                    {
+                        let mut c = core.lock().unwrap();
+                        c.eoc_queued = true;
+                        in_flight.handed_out(1);
+                    }
+                    if install_fails && report_first {
+                        report(&core);
+                    }
+                    in_flight.done(1);
+                    if install_fails && !report_first {
+                        report(&core);
+                    }
+                    flush(&core, &in_flight);
+                })
+            };
+            let flusher = {
+                let (core, in_flight) = (core.clone(), in_flight.clone());
+                thread::spawn(move || flush(&core, &in_flight))
+            };
+            reader.join().unwrap();
+            flusher.join().unwrap();
+            let c = core.lock().unwrap();
+            assert!(!c.failure_after_eoc, "an install failed after the EOC left");
+            // No EOC is lost: without a failure it leaves, with one it waits.
+            assert_eq!(c.eoc_sent, !install_fails);
+        });
+    }
+
+    #[test]
+    fn the_eoc_waits_for_installs_in_flight() {
+        eoc_model(false, true);
+        eoc_model(true, true);
+    }
+
+    #[test]
+    #[should_panic(expected = "an install failed after the EOC left")]
+    fn the_eoc_model_catches_an_install_done_before_its_failure_is_heard() {
+        eoc_model(true, false);
     }
 
     #[test]
@@ -296,23 +316,6 @@ mod tests {
     use std::time::Duration;
 
     #[test]
-    fn page_bits_basics() {
-        let bits = PageBits::new(130);
-        assert!(bits.set(0) && !bits.set(0));
-        assert!(bits.set(129));
-        assert!(!bits.set(130), "out of range");
-        assert_eq!(bits.count(), 2);
-        assert_eq!(bits.first_clear(), Some(1));
-        assert!(bits.clear(0) && !bits.clear(0));
-        assert_eq!(bits.count(), 1);
-        for i in 0..130 {
-            bits.set(i);
-        }
-        assert_eq!(bits.first_clear(), None);
-        assert_eq!(bits.count(), 130);
-    }
-
-    #[test]
     fn fault_clock_measures_from_the_first_fault() {
         let clock = FaultClock::new(2);
         assert!(clock.start(1, 100));
@@ -321,6 +324,19 @@ mod tests {
         assert_eq!(clock.finish(1, 190), None);
         assert_eq!(clock.finish(0, 10), None);
         assert!(!clock.start(7, 1));
+    }
+
+    #[test]
+    fn installs_in_flight_count_up_and_down() {
+        let in_flight = InstallsInFlight::new();
+        assert!(!in_flight.any());
+        in_flight.handed_out(0);
+        assert!(!in_flight.any());
+        in_flight.handed_out(3);
+        in_flight.done(2);
+        assert!(in_flight.any());
+        in_flight.done(1);
+        assert!(!in_flight.any());
     }
 
     #[test]

@@ -21,6 +21,7 @@ use crate::memory::GuestRam;
 use crate::runner::VcpuSet;
 use crate::state::DeviceState;
 use crate::uffd::UffdRam;
+use crate::vcpu::Vcpu;
 use crate::vm::{Vm, VmConfig};
 
 /// Why the machine could not be built from the source's description.
@@ -96,7 +97,7 @@ impl DestinationDriver<'_> {
             self.preparing.store(false, Ordering::Relaxed);
         }
         match built {
-            Ok(machine) => {
+            Ok((machine, vcpus)) => {
                 tracing::info!(
                     vcpus = machine.desc.vcpus,
                     mib = machine.desc.ram.total_bytes() >> 20,
@@ -107,6 +108,10 @@ impl DestinationDriver<'_> {
                     tracing::error!("the machine was prepared twice");
                     return;
                 }
+                // Only the vCPUs of the machine in place: a second prepare
+                // must not swap in vCPUs of a VM that was dropped.
+                *lock(&self.vcpus) = Some(vcpus);
+                self.arm_install_fault();
                 spawn(s, "dst-fault", move || self.fault_loop(s));
             }
             Err(e) => {
@@ -120,7 +125,8 @@ impl DestinationDriver<'_> {
         }
     }
 
-    fn build_machine(&self, machine: &[u8]) -> Result<Machine, BuildError> {
+    /// The machine and its vCPUs (stored by the caller once the machine is).
+    fn build_machine(&self, machine: &[u8]) -> Result<(Machine, Vec<Vcpu>), BuildError> {
         let step = |step| move |source| BuildError::Step { step, source };
         let desc = MachineDescription::from_bytes(machine).map_err(BuildError::Description)?;
         // Called from an op, after the lock was released.
@@ -142,10 +148,9 @@ impl DestinationDriver<'_> {
         let config = VmConfig { vcpus: desc.vcpus, irqchip: desc.irqchip, serial: self.opts.serial.clone() };
         let vm = Vm::new(ram.clone(), config).map_err(step("create the VM"))?;
         let vcpus = vm.create_vcpus().map_err(step("create the vCPUs"))?;
-        *lock(&self.vcpus) = Some(vcpus);
         let map = PageMap::new(ram.layout());
         let pages = map.total_pages();
-        Ok(Machine {
+        let machine = Machine {
             desc,
             ram,
             uffd,
@@ -154,7 +159,8 @@ impl DestinationDriver<'_> {
             installed: PageBits::new(pages),
             digests: PageDigests::new(pages, PAGE_SIZE as usize),
             clock: FaultClock::new(pages),
-        })
+        };
+        Ok((machine, vcpus))
     }
 
     /// Loads the device state in its own thread: restoring may touch guest

@@ -1,22 +1,31 @@
 //! Placing pages in guest RAM: single pages, runs of consecutive pages in
 //! one `UFFDIO_COPY`, discards, the bookkeeping per page (digest, present
-//! bit, fault latency), and the test-only damage switch.
+//! bit, fault latency), an install that fails (retried, or reported to the
+//! core), and the test-only damage and install fault switches.
 
 use std::iter::Peekable;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::thread::Scope;
+use std::time::Duration;
 
 use bytes::Bytes;
 use postcopy_core::wire::PageData;
 use postcopy_core::PageNumber;
 
-use super::{DestinationDriver, DestinationOp, Machine};
+use super::{DestinationDriver, DestinationError, DestinationOp, Machine};
 use crate::devices::lock;
-use crate::driver::now;
+use crate::driver::install_faults::InstallFault;
+use crate::driver::shell::SideDriver;
+use crate::driver::sync::InstallsInFlight;
+use crate::driver::{error_chain, now};
 use crate::layout::PAGE_SIZE;
-use crate::uffd::Install;
+use crate::uffd::{Install, InstallFailure, InstallFaultPlan};
 
 /// Pages installed with one `UFFDIO_COPY` at most (the run's bits fit a u64).
 const MAX_INSTALL_RUN: usize = 64;
+/// Retries of an install that failed transiently (`EAGAIN`) before the page
+/// is reported missing to the core.
+const INSTALL_RETRIES: u32 = 3;
 
 /// Test-only damage on the destination (`POSTCOPY_TEST_DAMAGE=drop:PAGE` or
 /// `corrupt:PAGE`): the page is installed as zeros, or with one bit flipped,
@@ -100,18 +109,23 @@ pub(super) struct InstallCounters {
     pub(super) anomalies: AtomicU64,
     /// Wall time in the calls that placed pages, summed over the installers.
     pub(super) busy_ns: AtomicU64,
+    /// Installs drained from the core and not yet carried out (added under
+    /// the core lock): the EOC waits for them, as a failure must reach the
+    /// core before it leaves.
+    pub(super) in_flight: InstallsInFlight,
 }
 
 impl DestinationDriver<'_> {
     /// Installs `page` and, when the next operations install the pages after
     /// it in the same block, those too in one `UFFDIO_COPY` (a syscall per
-    /// page was a fifth of the receiver's time).
-    pub(super) fn install_batch(
-        &self,
+    /// page was a fifth of the receiver's time). Returns the pages it took.
+    pub(super) fn install_batch<'s>(
+        &'s self,
+        s: &'s Scope<'s, '_>,
         page: PageNumber,
         bytes: Bytes,
         ops: &mut Peekable<impl Iterator<Item = DestinationOp>>,
-    ) {
+    ) -> u64 {
         let mut run = vec![(page, bytes)];
         while run.len() < MAX_INSTALL_RUN {
             let next = PageNumber(page.0 + run.len() as u64);
@@ -126,11 +140,13 @@ impl DestinationDriver<'_> {
                 _ => break,
             }
         }
-        self.install_run(run);
+        let pages = run.len() as u64;
+        self.install_run(s, run);
+        pages
     }
 
     /// Installs one page (`overwrite`: write over a present page).
-    pub(super) fn install(&self, page: PageNumber, data: PageData, overwrite: bool) {
+    pub(super) fn install<'s>(&'s self, s: &'s Scope<'s, '_>, page: PageNumber, data: PageData, overwrite: bool) {
         let Some(m) = self.machine.get() else {
             tracing::error!(page = page.0, "page before the machine was built");
             return;
@@ -163,10 +179,7 @@ impl DestinationDriver<'_> {
                 self.note_installed(m, page, bytes, at_ns);
             }
             Ok((Install::AlreadyPresent, _)) => self.note_already_present(page),
-            Err(e) => {
-                self.install_counters.anomalies.fetch_add(1, Ordering::Relaxed);
-                tracing::error!(%e, page = page.0, "install failed");
-            }
+            Err(e) => self.install_failed(s, m, page, &data, overwrite, e),
         }
     }
 
@@ -184,14 +197,14 @@ impl DestinationDriver<'_> {
     /// Installs consecutive pages of one block with one `UFFDIO_COPY`
     /// through a per-thread staging buffer; the bookkeeping is per page,
     /// as in [`DestinationDriver::install`].
-    fn install_run(&self, run: Vec<(PageNumber, Bytes)>) {
+    fn install_run<'s>(&'s self, s: &'s Scope<'s, '_>, run: Vec<(PageNumber, Bytes)>) {
         thread_local! {
             static STAGING: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
         }
         let (Some(m), Some(&(first, _))) = (self.machine.get(), run.first()) else { return };
         if run.len() == 1 {
             for (page, bytes) in run {
-                self.install(page, PageData::Bytes(bytes), false);
+                self.install(s, page, PageData::Bytes(bytes), false);
             }
             return;
         }
@@ -210,11 +223,7 @@ impl DestinationDriver<'_> {
                 self.install_counters.busy_ns.fetch_add(t.saturating_sub(started_ns), Ordering::Relaxed);
                 t
             }
-            Err(e) => {
-                self.install_counters.anomalies.fetch_add(run.len() as u64, Ordering::Relaxed);
-                tracing::error!(%e, first = first.0, pages = run.len(), "install failed");
-                return;
-            }
+            Err(e) => return self.install_run_failed(s, m, run, present, e),
         };
         for (i, (page, bytes)) in run.iter().enumerate() {
             if present >> i & 1 == 1 {
@@ -242,6 +251,128 @@ impl DestinationDriver<'_> {
     fn note_already_present(&self, page: PageNumber) {
         self.install_counters.anomalies.fetch_add(1, Ordering::Relaxed);
         tracing::warn!(page = page.0, "page already present: install skipped");
+    }
+
+    /// A run stopped part-way: the pages before the stop are noted as
+    /// usual, each later one goes through [`DestinationDriver::install`]
+    /// again (and its failure handling) on its own.
+    fn install_run_failed<'s>(
+        &'s self,
+        s: &'s Scope<'s, '_>,
+        m: &Machine,
+        run: Vec<(PageNumber, Bytes)>,
+        present: u64,
+        error: crate::Error,
+    ) {
+        let stopped_at = match &error {
+            crate::Error::Install(e) => usize::try_from(e.stopped_at).map_or(run.len(), |i| i.min(run.len())),
+            _ => 0,
+        };
+        tracing::warn!(
+            e = error_chain(&error),
+            pages = run.len(),
+            stopped_at,
+            "install of a run stopped; its remaining pages go one by one"
+        );
+        let t = now().0;
+        for (i, (page, bytes)) in run.iter().enumerate().take(stopped_at) {
+            if present >> i & 1 == 1 {
+                self.note_already_present(*page);
+            } else {
+                self.note_installed(m, *page, Some(bytes), t);
+            }
+        }
+        if let (Some(&(first, _)), true) = (run.first(), stopped_at == run.len()) {
+            // Only the wake-up failed: wake again.
+            if let Some(r) = m.map.page_ref(first) {
+                if let Err(e) = m.uffd.wake_pages(r, run.len() as u64) {
+                    tracing::error!(e = error_chain(&e), first = first.0, pages = run.len(), "waking a run's waiters");
+                }
+            }
+        }
+        for (page, bytes) in run.into_iter().skip(stopped_at) {
+            self.install(s, page, PageData::Bytes(bytes), false);
+        }
+    }
+
+    /// Installing `page` failed with `error`. Installed after all with only
+    /// the wake-up failing: noted, woken again. A transient failure is
+    /// retried a few times here. Otherwise the page is missing: the core
+    /// hears of it ([`postcopy_core::Destination::handle_install_failed`])
+    /// and gets it back from the source, or ends the migration.
+    fn install_failed<'s>(
+        &'s self,
+        s: &'s Scope<'s, '_>,
+        m: &Machine,
+        page: PageNumber,
+        data: &PageData,
+        overwrite: bool,
+        error: crate::Error,
+    ) {
+        let bytes = match data {
+            PageData::Bytes(b) => Some(&b[..]),
+            PageData::Zero => None,
+        };
+        let Some(r) = m.map.page_ref(page) else { return };
+        let mut error = error;
+        for attempt in 0..=INSTALL_RETRIES {
+            match &error {
+                crate::Error::Install(e) if matches!(e.cause, InstallFailure::Wake(_)) => {
+                    self.note_installed(m, page, bytes, now().0);
+                    if let Err(e) = m.uffd.wake_pages(r, 1) {
+                        tracing::error!(e = error_chain(&e), page = page.0, "waking a page's waiters");
+                    }
+                    return;
+                }
+                crate::Error::Install(e) if e.is_transient() && !overwrite && attempt < INSTALL_RETRIES => {
+                    tracing::warn!(page = page.0, attempt, "page {} failed to install ({}), retrying", page.0, e.cause);
+                    std::thread::sleep(Duration::from_millis(1 << attempt));
+                }
+                _ => break,
+            }
+            let retried = match bytes {
+                Some(b) => m.uffd.install_page(r, b),
+                None => m.uffd.install_zero_page(r),
+            };
+            match retried {
+                Ok(Install::Installed) => return self.note_installed(m, page, bytes, now().0),
+                Ok(Install::AlreadyPresent) => return self.note_already_present(page),
+                Err(e) => error = e,
+            }
+        }
+        self.install_counters.anomalies.fetch_add(1, Ordering::Relaxed);
+        // The core keeps the reason as text.
+        let reason = error_chain(&error);
+        tracing::error!(e = error_chain(&DestinationError::InstallFailed { page: page.0, source: error }));
+        let mut late = None;
+        self.event(s, |l, now| {
+            if let Err(e) = l.core.handle_install_failed(now, page, reason) {
+                late = Some(e);
+            }
+        });
+        if let Some(source) = late {
+            // Nothing brings the page back: the guest is not run on the hole.
+            let e = DestinationError::PageLost { page: page.0, source };
+            tracing::error!(e = error_chain(&e));
+            *lock(&self.fatal) = Some(e);
+        }
+    }
+
+    /// Test-only: arms the install fault asked for in the environment
+    /// ([`crate::driver::install_faults`]).
+    pub(super) fn arm_install_fault(&self) {
+        let Some(m) = self.machine.get() else { return };
+        match InstallFault::from_env() {
+            Ok(None) => {}
+            Ok(Some(f)) => match m.map.page_ref(PageNumber(f.page)) {
+                Some(page) => {
+                    tracing::warn!(fault = ?f, "test-only install fault armed");
+                    m.uffd.inject_install_fault(Some(InstallFaultPlan { page, fault: f.fault, times: f.times }));
+                }
+                None => tracing::warn!(page = f.page, "test-only install fault outside the guest: not armed"),
+            },
+            Err(e) => tracing::warn!(e = error_chain(&e), "test-only install fault not armed"),
+        }
     }
 
     /// Drops `count` pages from `first` (the source sends them again).

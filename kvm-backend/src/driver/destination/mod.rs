@@ -108,6 +108,26 @@ pub enum DestinationError {
     /// The vCPUs could not be started after StartGuest.
     #[error("cannot start the vCPUs")]
     StartVcpus(#[source] crate::Error),
+    /// A page the core handed out is not in guest memory (after the
+    /// retries a transient failure gets): the core hears of it.
+    #[error("page {page} could not be installed")]
+    InstallFailed {
+        /// The page's global number.
+        page: u64,
+        /// Why the last attempt failed.
+        #[source]
+        source: crate::Error,
+    },
+    /// A page failed to install when nothing could bring it back any more
+    /// (the end of copy was sent): the guest is not run on the hole.
+    #[error("page {page} is missing from the guest for good")]
+    PageLost {
+        /// The page's global number.
+        page: u64,
+        /// The core's refusal.
+        #[source]
+        source: postcopy_core::EventError,
+    },
 }
 
 /// When the switchover's steps happened (monotonic ns, 0: not yet).
@@ -264,9 +284,13 @@ impl SideDriver for DestinationDriver<'_> {
                 DestinationOp::Install { page, data: PageData::Bytes(bytes), overwrite: false }
                     if self.batchable(page) =>
                 {
-                    self.install_batch(page, bytes, &mut ops)
+                    let pages = self.install_batch(s, page, bytes, &mut ops);
+                    self.install_counters.in_flight.done(pages);
                 }
-                DestinationOp::Install { page, data, overwrite } => self.install(page, data, overwrite),
+                DestinationOp::Install { page, data, overwrite } => {
+                    self.install(s, page, data, overwrite);
+                    self.install_counters.in_flight.done(1);
+                }
                 DestinationOp::Discard { first, count } => self.discard(first, count),
                 DestinationOp::LoadDeviceState(state) => {
                     Timeline::mark(&self.timeline.device_state_received_ns);
@@ -291,6 +315,22 @@ impl SideDriver for DestinationDriver<'_> {
         self.flush_fault_path(s);
     }
 
+    /// The shell's drain, counting the installs it hands out (under the
+    /// core lock, so that the EOC hold in [`SideDriver::poll_fault_path`]
+    /// sees them): one atomic add per drain, not per page.
+    fn drain(&self, l: &mut LockedCore<Destination>) -> Vec<DestinationOp> {
+        let mut ops = Vec::new();
+        let mut installs = 0;
+        while let Some(action) = l.core.poll_action() {
+            if let Some(op) = self.to_op(l, action) {
+                installs += u64::from(matches!(op, DestinationOp::Install { .. }));
+                ops.push(op);
+            }
+        }
+        self.install_counters.in_flight.handed_out(installs);
+        ops
+    }
+
     fn poll_fault_path(
         &self,
         l: &mut LockedCore<Destination>,
@@ -298,6 +338,12 @@ impl SideDriver for DestinationDriver<'_> {
         _deferred: &mut Vec<DeferredPage>,
     ) -> Option<Arc<Connection>> {
         if self.preparing.load(Ordering::Relaxed) {
+            return None;
+        }
+        // The EOC waits while an install may still fail: a failure must
+        // reach the core (which then withdraws the EOC) before it leaves.
+        // The installer's execute flushes again once its count is down.
+        if l.core.eoc_queued() && self.install_counters.in_flight.any() {
             return None;
         }
         let conn = l.connection(Channel::Return).cloned();
@@ -451,15 +497,26 @@ impl DestinationDriver<'_> {
     }
 
     /// Ends every driver thread: connections, listener, fault thread, timer.
+    /// A guest that did not complete here, or has a hole, is abandoned.
     fn stop_all(&self) {
         self.shell.stopping.store(true, Ordering::SeqCst);
         self.shell.shutdown_all();
-        let started = lock(&self.running).is_some();
-        if let Some(m) = self.machine.get() {
-            if !started || lock(&self.finished).as_ref().is_none_or(|f| f.result.is_err()) {
-                // Wake any thread still waiting for a page (a loader cut off
-                // mid-way): the guest is abandoned here.
-                let _ = m.uffd.unregister_all();
+        let running = lock(&self.running);
+        let Some(m) = self.machine.get() else { return };
+        if let Some(plan) = m.uffd.armed_install_fault() {
+            tracing::warn!(?plan, "test-only install fault left unfired");
+        }
+        let hole = m.installed.first_clear().is_some();
+        if running.is_none() || hole || lock(&self.finished).as_ref().is_none_or(|f| f.result.is_err()) {
+            // Wake any thread still waiting for a page (a loader cut off
+            // mid-way): the guest is abandoned here. Running vCPUs are
+            // kicked first, so that none runs the guest on missing pages.
+            let abandoned = match running.as_ref() {
+                Some(vcpus) => vcpus.abandon(&m.uffd),
+                None => m.uffd.unregister_all(),
+            };
+            if let Err(e) = abandoned {
+                tracing::warn!(e = error_chain(&e), "abandoning the guest");
             }
         }
     }

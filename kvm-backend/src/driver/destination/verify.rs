@@ -19,6 +19,9 @@ use crate::vcpu::VcpuState;
 
 /// How long the report waits for the vCPUs of a completed migration.
 const VCPU_START_WAIT: Duration = Duration::from_secs(10);
+/// How long a guest with a hole is given to park (vCPUs blocked on the
+/// hole never do; they run no guest code either).
+const HOLE_PAUSE_WAIT: Duration = Duration::from_millis(100);
 /// Bad pages the guest reported itself that the report describes.
 const GUEST_ERRORS_SHOWN: usize = 4;
 
@@ -125,7 +128,15 @@ impl DestinationDriver<'_> {
         report.progress_after_pages_per_s = stats.pages_rate(t_done, now().0);
         report.pages_installed = m.installed.count();
         if let Some(page) = m.installed.first_clear() {
+            // Reading through the guest mapping would block on the hole: no
+            // verification, no dump. The guest is paused (vCPUs blocked on
+            // the hole stay kicked; the stop abandons them).
             fail(report, &VerifyError::NeverInstalled { page });
+            if let Some(vcpus) = lock(&self.running).as_ref() {
+                vcpus.pause_within(HOLE_PAUSE_WAIT);
+            }
+            report.digest = m.digests.fold();
+            return;
         }
         // Held until the end: the guest stays stopped while it is checked.
         let running = lock(&self.running);
