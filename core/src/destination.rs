@@ -527,7 +527,7 @@ impl Destination {
         page: PageNumber,
         reason: String,
     ) -> Result<(), EventError> {
-        match self.state {
+        match self.state() {
             DestinationState::Listening => return Err(self.wrong_state("install failed")),
             DestinationState::Failed => return Ok(()),
             _ => {}
@@ -535,7 +535,7 @@ impl Destination {
         if page.0 >= self.present.len() {
             return Err(EventError::PageOutOfRange(page.0));
         }
-        if self.state == DestinationState::Completed {
+        if self.state() == DestinationState::Completed {
             return Err(EventError::InstallFailedAfterEnd { page: page.0 });
         }
         // A discard may have made it missing already: then nothing is lost.
@@ -543,18 +543,21 @@ impl Destination {
             return Ok(());
         }
         self.eoc_queued = false;
-        let failures = self.install_failures.entry(page.0).or_insert(0);
-        *failures += 1;
+        let failures = {
+            let count = self.install_failures.entry(page.0).or_insert(0);
+            *count += 1;
+            *count
+        };
         let error = MigrationError::InstallFailed { page: page.0, reason };
-        match self.state {
+        match self.state() {
             DestinationState::Precopy | DestinationState::LoadingDevice => {
                 let farewell = Frame::GuestDropped { reason: error.to_string() };
                 self.fail(now, error, Some(farewell));
             }
-            _ if *failures >= MAX_INSTALL_FAILURES && (self.guest_started || self.start_possible) => {
+            _ if failures >= MAX_INSTALL_FAILURES && (self.guest_started || self.start_possible) => {
                 self.give_up_with_guest(now, error);
             }
-            _ if *failures >= MAX_INSTALL_FAILURES => {
+            _ if failures >= MAX_INSTALL_FAILURES => {
                 let farewell = Frame::GuestDropped { reason: error.to_string() };
                 self.fail(now, error, Some(farewell));
             }
@@ -1004,13 +1007,12 @@ impl Destination {
     /// given memory without a hole: the driver keeps the guest paused.
     fn give_up_with_guest(&mut self, now: Timestamp, error: MigrationError) {
         self.close_all_links();
-        self.state = DestinationState::Failed;
+        self.state = State::Failed;
         self.control.clear();
         self.pending_requests.clear();
         self.report_word = None;
         self.welcome_pending = false;
-        self.handshake_deadline = None;
-        self.start_deadline = None;
+        self.timers.stop_all();
         let stats = self.stats(now);
         self.actions.push_back(DestinationAction::Finished(Box::new(Finished {
             result: Err(error),
