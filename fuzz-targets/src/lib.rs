@@ -13,6 +13,8 @@
 //! - [`source_events`]: a real `Source` driven by arbitrary events.
 //! - [`destination_events`]: a real `Destination` driven by arbitrary events.
 //! - [`pair`]: both cores over an adversarial network, then healed.
+//! - [`qmp_session`]: a QMP client's bytes through the QMP session, its
+//!   commands run on the fake VMM.
 //!
 //! The input formats are ours (see [`input`]) and have writers, which
 //! [`seeds`] uses to build the checked-in seed corpus.
@@ -22,6 +24,7 @@ pub mod destination_events;
 pub mod frames;
 pub mod input;
 pub mod pair;
+pub mod qmp_session;
 pub mod seeds;
 pub mod source_events;
 pub mod wire_decode;
@@ -58,11 +61,12 @@ pub struct Target {
 }
 
 /// Every target, in the order CI fuzzes them.
-pub const TARGETS: [Target; 4] = [
+pub const TARGETS: [Target; 5] = [
     Target { name: "wire_decode", run: run_wire_decode },
     Target { name: "source_events", run: run_source_events },
     Target { name: "destination_events", run: run_destination_events },
     Target { name: "pair", run: run_pair },
+    Target { name: "qmp_session", run: run_qmp_session },
 ];
 
 pub fn run_wire_decode(bytes: &[u8]) {
@@ -86,5 +90,11 @@ pub fn run_destination_events(bytes: &[u8]) {
 pub fn run_pair(bytes: &[u8]) {
     if let Some(input) = decode::<pair::PairInput>(bytes) {
         pair::run(&input);
+    }
+}
+
+pub fn run_qmp_session(bytes: &[u8]) {
+    if let Some(input) = decode::<qmp_session::QmpInput>(bytes) {
+        qmp_session::run(&input);
     }
 }

@@ -14,6 +14,10 @@
 //!   size, session, guest too large, device state too large, page length).
 //! - Recovery after a lost connection, and adversarial pair runs (split
 //!   frames, losses, a partition).
+//! - QMP: a whole session (negotiation, a migration switched to postcopy,
+//!   paused, resumed, quit), and one seed per kind of bad input (before
+//!   negotiation, not JSON, not an object, bad members, bad arguments,
+//!   unknown command, wrong state, too long) and ids of every JSON type.
 
 use bytes::Bytes;
 use postcopy_core::testkit::{Pair, PairConfig};
@@ -24,6 +28,7 @@ use crate::destination_events::{self as dst, DestinationInput, DestinationOp, De
 use crate::frames::{FrameSpec, PageSpec, WordSpec};
 use crate::input::Num;
 use crate::pair::{PairInput, PairOp, PairOutcome, PairSetup};
+use crate::qmp_session::{self, QmpInput};
 use crate::source_events::{self as src, SourceInput, SourceOp, SourceSetup};
 use crate::wire_decode::{self, WireInput};
 
@@ -752,5 +757,158 @@ pub fn all() -> Vec<Seed> {
     seeds.extend(source_seeds(&events, &hybrid_events));
     seeds.extend(destination_seeds(&events, &hybrid_events));
     seeds.extend(pair_seeds());
+    seeds.extend(qmp_seeds());
     seeds
+}
+
+fn qmp_seed(
+    name: &str,
+    negotiate_first: bool,
+    chunks: Vec<u16>,
+    stream: &[u8],
+    check: impl Fn(&qmp_session::Outcome) + 'static,
+) -> Seed {
+    let input = QmpInput { negotiate_first, advance: true, chunks, stream: stream.to_vec() };
+    Seed {
+        target: "qmp_session",
+        name: name.to_owned(),
+        bytes: input.to_bytes(),
+        check: Box::new(move || check(&qmp_session::run(&input))),
+    }
+}
+
+/// The descriptions of the error replies, in order.
+fn qmp_errors(outcome: &qmp_session::Outcome) -> Vec<String> {
+    outcome.replies.iter().filter_map(|r| r["error"]["desc"].as_str().map(str::to_owned)).collect()
+}
+
+fn qmp_seeds() -> Vec<Seed> {
+    use postcopy_qmp::{Event, MigrationStatus};
+    let session = concat!(
+        "{\"execute\":\"qmp_capabilities\"}\r\n",
+        "{\"execute\":\"query-status\",\"id\":\"s\"}\n",
+        "{\"execute\":\"query-version\"}{\"execute\":\"query-commands\"}\n",
+        "{\"execute\":\"migrate-set-capabilities\",\"arguments\":{\"capabilities\":[",
+        "{\"capability\":\"postcopy-ram\",\"state\":true},{\"capability\":\"events\",\"state\":true}]}}\n",
+        "{\"execute\":\"migrate-set-parameters\",\"arguments\":{\"max-bandwidth\":1000,\"downtime-limit\":300}}\n",
+        "{\"execute\":\"query-migrate-parameters\"}\n{\"execute\":\"query-migrate-capabilities\"}\n",
+        "{\"execute\":\"stop\"}\n{\"execute\":\"cont\"}\n",
+        "{\"execute\":\"migrate\",\"arguments\":{\"uri\":\"tcp:127.0.0.1:4444\"},\"id\":1}\n",
+        "{\"execute\":\"query-migrate\"}\n",
+        "{\"execute\":\"migrate-start-postcopy\"}\n",
+        "{\"execute\":\"migrate-pause\"}\n",
+        "{\"execute\":\"migrate\",\"arguments\":{\"uri\":\"tcp:127.0.0.1:5555\",\"resume\":true}}\n",
+        "{\"execute\":\"query-migrate\"}\n",
+        "{\"execute\":\"quit\",\"id\":\"q\"}\n",
+    );
+    let long = format!("{{\"execute\":\"stop\",\"id\":\"{}\"}}\n{{\"execute\":\"query-status\"}}\n", "x".repeat(5000));
+    vec![
+        qmp_seed("seed-qmp-session", false, vec![7, 0], session.as_bytes(), |o| {
+            assert_eq!(qmp_errors(o), Vec::<String>::new(), "a clean session");
+            assert_eq!(o.executed, 14);
+            assert!(o.events.contains(&Event::Migration { status: MigrationStatus::PostcopyActive }));
+            assert!(o.events.contains(&Event::Migration { status: MigrationStatus::PostcopyRecover }));
+        }),
+        qmp_seed("seed-qmp-before-negotiation", false, vec![], b"{\"execute\":\"query-status\",\"id\":1}\n", |o| {
+            assert_eq!(o.replies[0]["error"]["class"], "CommandNotFound");
+            assert_eq!(o.executed, 0);
+        }),
+        qmp_seed("seed-qmp-not-json", true, vec![3, 1], b"hello\n{\"execute\": }\n\"open\n\xff\n", |o| {
+            let errors = qmp_errors(o);
+            assert_eq!(errors.len(), 4);
+            assert!(errors.iter().all(|e| e.starts_with("JSON parse error, ")), "{errors:?}");
+        }),
+        qmp_seed("seed-qmp-not-an-object", true, vec![], b"[1]\n42\n\"s\"\n", |o| {
+            assert_eq!(qmp_errors(o), vec!["QMP input must be a JSON object"; 3]);
+        }),
+        qmp_seed(
+            "seed-qmp-bad-members",
+            true,
+            vec![],
+            concat!(
+                "{\"execute\":1,\"id\":1}\n{\"execute\":\"stop\",\"arguments\":[]}\n",
+                "{\"exec-oob\":\"migrate-pause\"}\n{\"id\":2}\n{\"execute\":\"stop\",\"x\":0}\n",
+            )
+            .as_bytes(),
+            |o| {
+                assert_eq!(
+                    qmp_errors(o),
+                    [
+                        "QMP input member 'execute' must be a string",
+                        "QMP input member 'arguments' must be an object",
+                        "QMP input member 'exec-oob' is unexpected",
+                        "QMP input lacks member 'execute'",
+                        "QMP input member 'x' is unexpected",
+                    ]
+                );
+            },
+        ),
+        qmp_seed(
+            "seed-qmp-bad-arguments",
+            true,
+            vec![],
+            concat!(
+                "{\"execute\":\"migrate\",\"arguments\":{\"uri\":5}}\n",
+                "{\"execute\":\"migrate-recover\",\"arguments\":{}}\n",
+                "{\"execute\":\"stop\",\"arguments\":{\"now\":true}}\n",
+                "{\"execute\":\"migrate-set-capabilities\",\"arguments\":{\"capabilities\":[{\"capability\":\"turbo\",\"state\":true}]}}\n",
+                "{\"execute\":\"migrate-set-parameters\",\"arguments\":{\"max-bandwidth\":-1}}\n",
+                "{\"execute\":\"qmp_capabilities\",\"arguments\":{\"enable\":[\"oob\"]}}\n",
+            )
+            .as_bytes(),
+            |o| {
+                assert_eq!(
+                    qmp_errors(o),
+                    [
+                        "Invalid parameter type for 'uri', expected: string",
+                        "Parameter 'uri' is missing",
+                        "Parameter 'now' is unexpected",
+                        "Parameter 'capability' does not accept value 'turbo'",
+                        "Parameter 'max-bandwidth' expects uint64",
+                        "Capabilities negotiation is already complete, command ignored",
+                    ]
+                );
+            },
+        ),
+        qmp_seed("seed-qmp-unknown-command", true, vec![], b"{\"execute\":\"system_reset\",\"id\":[1]}\n", |o| {
+            assert_eq!(o.replies[0]["error"]["class"], "CommandNotFound");
+            assert_eq!(o.replies[0]["id"], serde_json::json!([1]));
+        }),
+        qmp_seed(
+            "seed-qmp-wrong-state",
+            true,
+            vec![],
+            concat!(
+                "{\"execute\":\"migrate-pause\"}\n{\"execute\":\"migrate-recover\",\"arguments\":{\"uri\":\"tcp:h:1\"}}\n",
+                "{\"execute\":\"migrate\",\"arguments\":{\"uri\":\"tcp:h:1\",\"resume\":true}}\n",
+                "{\"execute\":\"migrate-start-postcopy\"}\n{\"execute\":\"migrate-incoming\",\"arguments\":{\"uri\":\"tcp:h:1\"}}\n",
+                "{\"execute\":\"migrate\",\"arguments\":{\"uri\":\"unix:/x\"}}\n",
+            )
+            .as_bytes(),
+            |o| {
+                let errors = qmp_errors(o);
+                assert_eq!(errors.len(), 6, "{errors:?}");
+                assert!(o.replies.iter().all(|r| r["error"]["class"] == "GenericError"));
+            },
+        ),
+        qmp_seed(
+            "seed-qmp-ids",
+            true,
+            vec![],
+            concat!(
+                "{\"execute\":\"query-status\",\"id\":\"a\"}{\"execute\":\"query-status\",\"id\":-1.5}",
+                "{\"execute\":\"query-status\",\"id\":{\"k\":[null]}}{\"execute\":\"query-status\",\"id\":null}\n",
+            )
+            .as_bytes(),
+            |o| {
+                let ids: Vec<_> = o.replies.iter().map(|r| r["id"].clone()).collect();
+                assert_eq!(ids, [serde_json::json!("a"), serde_json::json!(-1.5), serde_json::json!({"k": [null]}), serde_json::Value::Null]);
+            },
+        ),
+        qmp_seed("seed-qmp-too-long", true, vec![1000], long.as_bytes(), |o| {
+            assert!(qmp_errors(o)[0].starts_with("JSON token size limit exceeded"));
+            assert_eq!(o.replies.len(), 2);
+            assert!(o.replies[1].get("return").is_some(), "the session goes on");
+        }),
+    ]
 }

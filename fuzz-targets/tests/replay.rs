@@ -84,9 +84,14 @@ fn pair() {
 }
 
 #[test]
+fn qmp_session() {
+    replay_target("qmp_session");
+}
+
+#[test]
 fn every_target_has_a_replay_test() {
     let names: Vec<&str> = TARGETS.iter().map(|t| t.name).collect();
-    assert_eq!(names, ["wire_decode", "source_events", "destination_events", "pair"]);
+    assert_eq!(names, ["wire_decode", "source_events", "destination_events", "pair", "qmp_session"]);
     for name in names {
         let binary = fuzz_dir().join("fuzz_targets").join(format!("{name}.rs"));
         assert!(binary.is_file(), "{} is missing", binary.display());

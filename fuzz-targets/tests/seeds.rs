@@ -31,7 +31,7 @@ fn seeds_do_what_they_are_for_and_are_checked_in() {
         }
     }
     // No stale seed files left behind.
-    for target in ["wire_decode", "source_events", "destination_events", "pair"] {
+    for target in ["wire_decode", "source_events", "destination_events", "pair", "qmp_session"] {
         let Ok(entries) = std::fs::read_dir(corpus_dir(target)) else { continue };
         for entry in entries {
             let name = entry.unwrap().file_name().into_string().unwrap();
