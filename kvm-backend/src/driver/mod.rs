@@ -66,16 +66,17 @@ pub mod machine;
 pub mod net;
 pub mod report;
 pub mod sync;
+pub mod watch;
 
 mod destination;
 mod shell;
 mod source;
 
 pub use destination::{
-    run_destination, BuildError, Damage, DamageError, DestinationError, DestinationOptions, DestinationOutcome,
-    LoadError, VerifyError, DAMAGE_ENV,
+    check_running_guest, run_destination, run_destination_kept, ArrivedGuest, BuildError, Damage, DamageError,
+    DestinationError, DestinationOptions, DestinationOutcome, KeptOutcome, LoadError, VerifyError, DAMAGE_ENV,
 };
-pub use source::{new_session_id, run_source, SourceError, SourceOptions, SourceOutcome};
+pub use source::{new_session_id, run_source, run_source_watched, SourceError, SourceOptions, SourceOutcome};
 
 use std::time::Duration;
 
