@@ -151,7 +151,7 @@ pub struct DemoArgs {
     pub common: Common,
 }
 
-fn serial_output(arg: &Option<String>) -> Result<SerialOutput, CommandError> {
+pub fn serial_output(arg: &Option<String>) -> Result<SerialOutput, CommandError> {
     match arg.as_deref() {
         None => Ok(SerialOutput::Sink),
         Some("-") => Ok(SerialOutput::Stdout),

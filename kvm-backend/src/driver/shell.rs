@@ -267,6 +267,11 @@ impl<C: ProtocolCore> Shell<C> {
         }
     }
 
+    /// Whether any channel still has a connection.
+    pub(super) fn any_connection(&self) -> bool {
+        lock(&self.locked).connections.iter().any(Option::is_some)
+    }
+
     /// The notices so far, as text.
     pub(super) fn notices(&self) -> Vec<String> {
         lock(&self.notices).clone()

@@ -28,11 +28,11 @@ use postcopy_core::{
     Notice, PageNumber,
 };
 
+use super::digest::MemoryDigest;
+use super::machine::MachineDescription;
 use super::net::{self, Connection, PreambleReadError};
 use super::report::DestinationReport;
 use super::shell::{spawn, ConnectionOp, LockedCore, Shell, SideDriver};
-use super::digest::MemoryDigest;
-use super::machine::MachineDescription;
 use super::sync::Doorbell;
 use super::watch::Watch;
 use super::{error_chain, now, pin_self, set_policy, Boost, Tuning};

@@ -12,16 +12,19 @@ use postcopy_core::{DestinationStats, Finished, LatencySummary};
 use super::{DestinationDriver, Machine};
 use crate::devices::{lock, GuestStats};
 use crate::driver::machine::{GuestKind, MachineDescription};
-use crate::memory::GuestRam;
-use crate::runner::VcpuSet;
-use crate::vm::Vm;
 use crate::driver::report::{DestinationReport, PatternCheck};
 use crate::driver::{error_chain, now};
 use crate::guest::TestGuest;
+use crate::memory::GuestRam;
+use crate::runner::VcpuSet;
 use crate::vcpu::VcpuState;
+use crate::vm::Vm;
 
 /// How long the report waits for the vCPUs of a completed migration.
 const VCPU_START_WAIT: Duration = Duration::from_secs(10);
+/// How long a destination that keeps its guest waits for the source to
+/// close its connections after the migration completed.
+const SOURCE_CLOSE_WAIT: Duration = Duration::from_secs(5);
 /// Bad pages the guest reported itself that the report describes.
 const GUEST_ERRORS_SHOWN: usize = 4;
 
@@ -85,6 +88,13 @@ impl DestinationDriver<'_> {
         let finished = lock(&self.finished).clone();
         if finished.as_ref().is_some_and(|f| f.result.is_ok()) {
             self.wait_for_vcpus();
+            // The source completes when our end of copy reaches it, and
+            // then closes: cutting the connections first would leave it
+            // recovering a migration that is over.
+            let t0 = Instant::now();
+            while self.shell.any_connection() && t0.elapsed() < SOURCE_CLOSE_WAIT {
+                std::thread::sleep(Duration::from_millis(1));
+            }
         }
         let mut report = self.report_of(finished.as_ref());
         let Some(m) = self.machine.get() else { return report };
@@ -162,7 +172,9 @@ impl DestinationDriver<'_> {
         let states = vcpus.pause().and_then(|_| vcpus.save_states());
         report.digest = m.digests.fold();
         if m.desc.guest == GuestKind::Pattern {
-            match states.map_err(VerifyError::Pattern).and_then(|states| check_pattern(&m.desc, &m.ram, &states, &stats))
+            match states
+                .map_err(VerifyError::Pattern)
+                .and_then(|states| check_pattern(&m.desc, &m.ram, &states, &stats))
             {
                 Ok(check) => report.pattern = Some(check),
                 Err(e) => fail(report, &e),
