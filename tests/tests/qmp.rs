@@ -1,0 +1,308 @@
+//! The long-running VMM (`postcopy run`) driven over QMP as an orchestrator
+//! drives QEMU, with the qmp crate's client: a migration watched through
+//! `query-migrate` and events, a cancel before the switchover, and a guest
+//! migrated back and forth between two processes, each hop verified.
+
+mod common;
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{binary, kvm_or_skip, serial, temp_dir};
+use postcopy_qmp::{
+    Command as Qmp, MigrateArgs, MigrateIncomingArgs, MigrationCapability, MigrationCapabilityStatus,
+    MigrationParameters, MigrationStatus, QmpClient, RunState,
+};
+use serde_json::Value;
+
+/// How long one migration of these small guests may take.
+const MIGRATION_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// A `postcopy run` process and a QMP client on its socket. Killed on drop.
+struct Vmm {
+    name: &'static str,
+    child: Child,
+    stderr: PathBuf,
+    qmp: QmpClient,
+}
+
+impl Vmm {
+    fn start(dir: &Path, name: &'static str, args: &[&str]) -> Vmm {
+        let socket = dir.join(format!("{name}.sock"));
+        let stderr = dir.join(format!("{name}.err"));
+        let child = Command::new(binary())
+            .arg("run")
+            .arg("--qmp")
+            .arg(&socket)
+            .args(args)
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&stderr).expect("stderr file"))
+            .spawn()
+            .expect("start postcopy run");
+        let t0 = Instant::now();
+        let qmp = loop {
+            if let Ok(client) = QmpClient::connect_negotiated(&socket) {
+                break client;
+            }
+            assert!(t0.elapsed() < Duration::from_secs(60), "{name}: no QMP socket; {}", read(&stderr));
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        Vmm { name, child, stderr, qmp }
+    }
+
+    fn execute(&mut self, command: Qmp) -> Value {
+        match self.qmp.execute(&command) {
+            Ok(value) => value,
+            Err(e) => panic!("{}: {e}\n{}", self.name, read(&self.stderr)),
+        }
+    }
+
+    fn run_state(&mut self) -> RunState {
+        self.qmp.query_status().expect("query-status").status
+    }
+
+    fn status(&mut self) -> Option<MigrationStatus> {
+        self.qmp.query_migrate().expect("query-migrate").status
+    }
+
+    fn enable_events(&mut self) {
+        let capabilities = vec![MigrationCapabilityStatus { capability: MigrationCapability::Events, state: true }];
+        self.execute(Qmp::MigrateSetCapabilities { capabilities });
+    }
+
+    fn precopy_rounds(&mut self, rounds: u64) {
+        self.execute(Qmp::MigrateSetParameters(MigrationParameters {
+            x_precopy_rounds: Some(rounds),
+            ..Default::default()
+        }));
+    }
+
+    fn listen(&mut self, port: u16) {
+        self.execute(Qmp::MigrateIncoming(MigrateIncomingArgs { uri: uri(port), exit_on_error: None }));
+    }
+
+    fn migrate(&mut self, port: u16) {
+        self.execute(Qmp::Migrate(MigrateArgs { uri: uri(port), resume: false }));
+    }
+
+    /// Polls until the migration ended; its last status.
+    fn wait_ended(&mut self) -> MigrationStatus {
+        let t0 = Instant::now();
+        loop {
+            if let Some(status) = self.status().filter(|s| !s.is_running()) {
+                return status;
+            }
+            assert!(t0.elapsed() < MIGRATION_TIMEOUT, "{}: migration did not end; {}", self.name, read(&self.stderr));
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// The MIGRATION statuses received so far, in order.
+    fn migration_events(&mut self) -> Vec<MigrationStatus> {
+        let mut out = Vec::new();
+        while let Some(event) = self.qmp.next_event(Some(Duration::ZERO)).expect("events") {
+            if let Some(postcopy_qmp::Event::Migration { status }) = event.event() {
+                out.push(status);
+            }
+        }
+        out
+    }
+
+    fn verify(&mut self) -> Value {
+        self.execute(Qmp::XPostcopyVerify)
+    }
+
+    fn quit(mut self) {
+        self.execute(Qmp::Quit);
+        let t0 = Instant::now();
+        while t0.elapsed() < Duration::from_secs(10) {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                assert!(status.success(), "{}: exit {status}", self.name);
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        panic!("{}: did not exit after quit", self.name);
+    }
+}
+
+impl Drop for Vmm {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn read(path: &Path) -> String {
+    std::fs::read_to_string(path).unwrap_or_default()
+}
+
+fn uri(port: u16) -> String {
+    format!("tcp:127.0.0.1:{port}")
+}
+
+/// A loopback port free now.
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("a free port").port()
+}
+
+/// The source's digest of the pages as sent, from `query-migrate`.
+fn sent_digest(vmm: &mut Vmm) -> String {
+    let info = vmm.qmp.query_migrate().expect("query-migrate");
+    info.x_postcopy.and_then(|x| x.memory_digest).expect("the source reports its digest once completed")
+}
+
+/// Checks the guest that arrived at `dest` against what `source` sent.
+fn assert_hop_verified(source: &mut Vmm, dest: &mut Vmm, hop: usize) {
+    let sent = sent_digest(source);
+    let report = dest.verify();
+    assert_eq!(report["ok"], true, "hop {hop}: {report:#}");
+    assert_eq!(report["guest"], "pattern", "hop {hop}");
+    assert_eq!(report["arrived-digest"]["missing-pages"], 0, "hop {hop}: {report:#}");
+    assert_eq!(report["arrived-digest"]["digest"], Value::String(sent), "hop {hop}: digests differ: {report:#}");
+    let pattern = &report["pattern"];
+    assert!(pattern["pages_checked"].as_u64().unwrap_or(0) > 0, "hop {hop}: {report:#}");
+    assert_eq!(pattern["bad_pages"], 0, "hop {hop}: {report:#}");
+}
+
+/// Rank of a status in a migration's life, to check events come in order.
+fn rank(status: MigrationStatus) -> u32 {
+    match status {
+        MigrationStatus::Setup => 0,
+        MigrationStatus::Active => 1,
+        MigrationStatus::PostcopyActive => 2,
+        MigrationStatus::Completed => 3,
+        other => panic!("unexpected status {other}"),
+    }
+}
+
+#[test]
+fn query_migrate_advances_and_events_arrive_in_order() {
+    if !kvm_or_skip("query_migrate_advances_and_events_arrive_in_order") {
+        return;
+    }
+    let _one = serial();
+    let dir = temp_dir("qmp-progress");
+    let port = free_port();
+    let mut a = Vmm::start(&dir, "a", &["--mem", "256M", "--vcpus", "1"]);
+    let mut b = Vmm::start(&dir, "b", &["--incoming", &uri(port)]);
+    assert_eq!(a.run_state(), RunState::Running);
+    assert_eq!(b.run_state(), RunState::Inmigrate);
+    assert_eq!(a.status(), None, "no migration yet: query-migrate is {{}}");
+    a.enable_events();
+    a.migrate(port);
+    let mut remaining = Vec::new();
+    let t0 = Instant::now();
+    let end = loop {
+        let info = a.qmp.query_migrate().expect("query-migrate");
+        let status = info.status.expect("a migration has a status");
+        if let Some(ram) = &info.ram {
+            assert_eq!(ram.total, 256 << 20);
+            remaining.push(ram.remaining);
+        }
+        if !status.is_running() {
+            break status;
+        }
+        assert!(t0.elapsed() < MIGRATION_TIMEOUT, "no end; {}", read(&a.stderr));
+        std::thread::sleep(Duration::from_millis(2));
+    };
+    assert_eq!(end, MigrationStatus::Completed, "{}", read(&a.stderr));
+    // Remaining falls: never up, from more than half the RAM to nothing.
+    assert!(remaining.windows(2).all(|w| w[1] <= w[0]), "remaining went up: {remaining:?}");
+    assert_eq!(remaining.last(), Some(&0));
+    let distinct = remaining.iter().collect::<std::collections::BTreeSet<_>>().len();
+    assert!(distinct >= 3, "query-migrate did not show the migration advance: {remaining:?}");
+    let events = a.migration_events();
+    assert_eq!(events.first(), Some(&MigrationStatus::Setup), "{events:?}");
+    assert_eq!(events.last(), Some(&MigrationStatus::Completed), "{events:?}");
+    assert!(events.contains(&MigrationStatus::PostcopyActive), "{events:?}");
+    assert!(events.windows(2).all(|w| rank(w[0]) < rank(w[1])), "events out of order: {events:?}");
+    assert_eq!(b.wait_ended(), MigrationStatus::Completed);
+    assert_eq!(a.run_state(), RunState::Postmigrate);
+    assert_eq!(b.run_state(), RunState::Running);
+    let info = a.qmp.query_migrate().expect("query-migrate");
+    assert!(info.total_time.is_some_and(|t| t > 0) && info.downtime.is_some(), "{info:?}");
+    assert_hop_verified(&mut a, &mut b, 1);
+    a.quit();
+    b.quit();
+}
+
+#[test]
+fn migrate_cancel_before_the_switchover_keeps_the_guest_on_the_source() {
+    if !kvm_or_skip("migrate_cancel_before_the_switchover_keeps_the_guest_on_the_source") {
+        return;
+    }
+    let _one = serial();
+    let dir = temp_dir("qmp-cancel");
+    let port = free_port();
+    let mut a = Vmm::start(&dir, "a", &["--mem", "128M", "--vcpus", "1"]);
+    let mut b = Vmm::start(&dir, "b", &["--incoming", "defer"]);
+    b.listen(port);
+    a.enable_events();
+    // Precopy rounds until cancelled: the switchover does not come first.
+    a.precopy_rounds(1000);
+    a.migrate(port);
+    let t0 = Instant::now();
+    while a.status() != Some(MigrationStatus::Active) {
+        assert!(t0.elapsed() < MIGRATION_TIMEOUT, "precopy never became active; {}", read(&a.stderr));
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert_eq!(a.run_state(), RunState::Running, "precopy runs the guest");
+    a.execute(Qmp::MigrateCancel);
+    assert_eq!(a.wait_ended(), MigrationStatus::Cancelled, "{}", read(&a.stderr));
+    let events = a.migration_events();
+    assert_eq!(events.first(), Some(&MigrationStatus::Setup), "{events:?}");
+    assert!(events.ends_with(&[MigrationStatus::Cancelling, MigrationStatus::Cancelled]), "{events:?}");
+    assert_eq!(a.run_state(), RunState::Running, "the guest keeps running on the source");
+    assert_eq!(b.wait_ended(), MigrationStatus::Failed);
+    assert_eq!(b.run_state(), RunState::Inmigrate);
+    // The guest still runs and is intact here, and can still leave.
+    let report = a.verify();
+    assert_eq!(report["ok"], true, "{report:#}");
+    let port = free_port();
+    b.listen(port);
+    a.precopy_rounds(0);
+    a.migrate(port);
+    assert_eq!(a.wait_ended(), MigrationStatus::Completed, "{}", read(&a.stderr));
+    assert_eq!(b.wait_ended(), MigrationStatus::Completed, "{}", read(&b.stderr));
+    assert_hop_verified(&mut a, &mut b, 1);
+    a.quit();
+    b.quit();
+}
+
+#[test]
+fn ping_pong_between_two_processes_every_hop_verified() {
+    if !kvm_or_skip("ping_pong_between_two_processes_every_hop_verified") {
+        return;
+    }
+    let _one = serial();
+    let dir = temp_dir("qmp-ping-pong");
+    let mut a = Vmm::start(&dir, "a", &["--mem", "64M", "--vcpus", "2"]);
+    let mut b = Vmm::start(&dir, "b", &["--incoming", "defer"]);
+    // A process waiting for its guest cannot migrate it (as QEMU refuses).
+    let refused = b.qmp.execute(&Qmp::Migrate(MigrateArgs { uri: uri(free_port()), resume: false }));
+    let error = refused.expect_err("migrate before the guest arrived");
+    assert_eq!(error.qmp_error().map(|e| e.desc.as_str()), Some("Guest is waiting for an incoming migration"));
+    // Hops alternate pure postcopy and hybrid (two precopy rounds).
+    let hops = 4;
+    for hop in 1..=hops {
+        let (source, dest) = if hop % 2 == 1 { (&mut a, &mut b) } else { (&mut b, &mut a) };
+        let rounds = if hop % 2 == 0 { 2 } else { 0 };
+        let port = free_port();
+        dest.listen(port);
+        source.precopy_rounds(rounds);
+        source.migrate(port);
+        assert_eq!(source.wait_ended(), MigrationStatus::Completed, "hop {hop}: {}", read(&source.stderr));
+        assert_eq!(dest.wait_ended(), MigrationStatus::Completed, "hop {hop}: {}", read(&dest.stderr));
+        assert_eq!(source.run_state(), RunState::Postmigrate, "hop {hop}");
+        assert_eq!(dest.run_state(), RunState::Running, "hop {hop}");
+        let info = source.qmp.query_migrate().expect("query-migrate");
+        let dirty_syncs = info.ram.map(|r| r.dirty_sync_count).unwrap_or(0);
+        assert_eq!(dirty_syncs, rounds, "hop {hop}: precopy rounds");
+        assert_hop_verified(source, dest, hop);
+    }
+    a.quit();
+    b.quit();
+}
