@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 
 use clap::Args;
 use postcopy_core::Mode;
+use postcopy_kvm::driver::Damage;
 use postcopy_kvm::vmm::{GuestSpec, KvmVmm, LiveGuest, VmmConfig, VmmError};
 use postcopy_qmp::{EventBus, Server, ServerConfig, ServerError, Vmm};
 
@@ -73,6 +74,7 @@ pub fn run(a: RunArgs) -> Result<ExitCode, RunError> {
         base: a.common.config(Mode::Postcopy),
         serial: serial.clone(),
         prealloc_bytes: a.prealloc,
+        damage: Damage::from_env().map_err(CommandError::Damage)?,
     };
     let bus = EventBus::new();
     let vmm = match a.incoming.as_deref() {

@@ -30,6 +30,10 @@ struct Vmm {
 
 impl Vmm {
     fn start(dir: &Path, name: &'static str, args: &[&str]) -> Vmm {
+        Vmm::start_with_env(dir, name, args, &[])
+    }
+
+    fn start_with_env(dir: &Path, name: &'static str, args: &[&str], env: &[(&str, &str)]) -> Vmm {
         let socket = dir.join(format!("{name}.sock"));
         let stderr = dir.join(format!("{name}.err"));
         let child = Command::new(binary())
@@ -37,6 +41,7 @@ impl Vmm {
             .arg("--qmp")
             .arg(&socket)
             .args(args)
+            .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&stderr).expect("stderr file"))
             .spawn()
@@ -273,36 +278,91 @@ fn migrate_cancel_before_the_switchover_keeps_the_guest_on_the_source() {
 }
 
 #[test]
-fn ping_pong_between_two_processes_every_hop_verified() {
-    if !kvm_or_skip("ping_pong_between_two_processes_every_hop_verified") {
+fn ping_pong_ten_hops_over_three_processes_every_hop_verified() {
+    if !kvm_or_skip("ping_pong_ten_hops_over_three_processes_every_hop_verified") {
         return;
     }
     let _one = serial();
     let dir = temp_dir("qmp-ping-pong");
-    let mut a = Vmm::start(&dir, "a", &["--mem", "64M", "--vcpus", "2"]);
-    let mut b = Vmm::start(&dir, "b", &["--incoming", "defer"]);
+    let mut vmms = [
+        Vmm::start(&dir, "a", &["--mem", "64M", "--vcpus", "2"]),
+        Vmm::start(&dir, "b", &["--incoming", "defer"]),
+        Vmm::start(&dir, "c", &["--incoming", "defer", "--prealloc", "64M"]),
+    ];
     // A process waiting for its guest cannot migrate it (as QEMU refuses).
-    let refused = b.qmp.execute(&Qmp::Migrate(MigrateArgs { uri: uri(free_port()), resume: false }));
+    let refused = vmms[1].qmp.execute(&Qmp::Migrate(MigrateArgs { uri: uri(free_port()), resume: false }));
     let error = refused.expect_err("migrate before the guest arrived");
     assert_eq!(error.qmp_error().map(|e| e.desc.as_str()), Some("Guest is waiting for an incoming migration"));
-    // Hops alternate pure postcopy and hybrid (two precopy rounds).
-    let hops = 4;
-    for hop in 1..=hops {
-        let (source, dest) = if hop % 2 == 1 { (&mut a, &mut b) } else { (&mut b, &mut a) };
+    // A <-> B back and forth, then a chain over all three; even hops are
+    // hybrid (two precopy rounds), odd ones pure postcopy; hop 5's
+    // connections are cut during postcopy and recovered.
+    let route = [0, 1, 0, 1, 2, 0, 2, 1, 0, 1, 0];
+    let cut_hop = 5;
+    for (hop, pair) in route.windows(2).enumerate().map(|(i, w)| (i + 1, (w[0], w[1]))) {
+        let (from, to) = pair;
         let rounds = if hop % 2 == 0 { 2 } else { 0 };
         let port = free_port();
-        dest.listen(port);
-        source.precopy_rounds(rounds);
-        source.migrate(port);
+        let relay = (hop == cut_hop).then(|| {
+            // 64 MiB of pages: cut after 24 MiB, well past the switchover.
+            let relay = common::Relay::start(24 << 20);
+            relay.set_target(format!("127.0.0.1:{port}").parse().expect("address"));
+            relay
+        });
+        vmms[to].listen(port);
+        vmms[from].precopy_rounds(rounds);
+        vmms[from].migrate(relay.as_ref().map_or(port, |r| r.addr.port()));
+        let (source, dest) = pick(&mut vmms, from, to);
         assert_eq!(source.wait_ended(), MigrationStatus::Completed, "hop {hop}: {}", read(&source.stderr));
         assert_eq!(dest.wait_ended(), MigrationStatus::Completed, "hop {hop}: {}", read(&dest.stderr));
         assert_eq!(source.run_state(), RunState::Postmigrate, "hop {hop}");
         assert_eq!(dest.run_state(), RunState::Running, "hop {hop}");
         let info = source.qmp.query_migrate().expect("query-migrate");
-        let dirty_syncs = info.ram.map(|r| r.dirty_sync_count).unwrap_or(0);
-        assert_eq!(dirty_syncs, rounds, "hop {hop}: precopy rounds");
+        assert_eq!(info.ram.as_ref().map(|r| r.dirty_sync_count), Some(rounds), "hop {hop}: precopy rounds");
+        let recoveries = info.x_postcopy.and_then(|x| x.recoveries).unwrap_or(0);
+        if let Some(relay) = &relay {
+            assert!(relay.cut_done.load(std::sync::atomic::Ordering::SeqCst), "hop {hop}: the relay never cut");
+            assert!(recoveries >= 1, "hop {hop}: no recovery after the cut");
+        } else {
+            assert_eq!(recoveries, 0, "hop {hop}");
+        }
         assert_hop_verified(source, dest, hop);
     }
-    a.quit();
-    b.quit();
+    for vmm in vmms {
+        vmm.quit();
+    }
+}
+
+/// Two distinct elements of `vmms`, mutably.
+fn pick(vmms: &mut [Vmm], a: usize, b: usize) -> (&mut Vmm, &mut Vmm) {
+    assert_ne!(a, b, "a hop goes between two processes");
+    if a < b {
+        let (low, high) = vmms.split_at_mut(b);
+        (&mut low[a], &mut high[0])
+    } else {
+        let (low, high) = vmms.split_at_mut(a);
+        (&mut high[0], &mut low[b])
+    }
+}
+
+#[test]
+fn a_damaged_page_fails_the_hops_verification() {
+    if !kvm_or_skip("a_damaged_page_fails_the_hops_verification") {
+        return;
+    }
+    let _one = serial();
+    let dir = temp_dir("qmp-damage");
+    let port = free_port();
+    let mut a = Vmm::start(&dir, "a", &["--mem", "64M", "--vcpus", "1"]);
+    let damage = [("POSTCOPY_TEST_DAMAGE", "corrupt:3000")];
+    let mut b = Vmm::start_with_env(&dir, "b", &["--incoming", &uri(port)], &damage);
+    a.migrate(port);
+    assert_eq!(a.wait_ended(), MigrationStatus::Completed, "{}", read(&a.stderr));
+    assert_eq!(b.wait_ended(), MigrationStatus::Completed, "{}", read(&b.stderr));
+    let sent = sent_digest(&mut a);
+    let report = b.verify();
+    assert_ne!(report["arrived-digest"]["digest"], Value::String(sent), "the digests missed it: {report:#}");
+    assert_eq!(report["ok"], false, "the pattern check missed it: {report:#}");
+    let pattern = &report["pattern"];
+    let found = pattern["bad_pages"].as_u64().unwrap_or(0) + pattern["guest_reported_errors"].as_u64().unwrap_or(0);
+    assert!(found >= 1, "{report:#}");
 }

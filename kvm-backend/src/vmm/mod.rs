@@ -38,7 +38,7 @@ use serde_json::{json, Value};
 use crate::devices::{lock, SerialOutput};
 use crate::driver::report::DestinationReport;
 use crate::driver::watch::{UserRequest, Watch};
-use crate::driver::{self, error_chain, DestinationOptions, SourceOptions, Tuning};
+use crate::driver::{self, error_chain, Damage, DestinationOptions, SourceOptions, Tuning};
 use crate::layout::RamLayout;
 use crate::memory::GuestRam;
 pub use guest::{BootError, GuestSpec, LiveGuest};
@@ -67,6 +67,9 @@ pub struct VmmConfig {
     /// Allocate an arriving guest's RAM (this many bytes) before each
     /// incoming migration listens (`--prealloc`).
     pub prealloc_bytes: Option<u64>,
+    /// Test-only damage to one page of every arriving guest
+    /// (`POSTCOPY_TEST_DAMAGE`), to show the checks catch it.
+    pub damage: Option<Damage>,
 }
 
 /// Where the process stands with respect to an incoming migration.
@@ -237,7 +240,7 @@ impl Shared {
             serial: self.config.serial.clone(),
             run_after: Duration::ZERO,
             dump_memory: None,
-            damage: None,
+            damage: self.config.damage,
             progress_bar: false,
             preallocated: None,
         };
