@@ -556,6 +556,61 @@ mod tests {
         assert_eq!(l.core.events, ["connected main", "connected main", "input main 3", "lost main"]);
     }
 
+    /// A core whose state is a number the test sets.
+    struct NumberedCore(u32);
+
+    impl ProtocolCore for NumberedCore {
+        type Action = ();
+        type State = u32;
+        fn state(&self) -> u32 {
+            self.0
+        }
+        fn handle_user_request(&mut self, _now: Timestamp, _request: UserRequest) -> Result<(), EventError> {
+            Ok(())
+        }
+        fn poll_action(&mut self) -> Option<()> {
+            None
+        }
+        fn poll_timeout(&self) -> Option<Timestamp> {
+            None
+        }
+        fn handle_timeout(&mut self, _now: Timestamp) {}
+        fn handle_connected(&mut self, _now: Timestamp, _channel: Channel) {}
+        fn handle_connection_lost(&mut self, _now: Timestamp, _channel: Channel) {}
+        fn handle_input(&mut self, _now: Timestamp, _channel: Channel, _bytes: Bytes) {}
+        fn is_terminal(&self) -> bool {
+            false
+        }
+        fn guest_started(&self) -> bool {
+            false
+        }
+    }
+
+    #[derive(Default)]
+    struct SeenStates(Mutex<Vec<u32>>);
+
+    impl Watch<NumberedCore> for SeenStates {
+        fn state_changed(&self, core: &NumberedCore, _now: Timestamp) {
+            self.0.lock().unwrap().push(core.0);
+        }
+        fn sample(&self, _core: &NumberedCore, _now: Timestamp) {}
+        fn take_request(&self) -> Option<UserRequest> {
+            None
+        }
+    }
+
+    #[test]
+    fn the_watch_hears_of_each_state_change_once() {
+        let seen = Arc::new(SeenStates::default());
+        let shell = Shell::new(NumberedCore(1), Tuning::default(), Some(seen.clone() as Arc<dyn Watch<_>>));
+        let mut l = shell.locked.lock().unwrap();
+        for state in [1, 1, 2, 2, 2, 3, 1] {
+            l.core.0 = state;
+            shell.observe(&mut l);
+        }
+        assert_eq!(*seen.0.lock().unwrap(), [1, 2, 3, 1]);
+    }
+
     #[test]
     fn close_and_farewell_take_the_current_connection_once() {
         let mut l = LockedCore::new(RecordingCore::default());

@@ -121,7 +121,7 @@ pub fn destination_ram(present: u64, total_pages: u64) -> MigrationStats {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use postcopy_core::ByKind;
+    use postcopy_core::stats::ByKind;
 
     #[test]
     fn the_switchover_is_still_active_and_cancellable_in_qemus_words() {
