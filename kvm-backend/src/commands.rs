@@ -15,7 +15,8 @@ use postcopy_kvm::layout::MIB;
 use postcopy_kvm::{BootSector, GuestRam, RamLayout, SerialOutput, TestGuest, VcpuSet, Vm, VmConfig};
 
 use crate::args::{parse_size, Common, GuestArgs};
-use crate::pair::{run_pair, PairError, PairReports};
+use crate::pair::PairReports;
+use crate::vmm_pair::{run_vmm_pair, VmmPairError};
 
 /// How long the built-in guest may take for its first pass.
 const FIRST_PASS_TIMEOUT: Duration = Duration::from_secs(300);
@@ -76,7 +77,7 @@ pub enum CommandError {
     Source(#[source] SourceError),
     /// The two processes of the demo could not run.
     #[error("cannot run the migration's two processes")]
-    Pair(#[source] PairError),
+    VmmPair(#[source] VmmPairError),
     /// A side of the demo gave no report.
     #[error("a side ended without a report (see its messages above)")]
     MissingReport,
@@ -367,7 +368,7 @@ pub fn source(a: SourceArgs) -> Result<ExitCode, CommandError> {
     Ok(if ok { ExitCode::SUCCESS } else { ExitCode::from(1) })
 }
 
-/// `postcopy demo`.
+/// `postcopy demo`: two `postcopy run` processes driven over QMP.
 pub fn demo(a: DemoArgs) -> Result<ExitCode, CommandError> {
     if !a.common.json {
         println!(
@@ -381,7 +382,7 @@ pub fn demo(a: DemoArgs) -> Result<ExitCode, CommandError> {
     let damage = std::env::var(driver::DAMAGE_ENV).unwrap_or_default();
     let env: Vec<(&str, &str)> = if damage.is_empty() { vec![] } else { vec![(driver::DAMAGE_ENV, damage.as_str())] };
     let PairReports { source, destination } =
-        run_pair(&a.guest, &a.common, a.run_after_ms, &env).map_err(CommandError::Pair)?;
+        run_vmm_pair(&a.guest, &a.common, a.run_after_ms, &env).map_err(CommandError::VmmPair)?;
     let (Some(source), Some(destination)) = (source, destination) else {
         return Err(CommandError::MissingReport);
     };

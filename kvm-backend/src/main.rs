@@ -16,6 +16,7 @@ mod commands;
 mod ctl;
 mod pair;
 mod run;
+mod vmm_pair;
 
 use std::io::IsTerminal;
 use std::process::ExitCode;

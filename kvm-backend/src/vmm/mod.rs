@@ -36,7 +36,7 @@ use postcopy_qmp::{
 use serde_json::{json, Value};
 
 use crate::devices::{lock, SerialOutput};
-use crate::driver::report::DestinationReport;
+use crate::driver::report::{DestinationReport, SourceReport};
 use crate::driver::watch::{UserRequest, Watch};
 use crate::driver::{self, error_chain, Damage, DestinationOptions, SourceOptions, Tuning};
 use crate::layout::RamLayout;
@@ -53,6 +53,9 @@ const CAPABILITY_DEFAULTS: [(MigrationCapability, bool); 6] = [
     (MigrationCapability::XPostcopyPrepaging, true),
     (MigrationCapability::XPostcopyAutoRecover, true),
 ];
+
+/// How far back the guest's progress before a migration is measured.
+const PROGRESS_WINDOW_NS: u64 = 300_000_000;
 
 /// How the process runs its migrations.
 #[derive(Clone, Debug)]
@@ -102,8 +105,11 @@ struct Snapshot {
     downtime_ms: Option<u64>,
     error: Option<String>,
     x: XPostcopyInfo,
-    /// The last report of a migration that ended, for `x-postcopy-verify`.
+    /// The report of an incoming migration that ended, for
+    /// `x-postcopy-verify`.
     destination_report: Option<DestinationReport>,
+    /// The report of an outgoing migration that ended.
+    source_report: Option<SourceReport>,
 }
 
 /// One migration, either way.
@@ -315,6 +321,10 @@ impl Shared {
     /// The outgoing migration's thread.
     fn send(self: Arc<Self>, guest: Arc<LiveGuest>, opts: SourceOptions, job: Arc<Job>) {
         let watch: Arc<dyn Watch<Source>> = Arc::new(SourceWatch { shared: self.clone(), job: job.clone() });
+        let guest_stats = guest.vm.devices().stats().clone();
+        let t_start = crate::sys::monotonic_ns();
+        let progress_before = guest_stats.pages_rate(t_start.saturating_sub(PROGRESS_WINDOW_NS), t_start);
+        let passes_before: u64 = guest_stats.snapshot().reports.iter().sum();
         let session = driver::new_session_id();
         let result = driver::run_source_watched(&guest.vm, &guest.vcpus, &guest.machine, session, &opts, Some(watch));
         let cancelled = job.cancel_requested.load(Ordering::SeqCst);
@@ -331,6 +341,26 @@ impl Shared {
                 snapshot.setup_time_ms = Some(stats.phases.setup_ns / 1_000_000);
                 snapshot.downtime_ms = Some(stats.phases.downtime_ns / 1_000_000);
                 let digest = outcome.digests.fold();
+                let mode = if opts.config.mode.precopy_rounds() > 0 { "hybrid" } else { "postcopy" };
+                snapshot.source_report = Some(SourceReport {
+                    ok: finished.result.is_ok(),
+                    error: finished.result.as_ref().err().map(|e| error_chain(e)),
+                    guest_on: format!("{:?}", finished.guest_on).to_lowercase(),
+                    mem_bytes: guest.machine.ram.total_bytes(),
+                    vcpus: guest.machine.vcpus,
+                    mode: mode.into(),
+                    stats: stats.clone(),
+                    start_ns: outcome.start_ns,
+                    stop_ns: outcome.stop_ns,
+                    end_ns: outcome.end_ns,
+                    stop_capture_us: outcome.stop_capture_us,
+                    pause_us: outcome.pause_us,
+                    digest,
+                    progress_before_pages_per_s: progress_before,
+                    passes_before,
+                    progress_after_failure_pages_per_s: None,
+                    notices: outcome.notices.clone(),
+                });
                 snapshot.x = XPostcopyInfo {
                     pages_precopy: Some(stats.pages_sent.precopy),
                     pages_background: Some(stats.pages_sent.background),
@@ -741,15 +771,30 @@ impl postcopy_qmp::Vmm for KvmVmm {
             }
             (state.guest.clone(), state.job.clone())
         };
+        let (mut incoming, outgoing) = match &job {
+            Some(job) => {
+                let snapshot = lock(&job.snapshot);
+                (snapshot.destination_report.clone(), snapshot.source_report.clone())
+            }
+            None => (None, None),
+        };
         let Some(guest) = guest else {
-            return Err(QmpError::generic("There is no guest running in this process to verify"));
+            // The guest left: nothing to check here, only what was sent.
+            return Ok(json!({ "ok": null, "guest": null, "last-outgoing": outgoing, "last-incoming": incoming }));
         };
         let pattern = driver::check_running_guest(&guest.vm, &guest.vcpus, &guest.machine)
             .map_err(|e| QmpError::generic(format!("cannot verify the guest: {}", error_chain(&e))))?;
         let arrived = guest.arrived_digest;
         let pattern_ok = pattern.as_ref().is_none_or(|p| p.ok());
         let digest_ok = arrived.is_none_or(|d| d.missing_pages == 0);
-        let report = job.and_then(|j| lock(&j.snapshot).destination_report.clone());
+        if let (Some(report), Some(_)) = (&mut incoming, arrived) {
+            // The guest that arrived by that migration, checked now.
+            let stats = guest.vm.devices().stats();
+            report.progress_during_pages_per_s = stats.pages_rate(report.resume_ns, report.end_ns);
+            report.progress_after_pages_per_s = stats.pages_rate(report.end_ns, crate::sys::monotonic_ns());
+            report.pattern = pattern.clone();
+            report.ok = report.ok && pattern_ok && digest_ok;
+        }
         Ok(json!({
             "ok": pattern_ok && digest_ok,
             "guest": format!("{:?}", guest.machine.guest).to_lowercase(),
@@ -760,7 +805,8 @@ impl postcopy_qmp::Vmm for KvmVmm {
                 "digest": format!("{:016x}", d.digest),
                 "missing-pages": d.missing_pages,
             })),
-            "last-incoming": report,
+            "last-incoming": incoming,
+            "last-outgoing": outgoing,
         }))
     }
 }
