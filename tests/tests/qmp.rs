@@ -366,3 +366,73 @@ fn a_damaged_page_fails_the_hops_verification() {
     let found = pattern["bad_pages"].as_u64().unwrap_or(0) + pattern["guest_reported_errors"].as_u64().unwrap_or(0);
     assert!(found >= 1, "{report:#}");
 }
+
+/// `postcopy ctl --qmp PATH ARGS...`, to its end.
+fn ctl(socket: &Path, args: &[&str]) -> common::Finished {
+    let child = Command::new(binary())
+        .arg("ctl")
+        .arg("--qmp")
+        .arg(socket)
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start postcopy ctl");
+    common::collect(child, MIGRATION_TIMEOUT)
+}
+
+#[test]
+fn ctl_sends_commands_and_watches_a_migration() {
+    if !kvm_or_skip("ctl_sends_commands_and_watches_a_migration") {
+        return;
+    }
+    let _one = serial();
+    let dir = temp_dir("qmp-ctl");
+    let port = free_port();
+    let a = Vmm::start(&dir, "a", &["--mem", "64M", "--vcpus", "1"]);
+    let mut b = Vmm::start(&dir, "b", &["--incoming", &uri(port)]);
+    let (a_socket, b_socket) = (dir.join("a.sock"), dir.join("b.sock"));
+    let status = ctl(&b_socket, &["query-status"]);
+    assert!(status.success, "{}", status.stderr);
+    let reply: Value = serde_json::from_str(&status.stdout).expect("pretty JSON");
+    assert_eq!(reply["status"], "inmigrate");
+    let unknown = ctl(&a_socket, &["migrate-now"]);
+    assert_eq!(unknown.code, Some(1));
+    assert!(unknown.stderr.contains("CommandNotFound"), "{}", unknown.stderr);
+    let bad = ctl(&a_socket, &["migrate", "[1]"]);
+    assert!(!bad.success && bad.stderr.contains("not a JSON object"), "{}", bad.stderr);
+    let events = r#"{"capabilities": [{"capability": "events", "state": true}]}"#;
+    assert!(ctl(&a_socket, &["migrate-set-capabilities", events]).success);
+    let migrate = ctl(&a_socket, &["migrate", &format!(r#"{{"uri": "{}"}}"#, uri(port))]);
+    assert!(migrate.success, "{}", migrate.stderr);
+    let watch = ctl(&a_socket, &["watch"]);
+    assert!(watch.success, "{}", watch.stderr);
+    assert!(watch.stdout.contains(r#"event MIGRATION {"status":"completed"}"#), "{}", watch.stdout);
+    let last = watch.stdout.rsplit('\r').next().unwrap_or_default();
+    assert!(last.contains("completed") && last.contains("100.0%"), "{last:?}");
+    assert_eq!(b.wait_ended(), MigrationStatus::Completed);
+    assert_eq!(b.run_state(), RunState::Running);
+    drop(a);
+}
+
+#[test]
+fn demo_runs_two_vmm_processes_over_qmp() {
+    if !kvm_or_skip("demo_runs_two_vmm_processes_over_qmp") {
+        return;
+    }
+    let _one = serial();
+    let child = Command::new(binary())
+        .args(["demo", "--mem", "64M", "--vcpus", "1", "--mode", "hybrid", "--json"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start postcopy demo");
+    let out = common::collect(child, MIGRATION_TIMEOUT);
+    assert!(out.success, "{}", out.stderr);
+    let report: Value = serde_json::from_str(&out.stdout[out.stdout.find('{').expect("JSON")..]).expect("report");
+    assert_eq!(report["integrity_ok"], true, "{report:#}");
+    assert_eq!(report["digests_match"], true);
+    assert_eq!(report["source"]["mode"], "hybrid");
+    assert_eq!(report["source"]["stats"]["precopy_rounds"], 2);
+    assert!(report["destination"]["pattern"]["pages_checked"].as_u64().unwrap_or(0) > 0, "{report:#}");
+}
