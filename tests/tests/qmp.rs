@@ -436,3 +436,35 @@ fn demo_runs_two_vmm_processes_over_qmp() {
     assert_eq!(report["source"]["stats"]["precopy_rounds"], 2);
     assert!(report["destination"]["pattern"]["pages_checked"].as_u64().unwrap_or(0) > 0, "{report:#}");
 }
+
+#[test]
+fn migrate_start_postcopy_ends_the_precopy_rounds() {
+    if !kvm_or_skip("migrate_start_postcopy_ends_the_precopy_rounds") {
+        return;
+    }
+    let _one = serial();
+    let dir = temp_dir("qmp-start-postcopy");
+    let port = free_port();
+    let mut a = Vmm::start(&dir, "a", &["--mem", "128M", "--vcpus", "1"]);
+    let mut b = Vmm::start(&dir, "b", &["--incoming", &uri(port)]);
+    a.enable_events();
+    // Without the switch, a thousand rounds of a guest that rewrites its
+    // memory would take minutes.
+    a.precopy_rounds(1000);
+    a.migrate(port);
+    let t0 = Instant::now();
+    while a.qmp.query_migrate().expect("query-migrate").ram.is_none_or(|r| r.dirty_sync_count < 2) {
+        assert!(t0.elapsed() < MIGRATION_TIMEOUT, "no precopy round; {}", read(&a.stderr));
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    a.execute(Qmp::MigrateStartPostcopy);
+    assert_eq!(a.wait_ended(), MigrationStatus::Completed, "{}", read(&a.stderr));
+    assert_eq!(b.wait_ended(), MigrationStatus::Completed, "{}", read(&b.stderr));
+    let rounds = a.qmp.query_migrate().expect("query-migrate").ram.map_or(0, |r| r.dirty_sync_count);
+    assert!((2..100).contains(&rounds), "the switch did not end the rounds: {rounds}");
+    let events = a.migration_events();
+    let expected =
+        [MigrationStatus::Setup, MigrationStatus::Active, MigrationStatus::PostcopyActive, MigrationStatus::Completed];
+    assert_eq!(events, expected, "{events:?}");
+    assert_hop_verified(&mut a, &mut b, 1);
+}
