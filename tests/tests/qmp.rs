@@ -17,6 +17,9 @@ use postcopy_qmp::{
 };
 use serde_json::Value;
 
+/// Precopy rounds that do not end by themselves within a test.
+const ENDLESS_ROUNDS: u64 = 100_000_000;
+
 /// How long one migration of these small guests may take.
 const MIGRATION_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -246,8 +249,9 @@ fn migrate_cancel_before_the_switchover_keeps_the_guest_on_the_source() {
     let mut b = Vmm::start(&dir, "b", &["--incoming", "defer"]);
     b.listen(port);
     a.enable_events();
-    // Precopy rounds until cancelled: the switchover does not come first.
-    a.precopy_rounds(1000);
+    // Precopy rounds until cancelled (a round of a guest that barely runs
+    // takes tens of microseconds): the switchover does not come first.
+    a.precopy_rounds(ENDLESS_ROUNDS);
     a.migrate(port);
     let t0 = Instant::now();
     while a.status() != Some(MigrationStatus::Active) {
@@ -448,9 +452,8 @@ fn migrate_start_postcopy_ends_the_precopy_rounds() {
     let mut a = Vmm::start(&dir, "a", &["--mem", "128M", "--vcpus", "1"]);
     let mut b = Vmm::start(&dir, "b", &["--incoming", &uri(port)]);
     a.enable_events();
-    // Without the switch, a thousand rounds of a guest that rewrites its
-    // memory would take minutes.
-    a.precopy_rounds(1000);
+    // Without the switch, these rounds would take minutes.
+    a.precopy_rounds(ENDLESS_ROUNDS);
     a.migrate(port);
     let t0 = Instant::now();
     while a.qmp.query_migrate().expect("query-migrate").ram.is_none_or(|r| r.dirty_sync_count < 2) {
@@ -461,10 +464,51 @@ fn migrate_start_postcopy_ends_the_precopy_rounds() {
     assert_eq!(a.wait_ended(), MigrationStatus::Completed, "{}", read(&a.stderr));
     assert_eq!(b.wait_ended(), MigrationStatus::Completed, "{}", read(&b.stderr));
     let rounds = a.qmp.query_migrate().expect("query-migrate").ram.map_or(0, |r| r.dirty_sync_count);
-    assert!((2..100).contains(&rounds), "the switch did not end the rounds: {rounds}");
+    assert!((2..ENDLESS_ROUNDS).contains(&rounds), "the switch did not end the rounds: {rounds}");
     let events = a.migration_events();
     let expected =
         [MigrationStatus::Setup, MigrationStatus::Active, MigrationStatus::PostcopyActive, MigrationStatus::Completed];
     assert_eq!(events, expected, "{events:?}");
     assert_hop_verified(&mut a, &mut b, 1);
+}
+
+#[test]
+fn qemu_qmp_library_drives_a_real_migration() {
+    const INSTALL: &str = "python3 -m pip install qemu.qmp (add --break-system-packages on a system Python)";
+    if !kvm_or_skip("qemu_qmp_library_drives_a_real_migration") {
+        return;
+    }
+    let probe = Command::new("python3").args(["-c", "import qemu.qmp"]).stderr(Stdio::null()).status();
+    if !probe.is_ok_and(|s| s.success()) {
+        let required = std::env::var("POSTCOPY_REQUIRE_QEMU_QMP").is_ok_and(|v| v == "1");
+        assert!(!required, "POSTCOPY_REQUIRE_QEMU_QMP=1 but python3 cannot import qemu.qmp; {INSTALL}");
+        eprintln!("SKIPPED qemu_qmp_library_drives_a_real_migration: no qemu.qmp; {INSTALL}");
+        return;
+    }
+    let _one = serial();
+    let dir = temp_dir("qmp-qemu-qmp");
+    let port = free_port();
+    let a = Vmm::start(&dir, "a", &["--mem", "64M", "--vcpus", "2"]);
+    let b = Vmm::start(&dir, "b", &["--incoming", &uri(port)]);
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/qemu_qmp_vmm.py");
+    let child = Command::new("python3")
+        .arg(script)
+        .arg(dir.join("a.sock"))
+        .arg(dir.join("b.sock"))
+        .arg(port.to_string())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("python3 runs");
+    let out = common::collect(child, MIGRATION_TIMEOUT);
+    println!("{}", out.stdout);
+    assert!(out.success, "{script} failed:\n{}\n{}\n{}", out.stdout, out.stderr, read(&a.stderr));
+    assert!(out.stdout.contains("checks passed"), "{}", out.stdout);
+    for mut vmm in [a, b] {
+        let t0 = Instant::now();
+        while !matches!(vmm.child.try_wait(), Ok(Some(_))) {
+            assert!(t0.elapsed() < Duration::from_secs(10), "{} did not exit after quit", vmm.name);
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
 }

@@ -195,15 +195,16 @@ impl Shared {
     }
 
     /// Sets a migration's status, with a MIGRATION event when it changed.
+    /// The event is queued under the snapshot's lock: a client that sees
+    /// the status in `query-migrate` has the event before the reply, as
+    /// with QEMU.
     fn set_status(&self, job: &Job, status: MigrationStatus) {
-        let changed = {
-            let mut snapshot = lock(&job.snapshot);
-            let changed = snapshot.status != Some(status);
+        let mut snapshot = lock(&job.snapshot);
+        if snapshot.status != Some(status) {
             snapshot.status = Some(status);
-            changed
-        };
-        if changed && job.events {
-            self.events.emit(Event::Migration { status });
+            if job.events {
+                self.events.emit(Event::Migration { status });
+            }
         }
     }
 
@@ -215,7 +216,7 @@ impl Shared {
     fn core_config(&self, state: &State) -> Config {
         let p = &state.parameters;
         let mut config = self.config.base.clone();
-        let rounds = p.x_precopy_rounds.unwrap_or(0).min(u64::from(u32::MAX)) as u32;
+        let rounds = u32::try_from(p.x_precopy_rounds.unwrap_or(0)).unwrap_or(u32::MAX);
         config.mode = if rounds == 0 { Mode::Postcopy } else { Mode::Hybrid { precopy_rounds: rounds } };
         config.urgent_channel = Shared::capability(state, MigrationCapability::PostcopyPreempt);
         config.prepaging = Shared::capability(state, MigrationCapability::XPostcopyPrepaging);
@@ -618,8 +619,8 @@ impl postcopy_qmp::Vmm for KvmVmm {
                 "an integer in the range of 0 to 2000 seconds",
             ));
         }
-        if parameters.x_precopy_rounds.is_some_and(|r| r > 1000) {
-            return Err(QmpError::invalid_parameter_value("x-precopy-rounds", "an integer from 0 to 1000"));
+        if parameters.x_precopy_rounds.is_some_and(|r| r > u64::from(u32::MAX)) {
+            return Err(QmpError::invalid_parameter_value("x-precopy-rounds", "an integer from 0 to 4294967295"));
         }
         let mut state = self.shared.lock();
         state.parameters = state.parameters.merged(parameters);
@@ -638,15 +639,17 @@ impl postcopy_qmp::Vmm for KvmVmm {
             // migration is never left paused.
             return Err(QmpError::no_paused_migration());
         }
-        if KvmVmm::running_job(&state).is_some() {
-            return Err(QmpError::migration_active());
-        }
+        // A guest on its way here (the incoming migration not COMPLETED)
+        // cannot leave yet, as in QEMU.
         let guest = match (&state.guest, state.incoming) {
             (Some(guest), _) => guest.clone(),
             (None, Incoming::Started) => return Err(QmpError::guest_inmigrate()),
             (None, _) if state.run_state == RunState::Inmigrate => return Err(QmpError::guest_inmigrate()),
             (None, _) => return Err(QmpError::generic("The guest has migrated away; nothing to migrate")),
         };
+        if KvmVmm::running_job(&state).is_some() {
+            return Err(QmpError::migration_active());
+        }
         if state.run_state != RunState::Running {
             return Err(QmpError::generic(format!(
                 "the guest is {}: this VMM migrates a running guest ('cont' first)",
