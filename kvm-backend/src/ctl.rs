@@ -10,9 +10,6 @@ use clap::Args;
 use postcopy_qmp::{ClientError, MigrationInfo, QmpClient};
 use serde_json::Value;
 
-/// How often `watch` polls `query-migrate`.
-const WATCH_POLL: Duration = Duration::from_millis(100);
-
 #[derive(Args, Debug)]
 pub struct CtlArgs {
     /// The QMP socket of a `postcopy run` process.
@@ -22,6 +19,9 @@ pub struct CtlArgs {
     pub command: String,
     /// The command's arguments as a JSON object, e.g. '{"uri": "tcp:127.0.0.1:4444"}'.
     pub arguments: Option<String>,
+    /// `watch`: how often to poll `query-migrate`, in ms.
+    #[arg(long, default_value_t = 100)]
+    pub interval_ms: u64,
 }
 
 /// Why `ctl` failed.
@@ -42,7 +42,7 @@ pub enum CtlError {
 pub fn ctl(a: CtlArgs) -> Result<ExitCode, CtlError> {
     let mut client = QmpClient::connect_negotiated(&a.qmp)?;
     if a.command == "watch" {
-        return watch(&mut client);
+        return watch(&mut client, Duration::from_millis(a.interval_ms.max(1)));
     }
     let arguments = match &a.arguments {
         None => None,
@@ -96,7 +96,7 @@ pub fn progress_line(info: &MigrationInfo) -> String {
 
 /// Polls `query-migrate` and prints the events as they come, until the
 /// migration ended.
-fn watch(client: &mut QmpClient) -> Result<ExitCode, CtlError> {
+fn watch(client: &mut QmpClient, interval: Duration) -> Result<ExitCode, CtlError> {
     let mut out = std::io::stdout();
     let mut last = String::new();
     loop {
@@ -115,6 +115,6 @@ fn watch(client: &mut QmpClient) -> Result<ExitCode, CtlError> {
             writeln!(out).map_err(CtlError::Output)?;
             return Ok(ExitCode::SUCCESS);
         }
-        std::thread::sleep(WATCH_POLL);
+        std::thread::sleep(interval);
     }
 }

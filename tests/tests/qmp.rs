@@ -512,3 +512,34 @@ fn qemu_qmp_library_drives_a_real_migration() {
         }
     }
 }
+
+#[test]
+fn stop_and_cont_pause_and_resume_the_guest_with_events() {
+    if !kvm_or_skip("stop_and_cont_pause_and_resume_the_guest_with_events") {
+        return;
+    }
+    let _one = serial();
+    let dir = temp_dir("qmp-stop-cont");
+    let mut a = Vmm::start(&dir, "a", &["--mem", "64M", "--vcpus", "2"]);
+    a.execute(Qmp::Stop);
+    assert_eq!(a.qmp.wait_event("STOP", Duration::from_secs(5)).map(|e| e.name).ok().as_deref(), Some("STOP"));
+    assert_eq!(
+        a.qmp.query_status().expect("query-status"),
+        postcopy_qmp::StatusInfo { running: false, status: RunState::Paused }
+    );
+    // A paused guest checks out and stays paused: its passes do not advance.
+    let passes = |vmm: &mut Vmm| vmm.verify()["pattern"]["passes_after"].as_u64().expect("passes");
+    let before = passes(&mut a);
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(passes(&mut a), before, "the check resumed a paused guest");
+    let refused = a.qmp.execute(&Qmp::Migrate(MigrateArgs { uri: uri(free_port()), resume: false }));
+    let error = refused.expect_err("migrate while paused");
+    assert!(error.qmp_error().is_some_and(|e| e.desc.contains("'cont' first")), "{error}");
+    a.execute(Qmp::Cont);
+    assert!(a.qmp.wait_event("RESUME", Duration::from_secs(5)).is_ok());
+    assert_eq!(a.run_state(), RunState::Running);
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(passes(&mut a) > before, "cont did not resume the guest");
+    assert_eq!(a.verify()["ok"], true);
+    a.quit();
+}

@@ -767,13 +767,13 @@ impl postcopy_qmp::Vmm for KvmVmm {
     }
 
     fn x_postcopy_verify(&self) -> Result<Value, QmpError> {
-        let (guest, job) = {
-            let state = self.shared.lock();
-            if KvmVmm::running_job(&state).is_some() {
-                return Err(QmpError::migration_active());
-            }
-            (state.guest.clone(), state.job.clone())
-        };
+        // Held to the end: a concurrent stop or cont waits for the check.
+        let state = self.shared.lock();
+        if KvmVmm::running_job(&state).is_some() {
+            return Err(QmpError::migration_active());
+        }
+        let (guest, job) = (state.guest.clone(), state.job.clone());
+        let resume = state.run_state == RunState::Running;
         let (mut incoming, outgoing) = match &job {
             Some(job) => {
                 let snapshot = lock(&job.snapshot);
@@ -785,7 +785,7 @@ impl postcopy_qmp::Vmm for KvmVmm {
             // The guest left: nothing to check here, only what was sent.
             return Ok(json!({ "ok": null, "guest": null, "last-outgoing": outgoing, "last-incoming": incoming }));
         };
-        let pattern = driver::check_running_guest(&guest.vm, &guest.vcpus, &guest.machine)
+        let pattern = driver::check_running_guest(&guest.vm, &guest.vcpus, &guest.machine, resume)
             .map_err(|e| QmpError::generic(format!("cannot verify the guest: {}", error_chain(&e))))?;
         let arrived = guest.arrived_digest;
         let pattern_ok = pattern.as_ref().is_none_or(|p| p.ok());

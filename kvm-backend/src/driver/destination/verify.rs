@@ -194,13 +194,14 @@ fn fail(report: &mut DestinationReport, error: &VerifyError) {
     report.error = Some(error_chain(error));
 }
 
-/// Checks a running pattern guest now: pauses its vCPUs, checks its memory
-/// against where each stood, and resumes them. None for a guest that is
-/// not the pattern guest (nothing to check).
+/// Checks a pattern guest now: pauses its vCPUs, checks its memory against
+/// where each stood, and resumes them if `resume`. None for a guest that
+/// is not the pattern guest (nothing to check).
 pub fn check_running_guest(
     vm: &Vm,
     vcpus: &VcpuSet,
     desc: &MachineDescription,
+    resume: bool,
 ) -> Result<Option<PatternCheck>, VerifyError> {
     if desc.guest != GuestKind::Pattern {
         return Ok(None);
@@ -209,7 +210,9 @@ pub fn check_running_guest(
     let checked = states
         .map_err(VerifyError::Pattern)
         .and_then(|states| check_pattern(desc, vm.ram(), &states, vm.devices().stats()));
-    vcpus.resume();
+    if resume {
+        vcpus.resume();
+    }
     checked.map(Some)
 }
 
