@@ -418,7 +418,16 @@ struct SourceWatch {
 impl Watch<Source> for SourceWatch {
     fn state_changed(&self, core: &Source, _now: Timestamp) {
         let state = core.state();
-        let status = status::source_status(state, self.job.cancel_requested.load(Ordering::SeqCst));
+        let cancelled = self.job.cancel_requested.load(Ordering::SeqCst);
+        // Once cancelled, `cancelling` until the end (the core may still
+        // pass through precopy states before it takes the cancel), unless
+        // the guest started on the destination first: the cancel came too
+        // late and the migration goes on.
+        let status = if cancelled && !state.after_start() {
+            MigrationStatus::Cancelling
+        } else {
+            status::source_status(state, false)
+        };
         // The migration's thread publishes the end, once the guest is
         // where it will stay.
         if !state.is_terminal() {
