@@ -20,6 +20,11 @@
 //!   and `destination::verify` (the checks after the migration, the report).
 //! - [`net`] (connections), [`machine`] (what the destination builds),
 //!   [`digest`], [`report`], [`sync`] (lock-free pieces, checked with loom).
+//! - [`watch`]: how a long-running VMM (`crate::vmm`) follows a migration
+//!   (state changes, samples from the timer thread) and steers it (cancel,
+//!   switch to postcopy) without touching the fault path;
+//!   [`run_destination_kept`] hands the arrived guest over instead of
+//!   checking and stopping it.
 //!
 //! # Threads and what they own
 //!
