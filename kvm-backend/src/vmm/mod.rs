@@ -14,7 +14,7 @@
 //! QEMU's is in [`status`].
 //!
 //! Lock order: the core lock (held by the driver when it calls a watch),
-//! then [`Vmm`]'s state lock, then a migration's snapshot lock. QMP
+//! then [`KvmVmm`]'s state lock, then a migration's snapshot lock. QMP
 //! commands take only the last two, and never hold the state lock while
 //! they wait for a guest or a migration.
 
