@@ -15,8 +15,10 @@
 //!
 //! Lock order: the core lock (held by the driver when it calls a watch),
 //! then [`KvmVmm`]'s state lock, then a migration's snapshot lock. QMP
-//! commands take only the last two, and never hold the state lock while
-//! they wait for a guest or a migration.
+//! commands take only the last two. `stop` and `x-postcopy-verify` hold
+//! the state lock while they pause the guest (bounded by the vCPUs'
+//! control timeout), which they do only while no migration runs: no
+//! driver thread then calls a watch that would wait for it.
 
 pub mod guest;
 pub mod status;
