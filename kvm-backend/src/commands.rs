@@ -8,14 +8,16 @@ use std::time::{Duration, Instant};
 
 use clap::Args;
 use postcopy_core::Mode;
-use postcopy_kvm::driver::machine::{GuestKind, MachineDescription, MACHINE_FORMAT};
+use postcopy_kvm::driver::machine::GuestKind;
 use postcopy_kvm::driver::report::{DestinationReport, RunReport, SourceReport};
 use postcopy_kvm::driver::{self, Damage, DamageError, DestinationOptions, SourceError, SourceOptions, Tuning};
 use postcopy_kvm::layout::MIB;
-use postcopy_kvm::{BootSector, GuestRam, RamLayout, SerialOutput, TestGuest, VcpuSet, Vm, VmConfig};
+use postcopy_kvm::vmm::{BootError, GuestSpec, LiveGuest};
+use postcopy_kvm::{GuestRam, RamLayout, SerialOutput};
 
 use crate::args::{parse_size, Common, GuestArgs};
-use crate::pair::{run_pair, PairError, PairReports};
+use crate::pair::PairReports;
+use crate::vmm_pair::{run_vmm_pair, VmmPairError};
 
 /// How long the built-in guest may take for its first pass.
 const FIRST_PASS_TIMEOUT: Duration = Duration::from_secs(300);
@@ -65,6 +67,9 @@ pub enum CommandError {
         #[source]
         source: std::io::Error,
     },
+    /// The guest did not boot.
+    #[error("cannot boot the guest")]
+    Boot(#[source] BootError),
     /// A bad test-only damage switch.
     #[error("bad test-only damage switch")]
     Damage(#[source] DamageError),
@@ -76,7 +81,7 @@ pub enum CommandError {
     Source(#[source] SourceError),
     /// The two processes of the demo could not run.
     #[error("cannot run the migration's two processes")]
-    Pair(#[source] PairError),
+    VmmPair(#[source] VmmPairError),
     /// A side of the demo gave no report.
     #[error("a side ended without a report (see its messages above)")]
     MissingReport,
@@ -151,7 +156,7 @@ pub struct DemoArgs {
     pub common: Common,
 }
 
-fn serial_output(arg: &Option<String>) -> Result<SerialOutput, CommandError> {
+pub fn serial_output(arg: &Option<String>) -> Result<SerialOutput, CommandError> {
     match arg.as_deref() {
         None => Ok(SerialOutput::Sink),
         Some("-") => Ok(SerialOutput::Stdout),
@@ -246,48 +251,13 @@ fn print_destination(r: &DestinationReport) {
     }
 }
 
-/// A guest running on the source.
-struct RunningGuest {
-    vm: Vm,
-    set: VcpuSet,
-    machine: MachineDescription,
-}
-
-fn start_guest(g: &GuestArgs, serial: SerialOutput, tuning: &Tuning) -> Result<RunningGuest, CommandError> {
+/// Boots the guest a source migrates.
+fn start_guest(g: &GuestArgs, serial: SerialOutput, tuning: &Tuning) -> Result<LiveGuest, CommandError> {
     if !postcopy_kvm::kvm_available() {
         return Err(CommandError::NoKvm);
     }
-    let layout = RamLayout::pc(g.mem).map_err(vmm("lay out the guest's RAM"))?;
-    let ram = Arc::new(GuestRam::new(layout.clone()).map_err(vmm("allocate the guest's RAM"))?);
-    let (kind, vcpus) = match &g.guest_image {
-        Some(path) => {
-            let bytes = std::fs::read(path).map_err(io_error("cannot read the guest image", path.display()))?;
-            let sector = BootSector::from_bytes(&bytes).map_err(vmm("use the guest image"))?;
-            sector.load(&ram).map_err(vmm("load the guest image"))?;
-            (GuestKind::BootSector, g.vcpus)
-        }
-        None => {
-            let guest = TestGuest::new(&layout, g.vcpus).map_err(vmm("build the pattern guest"))?;
-            guest.load(&ram).map_err(vmm("load the pattern guest"))?;
-            (GuestKind::Pattern, g.vcpus)
-        }
-    };
-    let vm = Vm::new(ram.clone(), VmConfig { vcpus, irqchip: true, serial }).map_err(vmm("create the VM"))?;
-    let v = vm.create_vcpus().map_err(vmm("create the vCPUs"))?;
-    match kind {
-        GuestKind::Pattern => {
-            TestGuest::new(&layout, vcpus).and_then(|t| t.configure_vcpus(&v)).map_err(vmm("set up the vCPUs"))?
-        }
-        GuestKind::BootSector => BootSector::configure_vcpus(&v, true).map_err(vmm("set up the vCPUs"))?,
-    }
-    let set = VcpuSet::start(v, vm.devices().clone()).map_err(vmm("start the vCPUs"))?;
-    if let Some(cpu) = tuning.vcpu_cpu {
-        for tid in set.thread_ids() {
-            let _ = postcopy_kvm::pin_thread(tid, cpu);
-        }
-    }
-    let machine = MachineDescription { format: MACHINE_FORMAT, vcpus, irqchip: true, ram: layout, guest: kind };
-    Ok(RunningGuest { vm, set, machine })
+    let spec = GuestSpec { mem_bytes: g.mem, vcpus: g.vcpus, image: g.guest_image.clone() };
+    LiveGuest::boot(&spec, serial, tuning).map_err(CommandError::Boot)
 }
 
 /// `postcopy source`.
@@ -320,7 +290,7 @@ pub fn source(a: SourceArgs) -> Result<ExitCode, CommandError> {
     let opts = SourceOptions { connect: addr, config: a.common.config(a.guest.core_mode()), tuning };
     let session = driver::new_session_id();
     let outcome =
-        driver::run_source(&guest.vm, &guest.set, &guest.machine, session, &opts).map_err(CommandError::Source)?;
+        driver::run_source(&guest.vm, &guest.vcpus, &guest.machine, session, &opts).map_err(CommandError::Source)?;
     let ok = outcome.finished.result.is_ok();
     let mut report = SourceReport {
         ok,
@@ -343,7 +313,7 @@ pub fn source(a: SourceArgs) -> Result<ExitCode, CommandError> {
     };
     if ok {
         // The guest lives on the destination now; its vCPUs here stay stopped.
-        let _ = guest.set.stop();
+        drop(guest);
     } else {
         let t = postcopy_kvm::monotonic_ns();
         std::thread::sleep(Duration::from_millis(300));
@@ -371,7 +341,7 @@ pub fn source(a: SourceArgs) -> Result<ExitCode, CommandError> {
     Ok(if ok { ExitCode::SUCCESS } else { ExitCode::from(1) })
 }
 
-/// `postcopy demo`.
+/// `postcopy demo`: two `postcopy run` processes driven over QMP.
 pub fn demo(a: DemoArgs) -> Result<ExitCode, CommandError> {
     if !a.common.json {
         println!(
@@ -385,7 +355,7 @@ pub fn demo(a: DemoArgs) -> Result<ExitCode, CommandError> {
     let damage = std::env::var(driver::DAMAGE_ENV).unwrap_or_default();
     let env: Vec<(&str, &str)> = if damage.is_empty() { vec![] } else { vec![(driver::DAMAGE_ENV, damage.as_str())] };
     let PairReports { source, destination } =
-        run_pair(&a.guest, &a.common, a.run_after_ms, &env).map_err(CommandError::Pair)?;
+        run_vmm_pair(&a.guest, &a.common, a.run_after_ms, &env).map_err(CommandError::VmmPair)?;
     let (Some(source), Some(destination)) = (source, destination) else {
         return Err(CommandError::MissingReport);
     };

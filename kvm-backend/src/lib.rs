@@ -20,6 +20,9 @@
 //! - [`guest`]: the built-in pattern guest ([`TestGuest`]) with its verifier,
 //!   and boot sectors ([`BootSector`]).
 //!
+//! - [`vmm`]: the long-running VMM behind `postcopy run`: one guest, QMP
+//!   commands, migrations in and out, again and again.
+//!
 //! All unsafe code is in the private `sys` module.
 
 #![deny(unsafe_op_in_unsafe_fn)]
@@ -38,6 +41,7 @@ mod sys;
 pub mod uffd;
 pub mod vcpu;
 pub mod vm;
+pub mod vmm;
 
 pub use devices::{Devices, GuestStats, ProgressSnapshot, SerialOutput};
 pub use error::{Error, Result};

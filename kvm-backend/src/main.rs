@@ -3,6 +3,8 @@
 //! - `postcopy dest --listen ADDR`: wait for a migration, run the guest.
 //! - `postcopy source --connect ADDR`: start a guest, migrate it.
 //! - `postcopy demo`: both as two processes over loopback, then the statistics.
+//! - `postcopy run --qmp PATH`: a long-running VMM driven over QMP.
+//! - `postcopy ctl --qmp PATH COMMAND [ARGS]`: a small QMP client.
 //! - `postcopy bench`: latency, bandwidth, downtime and progress against their floors.
 //!
 //! Modules depend downwards only: `main` -> `commands`, `bench` -> `pair`
@@ -11,7 +13,10 @@
 mod args;
 mod bench;
 mod commands;
+mod ctl;
 mod pair;
+mod run;
+mod vmm_pair;
 
 use std::io::IsTerminal;
 use std::process::ExitCode;
@@ -49,6 +54,12 @@ enum Command {
     /// Run a source and a destination as two processes over loopback and
     /// print the statistics.
     Demo(commands::DemoArgs),
+    /// A long-running VMM: a guest (booted, or arriving with --incoming)
+    /// kept running until `quit`, driven over QMP on --qmp PATH.
+    Run(run::RunArgs),
+    /// Send a QMP command to a `postcopy run` process and print the reply
+    /// (`watch`: a live progress line of its migration).
+    Ctl(ctl::CtlArgs),
     /// Measure fault latency, bandwidth, downtime and guest progress
     /// against their floors, in one run.
     Bench(bench::BenchArgs),
@@ -62,6 +73,8 @@ fn main() -> ExitCode {
         Command::Source(a) => commands::source(a).map_err(Into::into),
         Command::Demo(a) => commands::demo(a).map_err(Into::into),
         Command::Bench(a) => bench::run(a).map_err(Into::into),
+        Command::Run(a) => run::run(a).map_err(Into::into),
+        Command::Ctl(a) => ctl::ctl(a).map_err(Into::into),
     };
     match result {
         Ok(code) => code,

@@ -61,6 +61,9 @@ pub enum Command {
         uri: String,
     },
     QueryMigrate,
+    /// Ours: check the guest now (page digests, pattern) and return the
+    /// report (a JSON object whose members the VMM defines).
+    XPostcopyVerify,
 }
 
 const CAPABILITY_STATUS: Ty = Ty::Object(&[
@@ -124,6 +127,7 @@ pub const COMMANDS: &[CommandSpec] = &[
     CommandSpec { name: "migrate-pause", members: &[] },
     CommandSpec { name: "migrate-recover", members: &[Member::required("uri", Ty::Str)] },
     CommandSpec { name: "query-migrate", members: &[] },
+    CommandSpec { name: "x-postcopy-verify", members: &[] },
 ];
 
 /// Decodes checked arguments into their type. The schema check ran first,
@@ -185,6 +189,7 @@ impl Command {
                 Command::MigrateRecover { uri: decode::<Uri>(name, args)?.uri }
             }
             "query-migrate" => Command::QueryMigrate,
+            "x-postcopy-verify" => Command::XPostcopyVerify,
             _ => return Err(QmpError::command_not_found(name)),
         })
     }
@@ -210,6 +215,7 @@ impl Command {
             Command::MigratePause => "migrate-pause",
             Command::MigrateRecover { .. } => "migrate-recover",
             Command::QueryMigrate => "query-migrate",
+            Command::XPostcopyVerify => "x-postcopy-verify",
         }
     }
 

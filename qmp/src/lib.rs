@@ -34,6 +34,7 @@
 //! | `migrate-start-postcopy`, `migrate_cancel`, `migrate-pause` | | `{}` |
 //! | `migrate-recover` | `uri` | `{}` |
 //! | `query-migrate` | | `MigrationInfo`, with QEMU 10.1's `postcopy-latency*` and our `x-postcopy` |
+//! | `x-postcopy-verify` | | ours: the VMM's check of the guest (digests, pattern), as JSON |
 //!
 //! Events: `STOP`, `RESUME`, `SHUTDOWN {guest, reason}`, and with the
 //! `events` capability on (off by default, as in QEMU) `MIGRATION {status}`

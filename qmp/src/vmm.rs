@@ -52,6 +52,11 @@ pub trait Vmm: Send + Sync {
     fn migrate_recover(&self, uri: &str) -> Result<(), QmpError>;
     /// `query-migrate`.
     fn query_migrate(&self) -> Result<MigrationInfo, QmpError>;
+    /// `x-postcopy-verify` (ours): check the guest now and return the
+    /// report. A VMM without a guest to check does not have the command.
+    fn x_postcopy_verify(&self) -> Result<Value, QmpError> {
+        Err(QmpError::command_not_found("x-postcopy-verify"))
+    }
 }
 
 /// Where a VMM's events go. The server's [`crate::server::EventBus`]
@@ -89,6 +94,7 @@ pub fn dispatch(vmm: &dyn Vmm, command: &Command) -> Result<Value, QmpError> {
         Command::MigratePause => vmm.migrate_pause().map(|()| empty()),
         Command::MigrateRecover { uri } => vmm.migrate_recover(uri).map(|()| empty()),
         Command::QueryMigrate => to_value(vmm.query_migrate()?),
+        Command::XPostcopyVerify => vmm.x_postcopy_verify(),
         Command::QmpCapabilities { .. } | Command::QueryVersion | Command::QueryCommands => {
             Err(QmpError::command_not_found(command.name()))
         }

@@ -20,6 +20,11 @@
 //!   and `destination::verify` (the checks after the migration, the report).
 //! - [`net`] (connections), [`machine`] (what the destination builds),
 //!   [`digest`], [`report`], [`sync`] (lock-free pieces, checked with loom).
+//! - [`watch`]: how a long-running VMM (`crate::vmm`) follows a migration
+//!   (state changes, samples from the timer thread) and steers it (cancel,
+//!   switch to postcopy) without touching the fault path;
+//!   [`run_destination_kept`] hands the arrived guest over instead of
+//!   checking and stopping it.
 //!
 //! # Threads and what they own
 //!
@@ -68,16 +73,17 @@ pub mod machine;
 pub mod net;
 pub mod report;
 pub mod sync;
+pub mod watch;
 
 mod destination;
 mod shell;
 mod source;
 
 pub use destination::{
-    run_destination, BuildError, Damage, DamageError, DestinationError, DestinationOptions, DestinationOutcome,
-    LoadError, VerifyError, DAMAGE_ENV,
+    check_running_guest, run_destination, run_destination_kept, ArrivedGuest, BuildError, Damage, DamageError,
+    DestinationError, DestinationOptions, DestinationOutcome, KeptOutcome, LoadError, VerifyError, DAMAGE_ENV,
 };
-pub use source::{new_session_id, run_source, SourceError, SourceOptions, SourceOutcome};
+pub use source::{new_session_id, run_source, run_source_watched, SourceError, SourceOptions, SourceOutcome};
 
 use std::time::Duration;
 

@@ -13,9 +13,13 @@ use std::thread::Scope;
 use std::time::Duration;
 
 use bytes::Bytes;
-use postcopy_core::{Channel, DeferredPage, Destination, DestinationAction, Notice, Source, SourceAction, Timestamp};
+use postcopy_core::{
+    Channel, DeferredPage, Destination, DestinationAction, DestinationState, EventError, Notice, Source, SourceAction,
+    SourceState, Timestamp,
+};
 
 use super::net::{lock_spin, Connection};
+use super::watch::{UserRequest, Watch, SAMPLE_INTERVAL};
 use super::{now, set_policy, Boost, Tuning};
 use crate::devices::lock;
 
@@ -31,6 +35,12 @@ const FAREWELL_TIMEOUT: Duration = Duration::from_secs(1);
 pub(super) trait ProtocolCore: Send {
     /// What the core asks the driver to do.
     type Action;
+    /// Where the core is in the migration.
+    type State: Copy + PartialEq + Send;
+    /// The core's state now.
+    fn state(&self) -> Self::State;
+    /// The user's request; an error if the core cannot take it now.
+    fn handle_user_request(&mut self, now: Timestamp, request: UserRequest) -> Result<(), EventError>;
     /// The next action, if any.
     fn poll_action(&mut self) -> Option<Self::Action>;
     /// When [`ProtocolCore::handle_timeout`] is due next.
@@ -51,6 +61,16 @@ pub(super) trait ProtocolCore: Send {
 
 impl ProtocolCore for Source {
     type Action = SourceAction;
+    type State = SourceState;
+    fn state(&self) -> SourceState {
+        Source::state(self)
+    }
+    fn handle_user_request(&mut self, now: Timestamp, request: UserRequest) -> Result<(), EventError> {
+        match request {
+            UserRequest::Cancel => self.handle_cancel(now),
+            UserRequest::SwitchToPostcopy => self.handle_switch_to_postcopy(now),
+        }
+    }
     fn poll_action(&mut self) -> Option<SourceAction> {
         Source::poll_action(self)
     }
@@ -79,6 +99,17 @@ impl ProtocolCore for Source {
 
 impl ProtocolCore for Destination {
     type Action = DestinationAction;
+    type State = DestinationState;
+    fn state(&self) -> DestinationState {
+        Destination::state(self)
+    }
+    fn handle_user_request(&mut self, now: Timestamp, request: UserRequest) -> Result<(), EventError> {
+        match request {
+            UserRequest::Cancel => self.handle_cancel(now),
+            // Only the source decides when to switch.
+            UserRequest::SwitchToPostcopy => Ok(()),
+        }
+    }
     fn poll_action(&mut self) -> Option<DestinationAction> {
         Destination::poll_action(self)
     }
@@ -107,15 +138,17 @@ impl ProtocolCore for Destination {
 
 /// The core and the current connection of each channel, under one lock:
 /// a `Close` resolved under it names exactly the connection the core meant.
-pub(super) struct LockedCore<C> {
+pub(super) struct LockedCore<C: ProtocolCore> {
     /// The side's core.
     pub(super) core: C,
     connections: [Option<Arc<Connection>>; 3],
+    /// The state the watch last heard of.
+    watched_state: Option<C::State>,
 }
 
 impl<C: ProtocolCore> LockedCore<C> {
     fn new(core: C) -> Self {
-        Self { core, connections: [None, None, None] }
+        Self { core, connections: [None, None, None], watched_state: None }
     }
 
     /// Whether `conn` is still its channel's connection (not replaced or closed).
@@ -184,7 +217,7 @@ pub(super) enum ConnectionOp {
 ///
 /// Lock order: a channel's write lock, then the core lock; nobody takes a
 /// write lock while holding the core lock.
-pub(super) struct Shell<C> {
+pub(super) struct Shell<C: ProtocolCore> {
     pub(super) locked: Mutex<LockedCore<C>>,
     pub(super) write_locks: [Mutex<()>; 3],
     flush_wanted: [AtomicBool; 3],
@@ -192,10 +225,12 @@ pub(super) struct Shell<C> {
     pub(super) stopping: AtomicBool,
     notices: Mutex<Vec<String>>,
     pub(super) tuning: Tuning,
+    watch: Option<Arc<dyn Watch<C>>>,
 }
 
 impl<C: ProtocolCore> Shell<C> {
-    pub(super) fn new(core: C, tuning: Tuning) -> Self {
+    /// The shell of `core`, which a VMM may watch.
+    pub(super) fn new(core: C, tuning: Tuning, watch: Option<Arc<dyn Watch<C>>>) -> Self {
         Self {
             locked: Mutex::new(LockedCore::new(core)),
             write_locks: [Mutex::new(()), Mutex::new(()), Mutex::new(())],
@@ -203,6 +238,19 @@ impl<C: ProtocolCore> Shell<C> {
             stopping: AtomicBool::new(false),
             notices: Mutex::new(Vec::new()),
             tuning,
+            watch,
+        }
+    }
+
+    /// Tells the watch (if any) when the core's state changed; under the
+    /// core lock. Without a change this is one comparison.
+    pub(super) fn observe(&self, l: &mut LockedCore<C>) {
+        if let Some(watch) = &self.watch {
+            let state = l.core.state();
+            if l.watched_state != Some(state) {
+                l.watched_state = Some(state);
+                watch.state_changed(&l.core, now());
+            }
         }
     }
 
@@ -217,6 +265,11 @@ impl<C: ProtocolCore> Shell<C> {
         for conn in conns {
             conn.shutdown();
         }
+    }
+
+    /// Whether any channel still has a connection.
+    pub(super) fn any_connection(&self) -> bool {
+        lock(&self.locked).connections.iter().any(Option::is_some)
     }
 
     /// The notices so far, as text.
@@ -270,6 +323,7 @@ pub(super) trait SideDriver: Sync + Sized {
 
     /// The core's pending actions as operations (under the core lock).
     fn drain(&self, locked: &mut LockedCore<Self::Core>) -> Vec<Self::Op> {
+        self.shell().observe(locked);
         let mut ops = Vec::new();
         while let Some(action) = locked.core.poll_action() {
             if let Some(op) = self.to_op(locked, action) {
@@ -329,11 +383,29 @@ pub(super) trait SideDriver: Sync + Sized {
         // It takes the core lock too: boosted with the switchover's threads,
         // it is never preempted while holding it (priority inversion).
         let mut boost = Boost::default();
+        let mut last_sample: Option<Timestamp> = None;
         while !shell.is_stopping() {
-            let (deadline, switchover) = {
-                let l = lock(&shell.locked);
-                (l.core.poll_timeout(), !l.core.guest_started() && !l.core.is_terminal())
+            let (deadline, switchover, request) = {
+                let mut l = lock(&shell.locked);
+                let mut request = None;
+                if let Some(watch) = &shell.watch {
+                    let t = now();
+                    if last_sample.is_none_or(|at| t.saturating_since(at) >= SAMPLE_INTERVAL) {
+                        last_sample = Some(t);
+                        shell.observe(&mut l);
+                        watch.sample(&l.core, t);
+                    }
+                    request = watch.take_request();
+                }
+                (l.core.poll_timeout(), !l.core.guest_started() && !l.core.is_terminal(), request)
             };
+            if let Some(request) = request {
+                self.event(s, |l, now| {
+                    if let Err(e) = l.core.handle_user_request(now, request) {
+                        tracing::warn!(side = Self::SIDE, %e, ?request, "the user's request was not taken");
+                    }
+                });
+            }
             boost.set(None, shell.tuning.rt_switchover, switchover, Self::TIMER_THREAD);
             let t = now();
             match deadline {
@@ -423,6 +495,12 @@ mod tests {
 
     impl ProtocolCore for RecordingCore {
         type Action = ();
+        type State = ();
+        fn state(&self) {}
+        fn handle_user_request(&mut self, _now: Timestamp, request: UserRequest) -> Result<(), EventError> {
+            self.events.push(format!("request {request:?}"));
+            Ok(())
+        }
         fn poll_action(&mut self) -> Option<()> {
             None
         }
@@ -476,6 +554,61 @@ mod tests {
         assert!(l.detach(t, &second));
         assert!(l.connection(Channel::Main).is_none());
         assert_eq!(l.core.events, ["connected main", "connected main", "input main 3", "lost main"]);
+    }
+
+    /// A core whose state is a number the test sets.
+    struct NumberedCore(u32);
+
+    impl ProtocolCore for NumberedCore {
+        type Action = ();
+        type State = u32;
+        fn state(&self) -> u32 {
+            self.0
+        }
+        fn handle_user_request(&mut self, _now: Timestamp, _request: UserRequest) -> Result<(), EventError> {
+            Ok(())
+        }
+        fn poll_action(&mut self) -> Option<()> {
+            None
+        }
+        fn poll_timeout(&self) -> Option<Timestamp> {
+            None
+        }
+        fn handle_timeout(&mut self, _now: Timestamp) {}
+        fn handle_connected(&mut self, _now: Timestamp, _channel: Channel) {}
+        fn handle_connection_lost(&mut self, _now: Timestamp, _channel: Channel) {}
+        fn handle_input(&mut self, _now: Timestamp, _channel: Channel, _bytes: Bytes) {}
+        fn is_terminal(&self) -> bool {
+            false
+        }
+        fn guest_started(&self) -> bool {
+            false
+        }
+    }
+
+    #[derive(Default)]
+    struct SeenStates(Mutex<Vec<u32>>);
+
+    impl Watch<NumberedCore> for SeenStates {
+        fn state_changed(&self, core: &NumberedCore, _now: Timestamp) {
+            self.0.lock().unwrap().push(core.0);
+        }
+        fn sample(&self, _core: &NumberedCore, _now: Timestamp) {}
+        fn take_request(&self) -> Option<UserRequest> {
+            None
+        }
+    }
+
+    #[test]
+    fn the_watch_hears_of_each_state_change_once() {
+        let seen = Arc::new(SeenStates::default());
+        let shell = Shell::new(NumberedCore(1), Tuning::default(), Some(seen.clone() as Arc<dyn Watch<_>>));
+        let mut l = shell.locked.lock().unwrap();
+        for state in [1, 1, 2, 2, 2, 3, 1] {
+            l.core.0 = state;
+            shell.observe(&mut l);
+        }
+        assert_eq!(*seen.0.lock().unwrap(), [1, 2, 3, 1]);
     }
 
     #[test]

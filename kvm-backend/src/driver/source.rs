@@ -17,6 +17,7 @@ use super::machine::{core_layout, MachineDescription, PageMap};
 use super::net::{self, lock_spin, Connection};
 use super::shell::{spawn, ConnectionOp, LockedCore, Shell, SideDriver, LOCK_SPIN};
 use super::sync::Doorbell;
+use super::watch::Watch;
 use super::{error_chain, now, pin_self, set_policy, Boost, Tuning};
 use crate::devices::lock;
 use crate::layout::PAGE_SIZE;
@@ -174,6 +175,19 @@ pub fn run_source(
     session: u64,
     opts: &SourceOptions,
 ) -> Result<SourceOutcome, SourceError> {
+    run_source_watched(vm, vcpus, machine, session, opts, None)
+}
+
+/// [`run_source`], with a VMM watching the core (states, samples) and
+/// passing the user's requests (cancel, switch to postcopy).
+pub fn run_source_watched(
+    vm: &Vm,
+    vcpus: &VcpuSet,
+    machine: &MachineDescription,
+    session: u64,
+    opts: &SourceOptions,
+    watch: Option<Arc<dyn Watch<Source>>>,
+) -> Result<SourceOutcome, SourceError> {
     let ram = vm.ram();
     let layout = core_layout(ram.layout()).map_err(SourceError::Layout)?;
     let map = PageMap::new(ram.layout());
@@ -184,7 +198,7 @@ pub fn run_source(
         vm.set_dirty_logging(true).map_err(SourceError::DirtyLogging)?;
     }
     let driver = SourceDriver {
-        shell: Shell::new(core, opts.tuning.clone()),
+        shell: Shell::new(core, opts.tuning.clone(), watch),
         bulk_bell: Doorbell::new(),
         done_bell: Doorbell::new(),
         finished: Mutex::new(None),

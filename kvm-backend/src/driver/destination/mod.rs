@@ -11,7 +11,7 @@ mod verify;
 
 pub use guest::{BuildError, LoadError};
 pub use install::{Damage, DamageError, DAMAGE_ENV};
-pub use verify::VerifyError;
+pub use verify::{check_running_guest, VerifyError};
 
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::PathBuf;
@@ -28,16 +28,20 @@ use postcopy_core::{
     Notice, PageNumber,
 };
 
+use super::digest::MemoryDigest;
+use super::machine::MachineDescription;
 use super::net::{self, Connection, PreambleReadError};
 use super::report::DestinationReport;
 use super::shell::{spawn, ConnectionOp, LockedCore, Shell, SideDriver};
 use super::sync::Doorbell;
+use super::watch::Watch;
 use super::{error_chain, now, pin_self, set_policy, Boost, Tuning};
 use crate::devices::{lock, SerialOutput};
 use crate::layout::PAGE_SIZE;
 use crate::memory::GuestRam;
 use crate::runner::VcpuSet;
 use crate::vcpu::Vcpu;
+use crate::vm::Vm;
 use guest::Machine;
 use install::InstallCounters;
 
@@ -82,6 +86,37 @@ pub struct DestinationOptions {
 pub struct DestinationOutcome {
     /// The report (also for failures).
     pub report: DestinationReport,
+}
+
+/// A guest that arrived by a completed migration and keeps running in this
+/// process ([`run_destination_kept`]): it can be checked, stopped, or
+/// migrated onward as a source.
+pub struct ArrivedGuest {
+    /// The VM (its RAM no longer under userfaultfd: every page is here).
+    pub vm: Vm,
+    /// Its running vCPUs.
+    pub vcpus: VcpuSet,
+    /// What it is.
+    pub machine: MachineDescription,
+    /// Digest of the pages as installed (compare with the source's as sent).
+    pub digest: MemoryDigest,
+}
+
+/// How a migration whose guest stays here ended.
+pub struct KeptOutcome {
+    /// The report (no run-after check: the guest keeps running).
+    pub report: DestinationReport,
+    /// The guest, when the migration completed.
+    pub guest: Option<ArrivedGuest>,
+}
+
+/// What the driver does once the core finished.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum AfterMigration {
+    /// Run the guest `run_after`, stop and check it (`postcopy dest`).
+    CheckAndStop,
+    /// Hand the running guest over ([`run_destination_kept`]).
+    Keep,
 }
 
 /// A failure of the destination's driver (beside the core's own verdict).
@@ -196,15 +231,37 @@ struct DestinationDriver<'a> {
 /// and reports. Returns when the migration failed, or when the guest ran
 /// `run_after` here and was checked.
 pub fn run_destination(listener: TcpListener, opts: &DestinationOptions) -> DestinationOutcome {
+    let (report, _) = run(listener, opts, None, AfterMigration::CheckAndStop);
+    DestinationOutcome { report }
+}
+
+/// Accepts a migration on `listener` with a VMM watching the core; once it
+/// completed, hands the running guest over instead of checking and
+/// stopping it (`opts.run_after` and `opts.dump_memory` are not used).
+pub fn run_destination_kept(
+    listener: TcpListener,
+    opts: &DestinationOptions,
+    watch: Option<Arc<dyn Watch<Destination>>>,
+) -> KeptOutcome {
+    let (report, guest) = run(listener, opts, watch, AfterMigration::Keep);
+    KeptOutcome { report, guest }
+}
+
+fn run(
+    listener: TcpListener,
+    opts: &DestinationOptions,
+    watch: Option<Arc<dyn Watch<Destination>>>,
+    after: AfterMigration,
+) -> (DestinationReport, Option<ArrivedGuest>) {
     let histogram = match Histogram::new_with_bounds(1, 3_600_000_000_000, 3) {
         Ok(h) => h,
         Err(e) => {
             let error = error_chain(&DestinationError::Histogram(e));
-            return DestinationOutcome { report: DestinationReport { error: Some(error), ..Default::default() } };
+            return (DestinationReport { error: Some(error), ..Default::default() }, None);
         }
     };
-    let driver = DestinationDriver {
-        shell: Shell::new(Destination::new(opts.config.clone(), PAGE_SIZE as u32), opts.tuning.clone()),
+    let mut driver = DestinationDriver {
+        shell: Shell::new(Destination::new(opts.config.clone(), PAGE_SIZE as u32), opts.tuning.clone(), watch),
         opts,
         listener,
         preparing: AtomicBool::new(false),
@@ -232,16 +289,33 @@ pub fn run_destination(listener: TcpListener, opts: &DestinationOptions) -> Dest
         while !d.finished_flag.load(Ordering::SeqCst) {
             d.finished_bell.wait_timeout(Duration::from_millis(100));
         }
-        report = d.verify_and_report();
+        report = match after {
+            AfterMigration::CheckAndStop => d.verify_and_report(),
+            AfterMigration::Keep => d.report_kept(),
+        };
         d.stop_all();
     });
-    if let Some(vcpus) = lock(&driver.running).take() {
-        if let Err(e) = vcpus.stop() {
-            tracing::warn!(e = error_chain(&e), "stopping the vCPUs");
+    tracing::info!(ok = report.ok, error = report.error.as_deref(), "destination done");
+    let running = lock(&driver.running).take();
+    let machine = driver.machine.take();
+    match (after, running, machine) {
+        (AfterMigration::Keep, Some(vcpus), Some(m)) if report.ok => {
+            // Every page is here: nothing more to serve.
+            if let Err(e) = m.uffd.unregister_all() {
+                tracing::warn!(e = error_chain(&e), "unregistering guest RAM from userfaultfd");
+            }
+            let guest = ArrivedGuest { vm: m.vm, vcpus, machine: m.desc, digest: report.digest };
+            (report, Some(guest))
+        }
+        (_, running, _) => {
+            if let Some(vcpus) = running {
+                if let Err(e) = vcpus.stop() {
+                    tracing::warn!(e = error_chain(&e), "stopping the vCPUs");
+                }
+            }
+            (report, None)
         }
     }
-    tracing::info!(ok = report.ok, error = report.error.as_deref(), "destination done");
-    DestinationOutcome { report }
 }
 
 impl SideDriver for DestinationDriver<'_> {

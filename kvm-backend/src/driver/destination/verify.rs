@@ -11,17 +11,23 @@ use postcopy_core::{DestinationStats, Finished, LatencySummary};
 
 use super::{DestinationDriver, Machine};
 use crate::devices::{lock, GuestStats};
-use crate::driver::machine::GuestKind;
+use crate::driver::machine::{GuestKind, MachineDescription};
 use crate::driver::report::{DestinationReport, PatternCheck};
 use crate::driver::{error_chain, now};
 use crate::guest::TestGuest;
+use crate::memory::GuestRam;
+use crate::runner::VcpuSet;
 use crate::vcpu::VcpuState;
+use crate::vm::Vm;
 
 /// How long the report waits for the vCPUs of a completed migration.
 const VCPU_START_WAIT: Duration = Duration::from_secs(10);
 /// How long a guest with a hole is given to park (vCPUs blocked on the
 /// hole never do; they run no guest code either).
 const HOLE_PAUSE_WAIT: Duration = Duration::from_millis(100);
+/// How long a destination that keeps its guest waits for the source to
+/// close its connections after the migration completed.
+const SOURCE_CLOSE_WAIT: Duration = Duration::from_secs(5);
 /// Bad pages the guest reported itself that the report describes.
 const GUEST_ERRORS_SHOWN: usize = 4;
 
@@ -74,6 +80,36 @@ impl DestinationDriver<'_> {
             self.check_guest(m, &mut report);
         } else {
             report.digest = m.digests.fold();
+        }
+        report
+    }
+
+    /// After the core finished, for a guest that stays here: the report,
+    /// with every page installed and the digest of the pages as installed,
+    /// but no run-after wait and no check (the guest keeps running).
+    pub(super) fn report_kept(&self) -> DestinationReport {
+        let finished = lock(&self.finished).clone();
+        if finished.as_ref().is_some_and(|f| f.result.is_ok()) {
+            self.wait_for_vcpus();
+            // The source completes when our end of copy reaches it, and
+            // then closes: cutting the connections first would leave it
+            // recovering a migration that is over.
+            let t0 = Instant::now();
+            while self.shell.any_connection() && t0.elapsed() < SOURCE_CLOSE_WAIT {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        }
+        let mut report = self.report_of(finished.as_ref());
+        let Some(m) = self.machine.get() else { return report };
+        report.digest = m.digests.fold();
+        report.pages_installed = m.installed.count();
+        if report.ok {
+            if let Some(page) = m.installed.first_clear() {
+                fail(&mut report, &VerifyError::NeverInstalled { page });
+            }
+            if lock(&self.running).is_none() {
+                fail(&mut report, &VerifyError::VcpusNeverStarted);
+            }
         }
         report
     }
@@ -147,7 +183,10 @@ impl DestinationDriver<'_> {
         let states = vcpus.pause().and_then(|_| vcpus.save_states());
         report.digest = m.digests.fold();
         if m.desc.guest == GuestKind::Pattern {
-            match states.map_err(VerifyError::Pattern).and_then(|states| check_pattern(m, &states, &stats)) {
+            match states
+                .map_err(VerifyError::Pattern)
+                .and_then(|states| check_pattern(&m.desc, &m.ram, &states, &stats))
+            {
                 Ok(check) => report.pattern = Some(check),
                 Err(e) => fail(report, &e),
             }
@@ -166,17 +205,44 @@ fn fail(report: &mut DestinationReport, error: &VerifyError) {
     report.error = Some(error_chain(error));
 }
 
+/// Checks a pattern guest now: pauses its vCPUs, checks its memory against
+/// where each stood, and resumes them if `resume`. None for a guest that
+/// is not the pattern guest (nothing to check).
+pub fn check_running_guest(
+    vm: &Vm,
+    vcpus: &VcpuSet,
+    desc: &MachineDescription,
+    resume: bool,
+) -> Result<Option<PatternCheck>, VerifyError> {
+    if desc.guest != GuestKind::Pattern {
+        return Ok(None);
+    }
+    let states = vcpus.pause().and_then(|_| vcpus.save_states());
+    let checked = states
+        .map_err(VerifyError::Pattern)
+        .and_then(|states| check_pattern(desc, vm.ram(), &states, vm.devices().stats()));
+    if resume {
+        vcpus.resume();
+    }
+    checked.map(Some)
+}
+
 /// Checks the pattern guest's memory against where each vCPU stood when
 /// it was stopped (`states`).
-fn check_pattern(m: &Machine, states: &[VcpuState], stats: &GuestStats) -> Result<PatternCheck, VerifyError> {
-    let guest = TestGuest::new(&m.desc.ram, m.desc.vcpus).map_err(VerifyError::Pattern)?;
+fn check_pattern(
+    desc: &MachineDescription,
+    ram: &GuestRam,
+    states: &[VcpuState],
+    stats: &GuestStats,
+) -> Result<PatternCheck, VerifyError> {
+    let guest = TestGuest::new(&desc.ram, desc.vcpus).map_err(VerifyError::Pattern)?;
     let positions = states
         .iter()
         .enumerate()
         .map(|(i, st)| guest.position_from_regs(i, &st.regs))
         .collect::<Result<Vec<_>, _>>()
         .map_err(VerifyError::Pattern)?;
-    let v = guest.verify(&m.ram, &positions).map_err(VerifyError::Pattern)?;
+    let v = guest.verify(ram, &positions).map_err(VerifyError::Pattern)?;
     let first_bad =
         v.first_bad
             .iter()

@@ -1,0 +1,159 @@
+//! Our states in QEMU's words: the core's states as QMP's
+//! `MigrationStatus` and the guest's `RunState`, and the core's statistics
+//! as `query-migrate`'s `ram` member.
+//!
+//! | source core | QMP status | guest here |
+//! | --- | --- | --- |
+//! | Connecting, Handshake | setup | running |
+//! | Precopy, DirtySync | active | running |
+//! | Stopping, FinalSync, Switchover (before StartGuest) | active | finish-migrate |
+//! | Active, EocReceived, AllPagesSent, ErrorReceive | postcopy-active | finish-migrate |
+//! | Paused | postcopy-paused | finish-migrate |
+//! | Recovering | postcopy-recover | finish-migrate |
+//! | Withdrawing | cancelling | running |
+//! | Completed | completed | postmigrate |
+//! | Failed | failed (cancelled after `migrate_cancel`) | running |
+//!
+//! | destination core | QMP status | guest here |
+//! | --- | --- | --- |
+//! | Listening | setup | inmigrate |
+//! | Precopy, LoadingDevice, AwaitingStart | active | inmigrate |
+//! | Running | postcopy-active | running |
+//! | Paused / Recovering | postcopy-paused / postcopy-recover | running |
+//! | Completed | completed | running |
+//! | Failed | failed | inmigrate |
+
+use postcopy_core::{DestinationState, SourceState, SourceStats};
+use postcopy_qmp::{MigrationStats, MigrationStatus, RunState};
+
+use crate::layout::PAGE_SIZE;
+
+/// The QMP status of a source in `state`; `cancelled`: the user asked for
+/// the cancel.
+pub fn source_status(state: SourceState, cancelled: bool) -> MigrationStatus {
+    use SourceState::*;
+    match state {
+        Connecting | Handshake => MigrationStatus::Setup,
+        Precopy | DirtySync | Stopping | FinalSync | Switchover => MigrationStatus::Active,
+        Active | EocReceived | AllPagesSent | ErrorReceive => MigrationStatus::PostcopyActive,
+        Paused => MigrationStatus::PostcopyPaused,
+        Recovering => MigrationStatus::PostcopyRecover,
+        Withdrawing => MigrationStatus::Cancelling,
+        Completed => MigrationStatus::Completed,
+        Failed if cancelled => MigrationStatus::Cancelled,
+        Failed => MigrationStatus::Failed,
+    }
+}
+
+/// The run state of the source's guest while its core is in `state`.
+pub fn source_run_state(state: SourceState) -> RunState {
+    use SourceState::*;
+    match state {
+        Connecting | Handshake | Precopy | DirtySync | Withdrawing | Failed => RunState::Running,
+        Stopping | FinalSync | Switchover | Active | EocReceived | AllPagesSent | ErrorReceive | Paused
+        | Recovering => RunState::FinishMigrate,
+        Completed => RunState::Postmigrate,
+    }
+}
+
+/// The QMP status of a destination in `state`.
+pub fn destination_status(state: DestinationState) -> MigrationStatus {
+    use DestinationState::*;
+    match state {
+        Listening => MigrationStatus::Setup,
+        Precopy | LoadingDevice | AwaitingStart => MigrationStatus::Active,
+        Running => MigrationStatus::PostcopyActive,
+        Paused => MigrationStatus::PostcopyPaused,
+        Recovering => MigrationStatus::PostcopyRecover,
+        Completed => MigrationStatus::Completed,
+        Failed => MigrationStatus::Failed,
+    }
+}
+
+/// The run state of the destination's guest: running once started here.
+pub fn destination_run_state(guest_started: bool) -> RunState {
+    if guest_started {
+        RunState::Running
+    } else {
+        RunState::Inmigrate
+    }
+}
+
+/// `query-migrate`'s `ram` on the source from the core's statistics:
+/// `pages_sent` distinct pages of `total_pages` are on their way or there.
+pub fn source_ram(stats: &SourceStats, pages_sent: u64, total_pages: u64, elapsed_ms: u64) -> MigrationStats {
+    let page = PAGE_SIZE;
+    let transferred = stats.page_bytes_sent.total();
+    let zero = stats.pages_sent.zero;
+    let normal = stats.pages_sent.total().saturating_sub(zero);
+    MigrationStats {
+        transferred,
+        remaining: total_pages.saturating_sub(pages_sent) * page,
+        total: total_pages * page,
+        duplicate: zero,
+        normal,
+        normal_bytes: normal * page,
+        mbps: if elapsed_ms == 0 { 0.0 } else { transferred as f64 * 8.0 / (elapsed_ms as f64 * 1000.0) },
+        dirty_sync_count: u64::from(stats.precopy_rounds),
+        postcopy_requests: stats.requests_received,
+        page_size: page,
+        precopy_bytes: stats.page_bytes_sent.precopy,
+        postcopy_bytes: stats.page_bytes_sent.background + stats.page_bytes_sent.requested,
+        ..Default::default()
+    }
+}
+
+/// `query-migrate`'s `ram` on the destination: `present` pages of
+/// `total_pages` are here.
+pub fn destination_ram(present: u64, total_pages: u64) -> MigrationStats {
+    let page = PAGE_SIZE;
+    MigrationStats {
+        transferred: present * page,
+        remaining: total_pages.saturating_sub(present) * page,
+        total: total_pages * page,
+        normal: present,
+        normal_bytes: present * page,
+        page_size: page,
+        ..Default::default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use postcopy_core::stats::ByKind;
+
+    #[test]
+    fn the_switchover_is_still_active_and_cancellable_in_qemus_words() {
+        assert_eq!(source_status(SourceState::Switchover, false), MigrationStatus::Active);
+        assert!(MigrationStatus::Active.is_running());
+        assert_eq!(source_status(SourceState::Active, false), MigrationStatus::PostcopyActive);
+        assert_eq!(source_status(SourceState::Failed, true), MigrationStatus::Cancelled);
+        assert_eq!(source_status(SourceState::Failed, false), MigrationStatus::Failed);
+        assert_eq!(source_run_state(SourceState::Switchover), RunState::FinishMigrate);
+        assert_eq!(source_run_state(SourceState::Withdrawing), RunState::Running);
+        assert_eq!(destination_status(DestinationState::Running), MigrationStatus::PostcopyActive);
+        assert_eq!(destination_run_state(false), RunState::Inmigrate);
+    }
+
+    #[test]
+    fn ram_figures_follow_the_core() {
+        let stats = SourceStats {
+            pages_sent: ByKind { precopy: 10, background: 5, requested: 1, resent: 0, zero: 4 },
+            page_bytes_sent: ByKind { precopy: 40_000, background: 20_000, requested: 4_100, resent: 0, zero: 0 },
+            precopy_rounds: 2,
+            requests_received: 3,
+            ..Default::default()
+        };
+        let ram = source_ram(&stats, 16, 100, 10);
+        assert_eq!(ram.total, 100 * PAGE_SIZE);
+        assert_eq!(ram.remaining, 84 * PAGE_SIZE);
+        assert_eq!(ram.transferred, 64_100);
+        assert_eq!((ram.duplicate, ram.normal, ram.normal_bytes), (4, 12, 12 * PAGE_SIZE));
+        assert_eq!((ram.precopy_bytes, ram.postcopy_bytes), (40_000, 24_100));
+        assert_eq!((ram.dirty_sync_count, ram.postcopy_requests), (2, 3));
+        assert!((ram.mbps - 64_100.0 * 8.0 / 10_000.0).abs() < 1e-9);
+        let ram = destination_ram(30, 100);
+        assert_eq!((ram.transferred, ram.remaining), (30 * PAGE_SIZE, 70 * PAGE_SIZE));
+    }
+}

@@ -1,0 +1,693 @@
+//! The long-running VMM (`postcopy run`) driven over QMP as an orchestrator
+//! drives QEMU, with the qmp crate's client: a migration watched through
+//! `query-migrate` and events, a cancel before the switchover, and a guest
+//! migrated back and forth between two processes, each hop verified.
+
+mod common;
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{binary, kvm_or_skip, serial, temp_dir};
+use postcopy_qmp::{
+    Command as Qmp, MigrateArgs, MigrateIncomingArgs, MigrationCapability, MigrationCapabilityStatus,
+    MigrationParameters, MigrationStatus, QmpClient, RunState,
+};
+use serde_json::Value;
+
+/// Precopy rounds that do not end by themselves within a test.
+const ENDLESS_ROUNDS: u64 = 100_000_000;
+
+/// How long one migration of these small guests may take.
+const MIGRATION_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// A `postcopy run` process and a QMP client on its socket. Killed on drop.
+struct Vmm {
+    name: &'static str,
+    child: Child,
+    stderr: PathBuf,
+    qmp: QmpClient,
+}
+
+impl Vmm {
+    fn start(dir: &Path, name: &'static str, args: &[&str]) -> Vmm {
+        Vmm::start_with_env(dir, name, args, &[])
+    }
+
+    fn start_with_env(dir: &Path, name: &'static str, args: &[&str], env: &[(&str, &str)]) -> Vmm {
+        Vmm::start_in(dir, name, None, args, env)
+    }
+
+    /// Starts the process in network namespace `netns` (its QMP socket is a
+    /// file: reachable from here).
+    fn start_in(dir: &Path, name: &'static str, netns: Option<&str>, args: &[&str], env: &[(&str, &str)]) -> Vmm {
+        let socket = dir.join(format!("{name}.sock"));
+        let stderr = dir.join(format!("{name}.err"));
+        let mut command = match netns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns]).arg(binary());
+                c
+            }
+            None => Command::new(binary()),
+        };
+        let child = command
+            .arg("run")
+            .arg("--qmp")
+            .arg(&socket)
+            .args(args)
+            .envs(env.iter().copied())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&stderr).expect("stderr file"))
+            .spawn()
+            .expect("start postcopy run");
+        let t0 = Instant::now();
+        let qmp = loop {
+            if let Ok(client) = QmpClient::connect_negotiated(&socket) {
+                break client;
+            }
+            assert!(t0.elapsed() < Duration::from_secs(60), "{name}: no QMP socket; {}", read(&stderr));
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        Vmm { name, child, stderr, qmp }
+    }
+
+    fn execute(&mut self, command: Qmp) -> Value {
+        match self.qmp.execute(&command) {
+            Ok(value) => value,
+            Err(e) => panic!("{}: {e}\n{}", self.name, read(&self.stderr)),
+        }
+    }
+
+    fn run_state(&mut self) -> RunState {
+        self.qmp.query_status().expect("query-status").status
+    }
+
+    fn status(&mut self) -> Option<MigrationStatus> {
+        self.qmp.query_migrate().expect("query-migrate").status
+    }
+
+    fn enable_events(&mut self) {
+        let capabilities = vec![MigrationCapabilityStatus { capability: MigrationCapability::Events, state: true }];
+        self.execute(Qmp::MigrateSetCapabilities { capabilities });
+    }
+
+    fn precopy_rounds(&mut self, rounds: u64) {
+        self.execute(Qmp::MigrateSetParameters(MigrationParameters {
+            x_precopy_rounds: Some(rounds),
+            ..Default::default()
+        }));
+    }
+
+    fn listen(&mut self, port: u16) {
+        self.execute(Qmp::MigrateIncoming(MigrateIncomingArgs { uri: uri(port), exit_on_error: None }));
+    }
+
+    fn migrate(&mut self, port: u16) {
+        self.execute(Qmp::Migrate(MigrateArgs { uri: uri(port), resume: false }));
+    }
+
+    /// Polls until the migration ended; its last status.
+    fn wait_ended(&mut self) -> MigrationStatus {
+        let t0 = Instant::now();
+        loop {
+            if let Some(status) = self.status().filter(|s| !s.is_running()) {
+                return status;
+            }
+            assert!(t0.elapsed() < MIGRATION_TIMEOUT, "{}: migration did not end; {}", self.name, read(&self.stderr));
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// The MIGRATION statuses received so far, in order.
+    fn migration_events(&mut self) -> Vec<MigrationStatus> {
+        let mut out = Vec::new();
+        while let Some(event) = self.qmp.next_event(Some(Duration::ZERO)).expect("events") {
+            if let Some(postcopy_qmp::Event::Migration { status }) = event.event() {
+                out.push(status);
+            }
+        }
+        out
+    }
+
+    fn verify(&mut self) -> Value {
+        self.execute(Qmp::XPostcopyVerify)
+    }
+
+    fn quit(mut self) {
+        self.execute(Qmp::Quit);
+        let t0 = Instant::now();
+        while t0.elapsed() < Duration::from_secs(10) {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                assert!(status.success(), "{}: exit {status}", self.name);
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        panic!("{}: did not exit after quit", self.name);
+    }
+}
+
+impl Drop for Vmm {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn read(path: &Path) -> String {
+    std::fs::read_to_string(path).unwrap_or_default()
+}
+
+fn uri(port: u16) -> String {
+    format!("tcp:127.0.0.1:{port}")
+}
+
+/// A loopback port free now.
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("a free port").port()
+}
+
+/// The source's digest of the pages as sent, from `query-migrate`.
+fn sent_digest(vmm: &mut Vmm) -> String {
+    let info = vmm.qmp.query_migrate().expect("query-migrate");
+    info.x_postcopy.and_then(|x| x.memory_digest).expect("the source reports its digest once completed")
+}
+
+/// Checks the guest that arrived at `dest` against what `source` sent.
+fn assert_hop_verified(source: &mut Vmm, dest: &mut Vmm, hop: usize) {
+    let sent = sent_digest(source);
+    let report = dest.verify();
+    assert_eq!(report["ok"], true, "hop {hop}: {report:#}");
+    assert_eq!(report["guest"], "pattern", "hop {hop}");
+    assert_eq!(report["arrived-digest"]["missing-pages"], 0, "hop {hop}: {report:#}");
+    assert_eq!(report["arrived-digest"]["digest"], Value::String(sent), "hop {hop}: digests differ: {report:#}");
+    let pattern = &report["pattern"];
+    assert!(pattern["pages_checked"].as_u64().unwrap_or(0) > 0, "hop {hop}: {report:#}");
+    assert_eq!(pattern["bad_pages"], 0, "hop {hop}: {report:#}");
+}
+
+/// Rank of a status in a migration's life, to check events come in order.
+fn rank(status: MigrationStatus) -> u32 {
+    match status {
+        MigrationStatus::Setup => 0,
+        MigrationStatus::Active => 1,
+        MigrationStatus::PostcopyActive => 2,
+        MigrationStatus::Completed => 3,
+        other => panic!("unexpected status {other}"),
+    }
+}
+
+#[test]
+fn query_migrate_advances_and_events_arrive_in_order() {
+    if !kvm_or_skip("query_migrate_advances_and_events_arrive_in_order") {
+        return;
+    }
+    let _one = serial();
+    let dir = temp_dir("qmp-progress");
+    let port = free_port();
+    let mut a = Vmm::start(&dir, "a", &["--mem", "256M", "--vcpus", "1"]);
+    let mut b = Vmm::start(&dir, "b", &["--incoming", &uri(port)]);
+    assert_eq!(a.run_state(), RunState::Running);
+    assert_eq!(b.run_state(), RunState::Inmigrate);
+    assert_eq!(a.status(), None, "no migration yet: query-migrate is {{}}");
+    a.enable_events();
+    a.migrate(port);
+    let mut remaining = Vec::new();
+    let t0 = Instant::now();
+    let end = loop {
+        let info = a.qmp.query_migrate().expect("query-migrate");
+        let status = info.status.expect("a migration has a status");
+        if let Some(ram) = &info.ram {
+            assert_eq!(ram.total, 256 << 20);
+            remaining.push(ram.remaining);
+        }
+        if !status.is_running() {
+            break status;
+        }
+        assert!(t0.elapsed() < MIGRATION_TIMEOUT, "no end; {}", read(&a.stderr));
+        std::thread::sleep(Duration::from_millis(2));
+    };
+    assert_eq!(end, MigrationStatus::Completed, "{}", read(&a.stderr));
+    // Remaining falls: never up, from more than half the RAM to nothing.
+    assert!(remaining.windows(2).all(|w| w[1] <= w[0]), "remaining went up: {remaining:?}");
+    assert_eq!(remaining.last(), Some(&0));
+    let distinct = remaining.iter().collect::<std::collections::BTreeSet<_>>().len();
+    assert!(distinct >= 3, "query-migrate did not show the migration advance: {remaining:?}");
+    let events = a.migration_events();
+    assert_eq!(events.first(), Some(&MigrationStatus::Setup), "{events:?}");
+    assert_eq!(events.last(), Some(&MigrationStatus::Completed), "{events:?}");
+    assert!(events.contains(&MigrationStatus::PostcopyActive), "{events:?}");
+    assert!(events.windows(2).all(|w| rank(w[0]) < rank(w[1])), "events out of order: {events:?}");
+    assert_eq!(b.wait_ended(), MigrationStatus::Completed);
+    assert_eq!(a.run_state(), RunState::Postmigrate);
+    assert_eq!(b.run_state(), RunState::Running);
+    let info = a.qmp.query_migrate().expect("query-migrate");
+    assert!(info.total_time.is_some_and(|t| t > 0) && info.downtime.is_some(), "{info:?}");
+    assert_hop_verified(&mut a, &mut b, 1);
+    a.quit();
+    b.quit();
+}
+
+#[test]
+fn migrate_cancel_before_the_switchover_keeps_the_guest_on_the_source() {
+    if !kvm_or_skip("migrate_cancel_before_the_switchover_keeps_the_guest_on_the_source") {
+        return;
+    }
+    let _one = serial();
+    let dir = temp_dir("qmp-cancel");
+    let port = free_port();
+    let mut a = Vmm::start(&dir, "a", &["--mem", "128M", "--vcpus", "1"]);
+    let mut b = Vmm::start(&dir, "b", &["--incoming", "defer"]);
+    b.listen(port);
+    a.enable_events();
+    // Precopy rounds until cancelled (a round of a guest that barely runs
+    // takes tens of microseconds): the switchover does not come first.
+    a.precopy_rounds(ENDLESS_ROUNDS);
+    a.migrate(port);
+    let t0 = Instant::now();
+    while a.status() != Some(MigrationStatus::Active) {
+        assert!(t0.elapsed() < MIGRATION_TIMEOUT, "precopy never became active; {}", read(&a.stderr));
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert_eq!(a.run_state(), RunState::Running, "precopy runs the guest");
+    a.execute(Qmp::MigrateCancel);
+    assert_eq!(a.wait_ended(), MigrationStatus::Cancelled, "{}", read(&a.stderr));
+    let events = a.migration_events();
+    assert_eq!(events.first(), Some(&MigrationStatus::Setup), "{events:?}");
+    assert!(events.ends_with(&[MigrationStatus::Cancelling, MigrationStatus::Cancelled]), "{events:?}");
+    assert_eq!(a.run_state(), RunState::Running, "the guest keeps running on the source");
+    assert_eq!(b.wait_ended(), MigrationStatus::Failed);
+    assert_eq!(b.run_state(), RunState::Inmigrate);
+    // The guest still runs and is intact here, and can still leave.
+    let report = a.verify();
+    assert_eq!(report["ok"], true, "{report:#}");
+    let port = free_port();
+    b.listen(port);
+    a.precopy_rounds(0);
+    a.migrate(port);
+    assert_eq!(a.wait_ended(), MigrationStatus::Completed, "{}", read(&a.stderr));
+    assert_eq!(b.wait_ended(), MigrationStatus::Completed, "{}", read(&b.stderr));
+    assert_hop_verified(&mut a, &mut b, 1);
+    a.quit();
+    b.quit();
+}
+
+#[test]
+fn ping_pong_ten_hops_over_three_processes_every_hop_verified() {
+    if !kvm_or_skip("ping_pong_ten_hops_over_three_processes_every_hop_verified") {
+        return;
+    }
+    let _one = serial();
+    let dir = temp_dir("qmp-ping-pong");
+    let mut vmms = [
+        Vmm::start(&dir, "a", &["--mem", "64M", "--vcpus", "2"]),
+        Vmm::start(&dir, "b", &["--incoming", "defer"]),
+        Vmm::start(&dir, "c", &["--incoming", "defer", "--prealloc", "64M"]),
+    ];
+    // A process waiting for its guest cannot migrate it (as QEMU refuses).
+    let refused = vmms[1].qmp.execute(&Qmp::Migrate(MigrateArgs { uri: uri(free_port()), resume: false }));
+    let error = refused.expect_err("migrate before the guest arrived");
+    assert_eq!(error.qmp_error().map(|e| e.desc.as_str()), Some("Guest is waiting for an incoming migration"));
+    // A <-> B back and forth, then a chain over all three; even hops are
+    // hybrid (two precopy rounds), odd ones pure postcopy; hop 5's
+    // connections are cut during postcopy and recovered.
+    let route = [0, 1, 0, 1, 2, 0, 2, 1, 0, 1, 0];
+    let cut_hop = 5;
+    for (hop, pair) in route.windows(2).enumerate().map(|(i, w)| (i + 1, (w[0], w[1]))) {
+        let (from, to) = pair;
+        let rounds = if hop % 2 == 0 { 2 } else { 0 };
+        let port = free_port();
+        let relay = (hop == cut_hop).then(|| {
+            // 64 MiB of pages: cut after 24 MiB, well past the switchover.
+            let relay = common::Relay::start(24 << 20);
+            relay.set_target(format!("127.0.0.1:{port}").parse().expect("address"));
+            relay
+        });
+        vmms[to].listen(port);
+        vmms[from].precopy_rounds(rounds);
+        vmms[from].migrate(relay.as_ref().map_or(port, |r| r.addr.port()));
+        let (source, dest) = pick(&mut vmms, from, to);
+        assert_eq!(source.wait_ended(), MigrationStatus::Completed, "hop {hop}: {}", read(&source.stderr));
+        assert_eq!(dest.wait_ended(), MigrationStatus::Completed, "hop {hop}: {}", read(&dest.stderr));
+        assert_eq!(source.run_state(), RunState::Postmigrate, "hop {hop}");
+        assert_eq!(dest.run_state(), RunState::Running, "hop {hop}");
+        let info = source.qmp.query_migrate().expect("query-migrate");
+        assert_eq!(info.ram.as_ref().map(|r| r.dirty_sync_count), Some(rounds), "hop {hop}: precopy rounds");
+        let recoveries = info.x_postcopy.and_then(|x| x.recoveries).unwrap_or(0);
+        if let Some(relay) = &relay {
+            assert!(relay.cut_done.load(std::sync::atomic::Ordering::SeqCst), "hop {hop}: the relay never cut");
+            assert!(recoveries >= 1, "hop {hop}: no recovery after the cut");
+        } else {
+            assert_eq!(recoveries, 0, "hop {hop}");
+        }
+        assert_hop_verified(source, dest, hop);
+    }
+    for vmm in vmms {
+        vmm.quit();
+    }
+}
+
+/// Two distinct elements of `vmms`, mutably.
+fn pick(vmms: &mut [Vmm], a: usize, b: usize) -> (&mut Vmm, &mut Vmm) {
+    assert_ne!(a, b, "a hop goes between two processes");
+    if a < b {
+        let (low, high) = vmms.split_at_mut(b);
+        (&mut low[a], &mut high[0])
+    } else {
+        let (low, high) = vmms.split_at_mut(a);
+        (&mut high[0], &mut low[b])
+    }
+}
+
+#[test]
+fn a_damaged_page_fails_the_hops_verification() {
+    if !kvm_or_skip("a_damaged_page_fails_the_hops_verification") {
+        return;
+    }
+    let _one = serial();
+    let dir = temp_dir("qmp-damage");
+    let port = free_port();
+    let mut a = Vmm::start(&dir, "a", &["--mem", "64M", "--vcpus", "1"]);
+    let damage = [("POSTCOPY_TEST_DAMAGE", "corrupt:3000")];
+    let mut b = Vmm::start_with_env(&dir, "b", &["--incoming", &uri(port)], &damage);
+    a.migrate(port);
+    assert_eq!(a.wait_ended(), MigrationStatus::Completed, "{}", read(&a.stderr));
+    assert_eq!(b.wait_ended(), MigrationStatus::Completed, "{}", read(&b.stderr));
+    let sent = sent_digest(&mut a);
+    let report = b.verify();
+    assert_ne!(report["arrived-digest"]["digest"], Value::String(sent), "the digests missed it: {report:#}");
+    assert_eq!(report["ok"], false, "the pattern check missed it: {report:#}");
+    let pattern = &report["pattern"];
+    let found = pattern["bad_pages"].as_u64().unwrap_or(0) + pattern["guest_reported_errors"].as_u64().unwrap_or(0);
+    assert!(found >= 1, "{report:#}");
+}
+
+/// `postcopy ctl --qmp PATH ARGS...`, to its end.
+fn ctl(socket: &Path, args: &[&str]) -> common::Finished {
+    let child = Command::new(binary())
+        .arg("ctl")
+        .arg("--qmp")
+        .arg(socket)
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start postcopy ctl");
+    common::collect(child, MIGRATION_TIMEOUT)
+}
+
+#[test]
+fn ctl_sends_commands_and_watches_a_migration() {
+    if !kvm_or_skip("ctl_sends_commands_and_watches_a_migration") {
+        return;
+    }
+    let _one = serial();
+    let dir = temp_dir("qmp-ctl");
+    let port = free_port();
+    let a = Vmm::start(&dir, "a", &["--mem", "64M", "--vcpus", "1"]);
+    let mut b = Vmm::start(&dir, "b", &["--incoming", &uri(port)]);
+    let (a_socket, b_socket) = (dir.join("a.sock"), dir.join("b.sock"));
+    let status = ctl(&b_socket, &["query-status"]);
+    assert!(status.success, "{}", status.stderr);
+    let reply: Value = serde_json::from_str(&status.stdout).expect("pretty JSON");
+    assert_eq!(reply["status"], "inmigrate");
+    let unknown = ctl(&a_socket, &["migrate-now"]);
+    assert_eq!(unknown.code, Some(1));
+    assert!(unknown.stderr.contains("CommandNotFound"), "{}", unknown.stderr);
+    let bad = ctl(&a_socket, &["migrate", "[1]"]);
+    assert!(!bad.success && bad.stderr.contains("not a JSON object"), "{}", bad.stderr);
+    let events = r#"{"capabilities": [{"capability": "events", "state": true}]}"#;
+    assert!(ctl(&a_socket, &["migrate-set-capabilities", events]).success);
+    let migrate = ctl(&a_socket, &["migrate", &format!(r#"{{"uri": "{}"}}"#, uri(port))]);
+    assert!(migrate.success, "{}", migrate.stderr);
+    let watch = ctl(&a_socket, &["watch"]);
+    assert!(watch.success, "{}", watch.stderr);
+    assert!(watch.stdout.contains(r#"event MIGRATION {"status":"completed"}"#), "{}", watch.stdout);
+    let last = watch.stdout.rsplit('\r').next().unwrap_or_default();
+    assert!(last.contains("completed") && last.contains("100.0%"), "{last:?}");
+    assert_eq!(b.wait_ended(), MigrationStatus::Completed);
+    assert_eq!(b.run_state(), RunState::Running);
+    drop(a);
+}
+
+#[test]
+fn demo_runs_two_vmm_processes_over_qmp() {
+    if !kvm_or_skip("demo_runs_two_vmm_processes_over_qmp") {
+        return;
+    }
+    let _one = serial();
+    let child = Command::new(binary())
+        .args(["demo", "--mem", "64M", "--vcpus", "1", "--mode", "hybrid", "--json"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start postcopy demo");
+    let out = common::collect(child, MIGRATION_TIMEOUT);
+    assert!(out.success, "{}", out.stderr);
+    let report: Value = serde_json::from_str(&out.stdout[out.stdout.find('{').expect("JSON")..]).expect("report");
+    assert_eq!(report["integrity_ok"], true, "{report:#}");
+    assert_eq!(report["digests_match"], true);
+    assert_eq!(report["source"]["mode"], "hybrid");
+    assert_eq!(report["source"]["stats"]["precopy_rounds"], 2);
+    assert!(report["destination"]["pattern"]["pages_checked"].as_u64().unwrap_or(0) > 0, "{report:#}");
+}
+
+#[test]
+fn migrate_start_postcopy_ends_the_precopy_rounds() {
+    if !kvm_or_skip("migrate_start_postcopy_ends_the_precopy_rounds") {
+        return;
+    }
+    let _one = serial();
+    let dir = temp_dir("qmp-start-postcopy");
+    let port = free_port();
+    let mut a = Vmm::start(&dir, "a", &["--mem", "128M", "--vcpus", "1"]);
+    let mut b = Vmm::start(&dir, "b", &["--incoming", &uri(port)]);
+    a.enable_events();
+    // Without the switch, these rounds would take minutes.
+    a.precopy_rounds(ENDLESS_ROUNDS);
+    a.migrate(port);
+    let t0 = Instant::now();
+    while a.qmp.query_migrate().expect("query-migrate").ram.is_none_or(|r| r.dirty_sync_count < 2) {
+        assert!(t0.elapsed() < MIGRATION_TIMEOUT, "no precopy round; {}", read(&a.stderr));
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    a.execute(Qmp::MigrateStartPostcopy);
+    assert_eq!(a.wait_ended(), MigrationStatus::Completed, "{}", read(&a.stderr));
+    assert_eq!(b.wait_ended(), MigrationStatus::Completed, "{}", read(&b.stderr));
+    let rounds = a.qmp.query_migrate().expect("query-migrate").ram.map_or(0, |r| r.dirty_sync_count);
+    assert!((2..ENDLESS_ROUNDS).contains(&rounds), "the switch did not end the rounds: {rounds}");
+    let events = a.migration_events();
+    let expected =
+        [MigrationStatus::Setup, MigrationStatus::Active, MigrationStatus::PostcopyActive, MigrationStatus::Completed];
+    assert_eq!(events, expected, "{events:?}");
+    assert_hop_verified(&mut a, &mut b, 1);
+}
+
+#[test]
+fn qemu_qmp_library_drives_a_real_migration() {
+    const INSTALL: &str = "python3 -m pip install qemu.qmp (add --break-system-packages on a system Python)";
+    if !kvm_or_skip("qemu_qmp_library_drives_a_real_migration") {
+        return;
+    }
+    let probe = Command::new("python3").args(["-c", "import qemu.qmp"]).stderr(Stdio::null()).status();
+    if !probe.is_ok_and(|s| s.success()) {
+        let required = std::env::var("POSTCOPY_REQUIRE_QEMU_QMP").is_ok_and(|v| v == "1");
+        assert!(!required, "POSTCOPY_REQUIRE_QEMU_QMP=1 but python3 cannot import qemu.qmp; {INSTALL}");
+        eprintln!("SKIPPED qemu_qmp_library_drives_a_real_migration: no qemu.qmp; {INSTALL}");
+        return;
+    }
+    let _one = serial();
+    let dir = temp_dir("qmp-qemu-qmp");
+    let port = free_port();
+    let a = Vmm::start(&dir, "a", &["--mem", "64M", "--vcpus", "2"]);
+    let b = Vmm::start(&dir, "b", &["--incoming", &uri(port)]);
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/qemu_qmp_vmm.py");
+    let child = Command::new("python3")
+        .arg(script)
+        .arg(dir.join("a.sock"))
+        .arg(dir.join("b.sock"))
+        .arg(port.to_string())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("python3 runs");
+    let out = common::collect(child, MIGRATION_TIMEOUT);
+    println!("{}", out.stdout);
+    assert!(out.success, "{script} failed:\n{}\n{}\n{}", out.stdout, out.stderr, read(&a.stderr));
+    assert!(out.stdout.contains("checks passed"), "{}", out.stdout);
+    for mut vmm in [a, b] {
+        let t0 = Instant::now();
+        while !matches!(vmm.child.try_wait(), Ok(Some(_))) {
+            assert!(t0.elapsed() < Duration::from_secs(10), "{} did not exit after quit", vmm.name);
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+#[test]
+fn stop_and_cont_pause_and_resume_the_guest_with_events() {
+    if !kvm_or_skip("stop_and_cont_pause_and_resume_the_guest_with_events") {
+        return;
+    }
+    let _one = serial();
+    let dir = temp_dir("qmp-stop-cont");
+    let mut a = Vmm::start(&dir, "a", &["--mem", "64M", "--vcpus", "2"]);
+    a.execute(Qmp::Stop);
+    assert_eq!(a.qmp.wait_event("STOP", Duration::from_secs(5)).map(|e| e.name).ok().as_deref(), Some("STOP"));
+    assert_eq!(
+        a.qmp.query_status().expect("query-status"),
+        postcopy_qmp::StatusInfo { running: false, status: RunState::Paused }
+    );
+    // A paused guest checks out and stays paused: its passes do not advance.
+    let passes = |vmm: &mut Vmm| vmm.verify()["pattern"]["passes_after"].as_u64().expect("passes");
+    let before = passes(&mut a);
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(passes(&mut a), before, "the check resumed a paused guest");
+    let refused = a.qmp.execute(&Qmp::Migrate(MigrateArgs { uri: uri(free_port()), resume: false }));
+    let error = refused.expect_err("migrate while paused");
+    assert!(error.qmp_error().is_some_and(|e| e.desc.contains("'cont' first")), "{error}");
+    a.execute(Qmp::Cont);
+    assert!(a.qmp.wait_event("RESUME", Duration::from_secs(5)).is_ok());
+    assert_eq!(a.run_state(), RunState::Running);
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(passes(&mut a) > before, "cont did not resume the guest");
+    assert_eq!(a.verify()["ok"], true);
+    a.quit();
+}
+
+/// Two "hosts" on this machine: network namespaces joined by a veth pair,
+/// each end with its own address; removed on drop.
+struct TwoHosts {
+    names: [String; 2],
+    links: [String; 2],
+    addrs: [String; 2],
+}
+
+impl TwoHosts {
+    /// None (with the reason) where namespaces cannot be made here.
+    fn create() -> Result<TwoHosts, String> {
+        let id = std::process::id() % 100_000;
+        let subnet = 1 + id % 250;
+        let hosts = TwoHosts {
+            names: [format!("pcvA{id}"), format!("pcvB{id}")],
+            links: [format!("pcva{id}"), format!("pcvb{id}")],
+            addrs: [format!("10.213.{subnet}.1"), format!("10.213.{subnet}.2")],
+        };
+        let [a, b] = &hosts.names;
+        let [la, lb] = &hosts.links;
+        let steps: Vec<Vec<String>> = vec![
+            vec!["netns".into(), "add".into(), a.clone()],
+            vec!["netns".into(), "add".into(), b.clone()],
+            ["link", "add", la, "netns", a, "type", "veth", "peer", "name", lb, "netns", b].map(String::from).to_vec(),
+        ];
+        for step in steps {
+            ip(None, &step)?;
+        }
+        for (ns, (link, addr)) in hosts.names.iter().zip(hosts.links.iter().zip(&hosts.addrs)) {
+            ip(Some(ns), &["addr", "add", &format!("{addr}/24"), "dev", link].map(String::from))?;
+            ip(Some(ns), &["link", "set", link, "up"].map(String::from))?;
+            ip(Some(ns), &["link", "set", "lo", "up"].map(String::from))?;
+        }
+        Ok(hosts)
+    }
+
+    fn set_link(&self, host: usize, up: bool) {
+        let state = if up { "up" } else { "down" };
+        ip(Some(&self.names[host]), &["link", "set", &self.links[host], state].map(String::from)).expect("ip link set");
+    }
+
+    /// Shapes what `host` sends with tc's token bucket filter.
+    fn shape(&self, host: usize, rate: &str) {
+        let out = Command::new("ip")
+            .args(["netns", "exec", &self.names[host], "tc", "qdisc", "add", "dev", &self.links[host], "root"])
+            .args(["tbf", "rate", rate, "burst", "256kb", "latency", "100ms"])
+            .output()
+            .expect("tc runs");
+        assert!(out.status.success(), "tc: {}", String::from_utf8_lossy(&out.stderr));
+    }
+}
+
+impl Drop for TwoHosts {
+    fn drop(&mut self) {
+        for ns in &self.names {
+            let _ = Command::new("ip").args(["netns", "del", ns]).status();
+        }
+    }
+}
+
+/// Runs `ip ARGS` (in namespace `netns`).
+fn ip(netns: Option<&str>, args: &[String]) -> Result<(), String> {
+    let mut command = Command::new("ip");
+    if let Some(ns) = netns {
+        command.args(["-n", ns]);
+    }
+    let out = command.args(args).output().map_err(|e| format!("ip does not run: {e}"))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(format!("ip {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim()))
+    }
+}
+
+#[test]
+fn two_hosts_a_shaped_link_cut_during_postcopy_recovers() {
+    if !kvm_or_skip("two_hosts_a_shaped_link_cut_during_postcopy_recovers") {
+        return;
+    }
+    let hosts = match TwoHosts::create() {
+        Ok(hosts) => hosts,
+        Err(why) => {
+            let required = std::env::var("POSTCOPY_REQUIRE_NETNS").is_ok_and(|v| v == "1");
+            assert!(!required, "POSTCOPY_REQUIRE_NETNS=1 but network namespaces cannot be made: {why}");
+            eprintln!("SKIPPED two_hosts_a_shaped_link_cut_during_postcopy_recovers: {why} (needs root)");
+            return;
+        }
+    };
+    let _one = serial();
+    let dir = temp_dir("qmp-two-hosts");
+    // 1 Gbit/s from the source: 256 MiB take about two seconds.
+    hosts.shape(0, "1gbit");
+    let mut a = Vmm::start_in(&dir, "a", Some(&hosts.names[0]), &["--mem", "256M", "--vcpus", "1"], &[]);
+    let mut b = Vmm::start_in(&dir, "b", Some(&hosts.names[1]), &["--incoming", "defer"], &[]);
+    // A lost link is noticed after 2 s without a byte (keepalives every 1 s).
+    for vmm in [&mut a, &mut b] {
+        vmm.execute(Qmp::MigrateSetParameters(MigrationParameters {
+            x_peer_timeout_ms: Some(2_000),
+            ..Default::default()
+        }));
+    }
+    let port = 4444;
+    let dest_uri = format!("tcp:{}:{port}", hosts.addrs[1]);
+    b.execute(Qmp::MigrateIncoming(MigrateIncomingArgs { uri: dest_uri.clone(), exit_on_error: None }));
+    a.enable_events();
+    a.execute(Qmp::Migrate(MigrateArgs { uri: dest_uri, resume: false }));
+    // Cut the link once postcopy is under way, well before the end.
+    let t0 = Instant::now();
+    loop {
+        let info = a.qmp.query_migrate().expect("query-migrate");
+        let ram = info.ram.clone().unwrap_or_default();
+        if info.status == Some(MigrationStatus::PostcopyActive) && ram.remaining < ram.total * 3 / 4 {
+            assert!(ram.remaining > 0, "the migration ended before the cut");
+            break;
+        }
+        assert!(info.status.is_some_and(|s| s.is_running()), "ended before the cut: {info:?}");
+        assert!(t0.elapsed() < MIGRATION_TIMEOUT, "postcopy never advanced; {}", read(&a.stderr));
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    hosts.set_link(0, false);
+    std::thread::sleep(Duration::from_millis(3_000));
+    let paused = a.status();
+    hosts.set_link(0, true);
+    assert_eq!(a.wait_ended(), MigrationStatus::Completed, "{}", read(&a.stderr));
+    assert_eq!(b.wait_ended(), MigrationStatus::Completed, "{}", read(&b.stderr));
+    let events = a.migration_events();
+    assert!(events.contains(&MigrationStatus::PostcopyPaused), "no pause seen ({paused:?}): {events:?}");
+    let info = a.qmp.query_migrate().expect("query-migrate");
+    assert!(info.x_postcopy.and_then(|x| x.recoveries).unwrap_or(0) >= 1, "no recovery");
+    assert_hop_verified(&mut a, &mut b, 1);
+    a.quit();
+    b.quit();
+}
