@@ -1,0 +1,166 @@
+//! QMP costs nothing on the fault path: a 1 GiB pure-postcopy migration
+//! (the guest faults on the pages it touches before the push brings them)
+//! between two `postcopy run` processes, with and without a client
+//! polling `query-migrate` every 10 ms on both sides. Prints the
+//! destination's fault latency p50/p99 and the total time of each run,
+//! their medians, and the ratios (polled / quiet).
+//!
+//! A measurement, not a pass/fail check of a shared machine's noise:
+//! ignored by default. Run it with `scripts/qmp-polling-cost` (or
+//! `cargo test --release -p postcopy-e2e --test qmp_polling_cost --
+//! --ignored --nocapture`); `POSTCOPY_QMP_COST_REPEAT` (default 3) runs of
+//! each kind alternate, `POSTCOPY_QMP_COST_MEM` (default 1G) is the RAM.
+
+mod common;
+mod hosts;
+
+use std::net::TcpListener;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use common::{kvm_or_skip, serial, temp_dir};
+use hosts::{assert_hop_verified, Vmm};
+use postcopy_qmp::{MigrationStatus, QmpClient};
+
+/// The polling period of an orchestrator watching closely.
+const POLL_PERIOD: Duration = Duration::from_millis(10);
+
+/// What one migration measured.
+#[derive(Clone, Copy, Debug)]
+struct Figures {
+    fault_p50_us: f64,
+    fault_p99_us: f64,
+    total_ms: u64,
+    faults: u64,
+    polls: u64,
+}
+
+/// A client on `socket` asking `query-migrate` every 10 ms until the
+/// migration ended or `stop` is set; how many replies it got.
+fn poller(socket: &Path, stop: Arc<AtomicBool>) -> JoinHandle<u64> {
+    let socket = socket.to_path_buf();
+    std::thread::spawn(move || {
+        let mut client = QmpClient::connect_negotiated(&socket).expect("the poller connects");
+        let mut polls = 0;
+        let mut next = Instant::now();
+        while !stop.load(Ordering::SeqCst) {
+            let info = client.query_migrate().expect("query-migrate");
+            polls += 1;
+            if info.status.is_some_and(|s| !s.is_running()) {
+                break;
+            }
+            next += POLL_PERIOD;
+            std::thread::sleep(next.saturating_duration_since(Instant::now()));
+        }
+        polls
+    })
+}
+
+/// One migration of `mem` RAM over loopback, polled or quiet.
+fn migrate_once(dir: &Path, mem: &str, polled: bool) -> Figures {
+    let _ = std::fs::remove_dir_all(dir);
+    std::fs::create_dir_all(dir).expect("run dir");
+    let port = TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("a free port").port();
+    let mut source = Vmm::start(dir, "source", None, &["--mem", mem, "--vcpus", "2"]);
+    let mut dest = Vmm::start(dir, "dest", None, &["--incoming", "defer"]);
+    // Both wait for the end on MIGRATION events, not by asking.
+    source.enable_events();
+    dest.enable_events();
+    dest.listen(format!("tcp:127.0.0.1:{port}"));
+    let stop = Arc::new(AtomicBool::new(false));
+    let pollers: Vec<_> =
+        if polled { [&source, &dest].iter().map(|v| poller(&v.socket, stop.clone())).collect() } else { Vec::new() };
+    source.migrate(format!("tcp:127.0.0.1:{port}"));
+    let source_end = source.wait_ended_by_events();
+    let dest_end = dest.wait_ended_by_events();
+    stop.store(true, Ordering::SeqCst);
+    let polls = pollers.into_iter().map(|p| p.join().expect("poller")).sum();
+    assert_eq!(source_end, MigrationStatus::Completed, "{}", source.stderr_text());
+    assert_eq!(dest_end, MigrationStatus::Completed, "{}", dest.stderr_text());
+    let sent = source.qmp.query_migrate().expect("query-migrate");
+    let arrived = dest.qmp.query_migrate().expect("query-migrate");
+    let x = arrived.x_postcopy.expect("the destination's x-postcopy");
+    let figures = Figures {
+        fault_p50_us: x.fault_latency_p50_us.expect("p50"),
+        fault_p99_us: x.fault_latency_p99_us.expect("p99"),
+        total_ms: sent.total_time.expect("total-time"),
+        faults: x.pages_requested.unwrap_or(0),
+        polls,
+    };
+    assert_hop_verified(&mut source, &mut dest);
+    source.quit();
+    dest.quit();
+    figures
+}
+
+/// Picks one figure of a run.
+type Pick = fn(&Figures) -> f64;
+
+fn median(mut values: Vec<f64>) -> f64 {
+    values.sort_by(f64::total_cmp);
+    let n = values.len();
+    if n % 2 == 1 {
+        values[n / 2]
+    } else {
+        (values[n / 2 - 1] + values[n / 2]) / 2.0
+    }
+}
+
+fn load_average() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_default()
+}
+
+#[test]
+#[ignore = "a measurement: run with --ignored --nocapture (scripts/qmp-polling-cost)"]
+fn polling_query_migrate_every_10_ms_does_not_slow_the_fault_path() {
+    if !kvm_or_skip("polling_query_migrate_every_10_ms_does_not_slow_the_fault_path") {
+        return;
+    }
+    let _one = serial();
+    let repeat: usize = std::env::var("POSTCOPY_QMP_COST_REPEAT").ok().and_then(|v| v.parse().ok()).unwrap_or(3);
+    let mem = std::env::var("POSTCOPY_QMP_COST_MEM").unwrap_or_else(|_| "1G".into());
+    let dir = temp_dir("qmp-polling-cost");
+    println!("QMP polling cost: {repeat} x ({mem} pure postcopy quiet, then polled every 10 ms on both sides)");
+    println!("load average before: {}", load_average());
+    let (mut quiet, mut polled) = (Vec::new(), Vec::new());
+    println!(
+        "{:>6} {:>4} {:>12} {:>12} {:>10} {:>9} {:>6}",
+        "kind", "run", "fault p50us", "fault p99us", "total ms", "faults", "polls"
+    );
+    for run in 1..=repeat {
+        for is_polled in [false, true] {
+            let f = migrate_once(&dir.join(format!("run{run}-{is_polled}")), &mem, is_polled);
+            let kind = if is_polled { "polled" } else { "quiet" };
+            println!(
+                "{kind:>6} {run:>4} {:>12.1} {:>12.1} {:>10} {:>9} {:>6}",
+                f.fault_p50_us, f.fault_p99_us, f.total_ms, f.faults, f.polls
+            );
+            if is_polled {
+                // About one poll per side per 10 ms: the polling happened.
+                assert!(f.polls as f64 >= f.total_ms as f64 / 10.0, "too few polls: {f:?}");
+                polled.push(f);
+            } else {
+                assert_eq!(f.polls, 0);
+                quiet.push(f);
+            }
+        }
+    }
+    println!("load average after: {}", load_average());
+    let med = |runs: &[Figures], pick: Pick| median(runs.iter().map(pick).collect());
+    let rows: [(&str, Pick); 4] = [
+        ("fault latency p50 (us)", |f| f.fault_p50_us),
+        ("fault latency p99 (us)", |f| f.fault_p99_us),
+        ("total time (ms)", |f| f.total_ms as f64),
+        ("pages faulted for", |f| f.faults as f64),
+    ];
+    println!("{:<24} {:>10} {:>10} {:>8}", "median", "quiet", "polled", "ratio");
+    for (name, pick) in rows {
+        let (q, p) = (med(&quiet, pick), med(&polled, pick));
+        println!("{name:<24} {q:>10.1} {p:>10.1} {:>8.3}", p / q);
+    }
+}
