@@ -99,14 +99,13 @@ fn migrate_once(dir: &Path, mem: &str, polled: bool) -> Figures {
 /// Picks one figure of a run.
 type Pick = fn(&Figures) -> f64;
 
-fn median(mut values: Vec<f64>) -> f64 {
+/// The median of `runs`' figure, and its range as "min-max".
+fn median_and_range(runs: &[Figures], pick: Pick) -> (f64, String) {
+    let mut values: Vec<f64> = runs.iter().map(pick).collect();
     values.sort_by(f64::total_cmp);
     let n = values.len();
-    if n % 2 == 1 {
-        values[n / 2]
-    } else {
-        (values[n / 2 - 1] + values[n / 2]) / 2.0
-    }
+    let median = if n % 2 == 1 { values[n / 2] } else { (values[n / 2 - 1] + values[n / 2]) / 2.0 };
+    (median, format!("{:.0}-{:.0}", values[0], values[n - 1]))
 }
 
 fn load_average() -> String {
@@ -133,7 +132,10 @@ fn polling_query_migrate_every_10_ms_does_not_slow_the_fault_path() {
         "kind", "run", "fault p50us", "fault p99us", "total ms", "faults", "polls"
     );
     for run in 1..=repeat {
-        for is_polled in [false, true] {
+        // Alternating which kind goes first spreads any drift of the
+        // machine's load over both.
+        let order = if run % 2 == 1 { [false, true] } else { [true, false] };
+        for is_polled in order {
             let f = migrate_once(&dir.join(format!("run{run}-{is_polled}")), &mem, is_polled);
             let kind = if is_polled { "polled" } else { "quiet" };
             println!(
@@ -151,16 +153,18 @@ fn polling_query_migrate_every_10_ms_does_not_slow_the_fault_path() {
         }
     }
     println!("load average after: {}", load_average());
-    let med = |runs: &[Figures], pick: Pick| median(runs.iter().map(pick).collect());
     let rows: [(&str, Pick); 4] = [
         ("fault latency p50 (us)", |f| f.fault_p50_us),
         ("fault latency p99 (us)", |f| f.fault_p99_us),
         ("total time (ms)", |f| f.total_ms as f64),
         ("pages faulted for", |f| f.faults as f64),
     ];
-    println!("{:<24} {:>10} {:>10} {:>8}", "median", "quiet", "polled", "ratio");
+    println!(
+        "{:<24} {:>10} {:>10} {:>8}   {:>13} {:>13}",
+        "median", "quiet", "polled", "ratio", "quiet range", "polled range"
+    );
     for (name, pick) in rows {
-        let (q, p) = (med(&quiet, pick), med(&polled, pick));
-        println!("{name:<24} {q:>10.1} {p:>10.1} {:>8.3}", p / q);
+        let ((q, q_range), (p, p_range)) = (median_and_range(&quiet, pick), median_and_range(&polled, pick));
+        println!("{name:<24} {q:>10.1} {p:>10.1} {:>8.3}   {q_range:>13} {p_range:>13}", p / q);
     }
 }
