@@ -9,7 +9,10 @@
 //! ignored by default. Run it with `scripts/qmp-polling-cost` (or
 //! `cargo test --release -p postcopy-e2e --test qmp_polling_cost --
 //! --ignored --nocapture`); `POSTCOPY_QMP_COST_REPEAT` (default 3) runs of
-//! each kind alternate, `POSTCOPY_QMP_COST_MEM` (default 1G) is the RAM.
+//! each kind alternate, `POSTCOPY_QMP_COST_MEM` (default 1G) is the RAM,
+//! `POSTCOPY_QMP_COST_ARGS` adds `postcopy run` options to both processes
+//! (for example the bench's placement: `--vcpu-cpu 1 --latency-cpu 1
+//! --bulk-cpu 0`).
 
 mod common;
 mod hosts;
@@ -60,12 +63,13 @@ fn poller(socket: &Path, stop: Arc<AtomicBool>) -> JoinHandle<u64> {
 }
 
 /// One migration of `mem` RAM over loopback, polled or quiet.
-fn migrate_once(dir: &Path, mem: &str, polled: bool) -> Figures {
+fn migrate_once(dir: &Path, mem: &str, extra: &[&str], polled: bool) -> Figures {
     let _ = std::fs::remove_dir_all(dir);
     std::fs::create_dir_all(dir).expect("run dir");
     let port = TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("a free port").port();
-    let mut source = Vmm::start(dir, "source", None, &["--mem", mem, "--vcpus", "2"]);
-    let mut dest = Vmm::start(dir, "dest", None, &["--incoming", "defer"]);
+    let source_args = [&["--mem", mem, "--vcpus", "2"], extra].concat();
+    let mut source = Vmm::start(dir, "source", None, &source_args);
+    let mut dest = Vmm::start(dir, "dest", None, &[&["--incoming", "defer"], extra].concat());
     // Both wait for the end on MIGRATION events, not by asking.
     source.enable_events();
     dest.enable_events();
@@ -123,8 +127,12 @@ fn polling_query_migrate_every_10_ms_does_not_slow_the_fault_path() {
     let _one = serial();
     let repeat: usize = std::env::var("POSTCOPY_QMP_COST_REPEAT").ok().and_then(|v| v.parse().ok()).unwrap_or(3);
     let mem = std::env::var("POSTCOPY_QMP_COST_MEM").unwrap_or_else(|_| "1G".into());
+    let extra = std::env::var("POSTCOPY_QMP_COST_ARGS").unwrap_or_default();
+    let extra: Vec<&str> = extra.split_whitespace().collect();
     let dir = temp_dir("qmp-polling-cost");
-    println!("QMP polling cost: {repeat} x ({mem} pure postcopy quiet, then polled every 10 ms on both sides)");
+    println!(
+        "QMP polling cost: {repeat} x ({mem} pure postcopy quiet, and polled every 10 ms on both sides); run options {extra:?}"
+    );
     println!("load average before: {}", load_average());
     let (mut quiet, mut polled) = (Vec::new(), Vec::new());
     println!(
@@ -136,7 +144,7 @@ fn polling_query_migrate_every_10_ms_does_not_slow_the_fault_path() {
         // machine's load over both.
         let order = if run % 2 == 1 { [false, true] } else { [true, false] };
         for is_polled in order {
-            let f = migrate_once(&dir.join(format!("run{run}-{is_polled}")), &mem, is_polled);
+            let f = migrate_once(&dir.join(format!("run{run}-{is_polled}")), &mem, &extra, is_polled);
             let kind = if is_polled { "polled" } else { "quiet" };
             println!(
                 "{kind:>6} {run:>4} {:>12.1} {:>12.1} {:>10} {:>9} {:>6}",
