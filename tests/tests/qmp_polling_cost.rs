@@ -39,18 +39,23 @@ struct Figures {
     total_ms: u64,
     faults: u64,
     polls: u64,
+    /// Mean round trip of a `query-migrate`, microseconds (0: quiet).
+    poll_us: f64,
 }
 
 /// A client on `socket` asking `query-migrate` every 10 ms until the
-/// migration ended or `stop` is set; how many replies it got.
-fn poller(socket: &Path, stop: Arc<AtomicBool>) -> JoinHandle<u64> {
+/// migration ended or `stop` is set; how many replies it got, and the sum
+/// of their round trips.
+fn poller(socket: &Path, stop: Arc<AtomicBool>) -> JoinHandle<(u64, Duration)> {
     let socket = socket.to_path_buf();
     std::thread::spawn(move || {
         let mut client = QmpClient::connect_negotiated(&socket).expect("the poller connects");
-        let mut polls = 0;
+        let (mut polls, mut busy) = (0, Duration::ZERO);
         let mut next = Instant::now();
         while !stop.load(Ordering::SeqCst) {
+            let asked = Instant::now();
             let info = client.query_migrate().expect("query-migrate");
+            busy += asked.elapsed();
             polls += 1;
             if info.status.is_some_and(|s| !s.is_running()) {
                 break;
@@ -58,7 +63,7 @@ fn poller(socket: &Path, stop: Arc<AtomicBool>) -> JoinHandle<u64> {
             next += POLL_PERIOD;
             std::thread::sleep(next.saturating_duration_since(Instant::now()));
         }
-        polls
+        (polls, busy)
     })
 }
 
@@ -81,7 +86,10 @@ fn migrate_once(dir: &Path, mem: &str, extra: &[&str], polled: bool) -> Figures 
     let source_end = source.wait_ended_by_events();
     let dest_end = dest.wait_ended_by_events();
     stop.store(true, Ordering::SeqCst);
-    let polls = pollers.into_iter().map(|p| p.join().expect("poller")).sum();
+    let (polls, busy) = pollers
+        .into_iter()
+        .map(|p| p.join().expect("poller"))
+        .fold((0, Duration::ZERO), |(n, t), (polls, busy)| (n + polls, t + busy));
     assert_eq!(source_end, MigrationStatus::Completed, "{}", source.stderr_text());
     assert_eq!(dest_end, MigrationStatus::Completed, "{}", dest.stderr_text());
     let sent = source.qmp.query_migrate().expect("query-migrate");
@@ -93,6 +101,7 @@ fn migrate_once(dir: &Path, mem: &str, extra: &[&str], polled: bool) -> Figures 
         total_ms: sent.total_time.expect("total-time"),
         faults: x.pages_requested.unwrap_or(0),
         polls,
+        poll_us: if polls == 0 { 0.0 } else { busy.as_secs_f64() * 1e6 / polls as f64 },
     };
     assert_hop_verified(&mut source, &mut dest);
     source.quit();
@@ -136,8 +145,8 @@ fn polling_query_migrate_every_10_ms_does_not_slow_the_fault_path() {
     println!("load average before: {}", load_average());
     let (mut quiet, mut polled) = (Vec::new(), Vec::new());
     println!(
-        "{:>6} {:>4} {:>12} {:>12} {:>10} {:>9} {:>6}",
-        "kind", "run", "fault p50us", "fault p99us", "total ms", "faults", "polls"
+        "{:>6} {:>4} {:>12} {:>12} {:>10} {:>9} {:>6} {:>8}",
+        "kind", "run", "fault p50us", "fault p99us", "total ms", "faults", "polls", "poll us"
     );
     for run in 1..=repeat {
         // Alternating which kind goes first spreads any drift of the
@@ -147,8 +156,8 @@ fn polling_query_migrate_every_10_ms_does_not_slow_the_fault_path() {
             let f = migrate_once(&dir.join(format!("run{run}-{is_polled}")), &mem, &extra, is_polled);
             let kind = if is_polled { "polled" } else { "quiet" };
             println!(
-                "{kind:>6} {run:>4} {:>12.1} {:>12.1} {:>10} {:>9} {:>6}",
-                f.fault_p50_us, f.fault_p99_us, f.total_ms, f.faults, f.polls
+                "{kind:>6} {run:>4} {:>12.1} {:>12.1} {:>10} {:>9} {:>6} {:>8.0}",
+                f.fault_p50_us, f.fault_p99_us, f.total_ms, f.faults, f.polls, f.poll_us
             );
             if is_polled {
                 // About one poll per side per 10 ms: the polling happened.
