@@ -15,7 +15,9 @@
 //!   bytes, and re-arm the timer from `poll_timeout`;
 //! - time is an argument ([`Timestamp`]), never read inside;
 //! - per-page state lives in bitmaps, so a 1 TiB guest of 4 KiB pages needs
-//!   about 128 MiB of bookkeeping on the source and 64 MiB on the destination.
+//!   64 MiB of bookkeeping on the source in pure postcopy (sent and queued
+//!   bits; up to 128 MiB in hybrid mode after a recovery: stale and lost
+//!   bits) and 32 MiB on the destination (present bits).
 //!
 //! The state diagrams are in the docs of [`source`] and [`destination`].
 
