@@ -61,8 +61,8 @@ fn io(what: &'static str) -> impl FnOnce(std::io::Error) -> BenchError {
     move |source| BenchError::Io { what, source }
 }
 
-fn memory(what: &'static str) -> impl FnOnce(postcopy_kvm::Error) -> BenchError {
-    move |source| BenchError::Memory { what, source }
+fn memory<E: Into<postcopy_kvm::Error>>(what: &'static str) -> impl FnOnce(E) -> BenchError {
+    move |source| BenchError::Memory { what, source: source.into() }
 }
 
 /// Benchmark settings.

@@ -90,8 +90,8 @@ pub enum CommandError {
     Json(#[source] serde_json::Error),
 }
 
-fn vmm(step: &'static str) -> impl FnOnce(postcopy_kvm::Error) -> CommandError {
-    move |source| CommandError::Vmm { step, source }
+fn vmm<E: Into<postcopy_kvm::Error>>(step: &'static str) -> impl FnOnce(E) -> CommandError {
+    move |source| CommandError::Vmm { step, source: source.into() }
 }
 
 fn io_error(what: &'static str, path: impl std::fmt::Display) -> impl FnOnce(std::io::Error) -> CommandError {

@@ -1,6 +1,13 @@
-//! The crate's error type.
+//! The crate-level error: the VMM layer's own failures (KVM, vCPUs,
+//! configuration, device state) and, composed from below, the errors of
+//! [`crate::layout`], [`crate::memory`] and [`crate::uffd`]. Those modules
+//! own their errors and import nothing from here.
 
 use std::io;
+
+use crate::layout::LayoutError;
+use crate::memory::MemoryError;
+use crate::uffd::UffdError;
 
 /// Errors of the KVM backend's VMM layer.
 #[derive(Debug, thiserror::Error)]
@@ -20,49 +27,16 @@ pub enum Error {
     /// KVM lacks a capability this backend needs.
     #[error("KVM lacks a required capability: {0}")]
     MissingCapability(&'static str),
-    /// The RAM layout is not valid.
-    #[error("invalid RAM layout: {0}")]
-    Layout(String),
-    /// Guest memory could not be allocated.
-    #[error("cannot allocate guest memory: {0}")]
-    Allocate(#[source] vm_memory::mmap::FromRangesError),
-    /// An access to guest memory failed (address outside RAM).
-    #[error("guest memory access at {gpa:#x} (+{len}) failed: {reason}")]
-    GuestMemory {
-        /// Guest-physical address.
-        gpa: u64,
-        /// Length of the access.
-        len: usize,
-        /// What went wrong.
-        reason: String,
-    },
-    /// A page reference names no page of the layout.
-    #[error("page {page} of block {block} is out of range")]
-    PageOutOfRange {
-        /// Block index.
-        block: usize,
-        /// Page index in the block.
-        page: u64,
-    },
-    /// A buffer did not have the size the call requires.
-    #[error("buffer of {got} bytes where {want} are required")]
-    BadLength {
-        /// Required length.
-        want: usize,
-        /// Given length.
-        got: usize,
-    },
-    /// Installing pages stopped part-way (which pages, and why, inside).
+    /// The RAM layout is not valid, or a page is not in it.
     #[error(transparent)]
-    Install(Box<crate::uffd::InstallError>),
-    /// A userfaultfd operation failed.
-    #[error("userfaultfd {op} failed: {reason}")]
-    Uffd {
-        /// Which operation.
-        op: &'static str,
-        /// What went wrong.
-        reason: String,
-    },
+    Layout(#[from] LayoutError),
+    /// Guest RAM could not be allocated, mapped or accessed.
+    #[error(transparent)]
+    Memory(#[from] MemoryError),
+    /// A userfaultfd operation (registering, installing, reading faults)
+    /// failed.
+    #[error(transparent)]
+    Uffd(#[from] UffdError),
     /// An operating-system call failed.
     #[error("{op} failed: {source}")]
     Os {

@@ -5,7 +5,23 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::error::{Error, Result};
+/// A RAM layout that cannot be, or a page it does not have.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum LayoutError {
+    /// The RAM layout is not valid.
+    #[error("invalid RAM layout: {0}")]
+    Invalid(String),
+    /// A page reference names no page of the layout.
+    #[error("page {page} of block {block} is out of range")]
+    PageOutOfRange {
+        /// Block index.
+        block: usize,
+        /// Page index in the block.
+        page: u64,
+    },
+}
+
+type Result<T> = std::result::Result<T, LayoutError>;
 
 /// Size of a guest page in bytes.
 pub const PAGE_SIZE: u64 = crate::guest::abi::GUEST_PAGE_SIZE;
@@ -78,13 +94,13 @@ impl RamLayout {
     /// Checks and builds a layout.
     pub fn new(blocks: Vec<RamBlock>) -> Result<Self> {
         if blocks.is_empty() || blocks.len() > MAX_BLOCKS {
-            return Err(Error::Layout(format!("{} blocks (1..={MAX_BLOCKS} allowed)", blocks.len())));
+            return Err(LayoutError::Invalid(format!("{} blocks (1..={MAX_BLOCKS} allowed)", blocks.len())));
         }
         let mut prev_end = 0u64;
         let mut total = 0u64;
         for (i, b) in blocks.iter().enumerate() {
             if b.size == 0 || b.size % PAGE_SIZE != 0 || b.gpa % PAGE_SIZE != 0 {
-                return Err(Error::Layout(format!(
+                return Err(LayoutError::Invalid(format!(
                     "block {:?} at {:#x} size {:#x} is empty or not page aligned",
                     b.name, b.gpa, b.size
                 )));
@@ -92,18 +108,18 @@ impl RamLayout {
             let end = b
                 .gpa
                 .checked_add(b.size)
-                .ok_or_else(|| Error::Layout(format!("block {:?} wraps the address space", b.name)))?;
+                .ok_or_else(|| LayoutError::Invalid(format!("block {:?} wraps the address space", b.name)))?;
             if i > 0 && b.gpa < prev_end {
-                return Err(Error::Layout(format!("block {:?} overlaps or is out of order", b.name)));
+                return Err(LayoutError::Invalid(format!("block {:?} overlaps or is out of order", b.name)));
             }
             if blocks[..i].iter().any(|o| o.name == b.name) {
-                return Err(Error::Layout(format!("duplicate block name {:?}", b.name)));
+                return Err(LayoutError::Invalid(format!("duplicate block name {:?}", b.name)));
             }
             prev_end = end;
             total += b.size;
         }
         if total > MAX_RAM_BYTES {
-            return Err(Error::Layout(format!("{total} bytes of RAM, at most {MAX_RAM_BYTES}")));
+            return Err(LayoutError::Invalid(format!("{total} bytes of RAM, at most {MAX_RAM_BYTES}")));
         }
         Ok(Self { blocks })
     }
@@ -112,7 +128,7 @@ impl RamLayout {
     /// MMIO hole at 3 GiB, and "ram-above-4g" from 4 GiB for the rest.
     pub fn pc(ram_bytes: u64) -> Result<Self> {
         if ram_bytes < 2 * MIB || ram_bytes % (2 * MIB) != 0 {
-            return Err(Error::Layout(format!("RAM size {ram_bytes} must be a non-zero multiple of 2 MiB")));
+            return Err(LayoutError::Invalid(format!("RAM size {ram_bytes} must be a non-zero multiple of 2 MiB")));
         }
         let below = ram_bytes.min(MMIO_HOLE_START);
         let mut blocks = vec![RamBlock { name: "ram-below-4g".into(), gpa: 0, size: below }];
@@ -163,10 +179,11 @@ impl RamLayout {
 
     /// Checks that `count` pages from `first` exist in one block.
     pub fn check_range(&self, first: PageRef, count: u64) -> Result<()> {
-        let b = self.blocks.get(first.block).ok_or(Error::PageOutOfRange { block: first.block, page: first.page })?;
+        let b =
+            self.blocks.get(first.block).ok_or(LayoutError::PageOutOfRange { block: first.block, page: first.page })?;
         match first.page.checked_add(count) {
             Some(end) if end <= b.pages() => Ok(()),
-            _ => Err(Error::PageOutOfRange { block: first.block, page: first.page.saturating_add(count) }),
+            _ => Err(LayoutError::PageOutOfRange { block: first.block, page: first.page.saturating_add(count) }),
         }
     }
 

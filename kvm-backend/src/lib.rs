@@ -47,12 +47,12 @@ pub use devices::{Devices, GuestStats, ProgressSnapshot, SerialOutput};
 pub use error::{Error, Result};
 pub use guest::bootsector::BootSector;
 pub use guest::{CpuPosition, TestGuest, VerifyReport};
-pub use layout::{PageRef, RamBlock, RamLayout, PAGE_SIZE};
-pub use memory::{DirtyBitmap, GuestRam};
+pub use layout::{LayoutError, PageRef, RamBlock, RamLayout, PAGE_SIZE};
+pub use memory::{DirtyBitmap, GuestRam, MemoryError};
 pub use runner::{PauseReport, RunState, VcpuSet};
 pub use state::DeviceState;
 pub use sys::{current_cpu, monotonic_ns, pin_thread, set_realtime};
-pub use uffd::{FaultReader, Install, PageFault, UffdRam};
+pub use uffd::{FaultReader, Install, PageFault, UffdError, UffdRam};
 pub use vcpu::{Vcpu, VcpuState};
 pub use vm::{Vm, VmConfig};
 

@@ -19,8 +19,58 @@ use std::sync::Arc;
 use vm_memory::bitmap::AtomicBitmap;
 use vm_memory::{Bytes, FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestRegionMmap, MmapRegion};
 
-use crate::error::{Error, Result};
-use crate::layout::{PageRef, RamLayout, PAGE_SIZE};
+use crate::layout::{LayoutError, PageRef, RamLayout, PAGE_SIZE};
+
+/// Allocating, mapping or accessing guest RAM failed.
+#[derive(Debug, thiserror::Error)]
+pub enum MemoryError {
+    /// The layout does not fit (or a page is not in it).
+    #[error(transparent)]
+    Layout(#[from] LayoutError),
+    /// Guest memory could not be allocated.
+    #[error("cannot allocate guest memory: {0}")]
+    Allocate(#[source] vm_memory::mmap::FromRangesError),
+    /// An access to guest memory failed (address outside RAM).
+    #[error("guest memory access at {gpa:#x} (+{len}) failed: {reason}")]
+    GuestMemory {
+        /// Guest-physical address.
+        gpa: u64,
+        /// Length of the access.
+        len: usize,
+        /// What went wrong.
+        reason: String,
+    },
+    /// A buffer did not have the size the call requires.
+    #[error("buffer of {got} bytes where {want} are required")]
+    BadLength {
+        /// Required length.
+        want: usize,
+        /// Given length.
+        got: usize,
+    },
+    /// Placing pages needs RAM made by [`GuestRam::new_preallocated`].
+    #[error("unsupported guest configuration: RAM is not preallocated")]
+    NotPreallocated,
+    /// An operating-system call failed.
+    #[error("{op} failed: {source}")]
+    Os {
+        /// Which call.
+        op: &'static str,
+        /// The error.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+type Result<T> = std::result::Result<T, MemoryError>;
+
+fn os_err(op: &'static str) -> impl FnOnce(std::io::Error) -> MemoryError {
+    move |source| MemoryError::Os { op, source }
+}
+
+fn layout_err(reason: String) -> MemoryError {
+    MemoryError::Layout(LayoutError::Invalid(reason))
+}
 
 /// The vm-memory type of guest RAM.
 pub type GuestMemory = GuestMemoryMmap<AtomicBitmap>;
@@ -41,7 +91,7 @@ impl GuestRam {
     pub fn new(layout: RamLayout) -> Result<Self> {
         let ranges: Vec<(GuestAddress, usize, Option<FileOffset>)> =
             block_sizes(&layout)?.into_iter().map(|(gpa, size)| (gpa, size, None)).collect();
-        let mem = GuestMemory::from_ranges_with_files(&ranges).map_err(Error::Allocate)?;
+        let mem = GuestMemory::from_ranges_with_files(&ranges).map_err(MemoryError::Allocate)?;
         Self::with_mappings(layout, mem, None)
     }
 
@@ -52,9 +102,9 @@ impl GuestRam {
         let sizes = block_sizes(&layout)?;
         let total: u64 = layout.blocks().iter().map(|b| b.size).sum();
         let fd = rustix::fs::memfd_create("postcopy-guest-ram", rustix::fs::MemfdFlags::CLOEXEC)
-            .map_err(|e| Error::Os { op: "memfd_create", source: e.into() })?;
+            .map_err(|e| MemoryError::Os { op: "memfd_create", source: e.into() })?;
         let file = Arc::new(std::fs::File::from(fd));
-        file.set_len(total).map_err(crate::error::os_err("ftruncate(guest RAM memfd)"))?;
+        file.set_len(total).map_err(os_err("ftruncate(guest RAM memfd)"))?;
         let mut offsets = Vec::with_capacity(sizes.len());
         let mut offset = 0u64;
         for &(gpa, size) in &sizes {
@@ -62,21 +112,21 @@ impl GuestRam {
             offset += size as u64;
         }
         let guest: Vec<_> = offsets.iter().map(|(gpa, size, fo)| (*gpa, *size, Some(fo.clone()))).collect();
-        let mem = GuestMemory::from_ranges_with_files(&guest).map_err(Error::Allocate)?;
+        let mem = GuestMemory::from_ranges_with_files(&guest).map_err(MemoryError::Allocate)?;
         let mut regions = Vec::with_capacity(offsets.len());
         for (gpa, size, fo) in offsets {
             let prot = libc::PROT_READ | libc::PROT_WRITE;
             let map = MmapRegion::<()>::build(Some(fo), size, prot, libc::MAP_SHARED | libc::MAP_NORESERVE)
-                .map_err(|e| Error::Layout(format!("placement mapping at {:#x}: {e}", gpa.0)))?;
+                .map_err(|e| layout_err(format!("placement mapping at {:#x}: {e}", gpa.0)))?;
             // Allocates the pages and maps them writable here (not in the
             // guest's mapping): placing a page later is a plain copy.
-            crate::sys::populate_write(&map).map_err(crate::error::os_err("madvise(MADV_POPULATE_WRITE)"))?;
+            crate::sys::populate_write(&map).map_err(os_err("madvise(MADV_POPULATE_WRITE)"))?;
             let region = GuestRegionMmap::new(map, gpa)
-                .ok_or_else(|| Error::Layout(format!("placement region at {:#x} overflows", gpa.0)))?;
+                .ok_or_else(|| layout_err(format!("placement region at {:#x} overflows", gpa.0)))?;
             regions.push(Arc::new(region));
         }
         let placement =
-            GuestMemoryMmap::from_arc_regions(regions).map_err(|e| Error::Layout(format!("placement mapping: {e}")))?;
+            GuestMemoryMmap::from_arc_regions(regions).map_err(|e| layout_err(format!("placement mapping: {e}")))?;
         Self::with_mappings(layout, mem, Some(placement))
     }
 
@@ -85,7 +135,7 @@ impl GuestRam {
         for b in layout.blocks() {
             let region = mem
                 .find_region(GuestAddress(b.gpa))
-                .ok_or_else(|| Error::Layout(format!("no region for block {:?}", b.name)))?;
+                .ok_or_else(|| layout_err(format!("no region for block {:?}", b.name)))?;
             hosts.push(region.as_ptr() as u64);
         }
         Ok(Self { layout, mem, hosts, placement })
@@ -111,9 +161,9 @@ impl GuestRam {
     /// ram.place(PageRef::new(0, 0), &[0u8; 4096]).unwrap(); // private: this does not compile
     /// ```
     pub(crate) fn place(&self, first: PageRef, data: &[u8]) -> Result<()> {
-        let placement = self.placement.as_ref().ok_or_else(|| Error::Config("RAM is not preallocated".into()))?;
+        let placement = self.placement.as_ref().ok_or(MemoryError::NotPreallocated)?;
         if data.is_empty() || data.len() % PAGE_SIZE as usize != 0 {
-            return Err(Error::BadLength {
+            return Err(MemoryError::BadLength {
                 want: data.len().div_ceil(PAGE_SIZE as usize).max(1) * PAGE_SIZE as usize,
                 got: data.len(),
             });
@@ -145,6 +195,18 @@ impl GuestRam {
         Ok(self.hosts[first.block] + first.page * PAGE_SIZE)
     }
 
+    /// Drops `count` pages from `first` from the guest's mapping
+    /// (`MADV_DONTNEED`): the next access faults (into userfaultfd when the
+    /// RAM is registered).
+    pub(crate) fn discard_pages(&self, first: PageRef, count: u64) -> Result<()> {
+        self.layout.check_range(first, count)?;
+        let out_of_range =
+            || LayoutError::PageOutOfRange { block: first.block, page: first.page.saturating_add(count) };
+        let len = count.checked_mul(PAGE_SIZE).and_then(|l| usize::try_from(l).ok()).ok_or_else(out_of_range)?;
+        let gpa = self.gpa(first)?;
+        crate::sys::discard_guest_range(&self.mem, gpa, len).map_err(os_err("madvise(MADV_DONTNEED)"))
+    }
+
     /// The page at host virtual address `addr`, if it is guest RAM.
     pub fn page_of_host_addr(&self, addr: u64) -> Option<PageRef> {
         self.layout
@@ -157,7 +219,7 @@ impl GuestRam {
     }
 
     fn gpa(&self, page: PageRef) -> Result<u64> {
-        self.layout.gpa_of(page).ok_or(Error::PageOutOfRange { block: page.block, page: page.page })
+        self.layout.gpa_of(page).ok_or(LayoutError::PageOutOfRange { block: page.block, page: page.page }.into())
     }
 
     /// Copies page `page` into `buf` (exactly one page long).
@@ -223,7 +285,7 @@ impl GuestRam {
             while gpa < b.end() {
                 let n = CHUNK.min((b.end() - gpa) as usize);
                 self.read(gpa, &mut buf[..n])?;
-                out.write_all(&buf[..n]).map_err(crate::error::os_err("write memory dump"))?;
+                out.write_all(&buf[..n]).map_err(os_err("write memory dump"))?;
                 gpa += n as u64;
             }
         }
@@ -256,7 +318,7 @@ fn block_sizes(layout: &RamLayout) -> Result<Vec<(GuestAddress, usize)>> {
         .map(|b| {
             usize::try_from(b.size)
                 .map(|size| (GuestAddress(b.gpa), size))
-                .map_err(|_| Error::Layout(format!("block {:?} too large", b.name)))
+                .map_err(|_| layout_err(format!("block {:?} too large", b.name)))
         })
         .collect()
 }
@@ -265,12 +327,12 @@ fn check_len(got: usize, want: usize) -> Result<()> {
     if got == want {
         Ok(())
     } else {
-        Err(Error::BadLength { want, got })
+        Err(MemoryError::BadLength { want, got })
     }
 }
 
-fn mem_err(gpa: u64, len: usize, e: impl std::fmt::Display) -> Error {
-    Error::GuestMemory { gpa, len, reason: e.to_string() }
+fn mem_err(gpa: u64, len: usize, e: impl std::fmt::Display) -> MemoryError {
+    MemoryError::GuestMemory { gpa, len, reason: e.to_string() }
 }
 
 /// A set of pages of a layout, one bit per page: 64-bit words per block,

@@ -305,7 +305,7 @@ impl VcpuSet {
     /// kick arrived. The vCPUs are left paused; [`VcpuSet::stop`] ends them.
     pub fn abandon(&self, ram: &UffdRam) -> Result<()> {
         self.pause_within(Duration::ZERO);
-        ram.unregister_all()
+        Ok(ram.unregister_all()?)
     }
 
     /// Stops every thread and returns the vCPUs (for inspection or reuse).

@@ -11,8 +11,7 @@ use std::time::Duration;
 use kvm_bindings::{kvm_run, kvm_userspace_memory_region};
 use kvm_ioctls::{VcpuFd, VmFd};
 
-use crate::layout::{PageRef, PAGE_SIZE};
-use crate::memory::GuestRam;
+use vm_memory::{GuestAddress, GuestMemoryBackend};
 
 /// A second, independently owned mapping of a vCPU's `kvm_run` page, used by
 /// other threads to set `immediate_exit` so that the vCPU's next (or current,
@@ -149,18 +148,19 @@ unsafe fn madvise(host_addr: u64, len: usize, advice: Advice) -> io::Result<()> 
     }
 }
 
-/// Drops `count` pages from `first` of `ram`'s guest mapping
-/// (`MADV_DONTNEED`): the next access faults (into userfaultfd when the RAM
-/// is registered). The range comes from the RAM itself, checked against its
-/// layout: no other memory can be named.
-pub(crate) fn discard_guest_pages(ram: &GuestRam, first: PageRef, count: u64) -> crate::Result<()> {
-    let host = ram.pages_host_addr(first, count)?;
-    let len = usize::try_from(count * PAGE_SIZE)
-        .map_err(|_| crate::Error::PageOutOfRange { block: first.block, page: first.page.saturating_add(count) })?;
-    // SAFETY: `[host, host + len)` is whole pages of `ram`'s guest mapping
-    // (checked just above), which lives as long as `ram` and is only
+/// Drops `len` bytes at `gpa` of guest memory `mem` (`MADV_DONTNEED`):
+/// the next access faults (into userfaultfd when the RAM is registered).
+/// The range is checked against `mem`'s regions: no other memory can be
+/// named.
+pub(crate) fn discard_guest_range<M: GuestMemoryBackend>(mem: &M, gpa: u64, len: usize) -> io::Result<()> {
+    let invalid = |e| io::Error::new(io::ErrorKind::InvalidInput, e);
+    // Both checked by vm-memory: the whole range lies in one region.
+    mem.get_slice(GuestAddress(gpa), len).map_err(invalid)?;
+    let host = mem.get_host_address(GuestAddress(gpa)).map_err(invalid)? as u64;
+    // SAFETY: `[host, host + len)` lies in one region of `mem`'s guest
+    // mapping (checked just above), which lives as long as `mem` and is only
     // accessed through volatile copies and raw pointers.
-    unsafe { madvise(host, len, Advice::DontNeed) }.map_err(crate::error::os_err("madvise(MADV_DONTNEED)"))
+    unsafe { madvise(host, len, Advice::DontNeed) }
 }
 
 /// Allocates every page of `region` and maps it writable

@@ -34,9 +34,64 @@ use userfaultfd::{Event, EventBuffer, FeatureFlags, IoctlFlags, ReadWrite, Regis
 
 use crate::page_bits::MappedPages;
 
-use crate::error::{Error, Result};
-use crate::layout::{PageRef, PAGE_SIZE};
-use crate::memory::GuestRam;
+use crate::layout::{LayoutError, PageRef, PAGE_SIZE};
+use crate::memory::{GuestRam, MemoryError};
+
+/// A userfaultfd operation on guest RAM failed.
+#[derive(Debug, thiserror::Error)]
+pub enum UffdError {
+    /// A userfaultfd call failed.
+    #[error("userfaultfd {op} failed: {reason}")]
+    Operation {
+        /// Which operation.
+        op: &'static str,
+        /// What went wrong.
+        reason: String,
+    },
+    /// Installing pages stopped part-way (which pages, and why, inside).
+    #[error(transparent)]
+    Install(Box<InstallError>),
+    /// A buffer did not have the size the call requires.
+    #[error("buffer of {got} bytes where {want} are required")]
+    BadLength {
+        /// Required length.
+        want: usize,
+        /// Given length.
+        got: usize,
+    },
+    /// A page range names no pages of the layout, or a block has no mapping.
+    #[error(transparent)]
+    Layout(#[from] LayoutError),
+    /// Guest RAM itself failed.
+    #[error(transparent)]
+    Memory(MemoryError),
+    /// An operating-system call failed.
+    #[error("{op} failed: {source}")]
+    Os {
+        /// Which call.
+        op: &'static str,
+        /// The error.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl From<MemoryError> for UffdError {
+    /// A layout error stays one: a bad page range reads the same whether
+    /// the RAM or this module found it.
+    fn from(e: MemoryError) -> Self {
+        match e {
+            MemoryError::Layout(e) => Self::Layout(e),
+            e => Self::Memory(e),
+        }
+    }
+}
+
+type Result<T> = std::result::Result<T, UffdError>;
+
+fn layout_err(reason: String) -> UffdError {
+    UffdError::Layout(LayoutError::Invalid(reason))
+}
 use crate::sys::{self, UffdFill, Wake};
 
 /// Events read per `read(2)` on the userfaultfd.
@@ -114,7 +169,7 @@ fn new_uffd(features: FeatureFlags) -> Result<Uffd> {
         .require_features(features)
         .require_ioctls(IoctlFlags::REGISTER | IoctlFlags::UNREGISTER)
         .create()
-        .map_err(|e| Error::Uffd { op: "create", reason: e.to_string() })
+        .map_err(|e| UffdError::Operation { op: "create", reason: e.to_string() })
 }
 
 /// Outcome of installing one page.
@@ -164,7 +219,7 @@ pub enum InstallFailure {
     },
     /// Writing a claimed page through the placement mapping failed.
     #[error("writing through the placement mapping: {0}")]
-    Place(#[source] Box<Error>),
+    Place(#[source] Box<MemoryError>),
     /// Pages claimed here were already mapped into the guest's mapping
     /// (claims and mapping out of step): their contents may be stale.
     #[error("{0} claimed pages were already mapped")]
@@ -311,12 +366,12 @@ impl UffdRam {
         };
         for block in 0..ram.layout().blocks().len() {
             let (host, len) =
-                ram.block_host_range(block).ok_or_else(|| Error::Layout(format!("no mapping for block {block}")))?;
+                ram.block_host_range(block).ok_or_else(|| layout_err(format!("no mapping for block {block}")))?;
             let ioctls = uffd
                 .register_with_mode(host as *mut libc::c_void, len as usize, mode)
-                .map_err(|e| Error::Uffd { op: "register", reason: e.to_string() })?;
+                .map_err(|e| UffdError::Operation { op: "register", reason: e.to_string() })?;
             if !ioctls.contains(need) {
-                return Err(Error::Uffd {
+                return Err(UffdError::Operation {
                     op: "register",
                     reason: format!("range supports {ioctls:?}, need {need:?}"),
                 });
@@ -425,7 +480,7 @@ impl UffdRam {
 
     /// Installs `data.len() / 4096` consecutive pages from `first` (one
     /// block), skipping those already present. A run cut short fails with
-    /// [`Error::Install`], which says which pages were installed.
+    /// [`UffdError::Install`], which says which pages were installed.
     pub fn install_pages(&self, first: PageRef, data: &[u8]) -> Result<InstallCount> {
         let dst = self.copy_target(first, data)?;
         if self.mapped.is_some() {
@@ -488,7 +543,7 @@ impl UffdRam {
 
     fn check_page(data: &[u8]) -> Result<()> {
         if data.len() != PAGE_SIZE as usize {
-            return Err(Error::BadLength { want: PAGE_SIZE as usize, got: data.len() });
+            return Err(UffdError::BadLength { want: PAGE_SIZE as usize, got: data.len() });
         }
         Ok(())
     }
@@ -497,12 +552,12 @@ impl UffdRam {
     fn copy_target(&self, first: PageRef, data: &[u8]) -> Result<u64> {
         let len = data.len();
         if len == 0 || len % PAGE_SIZE as usize != 0 {
-            return Err(Error::BadLength {
+            return Err(UffdError::BadLength {
                 want: len.div_ceil(PAGE_SIZE as usize).max(1) * PAGE_SIZE as usize,
                 got: len,
             });
         }
-        self.ram.pages_host_addr(first, len as u64 / PAGE_SIZE)
+        Ok(self.ram.pages_host_addr(first, len as u64 / PAGE_SIZE)?)
     }
 
     /// Preallocated RAM: claims each of the `count` pages from `first` that is
@@ -595,7 +650,7 @@ impl UffdRam {
         self.mapped
             .as_ref()
             .filter(|m| block < m.blocks())
-            .ok_or_else(|| Error::Layout(format!("no block {block} among the mapped-page records")))
+            .ok_or_else(|| layout_err(format!("no block {block} among the mapped-page records")))
     }
 
     /// [`UffdRam::fill`] with an `op` that does not wake, then `installed()`,
@@ -698,7 +753,7 @@ impl UffdRam {
     pub fn wake_pages(&self, first: PageRef, count: u64) -> Result<()> {
         let dst = self.ram.pages_host_addr(first, count)?;
         sys::uffd_wake(&self.uffd, dst, (count * PAGE_SIZE) as usize)
-            .map_err(|e| Error::Uffd { op: "wake", reason: e.to_string() })
+            .map_err(|e| UffdError::Operation { op: "wake", reason: e.to_string() })
     }
 
     /// Unregisters all RAM from userfaultfd: threads waiting for pages wake
@@ -706,13 +761,11 @@ impl UffdRam {
     /// come (so that its vCPU threads can exit); installs fail afterwards.
     pub fn unregister_all(&self) -> Result<()> {
         for block in 0..self.ram.layout().blocks().len() {
-            let (host, len) = self
-                .ram
-                .block_host_range(block)
-                .ok_or_else(|| Error::Layout(format!("no mapping for block {block}")))?;
+            let (host, len) =
+                self.ram.block_host_range(block).ok_or_else(|| layout_err(format!("no mapping for block {block}")))?;
             self.uffd
                 .unregister(host as *mut libc::c_void, len as usize)
-                .map_err(|e| Error::Uffd { op: "unregister", reason: e.to_string() })?;
+                .map_err(|e| UffdError::Operation { op: "unregister", reason: e.to_string() })?;
         }
         Ok(())
     }
@@ -728,7 +781,7 @@ impl UffdRam {
         // overwrites them before mapping them again.
         // Checked before the claims change: a bad range changes nothing.
         self.ram.pages_host_addr(first, count)?;
-        let unmap = || sys::discard_guest_pages(&self.ram, first, count);
+        let unmap = || self.ram.discard_pages(first, count).map_err(UffdError::from);
         match &self.mapped {
             Some(_) => self.claims_of(first.block)?.discard(first.block, first.page, count, unmap),
             None => unmap(),
@@ -737,8 +790,8 @@ impl UffdRam {
 }
 
 impl Stopped {
-    fn into_error(self, first: PageRef, pages: u64) -> Error {
-        Error::Install(Box::new(InstallError {
+    fn into_error(self, first: PageRef, pages: u64) -> UffdError {
+        UffdError::Install(Box::new(InstallError {
             first,
             pages,
             done: self.done,
@@ -756,7 +809,7 @@ pub struct FaultReader {
     buf: EventBuffer,
     /// An error met while reading faults that were returned; the next read
     /// reports it.
-    deferred: Option<Error>,
+    deferred: Option<UffdError>,
 }
 
 impl std::fmt::Debug for FaultReader {
@@ -775,7 +828,7 @@ impl AsRawFd for FaultReader {
 impl FaultReader {
     /// Waits up to `timeout` for a fault; returns whether one is pending.
     pub fn wait(&self, timeout: Duration) -> Result<bool> {
-        sys::poll_readable(&*self.uffd, timeout).map_err(crate::error::os_err("poll"))
+        sys::poll_readable(&*self.uffd, timeout).map_err(|source| UffdError::Os { op: "poll", source })
     }
 
     /// Appends the pending faults (at most [`FAULT_BATCH`]) to `out` without
@@ -786,10 +839,12 @@ impl FaultReader {
         if let Some(e) = self.deferred.take() {
             return Err(e);
         }
-        let events =
-            self.uffd.read_events(&mut self.buf).map_err(|e| Error::Uffd { op: "read", reason: e.to_string() })?;
+        let events = self
+            .uffd
+            .read_events(&mut self.buf)
+            .map_err(|e| UffdError::Operation { op: "read", reason: e.to_string() })?;
         let mut n = 0;
-        let mut bad: Option<(Error, usize)> = None;
+        let mut bad: Option<(UffdError, usize)> = None;
         for ev in events {
             let fault = match ev {
                 Ok(Event::Pagefault { rw, addr, thread_id, .. }) => match self.ram.page_of_host_addr(addr as u64) {
@@ -810,7 +865,7 @@ impl FaultReader {
                 }
                 Err(reason) => match &mut bad {
                     Some((_, more)) => *more += 1,
-                    None => bad = Some((Error::Uffd { op: "read", reason }, 0)),
+                    None => bad = Some((UffdError::Operation { op: "read", reason }, 0)),
                 },
             }
         }
@@ -818,8 +873,8 @@ impl FaultReader {
             None => Ok(n),
             Some((e, more)) => {
                 let e = match (e, more) {
-                    (Error::Uffd { op, reason }, m) if m > 0 => {
-                        Error::Uffd { op, reason: format!("{reason} (and {m} more bad events)") }
+                    (UffdError::Operation { op, reason }, m) if m > 0 => {
+                        UffdError::Operation { op, reason: format!("{reason} (and {m} more bad events)") }
                     }
                     (e, _) => e,
                 };

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use common::*;
 use postcopy_kvm::layout::MIB;
 use postcopy_kvm::uffd::{InjectedFault, InstallCount, InstallError, InstallFailure, InstallFaultPlan};
-use postcopy_kvm::{Error, GuestRam, Install, PageRef, RamLayout, UffdRam, PAGE_SIZE};
+use postcopy_kvm::{GuestRam, Install, LayoutError, PageRef, RamLayout, UffdError, UffdRam, PAGE_SIZE};
 
 /// Registered RAM of `mib` MiB, anonymous or preallocated.
 fn fresh(mib: u64, preallocated: bool) -> Arc<UffdRam> {
@@ -135,16 +135,37 @@ fn installs_with_a_callback_wake_the_waiter_after_it() {
 #[test]
 fn bad_arguments_are_errors() {
     for_each_kind("bad_arguments_are_errors", |m| {
-        assert!(matches!(m.install_page(PageRef::new(0, 0), &[0u8; 100]), Err(Error::BadLength { .. })));
-        assert!(matches!(m.install_page_with(PageRef::new(0, 0), &[0u8; 100], || ()), Err(Error::BadLength { .. })));
-        assert!(matches!(m.install_zero_page_with(PageRef::new(0, 512), || ()), Err(Error::PageOutOfRange { .. })));
-        assert!(matches!(m.install_pages(PageRef::new(0, 0), &[]), Err(Error::BadLength { .. })));
-        assert!(matches!(m.install_page(PageRef::new(0, 512), &page_of(0)), Err(Error::PageOutOfRange { .. })));
-        assert!(matches!(m.install_page(PageRef::new(1, 0), &page_of(0)), Err(Error::PageOutOfRange { .. })));
+        assert!(matches!(m.install_page(PageRef::new(0, 0), &[0u8; 100]), Err(UffdError::BadLength { .. })));
+        assert!(matches!(
+            m.install_page_with(PageRef::new(0, 0), &[0u8; 100], || ()),
+            Err(UffdError::BadLength { .. })
+        ));
+        assert!(matches!(
+            m.install_zero_page_with(PageRef::new(0, 512), || ()),
+            Err(UffdError::Layout(LayoutError::PageOutOfRange { .. }))
+        ));
+        assert!(matches!(m.install_pages(PageRef::new(0, 0), &[]), Err(UffdError::BadLength { .. })));
+        assert!(matches!(
+            m.install_page(PageRef::new(0, 512), &page_of(0)),
+            Err(UffdError::Layout(LayoutError::PageOutOfRange { .. }))
+        ));
+        assert!(matches!(
+            m.install_page(PageRef::new(1, 0), &page_of(0)),
+            Err(UffdError::Layout(LayoutError::PageOutOfRange { .. }))
+        ));
         let two = [page_of(1), page_of(2)].concat();
-        assert!(matches!(m.install_pages(PageRef::new(0, 511), &two), Err(Error::PageOutOfRange { .. })));
-        assert!(matches!(m.install_zero_pages(PageRef::new(0, 500), 13), Err(Error::PageOutOfRange { .. })));
-        assert!(matches!(m.discard_pages(PageRef::new(0, 510), 3), Err(Error::PageOutOfRange { .. })));
+        assert!(matches!(
+            m.install_pages(PageRef::new(0, 511), &two),
+            Err(UffdError::Layout(LayoutError::PageOutOfRange { .. }))
+        ));
+        assert!(matches!(
+            m.install_zero_pages(PageRef::new(0, 500), 13),
+            Err(UffdError::Layout(LayoutError::PageOutOfRange { .. }))
+        ));
+        assert!(matches!(
+            m.discard_pages(PageRef::new(0, 510), 3),
+            Err(UffdError::Layout(LayoutError::PageOutOfRange { .. }))
+        ));
     });
 }
 
@@ -218,9 +239,9 @@ fn current_thread_id() -> i32 {
 /// read, and fills meanwhile fail with `EAGAIN` (address space changing).
 const EVENT_REMOVE: u64 = 1 << 3;
 
-fn install_error(e: Error) -> InstallError {
+fn install_error(e: UffdError) -> InstallError {
     match e {
-        Error::Install(e) => *e,
+        UffdError::Install(e) => *e,
         other => panic!("not an install error: {other}"),
     }
 }
@@ -263,7 +284,7 @@ fn eagain_from_a_changing_address_space_is_a_retry_not_a_copy() {
     // Reading the event ends the change; the discard returns.
     let mut faults = Vec::new();
     let read = reader.read(&mut faults);
-    assert!(matches!(read, Err(Error::Uffd { .. })), "a REMOVE event is not a fault: {read:?}");
+    assert!(matches!(read, Err(UffdError::Operation { .. })), "a REMOVE event is not a fault: {read:?}");
     discarder.join().unwrap().expect("discard");
     assert_eq!(m.install_page(page, &page_of(0x5a)).unwrap(), Install::Installed);
     let mut back = page_of(0);
@@ -403,7 +424,7 @@ fn a_bad_event_does_not_cost_the_faults_read_with_it() {
     assert_eq!(read.ok(), Some(1), "the fault was dropped with the bad event");
     assert_eq!(faults[0].page, page);
     let next = reader.read(&mut faults);
-    assert!(matches!(&next, Err(Error::Uffd { reason, .. }) if reason.contains("Remove")), "{next:?}");
+    assert!(matches!(&next, Err(UffdError::Operation { reason, .. }) if reason.contains("Remove")), "{next:?}");
     discarder.join().unwrap().expect("discard");
     let mut data = page_of(0);
     data[..8].copy_from_slice(&77u64.to_le_bytes());

@@ -169,6 +169,7 @@ fn own_validity(creds: &Credentials) -> Result<Validity, CredentialError> {
         detail: "the chain is empty".into(),
     })?;
     Validity::of(leaf)
+        .map_err(|e| CredentialError::BadCertificate { what: "own certificate".into(), detail: e.to_string() })
 }
 
 /// The destination's side (the TLS server): accepts clients whose chain

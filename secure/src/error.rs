@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use crate::identity::Identity;
+use crate::identity::{Identity, IdentityError};
 
 /// Reading, parsing or writing certificate and key files.
 #[derive(Debug, thiserror::Error)]
@@ -59,13 +59,8 @@ pub enum CredentialError {
         source: rcgen::Error,
     },
     /// An identity given on the command line is malformed.
-    #[error("bad identity {text:?}: {detail}")]
-    BadIdentity {
-        /// The text.
-        text: String,
-        /// What is wrong.
-        detail: &'static str,
-    },
+    #[error(transparent)]
+    Identity(#[from] IdentityError),
 }
 
 /// Why a handshake did not give a channel, with the peer it was with.

@@ -8,7 +8,29 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use rustls_pki_types::CertificateDer;
 use x509_parser::extensions::GeneralName;
 
-use crate::error::CredentialError;
+/// A malformed identity text, or a certificate whose identities or validity
+/// cannot be read.
+#[derive(Debug, thiserror::Error)]
+pub enum IdentityError {
+    /// An identity given on the command line is malformed.
+    #[error("bad identity {text:?}: {detail}")]
+    Malformed {
+        /// The text.
+        text: String,
+        /// What is wrong.
+        detail: &'static str,
+    },
+    /// A certificate does not parse as X.509 (or its SAN extension is bad).
+    #[error("cannot parse the certificate: {detail}")]
+    Unparsable {
+        /// The parser's words.
+        detail: String,
+    },
+}
+
+fn unparsable(e: impl fmt::Display) -> IdentityError {
+    IdentityError::Unparsable { detail: e.to_string() }
+}
 
 /// One identity a certificate can name in its subject alternative names.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -22,8 +44,8 @@ pub enum Identity {
 impl Identity {
     /// Parses `dns:NAME`, `uri:URI`, or a bare name (a DNS name; a bare
     /// text containing `://` is a URI).
-    pub fn parse(text: &str) -> Result<Self, CredentialError> {
-        let bad = |detail| CredentialError::BadIdentity { text: text.to_owned(), detail };
+    pub fn parse(text: &str) -> Result<Self, IdentityError> {
+        let bad = |detail| IdentityError::Malformed { text: text.to_owned(), detail };
         let (uri, body) = if let Some(rest) = text.strip_prefix("dns:") {
             (false, rest)
         } else if let Some(rest) = text.strip_prefix("uri:") {
@@ -74,7 +96,7 @@ impl Allowlist {
     }
 
     /// Parses each text with [`Identity::parse`].
-    pub fn parse<S: AsRef<str>>(texts: impl IntoIterator<Item = S>) -> Result<Self, CredentialError> {
+    pub fn parse<S: AsRef<str>>(texts: impl IntoIterator<Item = S>) -> Result<Self, IdentityError> {
         texts.into_iter().map(|t| Identity::parse(t.as_ref())).collect::<Result<Vec<_>, _>>().map(Self::new)
     }
 
@@ -90,10 +112,10 @@ impl Allowlist {
 }
 
 /// The identities (SAN DNS names and URIs) a certificate names.
-pub fn identities_of(cert: &CertificateDer<'_>) -> Result<Vec<Identity>, String> {
-    let (_, parsed) = x509_parser::parse_x509_certificate(cert.as_ref()).map_err(|e| e.to_string())?;
+pub fn identities_of(cert: &CertificateDer<'_>) -> Result<Vec<Identity>, IdentityError> {
+    let (_, parsed) = x509_parser::parse_x509_certificate(cert.as_ref()).map_err(unparsable)?;
     let mut out = Vec::new();
-    if let Some(san) = parsed.subject_alternative_name().map_err(|e| e.to_string())? {
+    if let Some(san) = parsed.subject_alternative_name().map_err(unparsable)? {
         for name in &san.value.general_names {
             match name {
                 GeneralName::DNSName(n) => out.push(Identity::Dns(n.to_ascii_lowercase())),
@@ -116,9 +138,8 @@ pub struct Validity {
 
 impl Validity {
     /// Reads `cert`'s validity period.
-    pub fn of(cert: &CertificateDer<'_>) -> Result<Self, CredentialError> {
-        let (_, parsed) = x509_parser::parse_x509_certificate(cert.as_ref())
-            .map_err(|e| CredentialError::BadCertificate { what: "own certificate".into(), detail: e.to_string() })?;
+    pub fn of(cert: &CertificateDer<'_>) -> Result<Self, IdentityError> {
+        let (_, parsed) = x509_parser::parse_x509_certificate(cert.as_ref()).map_err(unparsable)?;
         let v = parsed.validity();
         Ok(Self { not_before_s: v.not_before.timestamp(), not_after_s: v.not_after.timestamp() })
     }
@@ -161,7 +182,7 @@ mod tests {
         assert_eq!(Identity::parse("spiffe://c/d").unwrap(), Identity::Uri("spiffe://c/d".into()));
         assert_eq!(Identity::parse("uri:urn:x").unwrap(), Identity::Uri("urn:x".into()));
         for bad in ["", "dns:", "a b", "uri:nocolon", "host/with/slash"] {
-            assert!(matches!(Identity::parse(bad), Err(CredentialError::BadIdentity { .. })), "{bad:?}");
+            assert!(matches!(Identity::parse(bad), Err(IdentityError::Malformed { .. })), "{bad:?}");
         }
     }
 

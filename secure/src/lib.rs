@@ -34,6 +34,6 @@ pub use channel::{accept, connect, SecureChannel};
 pub use config::{ClientSide, ServerSide};
 pub use creds::{write_first_run_credentials, CertificateAuthority, Credentials, HostCertificate, Lifetime};
 pub use error::{BindingError, ChannelError, CredentialError, HandshakeError, Refusal};
-pub use identity::{Allowlist, Identity};
+pub use identity::{Allowlist, Identity, IdentityError};
 pub use limits::{HandshakeGate, HandshakeLimits, HandshakeSlot};
 pub use record::Wait;

@@ -51,7 +51,7 @@ impl MachineDescription {
             return Err(MachineError::Vcpus(m.vcpus));
         }
         // Re-check the layout's invariants (serde bypassed the constructor).
-        let ram = RamLayout::new(m.ram.blocks().to_vec()).map_err(MachineError::Layout)?;
+        let ram = RamLayout::new(m.ram.blocks().to_vec()).map_err(|e| MachineError::Layout(e.into()))?;
         Ok(Self { ram, ..m })
     }
 }

@@ -61,7 +61,7 @@ impl BootSector {
         let ivt: Vec<u8> = (0..256).flat_map(|_| off.to_le_bytes().into_iter().chain(seg.to_le_bytes())).collect();
         ram.write(0, &ivt)?;
         ram.write(IRET_STUB_ADDR, &[0xcf])?;
-        ram.write(BOOT_SECTOR_ADDR, &self.image)
+        Ok(ram.write(BOOT_SECTOR_ADDR, &self.image)?)
     }
 
     /// Real-mode segments as a BIOS leaves them: CS = DS = ES = SS = 0.

@@ -65,7 +65,9 @@ pub struct LiveGuest {
 impl LiveGuest {
     /// Boots a guest and starts its vCPUs.
     pub fn boot(spec: &GuestSpec, serial: SerialOutput, tuning: &Tuning) -> Result<LiveGuest, BootError> {
-        let step = |step| move |source| BootError::Vmm { step, source };
+        fn step<E: Into<crate::Error>>(step: &'static str) -> impl FnOnce(E) -> BootError {
+            move |source| BootError::Vmm { step, source: source.into() }
+        }
         let layout = RamLayout::pc(spec.mem_bytes).map_err(step("lay out the guest's RAM"))?;
         let ram = Arc::new(GuestRam::new(layout.clone()).map_err(step("allocate the guest's RAM"))?);
         let kind = match &spec.image {

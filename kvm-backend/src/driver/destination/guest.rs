@@ -127,7 +127,9 @@ impl DestinationDriver<'_> {
 
     /// The machine and its vCPUs (stored by the caller once the machine is).
     fn build_machine(&self, machine: &[u8]) -> Result<(Machine, Vec<Vcpu>), BuildError> {
-        let step = |step| move |source| BuildError::Step { step, source };
+        fn step<E: Into<crate::Error>>(step: &'static str) -> impl FnOnce(E) -> BuildError {
+            move |source| BuildError::Step { step, source: source.into() }
+        }
         let desc = MachineDescription::from_bytes(machine).map_err(BuildError::Description)?;
         // Called from an op, after the lock was released.
         let layout = lock(&self.shell.locked).core.layout().cloned().ok_or(BuildError::NoLayout)?;

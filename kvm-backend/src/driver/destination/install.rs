@@ -19,7 +19,7 @@ use crate::driver::shell::SideDriver;
 use crate::driver::sync::InstallsInFlight;
 use crate::driver::{error_chain, now};
 use crate::layout::PAGE_SIZE;
-use crate::uffd::{Install, InstallFailure, InstallFaultPlan};
+use crate::uffd::{Install, InstallFailure, InstallFaultPlan, UffdError};
 
 /// Pages installed with one `UFFDIO_COPY` at most (the run's bits fit a u64).
 const MAX_INSTALL_RUN: usize = 64;
@@ -160,10 +160,14 @@ impl DestinationDriver<'_> {
         // The install time is taken before a woken vCPU can preempt this thread.
         let started_ns = now().0;
         let result = match (&data, overwrite) {
-            (PageData::Bytes(b), true) => m.ram.write_page(r, b).map(|()| (Install::Installed, now().0)),
-            (PageData::Zero, true) => {
-                m.ram.write_page(r, &[0u8; PAGE_SIZE as usize]).map(|()| (Install::Installed, now().0))
+            (PageData::Bytes(b), true) => {
+                m.ram.write_page(r, b).map(|()| (Install::Installed, now().0)).map_err(UffdError::from)
             }
+            (PageData::Zero, true) => m
+                .ram
+                .write_page(r, &[0u8; PAGE_SIZE as usize])
+                .map(|()| (Install::Installed, now().0))
+                .map_err(UffdError::from),
             (PageData::Bytes(b), false) => m.uffd.install_page_with(r, b, || now().0),
             (PageData::Zero, false) => m.uffd.install_zero_page_with(r, || now().0),
         };
@@ -262,10 +266,10 @@ impl DestinationDriver<'_> {
         m: &Machine,
         run: Vec<(PageNumber, Bytes)>,
         present: u64,
-        error: crate::Error,
+        error: UffdError,
     ) {
         let stopped_at = match &error {
-            crate::Error::Install(e) => usize::try_from(e.stopped_at).map_or(run.len(), |i| i.min(run.len())),
+            UffdError::Install(e) => usize::try_from(e.stopped_at).map_or(run.len(), |i| i.min(run.len())),
             _ => 0,
         };
         tracing::warn!(
@@ -307,7 +311,7 @@ impl DestinationDriver<'_> {
         page: PageNumber,
         data: &PageData,
         overwrite: bool,
-        error: crate::Error,
+        error: UffdError,
     ) {
         let bytes = match data {
             PageData::Bytes(b) => Some(&b[..]),
@@ -317,14 +321,14 @@ impl DestinationDriver<'_> {
         let mut error = error;
         for attempt in 0..=INSTALL_RETRIES {
             match &error {
-                crate::Error::Install(e) if matches!(e.cause, InstallFailure::Wake(_)) => {
+                UffdError::Install(e) if matches!(e.cause, InstallFailure::Wake(_)) => {
                     self.note_installed(m, page, bytes, now().0);
                     if let Err(e) = m.uffd.wake_pages(r, 1) {
                         tracing::error!(e = error_chain(&e), page = page.0, "waking a page's waiters");
                     }
                     return;
                 }
-                crate::Error::Install(e) if e.is_transient() && !overwrite && attempt < INSTALL_RETRIES => {
+                UffdError::Install(e) if e.is_transient() && !overwrite && attempt < INSTALL_RETRIES => {
                     tracing::warn!(page = page.0, attempt, "page {} failed to install ({}), retrying", page.0, e.cause);
                     std::thread::sleep(Duration::from_millis(1 << attempt));
                 }
@@ -343,7 +347,7 @@ impl DestinationDriver<'_> {
         self.install_counters.anomalies.fetch_add(1, Ordering::Relaxed);
         // The core keeps the reason as text.
         let reason = error_chain(&error);
-        tracing::error!(e = error_chain(&DestinationError::InstallFailed { page: page.0, source: error }));
+        tracing::error!(e = error_chain(&DestinationError::InstallFailed { page: page.0, source: error.into() }));
         let mut late = None;
         self.event(s, |l, now| {
             if let Err(e) = l.core.handle_install_failed(now, page, reason) {

@@ -587,7 +587,7 @@ impl DestinationDriver<'_> {
             // kicked first, so that none runs the guest on missing pages.
             let abandoned = match running.as_ref() {
                 Some(vcpus) => vcpus.abandon(&m.uffd),
-                None => m.uffd.unregister_all(),
+                None => m.uffd.unregister_all().map_err(crate::Error::from),
             };
             if let Err(e) = abandoned {
                 tracing::warn!(e = error_chain(&e), "abandoning the guest");

@@ -269,7 +269,7 @@ fn dump_memory(m: &Machine, path: &Path) -> Result<(), VerifyError> {
         std::fs::File::create(path).map_err(|source| VerifyError::DumpCreate { path: path.to_path_buf(), source })?;
     m.ram
         .dump(&mut std::io::BufWriter::new(file))
-        .map_err(|source| VerifyError::DumpWrite { path: path.to_path_buf(), source })
+        .map_err(|source| VerifyError::DumpWrite { path: path.to_path_buf(), source: source.into() })
 }
 
 /// Fault latency percentiles from the driver's histogram (ns).
