@@ -13,7 +13,7 @@ use postcopy_core::Channel;
 use postcopy_kvm::driver::report::RunReport;
 use postcopy_kvm::driver::Tuning;
 use postcopy_kvm::layout::MIB;
-use postcopy_kvm::{GuestRam, PageRef, RamBlock, RamLayout, UffdRam, PAGE_SIZE};
+use postcopy_kvm::{GuestRam, MemoryMap, MemoryRegion, PageRef, UffdRam, PAGE_SIZE};
 use serde::Serialize;
 
 use crate::args::{parse_size, Common, GuestArgs, ModeArg};
@@ -175,7 +175,7 @@ fn percentile(sorted: &[f64], q: f64) -> f64 {
 fn measure_floor(round_trips: usize, latency_cpu: Option<usize>, net: &Tuning) -> Result<Floor, BenchError> {
     let (accept_net, connect_net) = (net.clone(), net.clone());
     let pages = (round_trips as u64 + 1).next_multiple_of(512);
-    let layout = RamLayout::pc(pages * PAGE_SIZE).map_err(memory("lay out the floor's memory"))?;
+    let layout = MemoryMap::pc(pages * PAGE_SIZE).map_err(memory("lay out the floor's memory"))?;
     let ram = Arc::new(GuestRam::new(layout).map_err(memory("allocate the floor's memory"))?);
     let uffd = UffdRam::register(ram).map_err(memory("register the floor's memory"))?;
     let listener = TcpListener::bind("127.0.0.1:0").map_err(io("listen for the floor"))?;
@@ -287,8 +287,8 @@ fn measure_bandwidth(bytes: u64, net: &Tuning, cpu: Option<usize>) -> Result<f64
 fn measure_push_on_one_cpu(mem: u64, net: &Tuning) -> Result<f64, BenchError> {
     let (accept_net, connect_net) = (net.clone(), net.clone());
     // One block, so that page numbers run from 0 to the end.
-    let block = RamBlock { name: "push-floor".into(), gpa: 0, size: mem };
-    let layout = RamLayout::new(vec![block]).map_err(memory("lay out the push floor's memory"))?;
+    let block = MemoryRegion { name: "push-floor".into(), gpa: 0, size: mem };
+    let layout = MemoryMap::new(vec![block]).map_err(memory("lay out the push floor's memory"))?;
     let pages = layout.total_pages();
     let ram = Arc::new(GuestRam::new_preallocated(layout).map_err(memory("preallocate the push floor's memory"))?);
     let uffd = UffdRam::register(ram).map_err(memory("register the push floor's memory"))?;

@@ -13,7 +13,7 @@ use postcopy_kvm::driver::report::{DestinationReport, RunReport, SourceReport};
 use postcopy_kvm::driver::{self, Damage, DamageError, DestinationOptions, SourceError, SourceOptions, Tuning};
 use postcopy_kvm::layout::MIB;
 use postcopy_kvm::vmm::{BootError, GuestSpec, LiveGuest};
-use postcopy_kvm::{GuestRam, RamLayout, SerialOutput};
+use postcopy_kvm::{GuestRam, MemoryMap, SerialOutput};
 
 use crate::args::{parse_size, Common, GuestArgs};
 use crate::pair::PairReports;
@@ -188,7 +188,7 @@ pub fn destination(a: DestinationArgs) -> Result<ExitCode, CommandError> {
             if !features.has("MINOR_SHMEM") {
                 return Err(CommandError::PreallocUnsupported);
             }
-            let layout = RamLayout::pc(bytes).map_err(vmm("lay out the RAM of --prealloc"))?;
+            let layout = MemoryMap::pc(bytes).map_err(vmm("lay out the RAM of --prealloc"))?;
             let t0 = Instant::now();
             let ram = GuestRam::new_preallocated(layout).map_err(vmm("preallocate the RAM of --prealloc"))?;
             tracing::info!(mib = bytes >> 20, ms = t0.elapsed().as_secs_f64() * 1e3, "guest RAM preallocated");

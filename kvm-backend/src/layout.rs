@@ -40,9 +40,9 @@ pub const MAX_RAM_BYTES: u64 = 63 * GIB;
 /// Most blocks in a layout.
 pub const MAX_BLOCKS: usize = 8;
 
-/// One contiguous block of guest RAM.
+/// One contiguous region of guest RAM in guest-physical memory.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct RamBlock {
+pub struct MemoryRegion {
     /// Name, unique in the layout (e.g. "ram-below-4g").
     pub name: String,
     /// Guest-physical address of the first byte (page aligned).
@@ -51,7 +51,7 @@ pub struct RamBlock {
     pub size: u64,
 }
 
-impl RamBlock {
+impl MemoryRegion {
     /// Number of pages.
     pub fn pages(&self) -> u64 {
         self.size / PAGE_SIZE
@@ -84,15 +84,17 @@ impl PageRef {
     }
 }
 
-/// The RAM of a guest: non-overlapping blocks in ascending address order.
+/// Where a guest's RAM lies in guest-physical memory: non-overlapping
+/// regions in ascending address order. (The protocol's view of the same
+/// RAM, named blocks of pages, is `postcopy_core::RamLayout`.)
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct RamLayout {
-    blocks: Vec<RamBlock>,
+pub struct MemoryMap {
+    blocks: Vec<MemoryRegion>,
 }
 
-impl RamLayout {
+impl MemoryMap {
     /// Checks and builds a layout.
-    pub fn new(blocks: Vec<RamBlock>) -> Result<Self> {
+    pub fn new(blocks: Vec<MemoryRegion>) -> Result<Self> {
         if blocks.is_empty() || blocks.len() > MAX_BLOCKS {
             return Err(LayoutError::Invalid(format!("{} blocks (1..={MAX_BLOCKS} allowed)", blocks.len())));
         }
@@ -131,20 +133,20 @@ impl RamLayout {
             return Err(LayoutError::Invalid(format!("RAM size {ram_bytes} must be a non-zero multiple of 2 MiB")));
         }
         let below = ram_bytes.min(MMIO_HOLE_START);
-        let mut blocks = vec![RamBlock { name: "ram-below-4g".into(), gpa: 0, size: below }];
+        let mut blocks = vec![MemoryRegion { name: "ram-below-4g".into(), gpa: 0, size: below }];
         if ram_bytes > below {
-            blocks.push(RamBlock { name: "ram-above-4g".into(), gpa: MMIO_HOLE_END, size: ram_bytes - below });
+            blocks.push(MemoryRegion { name: "ram-above-4g".into(), gpa: MMIO_HOLE_END, size: ram_bytes - below });
         }
         Self::new(blocks)
     }
 
     /// The blocks.
-    pub fn blocks(&self) -> &[RamBlock] {
+    pub fn blocks(&self) -> &[MemoryRegion] {
         &self.blocks
     }
 
     /// Block `index`, if any.
-    pub fn block(&self, index: usize) -> Option<&RamBlock> {
+    pub fn block(&self, index: usize) -> Option<&MemoryRegion> {
         self.blocks.get(index)
     }
 
@@ -160,7 +162,7 @@ impl RamLayout {
 
     /// First address above all RAM.
     pub fn top(&self) -> u64 {
-        self.blocks.last().map_or(0, RamBlock::end)
+        self.blocks.last().map_or(0, MemoryRegion::end)
     }
 
     /// The page holding `gpa`, if `gpa` is RAM.
@@ -199,7 +201,7 @@ mod tests {
 
     #[test]
     fn pc_layout_small_is_one_block() {
-        let l = RamLayout::pc(64 * MIB).unwrap();
+        let l = MemoryMap::pc(64 * MIB).unwrap();
         assert_eq!(l.blocks().len(), 1);
         assert_eq!(l.total_pages(), 64 * MIB / PAGE_SIZE);
         assert_eq!(l.top(), 64 * MIB);
@@ -207,7 +209,7 @@ mod tests {
 
     #[test]
     fn pc_layout_large_skips_the_hole() {
-        let l = RamLayout::pc(8 * GIB).unwrap();
+        let l = MemoryMap::pc(8 * GIB).unwrap();
         assert_eq!(l.blocks().len(), 2);
         assert_eq!(l.blocks()[0].end(), MMIO_HOLE_START);
         assert_eq!(l.blocks()[1].gpa, MMIO_HOLE_END);
@@ -222,21 +224,21 @@ mod tests {
 
     #[test]
     fn bad_layouts_are_rejected() {
-        assert!(RamLayout::pc(0).is_err());
-        assert!(RamLayout::pc(3 * MIB).is_err());
-        assert!(RamLayout::pc(64 * GIB).is_err());
-        let b = |name: &str, gpa, size| RamBlock { name: name.into(), gpa, size };
-        assert!(RamLayout::new(vec![]).is_err());
-        assert!(RamLayout::new(vec![b("a", 0, 100)]).is_err());
-        assert!(RamLayout::new(vec![b("a", 0, 2 * MIB), b("b", MIB, 2 * MIB)]).is_err());
-        assert!(RamLayout::new(vec![b("a", 0, 2 * MIB), b("a", 4 * MIB, 2 * MIB)]).is_err());
-        assert!(RamLayout::new(vec![b("a", u64::MAX - 4095, 8192)]).is_err());
-        assert!(RamLayout::new(vec![b("a", 0, 2 * MIB), b("b", 4 * MIB, 2 * MIB)]).is_ok());
+        assert!(MemoryMap::pc(0).is_err());
+        assert!(MemoryMap::pc(3 * MIB).is_err());
+        assert!(MemoryMap::pc(64 * GIB).is_err());
+        let b = |name: &str, gpa, size| MemoryRegion { name: name.into(), gpa, size };
+        assert!(MemoryMap::new(vec![]).is_err());
+        assert!(MemoryMap::new(vec![b("a", 0, 100)]).is_err());
+        assert!(MemoryMap::new(vec![b("a", 0, 2 * MIB), b("b", MIB, 2 * MIB)]).is_err());
+        assert!(MemoryMap::new(vec![b("a", 0, 2 * MIB), b("a", 4 * MIB, 2 * MIB)]).is_err());
+        assert!(MemoryMap::new(vec![b("a", u64::MAX - 4095, 8192)]).is_err());
+        assert!(MemoryMap::new(vec![b("a", 0, 2 * MIB), b("b", 4 * MIB, 2 * MIB)]).is_ok());
     }
 
     #[test]
     fn check_range_bounds() {
-        let l = RamLayout::pc(4 * MIB).unwrap();
+        let l = MemoryMap::pc(4 * MIB).unwrap();
         assert!(l.check_range(PageRef::new(0, 0), 1024).is_ok());
         assert!(l.check_range(PageRef::new(0, 1), 1024).is_err());
         assert!(l.check_range(PageRef::new(0, u64::MAX), 2).is_err());

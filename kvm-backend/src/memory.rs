@@ -1,5 +1,5 @@
 //! Guest RAM backed by `vm-memory`'s `GuestMemoryMmap`, one mapping per block
-//! of the [`RamLayout`], with a per-page bitmap of the writes the VMM itself
+//! of the [`MemoryMap`], with a per-page bitmap of the writes the VMM itself
 //! makes (vm-memory's `AtomicBitmap`, set by every write through this type).
 //!
 //! Two kinds: anonymous memory, backed page by page on first touch
@@ -19,7 +19,7 @@ use std::sync::Arc;
 use vm_memory::bitmap::AtomicBitmap;
 use vm_memory::{Bytes, FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestRegionMmap, MmapRegion};
 
-use crate::layout::{LayoutError, PageRef, RamLayout, PAGE_SIZE};
+use crate::layout::{LayoutError, MemoryMap, PageRef, PAGE_SIZE};
 
 /// Allocating, mapping or accessing guest RAM failed.
 #[derive(Debug, thiserror::Error)]
@@ -78,7 +78,7 @@ pub type GuestMemory = GuestMemoryMmap<AtomicBitmap>;
 /// Guest RAM: the layout and its host mappings.
 #[derive(Debug)]
 pub struct GuestRam {
-    layout: RamLayout,
+    layout: MemoryMap,
     mem: GuestMemory,
     /// Host virtual address of each block's first byte.
     hosts: Vec<u64>,
@@ -88,7 +88,7 @@ pub struct GuestRam {
 
 impl GuestRam {
     /// Allocates anonymous, zero-filled, lazily backed memory for `layout`.
-    pub fn new(layout: RamLayout) -> Result<Self> {
+    pub fn new(layout: MemoryMap) -> Result<Self> {
         let ranges: Vec<(GuestAddress, usize, Option<FileOffset>)> =
             block_sizes(&layout)?.into_iter().map(|(gpa, size)| (gpa, size, None)).collect();
         let mem = GuestMemory::from_ranges_with_files(&ranges).map_err(MemoryError::Allocate)?;
@@ -98,7 +98,7 @@ impl GuestRam {
     /// Allocates every page of `layout` now, zero-filled, in one memfd
     /// mapped twice: the guest's mapping, and the placement mapping (see
     /// [`GuestRam::place`]). Takes as long as touching all of it.
-    pub fn new_preallocated(layout: RamLayout) -> Result<Self> {
+    pub fn new_preallocated(layout: MemoryMap) -> Result<Self> {
         let sizes = block_sizes(&layout)?;
         let total: u64 = layout.blocks().iter().map(|b| b.size).sum();
         let fd = rustix::fs::memfd_create("postcopy-guest-ram", rustix::fs::MemfdFlags::CLOEXEC)
@@ -130,7 +130,7 @@ impl GuestRam {
         Self::with_mappings(layout, mem, Some(placement))
     }
 
-    fn with_mappings(layout: RamLayout, mem: GuestMemory, placement: Option<GuestMemoryMmap<()>>) -> Result<Self> {
+    fn with_mappings(layout: MemoryMap, mem: GuestMemory, placement: Option<GuestMemoryMmap<()>>) -> Result<Self> {
         let mut hosts = Vec::with_capacity(layout.blocks().len());
         for b in layout.blocks() {
             let region = mem
@@ -156,8 +156,8 @@ impl GuestRam {
     /// only for pages it claimed) and the VMM's dirty tracking.
     ///
     /// ```compile_fail
-    /// # use postcopy_kvm::{GuestRam, PageRef, RamLayout};
-    /// let ram = GuestRam::new_preallocated(RamLayout::pc(2 << 20).unwrap()).unwrap();
+    /// # use postcopy_kvm::{GuestRam, PageRef, MemoryMap};
+    /// let ram = GuestRam::new_preallocated(MemoryMap::pc(2 << 20).unwrap()).unwrap();
     /// ram.place(PageRef::new(0, 0), &[0u8; 4096]).unwrap(); // private: this does not compile
     /// ```
     pub(crate) fn place(&self, first: PageRef, data: &[u8]) -> Result<()> {
@@ -174,7 +174,7 @@ impl GuestRam {
     }
 
     /// The layout.
-    pub fn layout(&self) -> &RamLayout {
+    pub fn layout(&self) -> &MemoryMap {
         &self.layout
     }
 
@@ -311,7 +311,7 @@ impl GuestRam {
 }
 
 /// Each block's guest address and size.
-fn block_sizes(layout: &RamLayout) -> Result<Vec<(GuestAddress, usize)>> {
+fn block_sizes(layout: &MemoryMap) -> Result<Vec<(GuestAddress, usize)>> {
     layout
         .blocks()
         .iter()
@@ -345,13 +345,13 @@ pub struct DirtyBitmap {
 
 impl DirtyBitmap {
     /// An empty set for `layout`.
-    pub fn empty(layout: &RamLayout) -> Self {
+    pub fn empty(layout: &MemoryMap) -> Self {
         Self::from_words(layout, Vec::new())
     }
 
     /// A set from per-block words; missing words are zero, extra words and
     /// bits past each block's end are dropped.
-    pub fn from_words(layout: &RamLayout, mut words: Vec<Vec<u64>>) -> Self {
+    pub fn from_words(layout: &MemoryMap, mut words: Vec<Vec<u64>>) -> Self {
         let pages: Vec<u64> = layout.blocks().iter().map(|b| b.pages()).collect();
         words.resize(pages.len(), Vec::new());
         for (w, &n) in words.iter_mut().zip(&pages) {
@@ -455,7 +455,7 @@ mod tests {
 
     #[test]
     fn vmm_writes_are_tracked_and_reset() {
-        let ram = GuestRam::new(RamLayout::pc(4 * MIB).unwrap()).unwrap();
+        let ram = GuestRam::new(MemoryMap::pc(4 * MIB).unwrap()).unwrap();
         assert!(ram.take_vmm_dirty().is_empty());
         ram.write_u64(5 * PAGE_SIZE + 8, 42).unwrap();
         ram.write(PAGE_SIZE * 9 - 2, &[1, 2, 3, 4]).unwrap();
@@ -470,9 +470,9 @@ mod tests {
 
     #[test]
     fn dump_writes_blocks_in_order() {
-        let layout = RamLayout::new(vec![
-            crate::layout::RamBlock { name: "a".into(), gpa: 0, size: 2 * MIB },
-            crate::layout::RamBlock { name: "b".into(), gpa: 8 * MIB, size: 2 * MIB },
+        let layout = MemoryMap::new(vec![
+            crate::layout::MemoryRegion { name: "a".into(), gpa: 0, size: 2 * MIB },
+            crate::layout::MemoryRegion { name: "b".into(), gpa: 8 * MIB, size: 2 * MIB },
         ])
         .unwrap();
         let ram = GuestRam::new(layout).unwrap();
@@ -488,7 +488,7 @@ mod tests {
 
     #[test]
     fn page_io_checks_bounds_and_lengths() {
-        let ram = GuestRam::new(RamLayout::pc(2 * MIB).unwrap()).unwrap();
+        let ram = GuestRam::new(MemoryMap::pc(2 * MIB).unwrap()).unwrap();
         let mut buf = vec![0u8; PAGE_SIZE as usize];
         assert!(ram.read_page(PageRef::new(0, 511), &mut buf).is_ok());
         assert!(ram.read_page(PageRef::new(0, 512), &mut buf).is_err());
@@ -504,7 +504,7 @@ mod tests {
 
     #[test]
     fn zero_pages_are_told_apart_by_any_byte() {
-        let ram = GuestRam::new(RamLayout::pc(2 * MIB).unwrap()).unwrap();
+        let ram = GuestRam::new(MemoryMap::pc(2 * MIB).unwrap()).unwrap();
         assert_eq!(ram.page_is_zero(PageRef::new(0, 5)).ok(), Some(true));
         for offset in [0, 255, 256, PAGE_SIZE - 1] {
             ram.write(5 * PAGE_SIZE + offset, &[1]).unwrap();
@@ -517,7 +517,7 @@ mod tests {
 
     #[test]
     fn host_addresses_map_back_to_pages() {
-        let ram = GuestRam::new(RamLayout::pc(4 * MIB).unwrap()).unwrap();
+        let ram = GuestRam::new(MemoryMap::pc(4 * MIB).unwrap()).unwrap();
         let (h, len) = ram.block_host_range(0).unwrap();
         assert_eq!(len, 4 * MIB);
         assert_eq!(ram.page_of_host_addr(h + 3 * PAGE_SIZE + 17), Some(PageRef::new(0, 3)));
@@ -528,7 +528,7 @@ mod tests {
 
     #[test]
     fn bitmap_set_operations() {
-        let layout = RamLayout::pc(4 * GIB_TEST).unwrap();
+        let layout = MemoryMap::pc(4 * GIB_TEST).unwrap();
         let mut a = DirtyBitmap::empty(&layout);
         assert!(a.insert(PageRef::new(0, 0)));
         assert!(a.insert(PageRef::new(1, 63)));
@@ -547,7 +547,7 @@ mod tests {
         let runs: Vec<_> = a.runs().collect();
         assert_eq!(runs, vec![(PageRef::new(0, 0), 1), (PageRef::new(0, 100), 1), (PageRef::new(1, 63), 2)]);
         // Bits past a block's end are dropped.
-        let l2 = RamLayout::pc(2 * MIB).unwrap(); // 512 pages = 8 words
+        let l2 = MemoryMap::pc(2 * MIB).unwrap(); // 512 pages = 8 words
         let d = DirtyBitmap::from_words(&l2, vec![vec![u64::MAX; 9]]);
         assert_eq!(d.count(), 512);
     }

@@ -500,7 +500,7 @@ mod tests {
     use std::cell::Cell;
 
     use super::*;
-    use crate::layout::{RamLayout, MIB};
+    use crate::layout::{MemoryMap, MIB};
     use crate::memory::GuestRam;
     use crate::vm::{Vm, VmConfig};
 
@@ -518,7 +518,7 @@ mod tests {
             eprintln!("SKIPPED: no KVM");
             return;
         }
-        let ram = Arc::new(GuestRam::new(RamLayout::pc(2 * MIB).expect("layout")).expect("ram"));
+        let ram = Arc::new(GuestRam::new(MemoryMap::pc(2 * MIB).expect("layout")).expect("ram"));
         let vm = Vm::new(ram, VmConfig::new(3)).expect("vm");
         let vcpus = vm.create_vcpus().expect("vcpus");
         let devices = vm.devices().clone();

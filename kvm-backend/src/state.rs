@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::devices::DevicesState;
 use crate::error::{Error, Result};
-use crate::layout::RamLayout;
+use crate::layout::MemoryMap;
 use crate::runner::VcpuSet;
 use crate::vcpu::{Vcpu, VcpuState};
 use crate::vm::{Vm, VmState};
@@ -28,7 +28,7 @@ const TRAILER_BYTES: usize = 8;
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct DeviceState {
     /// RAM layout the state belongs to (checked at restore).
-    pub ram: RamLayout,
+    pub ram: MemoryMap,
     /// VM-wide KVM state.
     pub vm: VmState,
     /// Per-vCPU KVM state, by index.

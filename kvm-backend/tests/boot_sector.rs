@@ -11,7 +11,7 @@ use common::*;
 use postcopy_kvm::guest::abi::{TEST_BOOT_MARKER, TEST_BOOT_MARKER_ADDR};
 use postcopy_kvm::guest::programs::TEST_BOOT_EXPECTED_SERIAL;
 use postcopy_kvm::layout::MIB;
-use postcopy_kvm::{BootSector, GuestRam, RamLayout, RunState, SerialOutput, VcpuSet, Vm, VmConfig};
+use postcopy_kvm::{BootSector, GuestRam, MemoryMap, RunState, SerialOutput, VcpuSet, Vm, VmConfig};
 
 struct Booted {
     ram: Arc<GuestRam>,
@@ -21,7 +21,7 @@ struct Booted {
 }
 
 fn boot(sector: &BootSector, irqchip: bool) -> Booted {
-    let ram = Arc::new(GuestRam::new(RamLayout::pc(16 * MIB).unwrap()).unwrap());
+    let ram = Arc::new(GuestRam::new(MemoryMap::pc(16 * MIB).unwrap()).unwrap());
     sector.load(&ram).unwrap();
     let (out, serial) = SerialOutput::buffer();
     let vm = Vm::new(ram.clone(), VmConfig { vcpus: 1, irqchip, serial: out }).unwrap();

@@ -101,10 +101,10 @@ fn shares_with_several_ranges_are_walked_across_holes() {
     if !kvm_or_skip("shares_with_several_ranges_are_walked_across_holes") {
         return;
     }
-    use postcopy_kvm::{GuestRam, RamBlock, RamLayout, TestGuest, VcpuSet, Vm, VmConfig};
+    use postcopy_kvm::{GuestRam, MemoryMap, MemoryRegion, TestGuest, VcpuSet, Vm, VmConfig};
     use std::sync::Arc;
-    let block = |name: &str, gpa, size| RamBlock { name: name.into(), gpa, size };
-    let layout = RamLayout::new(vec![
+    let block = |name: &str, gpa, size| MemoryRegion { name: name.into(), gpa, size };
+    let layout = MemoryMap::new(vec![
         block("low", 0, 6 * MIB),
         block("mid", 10 * MIB, 4 * MIB),
         block("high", 64 * MIB, 6 * MIB),

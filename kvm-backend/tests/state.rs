@@ -10,7 +10,7 @@ use common::*;
 use postcopy_kvm::layout::MIB;
 use postcopy_kvm::state::{MAX_STATE_BYTES, STATE_VERSION};
 use postcopy_kvm::vcpu::{MSR_IA32_TSC, MSR_IA32_TSC_DEADLINE};
-use postcopy_kvm::{DeviceState, Error, GuestRam, RamLayout, VcpuSet, Vm, VmConfig, PAGE_SIZE};
+use postcopy_kvm::{DeviceState, Error, GuestRam, MemoryMap, VcpuSet, Vm, VmConfig, PAGE_SIZE};
 
 fn copy_ram(src: &GuestRam, dst: &GuestRam) {
     let mut buf = vec![0u8; PAGE_SIZE as usize];
@@ -67,15 +67,15 @@ fn blob_rejects_bad_bytes() {
     assert!(is_state_err(DeviceState::from_bytes(&garbage)));
 
     // A well-formed state that does not fit the target VM.
-    let other = Arc::new(GuestRam::new(RamLayout::pc(32 * MIB).unwrap()).unwrap());
+    let other = Arc::new(GuestRam::new(MemoryMap::pc(32 * MIB).unwrap()).unwrap());
     let vm = Vm::new(other, VmConfig::new(2)).unwrap();
     let vcpus = vm.create_vcpus().unwrap();
     assert!(is_state_err(back.restore(&vm, &vcpus)), "RAM layout mismatch");
-    let same = Arc::new(GuestRam::new(RamLayout::pc(16 * MIB).unwrap()).unwrap());
+    let same = Arc::new(GuestRam::new(MemoryMap::pc(16 * MIB).unwrap()).unwrap());
     let vm = Vm::new(same, VmConfig::new(1)).unwrap();
     let vcpus = vm.create_vcpus().unwrap();
     assert!(is_state_err(back.restore(&vm, &vcpus)), "vCPU count mismatch");
-    let same = Arc::new(GuestRam::new(RamLayout::pc(16 * MIB).unwrap()).unwrap());
+    let same = Arc::new(GuestRam::new(MemoryMap::pc(16 * MIB).unwrap()).unwrap());
     let vm = Vm::new(same, VmConfig { irqchip: false, ..VmConfig::new(2) }).unwrap();
     let vcpus = vm.create_vcpus().unwrap();
     assert!(back.restore(&vm, &vcpus).is_err(), "irqchip mismatch");

@@ -12,11 +12,11 @@ use std::time::{Duration, Instant};
 use common::*;
 use postcopy_kvm::layout::MIB;
 use postcopy_kvm::uffd::{InjectedFault, InstallCount, InstallError, InstallFailure, InstallFaultPlan};
-use postcopy_kvm::{GuestRam, Install, LayoutError, PageRef, RamLayout, UffdError, UffdRam, PAGE_SIZE};
+use postcopy_kvm::{GuestRam, Install, LayoutError, MemoryMap, PageRef, UffdError, UffdRam, PAGE_SIZE};
 
 /// Registered RAM of `mib` MiB, anonymous or preallocated.
 fn fresh(mib: u64, preallocated: bool) -> Arc<UffdRam> {
-    let layout = RamLayout::pc(mib * MIB).expect("layout");
+    let layout = MemoryMap::pc(mib * MIB).expect("layout");
     let ram = if preallocated { GuestRam::new_preallocated(layout) } else { GuestRam::new(layout) };
     let ram = Arc::new(ram.expect("ram"));
     assert_eq!(ram.is_preallocated(), preallocated);
@@ -261,7 +261,7 @@ fn eagain_from_a_changing_address_space_is_a_retry_not_a_copy() {
     if !uffd_or_skip("eagain_from_a_changing_address_space_is_a_retry_not_a_copy") {
         return;
     }
-    let layout = RamLayout::pc(2 * MIB).expect("layout");
+    let layout = MemoryMap::pc(2 * MIB).expect("layout");
     let ram = Arc::new(GuestRam::new(layout).expect("ram"));
     let m = Arc::new(UffdRam::register_with_features(ram, EVENT_REMOVE).expect("register with EVENT_REMOVE"));
     let mut reader = m.fault_reader();
@@ -403,7 +403,7 @@ fn a_bad_event_does_not_cost_the_faults_read_with_it() {
     if !uffd_or_skip("a_bad_event_does_not_cost_the_faults_read_with_it") {
         return;
     }
-    let layout = RamLayout::pc(2 * MIB).expect("layout");
+    let layout = MemoryMap::pc(2 * MIB).expect("layout");
     let ram = Arc::new(GuestRam::new(layout).expect("ram"));
     let m = Arc::new(UffdRam::register_with_features(ram, EVENT_REMOVE).expect("register with EVENT_REMOVE"));
     let mut reader = m.fault_reader();

@@ -120,7 +120,7 @@ fn early_close_after_the_hello() {
         format: postcopy_kvm::driver::machine::MACHINE_FORMAT,
         vcpus: 1,
         irqchip: true,
-        ram: postcopy_kvm::RamLayout::pc(16 << 20).expect("layout"),
+        ram: postcopy_kvm::MemoryMap::pc(16 << 20).expect("layout"),
         guest: postcopy_kvm::driver::machine::GuestKind::Pattern,
     };
     let mut v = Vec::new();

@@ -4,7 +4,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::layout::{PageRef, RamLayout, PAGE_SIZE};
+use crate::layout::{MemoryMap, PageRef, PAGE_SIZE};
 use postcopy_core::PageNumber;
 
 /// Version of [`MachineDescription`]'s encoding.
@@ -30,7 +30,7 @@ pub struct MachineDescription {
     /// In-kernel irqchip and PIT.
     pub irqchip: bool,
     /// RAM blocks with their guest-physical addresses.
-    pub ram: RamLayout,
+    pub ram: MemoryMap,
     /// The guest.
     pub guest: GuestKind,
 }
@@ -51,7 +51,7 @@ impl MachineDescription {
             return Err(MachineError::Vcpus(m.vcpus));
         }
         // Re-check the layout's invariants (serde bypassed the constructor).
-        let ram = RamLayout::new(m.ram.blocks().to_vec()).map_err(|e| MachineError::Layout(e.into()))?;
+        let ram = MemoryMap::new(m.ram.blocks().to_vec()).map_err(|e| MachineError::Layout(e.into()))?;
         Ok(Self { ram, ..m })
     }
 }
@@ -77,7 +77,7 @@ pub enum MachineError {
 }
 
 /// The core's view of a layout: same blocks (names, page counts), 4 KiB pages.
-pub fn core_layout(layout: &RamLayout) -> Result<postcopy_core::RamLayout, postcopy_core::LayoutError> {
+pub fn core_layout(layout: &MemoryMap) -> Result<postcopy_core::RamLayout, postcopy_core::LayoutError> {
     let blocks = layout
         .blocks()
         .iter()
@@ -96,7 +96,7 @@ pub struct PageMap {
 
 impl PageMap {
     /// The map of `layout`.
-    pub fn new(layout: &RamLayout) -> Self {
+    pub fn new(layout: &MemoryMap) -> Self {
         let mut starts = Vec::with_capacity(layout.blocks().len() + 1);
         let mut total = 0;
         for b in layout.blocks() {
@@ -140,7 +140,7 @@ mod tests {
 
     #[test]
     fn page_numbers_round_trip_across_the_hole() {
-        let layout = RamLayout::pc(5 * GIB).unwrap();
+        let layout = MemoryMap::pc(5 * GIB).unwrap();
         let map = PageMap::new(&layout);
         let below = layout.blocks()[0].pages();
         assert_eq!(map.total_pages(), 5 * GIB / PAGE_SIZE);
@@ -165,7 +165,7 @@ mod tests {
             format: MACHINE_FORMAT,
             vcpus: 2,
             irqchip: true,
-            ram: RamLayout::pc(64 << 20).unwrap(),
+            ram: MemoryMap::pc(64 << 20).unwrap(),
             guest: GuestKind::Pattern,
         };
         let bytes = m.to_bytes();

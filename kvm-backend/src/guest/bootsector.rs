@@ -100,7 +100,7 @@ impl BootSector {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::layout::{RamLayout, MIB};
+    use crate::layout::{MemoryMap, MIB};
 
     #[test]
     fn images_are_checked() {
@@ -116,7 +116,7 @@ mod tests {
 
     #[test]
     fn load_places_sector_and_ivt() {
-        let ram = GuestRam::new(RamLayout::pc(2 * MIB).unwrap()).unwrap();
+        let ram = GuestRam::new(MemoryMap::pc(2 * MIB).unwrap()).unwrap();
         let t = BootSector::test_image();
         t.load(&ram).unwrap();
         let mut back = [0u8; 512];

@@ -27,7 +27,7 @@ pub mod programs {
 use kvm_bindings::{kvm_regs, kvm_segment, kvm_sregs};
 
 use crate::error::{Error, Result};
-use crate::layout::{RamLayout, GIB, PAGE_SIZE};
+use crate::layout::{MemoryMap, GIB, PAGE_SIZE};
 use crate::memory::GuestRam;
 use crate::vcpu::Vcpu;
 use abi::*;
@@ -133,7 +133,7 @@ pub struct TestGuest {
 
 impl TestGuest {
     /// Plans the guest: splits RAM above 1 MiB into `vcpus` shares.
-    pub fn new(layout: &RamLayout, vcpus: usize) -> Result<Self> {
+    pub fn new(layout: &MemoryMap, vcpus: usize) -> Result<Self> {
         if vcpus == 0 || vcpus > MAX_VCPUS {
             return Err(Error::Config(format!("{vcpus} vCPUs (1..={MAX_VCPUS} supported)")));
         }
@@ -401,7 +401,7 @@ mod tests {
     use crate::layout::{PageRef, MIB};
 
     fn guest(mib: u64, vcpus: usize) -> (GuestRam, TestGuest) {
-        let layout = RamLayout::pc(mib * MIB).unwrap();
+        let layout = MemoryMap::pc(mib * MIB).unwrap();
         let g = TestGuest::new(&layout, vcpus).unwrap();
         let ram = GuestRam::new(layout).unwrap();
         g.load(&ram).unwrap();
@@ -410,7 +410,7 @@ mod tests {
 
     #[test]
     fn shares_cover_usable_ram_exactly_once() {
-        let layout = RamLayout::pc(5 * GIB).unwrap();
+        let layout = MemoryMap::pc(5 * GIB).unwrap();
         let g = TestGuest::new(&layout, 3).unwrap();
         let mut all: Vec<u64> = (0..3).flat_map(|v| g.share(v).unwrap().page_addrs().collect::<Vec<_>>()).collect();
         let n = all.len() as u64;
@@ -425,10 +425,10 @@ mod tests {
 
     #[test]
     fn bad_configs_are_rejected() {
-        let layout = RamLayout::pc(64 * MIB).unwrap();
+        let layout = MemoryMap::pc(64 * MIB).unwrap();
         assert!(TestGuest::new(&layout, 0).is_err());
         assert!(TestGuest::new(&layout, 5).is_err());
-        let tiny = RamLayout::pc(2 * MIB).unwrap();
+        let tiny = MemoryMap::pc(2 * MIB).unwrap();
         assert!(TestGuest::new(&tiny, 4).is_ok());
     }
 
@@ -474,7 +474,7 @@ mod tests {
 
     #[test]
     fn position_from_registers() {
-        let layout = RamLayout::pc(4 * MIB).unwrap();
+        let layout = MemoryMap::pc(4 * MIB).unwrap();
         let g = TestGuest::new(&layout, 1).unwrap();
         let share = g.share(0).unwrap().clone();
         let (start, end) = share.ranges[0];

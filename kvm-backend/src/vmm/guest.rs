@@ -10,7 +10,7 @@ use crate::driver::machine::{GuestKind, MachineDescription, MACHINE_FORMAT};
 use crate::driver::{ArrivedGuest, Tuning};
 use crate::guest::bootsector::BootSector;
 use crate::guest::TestGuest;
-use crate::layout::RamLayout;
+use crate::layout::MemoryMap;
 use crate::memory::GuestRam;
 use crate::runner::VcpuSet;
 use crate::vm::{Vm, VmConfig};
@@ -68,7 +68,7 @@ impl LiveGuest {
         fn step<E: Into<crate::Error>>(step: &'static str) -> impl FnOnce(E) -> BootError {
             move |source| BootError::Vmm { step, source: source.into() }
         }
-        let layout = RamLayout::pc(spec.mem_bytes).map_err(step("lay out the guest's RAM"))?;
+        let layout = MemoryMap::pc(spec.mem_bytes).map_err(step("lay out the guest's RAM"))?;
         let ram = Arc::new(GuestRam::new(layout.clone()).map_err(step("allocate the guest's RAM"))?);
         let kind = match &spec.image {
             Some(path) => {

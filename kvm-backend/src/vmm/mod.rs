@@ -41,7 +41,7 @@ use crate::devices::{lock, SerialOutput};
 use crate::driver::report::{DestinationReport, SourceReport};
 use crate::driver::watch::{UserRequest, Watch};
 use crate::driver::{self, error_chain, Damage, DestinationOptions, SourceOptions, Tuning};
-use crate::layout::RamLayout;
+use crate::layout::MemoryMap;
 use crate::memory::{GuestRam, MemoryError};
 pub use guest::{BootError, GuestSpec, LiveGuest};
 
@@ -269,7 +269,7 @@ impl Shared {
     /// The incoming migration's thread.
     fn receive(self: Arc<Self>, listener: TcpListener, mut opts: DestinationOptions, job: Arc<Job>) {
         if let Some(bytes) = self.config.prealloc_bytes {
-            match RamLayout::pc(bytes).map_err(MemoryError::from).and_then(GuestRam::new_preallocated) {
+            match MemoryMap::pc(bytes).map_err(MemoryError::from).and_then(GuestRam::new_preallocated) {
                 Ok(ram) => opts.preallocated = Some(Arc::new(ram)),
                 Err(e) => tracing::warn!(e = error_chain(&e), "cannot preallocate guest RAM; allocating on arrival"),
             }

@@ -4,7 +4,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use postcopy_kvm::{CpuPosition, GuestRam, RamLayout, TestGuest, VcpuSet, VcpuState, Vm, VmConfig};
+use postcopy_kvm::{CpuPosition, GuestRam, MemoryMap, TestGuest, VcpuSet, VcpuState, Vm, VmConfig};
 
 /// Env var that turns a skip (no /dev/kvm or /dev/userfaultfd) into a failure.
 pub const REQUIRE_KVM_ENV: &str = "POSTCOPY_REQUIRE_KVM";
@@ -53,7 +53,7 @@ pub struct PatternVm {
 
 /// Builds and starts the pattern guest.
 pub fn start_pattern_vm(mem_bytes: u64, vcpus: usize, irqchip: bool) -> PatternVm {
-    let layout = RamLayout::pc(mem_bytes).expect("layout");
+    let layout = MemoryMap::pc(mem_bytes).expect("layout");
     let guest = TestGuest::new(&layout, vcpus).expect("guest");
     let ram = Arc::new(GuestRam::new(layout).expect("ram"));
     guest.load(&ram).expect("load");
