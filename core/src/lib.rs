@@ -35,6 +35,7 @@ macro_rules! planted {
     };
 }
 
+pub mod admission;
 pub mod bitmap;
 pub mod channel;
 pub mod config;
@@ -53,6 +54,7 @@ pub mod time;
 mod timer;
 pub mod wire;
 
+pub use admission::{Admission, ConnectionId, MAX_PROVISIONAL_PER_CHANNEL};
 pub use channel::Channel;
 pub use config::{Config, Mode};
 pub use destination::{Destination, DestinationAction, DestinationState, Waiter};

@@ -405,6 +405,7 @@ pub(super) fn notice_text(notice: &Notice) -> String {
         Notice::RecoveryFailed { attempt, reason } => format!("recovery attempt {attempt} failed: {reason}"),
         Notice::Recovered { epoch } => format!("recovered (epoch {epoch})"),
         Notice::ConnectionRefused { channel, error } => format!("refused a {channel} connection: {error}"),
+        Notice::StrangerRefused { channel, reason } => format!("refused a stranger's {channel} connection: {reason}"),
     }
 }
 

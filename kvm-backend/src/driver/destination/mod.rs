@@ -251,6 +251,9 @@ impl SideDriver for DestinationDriver<'_> {
             DestinationAction::Wake(page) => DestinationOp::Wake(page),
             DestinationAction::Close(channel) => DestinationOp::Close(l.close(channel)?),
             DestinationAction::Farewell { channel, bytes } => DestinationOp::Close(l.farewell(channel, bytes)?),
+            // This driver admits connections with `handle_connected` (one
+            // socket per channel), which never makes a connection provisional.
+            DestinationAction::PromoteConnection(_) | DestinationAction::CloseConnection(_) => return None,
             DestinationAction::Notice(notice) => DestinationOp::Notice(notice),
             DestinationAction::Finished(finished) => DestinationOp::Finished(finished),
         })
