@@ -10,6 +10,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::channel::Channel;
 use crate::link::Link;
+use crate::wire::Frame;
 
 /// Most provisional connections kept per channel; a newer one drops the
 /// oldest, so a peer opening connections in a loop costs bounded memory.
@@ -39,4 +40,7 @@ pub(crate) struct Provisional {
     pub id: ConnectionId,
     pub channel: Channel,
     pub link: Link,
+    /// Its first frame, waiting for a migration to be bound before it can
+    /// be judged (an urgent hello that arrives before the main hello).
+    pub first: Option<Frame>,
 }

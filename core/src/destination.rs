@@ -375,7 +375,7 @@ impl Destination {
         self.next_connection.0 += 1;
         let mut link = Link::default();
         link.connected(now);
-        self.provisional.push_back(Provisional { id, channel, link });
+        self.provisional.push_back(Provisional { id, channel, link, first: None });
         if self.provisional.iter().filter(|p| p.channel == channel).count() > MAX_PROVISIONAL_PER_CHANNEL {
             if let Some(oldest) = self.provisional.iter().position(|p| p.channel == channel) {
                 let limit = MAX_PROVISIONAL_PER_CHANNEL;
@@ -394,10 +394,28 @@ impl Destination {
         match candidate.link.decoder.next_frame() {
             Ok(None) => {}
             Err(error) => self.refuse_provisional(position, ProtocolError::Wire { channel, error }),
+            Ok(Some(frame)) if channel == Channel::Urgent && self.session.is_none() => {
+                // Its identity shows once a migration is bound; until then
+                // it waits (further bytes stay buffered).
+                self.provisional[position].first = Some(frame);
+            }
             Ok(Some(frame)) => match self.check_provisional(channel, &frame) {
                 Err(reason) => self.refuse_provisional(position, reason),
                 Ok(reconnects) => self.promote(now, position, frame, reconnects),
             },
+        }
+    }
+
+    /// A migration was just bound: decide the provisional connections whose
+    /// first frame waited for it.
+    fn recheck_provisional(&mut self, now: Timestamp) {
+        while let Some(position) = self.provisional.iter().position(|p| p.first.is_some()) {
+            let channel = self.provisional[position].channel;
+            let Some(frame) = self.provisional[position].first.take() else { return };
+            match self.check_provisional(channel, &frame) {
+                Err(reason) => self.refuse_provisional(position, reason),
+                Ok(reconnects) => self.promote(now, position, frame, reconnects),
+            }
         }
     }
 
@@ -654,7 +672,6 @@ impl Destination {
                 }
                 Ok(true)
             }
-            (Channel::Urgent, Frame::UrgentHello(_), None) => Ok(false),
             (Channel::Urgent, Frame::UrgentHello(hello), Some(session)) => {
                 if hello.session != session.id {
                     return Err(ProtocolError::SessionMismatch { expected: session.id, got: hello.session });
@@ -684,7 +701,7 @@ impl Destination {
     /// The provisional connection at `position` authenticated with `frame`:
     /// it replaces its channel's current connection.
     fn promote(&mut self, now: Timestamp, position: usize, frame: Frame, reconnects: bool) {
-        let Some(Provisional { id, channel, link }) = self.provisional.remove(position) else { return };
+        let Some(Provisional { id, channel, link, .. }) = self.provisional.remove(position) else { return };
         let index = channel.index();
         if reconnects
             && matches!(
@@ -788,6 +805,7 @@ impl Destination {
         }
         self.welcome_pending = true;
         self.maybe_welcome();
+        self.recheck_provisional(now);
         Ok(())
     }
 
