@@ -516,7 +516,8 @@ impl Destination {
                 }
                 (channel, frame) => Err(self.unexpected(channel, &frame)),
             };
-            if shown.is_ok() {
+            // Shown and kept (an urgent hello of another migration is closed).
+            if shown.is_ok() && self.hellos[index].is_some() {
                 self.heard_from_peer(now);
             }
             return shown;
@@ -815,10 +816,20 @@ impl Destination {
             return;
         };
         let main_epoch = self.hellos[Channel::Main.index()].map(|(_, e)| e);
-        if session != current.id || (main_epoch.is_some() && Some(epoch) != main_epoch) {
-            self.link_down(Channel::Urgent);
-            self.actions.push_back(DestinationAction::Close(Channel::Urgent));
-        }
+        let reason = if session != current.id {
+            ProtocolError::SessionMismatch { expected: current.id, got: session }
+        } else {
+            match main_epoch {
+                Some(main_epoch) if main_epoch != epoch => {
+                    ProtocolError::EpochMismatch { expected: main_epoch, got: epoch }
+                }
+                _ => return,
+            }
+        };
+        self.link_down(Channel::Urgent);
+        self.actions.push_back(DestinationAction::Close(Channel::Urgent));
+        let notice = Notice::StrangerRefused { channel: Channel::Urgent, reason: reason.into() };
+        self.actions.push_back(DestinationAction::Notice(notice));
     }
 
     fn on_page(&mut self, now: Timestamp, channel: Channel, frame: PageFrame) -> Result<(), ProtocolError> {
