@@ -219,6 +219,11 @@ impl<C: ProtocolCore> Shell<C> {
         }
     }
 
+    /// Records a notice the driver itself raised (not the core's).
+    pub(super) fn record_notice(&self, text: String) {
+        lock(&self.notices).push(text);
+    }
+
     /// The notices so far, as text.
     pub(super) fn notices(&self) -> Vec<String> {
         lock(&self.notices).clone()
