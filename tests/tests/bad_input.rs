@@ -121,6 +121,16 @@ fn garbage_instead_of_a_preamble() {
     assert_refused_then_migrated(&visit, "bad preamble");
 }
 
+/// A valid preamble and then nothing: the handshake bound refuses it.
+#[test]
+fn a_preamble_alone_is_refused_at_the_handshake_timeout() {
+    if !kvm_or_skip("a_preamble_alone_is_refused_at_the_handshake_timeout") {
+        return;
+    }
+    let visit = stranger_then_source("preamble_alone", &preamble(Channel::Main), STRANGER_LINGER);
+    assert_refused_then_migrated(&visit, "the handshake did not finish within 1500 ms");
+}
+
 #[test]
 fn garbage_frame_after_the_preamble() {
     if !kvm_or_skip("garbage_frame_after_the_preamble") {
