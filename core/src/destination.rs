@@ -35,6 +35,7 @@ use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, VecDeque};
 use std::fmt;
 
+use crate::admission::{Admission, ConnectionId, Provisional, MAX_PROVISIONAL_PER_CHANNEL};
 use crate::bitmap::Bitmap;
 use crate::channel::Channel;
 use crate::config::Config;
@@ -128,6 +129,11 @@ pub enum DestinationAction {
     Wake(PageNumber),
     /// Close this channel's connection; deliver nothing more from it.
     Close(Channel),
+    /// The provisional connection authenticated: it is now its channel's
+    /// current connection (a `Close` of the older one, if any, comes first).
+    PromoteConnection(ConnectionId),
+    /// Close this provisional connection; deliver nothing more from it.
+    CloseConnection(ConnectionId),
     /// Write `bytes` (a last frame telling the peer why), then close.
     Farewell { channel: Channel, bytes: Bytes },
     /// Something worth telling the user.
@@ -203,6 +209,11 @@ pub struct Destination {
     /// transmitted: the source may have given the guest away since.
     start_possible: bool,
     links: [Link; 3],
+    /// Connections accepted beside a live one, oldest first; see [`Admission`].
+    provisional: VecDeque<Provisional>,
+    /// Names the next provisional connection. Names only label connections
+    /// for the driver: states that differ only in it behave alike.
+    next_connection: Observed<u64>,
     /// The hello (session, epoch) seen on each connection, if any.
     hellos: [Option<(u64, u32)>; 3],
     present: Bitmap,
@@ -241,6 +252,8 @@ impl Destination {
             eoc_queued: false,
             start_possible: false,
             links: Default::default(),
+            provisional: VecDeque::new(),
+            next_connection: Observed(0),
             hellos: [None; 3],
             present: Bitmap::new(0),
             outstanding: BTreeMap::new(),
@@ -361,7 +374,81 @@ impl Destination {
 
     // ----- events ----------------------------------------------------------
 
-    /// A connection for `channel` was accepted (its preamble named it).
+    /// A connection for `channel` was accepted (its preamble named it) from
+    /// a peer not yet known to be this migration's source.
+    ///
+    /// While the channel has a live connection, the new one is provisional
+    /// (see [`Admission`]): it cannot displace the live one before its first
+    /// frame shows this migration's id and a valid epoch. The return channel
+    /// carries no frame from the source, so it has nothing to show: it is
+    /// admitted as by [`Destination::handle_connected`].
+    pub fn handle_accepted(&mut self, now: Timestamp, channel: Channel) -> Admission {
+        let index = channel.index();
+        if channel == Channel::Return || !self.links[index].up || self.state() == DestinationState::Failed {
+            self.handle_connected(now, channel);
+            return Admission::Current;
+        }
+        let id = ConnectionId(self.next_connection.0);
+        self.next_connection.0 += 1;
+        let mut link = Link::default();
+        link.connected(now);
+        self.provisional.push_back(Provisional { id, channel, link, first: None });
+        if self.provisional.iter().filter(|p| p.channel == channel).count() > MAX_PROVISIONAL_PER_CHANNEL {
+            if let Some(oldest) = self.provisional.iter().position(|p| p.channel == channel) {
+                let limit = MAX_PROVISIONAL_PER_CHANNEL;
+                self.refuse_provisional(oldest, ProtocolError::TooManyProvisional { channel, limit });
+            }
+        }
+        Admission::Provisional(id)
+    }
+
+    /// Bytes received on the provisional connection `id`.
+    pub fn handle_provisional_input(&mut self, now: Timestamp, id: ConnectionId, bytes: Bytes) {
+        let Some(position) = self.provisional.iter().position(|p| p.id == id) else { return };
+        let candidate = &mut self.provisional[position];
+        candidate.link.decoder.push(bytes);
+        let channel = candidate.channel;
+        match candidate.link.decoder.next_frame() {
+            Ok(None) => {}
+            Err(error) => self.refuse_provisional(position, ProtocolError::Wire { channel, error }),
+            Ok(Some(frame)) if channel == Channel::Urgent && self.session.is_none() => {
+                // Its identity shows once a migration is bound; until then
+                // it waits (further bytes stay buffered).
+                self.provisional[position].first = Some(frame);
+            }
+            Ok(Some(frame)) => match self.check_provisional(channel, &frame) {
+                Err(reason) => self.refuse_provisional(position, reason),
+                Ok(reconnects) => self.promote(now, position, frame, reconnects),
+            },
+        }
+    }
+
+    /// A migration was just bound: decide the provisional connections whose
+    /// first frame waited for it.
+    fn recheck_provisional(&mut self, now: Timestamp) {
+        while let Some(position) = self.provisional.iter().position(|p| p.first.is_some()) {
+            let channel = self.provisional[position].channel;
+            let Some(frame) = self.provisional[position].first.take() else { return };
+            match self.check_provisional(channel, &frame) {
+                Err(reason) => self.refuse_provisional(position, reason),
+                Ok(reconnects) => self.promote(now, position, frame, reconnects),
+            }
+        }
+    }
+
+    /// The provisional connection `id` was lost or closed by its peer.
+    pub fn handle_provisional_lost(&mut self, _now: Timestamp, id: ConnectionId) {
+        self.provisional.retain(|p| p.id != id);
+    }
+
+    /// The connections still provisional, oldest first.
+    pub fn provisional_connections(&self) -> impl Iterator<Item = (ConnectionId, Channel)> + '_ {
+        self.provisional.iter().map(|p| (p.id, p.channel))
+    }
+
+    /// A connection for `channel` was accepted and is trusted to be this
+    /// migration's source: it replaces any older connection of the channel
+    /// at once. [`Destination::handle_accepted`] is the untrusting variant.
     pub fn handle_connected(&mut self, now: Timestamp, channel: Channel) {
         if self.state() == DestinationState::Failed {
             self.actions.push_back(DestinationAction::Close(channel));
@@ -374,8 +461,8 @@ impl Destination {
         // A newer connection replaces an older one of the same channel.
         self.links[channel.index()].connected(now);
         self.hellos[channel.index()] = None;
-        self.heard_from_peer(now);
         if channel == Channel::Return {
+            self.heard_from_peer(now);
             self.arm_keepalive(now);
             self.return_welcomed = false;
             self.maybe_welcome();
@@ -387,8 +474,17 @@ impl Destination {
         if !self.links[channel.index()].up {
             return;
         }
+        let stranger = self.unauthenticated(channel);
         self.link_down(channel);
-        self.on_link_failure(now, MigrationError::ConnectionLost { channel });
+        if !stranger {
+            self.on_link_failure(now, MigrationError::ConnectionLost { channel });
+        }
+    }
+
+    /// Whether `channel`'s current connection has not shown this migration's
+    /// identity yet (the return channel has none to show).
+    fn unauthenticated(&self, channel: Channel) -> bool {
+        channel != Channel::Return && self.hellos[channel.index()].is_none()
     }
 
     /// Bytes received on `channel`, in chunks of any size.
@@ -396,8 +492,15 @@ impl Destination {
         if !self.links[channel.index()].up {
             return;
         }
-        self.heard_from_peer(now);
+        if !self.unauthenticated(channel) {
+            self.heard_from_peer(now);
+        }
         self.links[channel.index()].decoder.push(bytes);
+        self.decode_current(now, channel);
+    }
+
+    /// Handles every complete frame buffered on `channel`'s current connection.
+    fn decode_current(&mut self, now: Timestamp, channel: Channel) {
         loop {
             let link = &mut self.links[channel.index()];
             if !link.up {
@@ -417,11 +520,11 @@ impl Destination {
 
     /// Handles one decoded frame from `channel`.
     pub fn handle_frame(&mut self, now: Timestamp, channel: Channel, frame: Frame) -> Result<(), ProtocolError> {
-        self.heard_from_peer(now);
         let index = channel.index();
-        // Every source connection opens with its hello; nothing before it counts.
+        // Every source connection opens with its hello; nothing before it
+        // counts, nor shows that the source is alive.
         if self.hellos[index].is_none() {
-            return match (channel, frame) {
+            let shown = match (channel, frame) {
                 (Channel::Main, Frame::Hello(hello)) => self.on_hello(now, hello),
                 (Channel::Urgent, Frame::UrgentHello(hello)) => {
                     self.hellos[index] = Some((hello.session, hello.epoch));
@@ -430,7 +533,13 @@ impl Destination {
                 }
                 (channel, frame) => Err(self.unexpected(channel, &frame)),
             };
+            // Shown and kept (an urgent hello of another migration is closed).
+            if shown.is_ok() && self.hellos[index].is_some() {
+                self.heard_from_peer(now);
+            }
+            return shown;
         }
+        self.heard_from_peer(now);
         match (channel, frame) {
             (_, Frame::Ping) => Ok(()),
             (Channel::Main | Channel::Urgent, Frame::Page(page)) => self.on_page(now, channel, page),
@@ -588,8 +697,17 @@ impl Destination {
         };
         match timer {
             Timer::Handshake => {
+                // No migration is bound yet: whoever is connected never
+                // showed its identity in time. Refuse them; keep listening.
                 let timeout_ms = self.config.handshake_timeout.as_millis() as u64;
-                self.on_link_failure(now, MigrationError::HandshakeTimeout { timeout_ms });
+                for channel in Channel::ALL {
+                    if self.links[channel.index()].up {
+                        self.link_down(channel);
+                        self.actions.push_back(DestinationAction::Close(channel));
+                        let reason = MigrationError::HandshakeTimeout { timeout_ms };
+                        self.actions.push_back(DestinationAction::Notice(Notice::StrangerRefused { channel, reason }));
+                    }
+                }
             }
             Timer::Start => {
                 let timeout_ms = self.config.start_timeout.as_millis() as u64;
@@ -611,6 +729,85 @@ impl Destination {
             }
             Timer::Retry => {}
         }
+    }
+
+    // ----- internals: provisional connections -----------------------------
+
+    /// Whether `frame`, first on a provisional `channel` connection, shows
+    /// this migration's identity. Pure: a refusal changes nothing.
+    /// `Ok(true)`: it opens a newer epoch (the source reconnected).
+    fn check_provisional(&self, channel: Channel, frame: &Frame) -> Result<bool, ProtocolError> {
+        match (channel, frame, &self.session) {
+            // Nothing bound yet: the first fresh hello binds the migration.
+            (Channel::Main, Frame::Hello(hello), None) if !hello.resume => Ok(false),
+            (Channel::Main, Frame::Hello(hello), None) => {
+                Err(ProtocolError::NothingToResume { session: hello.session })
+            }
+            (Channel::Main, Frame::Hello(hello), Some(session)) => {
+                if hello.session != session.id {
+                    return Err(ProtocolError::SessionMismatch { expected: session.id, got: hello.session });
+                }
+                if !hello.resume || hello.epoch <= self.epoch {
+                    return Err(ProtocolError::EpochMismatch {
+                        expected: self.epoch.saturating_add(1),
+                        got: hello.epoch,
+                    });
+                }
+                Ok(true)
+            }
+            (Channel::Urgent, Frame::UrgentHello(hello), Some(session)) => {
+                if hello.session != session.id {
+                    return Err(ProtocolError::SessionMismatch { expected: session.id, got: hello.session });
+                }
+                // The main connection's epoch, or a newer one whose main
+                // hello is on its way; newer than the live urgent
+                // connection's if that one showed its identity.
+                let current = self.hellos[Channel::Main.index()].map_or(self.epoch, |(_, epoch)| epoch);
+                let least =
+                    if self.hellos[Channel::Urgent.index()].is_some() { current.saturating_add(1) } else { current };
+                if hello.epoch < least {
+                    return Err(ProtocolError::EpochMismatch { expected: least, got: hello.epoch });
+                }
+                Ok(hello.epoch > current)
+            }
+            (channel, frame, _) => Err(self.unexpected(channel, frame)),
+        }
+    }
+
+    fn refuse_provisional(&mut self, position: usize, reason: ProtocolError) {
+        let Some(stranger) = self.provisional.remove(position) else { return };
+        self.actions.push_back(DestinationAction::CloseConnection(stranger.id));
+        let notice = Notice::StrangerRefused { channel: stranger.channel, reason: reason.into() };
+        self.actions.push_back(DestinationAction::Notice(notice));
+    }
+
+    /// The provisional connection at `position` authenticated with `frame`:
+    /// it replaces its channel's current connection.
+    fn promote(&mut self, now: Timestamp, position: usize, frame: Frame, reconnects: bool) {
+        let Some(Provisional { id, channel, link, .. }) = self.provisional.remove(position) else { return };
+        let index = channel.index();
+        if reconnects
+            && matches!(
+                self.state(),
+                DestinationState::AwaitingStart | DestinationState::Running | DestinationState::Recovering
+            )
+        {
+            // The source reconnected before this side saw the old
+            // connections fail: they are gone for it.
+            self.pause(now, MigrationError::ConnectionLost { channel });
+        }
+        if self.links[index].up {
+            self.link_down(channel);
+            self.actions.push_back(DestinationAction::Close(channel));
+        }
+        self.actions.push_back(DestinationAction::PromoteConnection(id));
+        self.links[index] = link;
+        self.hellos[index] = None;
+        self.heard_from_peer(now);
+        if let Err(error) = self.handle_frame(now, channel, frame) {
+            self.on_protocol_error(now, channel, error);
+        }
+        self.decode_current(now, channel);
     }
 
     // ----- internals: frames in --------------------------------------------
@@ -691,6 +888,7 @@ impl Destination {
         }
         self.welcome_pending = true;
         self.maybe_welcome();
+        self.recheck_provisional(now);
         Ok(())
     }
 
@@ -700,10 +898,20 @@ impl Destination {
             return;
         };
         let main_epoch = self.hellos[Channel::Main.index()].map(|(_, e)| e);
-        if session != current.id || (main_epoch.is_some() && Some(epoch) != main_epoch) {
-            self.link_down(Channel::Urgent);
-            self.actions.push_back(DestinationAction::Close(Channel::Urgent));
-        }
+        let reason = if session != current.id {
+            ProtocolError::SessionMismatch { expected: current.id, got: session }
+        } else {
+            match main_epoch {
+                Some(main_epoch) if main_epoch != epoch => {
+                    ProtocolError::EpochMismatch { expected: main_epoch, got: epoch }
+                }
+                _ => return,
+            }
+        };
+        self.link_down(Channel::Urgent);
+        self.actions.push_back(DestinationAction::Close(Channel::Urgent));
+        let notice = Notice::StrangerRefused { channel: Channel::Urgent, reason: reason.into() };
+        self.actions.push_back(DestinationAction::Notice(notice));
     }
 
     fn on_page(&mut self, now: Timestamp, channel: Channel, frame: PageFrame) -> Result<(), ProtocolError> {
@@ -993,6 +1201,9 @@ impl Destination {
             }
         }
         self.close_all_links();
+        for stranger in std::mem::take(&mut self.provisional) {
+            self.actions.push_back(DestinationAction::CloseConnection(stranger.id));
+        }
         self.state = State::Failed;
         self.timers.stop_all();
         let stats = self.stats(now);
@@ -1051,12 +1262,9 @@ impl Destination {
                 self.control.clear();
                 self.eoc_queued = false;
             }
-            DestinationState::Listening if self.session.is_none() => {
-                if matches!(reason, MigrationError::HandshakeTimeout { .. }) {
-                    self.fail(now, reason, None);
-                }
-            }
-            DestinationState::Listening | DestinationState::Precopy | DestinationState::LoadingDevice => {
+            // No migration is bound: nothing to fail.
+            DestinationState::Listening => {}
+            DestinationState::Precopy | DestinationState::LoadingDevice => {
                 // The source takes the guest back: it never ran here.
                 self.fail(now, reason, None);
             }
@@ -1067,6 +1275,19 @@ impl Destination {
     }
 
     fn on_protocol_error(&mut self, now: Timestamp, channel: Channel, error: ProtocolError) {
+        let stranger = if channel == Channel::Return { self.session.is_none() } else { self.unauthenticated(channel) };
+        if stranger && self.state() != DestinationState::Failed {
+            // The connection never showed this migration's identity: it is
+            // a stranger's for all we know, and changes nothing. (The source
+            // writes nothing on the return channel, so bytes there are
+            // never the source's; but once a migration is bound, the return
+            // connection may carry its answers, so refusing it is a loss.)
+            self.link_down(channel);
+            self.actions.push_back(DestinationAction::Close(channel));
+            self.actions
+                .push_back(DestinationAction::Notice(Notice::StrangerRefused { channel, reason: error.into() }));
+            return;
+        }
         match self.state() {
             DestinationState::Failed => {}
             DestinationState::Completed | DestinationState::Paused => {
@@ -1108,6 +1329,11 @@ impl Destination {
         }
         if !self.links.iter().any(|l| l.up) {
             self.timers.stop(Timer::PeerTimeout);
+            if self.session.is_none() {
+                // Nobody left to shake hands with: a stranger that came and
+                // went leaves no deadline behind.
+                self.timers.stop(Timer::Handshake);
+            }
         }
     }
 

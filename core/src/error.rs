@@ -52,6 +52,8 @@ pub enum ProtocolError {
     DeviceStateTooLarge { limit: u64 },
     #[error("bad present-pages report: {0}")]
     BadPresentReport(String),
+    #[error("more than {limit} {channel} connections waited to show their identity; the oldest was dropped")]
+    TooManyProvisional { channel: Channel, limit: usize },
     #[error("the peer rejected the migration: {0}")]
     Rejected(String),
 }

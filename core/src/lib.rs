@@ -37,6 +37,7 @@ macro_rules! planted {
     };
 }
 
+pub mod admission;
 pub mod bitmap;
 pub mod channel;
 pub mod config;
@@ -55,6 +56,7 @@ pub mod time;
 mod timer;
 pub mod wire;
 
+pub use admission::{Admission, ConnectionId, MAX_PROVISIONAL_PER_CHANNEL};
 pub use channel::Channel;
 pub use config::{Config, Mode};
 pub use destination::{Destination, DestinationAction, DestinationState, Waiter};

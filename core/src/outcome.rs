@@ -46,6 +46,11 @@ pub enum Notice {
     /// A connection was refused for bad bytes or a wrong hello while nothing
     /// was at stake (paused, or already completed); the migration goes on.
     ConnectionRefused { channel: Channel, error: ProtocolError },
+    /// A connection that had not shown this migration's identity sent
+    /// garbage, another migration's id or a hello that does not fit: it was
+    /// closed alone, and nothing else changed (also: no identity shown
+    /// within the handshake timeout, before any migration was bound).
+    StrangerRefused { channel: Channel, reason: MigrationError },
 }
 
 impl<S> PartialEq for Finished<S> {

@@ -3,7 +3,8 @@
 
 use bytes::Bytes;
 use postcopy_core::wire::{
-    self, Decoder, Discard, Frame, Hello, PageData, PageFrame, PageKind, PresentPages, Request, UrgentHello, WireMode,
+    self, Decoder, Discard, Frame, Hello, PageData, PageFrame, PageKind, PresentPages, Request, UrgentHello, Welcome,
+    WireMode,
 };
 use postcopy_core::{
     Channel, Config, Destination, DestinationAction, DestinationState, EventError, MigrationError, Notice, PageAddress,
@@ -176,7 +177,7 @@ fn urgent_hello_of_another_session_is_closed() {
 }
 
 #[test]
-fn handshake_errors_reject_and_fail() {
+fn handshake_errors_refuse_the_connection_and_keep_listening() {
     let bad_size = Frame::Hello(Hello {
         resume: false,
         urgent_channel: false,
@@ -222,19 +223,22 @@ fn handshake_errors_reject_and_fail() {
         ),
     ];
     for (frame, expected) in cases {
+        // A connection that has not shown a migration's identity is refused
+        // alone: the destination keeps listening for its real source.
         let mut h = Harness::new(quiet());
         h.connect(Channel::Return);
         h.connect(Channel::Main);
         h.receive(Channel::Main, frame);
-        assert_eq!(h.dst.state(), DestinationState::Failed);
-        assert_eq!(h.finished_error(), Some(expected.clone()));
-        let farewell = h.actions.iter().find_map(|a| match a {
-            DestinationAction::Farewell { channel: Channel::Return, bytes } => Some(bytes.clone()),
-            _ => None,
-        });
-        let mut decoder = Decoder::new();
-        decoder.push(farewell.expect("the source is told why"));
-        assert!(matches!(decoder.next_frame(), Ok(Some(Frame::Reject { .. }))), "{expected:?}");
+        assert_eq!(h.dst.state(), DestinationState::Listening);
+        assert_eq!(h.finished_error(), None);
+        assert!(h.has(&DestinationAction::Close(Channel::Main)));
+        assert!(h.has(&DestinationAction::Notice(Notice::StrangerRefused { channel: Channel::Main, reason: expected })));
+        assert!(!h.dst.is_connected(Channel::Main));
+        assert!(h.dst.is_connected(Channel::Return), "the other channels stay");
+        // The real source still gets through.
+        h.connect(Channel::Main);
+        h.receive(Channel::Main, hello(WireMode::Postcopy, false, 0));
+        assert_eq!(h.dst.state(), DestinationState::Precopy);
     }
 }
 
@@ -247,13 +251,12 @@ fn wrong_version_is_a_typed_error() {
     bytes[8 + 5] = 2;
     h.dst.handle_input(h.now, Channel::Main, Bytes::from(bytes));
     h.drain();
-    assert_eq!(
-        h.finished_error(),
-        Some(MigrationError::Protocol(ProtocolError::Wire {
-            channel: Channel::Main,
-            error: WireError::UnsupportedVersion { got: 2, supported: wire::PROTOCOL_VERSION }
-        }))
-    );
+    let reason = MigrationError::Protocol(ProtocolError::Wire {
+        channel: Channel::Main,
+        error: WireError::UnsupportedVersion { got: 2, supported: wire::PROTOCOL_VERSION },
+    });
+    assert!(h.has(&DestinationAction::Notice(Notice::StrangerRefused { channel: Channel::Main, reason })));
+    assert_eq!(h.dst.state(), DestinationState::Listening);
 }
 
 #[test]
@@ -590,7 +593,8 @@ fn resume_checks_session_epoch_and_layout() {
         h.connect(Channel::Main);
         h.receive(Channel::Main, frame);
         assert!(h.has(&DestinationAction::Close(Channel::Main)));
-        assert!(h.has(&DestinationAction::Notice(Notice::ConnectionRefused { channel: Channel::Main, error })));
+        let reason = MigrationError::Protocol(error);
+        assert!(h.has(&DestinationAction::Notice(Notice::StrangerRefused { channel: Channel::Main, reason })));
         assert_eq!(h.dst.state(), DestinationState::Paused);
     }
 }
@@ -636,14 +640,24 @@ fn peer_timeout_pauses_and_keepalive_pings() {
 }
 
 #[test]
-fn handshake_timeout_fails_a_listening_destination() {
+fn handshake_timeout_refuses_silent_peers_and_keeps_listening() {
     let mut h = Harness::new(quiet());
     assert_eq!(h.dst.poll_timeout(), None, "no bound before anyone connects");
     h.connect(Channel::Main);
     h.now = h.dst.poll_timeout().unwrap();
     h.dst.handle_timeout(h.now);
     h.drain();
-    assert!(matches!(h.finished_error(), Some(MigrationError::HandshakeTimeout { .. })));
+    assert_eq!(h.finished_error(), None);
+    assert!(h.has(&DestinationAction::Close(Channel::Main)));
+    assert!(h.actions.iter().any(|a| matches!(
+        a,
+        DestinationAction::Notice(Notice::StrangerRefused {
+            channel: Channel::Main,
+            reason: MigrationError::HandshakeTimeout { .. }
+        })
+    )));
+    assert_eq!(h.dst.state(), DestinationState::Listening);
+    assert_eq!(h.dst.poll_timeout(), None, "nothing left to time");
 }
 
 #[test]
@@ -664,8 +678,8 @@ fn a_session_opened_at_the_last_epoch_refuses_every_resume_without_overflow() {
     h.actions.clear();
     h.connect(Channel::Main);
     h.receive(Channel::Main, hello(WireMode::Postcopy, true, u32::MAX));
-    let error = ProtocolError::EpochMismatch { expected: u32::MAX, got: u32::MAX };
-    assert!(h.has(&DestinationAction::Notice(Notice::ConnectionRefused { channel: Channel::Main, error })));
+    let reason = MigrationError::Protocol(ProtocolError::EpochMismatch { expected: u32::MAX, got: u32::MAX });
+    assert!(h.has(&DestinationAction::Notice(Notice::StrangerRefused { channel: Channel::Main, reason })));
     assert_eq!(h.dst.state(), DestinationState::Paused);
 }
 
@@ -787,4 +801,173 @@ fn install_failures_out_of_place_are_event_errors() {
         h.dst.handle_install_failed(h.now, PageNumber(4), "late".into()),
         Err(EventError::InstallFailedAfterEnd { page: 4 })
     );
+}
+
+// ----- strangers: connections that have not shown this migration's id -----
+
+fn encoded(frame: &Frame) -> Bytes {
+    let mut bytes = Vec::new();
+    wire::encode(frame, &mut bytes);
+    Bytes::from(bytes)
+}
+
+fn other_session_hello() -> Frame {
+    let Frame::Hello(mut hello) = hello(WireMode::Postcopy, true, 1) else { unreachable!() };
+    hello.session = 7;
+    Frame::Hello(hello)
+}
+
+impl Harness {
+    fn accept_provisional(&mut self, channel: Channel) -> postcopy_core::ConnectionId {
+        match self.dst.handle_accepted(self.now, channel) {
+            postcopy_core::Admission::Provisional(id) => id,
+            other => panic!("a live {channel} connection makes a newcomer provisional, got {other:?}"),
+        }
+    }
+
+    fn provisional_input(&mut self, id: postcopy_core::ConnectionId, bytes: Bytes) {
+        self.dst.handle_provisional_input(self.now, id, bytes);
+        self.drain();
+    }
+}
+
+#[test]
+fn a_stranger_beside_a_live_postcopy_connection_changes_nothing() {
+    let urgent_hello = |session| Frame::UrgentHello(UrgentHello { session, epoch: 1 });
+    let cases: Vec<(Channel, Bytes, ProtocolError)> = vec![
+        (
+            Channel::Main,
+            Bytes::from_static(&[0x7f, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]),
+            ProtocolError::Wire { channel: Channel::Main, error: WireError::UnknownFrameType(0x7f) },
+        ),
+        (Channel::Main, encoded(&other_session_hello()), ProtocolError::SessionMismatch { expected: SESSION, got: 7 }),
+        (
+            Channel::Main,
+            encoded(&hello(WireMode::Postcopy, false, 0)),
+            ProtocolError::EpochMismatch { expected: 1, got: 0 },
+        ),
+        (
+            Channel::Main,
+            encoded(&page(0, 3, PageKind::Requested)),
+            ProtocolError::UnexpectedFrame {
+                channel: Channel::Main,
+                kind: wire::FrameKind::Page,
+                state: "RUNNING".into(),
+            },
+        ),
+        (Channel::Urgent, encoded(&urgent_hello(7)), ProtocolError::SessionMismatch { expected: SESSION, got: 7 }),
+        (
+            Channel::Urgent,
+            encoded(&Frame::UrgentHello(UrgentHello { session: SESSION, epoch: 0 })),
+            ProtocolError::EpochMismatch { expected: 1, got: 0 },
+        ),
+    ];
+    for (channel, bytes, error) in cases {
+        let mut h = Harness::running(quiet());
+        h.actions.clear();
+        let before = h.dst.clone();
+        let id = h.accept_provisional(channel);
+        assert_eq!(h.dst.provisional_connections().collect::<Vec<_>>(), vec![(id, channel)]);
+        h.provisional_input(id, bytes);
+        assert_eq!(
+            h.actions,
+            vec![
+                DestinationAction::CloseConnection(id),
+                DestinationAction::Notice(Notice::StrangerRefused { channel, reason: error.into() }),
+            ]
+        );
+        assert_eq!(h.dst, before, "a refused stranger leaves the destination as it was");
+        // The live connection still carries the migration.
+        h.receive(Channel::Main, page(0, 5, PageKind::Background));
+        assert_eq!(h.installed(), vec![(5, false)]);
+        assert_eq!(h.dst.state(), DestinationState::Running);
+    }
+}
+
+#[test]
+fn a_silent_or_vanished_stranger_changes_nothing() {
+    let mut h = Harness::running(quiet());
+    let before = h.dst.clone();
+    let id = h.accept_provisional(Channel::Main);
+    // Half a hello, then it goes away.
+    h.provisional_input(id, encoded(&hello(WireMode::Postcopy, true, 1)).slice(..10));
+    h.dst.handle_provisional_lost(h.now, id);
+    assert_eq!(h.dst, before);
+    assert_eq!(h.dst.provisional_connections().count(), 0);
+}
+
+#[test]
+fn provisional_connections_are_bounded_per_channel() {
+    let mut h = Harness::running(quiet());
+    h.actions.clear();
+    let ids: Vec<_> =
+        (0..=postcopy_core::MAX_PROVISIONAL_PER_CHANNEL).map(|_| h.accept_provisional(Channel::Main)).collect();
+    h.drain();
+    let limit = postcopy_core::MAX_PROVISIONAL_PER_CHANNEL;
+    let reason = MigrationError::Protocol(ProtocolError::TooManyProvisional { channel: Channel::Main, limit });
+    assert_eq!(
+        h.actions,
+        vec![
+            DestinationAction::CloseConnection(ids[0]),
+            DestinationAction::Notice(Notice::StrangerRefused { channel: Channel::Main, reason }),
+        ]
+    );
+    let kept: Vec<_> = h.dst.provisional_connections().map(|(id, _)| id).collect();
+    assert_eq!(kept, ids[1..].to_vec());
+    // Another channel has its own allowance.
+    let urgent = h.accept_provisional(Channel::Urgent);
+    assert_eq!(h.dst.provisional_connections().count(), limit + 1);
+    assert!(h.dst.provisional_connections().any(|(id, _)| id == urgent));
+}
+
+#[test]
+fn a_real_reconnection_on_a_provisional_connection_recovers() {
+    let mut h = Harness::running(quiet());
+    h.actions.clear();
+    // The source lost its connections and reconnects before this side
+    // noticed: the old ones are still up here.
+    let main = h.accept_provisional(Channel::Main);
+    let urgent = h.accept_provisional(Channel::Urgent);
+    h.provisional_input(main, encoded(&hello(WireMode::Postcopy, true, 1)));
+    assert!(h.has(&DestinationAction::PromoteConnection(main)));
+    let close_old = h.actions.iter().position(|a| *a == DestinationAction::Close(Channel::Main));
+    let promote = h.actions.iter().position(|a| *a == DestinationAction::PromoteConnection(main));
+    assert!(close_old.is_some() && close_old < promote, "the old connection closes before the new one takes over");
+    assert_eq!(h.paused_reason(), Some(MigrationError::ConnectionLost { channel: Channel::Main }));
+    assert_eq!(h.dst.state(), DestinationState::Recovering);
+    h.provisional_input(urgent, encoded(&Frame::UrgentHello(UrgentHello { session: SESSION, epoch: 1 })));
+    assert!(h.has(&DestinationAction::PromoteConnection(urgent)));
+    // The paused destination closed the old return connection: the new one is current.
+    assert_eq!(h.dst.handle_accepted(h.now, Channel::Return), postcopy_core::Admission::Current);
+    let frames = h.returned();
+    assert!(matches!(frames[0], Frame::Welcome(Welcome { epoch: 1, .. })), "{frames:?}");
+    assert!(frames.iter().any(|f| matches!(f, Frame::PresentEnd { .. })));
+    assert_eq!(h.dst.state(), DestinationState::Running);
+    assert!(h.has(&DestinationAction::Notice(Notice::Recovered { epoch: 1 })));
+    // Pages flow on the promoted connections.
+    h.actions.clear();
+    h.receive(Channel::Urgent, page(0, 9, PageKind::Requested));
+    assert_eq!(h.installed(), vec![(9, false)]);
+}
+
+#[test]
+fn a_stranger_before_any_migration_is_refused_and_the_source_still_binds() {
+    let mut h = Harness::new(quiet());
+    // A stranger holds the main slot first, silently.
+    h.connect(Channel::Main);
+    h.connect(Channel::Return);
+    // The real source's main connection arrives beside it and authenticates
+    // with the first fresh hello.
+    let main = h.accept_provisional(Channel::Main);
+    h.provisional_input(main, encoded(&hello(WireMode::Postcopy, false, 0)));
+    assert!(h.has(&DestinationAction::Close(Channel::Main)));
+    assert!(h.has(&DestinationAction::PromoteConnection(main)));
+    assert_eq!(h.dst.state(), DestinationState::Precopy);
+    // Now bound: another fresh hello beside it is a stranger.
+    h.actions.clear();
+    let before = h.dst.clone();
+    let late = h.accept_provisional(Channel::Main);
+    h.provisional_input(late, encoded(&hello(WireMode::Postcopy, false, 0)));
+    assert!(h.has(&DestinationAction::CloseConnection(late)));
+    assert_eq!(h.dst, before);
 }

@@ -32,8 +32,8 @@ use std::time::Duration;
 
 use postcopy_core::wire::{self, Decoder, Frame, FrameKind, PageData};
 use postcopy_core::{
-    Channel, Config, Destination, DestinationAction, DestinationState, EventError, MigrationError, Notice, PageAddress,
-    PageNumber, RamLayout, Side, Timestamp, Waiter,
+    Admission, Channel, Config, Destination, DestinationAction, DestinationState, EventError, MigrationError, Notice,
+    PageAddress, PageNumber, RamLayout, Side, Timestamp, Waiter,
 };
 
 use crate::alloc_guard::Scope;
@@ -100,6 +100,15 @@ pub enum DestinationOp {
     InstallFailed {
         page: Num,
     },
+    /// A new connection on `[Main, Urgent, Return][ch % 3]` from a peer
+    /// that may not be the source: a structured frame (with another
+    /// migration's id when `other_session`), then raw bytes.
+    Stranger {
+        ch: u8,
+        other_session: bool,
+        frame: FrameSpec,
+        garbage: Vec<u8>,
+    },
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -112,7 +121,7 @@ const MAIN_FIRST: [Channel; 3] = [Channel::Main, Channel::Urgent, Channel::Retur
 
 impl DestinationOp {
     fn read(r: &mut In) -> DestinationOp {
-        match r.u8() % 10 {
+        match r.u8() % 11 {
             0 => DestinationOp::Connected(r.u8()),
             1 => DestinationOp::ConnectionLost(r.u8()),
             2 => DestinationOp::Frame { ch: r.u8(), frame: FrameSpec::read(r), split: r.u16() },
@@ -122,7 +131,13 @@ impl DestinationOp {
             6 => DestinationOp::DeviceStateLoaded { ok: r.bool() },
             7 => DestinationOp::Cancel,
             8 => DestinationOp::Timer(r.u8()),
-            _ => DestinationOp::InstallFailed { page: r.num() },
+            9 => DestinationOp::InstallFailed { page: r.num() },
+            _ => DestinationOp::Stranger {
+                ch: r.u8(),
+                other_session: r.bool(),
+                frame: FrameSpec::read(r),
+                garbage: r.bytes(64),
+            },
         }
     }
 
@@ -159,6 +174,11 @@ impl DestinationOp {
             }
             DestinationOp::InstallFailed { page } => {
                 o.u8(9).num(*page);
+            }
+            DestinationOp::Stranger { ch, other_session, frame, garbage } => {
+                o.u8(10).u8(*ch).bool(*other_session);
+                frame.write(o);
+                o.bytes(garbage);
             }
         }
     }
@@ -277,7 +297,10 @@ impl Driver {
     fn process(&mut self) {
         while let Some(action) = self.core.poll_action() {
             if self.finished == Some(false) {
-                assert!(matches!(action, DestinationAction::Close(_)), "{action:?} after failing");
+                assert!(
+                    matches!(action, DestinationAction::Close(_) | DestinationAction::CloseConnection(_)),
+                    "{action:?} after failing"
+                );
                 continue;
             }
             match action {
@@ -324,7 +347,9 @@ impl Driver {
                 DestinationAction::Wake(page) => {
                     assert!(self.present.contains(&page.0), "wake for missing page {}", page.0);
                 }
-                DestinationAction::Close(_) => {}
+                DestinationAction::Close(_)
+                | DestinationAction::PromoteConnection(_)
+                | DestinationAction::CloseConnection(_) => {}
                 DestinationAction::Farewell { channel, bytes } => {
                     assert_eq!(channel, Channel::Return);
                     assert!(!self.resumed, "a destination that ran the guest said farewell");
@@ -336,6 +361,7 @@ impl Driver {
                 }
                 DestinationAction::Notice(notice) => match notice {
                     Notice::Paused { reason } => self.report.errors.push(reason),
+                    Notice::StrangerRefused { reason, .. } => self.report.errors.push(reason),
                     Notice::Recovered { .. } | Notice::ConnectionRefused { .. } => {}
                     other => panic!("the destination does not send {other:?}"),
                 },
@@ -510,8 +536,65 @@ impl Driver {
         self.core.handle_input(self.now, channel, bytes.slice(split..));
     }
 
+    /// A peer connects and shows `frame` then `garbage`. One that shows
+    /// another migration's id once a migration is bound must change nothing:
+    /// the core stays equal to what it was and asks only to close it.
+    fn stranger(&mut self, channel: Channel, other_session: bool, spec: &FrameSpec, garbage: &[u8]) {
+        let session = if other_session { SESSION ^ 0xdead } else { SESSION };
+        let ctx = Ctx {
+            session,
+            epoch: self.core.epoch().saturating_add(1),
+            page_size: self.page_size,
+            layout: self.core.layout(),
+            next_word: 0,
+            present_seen: 0,
+        };
+        let mut bytes = Vec::new();
+        wire::encode(&spec.build(&ctx), &mut bytes);
+        bytes.extend_from_slice(garbage);
+        let bytes = Bytes::from(bytes);
+        let stranger = other_session && self.core.layout().is_some() && self.core.state() != DestinationState::Failed;
+        let before = stranger.then(|| self.core.clone());
+        let admission = self.core.handle_accepted(self.now, channel);
+        match admission {
+            Admission::Provisional(id) => {
+                self.core.handle_provisional_input(self.now, id, bytes);
+                self.core.handle_provisional_lost(self.now, id);
+            }
+            Admission::Current => self.core.handle_input(self.now, channel, bytes),
+        }
+        let Some(before) = before else { return };
+        if channel == Channel::Return {
+            // The return channel has no identity to show (see the core's
+            // `handle_accepted`): a newcomer there is admitted as the source's.
+            return;
+        }
+        let mut after = self.core.clone();
+        while let Some(action) = after.poll_action() {
+            assert!(
+                matches!(
+                    action,
+                    DestinationAction::Close(_)
+                        | DestinationAction::CloseConnection(_)
+                        | DestinationAction::Notice(Notice::StrangerRefused { .. })
+                ),
+                "a stranger on {channel} made the destination do {action:?}"
+            );
+        }
+        if admission == Admission::Current && self.core.is_connected(channel) {
+            // Its bytes did not end a frame: it is still there, unproven.
+            self.core.handle_connection_lost(self.now, channel);
+            after = self.core.clone();
+            while after.poll_action().is_some() {}
+        }
+        assert!(after == before, "a stranger on {channel} changed the destination");
+    }
+
     fn step(&mut self, op: &DestinationOp) {
         match op {
+            DestinationOp::Stranger { ch, other_session, frame, garbage } => {
+                self.stranger(MAIN_FIRST[*ch as usize % 3], *other_session, frame, garbage)
+            }
             DestinationOp::Connected(ch) => self.connected(MAIN_FIRST[*ch as usize % 3]),
             DestinationOp::ConnectionLost(ch) => {
                 self.core.handle_connection_lost(self.now, MAIN_FIRST[*ch as usize % 3])

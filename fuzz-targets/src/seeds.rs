@@ -603,6 +603,20 @@ fn destination_seeds(events: &[Event], hybrid_events: &[Event]) -> Vec<Seed> {
         ops.push(on(Channel::Urgent, FrameSpec::StartGuest));
         ops
     };
+    // Strangers beside a running migration: another migration's resume
+    // hello on the main channel, then its urgent hello; each refused alone.
+    let mut ops = running();
+    for ch in [0, 1] {
+        let frame = if ch == 0 {
+            hello(true, false, vec![(0, Num::Near(3))])
+        } else {
+            FrameSpec::UrgentHello { session: Num::Near(0), epoch: Num::Near(1) }
+        };
+        ops.push(DestinationOp::Stranger { ch, other_session: true, frame, garbage: vec![0x7f; 9] });
+    }
+    seeds.push(destination_error("stranger-other-session", ops, |e| {
+        matches!(e, MigrationError::Protocol(ProtocolError::SessionMismatch { .. }))
+    }));
     let mut ops = running();
     ops.push(on(
         Channel::Main,

@@ -409,7 +409,9 @@ impl Driver {
                         self.withdrawing = true;
                         self.report.errors.push(reason);
                     }
-                    Notice::ConnectionRefused { .. } => panic!("the source does not refuse connections"),
+                    Notice::ConnectionRefused { .. } | Notice::StrangerRefused { .. } => {
+                        panic!("the source does not refuse connections")
+                    }
                 },
                 SourceAction::Finished(finished) => {
                     self.finished = true;

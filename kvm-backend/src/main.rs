@@ -47,6 +47,12 @@ struct Cli {
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Wait for a migration on ADDR, run the migrated guest, check it.
+    ///
+    /// A connection that is not the source's (garbage, a wrong version, a
+    /// bad frame, half a hello, another migration's hello) is refused alone
+    /// and logged; the destination keeps waiting for its source. Exits 0
+    /// only if the migrated guest is intact; 1 with the reason if the
+    /// migration fails.
     #[command(name = "dest", visible_alias = "destination")]
     Destination(commands::DestinationArgs),
     /// Start a guest and migrate it to the destination at ADDR.

@@ -165,6 +165,9 @@ pub struct ModelConfig {
     pub liveness: bool,
     /// Rounds the fair run may take before it counts as stuck.
     pub fair_rounds: usize,
+    /// Peers of another migration may connect to the destination at any
+    /// point (each must change nothing).
+    pub strangers: bool,
     /// A planted bug in both cores.
     pub plant: Option<PlantedBug>,
 }
@@ -188,6 +191,7 @@ impl Default for ModelConfig {
             symmetry: true,
             liveness: true,
             fair_rounds: 200,
+            strangers: true,
             plant: None,
         }
     }
@@ -273,11 +277,23 @@ pub enum Action {
     Timer,
     TimerConnectFails,
     DestinationExits,
-    Read { vcpu: u32, page: u64 },
-    Write { vcpu: u32, page: u64 },
+    Read {
+        vcpu: u32,
+        page: u64,
+    },
+    Write {
+        vcpu: u32,
+        page: u64,
+    },
     SwitchToPostcopy,
     CancelOnSource,
     CancelOnDestination,
+    /// A peer of another migration connects to the destination on the
+    /// channel, shows its own hello (or garbage), and goes.
+    Stranger {
+        channel: Channel,
+        garbage: bool,
+    },
 }
 
 impl fmt::Display for Action {
@@ -294,6 +310,8 @@ impl fmt::Display for Action {
             Action::SwitchToPostcopy => write!(f, "user: switch to postcopy"),
             Action::CancelOnSource => write!(f, "user: cancel on the source"),
             Action::CancelOnDestination => write!(f, "user: cancel on the destination"),
+            Action::Stranger { channel, garbage: false } => write!(f, "a stranger's hello on {channel}"),
+            Action::Stranger { channel, garbage: true } => write!(f, "a stranger's garbage on {channel}"),
         }
     }
 }
@@ -335,6 +353,7 @@ impl MigrationModel {
                 state.losses_left -= 1;
                 pair.lose(channel);
             }
+            Action::Stranger { channel, garbage } => pair.stranger(channel, garbage),
             Action::Timer => {
                 state.timers_left -= 1;
                 pair.fire_timer();
@@ -474,6 +493,14 @@ impl Model for MigrationModel {
                 }
             }
         }
+        // Strangers: each must change nothing, so its next state is the
+        // same one (no new state) unless a property fails.
+        if self.cfg.strangers && !pair.dst_gone {
+            for channel in self.channels().filter(|&c| c != Channel::Return) {
+                actions.push(Action::Stranger { channel, garbage: false });
+                actions.push(Action::Stranger { channel, garbage: true });
+            }
+        }
         // Timers.
         let src_deadline = pair.src.core.poll_timeout();
         let dst_deadline = pair.dst.core.poll_timeout();
@@ -536,6 +563,9 @@ impl Model for MigrationModel {
             Property::always(BOUNDED, |m: &MigrationModel, s: &State| bounded(m, &s.pair).is_ok()),
             Property::always(DRIVER_CONTRACT, |_: &MigrationModel, s: &State| driver_contract(&s.pair).is_ok()),
             Property::always(FRAME_ORDER, |_: &MigrationModel, s: &State| frame_order(&s.pair).is_ok()),
+            Property::always(STRANGER_CHANGES_NOTHING, |_: &MigrationModel, s: &State| {
+                stranger_changes_nothing(&s.pair).is_ok()
+            }),
             Property::always(FAIR_RUN_COMPLETES, |m: &MigrationModel, s: &State| m.fair_run_ok(&s.pair)),
             Property::sometimes("both sides complete", |_: &MigrationModel, s: &State| s.pair.completed()),
             Property::sometimes("fault served during background push", |_: &MigrationModel, s: &State| {
@@ -588,9 +618,19 @@ pub const DRIVER_CONTRACT: &str = "cores accept every event of a correct driver"
 pub const FRAME_ORDER: &str = "frames in protocol order on every connection";
 pub const FAIR_RUN_COMPLETES: &str = "a fair run completes: EOC reaches COMPLETED, faults resolved (invariant 3)";
 
+pub const STRANGER_CHANGES_NOTHING: &str = "a stranger (another migration's hello, garbage) changes nothing";
+
 /// The names of the `always` properties.
-pub const SAFETY: [&str; 7] =
-    [NO_PAGE_LOST, ONE_RUNNER, CROSSES_ONCE, BOUNDED, DRIVER_CONTRACT, FRAME_ORDER, FAIR_RUN_COMPLETES];
+pub const SAFETY: [&str; 8] = [
+    NO_PAGE_LOST,
+    ONE_RUNNER,
+    CROSSES_ONCE,
+    BOUNDED,
+    DRIVER_CONTRACT,
+    FRAME_ORDER,
+    STRANGER_CHANGES_NOTHING,
+    FAIR_RUN_COMPLETES,
+];
 
 fn violation_of(pair: &Pair, matches: impl Fn(&Violation) -> bool) -> Result<(), String> {
     pair.violations.iter().find(|v| matches(v)).map_or(Ok(()), |v| Err(v.to_string()))
@@ -682,6 +722,11 @@ pub fn driver_contract(pair: &Pair) -> Result<(), String> {
 /// order, nothing after an Eoc.
 pub fn frame_order(pair: &Pair) -> Result<(), String> {
     violation_of(pair, |v| matches!(v, Violation::FrameOrder { .. }))
+}
+
+/// A connection of another migration's peer left the destination as it was.
+pub fn stranger_changes_nothing(pair: &Pair) -> Result<(), String> {
+    violation_of(pair, |v| matches!(v, Violation::StrangerChangedState { .. }))
 }
 
 /// The source withdrew, its attempts to tell the destination failed to
@@ -961,6 +1006,7 @@ pub fn format_trace(model: &MigrationModel, property: &str, steps: &[(State, Opt
             BOUNDED => bounded(model, &last.pair),
             DRIVER_CONTRACT => driver_contract(&last.pair),
             FRAME_ORDER => frame_order(&last.pair),
+            STRANGER_CHANGES_NOTHING => stranger_changes_nothing(&last.pair),
             FAIR_RUN_COMPLETES => {
                 let _ = writeln!(out, "      then the fair run from this state (no new faults or losses):");
                 let (log, result) = fair_run_log(&last.pair, model.cfg.fair_rounds);

@@ -90,6 +90,9 @@ struct Bounds {
     /// Skip the fair run from every state (liveness part 1; for measuring).
     #[arg(long)]
     no_liveness: bool,
+    /// No strangers (peers of another migration connecting).
+    #[arg(long)]
+    no_strangers: bool,
     /// A planted bug to switch on (see --list-plants).
     #[arg(long, value_name = "NAME")]
     plant: Option<PlantedBug>,
@@ -111,6 +114,7 @@ impl Bounds {
             switch: !self.no_switch,
             symmetry: !self.no_symmetry,
             liveness: !self.no_liveness,
+            strangers: !self.no_strangers,
             plant: self.plant,
             ..ModelConfig::default()
         }

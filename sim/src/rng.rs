@@ -9,6 +9,8 @@ pub mod stream {
     pub const WORLD: u64 = 2;
     /// Initial guest content.
     pub const CONTENT: u64 = 3;
+    /// Strangers' times and bytes.
+    pub const STRANGERS: u64 = 4;
     /// vCPU `i` uses `VCPU + i`: its access sequence depends on the seed and
     /// on nothing else, so `compare` gives each policy the same workload.
     pub const VCPU: u64 = 1 << 32;

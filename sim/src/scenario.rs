@@ -372,6 +372,9 @@ scenario! {
     resets: u32,
     /// Network partitions (all links down for a while).
     partitions: u32,
+    /// Strangers connecting to the destination (garbage, a bare preamble,
+    /// another migration's resume hello); each must change nothing.
+    strangers: u32,
     partition_max_ms: u64,
     triggers: Triggers,
     /// Resets per trigger at most.
@@ -474,6 +477,8 @@ impl Scenario {
         let crash = if r.chance(0.15) { r.pick(&Crash::ALL[1..]) } else { Crash::None };
         let heal_ms = r.log_uniform(1, 2 * est_ms * (rounds + 1) + 50);
         let liveness_ms = 0;
+        // Drawn last: the options above stay what they were for every seed.
+        let strangers = if r.chance(0.3) { r.range(1, 4) as u32 } else { 0 };
 
         Scenario {
             seed,
@@ -513,6 +518,7 @@ impl Scenario {
             faults,
             resets,
             partitions,
+            strangers,
             partition_max_ms,
             triggers,
             trigger_budget,

@@ -17,11 +17,11 @@ use std::cmp::Reverse;
 use std::collections::BinaryHeap;
 use std::time::Instant;
 
-use postcopy_core::wire::PageData;
+use postcopy_core::wire::{self, Frame, Hello, PageData, UrgentHello, WireMode};
 use postcopy_core::{
-    Channel, DeferredPage, Destination, DestinationAction, DestinationState, DestinationStats, Finished,
-    MigrationError, Notice, PageNumber, ProtocolError, RamLayout, Side, Source, SourceAction, SourceState, SourceStats,
-    Timestamp, Waiter,
+    Admission, Channel, ConnectionId, DeferredPage, Destination, DestinationAction, DestinationState, DestinationStats,
+    Finished, MigrationError, Notice, PageNumber, ProtocolError, RamLayout, Side, Source, SourceAction, SourceState,
+    SourceStats, Timestamp, Waiter,
 };
 
 use crate::check::{Checkers, StepView, Where};
@@ -53,6 +53,7 @@ enum Ev {
     DeviceLoaded { generation: u32 },
     Switch { generation: u32 },
     Reset,
+    Stranger,
     PartitionStart { index: u32 },
     Heal,
     DestRestart,
@@ -73,6 +74,7 @@ impl Ev {
             Ev::DeviceLoaded { .. } => "device-loaded",
             Ev::Switch { .. } => "switch",
             Ev::Reset => "reset",
+            Ev::Stranger => "stranger",
             Ev::PartitionStart { .. } => "partition-start",
             Ev::Heal => "heal",
             Ev::DestRestart => "dest-restart",
@@ -114,6 +116,9 @@ struct DestHost {
     core: Destination,
     /// Its connection of each channel.
     sockets: [Option<ConnId>; 3],
+    /// Connections the core keeps beside a live one until they show the
+    /// migration's identity.
+    provisional: Vec<(ConnectionId, ConnId, Channel)>,
     /// The process exists (not crashed).
     alive: bool,
     running: bool,
@@ -137,6 +142,7 @@ impl DestHost {
         Self {
             core: Destination::new(scenario.config(), scenario.wire_page_bytes),
             sockets: [None; 3],
+            provisional: Vec::new(),
             alive: true,
             running: false,
             started: false,
@@ -333,6 +339,12 @@ impl Sim {
                 let t = start + self.rng.below(span + 1);
                 self.at(t, Ev::PartitionStart { index });
             }
+            // Its own stream: the other faults keep their times.
+            let mut strangers = Rng::new(self.sc.seed, stream::STRANGERS);
+            for _ in 0..self.sc.strangers {
+                let t = start + strangers.below(span + 1);
+                self.at(t, Ev::Stranger);
+            }
         }
         while let Some(Reverse((time, _, _, ev))) = self.queue.pop() {
             self.now = time;
@@ -440,6 +452,7 @@ impl Sim {
                 }
             }
             Ev::PartitionStart { index } => self.partition(index as usize),
+            Ev::Stranger => self.stranger(),
             Ev::Heal => {
                 self.healed = true;
                 self.trace.record(self.now, What::Fault("heal"), 0, 0);
@@ -728,6 +741,23 @@ impl Sim {
                     self.wake(page.0);
                 }
             }
+            DestinationAction::PromoteConnection(id) => {
+                self.trace.record(now, What::DestAction("promote"), id.0, 0);
+                if let Some(at) = self.dst.provisional.iter().position(|&(p, _, _)| p == id) {
+                    let (_, conn, ch) = self.dst.provisional.remove(at);
+                    // The core closed the older connection first.
+                    if let Some(old) = self.dst.sockets[ch.index()].replace(conn) {
+                        self.checks.disagreement(format!("{ch} promoted over {old:?}, which the core did not close"));
+                    }
+                }
+            }
+            DestinationAction::CloseConnection(id) => {
+                self.trace.record(now, What::DestAction("close-provisional"), id.0, 0);
+                if let Some(at) = self.dst.provisional.iter().position(|&(p, _, _)| p == id) {
+                    let (_, conn, _) = self.dst.provisional.remove(at);
+                    self.net_input(NetInput::Close { conn, end: Side::Destination, farewell: None });
+                }
+            }
             DestinationAction::Close(ch) => {
                 self.trace.record(now, What::DestAction("close"), ch.index() as u64, 0);
                 if let Some(conn) = self.dst.sockets[ch.index()].take() {
@@ -785,6 +815,15 @@ impl Sim {
                 self.checks.protocol_error(side, format!("connection refused: {error}"));
                 ("connection-refused", None)
             }
+            // The sim's own strangers are expected; the real source's
+            // connections refused as strangers are protocol errors.
+            // A restarted destination knows no migration: the resume hello
+            // of a source that comes to say it took its guest back is
+            // rightly refused.
+            Notice::StrangerRefused {
+                reason: MigrationError::Protocol(ProtocolError::NothingToResume { .. }), ..
+            } if self.generation[1] > 0 => ("stranger-refused", None),
+            Notice::StrangerRefused { reason, .. } => ("stranger-refused", Some(reason)),
         };
         let what = if side == "source" { What::SourceAction(name) } else { What::DestAction(name) };
         self.trace.record(self.now, what, 0, 0);
@@ -1034,6 +1073,13 @@ impl Sim {
                 self.src.sockets[ch.index()] == Some(SourceSocket { conn, established: true })
                     && self.src.core.is_connected(ch)
             };
+            if to_dest && self.dst.alive {
+                if let Some(&(id, _, _)) = self.dst.provisional.iter().find(|&&(_, c, _)| c == conn) {
+                    self.dst.core.handle_provisional_input(self.ts(), id, bytes);
+                    self.drain_dest();
+                    continue;
+                }
+            }
             if !reader_ok {
                 self.drop_chunk(&bytes);
                 continue;
@@ -1051,6 +1097,9 @@ impl Sim {
 
     /// A graceful close reached the reader.
     fn reader_sees_end(&mut self, conn: ConnId, ch: Channel) {
+        if self.provisional_gone(conn) {
+            return;
+        }
         if ch.is_from_source() {
             if self.dst.alive && self.dst.sockets[ch.index()] == Some(conn) {
                 self.dst.sockets[ch.index()] = None;
@@ -1064,7 +1113,21 @@ impl Sim {
         }
     }
 
+    /// A provisional connection ended: the core forgets it.
+    fn provisional_gone(&mut self, conn: ConnId) -> bool {
+        let Some(at) = self.dst.provisional.iter().position(|&(_, c, _)| c == conn) else { return false };
+        let (id, _, _) = self.dst.provisional.remove(at);
+        if self.dst.alive {
+            self.dst.core.handle_provisional_lost(self.ts(), id);
+            self.drain_dest();
+        }
+        true
+    }
+
     fn lost(&mut self, conn: ConnId, ch: Channel, end: Side) {
+        if end == Side::Destination && self.provisional_gone(conn) {
+            return;
+        }
         if end == Side::Source {
             let Some(socket) = self.src.sockets[ch.index()].filter(|s| s.conn == conn) else { return };
             self.src.sockets[ch.index()] = None;
@@ -1087,20 +1150,25 @@ impl Sim {
             self.net_input(NetInput::Refuse { conn });
             return;
         }
-        if let Some(old) = self.dst.sockets[ch.index()] {
-            // A newer connection of the channel replaces the older one; the
-            // source learns one latency later if it still uses it.
-            let source_had_it = self.src.conn(ch) == Some(old);
-            self.net_input(NetInput::Abandon { conn: old, end: Side::Destination });
-            self.net_input(NetInput::Reset {
-                conn: old,
-                tell_source_after_ns: source_had_it.then(|| self.latency()),
-                tell_destination_after_ns: None,
-            });
+        match self.dst.core.handle_accepted(self.ts(), ch) {
+            Admission::Provisional(id) => self.dst.provisional.push((id, conn, ch)),
+            Admission::Current => {
+                if let Some(old) = self.dst.sockets[ch.index()] {
+                    // A newer connection of the channel replaces the older
+                    // one; the source learns one latency later if it still
+                    // uses it.
+                    let source_had_it = self.src.conn(ch) == Some(old);
+                    self.net_input(NetInput::Abandon { conn: old, end: Side::Destination });
+                    self.net_input(NetInput::Reset {
+                        conn: old,
+                        tell_source_after_ns: source_had_it.then(|| self.latency()),
+                        tell_destination_after_ns: None,
+                    });
+                }
+                self.dst.sockets[ch.index()] = Some(conn);
+            }
         }
-        self.dst.sockets[ch.index()] = Some(conn);
         self.net_input(NetInput::Accept { conn });
-        self.dst.core.handle_connected(self.ts(), ch);
         self.drain_dest();
         self.net_input(NetInput::Acknowledge { conn });
     }
@@ -1124,6 +1192,65 @@ impl Sim {
             None
         } else {
             Some(live[self.rng.below(live.len() as u64) as usize])
+        }
+    }
+
+    /// A peer that is not this migration's source connects to the
+    /// destination, shows garbage, a bare preamble or another migration's
+    /// resume hello, and goes. Checked: the destination's core is exactly as
+    /// before, and the core asked nothing but to close that connection.
+    fn stranger(&mut self) {
+        if !self.dst.alive {
+            return;
+        }
+        let mut rng = Rng::new(self.sc.seed ^ self.events, stream::STRANGERS);
+        let channel = if rng.chance(0.5) { Channel::Main } else { Channel::Urgent };
+        let bytes = match rng.below(3) {
+            0 => Bytes::from((0..rng.range(1, 64)).map(|_| rng.below(256) as u8).collect::<Vec<u8>>()),
+            1 => Bytes::new(),
+            _ => {
+                let session = self.src.core.session() ^ 1;
+                let frame = match channel {
+                    Channel::Urgent => Frame::UrgentHello(UrgentHello { session, epoch: u32::MAX }),
+                    _ => Frame::Hello(Hello {
+                        resume: true,
+                        urgent_channel: false,
+                        session,
+                        epoch: u32::MAX,
+                        page_size: self.sc.wire_page_bytes,
+                        mode: WireMode::Postcopy,
+                        precopy_rounds: 0,
+                        blocks: self.layout.blocks().to_vec(),
+                        machine: Bytes::new(),
+                    }),
+                };
+                let mut out = Vec::new();
+                wire::encode(&frame, &mut out);
+                Bytes::from(out)
+            }
+        };
+        self.trace.record(self.now, What::Fault("stranger"), channel.index() as u64, bytes.len() as u64);
+        let before = self.dst.core.clone();
+        let now = self.ts();
+        match self.dst.core.handle_accepted(now, channel) {
+            Admission::Provisional(id) => {
+                self.dst.core.handle_provisional_input(now, id, bytes);
+                self.dst.core.handle_provisional_lost(now, id);
+            }
+            Admission::Current => {
+                self.dst.core.handle_input(now, channel, bytes);
+                self.dst.core.handle_connection_lost(now, channel);
+            }
+        }
+        while let Some(action) = self.dst.core.poll_action() {
+            match action {
+                DestinationAction::Close(c) if c == channel => {}
+                DestinationAction::CloseConnection(_) | DestinationAction::Notice(Notice::StrangerRefused { .. }) => {}
+                other => self.checks.disagreement(format!("a stranger on {channel} made the destination do {other:?}")),
+            }
+        }
+        if self.dst.core != before {
+            self.checks.disagreement(format!("a stranger on {channel} changed the destination's state"));
         }
     }
 
@@ -1216,8 +1343,10 @@ impl Sim {
         self.dst.load_until = None;
         self.generation[1] += 1;
         self.timer_at[1] = None;
-        for ch in Channel::ALL {
-            if let Some(conn) = self.dst.sockets[ch.index()].take() {
+        let provisional: Vec<ConnId> = self.dst.provisional.drain(..).map(|(_, conn, _)| conn).collect();
+        let current: Vec<ConnId> = Channel::ALL.iter().filter_map(|ch| self.dst.sockets[ch.index()].take()).collect();
+        for conn in current.into_iter().chain(provisional) {
+            {
                 self.net_input(NetInput::Abandon { conn, end: Side::Destination });
                 self.net_input(NetInput::Reset {
                     conn,

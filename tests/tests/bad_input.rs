@@ -1,17 +1,24 @@
-//! Bad input: a destination that receives garbage, a wrong version, a bad
-//! frame or an early close reports a clear error and exits non-zero; a
-//! source whose destination goes away before the switchover keeps its guest
-//! running.
+//! Bad input: a stranger that sends a destination garbage, a wrong version,
+//! a bad frame or half a hello is refused alone (its connection closed, the
+//! reason logged) and the destination keeps waiting for its real source,
+//! which then migrates to it; a migration that fails after its hello reports
+//! a clear error and exits non-zero; a source whose destination goes away
+//! before the switchover keeps its guest running.
 
 mod common;
 
-use std::io::Write;
+use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::time::Duration;
 
 use common::*;
 use postcopy_core::wire::{self, Frame, Hello, WireMode};
 use postcopy_core::{Channel, RamBlock};
+use postcopy_kvm::driver::report::RunReport;
+
+/// How long a stranger waits for the destination to close its connection
+/// (the refusal is immediate; the handshake bound is 1.5 s).
+const STRANGER_LINGER: Duration = Duration::from_secs(5);
 
 fn preamble(channel: Channel) -> Vec<u8> {
     let mut v = Vec::new();
@@ -38,18 +45,62 @@ fn hello() -> Vec<u8> {
     v
 }
 
-/// Sends `bytes` to a fresh destination (then closes, after `linger`), and
-/// returns how the destination ended.
-fn send_to_dest(test: &str, bytes: &[u8], linger: Duration) -> Finished {
+/// How a stranger's visit to a destination ended.
+struct Visit {
+    /// The destination closed the stranger's connection (it did not wait
+    /// for the stranger to close it).
+    closed_by_destination: bool,
+    /// The real source's migration to that destination, afterwards.
+    run: Run,
+}
+
+/// A stranger sends `bytes` to a fresh destination and waits up to `linger`
+/// for the destination to close the connection (then closes it itself);
+/// the destination must still be running; then a real source migrates to it.
+fn stranger_then_source(test: &str, bytes: &[u8], linger: Duration) -> Visit {
+    let _one = serial();
     let dir = temp_dir(test);
-    let dest = start_dest(&dir, &["--handshake-timeout-ms", "1500"], &[]);
+    let mut dest = start_dest(&dir, &["--handshake-timeout-ms", "1500"], &[]);
     let mut s = TcpStream::connect(dest.addr).expect("connect");
     s.write_all(bytes).expect("write");
-    std::thread::sleep(linger);
+    s.set_read_timeout(Some(linger)).expect("read timeout");
+    let mut buf = [0u8; 64];
+    // End of stream or a reset: the destination closed it. A timeout: not.
+    let closed_by_destination = match s.read(&mut buf) {
+        Ok(n) => n == 0,
+        Err(e) => !matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut),
+    };
     drop(s);
-    let out = collect(dest.child, Duration::from_secs(30));
-    eprintln!("{test}: exit {:?}\n{}", out.code, out.stderr);
-    out
+    // Time for a destination that would give up on the stranger to do so.
+    std::thread::sleep(Duration::from_millis(300));
+    if let Ok(Some(status)) = dest.child.try_wait() {
+        let out = collect(dest.child, Duration::from_secs(1));
+        panic!("{test}: the destination ended after a stranger ({status}): {}", out.stderr);
+    }
+    let source = collect(start_source(dest.addr, &["--mem", "16M", "--vcpus", "1"]), Duration::from_secs(120));
+    let dest = collect(dest.child, Duration::from_secs(60));
+    let report = match (source.json_line(), dest.json_line()) {
+        (Some(s), Some(d)) => match (serde_json::from_str(s), serde_json::from_str(d)) {
+            (Ok(s), Ok(d)) => Some(RunReport::new(s, d)),
+            _ => None,
+        },
+        _ => None,
+    };
+    Visit { closed_by_destination, run: Run { source, dest, report } }
+}
+
+/// The stranger was refused for `needle` (in the destination's notices and
+/// on its stderr), and the real source's migration then completed, verified.
+fn assert_refused_then_migrated(visit: &Visit, needle: &str) {
+    let run = &visit.run;
+    run.assert_verified();
+    assert!(visit.closed_by_destination, "the destination closed the stranger's connection");
+    let notices = run.dest_report().notices;
+    assert!(
+        notices.iter().any(|n| n.contains("refused a stranger") && n.contains(needle)),
+        "expected a refusal for {needle:?} in {notices:?}"
+    );
+    assert!(run.dest.stderr.contains(needle), "the refusal is logged: {}", run.dest.stderr);
 }
 
 fn assert_failed_with(out: &Finished, needle: &str) {
@@ -66,8 +117,18 @@ fn garbage_instead_of_a_preamble() {
     if !kvm_or_skip("garbage_instead_of_a_preamble") {
         return;
     }
-    let out = send_to_dest("garbage_preamble", b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", Duration::from_millis(200));
-    assert_failed_with(&out, "bad preamble");
+    let visit = stranger_then_source("garbage_preamble", b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", STRANGER_LINGER);
+    assert_refused_then_migrated(&visit, "bad preamble");
+}
+
+/// A valid preamble and then nothing: the handshake bound refuses it.
+#[test]
+fn a_preamble_alone_is_refused_at_the_handshake_timeout() {
+    if !kvm_or_skip("a_preamble_alone_is_refused_at_the_handshake_timeout") {
+        return;
+    }
+    let visit = stranger_then_source("preamble_alone", &preamble(Channel::Main), STRANGER_LINGER);
+    assert_refused_then_migrated(&visit, "the handshake did not finish within 1500 ms");
 }
 
 #[test]
@@ -77,8 +138,8 @@ fn garbage_frame_after_the_preamble() {
     }
     let mut bytes = preamble(Channel::Main);
     bytes.extend_from_slice(&[0x7f, 0, 0, 0, 0, 0, 0, 4, 1, 2, 3, 4]);
-    let out = send_to_dest("garbage_frame", &bytes, Duration::from_millis(200));
-    assert_failed_with(&out, "unknown frame type 0x7f");
+    let visit = stranger_then_source("garbage_frame", &bytes, STRANGER_LINGER);
+    assert_refused_then_migrated(&visit, "unknown frame type 0x7f");
 }
 
 #[test]
@@ -92,8 +153,8 @@ fn wrong_protocol_version() {
     h[13] = 99;
     let mut bytes = preamble(Channel::Main);
     bytes.extend_from_slice(&h);
-    let out = send_to_dest("wrong_version", &bytes, Duration::from_millis(200));
-    assert_failed_with(&out, "protocol version 99");
+    let visit = stranger_then_source("wrong_version", &bytes, STRANGER_LINGER);
+    assert_refused_then_migrated(&visit, "protocol version 99");
 }
 
 #[test]
@@ -104,9 +165,12 @@ fn early_close_in_the_middle_of_the_hello() {
     let h = hello();
     let mut bytes = preamble(Channel::Main);
     bytes.extend_from_slice(&h[..h.len() / 2]);
-    let out = send_to_dest("early_close", &bytes, Duration::from_millis(50));
-    assert_failed_with(&out, "handshake did not finish");
-    assert!(out.stderr.contains("the main connection from"), "the early close is reported: {}", out.stderr);
+    // The stranger closes first: its half hello binds nothing.
+    let visit = stranger_then_source("early_close", &bytes, Duration::from_millis(50));
+    assert!(!visit.closed_by_destination);
+    visit.run.assert_verified();
+    let stderr = &visit.run.dest.stderr;
+    assert!(stderr.contains("the main connection from"), "the early close is reported: {stderr}");
 }
 
 #[test]
@@ -140,7 +204,14 @@ fn early_close_after_the_hello() {
     );
     let mut bytes = preamble(Channel::Main);
     bytes.extend_from_slice(&v);
-    let out = send_to_dest("early_close_after_hello", &bytes, Duration::from_millis(300));
+    let dir = temp_dir("early_close_after_hello");
+    let dest = start_dest(&dir, &["--handshake-timeout-ms", "1500"], &[]);
+    let mut s = TcpStream::connect(dest.addr).expect("connect");
+    s.write_all(&bytes).expect("write");
+    std::thread::sleep(Duration::from_millis(300));
+    drop(s);
+    let out = collect(dest.child, Duration::from_secs(30));
+    eprintln!("early_close_after_hello: exit {:?}\n{}", out.code, out.stderr);
     assert_failed_with(&out, "connection was lost");
 }
 

@@ -5,6 +5,7 @@ use bytes::Bytes;
 
 use super::content::{fill_page, page_version};
 use super::oracle::Violation;
+use crate::admission::ConnectionId;
 use crate::bitmap::Bitmap;
 use crate::channel::Channel;
 use crate::config::Config;
@@ -46,6 +47,10 @@ pub struct LinkRequests {
     pub connect: Vec<Channel>,
     /// Channels to close, with the last bytes to deliver first (a farewell).
     pub close: Vec<(Channel, Option<Bytes>)>,
+    /// Provisional connections the destination made current.
+    pub promote: Vec<ConnectionId>,
+    /// Provisional connections the destination refused.
+    pub close_provisional: Vec<ConnectionId>,
 }
 
 /// The source host: a [`Source`] and its guest.
@@ -224,6 +229,8 @@ impl DestHost {
             DestinationAction::Wake(_) => {}
             DestinationAction::Close(channel) => self.links.close.push((channel, None)),
             DestinationAction::Farewell { channel, bytes } => self.links.close.push((channel, Some(bytes))),
+            DestinationAction::PromoteConnection(id) => self.links.promote.push(id),
+            DestinationAction::CloseConnection(id) => self.links.close_provisional.push(id),
             DestinationAction::Notice(_) => {}
             DestinationAction::Finished(finished) => {
                 self.finished_ok = Some(finished.result.is_ok());

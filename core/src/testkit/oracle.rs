@@ -41,6 +41,9 @@ pub enum Violation {
     /// A connection carried frames in an order the protocol does not allow
     /// (its opening frame first, a present report whole and in order...).
     FrameOrder { channel: crate::Channel, detail: String },
+    /// A connection from a peer of another migration changed the
+    /// destination, or made it do more than close that connection.
+    StrangerChangedState { channel: crate::Channel },
 }
 
 impl fmt::Display for Violation {

@@ -8,12 +8,15 @@ use std::hash::{Hash, Hasher};
 
 use super::hosts::{DestHost, SourceHost};
 use super::oracle::{Oracle, Violation};
+use crate::admission::Admission;
 use crate::channel::Channel;
 use crate::config::{Config, Mode};
+use crate::destination::DestinationAction;
 use crate::destination::{DestinationState, Waiter};
 use crate::layout::{PageNumber, RamLayout};
+use crate::outcome::Notice;
 use crate::time::Timestamp;
-use crate::wire::{Decoder, Frame};
+use crate::wire::{self, Decoder, Frame, Hello, UrgentHello, WireMode};
 
 /// What a pair is made of.
 #[derive(Clone, Debug)]
@@ -368,6 +371,59 @@ impl Pair {
     }
 
     /// The network loses `channel`'s connection and what is in flight on it.
+    /// A peer of another migration connects to the destination on
+    /// `channel`, shows its own hello (or `garbage`), and goes. The
+    /// destination must end exactly as it was, having asked only to close
+    /// that connection; anything else is a
+    /// [`Violation::StrangerChangedState`]. The source sees nothing of it.
+    pub fn stranger(&mut self, channel: Channel, garbage: bool) {
+        let session = self.src.core.session() ^ 1;
+        let frame = match channel {
+            _ if garbage => None,
+            Channel::Main => Some(Frame::Hello(Hello {
+                resume: true,
+                urgent_channel: false,
+                session,
+                epoch: self.dst.core.epoch().saturating_add(1),
+                page_size: self.src.core.layout().page_size(),
+                mode: WireMode::Postcopy,
+                precopy_rounds: 0,
+                blocks: self.src.core.layout().blocks().to_vec(),
+                machine: Bytes::new(),
+            })),
+            _ => Some(Frame::UrgentHello(UrgentHello { session, epoch: self.dst.core.epoch() })),
+        };
+        let mut bytes = Vec::new();
+        match frame {
+            Some(frame) => wire::encode(&frame, &mut bytes),
+            None => bytes.extend_from_slice(&[0x7f; 12]),
+        }
+        let before = self.dst.core.clone();
+        let admission = self.dst.core.handle_accepted(self.now, channel);
+        match admission {
+            Admission::Provisional(id) => {
+                self.dst.core.handle_provisional_input(self.now, id, Bytes::from(bytes));
+                self.dst.core.handle_provisional_lost(self.now, id);
+            }
+            Admission::Current => {
+                self.dst.core.handle_input(self.now, channel, Bytes::from(bytes));
+                self.dst.core.handle_connection_lost(self.now, channel);
+            }
+        }
+        let mut only_refused = true;
+        while let Some(action) = self.dst.core.poll_action() {
+            only_refused &= match action {
+                DestinationAction::Close(c) => c == channel && admission == Admission::Current,
+                DestinationAction::CloseConnection(_) => true,
+                DestinationAction::Notice(Notice::StrangerRefused { .. }) => true,
+                _ => false,
+            };
+        }
+        if !only_refused || self.dst.core != before {
+            self.violations.push(Violation::StrangerChangedState { channel });
+        }
+    }
+
     pub fn lose(&mut self, channel: Channel) -> bool {
         if !self.pipes[channel.index()].up {
             return false;

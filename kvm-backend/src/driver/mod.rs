@@ -48,7 +48,8 @@
 //! Destination:
 //! - `dst-accept`: accepts connections in any order, reads each preamble,
 //!   and hands the connection to the core (`handle_connected`); keeps
-//!   accepting for recoveries.
+//!   accepting for recoveries. A bad or missing preamble refuses that
+//!   connection alone (a notice), like the core's refusal of a stranger.
 //! - one reader per connection: the main channel's installs precopy and
 //!   background pages; the urgent channel's installs requested pages.
 //! - `dst-fault`: reads userfaultfd faults, turns them into

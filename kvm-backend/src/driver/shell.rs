@@ -272,6 +272,11 @@ impl<C: ProtocolCore> Shell<C> {
         lock(&self.locked).connections.iter().any(Option::is_some)
     }
 
+    /// Records a notice the driver itself raised (not the core's).
+    pub(super) fn record_notice(&self, text: String) {
+        lock(&self.notices).push(text);
+    }
+
     /// The notices so far, as text.
     pub(super) fn notices(&self) -> Vec<String> {
         lock(&self.notices).clone()
@@ -477,6 +482,7 @@ pub(super) fn notice_text(notice: &Notice) -> String {
         Notice::RecoveryFailed { attempt, reason } => format!("recovery attempt {attempt} failed: {reason}"),
         Notice::Recovered { epoch } => format!("recovered (epoch {epoch})"),
         Notice::ConnectionRefused { channel, error } => format!("refused a {channel} connection: {error}"),
+        Notice::StrangerRefused { channel, reason } => format!("refused a stranger's {channel} connection: {reason}"),
     }
 }
 

@@ -24,8 +24,7 @@ use bytes::Bytes;
 use hdrhistogram::Histogram;
 use postcopy_core::wire::PageData;
 use postcopy_core::{
-    Channel, Config, DeferredPage, Destination, DestinationAction, DestinationState, DestinationStats, Finished,
-    Notice, PageNumber,
+    Channel, Config, DeferredPage, Destination, DestinationAction, DestinationStats, Finished, Notice, PageNumber,
 };
 
 use super::digest::MemoryDigest;
@@ -128,7 +127,7 @@ pub enum DestinationError {
     /// The listener could not be polled.
     #[error("cannot make the listener non-blocking")]
     Listener(#[source] std::io::Error),
-    /// A peer that does not speak the protocol, before any migration.
+    /// A peer that does not speak the protocol (refused alone, never fatal).
     #[error("connection from {peer} refused")]
     Refused {
         /// The peer.
@@ -345,6 +344,9 @@ impl SideDriver for DestinationDriver<'_> {
             DestinationAction::Wake(page) => DestinationOp::Wake(page),
             DestinationAction::Close(channel) => DestinationOp::Close(l.close(channel)?),
             DestinationAction::Farewell { channel, bytes } => DestinationOp::Close(l.farewell(channel, bytes)?),
+            // This driver admits connections with `handle_connected` (one
+            // socket per channel), which never makes a connection provisional.
+            DestinationAction::PromoteConnection(_) | DestinationAction::CloseConnection(_) => return None,
             DestinationAction::Notice(notice) => DestinationOp::Notice(notice),
             DestinationAction::Finished(finished) => DestinationOp::Finished(finished),
         })
@@ -462,18 +464,14 @@ impl DestinationDriver<'_> {
         let channel = match net::read_preamble(&mut stream, self.opts.config.handshake_timeout) {
             Ok(channel) => channel,
             Err(reason) => {
-                let listening = {
-                    let l = lock(&self.shell.locked);
-                    l.core.state() == DestinationState::Listening && l.core.layout().is_none()
-                };
+                // A stranger changes nothing: its connection alone is
+                // refused (dropped here) and the destination keeps waiting
+                // for its source, as the core does for bad bytes after a
+                // preamble.
                 let e = DestinationError::Refused { peer, reason };
-                tracing::warn!(e = error_chain(&e));
-                if listening {
-                    // Nothing is at stake yet: a peer that does not speak the
-                    // protocol ends this destination with a clear error.
-                    *lock(&self.fatal) = Some(e);
-                    self.finish_with_fatal();
-                }
+                let text = format!("refused a stranger: {}", error_chain(&e));
+                tracing::warn!(side = "destination", "{text}");
+                self.shell.record_notice(text);
                 return;
             }
         };
