@@ -433,15 +433,15 @@ impl Devices {
 
     /// Loads device registers saved by [`Devices::save_state`]; the output
     /// and interrupt line stay this VM's.
-    pub fn restore_state(&self, state: &DevicesState) -> crate::Result<()> {
+    pub fn restore_state(&self, state: &DevicesState) -> crate::error::Result<()> {
         let mut serial = lock(&self.serial);
         let trigger = SerialIrq(match &serial.interrupt_evt().0 {
-            Some(evt) => Some(evt.try_clone().map_err(|e| crate::Error::State(format!("serial irq: {e}")))?),
+            Some(evt) => Some(evt.try_clone().map_err(|e| crate::error::Error::State(format!("serial irq: {e}")))?),
             None => None,
         });
         let out = serial.writer().clone();
         *serial = Serial::from_state(&SerialState::from(&state.serial), trigger, NoEvents, out)
-            .map_err(|e| crate::Error::State(format!("serial state: {e:?}")))?;
+            .map_err(|e| crate::error::Error::State(format!("serial state: {e:?}")))?;
         self.port92.store(state.port92 & PORT92_A20, Ordering::Relaxed);
         Ok(())
     }

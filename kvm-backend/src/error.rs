@@ -1,7 +1,8 @@
 //! The crate-level error: the VMM layer's own failures (KVM, vCPUs,
 //! configuration, device state) and, composed from below, the errors of
 //! [`crate::layout`], [`crate::memory`] and [`crate::uffd`]. Those modules
-//! own their errors and import nothing from here.
+//! own their errors and import nothing from here. [`error_chain`] shows any
+//! error with its causes on one line (the driver's reports, the CLI).
 
 use std::io;
 
@@ -76,4 +77,39 @@ pub(crate) fn kvm_err(op: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> Err
 /// Maps an `io::Error` to [`Error::Os`] naming the call.
 pub(crate) fn os_err(op: &'static str) -> impl FnOnce(io::Error) -> Error {
     move |source| Error::Os { op, source }
+}
+
+/// `error` and its sources, as one line ("a: b: c"). A source whose text
+/// its parent already shows (errors that print their cause) is not repeated.
+pub fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(e) = source {
+        let part = e.to_string();
+        if !text.contains(&part) {
+            text.push_str(": ");
+            text.push_str(&part);
+        }
+        source = e.source();
+    }
+    text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("outer")]
+    struct Outer(#[source] Middle);
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("middle: {0}")]
+    struct Middle(#[source] std::io::Error);
+
+    #[test]
+    fn error_chain_shows_every_cause_once() {
+        let e = Outer(Middle(std::io::Error::other("inner")));
+        assert_eq!(error_chain(&e), "outer: middle: inner");
+    }
 }

@@ -54,9 +54,4 @@ pub use state::DeviceState;
 pub use sys::{current_cpu, monotonic_ns, pin_thread, set_realtime};
 pub use uffd::{FaultReader, Install, PageFault, UffdError, UffdRam};
 pub use vcpu::{Vcpu, VcpuState};
-pub use vm::{Vm, VmConfig};
-
-/// Whether `/dev/kvm` can be opened here.
-pub fn kvm_available() -> bool {
-    kvm_ioctls::Kvm::new().is_ok()
-}
+pub use vm::{kvm_available, Vm, VmConfig};

@@ -502,7 +502,7 @@ mod tests {
     use super::*;
     use crate::layout::{MemoryMap, MIB};
     use crate::memory::GuestRam;
-    use crate::vm::{Vm, VmConfig};
+    use crate::vm::{kvm_available, Vm, VmConfig};
 
     thread_local! {
         /// Test-only: [`VcpuSet::start`] on this thread fails at this vCPU.
@@ -513,7 +513,7 @@ mod tests {
     /// started: none still runs, none holds the devices.
     #[test]
     fn a_failed_start_leaves_no_vcpu_thread_behind() {
-        if !crate::kvm_available() {
+        if !kvm_available() {
             assert!(std::env::var_os("POSTCOPY_REQUIRE_KVM").is_none(), "KVM required but unavailable");
             eprintln!("SKIPPED: no KVM");
             return;

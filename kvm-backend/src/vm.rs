@@ -19,6 +19,11 @@ use crate::error::{kvm_err, Error, Result};
 use crate::memory::{DirtyBitmap, GuestRam};
 use crate::vcpu::{Vcpu, VcpuCaps, CPUID_ENTRIES};
 
+/// Whether `/dev/kvm` can be opened here.
+pub fn kvm_available() -> bool {
+    Kvm::new().is_ok()
+}
+
 /// Most vCPUs a VM may have here.
 pub const MAX_VCPUS: usize = 64;
 /// GSI of the serial port's interrupt (COM1 = IRQ 4).

@@ -85,7 +85,7 @@ impl QmpClient {
             path: path.clone(),
             reader: BufReader::new(stream),
             writer,
-            greeting: Greeting { version: crate::SessionConfig::default_version(), capabilities: Vec::new() },
+            greeting: Greeting { version: crate::session::SessionConfig::default_version(), capabilities: Vec::new() },
             events: VecDeque::new(),
             partial: Vec::new(),
             next_id: 1,

@@ -40,10 +40,10 @@ pub enum Violation {
     Disagreement { detail: String },
     /// A connection carried frames in an order the protocol does not allow
     /// (its opening frame first, a present report whole and in order...).
-    FrameOrder { channel: crate::Channel, detail: String },
+    FrameOrder { channel: crate::channel::Channel, detail: String },
     /// A connection from a peer of another migration changed the
     /// destination, or made it do more than close that connection.
-    StrangerChangedState { channel: crate::Channel },
+    StrangerChangedState { channel: crate::channel::Channel },
 }
 
 impl fmt::Display for Violation {

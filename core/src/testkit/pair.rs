@@ -613,8 +613,8 @@ impl Pair {
                 if self.dst_gone
                     && !self.src.running
                     && self.src.finished.0.as_ref().is_some_and(|f| {
-                        f.guest_on == crate::Side::Destination
-                            && matches!(f.result, Err(crate::MigrationError::DestinationGone { .. }))
+                        f.guest_on == crate::outcome::Side::Destination
+                            && matches!(f.result, Err(crate::error::MigrationError::DestinationGone { .. }))
                     }) =>
             {
                 self.check_destination_memory();

@@ -73,7 +73,7 @@ pub enum MachineError {
     Vcpus(usize),
     /// Its RAM layout breaks the layout's invariants.
     #[error("machine description's RAM layout")]
-    Layout(#[source] crate::Error),
+    Layout(#[source] crate::error::Error),
 }
 
 /// The core's view of a layout: same blocks (names, page counts), 4 KiB pages.

@@ -15,11 +15,19 @@
 //!   stopping the vCPUs and capturing their state, dirty logging.
 //! - `destination`: accepting and reading connections; by job in
 //!   `destination::guest` (building the machine, loading the device state,
-//!   starting the vCPUs), `destination::install` (placing pages, batching,
-//!   the test-only damage switch), `destination::fault` (the fault thread)
-//!   and `destination::verify` (the checks after the migration, the report).
+//!   starting the vCPUs), `destination::install` (placing pages, batching),
+//!   `destination::fault` (the fault thread) and `destination::verify` (the
+//!   checks after the migration, the report); their shared data in
+//!   `destination::state`, their errors in `destination::error`, the
+//!   test-only damage switch in `destination::damage`.
+//! - `placement` ([`Tuning`]: CPUs, scheduling policy, the switchover's
+//!   boost, socket settings), `clock` ([`now`]).
 //! - [`net`] (connections), [`machine`] (what the destination builds),
 //!   [`digest`], [`report`], [`sync`] (lock-free pieces, checked with loom).
+//!
+//! Imports point down or sideways, never up: this module only declares and
+//! re-exports, and a module imports its siblings, not its parent
+//! (`scripts/module-cycles` checks every crate).
 //! - [`watch`]: how a long-running VMM (`crate::vmm`) follows a migration
 //!   (state changes, samples from the timer thread) and steers it (cancel,
 //!   switch to postcopy) without touching the fault path;
@@ -76,7 +84,9 @@ pub mod report;
 pub mod sync;
 pub mod watch;
 
+mod clock;
 mod destination;
+mod placement;
 mod shell;
 mod source;
 
@@ -86,169 +96,6 @@ pub use destination::{
 };
 pub use source::{new_session_id, run_source, run_source_watched, SourceError, SourceOptions, SourceOutcome};
 
-use std::time::Duration;
-
-use postcopy_core::Timestamp;
-
-/// Where the driver's threads run and how they wait.
-#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct Tuning {
-    /// CPU for the fault path (destination fault thread and urgent reader,
-    /// source return-path reader).
-    pub latency_cpu: Option<usize>,
-    /// CPU for the bulk path (source main writer, destination main reader).
-    pub bulk_cpu: Option<usize>,
-    /// CPU for every vCPU thread.
-    pub vcpu_cpu: Option<usize>,
-    /// How long fault-path readers spin before blocking, in microseconds.
-    pub spin_us: u64,
-    /// Run the fault path's threads in `SCHED_FIFO` at this priority, so
-    /// that a wake-up never waits behind other work on the CPU.
-    pub rt_priority: Option<i32>,
-    /// Run the switchover's threads (source main writer until the guest
-    /// starts on the destination; destination main and urgent readers and
-    /// the device-state loader until then) in `SCHED_FIFO` at this
-    /// priority, and in the normal policy after: the downtime then does not
-    /// wait for other work on the CPUs.
-    pub rt_switchover: Option<i32>,
-    /// Nice value of the bulk path's threads (source main writer,
-    /// destination main reader) in postcopy: above 0, the guest's vCPUs get
-    /// the CPU first and the background push takes what is left.
-    pub bulk_nice: i32,
-    /// TCP congestion control of every connection (None: the system's).
-    /// The pacing of BBR, a common system default, runs from timer
-    /// interrupts that land on whichever thread holds the CPU, fault path
-    /// included; see the README.
-    pub tcp_congestion: Option<String>,
-    /// Send and receive buffer of the main channel's sockets, in bytes
-    /// (None: the kernel autotunes them, up to megabytes). A page requested
-    /// just after the background push sent it is not sent again: the fault
-    /// waits for everything queued ahead of it on the main channel, so this
-    /// bounds the slowest faults.
-    pub main_socket_buffer: Option<usize>,
-}
-
-impl Tuning {
-    pub(crate) fn spin(&self) -> Duration {
-        Duration::from_micros(self.spin_us)
-    }
-
-    /// Applies the socket settings to a new connection for `channel` (a
-    /// failure is logged: the connection works with the system's settings).
-    pub fn tune_socket(&self, stream: &std::net::TcpStream, channel: postcopy_core::Channel) {
-        if let Some(name) = &self.tcp_congestion {
-            if let Err(e) = crate::sys::set_tcp_congestion(stream, name) {
-                tracing::warn!(%e, name, "cannot set the TCP congestion control");
-            }
-        }
-        if let (postcopy_core::Channel::Main, Some(bytes)) = (channel, self.main_socket_buffer) {
-            if let Err(e) = crate::sys::set_socket_buffers(stream, bytes) {
-                tracing::warn!(%e, bytes, "cannot set the main channel's socket buffers");
-            }
-        }
-    }
-}
-
-/// Pins the calling thread, when asked (a failure is logged, not fatal).
-pub(crate) fn pin_self(cpu: Option<usize>, what: &str) {
-    if let Some(cpu) = cpu {
-        if let Err(e) = crate::sys::pin_thread(0, cpu) {
-            tracing::warn!(%e, cpu, what, "cannot pin thread");
-        }
-    }
-}
-
-/// Places a fault-path thread: its CPU, and real-time priority if asked.
-pub(crate) fn latency_thread(tuning: &Tuning, what: &str) {
-    pin_self(tuning.latency_cpu, what);
-    set_policy(tuning.rt_priority, what);
-}
-
-/// Sets the calling thread's scheduling policy: `SCHED_FIFO` at `priority`,
-/// or the normal policy (threads inherit their creator's policy, so every
-/// driver thread sets its own).
-pub(crate) fn set_policy(priority: Option<i32>, what: &str) {
-    if let Err(e) = crate::sys::set_realtime(0, priority) {
-        if priority.is_some() {
-            tracing::warn!(%e, what, "cannot change the scheduling policy");
-        }
-    }
-}
-
-/// A thread's real-time boost during the switchover, changed only when it
-/// must change.
-#[derive(Debug)]
-pub(crate) struct Boost {
-    on: bool,
-    first_nice: bool,
-}
-
-impl Default for Boost {
-    fn default() -> Self {
-        Self { on: false, first_nice: true }
-    }
-}
-
-impl Boost {
-    /// Runs the calling thread at `boosted` (when `Some`) while `want`, and
-    /// at `base` otherwise.
-    pub(crate) fn set(&mut self, base: Option<i32>, boosted: Option<i32>, want: bool, what: &str) {
-        let want = want && boosted.is_some();
-        if want != self.on {
-            self.on = want;
-            set_policy(if want { boosted } else { base }, what);
-        }
-    }
-
-    /// As [`Boost::set`], and when not boosted, runs at nice value `nice`.
-    pub(crate) fn set_nice(&mut self, boosted: Option<i32>, want: bool, nice: i32, what: &str) {
-        let before = self.on;
-        self.set(None, boosted, want, what);
-        if before && !self.on || self.first_nice {
-            self.first_nice = false;
-            if let Err(e) = crate::sys::set_nice(if self.on { 0 } else { nice }) {
-                tracing::warn!(%e, what, "cannot change the nice value");
-            }
-        }
-    }
-}
-
-/// The driver's clock: `CLOCK_MONOTONIC`, shared by every process of a host.
-pub fn now() -> Timestamp {
-    Timestamp(crate::sys::monotonic_ns())
-}
-
-/// `error` and its sources, as one line ("a: b: c"). A source whose text
-/// its parent already shows (errors that print their cause) is not repeated.
-pub fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(e) = source {
-        let part = e.to_string();
-        if !text.contains(&part) {
-            text.push_str(": ");
-            text.push_str(&part);
-        }
-        source = e.source();
-    }
-    text
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[derive(Debug, thiserror::Error)]
-    #[error("outer")]
-    struct Outer(#[source] Middle);
-
-    #[derive(Debug, thiserror::Error)]
-    #[error("middle: {0}")]
-    struct Middle(#[source] std::io::Error);
-
-    #[test]
-    fn error_chain_shows_every_cause_once() {
-        let e = Outer(Middle(std::io::Error::other("inner")));
-        assert_eq!(error_chain(&e), "outer: middle: inner");
-    }
-}
+pub use crate::error::error_chain;
+pub use clock::now;
+pub use placement::Tuning;

@@ -98,7 +98,7 @@ pub fn connect(
     addr: SocketAddr,
     channel: Channel,
     timeout: Duration,
-    tuning: &super::Tuning,
+    tuning: &super::placement::Tuning,
 ) -> io::Result<Connection> {
     let stream = TcpStream::connect_timeout(&addr, timeout)?;
     tuning.tune_socket(&stream, channel);

@@ -18,9 +18,10 @@ use postcopy_core::{
     SourceState, Timestamp,
 };
 
+use super::clock::now;
 use super::net::{lock_spin, Connection};
+use super::placement::{set_policy, Boost, Tuning};
 use super::watch::{UserRequest, Watch, SAMPLE_INTERVAL};
-use super::{now, set_policy, Boost, Tuning};
 use crate::devices::lock;
 
 /// How long a thread spins for the core lock before sleeping on it.

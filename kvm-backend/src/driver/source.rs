@@ -12,14 +12,16 @@ use postcopy_core::{
     SourceStats,
 };
 
+use super::clock::now;
 use super::digest::PageDigests;
 use super::machine::{core_layout, MachineDescription, PageMap};
 use super::net::{self, lock_spin, Connection};
+use super::placement::{latency_thread, pin_self, set_policy, Boost, Tuning};
 use super::shell::{spawn, ConnectionOp, LockedCore, Shell, SideDriver, LOCK_SPIN};
 use super::sync::Doorbell;
 use super::watch::Watch;
-use super::{error_chain, now, pin_self, set_policy, Boost, Tuning};
 use crate::devices::lock;
+use crate::error::error_chain;
 use crate::layout::PAGE_SIZE;
 use crate::memory::GuestRam;
 use crate::runner::VcpuSet;
@@ -77,7 +79,7 @@ pub enum SourceError {
     MachineDescription(#[source] postcopy_core::EventError),
     /// Dirty logging (for precopy rounds) could not be turned on.
     #[error("cannot turn on dirty logging")]
-    DirtyLogging(#[source] crate::Error),
+    DirtyLogging(#[source] crate::error::Error),
     /// The core never finished (a driver thread died).
     #[error("the source ended without a verdict")]
     NoVerdict,
@@ -343,7 +345,7 @@ impl SourceDriver<'_> {
         let captured = if parked {
             DeviceState::capture(self.vm, self.vcpus).and_then(|state| state.to_bytes())
         } else {
-            Err(crate::Error::Vcpu { vcpu: 0, reason: "a vCPU did not stop in time".into() })
+            Err(crate::error::Error::Vcpu { vcpu: 0, reason: "a vCPU did not stop in time".into() })
         };
         for &tid in &tids {
             let _ = crate::sys::set_realtime(tid, None);
@@ -418,7 +420,7 @@ impl SourceDriver<'_> {
         let fast = conn.channel == Channel::Return;
         let base = if fast { tuning.rt_priority } else { None };
         if fast {
-            super::latency_thread(tuning, "src-return");
+            latency_thread(tuning, "src-return");
         } else {
             set_policy(None, "src-reader");
         }

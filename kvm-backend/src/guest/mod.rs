@@ -19,10 +19,7 @@
 pub mod abi;
 pub mod bootsector;
 
-/// Machine code assembled at build time (see `build.rs`).
-pub mod programs {
-    include!(concat!(env!("OUT_DIR"), "/guest_programs.rs"));
-}
+pub mod programs;
 
 use kvm_bindings::{kvm_regs, kvm_segment, kvm_sregs};
 

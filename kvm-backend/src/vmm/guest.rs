@@ -45,7 +45,7 @@ pub enum BootError {
         step: &'static str,
         /// Why.
         #[source]
-        source: crate::Error,
+        source: crate::error::Error,
     },
 }
 
@@ -65,7 +65,7 @@ pub struct LiveGuest {
 impl LiveGuest {
     /// Boots a guest and starts its vCPUs.
     pub fn boot(spec: &GuestSpec, serial: SerialOutput, tuning: &Tuning) -> Result<LiveGuest, BootError> {
-        fn step<E: Into<crate::Error>>(step: &'static str) -> impl FnOnce(E) -> BootError {
+        fn step<E: Into<crate::error::Error>>(step: &'static str) -> impl FnOnce(E) -> BootError {
             move |source| BootError::Vmm { step, source: source.into() }
         }
         let layout = MemoryMap::pc(spec.mem_bytes).map_err(step("lay out the guest's RAM"))?;

@@ -8,9 +8,11 @@ use std::time::{Duration, Instant};
 
 use postcopy_core::{PageNumber, Waiter};
 
-use super::DestinationDriver;
+use super::state::DestinationDriver;
+use crate::driver::clock::now;
+use crate::driver::placement::latency_thread;
 use crate::driver::shell::SideDriver;
-use crate::driver::{error_chain, now};
+use crate::error::error_chain;
 use crate::uffd::PageFault;
 
 /// How long the fault thread blocks in one poll (it checks for shutdown
@@ -22,7 +24,7 @@ const FAULT_RETRY: Duration = Duration::from_millis(10);
 impl DestinationDriver<'_> {
     pub(super) fn fault_loop<'s>(&'s self, s: &'s Scope<'s, '_>) {
         let Some(m) = self.machine.get() else { return };
-        crate::driver::latency_thread(&self.opts.tuning, "dst-fault");
+        latency_thread(&self.opts.tuning, "dst-fault");
         let spin = self.opts.tuning.spin();
         let mut reader = m.uffd.fault_reader();
         let mut faults: Vec<PageFault> = Vec::new();

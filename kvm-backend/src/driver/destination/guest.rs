@@ -9,13 +9,15 @@ use std::thread::Scope;
 use bytes::Bytes;
 use postcopy_core::PageNumber;
 
-use super::{DestinationDriver, DestinationError, Timeline};
+use super::error::{BuildError, DestinationError};
+use super::state::{DestinationDriver, Machine, Timeline};
 use crate::devices::lock;
 use crate::driver::digest::PageDigests;
-use crate::driver::machine::{core_layout, MachineDescription, MachineError, PageMap};
+use crate::driver::machine::{core_layout, MachineDescription, PageMap};
+use crate::driver::placement::set_policy;
 use crate::driver::shell::{spawn, SideDriver};
 use crate::driver::sync::{FaultClock, PageBits};
-use crate::driver::{error_chain, set_policy};
+use crate::error::error_chain;
 use crate::layout::PAGE_SIZE;
 use crate::memory::GuestRam;
 use crate::runner::VcpuSet;
@@ -23,42 +25,6 @@ use crate::state::DeviceState;
 use crate::uffd::UffdRam;
 use crate::vcpu::Vcpu;
 use crate::vm::{Vm, VmConfig};
-
-/// Why the machine could not be built from the source's description.
-#[derive(Debug, thiserror::Error)]
-pub enum BuildError {
-    /// The description is not valid.
-    #[error("bad machine description")]
-    Description(#[source] MachineError),
-    /// The core has no layout (no hello) yet.
-    #[error("no RAM layout from the source yet")]
-    NoLayout,
-    /// The description's RAM cannot be described to the core.
-    #[error("the machine description's RAM does not fit the protocol")]
-    CoreLayout(#[source] postcopy_core::LayoutError),
-    /// The description's RAM is not the hello's.
-    #[error("the machine description's RAM differs from the hello's layout")]
-    LayoutMismatch,
-    /// `--prealloc` prepared other RAM.
-    #[error(
-        "the source's guest RAM ({source_mib} MiB) is not the RAM preallocated here ({preallocated_mib} MiB, --prealloc)"
-    )]
-    PreallocatedMismatch {
-        /// The source's RAM.
-        source_mib: u64,
-        /// This side's preallocated RAM.
-        preallocated_mib: u64,
-    },
-    /// A step of the build failed.
-    #[error("cannot {step}")]
-    Step {
-        /// What was being done.
-        step: &'static str,
-        /// Why it failed.
-        #[source]
-        source: crate::Error,
-    },
-}
 
 /// Why the device state could not be loaded.
 #[derive(Debug, thiserror::Error)]
@@ -71,19 +37,7 @@ pub enum LoadError {
     NoVcpus,
     /// Decoding or restoring the state failed.
     #[error("cannot restore the device state")]
-    Restore(#[source] crate::Error),
-}
-
-/// What the destination builds for the guest when the hello arrives.
-pub(super) struct Machine {
-    pub(super) desc: MachineDescription,
-    pub(super) ram: Arc<GuestRam>,
-    pub(super) uffd: UffdRam,
-    pub(super) vm: Vm,
-    pub(super) map: PageMap,
-    pub(super) installed: PageBits,
-    pub(super) digests: PageDigests,
-    pub(super) clock: FaultClock,
+    Restore(#[source] crate::error::Error),
 }
 
 impl DestinationDriver<'_> {
@@ -127,7 +81,7 @@ impl DestinationDriver<'_> {
 
     /// The machine and its vCPUs (stored by the caller once the machine is).
     fn build_machine(&self, machine: &[u8]) -> Result<(Machine, Vec<Vcpu>), BuildError> {
-        fn step<E: Into<crate::Error>>(step: &'static str) -> impl FnOnce(E) -> BuildError {
+        fn step<E: Into<crate::error::Error>>(step: &'static str) -> impl FnOnce(E) -> BuildError {
             move |source| BuildError::Step { step, source: source.into() }
         }
         let desc = MachineDescription::from_bytes(machine).map_err(BuildError::Description)?;

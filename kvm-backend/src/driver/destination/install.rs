@@ -4,7 +4,7 @@
 //! core), and the test-only damage and install fault switches.
 
 use std::iter::Peekable;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::thread::Scope;
 use std::time::Duration;
 
@@ -12,12 +12,13 @@ use bytes::Bytes;
 use postcopy_core::wire::PageData;
 use postcopy_core::PageNumber;
 
-use super::{DestinationDriver, DestinationError, DestinationOp, Machine};
+use super::error::DestinationError;
+use super::state::{DestinationDriver, DestinationOp, Machine};
 use crate::devices::lock;
+use crate::driver::clock::now;
 use crate::driver::install_faults::InstallFault;
 use crate::driver::shell::SideDriver;
-use crate::driver::sync::InstallsInFlight;
-use crate::driver::{error_chain, now};
+use crate::error::error_chain;
 use crate::layout::PAGE_SIZE;
 use crate::uffd::{Install, InstallFailure, InstallFaultPlan, UffdError};
 
@@ -26,94 +27,6 @@ const MAX_INSTALL_RUN: usize = 64;
 /// Retries of an install that failed transiently (`EAGAIN`) before the page
 /// is reported missing to the core.
 const INSTALL_RETRIES: u32 = 3;
-
-/// Test-only damage on the destination (`POSTCOPY_TEST_DAMAGE=drop:PAGE` or
-/// `corrupt:PAGE`): the page is installed as zeros, or with one bit flipped,
-/// to prove that the integrity checks fail.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Damage {
-    /// Install zeros instead of the page.
-    Drop(u64),
-    /// Flip one bit of the page's first word.
-    Corrupt(u64),
-}
-
-/// Name of the environment variable that asks for [`Damage`].
-pub const DAMAGE_ENV: &str = "POSTCOPY_TEST_DAMAGE";
-
-/// A [`DAMAGE_ENV`] value that is not `drop:N` or `corrupt:N`.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum DamageError {
-    /// Not `KIND:PAGE` with a known kind.
-    #[error("{DAMAGE_ENV}={value}: expected drop:N or corrupt:N")]
-    Form {
-        /// The value given.
-        value: String,
-    },
-    /// The page is not a number.
-    #[error("{DAMAGE_ENV}={value}: bad page number")]
-    Page {
-        /// The value given.
-        value: String,
-    },
-}
-
-impl Damage {
-    /// Parses `drop:N` or `corrupt:N`.
-    pub fn parse(s: &str) -> Result<Self, DamageError> {
-        let (kind, page) = s.split_once(':').ok_or_else(|| DamageError::Form { value: s.into() })?;
-        let page: u64 = page.parse().map_err(|_| DamageError::Page { value: s.into() })?;
-        match kind {
-            "drop" => Ok(Damage::Drop(page)),
-            "corrupt" => Ok(Damage::Corrupt(page)),
-            _ => Err(DamageError::Form { value: s.into() }),
-        }
-    }
-
-    /// From the environment, if set.
-    pub fn from_env() -> Result<Option<Self>, DamageError> {
-        match std::env::var(DAMAGE_ENV) {
-            Ok(v) if !v.is_empty() => Self::parse(&v).map(Some),
-            _ => Ok(None),
-        }
-    }
-
-    fn page(self) -> u64 {
-        match self {
-            Damage::Drop(p) | Damage::Corrupt(p) => p,
-        }
-    }
-
-    /// `data` as this damage changes it.
-    fn apply(self, data: PageData) -> PageData {
-        match (self, data) {
-            (Damage::Drop(_), _) => PageData::Zero,
-            (Damage::Corrupt(_), PageData::Bytes(b)) => {
-                let mut v = b.to_vec();
-                v[0] ^= 0x10;
-                PageData::Bytes(Bytes::from(v))
-            }
-            (Damage::Corrupt(_), PageData::Zero) => {
-                let mut v = vec![0u8; PAGE_SIZE as usize];
-                v[0] ^= 0x10;
-                PageData::Bytes(Bytes::from(v))
-            }
-        }
-    }
-}
-
-/// What the installing threads count, for the report.
-#[derive(Debug, Default)]
-pub(super) struct InstallCounters {
-    /// Installs that failed or found the page already there.
-    pub(super) anomalies: AtomicU64,
-    /// Wall time in the calls that placed pages, summed over the installers.
-    pub(super) busy_ns: AtomicU64,
-    /// Installs drained from the core and not yet carried out (added under
-    /// the core lock): the EOC waits for them, as a failure must reach the
-    /// core before it leaves.
-    pub(super) in_flight: InstallsInFlight,
-}
 
 impl DestinationDriver<'_> {
     /// Installs `page` and, when the next operations install the pages after
@@ -391,35 +304,5 @@ impl DestinationDriver<'_> {
             m.digests.forget(page);
             m.installed.clear(page);
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn damage_switch_parses() {
-        assert_eq!(Damage::parse("drop:300"), Ok(Damage::Drop(300)));
-        assert_eq!(Damage::parse("corrupt:7"), Ok(Damage::Corrupt(7)));
-        assert_eq!(Damage::parse("drop"), Err(DamageError::Form { value: "drop".into() }));
-        assert_eq!(Damage::parse("flip:3"), Err(DamageError::Form { value: "flip:3".into() }));
-        assert_eq!(Damage::parse("drop:x"), Err(DamageError::Page { value: "drop:x".into() }));
-        assert_eq!(Damage::Corrupt(7).page(), 7);
-    }
-
-    #[test]
-    fn damage_changes_the_page() {
-        let page = Bytes::from(vec![0x55u8; PAGE_SIZE as usize]);
-        assert_eq!(Damage::Drop(1).apply(PageData::Bytes(page.clone())), PageData::Zero);
-        let PageData::Bytes(flipped) = Damage::Corrupt(1).apply(PageData::Bytes(page.clone())) else {
-            panic!("a corrupted page keeps bytes")
-        };
-        assert_eq!(flipped[0], 0x45);
-        assert_eq!(flipped[1..], page[1..]);
-        let PageData::Bytes(from_zero) = Damage::Corrupt(1).apply(PageData::Zero) else {
-            panic!("a corrupted zero page gets bytes")
-        };
-        assert_eq!(from_zero[0], 0x10);
     }
 }

@@ -1,48 +1,52 @@
 //! The destination side's driver. See the module docs of [`super`] for
 //! threads. By job: `guest` builds the machine, loads the device state and
 //! starts the vCPUs; `install` places pages; `fault` is the fault thread;
-//! `verify` checks the guest after the migration and reports. Here: the
-//! driver itself, its operations, accepting connections and reading them.
+//! `verify` checks the guest after the migration and reports. Their shared
+//! data is in `state` (options, the driver struct each job extends, the
+//! machine, the timeline, the operations), their errors in `error`, the
+//! test-only damage switch in `damage`: the jobs import those, never this
+//! module. Here: running a migration, the core's operations, accepting
+//! connections and reading them.
 
+mod damage;
+mod error;
 mod fault;
 mod guest;
 mod install;
+mod state;
 mod verify;
 
-pub use guest::{BuildError, LoadError};
-pub use install::{Damage, DamageError, DAMAGE_ENV};
+pub use damage::{Damage, DamageError, DAMAGE_ENV};
+pub use error::{BuildError, DestinationError};
+pub use guest::LoadError;
+pub use state::DestinationOptions;
 pub use verify::{check_running_guest, VerifyError};
 
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::thread::Scope;
 use std::time::Duration;
 
-use bytes::Bytes;
 use hdrhistogram::Histogram;
 use postcopy_core::wire::PageData;
-use postcopy_core::{
-    Channel, Config, DeferredPage, Destination, DestinationAction, DestinationStats, Finished, Notice, PageNumber,
-};
+use postcopy_core::{Channel, DeferredPage, Destination, DestinationAction};
 
+use super::clock::now;
 use super::digest::MemoryDigest;
 use super::machine::MachineDescription;
-use super::net::{self, Connection, PreambleReadError};
+use super::net::{self, Connection};
+use super::placement::{pin_self, set_policy, Boost};
 use super::report::DestinationReport;
-use super::shell::{spawn, ConnectionOp, LockedCore, Shell, SideDriver};
+use super::shell::{spawn, LockedCore, Shell, SideDriver};
 use super::sync::Doorbell;
 use super::watch::Watch;
-use super::{error_chain, now, pin_self, set_policy, Boost, Tuning};
-use crate::devices::{lock, SerialOutput};
+use crate::devices::lock;
+use crate::error::error_chain;
 use crate::layout::PAGE_SIZE;
-use crate::memory::GuestRam;
 use crate::runner::VcpuSet;
-use crate::vcpu::Vcpu;
 use crate::vm::Vm;
-use guest::Machine;
-use install::InstallCounters;
+use state::{DestinationDriver, DestinationOp, InstallCounters, Timeline};
 
 /// Bytes read per receive on the main channel.
 const MAIN_READ_BYTES: usize = 256 * 1024;
@@ -56,29 +60,6 @@ const RETURN_WRITE_BYTES: usize = 64 * 1024;
 const ACCEPT_POLL: Duration = Duration::from_millis(50);
 /// How often the progress bar is redrawn.
 const PROGRESS_TICK: Duration = Duration::from_millis(50);
-
-/// How to run the destination.
-#[derive(Clone, Debug)]
-pub struct DestinationOptions {
-    /// The core's settings.
-    pub config: Config,
-    /// Thread placement and polling.
-    pub tuning: Tuning,
-    /// Where the guest's serial port writes.
-    pub serial: SerialOutput,
-    /// How long the guest runs here after the migration before it is checked.
-    pub run_after: Duration,
-    /// Write guest RAM here after the migration (guest stopped).
-    pub dump_memory: Option<PathBuf>,
-    /// Test-only damage to one page.
-    pub damage: Option<Damage>,
-    /// Draw a progress bar on stderr (when it is a terminal).
-    pub progress_bar: bool,
-    /// Guest RAM allocated before listening ([`GuestRam::new_preallocated`]),
-    /// for the layout the source is expected to send; None: anonymous RAM
-    /// allocated when the machine description arrives.
-    pub preallocated: Option<Arc<GuestRam>>,
-}
 
 /// What the destination reports, and whether it succeeded.
 #[derive(Debug)]
@@ -116,114 +97,6 @@ enum AfterMigration {
     CheckAndStop,
     /// Hand the running guest over ([`run_destination_kept`]).
     Keep,
-}
-
-/// A failure of the destination's driver (beside the core's own verdict).
-#[derive(Debug, thiserror::Error)]
-pub enum DestinationError {
-    /// The fault path's histogram could not be made.
-    #[error("cannot create the fault latency histogram")]
-    Histogram(#[source] hdrhistogram::CreationError),
-    /// The listener could not be polled.
-    #[error("cannot make the listener non-blocking")]
-    Listener(#[source] std::io::Error),
-    /// A peer that does not speak the protocol (refused alone, never fatal).
-    #[error("connection from {peer} refused")]
-    Refused {
-        /// The peer.
-        peer: SocketAddr,
-        /// What it sent.
-        #[source]
-        reason: PreambleReadError,
-    },
-    /// The machine could not be built.
-    #[error("cannot build the machine")]
-    Build(#[source] BuildError),
-    /// The vCPUs could not be started after StartGuest.
-    #[error("cannot start the vCPUs")]
-    StartVcpus(#[source] crate::Error),
-    /// A page the core handed out is not in guest memory (after the
-    /// retries a transient failure gets): the core hears of it.
-    #[error("page {page} could not be installed")]
-    InstallFailed {
-        /// The page's global number.
-        page: u64,
-        /// Why the last attempt failed.
-        #[source]
-        source: crate::Error,
-    },
-    /// A page failed to install when nothing could bring it back any more
-    /// (the end of copy was sent): the guest is not run on the hole.
-    #[error("page {page} is missing from the guest for good")]
-    PageLost {
-        /// The page's global number.
-        page: u64,
-        /// The core's refusal.
-        #[source]
-        source: postcopy_core::EventError,
-    },
-}
-
-/// When the switchover's steps happened (monotonic ns, 0: not yet).
-#[derive(Debug, Default)]
-struct Timeline {
-    /// The whole device state received (loading starts).
-    device_state_received_ns: AtomicU64,
-    /// The device state loaded.
-    device_state_loaded_ns: AtomicU64,
-    /// StartGuest received (the vCPU threads start).
-    start_received_ns: AtomicU64,
-    /// The vCPUs started.
-    resume_ns: AtomicU64,
-    /// The core finished.
-    end_ns: AtomicU64,
-}
-
-impl Timeline {
-    fn mark(at: &AtomicU64) {
-        at.store(now().0, Ordering::SeqCst);
-    }
-}
-
-/// What the destination's driver does for the core, resolved while the
-/// core lock is held.
-enum DestinationOp {
-    Prepare(Bytes),
-    Install { page: PageNumber, data: PageData, overwrite: bool },
-    Discard { first: PageNumber, count: u64 },
-    LoadDeviceState(Bytes),
-    ResumeVcpus,
-    Wake(PageNumber),
-    Close(ConnectionOp),
-    Notice(Notice),
-    Finished(Box<Finished<DestinationStats>>),
-}
-
-/// The destination's driver: the shell, the machine once built, the vCPUs,
-/// the verdict, and what the report needs.
-struct DestinationDriver<'a> {
-    shell: Shell<Destination>,
-    opts: &'a DestinationOptions,
-    listener: TcpListener,
-    /// The machine is being built: nothing goes out on the return path
-    /// (the welcome would let the source stop its guest before this side
-    /// can take it). Read and written only under the core lock.
-    preparing: AtomicBool,
-    machine: OnceLock<Machine>,
-    /// The vCPUs, created with the machine, until they start.
-    vcpus: Mutex<Option<Vec<Vcpu>>>,
-    /// The vCPU threads, once started.
-    running: Mutex<Option<VcpuSet>>,
-    vcpu_tids: OnceLock<Vec<i32>>,
-    finished: Mutex<Option<Finished<DestinationStats>>>,
-    finished_flag: AtomicBool,
-    finished_bell: Doorbell,
-    fatal: Mutex<Option<DestinationError>>,
-    /// Fault read to page in place, ns.
-    latency: Mutex<Histogram<u64>>,
-    timeline: Timeline,
-    faults_read: AtomicU64,
-    install_counters: InstallCounters,
 }
 
 /// Accepts a migration on `listener`, runs the guest after it, checks it,
@@ -585,7 +458,7 @@ impl DestinationDriver<'_> {
             // kicked first, so that none runs the guest on missing pages.
             let abandoned = match running.as_ref() {
                 Some(vcpus) => vcpus.abandon(&m.uffd),
-                None => m.uffd.unregister_all().map_err(crate::Error::from),
+                None => m.uffd.unregister_all().map_err(crate::error::Error::from),
             };
             if let Err(e) = abandoned {
                 tracing::warn!(e = error_chain(&e), "abandoning the guest");

@@ -9,11 +9,12 @@ use std::time::{Duration, Instant};
 use hdrhistogram::Histogram;
 use postcopy_core::{DestinationStats, Finished, LatencySummary};
 
-use super::{DestinationDriver, Machine};
+use super::state::{DestinationDriver, Machine};
 use crate::devices::{lock, GuestStats};
+use crate::driver::clock::now;
 use crate::driver::machine::{GuestKind, MachineDescription};
 use crate::driver::report::{DestinationReport, PatternCheck};
-use crate::driver::{error_chain, now};
+use crate::error::error_chain;
 use crate::guest::TestGuest;
 use crate::memory::GuestRam;
 use crate::runner::VcpuSet;
@@ -45,7 +46,7 @@ pub enum VerifyError {
     VcpusNeverStarted,
     /// The guest could not be stopped or its memory read.
     #[error("cannot check the guest's memory")]
-    Pattern(#[source] crate::Error),
+    Pattern(#[source] crate::error::Error),
     /// The dump file could not be created.
     #[error("cannot create the memory dump {}", path.display())]
     DumpCreate {
@@ -62,7 +63,7 @@ pub enum VerifyError {
         path: PathBuf,
         /// Why.
         #[source]
-        source: crate::Error,
+        source: crate::error::Error,
     },
 }
 
