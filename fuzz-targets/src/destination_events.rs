@@ -65,7 +65,7 @@ pub struct DestinationSetup {
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub enum DestinationOp {
+pub enum DestinationEvent {
     /// A connection for `[Main, Urgent, Return][ch % 3]` was accepted.
     Connected(u8),
     ConnectionLost(u8),
@@ -114,25 +114,25 @@ pub enum DestinationOp {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct DestinationInput {
     pub setup: DestinationSetup,
-    pub ops: Vec<DestinationOp>,
+    pub ops: Vec<DestinationEvent>,
 }
 
 const MAIN_FIRST: [Channel; 3] = [Channel::Main, Channel::Urgent, Channel::Return];
 
-impl DestinationOp {
-    fn read(r: &mut In) -> DestinationOp {
+impl DestinationEvent {
+    fn read(r: &mut In) -> DestinationEvent {
         match r.u8() % 11 {
-            0 => DestinationOp::Connected(r.u8()),
-            1 => DestinationOp::ConnectionLost(r.u8()),
-            2 => DestinationOp::Frame { ch: r.u8(), frame: FrameSpec::read(r), split: r.u16() },
-            3 => DestinationOp::Bytes { ch: r.u8(), bytes: r.bytes(255) },
-            4 => DestinationOp::Transmit { ch: r.u8(), max_bytes: r.u16() },
-            5 => DestinationOp::PageFault { page: r.num(), waiter: r.u8() },
-            6 => DestinationOp::DeviceStateLoaded { ok: r.bool() },
-            7 => DestinationOp::Cancel,
-            8 => DestinationOp::Timer(r.u8()),
-            9 => DestinationOp::InstallFailed { page: r.num() },
-            _ => DestinationOp::Stranger {
+            0 => DestinationEvent::Connected(r.u8()),
+            1 => DestinationEvent::ConnectionLost(r.u8()),
+            2 => DestinationEvent::Frame { ch: r.u8(), frame: FrameSpec::read(r), split: r.u16() },
+            3 => DestinationEvent::Bytes { ch: r.u8(), bytes: r.bytes(255) },
+            4 => DestinationEvent::Transmit { ch: r.u8(), max_bytes: r.u16() },
+            5 => DestinationEvent::PageFault { page: r.num(), waiter: r.u8() },
+            6 => DestinationEvent::DeviceStateLoaded { ok: r.bool() },
+            7 => DestinationEvent::Cancel,
+            8 => DestinationEvent::Timer(r.u8()),
+            9 => DestinationEvent::InstallFailed { page: r.num() },
+            _ => DestinationEvent::Stranger {
                 ch: r.u8(),
                 other_session: r.bool(),
                 frame: FrameSpec::read(r),
@@ -143,39 +143,39 @@ impl DestinationOp {
 
     fn write(&self, o: &mut Out) {
         match self {
-            DestinationOp::Connected(ch) => {
+            DestinationEvent::Connected(ch) => {
                 o.u8(0).u8(*ch);
             }
-            DestinationOp::ConnectionLost(ch) => {
+            DestinationEvent::ConnectionLost(ch) => {
                 o.u8(1).u8(*ch);
             }
-            DestinationOp::Frame { ch, frame, split } => {
+            DestinationEvent::Frame { ch, frame, split } => {
                 o.u8(2).u8(*ch);
                 frame.write(o);
                 o.u16(*split);
             }
-            DestinationOp::Bytes { ch, bytes } => {
+            DestinationEvent::Bytes { ch, bytes } => {
                 o.u8(3).u8(*ch).bytes(bytes);
             }
-            DestinationOp::Transmit { ch, max_bytes } => {
+            DestinationEvent::Transmit { ch, max_bytes } => {
                 o.u8(4).u8(*ch).u16(*max_bytes);
             }
-            DestinationOp::PageFault { page, waiter } => {
+            DestinationEvent::PageFault { page, waiter } => {
                 o.u8(5).num(*page).u8(*waiter);
             }
-            DestinationOp::DeviceStateLoaded { ok } => {
+            DestinationEvent::DeviceStateLoaded { ok } => {
                 o.u8(6).bool(*ok);
             }
-            DestinationOp::Cancel => {
+            DestinationEvent::Cancel => {
                 o.u8(7);
             }
-            DestinationOp::Timer(v) => {
+            DestinationEvent::Timer(v) => {
                 o.u8(8).u8(*v);
             }
-            DestinationOp::InstallFailed { page } => {
+            DestinationEvent::InstallFailed { page } => {
                 o.u8(9).num(*page);
             }
-            DestinationOp::Stranger { ch, other_session, frame, garbage } => {
+            DestinationEvent::Stranger { ch, other_session, frame, garbage } => {
                 o.u8(10).u8(*ch).bool(*other_session);
                 frame.write(o);
                 o.bytes(garbage);
@@ -196,7 +196,7 @@ impl<'a> Arbitrary<'a> for DestinationInput {
         };
         let mut ops = Vec::new();
         while !r.is_empty() && ops.len() < MAX_OPS {
-            ops.push(DestinationOp::read(&mut r));
+            ops.push(DestinationEvent::read(&mut r));
         }
         Ok(DestinationInput { setup, ops })
     }
@@ -236,7 +236,7 @@ impl DestinationSetup {
 
 /// What a run saw, for the seed tests.
 #[derive(Clone, Debug, Default)]
-pub struct DestinationReport {
+pub struct DestinationRunLog {
     pub states: Vec<DestinationState>,
     pub errors: Vec<MigrationError>,
     pub finished: Option<Result<(), MigrationError>>,
@@ -264,7 +264,7 @@ struct Driver {
     /// checked on this connection).
     welcomed: Option<bool>,
     report_next_word: u64,
-    report: DestinationReport,
+    report: DestinationRunLog,
 }
 
 impl Driver {
@@ -590,25 +590,25 @@ impl Driver {
         assert!(after == before, "a stranger on {channel} changed the destination");
     }
 
-    fn step(&mut self, op: &DestinationOp) {
+    fn step(&mut self, op: &DestinationEvent) {
         match op {
-            DestinationOp::Stranger { ch, other_session, frame, garbage } => {
+            DestinationEvent::Stranger { ch, other_session, frame, garbage } => {
                 self.stranger(MAIN_FIRST[*ch as usize % 3], *other_session, frame, garbage)
             }
-            DestinationOp::Connected(ch) => self.connected(MAIN_FIRST[*ch as usize % 3]),
-            DestinationOp::ConnectionLost(ch) => {
+            DestinationEvent::Connected(ch) => self.connected(MAIN_FIRST[*ch as usize % 3]),
+            DestinationEvent::ConnectionLost(ch) => {
                 self.core.handle_connection_lost(self.now, MAIN_FIRST[*ch as usize % 3])
             }
-            DestinationOp::Frame { ch, frame, split } => {
+            DestinationEvent::Frame { ch, frame, split } => {
                 self.peer_frame(MAIN_FIRST[*ch as usize % 3], frame, *split as usize)
             }
-            DestinationOp::Bytes { ch, bytes } => {
+            DestinationEvent::Bytes { ch, bytes } => {
                 self.core.handle_input(self.now, MAIN_FIRST[*ch as usize % 3], Bytes::from(bytes.clone()))
             }
-            DestinationOp::Transmit { ch, max_bytes } => {
+            DestinationEvent::Transmit { ch, max_bytes } => {
                 self.transmit(MAIN_FIRST[(*ch as usize + 2) % 3], *max_bytes as usize)
             }
-            DestinationOp::PageFault { page, waiter } => {
+            DestinationEvent::PageFault { page, waiter } => {
                 let page = PageNumber(page.index_below(self.total()));
                 let waiter = match waiter % 5 {
                     4 => Waiter::Vmm,
@@ -616,8 +616,8 @@ impl Driver {
                 };
                 let _ = self.core.handle_page_fault(self.now, page, waiter);
             }
-            DestinationOp::DeviceStateLoaded { ok } => self.loaded(*ok),
-            DestinationOp::InstallFailed { page } => {
+            DestinationEvent::DeviceStateLoaded { ok } => self.loaded(*ok),
+            DestinationEvent::InstallFailed { page } => {
                 let page = PageNumber(page.index_below(self.total()));
                 let was_present = self.core.is_present(page);
                 let state = self.core.state();
@@ -636,10 +636,10 @@ impl Driver {
                     Err(_) => assert!(matches!(state, DestinationState::Listening), "refused in {state}"),
                 }
             }
-            DestinationOp::Cancel => {
+            DestinationEvent::Cancel => {
                 let _ = self.core.handle_cancel(self.now);
             }
-            DestinationOp::Timer(v) => {
+            DestinationEvent::Timer(v) => {
                 self.now = if *v == 0 {
                     self.core.poll_timeout().unwrap_or(self.now + Duration::from_millis(1)).max(self.now)
                 } else {
@@ -663,7 +663,7 @@ fn decode_all(bytes: &[u8]) -> Vec<Frame> {
 }
 
 /// Runs the target on one input.
-pub fn run(input: &DestinationInput) -> DestinationReport {
+pub fn run(input: &DestinationInput) -> DestinationRunLog {
     let scope = Scope::begin(16 << 20);
     let config = input.setup.config();
     let page_size = input.setup.page_size();
@@ -683,10 +683,10 @@ pub fn run(input: &DestinationInput) -> DestinationReport {
         decoder: Decoder::new(),
         welcomed: Some(false),
         report_next_word: 0,
-        report: DestinationReport::default(),
+        report: DestinationRunLog::default(),
     };
     driver.check();
-    let trace = crate::trace_enabled();
+    let trace = crate::trace::enabled();
     for op in &input.ops {
         driver.step(op);
         driver.process();

@@ -27,6 +27,7 @@ pub mod pair;
 pub mod qmp_session;
 pub mod seeds;
 pub mod source_events;
+pub mod trace;
 pub mod wire_decode;
 
 use arbitrary::{Arbitrary, Unstructured};
@@ -43,13 +44,6 @@ pub fn decode<'a, T: Arbitrary<'a>>(bytes: &'a [u8]) -> Option<T> {
         return None;
     }
     T::arbitrary_take_rest(Unstructured::new(bytes)).ok()
-}
-
-/// Whether `POSTCOPY_FUZZ_TRACE` is set: the state-machine targets then
-/// print every event and the state after it (for reading a crash).
-pub fn trace_enabled() -> bool {
-    static TRACE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *TRACE.get_or_init(|| std::env::var_os("POSTCOPY_FUZZ_TRACE").is_some())
 }
 
 /// A fuzz target: its name (the cargo-fuzz binary and corpus directory) and

@@ -234,7 +234,7 @@ pub fn run(input: &PairInput) -> PairOutcome {
     let cfg = input.setup.pair_config();
     let total = cfg.layout.total_pages();
     let vcpus = cfg.vcpus;
-    if crate::trace_enabled() {
+    if crate::trace::enabled() {
         eprintln!("{:?}", cfg.config);
     }
     let mut pair = Pair::new(cfg);
@@ -272,7 +272,7 @@ pub fn run(input: &PairInput) -> PairOutcome {
                 }
             }
         }
-        if crate::trace_enabled() {
+        if crate::trace::enabled() {
             eprintln!(
                 "{op:?} -> source {} destination {} (sent {}, now {:?})",
                 pair.src.core.state(),

@@ -81,7 +81,7 @@ impl EventSink for Collect {
 /// What a run produced: the replies to the stream's messages, in order, and
 /// the events the VMM raised.
 #[derive(Clone, Debug, PartialEq)]
-pub struct Outcome {
+pub struct QmpRunLog {
     pub replies: Vec<Value>,
     pub events: Vec<Event>,
     /// Commands the VMM ran.
@@ -107,7 +107,7 @@ fn check_reply(reply: &Value) {
     }
 }
 
-fn drive(input: &QmpInput, sizes: &mut dyn Iterator<Item = usize>) -> Outcome {
+fn drive(input: &QmpInput, sizes: &mut dyn Iterator<Item = usize>) -> QmpRunLog {
     let sink = Arc::new(Collect::default());
     let vmm = FakeVmm::running(sink.clone());
     let mut session = Session::new(SessionConfig { max_message_bytes: MAX_MESSAGE_BYTES, ..SessionConfig::default() });
@@ -152,11 +152,11 @@ fn drive(input: &QmpInput, sizes: &mut dyn Iterator<Item = usize>) -> Outcome {
         }
     }
     let events = std::mem::take(&mut *sink.0.lock().unwrap_or_else(|p| p.into_inner()));
-    Outcome { replies, events, executed }
+    QmpRunLog { replies, events, executed }
 }
 
 /// Runs the target on one input; returns what the fuzzer's chunking did.
-pub fn run(input: &QmpInput) -> Outcome {
+pub fn run(input: &QmpInput) -> QmpRunLog {
     let stream = &input.stream;
     let limit = (1 << 20) + 16 * stream.len();
     let scope = Scope::begin(limit);

@@ -24,12 +24,12 @@ use postcopy_core::testkit::{Pair, PairConfig};
 use postcopy_core::wire::{self, Frame, FrameKind, MAGIC, PROTOCOL_VERSION};
 use postcopy_core::{Channel, Config, MigrationError, PageNumber, ProtocolError, WireError};
 
-use crate::destination_events::{self as dst, DestinationInput, DestinationOp, DestinationSetup};
+use crate::destination_events::{self as dst, DestinationEvent, DestinationInput, DestinationSetup};
 use crate::frames::{FrameSpec, PageSpec, WordSpec};
 use crate::input::Num;
 use crate::pair::{PairInput, PairOp, PairOutcome, PairSetup};
 use crate::qmp_session::{self, QmpInput};
-use crate::source_events::{self as src, SourceInput, SourceOp, SourceSetup};
+use crate::source_events::{self as src, SourceEvent, SourceInput, SourceSetup};
 use crate::wire_decode::{self, WireInput};
 
 /// One seed: where it goes, what it is, and a check that it still is.
@@ -237,7 +237,7 @@ fn source_setup(mode: u8, flags: u8) -> SourceSetup {
 /// Flags: urgent channel, prepaging, connects, stops and syncs answered at once.
 const SOURCE_AUTO: u8 = 0x1 | 0x2 | 0x10 | 0x20 | 0x40;
 
-fn source_seed(name: &str, input: SourceInput, check: impl Fn(&src::SourceReport) + 'static) -> Seed {
+fn source_seed(name: &str, input: SourceInput, check: impl Fn(&src::SourceRunLog) + 'static) -> Seed {
     Seed {
         target: "source_events",
         name: name.to_owned(),
@@ -246,15 +246,15 @@ fn source_seed(name: &str, input: SourceInput, check: impl Fn(&src::SourceReport
     }
 }
 
-fn source_error(name: &str, ops: Vec<SourceOp>, expect: fn(&MigrationError) -> bool) -> Seed {
+fn source_error(name: &str, ops: Vec<SourceEvent>, expect: fn(&MigrationError) -> bool) -> Seed {
     let input = SourceInput { setup: source_setup(0, SOURCE_AUTO), ops };
     source_seed(&format!("seed-error-{name}"), input, move |report| {
         assert!(report.errors.iter().any(expect), "expected error not reported: {:?}", report.errors);
     })
 }
 
-fn frame_op(frame: FrameSpec) -> SourceOp {
-    SourceOp::Frame { ch: 0, frame, split: 3 }
+fn frame_op(frame: FrameSpec) -> SourceEvent {
+    SourceEvent::Frame { ch: 0, frame, split: 3 }
 }
 
 fn welcome(max: u8) -> FrameSpec {
@@ -271,31 +271,31 @@ fn request(indexes: Vec<Num>) -> FrameSpec {
     FrameSpec::Request { block: Num::Near(0), indexes }
 }
 
-fn transmit(ch: Channel) -> SourceOp {
-    SourceOp::Transmit { ch: ch.index() as u8, max_bytes: RECORD_BUDGET as u16 }
+fn transmit(ch: Channel) -> SourceEvent {
+    SourceEvent::Transmit { ch: ch.index() as u8, max_bytes: RECORD_BUDGET as u16 }
 }
 
 /// Start, connect, hello, welcome, stop; the source is in SWITCHOVER.
-fn source_to_switchover(max: u8) -> Vec<SourceOp> {
-    vec![SourceOp::Start, transmit(Channel::Main), transmit(Channel::Urgent), frame_op(welcome(max))]
+fn source_to_switchover(max: u8) -> Vec<SourceEvent> {
+    vec![SourceEvent::Start, transmit(Channel::Main), transmit(Channel::Urgent), frame_op(welcome(max))]
 }
 
 /// ... and past StartGuest: ACTIVE.
-fn source_to_active() -> Vec<SourceOp> {
+fn source_to_active() -> Vec<SourceEvent> {
     let mut ops = source_to_switchover(15);
     ops.extend([transmit(Channel::Main), frame_op(FrameSpec::ReadyToRun), transmit(Channel::Urgent)]);
     ops
 }
 
-fn source_from_events(events: &[Event]) -> Vec<SourceOp> {
-    let mut ops = vec![SourceOp::Start];
+fn source_from_events(events: &[Event]) -> Vec<SourceEvent> {
+    let mut ops = vec![SourceEvent::Start];
     for event in events {
         match event {
             Event::Transmit(ch) if ch.is_from_source() => ops.push(transmit(*ch)),
             Event::Deliver(Channel::Return, bytes) => {
-                ops.extend(byte_ops(bytes, |bytes| SourceOp::Bytes { ch: 0, bytes }))
+                ops.extend(byte_ops(bytes, |bytes| SourceEvent::Bytes { ch: 0, bytes }))
             }
-            Event::Write(page) => ops.push(SourceOp::GuestWrite(Num::Near(*page as u8))),
+            Event::Write(page) => ops.push(SourceEvent::GuestWrite(Num::Near(*page as u8))),
             _ => {}
         }
     }
@@ -303,7 +303,7 @@ fn source_from_events(events: &[Event]) -> Vec<SourceOp> {
 }
 
 fn source_seeds(events: &[Event], hybrid_events: &[Event]) -> Vec<Seed> {
-    let completed = |r: &src::SourceReport| assert_eq!(r.finished, Some(Ok(())), "states {:?}", r.states);
+    let completed = |r: &src::SourceRunLog| assert_eq!(r.finished, Some(Ok(())), "states {:?}", r.states);
     let mut seeds = vec![
         source_seed(
             "seed-transcript-postcopy",
@@ -322,8 +322,8 @@ fn source_seeds(events: &[Event], hybrid_events: &[Event]) -> Vec<Seed> {
         frame_op(request(vec![Num::Near(3), Num::Near(5)])),
         transmit(Channel::Urgent),
         transmit(Channel::Main),
-        SourceOp::ConnectionLost(0),
-        SourceOp::Timer(0),
+        SourceEvent::ConnectionLost(0),
+        SourceEvent::Timer(0),
         transmit(Channel::Main),
         transmit(Channel::Urgent),
         frame_op(FrameSpec::Welcome {
@@ -346,8 +346,8 @@ fn source_seeds(events: &[Event], hybrid_events: &[Event]) -> Vec<Seed> {
 
     // Error classes, as the source meets them.
     for (name, bytes, expect) in bad_bytes() {
-        let mut ops = vec![SourceOp::Start];
-        ops.push(SourceOp::Bytes { ch: 0, bytes });
+        let mut ops = vec![SourceEvent::Start];
+        ops.push(SourceEvent::Bytes { ch: 0, bytes });
         let input = SourceInput { setup: source_setup(0, SOURCE_AUTO), ops };
         seeds.push(source_seed(&format!("seed-error-{name}"), input, move |r| {
             let found = r
@@ -367,13 +367,13 @@ fn source_seeds(events: &[Event], hybrid_events: &[Event]) -> Vec<Seed> {
     seeds.push(source_error("page-out-of-range", ops, |e| {
         matches!(e, MigrationError::Protocol(ProtocolError::PageOutOfRange { index: 1000, .. }))
     }));
-    let ops = vec![SourceOp::Start, frame_op(FrameSpec::Eoc)];
+    let ops = vec![SourceEvent::Start, frame_op(FrameSpec::Eoc)];
     seeds.push(source_error("frame-in-wrong-state", ops, |e| {
         matches!(e, MigrationError::Protocol(ProtocolError::UnexpectedFrame { kind: FrameKind::Eoc, .. }))
     }));
     let mut ops = source_to_active();
     // Every page, one frame at a time, stopping short of the end of stream.
-    ops.extend((0..RECORD_PAGES).map(|_| SourceOp::Transmit { ch: 0, max_bytes: 1 }));
+    ops.extend((0..RECORD_PAGES).map(|_| SourceEvent::Transmit { ch: 0, max_bytes: 1 }));
     ops.extend([frame_op(FrameSpec::Eoc), frame_op(request(vec![Num::Near(2)]))]);
     seeds.push(source_error("request-after-end", ops, |e| {
         matches!(e, MigrationError::Protocol(ProtocolError::RequestAfterEnd))
@@ -384,7 +384,7 @@ fn source_seeds(events: &[Event], hybrid_events: &[Event]) -> Vec<Seed> {
         matches!(e, MigrationError::Protocol(ProtocolError::TooManyRequests { limit: 2 }))
     }));
     let ops = vec![
-        SourceOp::Start,
+        SourceEvent::Start,
         frame_op(FrameSpec::Welcome {
             session: Num::Raw(1),
             epoch: Num::Near(0),
@@ -409,7 +409,7 @@ fn destination_setup(flags: u8) -> DestinationSetup {
 /// Flags: device-state loads finish at once.
 const DESTINATION_AUTO: u8 = 0x8;
 
-fn destination_seed(name: &str, input: DestinationInput, check: impl Fn(&dst::DestinationReport) + 'static) -> Seed {
+fn destination_seed(name: &str, input: DestinationInput, check: impl Fn(&dst::DestinationRunLog) + 'static) -> Seed {
     Seed {
         target: "destination_events",
         name: name.to_owned(),
@@ -418,24 +418,24 @@ fn destination_seed(name: &str, input: DestinationInput, check: impl Fn(&dst::De
     }
 }
 
-fn destination_error(name: &str, ops: Vec<DestinationOp>, expect: fn(&MigrationError) -> bool) -> Seed {
+fn destination_error(name: &str, ops: Vec<DestinationEvent>, expect: fn(&MigrationError) -> bool) -> Seed {
     let input = DestinationInput { setup: destination_setup(DESTINATION_AUTO), ops };
     destination_seed(&format!("seed-error-{name}"), input, move |report| {
         assert!(report.errors.iter().any(expect), "expected error not reported: {:?}", report.errors);
     })
 }
 
-fn connect_all() -> Vec<DestinationOp> {
-    (0..3).map(DestinationOp::Connected).collect()
+fn connect_all() -> Vec<DestinationEvent> {
+    (0..3).map(DestinationEvent::Connected).collect()
 }
 
-fn on(ch: Channel, frame: FrameSpec) -> DestinationOp {
+fn on(ch: Channel, frame: FrameSpec) -> DestinationEvent {
     let ch = match ch {
         Channel::Main => 0,
         Channel::Urgent => 1,
         Channel::Return => 2,
     };
-    DestinationOp::Frame { ch, frame, split: 5 }
+    DestinationEvent::Frame { ch, frame, split: 5 }
 }
 
 fn hello(resume: bool, hybrid: bool, blocks: Vec<(u8, Num)>) -> FrameSpec {
@@ -456,10 +456,10 @@ fn page(index: u8, kind: u8) -> FrameSpec {
     FrameSpec::Page { block: Num::Near(0), index: Num::Near(index), kind, data: PageSpec::Fill(index + 1) }
 }
 
-const RETURN_TRANSMIT: DestinationOp = DestinationOp::Transmit { ch: 0, max_bytes: RECORD_BUDGET as u16 };
+const RETURN_TRANSMIT: DestinationEvent = DestinationEvent::Transmit { ch: 0, max_bytes: RECORD_BUDGET as u16 };
 
 /// Connected, hello, device state loaded: AWAITING_START.
-fn destination_to_awaiting_start() -> Vec<DestinationOp> {
+fn destination_to_awaiting_start() -> Vec<DestinationEvent> {
     let mut ops = connect_all();
     ops.extend([
         on(Channel::Main, hello(false, false, vec![(0, Num::Near(11))])),
@@ -471,16 +471,16 @@ fn destination_to_awaiting_start() -> Vec<DestinationOp> {
     ops
 }
 
-fn destination_from_events(events: &[Event]) -> Vec<DestinationOp> {
+fn destination_from_events(events: &[Event]) -> Vec<DestinationEvent> {
     let mut ops = connect_all();
     for event in events {
         match event {
             Event::Transmit(Channel::Return) => ops.push(RETURN_TRANSMIT),
             Event::Deliver(ch, bytes) if ch.is_from_source() => {
                 let ch = if *ch == Channel::Main { 0 } else { 1 };
-                ops.extend(byte_ops(bytes, |bytes| DestinationOp::Bytes { ch, bytes }));
+                ops.extend(byte_ops(bytes, |bytes| DestinationEvent::Bytes { ch, bytes }));
             }
-            Event::Fault(page) => ops.push(DestinationOp::PageFault { page: Num::Near(*page as u8), waiter: 0 }),
+            Event::Fault(page) => ops.push(DestinationEvent::PageFault { page: Num::Near(*page as u8), waiter: 0 }),
             _ => {}
         }
     }
@@ -489,7 +489,7 @@ fn destination_from_events(events: &[Event]) -> Vec<DestinationOp> {
 
 fn destination_seeds(events: &[Event], hybrid_events: &[Event]) -> Vec<Seed> {
     let completed =
-        |r: &dst::DestinationReport| assert_eq!(r.finished, Some(Ok(())), "states {:?} {:?}", r.states, r.errors);
+        |r: &dst::DestinationRunLog| assert_eq!(r.finished, Some(Ok(())), "states {:?} {:?}", r.states, r.errors);
     let mut seeds = vec![
         destination_seed(
             "seed-transcript-postcopy",
@@ -509,12 +509,12 @@ fn destination_seeds(events: &[Event], hybrid_events: &[Event]) -> Vec<Seed> {
     let mut ops = destination_to_awaiting_start();
     ops.extend([
         on(Channel::Urgent, FrameSpec::StartGuest),
-        DestinationOp::PageFault { page: Num::Near(6), waiter: 1 },
-        DestinationOp::PageFault { page: Num::Near(2), waiter: 4 },
+        DestinationEvent::PageFault { page: Num::Near(6), waiter: 1 },
+        DestinationEvent::PageFault { page: Num::Near(2), waiter: 4 },
         RETURN_TRANSMIT,
         on(Channel::Urgent, page(6, 2)),
-        DestinationOp::ConnectionLost(1),
-        DestinationOp::Timer(30),
+        DestinationEvent::ConnectionLost(1),
+        DestinationEvent::Timer(30),
     ]);
     ops.extend(connect_all());
     ops.extend([
@@ -536,11 +536,11 @@ fn destination_seeds(events: &[Event], hybrid_events: &[Event]) -> Vec<Seed> {
     let mut ops = destination_to_awaiting_start();
     ops.extend([
         on(Channel::Urgent, FrameSpec::StartGuest),
-        DestinationOp::PageFault { page: Num::Near(6), waiter: 1 },
+        DestinationEvent::PageFault { page: Num::Near(6), waiter: 1 },
         RETURN_TRANSMIT,
         on(Channel::Urgent, page(6, 2)),
-        DestinationOp::InstallFailed { page: Num::Near(6) },
-        DestinationOp::Timer(30),
+        DestinationEvent::InstallFailed { page: Num::Near(6) },
+        DestinationEvent::Timer(30),
     ]);
     ops.extend(connect_all());
     ops.extend([
@@ -588,7 +588,7 @@ fn destination_seeds(events: &[Event], hybrid_events: &[Event]) -> Vec<Seed> {
     // Error classes, as the destination meets them.
     for (name, bytes, expect) in bad_bytes() {
         let mut ops = connect_all();
-        ops.push(DestinationOp::Bytes { ch: 0, bytes });
+        ops.push(DestinationEvent::Bytes { ch: 0, bytes });
         let input = DestinationInput { setup: destination_setup(DESTINATION_AUTO), ops };
         seeds.push(destination_seed(&format!("seed-error-{name}"), input, move |r| {
             let found = r
@@ -612,7 +612,7 @@ fn destination_seeds(events: &[Event], hybrid_events: &[Event]) -> Vec<Seed> {
         } else {
             FrameSpec::UrgentHello { session: Num::Near(0), epoch: Num::Near(1) }
         };
-        ops.push(DestinationOp::Stranger { ch, other_session: true, frame, garbage: vec![0x7f; 9] });
+        ops.push(DestinationEvent::Stranger { ch, other_session: true, frame, garbage: vec![0x7f; 9] });
     }
     seeds.push(destination_error("stranger-other-session", ops, |e| {
         matches!(e, MigrationError::Protocol(ProtocolError::SessionMismatch { .. }))
@@ -811,7 +811,7 @@ fn qmp_seed(
     negotiate_first: bool,
     chunks: Vec<u16>,
     stream: &[u8],
-    check: impl Fn(&qmp_session::Outcome) + 'static,
+    check: impl Fn(&qmp_session::QmpRunLog) + 'static,
 ) -> Seed {
     let input = QmpInput { negotiate_first, advance: true, chunks, stream: stream.to_vec() };
     Seed {
@@ -823,7 +823,7 @@ fn qmp_seed(
 }
 
 /// The descriptions of the error replies, in order.
-fn qmp_errors(outcome: &qmp_session::Outcome) -> Vec<String> {
+fn qmp_errors(outcome: &qmp_session::QmpRunLog) -> Vec<String> {
     outcome.replies.iter().filter_map(|r| r["error"]["desc"].as_str().map(str::to_owned)).collect()
 }
 

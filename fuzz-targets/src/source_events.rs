@@ -73,7 +73,7 @@ pub struct SourceSetup {
 
 /// One event.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub enum SourceOp {
+pub enum SourceEvent {
     Start,
     Connected(u8),
     ConnectFailed(u8),
@@ -116,83 +116,83 @@ pub enum SourceOp {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct SourceInput {
     pub setup: SourceSetup,
-    pub ops: Vec<SourceOp>,
+    pub ops: Vec<SourceEvent>,
 }
 
 const RETURN_FIRST: [Channel; 3] = [Channel::Return, Channel::Main, Channel::Urgent];
 
-impl SourceOp {
-    fn read(r: &mut In) -> SourceOp {
+impl SourceEvent {
+    fn read(r: &mut In) -> SourceEvent {
         match r.u8() % 15 {
-            0 => SourceOp::Start,
-            1 => SourceOp::Connected(r.u8()),
-            2 => SourceOp::ConnectFailed(r.u8()),
-            3 => SourceOp::ConnectionLost(r.u8()),
-            4 => SourceOp::Frame { ch: r.u8(), frame: FrameSpec::read(r), split: r.u16() },
-            5 => SourceOp::Bytes { ch: r.u8(), bytes: r.bytes(255) },
-            6 => SourceOp::Transmit { ch: r.u8(), max_bytes: r.u16() },
-            7 => SourceOp::VcpusStopped { len: r.u8() },
-            8 => SourceOp::DirtyBitmap { first: r.num(), words: r.list(4, In::u64) },
-            9 => SourceOp::DirtyPages(r.list(8, In::num)),
-            10 => SourceOp::DirtySyncComplete,
-            11 => SourceOp::SwitchToPostcopy,
-            12 => SourceOp::Cancel,
-            13 => SourceOp::Timer(r.u8()),
-            _ => SourceOp::GuestWrite(r.num()),
+            0 => SourceEvent::Start,
+            1 => SourceEvent::Connected(r.u8()),
+            2 => SourceEvent::ConnectFailed(r.u8()),
+            3 => SourceEvent::ConnectionLost(r.u8()),
+            4 => SourceEvent::Frame { ch: r.u8(), frame: FrameSpec::read(r), split: r.u16() },
+            5 => SourceEvent::Bytes { ch: r.u8(), bytes: r.bytes(255) },
+            6 => SourceEvent::Transmit { ch: r.u8(), max_bytes: r.u16() },
+            7 => SourceEvent::VcpusStopped { len: r.u8() },
+            8 => SourceEvent::DirtyBitmap { first: r.num(), words: r.list(4, In::u64) },
+            9 => SourceEvent::DirtyPages(r.list(8, In::num)),
+            10 => SourceEvent::DirtySyncComplete,
+            11 => SourceEvent::SwitchToPostcopy,
+            12 => SourceEvent::Cancel,
+            13 => SourceEvent::Timer(r.u8()),
+            _ => SourceEvent::GuestWrite(r.num()),
         }
     }
 
     fn write(&self, o: &mut Out) {
         match self {
-            SourceOp::Start => {
+            SourceEvent::Start => {
                 o.u8(0);
             }
-            SourceOp::Connected(ch) => {
+            SourceEvent::Connected(ch) => {
                 o.u8(1).u8(*ch);
             }
-            SourceOp::ConnectFailed(ch) => {
+            SourceEvent::ConnectFailed(ch) => {
                 o.u8(2).u8(*ch);
             }
-            SourceOp::ConnectionLost(ch) => {
+            SourceEvent::ConnectionLost(ch) => {
                 o.u8(3).u8(*ch);
             }
-            SourceOp::Frame { ch, frame, split } => {
+            SourceEvent::Frame { ch, frame, split } => {
                 o.u8(4).u8(*ch);
                 frame.write(o);
                 o.u16(*split);
             }
-            SourceOp::Bytes { ch, bytes } => {
+            SourceEvent::Bytes { ch, bytes } => {
                 o.u8(5).u8(*ch).bytes(bytes);
             }
-            SourceOp::Transmit { ch, max_bytes } => {
+            SourceEvent::Transmit { ch, max_bytes } => {
                 o.u8(6).u8(*ch).u16(*max_bytes);
             }
-            SourceOp::VcpusStopped { len } => {
+            SourceEvent::VcpusStopped { len } => {
                 o.u8(7).u8(*len);
             }
-            SourceOp::DirtyBitmap { first, words } => {
+            SourceEvent::DirtyBitmap { first, words } => {
                 o.u8(8).num(*first).list(words, |o, &w| {
                     o.u64(w);
                 });
             }
-            SourceOp::DirtyPages(pages) => {
+            SourceEvent::DirtyPages(pages) => {
                 o.u8(9).list(pages, |o, &p| {
                     o.num(p);
                 });
             }
-            SourceOp::DirtySyncComplete => {
+            SourceEvent::DirtySyncComplete => {
                 o.u8(10);
             }
-            SourceOp::SwitchToPostcopy => {
+            SourceEvent::SwitchToPostcopy => {
                 o.u8(11);
             }
-            SourceOp::Cancel => {
+            SourceEvent::Cancel => {
                 o.u8(12);
             }
-            SourceOp::Timer(v) => {
+            SourceEvent::Timer(v) => {
                 o.u8(13).u8(*v);
             }
-            SourceOp::GuestWrite(page) => {
+            SourceEvent::GuestWrite(page) => {
                 o.u8(14).num(*page);
             }
         }
@@ -213,7 +213,7 @@ impl<'a> Arbitrary<'a> for SourceInput {
         };
         let mut ops = Vec::new();
         while !r.is_empty() && ops.len() < MAX_OPS {
-            ops.push(SourceOp::read(&mut r));
+            ops.push(SourceEvent::read(&mut r));
         }
         Ok(SourceInput { setup, ops })
     }
@@ -272,7 +272,7 @@ impl SourceSetup {
 
 /// What a run saw, for the seed tests.
 #[derive(Clone, Debug, Default)]
-pub struct SourceReport {
+pub struct SourceRunLog {
     pub states: Vec<SourceState>,
     /// Every error the source reported (pauses, failed recoveries, its end).
     pub errors: Vec<MigrationError>,
@@ -307,7 +307,7 @@ struct Driver {
     device_sent: Vec<u8>,
     next_word: u64,
     present_seen: u64,
-    report: SourceReport,
+    report: SourceRunLog,
 }
 
 impl Driver {
@@ -636,52 +636,56 @@ impl Driver {
         self.core.handle_input(self.now, channel, bytes.slice(split..));
     }
 
-    fn step(&mut self, op: &SourceOp) {
+    fn step(&mut self, op: &SourceEvent) {
         let total = self.total();
         match op {
-            SourceOp::Start => {
+            SourceEvent::Start => {
                 let _ = self.core.handle_start(self.now);
             }
-            SourceOp::Connected(ch) => self.connected(Channel::ALL[*ch as usize % 3]),
+            SourceEvent::Connected(ch) => self.connected(Channel::ALL[*ch as usize % 3]),
             // The high bit: refused (nothing listens) rather than failed.
-            SourceOp::ConnectFailed(ch) if *ch >= 0x80 => {
+            SourceEvent::ConnectFailed(ch) if *ch >= 0x80 => {
                 self.core.handle_connect_refused(self.now, Channel::ALL[*ch as usize % 3])
             }
-            SourceOp::ConnectFailed(ch) => self.core.handle_connect_failed(self.now, Channel::ALL[*ch as usize % 3]),
-            SourceOp::ConnectionLost(ch) => self.core.handle_connection_lost(self.now, Channel::ALL[*ch as usize % 3]),
-            SourceOp::Frame { ch, frame, split } => {
+            SourceEvent::ConnectFailed(ch) => self.core.handle_connect_failed(self.now, Channel::ALL[*ch as usize % 3]),
+            SourceEvent::ConnectionLost(ch) => {
+                self.core.handle_connection_lost(self.now, Channel::ALL[*ch as usize % 3])
+            }
+            SourceEvent::Frame { ch, frame, split } => {
                 self.peer_frame(RETURN_FIRST[*ch as usize % 3], frame, *split as usize)
             }
-            SourceOp::Bytes { ch, bytes } => {
+            SourceEvent::Bytes { ch, bytes } => {
                 let channel = RETURN_FIRST[*ch as usize % 3];
                 if channel == Channel::Return {
                     self.raw_return = true;
                 }
                 self.core.handle_input(self.now, channel, Bytes::from(bytes.clone()));
             }
-            SourceOp::Transmit { ch, max_bytes } => self.transmit(Channel::ALL[*ch as usize % 3], *max_bytes as usize),
-            SourceOp::VcpusStopped { len } => self.vcpus_stopped(*len as usize),
-            SourceOp::DirtyBitmap { first, words } => {
+            SourceEvent::Transmit { ch, max_bytes } => {
+                self.transmit(Channel::ALL[*ch as usize % 3], *max_bytes as usize)
+            }
+            SourceEvent::VcpusStopped { len } => self.vcpus_stopped(*len as usize),
+            SourceEvent::DirtyBitmap { first, words } => {
                 let first = match first {
                     Num::Near(k) => u64::from(*k) * 64,
                     Num::Raw(x) => *x,
                 };
                 let _ = self.core.handle_dirty_bitmap(self.now, first, words);
             }
-            SourceOp::DirtyPages(pages) => {
+            SourceEvent::DirtyPages(pages) => {
                 let pages: Vec<PageNumber> = pages.iter().map(|p| PageNumber(p.index_below(total))).collect();
                 let _ = self.core.handle_dirty_pages(self.now, pages);
             }
-            SourceOp::DirtySyncComplete => {
+            SourceEvent::DirtySyncComplete => {
                 let _ = self.core.handle_dirty_sync_complete(self.now);
             }
-            SourceOp::SwitchToPostcopy => {
+            SourceEvent::SwitchToPostcopy => {
                 let _ = self.core.handle_switch_to_postcopy(self.now);
             }
-            SourceOp::Cancel => {
+            SourceEvent::Cancel => {
                 let _ = self.core.handle_cancel(self.now);
             }
-            SourceOp::Timer(v) => {
+            SourceEvent::Timer(v) => {
                 self.now = if *v == 0 {
                     self.core.poll_timeout().unwrap_or(self.now + Duration::from_millis(1)).max(self.now)
                 } else {
@@ -689,7 +693,7 @@ impl Driver {
                 };
                 self.core.handle_timeout(self.now);
             }
-            SourceOp::GuestWrite(page) => {
+            SourceEvent::GuestWrite(page) => {
                 if self.running {
                     self.next_version += 1;
                     self.guest.write(PageNumber(page.index_below(total) % total), self.next_version);
@@ -711,7 +715,7 @@ fn decode_all(bytes: &[u8]) -> Vec<Frame> {
 }
 
 /// Runs the target on one input.
-pub fn run(input: &SourceInput) -> SourceReport {
+pub fn run(input: &SourceInput) -> SourceRunLog {
     let scope = Scope::begin(16 << 20);
     let config = input.setup.config();
     let layout = input.setup.layout();
@@ -741,10 +745,10 @@ pub fn run(input: &SourceInput) -> SourceReport {
         device_sent: Vec::new(),
         next_word: 0,
         present_seen: 0,
-        report: SourceReport::default(),
+        report: SourceRunLog::default(),
     };
     driver.check();
-    let trace = crate::trace_enabled();
+    let trace = crate::trace::enabled();
     for op in &input.ops {
         driver.step(op);
         driver.process();

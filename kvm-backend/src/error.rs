@@ -6,7 +6,7 @@
 
 use std::io;
 
-use crate::layout::LayoutError;
+use crate::layout::MemoryMapError;
 use crate::memory::MemoryError;
 use crate::uffd::UffdError;
 
@@ -30,7 +30,7 @@ pub enum Error {
     MissingCapability(&'static str),
     /// The RAM layout is not valid, or a page is not in it.
     #[error(transparent)]
-    Layout(#[from] LayoutError),
+    Layout(#[from] MemoryMapError),
     /// Guest RAM could not be allocated, mapped or accessed.
     #[error(transparent)]
     Memory(#[from] MemoryError),

@@ -5,9 +5,10 @@
 
 use serde::{Deserialize, Serialize};
 
-/// A RAM layout that cannot be, or a page it does not have.
+/// A [`MemoryMap`] that cannot be, or a page it does not have (the
+/// protocol's view of the layout has its own `postcopy_core::LayoutError`).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum LayoutError {
+pub enum MemoryMapError {
     /// The RAM layout is not valid.
     #[error("invalid RAM layout: {0}")]
     Invalid(String),
@@ -21,7 +22,7 @@ pub enum LayoutError {
     },
 }
 
-type Result<T> = std::result::Result<T, LayoutError>;
+type Result<T> = std::result::Result<T, MemoryMapError>;
 
 /// Size of a guest page in bytes.
 pub const PAGE_SIZE: u64 = crate::guest::abi::GUEST_PAGE_SIZE;
@@ -96,13 +97,13 @@ impl MemoryMap {
     /// Checks and builds a layout.
     pub fn new(blocks: Vec<MemoryRegion>) -> Result<Self> {
         if blocks.is_empty() || blocks.len() > MAX_BLOCKS {
-            return Err(LayoutError::Invalid(format!("{} blocks (1..={MAX_BLOCKS} allowed)", blocks.len())));
+            return Err(MemoryMapError::Invalid(format!("{} blocks (1..={MAX_BLOCKS} allowed)", blocks.len())));
         }
         let mut prev_end = 0u64;
         let mut total = 0u64;
         for (i, b) in blocks.iter().enumerate() {
             if b.size == 0 || b.size % PAGE_SIZE != 0 || b.gpa % PAGE_SIZE != 0 {
-                return Err(LayoutError::Invalid(format!(
+                return Err(MemoryMapError::Invalid(format!(
                     "block {:?} at {:#x} size {:#x} is empty or not page aligned",
                     b.name, b.gpa, b.size
                 )));
@@ -110,18 +111,18 @@ impl MemoryMap {
             let end = b
                 .gpa
                 .checked_add(b.size)
-                .ok_or_else(|| LayoutError::Invalid(format!("block {:?} wraps the address space", b.name)))?;
+                .ok_or_else(|| MemoryMapError::Invalid(format!("block {:?} wraps the address space", b.name)))?;
             if i > 0 && b.gpa < prev_end {
-                return Err(LayoutError::Invalid(format!("block {:?} overlaps or is out of order", b.name)));
+                return Err(MemoryMapError::Invalid(format!("block {:?} overlaps or is out of order", b.name)));
             }
             if blocks[..i].iter().any(|o| o.name == b.name) {
-                return Err(LayoutError::Invalid(format!("duplicate block name {:?}", b.name)));
+                return Err(MemoryMapError::Invalid(format!("duplicate block name {:?}", b.name)));
             }
             prev_end = end;
             total += b.size;
         }
         if total > MAX_RAM_BYTES {
-            return Err(LayoutError::Invalid(format!("{total} bytes of RAM, at most {MAX_RAM_BYTES}")));
+            return Err(MemoryMapError::Invalid(format!("{total} bytes of RAM, at most {MAX_RAM_BYTES}")));
         }
         Ok(Self { blocks })
     }
@@ -130,7 +131,7 @@ impl MemoryMap {
     /// MMIO hole at 3 GiB, and "ram-above-4g" from 4 GiB for the rest.
     pub fn pc(ram_bytes: u64) -> Result<Self> {
         if ram_bytes < 2 * MIB || ram_bytes % (2 * MIB) != 0 {
-            return Err(LayoutError::Invalid(format!("RAM size {ram_bytes} must be a non-zero multiple of 2 MiB")));
+            return Err(MemoryMapError::Invalid(format!("RAM size {ram_bytes} must be a non-zero multiple of 2 MiB")));
         }
         let below = ram_bytes.min(MMIO_HOLE_START);
         let mut blocks = vec![MemoryRegion { name: "ram-below-4g".into(), gpa: 0, size: below }];
@@ -181,11 +182,13 @@ impl MemoryMap {
 
     /// Checks that `count` pages from `first` exist in one block.
     pub fn check_range(&self, first: PageRef, count: u64) -> Result<()> {
-        let b =
-            self.blocks.get(first.block).ok_or(LayoutError::PageOutOfRange { block: first.block, page: first.page })?;
+        let b = self
+            .blocks
+            .get(first.block)
+            .ok_or(MemoryMapError::PageOutOfRange { block: first.block, page: first.page })?;
         match first.page.checked_add(count) {
             Some(end) if end <= b.pages() => Ok(()),
-            _ => Err(LayoutError::PageOutOfRange { block: first.block, page: first.page.saturating_add(count) }),
+            _ => Err(MemoryMapError::PageOutOfRange { block: first.block, page: first.page.saturating_add(count) }),
         }
     }
 

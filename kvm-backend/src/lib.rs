@@ -47,7 +47,7 @@ pub use devices::{Devices, GuestStats, ProgressSnapshot, SerialOutput};
 pub use error::{Error, Result};
 pub use guest::bootsector::BootSector;
 pub use guest::{CpuPosition, TestGuest, VerifyReport};
-pub use layout::{LayoutError, MemoryMap, MemoryRegion, PageRef, PAGE_SIZE};
+pub use layout::{MemoryMap, MemoryMapError, MemoryRegion, PageRef, PAGE_SIZE};
 pub use memory::{DirtyBitmap, GuestRam, MemoryError};
 pub use runner::{PauseReport, RunState, VcpuSet};
 pub use state::DeviceState;

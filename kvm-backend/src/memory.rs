@@ -19,14 +19,14 @@ use std::sync::Arc;
 use vm_memory::bitmap::AtomicBitmap;
 use vm_memory::{Bytes, FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestRegionMmap, MmapRegion};
 
-use crate::layout::{LayoutError, MemoryMap, PageRef, PAGE_SIZE};
+use crate::layout::{MemoryMap, MemoryMapError, PageRef, PAGE_SIZE};
 
 /// Allocating, mapping or accessing guest RAM failed.
 #[derive(Debug, thiserror::Error)]
 pub enum MemoryError {
     /// The layout does not fit (or a page is not in it).
     #[error(transparent)]
-    Layout(#[from] LayoutError),
+    Layout(#[from] MemoryMapError),
     /// Guest memory could not be allocated.
     #[error("cannot allocate guest memory: {0}")]
     Allocate(#[source] vm_memory::mmap::FromRangesError),
@@ -69,7 +69,7 @@ fn os_err(op: &'static str) -> impl FnOnce(std::io::Error) -> MemoryError {
 }
 
 fn layout_err(reason: String) -> MemoryError {
-    MemoryError::Layout(LayoutError::Invalid(reason))
+    MemoryError::Layout(MemoryMapError::Invalid(reason))
 }
 
 /// The vm-memory type of guest RAM.
@@ -201,7 +201,7 @@ impl GuestRam {
     pub(crate) fn discard_pages(&self, first: PageRef, count: u64) -> Result<()> {
         self.layout.check_range(first, count)?;
         let out_of_range =
-            || LayoutError::PageOutOfRange { block: first.block, page: first.page.saturating_add(count) };
+            || MemoryMapError::PageOutOfRange { block: first.block, page: first.page.saturating_add(count) };
         let len = count.checked_mul(PAGE_SIZE).and_then(|l| usize::try_from(l).ok()).ok_or_else(out_of_range)?;
         let gpa = self.gpa(first)?;
         crate::sys::discard_guest_range(&self.mem, gpa, len).map_err(os_err("madvise(MADV_DONTNEED)"))
@@ -219,7 +219,7 @@ impl GuestRam {
     }
 
     fn gpa(&self, page: PageRef) -> Result<u64> {
-        self.layout.gpa_of(page).ok_or(LayoutError::PageOutOfRange { block: page.block, page: page.page }.into())
+        self.layout.gpa_of(page).ok_or(MemoryMapError::PageOutOfRange { block: page.block, page: page.page }.into())
     }
 
     /// Copies page `page` into `buf` (exactly one page long).

@@ -34,7 +34,7 @@ use userfaultfd::{Event, EventBuffer, FeatureFlags, IoctlFlags, ReadWrite, Regis
 
 use crate::page_bits::MappedPages;
 
-use crate::layout::{LayoutError, PageRef, PAGE_SIZE};
+use crate::layout::{MemoryMapError, PageRef, PAGE_SIZE};
 use crate::memory::{GuestRam, MemoryError};
 
 /// A userfaultfd operation on guest RAM failed.
@@ -61,7 +61,7 @@ pub enum UffdError {
     },
     /// A page range names no pages of the layout, or a block has no mapping.
     #[error(transparent)]
-    Layout(#[from] LayoutError),
+    Layout(#[from] MemoryMapError),
     /// Guest RAM itself failed.
     #[error(transparent)]
     Memory(MemoryError),
@@ -90,7 +90,7 @@ impl From<MemoryError> for UffdError {
 type Result<T> = std::result::Result<T, UffdError>;
 
 fn layout_err(reason: String) -> UffdError {
-    UffdError::Layout(LayoutError::Invalid(reason))
+    UffdError::Layout(MemoryMapError::Invalid(reason))
 }
 use crate::sys::{self, UffdFill, Wake};
 

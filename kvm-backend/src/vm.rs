@@ -203,7 +203,7 @@ impl Vm {
         let flags = if log_dirty { KVM_MEM_LOG_DIRTY_PAGES } else { 0 };
         for (slot, block) in self.ram.layout().blocks().iter().enumerate() {
             let (host, size) = self.ram.block_host_range(slot).ok_or_else(|| {
-                Error::Layout(crate::layout::LayoutError::Invalid(format!("no mapping for block {slot}")))
+                Error::Layout(crate::layout::MemoryMapError::Invalid(format!("no mapping for block {slot}")))
             })?;
             // SAFETY: `host..host + size` is the block's anonymous mapping
             // owned by `self.ram`; every fd of this VM (the VmFd here, the

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use common::*;
 use postcopy_kvm::layout::MIB;
 use postcopy_kvm::uffd::{InjectedFault, InstallCount, InstallError, InstallFailure, InstallFaultPlan};
-use postcopy_kvm::{GuestRam, Install, LayoutError, MemoryMap, PageRef, UffdError, UffdRam, PAGE_SIZE};
+use postcopy_kvm::{GuestRam, Install, MemoryMap, MemoryMapError, PageRef, UffdError, UffdRam, PAGE_SIZE};
 
 /// Registered RAM of `mib` MiB, anonymous or preallocated.
 fn fresh(mib: u64, preallocated: bool) -> Arc<UffdRam> {
@@ -142,29 +142,29 @@ fn bad_arguments_are_errors() {
         ));
         assert!(matches!(
             m.install_zero_page_with(PageRef::new(0, 512), || ()),
-            Err(UffdError::Layout(LayoutError::PageOutOfRange { .. }))
+            Err(UffdError::Layout(MemoryMapError::PageOutOfRange { .. }))
         ));
         assert!(matches!(m.install_pages(PageRef::new(0, 0), &[]), Err(UffdError::BadLength { .. })));
         assert!(matches!(
             m.install_page(PageRef::new(0, 512), &page_of(0)),
-            Err(UffdError::Layout(LayoutError::PageOutOfRange { .. }))
+            Err(UffdError::Layout(MemoryMapError::PageOutOfRange { .. }))
         ));
         assert!(matches!(
             m.install_page(PageRef::new(1, 0), &page_of(0)),
-            Err(UffdError::Layout(LayoutError::PageOutOfRange { .. }))
+            Err(UffdError::Layout(MemoryMapError::PageOutOfRange { .. }))
         ));
         let two = [page_of(1), page_of(2)].concat();
         assert!(matches!(
             m.install_pages(PageRef::new(0, 511), &two),
-            Err(UffdError::Layout(LayoutError::PageOutOfRange { .. }))
+            Err(UffdError::Layout(MemoryMapError::PageOutOfRange { .. }))
         ));
         assert!(matches!(
             m.install_zero_pages(PageRef::new(0, 500), 13),
-            Err(UffdError::Layout(LayoutError::PageOutOfRange { .. }))
+            Err(UffdError::Layout(MemoryMapError::PageOutOfRange { .. }))
         ));
         assert!(matches!(
             m.discard_pages(PageRef::new(0, 510), 3),
-            Err(UffdError::Layout(LayoutError::PageOutOfRange { .. }))
+            Err(UffdError::Layout(MemoryMapError::PageOutOfRange { .. }))
         ));
     });
 }
