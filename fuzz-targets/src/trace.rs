@@ -1,5 +1,5 @@
 //! `POSTCOPY_FUZZ_TRACE=1`: the targets print each event and the state
-//! after it, to read a crash (see the README's fuzzing section).
+//! after it, to read a crash (see the README, "Fuzzing").
 
 /// Whether `POSTCOPY_FUZZ_TRACE` is set: the state-machine targets then
 /// print every event and the state after it (read once).

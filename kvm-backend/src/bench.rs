@@ -80,7 +80,7 @@ pub struct BenchArgs {
     /// Leave thread placement to the scheduler. By default, when no
     /// --*-cpu option is given and there are two CPUs or more, the vCPU and
     /// the fault path share the last CPU and the bulk path takes CPU 0
-    /// (measured best here; see the README).
+    /// (measured best here; see docs/performance.md).
     #[arg(long)]
     pub unpinned: bool,
     #[command(flatten)]
@@ -141,7 +141,7 @@ struct BenchReport {
     /// The first touch of as much fresh anonymous memory as the RAM, one
     /// write per page, as the allocator hands it out: what backing the
     /// destination's pages costs here now. It varies with how much of this
-    /// VM's free memory the host has reclaimed (see the README).
+    /// VM's free memory the host has reclaimed (see docs/machine.md, "Memory").
     fresh_memory_touch_ms: f64,
     /// The same again at once, in memory just freed (still backed).
     fresh_memory_retouch_ms: f64,

@@ -8,7 +8,7 @@
 //! and by a second "placement" mapping through which a destination writes
 //! pages before mapping them into the guest's (`UFFDIO_CONTINUE`). Here, a
 //! first touch of memory the host has reclaimed costs about 10 us a page:
-//! preallocating takes that out of the migration (see the README).
+//! preallocating takes that out of the migration (see docs/machine.md).
 //!
 //! The guest's own writes are tracked by KVM's dirty log (see
 //! [`crate::vm::Vm::take_dirty_log`]); a precopy round sends the union of

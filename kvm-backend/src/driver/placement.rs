@@ -33,7 +33,7 @@ pub struct Tuning {
     /// TCP congestion control of every connection (None: the system's).
     /// The pacing of BBR, a common system default, runs from timer
     /// interrupts that land on whichever thread holds the CPU, fault path
-    /// included; see the README.
+    /// included; see docs/performance.md.
     pub tcp_congestion: Option<String>,
     /// Send and receive buffer of the main channel's sockets, in bytes
     /// (None: the kernel autotunes them, up to megabytes). A page requested

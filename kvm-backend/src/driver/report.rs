@@ -101,7 +101,7 @@ pub struct DestinationReport {
     /// `UFFDIO_ZEROPAGE`, or for preallocated RAM a copy and
     /// `UFFDIO_CONTINUE`; writes over present pages), summed over the
     /// installing threads. With RAM allocated as pages arrive, mostly the
-    /// kernel backing fresh memory here (see the README).
+    /// kernel backing fresh memory here (see docs/machine.md, "Memory").
     #[serde(default)]
     pub install_busy_ns: u64,
     /// Guest RAM was preallocated before the migration (shared memory,
