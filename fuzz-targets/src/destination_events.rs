@@ -37,7 +37,7 @@ use postcopy_core::{
 };
 
 use crate::alloc_guard::Scope;
-use crate::frames::{Ctx, FrameSpec};
+use crate::frames::{decode_all, encode_split, take_frames, Ctx, FrameSpec};
 use crate::input::{In, Num, Out};
 
 /// The session id the fuzzer's plausible hellos carry.
@@ -448,15 +448,7 @@ impl Driver {
             return;
         }
         self.decoder.push(Bytes::from(out));
-        let mut decoded = Vec::new();
-        loop {
-            match self.decoder.next_frame() {
-                Ok(Some(frame)) => decoded.push(frame),
-                Ok(None) => break,
-                Err(error) => panic!("poll_transmit wrote undecodable bytes: {error}"),
-            }
-        }
-        assert!(!self.decoder.has_partial(), "poll_transmit wrote part of a frame");
+        let decoded = take_frames(&mut self.decoder, &"poll_transmit");
         assert_eq!(decoded.len(), frames);
         for frame in decoded {
             self.check_sent(&frame);
@@ -527,13 +519,10 @@ impl Driver {
             present_seen: 0,
         };
         let frame = spec.build(&ctx);
-        let mut bytes = Vec::new();
-        wire::encode(&frame, &mut bytes);
-        debug_assert!(bytes.len() <= 8 + FrameKind::Page.max_payload() as usize);
-        let bytes = Bytes::from(bytes);
-        let split = split % (bytes.len() + 1);
-        self.core.handle_input(self.now, channel, bytes.slice(..split));
-        self.core.handle_input(self.now, channel, bytes.slice(split..));
+        let (head, tail) = encode_split(&frame, split);
+        debug_assert!(head.len() + tail.len() <= 8 + FrameKind::Page.max_payload() as usize);
+        self.core.handle_input(self.now, channel, head);
+        self.core.handle_input(self.now, channel, tail);
     }
 
     /// A peer connects and shows `frame` then `garbage`. One that shows
@@ -649,17 +638,6 @@ impl Driver {
             }
         }
     }
-}
-
-fn decode_all(bytes: &[u8]) -> Vec<Frame> {
-    let mut decoder = Decoder::new();
-    decoder.push(Bytes::copy_from_slice(bytes));
-    let mut frames = Vec::new();
-    while let Some(frame) = decoder.next_frame().expect("the core's own bytes decode") {
-        frames.push(frame);
-    }
-    assert!(!decoder.has_partial(), "a partial frame");
-    frames
 }
 
 /// Runs the target on one input.

@@ -4,8 +4,8 @@
 
 use bytes::Bytes;
 use postcopy_core::wire::{
-    Discard, Frame, Hello, PageData, PageFrame, PageKind, PresentPages, Request, UrgentHello, Welcome, WireMode,
-    MAX_DEVICE_STATE_CHUNK,
+    self, Decoder, Discard, Frame, Hello, PageData, PageFrame, PageKind, PresentPages, Request, UrgentHello, Welcome,
+    WireMode, MAX_DEVICE_STATE_CHUNK,
 };
 use postcopy_core::{PageAddress, RamBlock, RamLayout};
 
@@ -362,4 +362,37 @@ impl FrameSpec {
             FrameSpec::Reject(r) => Frame::Reject { reason: reason(r) },
         }
     }
+}
+
+/// The whole frames `decoder` holds. The bytes are a core's own output, so
+/// bytes that do not decode, or a partial frame left over, fail the run
+/// (`what` says whose bytes they were).
+pub fn take_frames(decoder: &mut Decoder, what: &dyn std::fmt::Display) -> Vec<Frame> {
+    let mut frames = Vec::new();
+    loop {
+        match decoder.next_frame() {
+            Ok(Some(frame)) => frames.push(frame),
+            Ok(None) => break,
+            Err(error) => panic!("{what}: undecodable bytes: {error}"),
+        }
+    }
+    assert!(!decoder.has_partial(), "{what}: part of a frame");
+    frames
+}
+
+/// Every frame in `bytes`, a core's own output in one piece.
+pub fn decode_all(bytes: &[u8]) -> Vec<Frame> {
+    let mut decoder = Decoder::new();
+    decoder.push(Bytes::copy_from_slice(bytes));
+    take_frames(&mut decoder, &"the core's own bytes")
+}
+
+/// `frame` encoded and cut in two at `split` (modulo its length plus one):
+/// a peer's bytes as they may arrive, in two reads.
+pub fn encode_split(frame: &Frame, split: usize) -> (Bytes, Bytes) {
+    let mut bytes = Vec::new();
+    wire::encode(frame, &mut bytes);
+    let bytes = Bytes::from(bytes);
+    let split = split % (bytes.len() + 1);
+    (bytes.slice(..split), bytes.slice(split..))
 }

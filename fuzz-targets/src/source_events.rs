@@ -33,14 +33,14 @@ use std::collections::HashSet;
 use std::time::Duration;
 
 use postcopy_core::testkit::{fill_page, SourceGuest};
-use postcopy_core::wire::{self, Decoder, Frame, PageData, PageKind};
+use postcopy_core::wire::{Decoder, Frame, PageData, PageKind};
 use postcopy_core::{
     Channel, Config, DeferredPage, MigrationError, Mode, Notice, PageNumber, RamBlock, RamLayout, Side, Source,
     SourceAction, SourceState, Timestamp,
 };
 
 use crate::alloc_guard::Scope;
-use crate::frames::{Ctx, FrameSpec};
+use crate::frames::{decode_all, encode_split, take_frames, Ctx, FrameSpec};
 use crate::input::{In, Num, Out};
 
 /// The session id of every fuzzed source.
@@ -500,15 +500,7 @@ impl Driver {
         }
         let decoder = &mut self.decoders[channel.index()];
         decoder.push(Bytes::from(out));
-        let mut decoded = Vec::new();
-        loop {
-            match decoder.next_frame() {
-                Ok(Some(frame)) => decoded.push(frame),
-                Ok(None) => break,
-                Err(error) => panic!("poll_transmit wrote undecodable bytes on {channel}: {error}"),
-            }
-        }
-        assert!(!decoder.has_partial(), "poll_transmit wrote part of a frame on {channel}");
+        let decoded = take_frames(decoder, &format_args!("poll_transmit on {channel}"));
         assert_eq!(decoded.len(), frames, "frame count");
         for frame in decoded {
             self.check_sent(channel, &frame);
@@ -628,12 +620,9 @@ impl Driver {
             }
             _ => {}
         }
-        let mut bytes = Vec::new();
-        wire::encode(&frame, &mut bytes);
-        let bytes = Bytes::from(bytes);
-        let split = split % (bytes.len() + 1);
-        self.core.handle_input(self.now, channel, bytes.slice(..split));
-        self.core.handle_input(self.now, channel, bytes.slice(split..));
+        let (head, tail) = encode_split(&frame, split);
+        self.core.handle_input(self.now, channel, head);
+        self.core.handle_input(self.now, channel, tail);
     }
 
     fn step(&mut self, op: &SourceEvent) {
@@ -701,17 +690,6 @@ impl Driver {
             }
         }
     }
-}
-
-fn decode_all(bytes: &[u8]) -> Vec<Frame> {
-    let mut decoder = Decoder::new();
-    decoder.push(Bytes::copy_from_slice(bytes));
-    let mut frames = Vec::new();
-    while let Some(frame) = decoder.next_frame().expect("the core's own bytes decode") {
-        frames.push(frame);
-    }
-    assert!(!decoder.has_partial(), "a partial frame");
-    frames
 }
 
 /// Runs the target on one input.
