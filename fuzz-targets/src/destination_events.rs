@@ -109,6 +109,8 @@ pub enum DestinationOp {
         frame: FrameSpec,
         garbage: Vec<u8>,
     },
+    /// The user pauses the migration here (`migrate-pause`).
+    Pause,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -121,7 +123,7 @@ const MAIN_FIRST: [Channel; 3] = [Channel::Main, Channel::Urgent, Channel::Retur
 
 impl DestinationOp {
     fn read(r: &mut In) -> DestinationOp {
-        match r.u8() % 11 {
+        match r.u8() % 12 {
             0 => DestinationOp::Connected(r.u8()),
             1 => DestinationOp::ConnectionLost(r.u8()),
             2 => DestinationOp::Frame { ch: r.u8(), frame: FrameSpec::read(r), split: r.u16() },
@@ -132,12 +134,13 @@ impl DestinationOp {
             7 => DestinationOp::Cancel,
             8 => DestinationOp::Timer(r.u8()),
             9 => DestinationOp::InstallFailed { page: r.num() },
-            _ => DestinationOp::Stranger {
+            10 => DestinationOp::Stranger {
                 ch: r.u8(),
                 other_session: r.bool(),
                 frame: FrameSpec::read(r),
                 garbage: r.bytes(64),
             },
+            _ => DestinationOp::Pause,
         }
     }
 
@@ -179,6 +182,9 @@ impl DestinationOp {
                 o.u8(10).u8(*ch).bool(*other_session);
                 frame.write(o);
                 o.bytes(garbage);
+            }
+            DestinationOp::Pause => {
+                o.u8(11);
             }
         }
     }
@@ -633,11 +639,28 @@ impl Driver {
                     Err(EventError::InstallFailedAfterEnd { .. }) => {
                         assert_eq!(state, DestinationState::Completed, "a late failure before the end");
                     }
-                    Err(_) => assert!(matches!(state, DestinationState::Listening), "refused in {state}"),
+                    // A raw page number may lie past the guest's RAM.
+                    Err(EventError::PageOutOfRange(p)) => {
+                        assert!(p >= self.total(), "page {p} refused as out of range")
+                    }
+                    Err(e) => assert!(matches!(state, DestinationState::Listening), "refused in {state}: {e}"),
                 }
             }
             DestinationOp::Cancel => {
                 let _ = self.core.handle_cancel(self.now);
+            }
+            DestinationOp::Pause => {
+                let state = self.core.state();
+                if self.core.handle_pause(self.now).is_ok() {
+                    assert!(
+                        matches!(state, DestinationState::Running | DestinationState::Recovering),
+                        "paused by the user in {state}"
+                    );
+                    assert_eq!(self.core.state(), DestinationState::Paused);
+                    for channel in Channel::ALL {
+                        assert!(!self.core.is_connected(channel), "{channel} still up after a user's pause");
+                    }
+                }
             }
             DestinationOp::Timer(v) => {
                 self.now = if *v == 0 {
