@@ -557,3 +557,132 @@ fn stop_and_cont_pause_and_resume_the_guest_with_events() {
     assert_eq!(a.verify()["ok"], true);
     a.quit();
 }
+
+/// Turns `capability` on or off.
+fn set_capability(vmm: &mut Vmm, capability: MigrationCapability, state: bool) {
+    vmm.execute(Qmp::MigrateSetCapabilities { capabilities: vec![MigrationCapabilityStatus { capability, state }] });
+}
+
+/// Polls until the migration's status is `status`.
+fn wait_status(vmm: &mut Vmm, status: MigrationStatus) {
+    let t0 = Instant::now();
+    while vmm.status() != Some(status) {
+        assert!(t0.elapsed() < MIGRATION_TIMEOUT, "{}: never {status}; {}", vmm.name, read(&vmm.stderr));
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
+/// The description of the error `command` gets.
+fn refusal(vmm: &mut Vmm, command: Qmp) -> String {
+    let error = vmm.qmp.execute(&command).expect_err("the command is refused");
+    error.qmp_error().map(|e| e.desc.clone()).unwrap_or_else(|| panic!("not a QMP error: {error}"))
+}
+
+fn resume_to(port: u16) -> Qmp {
+    Qmp::Migrate(MigrateArgs { uri: uri(port), resume: true })
+}
+
+const PAUSE_OUTSIDE_POSTCOPY: &str =
+    "migrate-pause is currently only supported during postcopy-active or postcopy-recover state";
+const RECOVER_NOT_PAUSED: &str = "Migrate recover can only be run when postcopy is paused.";
+const NO_PAUSED_MIGRATION: &str = "Cannot resume if there is no paused migration";
+
+#[test]
+fn manual_recovery_pauses_and_resumes_to_a_new_address() {
+    if !kvm_or_skip("manual_recovery_pauses_and_resumes_to_a_new_address") {
+        return;
+    }
+    let _one = serial();
+    let dir = temp_dir("qmp-manual-recovery");
+    let (first_port, new_port) = (free_port(), free_port());
+    let mut a = Vmm::start(&dir, "a", &["--mem", "256M", "--vcpus", "2"]);
+    let mut b = Vmm::start(&dir, "b", &["--incoming", "defer"]);
+    for vmm in [&mut a, &mut b] {
+        set_capability(vmm, MigrationCapability::XPostcopyAutoRecover, false);
+        vmm.enable_events();
+    }
+    b.listen(first_port);
+    // A slow link: the migration is still in postcopy when it is paused.
+    let relay = common::Relay::start_throttled(16 << 20);
+    relay.set_target(format!("127.0.0.1:{first_port}").parse().expect("address"));
+    a.migrate(relay.addr.port());
+    wait_status(&mut a, MigrationStatus::PostcopyActive);
+    a.execute(Qmp::MigratePause);
+    wait_status(&mut a, MigrationStatus::PostcopyPaused);
+    wait_status(&mut b, MigrationStatus::PostcopyPaused);
+    // Nothing happens by itself: both wait, and the destination's first
+    // address no longer listens.
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(a.status(), Some(MigrationStatus::PostcopyPaused), "{}", read(&a.stderr));
+    assert_eq!(b.status(), Some(MigrationStatus::PostcopyPaused), "{}", read(&b.stderr));
+    assert!(std::net::TcpStream::connect(("127.0.0.1", first_port)).is_err(), "the paused destination listens");
+    assert_eq!(a.run_state(), RunState::FinishMigrate, "the guest never runs on the source again");
+    assert_eq!(b.run_state(), RunState::Running, "the guest runs on the destination where its pages are");
+    // The destination listens on a new address; the source resumes there.
+    b.execute(Qmp::MigrateRecover { uri: uri(new_port) });
+    let again = refusal(&mut b, Qmp::MigrateRecover { uri: uri(free_port()) });
+    assert_eq!(again, "Migrate recovery is triggered already");
+    a.execute(resume_to(new_port));
+    assert_eq!(a.wait_ended(), MigrationStatus::Completed, "{}", read(&a.stderr));
+    assert_eq!(b.wait_ended(), MigrationStatus::Completed, "{}", read(&b.stderr));
+    let info = a.qmp.query_migrate().expect("query-migrate");
+    assert!(info.x_postcopy.and_then(|x| x.recoveries).is_some_and(|r| r >= 1), "no recovery counted");
+    let events = a.migration_events();
+    let paused_at = events.iter().position(|&s| s == MigrationStatus::PostcopyPaused).expect("paused event");
+    assert_eq!(
+        &events[paused_at..],
+        [
+            MigrationStatus::PostcopyPaused,
+            MigrationStatus::PostcopyRecover,
+            MigrationStatus::PostcopyActive,
+            MigrationStatus::Completed
+        ],
+        "{events:?}"
+    );
+    let b_events = b.migration_events();
+    assert!(b_events.contains(&MigrationStatus::PostcopyRecover), "{b_events:?}");
+    assert_hop_verified(&mut a, &mut b, 1);
+    a.quit();
+    b.quit();
+}
+
+#[test]
+fn pause_resume_and_recover_refused_in_the_wrong_state_and_a_held_pause_resumes() {
+    if !kvm_or_skip("pause_resume_and_recover_refused_in_the_wrong_state_and_a_held_pause_resumes") {
+        return;
+    }
+    let _one = serial();
+    let dir = temp_dir("qmp-pause-states");
+    let port = free_port();
+    let mut a = Vmm::start(&dir, "a", &["--mem", "256M", "--vcpus", "1"]);
+    let mut b = Vmm::start(&dir, "b", &["--incoming", &uri(port)]);
+    // No migration yet: QEMU's errors.
+    assert_eq!(refusal(&mut a, Qmp::MigratePause), PAUSE_OUTSIDE_POSTCOPY);
+    assert_eq!(refusal(&mut a, resume_to(port)), NO_PAUSED_MIGRATION);
+    assert_eq!(refusal(&mut b, Qmp::MigrateRecover { uri: uri(free_port()) }), RECOVER_NOT_PAUSED);
+    // Automatic recovery stays on: a user's pause still holds the
+    // migration until the user resumes it.
+    let relay = common::Relay::start_throttled(16 << 20);
+    relay.set_target(format!("127.0.0.1:{port}").parse().expect("address"));
+    a.migrate(relay.addr.port());
+    wait_status(&mut a, MigrationStatus::PostcopyActive);
+    wait_status(&mut b, MigrationStatus::PostcopyActive);
+    assert_eq!(refusal(&mut a, resume_to(port)), NO_PAUSED_MIGRATION);
+    assert_eq!(refusal(&mut b, Qmp::MigrateRecover { uri: uri(free_port()) }), RECOVER_NOT_PAUSED);
+    a.execute(Qmp::MigratePause);
+    wait_status(&mut a, MigrationStatus::PostcopyPaused);
+    wait_status(&mut b, MigrationStatus::PostcopyPaused);
+    assert_eq!(refusal(&mut a, Qmp::MigratePause), PAUSE_OUTSIDE_POSTCOPY, "paused already");
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(a.status(), Some(MigrationStatus::PostcopyPaused), "a user's pause holds: {}", read(&a.stderr));
+    // The destination recovers automatically: it still listens where it
+    // did; the source resumes there, past the slow link.
+    a.execute(resume_to(port));
+    assert_eq!(a.wait_ended(), MigrationStatus::Completed, "{}", read(&a.stderr));
+    assert_eq!(b.wait_ended(), MigrationStatus::Completed, "{}", read(&b.stderr));
+    assert_eq!(refusal(&mut a, Qmp::MigratePause), PAUSE_OUTSIDE_POSTCOPY, "completed");
+    assert_eq!(refusal(&mut b, Qmp::MigrateRecover { uri: uri(free_port()) }), RECOVER_NOT_PAUSED);
+    assert_hop_verified(&mut a, &mut b, 1);
+    a.quit();
+    b.quit();
+}

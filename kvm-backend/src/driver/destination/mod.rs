@@ -33,7 +33,7 @@ use super::net::{self, Connection, PreambleReadError};
 use super::report::DestinationReport;
 use super::shell::{spawn, ConnectionOp, LockedCore, Shell, SideDriver};
 use super::sync::Doorbell;
-use super::watch::Watch;
+use super::watch::{ListenerSlot, Watch};
 use super::{error_chain, now, pin_self, set_policy, Boost, Tuning};
 use crate::devices::{lock, SerialOutput};
 use crate::layout::PAGE_SIZE;
@@ -204,7 +204,8 @@ enum DestinationOp {
 struct DestinationDriver<'a> {
     shell: Shell<Destination>,
     opts: &'a DestinationOptions,
-    listener: TcpListener,
+    /// Where connections are accepted (a VMM may close it or move it).
+    listener: Arc<ListenerSlot>,
     /// The machine is being built: nothing goes out on the return path
     /// (the welcome would let the source stop its guest before this side
     /// can take it). Read and written only under the core lock.
@@ -230,15 +231,16 @@ struct DestinationDriver<'a> {
 /// and reports. Returns when the migration failed, or when the guest ran
 /// `run_after` here and was checked.
 pub fn run_destination(listener: TcpListener, opts: &DestinationOptions) -> DestinationOutcome {
-    let (report, _) = run(listener, opts, None, AfterMigration::CheckAndStop);
+    let (report, _) = run(Arc::new(ListenerSlot::new(listener)), opts, None, AfterMigration::CheckAndStop);
     DestinationOutcome { report }
 }
 
-/// Accepts a migration on `listener` with a VMM watching the core; once it
+/// Accepts a migration on the listener in `listener` (which the VMM may
+/// close or replace meanwhile) with a VMM watching the core; once it
 /// completed, hands the running guest over instead of checking and
 /// stopping it (`opts.run_after` and `opts.dump_memory` are not used).
 pub fn run_destination_kept(
-    listener: TcpListener,
+    listener: Arc<ListenerSlot>,
     opts: &DestinationOptions,
     watch: Option<Arc<dyn Watch<Destination>>>,
 ) -> KeptOutcome {
@@ -247,7 +249,7 @@ pub fn run_destination_kept(
 }
 
 fn run(
-    listener: TcpListener,
+    listener: Arc<ListenerSlot>,
     opts: &DestinationOptions,
     watch: Option<Arc<dyn Watch<Destination>>>,
     after: AfterMigration,
@@ -395,6 +397,8 @@ impl SideDriver for DestinationDriver<'_> {
     /// core lock, so that the EOC hold in [`SideDriver::poll_fault_path`]
     /// sees them): one atomic add per drain, not per page.
     fn drain(&self, l: &mut LockedCore<Destination>) -> Vec<DestinationOp> {
+        // As the shell's drain: a watching VMM hears of every state change.
+        self.shell.observe(l);
         let mut ops = Vec::new();
         let mut installs = 0;
         while let Some(action) = l.core.poll_action() {
@@ -436,13 +440,23 @@ impl SideDriver for DestinationDriver<'_> {
 impl DestinationDriver<'_> {
     fn accept_loop<'s>(&'s self, s: &'s Scope<'s, '_>) {
         set_policy(None, "dst-accept");
-        if let Err(e) = self.listener.set_nonblocking(true) {
-            *lock(&self.fatal) = Some(DestinationError::Listener(e));
-            self.finish_with_fatal();
-            return;
-        }
+        let mut polled: Option<Arc<TcpListener>> = None;
         while !self.shell.is_stopping() {
-            match crate::sys::poll_readable(&self.listener, ACCEPT_POLL) {
+            // The VMM may have closed the listener or put another in place.
+            let Some(listener) = self.listener.current() else {
+                polled = None;
+                std::thread::sleep(ACCEPT_POLL);
+                continue;
+            };
+            if !polled.as_ref().is_some_and(|p| Arc::ptr_eq(p, &listener)) {
+                if let Err(e) = listener.set_nonblocking(true) {
+                    *lock(&self.fatal) = Some(DestinationError::Listener(e));
+                    self.finish_with_fatal();
+                    return;
+                }
+                polled = Some(listener.clone());
+            }
+            match crate::sys::poll_readable(&*listener, ACCEPT_POLL) {
                 Ok(false) => continue,
                 Ok(true) => {}
                 Err(e) => {
@@ -451,7 +465,7 @@ impl DestinationDriver<'_> {
                     continue;
                 }
             }
-            match self.listener.accept() {
+            match listener.accept() {
                 Ok((stream, peer)) => spawn(s, "dst-conn", move || self.serve_connection(s, stream, peer)),
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
                 Err(e) => tracing::warn!(%e, "accept"),
