@@ -686,3 +686,73 @@ fn pause_resume_and_recover_refused_in_the_wrong_state_and_a_held_pause_resumes(
     a.quit();
     b.quit();
 }
+
+/// The MIGRATION_PASS numbers received so far, in order.
+fn pass_events(vmm: &mut Vmm) -> Vec<u64> {
+    let mut out = Vec::new();
+    while let Some(event) = vmm.qmp.next_event(Some(Duration::ZERO)).expect("events") {
+        if let Some(postcopy_qmp::Event::MigrationPass { pass }) = event.event() {
+            out.push(pass);
+        }
+    }
+    out
+}
+
+#[test]
+fn migration_pass_events_and_postcopy_blocktime_fields() {
+    if !kvm_or_skip("migration_pass_events_and_postcopy_blocktime_fields") {
+        return;
+    }
+    let _one = serial();
+    let dir = temp_dir("qmp-blocktime");
+    let port = free_port();
+    let mut a = Vmm::start(&dir, "a", &["--mem", "128M", "--vcpus", "2"]);
+    let mut b = Vmm::start(&dir, "b", &["--incoming", &uri(port)]);
+    // Hop 1, hybrid with two rounds: one MIGRATION_PASS per pass over RAM.
+    a.enable_events();
+    a.precopy_rounds(2);
+    a.migrate(port);
+    assert_eq!(a.wait_ended(), MigrationStatus::Completed, "{}", read(&a.stderr));
+    assert_eq!(b.wait_ended(), MigrationStatus::Completed, "{}", read(&b.stderr));
+    assert_eq!(pass_events(&mut a), [1, 2]);
+    assert_hop_verified(&mut a, &mut b, 1);
+    // Without the capability, no blocktime field.
+    let info = b.qmp.query_migrate().expect("query-migrate");
+    assert!(info.postcopy_latency.is_none() && info.postcopy_latency_dist.is_none(), "{info:?}");
+    assert!(info.postcopy_blocktime.is_none() && info.postcopy_vcpu_blocktime.is_none(), "{info:?}");
+    // Hop 2, pure postcopy to A with the capability: the fields appear and agree.
+    set_capability(&mut a, MigrationCapability::PostcopyBlocktime, true);
+    let port = free_port();
+    a.listen(port);
+    b.enable_events();
+    b.migrate(port);
+    assert_eq!(b.wait_ended(), MigrationStatus::Completed, "{}", read(&b.stderr));
+    assert_eq!(a.wait_ended(), MigrationStatus::Completed, "{}", read(&a.stderr));
+    assert_eq!(pass_events(&mut b), Vec::<u64>::new(), "pure postcopy makes no pass over RAM while the guest runs");
+    assert_hop_verified(&mut b, &mut a, 2);
+    let info = a.qmp.query_migrate().expect("query-migrate");
+    let report = a.verify();
+    let faults = report["last-incoming"]["fault_latency"]["count"].as_u64().expect("fault count");
+    assert!(faults > 0, "no remote fault to measure: {report:#}");
+    let dist = info.postcopy_latency_dist.clone().expect("postcopy-latency-dist");
+    assert_eq!(dist.len(), 24);
+    assert_eq!(dist.iter().sum::<u64>(), faults, "one bucket entry per remote fault: {dist:?}");
+    let latency_ns = info.postcopy_latency.expect("postcopy-latency");
+    let mean_us = report["last-incoming"]["fault_latency"]["mean_us"].as_f64().expect("mean");
+    assert!(
+        (latency_ns as f64 / 1000.0 - mean_us).abs() <= mean_us * 0.02 + 1.0,
+        "postcopy-latency {latency_ns} ns vs the driver's mean {mean_us} us"
+    );
+    let vcpu = info.postcopy_vcpu_blocktime.clone().expect("postcopy-vcpu-blocktime (userfaultfd thread ids)");
+    assert_eq!(vcpu.len(), 2, "{info:?}");
+    let all = info.postcopy_blocktime.expect("postcopy-blocktime");
+    // Every vCPU blocked at once is at most each one's blocked time (ms, rounded down).
+    assert!(vcpu.iter().all(|&v| all <= v + 1), "blocktime {all} ms vs per vCPU {vcpu:?}");
+    assert!(all <= vcpu.iter().sum::<u32>() + 1);
+    println!("blocktime fields: {all} ms, per vCPU {vcpu:?} ms, latency {latency_ns} ns, {faults} faults, {dist:?}");
+    let vcpu_latency = info.postcopy_vcpu_latency.clone().expect("postcopy-vcpu-latency");
+    assert_eq!(vcpu_latency.len(), 2);
+    assert!(vcpu_latency.iter().any(|&ns| ns > 0), "{vcpu_latency:?}");
+    a.quit();
+    b.quit();
+}

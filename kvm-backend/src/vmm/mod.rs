@@ -38,6 +38,7 @@ use postcopy_qmp::{
 use serde_json::{json, Value};
 
 use crate::devices::{lock, SerialOutput};
+use crate::driver::blocktime::Blocktime;
 use crate::driver::report::{DestinationReport, SourceReport};
 use crate::driver::watch::{ListenerSlot, UserRequest, Watch};
 use crate::driver::{self, error_chain, Damage, DestinationOptions, SourceOptions, Tuning};
@@ -138,6 +139,8 @@ struct Job {
     recover_listening: AtomicBool,
     /// Outgoing: the last MIGRATION_PASS sent.
     passes_sent: AtomicU64,
+    /// Incoming, with `postcopy-blocktime`: the blocktime accounts.
+    blocktime: Option<Arc<Blocktime>>,
     snapshot: Mutex<Snapshot>,
 }
 
@@ -155,6 +158,7 @@ impl Job {
             listener,
             recover_listening: AtomicBool::new(false),
             passes_sent: AtomicU64::new(0),
+            blocktime: None,
             snapshot: Mutex::new(Snapshot { status: Some(MigrationStatus::Setup), ..Default::default() }),
         }
     }
@@ -293,7 +297,10 @@ impl Shared {
         let local = listener.local_addr().map_err(|e| QmpError::generic(format!("socket {addr}: {e}")))?;
         eprintln!("postcopy run: waiting for a migration on {local}");
         let slot = Arc::new(ListenerSlot::new(listener));
-        let job = Arc::new(Job::new(Direction::Incoming, state, Some(slot.clone())));
+        let mut job = Job::new(Direction::Incoming, state, Some(slot.clone()));
+        job.blocktime =
+            Shared::capability(state, MigrationCapability::PostcopyBlocktime).then(|| Arc::new(Blocktime::new()));
+        let job = Arc::new(job);
         let opts = DestinationOptions {
             config: self.core_config(state),
             tuning: self.config.tuning.clone(),
@@ -303,6 +310,7 @@ impl Shared {
             damage: self.config.damage,
             progress_bar: false,
             preallocated: None,
+            blocktime: job.blocktime.clone(),
         };
         state.incoming = Incoming::Started;
         state.job = Some(job.clone());
@@ -877,7 +885,7 @@ impl postcopy_qmp::Vmm for KvmVmm {
         let status = snapshot.status;
         let ended = status.is_some_and(|s| !s.is_running());
         let live_ms = job.started.elapsed().as_millis() as u64;
-        Ok(MigrationInfo {
+        let mut info = MigrationInfo {
             status,
             ram: snapshot.ram.clone(),
             total_time: Some(if ended { snapshot.total_time_ms.unwrap_or(live_ms) } else { live_ms }),
@@ -886,7 +894,11 @@ impl postcopy_qmp::Vmm for KvmVmm {
             error_desc: snapshot.error.clone().filter(|_| ended),
             x_postcopy: Some(snapshot.x.clone()),
             ..Default::default()
-        })
+        };
+        if let Some(blocktime) = &job.blocktime {
+            status::fill_blocktime(&mut info, &blocktime.figures(crate::sys::monotonic_ns()));
+        }
+        Ok(info)
     }
 
     fn x_postcopy_verify(&self) -> Result<Value, QmpError> {

@@ -78,6 +78,9 @@ pub struct DestinationOptions {
     /// for the layout the source is expected to send; None: anonymous RAM
     /// allocated when the machine description arrives.
     pub preallocated: Option<Arc<GuestRam>>,
+    /// Account vCPU blocktime and remote fault latency here (QMP's
+    /// `postcopy-blocktime` capability); None: not measured.
+    pub blocktime: Option<Arc<super::blocktime::Blocktime>>,
 }
 
 /// What the destination reports, and whether it succeeded.
