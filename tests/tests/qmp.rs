@@ -756,3 +756,52 @@ fn migration_pass_events_and_postcopy_blocktime_fields() {
     a.quit();
     b.quit();
 }
+
+#[test]
+fn dump_memory_at_quit_and_exit_on_error() {
+    if !kvm_or_skip("dump_memory_at_quit_and_exit_on_error") {
+        return;
+    }
+    let _one = serial();
+    let dir = temp_dir("qmp-dump-exit");
+    let (dump_a, dump_b) = (dir.join("a.mem"), dir.join("b.mem"));
+    let port = free_port();
+    let a_args = ["--mem", "64M", "--vcpus", "1", "--dump-memory", dump_a.to_str().expect("path")];
+    let mut a = Vmm::start(&dir, "a", &a_args);
+    let mut b = Vmm::start(&dir, "b", &["--incoming", "defer", "--dump-memory", dump_b.to_str().expect("path")]);
+    b.listen(port);
+    a.migrate(port);
+    assert_eq!(a.wait_ended(), MigrationStatus::Completed, "{}", read(&a.stderr));
+    assert_eq!(b.wait_ended(), MigrationStatus::Completed, "{}", read(&b.stderr));
+    assert_hop_verified(&mut a, &mut b, 1);
+    // The guest left A: nothing to dump there. B writes the arrived guest's RAM.
+    a.quit();
+    assert!(!dump_a.exists(), "a process whose guest left dumped memory");
+    b.quit();
+    let memory = std::fs::read(&dump_b).expect("the dump");
+    assert_eq!(memory.len(), 64 << 20);
+    let zero_pages = memory.chunks(4096).filter(|p| p.iter().all(|&x| x == 0)).count();
+    assert!(zero_pages < memory.len() / 4096 / 2, "the pattern guest's memory is mostly zeros: {zero_pages} pages");
+    // exit-on-error: a failed incoming migration ends the process, with a failure status.
+    let mut c = Vmm::start(&dir, "c", &["--mem", "64M", "--vcpus", "1"]);
+    let mut d = Vmm::start(&dir, "d", &["--incoming", "defer"]);
+    let port = free_port();
+    d.execute(Qmp::MigrateIncoming(MigrateIncomingArgs { uri: uri(port), exit_on_error: Some(true) }));
+    c.precopy_rounds(ENDLESS_ROUNDS);
+    c.migrate(port);
+    wait_status(&mut c, MigrationStatus::Active);
+    c.execute(Qmp::MigrateCancel);
+    assert_eq!(c.wait_ended(), MigrationStatus::Cancelled);
+    let t0 = Instant::now();
+    let status = loop {
+        if let Ok(Some(status)) = d.child.try_wait() {
+            break status;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(20), "d did not exit; {}", read(&d.stderr));
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    assert!(!status.success(), "exit-on-error exits with a failure status");
+    assert!(read(&d.stderr).contains("exit-on-error"), "{}", read(&d.stderr));
+    assert_eq!(c.run_state(), RunState::Running, "the guest keeps running on the source");
+    c.quit();
+}

@@ -207,6 +207,11 @@ struct State {
     parameters: MigrationParameters,
     job: Option<Arc<Job>>,
     quit: bool,
+    /// The current incoming migration ends the process if it fails
+    /// (`migrate-incoming`'s `exit-on-error`).
+    exit_on_error: bool,
+    /// The process ends because an incoming migration failed.
+    failed_exit: bool,
 }
 
 struct Shared {
@@ -219,6 +224,20 @@ struct Shared {
 /// The VMM; share it (`Arc`) with the QMP server.
 pub struct KvmVmm {
     shared: Arc<Shared>,
+}
+
+/// Why `--dump-memory` failed.
+#[derive(Debug, thiserror::Error)]
+pub enum DumpError {
+    /// The guest's vCPUs did not stop.
+    #[error("cannot stop the guest to dump its memory")]
+    Stop(#[source] crate::Error),
+    /// The file could not be created.
+    #[error("cannot create the memory dump {}", .0.display())]
+    Create(std::path::PathBuf, #[source] std::io::Error),
+    /// The file could not be written.
+    #[error("cannot write the memory dump {}", .0.display())]
+    Write(std::path::PathBuf, #[source] MemoryError),
 }
 
 /// Why the VMM could not start.
@@ -377,6 +396,13 @@ impl Shared {
             self.set_run_state(&mut state, RunState::Inmigrate);
             self.set_status(&job, MigrationStatus::Failed);
             eprintln!("postcopy run: the incoming migration failed");
+            if state.exit_on_error {
+                eprintln!("postcopy run: exiting (exit-on-error)");
+                state.quit = true;
+                state.failed_exit = true;
+                self.events.emit(Event::Shutdown { guest: false, reason: ShutdownCause::HostError });
+                self.quit_signal.notify_all();
+            }
         }
     }
 
@@ -590,7 +616,17 @@ impl KvmVmm {
             x_peer_timeout_ms: Some(config.base.peer_timeout.map_or(0, |t| t.as_millis() as u64)),
             x_reconnect_delay_max_ms: Some(config.base.reconnect_delay_max.as_millis() as u64),
         };
-        let state = State { run_state, guest: None, incoming, capabilities, parameters, job: None, quit: false };
+        let state = State {
+            run_state,
+            guest: None,
+            incoming,
+            capabilities,
+            parameters,
+            job: None,
+            quit: false,
+            exit_on_error: false,
+            failed_exit: false,
+        };
         KvmVmm { shared: Arc::new(Shared { config, state: Mutex::new(state), quit_signal: Condvar::new(), events }) }
     }
 
@@ -612,7 +648,27 @@ impl KvmVmm {
         Ok(vmm)
     }
 
-    /// Blocks until `quit` was executed.
+    /// Writes the guest's RAM to `path` (`run --dump-memory`, at quit): its
+    /// vCPUs stop first, so the image is the guest's last state. Returns
+    /// whether a guest was here to dump (one that left, or one whose
+    /// incoming migration did not complete, has no memory here).
+    pub fn dump_memory(&self, path: &std::path::Path) -> Result<bool, DumpError> {
+        let state = self.shared.lock();
+        let Some(guest) = &state.guest else { return Ok(false) };
+        guest.vcpus.pause().map_err(DumpError::Stop)?;
+        let file = std::fs::File::create(path).map_err(|e| DumpError::Create(path.to_path_buf(), e))?;
+        guest.vm.ram().dump(&mut std::io::BufWriter::new(file)).map_err(|e| DumpError::Write(path.to_path_buf(), e))?;
+        Ok(true)
+    }
+
+    /// Whether the process ends because an incoming migration failed with
+    /// `exit-on-error` (it then exits with a failure status).
+    pub fn failed_exit(&self) -> bool {
+        self.shared.lock().failed_exit
+    }
+
+    /// Blocks until `quit` was executed (or an incoming migration with
+    /// `exit-on-error` failed).
     pub fn wait_for_quit(&self) {
         let mut state = self.shared.lock();
         while !state.quit {
@@ -795,6 +851,9 @@ impl postcopy_qmp::Vmm for KvmVmm {
             return Err(QmpError::migration_active());
         }
         self.shared.start_incoming(&mut state, &args.uri)?;
+        // QEMU's `exit-on-error`; absent, this VMM waits for another
+        // migrate-incoming instead of exiting (QEMU's default is to exit).
+        state.exit_on_error = args.exit_on_error.unwrap_or(false);
         self.shared.set_run_state(&mut state, RunState::Inmigrate);
         Ok(())
     }
