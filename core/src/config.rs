@@ -64,6 +64,14 @@ pub struct Config {
     pub reconnect_delay_min: Duration,
     /// Longest delay between reconnection attempts.
     pub reconnect_delay_max: Duration,
+    /// Past StartGuest, after a loss the source reconnects by itself (with
+    /// back-off). Off (manual recovery, as an operator of QEMU does it), a
+    /// paused source makes one attempt per [`Source::handle_resume`] and
+    /// waits paused in between; a refused attempt then never ends the
+    /// migration (the operator decides).
+    ///
+    /// [`Source::handle_resume`]: crate::Source::handle_resume
+    pub auto_reconnect: bool,
     /// How long a destination that loaded the device state, but lost the
     /// connection before its ReadyToRun left, waits for the source to come
     /// back before dropping the guest. Once ReadyToRun has left, the source
@@ -103,6 +111,7 @@ impl Default for Config {
             peer_timeout: Some(Duration::from_secs(10)),
             reconnect_delay_min: Duration::from_millis(50),
             reconnect_delay_max: Duration::from_secs(2),
+            auto_reconnect: true,
             start_timeout: Duration::from_secs(60),
             destination_gone_timeout: Duration::from_secs(600),
             #[cfg(feature = "planted-bugs")]

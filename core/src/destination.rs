@@ -690,6 +690,22 @@ impl Destination {
         Ok(())
     }
 
+    /// The user pauses a postcopy migration here (QEMU's `migrate-pause` on
+    /// the destination): the connections close as after a loss, the guest
+    /// keeps running where its pages are present, and a resume hello on
+    /// new connections recovers it (the driver decides where it listens).
+    /// Allowed while the guest runs here or a recovery is under way
+    /// (RUNNING, RECOVERING).
+    pub fn handle_pause(&mut self, now: Timestamp) -> Result<(), EventError> {
+        match self.state() {
+            DestinationState::Running | DestinationState::Recovering => {
+                self.pause(now, MigrationError::PausedByUser);
+                Ok(())
+            }
+            _ => Err(self.wrong_state("pause")),
+        }
+    }
+
     /// A timer armed through [`Destination::poll_timeout`] expired.
     pub fn handle_timeout(&mut self, now: Timestamp) {
         let Some(timer) = self.timers.take_expired(now) else {

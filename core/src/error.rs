@@ -89,6 +89,10 @@ pub enum MigrationError {
     StartTimeout { timeout_ms: u64 },
     #[error("cancelled by the user")]
     Cancelled,
+    /// The user paused a postcopy migration (QEMU's `migrate-pause`); it
+    /// waits for a resume.
+    #[error("Postcopy migration is paused by the user")]
+    PausedByUser,
     #[error("the source cancelled the migration: {0}")]
     CancelledByPeer(String),
     #[error("the destination dropped the guest without running it: {0}")]

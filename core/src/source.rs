@@ -313,6 +313,9 @@ pub struct Source {
     machine: Bytes,
     /// Paused: since when every reconnection attempt was refused.
     refused_since: Option<Timestamp>,
+    /// The user paused the migration: no reconnection attempt until
+    /// [`Source::handle_resume`].
+    held: bool,
 }
 
 impl Source {
@@ -347,6 +350,7 @@ impl Source {
             stats: Observed::default(),
             machine: Bytes::new(),
             refused_since: None,
+            held: false,
         };
         source.update_bookkeeping_stat();
         source
@@ -601,6 +605,12 @@ impl Source {
         if !self.links[channel.index()].connecting {
             return;
         }
+        if matches!(self.state(), SourceState::Paused | SourceState::ErrorReceive) && !self.reconnects_by_itself() {
+            // The user decides when to try again and when to give up.
+            self.links[channel.index()].down();
+            self.on_link_failure(now, MigrationError::ConnectFailed { channel });
+            return;
+        }
         if matches!(self.state(), SourceState::Paused | SourceState::ErrorReceive) {
             self.links[channel.index()].down();
             let since = *self.refused_since.get_or_insert(now);
@@ -807,6 +817,53 @@ impl Source {
         Ok(())
     }
 
+    /// The user pauses a migration past StartGuest (QEMU's `migrate-pause`):
+    /// the connections close as after a loss, every page is kept, and no
+    /// reconnection attempt is made until [`Source::handle_resume`],
+    /// whatever [`Config::auto_reconnect`] says. Allowed while postcopy runs
+    /// or recovers (ACTIVE, EOC_RECEIVED, ALL_PAGES_SENT, ERROR_RECEIVE,
+    /// RECOVERING); paused already, or before StartGuest, it is refused.
+    pub fn handle_pause(&mut self, now: Timestamp) -> Result<(), EventError> {
+        match self.state() {
+            SourceState::Active
+            | SourceState::EocReceived
+            | SourceState::AllPagesSent
+            | SourceState::ErrorReceive
+            | SourceState::Recovering => {
+                self.held = true;
+                self.pause(now, MigrationError::PausedByUser, false);
+                Ok(())
+            }
+            _ => Err(self.wrong_state("pause")),
+        }
+    }
+
+    /// The user asks a paused source to reconnect now (QEMU's `migrate
+    /// {resume: true}`; the driver first points its connections at the
+    /// address the user gave). Allowed while PAUSED or ERROR_RECEIVE with
+    /// no attempt under way: after a user's pause, in manual recovery
+    /// (`auto_reconnect` off) after a loss or a failed attempt, or between
+    /// two automatic attempts (the next one starts now). It lifts a user's
+    /// pause; an attempt that fails leaves the source paused again.
+    pub fn handle_resume(&mut self, now: Timestamp) -> Result<(), EventError> {
+        let paused = matches!(self.state(), SourceState::Paused | SourceState::ErrorReceive);
+        let under_way = self.channels().any(|c| self.links[c.index()].up || self.links[c.index()].connecting);
+        if !paused || under_way {
+            return Err(self.wrong_state("resume"));
+        }
+        self.held = false;
+        self.refused_since = None;
+        self.timers.stop(Timer::Retry);
+        self.start_attempt(now);
+        Ok(())
+    }
+
+    /// Whether the user paused the migration and it waits for
+    /// [`Source::handle_resume`].
+    pub fn is_held(&self) -> bool {
+        self.held
+    }
+
     /// A timer armed through [`Source::poll_timeout`] expired (or any time: the
     /// core checks what is due).
     pub fn handle_timeout(&mut self, now: Timestamp) {
@@ -819,15 +876,7 @@ impl Source {
                 let timeout_ms = self.config.handshake_timeout.as_millis() as u64;
                 self.on_link_failure(now, MigrationError::HandshakeTimeout { timeout_ms });
             }
-            Timer::Retry => {
-                self.epoch += 1;
-                self.attempt += 1;
-                if self.state() != SourceState::Withdrawing {
-                    self.actions.push_back(SourceAction::Notice(Notice::RecoveryAttempt { attempt: self.attempt }));
-                }
-                self.timers.set(Timer::Handshake, now + self.config.handshake_timeout);
-                self.connect_all();
-            }
+            Timer::Retry => self.start_attempt(now),
             Timer::PeerTimeout => {
                 let timeout_ms = self.config.peer_timeout.unwrap_or_default().as_millis() as u64;
                 self.on_link_failure(now, MigrationError::PeerTimeout { timeout_ms });
@@ -842,6 +891,34 @@ impl Source {
                 }
             }
             Timer::Start => {}
+        }
+    }
+
+    /// A reconnection attempt (recovery or withdrawal): a new epoch, every
+    /// channel connecting, bounded by the handshake timeout.
+    fn start_attempt(&mut self, now: Timestamp) {
+        self.epoch += 1;
+        self.attempt += 1;
+        if self.state() != SourceState::Withdrawing {
+            self.actions.push_back(SourceAction::Notice(Notice::RecoveryAttempt { attempt: self.attempt }));
+        }
+        self.timers.set(Timer::Handshake, now + self.config.handshake_timeout);
+        self.connect_all();
+    }
+
+    /// Paused: whether the next attempt starts by itself (after the
+    /// back-off) or waits for the user's [`Source::handle_resume`].
+    fn reconnects_by_itself(&self) -> bool {
+        self.config.auto_reconnect && !self.held
+    }
+
+    /// Paused, between attempts: the next one after the back-off, or none
+    /// until the user resumes.
+    fn retry_later(&mut self, now: Timestamp) {
+        if self.reconnects_by_itself() {
+            self.timers.set(Timer::Retry, now + self.config.reconnect_delay(self.attempt));
+        } else {
+            self.timers.stop(Timer::Retry);
         }
     }
 
@@ -1396,7 +1473,7 @@ impl Source {
             }));
         }
         self.actions.push_back(SourceAction::Notice(Notice::Paused { reason }));
-        self.timers.set(Timer::Retry, now + self.config.reconnect_delay(self.attempt));
+        self.retry_later(now);
     }
 
     fn on_link_failure(&mut self, now: Timestamp, reason: MigrationError) {
@@ -1419,7 +1496,7 @@ impl Source {
                 self.close_all_links();
                 self.timers.stop(Timer::Handshake);
                 self.actions.push_back(SourceAction::Notice(Notice::RecoveryFailed { attempt: self.attempt, reason }));
-                self.timers.set(Timer::Retry, now + self.config.reconnect_delay(self.attempt));
+                self.retry_later(now);
             }
             state if state.after_start() => self.pause(now, reason, false),
             _ => self.fail(now, reason),

@@ -971,3 +971,22 @@ fn a_stranger_before_any_migration_is_refused_and_the_source_still_binds() {
     assert!(h.has(&DestinationAction::CloseConnection(late)));
     assert_eq!(h.dst, before);
 }
+
+#[test]
+fn a_user_pause_closes_the_connections_and_a_resume_recovers() {
+    let mut h = Harness::awaiting_start(quiet());
+    assert!(h.dst.handle_pause(h.now).is_err(), "not in postcopy yet");
+    h.receive(Channel::Urgent, Frame::StartGuest);
+    h.receive(Channel::Main, page(0, 0, PageKind::Background));
+    h.dst.handle_pause(h.now).unwrap();
+    h.drain();
+    assert_eq!(h.dst.state(), DestinationState::Paused);
+    for channel in Channel::ALL {
+        assert!(h.has(&DestinationAction::Close(channel)), "{channel} closed");
+    }
+    assert_eq!(h.paused_reason(), Some(MigrationError::PausedByUser));
+    assert!(h.dst.handle_pause(h.now).is_err(), "paused already");
+    let frames = resume(&mut h, 1);
+    assert!(matches!(&frames[0], Frame::Welcome(w) if w.epoch == 1 && w.guest_started));
+    assert_eq!(h.dst.state(), DestinationState::Running);
+}

@@ -903,3 +903,118 @@ fn withdrawing_gives_up_after_its_attempts() {
     assert_eq!(h.finished_error(), Some(MigrationError::Cancelled));
     assert_eq!(h.actions.iter().filter(|a| **a == SourceAction::ResumeVcpus).count(), 1);
 }
+
+/// Resumes as a destination that has pages 0..5 would: welcome, report.
+fn recover_with_five_present(h: &mut Harness) {
+    let epoch = h.src.epoch();
+    let _ = h.frames(Channel::Main);
+    h.receive(Frame::Welcome(Welcome {
+        session: SESSION,
+        epoch,
+        guest_started: true,
+        device_loaded: true,
+        max_outstanding_requests: 8,
+    }));
+    h.receive(Frame::PresentPages(PresentPages { first_word: 0, words: vec![0b11111, 0] }));
+    h.receive(Frame::PresentEnd { present_pages: 5 });
+}
+
+#[test]
+fn manual_recovery_waits_for_the_user_after_a_loss() {
+    let mut h = Harness::to_active(Config { auto_reconnect: false, ..quiet() });
+    for _ in 0..5 {
+        let _ = h.one_frame(Channel::Main);
+    }
+    h.src.handle_connection_lost(h.now, Channel::Main);
+    h.drain();
+    assert_eq!(h.src.state(), SourceState::Paused);
+    assert_eq!(h.src.poll_timeout(), None, "no reconnection timer: the user decides");
+    // However long it waits, nothing happens by itself.
+    h.actions.clear();
+    h.now = h.now + Duration::from_secs(3600);
+    h.src.handle_timeout(h.now);
+    h.drain();
+    assert!(h.actions.is_empty(), "{:?}", h.actions);
+    // The user resumes: one attempt, at once; refused (nothing listens yet).
+    h.src.handle_resume(h.now).unwrap();
+    h.drain();
+    assert!(h.has(&SourceAction::Connect(Channel::Main)));
+    assert!(h.has(&SourceAction::Notice(Notice::RecoveryAttempt { attempt: 1 })));
+    assert!(h.src.handle_resume(h.now).is_err(), "an attempt is under way");
+    for channel in Channel::ALL {
+        h.src.handle_connect_refused(h.now, channel);
+    }
+    h.drain();
+    assert_eq!(h.src.state(), SourceState::Paused, "a refusal never ends a manual recovery");
+    assert_eq!(h.src.poll_timeout(), None);
+    assert!(h.finished_error().is_none());
+    // Resumed again (to the address the destination now listens on): recovers.
+    h.src.handle_resume(h.now).unwrap();
+    h.drain();
+    h.connect_all();
+    assert_eq!(h.src.state(), SourceState::Recovering);
+    assert_eq!(h.src.epoch(), 2);
+    recover_with_five_present(&mut h);
+    assert_eq!(h.src.state(), SourceState::Active);
+    assert!(h.has(&SourceAction::Notice(Notice::Recovered { epoch: 2 })));
+}
+
+#[test]
+fn a_user_pause_holds_the_migration_until_resumed_even_with_automatic_recovery() {
+    let mut h = Harness::to_active(quiet());
+    assert!(h.src.config().auto_reconnect);
+    for _ in 0..5 {
+        let _ = h.one_frame(Channel::Main);
+    }
+    h.actions.clear();
+    h.src.handle_pause(h.now).unwrap();
+    h.drain();
+    assert_eq!(h.src.state(), SourceState::Paused);
+    assert!(h.src.is_held());
+    for channel in Channel::ALL {
+        assert!(h.has(&SourceAction::Close(channel)), "{channel} closed");
+    }
+    assert!(h.has(&SourceAction::Notice(Notice::Paused { reason: MigrationError::PausedByUser })));
+    assert!(!h.has(&SourceAction::ResumeVcpus), "never runs the guest again");
+    assert_eq!(h.src.poll_timeout(), None, "held: no automatic attempt");
+    assert!(h.src.handle_pause(h.now).is_err(), "paused already (QEMU: only in postcopy-active or -recover)");
+    h.src.handle_resume(h.now).unwrap();
+    h.drain();
+    assert!(!h.src.is_held());
+    h.connect_all();
+    // A pause during the recovery holds it again.
+    assert_eq!(h.src.state(), SourceState::Recovering);
+    h.src.handle_pause(h.now).unwrap();
+    h.drain();
+    assert_eq!(h.src.state(), SourceState::Paused);
+    assert_eq!(h.src.poll_timeout(), None);
+    h.src.handle_resume(h.now).unwrap();
+    h.drain();
+    h.connect_all();
+    recover_with_five_present(&mut h);
+    assert_eq!(h.src.state(), SourceState::Active);
+    // Automatic again after the user's resume: a loss reconnects by itself.
+    h.src.handle_connection_lost(h.now, Channel::Main);
+    h.drain();
+    assert!(h.src.poll_timeout().is_some(), "the retry timer is armed");
+}
+
+#[test]
+fn pause_and_resume_are_refused_outside_postcopy() {
+    let mut h = Harness::to_switchover(quiet());
+    assert!(h.src.handle_pause(h.now).is_err(), "before StartGuest the guest is still the source's");
+    assert!(h.src.handle_resume(h.now).is_err());
+    assert_eq!(h.src.state(), SourceState::Switchover);
+    let mut h = Harness::to_active(quiet());
+    assert!(matches!(h.src.handle_resume(h.now), Err(EventError::WrongState { event: "resume", .. })));
+    // Resuming between two automatic attempts starts the next one now.
+    h.src.handle_connection_lost(h.now, Channel::Main);
+    h.drain();
+    let timer = h.src.poll_timeout().expect("retry timer");
+    assert!(timer > h.now);
+    h.actions.clear();
+    h.src.handle_resume(h.now).unwrap();
+    h.drain();
+    assert!(h.has(&SourceAction::Connect(Channel::Return)));
+    assert_eq!(h.src.epoch(), 1);
+}

@@ -109,6 +109,8 @@ pub enum DestinationEvent {
         frame: FrameSpec,
         garbage: Vec<u8>,
     },
+    /// The user pauses the migration here (`migrate-pause`).
+    Pause,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -121,7 +123,7 @@ const MAIN_FIRST: [Channel; 3] = [Channel::Main, Channel::Urgent, Channel::Retur
 
 impl DestinationEvent {
     fn read(r: &mut In) -> DestinationEvent {
-        match r.u8() % 11 {
+        match r.u8() % 12 {
             0 => DestinationEvent::Connected(r.u8()),
             1 => DestinationEvent::ConnectionLost(r.u8()),
             2 => DestinationEvent::Frame { ch: r.u8(), frame: FrameSpec::read(r), split: r.u16() },
@@ -132,12 +134,13 @@ impl DestinationEvent {
             7 => DestinationEvent::Cancel,
             8 => DestinationEvent::Timer(r.u8()),
             9 => DestinationEvent::InstallFailed { page: r.num() },
-            _ => DestinationEvent::Stranger {
+            10 => DestinationEvent::Stranger {
                 ch: r.u8(),
                 other_session: r.bool(),
                 frame: FrameSpec::read(r),
                 garbage: r.bytes(64),
             },
+            _ => DestinationEvent::Pause,
         }
     }
 
@@ -179,6 +182,9 @@ impl DestinationEvent {
                 o.u8(10).u8(*ch).bool(*other_session);
                 frame.write(o);
                 o.bytes(garbage);
+            }
+            DestinationEvent::Pause => {
+                o.u8(11);
             }
         }
     }
@@ -622,11 +628,28 @@ impl Driver {
                     Err(EventError::InstallFailedAfterEnd { .. }) => {
                         assert_eq!(state, DestinationState::Completed, "a late failure before the end");
                     }
-                    Err(_) => assert!(matches!(state, DestinationState::Listening), "refused in {state}"),
+                    // A raw page number may lie past the guest's RAM.
+                    Err(EventError::PageOutOfRange(p)) => {
+                        assert!(p >= self.total(), "page {p} refused as out of range")
+                    }
+                    Err(e) => assert!(matches!(state, DestinationState::Listening), "refused in {state}: {e}"),
                 }
             }
             DestinationEvent::Cancel => {
                 let _ = self.core.handle_cancel(self.now);
+            }
+            DestinationEvent::Pause => {
+                let state = self.core.state();
+                if self.core.handle_pause(self.now).is_ok() {
+                    assert!(
+                        matches!(state, DestinationState::Running | DestinationState::Recovering),
+                        "paused by the user in {state}"
+                    );
+                    assert_eq!(self.core.state(), DestinationState::Paused);
+                    for channel in Channel::ALL {
+                        assert!(!self.core.is_connected(channel), "{channel} still up after a user's pause");
+                    }
+                }
             }
             DestinationEvent::Timer(v) => {
                 self.now = if *v == 0 {

@@ -343,6 +343,38 @@ fn source_seeds(events: &[Event], hybrid_events: &[Event]) -> Vec<Seed> {
         assert!(r.states.contains(&postcopy_core::SourceState::Recovering), "{:?}", r.states);
         completed(r);
     }));
+    // Manual recovery: the user pauses; nothing happens until the user resumes.
+    let mut ops = source_to_active();
+    ops.extend([
+        frame_op(request(vec![Num::Near(3)])),
+        transmit(Channel::Urgent),
+        transmit(Channel::Main),
+        SourceOp::Pause,
+        SourceOp::Timer(0),
+        SourceOp::Timer(40),
+        SourceOp::Resume,
+        transmit(Channel::Main),
+        transmit(Channel::Urgent),
+        frame_op(FrameSpec::Welcome {
+            session: Num::Near(0),
+            epoch: Num::Near(0),
+            started: true,
+            loaded: true,
+            max_requests: Num::Near(15),
+        }),
+        frame_op(FrameSpec::PresentPages { first_word: Num::Near(0), words: vec![WordSpec::Masked(0b1010_1010)] }),
+        frame_op(FrameSpec::PresentEnd { count: Num::Near(0) }),
+    ]);
+    ops.extend((0..4).map(|_| transmit(Channel::Main)));
+    ops.push(frame_op(FrameSpec::Eoc));
+    ops.push(transmit(Channel::Main));
+    let setup = source_setup(0, SOURCE_AUTO | 0x80);
+    seeds.push(source_seed("seed-manual-recovery", SourceInput { setup, ops }, move |r| {
+        let paused = r.errors.iter().any(|e| matches!(e, MigrationError::PausedByUser));
+        assert!(paused, "{:?}", r.errors);
+        assert!(r.states.contains(&postcopy_core::SourceState::Recovering), "{:?}", r.states);
+        completed(r);
+    }));
 
     // Error classes, as the source meets them.
     for (name, bytes, expect) in bad_bytes() {

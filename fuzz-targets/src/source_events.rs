@@ -57,7 +57,7 @@ pub struct SourceSetup {
     pub mode: u8,
     /// Bit 0 urgent channel, 1 prepaging, 2 keep-alives, 3 peer timeout,
     /// 4 answer connects at once, 5 answer StopVcpus at once, 6 answer
-    /// dirty-log syncs at once.
+    /// dirty-log syncs at once, 7 manual recovery (`auto_reconnect` off).
     pub flags: u8,
     /// `max_outstanding_requests = v % 16 + 1`.
     pub max_requests: u8,
@@ -111,6 +111,10 @@ pub enum SourceEvent {
     Timer(u8),
     /// The guest writes a page (only while it runs here).
     GuestWrite(Num),
+    /// The user pauses the migration (`migrate-pause`).
+    Pause,
+    /// The user resumes a paused migration (`migrate {resume: true}`).
+    Resume,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -123,7 +127,7 @@ const RETURN_FIRST: [Channel; 3] = [Channel::Return, Channel::Main, Channel::Urg
 
 impl SourceEvent {
     fn read(r: &mut In) -> SourceEvent {
-        match r.u8() % 15 {
+        match r.u8() % 17 {
             0 => SourceEvent::Start,
             1 => SourceEvent::Connected(r.u8()),
             2 => SourceEvent::ConnectFailed(r.u8()),
@@ -138,7 +142,9 @@ impl SourceEvent {
             11 => SourceEvent::SwitchToPostcopy,
             12 => SourceEvent::Cancel,
             13 => SourceEvent::Timer(r.u8()),
-            _ => SourceEvent::GuestWrite(r.num()),
+            14 => SourceEvent::GuestWrite(r.num()),
+            15 => SourceEvent::Pause,
+            _ => SourceEvent::Resume,
         }
     }
 
@@ -195,6 +201,12 @@ impl SourceEvent {
             SourceEvent::GuestWrite(page) => {
                 o.u8(14).num(*page);
             }
+            SourceEvent::Pause => {
+                o.u8(15);
+            }
+            SourceEvent::Resume => {
+                o.u8(16);
+            }
         }
     }
 }
@@ -243,6 +255,7 @@ impl SourceSetup {
             prepaging: self.flags & 2 != 0,
             keepalive_interval: (self.flags & 4 != 0).then(|| Duration::from_secs(1)),
             peer_timeout: (self.flags & 8 != 0).then(|| Duration::from_secs(3)),
+            auto_reconnect: self.flags & 0x80 == 0,
             request_batch_pages: u32::from(self.batch % 8) + 1,
             max_outstanding_requests: u32::from(self.max_requests % 16) + 1,
             device_state_chunk_bytes: u32::from(self.chunk % 64) + 1,
@@ -301,6 +314,11 @@ struct Driver {
     raw_return: bool,
     sends: Vec<u8>,
     any_pause: bool,
+    /// The user paused the migration and has not resumed it.
+    user_paused: bool,
+    /// Paused with no attempt of its own to come (manual recovery, or the
+    /// user's pause): a connect before the user resumes is a bug.
+    awaiting_resume: bool,
     /// The source took the guest back and withdraws.
     withdrawing: bool,
     device_state: Option<Bytes>,
@@ -356,6 +374,7 @@ impl Driver {
             match action {
                 SourceAction::Connect(channel) => {
                     assert!(self.core.channels().any(|c| c == channel), "connect for unused channel {channel}");
+                    assert!(!self.awaiting_resume, "a reconnection attempt the user did not ask for");
                     if self.auto_connect {
                         self.connected(channel);
                     }
@@ -402,6 +421,9 @@ impl Driver {
                     Notice::Paused { reason } | Notice::RecoveryFailed { reason, .. } => {
                         assert!(self.past_start, "paused before StartGuest");
                         self.any_pause = true;
+                        if self.user_paused || !self.config.auto_reconnect {
+                            self.awaiting_resume = true;
+                        }
                         self.report.errors.push(reason);
                     }
                     Notice::RecoveryAttempt { .. } | Notice::Recovered { .. } => assert!(self.past_start),
@@ -688,6 +710,22 @@ impl Driver {
                     self.guest.write(PageNumber(page.index_below(total) % total), self.next_version);
                 }
             }
+            SourceEvent::Pause => {
+                let state = self.core.state();
+                if self.core.handle_pause(self.now).is_ok() {
+                    assert!(self.past_start, "paused by the user in {state}, before StartGuest");
+                    self.user_paused = true;
+                    assert!(self.core.is_held());
+                }
+            }
+            SourceEvent::Resume => {
+                let state = self.core.state();
+                if self.core.handle_resume(self.now).is_ok() {
+                    assert!(matches!(state, SourceState::Paused | SourceState::ErrorReceive), "resumed in {state}");
+                    self.user_paused = false;
+                    self.awaiting_resume = false;
+                }
+            }
         }
     }
 }
@@ -718,6 +756,8 @@ pub fn run(input: &SourceInput) -> SourceRunLog {
         raw_return: false,
         sends: vec![0; total as usize],
         any_pause: false,
+        user_paused: false,
+        awaiting_resume: false,
         withdrawing: false,
         device_state: None,
         device_sent: Vec::new(),

@@ -206,6 +206,7 @@ pub fn destination(a: DestinationArgs) -> Result<ExitCode, CommandError> {
             .map_err(io_error("cannot write the ready file", path.display()))?;
     }
     let opts = DestinationOptions {
+        blocktime: None,
         config: a.common.config(Mode::Postcopy),
         tuning: a.common.tuning(),
         serial: serial_output(&a.serial)?,

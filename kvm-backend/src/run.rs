@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use clap::Args;
 use postcopy_core::Mode;
 use postcopy_kvm::driver::Damage;
-use postcopy_kvm::vmm::{GuestSpec, KvmVmm, LiveGuest, VmmConfig, VmmError};
+use postcopy_kvm::vmm::{DumpError, GuestSpec, KvmVmm, LiveGuest, VmmConfig, VmmError};
 use postcopy_qmp::{EventBus, Server, ServerConfig, ServerError, Vmm};
 
 use crate::args::{parse_size, Common};
@@ -42,6 +42,11 @@ pub struct RunArgs {
     /// migration listens (see `postcopy dest --prealloc`).
     #[arg(long, value_parser = parse_size)]
     pub prealloc: Option<u64>,
+    /// At `quit`, stop the guest running in this process (booted here or
+    /// arrived by migration) and write its RAM to this file, block after
+    /// block; nothing is written when the guest left.
+    #[arg(long)]
+    pub dump_memory: Option<PathBuf>,
     #[command(flatten)]
     pub common: Common,
 }
@@ -58,6 +63,9 @@ pub enum RunError {
     /// The QMP socket could not be served.
     #[error(transparent)]
     Server(#[from] ServerError),
+    /// The memory dump failed.
+    #[error(transparent)]
+    Dump(#[from] DumpError),
     /// The built-in guest did not write its pattern once.
     #[error("the guest did not complete a pass in {0:?}")]
     NoFirstPass(Duration),
@@ -100,5 +108,12 @@ pub fn run(a: RunArgs) -> Result<ExitCode, RunError> {
     vmm.wait_for_quit();
     // Lets the replies (quit's included) and events out, removes the socket.
     server.shutdown();
-    Ok(ExitCode::SUCCESS)
+    if let Some(path) = &a.dump_memory {
+        if vmm.dump_memory(path)? {
+            eprintln!("postcopy run: guest memory written to {}", path.display());
+        } else {
+            eprintln!("postcopy run: no guest here at quit; {} not written", path.display());
+        }
+    }
+    Ok(if vmm.failed_exit() { ExitCode::FAILURE } else { ExitCode::SUCCESS })
 }

@@ -557,3 +557,251 @@ fn stop_and_cont_pause_and_resume_the_guest_with_events() {
     assert_eq!(a.verify()["ok"], true);
     a.quit();
 }
+
+/// Turns `capability` on or off.
+fn set_capability(vmm: &mut Vmm, capability: MigrationCapability, state: bool) {
+    vmm.execute(Qmp::MigrateSetCapabilities { capabilities: vec![MigrationCapabilityStatus { capability, state }] });
+}
+
+/// Polls until the migration's status is `status`.
+fn wait_status(vmm: &mut Vmm, status: MigrationStatus) {
+    let t0 = Instant::now();
+    while vmm.status() != Some(status) {
+        assert!(t0.elapsed() < MIGRATION_TIMEOUT, "{}: never {status}; {}", vmm.name, read(&vmm.stderr));
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
+/// The description of the error `command` gets.
+fn refusal(vmm: &mut Vmm, command: Qmp) -> String {
+    let error = vmm.qmp.execute(&command).expect_err("the command is refused");
+    error.qmp_error().map(|e| e.desc.clone()).unwrap_or_else(|| panic!("not a QMP error: {error}"))
+}
+
+fn resume_to(port: u16) -> Qmp {
+    Qmp::Migrate(MigrateArgs { uri: uri(port), resume: true })
+}
+
+const PAUSE_OUTSIDE_POSTCOPY: &str =
+    "migrate-pause is currently only supported during postcopy-active or postcopy-recover state";
+const RECOVER_NOT_PAUSED: &str = "Migrate recover can only be run when postcopy is paused.";
+const NO_PAUSED_MIGRATION: &str = "Cannot resume if there is no paused migration";
+
+#[test]
+fn manual_recovery_pauses_and_resumes_to_a_new_address() {
+    if !kvm_or_skip("manual_recovery_pauses_and_resumes_to_a_new_address") {
+        return;
+    }
+    let _one = serial();
+    let dir = temp_dir("qmp-manual-recovery");
+    let (first_port, new_port) = (free_port(), free_port());
+    let mut a = Vmm::start(&dir, "a", &["--mem", "256M", "--vcpus", "2"]);
+    let mut b = Vmm::start(&dir, "b", &["--incoming", "defer"]);
+    for vmm in [&mut a, &mut b] {
+        set_capability(vmm, MigrationCapability::XPostcopyAutoRecover, false);
+        vmm.enable_events();
+    }
+    b.listen(first_port);
+    // A slow link: the migration is still in postcopy when it is paused.
+    let relay = common::Relay::start_throttled(16 << 20);
+    relay.set_target(format!("127.0.0.1:{first_port}").parse().expect("address"));
+    a.migrate(relay.addr.port());
+    wait_status(&mut a, MigrationStatus::PostcopyActive);
+    a.execute(Qmp::MigratePause);
+    wait_status(&mut a, MigrationStatus::PostcopyPaused);
+    wait_status(&mut b, MigrationStatus::PostcopyPaused);
+    // Nothing happens by itself: both wait, and the destination's first
+    // address no longer listens.
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(a.status(), Some(MigrationStatus::PostcopyPaused), "{}", read(&a.stderr));
+    assert_eq!(b.status(), Some(MigrationStatus::PostcopyPaused), "{}", read(&b.stderr));
+    assert!(std::net::TcpStream::connect(("127.0.0.1", first_port)).is_err(), "the paused destination listens");
+    assert_eq!(a.run_state(), RunState::FinishMigrate, "the guest never runs on the source again");
+    assert_eq!(b.run_state(), RunState::Running, "the guest runs on the destination where its pages are");
+    // The destination listens on a new address; the source resumes there.
+    b.execute(Qmp::MigrateRecover { uri: uri(new_port) });
+    let again = refusal(&mut b, Qmp::MigrateRecover { uri: uri(free_port()) });
+    assert_eq!(again, "Migrate recovery is triggered already");
+    a.execute(resume_to(new_port));
+    assert_eq!(a.wait_ended(), MigrationStatus::Completed, "{}", read(&a.stderr));
+    assert_eq!(b.wait_ended(), MigrationStatus::Completed, "{}", read(&b.stderr));
+    let info = a.qmp.query_migrate().expect("query-migrate");
+    assert!(info.x_postcopy.and_then(|x| x.recoveries).is_some_and(|r| r >= 1), "no recovery counted");
+    let events = a.migration_events();
+    let paused_at = events.iter().position(|&s| s == MigrationStatus::PostcopyPaused).expect("paused event");
+    assert_eq!(
+        &events[paused_at..],
+        [
+            MigrationStatus::PostcopyPaused,
+            MigrationStatus::PostcopyRecover,
+            MigrationStatus::PostcopyActive,
+            MigrationStatus::Completed
+        ],
+        "{events:?}"
+    );
+    let b_events = b.migration_events();
+    assert!(b_events.contains(&MigrationStatus::PostcopyRecover), "{b_events:?}");
+    assert_hop_verified(&mut a, &mut b, 1);
+    a.quit();
+    b.quit();
+}
+
+#[test]
+fn pause_resume_and_recover_refused_in_the_wrong_state_and_a_held_pause_resumes() {
+    if !kvm_or_skip("pause_resume_and_recover_refused_in_the_wrong_state_and_a_held_pause_resumes") {
+        return;
+    }
+    let _one = serial();
+    let dir = temp_dir("qmp-pause-states");
+    let port = free_port();
+    let mut a = Vmm::start(&dir, "a", &["--mem", "256M", "--vcpus", "1"]);
+    let mut b = Vmm::start(&dir, "b", &["--incoming", &uri(port)]);
+    // No migration yet: QEMU's errors.
+    assert_eq!(refusal(&mut a, Qmp::MigratePause), PAUSE_OUTSIDE_POSTCOPY);
+    assert_eq!(refusal(&mut a, resume_to(port)), NO_PAUSED_MIGRATION);
+    assert_eq!(refusal(&mut b, Qmp::MigrateRecover { uri: uri(free_port()) }), RECOVER_NOT_PAUSED);
+    // Automatic recovery stays on: a user's pause still holds the
+    // migration until the user resumes it.
+    let relay = common::Relay::start_throttled(16 << 20);
+    relay.set_target(format!("127.0.0.1:{port}").parse().expect("address"));
+    a.migrate(relay.addr.port());
+    wait_status(&mut a, MigrationStatus::PostcopyActive);
+    wait_status(&mut b, MigrationStatus::PostcopyActive);
+    assert_eq!(refusal(&mut a, resume_to(port)), NO_PAUSED_MIGRATION);
+    assert_eq!(refusal(&mut b, Qmp::MigrateRecover { uri: uri(free_port()) }), RECOVER_NOT_PAUSED);
+    a.execute(Qmp::MigratePause);
+    wait_status(&mut a, MigrationStatus::PostcopyPaused);
+    wait_status(&mut b, MigrationStatus::PostcopyPaused);
+    assert_eq!(refusal(&mut a, Qmp::MigratePause), PAUSE_OUTSIDE_POSTCOPY, "paused already");
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(a.status(), Some(MigrationStatus::PostcopyPaused), "a user's pause holds: {}", read(&a.stderr));
+    // The destination recovers automatically: it still listens where it
+    // did; the source resumes there, past the slow link.
+    a.execute(resume_to(port));
+    assert_eq!(a.wait_ended(), MigrationStatus::Completed, "{}", read(&a.stderr));
+    assert_eq!(b.wait_ended(), MigrationStatus::Completed, "{}", read(&b.stderr));
+    assert_eq!(refusal(&mut a, Qmp::MigratePause), PAUSE_OUTSIDE_POSTCOPY, "completed");
+    assert_eq!(refusal(&mut b, Qmp::MigrateRecover { uri: uri(free_port()) }), RECOVER_NOT_PAUSED);
+    assert_hop_verified(&mut a, &mut b, 1);
+    a.quit();
+    b.quit();
+}
+
+/// The MIGRATION_PASS numbers received so far, in order.
+fn pass_events(vmm: &mut Vmm) -> Vec<u64> {
+    let mut out = Vec::new();
+    while let Some(event) = vmm.qmp.next_event(Some(Duration::ZERO)).expect("events") {
+        if let Some(postcopy_qmp::Event::MigrationPass { pass }) = event.event() {
+            out.push(pass);
+        }
+    }
+    out
+}
+
+#[test]
+fn migration_pass_events_and_postcopy_blocktime_fields() {
+    if !kvm_or_skip("migration_pass_events_and_postcopy_blocktime_fields") {
+        return;
+    }
+    let _one = serial();
+    let dir = temp_dir("qmp-blocktime");
+    let port = free_port();
+    let mut a = Vmm::start(&dir, "a", &["--mem", "128M", "--vcpus", "2"]);
+    let mut b = Vmm::start(&dir, "b", &["--incoming", &uri(port)]);
+    // Hop 1, hybrid with two rounds: one MIGRATION_PASS per pass over RAM.
+    a.enable_events();
+    a.precopy_rounds(2);
+    a.migrate(port);
+    assert_eq!(a.wait_ended(), MigrationStatus::Completed, "{}", read(&a.stderr));
+    assert_eq!(b.wait_ended(), MigrationStatus::Completed, "{}", read(&b.stderr));
+    assert_eq!(pass_events(&mut a), [1, 2]);
+    assert_hop_verified(&mut a, &mut b, 1);
+    // Without the capability, no blocktime field.
+    let info = b.qmp.query_migrate().expect("query-migrate");
+    assert!(info.postcopy_latency.is_none() && info.postcopy_latency_dist.is_none(), "{info:?}");
+    assert!(info.postcopy_blocktime.is_none() && info.postcopy_vcpu_blocktime.is_none(), "{info:?}");
+    // Hop 2, pure postcopy to A with the capability: the fields appear and agree.
+    set_capability(&mut a, MigrationCapability::PostcopyBlocktime, true);
+    let port = free_port();
+    a.listen(port);
+    b.enable_events();
+    b.migrate(port);
+    assert_eq!(b.wait_ended(), MigrationStatus::Completed, "{}", read(&b.stderr));
+    assert_eq!(a.wait_ended(), MigrationStatus::Completed, "{}", read(&a.stderr));
+    assert_eq!(pass_events(&mut b), Vec::<u64>::new(), "pure postcopy makes no pass over RAM while the guest runs");
+    assert_hop_verified(&mut b, &mut a, 2);
+    let info = a.qmp.query_migrate().expect("query-migrate");
+    let report = a.verify();
+    let faults = report["last-incoming"]["fault_latency"]["count"].as_u64().expect("fault count");
+    assert!(faults > 0, "no remote fault to measure: {report:#}");
+    let dist = info.postcopy_latency_dist.clone().expect("postcopy-latency-dist");
+    assert_eq!(dist.len(), 24);
+    assert_eq!(dist.iter().sum::<u64>(), faults, "one bucket entry per remote fault: {dist:?}");
+    let latency_ns = info.postcopy_latency.expect("postcopy-latency");
+    let mean_us = report["last-incoming"]["fault_latency"]["mean_us"].as_f64().expect("mean");
+    assert!(
+        (latency_ns as f64 / 1000.0 - mean_us).abs() <= mean_us * 0.02 + 1.0,
+        "postcopy-latency {latency_ns} ns vs the driver's mean {mean_us} us"
+    );
+    let vcpu = info.postcopy_vcpu_blocktime.clone().expect("postcopy-vcpu-blocktime (userfaultfd thread ids)");
+    assert_eq!(vcpu.len(), 2, "{info:?}");
+    let all = info.postcopy_blocktime.expect("postcopy-blocktime");
+    // Every vCPU blocked at once is at most each one's blocked time (ms, rounded down).
+    assert!(vcpu.iter().all(|&v| all <= v + 1), "blocktime {all} ms vs per vCPU {vcpu:?}");
+    assert!(all <= vcpu.iter().sum::<u32>() + 1);
+    println!("blocktime fields: {all} ms, per vCPU {vcpu:?} ms, latency {latency_ns} ns, {faults} faults, {dist:?}");
+    let vcpu_latency = info.postcopy_vcpu_latency.clone().expect("postcopy-vcpu-latency");
+    assert_eq!(vcpu_latency.len(), 2);
+    assert!(vcpu_latency.iter().any(|&ns| ns > 0), "{vcpu_latency:?}");
+    a.quit();
+    b.quit();
+}
+
+#[test]
+fn dump_memory_at_quit_and_exit_on_error() {
+    if !kvm_or_skip("dump_memory_at_quit_and_exit_on_error") {
+        return;
+    }
+    let _one = serial();
+    let dir = temp_dir("qmp-dump-exit");
+    let (dump_a, dump_b) = (dir.join("a.mem"), dir.join("b.mem"));
+    let port = free_port();
+    let a_args = ["--mem", "64M", "--vcpus", "1", "--dump-memory", dump_a.to_str().expect("path")];
+    let mut a = Vmm::start(&dir, "a", &a_args);
+    let mut b = Vmm::start(&dir, "b", &["--incoming", "defer", "--dump-memory", dump_b.to_str().expect("path")]);
+    b.listen(port);
+    a.migrate(port);
+    assert_eq!(a.wait_ended(), MigrationStatus::Completed, "{}", read(&a.stderr));
+    assert_eq!(b.wait_ended(), MigrationStatus::Completed, "{}", read(&b.stderr));
+    assert_hop_verified(&mut a, &mut b, 1);
+    // The guest left A: nothing to dump there. B writes the arrived guest's RAM.
+    a.quit();
+    assert!(!dump_a.exists(), "a process whose guest left dumped memory");
+    b.quit();
+    let memory = std::fs::read(&dump_b).expect("the dump");
+    assert_eq!(memory.len(), 64 << 20);
+    let zero_pages = memory.chunks(4096).filter(|p| p.iter().all(|&x| x == 0)).count();
+    assert!(zero_pages < memory.len() / 4096 / 2, "the pattern guest's memory is mostly zeros: {zero_pages} pages");
+    // exit-on-error: a failed incoming migration ends the process, with a failure status.
+    let mut c = Vmm::start(&dir, "c", &["--mem", "64M", "--vcpus", "1"]);
+    let mut d = Vmm::start(&dir, "d", &["--incoming", "defer"]);
+    let port = free_port();
+    d.execute(Qmp::MigrateIncoming(MigrateIncomingArgs { uri: uri(port), exit_on_error: Some(true) }));
+    c.precopy_rounds(ENDLESS_ROUNDS);
+    c.migrate(port);
+    wait_status(&mut c, MigrationStatus::Active);
+    c.execute(Qmp::MigrateCancel);
+    assert_eq!(c.wait_ended(), MigrationStatus::Cancelled);
+    let t0 = Instant::now();
+    let status = loop {
+        if let Ok(Some(status)) = d.child.try_wait() {
+            break status;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(20), "d did not exit; {}", read(&d.stderr));
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    assert!(!status.success(), "exit-on-error exits with a failure status");
+    assert!(read(&d.stderr).contains("exit-on-error"), "{}", read(&d.stderr));
+    assert_eq!(c.run_state(), RunState::Running, "the guest keeps running on the source");
+    c.quit();
+}

@@ -76,6 +76,7 @@
 //! fault-path readers spin on non-blocking receives for a while before they
 //! block: on this machine a wake-up across CPUs costs about 30 us.
 
+pub mod blocktime;
 pub mod digest;
 pub mod install_faults;
 pub mod machine;

@@ -70,6 +70,9 @@ impl ProtocolCore for Source {
         match request {
             UserRequest::Cancel => self.handle_cancel(now),
             UserRequest::SwitchToPostcopy => self.handle_switch_to_postcopy(now),
+            UserRequest::Pause => self.handle_pause(now),
+            // The driver pointed its connections at the address first.
+            UserRequest::Resume(_) => self.handle_resume(now),
         }
     }
     fn poll_action(&mut self) -> Option<SourceAction> {
@@ -109,6 +112,9 @@ impl ProtocolCore for Destination {
             UserRequest::Cancel => self.handle_cancel(now),
             // Only the source decides when to switch.
             UserRequest::SwitchToPostcopy => Ok(()),
+            UserRequest::Pause => self.handle_pause(now),
+            // The source reconnects; the destination waits for it.
+            UserRequest::Resume(_) => Err(EventError::WrongState { event: "resume", state: self.state().to_string() }),
         }
     }
     fn poll_action(&mut self) -> Option<DestinationAction> {
@@ -327,6 +333,18 @@ pub(super) trait SideDriver: Sync + Sized {
     /// `deferred`, into `buf`.
     fn fill_deferred(&self, deferred: &[DeferredPage], buf: &mut [u8]);
 
+    /// Hands the user's `request` to the core (under the core lock); a side
+    /// may first do its share (the source points its connections at a
+    /// resume's address).
+    fn user_request(
+        &self,
+        locked: &mut LockedCore<Self::Core>,
+        now: Timestamp,
+        request: UserRequest,
+    ) -> Result<(), EventError> {
+        locked.core.handle_user_request(now, request)
+    }
+
     /// The core's pending actions as operations (under the core lock).
     fn drain(&self, locked: &mut LockedCore<Self::Core>) -> Vec<Self::Op> {
         self.shell().observe(locked);
@@ -406,11 +424,14 @@ pub(super) trait SideDriver: Sync + Sized {
                 (l.core.poll_timeout(), !l.core.guest_started() && !l.core.is_terminal(), request)
             };
             if let Some(request) = request {
-                self.event(s, |l, now| {
-                    if let Err(e) = l.core.handle_user_request(now, request) {
-                        tracing::warn!(side = Self::SIDE, %e, ?request, "the user's request was not taken");
-                    }
-                });
+                let mut result = Ok(());
+                self.event(s, |l, now| result = self.user_request(l, now, request));
+                if let Err(e) = &result {
+                    tracing::warn!(side = Self::SIDE, %e, ?request, "the user's request was not taken");
+                }
+                if let Some(watch) = &shell.watch {
+                    watch.request_handled(request, &result);
+                }
             }
             boost.set(None, shell.tuning.rt_switchover, switchover, Self::TIMER_THREAD);
             let t = now();

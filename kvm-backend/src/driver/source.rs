@@ -8,8 +8,8 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use postcopy_core::{
-    Channel, Config, DeferredPage, Finished, GuestMemory, Notice, PageNumber, Source, SourceAction, SourceState,
-    SourceStats,
+    Channel, Config, DeferredPage, EventError, Finished, GuestMemory, Notice, PageNumber, Source, SourceAction,
+    SourceState, SourceStats, Timestamp,
 };
 
 use super::clock::now;
@@ -17,9 +17,9 @@ use super::digest::PageDigests;
 use super::machine::{core_layout, MachineDescription, PageMap};
 use super::net::{self, lock_spin, Connection};
 use super::placement::{latency_thread, pin_self, set_policy, Boost, Tuning};
-use super::shell::{spawn, ConnectionOp, LockedCore, Shell, SideDriver, LOCK_SPIN};
+use super::shell::{spawn, ConnectionOp, LockedCore, ProtocolCore, Shell, SideDriver, LOCK_SPIN};
 use super::sync::Doorbell;
-use super::watch::Watch;
+use super::watch::{UserRequest, Watch};
 use crate::devices::lock;
 use crate::error::error_chain;
 use crate::layout::PAGE_SIZE;
@@ -158,7 +158,8 @@ struct SourceDriver<'a> {
     guest: SourceRam<'a>,
     vm: &'a Vm,
     vcpus: &'a VcpuSet,
-    addr: SocketAddr,
+    /// The destination; a user's resume may point it elsewhere.
+    addr: Mutex<SocketAddr>,
     connect_timeout: Duration,
     write_timeout: Option<Duration>,
     stop_ns: AtomicU64,
@@ -207,7 +208,7 @@ pub fn run_source_watched(
         guest: SourceRam { ram, map, digests: PageDigests::new(pages, PAGE_SIZE as usize) },
         vm,
         vcpus,
-        addr: opts.connect,
+        addr: Mutex::new(opts.connect),
         connect_timeout: opts.config.handshake_timeout,
         write_timeout: opts.config.peer_timeout,
         stop_ns: AtomicU64::new(0),
@@ -316,6 +317,20 @@ impl SideDriver for SourceDriver<'_> {
     fn fill_deferred(&self, deferred: &[DeferredPage], buf: &mut [u8]) {
         DeferredPage::fill_all(deferred, buf, PAGE_SIZE as usize, &self.guest);
     }
+
+    /// A resume connects to the address the user gave (kept only if the
+    /// core takes the resume): its connector threads start after this event.
+    fn user_request(&self, l: &mut LockedCore<Source>, now: Timestamp, request: UserRequest) -> Result<(), EventError> {
+        let UserRequest::Resume(addr) = request else { return l.core.handle_user_request(now, request) };
+        let before = std::mem::replace(&mut *lock(&self.addr), addr);
+        let result = l.core.handle_user_request(now, request);
+        if result.is_err() {
+            *lock(&self.addr) = before;
+        } else if before != addr {
+            tracing::info!(%before, %addr, "the migration resumes to another address");
+        }
+        result
+    }
 }
 
 impl SourceDriver<'_> {
@@ -395,9 +410,10 @@ impl SourceDriver<'_> {
 
     fn connect<'s>(&'s self, s: &'s Scope<'s, '_>, channel: Channel) {
         set_policy(None, "src-connect");
-        match net::connect(self.addr, channel, self.connect_timeout, &self.shell.tuning) {
+        let addr = *lock(&self.addr);
+        match net::connect(addr, channel, self.connect_timeout, &self.shell.tuning) {
             Ok(conn) => {
-                tracing::debug!(%channel, addr = %self.addr, id = conn.id, "connected");
+                tracing::debug!(%channel, %addr, id = conn.id, "connected");
                 let _ = conn.stream.set_write_timeout(self.write_timeout);
                 let conn = Arc::new(conn);
                 let attached = conn.clone();

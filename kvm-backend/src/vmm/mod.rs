@@ -25,11 +25,11 @@ pub mod status;
 
 use std::collections::BTreeMap;
 use std::net::{SocketAddr, TcpListener, ToSocketAddrs};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use postcopy_core::{Config, Destination, Mode, Source, Timestamp};
+use postcopy_core::{Config, Destination, DestinationState, EventError, Mode, Source, SourceState, Timestamp};
 use postcopy_qmp::command::parse_tcp_uri;
 use postcopy_qmp::{
     Event, EventSink, MigrateArgs, MigrateIncomingArgs, MigrationCapability, MigrationCapabilityStatus, MigrationInfo,
@@ -38,8 +38,9 @@ use postcopy_qmp::{
 use serde_json::{json, Value};
 
 use crate::devices::{lock, SerialOutput};
+use crate::driver::blocktime::Blocktime;
 use crate::driver::report::{DestinationReport, SourceReport};
-use crate::driver::watch::{UserRequest, Watch};
+use crate::driver::watch::{ListenerSlot, UserRequest, Watch};
 use crate::driver::{self, error_chain, Damage, DestinationOptions, SourceOptions, Tuning};
 use crate::layout::MemoryMap;
 use crate::memory::{GuestRam, MemoryError};
@@ -58,6 +59,9 @@ const CAPABILITY_DEFAULTS: [(MigrationCapability, bool); 6] = [
 
 /// How far back the guest's progress before a migration is measured.
 const PROGRESS_WINDOW_NS: u64 = 300_000_000;
+/// How long a command waits for the migration to take its request (the
+/// timer thread looks every 10 ms).
+const REQUEST_WAIT: Duration = Duration::from_secs(2);
 
 /// How the process runs its migrations.
 #[derive(Clone, Debug)]
@@ -118,23 +122,72 @@ struct Snapshot {
 struct Job {
     direction: Direction,
     started: Instant,
-    /// MIGRATION events (the `events` capability when it started).
+    /// MIGRATION and MIGRATION_PASS events (the `events` capability when
+    /// it started).
     events: bool,
+    /// `x-postcopy-auto-recover` when it started: off, a paused
+    /// destination stops listening until `migrate-recover`.
+    auto_recover: bool,
     cancel_requested: AtomicBool,
     request: Mutex<Option<UserRequest>>,
+    /// How the core took the last request a command waits for.
+    outcome: Mutex<Option<Result<(), String>>>,
+    outcome_signal: Condvar,
+    /// Incoming: where it accepts connections.
+    listener: Option<Arc<ListenerSlot>>,
+    /// Incoming: `migrate-recover` opened a listener since the last pause.
+    recover_listening: AtomicBool,
+    /// Outgoing: the last MIGRATION_PASS sent.
+    passes_sent: AtomicU64,
+    /// Incoming, with `postcopy-blocktime`: the blocktime accounts.
+    blocktime: Option<Arc<Blocktime>>,
     snapshot: Mutex<Snapshot>,
 }
 
 impl Job {
-    fn new(direction: Direction, events: bool) -> Job {
+    fn new(direction: Direction, state: &State, listener: Option<Arc<ListenerSlot>>) -> Job {
         Job {
             direction,
             started: Instant::now(),
-            events,
+            events: Shared::capability(state, MigrationCapability::Events),
+            auto_recover: Shared::capability(state, MigrationCapability::XPostcopyAutoRecover),
             cancel_requested: AtomicBool::new(false),
             request: Mutex::new(None),
+            outcome: Mutex::new(None),
+            outcome_signal: Condvar::new(),
+            listener,
+            recover_listening: AtomicBool::new(false),
+            passes_sent: AtomicU64::new(0),
+            blocktime: None,
             snapshot: Mutex::new(Snapshot { status: Some(MigrationStatus::Setup), ..Default::default() }),
         }
+    }
+
+    /// Hands `request` to the migration and waits (bounded) for the core's
+    /// answer. Called without the VMM's state lock: the driver takes it
+    /// (through the watch) while it handles the request.
+    fn submit(&self, request: UserRequest) -> Result<(), String> {
+        let mut outcome = lock(&self.outcome);
+        *outcome = None;
+        *lock(&self.request) = Some(request);
+        let deadline = Instant::now() + REQUEST_WAIT;
+        loop {
+            if let Some(result) = outcome.take() {
+                return result;
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                lock(&self.request).take();
+                return Err("the migration did not take the request in time".into());
+            }
+            outcome = self.outcome_signal.wait_timeout(outcome, left).unwrap_or_else(|e| e.into_inner()).0;
+        }
+    }
+
+    /// The driver's answer to the last request.
+    fn handled(&self, result: &Result<(), EventError>) {
+        *lock(&self.outcome) = Some(result.clone().map_err(|e| e.to_string()));
+        self.outcome_signal.notify_all();
     }
 
     fn status(&self) -> Option<MigrationStatus> {
@@ -154,6 +207,11 @@ struct State {
     parameters: MigrationParameters,
     job: Option<Arc<Job>>,
     quit: bool,
+    /// The current incoming migration ends the process if it fails
+    /// (`migrate-incoming`'s `exit-on-error`).
+    exit_on_error: bool,
+    /// The process ends because an incoming migration failed.
+    failed_exit: bool,
 }
 
 struct Shared {
@@ -166,6 +224,20 @@ struct Shared {
 /// The VMM; share it (`Arc`) with the QMP server.
 pub struct KvmVmm {
     shared: Arc<Shared>,
+}
+
+/// Why `--dump-memory` failed.
+#[derive(Debug, thiserror::Error)]
+pub enum DumpError {
+    /// The guest's vCPUs did not stop.
+    #[error("cannot stop the guest to dump its memory")]
+    Stop(#[source] crate::error::Error),
+    /// The file could not be created.
+    #[error("cannot create the memory dump {}", .0.display())]
+    Create(std::path::PathBuf, #[source] std::io::Error),
+    /// The file could not be written.
+    #[error("cannot write the memory dump {}", .0.display())]
+    Write(std::path::PathBuf, #[source] MemoryError),
 }
 
 /// Why the VMM could not start.
@@ -222,6 +294,7 @@ impl Shared {
         config.mode = if rounds == 0 { Mode::Postcopy } else { Mode::Hybrid { precopy_rounds: rounds } };
         config.urgent_channel = Shared::capability(state, MigrationCapability::PostcopyPreempt);
         config.prepaging = Shared::capability(state, MigrationCapability::XPostcopyPrepaging);
+        config.auto_reconnect = Shared::capability(state, MigrationCapability::XPostcopyAutoRecover);
         if let Some(batch) = p.x_request_batch_pages {
             config.request_batch_pages = batch.clamp(1, u64::from(u32::MAX)) as u32;
         }
@@ -242,7 +315,11 @@ impl Shared {
             TcpListener::bind(addr).map_err(|e| QmpError::generic(format!("Failed to bind socket {addr}: {e}")))?;
         let local = listener.local_addr().map_err(|e| QmpError::generic(format!("socket {addr}: {e}")))?;
         eprintln!("postcopy run: waiting for a migration on {local}");
-        let job = Arc::new(Job::new(Direction::Incoming, Shared::capability(state, MigrationCapability::Events)));
+        let slot = Arc::new(ListenerSlot::new(listener));
+        let mut job = Job::new(Direction::Incoming, state, Some(slot.clone()));
+        job.blocktime =
+            Shared::capability(state, MigrationCapability::PostcopyBlocktime).then(|| Arc::new(Blocktime::new()));
+        let job = Arc::new(job);
         let opts = DestinationOptions {
             config: self.core_config(state),
             tuning: self.config.tuning.clone(),
@@ -252,6 +329,7 @@ impl Shared {
             damage: self.config.damage,
             progress_bar: false,
             preallocated: None,
+            blocktime: job.blocktime.clone(),
         };
         state.incoming = Incoming::Started;
         state.job = Some(job.clone());
@@ -261,13 +339,13 @@ impl Shared {
         let shared = self.clone();
         std::thread::Builder::new()
             .name("vmm-incoming".into())
-            .spawn(move || shared.receive(listener, opts, job))
+            .spawn(move || shared.receive(slot, opts, job))
             .map_err(|e| QmpError::generic(format!("cannot start the incoming migration's thread: {e}")))?;
         Ok(())
     }
 
     /// The incoming migration's thread.
-    fn receive(self: Arc<Self>, listener: TcpListener, mut opts: DestinationOptions, job: Arc<Job>) {
+    fn receive(self: Arc<Self>, listener: Arc<ListenerSlot>, mut opts: DestinationOptions, job: Arc<Job>) {
         if let Some(bytes) = self.config.prealloc_bytes {
             match MemoryMap::pc(bytes).map_err(MemoryError::from).and_then(GuestRam::new_preallocated) {
                 Ok(ram) => opts.preallocated = Some(Arc::new(ram)),
@@ -318,6 +396,13 @@ impl Shared {
             self.set_run_state(&mut state, RunState::Inmigrate);
             self.set_status(&job, MigrationStatus::Failed);
             eprintln!("postcopy run: the incoming migration failed");
+            if state.exit_on_error {
+                eprintln!("postcopy run: exiting (exit-on-error)");
+                state.quit = true;
+                state.failed_exit = true;
+                self.events.emit(Event::Shutdown { guest: false, reason: ShutdownCause::HostError });
+                self.quit_signal.notify_all();
+            }
         }
     }
 
@@ -418,7 +503,7 @@ struct SourceWatch {
 }
 
 impl Watch<Source> for SourceWatch {
-    fn state_changed(&self, core: &Source, _now: Timestamp) {
+    fn state_changed(&self, core: &Source, now: Timestamp) {
         let state = core.state();
         let cancelled = self.job.cancel_requested.load(Ordering::SeqCst);
         // Once cancelled, `cancelling` until the end (the core may still
@@ -430,6 +515,15 @@ impl Watch<Source> for SourceWatch {
         } else {
             status::source_status(state, false)
         };
+        if state == SourceState::Precopy && self.job.events {
+            // Pass N: the Nth pass over RAM (QEMU sends one per dirty sync).
+            let pass = u64::from(core.stats(now).precopy_rounds) + 1;
+            let sent = self.job.passes_sent.load(Ordering::SeqCst);
+            for pass in sent + 1..=pass {
+                self.shared.events.emit(Event::MigrationPass { pass });
+            }
+            self.job.passes_sent.fetch_max(pass, Ordering::SeqCst);
+        }
         // The migration's thread publishes the end, once the guest is
         // where it will stay.
         if !state.is_terminal() {
@@ -458,6 +552,10 @@ impl Watch<Source> for SourceWatch {
     fn take_request(&self) -> Option<UserRequest> {
         lock(&self.job.request).take()
     }
+
+    fn request_handled(&self, _request: UserRequest, result: &Result<(), EventError>) {
+        self.job.handled(result);
+    }
 }
 
 /// The destination's core, as QMP sees it.
@@ -469,6 +567,14 @@ struct DestinationWatch {
 impl Watch<Destination> for DestinationWatch {
     fn state_changed(&self, core: &Destination, _now: Timestamp) {
         let state = core.state();
+        if state == DestinationState::Paused {
+            // A new pause: `migrate-recover` may listen again. In manual
+            // recovery nothing listens until it does, as with QEMU.
+            self.job.recover_listening.store(false, Ordering::SeqCst);
+            if let (false, Some(slot)) = (self.job.auto_recover, &self.job.listener) {
+                slot.close();
+            }
+        }
         if !state.is_terminal() {
             self.shared.set_status(&self.job, status::destination_status(state));
         }
@@ -489,6 +595,10 @@ impl Watch<Destination> for DestinationWatch {
     fn take_request(&self) -> Option<UserRequest> {
         lock(&self.job.request).take()
     }
+
+    fn request_handled(&self, _request: UserRequest, result: &Result<(), EventError>) {
+        self.job.handled(result);
+    }
 }
 
 impl KvmVmm {
@@ -506,7 +616,17 @@ impl KvmVmm {
             x_peer_timeout_ms: Some(config.base.peer_timeout.map_or(0, |t| t.as_millis() as u64)),
             x_reconnect_delay_max_ms: Some(config.base.reconnect_delay_max.as_millis() as u64),
         };
-        let state = State { run_state, guest: None, incoming, capabilities, parameters, job: None, quit: false };
+        let state = State {
+            run_state,
+            guest: None,
+            incoming,
+            capabilities,
+            parameters,
+            job: None,
+            quit: false,
+            exit_on_error: false,
+            failed_exit: false,
+        };
         KvmVmm { shared: Arc::new(Shared { config, state: Mutex::new(state), quit_signal: Condvar::new(), events }) }
     }
 
@@ -528,7 +648,27 @@ impl KvmVmm {
         Ok(vmm)
     }
 
-    /// Blocks until `quit` was executed.
+    /// Writes the guest's RAM to `path` (`run --dump-memory`, at quit): its
+    /// vCPUs stop first, so the image is the guest's last state. Returns
+    /// whether a guest was here to dump (one that left, or one whose
+    /// incoming migration did not complete, has no memory here).
+    pub fn dump_memory(&self, path: &std::path::Path) -> Result<bool, DumpError> {
+        let state = self.shared.lock();
+        let Some(guest) = &state.guest else { return Ok(false) };
+        guest.vcpus.pause().map_err(DumpError::Stop)?;
+        let file = std::fs::File::create(path).map_err(|e| DumpError::Create(path.to_path_buf(), e))?;
+        guest.vm.ram().dump(&mut std::io::BufWriter::new(file)).map_err(|e| DumpError::Write(path.to_path_buf(), e))?;
+        Ok(true)
+    }
+
+    /// Whether the process ends because an incoming migration failed with
+    /// `exit-on-error` (it then exits with a failure status).
+    pub fn failed_exit(&self) -> bool {
+        self.shared.lock().failed_exit
+    }
+
+    /// Blocks until `quit` was executed (or an incoming migration with
+    /// `exit-on-error` failed).
     pub fn wait_for_quit(&self) {
         let mut state = self.shared.lock();
         while !state.quit {
@@ -538,6 +678,18 @@ impl KvmVmm {
 
     fn running_job(state: &State) -> Option<&Arc<Job>> {
         state.job.as_ref().filter(|j| j.is_running())
+    }
+
+    /// `migrate {resume: true}`: a paused outgoing migration reconnects,
+    /// to `addr`.
+    fn resume(&self, addr: SocketAddr) -> Result<(), QmpError> {
+        let job = KvmVmm::running_job(&self.shared.lock()).filter(|j| j.direction == Direction::Outgoing).cloned();
+        let Some(job) = job.filter(|j| j.status() == Some(MigrationStatus::PostcopyPaused)) else {
+            return Err(QmpError::no_paused_migration());
+        };
+        // Without the state lock: the driver takes it while it resumes.
+        job.submit(UserRequest::Resume(addr))
+            .map_err(|e| QmpError::generic(format!("Cannot resume the paused migration now: {e}")))
     }
 }
 
@@ -595,11 +747,6 @@ impl postcopy_qmp::Vmm for KvmVmm {
             if c.state && !supported {
                 return Err(QmpError::capability_unsupported(c.capability.as_str()));
             }
-            if !c.state && c.capability == MigrationCapability::XPostcopyAutoRecover {
-                return Err(QmpError::generic(
-                    "x-postcopy-auto-recover cannot be turned off: this VMM recovers lost connections itself",
-                ));
-            }
         }
         for c in capabilities {
             state.capabilities.insert(c.capability, c.state);
@@ -644,12 +791,10 @@ impl postcopy_qmp::Vmm for KvmVmm {
 
     fn migrate(&self, args: &MigrateArgs) -> Result<(), QmpError> {
         let addr = resolve(&args.uri)?;
-        let mut state = self.shared.lock();
         if args.resume {
-            // Lost connections are recovered without an operator: a
-            // migration is never left paused.
-            return Err(QmpError::no_paused_migration());
+            return self.resume(addr);
         }
+        let mut state = self.shared.lock();
         // A guest on its way here (the incoming migration not COMPLETED)
         // cannot leave yet, as in QEMU.
         let guest = match (&state.guest, state.incoming) {
@@ -673,7 +818,7 @@ impl postcopy_qmp::Vmm for KvmVmm {
                  sets precopy rounds before the switch)",
             ));
         }
-        let job = Arc::new(Job::new(Direction::Outgoing, Shared::capability(&state, MigrationCapability::Events)));
+        let job = Arc::new(Job::new(Direction::Outgoing, &state, None));
         let opts = SourceOptions {
             connect: addr,
             config: self.shared.core_config(&state),
@@ -706,6 +851,9 @@ impl postcopy_qmp::Vmm for KvmVmm {
             return Err(QmpError::migration_active());
         }
         self.shared.start_incoming(&mut state, &args.uri)?;
+        // QEMU's `exit-on-error`; absent, this VMM waits for another
+        // migrate-incoming instead of exiting (QEMU's default is to exit).
+        state.exit_on_error = args.exit_on_error.unwrap_or(false);
         self.shared.set_run_state(&mut state, RunState::Inmigrate);
         Ok(())
     }
@@ -749,13 +897,44 @@ impl postcopy_qmp::Vmm for KvmVmm {
     }
 
     fn migrate_pause(&self) -> Result<(), QmpError> {
-        Err(QmpError::generic(
-            "migrate-pause is not supported: this VMM recovers a lost connection during postcopy by itself",
-        ))
+        let job = KvmVmm::running_job(&self.shared.lock()).cloned();
+        let Some(job) = job else { return Err(QmpError::pause_outside_postcopy()) };
+        if !matches!(job.status(), Some(MigrationStatus::PostcopyActive | MigrationStatus::PostcopyRecover)) {
+            return Err(QmpError::pause_outside_postcopy());
+        }
+        // Without the state lock: the driver takes it while it pauses.
+        job.submit(UserRequest::Pause).map_err(|e| {
+            tracing::info!(e, "migrate-pause refused by the migration");
+            QmpError::pause_outside_postcopy()
+        })?;
+        if let Some(slot) = &job.listener {
+            // As QEMU: a destination paused by its user listens again only
+            // after migrate-recover.
+            slot.close();
+        }
+        Ok(())
     }
 
-    fn migrate_recover(&self, _uri: &str) -> Result<(), QmpError> {
-        Err(QmpError::recover_not_paused())
+    fn migrate_recover(&self, uri: &str) -> Result<(), QmpError> {
+        let addr = resolve(uri)?;
+        let state = self.shared.lock();
+        let job = KvmVmm::running_job(&state).filter(|j| j.direction == Direction::Incoming);
+        let Some((job, slot)) = job.and_then(|j| j.listener.as_ref().map(|slot| (j, slot))) else {
+            return Err(QmpError::recover_not_paused());
+        };
+        if job.status() != Some(MigrationStatus::PostcopyPaused) {
+            return Err(QmpError::recover_not_paused());
+        }
+        if job.recover_listening.load(Ordering::SeqCst) {
+            return Err(QmpError::generic("Migrate recovery is triggered already"));
+        }
+        let listener =
+            TcpListener::bind(addr).map_err(|e| QmpError::generic(format!("Failed to bind socket {addr}: {e}")))?;
+        let local = listener.local_addr().map_err(|e| QmpError::generic(format!("socket {addr}: {e}")))?;
+        slot.replace(listener);
+        job.recover_listening.store(true, Ordering::SeqCst);
+        eprintln!("postcopy run: waiting for the paused migration to resume on {local}");
+        Ok(())
     }
 
     fn query_migrate(&self) -> Result<MigrationInfo, QmpError> {
@@ -765,7 +944,7 @@ impl postcopy_qmp::Vmm for KvmVmm {
         let status = snapshot.status;
         let ended = status.is_some_and(|s| !s.is_running());
         let live_ms = job.started.elapsed().as_millis() as u64;
-        Ok(MigrationInfo {
+        let mut info = MigrationInfo {
             status,
             ram: snapshot.ram.clone(),
             total_time: Some(if ended { snapshot.total_time_ms.unwrap_or(live_ms) } else { live_ms }),
@@ -774,7 +953,11 @@ impl postcopy_qmp::Vmm for KvmVmm {
             error_desc: snapshot.error.clone().filter(|_| ended),
             x_postcopy: Some(snapshot.x.clone()),
             ..Default::default()
-        })
+        };
+        if let Some(blocktime) = &job.blocktime {
+            status::fill_blocktime(&mut info, &blocktime.figures(crate::sys::monotonic_ns()));
+        }
+        Ok(info)
     }
 
     fn x_postcopy_verify(&self) -> Result<Value, QmpError> {

@@ -24,8 +24,9 @@
 //! | Failed | failed | inmigrate |
 
 use postcopy_core::{DestinationState, SourceState, SourceStats};
-use postcopy_qmp::{MigrationStats, MigrationStatus, RunState};
+use postcopy_qmp::{MigrationInfo, MigrationStats, MigrationStatus, RunState};
 
+use crate::driver::blocktime::BlocktimeFigures;
 use crate::layout::PAGE_SIZE;
 
 /// The QMP status of a source in `state`; `cancelled`: the user asked for
@@ -118,6 +119,26 @@ pub fn destination_ram(present: u64, total_pages: u64) -> MigrationStats {
     }
 }
 
+/// `query-migrate`'s postcopy fields on a destination with the
+/// `postcopy-blocktime` capability, QEMU 10.1's: `postcopy-latency` (ns,
+/// 0 before any remote fault) and `postcopy-latency-dist` always; the
+/// per-vCPU fields and `postcopy-blocktime` (every vCPU blocked at once,
+/// ms) only when faults name their vCPU (userfaultfd's thread ids), and
+/// not `postcopy-non-vcpu-latency` (faults are not told apart by thread
+/// outside the vCPUs).
+pub fn fill_blocktime(info: &mut MigrationInfo, figures: &BlocktimeFigures) {
+    let ms = |ns: u64| u32::try_from(ns / 1_000_000).unwrap_or(u32::MAX);
+    let average = |total: u64, count: u64| total.checked_div(count).unwrap_or(0);
+    info.postcopy_latency = Some(average(figures.latency_ns, figures.faults));
+    info.postcopy_latency_dist = Some(figures.latency_buckets.to_vec());
+    if !figures.vcpu_blocked_ns.is_empty() {
+        info.postcopy_blocktime = Some(ms(figures.all_blocked_ns));
+        info.postcopy_vcpu_blocktime = Some(figures.vcpu_blocked_ns.iter().map(|&ns| ms(ns)).collect());
+        info.postcopy_vcpu_latency =
+            Some(figures.vcpu_blocked_ns.iter().zip(&figures.vcpu_faults).map(|(&ns, &n)| average(ns, n)).collect());
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -134,6 +155,33 @@ mod tests {
         assert_eq!(source_run_state(SourceState::Withdrawing), RunState::Running);
         assert_eq!(destination_status(DestinationState::Running), MigrationStatus::PostcopyActive);
         assert_eq!(destination_run_state(false), RunState::Inmigrate);
+    }
+
+    #[test]
+    fn blocktime_fields_follow_qemus_units() {
+        let mut figures = BlocktimeFigures {
+            vcpu_blocked_ns: vec![3_500_000, 0],
+            vcpu_faults: vec![7, 0],
+            all_blocked_ns: 1_200_000,
+            faults: 4,
+            latency_ns: 1_000,
+            ..Default::default()
+        };
+        figures.latency_buckets[2] = 4;
+        let mut info = MigrationInfo::default();
+        fill_blocktime(&mut info, &figures);
+        assert_eq!(info.postcopy_blocktime, Some(1));
+        assert_eq!(info.postcopy_vcpu_blocktime, Some(vec![3, 0]));
+        assert_eq!(info.postcopy_vcpu_latency, Some(vec![500_000, 0]));
+        assert_eq!(info.postcopy_latency, Some(250));
+        assert_eq!(info.postcopy_latency_dist.as_ref().map(|d| (d.len(), d[2])), Some((24, 4)));
+        // Without thread ids: no per-vCPU figure, and no blocktime made of none.
+        let mut info = MigrationInfo::default();
+        fill_blocktime(&mut info, &BlocktimeFigures::default());
+        assert_eq!(
+            (info.postcopy_latency, info.postcopy_blocktime, info.postcopy_vcpu_blocktime),
+            (Some(0), None, None)
+        );
     }
 
     #[test]

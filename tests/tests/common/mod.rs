@@ -279,7 +279,7 @@ impl Relay {
     /// never reaches the source): the source has sent the whole device
     /// state, the destination has loaded it, and `StartGuest` never leaves.
     pub fn start_at_ready_to_run() -> Relay {
-        Self::start_inner(u64::MAX, Duration::ZERO, true)
+        Self::start_inner(u64::MAX, Duration::ZERO, true, None)
     }
 
     /// As [`Relay::start_at_ready_to_run`], and the relay stops listening
@@ -291,10 +291,16 @@ impl Relay {
     }
 
     pub fn start_with(cut_after: u64, main_delay: Duration) -> Relay {
-        Self::start_inner(cut_after, main_delay, false)
+        Self::start_inner(cut_after, main_delay, false, None)
     }
 
-    fn start_inner(cut_after: u64, main_delay: Duration, cut_at_ready: bool) -> Relay {
+    /// Never cuts; the main channel carries at most `bytes_per_s` (a slow
+    /// link: a migration stays in postcopy long enough to act on it).
+    pub fn start_throttled(bytes_per_s: u64) -> Relay {
+        Self::start_inner(u64::MAX, Duration::ZERO, false, Some(bytes_per_s))
+    }
+
+    fn start_inner(cut_after: u64, main_delay: Duration, cut_at_ready: bool, main_rate: Option<u64>) -> Relay {
         let listener = TcpListener::bind("127.0.0.1:0").expect("relay listen");
         let addr = listener.local_addr().expect("relay addr");
         listener.set_nonblocking(true).expect("nonblocking");
@@ -355,6 +361,9 @@ impl Relay {
                     }
                     // Source -> destination, counting the main channel's bytes.
                     pump(cl, sv, move |n| {
+                        if let (0, Some(rate)) = (channel, main_rate) {
+                            std::thread::sleep(Duration::from_secs_f64(n as f64 / rate as f64));
+                        }
                         if !cut_now || channel != 0 || c.load(Ordering::SeqCst) {
                             return false;
                         }

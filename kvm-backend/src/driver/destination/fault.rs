@@ -68,6 +68,9 @@ impl DestinationDriver<'_> {
                     let page = m.map.number(f.page)?;
                     m.clock.start(page.0, t.0);
                     let vcpu = f.thread_id.and_then(|tid| tids.and_then(|ts| ts.iter().position(|&x| x == tid)));
+                    if let (Some(b), Some(i)) = (&self.opts.blocktime, vcpu) {
+                        b.blocked(i, page.0, t.0);
+                    }
                     Some((page, vcpu.map_or(Waiter::Vmm, |i| Waiter::Vcpu(i as u32))))
                 })
                 .collect();

@@ -178,6 +178,10 @@ impl DestinationDriver<'_> {
                     }
                 }
                 tracing::info!(vcpus = tids.len(), "the guest runs here");
+                // Per-vCPU accounts need the faulting thread's id.
+                if let (Some(b), true) = (&self.opts.blocktime, m.uffd.reports_thread_ids()) {
+                    b.set_vcpus(tids.len());
+                }
                 let _ = self.vcpu_tids.set(tids);
                 *lock(&self.running) = Some(running);
             }
@@ -193,6 +197,9 @@ impl DestinationDriver<'_> {
     /// Wakes the threads waiting for `page` (it is present already).
     pub(super) fn wake(&self, page: PageNumber) {
         let Some(m) = self.machine.get() else { return };
+        if let Some(b) = &self.opts.blocktime {
+            b.resolved(page.0, crate::driver::clock::now().0, None);
+        }
         if let Some(r) = m.map.page_ref(page) {
             if let Err(e) = m.uffd.wake_pages(r, 1) {
                 tracing::warn!(%e, page = page.0, "wake");

@@ -161,6 +161,9 @@ impl DestinationDriver<'_> {
         m.installed.set(page.0);
         if let Some(waited) = m.clock.finish(page.0, at_ns) {
             let _ = lock(&self.latency).record(waited.max(1));
+            if let Some(b) = &self.opts.blocktime {
+                b.resolved(page.0, at_ns, Some(waited));
+            }
         }
     }
 

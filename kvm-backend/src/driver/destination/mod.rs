@@ -40,7 +40,7 @@ use super::placement::{pin_self, set_policy, Boost};
 use super::report::DestinationReport;
 use super::shell::{spawn, LockedCore, Shell, SideDriver};
 use super::sync::Doorbell;
-use super::watch::Watch;
+use super::watch::{ListenerSlot, Watch};
 use crate::devices::lock;
 use crate::error::error_chain;
 use crate::layout::PAGE_SIZE;
@@ -103,15 +103,16 @@ enum AfterMigration {
 /// and reports. Returns when the migration failed, or when the guest ran
 /// `run_after` here and was checked.
 pub fn run_destination(listener: TcpListener, opts: &DestinationOptions) -> DestinationOutcome {
-    let (report, _) = run(listener, opts, None, AfterMigration::CheckAndStop);
+    let (report, _) = run(Arc::new(ListenerSlot::new(listener)), opts, None, AfterMigration::CheckAndStop);
     DestinationOutcome { report }
 }
 
-/// Accepts a migration on `listener` with a VMM watching the core; once it
+/// Accepts a migration on the listener in `listener` (which the VMM may
+/// close or replace meanwhile) with a VMM watching the core; once it
 /// completed, hands the running guest over instead of checking and
 /// stopping it (`opts.run_after` and `opts.dump_memory` are not used).
 pub fn run_destination_kept(
-    listener: TcpListener,
+    listener: Arc<ListenerSlot>,
     opts: &DestinationOptions,
     watch: Option<Arc<dyn Watch<Destination>>>,
 ) -> KeptOutcome {
@@ -120,7 +121,7 @@ pub fn run_destination_kept(
 }
 
 fn run(
-    listener: TcpListener,
+    listener: Arc<ListenerSlot>,
     opts: &DestinationOptions,
     watch: Option<Arc<dyn Watch<Destination>>>,
     after: AfterMigration,
@@ -268,6 +269,8 @@ impl SideDriver for DestinationDriver<'_> {
     /// core lock, so that the EOC hold in [`SideDriver::poll_fault_path`]
     /// sees them): one atomic add per drain, not per page.
     fn drain(&self, l: &mut LockedCore<Destination>) -> Vec<DestinationOp> {
+        // As the shell's drain: a watching VMM hears of every state change.
+        self.shell.observe(l);
         let mut ops = Vec::new();
         let mut installs = 0;
         while let Some(action) = l.core.poll_action() {
@@ -309,13 +312,23 @@ impl SideDriver for DestinationDriver<'_> {
 impl DestinationDriver<'_> {
     fn accept_loop<'s>(&'s self, s: &'s Scope<'s, '_>) {
         set_policy(None, "dst-accept");
-        if let Err(e) = self.listener.set_nonblocking(true) {
-            *lock(&self.fatal) = Some(DestinationError::Listener(e));
-            self.finish_with_fatal();
-            return;
-        }
+        let mut polled: Option<Arc<TcpListener>> = None;
         while !self.shell.is_stopping() {
-            match crate::sys::poll_readable(&self.listener, ACCEPT_POLL) {
+            // The VMM may have closed the listener or put another in place.
+            let Some(listener) = self.listener.current() else {
+                polled = None;
+                std::thread::sleep(ACCEPT_POLL);
+                continue;
+            };
+            if !polled.as_ref().is_some_and(|p| Arc::ptr_eq(p, &listener)) {
+                if let Err(e) = listener.set_nonblocking(true) {
+                    *lock(&self.fatal) = Some(DestinationError::Listener(e));
+                    self.finish_with_fatal();
+                    return;
+                }
+                polled = Some(listener.clone());
+            }
+            match crate::sys::poll_readable(&*listener, ACCEPT_POLL) {
                 Ok(false) => continue,
                 Ok(true) => {}
                 Err(e) => {
@@ -324,7 +337,7 @@ impl DestinationDriver<'_> {
                     continue;
                 }
             }
-            match self.listener.accept() {
+            match listener.accept() {
                 Ok((stream, peer)) => spawn(s, "dst-conn", move || self.serve_connection(s, stream, peer)),
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
                 Err(e) => tracing::warn!(%e, "accept"),

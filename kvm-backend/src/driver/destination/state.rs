@@ -4,7 +4,6 @@
 //! timeline and its operations. Data only: every module of the destination
 //! imports this one, and this one imports none of them.
 
-use std::net::TcpListener;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
@@ -24,6 +23,7 @@ use crate::driver::machine::{MachineDescription, PageMap};
 use crate::driver::placement::Tuning;
 use crate::driver::shell::{ConnectionOp, Shell};
 use crate::driver::sync::{Doorbell, FaultClock, InstallsInFlight, PageBits};
+use crate::driver::watch::ListenerSlot;
 use crate::memory::GuestRam;
 use crate::runner::VcpuSet;
 use crate::uffd::UffdRam;
@@ -51,6 +51,9 @@ pub struct DestinationOptions {
     /// for the layout the source is expected to send; None: anonymous RAM
     /// allocated when the machine description arrives.
     pub preallocated: Option<Arc<GuestRam>>,
+    /// Account vCPU blocktime and remote fault latency here (QMP's
+    /// `postcopy-blocktime` capability); None: not measured.
+    pub blocktime: Option<Arc<crate::driver::blocktime::Blocktime>>,
 }
 
 /// What the destination builds for the guest when the hello arrives.
@@ -118,7 +121,8 @@ pub(super) enum DestinationOp {
 pub(super) struct DestinationDriver<'a> {
     pub(super) shell: Shell<Destination>,
     pub(super) opts: &'a DestinationOptions,
-    pub(super) listener: TcpListener,
+    /// Where connections are accepted (a VMM may close it or move it).
+    pub(super) listener: Arc<ListenerSlot>,
     /// The machine is being built: nothing goes out on the return path
     /// (the welcome would let the source stop its guest before this side
     /// can take it). Read and written only under the core lock.
