@@ -347,7 +347,7 @@ fn migration(mem: u64, common: &Common, fault_heavy: bool) -> Result<RunReport, 
     let mut common = common.clone();
     common.json = true;
     common.no_prepaging = fault_heavy;
-    let PairReports { source, destination } = run_pair(&guest, &common, 500, &[]).map_err(BenchError::Pair)?;
+    let PairReports { source, destination } = run_pair(&guest, &common, 500, &[], None).map_err(BenchError::Pair)?;
     match (source, destination) {
         (Some(s), Some(d)) => Ok(RunReport::new(s, d)),
         _ => Err(BenchError::MissingReport),

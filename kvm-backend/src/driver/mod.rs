@@ -73,6 +73,7 @@ pub mod install_faults;
 pub mod machine;
 pub mod net;
 pub mod report;
+pub mod security;
 pub mod sync;
 pub mod watch;
 
@@ -84,6 +85,7 @@ pub use destination::{
     check_running_guest, run_destination, run_destination_kept, ArrivedGuest, BuildError, Damage, DamageError,
     DestinationError, DestinationOptions, DestinationOutcome, KeptOutcome, LoadError, VerifyError, DAMAGE_ENV,
 };
+pub use security::{ChannelSecurity, ConnectError, TlsSettings};
 pub use source::{new_session_id, run_source, run_source_watched, SourceError, SourceOptions, SourceOutcome};
 
 use std::time::Duration;

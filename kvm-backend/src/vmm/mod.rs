@@ -75,6 +75,8 @@ pub struct VmmConfig {
     /// Test-only damage to one page of every arriving guest
     /// (`POSTCOPY_TEST_DAMAGE`), to show the checks catch it.
     pub damage: Option<Damage>,
+    /// Plain TCP or mutual TLS on every migration's connections.
+    pub security: driver::ChannelSecurity,
 }
 
 /// Where the process stands with respect to an incoming migration.
@@ -252,6 +254,7 @@ impl Shared {
             damage: self.config.damage,
             progress_bar: false,
             preallocated: None,
+            security: self.config.security.clone(),
         };
         state.incoming = Incoming::Started;
         state.job = Some(job.clone());
@@ -678,6 +681,7 @@ impl postcopy_qmp::Vmm for KvmVmm {
             connect: addr,
             config: self.shared.core_config(&state),
             tuning: self.shared.config.tuning.clone(),
+            security: self.shared.config.security.clone(),
         };
         state.job = Some(job.clone());
         if job.events {

@@ -25,12 +25,14 @@ use hdrhistogram::Histogram;
 use postcopy_core::wire::PageData;
 use postcopy_core::{
     Channel, Config, DeferredPage, Destination, DestinationAction, DestinationStats, Finished, Notice, PageNumber,
+    Timestamp,
 };
 
 use super::digest::MemoryDigest;
 use super::machine::MachineDescription;
-use super::net::{self, Connection, PreambleReadError};
+use super::net::{self, Connection};
 use super::report::DestinationReport;
+use super::security::{Acceptor, AdmissionError, ChannelSecurity, SourceIdentity};
 use super::shell::{spawn, ConnectionOp, LockedCore, Shell, SideDriver};
 use super::sync::Doorbell;
 use super::watch::Watch;
@@ -78,6 +80,8 @@ pub struct DestinationOptions {
     /// for the layout the source is expected to send; None: anonymous RAM
     /// allocated when the machine description arrives.
     pub preallocated: Option<Arc<GuestRam>>,
+    /// Plain TCP or mutual TLS (and a migration secret).
+    pub security: ChannelSecurity,
 }
 
 /// What the destination reports, and whether it succeeded.
@@ -127,14 +131,15 @@ pub enum DestinationError {
     /// The listener could not be polled.
     #[error("cannot make the listener non-blocking")]
     Listener(#[source] std::io::Error),
-    /// A peer that does not speak the protocol (refused alone, never fatal).
+    /// A peer that did not authenticate, or does not speak the protocol
+    /// (refused alone, never fatal).
     #[error("connection from {peer} refused")]
     Refused {
         /// The peer.
         peer: SocketAddr,
-        /// What it sent.
+        /// Why.
         #[source]
-        reason: PreambleReadError,
+        reason: AdmissionError,
     },
     /// The machine could not be built.
     #[error("cannot build the machine")]
@@ -205,6 +210,10 @@ struct DestinationDriver<'a> {
     shell: Shell<Destination>,
     opts: &'a DestinationOptions,
     listener: TcpListener,
+    /// The handshake gate, TLS, preambles and proofs.
+    acceptor: Acceptor,
+    /// The TLS identity of the source this migration is bound to.
+    source_identity: SourceIdentity,
     /// The machine is being built: nothing goes out on the return path
     /// (the welcome would let the source stop its guest before this side
     /// can take it). Read and written only under the core lock.
@@ -263,6 +272,8 @@ fn run(
         shell: Shell::new(Destination::new(opts.config.clone(), PAGE_SIZE as u32), opts.tuning.clone(), watch),
         opts,
         listener,
+        acceptor: Acceptor::new(opts.security.clone(), opts.config.handshake_timeout),
+        source_identity: SourceIdentity::default(),
         preparing: AtomicBool::new(false),
         machine: OnceLock::new(),
         vcpus: Mutex::new(None),
@@ -344,9 +355,8 @@ impl SideDriver for DestinationDriver<'_> {
             DestinationAction::Wake(page) => DestinationOp::Wake(page),
             DestinationAction::Close(channel) => DestinationOp::Close(l.close(channel)?),
             DestinationAction::Farewell { channel, bytes } => DestinationOp::Close(l.farewell(channel, bytes)?),
-            // This driver admits connections with `handle_connected` (one
-            // socket per channel), which never makes a connection provisional.
-            DestinationAction::PromoteConnection(_) | DestinationAction::CloseConnection(_) => return None,
+            DestinationAction::PromoteConnection(id) => DestinationOp::Close(l.promote(id)?),
+            DestinationAction::CloseConnection(id) => DestinationOp::Close(l.close_provisional(id)?),
             DestinationAction::Notice(notice) => DestinationOp::Notice(notice),
             DestinationAction::Finished(finished) => DestinationOp::Finished(finished),
         })
@@ -459,10 +469,9 @@ impl DestinationDriver<'_> {
         }
     }
 
-    fn serve_connection<'s>(&'s self, s: &'s Scope<'s, '_>, mut stream: TcpStream, peer: SocketAddr) {
-        let _ = stream.set_nonblocking(false);
-        let channel = match net::read_preamble(&mut stream, self.opts.config.handshake_timeout) {
-            Ok(channel) => channel,
+    fn serve_connection<'s>(&'s self, s: &'s Scope<'s, '_>, stream: TcpStream, peer: SocketAddr) {
+        let conn = match self.admit(stream, peer) {
+            Ok(conn) => Arc::new(conn),
             Err(reason) => {
                 // A stranger changes nothing: its connection alone is
                 // refused (dropped here) and the destination keeps waiting
@@ -475,13 +484,50 @@ impl DestinationDriver<'_> {
                 return;
             }
         };
-        tracing::debug!(%channel, %peer, "accepted");
-        self.opts.tuning.tune_socket(&stream, channel);
-        let conn = Arc::new(Connection::new(channel, stream));
-        let _ = conn.stream.set_write_timeout(self.opts.config.peer_timeout);
-        let attached = conn.clone();
-        self.event(s, move |l, now| l.attach(now, attached));
+        tracing::debug!(channel = %conn.channel, %peer, secure = conn.is_secure(), "accepted");
+        self.opts.tuning.tune_socket(conn.socket(), conn.channel);
+        conn.set_write_timeout(self.opts.config.peer_timeout);
+        let accepted = conn.clone();
+        self.event(s, move |l, now| l.accept(now, accepted));
         self.read_loop(s, conn);
+    }
+
+    /// The handshake (through the gate), the preamble and the proof; then,
+    /// over TLS, the identity: a migration bound to a source takes
+    /// connections from that source's identity only, and a return
+    /// connection waits for the binding (it carries no hello to show).
+    fn admit(&self, stream: TcpStream, peer: SocketAddr) -> Result<Connection, AdmissionError> {
+        let (channel, transport) = self.acceptor.accept(stream, peer)?;
+        if self.acceptor.is_secure() {
+            let identity = &self.source_identity;
+            if channel == Channel::Return && !identity.is_bound() {
+                let wait = self.opts.config.handshake_timeout;
+                if !identity.wait_bound(wait, || self.shell.is_stopping()) {
+                    return Err(AdmissionError::Unbound(wait));
+                }
+            }
+            identity.check(transport.peer_identities())?;
+        }
+        Ok(Connection::over(channel, transport))
+    }
+
+    /// Over TLS, once the core bound the migration (a main hello on `conn`):
+    /// binds it to `conn`'s identity and drops the connections of any other
+    /// identity that came before. Under the core lock.
+    fn bind_source_identity(&self, l: &mut LockedCore<Destination>, now: Timestamp, conn: &Connection) {
+        if !self.acceptor.is_secure() || self.source_identity.is_bound() || l.core.session_id().is_none() {
+            return;
+        }
+        self.source_identity.bind(conn.peer_identities());
+        let identity = &self.source_identity;
+        for stranger in l.drop_connections(now, |c| identity.matches(c.peer_identities())) {
+            if let Err(e) = identity.check(stranger.peer_identities()) {
+                let text = format!("refused a stranger's {} connection: {}", stranger.channel, error_chain(&e));
+                tracing::warn!(side = "destination", "{text}");
+                self.shell.record_notice(text);
+            }
+            stranger.shutdown();
+        }
     }
 
     fn read_loop<'s>(&'s self, s: &'s Scope<'s, '_>, conn: Arc<Connection>) {
@@ -510,10 +556,14 @@ impl DestinationDriver<'_> {
             }
         };
         apply_boost(lock(&self.shell.locked).core.guest_started());
+        let binds = conn.channel == Channel::Main;
         let on_bytes = |bytes| {
             let mut started = None;
             self.event(s, |l, now| {
-                if l.input(now, &conn, bytes) {
+                if l.accepted_input(now, &conn, bytes) {
+                    if binds {
+                        self.bind_source_identity(l, now, &conn);
+                    }
                     started = Some(l.core.guest_started());
                 }
             });
@@ -522,7 +572,8 @@ impl DestinationDriver<'_> {
                     apply_boost(started);
                     true
                 }
-                // The connection was replaced: its successor's reader goes on.
+                // The connection was replaced or refused: its successor's
+                // reader goes on.
                 None => false,
             }
         };
@@ -532,7 +583,7 @@ impl DestinationDriver<'_> {
                     let peer = conn.peer.map_or("?".to_string(), |p| p.to_string());
                     tracing::warn!("the {} connection from {peer} closed", conn.channel);
                 }
-                l.detach(now, &conn);
+                l.accepted_lost(now, &conn);
             })
         };
         net::read_until_closed(&conn, max, spin, on_bytes, on_closed);
