@@ -335,6 +335,7 @@ pub fn source(a: SourceArgs) -> Result<ExitCode, CommandError> {
         passes_before,
         progress_after_failure_pages_per_s: None,
         notices: outcome.notices.clone(),
+        handshakes_ns: outcome.handshakes.clone(),
     };
     if ok {
         // The guest lives on the destination now; its vCPUs here stay stopped.

@@ -350,7 +350,10 @@ impl Shared {
                 let mode = if opts.config.mode.precopy_rounds() > 0 { "hybrid" } else { "postcopy" };
                 snapshot.source_report = Some(SourceReport {
                     ok: finished.result.is_ok(),
-                    error: finished.result.as_ref().err().map(|e| error_chain(e)),
+                    error: finished.result.as_ref().err().map(|e| match &outcome.last_connect_error {
+                        Some(why) => format!("{}: {why}", error_chain(e)),
+                        None => error_chain(e),
+                    }),
                     guest_on: format!("{:?}", finished.guest_on).to_lowercase(),
                     mem_bytes: guest.machine.ram.total_bytes(),
                     vcpus: guest.machine.vcpus,
@@ -366,6 +369,7 @@ impl Shared {
                     passes_before,
                     progress_after_failure_pages_per_s: None,
                     notices: outcome.notices.clone(),
+                    handshakes_ns: outcome.handshakes.clone(),
                 });
                 snapshot.x = XPostcopyInfo {
                     pages_precopy: Some(stats.pages_sent.precopy),
