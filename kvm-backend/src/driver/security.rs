@@ -71,6 +71,11 @@ impl TlsSettings {
         secret: Option<MigrationSecret>,
         limits: HandshakeLimits,
     ) -> Result<Self, CredentialError> {
+        let t0 = Instant::now();
+        if let Err(e) = postcopy_secure::config::warm_up(creds) {
+            tracing::warn!(%e, "warming up the TLS provider");
+        }
+        tracing::debug!(ms = t0.elapsed().as_secs_f64() * 1e3, "TLS provider warmed up");
         Ok(Self {
             client: ClientSide::new(creds, allowed.clone())?,
             server: ServerSide::new(creds, allowed.clone())?,
@@ -176,12 +181,12 @@ pub fn connect(
     let deadline = Instant::now() + timeout;
     let stream = TcpStream::connect_timeout(&addr, timeout).map_err(|source| ConnectError::Tcp { addr, source })?;
     tuning.tune_socket(&stream, channel);
+    let _ = stream.set_nodelay(true);
     let mut first = net::preamble(channel);
     let (transport, secret) = match security {
         ChannelSecurity::Plain => (Transport::Plain(stream), None),
         ChannelSecurity::Tls(tls) => {
             let name = tls.server_name.as_deref().ok_or(ConnectError::NoServerName)?;
-            let _ = stream.set_nodelay(true);
             let left = deadline.saturating_duration_since(Instant::now()).max(Duration::from_millis(1));
             let channel = postcopy_secure::connect(stream, &tls.client, name, left)?;
             if let Some(secret) = &tls.secret {
@@ -286,6 +291,9 @@ impl Acceptor {
         let slot = self.gate.try_enter().map_err(refused)?;
         let deadline = Instant::now() + slot.timeout();
         let _ = stream.set_nonblocking(false);
+        // The handshake's flights go out in several writes: with Nagle on,
+        // each waits for the peer's delayed ACK (40 ms).
+        let _ = stream.set_nodelay(true);
         let transport = match &self.security {
             ChannelSecurity::Plain => Transport::Plain(stream),
             ChannelSecurity::Tls(tls) => {
