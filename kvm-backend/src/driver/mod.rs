@@ -18,7 +18,9 @@
 //!   starting the vCPUs), `destination::install` (placing pages, batching,
 //!   the test-only damage switch), `destination::fault` (the fault thread)
 //!   and `destination::verify` (the checks after the migration, the report).
-//! - [`net`] (connections), [`machine`] (what the destination builds),
+//! - [`security`]: plain TCP or mutual TLS; how the source connects and
+//!   the destination admits, and the identity a migration is bound to.
+//! - [`net`] (connections, plain or TLS), [`machine`] (what the destination builds),
 //!   [`digest`], [`report`], [`sync`] (lock-free pieces, checked with loom).
 //! - [`watch`]: how a long-running VMM (`crate::vmm`) follows a migration
 //!   (state changes, samples from the timer thread) and steers it (cancel,
@@ -46,10 +48,15 @@
 //! - the vCPU threads of the running guest (paused at the switchover).
 //!
 //! Destination:
-//! - `dst-accept`: accepts connections in any order, reads each preamble,
-//!   and hands the connection to the core (`handle_connected`); keeps
-//!   accepting for recoveries. A bad or missing preamble refuses that
-//!   connection alone (a notice), like the core's refusal of a stranger.
+//! - `dst-accept`: accepts connections in any order; a `dst-conn` thread
+//!   per connection takes it through the handshake gate, TLS (unless
+//!   `--insecure`), its preamble and migration-secret proof
+//!   ([`security::Acceptor`]), checks its TLS identity against the source
+//!   the migration is bound to, and hands it to the core
+//!   (`handle_accepted`): current, or provisional until its hello shows
+//!   this migration's id (the core then promotes or closes it). Keeps
+//!   accepting for recoveries. A connection that fails any step is refused
+//!   alone (a notice), like the core's refusal of a stranger.
 //! - one reader per connection: the main channel's installs precopy and
 //!   background pages; the urgent channel's installs requested pages.
 //! - `dst-fault`: reads userfaultfd faults, turns them into
