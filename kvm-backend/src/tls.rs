@@ -2,19 +2,17 @@
 //! `--tls-hostname`, `--tls-authz`, `--migration-secret`, `--insecure`
 //! (on `source`, `dest` and `run`), and `postcopy certs`.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 
 use clap::Args;
+use postcopy_kvm::driver::security::{host_name, load_credentials_dir, CredentialsDirError, QemuEnd};
 use postcopy_kvm::driver::{ChannelSecurity, TlsSettings};
 use postcopy_secure::creds::write_first_run_credentials;
-use postcopy_secure::{Allowlist, BindingError, CredentialError, Credentials, HandshakeLimits, IdentityError};
-use postcopy_secure::{Identity, MigrationSecret};
-
-/// The CA certificate's file in a credentials directory.
-pub const CA_FILE: &str = "ca.pem";
+use postcopy_secure::MigrationSecret;
+use postcopy_secure::{Allowlist, BindingError, CredentialError, HandshakeLimits, Identity, IdentityError};
 
 /// How this process secures its migrations' connections.
 #[derive(Args, Debug, Clone, Default)]
@@ -51,24 +49,10 @@ pub struct SecurityArgs {
 /// Bad security settings.
 #[derive(Debug, thiserror::Error)]
 pub enum SecurityError {
-    /// The credentials directory has no key, or several and no --tls-name.
-    #[error("{}: {detail}", dir.display())]
-    WhichCertificate {
-        /// The directory.
-        dir: PathBuf,
-        /// What is wrong.
-        detail: String,
-    },
-    /// The directory cannot be listed.
-    #[error("{}", dir.display())]
-    ReadDir {
-        /// The directory.
-        dir: PathBuf,
-        /// Why.
-        #[source]
-        source: std::io::Error,
-    },
-    /// A certificate, key or CA file is unusable.
+    /// The credentials directory cannot be used.
+    #[error("--tls-creds")]
+    CredentialsDir(#[from] CredentialsDirError),
+    /// The TLS configuration cannot be built from the credentials.
     #[error("TLS credentials")]
     Credentials(#[source] CredentialError),
     /// An identity of --tls-authz or --tls-hostname is malformed.
@@ -99,36 +83,6 @@ pub enum Role<'a> {
     Either,
 }
 
-/// The host part of `host:port` (brackets of an IPv6 address removed),
-/// when it is a name rather than an address.
-fn host_name(addr: &str) -> Option<String> {
-    let host = addr.rsplit_once(':').map_or(addr, |(h, _)| h);
-    let host = host.trim_start_matches('[').trim_end_matches(']');
-    let host = host.strip_prefix("tcp:").unwrap_or(host);
-    (host.parse::<std::net::IpAddr>().is_err() && !host.is_empty()).then(|| host.to_string())
-}
-
-/// The certificate name to use in `dir`: `name`, or the only key there.
-fn own_name(dir: &Path, name: Option<&str>) -> Result<String, SecurityError> {
-    if let Some(name) = name {
-        return Ok(name.to_string());
-    }
-    let entries = std::fs::read_dir(dir).map_err(|source| SecurityError::ReadDir { dir: dir.into(), source })?;
-    let mut names: Vec<String> = entries
-        .filter_map(|e| e.ok())
-        .filter_map(|e| e.file_name().to_str().and_then(|f| f.strip_suffix("-key.pem")).map(str::to_string))
-        .collect();
-    names.sort();
-    match names.as_slice() {
-        [one] => Ok(one.clone()),
-        [] => Err(SecurityError::WhichCertificate { dir: dir.into(), detail: "no NAME-key.pem in it".into() }),
-        many => Err(SecurityError::WhichCertificate {
-            dir: dir.into(),
-            detail: format!("several keys ({}): choose one with --tls-name", many.join(", ")),
-        }),
-    }
-}
-
 impl SecurityArgs {
     /// The channel security these arguments ask for, for `role`, with
     /// handshakes bounded by `handshake_timeout` at most.
@@ -146,13 +100,8 @@ impl SecurityArgs {
             }
             return Ok(ChannelSecurity::Plain);
         };
-        let name = own_name(dir, self.tls_name.as_deref())?;
-        let creds = Credentials::load(
-            &dir.join(format!("{name}.pem")),
-            &dir.join(format!("{name}-key.pem")),
-            &dir.join(CA_FILE),
-        )
-        .map_err(SecurityError::Credentials)?;
+        let end = if matches!(role, Role::Source { .. }) { QemuEnd::Client } else { QemuEnd::Server };
+        let creds = load_credentials_dir(dir, self.tls_name.as_deref(), end)?;
         let hostname = match (&self.tls_hostname, role) {
             (Some(h), _) => Some(h.clone()),
             (None, Role::Source { connect }) => {
@@ -293,14 +242,6 @@ mod tests {
     use super::*;
 
     #[test]
-    fn host_names_come_from_addresses_that_are_names() {
-        assert_eq!(host_name("dst.example:4444").as_deref(), Some("dst.example"));
-        assert_eq!(host_name("tcp:dst.example:4444").as_deref(), Some("dst.example"));
-        assert_eq!(host_name("127.0.0.1:4444"), None);
-        assert_eq!(host_name("[::1]:4444"), None);
-    }
-
-    #[test]
     fn pair_credentials_give_each_side_a_working_tls_configuration() {
         let pair = PairCredentials::new("unit").unwrap();
         let timeout = Duration::from_secs(1);
@@ -310,7 +251,10 @@ mod tests {
         assert!(matches!(destination, ChannelSecurity::Tls(_)));
         // Two keys in the directory: a side must say which is its own.
         let ambiguous = SecurityArgs { tls_name: None, ..pair.destination() };
-        assert!(matches!(ambiguous.security(Role::Destination, timeout), Err(SecurityError::WhichCertificate { .. })));
+        assert!(matches!(
+            ambiguous.security(Role::Destination, timeout),
+            Err(SecurityError::CredentialsDir(CredentialsDirError::WhichCertificate { .. }))
+        ));
         let no_allowlist = SecurityArgs { tls_authz: vec![], ..pair.destination() };
         assert!(matches!(no_allowlist.security(Role::Destination, timeout), Err(SecurityError::NoAllowlist)));
         let no_hostname = SecurityArgs { tls_hostname: None, ..pair.source() };

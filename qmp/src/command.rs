@@ -6,6 +6,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
 use crate::error::QmpError;
+use crate::objects::{self, ObjectAddArgs};
 use crate::schema::{self, Member, Ty};
 use crate::types::{MigrationCapability, MigrationCapabilityStatus, MigrationParameters, QmpCapability};
 
@@ -64,6 +65,12 @@ pub enum Command {
     /// Ours: check the guest now (page digests, pattern) and return the
     /// report (a JSON object whose members the VMM defines).
     XPostcopyVerify,
+    /// `object-add` (TLS credentials and authorization lists).
+    ObjectAdd(ObjectAddArgs),
+    /// `object-del`.
+    ObjectDel {
+        id: String,
+    },
 }
 
 const CAPABILITY_STATUS: Ty = Ty::Object(&[
@@ -71,7 +78,7 @@ const CAPABILITY_STATUS: Ty = Ty::Object(&[
     Member::required("state", Ty::Bool),
 ]);
 
-const PARAMETERS: [Member; 7] = {
+const PARAMETERS: [Member; 10] = {
     let n = MigrationParameters::NAMES;
     [
         Member::optional(n[0], Ty::Uint64),
@@ -81,6 +88,9 @@ const PARAMETERS: [Member; 7] = {
         Member::optional(n[4], Ty::Uint64),
         Member::optional(n[5], Ty::Uint64),
         Member::optional(n[6], Ty::Uint64),
+        Member::optional(n[7], Ty::Str),
+        Member::optional(n[8], Ty::Str),
+        Member::optional(n[9], Ty::Str),
     ]
 };
 
@@ -128,6 +138,8 @@ pub const COMMANDS: &[CommandSpec] = &[
     CommandSpec { name: "migrate-recover", members: &[Member::required("uri", Ty::Str)] },
     CommandSpec { name: "query-migrate", members: &[] },
     CommandSpec { name: "x-postcopy-verify", members: &[] },
+    CommandSpec { name: "object-add", members: objects::OBJECT_ADD_MEMBERS },
+    CommandSpec { name: "object-del", members: &[Member::required("id", Ty::Str)] },
 ];
 
 /// Decodes checked arguments into their type. The schema check ran first,
@@ -190,6 +202,14 @@ impl Command {
             }
             "query-migrate" => Command::QueryMigrate,
             "x-postcopy-verify" => Command::XPostcopyVerify,
+            "object-add" => Command::ObjectAdd(objects::parse_object_add(args)?),
+            "object-del" => {
+                #[derive(Deserialize)]
+                struct Id {
+                    id: String,
+                }
+                Command::ObjectDel { id: decode::<Id>(name, args)?.id }
+            }
             _ => return Err(QmpError::command_not_found(name)),
         })
     }
@@ -216,6 +236,8 @@ impl Command {
             Command::MigrateRecover { .. } => "migrate-recover",
             Command::QueryMigrate => "query-migrate",
             Command::XPostcopyVerify => "x-postcopy-verify",
+            Command::ObjectAdd(_) => "object-add",
+            Command::ObjectDel { .. } => "object-del",
         }
     }
 
@@ -230,6 +252,8 @@ impl Command {
             Command::Migrate(args) => serde_json::to_value(args).ok()?,
             Command::MigrateIncoming(args) => serde_json::to_value(args).ok()?,
             Command::MigrateRecover { uri } => serde_json::json!({ "uri": uri }),
+            Command::ObjectAdd(object) => objects::object_add_arguments(object),
+            Command::ObjectDel { id } => serde_json::json!({ "id": id }),
             _ => return None,
         };
         match value {

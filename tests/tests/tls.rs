@@ -600,3 +600,139 @@ fn a_lost_connection_in_postcopy_is_recovered_over_tls() {
         r.destination.notices
     );
 }
+
+/// A `postcopy run` process and a QMP client on it.
+struct RunProcess {
+    child: Child,
+    stderr: PathBuf,
+    qmp: postcopy_qmp::QmpClient,
+}
+
+impl RunProcess {
+    fn start(dir: &Path, name: &str, args: &[&str]) -> RunProcess {
+        let socket = dir.join(format!("{name}.sock"));
+        let stderr = dir.join(format!("{name}.err"));
+        let child = std::process::Command::new(binary())
+            .arg("run")
+            .arg("--qmp")
+            .arg(&socket)
+            .args(args)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(&stderr).expect("stderr file"))
+            .spawn()
+            .expect("start postcopy run");
+        let t0 = Instant::now();
+        let qmp = loop {
+            if let Ok(client) = postcopy_qmp::QmpClient::connect_negotiated(&socket) {
+                break client;
+            }
+            assert!(t0.elapsed() < Duration::from_secs(60), "{name}: no QMP socket");
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        RunProcess { child, stderr, qmp }
+    }
+
+    fn execute(&mut self, command: postcopy_qmp::Command) -> serde_json::Value {
+        let name = command.name();
+        match self.qmp.execute(&command) {
+            Ok(v) => v,
+            Err(e) => panic!("{name}: {e}\n{}", std::fs::read_to_string(&self.stderr).unwrap_or_default()),
+        }
+    }
+
+    fn wait_ended(&mut self) -> postcopy_qmp::MigrationStatus {
+        let t0 = Instant::now();
+        loop {
+            let status = self.qmp.query_migrate().expect("query-migrate").status;
+            if let Some(status) = status.filter(|s| !s.is_running()) {
+                return status;
+            }
+            assert!(t0.elapsed() < Duration::from_secs(180), "the migration did not end");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    fn quit(mut self) -> String {
+        let _ = self.qmp.execute(&postcopy_qmp::Command::Quit);
+        let t0 = Instant::now();
+        while t0.elapsed() < Duration::from_secs(10) {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        std::fs::read_to_string(&self.stderr).unwrap_or_default()
+    }
+}
+
+/// A directory in QEMU's layout (`ca-cert.pem`, `<end>-cert.pem`,
+/// `<end>-key.pem`) for `name`.
+fn qemu_dir(pki: &Pki, tag: &str, end: &str, name: &str) -> PathBuf {
+    let dir = pki.root.join(tag);
+    std::fs::create_dir_all(&dir).expect("creds dir");
+    std::fs::write(dir.join("ca-cert.pem"), pki.ca.cert_pem()).expect("ca");
+    let host = pki.ca.issue(&[Identity::Dns(name.into())], valid()).expect("issue");
+    std::fs::write(dir.join(format!("{end}-cert.pem")), &host.cert_pem).expect("cert");
+    std::fs::write(dir.join(format!("{end}-key.pem")), &host.key_pem).expect("key");
+    dir
+}
+
+/// QEMU's way, over QMP: `object-add` of `tls-creds-x509` (QEMU's
+/// directory layout) and `authz-list`, `migrate-set-parameters` with
+/// `tls-creds`, `tls-authz` and `tls-hostname`: the migration runs over
+/// TLS and completes.
+#[test]
+fn tls_set_up_over_qmp_as_qemu_does() {
+    use postcopy_qmp::{
+        Command as Qmp, Endpoint, MigrateArgs, MigrateIncomingArgs, MigrationParameters, ObjectAddArgs,
+    };
+    if !kvm_or_skip("tls_set_up_over_qmp_as_qemu_does") {
+        return;
+    }
+    let _one = serial();
+    let dir = temp_dir("tls_qmp");
+    let pki = Pki::new(&dir);
+    let src = qemu_dir(&pki, "src", "client", SOURCE);
+    let dst = qemu_dir(&pki, "dst", "server", DESTINATION);
+    let port = TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("port").port();
+    let uri = format!("tcp:127.0.0.1:{port}");
+
+    let mut dest = RunProcess::start(&dir, "dest", &["--incoming", "defer", "--insecure"]);
+    dest.execute(Qmp::ObjectAdd(ObjectAddArgs::TlsCredsX509 {
+        id: "tls0".into(),
+        dir: path(&dst),
+        endpoint: Endpoint::Server,
+    }));
+    dest.execute(Qmp::ObjectAdd(ObjectAddArgs::AuthzList { id: "auth0".into(), allow: vec![SOURCE.into()] }));
+    dest.execute(Qmp::MigrateSetParameters(MigrationParameters {
+        tls_creds: Some("tls0".into()),
+        tls_authz: Some("auth0".into()),
+        ..Default::default()
+    }));
+    dest.execute(Qmp::MigrateIncoming(MigrateIncomingArgs { uri: uri.clone(), exit_on_error: Some(false) }));
+
+    let mut source = RunProcess::start(&dir, "source", &["--mem", "32M", "--vcpus", "1", "--insecure"]);
+    source.execute(Qmp::ObjectAdd(ObjectAddArgs::TlsCredsX509 {
+        id: "tls0".into(),
+        dir: path(&src),
+        endpoint: Endpoint::Client,
+    }));
+    source.execute(Qmp::MigrateSetParameters(MigrationParameters {
+        tls_creds: Some("tls0".into()),
+        tls_hostname: Some(DESTINATION.into()),
+        ..Default::default()
+    }));
+    std::thread::sleep(Duration::from_millis(200));
+    source.execute(Qmp::Migrate(MigrateArgs { uri, resume: false }));
+    let source_status = source.wait_ended();
+    let dest_status = dest.wait_ended();
+    let verify = dest.execute(Qmp::XPostcopyVerify);
+    let (source_err, dest_err) = (source.quit(), dest.quit());
+    eprintln!("--- source ---\n{source_err}\n--- destination ---\n{dest_err}\n{verify}");
+    assert_eq!(source_status, postcopy_qmp::MigrationStatus::Completed);
+    assert_eq!(dest_status, postcopy_qmp::MigrationStatus::Completed);
+    assert_eq!(verify["last-incoming"]["ok"], true, "{verify}");
+    assert!(dest_err.contains("(mutual TLS 1.3)"), "the destination listened with TLS: {dest_err}");
+}

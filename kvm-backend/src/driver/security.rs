@@ -20,6 +20,7 @@
 
 use std::io;
 use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
@@ -36,6 +37,93 @@ use crate::devices::lock;
 
 /// The bytes of a migration-secret proof.
 const PROOF_LEN: usize = 32;
+
+/// A credentials directory that cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum CredentialsDirError {
+    /// The directory cannot be listed.
+    #[error("{}", dir.display())]
+    ReadDir {
+        /// The directory.
+        dir: PathBuf,
+        /// Why.
+        #[source]
+        source: io::Error,
+    },
+    /// No key in it, or several and no name to choose one.
+    #[error("{}: {detail}", dir.display())]
+    WhichCertificate {
+        /// The directory.
+        dir: PathBuf,
+        /// What is wrong.
+        detail: String,
+    },
+    /// A certificate, key or CA file is unusable.
+    #[error(transparent)]
+    Credentials(#[from] CredentialError),
+}
+
+/// Which end of a QEMU-style credentials directory to load.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum QemuEnd {
+    /// `client-cert.pem` and `client-key.pem` (a source).
+    Client,
+    /// `server-cert.pem` and `server-key.pem` (a destination).
+    Server,
+}
+
+/// Loads a credentials directory: ours (`ca.pem`, `NAME.pem` and
+/// `NAME-key.pem`, as `postcopy certs` writes it; `name` chooses among
+/// several, default the only key), or, when it holds `ca-cert.pem` and no
+/// `name` is given, QEMU's layout (`ca-cert.pem`, and `server-cert.pem` /
+/// `server-key.pem` or `client-cert.pem` / `client-key.pem` by `end`).
+pub fn load_credentials_dir(dir: &Path, name: Option<&str>, end: QemuEnd) -> Result<Credentials, CredentialsDirError> {
+    if name.is_none() && dir.join("ca-cert.pem").exists() {
+        let prefix = match end {
+            QemuEnd::Client => "client",
+            QemuEnd::Server => "server",
+        };
+        return Ok(Credentials::load(
+            &dir.join(format!("{prefix}-cert.pem")),
+            &dir.join(format!("{prefix}-key.pem")),
+            &dir.join("ca-cert.pem"),
+        )?);
+    }
+    let name = match name {
+        Some(name) => name.to_string(),
+        None => {
+            let entries =
+                std::fs::read_dir(dir).map_err(|source| CredentialsDirError::ReadDir { dir: dir.into(), source })?;
+            let mut names: Vec<String> = entries
+                .filter_map(|e| e.ok())
+                .filter_map(|e| e.file_name().to_str().and_then(|f| f.strip_suffix("-key.pem")).map(str::to_string))
+                .collect();
+            names.sort();
+            match names.as_slice() {
+                [one] => one.clone(),
+                [] => {
+                    let detail = "no NAME-key.pem (nor QEMU's ca-cert.pem) in it".into();
+                    return Err(CredentialsDirError::WhichCertificate { dir: dir.into(), detail });
+                }
+                many => {
+                    let detail = format!("several keys ({}): choose one with --tls-name", many.join(", "));
+                    return Err(CredentialsDirError::WhichCertificate { dir: dir.into(), detail });
+                }
+            }
+        }
+    };
+    Ok(Credentials::load(&dir.join(format!("{name}.pem")), &dir.join(format!("{name}-key.pem")), &dir.join("ca.pem"))?)
+}
+
+/// The host part of `host:port` or `tcp:host:port` (brackets of an IPv6
+/// address removed), when it is a name rather than an address: the name
+/// a source checks in the destination's certificate by default.
+pub fn host_name(addr: &str) -> Option<String> {
+    let addr = addr.strip_prefix("tcp:").unwrap_or(addr);
+    let host = addr.rsplit_once(':').map_or(addr, |(h, _)| h);
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    (host.parse::<std::net::IpAddr>().is_err() && !host.is_empty()).then(|| host.to_string())
+}
 
 /// TLS settings of a process: its credentials for both ends, the
 /// identities it accepts from a peer, the name it checks in a
@@ -403,6 +491,39 @@ mod tests {
 
     fn id(name: &str) -> Identity {
         Identity::Dns(name.into())
+    }
+
+    #[test]
+    fn host_names_come_from_addresses_that_are_names() {
+        assert_eq!(host_name("dst.example:4444").as_deref(), Some("dst.example"));
+        assert_eq!(host_name("tcp:dst.example:4444").as_deref(), Some("dst.example"));
+        assert_eq!(host_name("127.0.0.1:4444"), None);
+        assert_eq!(host_name("tcp:[::1]:4444"), None);
+    }
+
+    #[test]
+    fn credentials_directories_of_both_layouts_load() {
+        let dir = std::env::temp_dir().join(format!("postcopy-creds-dir-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let written =
+            postcopy_secure::creds::write_first_run_credentials(&dir, &["a.test".into(), "b.test".into()], 1).unwrap();
+        assert!(matches!(
+            load_credentials_dir(&dir, None, QemuEnd::Server),
+            Err(CredentialsDirError::WhichCertificate { .. })
+        ));
+        load_credentials_dir(&dir, Some("b.test"), QemuEnd::Server).unwrap();
+        // QEMU's names for the same files.
+        let (_, cert, key) = &written.hosts[0];
+        std::fs::copy(&written.ca_cert, dir.join("ca-cert.pem")).unwrap();
+        std::fs::copy(cert, dir.join("server-cert.pem")).unwrap();
+        std::fs::copy(key, dir.join("server-key.pem")).unwrap();
+        let creds = load_credentials_dir(&dir, None, QemuEnd::Server).unwrap();
+        assert_eq!(postcopy_secure::identity::identities_of(&creds.chain[0]).unwrap(), [id("a.test")]);
+        assert!(matches!(
+            load_credentials_dir(&dir, None, QemuEnd::Client),
+            Err(CredentialsDirError::Credentials(CredentialError::Io { .. }))
+        ));
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

@@ -22,6 +22,7 @@
 
 pub mod guest;
 pub mod status;
+pub mod tls;
 
 use std::collections::BTreeMap;
 use std::net::{SocketAddr, TcpListener, ToSocketAddrs};
@@ -163,6 +164,8 @@ struct Shared {
     state: Mutex<State>,
     quit_signal: Condvar,
     events: Arc<dyn EventSink>,
+    /// `object-add`'s TLS objects.
+    tls: tls::TlsObjects,
 }
 
 /// The VMM; share it (`Arc`) with the QMP server.
@@ -182,6 +185,13 @@ pub enum VmmError {
 }
 
 impl Shared {
+    /// The security of a migration going `way`: the QMP parameters'
+    /// `tls-creds` if set, the command line's otherwise.
+    fn security(&self, state: &State, way: tls::Way<'_>) -> Result<driver::ChannelSecurity, QmpError> {
+        let timeout = self.config.base.handshake_timeout;
+        Ok(self.tls.security(&state.parameters, way, timeout)?.unwrap_or_else(|| self.config.security.clone()))
+    }
+
     fn lock(&self) -> MutexGuard<'_, State> {
         lock(&self.state)
     }
@@ -243,7 +253,8 @@ impl Shared {
         let listener =
             TcpListener::bind(addr).map_err(|e| QmpError::generic(format!("Failed to bind socket {addr}: {e}")))?;
         let local = listener.local_addr().map_err(|e| QmpError::generic(format!("socket {addr}: {e}")))?;
-        eprintln!("postcopy run: waiting for a migration on {local}");
+        let security = self.security(state, tls::Way::Incoming)?;
+        eprintln!("postcopy run: waiting for a migration on {local} ({})", security.describe());
         let job = Arc::new(Job::new(Direction::Incoming, Shared::capability(state, MigrationCapability::Events)));
         let opts = DestinationOptions {
             config: self.core_config(state),
@@ -254,7 +265,7 @@ impl Shared {
             damage: self.config.damage,
             progress_bar: false,
             preallocated: None,
-            security: self.config.security.clone(),
+            security,
         };
         state.incoming = Incoming::Started;
         state.job = Some(job.clone());
@@ -512,9 +523,13 @@ impl KvmVmm {
             x_request_batch_pages: Some(u64::from(config.base.request_batch_pages)),
             x_peer_timeout_ms: Some(config.base.peer_timeout.map_or(0, |t| t.as_millis() as u64)),
             x_reconnect_delay_max_ms: Some(config.base.reconnect_delay_max.as_millis() as u64),
+            ..MigrationParameters::default()
         };
         let state = State { run_state, guest: None, incoming, capabilities, parameters, job: None, quit: false };
-        KvmVmm { shared: Arc::new(Shared { config, state: Mutex::new(state), quit_signal: Condvar::new(), events }) }
+        let tls = tls::TlsObjects::default();
+        KvmVmm {
+            shared: Arc::new(Shared { config, state: Mutex::new(state), quit_signal: Condvar::new(), events, tls }),
+        }
     }
 
     /// A VMM running `guest` (a migration source to be).
@@ -685,7 +700,7 @@ impl postcopy_qmp::Vmm for KvmVmm {
             connect: addr,
             config: self.shared.core_config(&state),
             tuning: self.shared.config.tuning.clone(),
-            security: self.shared.config.security.clone(),
+            security: self.shared.security(&state, tls::Way::Outgoing { uri: &args.uri })?,
         };
         state.job = Some(job.clone());
         if job.events {
@@ -783,6 +798,14 @@ impl postcopy_qmp::Vmm for KvmVmm {
             x_postcopy: Some(snapshot.x.clone()),
             ..Default::default()
         })
+    }
+
+    fn object_add(&self, object: &postcopy_qmp::ObjectAddArgs) -> Result<(), QmpError> {
+        self.shared.tls.add(object)
+    }
+
+    fn object_del(&self, id: &str) -> Result<(), QmpError> {
+        self.shared.tls.remove(id)
     }
 
     fn x_postcopy_verify(&self) -> Result<Value, QmpError> {
