@@ -418,7 +418,10 @@ fn strangers_through_precopy_switchover_and_postcopy_change_nothing() {
     // The destination also accepts OTHER's identity (a second host), but
     // the migration is bound to the source's.
     let env = [("POSTCOPY_LOG", "warn,postcopy_kvm::driver::security=info")];
-    let dest = start_dest(&dir, &strs(&dest_args(&dst, &[SOURCE, OTHER])), &env);
+    // A handshake bound of 1 s (the source's hello comes within ms).
+    let mut dargs = dest_args(&dst, &[SOURCE, OTHER]);
+    dargs.extend(["--handshake-timeout-ms".into(), "1000".into()]);
+    let dest = start_dest(&dir, &strs(&dargs), &env);
     let addr = dest.addr;
     let dest = Watched::new(dest.child);
     let stop = Arc::new(AtomicBool::new(false));
@@ -446,6 +449,9 @@ fn strangers_through_precopy_switchover_and_postcopy_change_nothing() {
     }
     let mut args = source_args(&src, DESTINATION);
     args.extend(["--mem", "256M", "--vcpus", "1", "--mode", "hybrid", "--precopy-rounds", "1"].map(String::from));
+    // A silent peer was dropped at the handshake bound before the source
+    // comes (its later ones overlap the migration).
+    assert!(dest.wait_for("no handshake within", Duration::from_secs(30)), "a silent peer is dropped");
     let source = start_source(addr, &strs(&args));
     let saw_binding = dest.wait_for("bound to its source's identity", Duration::from_secs(60));
     bound.store(true, Ordering::SeqCst);

@@ -472,24 +472,39 @@ impl DestinationDriver<'_> {
     fn serve_connection<'s>(&'s self, s: &'s Scope<'s, '_>, stream: TcpStream, peer: SocketAddr) {
         let conn = match self.admit(stream, peer) {
             Ok(conn) => Arc::new(conn),
-            Err(reason) => {
-                // A stranger changes nothing: its connection alone is
-                // refused (dropped here) and the destination keeps waiting
-                // for its source, as the core does for bad bytes after a
-                // preamble.
-                let e = DestinationError::Refused { peer, reason };
-                let text = format!("refused a stranger: {}", error_chain(&e));
-                tracing::warn!(side = "destination", "{text}");
-                self.shell.record_notice(text);
-                return;
-            }
+            Err(reason) => return self.refuse(peer, reason),
         };
         tracing::debug!(channel = %conn.channel, %peer, secure = conn.is_secure(), "accepted");
         self.opts.tuning.tune_socket(conn.socket(), conn.channel);
         conn.set_write_timeout(self.opts.config.peer_timeout);
         let accepted = conn.clone();
-        self.event(s, move |l, now| l.accept(now, accepted));
+        let mut refused = None;
+        self.event(s, |l, now| {
+            // Again under the core lock, where the binding happens: a
+            // migration bound since `admit` checked is checked here.
+            if self.acceptor.is_secure() {
+                if let Err(e) = self.source_identity.check(accepted.peer_identities()) {
+                    refused = Some(e);
+                    return;
+                }
+            }
+            l.accept(now, accepted)
+        });
+        if let Some(reason) = refused {
+            conn.shutdown();
+            return self.refuse(peer, reason);
+        }
         self.read_loop(s, conn);
+    }
+
+    /// A stranger changes nothing: its connection alone is refused (dropped
+    /// by the caller) and the destination keeps waiting for its source, as
+    /// the core does for bad bytes after a preamble.
+    fn refuse(&self, peer: SocketAddr, reason: AdmissionError) {
+        let e = DestinationError::Refused { peer, reason };
+        let text = format!("refused a stranger: {}", error_chain(&e));
+        tracing::warn!(side = "destination", "{text}");
+        self.shell.record_notice(text);
     }
 
     /// The handshake (through the gate), the preamble and the proof; then,
