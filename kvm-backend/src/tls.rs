@@ -19,7 +19,9 @@ use postcopy_secure::{Allowlist, BindingError, CredentialError, HandshakeLimits,
 pub struct SecurityArgs {
     /// Mutual TLS 1.3 on every connection, with the credentials in DIR (what
     /// `postcopy certs` writes): ca.pem (the CA a peer must chain to),
-    /// NAME.pem and NAME-key.pem (this host's certificate and key).
+    /// NAME.pem and NAME-key.pem (this host's certificate and key); or
+    /// QEMU's layout: ca-cert.pem, server-cert.pem and server-key.pem (a
+    /// destination), client-cert.pem and client-key.pem (a source).
     #[arg(long, value_name = "DIR")]
     pub tls_creds: Option<PathBuf>,
     /// Which certificate of --tls-creds is this host's: NAME.pem and
