@@ -441,6 +441,12 @@ impl Destination {
         self.provisional.retain(|p| p.id != id);
     }
 
+    /// The id of the migration bound here (the session of the first
+    /// accepted hello), None before.
+    pub fn session_id(&self) -> Option<u64> {
+        self.session.as_ref().map(|s| s.id)
+    }
+
     /// The connections still provisional, oldest first.
     pub fn provisional_connections(&self) -> impl Iterator<Item = (ConnectionId, Channel)> + '_ {
         self.provisional.iter().map(|p| (p.id, p.channel))

@@ -1,7 +1,8 @@
 //! `postcopy bench`: in one run, the floors (a 4 KiB request/reply over
 //! loopback TCP plus a `UFFDIO_COPY`; loopback bandwidth) and two 1 GiB
 //! migrations between two processes, each figure printed as a ratio to its
-//! floor and checked against the goals of issue 5.
+//! floor and checked against the goals of issue 5; and the same migrations
+//! over mutual TLS, compared with plaintext (issue 14's goals).
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
@@ -18,6 +19,7 @@ use serde::Serialize;
 
 use crate::args::{parse_size, Common, GuestArgs, ModeArg};
 use crate::pair::{run_pair, PairError, PairReports};
+use crate::tls::PairCredentials;
 
 /// Why the benchmark could not measure.
 #[derive(Debug, thiserror::Error)]
@@ -55,6 +57,9 @@ pub enum BenchError {
     /// The report could not be encoded.
     #[error("cannot encode the report")]
     Json(#[source] serde_json::Error),
+    /// The TLS runs' credentials could not be made.
+    #[error("cannot make the TLS runs' credentials")]
+    Credentials(#[source] postcopy_secure::CredentialError),
 }
 
 fn io(what: &'static str) -> impl FnOnce(std::io::Error) -> BenchError {
@@ -83,6 +88,10 @@ pub struct BenchArgs {
     /// (measured best here; see docs/performance.md).
     #[arg(long)]
     pub unpinned: bool,
+    /// Only plaintext migrations (by default each migration also runs over
+    /// mutual TLS, and the two are compared).
+    #[arg(long)]
+    pub no_tls: bool,
     #[command(flatten)]
     pub common: Common,
 }
@@ -148,6 +157,24 @@ struct BenchReport {
     default_runs: Vec<RunReport>,
     fault_heavy_runs: Vec<RunReport>,
     ratios: Vec<Ratio>,
+    /// The same migrations over mutual TLS (empty with --no-tls).
+    tls_default_runs: Vec<RunReport>,
+    tls_fault_heavy_runs: Vec<RunReport>,
+    /// TLS against plaintext.
+    tls_comparison: Vec<Comparison>,
+}
+
+/// A figure with TLS against plaintext (medians of the runs).
+#[derive(Debug, Serialize)]
+struct Comparison {
+    what: String,
+    plaintext: String,
+    tls: String,
+    /// TLS / plaintext, or TLS - plaintext, as `goal` says.
+    change: String,
+    goal: String,
+    /// Whether the goal is met; None for a figure shown for information.
+    met: Option<bool>,
 }
 
 #[derive(Debug, Serialize)]
@@ -341,13 +368,18 @@ fn touch_fresh_memory(mem: u64) -> f64 {
     ms
 }
 
-fn migration(mem: u64, common: &Common, fault_heavy: bool) -> Result<RunReport, BenchError> {
+fn migration(
+    mem: u64,
+    common: &Common,
+    fault_heavy: bool,
+    creds: Option<&PairCredentials>,
+) -> Result<RunReport, BenchError> {
     let guest =
         GuestArgs { mode: ModeArg::Postcopy, precopy_rounds: 0, mem, vcpus: 1, guest_image: None, run_before_ms: 500 };
     let mut common = common.clone();
     common.json = true;
     common.no_prepaging = fault_heavy;
-    let PairReports { source, destination } = run_pair(&guest, &common, 500, &[]).map_err(BenchError::Pair)?;
+    let PairReports { source, destination } = run_pair(&guest, &common, 500, &[], creds).map_err(BenchError::Pair)?;
     match (source, destination) {
         (Some(s), Some(d)) => Ok(RunReport::new(s, d)),
         _ => Err(BenchError::MissingReport),
@@ -379,13 +411,22 @@ pub fn run(a: BenchArgs) -> Result<ExitCode, BenchError> {
         a.mem / MIB
     );
     let repeat = a.repeat.max(1);
+    let creds = if a.no_tls { None } else { Some(PairCredentials::new("bench").map_err(BenchError::Credentials)?) };
     let mut default_runs = Vec::new();
     let mut fault_heavy_runs = Vec::new();
+    let mut tls_default_runs = Vec::new();
+    let mut tls_fault_heavy_runs = Vec::new();
     for i in 0..repeat {
         eprintln!("bench: run {}/{repeat}: default settings...", i + 1);
-        default_runs.push(migration(a.mem, &common, false)?);
+        default_runs.push(migration(a.mem, &common, false, None)?);
         eprintln!("bench: run {}/{repeat}: fault-heavy workload (no pre-paging)...", i + 1);
-        fault_heavy_runs.push(migration(a.mem, &common, true)?);
+        fault_heavy_runs.push(migration(a.mem, &common, true, None)?);
+        if let Some(creds) = &creds {
+            eprintln!("bench: run {}/{repeat}: default settings over TLS...", i + 1);
+            tls_default_runs.push(migration(a.mem, &common, false, Some(creds))?);
+            eprintln!("bench: run {}/{repeat}: fault-heavy workload over TLS...", i + 1);
+            tls_fault_heavy_runs.push(migration(a.mem, &common, true, Some(creds))?);
+        }
     }
     // Median and range of a figure over the runs.
     let stat = |runs: &[RunReport], f: &dyn Fn(&RunReport) -> f64| -> (f64, f64, f64) {
@@ -461,6 +502,11 @@ pub fn run(a: BenchArgs) -> Result<ExitCode, BenchError> {
     add("guest progress during postcopy / before", p, "", 1.0, "", ">= 0.6x", 0.6, true);
     let p = stat(&fault_heavy_runs, &progress);
     add("same, fault-heavy", p, "", 1.0, "", ">= 0.6x", 0.6, true);
+    let tls_comparison = if tls_default_runs.is_empty() {
+        Vec::new()
+    } else {
+        compare_tls(&default_runs, &fault_heavy_runs, &tls_default_runs, &tls_fault_heavy_runs)
+    };
     let report = BenchReport {
         load_average,
         placement,
@@ -476,6 +522,9 @@ pub fn run(a: BenchArgs) -> Result<ExitCode, BenchError> {
         default_runs,
         fault_heavy_runs,
         ratios,
+        tls_default_runs,
+        tls_fault_heavy_runs,
+        tls_comparison,
     };
     if a.common.json {
         println!("{}", serde_json::to_string_pretty(&report).map_err(BenchError::Json)?);
@@ -520,13 +569,125 @@ pub fn run(a: BenchArgs) -> Result<ExitCode, BenchError> {
                 r.range,
                 r.ratio,
                 r.goal,
-                match r.met {
-                    Some(true) => "yes",
-                    Some(false) => "NO",
-                    None => "-",
-                }
+                met_text(r.met)
             );
+        }
+        if !report.tls_comparison.is_empty() {
+            println!("\nmutual TLS against plaintext (medians of {repeat} runs each):");
+            println!("{:<46} {:>12} {:>12} {:>12} {:>12}  met", "figure", "plaintext", "TLS", "change", "goal");
+            for c in &report.tls_comparison {
+                println!(
+                    "{:<46} {:>12} {:>12} {:>12} {:>12}  {}",
+                    c.what,
+                    c.plaintext,
+                    c.tls,
+                    c.change,
+                    c.goal,
+                    met_text(c.met)
+                );
+            }
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+fn met_text(met: Option<bool>) -> &'static str {
+    match met {
+        Some(true) => "yes",
+        Some(false) => "NO",
+        None => "-",
+    }
+}
+
+fn median(runs: &[RunReport], f: impl Fn(&RunReport) -> f64) -> f64 {
+    let mut v: Vec<f64> = runs.iter().map(f).collect();
+    v.sort_by(|x, y| x.total_cmp(y));
+    v.get(v.len() / 2).copied().unwrap_or(0.0)
+}
+
+/// Guest progress during postcopy over progress before the migration.
+fn progress(r: &RunReport) -> f64 {
+    let before = r.source.progress_before_pages_per_s.unwrap_or(0.0);
+    let during = r.destination.progress_during_pages_per_s.unwrap_or(0.0);
+    if before > 0.0 {
+        during / before
+    } else {
+        0.0
+    }
+}
+
+/// Time spent opening connections between the source's stop and the
+/// guest's resume on the destination, in ms.
+fn handshake_in_downtime_ms(r: &RunReport) -> f64 {
+    if r.source.stop_ns == 0 || r.destination.resume_ns == 0 {
+        return 0.0;
+    }
+    r.source.handshake_ms_within(r.source.stop_ns, r.destination.resume_ns)
+}
+
+/// Median time to open one connection (TCP, TLS, preamble), in ms.
+fn connection_opening_ms(r: &RunReport) -> f64 {
+    let mut v: Vec<f64> = r.source.handshakes_ns.iter().map(|&(a, b)| b.saturating_sub(a) as f64 / 1e6).collect();
+    v.sort_by(|x, y| x.total_cmp(y));
+    v.get(v.len() / 2).copied().unwrap_or(0.0)
+}
+
+/// Issue 14's goals: total time within 1.25x of plaintext, fault p50 within
+/// +5 us, handshakes adding under 5 ms to the downtime.
+fn compare_tls(
+    plain: &[RunReport],
+    plain_faulty: &[RunReport],
+    tls: &[RunReport],
+    tls_faulty: &[RunReport],
+) -> Vec<Comparison> {
+    let mut rows = Vec::new();
+    let mut ratio = |what: &str, p: f64, t: f64, unit: &str, limit: Option<f64>| {
+        let r = if p > 0.0 { t / p } else { f64::INFINITY };
+        rows.push(Comparison {
+            what: what.into(),
+            plaintext: format!("{p:.2} {unit}"),
+            tls: format!("{t:.2} {unit}"),
+            change: format!("{r:.2}x"),
+            goal: limit.map_or("-".into(), |l| format!("<= {l}x")),
+            met: limit.map(|l| r <= l),
+        });
+    };
+    ratio("total migration time", median(plain, |r| r.total_ms), median(tls, |r| r.total_ms), "ms", Some(1.25));
+    let progress_p = median(plain, progress);
+    ratio("guest progress during postcopy / before", progress_p, median(tls, progress), "", None);
+    ratio("same, fault-heavy", median(plain_faulty, progress), median(tls_faulty, progress), "", None);
+    let mut diff = |what: &str, p: f64, t: f64, unit: &str, limit: Option<f64>| {
+        let d = t - p;
+        rows.push(Comparison {
+            what: what.into(),
+            plaintext: format!("{p:.2} {unit}"),
+            tls: format!("{t:.2} {unit}"),
+            change: format!("{d:+.2} {unit}"),
+            goal: limit.map_or("-".into(), |l| format!("<= +{l} {unit}")),
+            met: limit.map(|l| d <= l),
+        });
+    };
+    let p50 = |r: &RunReport| r.destination.fault_latency.p50_us;
+    let p99 = |r: &RunReport| r.destination.fault_latency.p99_us;
+    diff("fault latency p50 (fault-heavy)", median(plain_faulty, p50), median(tls_faulty, p50), "us", Some(5.0));
+    diff("fault latency p99 (fault-heavy)", median(plain_faulty, p99), median(tls_faulty, p99), "us", None);
+    diff("downtime", median(plain, |r| r.downtime_ms), median(tls, |r| r.downtime_ms), "ms", None);
+    diff(
+        "opening one connection (p50)",
+        median(plain, connection_opening_ms),
+        median(tls, connection_opening_ms),
+        "ms",
+        None,
+    );
+    let worst = |runs: &[RunReport]| runs.iter().map(handshake_in_downtime_ms).fold(0.0, f64::max);
+    let (p, t) = (worst(plain).max(worst(plain_faulty)), worst(tls).max(worst(tls_faulty)));
+    rows.push(Comparison {
+        what: "connection opening inside the downtime (worst run)".into(),
+        plaintext: format!("{p:.2} ms"),
+        tls: format!("{t:.2} ms"),
+        change: format!("{:+.2} ms", t - p),
+        goal: "< 5 ms".into(),
+        met: Some(t < 5.0),
+    });
+    rows
 }

@@ -17,6 +17,7 @@ use postcopy_kvm::{GuestRam, MemoryMap, SerialOutput};
 
 use crate::args::{parse_size, Common, GuestArgs};
 use crate::pair::PairReports;
+use crate::tls::{PairCredentials, Role, SecurityArgs, SecurityError};
 use crate::vmm_pair::{run_vmm_pair, VmmPairError};
 
 /// How long the built-in guest may take for its first pass.
@@ -88,6 +89,12 @@ pub enum CommandError {
     /// A report could not be encoded.
     #[error("cannot encode the report")]
     Json(#[source] serde_json::Error),
+    /// Bad TLS settings.
+    #[error(transparent)]
+    Security(#[from] SecurityError),
+    /// The demo's credentials could not be made.
+    #[error("cannot make the demo's TLS credentials")]
+    DemoCredentials(#[source] postcopy_secure::CredentialError),
 }
 
 fn vmm<E: Into<postcopy_kvm::Error>>(step: &'static str) -> impl FnOnce(E) -> CommandError {
@@ -128,6 +135,8 @@ pub struct DestinationArgs {
     #[arg(long, value_parser = parse_size)]
     pub prealloc: Option<u64>,
     #[command(flatten)]
+    pub security: SecurityArgs,
+    #[command(flatten)]
     pub common: Common,
 }
 
@@ -142,6 +151,8 @@ pub struct SourceArgs {
     #[arg(long)]
     pub serial: Option<String>,
     #[command(flatten)]
+    pub security: SecurityArgs,
+    #[command(flatten)]
     pub common: Common,
 }
 
@@ -152,6 +163,10 @@ pub struct DemoArgs {
     /// How long the guest runs on the destination before it is checked, in ms.
     #[arg(long, default_value_t = 500)]
     pub run_after_ms: u64,
+    /// Plain TCP instead of mutual TLS (made for the demo in a temporary
+    /// directory), to compare.
+    #[arg(long)]
+    pub insecure: bool,
     #[command(flatten)]
     pub common: Common,
 }
@@ -182,6 +197,8 @@ pub fn destination(a: DestinationArgs) -> Result<ExitCode, CommandError> {
     if !postcopy_kvm::kvm_available() {
         return Err(CommandError::NoKvm);
     }
+    let config = a.common.config(Mode::Postcopy);
+    let security = a.security.security(Role::Destination, config.handshake_timeout)?;
     let preallocated = match a.prealloc {
         Some(bytes) => {
             let features = postcopy_kvm::uffd::probe_features().map_err(vmm("probe userfaultfd for --prealloc"))?;
@@ -198,7 +215,7 @@ pub fn destination(a: DestinationArgs) -> Result<ExitCode, CommandError> {
     };
     let listener = TcpListener::bind(resolve(&a.listen)?).map_err(io_error("cannot listen on", &a.listen))?;
     let addr = listener.local_addr().map_err(io_error("cannot read the address listened on", &a.listen))?;
-    eprintln!("destination: listening on {addr}");
+    eprintln!("destination: listening on {addr} ({})", security.describe());
     if let Some(path) = &a.ready_file {
         let tmp = path.with_extension("tmp");
         std::fs::write(&tmp, addr.to_string())
@@ -207,7 +224,7 @@ pub fn destination(a: DestinationArgs) -> Result<ExitCode, CommandError> {
     }
     let opts = DestinationOptions {
         blocktime: None,
-        config: a.common.config(Mode::Postcopy),
+        config,
         tuning: a.common.tuning(),
         serial: serial_output(&a.serial)?,
         run_after: Duration::from_millis(a.run_after_ms),
@@ -215,6 +232,7 @@ pub fn destination(a: DestinationArgs) -> Result<ExitCode, CommandError> {
         damage: Damage::from_env().map_err(CommandError::Damage)?,
         progress_bar: !a.no_progress && !a.common.json,
         preallocated,
+        security,
     };
     let outcome = driver::run_destination(listener, &opts);
     let r = outcome.report;
@@ -264,6 +282,8 @@ fn start_guest(g: &GuestArgs, serial: SerialOutput, tuning: &Tuning) -> Result<L
 /// `postcopy source`.
 pub fn source(a: SourceArgs) -> Result<ExitCode, CommandError> {
     let addr = resolve(&a.connect)?;
+    let config = a.common.config(a.guest.core_mode());
+    let security = a.security.security(Role::Source { connect: &a.connect }, config.handshake_timeout)?;
     let tuning = a.common.tuning();
     let guest = start_guest(&a.guest, serial_output(&a.serial)?, &tuning)?;
     let stats = guest.vm.devices().stats().clone();
@@ -283,19 +303,24 @@ pub fn source(a: SourceArgs) -> Result<ExitCode, CommandError> {
     let progress_before = stats.pages_rate(t_a, postcopy_kvm::monotonic_ns());
     let passes_before: u64 = stats.snapshot().reports.iter().sum();
     eprintln!(
-        "source: {} MiB guest with {} vCPUs running; migrating to {addr} ({:?} mode)",
+        "source: {} MiB guest with {} vCPUs running; migrating to {addr} ({:?} mode, {})",
         a.guest.mem / MIB,
         guest.machine.vcpus,
-        a.guest.mode
+        a.guest.mode,
+        security.describe()
     );
-    let opts = SourceOptions { connect: addr, config: a.common.config(a.guest.core_mode()), tuning };
+    let opts = SourceOptions { connect: addr, config, tuning, security };
     let session = driver::new_session_id();
     let outcome =
         driver::run_source(&guest.vm, &guest.vcpus, &guest.machine, session, &opts).map_err(CommandError::Source)?;
     let ok = outcome.finished.result.is_ok();
     let mut report = SourceReport {
         ok,
-        error: outcome.finished.result.as_ref().err().map(|e| driver::error_chain(e)),
+        error: outcome.finished.result.as_ref().err().map(|e| match &outcome.last_connect_error {
+            // Why connecting failed (a TLS refusal says who refused what).
+            Some(why) => format!("{}: {why}", driver::error_chain(e)),
+            None => driver::error_chain(e),
+        }),
         guest_on: format!("{:?}", outcome.finished.guest_on).to_lowercase(),
         mem_bytes: a.guest.mem,
         vcpus: guest.machine.vcpus,
@@ -311,6 +336,7 @@ pub fn source(a: SourceArgs) -> Result<ExitCode, CommandError> {
         passes_before,
         progress_after_failure_pages_per_s: None,
         notices: outcome.notices.clone(),
+        handshakes_ns: outcome.handshakes.clone(),
     };
     if ok {
         // The guest lives on the destination now; its vCPUs here stay stopped.
@@ -355,8 +381,16 @@ pub fn demo(a: DemoArgs) -> Result<ExitCode, CommandError> {
     }
     let damage = std::env::var(driver::DAMAGE_ENV).unwrap_or_default();
     let env: Vec<(&str, &str)> = if damage.is_empty() { vec![] } else { vec![(driver::DAMAGE_ENV, damage.as_str())] };
+    let creds =
+        if a.insecure { None } else { Some(PairCredentials::new("demo").map_err(CommandError::DemoCredentials)?) };
+    if !a.common.json {
+        println!(
+            "connections: {}",
+            if a.insecure { "plain TCP (--insecure)" } else { "mutual TLS 1.3 (credentials made for the demo)" }
+        );
+    }
     let PairReports { source, destination } =
-        run_vmm_pair(&a.guest, &a.common, a.run_after_ms, &env).map_err(CommandError::VmmPair)?;
+        run_vmm_pair(&a.guest, &a.common, a.run_after_ms, &env, creds.as_ref()).map_err(CommandError::VmmPair)?;
     let (Some(source), Some(destination)) = (source, destination) else {
         return Err(CommandError::MissingReport);
     };

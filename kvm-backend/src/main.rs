@@ -6,6 +6,7 @@
 //! - `postcopy run --qmp PATH`: a long-running VMM driven over QMP.
 //! - `postcopy ctl --qmp PATH COMMAND [ARGS]`: a small QMP client.
 //! - `postcopy bench`: latency, bandwidth, downtime and progress against their floors.
+//! - `postcopy certs --out DIR --name HOST...`: credentials for a first run.
 //!
 //! Modules depend downwards only: `main` -> `commands`, `bench` -> `pair`
 //! -> `args`.
@@ -16,6 +17,7 @@ mod commands;
 mod ctl;
 mod pair;
 mod run;
+mod tls;
 mod vmm_pair;
 
 use std::io::IsTerminal;
@@ -69,6 +71,8 @@ enum Command {
     /// Measure fault latency, bandwidth, downtime and guest progress
     /// against their floors, in one run.
     Bench(bench::BenchArgs),
+    /// Make a CA and host certificates for a first run (--tls-creds).
+    Certs(tls::CertsArgs),
 }
 
 fn main() -> ExitCode {
@@ -81,6 +85,7 @@ fn main() -> ExitCode {
         Command::Bench(a) => bench::run(a).map_err(Into::into),
         Command::Run(a) => run::run(a).map_err(Into::into),
         Command::Ctl(a) => ctl::ctl(a).map_err(Into::into),
+        Command::Certs(a) => tls::certs(a).map_err(Into::into),
     };
     match result {
         Ok(code) => code,

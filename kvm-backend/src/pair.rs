@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 use postcopy_kvm::driver::report::{DestinationReport, SourceReport};
 
 use crate::args::{Common, GuestArgs, ModeArg};
+use crate::tls::PairCredentials;
 
 /// How long the source may run.
 const SOURCE_TIMEOUT: Duration = Duration::from_secs(600);
@@ -56,7 +57,12 @@ pub fn run_pair(
     common: &Common,
     run_after_ms: u64,
     extra_env: &[(&str, &str)],
+    creds: Option<&PairCredentials>,
 ) -> Result<PairReports, PairError> {
+    let (source_security, destination_security) = match creds {
+        Some(c) => (c.source().forward(), c.destination().forward()),
+        None => (vec!["--insecure".to_string()], vec!["--insecure".to_string()]),
+    };
     let exe = std::env::current_exe().map_err(PairError::CurrentExe)?;
     let ready = std::env::temp_dir().join(format!("postcopy-demo-{}-{}.addr", std::process::id(), rand_tag()));
     let _ = std::fs::remove_file(&ready);
@@ -68,6 +74,7 @@ pub fn run_pair(
         .arg("--ready-file")
         .arg(&ready)
         .args(common.forward())
+        .args(&destination_security)
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit());
     for (k, v) in extra_env {
@@ -103,6 +110,7 @@ pub fn run_pair(
         .arg(format!("--vcpus={}", guest.vcpus))
         .arg(format!("--run-before-ms={}", guest.run_before_ms))
         .args(common.forward())
+        .args(&source_security)
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit());
     if let Some(image) = &guest.guest_image {

@@ -13,6 +13,7 @@ use postcopy_qmp::{EventBus, Server, ServerConfig, ServerError, Vmm};
 
 use crate::args::{parse_size, Common};
 use crate::commands::{serial_output, CommandError};
+use crate::tls::{Role, SecurityArgs};
 
 /// How long the built-in guest may take for its first pass.
 const FIRST_PASS_TIMEOUT: Duration = Duration::from_secs(300);
@@ -48,6 +49,8 @@ pub struct RunArgs {
     #[arg(long)]
     pub dump_memory: Option<PathBuf>,
     #[command(flatten)]
+    pub security: SecurityArgs,
+    #[command(flatten)]
     pub common: Common,
 }
 
@@ -77,12 +80,16 @@ pub fn run(a: RunArgs) -> Result<ExitCode, RunError> {
         return Err(CommandError::NoKvm.into());
     }
     let serial = serial_output(&a.serial)?;
+    let base = a.common.config(Mode::Postcopy);
+    let role = if a.incoming.is_some() { Role::Destination } else { Role::Either };
+    let security = a.security.security(role, base.handshake_timeout).map_err(CommandError::from)?;
     let config = VmmConfig {
         tuning: a.common.tuning(),
-        base: a.common.config(Mode::Postcopy),
+        base,
         serial: serial.clone(),
         prealloc_bytes: a.prealloc,
         damage: Damage::from_env().map_err(CommandError::Damage)?,
+        security,
     };
     let bus = EventBus::new();
     let vmm = match a.incoming.as_deref() {

@@ -17,6 +17,7 @@ use serde_json::Value;
 
 use crate::args::{Common, GuestArgs, ModeArg};
 use crate::pair::PairReports;
+use crate::tls::PairCredentials;
 
 /// How long the migration may run.
 const MIGRATION_TIMEOUT: Duration = Duration::from_secs(600);
@@ -143,7 +144,12 @@ pub fn run_vmm_pair(
     common: &Common,
     run_after_ms: u64,
     extra_env: &[(&str, &str)],
+    creds: Option<&PairCredentials>,
 ) -> Result<PairReports, VmmPairError> {
+    let (source_security, destination_security) = match creds {
+        Some(c) => (c.source().forward(), c.destination().forward()),
+        None => (vec!["--insecure".to_string()], vec!["--insecure".to_string()]),
+    };
     let exe = std::env::current_exe().map_err(VmmPairError::CurrentExe)?;
     let dir = std::env::temp_dir().join(format!("postcopy-demo-{}", std::process::id()));
     std::fs::create_dir_all(&dir).map_err(|source| VmmPairError::Spawn { side: "destination", source })?;
@@ -159,6 +165,7 @@ pub fn run_vmm_pair(
         .arg(format!("--incoming=tcp:127.0.0.1:{port}"))
         .arg(format!("--prealloc={}", guest.mem))
         .args(common.forward())
+        .args(&destination_security)
         .stdout(Stdio::null())
         .stderr(Stdio::inherit());
     for (k, v) in extra_env {
@@ -174,6 +181,7 @@ pub fn run_vmm_pair(
         .arg(format!("--mem={}", guest.mem))
         .arg(format!("--vcpus={}", guest.vcpus))
         .args(common.forward())
+        .args(&source_security)
         .stdout(Stdio::null())
         .stderr(Stdio::inherit());
     if let Some(image) = &guest.guest_image {

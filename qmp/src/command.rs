@@ -6,6 +6,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
 use crate::error::QmpError;
+use crate::objects::{self, ObjectAddArgs};
 use crate::schema::{self, Member, Ty};
 use crate::types::{MigrationCapability, MigrationCapabilityStatus, MigrationParameters, QmpCapability};
 
@@ -64,6 +65,12 @@ pub enum Command {
     /// Ours: check the guest now (page digests, pattern) and return the
     /// report (a JSON object whose members the VMM defines).
     XPostcopyVerify,
+    /// `object-add` (TLS credentials and authorization lists).
+    ObjectAdd(ObjectAddArgs),
+    /// `object-del`.
+    ObjectDel {
+        id: String,
+    },
 }
 
 const CAPABILITY_STATUS: Ty = Ty::Object(&[
@@ -71,7 +78,7 @@ const CAPABILITY_STATUS: Ty = Ty::Object(&[
     Member::required("state", Ty::Bool),
 ]);
 
-const PARAMETERS: [Member; 7] = {
+const PARAMETERS: [Member; 10] = {
     let n = MigrationParameters::NAMES;
     [
         Member::optional(n[0], Ty::Uint64),
@@ -81,6 +88,9 @@ const PARAMETERS: [Member; 7] = {
         Member::optional(n[4], Ty::Uint64),
         Member::optional(n[5], Ty::Uint64),
         Member::optional(n[6], Ty::Uint64),
+        Member::optional(n[7], Ty::Str),
+        Member::optional(n[8], Ty::Str),
+        Member::optional(n[9], Ty::Str),
     ]
 };
 
@@ -128,6 +138,8 @@ pub const COMMANDS: &[CommandSpec] = &[
     CommandSpec { name: "migrate-recover", members: &[Member::required("uri", Ty::Str)] },
     CommandSpec { name: "query-migrate", members: &[] },
     CommandSpec { name: "x-postcopy-verify", members: &[] },
+    CommandSpec { name: "object-add", members: objects::OBJECT_ADD_MEMBERS },
+    CommandSpec { name: "object-del", members: &[Member::required("id", Ty::Str)] },
 ];
 
 /// Decodes checked arguments into their type. The schema check ran first,
@@ -190,6 +202,14 @@ impl Command {
             }
             "query-migrate" => Command::QueryMigrate,
             "x-postcopy-verify" => Command::XPostcopyVerify,
+            "object-add" => Command::ObjectAdd(objects::parse_object_add(args)?),
+            "object-del" => {
+                #[derive(Deserialize)]
+                struct Id {
+                    id: String,
+                }
+                Command::ObjectDel { id: decode::<Id>(name, args)?.id }
+            }
             _ => return Err(QmpError::command_not_found(name)),
         })
     }
@@ -216,6 +236,8 @@ impl Command {
             Command::MigrateRecover { .. } => "migrate-recover",
             Command::QueryMigrate => "query-migrate",
             Command::XPostcopyVerify => "x-postcopy-verify",
+            Command::ObjectAdd(_) => "object-add",
+            Command::ObjectDel { .. } => "object-del",
         }
     }
 
@@ -230,6 +252,8 @@ impl Command {
             Command::Migrate(args) => serde_json::to_value(args).ok()?,
             Command::MigrateIncoming(args) => serde_json::to_value(args).ok()?,
             Command::MigrateRecover { uri } => serde_json::json!({ "uri": uri }),
+            Command::ObjectAdd(object) => objects::object_add_arguments(object),
+            Command::ObjectDel { id } => serde_json::json!({ "id": id }),
             _ => return None,
         };
         match value {
@@ -333,5 +357,50 @@ mod tests {
         assert_eq!(parse_tcp_uri("unix:/x").unwrap_err().desc, "unknown migration protocol: unix:/x");
         assert!(parse_tcp_uri("tcp:host").is_err());
         assert!(parse_tcp_uri("tcp:host:http").is_err());
+    }
+}
+
+#[cfg(test)]
+/// `object-add` parsing, here because the objects module does not import
+/// the command module back.
+mod object_add_tests {
+    use super::*;
+    use crate::objects::{object_add_arguments, Endpoint, ObjectAddArgs};
+    use serde_json::Value;
+    use serde_json::json;
+
+    fn parse(args: Value) -> Result<Command, QmpError> {
+        Command::parse("object-add", Some(args.as_object().unwrap()))
+    }
+
+    #[test]
+    fn parses_qemus_tls_objects_and_round_trips() {
+        let creds =
+            ObjectAddArgs::TlsCredsX509 { id: "tls0".into(), dir: "/etc/pki".into(), endpoint: Endpoint::Server };
+        let authz = ObjectAddArgs::AuthzList { id: "auth0".into(), allow: vec!["dns:src.example".into()] };
+        for object in [creds, authz] {
+            assert_eq!(parse(object_add_arguments(&object)), Ok(Command::ObjectAdd(object.clone())));
+            let command = Command::ObjectAdd(object);
+            assert_eq!(Command::parse(command.name(), command.arguments().as_ref()), Ok(command));
+        }
+        // QEMU's default endpoint is the client.
+        assert!(matches!(
+            parse(json!({"qom-type": "tls-creds-x509", "id": "c", "dir": "/d"})),
+            Ok(Command::ObjectAdd(ObjectAddArgs::TlsCredsX509 { endpoint: Endpoint::Client, .. }))
+        ));
+    }
+
+    #[test]
+    fn refuses_what_would_weaken_or_misread_the_checks() {
+        let err = |args: Value| parse(args).unwrap_err().desc;
+        assert!(err(json!({"qom-type": "tls-creds-x509", "id": "c"})).contains("'dir' is missing"));
+        assert!(err(json!({"qom-type": "tls-creds-x509", "id": "c", "dir": "/d", "verify-peer": false}))
+            .contains("verify-peer"));
+        assert!(err(json!({"qom-type": "authz-list", "id": "a", "policy": "allow"})).contains("policy"));
+        assert!(err(json!({"qom-type": "authz-list", "id": "a", "rules": [{"match": "*", "format": "glob"}]}))
+            .contains("rules[0].format"));
+        assert!(err(json!({"qom-type": "authz-list", "id": "a", "dir": "/d"})).contains("unexpected"));
+        assert!(err(json!({"qom-type": "memory-backend-ram", "id": "m"})).contains("qom-type"));
+        assert!(err(json!({"qom-type": "authz-list", "id": "bad id"})).contains("Invalid object id"));
     }
 }

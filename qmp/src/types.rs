@@ -250,11 +250,22 @@ pub struct MigrationParameters {
     /// milliseconds.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub x_reconnect_delay_max_ms: Option<u64>,
+    /// The `tls-creds-x509` object the migration's connections use; an
+    /// empty string: plain TCP.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls_creds: Option<String>,
+    /// The name a source checks in the destination's certificate (empty:
+    /// the host of the migration URI).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls_hostname: Option<String>,
+    /// The `authz-list` object of identities accepted from the peer.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls_authz: Option<String>,
 }
 
 impl MigrationParameters {
     /// Wire names of the members, in declaration order.
-    pub const NAMES: [&'static str; 7] = [
+    pub const NAMES: [&'static str; 10] = [
         "max-bandwidth",
         "max-postcopy-bandwidth",
         "downtime-limit",
@@ -262,6 +273,9 @@ impl MigrationParameters {
         "x-request-batch-pages",
         "x-peer-timeout-ms",
         "x-reconnect-delay-max-ms",
+        "tls-creds",
+        "tls-hostname",
+        "tls-authz",
     ];
 
     /// `self` with every member `other` has replaced.
@@ -274,6 +288,9 @@ impl MigrationParameters {
             x_request_batch_pages: other.x_request_batch_pages.or(self.x_request_batch_pages),
             x_peer_timeout_ms: other.x_peer_timeout_ms.or(self.x_peer_timeout_ms),
             x_reconnect_delay_max_ms: other.x_reconnect_delay_max_ms.or(self.x_reconnect_delay_max_ms),
+            tls_creds: other.tls_creds.clone().or_else(|| self.tls_creds.clone()),
+            tls_hostname: other.tls_hostname.clone().or_else(|| self.tls_hostname.clone()),
+            tls_authz: other.tls_authz.clone().or_else(|| self.tls_authz.clone()),
         }
     }
 }

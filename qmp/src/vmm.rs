@@ -9,6 +9,7 @@ use serde_json::Value;
 
 use crate::command::{Command, MigrateArgs, MigrateIncomingArgs};
 use crate::error::QmpError;
+use crate::objects::ObjectAddArgs;
 use crate::types::{Event, MigrationCapabilityStatus, MigrationInfo, MigrationParameters, StatusInfo};
 
 /// The VMM behind a QMP server: one method per command. Called from the
@@ -57,6 +58,15 @@ pub trait Vmm: Send + Sync {
     fn x_postcopy_verify(&self) -> Result<Value, QmpError> {
         Err(QmpError::command_not_found("x-postcopy-verify"))
     }
+    /// `object-add`: TLS credentials or an authorization list (a VMM
+    /// without TLS refuses it).
+    fn object_add(&self, object: &ObjectAddArgs) -> Result<(), QmpError> {
+        Err(QmpError::generic(format!("object type of '{}' is not supported here", object.id())))
+    }
+    /// `object-del`.
+    fn object_del(&self, id: &str) -> Result<(), QmpError> {
+        Err(QmpError::generic(format!("object '{id}' not found")))
+    }
 }
 
 /// Where a VMM's events go. The server's [`crate::server::EventBus`]
@@ -95,6 +105,8 @@ pub fn dispatch(vmm: &dyn Vmm, command: &Command) -> Result<Value, QmpError> {
         Command::MigrateRecover { uri } => vmm.migrate_recover(uri).map(|()| empty()),
         Command::QueryMigrate => to_value(vmm.query_migrate()?),
         Command::XPostcopyVerify => vmm.x_postcopy_verify(),
+        Command::ObjectAdd(object) => vmm.object_add(object).map(|()| empty()),
+        Command::ObjectDel { id } => vmm.object_del(id).map(|()| empty()),
         Command::QmpCapabilities { .. } | Command::QueryVersion | Command::QueryCommands => {
             Err(QmpError::command_not_found(command.name()))
         }

@@ -305,6 +305,14 @@ impl SecureChannel {
         lock(&self.recv).recv(&self.stream, out, wait)
     }
 
+    /// Receives at most `max` decrypted bytes, handing them to `deliver`
+    /// (in one or more pieces) rather than into a buffer: Ok(n) as
+    /// [`SecureChannel::recv`]. With `Wait::NoWait`, `WouldBlock` (as
+    /// `ChannelError::Io`) when no whole record is there.
+    pub fn recv_with(&self, max: usize, wait: Wait, deliver: impl FnMut(&[u8])) -> Result<usize, ChannelError> {
+        lock(&self.recv).recv_with(&self.stream, max, wait, deliver)
+    }
+
     /// Sets how many records are sent under one key before a key update
     /// (default [`crate::record::DEFAULT_UPDATE_EVERY`]).
     pub fn set_key_update_interval(&self, records: u64) {

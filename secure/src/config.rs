@@ -30,6 +30,27 @@ pub fn provider() -> Arc<CryptoProvider> {
     Arc::new(p)
 }
 
+/// Runs once what a handshake runs (random numbers, a key exchange, a
+/// signature with our key), so that the provider's one-time set-up (its
+/// random generator's seeding, its self-checks: tens of milliseconds on a
+/// busy machine) happens now, not in the first connection's handshake.
+pub fn warm_up(creds: &Credentials) -> Result<(), rustls::Error> {
+    let p = provider();
+    let mut random = [0u8; 32];
+    p.secure_random.fill(&mut random)?;
+    if let Some(group) = p.kx_groups.first() {
+        let ours = group.start()?;
+        let theirs = group.start()?;
+        let _ = ours.complete(theirs.pub_key())?;
+    }
+    let key = p.key_provider.load_private_key(creds.key.clone_key())?;
+    let schemes = [SignatureScheme::ECDSA_NISTP256_SHA256, SignatureScheme::ED25519, SignatureScheme::RSA_PSS_SHA256];
+    if let Some(signer) = key.choose_scheme(&schemes) {
+        signer.sign(b"warm-up")?;
+    }
+    Ok(())
+}
+
 /// The certificate error an allowlist refusal carries inside rustls, so the
 /// handshake can report the identities presented.
 #[derive(Debug, thiserror::Error)]

@@ -285,6 +285,44 @@ impl RecvHalf {
         }
     }
 
+    /// As [`RecvHalf::recv`], but hands the decrypted bytes (at most `max`,
+    /// in one or more slices) to `deliver` instead of copying them into a
+    /// buffer the caller must initialise first: the caller appends them
+    /// where it wants them, with one copy.
+    pub fn recv_with(
+        &mut self,
+        stream: &TcpStream,
+        max: usize,
+        wait: Wait,
+        mut deliver: impl FnMut(&[u8]),
+    ) -> Result<usize, ChannelError> {
+        if max == 0 {
+            return Ok(0);
+        }
+        let mut delivered = 0;
+        loop {
+            let n = (self.plain_end - self.plain_start).min(max - delivered);
+            if n > 0 {
+                deliver(&self.buf[self.plain_start..self.plain_start + n]);
+                self.plain_start += n;
+                delivered += n;
+            }
+            if delivered == max {
+                return Ok(delivered);
+            }
+            if self.open_next_record()? {
+                continue;
+            }
+            if delivered > 0 {
+                return Ok(delivered);
+            }
+            if self.closed {
+                return Ok(0);
+            }
+            self.receive_more(stream, wait)?;
+        }
+    }
+
     /// Decrypts the next whole record in the buffer, if there is one.
     fn open_next_record(&mut self) -> Result<bool, ChannelError> {
         if self.closed || self.end - self.start < HEADER {
@@ -481,6 +519,29 @@ mod tests {
         assert_eq!(got, data);
         let mut tail = [0u8; 8];
         assert_eq!(rx.recv(&rx_sock, &mut tail, Wait::Block).unwrap(), 0, "close_notify");
+    }
+
+    #[test]
+    fn recv_with_delivers_the_same_bytes_in_bounded_pieces() {
+        let (tx_sock, rx_sock) = sockets();
+        let (mut tx, mut rx) = halves();
+        let data: Vec<u8> = (0..5 * MAX_FRAGMENT + 99).map(|i| (i % 233) as u8).collect();
+        let sender = std::thread::spawn(move || {
+            tx.write_all(&tx_sock, &data).unwrap();
+            tx.close(&tx_sock).unwrap();
+            data
+        });
+        let mut got = Vec::new();
+        loop {
+            let before = got.len();
+            let n = rx.recv_with(&rx_sock, 10_000, Wait::Block, |piece| got.extend_from_slice(piece)).unwrap();
+            assert_eq!(got.len() - before, n);
+            assert!(n <= 10_000, "{n} bytes in one call");
+            if n == 0 {
+                break;
+            }
+        }
+        assert_eq!(got, sender.join().unwrap());
     }
 
     #[test]

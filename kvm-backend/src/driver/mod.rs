@@ -23,6 +23,8 @@
 //! - `placement` ([`Tuning`]: CPUs, scheduling policy, the switchover's
 //!   boost, socket settings), `clock` ([`now`]).
 //! - [`net`] (connections), [`machine`] (what the destination builds),
+//! - [`security`]: plain TCP or mutual TLS; how the source connects and
+//!   the destination admits, and the identity a migration is bound to.
 //!   [`digest`], [`report`], [`sync`] (lock-free pieces, checked with loom).
 //!
 //! Imports point down or sideways, never up: this module only declares and
@@ -54,10 +56,15 @@
 //! - the vCPU threads of the running guest (paused at the switchover).
 //!
 //! Destination:
-//! - `dst-accept`: accepts connections in any order, reads each preamble,
-//!   and hands the connection to the core (`handle_connected`); keeps
-//!   accepting for recoveries. A bad or missing preamble refuses that
-//!   connection alone (a notice), like the core's refusal of a stranger.
+//! - `dst-accept`: accepts connections in any order; a `dst-conn` thread
+//!   per connection takes it through the handshake gate, TLS (unless
+//!   `--insecure`), its preamble and migration-secret proof
+//!   ([`security::Acceptor`]), checks its TLS identity against the source
+//!   the migration is bound to, and hands it to the core
+//!   (`handle_accepted`): current, or provisional until its hello shows
+//!   this migration's id (the core then promotes or closes it). Keeps
+//!   accepting for recoveries. A connection that fails any step is refused
+//!   alone (a notice), like the core's refusal of a stranger.
 //! - one reader per connection: the main channel's installs precopy and
 //!   background pages; the urgent channel's installs requested pages.
 //! - `dst-fault`: reads userfaultfd faults, turns them into
@@ -82,6 +89,7 @@ pub mod install_faults;
 pub mod machine;
 pub mod net;
 pub mod report;
+pub mod security;
 pub mod sync;
 pub mod watch;
 
@@ -95,6 +103,7 @@ pub use destination::{
     check_running_guest, run_destination, run_destination_kept, ArrivedGuest, BuildError, Damage, DamageError,
     DestinationError, DestinationOptions, DestinationOutcome, KeptOutcome, LoadError, VerifyError, DAMAGE_ENV,
 };
+pub use security::{ChannelSecurity, ConnectError, TlsSettings};
 pub use source::{new_session_id, run_source, run_source_watched, SourceError, SourceOptions, SourceOutcome};
 
 pub use crate::error::error_chain;

@@ -43,6 +43,30 @@ pub struct SourceReport {
     pub progress_after_failure_pages_per_s: Option<f64>,
     /// Notices (pauses, recoveries).
     pub notices: Vec<String>,
+    /// Each connection's opening (TCP, TLS handshake, preamble, proof):
+    /// start and end, monotonic ns.
+    #[serde(default)]
+    pub handshakes_ns: Vec<(u64, u64)>,
+}
+
+impl SourceReport {
+    /// Time spent opening connections inside `[from_ns, to_ns]` (the
+    /// downtime, when given the stop and the resume), in ms: overlapping
+    /// openings counted once.
+    pub fn handshake_ms_within(&self, from_ns: u64, to_ns: u64) -> f64 {
+        let mut spans: Vec<(u64, u64)> =
+            self.handshakes_ns.iter().map(|&(a, b)| (a.max(from_ns), b.min(to_ns))).filter(|&(a, b)| a < b).collect();
+        spans.sort_unstable();
+        let (mut total, mut reach) = (0u64, 0u64);
+        for (a, b) in spans {
+            let start = a.max(reach);
+            if b > start {
+                total += b - start;
+            }
+            reach = reach.max(b);
+        }
+        total as f64 / 1e6
+    }
 }
 
 /// The pattern check of the destination's memory after the migration.
@@ -301,6 +325,14 @@ mod tests {
             ..Default::default()
         };
         (s, d)
+    }
+
+    #[test]
+    fn handshake_time_in_a_window_counts_overlaps_once() {
+        let r = SourceReport { handshakes_ns: vec![(0, 10), (5, 20), (30, 40), (50, 60)], ..Default::default() };
+        // [0,20) merged and clipped to [8,35): 12; [30,35): 5.
+        assert_eq!(r.handshake_ms_within(8, 35), 17.0 / 1e6);
+        assert_eq!(r.handshake_ms_within(100, 200), 0.0);
     }
 
     #[test]

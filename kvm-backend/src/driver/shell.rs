@@ -14,8 +14,8 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use postcopy_core::{
-    Channel, DeferredPage, Destination, DestinationAction, DestinationState, EventError, Notice, Source, SourceAction,
-    SourceState, Timestamp,
+    Admission, Channel, ConnectionId, DeferredPage, Destination, DestinationAction, DestinationState, EventError,
+    Notice, Source, SourceAction, SourceState, Timestamp,
 };
 
 use super::clock::now;
@@ -149,13 +149,16 @@ pub(super) struct LockedCore<C: ProtocolCore> {
     /// The side's core.
     pub(super) core: C,
     connections: [Option<Arc<Connection>>; 3],
+    /// The destination's provisional connections (beside their channel's
+    /// current one until the core promotes or closes them).
+    provisional: Vec<(ConnectionId, Arc<Connection>)>,
     /// The state the watch last heard of.
     watched_state: Option<C::State>,
 }
 
 impl<C: ProtocolCore> LockedCore<C> {
     fn new(core: C) -> Self {
-        Self { core, connections: [None, None, None], watched_state: None }
+        Self { core, connections: [None, None, None], provisional: Vec::new(), watched_state: None }
     }
 
     /// Whether `conn` is still its channel's connection (not replaced or closed).
@@ -208,6 +211,97 @@ impl<C: ProtocolCore> LockedCore<C> {
     /// `bytes` on before shutting it down, if any.
     pub(super) fn farewell(&mut self, channel: Channel, bytes: Bytes) -> Option<ConnectionOp> {
         self.connections[channel.index()].take().map(|conn| ConnectionOp::Farewell(conn, bytes))
+    }
+}
+
+impl LockedCore<Destination> {
+    /// Hands an accepted connection to the core: its channel's current
+    /// connection (replacing and shutting down an older one), or a
+    /// provisional one the core judges by its first frame.
+    pub(super) fn accept(&mut self, now: Timestamp, conn: Arc<Connection>) {
+        match self.core.handle_accepted(now, conn.channel) {
+            Admission::Current => {
+                if let Some(old) = self.connections[conn.channel.index()].replace(conn) {
+                    old.shutdown();
+                }
+            }
+            Admission::Provisional(id) => self.provisional.push((id, conn)),
+        }
+    }
+
+    fn provisional_position(&self, conn: &Connection) -> Option<usize> {
+        self.provisional.iter().position(|(_, c)| c.id == conn.id)
+    }
+
+    /// Bytes read from `conn`, for the core as its channel's current
+    /// connection or as a provisional one. Returns whether it was either
+    /// (if not, it was closed or replaced: its reader stops).
+    pub(super) fn accepted_input(&mut self, now: Timestamp, conn: &Connection, bytes: Bytes) -> bool {
+        if self.is_current(conn) {
+            self.core.handle_input(now, conn.channel, bytes);
+            return true;
+        }
+        match self.provisional_position(conn) {
+            Some(position) => {
+                let id = self.provisional[position].0;
+                self.core.handle_provisional_input(now, id, bytes);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// `conn` closed or failed: the core hears of it if it was current or
+    /// provisional. Returns whether it was current.
+    pub(super) fn accepted_lost(&mut self, now: Timestamp, conn: &Connection) -> bool {
+        if self.detach(now, conn) {
+            return true;
+        }
+        if let Some(position) = self.provisional_position(conn) {
+            let (id, _) = self.provisional.remove(position);
+            self.core.handle_provisional_lost(now, id);
+        }
+        false
+    }
+
+    /// The core's `PromoteConnection(id)`: the provisional connection
+    /// becomes its channel's current one (the core closed the older one
+    /// first); an older one still here is returned to shut down.
+    pub(super) fn promote(&mut self, id: ConnectionId) -> Option<ConnectionOp> {
+        let position = self.provisional.iter().position(|(p, _)| *p == id)?;
+        let (_, conn) = self.provisional.remove(position);
+        self.connections[conn.channel.index()].replace(conn).map(ConnectionOp::Shutdown)
+    }
+
+    /// The core's `CloseConnection(id)`: the provisional connection to shut down.
+    pub(super) fn close_provisional(&mut self, id: ConnectionId) -> Option<ConnectionOp> {
+        let position = self.provisional.iter().position(|(p, _)| *p == id)?;
+        Some(ConnectionOp::Shutdown(self.provisional.remove(position).1))
+    }
+
+    /// Takes away every connection, current or provisional, that `keep`
+    /// refuses (the core hears of each), for the caller to shut down.
+    pub(super) fn drop_connections(
+        &mut self,
+        now: Timestamp,
+        keep: impl Fn(&Connection) -> bool,
+    ) -> Vec<Arc<Connection>> {
+        let mut dropped = Vec::new();
+        for channel in Channel::ALL {
+            if let Some(conn) = self.connections[channel.index()].clone() {
+                if !keep(&conn) && self.detach(now, &conn) {
+                    dropped.push(conn);
+                }
+            }
+        }
+        let (kept, refused): (Vec<_>, Vec<_>) =
+            std::mem::take(&mut self.provisional).into_iter().partition(|(_, c)| keep(c));
+        self.provisional = kept;
+        for (id, conn) in refused {
+            self.core.handle_provisional_lost(now, id);
+            dropped.push(conn);
+        }
+        dropped
     }
 }
 
@@ -268,7 +362,11 @@ impl<C: ProtocolCore> Shell<C> {
     /// Takes every connection away and shuts it down (unblocks every reader
     /// and writer still attached to one).
     pub(super) fn shutdown_all(&self) {
-        let conns: Vec<Arc<Connection>> = lock(&self.locked).connections.iter_mut().filter_map(Option::take).collect();
+        let conns: Vec<Arc<Connection>> = {
+            let mut l = lock(&self.locked);
+            let provisional = std::mem::take(&mut l.provisional).into_iter().map(|(_, c)| c);
+            l.connections.iter_mut().filter_map(Option::take).chain(provisional).collect()
+        };
         for conn in conns {
             conn.shutdown();
         }
@@ -384,7 +482,7 @@ pub(super) trait SideDriver: Sync + Sized {
             ConnectionOp::Farewell(conn, bytes) => spawn(s, Self::FAREWELL_THREAD, move || {
                 set_policy(None, Self::FAREWELL_THREAD);
                 let _w = lock(&self.shell().write_locks[conn.channel.index()]);
-                let _ = conn.stream.set_write_timeout(Some(FAREWELL_TIMEOUT));
+                conn.set_write_timeout(Some(FAREWELL_TIMEOUT));
                 if let Err(e) = conn.write_all(&bytes) {
                     tracing::debug!(side = Self::SIDE, channel = %conn.channel, %e, "farewell not delivered");
                 }

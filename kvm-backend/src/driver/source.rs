@@ -17,6 +17,7 @@ use super::digest::PageDigests;
 use super::machine::{core_layout, MachineDescription, PageMap};
 use super::net::{self, lock_spin, Connection};
 use super::placement::{latency_thread, pin_self, set_policy, Boost, Tuning};
+use super::security::{self, ChannelSecurity};
 use super::shell::{spawn, ConnectionOp, LockedCore, ProtocolCore, Shell, SideDriver, LOCK_SPIN};
 use super::sync::Doorbell;
 use super::watch::{UserRequest, Watch};
@@ -44,6 +45,8 @@ pub struct SourceOptions {
     pub config: Config,
     /// Thread placement and polling.
     pub tuning: Tuning,
+    /// Plain TCP or mutual TLS (and a migration secret).
+    pub security: ChannelSecurity,
 }
 
 /// How the source's migration ended.
@@ -65,6 +68,13 @@ pub struct SourceOutcome {
     pub digests: PageDigests,
     /// Notices, as text.
     pub notices: Vec<String>,
+    /// Why the last connection attempt of each channel failed, if one did
+    /// and none succeeded after it (a TLS refusal says which side refused
+    /// what); distinct reasons joined.
+    pub last_connect_error: Option<String>,
+    /// Each connection's handshake (TCP, TLS, preamble, proof): when it
+    /// started and ended, monotonic ns.
+    pub handshakes: Vec<(u64, u64)>,
 }
 
 /// Why the source could not run a migration (the core's own verdict is in
@@ -162,6 +172,11 @@ struct SourceDriver<'a> {
     addr: Mutex<SocketAddr>,
     connect_timeout: Duration,
     write_timeout: Option<Duration>,
+    security: ChannelSecurity,
+    /// Per channel, why its last connection attempt failed (None: it
+    /// succeeded, or none failed).
+    connect_errors: Mutex<[Option<String>; 3]>,
+    handshakes: Mutex<Vec<(u64, u64)>>,
     stop_ns: AtomicU64,
     stop_capture_ns: AtomicU64,
     pause_ns: AtomicU64,
@@ -211,6 +226,9 @@ pub fn run_source_watched(
         addr: Mutex::new(opts.connect),
         connect_timeout: opts.config.handshake_timeout,
         write_timeout: opts.config.peer_timeout,
+        security: opts.security.clone(),
+        connect_errors: Mutex::new([None, None, None]),
+        handshakes: Mutex::new(Vec::new()),
         stop_ns: AtomicU64::new(0),
         stop_capture_ns: AtomicU64::new(0),
         pause_ns: AtomicU64::new(0),
@@ -239,6 +257,11 @@ pub fn run_source_watched(
         }
     }
     let finished = lock(&driver.finished).take().ok_or(SourceError::NoVerdict)?;
+    let mut why: Vec<String> = lock(&driver.connect_errors).iter().flatten().cloned().collect();
+    why.sort();
+    why.dedup();
+    let last_connect_error = (!why.is_empty()).then(|| why.join("; "));
+    let handshakes = std::mem::take(&mut *lock(&driver.handshakes));
     tracing::info!(result = ?finished.result, "migration ended");
     Ok(SourceOutcome {
         finished,
@@ -248,6 +271,8 @@ pub fn run_source_watched(
         stop_capture_us: driver.stop_capture_ns.load(Ordering::SeqCst) as f64 / 1e3,
         pause_us: driver.pause_ns.load(Ordering::SeqCst) as f64 / 1e3,
         notices: driver.shell.notices(),
+        last_connect_error,
+        handshakes,
         digests: driver.guest.digests,
     })
 }
@@ -411,21 +436,32 @@ impl SourceDriver<'_> {
     fn connect<'s>(&'s self, s: &'s Scope<'s, '_>, channel: Channel) {
         set_policy(None, "src-connect");
         let addr = *lock(&self.addr);
-        match net::connect(addr, channel, self.connect_timeout, &self.shell.tuning) {
+        let t0 = now().0;
+        let result = security::connect(addr, channel, self.connect_timeout, &self.shell.tuning, &self.security);
+        lock(&self.handshakes).push((t0, now().0));
+        match result {
             Ok(conn) => {
-                tracing::debug!(%channel, %addr, id = conn.id, "connected");
-                let _ = conn.stream.set_write_timeout(self.write_timeout);
+                tracing::debug!(%channel, %addr, id = conn.id, secure = conn.is_secure(), "connected");
+                conn.set_write_timeout(self.write_timeout);
                 let conn = Arc::new(conn);
                 let attached = conn.clone();
+                lock(&self.connect_errors)[channel.index()] = None;
                 self.event(s, move |l, now| l.attach(now, attached));
                 spawn(s, "src-reader", move || self.read_loop(s, conn));
             }
-            Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
-                tracing::info!(%e, %channel, "connect refused");
+            Err(e) if e.is_refused() => {
+                tracing::info!(e = error_chain(&e), %channel, "connect refused");
                 self.event(s, |l, now| l.core.handle_connect_refused(now, channel));
             }
             Err(e) => {
-                tracing::info!(%e, %channel, "connect failed");
+                let text = error_chain(&e);
+                match &e {
+                    security::ConnectError::Handshake(_) | security::ConnectError::Proof(_) => {
+                        tracing::warn!(side = "source", %channel, "{text}")
+                    }
+                    _ => tracing::info!(e = text, %channel, "connect failed"),
+                }
+                lock(&self.connect_errors)[channel.index()] = Some(text);
                 self.event(s, |l, now| l.core.handle_connect_failed(now, channel));
             }
         }

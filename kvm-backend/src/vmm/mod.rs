@@ -22,6 +22,7 @@
 
 pub mod guest;
 pub mod status;
+pub mod tls;
 
 use std::collections::BTreeMap;
 use std::net::{SocketAddr, TcpListener, ToSocketAddrs};
@@ -79,6 +80,8 @@ pub struct VmmConfig {
     /// Test-only damage to one page of every arriving guest
     /// (`POSTCOPY_TEST_DAMAGE`), to show the checks catch it.
     pub damage: Option<Damage>,
+    /// Plain TCP or mutual TLS on every migration's connections.
+    pub security: driver::ChannelSecurity,
 }
 
 /// Where the process stands with respect to an incoming migration.
@@ -219,6 +222,8 @@ struct Shared {
     state: Mutex<State>,
     quit_signal: Condvar,
     events: Arc<dyn EventSink>,
+    /// `object-add`'s TLS objects.
+    tls: tls::TlsObjects,
 }
 
 /// The VMM; share it (`Arc`) with the QMP server.
@@ -252,6 +257,13 @@ pub enum VmmError {
 }
 
 impl Shared {
+    /// The security of a migration going `way`: the QMP parameters'
+    /// `tls-creds` if set, the command line's otherwise.
+    fn security(&self, state: &State, way: tls::Way<'_>) -> Result<driver::ChannelSecurity, QmpError> {
+        let timeout = self.config.base.handshake_timeout;
+        Ok(self.tls.security(&state.parameters, way, timeout)?.unwrap_or_else(|| self.config.security.clone()))
+    }
+
     fn lock(&self) -> MutexGuard<'_, State> {
         lock(&self.state)
     }
@@ -314,7 +326,8 @@ impl Shared {
         let listener =
             TcpListener::bind(addr).map_err(|e| QmpError::generic(format!("Failed to bind socket {addr}: {e}")))?;
         let local = listener.local_addr().map_err(|e| QmpError::generic(format!("socket {addr}: {e}")))?;
-        eprintln!("postcopy run: waiting for a migration on {local}");
+        let security = self.security(state, tls::Way::Incoming)?;
+        eprintln!("postcopy run: waiting for a migration on {local} ({})", security.describe());
         let slot = Arc::new(ListenerSlot::new(listener));
         let mut job = Job::new(Direction::Incoming, state, Some(slot.clone()));
         job.blocktime =
@@ -330,6 +343,7 @@ impl Shared {
             progress_bar: false,
             preallocated: None,
             blocktime: job.blocktime.clone(),
+            security,
         };
         state.incoming = Incoming::Started;
         state.job = Some(job.clone());
@@ -432,7 +446,10 @@ impl Shared {
                 let mode = if opts.config.mode.precopy_rounds() > 0 { "hybrid" } else { "postcopy" };
                 snapshot.source_report = Some(SourceReport {
                     ok: finished.result.is_ok(),
-                    error: finished.result.as_ref().err().map(|e| error_chain(e)),
+                    error: finished.result.as_ref().err().map(|e| match &outcome.last_connect_error {
+                        Some(why) => format!("{}: {why}", error_chain(e)),
+                        None => error_chain(e),
+                    }),
                     guest_on: format!("{:?}", finished.guest_on).to_lowercase(),
                     mem_bytes: guest.machine.ram.total_bytes(),
                     vcpus: guest.machine.vcpus,
@@ -448,6 +465,7 @@ impl Shared {
                     passes_before,
                     progress_after_failure_pages_per_s: None,
                     notices: outcome.notices.clone(),
+                    handshakes_ns: outcome.handshakes.clone(),
                 });
                 snapshot.x = XPostcopyInfo {
                     pages_precopy: Some(stats.pages_sent.precopy),
@@ -615,6 +633,7 @@ impl KvmVmm {
             x_request_batch_pages: Some(u64::from(config.base.request_batch_pages)),
             x_peer_timeout_ms: Some(config.base.peer_timeout.map_or(0, |t| t.as_millis() as u64)),
             x_reconnect_delay_max_ms: Some(config.base.reconnect_delay_max.as_millis() as u64),
+            ..MigrationParameters::default()
         };
         let state = State {
             run_state,
@@ -627,7 +646,10 @@ impl KvmVmm {
             exit_on_error: false,
             failed_exit: false,
         };
-        KvmVmm { shared: Arc::new(Shared { config, state: Mutex::new(state), quit_signal: Condvar::new(), events }) }
+        let tls = tls::TlsObjects::default();
+        KvmVmm {
+            shared: Arc::new(Shared { config, state: Mutex::new(state), quit_signal: Condvar::new(), events, tls }),
+        }
     }
 
     /// A VMM running `guest` (a migration source to be).
@@ -823,6 +845,7 @@ impl postcopy_qmp::Vmm for KvmVmm {
             connect: addr,
             config: self.shared.core_config(&state),
             tuning: self.shared.config.tuning.clone(),
+            security: self.shared.security(&state, tls::Way::Outgoing { uri: &args.uri })?,
         };
         state.job = Some(job.clone());
         if job.events {
@@ -958,6 +981,14 @@ impl postcopy_qmp::Vmm for KvmVmm {
             status::fill_blocktime(&mut info, &blocktime.figures(crate::sys::monotonic_ns()));
         }
         Ok(info)
+    }
+
+    fn object_add(&self, object: &postcopy_qmp::ObjectAddArgs) -> Result<(), QmpError> {
+        self.shared.tls.add(object)
+    }
+
+    fn object_del(&self, id: &str) -> Result<(), QmpError> {
+        self.shared.tls.remove(id)
     }
 
     fn x_postcopy_verify(&self) -> Result<Value, QmpError> {

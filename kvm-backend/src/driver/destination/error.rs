@@ -4,7 +4,6 @@
 use std::net::SocketAddr;
 
 use crate::driver::machine::MachineError;
-use crate::driver::net::PreambleReadError;
 
 /// A failure of the destination's driver (beside the core's own verdict).
 #[derive(Debug, thiserror::Error)]
@@ -20,9 +19,9 @@ pub enum DestinationError {
     Refused {
         /// The peer.
         peer: SocketAddr,
-        /// What it sent.
+        /// Why.
         #[source]
-        reason: PreambleReadError,
+        reason: crate::driver::security::AdmissionError,
     },
     /// The machine could not be built.
     #[error("cannot build the machine")]

@@ -30,7 +30,7 @@ use std::time::Duration;
 
 use hdrhistogram::Histogram;
 use postcopy_core::wire::PageData;
-use postcopy_core::{Channel, DeferredPage, Destination, DestinationAction};
+use postcopy_core::{Channel, DeferredPage, Destination, DestinationAction, Timestamp};
 
 use super::clock::now;
 use super::digest::MemoryDigest;
@@ -38,6 +38,7 @@ use super::machine::MachineDescription;
 use super::net::{self, Connection};
 use super::placement::{pin_self, set_policy, Boost};
 use super::report::DestinationReport;
+use super::security::{Acceptor, AdmissionError, SourceIdentity};
 use super::shell::{spawn, LockedCore, Shell, SideDriver};
 use super::sync::Doorbell;
 use super::watch::{ListenerSlot, Watch};
@@ -137,6 +138,8 @@ fn run(
         shell: Shell::new(Destination::new(opts.config.clone(), PAGE_SIZE as u32), opts.tuning.clone(), watch),
         opts,
         listener,
+        acceptor: Acceptor::new(opts.security.clone(), opts.config.handshake_timeout),
+        source_identity: SourceIdentity::default(),
         preparing: AtomicBool::new(false),
         machine: OnceLock::new(),
         vcpus: Mutex::new(None),
@@ -218,9 +221,8 @@ impl SideDriver for DestinationDriver<'_> {
             DestinationAction::Wake(page) => DestinationOp::Wake(page),
             DestinationAction::Close(channel) => DestinationOp::Close(l.close(channel)?),
             DestinationAction::Farewell { channel, bytes } => DestinationOp::Close(l.farewell(channel, bytes)?),
-            // This driver admits connections with `handle_connected` (one
-            // socket per channel), which never makes a connection provisional.
-            DestinationAction::PromoteConnection(_) | DestinationAction::CloseConnection(_) => return None,
+            DestinationAction::PromoteConnection(id) => DestinationOp::Close(l.promote(id)?),
+            DestinationAction::CloseConnection(id) => DestinationOp::Close(l.close_provisional(id)?),
             DestinationAction::Notice(notice) => DestinationOp::Notice(notice),
             DestinationAction::Finished(finished) => DestinationOp::Finished(finished),
         })
@@ -345,29 +347,80 @@ impl DestinationDriver<'_> {
         }
     }
 
-    fn serve_connection<'s>(&'s self, s: &'s Scope<'s, '_>, mut stream: TcpStream, peer: SocketAddr) {
-        let _ = stream.set_nonblocking(false);
-        let channel = match net::read_preamble(&mut stream, self.opts.config.handshake_timeout) {
-            Ok(channel) => channel,
-            Err(reason) => {
-                // A stranger changes nothing: its connection alone is
-                // refused (dropped here) and the destination keeps waiting
-                // for its source, as the core does for bad bytes after a
-                // preamble.
-                let e = DestinationError::Refused { peer, reason };
-                let text = format!("refused a stranger: {}", error_chain(&e));
+    fn serve_connection<'s>(&'s self, s: &'s Scope<'s, '_>, stream: TcpStream, peer: SocketAddr) {
+        let conn = match self.admit(stream, peer) {
+            Ok(conn) => Arc::new(conn),
+            Err(reason) => return self.refuse(peer, reason),
+        };
+        tracing::debug!(channel = %conn.channel, %peer, secure = conn.is_secure(), "accepted");
+        self.opts.tuning.tune_socket(conn.socket(), conn.channel);
+        conn.set_write_timeout(self.opts.config.peer_timeout);
+        let accepted = conn.clone();
+        let mut refused = None;
+        self.event(s, |l, now| {
+            // Again under the core lock, where the binding happens: a
+            // migration bound since `admit` checked is checked here.
+            if self.acceptor.is_secure() {
+                if let Err(e) = self.source_identity.check(accepted.peer_identities()) {
+                    refused = Some(e);
+                    return;
+                }
+            }
+            l.accept(now, accepted)
+        });
+        if let Some(reason) = refused {
+            conn.shutdown();
+            return self.refuse(peer, reason);
+        }
+        self.read_loop(s, conn);
+    }
+
+    /// A stranger changes nothing: its connection alone is refused (dropped
+    /// by the caller) and the destination keeps waiting for its source, as
+    /// the core does for bad bytes after a preamble.
+    fn refuse(&self, peer: SocketAddr, reason: AdmissionError) {
+        let e = DestinationError::Refused { peer, reason };
+        let text = format!("refused a stranger: {}", error_chain(&e));
+        tracing::warn!(side = "destination", "{text}");
+        self.shell.record_notice(text);
+    }
+
+    /// The handshake (through the gate), the preamble and the proof; then,
+    /// over TLS, the identity: a migration bound to a source takes
+    /// connections from that source's identity only, and a return
+    /// connection waits for the binding (it carries no hello to show).
+    fn admit(&self, stream: TcpStream, peer: SocketAddr) -> Result<Connection, AdmissionError> {
+        let (channel, transport) = self.acceptor.accept(stream, peer)?;
+        if self.acceptor.is_secure() {
+            let identity = &self.source_identity;
+            if channel == Channel::Return && !identity.is_bound() {
+                let wait = self.opts.config.handshake_timeout;
+                if !identity.wait_bound(wait, || self.shell.is_stopping()) {
+                    return Err(AdmissionError::Unbound(wait));
+                }
+            }
+            identity.check(transport.peer_identities())?;
+        }
+        Ok(Connection::over(channel, transport))
+    }
+
+    /// Over TLS, once the core bound the migration (a main hello on `conn`):
+    /// binds it to `conn`'s identity and drops the connections of any other
+    /// identity that came before. Under the core lock.
+    fn bind_source_identity(&self, l: &mut LockedCore<Destination>, now: Timestamp, conn: &Connection) {
+        if !self.acceptor.is_secure() || self.source_identity.is_bound() || l.core.session_id().is_none() {
+            return;
+        }
+        self.source_identity.bind(conn.peer_identities());
+        let identity = &self.source_identity;
+        for stranger in l.drop_connections(now, |c| identity.matches(c.peer_identities())) {
+            if let Err(e) = identity.check(stranger.peer_identities()) {
+                let text = format!("refused a stranger's {} connection: {}", stranger.channel, error_chain(&e));
                 tracing::warn!(side = "destination", "{text}");
                 self.shell.record_notice(text);
-                return;
             }
-        };
-        tracing::debug!(%channel, %peer, "accepted");
-        self.opts.tuning.tune_socket(&stream, channel);
-        let conn = Arc::new(Connection::new(channel, stream));
-        let _ = conn.stream.set_write_timeout(self.opts.config.peer_timeout);
-        let attached = conn.clone();
-        self.event(s, move |l, now| l.attach(now, attached));
-        self.read_loop(s, conn);
+            stranger.shutdown();
+        }
     }
 
     fn read_loop<'s>(&'s self, s: &'s Scope<'s, '_>, conn: Arc<Connection>) {
@@ -396,10 +449,14 @@ impl DestinationDriver<'_> {
             }
         };
         apply_boost(lock(&self.shell.locked).core.guest_started());
+        let binds = conn.channel == Channel::Main;
         let on_bytes = |bytes| {
             let mut started = None;
             self.event(s, |l, now| {
-                if l.input(now, &conn, bytes) {
+                if l.accepted_input(now, &conn, bytes) {
+                    if binds {
+                        self.bind_source_identity(l, now, &conn);
+                    }
                     started = Some(l.core.guest_started());
                 }
             });
@@ -408,7 +465,8 @@ impl DestinationDriver<'_> {
                     apply_boost(started);
                     true
                 }
-                // The connection was replaced: its successor's reader goes on.
+                // The connection was replaced or refused: its successor's
+                // reader goes on.
                 None => false,
             }
         };
@@ -418,7 +476,7 @@ impl DestinationDriver<'_> {
                     let peer = conn.peer.map_or("?".to_string(), |p| p.to_string());
                     tracing::warn!("the {} connection from {peer} closed", conn.channel);
                 }
-                l.detach(now, &conn);
+                l.accepted_lost(now, &conn);
             })
         };
         net::read_until_closed(&conn, max, spin, on_bytes, on_closed);

@@ -23,6 +23,7 @@ use crate::driver::machine::{MachineDescription, PageMap};
 use crate::driver::placement::Tuning;
 use crate::driver::shell::{ConnectionOp, Shell};
 use crate::driver::sync::{Doorbell, FaultClock, InstallsInFlight, PageBits};
+use crate::driver::security::{Acceptor, ChannelSecurity, SourceIdentity};
 use crate::driver::watch::ListenerSlot;
 use crate::memory::GuestRam;
 use crate::runner::VcpuSet;
@@ -54,6 +55,8 @@ pub struct DestinationOptions {
     /// Account vCPU blocktime and remote fault latency here (QMP's
     /// `postcopy-blocktime` capability); None: not measured.
     pub blocktime: Option<Arc<crate::driver::blocktime::Blocktime>>,
+    /// Plain TCP or mutual TLS (and a migration secret).
+    pub security: ChannelSecurity,
 }
 
 /// What the destination builds for the guest when the hello arrives.
@@ -123,6 +126,10 @@ pub(super) struct DestinationDriver<'a> {
     pub(super) opts: &'a DestinationOptions,
     /// Where connections are accepted (a VMM may close it or move it).
     pub(super) listener: Arc<ListenerSlot>,
+    /// Bounds connections in their handshake; runs TLS and the preamble.
+    pub(super) acceptor: Acceptor,
+    /// The TLS identity the migration is bound to, once bound.
+    pub(super) source_identity: SourceIdentity,
     /// The machine is being built: nothing goes out on the return path
     /// (the welcome would let the source stop its guest before this side
     /// can take it). Read and written only under the core lock.
