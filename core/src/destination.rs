@@ -197,7 +197,10 @@ impl State {
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct Destination {
     config: Config,
+    /// The page size this side backs guest RAM with.
     page_size: u32,
+    /// Blocks this side backs with pages of another size, by name.
+    block_page_sizes: Vec<(String, u32)>,
     session: Option<Session>,
     epoch: u32,
     state: State,
@@ -239,11 +242,15 @@ pub struct Destination {
 }
 
 impl Destination {
-    /// A destination that accepts guests with pages of `page_size` bytes.
+    /// A destination that accepts guests with pages of `page_size` bytes
+    /// (in every block, unless [`Destination::with_block_page_size`] says
+    /// otherwise). A hello with other page sizes is refused: this side's
+    /// memory could not hold or place such pages.
     pub fn new(config: Config, page_size: u32) -> Self {
         Destination {
             config,
             page_size,
+            block_page_sizes: Vec::new(),
             session: None,
             epoch: 0,
             state: State::Listening,
@@ -269,6 +276,25 @@ impl Destination {
             latency: Observed::default(),
             install_failures: BTreeMap::new(),
         }
+    }
+
+    /// Expects pages of `page_size` bytes in the block named `block`.
+    #[must_use]
+    pub fn with_block_page_size(mut self, block: &str, page_size: u32) -> Self {
+        self.expect_block_page_size(block, page_size);
+        self
+    }
+
+    /// Expects pages of `page_size` bytes in the block named `block` (before
+    /// the hello; a hello already accepted keeps its layout).
+    pub fn expect_block_page_size(&mut self, block: &str, page_size: u32) {
+        self.block_page_sizes.retain(|(name, _)| name != block);
+        self.block_page_sizes.push((block.to_owned(), page_size));
+    }
+
+    /// The page size this side expects in the block named `block`.
+    pub fn expected_page_size(&self, block: &str) -> u32 {
+        self.block_page_sizes.iter().find(|(name, _)| name == block).map_or(self.page_size, |&(_, size)| size)
     }
 
     // ----- getters -------------------------------------------------------
@@ -816,6 +842,16 @@ impl Destination {
         if hello.page_size != self.page_size {
             return Err(ProtocolError::PageSizeMismatch { ours: self.page_size, theirs: hello.page_size });
         }
+        for block in &hello.blocks {
+            let ours = self.expected_page_size(&block.name);
+            if block.page_size != ours {
+                return Err(ProtocolError::BlockPageSizeMismatch {
+                    block: block.name.clone(),
+                    ours,
+                    theirs: block.page_size,
+                });
+            }
+        }
         let layout = RamLayout::new(hello.page_size, hello.blocks).map_err(ProtocolError::BadLayout)?;
         if layout.total_pages() > self.config.max_guest_pages {
             return Err(ProtocolError::GuestTooLarge {
@@ -926,8 +962,9 @@ impl Destination {
             .page_number(frame.address)
             .ok_or(ProtocolError::PageOutOfRange { block: frame.address.block, index: frame.address.index })?;
         if let PageData::Bytes(bytes) = &frame.data {
-            if bytes.len() != self.page_size as usize {
-                return Err(ProtocolError::PageLength { expected: self.page_size, got: bytes.len() });
+            let expected = layout.block_page_size(frame.address.block).unwrap_or(self.page_size);
+            if bytes.len() != expected as usize {
+                return Err(ProtocolError::PageLength { expected, got: bytes.len() });
             }
         }
         let precopy_ok = self.state() == DestinationState::Precopy

@@ -36,8 +36,8 @@ fn hello(mode: WireMode, resume: bool, epoch: u32) -> Frame {
         mode,
         precopy_rounds: 1,
         blocks: vec![
-            RamBlock { name: "low".into(), page_count: 60 },
-            RamBlock { name: "high".into(), page_count: PAGES - 60 },
+            RamBlock { name: "low".into(), page_count: 60, page_size: PAGE_SIZE },
+            RamBlock { name: "high".into(), page_count: PAGES - 60, page_size: PAGE_SIZE },
         ],
         machine: Bytes::from_static(b"vcpus=2"),
     })
@@ -186,7 +186,7 @@ fn handshake_errors_refuse_the_connection_and_keep_listening() {
         page_size: 4096,
         mode: WireMode::Postcopy,
         precopy_rounds: 0,
-        blocks: vec![RamBlock { name: "ram".into(), page_count: 1 }],
+        blocks: vec![RamBlock { name: "ram".into(), page_count: 1, page_size: PAGE_SIZE }],
         machine: bytes::Bytes::new(),
     });
     let bad_layout = Frame::Hello(Hello {
@@ -197,7 +197,7 @@ fn handshake_errors_refuse_the_connection_and_keep_listening() {
         page_size: PAGE_SIZE,
         mode: WireMode::Postcopy,
         precopy_rounds: 0,
-        blocks: vec![RamBlock { name: "ram".into(), page_count: 0 }],
+        blocks: vec![RamBlock { name: "ram".into(), page_count: 0, page_size: PAGE_SIZE }],
         machine: bytes::Bytes::new(),
     });
     let cases = [
@@ -569,7 +569,7 @@ fn resume_checks_session_epoch_and_layout() {
         page_size: PAGE_SIZE,
         mode: WireMode::Postcopy,
         precopy_rounds: 0,
-        blocks: vec![RamBlock { name: "ram".into(), page_count: PAGES }],
+        blocks: vec![RamBlock { name: "ram".into(), page_count: PAGES, page_size: PAGE_SIZE }],
         machine: bytes::Bytes::new(),
     });
     let other_session = Frame::Hello(Hello {
@@ -580,7 +580,7 @@ fn resume_checks_session_epoch_and_layout() {
         page_size: PAGE_SIZE,
         mode: WireMode::Postcopy,
         precopy_rounds: 0,
-        blocks: vec![RamBlock { name: "ram".into(), page_count: PAGES }],
+        blocks: vec![RamBlock { name: "ram".into(), page_count: PAGES, page_size: PAGE_SIZE }],
         machine: bytes::Bytes::new(),
     });
     let cases = [

@@ -214,7 +214,7 @@ fn parse_payload(header: Header, payload: Bytes) -> Result<Frame, WireError> {
         FrameKind::Hello => {
             r.magic_and_version()?;
             let flags = r.u16()?;
-            if flags & !(HELLO_FLAG_RESUME | HELLO_FLAG_URGENT) != 0 {
+            if flags & !(HELLO_FLAG_RESUME | HELLO_FLAG_URGENT | HELLO_FLAG_BLOCK_PAGE_SIZES) != 0 {
                 return Err(WireError::ReservedBits { kind });
             }
             let session = r.u64()?;
@@ -239,7 +239,10 @@ fn parse_payload(header: Header, payload: Bytes) -> Result<Frame, WireError> {
                     return Err(r.malformed("empty block name"));
                 }
                 let page_count = r.u64()?;
-                blocks.push(RamBlock { name, page_count });
+                // Without the flag every block has the hello's page size
+                // (the encoding of builds that knew no other).
+                let block_page_size = if flags & HELLO_FLAG_BLOCK_PAGE_SIZES != 0 { r.u32()? } else { page_size };
+                blocks.push(RamBlock { name, page_count, page_size: block_page_size });
             }
             let machine_len = r.u16()? as usize;
             if machine_len > MAX_MACHINE_LEN {

@@ -81,7 +81,7 @@ pub fn core_layout(layout: &MemoryMap) -> Result<postcopy_core::RamLayout, postc
     let blocks = layout
         .blocks()
         .iter()
-        .map(|b| postcopy_core::RamBlock { name: b.name.clone(), page_count: b.pages() })
+        .map(|b| postcopy_core::RamBlock { name: b.name.clone(), page_count: b.pages(), page_size: PAGE_SIZE as u32 })
         .collect();
     postcopy_core::RamLayout::new(PAGE_SIZE as u32, blocks)
 }

@@ -312,7 +312,7 @@ impl SideDriver for SourceDriver<'_> {
     }
 
     fn fill_deferred(&self, deferred: &[DeferredPage], buf: &mut [u8]) {
-        DeferredPage::fill_all(deferred, buf, PAGE_SIZE as usize, &self.guest);
+        DeferredPage::fill_all(deferred, buf, &self.guest);
     }
 }
 
@@ -483,7 +483,7 @@ impl SourceDriver<'_> {
                     }
                     (changed, self.drain(&mut l), state)
                 };
-                DeferredPage::fill_all(&deferred, &mut buf, PAGE_SIZE as usize, &self.guest);
+                DeferredPage::fill_all(&deferred, &mut buf, &self.guest);
                 deferred.clear();
                 // Ready for the switchover (idle until the stop, then the
                 // device state): wake at once when it comes.
