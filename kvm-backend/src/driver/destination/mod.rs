@@ -36,7 +36,6 @@ use super::sync::Doorbell;
 use super::watch::Watch;
 use super::{error_chain, now, pin_self, set_policy, Boost, Tuning};
 use crate::devices::{lock, SerialOutput};
-use crate::layout::PAGE_SIZE;
 use crate::memory::GuestRam;
 use crate::runner::VcpuSet;
 use crate::vcpu::Vcpu;
@@ -260,7 +259,11 @@ fn run(
         }
     };
     let mut driver = DestinationDriver {
-        shell: Shell::new(Destination::new(opts.config.clone(), PAGE_SIZE as u32), opts.tuning.clone(), watch),
+        shell: Shell::new(
+            Destination::new(opts.config.clone(), opts.tuning.page_bytes() as u32),
+            opts.tuning.clone(),
+            watch,
+        ),
         opts,
         listener,
         preparing: AtomicBool::new(false),
