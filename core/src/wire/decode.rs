@@ -120,6 +120,11 @@ impl Decoder {
             let Some(front) = self.pending.front_mut() else {
                 return Ok(None);
             };
+            if header.is_some() {
+                // One allocation for the whole frame (a page can be 2 MiB):
+                // growing by doubling would copy it several times.
+                self.partial.reserve(wanted - self.partial.len());
+            }
             let take = (wanted - self.partial.len()).min(front.len());
             self.partial.extend_from_slice(&front[..take]);
             front.advance(take);

@@ -69,6 +69,7 @@
 //! block: on this machine a wake-up across CPUs costs about 30 us.
 
 pub mod digest;
+pub mod framing;
 pub mod install_faults;
 pub mod machine;
 pub mod net;

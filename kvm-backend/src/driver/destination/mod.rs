@@ -496,7 +496,10 @@ impl DestinationDriver<'_> {
             }
             Channel::Urgent => {
                 pin_self(tuning.latency_cpu, "dst-urgent");
-                (URGENT_READ_BYTES, tuning.spin(), tuning.rt_priority)
+                // A requested huge page in as few reads (core lock
+                // acquisitions) as the socket allows.
+                let max = URGENT_READ_BYTES.max(tuning.page_bytes() as usize + 64);
+                (max, tuning.spin(), tuning.rt_priority)
             }
             Channel::Return => (RETURN_READ_BYTES, Duration::ZERO, None),
         };
@@ -513,7 +516,7 @@ impl DestinationDriver<'_> {
             }
         };
         apply_boost(lock(&self.shell.locked).core.guest_started());
-        let on_bytes = |bytes| {
+        let mut deliver = |bytes| {
             let mut started = None;
             self.event(s, |l, now| {
                 if l.input(now, &conn, bytes) {
@@ -529,6 +532,10 @@ impl DestinationDriver<'_> {
                 None => false,
             }
         };
+        // Whole frames only: a frame spanning reads (a 2 MiB page) is
+        // assembled here, not under the core lock (driver::framing).
+        let mut aligner = crate::driver::framing::FrameAligner::default();
+        let on_bytes = |bytes| aligner.push(bytes).into_iter().all(&mut deliver);
         let on_closed = || {
             self.event(s, |l, now| {
                 if l.is_current(&conn) && !self.shell.is_stopping() && !l.core.state().is_terminal() {
