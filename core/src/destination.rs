@@ -201,6 +201,10 @@ pub struct Destination {
     page_size: u32,
     /// Blocks this side backs with pages of another size, by name.
     block_page_sizes: Vec<(String, u32)>,
+    /// Why the last fresh hello was refused for its page sizes, and when,
+    /// for a return connection of that source that arrives after it (see
+    /// `refuse_with_reason`).
+    refusal: Option<(String, Timestamp)>,
     session: Option<Session>,
     epoch: u32,
     state: State,
@@ -251,6 +255,7 @@ impl Destination {
             config,
             page_size,
             block_page_sizes: Vec::new(),
+            refusal: None,
             session: None,
             epoch: 0,
             state: State::Listening,
@@ -487,11 +492,16 @@ impl Destination {
         // A newer connection replaces an older one of the same channel.
         self.links[channel.index()].connected(now);
         self.hellos[channel.index()] = None;
+        if channel == Channel::Main {
+            // A new attempt: an older refusal is not its business.
+            self.refusal = None;
+        }
         if channel == Channel::Return {
             self.heard_from_peer(now);
             self.arm_keepalive(now);
             self.return_welcomed = false;
             self.maybe_welcome();
+            self.tell_refusal(now);
         }
     }
 
@@ -1320,6 +1330,20 @@ impl Destination {
             // never the source's; but once a migration is bound, the return
             // connection may carry its answers, so refusing it is a loss.)
             self.link_down(channel);
+            if channel == Channel::Main && self.session.is_none() && error.is_page_size_mismatch() {
+                // A fresh hello whose pages this side cannot hold: most
+                // likely the real source, configured with other page sizes.
+                // It hears why on the return connection (no stranger gains
+                // by this: any fresh hello would bind the migration), and
+                // this side keeps listening for a source that matches. Its
+                // main connection is left for it to close once it has read
+                // the reason (closing it here races with the farewell), and
+                // nothing more from it is read.
+                self.refuse_with_reason(now, &error);
+                self.actions
+                    .push_back(DestinationAction::Notice(Notice::StrangerRefused { channel, reason: error.into() }));
+                return;
+            }
             self.actions.push_back(DestinationAction::Close(channel));
             self.actions
                 .push_back(DestinationAction::Notice(Notice::StrangerRefused { channel, reason: error.into() }));
@@ -1345,6 +1369,29 @@ impl Destination {
                 self.pause(now, error.into())
             }
         }
+    }
+
+    /// Writes a `Reject` with `error` as the last frame of the current
+    /// return connection, which closes; with no return connection yet, the
+    /// next one gets it if it comes within the handshake timeout and before
+    /// another main connection.
+    fn refuse_with_reason(&mut self, now: Timestamp, error: &ProtocolError) {
+        self.refusal = Some((error.to_string(), now));
+        self.tell_refusal(now);
+    }
+
+    fn tell_refusal(&mut self, now: Timestamp) {
+        if self.session.is_some() || !self.links[Channel::Return.index()].up {
+            return;
+        }
+        let Some((reason, at)) = self.refusal.take() else { return };
+        if now.saturating_since(at) > self.config.handshake_timeout {
+            return;
+        }
+        let mut bytes = Vec::new();
+        wire::encode(&Frame::Reject { reason }, &mut bytes);
+        self.link_down(Channel::Return);
+        self.actions.push_back(DestinationAction::Farewell { channel: Channel::Return, bytes: bytes.into() });
     }
 
     fn close_all_links(&mut self) {

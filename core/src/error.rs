@@ -60,6 +60,13 @@ pub enum ProtocolError {
     Rejected(String),
 }
 
+impl ProtocolError {
+    /// Whether the peer's pages have another size than this side's.
+    pub fn is_page_size_mismatch(&self) -> bool {
+        matches!(self, ProtocolError::PageSizeMismatch { .. } | ProtocolError::BlockPageSizeMismatch { .. })
+    }
+}
+
 /// Why a migration ended without completing, or paused.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, Error, Serialize, Deserialize)]
 pub enum MigrationError {
