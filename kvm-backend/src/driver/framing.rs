@@ -7,25 +7,20 @@
 //! reads (256 KiB on the main channel), so the main reader held the lock
 //! for a copy of every bulk page, a 256 KiB piece at a time, and the urgent
 //! reader, which needs the lock for each piece of a requested page, waited
-//! behind it. A [`FrameAligner`] in each reader thread assembles a spanning
-//! frame itself, outside the lock, and passes the core only whole frames.
+//! behind it. [`read_frames_until_closed`] receives a spanning frame
+//! straight into a buffer of its size, outside the lock, and passes the core
+//! only whole frames.
 //!
 //! It reads the header's type and length only to know where the frame ends;
 //! a header the core would refuse (unknown type, payload over the type's
 //! bound) stops the alignment and lets every later byte through as it came,
 //! so that the core sees the same bytes and gives the same error.
 
-use bytes::{Buf, Bytes, BytesMut};
+use bytes::{Bytes, BytesMut};
 use postcopy_core::wire::{FrameKind, HEADER_LEN};
+use std::time::Duration;
 
-/// Splits a stream into runs of whole frames (see the module docs).
-#[derive(Debug, Default)]
-pub struct FrameAligner {
-    /// The start of a frame that spans pieces.
-    partial: BytesMut,
-    /// A header the core will refuse was seen: pass bytes through.
-    passthrough: bool,
-}
+use super::net::Connection;
 
 /// The length of the frame whose header starts `bytes`; None when the
 /// header is incomplete, Err when the core would refuse it.
@@ -39,68 +34,83 @@ fn frame_len(bytes: &[u8]) -> Option<Result<usize, ()>> {
     Some(Ok(HEADER_LEN + len as usize))
 }
 
+/// Received bytes, cut at frame boundaries (see the module docs).
+#[derive(Debug, Default)]
+pub struct FrameAligner {
+    /// Received bytes not handed on yet: the start of a frame.
+    buf: BytesMut,
+    /// A header the core will refuse was seen: pass bytes through.
+    passthrough: bool,
+}
+
 impl FrameAligner {
-    /// Takes the next piece read; returns the pieces to hand the core, each
-    /// a run of whole frames (or, after a refused header, raw bytes).
-    pub fn push(&mut self, mut bytes: Bytes) -> Vec<Bytes> {
-        let mut out = Vec::new();
+    /// How many bytes the next receive should take at most (`max` is the
+    /// reader's usual size): when a frame larger than that has begun, the
+    /// rest of it, which lands in place, whole, in room reserved for it.
+    fn next_read(&mut self, max: usize) -> usize {
+        match frame_len(&self.buf) {
+            Some(Ok(len)) if !self.passthrough && len > self.buf.len() + max => {
+                self.buf.reserve(len - self.buf.len());
+                len - self.buf.len()
+            }
+            _ => max,
+        }
+    }
+
+    /// The whole frames at the front of what was received, in one piece (or,
+    /// after a refused header, everything); the rest waits for more bytes.
+    fn take(&mut self) -> Option<Bytes> {
         if self.passthrough {
-            out.push(bytes);
-            return out;
+            return (!self.buf.is_empty()).then(|| self.buf.split().freeze());
         }
-        // Finish the spanning frame first.
-        while !self.partial.is_empty() && !bytes.is_empty() {
-            let wanted = match frame_len(&self.partial) {
-                None => HEADER_LEN,
-                Some(Ok(len)) => len,
-                Some(Err(())) => return self.give_up(bytes, out),
-            };
-            if self.partial.capacity() < wanted {
-                self.partial.reserve(wanted - self.partial.len());
-            }
-            let take = (wanted - self.partial.len()).min(bytes.len());
-            self.partial.extend_from_slice(&bytes[..take]);
-            bytes.advance(take);
-            if frame_len(&self.partial) == Some(Ok(self.partial.len())) {
-                out.push(self.partial.split().freeze());
-            }
-        }
-        // Whole frames in what is left go as one slice, the tail waits.
         let mut at = 0;
         loop {
-            match frame_len(&bytes[at..]) {
-                Some(Ok(len)) if at + len <= bytes.len() => at += len,
+            match frame_len(&self.buf[at..]) {
+                Some(Ok(len)) if at + len <= self.buf.len() => at += len,
                 Some(Err(())) => {
-                    if at > 0 {
-                        out.push(bytes.split_to(at));
-                    }
-                    return self.give_up(bytes, out);
+                    self.passthrough = true;
+                    return Some(self.buf.split().freeze());
                 }
                 _ => break,
             }
         }
-        if at > 0 {
-            out.push(bytes.split_to(at));
-        }
-        if !bytes.is_empty() {
-            if let Some(Ok(len)) = frame_len(&bytes) {
-                self.partial.reserve(len);
-            }
-            self.partial.extend_from_slice(&bytes);
-        }
-        out
+        (at > 0).then(|| self.buf.split_to(at).freeze())
     }
 
-    /// A header the core refuses: everything held and later goes through.
-    fn give_up(&mut self, rest: Bytes, mut out: Vec<Bytes>) -> Vec<Bytes> {
-        self.passthrough = true;
-        if !self.partial.is_empty() {
-            out.push(self.partial.split().freeze());
+    /// Takes a piece received elsewhere (tests, other readers): returns what
+    /// [`FrameAligner::take`] has then.
+    pub fn push(&mut self, bytes: &[u8]) -> Option<Bytes> {
+        self.buf.extend_from_slice(bytes);
+        self.take()
+    }
+}
+
+/// As `net::read_until_closed`, but `on_bytes` gets whole frames only: a
+/// frame that spans reads is received straight into one buffer of its size
+/// (no copy, no core lock), and handed on once complete.
+pub fn read_frames_until_closed(
+    conn: &Connection,
+    max: usize,
+    spin: Duration,
+    mut on_bytes: impl FnMut(Bytes) -> bool,
+    on_closed: impl FnOnce(),
+) {
+    let mut aligner = FrameAligner::default();
+    loop {
+        let want = aligner.next_read(max);
+        match conn.recv(&mut aligner.buf, want, spin) {
+            Ok(0) | Err(_) => {
+                on_closed();
+                return;
+            }
+            Ok(_) => {
+                if let Some(frames) = aligner.take() {
+                    if !on_bytes(frames) {
+                        return;
+                    }
+                }
+            }
         }
-        if !rest.is_empty() {
-            out.push(rest);
-        }
-        out
     }
 }
 
@@ -140,7 +150,7 @@ mod tests {
             let mut aligner = FrameAligner::default();
             let mut pieces = Vec::new();
             for chunk in all.chunks(read) {
-                for piece in aligner.push(Bytes::copy_from_slice(chunk)) {
+                if let Some(piece) = aligner.push(chunk) {
                     // Every piece starts and ends on a frame boundary.
                     let mut d = Decoder::new();
                     d.push(piece.clone());
@@ -159,14 +169,29 @@ mod tests {
         let mut bytes = Vec::new();
         encode(&Frame::Ping, &mut bytes);
         bytes.extend_from_slice(&[0x7f, 0, 0, 0, 0xff, 0xff, 0xff, 0xff, 1, 2, 3]);
-        let out = aligner.push(Bytes::from(bytes.clone()));
-        assert_eq!(out.concat(), bytes, "nothing is held back or changed");
-        assert_eq!(aligner.push(Bytes::from_static(b"later")), vec![Bytes::from_static(b"later")]);
+        let out = aligner.push(&bytes);
+        assert_eq!(out.as_deref(), Some(&bytes[..]), "nothing is held back or changed");
+        assert_eq!(aligner.push(b"later").as_deref(), Some(&b"later"[..]));
         // An oversized length is refused from the header alone: nothing is reserved for it.
         let mut aligner = FrameAligner::default();
         let mut header = vec![FrameKind::Page.code(), 0, 0, 0];
         header.extend_from_slice(&u32::MAX.to_be_bytes());
-        assert_eq!(aligner.push(Bytes::from(header.clone())), vec![Bytes::from(header)]);
-        assert_eq!(aligner.partial.capacity(), 0);
+        assert_eq!(aligner.push(&header).as_deref(), Some(&header[..]));
+        assert_eq!(aligner.next_read(4096), 4096);
+    }
+
+    #[test]
+    fn a_large_frame_is_read_in_place() {
+        let all = stream();
+        let mut aligner = FrameAligner::default();
+        // The ping and the page frame's header arrive first.
+        assert!(aligner.push(&all[..HEADER_LEN + HEADER_LEN + 3]).is_some(), "the ping goes at once");
+        let rest = (HEADER_LEN + 8 + (2 << 20)) - (HEADER_LEN + 3);
+        assert_eq!(aligner.next_read(64 << 10), rest, "the next read takes the rest of the page frame");
+        assert!(aligner.buf.capacity() >= HEADER_LEN + 8 + (2 << 20), "room for all of it");
+        // A small frame begun: the usual read size.
+        let mut aligner = FrameAligner::default();
+        assert!(aligner.push(&all[(HEADER_LEN + HEADER_LEN + 8 + (2 << 20) + HEADER_LEN)..][..20]).is_none());
+        assert_eq!(aligner.next_read(64 << 10), 64 << 10);
     }
 }

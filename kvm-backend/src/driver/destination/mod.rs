@@ -516,7 +516,7 @@ impl DestinationDriver<'_> {
             }
         };
         apply_boost(lock(&self.shell.locked).core.guest_started());
-        let mut deliver = |bytes| {
+        let deliver = |bytes| {
             let mut started = None;
             self.event(s, |l, now| {
                 if l.input(now, &conn, bytes) {
@@ -533,9 +533,7 @@ impl DestinationDriver<'_> {
             }
         };
         // Whole frames only: a frame spanning reads (a 2 MiB page) is
-        // assembled here, not under the core lock (driver::framing).
-        let mut aligner = crate::driver::framing::FrameAligner::default();
-        let on_bytes = |bytes| aligner.push(bytes).into_iter().all(&mut deliver);
+        // received in place here, not copied under the core lock.
         let on_closed = || {
             self.event(s, |l, now| {
                 if l.is_current(&conn) && !self.shell.is_stopping() && !l.core.state().is_terminal() {
@@ -545,7 +543,7 @@ impl DestinationDriver<'_> {
                 l.detach(now, &conn);
             })
         };
-        net::read_until_closed(&conn, max, spin, on_bytes, on_closed);
+        crate::driver::framing::read_frames_until_closed(&conn, max, spin, deliver, on_closed);
     }
 
     fn progress_loop(&self) {
