@@ -197,7 +197,14 @@ impl State {
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct Destination {
     config: Config,
+    /// The page size this side backs guest RAM with.
     page_size: u32,
+    /// Blocks this side backs with pages of another size, by name.
+    block_page_sizes: Vec<(String, u32)>,
+    /// Why the last fresh hello was refused for its page sizes, and when,
+    /// for a return connection of that source that arrives after it (see
+    /// `refuse_with_reason`).
+    refusal: Option<(String, Timestamp)>,
     session: Option<Session>,
     epoch: u32,
     state: State,
@@ -239,11 +246,16 @@ pub struct Destination {
 }
 
 impl Destination {
-    /// A destination that accepts guests with pages of `page_size` bytes.
+    /// A destination that accepts guests with pages of `page_size` bytes
+    /// (in every block, unless [`Destination::with_block_page_size`] says
+    /// otherwise). A hello with other page sizes is refused: this side's
+    /// memory could not hold or place such pages.
     pub fn new(config: Config, page_size: u32) -> Self {
         Destination {
             config,
             page_size,
+            block_page_sizes: Vec::new(),
+            refusal: None,
             session: None,
             epoch: 0,
             state: State::Listening,
@@ -269,6 +281,25 @@ impl Destination {
             latency: Observed::default(),
             install_failures: BTreeMap::new(),
         }
+    }
+
+    /// Expects pages of `page_size` bytes in the block named `block`.
+    #[must_use]
+    pub fn with_block_page_size(mut self, block: &str, page_size: u32) -> Self {
+        self.expect_block_page_size(block, page_size);
+        self
+    }
+
+    /// Expects pages of `page_size` bytes in the block named `block` (before
+    /// the hello; a hello already accepted keeps its layout).
+    pub fn expect_block_page_size(&mut self, block: &str, page_size: u32) {
+        self.block_page_sizes.retain(|(name, _)| name != block);
+        self.block_page_sizes.push((block.to_owned(), page_size));
+    }
+
+    /// The page size this side expects in the block named `block`.
+    pub fn expected_page_size(&self, block: &str) -> u32 {
+        self.block_page_sizes.iter().find(|(name, _)| name == block).map_or(self.page_size, |&(_, size)| size)
     }
 
     // ----- getters -------------------------------------------------------
@@ -467,11 +498,16 @@ impl Destination {
         // A newer connection replaces an older one of the same channel.
         self.links[channel.index()].connected(now);
         self.hellos[channel.index()] = None;
+        if channel == Channel::Main {
+            // A new attempt: an older refusal is not its business.
+            self.refusal = None;
+        }
         if channel == Channel::Return {
             self.heard_from_peer(now);
             self.arm_keepalive(now);
             self.return_welcomed = false;
             self.maybe_welcome();
+            self.tell_refusal(now);
         }
     }
 
@@ -838,6 +874,16 @@ impl Destination {
         if hello.page_size != self.page_size {
             return Err(ProtocolError::PageSizeMismatch { ours: self.page_size, theirs: hello.page_size });
         }
+        for block in &hello.blocks {
+            let ours = self.expected_page_size(&block.name);
+            if block.page_size != ours {
+                return Err(ProtocolError::BlockPageSizeMismatch {
+                    block: block.name.clone(),
+                    ours,
+                    theirs: block.page_size,
+                });
+            }
+        }
         let layout = RamLayout::new(hello.page_size, hello.blocks).map_err(ProtocolError::BadLayout)?;
         if layout.total_pages() > self.config.max_guest_pages {
             return Err(ProtocolError::GuestTooLarge {
@@ -948,8 +994,9 @@ impl Destination {
             .page_number(frame.address)
             .ok_or(ProtocolError::PageOutOfRange { block: frame.address.block, index: frame.address.index })?;
         if let PageData::Bytes(bytes) = &frame.data {
-            if bytes.len() != self.page_size as usize {
-                return Err(ProtocolError::PageLength { expected: self.page_size, got: bytes.len() });
+            let expected = layout.block_page_size(frame.address.block).unwrap_or(self.page_size);
+            if bytes.len() != expected as usize {
+                return Err(ProtocolError::PageLength { expected, got: bytes.len() });
             }
         }
         let precopy_ok = self.state() == DestinationState::Precopy
@@ -1305,6 +1352,20 @@ impl Destination {
             // never the source's; but once a migration is bound, the return
             // connection may carry its answers, so refusing it is a loss.)
             self.link_down(channel);
+            if channel == Channel::Main && self.session.is_none() && error.is_page_size_mismatch() {
+                // A fresh hello whose pages this side cannot hold: most
+                // likely the real source, configured with other page sizes.
+                // It hears why on the return connection (no stranger gains
+                // by this: any fresh hello would bind the migration), and
+                // this side keeps listening for a source that matches. Its
+                // main connection is left for it to close once it has read
+                // the reason (closing it here races with the farewell), and
+                // nothing more from it is read.
+                self.refuse_with_reason(now, &error);
+                self.actions
+                    .push_back(DestinationAction::Notice(Notice::StrangerRefused { channel, reason: error.into() }));
+                return;
+            }
             self.actions.push_back(DestinationAction::Close(channel));
             self.actions
                 .push_back(DestinationAction::Notice(Notice::StrangerRefused { channel, reason: error.into() }));
@@ -1330,6 +1391,29 @@ impl Destination {
                 self.pause(now, error.into())
             }
         }
+    }
+
+    /// Writes a `Reject` with `error` as the last frame of the current
+    /// return connection, which closes; with no return connection yet, the
+    /// next one gets it if it comes within the handshake timeout and before
+    /// another main connection.
+    fn refuse_with_reason(&mut self, now: Timestamp, error: &ProtocolError) {
+        self.refusal = Some((error.to_string(), now));
+        self.tell_refusal(now);
+    }
+
+    fn tell_refusal(&mut self, now: Timestamp) {
+        if self.session.is_some() || !self.links[Channel::Return.index()].up {
+            return;
+        }
+        let Some((reason, at)) = self.refusal.take() else { return };
+        if now.saturating_since(at) > self.config.handshake_timeout {
+            return;
+        }
+        let mut bytes = Vec::new();
+        wire::encode(&Frame::Reject { reason }, &mut bytes);
+        self.link_down(Channel::Return);
+        self.actions.push_back(DestinationAction::Farewell { channel: Channel::Return, bytes: bytes.into() });
     }
 
     fn close_all_links(&mut self) {

@@ -24,8 +24,10 @@ pub enum ProtocolError {
     BlockOutOfRange { block: u32 },
     #[error("page {index} of block {block} does not exist")]
     PageOutOfRange { block: u32, index: u32 },
-    #[error("page size mismatch: this side uses {ours} bytes, the peer {theirs}")]
+    #[error("page size mismatch: this side's guest RAM has pages of {ours} bytes, the peer's of {theirs} bytes (both sides must back guest RAM with pages of one size)")]
     PageSizeMismatch { ours: u32, theirs: u32 },
+    #[error("page size mismatch in RAM block {block:?}: this side's has pages of {ours} bytes, the peer's of {theirs} bytes (both sides must back guest RAM with pages of one size)")]
+    BlockPageSizeMismatch { block: String, ours: u32, theirs: u32 },
     #[error("page frame carries {got} bytes, the page size is {expected}")]
     PageLength { expected: u32, got: usize },
     #[error("the peer's RAM layout is invalid: {0}")]
@@ -56,6 +58,13 @@ pub enum ProtocolError {
     TooManyProvisional { channel: Channel, limit: usize },
     #[error("the peer rejected the migration: {0}")]
     Rejected(String),
+}
+
+impl ProtocolError {
+    /// Whether the peer's pages have another size than this side's.
+    pub fn is_page_size_mismatch(&self) -> bool {
+        matches!(self, ProtocolError::PageSizeMismatch { .. } | ProtocolError::BlockPageSizeMismatch { .. })
+    }
 }
 
 /// Why a migration ended without completing, or paused.

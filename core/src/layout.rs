@@ -12,8 +12,10 @@ use thiserror::Error;
 /// Smallest page size the protocol accepts. Tiny pages let simulators and
 /// model checkers carry a content version in each page cheaply.
 pub const MIN_PAGE_SIZE: u32 = 16;
-/// Largest page size the protocol accepts (a page must fit in one frame).
-pub const MAX_PAGE_SIZE: u32 = 64 * 1024;
+/// Largest page size the protocol accepts: a page crosses whole in one frame,
+/// so this is 2 MiB (an x86 huge page). 1 GiB pages would need pages sent in
+/// parts, which the protocol does not do.
+pub const MAX_PAGE_SIZE: u32 = 2 * 1024 * 1024;
 /// Most RAM blocks a layout may have.
 pub const MAX_BLOCKS: usize = 256;
 /// Longest block name in bytes (UTF-8).
@@ -26,8 +28,10 @@ pub const MAX_TOTAL_PAGES: u64 = 1 << 40;
 /// A RAM layout the protocol cannot carry.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, Error, Serialize, Deserialize)]
 pub enum LayoutError {
-    #[error("page size {0} is not a power of two between 16 and 65536")]
+    #[error("page size {0} is not a power of two between 16 and 2097152 (2 MiB)")]
     BadPageSize(u32),
+    #[error("block {name:?} has pages of {page_size} bytes: not a power of two between 16 and 2097152 (2 MiB)")]
+    BadBlockPageSize { name: String, page_size: u32 },
     #[error("a layout needs 1 to 256 blocks, not {0}")]
     BadBlockCount(usize),
     #[error("block name {0:?} is empty or longer than 255 bytes")]
@@ -57,16 +61,29 @@ pub struct PageAddress {
     pub index: u32,
 }
 
-/// One named RAM block.
+/// One named RAM block. Its pages are the unit of everything that names
+/// pages of the block: page frames, requests, discards, bitmaps and
+/// recovery reports. A block backed by huge pages has pages of the huge
+/// page's size (2 MiB), which cross whole.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct RamBlock {
     pub name: String,
     pub page_count: u64,
+    /// Bytes per page of this block.
+    pub page_size: u32,
 }
 
-/// The guest's RAM: page size and named blocks. Immutable once built.
+/// Whether `page_size` is one the protocol carries.
+pub fn valid_page_size(page_size: u32) -> bool {
+    page_size.is_power_of_two() && (MIN_PAGE_SIZE..=MAX_PAGE_SIZE).contains(&page_size)
+}
+
+/// The guest's RAM: a base page size and named blocks, each with its own
+/// page size. Immutable once built.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct RamLayout {
+    /// The base page size: what the hello announces for every block that
+    /// does not carry its own (see the wire docs).
     page_size: u32,
     blocks: Vec<RamBlock>,
     /// `first_page[i]` is the global number of block `i`'s first page; one
@@ -76,8 +93,9 @@ pub struct RamLayout {
 
 impl RamLayout {
     /// Builds a layout, checking every limit the wire protocol imposes.
+    /// `page_size` is the base page size; each block has its own.
     pub fn new(page_size: u32, blocks: Vec<RamBlock>) -> Result<Self, LayoutError> {
-        if !page_size.is_power_of_two() || !(MIN_PAGE_SIZE..=MAX_PAGE_SIZE).contains(&page_size) {
+        if !valid_page_size(page_size) {
             return Err(LayoutError::BadPageSize(page_size));
         }
         if blocks.is_empty() || blocks.len() > MAX_BLOCKS {
@@ -95,6 +113,9 @@ impl RamLayout {
             if block.page_count == 0 || block.page_count > MAX_BLOCK_PAGES {
                 return Err(LayoutError::BadBlockSize { name: block.name.clone(), pages: block.page_count });
             }
+            if !valid_page_size(block.page_size) {
+                return Err(LayoutError::BadBlockPageSize { name: block.name.clone(), page_size: block.page_size });
+            }
             first_page.push(total);
             total += block.page_count;
             if total > MAX_TOTAL_PAGES {
@@ -107,11 +128,34 @@ impl RamLayout {
 
     /// A layout of one block, for tests and simple guests.
     pub fn single(name: &str, page_size: u32, page_count: u64) -> Result<Self, LayoutError> {
-        Self::new(page_size, vec![RamBlock { name: name.to_owned(), page_count }])
+        Self::new(page_size, vec![RamBlock { name: name.to_owned(), page_count, page_size }])
     }
 
+    /// The base page size (every block's, unless [`RamLayout::uniform`] is
+    /// false).
     pub fn page_size(&self) -> u32 {
         self.page_size
+    }
+
+    /// Whether every block has pages of the base page size.
+    pub fn uniform(&self) -> bool {
+        self.blocks.iter().all(|b| b.page_size == self.page_size)
+    }
+
+    /// Bytes per page of `block`.
+    pub fn block_page_size(&self, block: u32) -> Option<u32> {
+        self.blocks.get(block as usize).map(|b| b.page_size)
+    }
+
+    /// Bytes of page `page` (the page size of its block), or `None` when out
+    /// of range.
+    pub fn page_size_of(&self, page: PageNumber) -> Option<u32> {
+        self.address(page).and_then(|a| self.block_page_size(a.block))
+    }
+
+    /// The largest page size of any block.
+    pub fn max_page_size(&self) -> u32 {
+        self.blocks.iter().map(|b| b.page_size).max().unwrap_or(self.page_size)
     }
 
     pub fn blocks(&self) -> &[RamBlock] {
@@ -123,7 +167,7 @@ impl RamLayout {
     }
 
     pub fn total_bytes(&self) -> u64 {
-        self.total_pages() * u64::from(self.page_size)
+        self.blocks.iter().map(|b| b.page_count * u64::from(b.page_size)).sum()
     }
 
     /// The global number of the first page of `block`.
@@ -152,7 +196,7 @@ impl RamLayout {
 
     /// The page holding byte `byte_offset` of block `block`.
     pub fn page_at(&self, block: u32, byte_offset: u64) -> Option<PageNumber> {
-        let index = byte_offset / u64::from(self.page_size);
+        let index = byte_offset / u64::from(self.block_page_size(block)?);
         self.page_number(PageAddress { block, index: u32::try_from(index).ok()? })
     }
 
@@ -175,7 +219,10 @@ mod tests {
     fn two_blocks() -> RamLayout {
         RamLayout::new(
             4096,
-            vec![RamBlock { name: "low".into(), page_count: 10 }, RamBlock { name: "high".into(), page_count: 5 }],
+            vec![
+                RamBlock { name: "low".into(), page_count: 10, page_size: 4096 },
+                RamBlock { name: "high".into(), page_count: 5, page_size: 4096 },
+            ],
         )
         .unwrap()
     }
@@ -206,8 +253,35 @@ mod tests {
         assert!(matches!(RamLayout::single("a", 4096, 0), Err(LayoutError::BadBlockSize { .. })));
         assert!(matches!(RamLayout::single("", 4096, 1), Err(LayoutError::BadBlockName(_))));
         assert!(matches!(RamLayout::new(4096, vec![]), Err(LayoutError::BadBlockCount(0))));
-        let dup = vec![RamBlock { name: "a".into(), page_count: 1 }, RamBlock { name: "a".into(), page_count: 1 }];
+        let dup = vec![
+            RamBlock { name: "a".into(), page_count: 1, page_size: 4096 },
+            RamBlock { name: "a".into(), page_count: 1, page_size: 4096 },
+        ];
         assert!(matches!(RamLayout::new(4096, dup), Err(LayoutError::DuplicateBlockName(_))));
         assert!(matches!(RamLayout::single("a", 4096, MAX_BLOCK_PAGES + 1), Err(LayoutError::BadBlockSize { .. })));
+        assert!(matches!(RamLayout::single("a", 4 << 20, 1), Err(LayoutError::BadPageSize(_))));
+        let odd = vec![RamBlock { name: "a".into(), page_count: 1, page_size: 3 << 20 }];
+        assert!(matches!(RamLayout::new(4096, odd), Err(LayoutError::BadBlockPageSize { .. })));
+    }
+
+    #[test]
+    fn blocks_have_their_own_page_size() {
+        let layout = RamLayout::new(
+            4096,
+            vec![
+                RamBlock { name: "small".into(), page_count: 3, page_size: 4096 },
+                RamBlock { name: "huge".into(), page_count: 2, page_size: 2 << 20 },
+            ],
+        )
+        .unwrap();
+        assert!(!layout.uniform());
+        assert_eq!(layout.total_bytes(), 3 * 4096 + 2 * (2 << 20));
+        assert_eq!(layout.page_size_of(PageNumber(2)), Some(4096));
+        assert_eq!(layout.page_size_of(PageNumber(3)), Some(2 << 20));
+        assert_eq!(layout.page_size_of(PageNumber(5)), None);
+        assert_eq!(layout.max_page_size(), 2 << 20);
+        // Byte offsets count in the block's own pages.
+        assert_eq!(layout.page_at(1, (2 << 20) + 1), Some(PageNumber(4)));
+        assert!(RamLayout::single("a", 4096, 1).unwrap().uniform());
     }
 }

@@ -67,10 +67,11 @@ use crate::wire::{self, Frame, Hello, PageKind, UrgentHello, Welcome, WireMode, 
 
 /// Read access to the guest's RAM on the source.
 pub trait GuestMemory {
-    /// Copies page `page` into `out`, which is exactly one page long.
+    /// Copies page `page` into `out`, which is exactly one page of its
+    /// block long.
     fn read_page(&self, page: PageNumber, out: &mut [u8]);
 
-    /// Whether page `page` (`page_size` bytes) is all zeros. Used by
+    /// Whether page `page` (`page_size` bytes, its block's) is all zeros. Used by
     /// [`Source::poll_transmit_deferred`], which decides a frame's shape
     /// before its payload is read; the default reads the page. A driver
     /// overrides it with a check that stops at the first non-zero byte.
@@ -87,15 +88,17 @@ pub trait GuestMemory {
 pub struct DeferredPage {
     pub offset: usize,
     pub page: PageNumber,
+    /// The page's length: its block's page size.
+    pub len: usize,
 }
 
 impl DeferredPage {
     /// Reads every page of `deferred` from `guest` into its room in `out`
     /// (the buffer [`Source::poll_transmit_deferred`] wrote; an entry that
     /// does not fit in `out` is skipped).
-    pub fn fill_all(deferred: &[DeferredPage], out: &mut [u8], page_size: usize, guest: &(impl GuestMemory + ?Sized)) {
+    pub fn fill_all(deferred: &[DeferredPage], out: &mut [u8], guest: &(impl GuestMemory + ?Sized)) {
         for d in deferred {
-            let room = d.offset.checked_add(page_size).and_then(|end| out.get_mut(d.offset..end));
+            let room = d.offset.checked_add(d.len).and_then(|end| out.get_mut(d.offset..end));
             debug_assert!(room.is_some(), "deferred page {} outside the buffer", d.page.0);
             if let Some(room) = room {
                 guest.read_page(d.page, room);
@@ -1265,19 +1268,19 @@ impl Source {
     }
 
     fn write_page(&mut self, out: &mut Outbox<'_, impl GuestMemory + ?Sized>, page: PageNumber, kind: PageKind) {
-        let Some(address) = self.layout.address(page) else {
+        let (Some(address), Some(page_size)) = (self.layout.address(page), self.layout.page_size_of(page)) else {
             debug_assert!(false, "the source only schedules pages of its own layout");
             return;
         };
         let before = out.bytes.len();
-        let page_size = self.layout.page_size() as usize;
+        let page_size = page_size as usize;
         let guest = out.guest;
         let zero = match &mut out.deferred {
             None => wire::encode_page_frame(out.bytes, address, kind, page_size, |buf| guest.read_page(page, buf)),
             Some(deferred) => {
                 let zero = guest.is_zero_page(page, page_size);
                 if let Some(offset) = wire::encode_page_frame_unfilled(out.bytes, address, kind, page_size, zero) {
-                    deferred.push(DeferredPage { offset, page });
+                    deferred.push(DeferredPage { offset, page, len: page_size });
                 }
                 zero
             }

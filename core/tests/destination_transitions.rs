@@ -36,8 +36,8 @@ fn hello(mode: WireMode, resume: bool, epoch: u32) -> Frame {
         mode,
         precopy_rounds: 1,
         blocks: vec![
-            RamBlock { name: "low".into(), page_count: 60 },
-            RamBlock { name: "high".into(), page_count: PAGES - 60 },
+            RamBlock { name: "low".into(), page_count: 60, page_size: PAGE_SIZE },
+            RamBlock { name: "high".into(), page_count: PAGES - 60, page_size: PAGE_SIZE },
         ],
         machine: Bytes::from_static(b"vcpus=2"),
     })
@@ -186,7 +186,7 @@ fn handshake_errors_refuse_the_connection_and_keep_listening() {
         page_size: 4096,
         mode: WireMode::Postcopy,
         precopy_rounds: 0,
-        blocks: vec![RamBlock { name: "ram".into(), page_count: 1 }],
+        blocks: vec![RamBlock { name: "ram".into(), page_count: 1, page_size: PAGE_SIZE }],
         machine: bytes::Bytes::new(),
     });
     let bad_layout = Frame::Hello(Hello {
@@ -197,7 +197,7 @@ fn handshake_errors_refuse_the_connection_and_keep_listening() {
         page_size: PAGE_SIZE,
         mode: WireMode::Postcopy,
         precopy_rounds: 0,
-        blocks: vec![RamBlock { name: "ram".into(), page_count: 0 }],
+        blocks: vec![RamBlock { name: "ram".into(), page_count: 0, page_size: PAGE_SIZE }],
         machine: bytes::Bytes::new(),
     });
     let cases = [
@@ -231,15 +231,73 @@ fn handshake_errors_refuse_the_connection_and_keep_listening() {
         h.receive(Channel::Main, frame);
         assert_eq!(h.dst.state(), DestinationState::Listening);
         assert_eq!(h.finished_error(), None);
-        assert!(h.has(&DestinationAction::Close(Channel::Main)));
-        assert!(h.has(&DestinationAction::Notice(Notice::StrangerRefused { channel: Channel::Main, reason: expected })));
+        let mismatch = matches!(expected, MigrationError::Protocol(ProtocolError::PageSizeMismatch { .. }));
+        // A page size mismatch leaves the main connection to its source,
+        // which closes it once it has read why.
+        assert_eq!(h.has(&DestinationAction::Close(Channel::Main)), !mismatch);
+        assert!(h.has(&DestinationAction::Notice(Notice::StrangerRefused {
+            channel: Channel::Main,
+            reason: expected.clone()
+        })));
         assert!(!h.dst.is_connected(Channel::Main));
-        assert!(h.dst.is_connected(Channel::Return), "the other channels stay");
+        let told = h.actions.iter().any(|a| matches!(a, DestinationAction::Farewell { channel: Channel::Return, .. }));
+        if mismatch {
+            // A fresh hello with other page sizes is most likely the real
+            // source, configured differently: it reads why, in a Reject on
+            // the return connection, which closes.
+            let Some(DestinationAction::Farewell { bytes, .. }) =
+                h.actions.iter().find(|a| matches!(a, DestinationAction::Farewell { .. }))
+            else {
+                panic!("no farewell for a page size mismatch")
+            };
+            let mut decoder = wire::Decoder::new();
+            decoder.push(bytes.clone());
+            let Ok(Some(Frame::Reject { reason })) = decoder.next_frame() else { panic!("not a Reject") };
+            assert!(reason.contains("page size mismatch"), "{reason}");
+            assert!(!h.dst.is_connected(Channel::Return));
+            h.connect(Channel::Return);
+        } else {
+            assert!(!told, "a stranger hears nothing");
+            assert!(h.dst.is_connected(Channel::Return), "the other channels stay");
+        }
         // The real source still gets through.
         h.connect(Channel::Main);
         h.receive(Channel::Main, hello(WireMode::Postcopy, false, 0));
         assert_eq!(h.dst.state(), DestinationState::Precopy);
     }
+}
+
+/// A source whose hello arrives before its return connection still hears
+/// why its page sizes were refused: the reason waits for the next return
+/// connection, unless another main connection comes first.
+#[test]
+fn a_page_size_refusal_waits_for_the_return_connection() {
+    let mut other = hello(WireMode::Postcopy, false, 0);
+    if let Frame::Hello(h) = &mut other {
+        h.page_size = 2 << 20;
+        for b in &mut h.blocks {
+            b.page_size = 2 << 20;
+        }
+    }
+    let farewell = |h: &Harness| {
+        h.actions.iter().any(|a| matches!(a, DestinationAction::Farewell { channel: Channel::Return, .. }))
+    };
+    let mut h = Harness::new(quiet());
+    h.connect(Channel::Main);
+    h.receive(Channel::Main, other.clone());
+    assert!(!farewell(&h));
+    h.connect(Channel::Return);
+    assert!(farewell(&h), "the late return connection hears the reason");
+    assert_eq!(h.dst.state(), DestinationState::Listening);
+    // Another main connection first: a new attempt, told nothing.
+    let mut h = Harness::new(quiet());
+    h.connect(Channel::Main);
+    h.receive(Channel::Main, other);
+    h.connect(Channel::Main);
+    h.connect(Channel::Return);
+    assert!(!farewell(&h));
+    h.receive(Channel::Main, hello(WireMode::Postcopy, false, 0));
+    assert_eq!(h.dst.state(), DestinationState::Precopy, "a matching source binds the migration");
 }
 
 #[test]
@@ -569,7 +627,7 @@ fn resume_checks_session_epoch_and_layout() {
         page_size: PAGE_SIZE,
         mode: WireMode::Postcopy,
         precopy_rounds: 0,
-        blocks: vec![RamBlock { name: "ram".into(), page_count: PAGES }],
+        blocks: vec![RamBlock { name: "ram".into(), page_count: PAGES, page_size: PAGE_SIZE }],
         machine: bytes::Bytes::new(),
     });
     let other_session = Frame::Hello(Hello {
@@ -580,7 +638,7 @@ fn resume_checks_session_epoch_and_layout() {
         page_size: PAGE_SIZE,
         mode: WireMode::Postcopy,
         precopy_rounds: 0,
-        blocks: vec![RamBlock { name: "ram".into(), page_count: PAGES }],
+        blocks: vec![RamBlock { name: "ram".into(), page_count: PAGES, page_size: PAGE_SIZE }],
         machine: bytes::Bytes::new(),
     });
     let cases = [

@@ -60,7 +60,7 @@ fn destination_refuses_a_guest_larger_than_its_bound() {
     let mut dst = Destination::new(Config::postcopy(), 4096);
     let now = Timestamp::ZERO;
     dst.handle_connected(now, Channel::Main);
-    let blocks = (0..256).map(|i| RamBlock { name: format!("b{i}"), page_count: 1 << 32 }).collect();
+    let blocks = (0..256).map(|i| RamBlock { name: format!("b{i}"), page_count: 1 << 32, page_size: 4096 }).collect();
     let hello = Hello {
         resume: false,
         urgent_channel: false,
@@ -177,7 +177,7 @@ fn small_hello() -> Frame {
         page_size: 64,
         mode: WireMode::Postcopy,
         precopy_rounds: 0,
-        blocks: vec![RamBlock { name: "ram".into(), page_count: 4 }],
+        blocks: vec![RamBlock { name: "ram".into(), page_count: 4, page_size: 64 }],
         machine: Bytes::new(),
     })
 }

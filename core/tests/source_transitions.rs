@@ -454,7 +454,7 @@ fn deferred_payloads_once_filled_are_the_copied_frames() {
             assert_eq!(a.len(), b.len(), "payloads are reserved in place");
             assert!(holes.iter().all(|h| !guest.zero.contains(&h.page.0)), "zero pages need no payload");
             assert!(holes.iter().all(|h| b[h.offset..h.offset + 64].iter().all(|&x| x == 0)), "left unread");
-            DeferredPage::fill_all(&holes, &mut b, 64, &guest);
+            DeferredPage::fill_all(&holes, &mut b, &guest);
             assert_eq!(a, b);
         }
     }
@@ -720,7 +720,7 @@ fn bad_requests_after_start_pause_with_typed_errors() {
                 page_size: 64,
                 mode: wire::WireMode::Postcopy,
                 precopy_rounds: 0,
-                blocks: vec![postcopy_core::RamBlock { name: "ram".into(), page_count: 1 }],
+                blocks: vec![postcopy_core::RamBlock { name: "ram".into(), page_count: 1, page_size: 64 }],
                 machine: bytes::Bytes::new(),
             }),
             ProtocolError::UnexpectedFrame {

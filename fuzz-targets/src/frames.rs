@@ -261,16 +261,17 @@ impl FrameSpec {
         let total_pages = ctx.layout.map_or(0, RamLayout::total_pages);
         match self {
             FrameSpec::Hello { resume, urgent, session: s, epoch: e, page_size, hybrid, rounds, blocks, machine } => {
+                let hello_page_size = match page_size {
+                    Num::Near(0) => ctx.page_size,
+                    Num::Near(k) => 1 << (k % 20),
+                    Num::Raw(x) => *x as u32,
+                };
                 Frame::Hello(Hello {
                     resume: *resume,
                     urgent_channel: *urgent,
                     session: session(*s),
                     epoch: epoch(*e),
-                    page_size: match page_size {
-                        Num::Near(0) => ctx.page_size,
-                        Num::Near(k) => 1 << (k % 20),
-                        Num::Raw(x) => *x as u32,
-                    },
+                    page_size: hello_page_size,
                     mode: if *hybrid { WireMode::Hybrid } else { WireMode::Postcopy },
                     precopy_rounds: u32::from(*rounds),
                     blocks: blocks
@@ -278,6 +279,14 @@ impl FrameSpec {
                         .map(|&(name, pages)| RamBlock {
                             name: if name == 255 { String::new() } else { format!("b{}", name % 4) },
                             page_count: pages.offset_from(1),
+                            // A name byte with bit 7 set (not 255) gives the
+                            // block pages four times the hello's (a huge-page
+                            // block); the others have the hello's.
+                            page_size: if name != 255 && name & 0x80 != 0 {
+                                hello_page_size.saturating_mul(4)
+                            } else {
+                                hello_page_size
+                            },
                         })
                         .collect(),
                     machine: Bytes::from(machine.clone()),

@@ -175,12 +175,16 @@ impl PairSetup {
         let flags = self.flags;
         let vcpus = u32::from(self.vcpus % 3) + 1;
         let blocks: Vec<RamBlock> = if self.blocks.is_empty() {
-            vec![RamBlock { name: "ram".into(), page_count: 16 }]
+            vec![RamBlock { name: "ram".into(), page_count: 16, page_size: 64 }]
         } else {
             self.blocks
                 .iter()
                 .enumerate()
-                .map(|(i, &pages)| RamBlock { name: format!("b{i}"), page_count: u64::from(pages % 48) + 1 })
+                .map(|(i, &pages)| RamBlock {
+                    name: format!("b{i}"),
+                    page_count: u64::from(pages % 48) + 1,
+                    page_size: 64,
+                })
                 .collect()
         };
         let layout = RamLayout::new(64, blocks).expect("fuzz layouts are valid");

@@ -699,6 +699,13 @@ fn destination_seeds(events: &[Event], hybrid_events: &[Event]) -> Vec<Seed> {
     seeds.push(destination_error("page-size-mismatch", ops, |e| {
         matches!(e, MigrationError::Protocol(ProtocolError::PageSizeMismatch { theirs: 4096, .. }))
     }));
+    // The second block has pages four times the destination's (a huge-page
+    // block where the destination backs RAM with small pages).
+    let mut ops = connect_all();
+    ops.push(on(Channel::Main, hello(false, false, vec![(0, Num::Near(3)), (0x81, Num::Near(2))])));
+    seeds.push(destination_error("block-page-size-mismatch", ops, |e| {
+        matches!(e, MigrationError::Protocol(ProtocolError::BlockPageSizeMismatch { .. }))
+    }));
     let mut ops = connect_all();
     ops.push(on(Channel::Main, hello(false, false, vec![(0, Num::Raw(1 << 30))])));
     seeds.push(destination_error("guest-too-large", ops, |e| {

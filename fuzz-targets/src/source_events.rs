@@ -271,12 +271,16 @@ impl SourceSetup {
 
     pub fn layout(&self) -> RamLayout {
         let blocks: Vec<RamBlock> = if self.blocks.is_empty() {
-            vec![RamBlock { name: "b0".into(), page_count: 8 }]
+            vec![RamBlock { name: "b0".into(), page_count: 8, page_size: PAGE_SIZE }]
         } else {
             self.blocks
                 .iter()
                 .enumerate()
-                .map(|(i, &pages)| RamBlock { name: format!("b{i}"), page_count: u64::from(pages) + 1 })
+                .map(|(i, &pages)| RamBlock {
+                    name: format!("b{i}"),
+                    page_count: u64::from(pages) + 1,
+                    page_size: PAGE_SIZE,
+                })
                 .collect()
         };
         RamLayout::new(PAGE_SIZE, blocks).expect("fuzz layouts are valid")
@@ -510,8 +514,7 @@ impl Driver {
             let mut deferred = Vec::new();
             let frames =
                 self.core.poll_transmit_deferred(self.now, channel, &mut out, max_bytes, &self.guest, &mut deferred);
-            let page_size = self.core.layout().page_size() as usize;
-            DeferredPage::fill_all(&deferred, &mut out, page_size, &self.guest);
+            DeferredPage::fill_all(&deferred, &mut out, &self.guest);
             frames
         } else {
             self.core.poll_transmit(self.now, channel, &mut out, max_bytes, &self.guest)

@@ -73,6 +73,11 @@ pub struct Common {
     /// faults: the benchmark's fault-heavy workload).
     #[arg(long, hide = true)]
     pub no_prepaging: bool,
+    /// Back guest RAM with huge pages of this size (2M; both sides must
+    /// agree). Needs free huge pages (scripts/hugepages reserves them); see
+    /// docs/hugepages.md.
+    #[arg(long, value_name = "2M|1G")]
+    pub hugepages: Option<postcopy_kvm::HugePageSize>,
 }
 
 impl Common {
@@ -88,6 +93,7 @@ impl Common {
             bulk_nice: self.bulk_nice,
             tcp_congestion: self.tcp_congestion(),
             main_socket_buffer: self.main_socket_buffer(),
+            hugepages: self.hugepages,
         }
     }
 
@@ -140,6 +146,9 @@ impl Common {
         }
         if self.no_prepaging {
             out.push("--no-prepaging".into());
+        }
+        if let Some(size) = self.hugepages {
+            out.push(format!("--hugepages={size}"));
         }
         out
     }

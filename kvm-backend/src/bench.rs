@@ -14,7 +14,7 @@ use postcopy_core::Channel;
 use postcopy_kvm::driver::report::RunReport;
 use postcopy_kvm::driver::Tuning;
 use postcopy_kvm::layout::MIB;
-use postcopy_kvm::{GuestRam, MemoryMap, MemoryRegion, PageRef, UffdRam, PAGE_SIZE};
+use postcopy_kvm::{GuestRam, HugePageSize, MemoryMap, MemoryRegion, PageRef, UffdRam, PAGE_SIZE};
 use serde::Serialize;
 
 use crate::args::{parse_size, Common, GuestArgs, ModeArg};
@@ -156,6 +156,9 @@ struct BenchReport {
     fresh_memory_retouch_ms: f64,
     default_runs: Vec<RunReport>,
     fault_heavy_runs: Vec<RunReport>,
+    /// `--hugepages`: the same migrations on 2 MiB pages (the runs above
+    /// are on 4 KiB pages), and their fault floor.
+    huge: Option<HugeRuns>,
     ratios: Vec<Ratio>,
     /// The same migrations over mutual TLS (empty with --no-tls).
     tls_default_runs: Vec<RunReport>,
@@ -175,6 +178,17 @@ struct Comparison {
     goal: String,
     /// Whether the goal is met; None for a figure shown for information.
     met: Option<bool>,
+}
+
+/// The migrations on huge pages and their floor.
+#[derive(Debug, Serialize)]
+struct HugeRuns {
+    size: String,
+    /// An 8-byte request, a 2 MiB reply over loopback TCP, and its placement
+    /// (a copy through the placement mapping and one `UFFDIO_CONTINUE`).
+    floor: Floor,
+    default_runs: Vec<RunReport>,
+    fault_heavy_runs: Vec<RunReport>,
 }
 
 #[derive(Debug, Serialize)]
@@ -244,6 +258,77 @@ fn measure_floor(round_trips: usize, latency_cpu: Option<usize>, net: &Tuning) -
         Ok(samples)
     });
     let samples = client.join().map_err(|_| BenchError::Panicked("floor client"));
+    let _ = server.join();
+    let mut samples = samples??;
+    samples.sort_by(|a, b| a.total_cmp(b));
+    Ok(Floor {
+        p50_us: percentile(&samples, 0.5),
+        p99_us: percentile(&samples, 0.99),
+        max_us: samples.last().copied().unwrap_or(0.0),
+    })
+}
+
+/// Huge pages the huge-page floor places (each discarded after use).
+const HUGE_FLOOR_PAGES: u64 = 8;
+
+/// The floor of a remote fault on a huge page: an 8-byte request, a reply of
+/// one huge page over loopback TCP, and its placement as the destination
+/// places it (a copy through the placement mapping, one `UFFDIO_CONTINUE`),
+/// both ends on `latency_cpu`. The pages are discarded between round trips
+/// (outside the timing) and placed again.
+fn measure_huge_floor(
+    round_trips: usize,
+    size: HugePageSize,
+    latency_cpu: Option<usize>,
+    net: &Tuning,
+) -> Result<Floor, BenchError> {
+    let (accept_net, connect_net) = (net.clone(), net.clone());
+    let page_bytes = size.bytes() as usize;
+    let block = MemoryRegion { name: "huge-floor".into(), gpa: 0, size: HUGE_FLOOR_PAGES * size.bytes() };
+    let layout = MemoryMap::new(vec![block]).map_err(memory("lay out the huge-page floor's memory"))?;
+    let ram = GuestRam::new_preallocated_with(layout, Some(size)).map_err(memory("allocate the huge-page floor"))?;
+    let uffd = UffdRam::register(Arc::new(ram)).map_err(memory("register the huge-page floor's memory"))?;
+    let listener = TcpListener::bind("127.0.0.1:0").map_err(io("listen for the huge-page floor"))?;
+    let addr = listener.local_addr().map_err(io("read the huge-page floor's address"))?;
+    let server = std::thread::spawn(move || -> std::io::Result<()> {
+        if let Some(cpu) = latency_cpu {
+            let _ = postcopy_kvm::pin_thread(0, cpu);
+        }
+        let (mut s, _) = listener.accept()?;
+        accept_net.tune_socket(&s, CHANNEL_OF_FLOOR);
+        s.set_nodelay(true)?;
+        let page = vec![0x5au8; page_bytes];
+        let mut req = [0u8; 8];
+        loop {
+            if s.read_exact(&mut req).is_err() {
+                return Ok(());
+            }
+            s.write_all(&page)?;
+        }
+    });
+    let client = std::thread::spawn(move || -> Result<Vec<f64>, BenchError> {
+        if let Some(cpu) = latency_cpu {
+            let _ = postcopy_kvm::pin_thread(0, cpu);
+        }
+        let mut c = TcpStream::connect(addr).map_err(io("connect to the huge-page floor's server"))?;
+        connect_net.tune_socket(&c, CHANNEL_OF_FLOOR);
+        c.set_nodelay(true).map_err(io("turn Nagle off"))?;
+        let mut buf = vec![0u8; page_bytes];
+        let mut samples = Vec::with_capacity(round_trips);
+        for i in 0..round_trips as u64 {
+            let page = PageRef::new(0, (i % HUGE_FLOOR_PAGES) * size.small_pages());
+            if i >= HUGE_FLOOR_PAGES {
+                uffd.discard_pages(page, size.small_pages()).map_err(memory("discard a huge floor page"))?;
+            }
+            let t0 = Instant::now();
+            c.write_all(&i.to_le_bytes()).map_err(io("send a huge-page floor request"))?;
+            c.read_exact(&mut buf).map_err(io("receive a huge-page floor reply"))?;
+            uffd.install_page(page, &buf).map_err(memory("place a huge floor page"))?;
+            samples.push(t0.elapsed().as_secs_f64() * 1e6);
+        }
+        Ok(samples)
+    });
+    let samples = client.join().map_err(|_| BenchError::Panicked("huge-page floor client"));
     let _ = server.join();
     let mut samples = samples??;
     samples.sort_by(|a, b| a.total_cmp(b));
@@ -393,7 +478,9 @@ pub fn run(a: BenchArgs) -> Result<ExitCode, BenchError> {
     }
     let load_average = std::fs::read_to_string("/proc/loadavg").unwrap_or_default().trim().to_string();
     eprintln!("bench: load average {load_average}; measuring the floors...");
-    let (common, placement) = a.placed();
+    let (mut common, placement) = a.placed();
+    // The runs on 4 KiB pages, and with --hugepages the same on huge pages.
+    let huge_size = common.hugepages.take();
     let net = common.tuning();
     let floor = measure_floor(a.round_trips, common.latency_cpu, &net)?;
     let floor_same_cpu = measure_floor(a.round_trips, Some(0), &net)?;
@@ -428,6 +515,23 @@ pub fn run(a: BenchArgs) -> Result<ExitCode, BenchError> {
             tls_fault_heavy_runs.push(migration(a.mem, &common, true, Some(creds))?);
         }
     }
+    let huge = match huge_size {
+        None => None,
+        Some(size) => {
+            let floor = measure_huge_floor(a.round_trips.min(300), size, common.latency_cpu, &net)?;
+            eprintln!("bench: {size} floor p50 {:.1} us p99 {:.1} us", floor.p50_us, floor.p99_us);
+            let mut huge_common = common.clone();
+            huge_common.hugepages = Some(size);
+            let (mut default_runs, mut fault_heavy_runs) = (Vec::new(), Vec::new());
+            for i in 0..repeat {
+                eprintln!("bench: run {}/{repeat} on {size} pages: default settings...", i + 1);
+                default_runs.push(migration(a.mem, &huge_common, false, None)?);
+                eprintln!("bench: run {}/{repeat} on {size} pages: fault-heavy workload...", i + 1);
+                fault_heavy_runs.push(migration(a.mem, &huge_common, true, None)?);
+            }
+            Some(HugeRuns { size: size.to_string(), floor, default_runs, fault_heavy_runs })
+        }
+    };
     // Median and range of a figure over the runs.
     let stat = |runs: &[RunReport], f: &dyn Fn(&RunReport) -> f64| -> (f64, f64, f64) {
         let mut v: Vec<f64> = runs.iter().map(f).collect();
@@ -502,6 +606,79 @@ pub fn run(a: BenchArgs) -> Result<ExitCode, BenchError> {
     add("guest progress during postcopy / before", p, "", 1.0, "", ">= 0.6x", 0.6, true);
     let p = stat(&fault_heavy_runs, &progress);
     add("same, fault-heavy", p, "", 1.0, "", ">= 0.6x", 0.6, true);
+    if let Some(h) = &huge {
+        let floor_what = format!("{} request/reply + placement p50", h.size);
+        let p50 = stat(&h.fault_heavy_runs, &|r| r.destination.fault_latency.p50_us);
+        let p99 = stat(&h.fault_heavy_runs, &|r| r.destination.fault_latency.p99_us);
+        add(
+            &format!("{} fault latency p50 (fault-heavy)", h.size),
+            p50,
+            "us",
+            h.floor.p50_us,
+            &floor_what,
+            "<= 2x",
+            2.0,
+            false,
+        );
+        add(
+            &format!("{} fault latency p99 (fault-heavy)", h.size),
+            p99,
+            "us",
+            h.floor.p50_us,
+            &floor_what,
+            "<= 5x",
+            5.0,
+            false,
+        );
+        let (small_total, ..) = total;
+        let huge_total = stat(&h.default_runs, &|r| r.total_ms);
+        add(
+            &format!("{} total time vs 4 KiB", h.size),
+            huge_total,
+            "ms",
+            small_total,
+            "4 KiB run, median",
+            "<= 1x",
+            1.0,
+            false,
+        );
+        let (small_heavy, ..) = stat(&fault_heavy_runs, &|r| r.total_ms);
+        let huge_heavy = stat(&h.fault_heavy_runs, &|r| r.total_ms);
+        add(
+            &format!("{} total time vs 4 KiB, fault-heavy", h.size),
+            huge_heavy,
+            "ms",
+            small_heavy,
+            "4 KiB run, median",
+            "<= 1x",
+            1.0,
+            false,
+        );
+        let (small_progress, ..) = stat(&default_runs, &progress);
+        let huge_progress = stat(&h.default_runs, &progress);
+        add(
+            &format!("{} guest progress vs 4 KiB (info)", h.size),
+            huge_progress,
+            "",
+            small_progress,
+            "4 KiB run's progress ratio",
+            "-",
+            f64::INFINITY,
+            true,
+        );
+        let (small_progress, ..) = stat(&fault_heavy_runs, &progress);
+        let huge_progress = stat(&h.fault_heavy_runs, &progress);
+        add(
+            &format!("{} same, fault-heavy (info)", h.size),
+            huge_progress,
+            "",
+            small_progress,
+            "4 KiB run's progress ratio",
+            "-",
+            f64::INFINITY,
+            true,
+        );
+    }
     let tls_comparison = if tls_default_runs.is_empty() {
         Vec::new()
     } else {
@@ -521,6 +698,7 @@ pub fn run(a: BenchArgs) -> Result<ExitCode, BenchError> {
         fresh_memory_retouch_ms,
         default_runs,
         fault_heavy_runs,
+        huge,
         ratios,
         tls_default_runs,
         tls_fault_heavy_runs,
@@ -557,6 +735,15 @@ pub fn run(a: BenchArgs) -> Result<ExitCode, BenchError> {
             report.fresh_memory_touch_ms,
             report.fresh_memory_retouch_ms
         );
+        if let Some(h) = &report.huge {
+            if let Some(f) = h.fault_heavy_runs.last() {
+                println!("last run on {} pages, fault-heavy workload:\n{}", h.size, f.table());
+            }
+            println!(
+                "floor on {} pages: request/reply + placement p50 {:.1} us, p99 {:.1} us, max {:.1} us\n",
+                h.size, h.floor.p50_us, h.floor.p99_us, h.floor.max_us
+            );
+        }
         println!(
             "{:<42} {:>14} {:>14} {:>8} {:>9}  met",
             "figure (median of runs)", "measured", "range", "ratio", "goal"

@@ -202,12 +202,14 @@ pub fn destination(a: DestinationArgs) -> Result<ExitCode, CommandError> {
     let preallocated = match a.prealloc {
         Some(bytes) => {
             let features = postcopy_kvm::uffd::probe_features().map_err(vmm("probe userfaultfd for --prealloc"))?;
-            if !features.has("MINOR_SHMEM") {
+            let huge = a.common.hugepages;
+            if !features.has(if huge.is_some() { "MINOR_HUGETLBFS" } else { "MINOR_SHMEM" }) {
                 return Err(CommandError::PreallocUnsupported);
             }
             let layout = MemoryMap::pc(bytes).map_err(vmm("lay out the RAM of --prealloc"))?;
             let t0 = Instant::now();
-            let ram = GuestRam::new_preallocated(layout).map_err(vmm("preallocate the RAM of --prealloc"))?;
+            let ram =
+                GuestRam::new_preallocated_with(layout, huge).map_err(vmm("preallocate the RAM of --prealloc"))?;
             tracing::info!(mib = bytes >> 20, ms = t0.elapsed().as_secs_f64() * 1e3, "guest RAM preallocated");
             Some(Arc::new(ram))
         }

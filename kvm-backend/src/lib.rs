@@ -6,6 +6,7 @@
 //! - [`layout`]: the RAM layout (named blocks of 4 KiB pages, [`PageRef`]).
 //! - [`memory`]: guest RAM ([`GuestRam`], vm-memory mmaps) with the VMM's own
 //!   write tracking, and [`DirtyBitmap`].
+//! - [`hugepages`]: guest RAM on 2 MiB huge pages ([`HugePageSize`]).
 //! - [`vm`]: the KVM VM ([`Vm`]): memory slots, dirty logging, irqchip,
 //!   vCPU creation, VM-wide state.
 //! - [`vcpu`]: a vCPU ([`Vcpu`]) and its saved state ([`VcpuState`]).
@@ -32,6 +33,7 @@ pub mod devices;
 pub mod driver;
 pub mod error;
 pub mod guest;
+pub mod hugepages;
 pub mod layout;
 pub mod memory;
 pub mod page_bits;
@@ -47,6 +49,7 @@ pub use devices::{Devices, GuestStats, ProgressSnapshot, SerialOutput};
 pub use error::{Error, Result};
 pub use guest::bootsector::BootSector;
 pub use guest::{CpuPosition, TestGuest, VerifyReport};
+pub use hugepages::{HugePageError, HugePageSize};
 pub use layout::{MemoryMap, MemoryMapError, MemoryRegion, PageRef, PAGE_SIZE};
 pub use memory::{DirtyBitmap, GuestRam, MemoryError};
 pub use runner::{PauseReport, RunState, VcpuSet};

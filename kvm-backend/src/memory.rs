@@ -9,6 +9,9 @@
 //! pages before mapping them into the guest's (`UFFDIO_CONTINUE`). Here, a
 //! first touch of memory the host has reclaimed costs about 10 us a page:
 //! preallocating takes that out of the migration (see docs/machine.md).
+//! Preallocated RAM may be huge pages ([`GuestRam::new_preallocated_with`]):
+//! a hugetlbfs memfd, whose pages the migration moves whole
+//! (docs/hugepages.md); this type still names memory in 4 KiB pages.
 //!
 //! The guest's own writes are tracked by KVM's dirty log (see
 //! [`crate::vm::Vm::take_dirty_log`]); a precopy round sends the union of
@@ -19,6 +22,7 @@ use std::sync::Arc;
 use vm_memory::bitmap::AtomicBitmap;
 use vm_memory::{Bytes, FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestRegionMmap, MmapRegion};
 
+use crate::hugepages::{HugePageError, HugePageSize};
 use crate::layout::{MemoryMap, MemoryMapError, PageRef, PAGE_SIZE};
 
 /// Allocating, mapping or accessing guest RAM failed.
@@ -48,6 +52,9 @@ pub enum MemoryError {
         /// Given length.
         got: usize,
     },
+    /// Huge pages cannot back this RAM.
+    #[error(transparent)]
+    HugePages(#[from] HugePageError),
     /// Placing pages needs RAM made by [`GuestRam::new_preallocated`].
     #[error("unsupported guest configuration: RAM is not preallocated")]
     NotPreallocated,
@@ -84,6 +91,8 @@ pub struct GuestRam {
     hosts: Vec<u64>,
     /// Preallocated RAM only: the second mapping of the same pages.
     placement: Option<GuestMemoryMmap<()>>,
+    /// The huge pages backing the RAM, if any.
+    huge: Option<HugePageSize>,
 }
 
 impl GuestRam {
@@ -99,9 +108,33 @@ impl GuestRam {
     /// mapped twice: the guest's mapping, and the placement mapping (see
     /// [`GuestRam::place`]). Takes as long as touching all of it.
     pub fn new_preallocated(layout: MemoryMap) -> Result<Self> {
+        Self::new_preallocated_with(layout, None)
+    }
+
+    /// [`GuestRam::new_preallocated`] on huge pages of `huge` (None: 4 KiB
+    /// pages): a hugetlbfs memfd (`MFD_HUGETLB`), whose every huge page is
+    /// allocated now from the host's reserved pool. Fails with
+    /// [`HugePageError`] when the pool has too few free pages or a block is
+    /// not whole huge pages.
+    pub fn new_preallocated_with(layout: MemoryMap, huge: Option<HugePageSize>) -> Result<Self> {
         let sizes = block_sizes(&layout)?;
         let total: u64 = layout.blocks().iter().map(|b| b.size).sum();
-        let fd = rustix::fs::memfd_create("postcopy-guest-ram", rustix::fs::MemfdFlags::CLOEXEC)
+        let mut flags = rustix::fs::MemfdFlags::CLOEXEC;
+        if let Some(size) = huge {
+            size.check_supported()?;
+            for b in layout.blocks() {
+                if b.gpa % size.bytes() != 0 || b.size % size.bytes() != 0 {
+                    return Err(HugePageError::Unaligned { size, gpa: b.gpa, bytes: b.size }.into());
+                }
+            }
+            size.check_free(total / size.bytes())?;
+            flags |= rustix::fs::MemfdFlags::HUGETLB
+                | match size {
+                    HugePageSize::Size2M => rustix::fs::MemfdFlags::HUGE_2MB,
+                    HugePageSize::Size1G => rustix::fs::MemfdFlags::HUGE_1GB,
+                };
+        }
+        let fd = rustix::fs::memfd_create("postcopy-guest-ram", flags)
             .map_err(|e| MemoryError::Os { op: "memfd_create", source: e.into() })?;
         let file = Arc::new(std::fs::File::from(fd));
         file.set_len(total).map_err(os_err("ftruncate(guest RAM memfd)"))?;
@@ -127,7 +160,9 @@ impl GuestRam {
         }
         let placement =
             GuestMemoryMmap::from_arc_regions(regions).map_err(|e| layout_err(format!("placement mapping: {e}")))?;
-        Self::with_mappings(layout, mem, Some(placement))
+        let mut ram = Self::with_mappings(layout, mem, Some(placement))?;
+        ram.huge = huge;
+        Ok(ram)
     }
 
     fn with_mappings(layout: MemoryMap, mem: GuestMemory, placement: Option<GuestMemoryMmap<()>>) -> Result<Self> {
@@ -138,7 +173,56 @@ impl GuestRam {
                 .ok_or_else(|| layout_err(format!("no region for block {:?}", b.name)))?;
             hosts.push(region.as_ptr() as u64);
         }
-        Ok(Self { layout, mem, hosts, placement })
+        Ok(Self { layout, mem, hosts, placement, huge: None })
+    }
+
+    /// The huge pages backing this RAM, if any.
+    pub fn huge_pages(&self) -> Option<HugePageSize> {
+        self.huge
+    }
+
+    /// 4 KiB pages per page of the backing memory: 1, or 512 on 2 MiB huge
+    /// pages. The migration moves memory in pages of this many.
+    pub fn unit_pages(&self) -> u64 {
+        self.huge.map_or(1, HugePageSize::small_pages)
+    }
+
+    /// Copies `buf.len()` bytes (whole 4 KiB pages, in one block) from page
+    /// `first` into `buf`: a huge page at once.
+    pub fn read_pages(&self, first: PageRef, buf: &mut [u8]) -> Result<()> {
+        self.check_run(first, buf.len())?;
+        let gpa = self.gpa(first)?;
+        self.read(gpa, buf)
+    }
+
+    /// Overwrites `data.len()` bytes (whole pages, one block) from page
+    /// `first`; a VMM write, marked in the VMM dirty bitmap.
+    pub fn write_pages(&self, first: PageRef, data: &[u8]) -> Result<()> {
+        self.check_run(first, data.len())?;
+        let gpa = self.gpa(first)?;
+        self.write(gpa, data)
+    }
+
+    /// Whether `count` pages from `first` are all zeros (stops at the first
+    /// non-zero piece).
+    pub fn pages_are_zero(&self, first: PageRef, count: u64) -> Result<bool> {
+        self.layout.check_range(first, count)?;
+        for page in first.page..first.page + count {
+            if !self.page_is_zero(PageRef { page, ..first })? {
+                return Ok(false);
+            }
+        }
+        Ok(true)
+    }
+
+    fn check_run(&self, first: PageRef, len: usize) -> Result<()> {
+        if len == 0 || len % PAGE_SIZE as usize != 0 {
+            return Err(MemoryError::BadLength {
+                want: len.div_ceil(PAGE_SIZE as usize).max(1) * PAGE_SIZE as usize,
+                got: len,
+            });
+        }
+        Ok(self.layout.check_range(first, len as u64 / PAGE_SIZE)?)
     }
 
     /// Whether every page is allocated in shared memory with a placement

@@ -105,6 +105,8 @@ const AGAIN_RETRIES: u32 = 16;
 
 /// `UFFD_FEATURE_MINOR_SHMEM` (the crate names no constant for it).
 const FEATURE_MINOR_SHMEM: u64 = 1 << 10;
+/// `UFFD_FEATURE_MINOR_HUGETLBFS`: minor faults on hugetlbfs memory.
+const FEATURE_MINOR_HUGETLBFS: u64 = 1 << 9;
 /// `1 << _UFFDIO_CONTINUE` among a registration's ioctls.
 const IOCTL_CONTINUE: u64 = 1 << 0x07;
 
@@ -182,9 +184,10 @@ pub enum Install {
 }
 
 impl Install {
-    /// The outcome of a one-page run.
+    /// The outcome of a one-page run (one page of the backing memory: 512
+    /// 4 KiB pages on 2 MiB huge pages, installed all or none).
     fn of(count: InstallCount) -> Self {
-        if count.installed == 1 {
+        if count.installed > 0 && count.already_present == 0 {
             Install::Installed
         } else {
             Install::AlreadyPresent
@@ -355,7 +358,8 @@ impl UffdRam {
         let preallocated = ram.is_preallocated();
         let (mode, base, need) = if preallocated {
             let need = IoctlFlags::from_bits_retain(IOCTL_CONTINUE) | IoctlFlags::WAKE;
-            (RegisterMode::MINOR, FeatureFlags::from_bits_retain(FEATURE_MINOR_SHMEM), need)
+            let minor = if ram.huge_pages().is_some() { FEATURE_MINOR_HUGETLBFS } else { FEATURE_MINOR_SHMEM };
+            (RegisterMode::MINOR, FeatureFlags::from_bits_retain(minor), need)
         } else {
             (RegisterMode::MISSING, FeatureFlags::empty(), IoctlFlags::COPY | IoctlFlags::ZEROPAGE | IoctlFlags::WAKE)
         };
@@ -457,9 +461,10 @@ impl UffdRam {
         }
     }
 
-    /// Installs one page and wakes the threads waiting for it.
+    /// Installs one page (of the backing memory: a huge page on huge-page
+    /// RAM, see [`GuestRam::unit_pages`]) and wakes the threads waiting for it.
     pub fn install_page(&self, page: PageRef, data: &[u8]) -> Result<Install> {
-        Self::check_page(data)?;
+        self.check_page(data)?;
         let n = self.install_pages(page, data)?;
         Ok(Install::of(n))
     }
@@ -473,7 +478,7 @@ impl UffdRam {
         data: &[u8],
         installed: impl FnOnce() -> T,
     ) -> Result<(Install, T)> {
-        Self::check_page(data)?;
+        self.check_page(data)?;
         let (n, t) = self.install_pages_with(page, data, |_| {}, installed)?;
         Ok((Install::of(n), t))
     }
@@ -523,17 +528,18 @@ impl UffdRam {
         self.fill(first, dst, len, zero, "UFFDIO_ZEROPAGE", |_| {}).map_err(|s| s.into_error(first, count))
     }
 
-    /// Installs one zero page.
+    /// Installs one zero page (of the backing memory).
     pub fn install_zero_page(&self, page: PageRef) -> Result<Install> {
-        Ok(Install::of(self.install_zero_pages(page, 1)?))
+        Ok(Install::of(self.install_zero_pages(page, self.ram.unit_pages())?))
     }
 
     /// As [`UffdRam::install_zero_page`], calling `installed()` before the
     /// waiting threads are woken (see [`UffdRam::install_pages_with`]).
     pub fn install_zero_page_with<T>(&self, page: PageRef, installed: impl FnOnce() -> T) -> Result<(Install, T)> {
-        let dst = self.ram.pages_host_addr(page, 1)?;
+        let unit = self.ram.unit_pages();
+        let dst = self.ram.pages_host_addr(page, unit)?;
         if self.mapped.is_some() {
-            let (n, t) = self.place_then_wake(page, 1, None, |_| {}, installed)?;
+            let (n, t) = self.place_then_wake(page, unit, None, |_| {}, installed)?;
             return Ok((Install::of(n), t));
         }
         let zero = |at, _, len| sys::uffd_zeropage(&self.uffd, at, len, Wake::Later);
@@ -541,9 +547,10 @@ impl UffdRam {
         Ok((Install::of(n), t))
     }
 
-    fn check_page(data: &[u8]) -> Result<()> {
-        if data.len() != PAGE_SIZE as usize {
-            return Err(UffdError::BadLength { want: PAGE_SIZE as usize, got: data.len() });
+    fn check_page(&self, data: &[u8]) -> Result<()> {
+        let want = (self.ram.unit_pages() * PAGE_SIZE) as usize;
+        if data.len() != want {
+            return Err(UffdError::BadLength { want, got: data.len() });
         }
         Ok(())
     }
@@ -705,6 +712,8 @@ impl UffdRam {
         mut already_present: impl FnMut(u64),
     ) -> std::result::Result<InstallCount, Stopped> {
         let page = PAGE_SIZE as usize;
+        // The kernel maps huge-page memory a whole huge page at a time.
+        let unit = self.ram.unit_pages();
         let mut count = InstallCount::default();
         let mut off = 0usize;
         let mut again = 0;
@@ -722,9 +731,12 @@ impl UffdRam {
             };
             match filled {
                 Ok(UffdFill::Exists) => {
-                    already_present(at_page);
-                    count.already_present += 1;
-                    off += page;
+                    let skip = unit.min(((len - off) / page) as u64).max(1);
+                    for k in 0..skip {
+                        already_present(at_page + k);
+                    }
+                    count.already_present += skip;
+                    off += skip as usize * page;
                     again = 0;
                 }
                 Ok(UffdFill::Filled(n)) if n >= page => {

@@ -431,3 +431,34 @@ fn a_bad_event_does_not_cost_the_faults_read_with_it() {
     assert_eq!(m.install_page(page, &data).unwrap(), Install::Installed);
     assert_eq!(toucher.join().unwrap(), 77);
 }
+
+/// Huge-page RAM (2 MiB pages in a hugetlbfs memfd) registered for minor
+/// faults: a huge page is placed and mapped whole, a second install finds
+/// it present, its bytes read back through the guest's mapping. Skips where
+/// no 2 MiB page can be reserved.
+#[test]
+fn huge_pages_install_whole() {
+    use postcopy_kvm::HugePageSize;
+    if !uffd_or_skip("huge_pages_install_whole") {
+        return;
+    }
+    let size = HugePageSize::Size2M;
+    if !huge_pages_or_skip("huge_pages_install_whole", 2) {
+        return;
+    }
+    let ram = GuestRam::new_preallocated_with(MemoryMap::pc(4 * MIB).expect("layout"), Some(size)).expect("ram");
+    assert_eq!(ram.unit_pages(), 512);
+    let uffd = UffdRam::register(Arc::new(ram)).expect("register huge-page RAM for minor faults");
+    let page: Vec<u8> = (0..2 * MIB as usize).map(|i| (i / 4096) as u8 ^ 0x5a).collect();
+    // A huge page is one install: a 4 KiB one is refused.
+    assert!(uffd.install_page(PageRef::new(0, 512), &page_of(1)).is_err());
+    assert_eq!(uffd.install_page(PageRef::new(0, 512), &page).expect("install"), Install::Installed);
+    assert_eq!(uffd.install_page(PageRef::new(0, 512), &page).expect("again"), Install::AlreadyPresent);
+    let mut back = vec![0u8; 2 * MIB as usize];
+    uffd.ram().read_pages(PageRef::new(0, 512), &mut back).expect("read back");
+    assert!(back == page, "the huge page reads back as placed");
+    assert_eq!(uffd.install_zero_page(PageRef::new(0, 0)).expect("zero huge page"), Install::Installed);
+    let mut first = vec![1u8; 4096];
+    uffd.ram().read_pages(PageRef::new(0, 511), &mut first).expect("read the zero page's last 4 KiB");
+    assert!(first.iter().all(|&b| b == 0));
+}

@@ -139,6 +139,9 @@ pub const WITHDRAW_ATTEMPTS: u32 = 2;
 pub struct ModelConfig {
     /// Guest pages (64 bytes each).
     pub pages: u64,
+    /// Pages of a second block of huge pages (256 bytes each: four of the
+    /// others); 0 for none.
+    pub huge_pages: u64,
     /// Guest vCPUs (on the destination each may wait for one page).
     pub vcpus: u32,
     /// Precopy rounds before the switchover; 0 is pure postcopy.
@@ -178,6 +181,7 @@ impl Default for ModelConfig {
     fn default() -> Self {
         Self {
             pages: 3,
+            huge_pages: 0,
             vcpus: 1,
             precopy_rounds: 1,
             losses: 2,
@@ -211,7 +215,7 @@ impl ModelConfig {
             keepalive_interval: None,
             peer_timeout: None,
             // A fault can be outstanding for every page, never more.
-            max_outstanding_requests: self.pages.max(1) as u32,
+            max_outstanding_requests: (self.pages + self.huge_pages).max(1) as u32,
             // Small enough that the timer budget reaches the withdrawal's
             // cap (each attempt is a timer firing)...
             withdraw_attempts: WITHDRAW_ATTEMPTS,
@@ -226,10 +230,15 @@ impl ModelConfig {
 
     /// The harness both sides run in.
     pub fn pair_config(&self) -> PairConfig {
-        let mut cfg = PairConfig::new(self.core_config(), self.pages);
+        let mut cfg = if self.huge_pages > 0 {
+            PairConfig::with_huge_pages(self.core_config(), self.pages, self.huge_pages)
+        } else {
+            PairConfig::new(self.core_config(), self.pages)
+        };
         cfg.vcpus = self.vcpus;
-        if self.device_page && self.pages > 0 {
-            cfg.device_pages = vec![PageNumber(self.pages - 1)];
+        let total = self.pages + self.huge_pages;
+        if self.device_page && total > 0 {
+            cfg.device_pages = vec![PageNumber(total - 1)];
         }
         cfg
     }
@@ -237,9 +246,10 @@ impl ModelConfig {
     /// One line naming the configuration.
     pub fn summary(&self) -> String {
         format!(
-            "pages={} vcpus={} precopy_rounds={} losses={} writes={} timers={} window={} urgent={} device_page={} \
+            "pages={} huge_pages={} vcpus={} precopy_rounds={} losses={} writes={} timers={} window={} urgent={} device_page={} \
              cancel={} switch={} symmetry={} plant={}",
             self.pages,
+            self.huge_pages,
             self.vcpus,
             self.precopy_rounds,
             self.losses,
@@ -563,6 +573,7 @@ impl Model for MigrationModel {
             Property::always(BOUNDED, |m: &MigrationModel, s: &State| bounded(m, &s.pair).is_ok()),
             Property::always(DRIVER_CONTRACT, |_: &MigrationModel, s: &State| driver_contract(&s.pair).is_ok()),
             Property::always(FRAME_ORDER, |_: &MigrationModel, s: &State| frame_order(&s.pair).is_ok()),
+            Property::always(HUGE_PAGE_WHOLE, |_: &MigrationModel, s: &State| huge_page_whole(&s.pair).is_ok()),
             Property::always(STRANGER_CHANGES_NOTHING, |_: &MigrationModel, s: &State| {
                 stranger_changes_nothing(&s.pair).is_ok()
             }),
@@ -619,9 +630,10 @@ pub const FRAME_ORDER: &str = "frames in protocol order on every connection";
 pub const FAIR_RUN_COMPLETES: &str = "a fair run completes: EOC reaches COMPLETED, faults resolved (invariant 3)";
 
 pub const STRANGER_CHANGES_NOTHING: &str = "a stranger (another migration's hello, garbage) changes nothing";
+pub const HUGE_PAGE_WHOLE: &str = "a huge page is never visible half-filled";
 
 /// The names of the `always` properties.
-pub const SAFETY: [&str; 8] = [
+pub const SAFETY: [&str; 9] = [
     NO_PAGE_LOST,
     ONE_RUNNER,
     CROSSES_ONCE,
@@ -629,6 +641,7 @@ pub const SAFETY: [&str; 8] = [
     DRIVER_CONTRACT,
     FRAME_ORDER,
     STRANGER_CHANGES_NOTHING,
+    HUGE_PAGE_WHOLE,
     FAIR_RUN_COMPLETES,
 ];
 
@@ -714,6 +727,13 @@ pub fn driver_contract(pair: &Pair) -> Result<(), String> {
                 | Violation::DeviceStateMismatch
         )
     })
+}
+
+/// A huge page is never visible half-filled: every page the destination
+/// makes visible carries all of its block's page size, of one version (the
+/// harness checks each install; a mixed page fails its content check).
+pub fn huge_page_whole(pair: &Pair) -> Result<(), String> {
+    violation_of(pair, |v| matches!(v, Violation::HalfFilledPage { .. } | Violation::CorruptPage { .. }))
 }
 
 /// Every connection carried its frames in an order the protocol allows

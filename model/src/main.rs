@@ -54,6 +54,10 @@ struct Bounds {
     /// Guest pages.
     #[arg(long, default_value_t = ModelConfig::default().pages)]
     pages: u64,
+    /// Pages of a second block of huge pages (four times the size of the
+    /// others); 0 for none.
+    #[arg(long, default_value_t = ModelConfig::default().huge_pages)]
+    huge_pages: u64,
     /// Guest vCPUs.
     #[arg(long, default_value_t = ModelConfig::default().vcpus)]
     vcpus: u32,
@@ -102,6 +106,7 @@ impl Bounds {
     fn config(&self) -> ModelConfig {
         ModelConfig {
             pages: self.pages,
+            huge_pages: self.huge_pages,
             vcpus: self.vcpus,
             precopy_rounds: self.precopy_rounds,
             losses: self.losses,

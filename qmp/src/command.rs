@@ -366,8 +366,8 @@ mod tests {
 mod object_add_tests {
     use super::*;
     use crate::objects::{object_add_arguments, Endpoint, ObjectAddArgs};
-    use serde_json::Value;
     use serde_json::json;
+    use serde_json::Value;
 
     fn parse(args: Value) -> Result<Command, QmpError> {
         Command::parse("object-add", Some(args.as_object().unwrap()))

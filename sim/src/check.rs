@@ -29,25 +29,80 @@ use crate::guest::MISSING;
 /// A broken invariant, with what was seen.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub enum Violation {
-    StaleRead { page: u64, expected: u64, found: Option<u64> },
-    SourceStaleRead { page: u64, expected: u64, found: u64 },
-    StaleAtStart { page: u64, expected: u64, found: u64 },
-    StaleInstall { page: u64, expected: u64, found: u64 },
-    WrongPageAtEnd { page: u64, expected: u64, found: Option<u64> },
-    CorruptPage { page: u64 },
-    InstallOverPresent { page: u64, guest_started: bool },
-    DiscardWhileRunning { page: u64 },
+    StaleRead {
+        page: u64,
+        expected: u64,
+        found: Option<u64>,
+    },
+    SourceStaleRead {
+        page: u64,
+        expected: u64,
+        found: u64,
+    },
+    StaleAtStart {
+        page: u64,
+        expected: u64,
+        found: u64,
+    },
+    StaleInstall {
+        page: u64,
+        expected: u64,
+        found: u64,
+    },
+    WrongPageAtEnd {
+        page: u64,
+        expected: u64,
+        found: Option<u64>,
+    },
+    CorruptPage {
+        page: u64,
+    },
+    /// A huge page made visible without all of its bytes from one version.
+    HalfFilledHugePage {
+        page: u64,
+        bytes: u64,
+        page_bytes: u64,
+    },
+    InstallOverPresent {
+        page: u64,
+        guest_started: bool,
+    },
+    DiscardWhileRunning {
+        page: u64,
+    },
     TwoRunners,
     SourceResumedAfterStart,
-    PageSentTwice { page: u64, kind: &'static str },
-    QueueOverBound { queue: String, len: u64, bound: u64 },
+    PageSentTwice {
+        page: u64,
+        kind: &'static str,
+    },
+    QueueOverBound {
+        queue: String,
+        len: u64,
+        bound: u64,
+    },
     DeviceStateMismatch,
-    DriverEvent { side: &'static str, error: String },
-    ProtocolError { side: &'static str, error: String },
-    TimerLivelock { side: &'static str, at_ns: u64 },
-    NoProgress { detail: String },
-    MigrationFailed { detail: String },
-    Disagreement { detail: String },
+    DriverEvent {
+        side: &'static str,
+        error: String,
+    },
+    ProtocolError {
+        side: &'static str,
+        error: String,
+    },
+    TimerLivelock {
+        side: &'static str,
+        at_ns: u64,
+    },
+    NoProgress {
+        detail: String,
+    },
+    MigrationFailed {
+        detail: String,
+    },
+    Disagreement {
+        detail: String,
+    },
 }
 
 impl fmt::Display for Violation {
@@ -149,6 +204,15 @@ impl Checkers {
         }
         if guest_started && version != self.latest[page as usize] {
             self.flag(Violation::StaleInstall { page, expected: self.latest[page as usize], found: version });
+        }
+    }
+
+    /// A page of the huge-page block is being made visible with `bytes`:
+    /// it must be all `page_bytes` of it, of one version (checked before
+    /// [`Checkers::install`], which checks the version).
+    pub fn huge_install(&mut self, page: u64, bytes: u64, page_bytes: u64, version: Option<u64>) {
+        if bytes != page_bytes || version.is_none() {
+            self.flag(Violation::HalfFilledHugePage { page, bytes, page_bytes });
         }
     }
 

@@ -30,7 +30,7 @@ use postcopy_core::wire::{FrameKind, HEADER_LEN};
 use postcopy_core::{Channel, Side};
 
 use crate::rng::Rng;
-use crate::scenario::CHARGED_PAGE_BYTES;
+use crate::scenario::{CHARGED_PAGE_BYTES, HUGE_CHARGED_PAGE_BYTES};
 
 /// A connection, for its whole life (ids are never reused).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -53,8 +53,8 @@ pub struct NetConfig {
     pub connect_timeout_ns: u64,
     /// Socket buffer per connection, in charged bytes.
     pub buffer_bytes: u64,
-    /// The simulation's page size on the wire (pages are charged at 4 KiB).
-    pub wire_page_bytes: u64,
+    /// The simulation's page sizes on the wire, and what pages cost.
+    pub charge: PageCharge,
 }
 
 /// The network's timers: the simulation schedules each at its time and
@@ -600,7 +600,7 @@ impl Network {
         if (end == Side::Source) == writer_is_source {
             let graceful = farewell.is_some() || rng.chance(0.7);
             if let Some(bytes) = farewell {
-                let charged = scan_chunk(&bytes, self.config.wire_page_bytes, |_| {});
+                let charged = scan_chunk(&bytes, self.config.charge, |_| {});
                 self.write(conn, bytes, charged, false, rng);
             }
             if graceful {
@@ -674,10 +674,32 @@ pub struct ScannedPage {
     pub zero: bool,
 }
 
+/// What a page frame costs on the network, whatever its size in the
+/// simulation: a small page [`CHARGED_PAGE_BYTES`], a page of the huge-page
+/// block (`huge_wire_bytes` long in the simulation) [`HUGE_CHARGED_PAGE_BYTES`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PageCharge {
+    /// Bytes of a small page in the simulation.
+    pub wire_page_bytes: u64,
+    /// Bytes of a huge page in the simulation (0: none).
+    pub huge_wire_bytes: u64,
+}
+
+impl PageCharge {
+    /// Bytes charged beyond the frame's own for a page of `data_len` bytes.
+    fn extra(&self, data_len: u64) -> u64 {
+        if self.huge_wire_bytes > 0 && data_len == self.huge_wire_bytes {
+            HUGE_CHARGED_PAGE_BYTES.saturating_sub(data_len)
+        } else {
+            CHARGED_PAGE_BYTES.saturating_sub(self.wire_page_bytes)
+        }
+    }
+}
+
 /// Walks the frames of a chunk (chunks always hold whole frames), calling
 /// `page` for each page frame; returns the chunk's charged size: non-zero
-/// pages cost [`CHARGED_PAGE_BYTES`] whatever the simulation's page size.
-pub fn scan_chunk(bytes: &[u8], wire_page_bytes: u64, mut page: impl FnMut(ScannedPage)) -> u64 {
+/// pages cost what [`PageCharge`] says whatever the simulation's page size.
+pub fn scan_chunk(bytes: &[u8], charge: PageCharge, mut page: impl FnMut(ScannedPage)) -> u64 {
     // Page frame flags (see `postcopy_core::wire`): bit 0 zero, bits 1-2 kind.
     const ZERO: u8 = 0x01;
     let mut charged = bytes.len() as u64;
@@ -689,7 +711,7 @@ pub fn scan_chunk(bytes: &[u8], wire_page_bytes: u64, mut page: impl FnMut(Scann
             let p = &bytes[at + HEADER_LEN..];
             let zero = header[1] & ZERO != 0;
             if !zero {
-                charged += CHARGED_PAGE_BYTES.saturating_sub(wire_page_bytes);
+                charged += charge.extra(len.saturating_sub(8) as u64);
             }
             page(ScannedPage {
                 block: u32::from_be_bytes([p[0], p[1], p[2], p[3]]),
@@ -721,9 +743,14 @@ mod tests {
         encode_page_frame(&mut out, PageAddress { block: 1, index: 7 }, PageKind::Requested, 32, |b| b.fill(3));
         encode_page_frame(&mut out, PageAddress { block: 0, index: 9 }, PageKind::Background, 32, |b| b.fill(0));
         let mut pages = Vec::new();
-        let charged = scan_chunk(&out, 32, |p| pages.push((p.block, p.index, p.kind, p.zero)));
+        let charge = PageCharge { wire_page_bytes: 32, huge_wire_bytes: 128 };
+        let charged = scan_chunk(&out, charge, |p| pages.push((p.block, p.index, p.kind, p.zero)));
         assert_eq!(pages, vec![(1, 7, 2, false), (0, 9, 1, true)]);
         assert_eq!(charged, out.len() as u64 + 4096 - 32);
+        // A huge page costs its real 2 MiB.
+        let mut huge = Vec::new();
+        encode_page_frame(&mut huge, PageAddress { block: 2, index: 0 }, PageKind::Requested, 128, |b| b.fill(5));
+        assert_eq!(scan_chunk(&huge, charge, |_| {}), huge.len() as u64 + (2 << 20) - 128);
         assert_eq!(serialise_ns(1250, 10_000), 1000);
         assert_eq!(serialise_ns(1, 100_000), 1);
     }
@@ -737,7 +764,7 @@ mod tests {
             bandwidth_mbps: 8_000, // one byte per nanosecond
             connect_timeout_ns: 50_000,
             buffer_bytes: 1 << 20,
-            wire_page_bytes: 4096,
+            charge: PageCharge { wire_page_bytes: 4096, huge_wire_bytes: 0 },
         })
     }
 

@@ -18,6 +18,17 @@ use crate::rng::{stream, Rng};
 /// is spent as if every non-zero page were 4 KiB.
 pub const CHARGED_PAGE_BYTES: u64 = 4096;
 
+/// Bytes a page of the huge-page block (`huge_pages`) is charged on the
+/// network: a 2 MiB huge page, which crosses whole.
+pub const HUGE_CHARGED_PAGE_BYTES: u64 = 2 << 20;
+
+/// A huge page is this many small pages long in the simulation (so that a
+/// page filled from two versions, or half, shows in its bytes).
+pub const HUGE_WIRE_FACTOR: u32 = 4;
+
+/// Name of the block of huge pages.
+pub const HUGE_BLOCK: &str = "hugepages";
+
 /// The simulated orchestrator starts the next migration at most this long
 /// after one that left the guest on the source.
 pub const NEW_ATTEMPT_DELAY_MAX_MS: u64 = 20;
@@ -319,6 +330,10 @@ scenario! {
     blocks: u32,
     /// Bytes per page in the simulation (content version + check words).
     wire_page_bytes: u32,
+    /// Pages of an extra block of 2 MiB huge pages (0: none), charged 2 MiB
+    /// each on the network, `HUGE_WIRE_FACTOR` small pages long in the
+    /// simulation.
+    huge_pages: u64,
     /// Percent of pages that are zero when the guest starts.
     zero_pct: u32,
     vcpus: u32,
@@ -479,12 +494,14 @@ impl Scenario {
         let liveness_ms = 0;
         // Drawn last: the options above stay what they were for every seed.
         let strangers = if r.chance(0.3) { r.range(1, 4) as u32 } else { 0 };
+        let huge_pages = if r.chance(0.25) { r.log_uniform(1, 64) } else { 0 };
 
         Scenario {
             seed,
             pages,
             blocks,
             wire_page_bytes,
+            huge_pages,
             zero_pct,
             vcpus,
             workload,
@@ -541,13 +558,14 @@ impl Scenario {
     /// The longest schedule the cores and the simulated orchestrator may
     /// follow after the faults heal, phase by phase, from the options.
     pub fn liveness_schedule(&self) -> LivenessSchedule {
-        let wire_bits = self.pages * (CHARGED_PAGE_BYTES + 16) * 8;
+        let wire_bits = (self.pages * (CHARGED_PAGE_BYTES + 16) + self.huge_pages * (HUGE_CHARGED_PAGE_BYTES + 16)) * 8;
         let window_mbps = self.buffer_kib * 1024 * 8 / self.latency_us.max(1);
         let effective_mbps = self.bandwidth_mbps.min(window_mbps).max(1);
         let est_ms = wire_bits / effective_mbps / 1000 + 1;
         let rounds = u64::from(self.mode.0.precopy_rounds());
         // Faults served one round trip each, by a vCPU that scans.
-        let fault_ms = self.pages * 2 * self.latency_us / 1000 / 8;
+        let fault_ms = (self.pages + self.huge_pages) * 2 * self.latency_us / 1000 / 8
+            + self.huge_pages * HUGE_CHARGED_PAGE_BYTES * 8 / effective_mbps / 1000;
         let config = self.config();
         // Each withdrawal attempt waits its back-off, then lasts one
         // handshake timeout at most (the core's bound on connecting and on
@@ -586,6 +604,9 @@ impl Scenario {
         if !self.wire_page_bytes.is_power_of_two() || !(16..=4096).contains(&self.wire_page_bytes) {
             return Err(format!("wire_page_bytes={} must be a power of two in 16..=4096", self.wire_page_bytes));
         }
+        if self.huge_pages > 4096 {
+            return Err(format!("huge_pages={} must be at most 4096", self.huge_pages));
+        }
         if self.vcpus == 0 || self.vcpus > 64 {
             return Err(format!("vcpus={} must be in 1..=64", self.vcpus));
         }
@@ -611,10 +632,30 @@ impl Scenario {
     pub fn layout(&self) -> RamLayout {
         let blocks = u64::from(self.blocks);
         let small = (self.pages / (4 * blocks)).max(1);
-        let mut list = vec![RamBlock { name: "pc.ram".into(), page_count: self.pages - (blocks - 1) * small }];
-        list.extend((1..blocks).map(|i| RamBlock { name: format!("blk{i}"), page_count: small }));
+        let page_size = self.wire_page_bytes;
+        let mut list =
+            vec![RamBlock { name: "pc.ram".into(), page_count: self.pages - (blocks - 1) * small, page_size }];
+        list.extend((1..blocks).map(|i| RamBlock { name: format!("blk{i}"), page_count: small, page_size }));
+        if self.huge_pages > 0 {
+            list.push(RamBlock {
+                name: HUGE_BLOCK.into(),
+                page_count: self.huge_pages,
+                page_size: self.huge_wire_bytes(),
+            });
+        }
         // Validated sizes: the layout cannot be rejected.
         RamLayout::new(self.wire_page_bytes, list).unwrap_or_else(|e| panic!("scenario layout: {e}"))
+    }
+
+    /// What pages cost on the simulated network.
+    pub fn page_charge(&self) -> crate::net::PageCharge {
+        let huge_wire_bytes = if self.huge_pages > 0 { u64::from(self.huge_wire_bytes()) } else { 0 };
+        crate::net::PageCharge { wire_page_bytes: u64::from(self.wire_page_bytes), huge_wire_bytes }
+    }
+
+    /// Bytes of a huge page in the simulation.
+    pub fn huge_wire_bytes(&self) -> u32 {
+        self.wire_page_bytes * HUGE_WIRE_FACTOR
     }
 
     /// The cores' configuration.
@@ -670,7 +711,7 @@ mod tests {
             let a = Scenario::draw(seed);
             a.validate().unwrap_or_else(|e| panic!("seed {seed}: {e}"));
             assert_eq!(a, Scenario::draw(seed));
-            assert_eq!(a.layout().total_pages(), a.pages);
+            assert_eq!(a.layout().total_pages(), a.pages + a.huge_pages);
         }
     }
 

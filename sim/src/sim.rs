@@ -26,10 +26,12 @@ use postcopy_core::{
 
 use crate::check::{Checkers, StepView, Where};
 use crate::guest::{decode_version, Pattern, SourceMemory, Vcpu, MISSING};
-use crate::net::{scan_chunk, ConnId, NetConfig, NetInput, NetOutput, NetTimer, Network, Received};
+use crate::net::{scan_chunk, ConnId, NetConfig, NetInput, NetOutput, NetTimer, Network, PageCharge, Received};
 use crate::report::{GuestProgress, Report, RunResult};
 use crate::rng::{stream, Rng};
-use crate::scenario::{Crash, Scenario, Triggers, CHARGED_PAGE_BYTES, NEW_ATTEMPT_DELAY_MAX_MS};
+use crate::scenario::{
+    Crash, Scenario, Triggers, CHARGED_PAGE_BYTES, HUGE_BLOCK, HUGE_CHARGED_PAGE_BYTES, NEW_ATTEMPT_DELAY_MAX_MS,
+};
 use crate::trace::{Trace, What};
 
 const MS: u64 = 1_000_000;
@@ -140,7 +142,8 @@ impl SourceHost {
 impl DestHost {
     fn new(scenario: &Scenario) -> Self {
         Self {
-            core: Destination::new(scenario.config(), scenario.wire_page_bytes),
+            core: Destination::new(scenario.config(), scenario.wire_page_bytes)
+                .with_block_page_size(HUGE_BLOCK, scenario.huge_wire_bytes()),
             sockets: [None; 3],
             provisional: Vec::new(),
             alive: true,
@@ -158,6 +161,8 @@ pub struct Sim {
     sc: Scenario,
     layout: RamLayout,
     block_start: Vec<u64>,
+    /// Global page numbers of the huge-page block (empty without one).
+    huge_block: std::ops::Range<u64>,
     now: u64,
     queue: BinaryHeap<Reverse<(u64, u64, u64, Ev)>>,
     seq: u64,
@@ -208,8 +213,8 @@ pub struct Sim {
 impl Sim {
     pub fn new(sc: Scenario, trace_tail: usize) -> Self {
         let layout = sc.layout();
-        let block_start = (0..sc.blocks).map(|b| layout.block_start(b).map_or(0, |p| p.0)).collect();
-        let pages = sc.pages;
+        let block_start = (0..layout.blocks().len() as u32).map(|b| layout.block_start(b).map_or(0, |p| p.0)).collect();
+        let pages = layout.total_pages();
         let mut content = Rng::new(sc.seed, stream::CONTENT);
         let mut checks = Checkers::new(pages);
         let mut src_mem = SourceMemory::new(pages);
@@ -251,11 +256,13 @@ impl Sim {
             bandwidth_mbps: sc.bandwidth_mbps,
             connect_timeout_ns: sc.connect_timeout_ms * MS,
             buffer_bytes: sc.buffer_kib * 1024,
-            wire_page_bytes: u64::from(sc.wire_page_bytes),
+            charge: sc.page_charge(),
         });
+        let huge_block = layout.block_index(HUGE_BLOCK).and_then(|b| layout.block_range(b)).unwrap_or(0..0);
         Sim {
             layout,
             block_start,
+            huge_block,
             now: 0,
             queue: BinaryHeap::new(),
             seq: 0,
@@ -500,7 +507,10 @@ impl Sim {
             max_outstanding: u64::from(self.sc.max_outstanding),
             max_buffered,
             // A writer may overshoot its room by one chunk plus one frame.
-            buffer_bound: (self.sc.buffer_kib + 2 * self.sc.chunk_kib) * 1024 + (128 << 10),
+            // One frame may overshoot the budget: a huge page by 2 MiB.
+            buffer_bound: (self.sc.buffer_kib + 2 * self.sc.chunk_kib) * 1024
+                + (128 << 10)
+                + if self.sc.huge_pages > 0 { HUGE_CHARGED_PAGE_BYTES } else { 0 },
         };
         self.checks.step(view);
         if !self.checks.ok() {
@@ -690,6 +700,16 @@ impl Sim {
                     return;
                 };
                 let was_present = *slot != MISSING;
+                if self.huge_block.contains(&p) {
+                    // A huge page is visible whole or not at all: a zero page
+                    // is whole by definition, bytes must be all of it.
+                    let page_bytes = u64::from(self.sc.huge_wire_bytes());
+                    let bytes = match &data {
+                        PageData::Zero => page_bytes,
+                        PageData::Bytes(bytes) => bytes.len() as u64,
+                    };
+                    self.checks.huge_install(p, bytes, page_bytes, version);
+                }
                 if let Some(v) = version {
                     if !was_present || overwrite {
                         *slot = v;
@@ -967,8 +987,13 @@ impl Sim {
         let chunk = self.sc.chunk_kib * 1024;
         let watermark = chunk.min(capacity / 2).max(1);
         let wire_page = u64::from(self.sc.wire_page_bytes);
-        // Real bytes per charged byte, for a page frame.
-        let ratio = (16 + wire_page) as f64 / (16 + CHARGED_PAGE_BYTES) as f64;
+        // Real bytes per charged byte, for a page frame (the smaller of the
+        // two page sizes', so that a chunk of huge pages stays in budget).
+        let mut ratio = (16 + wire_page) as f64 / (16 + CHARGED_PAGE_BYTES) as f64;
+        if self.sc.huge_pages > 0 {
+            let huge = u64::from(self.sc.huge_wire_bytes());
+            ratio = ratio.min((16 + huge) as f64 / (16 + HUGE_CHARGED_PAGE_BYTES) as f64);
+        }
         loop {
             let mut wrote = false;
             for ch in Channel::ALL {
@@ -999,8 +1024,7 @@ impl Sim {
                             &self.src_mem,
                             &mut deferred,
                         );
-                        let page_size = self.src.core.layout().page_size() as usize;
-                        DeferredPage::fill_all(&deferred, &mut out, page_size, &self.src_mem);
+                        DeferredPage::fill_all(&deferred, &mut out, &self.src_mem);
                         frames
                     } else if from_source {
                         self.src.core.poll_transmit(now, ch, &mut out, max_bytes, &self.src_mem)
@@ -1036,7 +1060,7 @@ impl Sim {
     /// pages left.
     fn write_chunk(&mut self, conn: ConnId, bytes: Bytes) {
         let (checks, block_start, frames) = (&mut self.checks, &self.block_start, &mut self.page_frames);
-        let charged = scan_chunk(&bytes, u64::from(self.sc.wire_page_bytes), |p| {
+        let charged = scan_chunk(&bytes, self.sc.page_charge(), |p| {
             *frames += 1;
             if let Some(page) = Self::global_page(block_start, p.block, p.index) {
                 checks.page_sent(page, p.kind);
@@ -1048,7 +1072,7 @@ impl Sim {
     /// Bytes that will never be read: their pages are lost.
     fn drop_chunk(&mut self, bytes: &[u8]) {
         let (checks, block_start) = (&mut self.checks, &self.block_start);
-        scan_chunk(bytes, 0, |p| {
+        scan_chunk(bytes, PageCharge::default(), |p| {
             if let Some(page) = Self::global_page(block_start, p.block, p.index) {
                 checks.page_dropped(page, p.kind);
             }

@@ -61,3 +61,20 @@ fn the_swarm_passes_on_the_clean_core_and_catches_every_planted_bug() {
         assert!(!caught.is_empty(), "the swarm missed planted bug {bug}");
     }
 }
+
+/// A block of 2 MiB huge pages migrates under faults and heals like the
+/// rest, and its pages are charged their real 2 MiB on the links: the
+/// network carries at least every non-zero huge page's 2 MiB once.
+#[test]
+fn huge_pages_cross_at_their_real_cost() {
+    let huge = 16u64;
+    let extra = [("huge_pages", "16"), ("zero_pct", "0")];
+    let results = run_many(0..20, &small(&extra), 2, 30).unwrap();
+    for r in &results {
+        assert!(r.passed(), "{}\n{:?}\n{}", r.replay, r.violations, r.tail.join("\n"));
+        assert!(r.report.network_bytes >= huge * (2 << 20), "{}: {} bytes", r.replay, r.report.network_bytes);
+    }
+    let scenario = Scenario::with_overrides(3, &small(&extra)).unwrap();
+    assert_eq!(scenario.layout().total_pages(), 4096 + huge);
+    assert_eq!(scenario.layout().max_page_size(), 4 * scenario.layout().page_size());
+}

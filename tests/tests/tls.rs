@@ -353,7 +353,7 @@ fn fresh_hello(session: u64) -> Vec<u8> {
             page_size: 4096,
             mode: WireMode::Postcopy,
             precopy_rounds: 0,
-            blocks: vec![RamBlock { name: "ram-below-4g".into(), page_count: 4096 }],
+            blocks: vec![RamBlock { name: "ram-below-4g".into(), page_count: 4096, page_size: 4096 }],
             machine: bytes::Bytes::new(),
         }),
         &mut v,

@@ -143,6 +143,8 @@ pub struct DestHost {
     pub core: Destination,
     /// Version of each present page; `None` where the page is missing.
     pub memory: Vec<Option<u64>>,
+    /// The layout memory was prepared for (page sizes per block).
+    pub layout: Option<RamLayout>,
     pub running: bool,
     pub expected_device_state: Bytes,
     /// Pages the device-state load touches before it can finish.
@@ -160,6 +162,7 @@ impl DestHost {
         Self {
             core: Destination::new(config, page_size),
             memory: Vec::new(),
+            layout: None,
             running: false,
             expected_device_state,
             device_pages,
@@ -189,8 +192,20 @@ impl DestHost {
 
     fn apply(&mut self, now: Timestamp, action: DestinationAction) {
         match action {
-            DestinationAction::PrepareMemory(layout) => self.memory = vec![None; layout.total_pages() as usize],
+            DestinationAction::PrepareMemory(layout) => {
+                self.memory = vec![None; layout.total_pages() as usize];
+                self.layout = Some(layout);
+            }
             DestinationAction::InstallPage { page, data, overwrite } => {
+                // A page becomes visible whole: all of its block's page size.
+                let page_size = self.layout.as_ref().and_then(|l| l.page_size_of(page)).unwrap_or(0);
+                if let PageData::Bytes(bytes) = &data {
+                    if bytes.len() != page_size as usize {
+                        let bytes = bytes.len() as u64;
+                        self.violations.push(Violation::HalfFilledPage { page: page.0, bytes, page_size });
+                        return;
+                    }
+                }
                 let version = match &data {
                     PageData::Zero => Some(0),
                     PageData::Bytes(bytes) => page_version(bytes, page),

@@ -18,6 +18,9 @@ pub enum Violation {
     WrongPageAtEnd { page: u64, expected: u64, found: Option<u64> },
     /// A page's bytes are not a valid content of that page.
     CorruptPage { page: u64 },
+    /// A page was made visible with fewer or more bytes than its block's
+    /// page size: a huge page must be installed whole.
+    HalfFilledPage { page: u64, bytes: u64, page_size: u32 },
     /// The core asked to install over a present page without `overwrite`.
     InstallOverPresent { page: u64 },
     /// Invariant 2: both sides run the guest.

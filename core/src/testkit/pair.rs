@@ -13,7 +13,7 @@ use crate::channel::Channel;
 use crate::config::{Config, Mode};
 use crate::destination::DestinationAction;
 use crate::destination::{DestinationState, Waiter};
-use crate::layout::{PageNumber, RamLayout};
+use crate::layout::{PageNumber, RamBlock, RamLayout};
 use crate::outcome::Notice;
 use crate::time::Timestamp;
 use crate::wire::{self, Decoder, Frame, Hello, UrgentHello, WireMode};
@@ -31,6 +31,10 @@ pub struct PairConfig {
 }
 
 impl PairConfig {
+    /// Page size of [`PairConfig::with_huge_pages`]'s block: 4 pages of the
+    /// others, so that a page made of parts of two versions shows.
+    pub const HUGE_PAGE_SIZE: u32 = 256;
+
     /// `pages` pages of 64 bytes, one vCPU, a small device state.
     pub fn new(config: Config, pages: u64) -> Self {
         let layout = RamLayout::single("ram", 64, pages).expect("a valid test layout");
@@ -42,6 +46,19 @@ impl PairConfig {
             device_state: Bytes::from_static(b"vcpu registers and devices"),
             device_pages: Vec::new(),
         }
+    }
+
+    /// `pages` pages of 64 bytes in a block "ram", then `huge_pages` pages
+    /// of [`PairConfig::HUGE_PAGE_SIZE`] bytes in a block "huge" (the
+    /// harness's huge pages).
+    pub fn with_huge_pages(config: Config, pages: u64, huge_pages: u64) -> Self {
+        let mut cfg = Self::new(config, pages);
+        let blocks = vec![
+            RamBlock { name: "ram".into(), page_count: pages, page_size: 64 },
+            RamBlock { name: "huge".into(), page_count: huge_pages, page_size: Self::HUGE_PAGE_SIZE },
+        ];
+        cfg.layout = RamLayout::new(64, blocks).expect("a valid test layout");
+        cfg
     }
 }
 
@@ -167,8 +184,13 @@ impl Pair {
     pub fn new(cfg: PairConfig) -> Self {
         let pages = cfg.layout.total_pages();
         let page_size = cfg.layout.page_size();
+        let layout_blocks = cfg.layout.blocks().to_vec();
         let src = SourceHost::new(cfg.config.clone(), cfg.layout, cfg.session, cfg.device_state.clone());
-        let dst = DestHost::new(cfg.config, page_size, cfg.device_state, cfg.device_pages);
+        let mut dst = DestHost::new(cfg.config, page_size, cfg.device_state, cfg.device_pages);
+        // The destination backs each block with the source's page size.
+        for block in layout_blocks.iter().filter(|b| b.page_size != page_size) {
+            dst.core.expect_block_page_size(&block.name, block.page_size);
+        }
         let mut pair = Pair {
             now: Timestamp::ZERO,
             src,

@@ -120,6 +120,11 @@ impl Decoder {
             let Some(front) = self.pending.front_mut() else {
                 return Ok(None);
             };
+            if header.is_some() {
+                // One allocation for the whole frame (a page can be 2 MiB):
+                // growing by doubling would copy it several times.
+                self.partial.reserve(wanted - self.partial.len());
+            }
             let take = (wanted - self.partial.len()).min(front.len());
             self.partial.extend_from_slice(&front[..take]);
             front.advance(take);
@@ -214,7 +219,7 @@ fn parse_payload(header: Header, payload: Bytes) -> Result<Frame, WireError> {
         FrameKind::Hello => {
             r.magic_and_version()?;
             let flags = r.u16()?;
-            if flags & !(HELLO_FLAG_RESUME | HELLO_FLAG_URGENT) != 0 {
+            if flags & !(HELLO_FLAG_RESUME | HELLO_FLAG_URGENT | HELLO_FLAG_BLOCK_PAGE_SIZES) != 0 {
                 return Err(WireError::ReservedBits { kind });
             }
             let session = r.u64()?;
@@ -239,7 +244,10 @@ fn parse_payload(header: Header, payload: Bytes) -> Result<Frame, WireError> {
                     return Err(r.malformed("empty block name"));
                 }
                 let page_count = r.u64()?;
-                blocks.push(RamBlock { name, page_count });
+                // Without the flag every block has the hello's page size
+                // (the encoding of builds that knew no other).
+                let block_page_size = if flags & HELLO_FLAG_BLOCK_PAGE_SIZES != 0 { r.u32()? } else { page_size };
+                blocks.push(RamBlock { name, page_count, page_size: block_page_size });
             }
             let machine_len = r.u16()? as usize;
             if machine_len > MAX_MACHINE_LEN {

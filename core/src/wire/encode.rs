@@ -115,6 +115,12 @@ pub fn encode(frame: &Frame, out: &mut Vec<u8>) {
             if hello.urgent_channel {
                 flags |= HELLO_FLAG_URGENT;
             }
+            // Page sizes per block only when one differs from the hello's:
+            // a uniform layout keeps the encoding older builds read.
+            let block_page_sizes = hello.blocks.iter().any(|b| b.page_size != hello.page_size);
+            if block_page_sizes {
+                flags |= HELLO_FLAG_BLOCK_PAGE_SIZES;
+            }
             out.extend_from_slice(&flags.to_be_bytes());
             out.extend_from_slice(&hello.session.to_be_bytes());
             out.extend_from_slice(&hello.epoch.to_be_bytes());
@@ -129,6 +135,9 @@ pub fn encode(frame: &Frame, out: &mut Vec<u8>) {
                 out.push(block.name.len() as u8);
                 out.extend_from_slice(block.name.as_bytes());
                 out.extend_from_slice(&block.page_count.to_be_bytes());
+                if block_page_sizes {
+                    out.extend_from_slice(&block.page_size.to_be_bytes());
+                }
             }
             out.extend_from_slice(&(hello.machine.len() as u16).to_be_bytes());
             out.extend_from_slice(&hello.machine);

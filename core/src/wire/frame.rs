@@ -85,7 +85,7 @@ impl FrameKind {
     pub fn max_payload(self) -> u32 {
         use FrameKind::*;
         let bytes = match self {
-            Hello => 34 + MAX_BLOCKS * (1 + MAX_BLOCK_NAME_LEN + 8) + MAX_MACHINE_LEN,
+            Hello => 34 + MAX_BLOCKS * (1 + MAX_BLOCK_NAME_LEN + 8 + 4) + MAX_MACHINE_LEN,
             UrgentHello => 20,
             Page => 8 + MAX_PAGE_SIZE as usize,
             Discard => 6 + 8 * MAX_DISCARD_RANGES,
@@ -122,6 +122,7 @@ pub(super) const PAGE_KIND_MASK: u8 = 0x06;
 pub(super) const DEVICE_STATE_FLAG_LAST: u8 = 0x01;
 pub(super) const HELLO_FLAG_RESUME: u16 = 0x01;
 pub(super) const HELLO_FLAG_URGENT: u16 = 0x02;
+pub(super) const HELLO_FLAG_BLOCK_PAGE_SIZES: u16 = 0x04;
 pub(super) const WELCOME_FLAG_STARTED: u16 = 0x01;
 pub(super) const WELCOME_FLAG_LOADED: u16 = 0x02;
 
@@ -174,9 +175,11 @@ pub struct Hello {
     pub session: u64,
     /// Connection generation: 0 at first, one more after each recovery.
     pub epoch: u32,
+    /// The base page size: every block's whose `page_size` is the same.
     pub page_size: u32,
     pub mode: WireMode,
     pub precopy_rounds: u32,
+    /// The RAM blocks, each with its own page size.
     pub blocks: Vec<RamBlock>,
     /// What the destination must build before the device state arrives
     /// (vCPU count, interrupt controller...), opaque to the protocol.

@@ -26,9 +26,9 @@
 //!
 //! | type | frame | channel | payload |
 //! |------|-------|---------|---------|
-//! | 0x01 | `Hello` | main | magic u32, version u16, flags u16 (bit 0: resume, bit 1: urgent channel), session u64, epoch u32, page size u32, mode u8, precopy rounds u32, block count u16, then per block: name length u8, name (UTF-8), page count u64; then machine description length u16 and bytes (opaque, at most 4 KiB) |
+//! | 0x01 | `Hello` | main | magic u32, version u16, flags u16 (bit 0: resume, bit 1: urgent channel, bit 2: block page sizes), session u64, epoch u32, page size u32, mode u8, precopy rounds u32, block count u16, then per block: name length u8, name (UTF-8), page count u64, and its page size u32 only when flag bit 2 is set (else the block's pages have the hello's page size); then machine description length u16 and bytes (opaque, at most 4 KiB) |
 //! | 0x02 | `UrgentHello` | urgent | magic u32, version u16, reserved u16, session u64, epoch u32 |
-//! | 0x03 | `Page` | main, urgent | block u32, page index u32, then the page (absent when flag bit 0, *zero*, is set); flags bits 1-2: kind (0 precopy, 1 background, 2 requested) |
+//! | 0x03 | `Page` | main, urgent | block u32, page index u32, then the page, as many bytes as its block's page size, up to 2 MiB (absent when flag bit 0, *zero*, is set); flags bits 1-2: kind (0 precopy, 1 background, 2 requested) |
 //! | 0x04 | `Discard` | main | block u32, range count u16, then per range: first page u32, page count u32 |
 //! | 0x05 | `DeviceState` | main | a chunk of the opaque device state; flag bit 0: last chunk |
 //! | 0x06 | `StartGuest` | main, urgent | empty |
@@ -43,6 +43,16 @@
 //! | 0x26 | `PresentPages` | return | first word u64, word count u16, then words u64 (bit i of word w: page 64 w + i is present) |
 //! | 0x27 | `PresentEnd` | return | present page count u64 |
 //! | 0x28 | `Reject` | return | UTF-8 reason |
+//!
+//! # Page sizes
+//!
+//! Each RAM block has its own page size (a power of two from 16 bytes to
+//! 2 MiB); pages, requests, discards and present-page reports of a block
+//! count in that block's pages. The hello's page size is the base: a hello
+//! whose blocks all have it is encoded as by builds that knew one page size
+//! (flag bit 2 clear, so they read it and compare page sizes as before);
+//! otherwise flag bit 2 is set and every block carries its page size. A
+//! build without block page sizes refuses such a hello (`ReservedBits`).
 
 mod decode;
 mod encode;

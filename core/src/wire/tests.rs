@@ -48,8 +48,8 @@ fn sample_frames() -> Vec<Frame> {
             mode: WireMode::Hybrid,
             precopy_rounds: 3,
             blocks: vec![
-                RamBlock { name: "pc.ram".into(), page_count: 262_144 },
-                RamBlock { name: "vga.vram".into(), page_count: 4096 },
+                RamBlock { name: "pc.ram".into(), page_count: 262_144, page_size: 4096 },
+                RamBlock { name: "vga.vram".into(), page_count: 4096, page_size: 4096 },
             ],
             machine: Bytes::from_static(b"vcpus=4"),
         }),
@@ -129,6 +129,28 @@ fn zero_pages_carry_no_payload() {
         encode_page_frame(&mut out, PageAddress { block: 0, index: 0 }, PageKind::Background, 4096, |b| b[4095] = 1);
     assert!(!zero);
     assert_eq!(out.len(), HEADER_LEN + 8 + 4096);
+}
+
+#[test]
+fn block_page_sizes_cross_only_when_a_block_differs() {
+    let uniform = sample_frames().remove(0);
+    let Frame::Hello(hello) = &uniform else { panic!("the first sample is a hello") };
+    let mut huge = hello.clone();
+    huge.blocks[1].page_size = 2 << 20;
+    let huge = Frame::Hello(huge);
+    let (uniform_bytes, huge_bytes) = (encoded(&uniform), encoded(&huge));
+    // The flag (bit 2 of the hello's flags) and a u32 per block.
+    assert_eq!(huge_bytes.len(), uniform_bytes.len() + 4 * 2);
+    assert_eq!(uniform_bytes[HEADER_LEN + 7] & 0x04, 0, "a uniform layout keeps the old encoding");
+    assert_eq!(huge_bytes[HEADER_LEN + 7] & 0x04, 0x04);
+    assert_eq!(decode_all(&huge_bytes, 5).unwrap(), vec![huge]);
+    // A huge page crosses whole in one frame.
+    let page = Frame::Page(PageFrame {
+        address: PageAddress { block: 1, index: 0 },
+        kind: PageKind::Requested,
+        data: PageData::Bytes(Bytes::from(vec![3u8; 2 << 20])),
+    });
+    assert_eq!(decode_all(&encoded(&page), 1 << 16).unwrap(), vec![page]);
 }
 
 #[test]
@@ -240,13 +262,16 @@ fn arb_reason() -> impl Strategy<Value = String> {
 }
 
 fn arb_frame() -> impl Strategy<Value = Frame> {
-    let block = (1usize..4).prop_flat_map(|n| {
-        prop::collection::vec(("[a-z]{1,20}", 1u64..1 << 32), n)
-            .prop_map(|v| v.into_iter().map(|(name, page_count)| RamBlock { name, page_count }).collect::<Vec<_>>())
-    });
+    // A block's page size is the hello's (None) or its own.
+    let block = (1usize..4)
+        .prop_flat_map(|n| prop::collection::vec(("[a-z]{1,20}", 1u64..1 << 32, prop::option::of(any::<u32>())), n));
     prop_oneof![
         (any::<bool>(), any::<bool>(), any::<u64>(), any::<u32>(), any::<u32>(), any::<bool>(), any::<u32>(), block)
             .prop_map(|(resume, urgent_channel, session, epoch, page_size, hybrid, precopy_rounds, blocks)| {
+                let blocks = blocks
+                    .into_iter()
+                    .map(|(name, page_count, own)| RamBlock { name, page_count, page_size: own.unwrap_or(page_size) })
+                    .collect();
                 Frame::Hello(Hello {
                     resume,
                     urgent_channel,

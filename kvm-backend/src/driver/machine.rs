@@ -76,14 +76,21 @@ pub enum MachineError {
     Layout(#[source] crate::error::Error),
 }
 
-/// The core's view of a layout: same blocks (names, page counts), 4 KiB pages.
-pub fn core_layout(layout: &MemoryMap) -> Result<postcopy_core::RamLayout, postcopy_core::LayoutError> {
+/// The core's view of a layout: same blocks (names), in pages of
+/// `unit_pages` 4 KiB pages (1, or 512 on 2 MiB huge pages: the page the
+/// migration moves is the backing memory's).
+pub fn core_layout(
+    layout: &MemoryMap,
+    unit_pages: u64,
+) -> Result<postcopy_core::RamLayout, postcopy_core::LayoutError> {
+    let unit_pages = unit_pages.max(1);
+    let page_size = u32::try_from(unit_pages * PAGE_SIZE).unwrap_or(u32::MAX);
     let blocks = layout
         .blocks()
         .iter()
-        .map(|b| postcopy_core::RamBlock { name: b.name.clone(), page_count: b.pages() })
+        .map(|b| postcopy_core::RamBlock { name: b.name.clone(), page_count: b.pages() / unit_pages, page_size })
         .collect();
-    postcopy_core::RamLayout::new(PAGE_SIZE as u32, blocks)
+    postcopy_core::RamLayout::new(page_size, blocks)
 }
 
 /// Global page numbers (blocks end to end, as the core numbers them) to and
@@ -92,19 +99,48 @@ pub fn core_layout(layout: &MemoryMap) -> Result<postcopy_core::RamLayout, postc
 pub struct PageMap {
     /// First global page of each block, plus the total at the end.
     starts: Vec<u64>,
+    /// 4 KiB pages per global page (1, or 512 on 2 MiB huge pages).
+    unit: u64,
 }
 
 impl PageMap {
-    /// The map of `layout`.
-    pub fn new(layout: &MemoryMap) -> Self {
+    /// The map of `layout` in pages of `unit_pages` 4 KiB pages.
+    pub fn new(layout: &MemoryMap, unit_pages: u64) -> Self {
+        let unit = unit_pages.max(1);
         let mut starts = Vec::with_capacity(layout.blocks().len() + 1);
         let mut total = 0;
         for b in layout.blocks() {
             starts.push(total);
-            total += b.pages();
+            total += b.pages() / unit;
         }
         starts.push(total);
-        Self { starts }
+        Self { starts, unit }
+    }
+
+    /// 4 KiB pages per global page.
+    pub fn unit_pages(&self) -> u64 {
+        self.unit
+    }
+
+    /// A block's dirty bitmap of 4 KiB pages (KVM's dirty log is per 4 KiB
+    /// page) as a bitmap of this map's pages: a huge page is dirty when any
+    /// of its 4 KiB pages is.
+    pub fn fold_dirty(&self, words: &[u64]) -> Vec<u64> {
+        if self.unit == 1 {
+            return words.to_vec();
+        }
+        let small = words.len() as u64 * 64;
+        let pages = small.div_ceil(self.unit);
+        let mut out = vec![0u64; pages.div_ceil(64) as usize];
+        for (w, &word) in words.iter().enumerate() {
+            let mut bits = word;
+            while bits != 0 {
+                let page = (w as u64 * 64 + u64::from(bits.trailing_zeros())) / self.unit;
+                bits &= bits - 1;
+                out[(page / 64) as usize] |= 1 << (page % 64);
+            }
+        }
+        out
     }
 
     /// Total pages.
@@ -117,19 +153,20 @@ impl PageMap {
         (block + 1 < self.starts.len()).then(|| self.starts[block])
     }
 
-    /// The `PageRef` of a global page number.
+    /// The `PageRef` of a global page number: its first 4 KiB page.
     pub fn page_ref(&self, page: PageNumber) -> Option<PageRef> {
         if page.0 >= self.total_pages() {
             return None;
         }
         let block = self.starts.partition_point(|&s| s <= page.0) - 1;
-        Some(PageRef { block, page: page.0 - self.starts[block] })
+        Some(PageRef { block, page: (page.0 - self.starts[block]) * self.unit })
     }
 
-    /// The global number of a `PageRef`.
+    /// The global number of the page holding 4 KiB page `page`.
     pub fn number(&self, page: PageRef) -> Option<PageNumber> {
         let start = self.block_start(page.block)?;
-        (page.page < self.starts[page.block + 1] - start).then(|| PageNumber(start + page.page))
+        let index = page.page / self.unit;
+        (index < self.starts[page.block + 1] - start).then(|| PageNumber(start + index))
     }
 }
 
@@ -141,7 +178,7 @@ mod tests {
     #[test]
     fn page_numbers_round_trip_across_the_hole() {
         let layout = MemoryMap::pc(5 * GIB).unwrap();
-        let map = PageMap::new(&layout);
+        let map = PageMap::new(&layout, 1);
         let below = layout.blocks()[0].pages();
         assert_eq!(map.total_pages(), 5 * GIB / PAGE_SIZE);
         for n in [0, 1, below - 1, below, below + 7, map.total_pages() - 1] {
@@ -152,11 +189,33 @@ mod tests {
         assert_eq!(map.page_ref(PageNumber(map.total_pages())), None);
         assert_eq!(map.number(PageRef::new(2, 0)), None);
         assert_eq!(map.number(PageRef::new(0, below)), None);
-        let core = core_layout(&layout).unwrap();
+        let core = core_layout(&layout, 1).unwrap();
         assert_eq!(core.total_pages(), map.total_pages());
         assert_eq!(core.block_start(1), Some(PageNumber(below)));
         // Dirty bitmaps are handed per block: block starts are multiples of 64.
         assert_eq!(below % 64, 0);
+    }
+
+    #[test]
+    fn huge_pages_are_runs_of_small_ones() {
+        let layout = MemoryMap::pc(5 * GIB).unwrap();
+        let map = PageMap::new(&layout, 512);
+        let below = layout.blocks()[0].pages() / 512;
+        assert_eq!(map.total_pages(), 5 * GIB / (2 << 20));
+        assert_eq!(map.page_ref(PageNumber(below + 3)), Some(PageRef::new(1, 3 * 512)));
+        // Every 4 KiB page of a huge page maps to it.
+        assert_eq!(map.number(PageRef::new(1, 3 * 512 + 511)), Some(PageNumber(below + 3)));
+        assert_eq!(map.number(PageRef::new(0, 0)), Some(PageNumber(0)));
+        let core = core_layout(&layout, 512).unwrap();
+        assert_eq!(core.total_pages(), map.total_pages());
+        assert_eq!(core.block_page_size(1), Some(2 << 20));
+        assert_eq!(core.total_bytes(), 5 * GIB);
+        // One dirty 4 KiB page makes its huge page dirty.
+        let mut words = vec![0u64; 3 * 512 / 64];
+        words[8 + 3] = 1 << 9; // 4 KiB page 512 + 192 + 9: in huge page 1
+        words[2 * 8] = 1; // the first 4 KiB page of huge page 2
+        assert_eq!(map.fold_dirty(&words), vec![0b110]);
+        assert_eq!(PageMap::new(&layout, 1).fold_dirty(&words), words);
     }
 
     #[test]

@@ -85,6 +85,7 @@
 
 pub mod blocktime;
 pub mod digest;
+pub mod framing;
 pub mod install_faults;
 pub mod machine;
 pub mod net;

@@ -41,9 +41,18 @@ pub struct Tuning {
     /// waits for everything queued ahead of it on the main channel, so this
     /// bounds the slowest faults.
     pub main_socket_buffer: Option<usize>,
+    /// Back guest RAM with huge pages of this size (None: 4 KiB pages). The
+    /// migration then moves whole huge pages; both sides must agree.
+    #[serde(default)]
+    pub hugepages: Option<crate::hugepages::HugePageSize>,
 }
 
 impl Tuning {
+    /// Bytes of the pages guest RAM is backed with and the migration moves.
+    pub fn page_bytes(&self) -> u64 {
+        self.hugepages.map_or(crate::layout::PAGE_SIZE, crate::hugepages::HugePageSize::bytes)
+    }
+
     pub(crate) fn spin(&self) -> Duration {
         Duration::from_micros(self.spin_us)
     }

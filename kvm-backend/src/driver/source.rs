@@ -105,7 +105,8 @@ struct SourceRam<'a> {
 
 impl GuestMemory for SourceRam<'_> {
     fn read_page(&self, page: PageNumber, out: &mut [u8]) {
-        let ok = self.map.page_ref(page).is_some_and(|r| self.ram.read_page(r, out).is_ok());
+        // A page of the migration is a huge page on huge-page RAM.
+        let ok = self.map.page_ref(page).is_some_and(|r| self.ram.read_pages(r, out).is_ok());
         if !ok {
             // The core only schedules pages of the layout it was given.
             tracing::error!(page = page.0, "cannot read a page the core asked for");
@@ -118,7 +119,8 @@ impl GuestMemory for SourceRam<'_> {
     /// payload and is never read, so its digest is recorded here.
     fn is_zero_page(&self, page: PageNumber, _page_size: usize) -> bool {
         // A page the core cannot place is sent (as zeros) by read_page, which reports it.
-        let zero = self.map.page_ref(page).is_some_and(|r| self.ram.page_is_zero(r).unwrap_or(false));
+        let unit = self.map.unit_pages();
+        let zero = self.map.page_ref(page).is_some_and(|r| self.ram.pages_are_zero(r, unit).unwrap_or(false));
         if zero {
             self.digests.record_zero(page.0);
         }
@@ -207,8 +209,8 @@ pub fn run_source_watched(
     watch: Option<Arc<dyn Watch<Source>>>,
 ) -> Result<SourceOutcome, SourceError> {
     let ram = vm.ram();
-    let layout = core_layout(ram.layout()).map_err(SourceError::Layout)?;
-    let map = PageMap::new(ram.layout());
+    let layout = core_layout(ram.layout(), ram.unit_pages()).map_err(SourceError::Layout)?;
+    let map = PageMap::new(ram.layout(), ram.unit_pages());
     let pages = map.total_pages();
     let mut core = Source::new(opts.config.clone(), layout, session);
     core.set_machine_description(Bytes::from(machine.to_bytes())).map_err(SourceError::MachineDescription)?;
@@ -220,7 +222,7 @@ pub fn run_source_watched(
         bulk_bell: Doorbell::new(),
         done_bell: Doorbell::new(),
         finished: Mutex::new(None),
-        guest: SourceRam { ram, map, digests: PageDigests::new(pages, PAGE_SIZE as usize) },
+        guest: SourceRam { ram, map, digests: PageDigests::new(pages, (ram.unit_pages() * PAGE_SIZE) as usize) },
         vm,
         vcpus,
         addr: Mutex::new(opts.connect),
@@ -340,7 +342,7 @@ impl SideDriver for SourceDriver<'_> {
     }
 
     fn fill_deferred(&self, deferred: &[DeferredPage], buf: &mut [u8]) {
-        DeferredPage::fill_all(deferred, buf, PAGE_SIZE as usize, &self.guest);
+        DeferredPage::fill_all(deferred, buf, &self.guest);
     }
 
     /// A resume connects to the address the user gave (kept only if the
@@ -416,7 +418,8 @@ impl SourceDriver<'_> {
             Ok(dirty) => self.event(s, |l, now| {
                 for block in 0..dirty.num_blocks() {
                     let Some(start) = self.guest.map.block_start(block) else { continue };
-                    if let Err(e) = l.core.handle_dirty_bitmap(now, start, dirty.block_words(block)) {
+                    let words = self.guest.map.fold_dirty(dirty.block_words(block));
+                    if let Err(e) = l.core.handle_dirty_bitmap(now, start, &words) {
                         tracing::error!(%e, "dirty bitmap");
                     }
                 }
@@ -537,7 +540,7 @@ impl SourceDriver<'_> {
                     }
                     (changed, self.drain(&mut l), state)
                 };
-                DeferredPage::fill_all(&deferred, &mut buf, PAGE_SIZE as usize, &self.guest);
+                DeferredPage::fill_all(&deferred, &mut buf, &self.guest);
                 deferred.clear();
                 // Ready for the switchover (idle until the stop, then the
                 // device state): wake at once when it comes.

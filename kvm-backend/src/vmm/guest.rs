@@ -69,7 +69,12 @@ impl LiveGuest {
             move |source| BootError::Vmm { step, source: source.into() }
         }
         let layout = MemoryMap::pc(spec.mem_bytes).map_err(step("lay out the guest's RAM"))?;
-        let ram = Arc::new(GuestRam::new(layout.clone()).map_err(step("allocate the guest's RAM"))?);
+        let ram = match tuning.hugepages {
+            // Huge pages: a hugetlbfs memfd, every page allocated now.
+            Some(huge) => GuestRam::new_preallocated_with(layout.clone(), Some(huge)),
+            None => GuestRam::new(layout.clone()),
+        };
+        let ram = Arc::new(ram.map_err(step("allocate the guest's RAM"))?);
         let kind = match &spec.image {
             Some(path) => {
                 let bytes = std::fs::read(path).map_err(|source| BootError::Image { path: path.clone(), source })?;

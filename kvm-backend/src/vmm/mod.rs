@@ -361,7 +361,9 @@ impl Shared {
     /// The incoming migration's thread.
     fn receive(self: Arc<Self>, listener: Arc<ListenerSlot>, mut opts: DestinationOptions, job: Arc<Job>) {
         if let Some(bytes) = self.config.prealloc_bytes {
-            match MemoryMap::pc(bytes).map_err(MemoryError::from).and_then(GuestRam::new_preallocated) {
+            let huge = self.config.tuning.hugepages;
+            match MemoryMap::pc(bytes).map_err(MemoryError::from).and_then(|m| GuestRam::new_preallocated_with(m, huge))
+            {
                 Ok(ram) => opts.preallocated = Some(Arc::new(ram)),
                 Err(e) => tracing::warn!(e = error_chain(&e), "cannot preallocate guest RAM; allocating on arrival"),
             }

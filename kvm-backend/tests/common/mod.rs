@@ -26,6 +26,19 @@ pub fn kvm_or_skip(test: &str) -> bool {
     false
 }
 
+/// True if `pages` 2 MiB huge pages are free; otherwise prints why the test
+/// is skipped (`reason`), or panics when `POSTCOPY_REQUIRE_KVM=1`.
+pub fn huge_pages_or_skip(test: &str, pages: u64) -> bool {
+    match postcopy_kvm::HugePageSize::Size2M.check_free(pages) {
+        Ok(()) => true,
+        Err(e) if required() => panic!("{test}: {e} and {REQUIRE_KVM_ENV}=1"),
+        Err(e) => {
+            eprintln!("SKIPPED {test}: {e} (set {REQUIRE_KVM_ENV}=1 to fail instead)");
+            false
+        }
+    }
+}
+
 /// True if KVM and userfaultfd (with kernel faults) can be used.
 pub fn uffd_or_skip(test: &str) -> bool {
     if !kvm_or_skip(test) {

@@ -36,6 +36,24 @@ pub fn kvm_or_skip(test: &str) -> bool {
     }
 }
 
+/// True if KVM and userfaultfd can be used and `pages` 2 MiB huge pages are
+/// free (scripts/test reserves them); otherwise prints why the test is
+/// skipped, or panics when `POSTCOPY_REQUIRE_KVM=1` (CI).
+pub fn huge_pages_or_skip(test: &str, pages: u64) -> bool {
+    if !kvm_or_skip(test) {
+        return false;
+    }
+    let required = std::env::var(REQUIRE_KVM_ENV).is_ok_and(|v| v == "1");
+    match postcopy_kvm::HugePageSize::Size2M.check_free(pages) {
+        Ok(()) => true,
+        Err(e) if required => panic!("{test}: {e} and {REQUIRE_KVM_ENV}=1"),
+        Err(e) => {
+            eprintln!("SKIPPED {test}: {e} (set {REQUIRE_KVM_ENV}=1 to fail instead)");
+            false
+        }
+    }
+}
+
 /// Migrations run one at a time: the machine has 2 CPUs, and guests of
 /// parallel tests would starve each other.
 pub fn serial() -> MutexGuard<'static, ()> {

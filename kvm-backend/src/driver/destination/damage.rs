@@ -4,8 +4,6 @@
 use bytes::Bytes;
 use postcopy_core::wire::PageData;
 
-use crate::layout::PAGE_SIZE;
-
 /// Test-only damage on the destination (`POSTCOPY_TEST_DAMAGE=drop:PAGE` or
 /// `corrupt:PAGE`): the page is installed as zeros, or with one bit flipped,
 /// to prove that the integrity checks fail.
@@ -64,7 +62,8 @@ impl Damage {
     }
 
     /// `data` as this damage changes it.
-    pub(super) fn apply(self, data: PageData) -> PageData {
+    /// `data` (a page of `page_bytes`) as this damage changes it.
+    pub(super) fn apply(self, data: PageData, page_bytes: usize) -> PageData {
         match (self, data) {
             (Damage::Drop(_), _) => PageData::Zero,
             (Damage::Corrupt(_), PageData::Bytes(b)) => {
@@ -73,7 +72,7 @@ impl Damage {
                 PageData::Bytes(Bytes::from(v))
             }
             (Damage::Corrupt(_), PageData::Zero) => {
-                let mut v = vec![0u8; PAGE_SIZE as usize];
+                let mut v = vec![0u8; page_bytes];
                 v[0] ^= 0x10;
                 PageData::Bytes(Bytes::from(v))
             }
@@ -84,6 +83,7 @@ impl Damage {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::layout::PAGE_SIZE;
 
     #[test]
     fn damage_switch_parses() {
@@ -98,15 +98,17 @@ mod tests {
     #[test]
     fn damage_changes_the_page() {
         let page = Bytes::from(vec![0x55u8; PAGE_SIZE as usize]);
-        assert_eq!(Damage::Drop(1).apply(PageData::Bytes(page.clone())), PageData::Zero);
-        let PageData::Bytes(flipped) = Damage::Corrupt(1).apply(PageData::Bytes(page.clone())) else {
+        let len = PAGE_SIZE as usize;
+        assert_eq!(Damage::Drop(1).apply(PageData::Bytes(page.clone()), len), PageData::Zero);
+        let PageData::Bytes(flipped) = Damage::Corrupt(1).apply(PageData::Bytes(page.clone()), len) else {
             panic!("a corrupted page keeps bytes")
         };
         assert_eq!(flipped[0], 0x45);
         assert_eq!(flipped[1..], page[1..]);
-        let PageData::Bytes(from_zero) = Damage::Corrupt(1).apply(PageData::Zero) else {
+        let PageData::Bytes(from_zero) = Damage::Corrupt(1).apply(PageData::Zero, 2 << 20) else {
             panic!("a corrupted zero page gets bytes")
         };
         assert_eq!(from_zero[0], 0x10);
+        assert_eq!(from_zero.len(), 2 << 20, "a zero huge page gets a huge page of bytes");
     }
 }

@@ -87,24 +87,31 @@ impl DestinationDriver<'_> {
         let desc = MachineDescription::from_bytes(machine).map_err(BuildError::Description)?;
         // Called from an op, after the lock was released.
         let layout = lock(&self.shell.locked).core.layout().cloned().ok_or(BuildError::NoLayout)?;
-        if core_layout(&desc.ram).map_err(BuildError::CoreLayout)? != layout {
+        let huge = self.opts.tuning.hugepages;
+        let unit_pages = huge.map_or(1, |h| h.small_pages());
+        if core_layout(&desc.ram, unit_pages).map_err(BuildError::CoreLayout)? != layout {
             return Err(BuildError::LayoutMismatch);
         }
         let ram = match &self.opts.preallocated {
-            Some(ram) if ram.layout() == &desc.ram => ram.clone(),
+            Some(ram) if ram.layout() == &desc.ram && ram.huge_pages() == huge => ram.clone(),
             Some(ram) => {
                 return Err(BuildError::PreallocatedMismatch {
                     source_mib: desc.ram.total_bytes() >> 20,
                     preallocated_mib: ram.layout().total_bytes() >> 20,
                 })
             }
+            // Huge pages are allocated whole, now, from the reserved pool.
+            None if huge.is_some() => Arc::new(
+                GuestRam::new_preallocated_with(desc.ram.clone(), huge)
+                    .map_err(step("allocate guest RAM on huge pages"))?,
+            ),
             None => Arc::new(GuestRam::new(desc.ram.clone()).map_err(step("allocate guest RAM"))?),
         };
         let uffd = UffdRam::register(ram.clone()).map_err(step("register guest RAM with userfaultfd"))?;
         let config = VmConfig { vcpus: desc.vcpus, irqchip: desc.irqchip, serial: self.opts.serial.clone() };
         let vm = Vm::new(ram.clone(), config).map_err(step("create the VM"))?;
         let vcpus = vm.create_vcpus().map_err(step("create the vCPUs"))?;
-        let map = PageMap::new(ram.layout());
+        let map = PageMap::new(ram.layout(), ram.unit_pages());
         let pages = map.total_pages();
         let machine = Machine {
             desc,
@@ -113,7 +120,7 @@ impl DestinationDriver<'_> {
             vm,
             map,
             installed: PageBits::new(pages),
-            digests: PageDigests::new(pages, PAGE_SIZE as usize),
+            digests: PageDigests::new(pages, (unit_pages * PAGE_SIZE) as usize),
             clock: FaultClock::new(pages),
         };
         Ok((machine, vcpus))
@@ -201,7 +208,7 @@ impl DestinationDriver<'_> {
             b.resolved(page.0, crate::driver::clock::now().0, None);
         }
         if let Some(r) = m.map.page_ref(page) {
-            if let Err(e) = m.uffd.wake_pages(r, 1) {
+            if let Err(e) = m.uffd.wake_pages(r, m.map.unit_pages()) {
                 tracing::warn!(%e, page = page.0, "wake");
             }
         }

@@ -67,18 +67,21 @@ impl DestinationDriver<'_> {
         let Some(r) = m.map.page_ref(page) else { return };
         let mut data = data;
         if let Some(damage) = self.opts.damage.filter(|d| d.page() == page.0) {
-            data = damage.apply(data);
+            data = damage.apply(data, (m.map.unit_pages() * PAGE_SIZE) as usize);
             tracing::warn!(page = page.0, ?damage, "test-only damage applied");
         }
         // The install time is taken before a woken vCPU can preempt this thread.
         let started_ns = now().0;
+        // A page of the migration: a huge page on huge-page RAM, written or
+        // mapped whole.
+        let page_bytes = (m.map.unit_pages() * PAGE_SIZE) as usize;
         let result = match (&data, overwrite) {
             (PageData::Bytes(b), true) => {
-                m.ram.write_page(r, b).map(|()| (Install::Installed, now().0)).map_err(UffdError::from)
+                m.ram.write_pages(r, b).map(|()| (Install::Installed, now().0)).map_err(UffdError::from)
             }
             (PageData::Zero, true) => m
                 .ram
-                .write_page(r, &[0u8; PAGE_SIZE as usize])
+                .write_pages(r, &vec![0u8; page_bytes])
                 .map(|()| (Install::Installed, now().0))
                 .map_err(UffdError::from),
             (PageData::Bytes(b), false) => m.uffd.install_page_with(r, b, || now().0),
@@ -103,7 +106,9 @@ impl DestinationDriver<'_> {
     /// Whether `page` may be installed as part of a run (the machine is
     /// built and no test-only damage applies to it).
     pub(super) fn batchable(&self, page: PageNumber) -> bool {
-        self.machine.get().is_some() && self.opts.damage.is_none_or(|d| d.page() != page.0)
+        // A huge page is installed alone: 2 MiB is plenty for one call.
+        self.machine.get().is_some_and(|m| m.map.unit_pages() == 1)
+            && self.opts.damage.is_none_or(|d| d.page() != page.0)
     }
 
     fn same_block(&self, a: PageNumber, b: PageNumber) -> bool {
@@ -205,7 +210,7 @@ impl DestinationDriver<'_> {
         if let (Some(&(first, _)), true) = (run.first(), stopped_at == run.len()) {
             // Only the wake-up failed: wake again.
             if let Some(r) = m.map.page_ref(first) {
-                if let Err(e) = m.uffd.wake_pages(r, run.len() as u64) {
+                if let Err(e) = m.uffd.wake_pages(r, run.len() as u64 * m.map.unit_pages()) {
                     tracing::error!(e = error_chain(&e), first = first.0, pages = run.len(), "waking a run's waiters");
                 }
             }
@@ -239,7 +244,7 @@ impl DestinationDriver<'_> {
             match &error {
                 UffdError::Install(e) if matches!(e.cause, InstallFailure::Wake(_)) => {
                     self.note_installed(m, page, bytes, now().0);
-                    if let Err(e) = m.uffd.wake_pages(r, 1) {
+                    if let Err(e) = m.uffd.wake_pages(r, m.map.unit_pages()) {
                         tracing::error!(e = error_chain(&e), page = page.0, "waking a page's waiters");
                     }
                     return;
@@ -299,7 +304,7 @@ impl DestinationDriver<'_> {
     pub(super) fn discard(&self, first: PageNumber, count: u64) {
         let Some(m) = self.machine.get() else { return };
         let Some(r) = m.map.page_ref(first) else { return };
-        if let Err(e) = m.uffd.discard_pages(r, count) {
+        if let Err(e) = m.uffd.discard_pages(r, count * m.map.unit_pages()) {
             tracing::error!(%e, first = first.0, count, "discard failed");
             self.install_counters.anomalies.fetch_add(1, Ordering::Relaxed);
         }

@@ -35,7 +35,7 @@ use postcopy_core::{Channel, DeferredPage, Destination, DestinationAction, Times
 use super::clock::now;
 use super::digest::MemoryDigest;
 use super::machine::MachineDescription;
-use super::net::{self, Connection};
+use super::net::Connection;
 use super::placement::{pin_self, set_policy, Boost};
 use super::report::DestinationReport;
 use super::security::{Acceptor, AdmissionError, SourceIdentity};
@@ -44,7 +44,6 @@ use super::sync::Doorbell;
 use super::watch::{ListenerSlot, Watch};
 use crate::devices::lock;
 use crate::error::error_chain;
-use crate::layout::PAGE_SIZE;
 use crate::runner::VcpuSet;
 use crate::vm::Vm;
 use state::{DestinationDriver, DestinationOp, InstallCounters, Timeline};
@@ -135,7 +134,11 @@ fn run(
         }
     };
     let mut driver = DestinationDriver {
-        shell: Shell::new(Destination::new(opts.config.clone(), PAGE_SIZE as u32), opts.tuning.clone(), watch),
+        shell: Shell::new(
+            Destination::new(opts.config.clone(), opts.tuning.page_bytes() as u32),
+            opts.tuning.clone(),
+            watch,
+        ),
         opts,
         listener,
         acceptor: Acceptor::new(opts.security.clone(), opts.config.handshake_timeout),
@@ -432,7 +435,10 @@ impl DestinationDriver<'_> {
             }
             Channel::Urgent => {
                 pin_self(tuning.latency_cpu, "dst-urgent");
-                (URGENT_READ_BYTES, tuning.spin(), tuning.rt_priority)
+                // A requested huge page in as few reads (core lock
+                // acquisitions) as the socket allows.
+                let max = URGENT_READ_BYTES.max(tuning.page_bytes() as usize + 64);
+                (max, tuning.spin(), tuning.rt_priority)
             }
             Channel::Return => (RETURN_READ_BYTES, Duration::ZERO, None),
         };
@@ -450,7 +456,7 @@ impl DestinationDriver<'_> {
         };
         apply_boost(lock(&self.shell.locked).core.guest_started());
         let binds = conn.channel == Channel::Main;
-        let on_bytes = |bytes| {
+        let deliver = |bytes| {
             let mut started = None;
             self.event(s, |l, now| {
                 if l.accepted_input(now, &conn, bytes) {
@@ -470,6 +476,8 @@ impl DestinationDriver<'_> {
                 None => false,
             }
         };
+        // Whole frames only: a frame spanning reads (a 2 MiB page) is
+        // received in place here, not copied under the core lock.
         let on_closed = || {
             self.event(s, |l, now| {
                 if l.is_current(&conn) && !self.shell.is_stopping() && !l.core.state().is_terminal() {
@@ -479,7 +487,7 @@ impl DestinationDriver<'_> {
                 l.accepted_lost(now, &conn);
             })
         };
-        net::read_until_closed(&conn, max, spin, on_bytes, on_closed);
+        crate::driver::framing::read_frames_until_closed(&conn, max, spin, deliver, on_closed);
     }
 
     fn progress_loop(&self) {
