@@ -30,7 +30,6 @@ use postcopy_core::wire::{FrameKind, HEADER_LEN};
 use postcopy_core::{Channel, Side};
 
 use crate::rng::Rng;
-use crate::scenario::{CHARGED_PAGE_BYTES, HUGE_CHARGED_PAGE_BYTES};
 
 /// A connection, for its whole life (ids are never reused).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -673,6 +672,16 @@ pub struct ScannedPage {
     pub kind: u8,
     pub zero: bool,
 }
+
+/// Bytes a page is charged on the network, whatever its size in the
+/// simulation: the wire carries small pages (a content version and a check
+/// word) so that a 4 GiB guest fits in memory and runs fast, while bandwidth
+/// is spent as if every non-zero page were 4 KiB.
+pub const CHARGED_PAGE_BYTES: u64 = 4096;
+
+/// Bytes a page of the huge-page block (`huge_pages`) is charged on the
+/// network: a 2 MiB huge page, which crosses whole.
+pub const HUGE_CHARGED_PAGE_BYTES: u64 = 2 << 20;
 
 /// What a page frame costs on the network, whatever its size in the
 /// simulation: a small page [`CHARGED_PAGE_BYTES`], a page of the huge-page

@@ -3,6 +3,8 @@
 //! that `postcopy-sim run --seed S` alone replays it, and overridable one
 //! key at a time with `--set key=value`.
 
+use crate::net::PageCharge;
+pub use crate::net::{CHARGED_PAGE_BYTES, HUGE_CHARGED_PAGE_BYTES};
 use serde::Serialize;
 use std::fmt;
 use std::str::FromStr;
@@ -11,16 +13,6 @@ use std::time::Duration;
 use postcopy_core::{Config, Mode, RamBlock, RamLayout};
 
 use crate::rng::{stream, Rng};
-
-/// Bytes a page is charged on the network, whatever its size in the
-/// simulation: the wire carries small pages (a content version and a check
-/// word) so that a 4 GiB guest fits in memory and runs fast, while bandwidth
-/// is spent as if every non-zero page were 4 KiB.
-pub const CHARGED_PAGE_BYTES: u64 = 4096;
-
-/// Bytes a page of the huge-page block (`huge_pages`) is charged on the
-/// network: a 2 MiB huge page, which crosses whole.
-pub const HUGE_CHARGED_PAGE_BYTES: u64 = 2 << 20;
 
 /// A huge page is this many small pages long in the simulation (so that a
 /// page filled from two versions, or half, shows in its bytes).
@@ -648,9 +640,9 @@ impl Scenario {
     }
 
     /// What pages cost on the simulated network.
-    pub fn page_charge(&self) -> crate::net::PageCharge {
+    pub fn page_charge(&self) -> PageCharge {
         let huge_wire_bytes = if self.huge_pages > 0 { u64::from(self.huge_wire_bytes()) } else { 0 };
-        crate::net::PageCharge { wire_page_bytes: u64::from(self.wire_page_bytes), huge_wire_bytes }
+        PageCharge { wire_page_bytes: u64::from(self.wire_page_bytes), huge_wire_bytes }
     }
 
     /// Bytes of a huge page in the simulation.
