@@ -548,7 +548,11 @@ impl Driver {
         wire::encode(&spec.build(&ctx), &mut bytes);
         bytes.extend_from_slice(garbage);
         let bytes = Bytes::from(bytes);
-        let stranger = other_session && self.core.layout().is_some() && self.core.state() != DestinationState::Failed;
+        // A stranger is a peer with another id than the migration bound here
+        // (an earlier hello, the fuzzer's "other" id included, may have bound
+        // it): one with the bound id is the source.
+        let stranger = self.core.session_id().is_some_and(|bound| bound != session)
+            && self.core.state() != DestinationState::Failed;
         let before = stranger.then(|| self.core.clone());
         let admission = self.core.handle_accepted(self.now, channel);
         match admission {
