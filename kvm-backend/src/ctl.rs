@@ -94,6 +94,9 @@ pub fn progress_line(info: &MigrationInfo) -> String {
     line
 }
 
+/// How long `watch` waits for events after it saw the migration end.
+const FINAL_EVENTS_GRACE: Duration = Duration::from_millis(300);
+
 /// Polls `query-migrate` and prints the events as they come, until the
 /// migration ended.
 fn watch(client: &mut QmpClient, interval: Duration) -> Result<ExitCode, CtlError> {
@@ -113,6 +116,16 @@ fn watch(client: &mut QmpClient, interval: Duration) -> Result<ExitCode, CtlErro
         }
         if info.status.is_none_or(|s| !s.is_running()) {
             writeln!(out).map_err(CtlError::Output)?;
+            // The MIGRATION event of the end may come just after the reply
+            // that showed it: wait a little for the events still on their way.
+            while let Some(event) = client.next_event(Some(FINAL_EVENTS_GRACE))? {
+                let data = event.data.as_ref().map(|d| format!(" {d}")).unwrap_or_default();
+                writeln!(out, "event {}{data}", event.name).map_err(CtlError::Output)?;
+                let status = event.data.as_ref().and_then(|d| d.get("status")).and_then(|s| s.as_str());
+                if event.name == "MIGRATION" && status == info.status.map(|s| s.as_str()) {
+                    break;
+                }
+            }
             return Ok(ExitCode::SUCCESS);
         }
         std::thread::sleep(interval);
