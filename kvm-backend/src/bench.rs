@@ -210,6 +210,44 @@ fn percentile(sorted: &[f64], q: f64) -> f64 {
     sorted[((q * sorted.len() as f64).ceil() as usize).clamp(1, sorted.len()) - 1]
 }
 
+/// The server end of a request/reply floor: answers each 8-byte request
+/// with `reply_bytes` bytes, on `latency_cpu`, until the client leaves.
+fn spawn_floor_server(
+    listener: TcpListener,
+    reply_bytes: usize,
+    latency_cpu: Option<usize>,
+    net: Tuning,
+) -> std::thread::JoinHandle<std::io::Result<()>> {
+    std::thread::spawn(move || -> std::io::Result<()> {
+        if let Some(cpu) = latency_cpu {
+            let _ = postcopy_kvm::pin_thread(0, cpu);
+        }
+        let (mut s, _) = listener.accept()?;
+        net.tune_socket(&s, CHANNEL_OF_FLOOR);
+        s.set_nodelay(true)?;
+        let reply = vec![0x5au8; reply_bytes];
+        let mut req = [0u8; 8];
+        loop {
+            if s.read_exact(&mut req).is_err() {
+                return Ok(());
+            }
+            s.write_all(&reply)?;
+        }
+    })
+}
+
+impl Floor {
+    /// The percentiles of round-trip `samples` (us).
+    fn of(mut samples: Vec<f64>) -> Floor {
+        samples.sort_by(|a, b| a.total_cmp(b));
+        Floor {
+            p50_us: percentile(&samples, 0.5),
+            p99_us: percentile(&samples, 0.99),
+            max_us: samples.last().copied().unwrap_or(0.0),
+        }
+    }
+}
+
 /// The floor of a remote fault: an 8-byte request, a 4 KiB reply over
 /// loopback TCP, and the `UFFDIO_COPY` of the reply into registered memory,
 /// with both ends on `latency_cpu` (None: where the scheduler puts them).
@@ -221,22 +259,7 @@ fn measure_floor(round_trips: usize, latency_cpu: Option<usize>, net: &Tuning) -
     let uffd = UffdRam::register(ram).map_err(memory("register the floor's memory"))?;
     let listener = TcpListener::bind("127.0.0.1:0").map_err(io("listen for the floor"))?;
     let addr = listener.local_addr().map_err(io("read the floor's address"))?;
-    let server = std::thread::spawn(move || -> std::io::Result<()> {
-        if let Some(cpu) = latency_cpu {
-            let _ = postcopy_kvm::pin_thread(0, cpu);
-        }
-        let (mut s, _) = listener.accept()?;
-        accept_net.tune_socket(&s, CHANNEL_OF_FLOOR);
-        s.set_nodelay(true)?;
-        let page = vec![0x5au8; PAGE_SIZE as usize];
-        let mut req = [0u8; 8];
-        loop {
-            if s.read_exact(&mut req).is_err() {
-                return Ok(());
-            }
-            s.write_all(&page)?;
-        }
-    });
+    let server = spawn_floor_server(listener, PAGE_SIZE as usize, latency_cpu, accept_net);
     // The client runs in a thread of its own: pinning the calling thread
     // would pin the migrations' processes too (affinity is inherited).
     let client = std::thread::spawn(move || -> Result<Vec<f64>, BenchError> {
@@ -259,13 +282,7 @@ fn measure_floor(round_trips: usize, latency_cpu: Option<usize>, net: &Tuning) -
     });
     let samples = client.join().map_err(|_| BenchError::Panicked("floor client"));
     let _ = server.join();
-    let mut samples = samples??;
-    samples.sort_by(|a, b| a.total_cmp(b));
-    Ok(Floor {
-        p50_us: percentile(&samples, 0.5),
-        p99_us: percentile(&samples, 0.99),
-        max_us: samples.last().copied().unwrap_or(0.0),
-    })
+    Ok(Floor::of(samples??))
 }
 
 /// Huge pages the huge-page floor places (each discarded after use).
@@ -290,22 +307,7 @@ fn measure_huge_floor(
     let uffd = UffdRam::register(Arc::new(ram)).map_err(memory("register the huge-page floor's memory"))?;
     let listener = TcpListener::bind("127.0.0.1:0").map_err(io("listen for the huge-page floor"))?;
     let addr = listener.local_addr().map_err(io("read the huge-page floor's address"))?;
-    let server = std::thread::spawn(move || -> std::io::Result<()> {
-        if let Some(cpu) = latency_cpu {
-            let _ = postcopy_kvm::pin_thread(0, cpu);
-        }
-        let (mut s, _) = listener.accept()?;
-        accept_net.tune_socket(&s, CHANNEL_OF_FLOOR);
-        s.set_nodelay(true)?;
-        let page = vec![0x5au8; page_bytes];
-        let mut req = [0u8; 8];
-        loop {
-            if s.read_exact(&mut req).is_err() {
-                return Ok(());
-            }
-            s.write_all(&page)?;
-        }
-    });
+    let server = spawn_floor_server(listener, page_bytes, latency_cpu, accept_net);
     let client = std::thread::spawn(move || -> Result<Vec<f64>, BenchError> {
         if let Some(cpu) = latency_cpu {
             let _ = postcopy_kvm::pin_thread(0, cpu);
@@ -330,13 +332,7 @@ fn measure_huge_floor(
     });
     let samples = client.join().map_err(|_| BenchError::Panicked("huge-page floor client"));
     let _ = server.join();
-    let mut samples = samples??;
-    samples.sort_by(|a, b| a.total_cmp(b));
-    Ok(Floor {
-        p50_us: percentile(&samples, 0.5),
-        p99_us: percentile(&samples, 0.99),
-        max_us: samples.last().copied().unwrap_or(0.0),
-    })
+    Ok(Floor::of(samples??))
 }
 
 /// The floors' sockets get the migration's congestion control but keep
