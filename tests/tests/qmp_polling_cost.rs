@@ -75,7 +75,10 @@ fn migrate_once(dir: &Path, mem: &str, extra: &[&str], polled: bool) -> Figures 
     let port = TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("a free port").port();
     let source_args = [&["--mem", mem, "--vcpus", "1"], extra].concat();
     let mut source = Vmm::start(dir, "source", None, &source_args);
-    let mut dest = Vmm::start(dir, "dest", None, &[&["--incoming", "defer"], extra].concat());
+    // Preallocated, as the bench's destination: first touches of fresh
+    // memory during the migration cost the host's reclaim, which varies
+    // run to run far more than what is measured here.
+    let mut dest = Vmm::start(dir, "dest", None, &[&["--incoming", "defer", "--prealloc", mem], extra].concat());
     // Both wait for the end on MIGRATION events, not by asking; no
     // pre-paging around faults, as the bench's fault-heavy workload.
     let capabilities = vec![
