@@ -324,21 +324,8 @@ fn source_seeds(events: &[Event], hybrid_events: &[Event]) -> Vec<Seed> {
         transmit(Channel::Main),
         SourceEvent::ConnectionLost(0),
         SourceEvent::Timer(0),
-        transmit(Channel::Main),
-        transmit(Channel::Urgent),
-        frame_op(FrameSpec::Welcome {
-            session: Num::Near(0),
-            epoch: Num::Near(0),
-            started: true,
-            loaded: true,
-            max_requests: Num::Near(15),
-        }),
-        frame_op(FrameSpec::PresentPages { first_word: Num::Near(0), words: vec![WordSpec::Masked(0b1010_1010)] }),
-        frame_op(FrameSpec::PresentEnd { count: Num::Near(0) }),
     ]);
-    ops.extend((0..4).map(|_| transmit(Channel::Main)));
-    ops.push(frame_op(FrameSpec::Eoc));
-    ops.push(transmit(Channel::Main));
+    ops.extend(reconnected_to_completion());
     seeds.push(source_seed("seed-recovery", SourceInput { setup: source_setup(0, SOURCE_AUTO), ops }, move |r| {
         assert!(r.states.contains(&postcopy_core::SourceState::Recovering), "{:?}", r.states);
         completed(r);
@@ -353,21 +340,8 @@ fn source_seeds(events: &[Event], hybrid_events: &[Event]) -> Vec<Seed> {
         SourceEvent::Timer(0),
         SourceEvent::Timer(40),
         SourceEvent::Resume,
-        transmit(Channel::Main),
-        transmit(Channel::Urgent),
-        frame_op(FrameSpec::Welcome {
-            session: Num::Near(0),
-            epoch: Num::Near(0),
-            started: true,
-            loaded: true,
-            max_requests: Num::Near(15),
-        }),
-        frame_op(FrameSpec::PresentPages { first_word: Num::Near(0), words: vec![WordSpec::Masked(0b1010_1010)] }),
-        frame_op(FrameSpec::PresentEnd { count: Num::Near(0) }),
     ]);
-    ops.extend((0..4).map(|_| transmit(Channel::Main)));
-    ops.push(frame_op(FrameSpec::Eoc));
-    ops.push(transmit(Channel::Main));
+    ops.extend(reconnected_to_completion());
     let setup = source_setup(0, SOURCE_AUTO | 0x80);
     seeds.push(source_seed("seed-manual-recovery", SourceInput { setup, ops }, move |r| {
         let paused = r.errors.iter().any(|e| matches!(e, MigrationError::PausedByUser));
@@ -995,4 +969,27 @@ fn qmp_seeds() -> Vec<Seed> {
             assert!(o.replies[1].get("return").is_some(), "the session goes on");
         }),
     ]
+}
+
+/// A paused source's reconnection to a destination that kept the guest
+/// running, its report of present pages, then the end: the tail both
+/// recovery seeds share.
+fn reconnected_to_completion() -> Vec<SourceEvent> {
+    let mut ops = vec![
+        transmit(Channel::Main),
+        transmit(Channel::Urgent),
+        frame_op(FrameSpec::Welcome {
+            session: Num::Near(0),
+            epoch: Num::Near(0),
+            started: true,
+            loaded: true,
+            max_requests: Num::Near(15),
+        }),
+        frame_op(FrameSpec::PresentPages { first_word: Num::Near(0), words: vec![WordSpec::Masked(0b1010_1010)] }),
+        frame_op(FrameSpec::PresentEnd { count: Num::Near(0) }),
+    ];
+    ops.extend((0..4).map(|_| transmit(Channel::Main)));
+    ops.push(frame_op(FrameSpec::Eoc));
+    ops.push(transmit(Channel::Main));
+    ops
 }
