@@ -27,22 +27,7 @@ fn preamble(channel: Channel) -> Vec<u8> {
 }
 
 fn hello() -> Vec<u8> {
-    let mut v = Vec::new();
-    wire::encode(
-        &Frame::Hello(Hello {
-            resume: false,
-            urgent_channel: false,
-            session: 7,
-            epoch: 0,
-            page_size: 4096,
-            mode: WireMode::Postcopy,
-            precopy_rounds: 0,
-            blocks: vec![RamBlock { name: "ram-below-4g".into(), page_count: 4096, page_size: 4096 }],
-            machine: bytes::Bytes::new(),
-        }),
-        &mut v,
-    );
-    v
+    fresh_hello_frame(7)
 }
 
 /// How a stranger's visit to a destination ended.

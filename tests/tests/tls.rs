@@ -23,8 +23,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::*;
-use postcopy_core::wire::{self, Frame, Hello, WireMode};
-use postcopy_core::{Channel, RamBlock};
+use postcopy_core::wire;
+use postcopy_core::Channel;
 use postcopy_kvm::driver::report::RunReport;
 use postcopy_secure::creds::Lifetime;
 use postcopy_secure::{Allowlist, CertificateAuthority, ClientSide, Credentials, Identity};
@@ -344,20 +344,7 @@ fn until_closed(mut s: TcpStream, limit: Duration) {
 fn fresh_hello(session: u64) -> Vec<u8> {
     let mut v = Vec::new();
     wire::encode_preamble(&mut v, Channel::Main);
-    wire::encode(
-        &Frame::Hello(Hello {
-            resume: false,
-            urgent_channel: false,
-            session,
-            epoch: 0,
-            page_size: 4096,
-            mode: WireMode::Postcopy,
-            precopy_rounds: 0,
-            blocks: vec![RamBlock { name: "ram-below-4g".into(), page_count: 4096, page_size: 4096 }],
-            machine: bytes::Bytes::new(),
-        }),
-        &mut v,
-    );
+    v.extend(fresh_hello_frame(session));
     v
 }
 

@@ -11,7 +11,8 @@ use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 
 use postcopy_core::wire::{self, FrameKind};
-use postcopy_core::Channel;
+use postcopy_core::wire::{Frame, Hello, WireMode};
+use postcopy_core::{Channel, RamBlock};
 use postcopy_kvm::driver::report::{DestinationReport, RunReport, SourceReport};
 
 /// Env var that turns a skip (no /dev/kvm or userfaultfd) into a failure.
@@ -466,4 +467,25 @@ pub fn run_to_end(mut cmd: Command, timeout: Duration) -> Finished {
 
 pub fn output_text(o: &Output) -> String {
     format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr))
+}
+
+/// The frame of a fresh hello for migration `session` (a 16 MiB guest of
+/// 4 KiB pages in pure postcopy), as a source or a stranger sends it first.
+pub fn fresh_hello_frame(session: u64) -> Vec<u8> {
+    let mut v = Vec::new();
+    wire::encode(
+        &Frame::Hello(Hello {
+            resume: false,
+            urgent_channel: false,
+            session,
+            epoch: 0,
+            page_size: 4096,
+            mode: WireMode::Postcopy,
+            precopy_rounds: 0,
+            blocks: vec![RamBlock { name: "ram-below-4g".into(), page_count: 4096, page_size: 4096 }],
+            machine: bytes::Bytes::new(),
+        }),
+        &mut v,
+    );
+    v
 }
