@@ -27,7 +27,7 @@ pub struct Common {
     /// bench pins unless --unpinned; see the README).
     #[arg(long)]
     pub latency_cpu: Option<usize>,
-    /// Pin the bulk path's threads to this CPU.
+    /// Pin the bulk path's threads to this CPU (with `run`, the QMP server's too).
     #[arg(long)]
     pub bulk_cpu: Option<usize>,
     /// Pin the vCPU threads to this CPU.

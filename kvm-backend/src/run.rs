@@ -7,9 +7,9 @@ use std::time::{Duration, Instant};
 
 use clap::Args;
 use postcopy_core::Mode;
-use postcopy_kvm::driver::Damage;
+use postcopy_kvm::driver::{pin_self, Damage};
 use postcopy_kvm::vmm::{DumpError, GuestSpec, KvmVmm, LiveGuest, VmmConfig, VmmError};
-use postcopy_qmp::{EventBus, Server, ServerConfig, ServerError, Vmm};
+use postcopy_qmp::{EventBus, Server, ServerConfig, ServerError, ThreadStart, Vmm};
 
 use crate::args::{parse_size, Common};
 use crate::commands::{serial_output, CommandError};
@@ -110,7 +110,14 @@ pub fn run(a: RunArgs) -> Result<ExitCode, RunError> {
         }
     };
     let vmm = Arc::new(vmm);
-    let server = Server::bind(&a.qmp, ServerConfig::default(), vmm.clone() as Arc<dyn Vmm>, bus)?;
+    // QMP's threads wake for every poll of an orchestrator: they run with
+    // the bulk path, never beside the fault path's threads.
+    let bulk_cpu = a.common.bulk_cpu;
+    let server_config = ServerConfig {
+        thread_start: ThreadStart::new(move |name| pin_self(bulk_cpu, name)),
+        ..ServerConfig::default()
+    };
+    let server = Server::bind(&a.qmp, server_config, vmm.clone() as Arc<dyn Vmm>, bus)?;
     eprintln!("postcopy run: QMP on {}", a.qmp.display());
     vmm.wait_for_quit();
     // Lets the replies (quit's included) and events out, removes the socket.

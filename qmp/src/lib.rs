@@ -72,7 +72,7 @@ pub use client::{ClientError, QmpClient, ReceivedEvent};
 pub use command::{Command, MigrateArgs, MigrateIncomingArgs};
 pub use error::{ErrorClass, QmpError};
 pub use objects::{Endpoint, ObjectAddArgs};
-pub use server::{EventBus, Server, ServerConfig, ServerError};
+pub use server::{EventBus, Server, ServerConfig, ServerError, ThreadStart};
 pub use session::{Request, Session, SessionConfig, Step};
 pub use types::*;
 pub use vmm::{dispatch, EventSink, Vmm};

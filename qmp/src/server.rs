@@ -39,7 +39,7 @@ pub enum ServerError {
     Thread { path: PathBuf, source: std::io::Error },
 }
 
-/// The server's limits.
+/// The server's limits, and where its threads run.
 #[derive(Clone, Debug)]
 pub struct ServerConfig {
     pub session: SessionConfig,
@@ -48,11 +48,43 @@ pub struct ServerConfig {
     /// Messages queued for a client that is not reading, at most; past it
     /// the client is disconnected.
     pub outbound_queue_messages: usize,
+    /// Runs first in every thread of the server.
+    pub thread_start: ThreadStart,
 }
 
 impl Default for ServerConfig {
     fn default() -> Self {
-        ServerConfig { session: SessionConfig::default(), max_clients: 16, outbound_queue_messages: 4096 }
+        ServerConfig {
+            session: SessionConfig::default(),
+            max_clients: 16,
+            outbound_queue_messages: 4096,
+            thread_start: ThreadStart::default(),
+        }
+    }
+}
+
+/// What the server's threads (the accept loop, each client's reader and
+/// writer) run first, given the thread's name: the VMM places them there,
+/// for example on a CPU away from its page-fault path, so that a client
+/// polling `query-migrate` does not wake threads where faults are served.
+#[derive(Clone, Default)]
+pub struct ThreadStart(Option<Arc<dyn Fn(&str) + Send + Sync>>);
+
+impl ThreadStart {
+    pub fn new(start: impl Fn(&str) + Send + Sync + 'static) -> Self {
+        ThreadStart(Some(Arc::new(start)))
+    }
+
+    fn run(&self, thread: &str) {
+        if let Some(start) = &self.0 {
+            start(thread);
+        }
+    }
+}
+
+impl std::fmt::Debug for ThreadStart {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.0.is_some() { "ThreadStart(set)" } else { "ThreadStart(none)" })
     }
 }
 
@@ -227,6 +259,7 @@ fn accept_loop(
     stopping: Arc<AtomicBool>,
     threads: Arc<Mutex<Vec<JoinHandle<()>>>>,
 ) {
+    config.thread_start.run("qmp-accept");
     for connection in listener.incoming() {
         if stopping.load(Ordering::Acquire) {
             break;
@@ -269,7 +302,9 @@ fn spawn_client(
         outbound: outbound.clone(),
         stream: stream.try_clone()?,
     });
+    let writer_start = config.thread_start.clone();
     let writer = std::thread::Builder::new().name(format!("qmp-write-{id}")).spawn(move || {
+        writer_start.run("qmp-write");
         for message in queue {
             if writer_stream.write_all(&message).is_err() {
                 break;
@@ -286,7 +321,9 @@ fn spawn_client(
     };
     let session = Session::new(config.session.clone());
     let reader_bus = bus.clone();
+    let reader_start = config.thread_start.clone();
     let reader = std::thread::Builder::new().name(format!("qmp-read-{id}")).spawn(move || {
+        reader_start.run("qmp-read");
         serve(stream, session, &*vmm, &outbound, &negotiated);
         tracing::debug!(client = id, "QMP client gone");
         reader_bus.unregister(id);

@@ -344,3 +344,30 @@ fn shutdown_does_not_hang_when_the_socket_file_was_removed() {
     assert!(started.elapsed() < WAIT);
     assert!(matches!(client.next_event(Some(WAIT)), Err(ClientError::Closed { .. })), "clients are closed");
 }
+
+#[test]
+fn every_server_thread_runs_the_start_hook_in_itself() {
+    let started: Arc<std::sync::Mutex<Vec<(String, Option<String>)>>> = Arc::default();
+    let record = started.clone();
+    let config = ServerConfig {
+        thread_start: ThreadStart::new(move |name| {
+            let own = std::thread::current().name().map(str::to_owned);
+            record.lock().unwrap().push((name.to_owned(), own));
+        }),
+        ..ServerConfig::default()
+    };
+    let rig = rig_with(config, FakeVmm::running);
+    let mut raw = Raw::connect(&rig);
+    raw.message();
+    wait_until("the accept loop and one client's reader and writer started", || started.lock().unwrap().len() == 3);
+    let mut seen = started.lock().unwrap().clone();
+    seen.sort();
+    assert_eq!(
+        seen,
+        [
+            ("qmp-accept".to_owned(), Some("qmp-accept".to_owned())),
+            ("qmp-read".to_owned(), Some("qmp-read-0".to_owned())),
+            ("qmp-write".to_owned(), Some("qmp-write-0".to_owned())),
+        ]
+    );
+}

@@ -46,10 +46,12 @@ struct Figures {
 
 /// A client on `socket` asking `query-migrate` every 10 ms until the
 /// migration ended or `stop` is set; how many replies it got, and the sum
-/// of their round trips.
-fn poller(socket: &Path, stop: Arc<AtomicBool>) -> JoinHandle<(u64, Duration)> {
+/// of their round trips. It runs on `cpu` when given: an orchestrator's
+/// place is with the bulk work, not beside the fault path.
+fn poller(socket: &Path, cpu: Option<usize>, stop: Arc<AtomicBool>) -> JoinHandle<(u64, Duration)> {
     let socket = socket.to_path_buf();
     std::thread::spawn(move || {
+        postcopy_kvm::driver::pin_self(cpu, "qmp-poller");
         let mut client = QmpClient::connect_negotiated(&socket).expect("the poller connects");
         let (mut polls, mut busy) = (0, Duration::ZERO);
         let mut next = Instant::now();
@@ -66,6 +68,12 @@ fn poller(socket: &Path, stop: Arc<AtomicBool>) -> JoinHandle<(u64, Duration)> {
         }
         (polls, busy)
     })
+}
+
+/// The `--bulk-cpu` among the `run` options, if any.
+fn bulk_cpu(run_options: &[&str]) -> Option<usize> {
+    let at = run_options.iter().position(|o| *o == "--bulk-cpu")?;
+    run_options.get(at + 1)?.parse().ok()
 }
 
 /// One migration of `mem` RAM over loopback, polled or quiet.
@@ -90,8 +98,11 @@ fn migrate_once(dir: &Path, mem: &str, extra: &[&str], polled: bool) -> Figures 
     }
     dest.listen(format!("tcp:127.0.0.1:{port}"));
     let stop = Arc::new(AtomicBool::new(false));
-    let pollers: Vec<_> =
-        if polled { [&source, &dest].iter().map(|v| poller(&v.socket, stop.clone())).collect() } else { Vec::new() };
+    let pollers: Vec<_> = if polled {
+        [&source, &dest].iter().map(|v| poller(&v.socket, bulk_cpu(extra), stop.clone())).collect()
+    } else {
+        Vec::new()
+    };
     source.migrate(format!("tcp:127.0.0.1:{port}"));
     let source_end = source.wait_ended_by_events();
     let dest_end = dest.wait_ended_by_events();

@@ -74,7 +74,9 @@ impl Tuning {
 }
 
 /// Pins the calling thread, when asked (a failure is logged, not fatal).
-pub(crate) fn pin_self(cpu: Option<usize>, what: &str) {
+/// Besides the driver's own threads, `run` places its QMP server's threads
+/// with it on the bulk CPU, and the QMP polling measurement its client.
+pub fn pin_self(cpu: Option<usize>, what: &str) {
     if let Some(cpu) = cpu {
         if let Err(e) = crate::sys::pin_thread(0, cpu) {
             tracing::warn!(%e, cpu, what, "cannot pin thread");
