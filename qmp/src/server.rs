@@ -68,7 +68,9 @@ impl Default for ServerConfig {
 /// for example on a CPU away from its page-fault path, so that a client
 /// polling `query-migrate` does not wake threads where faults are served.
 #[derive(Clone, Default)]
-pub struct ThreadStart(Option<Arc<dyn Fn(&str) + Send + Sync>>);
+pub struct ThreadStart(Option<Arc<StartFn>>);
+
+type StartFn = dyn Fn(&str) + Send + Sync;
 
 impl ThreadStart {
     pub fn new(start: impl Fn(&str) + Send + Sync + 'static) -> Self {
