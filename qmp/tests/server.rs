@@ -347,7 +347,9 @@ fn shutdown_does_not_hang_when_the_socket_file_was_removed() {
 
 #[test]
 fn every_server_thread_runs_the_start_hook_in_itself() {
-    let started: Arc<std::sync::Mutex<Vec<(String, Option<String>)>>> = Arc::default();
+    // (the name the hook was given, the name of the thread it ran in)
+    type Started = Vec<(String, Option<String>)>;
+    let started: Arc<std::sync::Mutex<Started>> = Arc::default();
     let record = started.clone();
     let config = ServerConfig {
         thread_start: ThreadStart::new(move |name| {
