@@ -4,190 +4,22 @@
 //! migrated back and forth between two processes, each hop verified.
 
 mod common;
+mod vmm;
 
-use std::net::TcpListener;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::{binary, kvm_or_skip, serial, temp_dir};
 use postcopy_qmp::{
-    Command as Qmp, MigrateArgs, MigrateIncomingArgs, MigrationCapability, MigrationCapabilityStatus,
-    MigrationParameters, MigrationStatus, QmpClient, RunState,
+    Command as Qmp, MigrateArgs, MigrateIncomingArgs, MigrationCapability, MigrationCapabilityStatus, MigrationStatus,
+    RunState,
 };
 use serde_json::Value;
+use vmm::{assert_hop_verified, free_port, read, sent_digest, uri, Vmm, MIGRATION_TIMEOUT};
 
 /// Precopy rounds that do not end by themselves within a test.
 const ENDLESS_ROUNDS: u64 = 100_000_000;
-
-/// How long one migration of these small guests may take.
-const MIGRATION_TIMEOUT: Duration = Duration::from_secs(60);
-
-/// A `postcopy run` process and a QMP client on its socket. Killed on drop.
-struct Vmm {
-    name: &'static str,
-    child: Child,
-    stderr: PathBuf,
-    qmp: QmpClient,
-}
-
-impl Vmm {
-    fn start(dir: &Path, name: &'static str, args: &[&str]) -> Vmm {
-        Vmm::start_with_env(dir, name, args, &[])
-    }
-
-    fn start_with_env(dir: &Path, name: &'static str, args: &[&str], env: &[(&str, &str)]) -> Vmm {
-        Vmm::start_in(dir, name, None, args, env)
-    }
-
-    /// Starts the process in network namespace `netns` (its QMP socket is a
-    /// file: reachable from here).
-    fn start_in(dir: &Path, name: &'static str, netns: Option<&str>, args: &[&str], env: &[(&str, &str)]) -> Vmm {
-        let socket = dir.join(format!("{name}.sock"));
-        let stderr = dir.join(format!("{name}.err"));
-        let mut command = match netns {
-            Some(ns) => {
-                let mut c = Command::new("ip");
-                c.args(["netns", "exec", ns]).arg(binary());
-                c
-            }
-            None => Command::new(binary()),
-        };
-        let child = command
-            .arg("run")
-            .arg("--qmp")
-            .arg(&socket)
-            .args(args)
-            .envs(env.iter().copied())
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&stderr).expect("stderr file"))
-            .spawn()
-            .expect("start postcopy run");
-        let t0 = Instant::now();
-        let qmp = loop {
-            if let Ok(client) = QmpClient::connect_negotiated(&socket) {
-                break client;
-            }
-            assert!(t0.elapsed() < Duration::from_secs(60), "{name}: no QMP socket; {}", read(&stderr));
-            std::thread::sleep(Duration::from_millis(20));
-        };
-        Vmm { name, child, stderr, qmp }
-    }
-
-    fn execute(&mut self, command: Qmp) -> Value {
-        match self.qmp.execute(&command) {
-            Ok(value) => value,
-            Err(e) => panic!("{}: {e}\n{}", self.name, read(&self.stderr)),
-        }
-    }
-
-    fn run_state(&mut self) -> RunState {
-        self.qmp.query_status().expect("query-status").status
-    }
-
-    fn status(&mut self) -> Option<MigrationStatus> {
-        self.qmp.query_migrate().expect("query-migrate").status
-    }
-
-    fn enable_events(&mut self) {
-        let capabilities = vec![MigrationCapabilityStatus { capability: MigrationCapability::Events, state: true }];
-        self.execute(Qmp::MigrateSetCapabilities { capabilities });
-    }
-
-    fn precopy_rounds(&mut self, rounds: u64) {
-        self.execute(Qmp::MigrateSetParameters(MigrationParameters {
-            x_precopy_rounds: Some(rounds),
-            ..Default::default()
-        }));
-    }
-
-    fn listen(&mut self, port: u16) {
-        self.execute(Qmp::MigrateIncoming(MigrateIncomingArgs { uri: uri(port), exit_on_error: None }));
-    }
-
-    fn migrate(&mut self, port: u16) {
-        self.execute(Qmp::Migrate(MigrateArgs { uri: uri(port), resume: false }));
-    }
-
-    /// Polls until the migration ended; its last status.
-    fn wait_ended(&mut self) -> MigrationStatus {
-        let t0 = Instant::now();
-        loop {
-            if let Some(status) = self.status().filter(|s| !s.is_running()) {
-                return status;
-            }
-            assert!(t0.elapsed() < MIGRATION_TIMEOUT, "{}: migration did not end; {}", self.name, read(&self.stderr));
-            std::thread::sleep(Duration::from_millis(10));
-        }
-    }
-
-    /// The MIGRATION statuses received so far, in order.
-    fn migration_events(&mut self) -> Vec<MigrationStatus> {
-        let mut out = Vec::new();
-        while let Some(event) = self.qmp.next_event(Some(Duration::ZERO)).expect("events") {
-            if let Some(postcopy_qmp::Event::Migration { status }) = event.event() {
-                out.push(status);
-            }
-        }
-        out
-    }
-
-    fn verify(&mut self) -> Value {
-        self.execute(Qmp::XPostcopyVerify)
-    }
-
-    fn quit(mut self) {
-        self.execute(Qmp::Quit);
-        let t0 = Instant::now();
-        while t0.elapsed() < Duration::from_secs(10) {
-            if let Ok(Some(status)) = self.child.try_wait() {
-                assert!(status.success(), "{}: exit {status}", self.name);
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        panic!("{}: did not exit after quit", self.name);
-    }
-}
-
-impl Drop for Vmm {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn read(path: &Path) -> String {
-    std::fs::read_to_string(path).unwrap_or_default()
-}
-
-fn uri(port: u16) -> String {
-    format!("tcp:127.0.0.1:{port}")
-}
-
-/// A loopback port free now.
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("a free port").port()
-}
-
-/// The source's digest of the pages as sent, from `query-migrate`.
-fn sent_digest(vmm: &mut Vmm) -> String {
-    let info = vmm.qmp.query_migrate().expect("query-migrate");
-    info.x_postcopy.and_then(|x| x.memory_digest).expect("the source reports its digest once completed")
-}
-
-/// Checks the guest that arrived at `dest` against what `source` sent.
-fn assert_hop_verified(source: &mut Vmm, dest: &mut Vmm, hop: usize) {
-    let sent = sent_digest(source);
-    let report = dest.verify();
-    assert_eq!(report["ok"], true, "hop {hop}: {report:#}");
-    assert_eq!(report["guest"], "pattern", "hop {hop}");
-    assert_eq!(report["arrived-digest"]["missing-pages"], 0, "hop {hop}: {report:#}");
-    assert_eq!(report["arrived-digest"]["digest"], Value::String(sent), "hop {hop}: digests differ: {report:#}");
-    let pattern = &report["pattern"];
-    assert!(pattern["pages_checked"].as_u64().unwrap_or(0) > 0, "hop {hop}: {report:#}");
-    assert_eq!(pattern["bad_pages"], 0, "hop {hop}: {report:#}");
-}
 
 /// Rank of a status in a migration's life, to check events come in order.
 fn rank(status: MigrationStatus) -> u32 {
@@ -214,7 +46,7 @@ fn query_migrate_advances_and_events_arrive_in_order() {
     assert_eq!(b.run_state(), RunState::Inmigrate);
     assert_eq!(a.status(), None, "no migration yet: query-migrate is {{}}");
     a.enable_events();
-    a.migrate(port);
+    a.migrate(uri(port));
     let mut remaining = Vec::new();
     let t0 = Instant::now();
     let end = loop {
@@ -261,12 +93,12 @@ fn migrate_cancel_before_the_switchover_keeps_the_guest_on_the_source() {
     let port = free_port();
     let mut a = Vmm::start(&dir, "a", &["--mem", "128M", "--vcpus", "1"]);
     let mut b = Vmm::start(&dir, "b", &["--incoming", "defer"]);
-    b.listen(port);
+    b.listen(uri(port));
     a.enable_events();
     // Precopy rounds until cancelled (a round of a guest that barely runs
     // takes tens of microseconds): the switchover does not come first.
     a.precopy_rounds(ENDLESS_ROUNDS);
-    a.migrate(port);
+    a.migrate(uri(port));
     let t0 = Instant::now();
     while a.status() != Some(MigrationStatus::Active) {
         assert!(t0.elapsed() < MIGRATION_TIMEOUT, "precopy never became active; {}", read(&a.stderr));
@@ -285,9 +117,9 @@ fn migrate_cancel_before_the_switchover_keeps_the_guest_on_the_source() {
     let report = a.verify();
     assert_eq!(report["ok"], true, "{report:#}");
     let port = free_port();
-    b.listen(port);
+    b.listen(uri(port));
     a.precopy_rounds(0);
-    a.migrate(port);
+    a.migrate(uri(port));
     assert_eq!(a.wait_ended(), MigrationStatus::Completed, "{}", read(&a.stderr));
     assert_eq!(b.wait_ended(), MigrationStatus::Completed, "{}", read(&b.stderr));
     assert_hop_verified(&mut a, &mut b, 1);
@@ -326,9 +158,9 @@ fn ping_pong_ten_hops_over_three_processes_every_hop_verified() {
             relay.set_target(format!("127.0.0.1:{port}").parse().expect("address"));
             relay
         });
-        vmms[to].listen(port);
+        vmms[to].listen(uri(port));
         vmms[from].precopy_rounds(rounds);
-        vmms[from].migrate(relay.as_ref().map_or(port, |r| r.addr.port()));
+        vmms[from].migrate(uri(relay.as_ref().map_or(port, |r| r.addr.port())));
         let (source, dest) = pick(&mut vmms, from, to);
         assert_eq!(source.wait_ended(), MigrationStatus::Completed, "hop {hop}: {}", read(&source.stderr));
         assert_eq!(dest.wait_ended(), MigrationStatus::Completed, "hop {hop}: {}", read(&dest.stderr));
@@ -373,7 +205,7 @@ fn a_damaged_page_fails_the_hops_verification() {
     let mut a = Vmm::start(&dir, "a", &["--mem", "64M", "--vcpus", "1"]);
     let damage = [("POSTCOPY_TEST_DAMAGE", "corrupt:3000")];
     let mut b = Vmm::start_with_env(&dir, "b", &["--incoming", &uri(port)], &damage);
-    a.migrate(port);
+    a.migrate(uri(port));
     assert_eq!(a.wait_ended(), MigrationStatus::Completed, "{}", read(&a.stderr));
     assert_eq!(b.wait_ended(), MigrationStatus::Completed, "{}", read(&b.stderr));
     let sent = sent_digest(&mut a);
@@ -468,7 +300,7 @@ fn migrate_start_postcopy_ends_the_precopy_rounds() {
     a.enable_events();
     // Without the switch, these rounds would take minutes.
     a.precopy_rounds(ENDLESS_ROUNDS);
-    a.migrate(port);
+    a.migrate(uri(port));
     let t0 = Instant::now();
     while a.qmp.query_migrate().expect("query-migrate").ram.is_none_or(|r| r.dirty_sync_count < 2) {
         assert!(t0.elapsed() < MIGRATION_TIMEOUT, "no precopy round; {}", read(&a.stderr));
@@ -601,11 +433,11 @@ fn manual_recovery_pauses_and_resumes_to_a_new_address() {
         set_capability(vmm, MigrationCapability::XPostcopyAutoRecover, false);
         vmm.enable_events();
     }
-    b.listen(first_port);
+    b.listen(uri(first_port));
     // A slow link: the migration is still in postcopy when it is paused.
     let relay = common::Relay::start_throttled(16 << 20);
     relay.set_target(format!("127.0.0.1:{first_port}").parse().expect("address"));
-    a.migrate(relay.addr.port());
+    a.migrate(uri(relay.addr.port()));
     wait_status(&mut a, MigrationStatus::PostcopyActive);
     a.execute(Qmp::MigratePause);
     wait_status(&mut a, MigrationStatus::PostcopyPaused);
@@ -664,7 +496,7 @@ fn pause_resume_and_recover_refused_in_the_wrong_state_and_a_held_pause_resumes(
     // migration until the user resumes it.
     let relay = common::Relay::start_throttled(16 << 20);
     relay.set_target(format!("127.0.0.1:{port}").parse().expect("address"));
-    a.migrate(relay.addr.port());
+    a.migrate(uri(relay.addr.port()));
     wait_status(&mut a, MigrationStatus::PostcopyActive);
     wait_status(&mut b, MigrationStatus::PostcopyActive);
     assert_eq!(refusal(&mut a, resume_to(port)), NO_PAUSED_MIGRATION);
@@ -711,7 +543,7 @@ fn migration_pass_events_and_postcopy_blocktime_fields() {
     // Hop 1, hybrid with two rounds: one MIGRATION_PASS per pass over RAM.
     a.enable_events();
     a.precopy_rounds(2);
-    a.migrate(port);
+    a.migrate(uri(port));
     assert_eq!(a.wait_ended(), MigrationStatus::Completed, "{}", read(&a.stderr));
     assert_eq!(b.wait_ended(), MigrationStatus::Completed, "{}", read(&b.stderr));
     assert_eq!(pass_events(&mut a), [1, 2]);
@@ -723,9 +555,9 @@ fn migration_pass_events_and_postcopy_blocktime_fields() {
     // Hop 2, pure postcopy to A with the capability: the fields appear and agree.
     set_capability(&mut a, MigrationCapability::PostcopyBlocktime, true);
     let port = free_port();
-    a.listen(port);
+    a.listen(uri(port));
     b.enable_events();
-    b.migrate(port);
+    b.migrate(uri(port));
     assert_eq!(b.wait_ended(), MigrationStatus::Completed, "{}", read(&b.stderr));
     assert_eq!(a.wait_ended(), MigrationStatus::Completed, "{}", read(&a.stderr));
     assert_eq!(pass_events(&mut b), Vec::<u64>::new(), "pure postcopy makes no pass over RAM while the guest runs");
@@ -769,8 +601,8 @@ fn dump_memory_at_quit_and_exit_on_error() {
     let a_args = ["--mem", "64M", "--vcpus", "1", "--dump-memory", dump_a.to_str().expect("path")];
     let mut a = Vmm::start(&dir, "a", &a_args);
     let mut b = Vmm::start(&dir, "b", &["--incoming", "defer", "--dump-memory", dump_b.to_str().expect("path")]);
-    b.listen(port);
-    a.migrate(port);
+    b.listen(uri(port));
+    a.migrate(uri(port));
     assert_eq!(a.wait_ended(), MigrationStatus::Completed, "{}", read(&a.stderr));
     assert_eq!(b.wait_ended(), MigrationStatus::Completed, "{}", read(&b.stderr));
     assert_hop_verified(&mut a, &mut b, 1);
@@ -788,7 +620,7 @@ fn dump_memory_at_quit_and_exit_on_error() {
     let port = free_port();
     d.execute(Qmp::MigrateIncoming(MigrateIncomingArgs { uri: uri(port), exit_on_error: Some(true) }));
     c.precopy_rounds(ENDLESS_ROUNDS);
-    c.migrate(port);
+    c.migrate(uri(port));
     wait_status(&mut c, MigrationStatus::Active);
     c.execute(Qmp::MigrateCancel);
     assert_eq!(c.wait_ended(), MigrationStatus::Cancelled);

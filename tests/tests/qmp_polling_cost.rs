@@ -17,6 +17,7 @@
 
 mod common;
 mod hosts;
+mod vmm;
 
 use std::net::TcpListener;
 use std::path::Path;
@@ -26,8 +27,8 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use common::{kvm_or_skip, serial, temp_dir};
-use hosts::{assert_hop_verified, Vmm};
 use postcopy_qmp::{Command as Qmp, MigrationCapability, MigrationCapabilityStatus, MigrationStatus, QmpClient};
+use vmm::{assert_hop_verified, Vmm};
 
 /// The polling period of an orchestrator watching closely.
 const POLL_PERIOD: Duration = Duration::from_millis(10);
@@ -82,11 +83,11 @@ fn migrate_once(dir: &Path, mem: &str, extra: &[&str], polled: bool) -> Figures 
     std::fs::create_dir_all(dir).expect("run dir");
     let port = TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("a free port").port();
     let source_args = [&["--mem", mem, "--vcpus", "1"], extra].concat();
-    let mut source = Vmm::start(dir, "source", None, &source_args);
+    let mut source = Vmm::start(dir, "source", &source_args);
     // Preallocated, as the bench's destination: first touches of fresh
     // memory during the migration cost the host's reclaim, which varies
     // run to run far more than what is measured here.
-    let mut dest = Vmm::start(dir, "dest", None, &[&["--incoming", "defer", "--prealloc", mem], extra].concat());
+    let mut dest = Vmm::start(dir, "dest", &[&["--incoming", "defer", "--prealloc", mem], extra].concat());
     // Both wait for the end on MIGRATION events, not by asking; no
     // pre-paging around faults, as the bench's fault-heavy workload.
     let capabilities = vec![
@@ -124,7 +125,7 @@ fn migrate_once(dir: &Path, mem: &str, extra: &[&str], polled: bool) -> Figures 
         polls,
         poll_us: if polls == 0 { 0.0 } else { busy.as_secs_f64() * 1e6 / polls as f64 },
     };
-    assert_hop_verified(&mut source, &mut dest);
+    assert_hop_verified(&mut source, &mut dest, 1);
     source.quit();
     dest.quit();
     figures

@@ -7,13 +7,15 @@
 
 mod common;
 mod hosts;
+mod vmm;
 
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
 use common::{kvm_or_skip, serial, temp_dir};
-use hosts::{assert_hop_verified, read, TwoHosts, Vmm, MIGRATION_TIMEOUT};
+use hosts::TwoHosts;
 use postcopy_qmp::{MigrationParameters, MigrationStatus, RunState};
+use vmm::{assert_hop_verified, read, Vmm, MIGRATION_TIMEOUT};
 
 /// The destination's port: each namespace has its own, so any will do.
 const PORT: u16 = 4444;
@@ -22,8 +24,8 @@ const PORT: u16 = 4444;
 /// namespaces, runs `setup` on both, then has the destination listen on
 /// its own address.
 fn start_pair(hosts: &TwoHosts, dir: &std::path::Path, mem: &str, setup: impl Fn(&mut Vmm)) -> (Vmm, Vmm) {
-    let mut source = Vmm::start(dir, "source", Some(&hosts.source.netns), &["--mem", mem, "--vcpus", "2"]);
-    let mut dest = Vmm::start(dir, "dest", Some(&hosts.dest.netns), &["--incoming", "defer"]);
+    let mut source = Vmm::start_in(dir, "source", Some(&hosts.source.netns), &["--mem", mem, "--vcpus", "2"], &[]);
+    let mut dest = Vmm::start_in(dir, "dest", Some(&hosts.dest.netns), &["--incoming", "defer"], &[]);
     setup(&mut source);
     setup(&mut dest);
     dest.listen(hosts.dest.uri(PORT));
@@ -52,7 +54,7 @@ fn a_migration_crosses_the_veth_between_two_namespaces() {
     let crossed = hosts.source.tx_bytes() - sent_before;
     eprintln!("transferred {transferred} bytes; the source's veth sent {crossed} bytes");
     assert!(transferred > 0 && crossed >= transferred, "the pages did not cross the veth: {crossed} < {transferred}");
-    assert_hop_verified(&mut source, &mut dest);
+    assert_hop_verified(&mut source, &mut dest, 1);
     source.quit();
     dest.quit();
 }
@@ -133,7 +135,7 @@ fn a_link_cut_during_postcopy_is_recovered_automatically() {
         let recoveries = info.x_postcopy.and_then(|x| x.recoveries).unwrap_or(0);
         assert!(recoveries >= 1, "{}: no recovery counted; {}", vmm.name, read(&vmm.stderr));
     }
-    assert_hop_verified(&mut source, &mut dest);
+    assert_hop_verified(&mut source, &mut dest, 1);
     source.quit();
     dest.quit();
 }
@@ -197,7 +199,7 @@ fn finish_and_time(source: &mut Vmm, dest: &mut Vmm) -> Timed {
         ram.normal_bytes >> 20,
         ram.mbps
     );
-    assert_hop_verified(source, dest);
+    assert_hop_verified(source, dest, 1);
     Timed { total_ms, floor_ms }
 }
 

@@ -1,21 +1,14 @@
 //! Two hosts on one machine: two network namespaces joined by a veth pair
-//! (removed on drop, even when a test fails), and `postcopy run` processes
-//! started in them (or here) and driven over their QMP Unix sockets, which
-//! live on the shared filesystem.
+//! (removed on drop, even when a test fails). `vmm::Vmm::start_in` starts
+//! `postcopy run` in one; its QMP socket lives on the shared filesystem.
 #![allow(dead_code)]
 
 use std::fmt;
 use std::net::Ipv4Addr;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::time::{Duration, Instant};
 
-use crate::common::{binary, REQUIRE_KVM_ENV};
-use postcopy_qmp::{
-    Command as Qmp, MigrateArgs, MigrateIncomingArgs, MigrationCapability, MigrationCapabilityStatus,
-    MigrationParameters, MigrationStatus, QmpClient,
-};
+use crate::common::REQUIRE_KVM_ENV;
 use serde_json::Value;
 
 /// A command of the `ip` / `tc` tools that failed.
@@ -174,164 +167,4 @@ impl Drop for TwoHosts {
             }
         }
     }
-}
-
-/// How long one migration may take on this shared, loaded machine.
-pub const MIGRATION_TIMEOUT: Duration = Duration::from_secs(180);
-
-/// A `postcopy run` process (in a namespace, or here) and a QMP client on
-/// its socket. Killed on drop.
-pub struct Vmm {
-    pub name: &'static str,
-    pub child: Child,
-    pub stderr: PathBuf,
-    pub socket: PathBuf,
-    pub qmp: QmpClient,
-}
-
-impl Vmm {
-    /// Starts `postcopy run --qmp DIR/NAME.sock ARGS` inside `netns` (with
-    /// `ip netns exec`, which execs the binary: the child is `postcopy`
-    /// itself) or, without one, here.
-    pub fn start(dir: &Path, name: &'static str, netns: Option<&str>, args: &[&str]) -> Vmm {
-        let socket = dir.join(format!("{name}.sock"));
-        let stderr = dir.join(format!("{name}.err"));
-        let mut command = match netns {
-            Some(netns) => {
-                let mut c = Command::new("ip");
-                c.args(["netns", "exec", netns]).arg(binary());
-                c
-            }
-            None => Command::new(binary()),
-        };
-        let child = command
-            .arg("run")
-            .arg("--qmp")
-            .arg(&socket)
-            .args(args)
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&stderr).expect("stderr file"))
-            .spawn()
-            .expect("start postcopy run");
-        let t0 = Instant::now();
-        let qmp = loop {
-            if let Ok(client) = QmpClient::connect_negotiated(&socket) {
-                break client;
-            }
-            assert!(t0.elapsed() < Duration::from_secs(60), "{name}: no QMP socket; {}", read(&stderr));
-            std::thread::sleep(Duration::from_millis(20));
-        };
-        Vmm { name, child, stderr, socket, qmp }
-    }
-
-    pub fn execute(&mut self, command: Qmp) -> Value {
-        match self.qmp.execute(&command) {
-            Ok(value) => value,
-            Err(e) => panic!("{}: {e}\n{}", self.name, read(&self.stderr)),
-        }
-    }
-
-    pub fn status(&mut self) -> Option<MigrationStatus> {
-        self.qmp.query_migrate().expect("query-migrate").status
-    }
-
-    pub fn enable_events(&mut self) {
-        let capabilities = vec![MigrationCapabilityStatus { capability: MigrationCapability::Events, state: true }];
-        self.execute(Qmp::MigrateSetCapabilities { capabilities });
-    }
-
-    pub fn set_parameters(&mut self, parameters: MigrationParameters) {
-        self.execute(Qmp::MigrateSetParameters(parameters));
-    }
-
-    /// `migrate-incoming`: listen for the migration on `uri`.
-    pub fn listen(&mut self, uri: String) {
-        self.execute(Qmp::MigrateIncoming(MigrateIncomingArgs { uri, exit_on_error: None }));
-    }
-
-    pub fn migrate(&mut self, uri: String) {
-        self.execute(Qmp::Migrate(MigrateArgs { uri, resume: false }));
-    }
-
-    /// Polls until the migration ended; its last status.
-    pub fn wait_ended(&mut self) -> MigrationStatus {
-        let t0 = Instant::now();
-        loop {
-            if let Some(status) = self.status().filter(|s| !s.is_running()) {
-                return status;
-            }
-            assert!(t0.elapsed() < MIGRATION_TIMEOUT, "{}: migration did not end; {}", self.name, read(&self.stderr));
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    /// The MIGRATION statuses received so far, in order.
-    pub fn migration_events(&mut self) -> Vec<MigrationStatus> {
-        let mut out = Vec::new();
-        while let Some(event) = self.qmp.next_event(Some(Duration::ZERO)).expect("events") {
-            if let Some(postcopy_qmp::Event::Migration { status }) = event.event() {
-                out.push(status);
-            }
-        }
-        out
-    }
-
-    /// Blocks on MIGRATION events (no `query-migrate`) until the migration
-    /// ended; its last status.
-    pub fn wait_ended_by_events(&mut self) -> MigrationStatus {
-        let t0 = Instant::now();
-        loop {
-            let left = MIGRATION_TIMEOUT.saturating_sub(t0.elapsed());
-            assert!(!left.is_zero(), "{}: migration did not end; {}", self.name, read(&self.stderr));
-            let event = self.qmp.next_event(Some(left)).expect("events");
-            if let Some(postcopy_qmp::Event::Migration { status }) = event.and_then(|e| e.event()) {
-                if !status.is_running() {
-                    return status;
-                }
-            }
-        }
-    }
-
-    pub fn stderr_text(&self) -> String {
-        read(&self.stderr)
-    }
-
-    pub fn quit(mut self) {
-        self.execute(Qmp::Quit);
-        let t0 = Instant::now();
-        while t0.elapsed() < Duration::from_secs(10) {
-            if let Ok(Some(status)) = self.child.try_wait() {
-                assert!(status.success(), "{}: exit {status}", self.name);
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        panic!("{}: did not exit after quit", self.name);
-    }
-}
-
-impl Drop for Vmm {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-pub fn read(path: &Path) -> String {
-    std::fs::read_to_string(path).unwrap_or_default()
-}
-
-/// Checks the guest that arrived at `dest` against what `source` sent:
-/// the digests of the pages sent and installed, and the guest's pattern.
-pub fn assert_hop_verified(source: &mut Vmm, dest: &mut Vmm) {
-    let info = source.qmp.query_migrate().expect("query-migrate");
-    let sent = info.x_postcopy.and_then(|x| x.memory_digest).expect("the source reports its digest once completed");
-    let report = dest.execute(Qmp::XPostcopyVerify);
-    assert_eq!(report["ok"], true, "{report:#}");
-    assert_eq!(report["guest"], "pattern");
-    assert_eq!(report["arrived-digest"]["missing-pages"], 0, "{report:#}");
-    assert_eq!(report["arrived-digest"]["digest"], Value::String(sent), "digests differ: {report:#}");
-    let pattern = &report["pattern"];
-    assert!(pattern["pages_checked"].as_u64().unwrap_or(0) > 0, "{report:#}");
-    assert_eq!(pattern["bad_pages"], 0, "{report:#}");
 }
