@@ -144,13 +144,9 @@ impl FakeVmm {
     }
 
     fn set_run_state(&self, state: &mut State, run_state: RunState) {
-        let was_running = state.run_state == RunState::Running;
-        state.run_state = run_state;
-        let running = run_state == RunState::Running;
-        if was_running && !running {
-            self.events.emit(Event::Stop);
-        } else if running && !was_running {
-            self.events.emit(Event::Resume);
+        let was = std::mem::replace(&mut state.run_state, run_state);
+        if let Some(event) = Event::for_run_state_change(was, run_state) {
+            self.events.emit(event);
         }
     }
 

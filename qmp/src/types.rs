@@ -493,6 +493,17 @@ pub enum Event {
 impl Event {
     pub const NAMES: [&'static str; 5] = ["STOP", "RESUME", "SHUTDOWN", "MIGRATION", "MIGRATION_PASS"];
 
+    /// The event QEMU sends when the guest's run state goes from `was` to
+    /// `now`: STOP when it stops running, RESUME when it starts, none when
+    /// it only moves between states where it does not run.
+    pub fn for_run_state_change(was: RunState, now: RunState) -> Option<Event> {
+        match (was == RunState::Running, now == RunState::Running) {
+            (true, false) => Some(Event::Stop),
+            (false, true) => Some(Event::Resume),
+            _ => None,
+        }
+    }
+
     pub fn name(&self) -> &'static str {
         match self {
             Event::Stop => "STOP",
@@ -533,6 +544,15 @@ impl Event {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_leaving_or_entering_running_sends_stop_or_resume() {
+        use RunState::*;
+        assert_eq!(Event::for_run_state_change(Running, Postmigrate), Some(Event::Stop));
+        assert_eq!(Event::for_run_state_change(Inmigrate, Running), Some(Event::Resume));
+        assert_eq!(Event::for_run_state_change(Running, Running), None);
+        assert_eq!(Event::for_run_state_change(FinishMigrate, Postmigrate), None);
+    }
 
     #[test]
     fn enums_use_qemu_wire_names() {
