@@ -544,15 +544,23 @@ impl Driver {
             next_word: 0,
             present_seen: 0,
         };
+        let frame = spec.build(&ctx);
+        // The id it shows: a hello's own (the spec may move it off `session`,
+        // possibly onto the bound one).
+        let shown = match &frame {
+            Frame::Hello(hello) => hello.session,
+            Frame::UrgentHello(hello) => hello.session,
+            _ => session,
+        };
         let mut bytes = Vec::new();
-        wire::encode(&spec.build(&ctx), &mut bytes);
+        wire::encode(&frame, &mut bytes);
         bytes.extend_from_slice(garbage);
         let bytes = Bytes::from(bytes);
         // A stranger is a peer with another id than the migration bound here
         // (an earlier hello, the fuzzer's "other" id included, may have bound
         // it): one with the bound id is the source.
-        let stranger = self.core.session_id().is_some_and(|bound| bound != session)
-            && self.core.state() != DestinationState::Failed;
+        let stranger =
+            self.core.session_id().is_some_and(|bound| bound != shown) && self.core.state() != DestinationState::Failed;
         let before = stranger.then(|| self.core.clone());
         let admission = self.core.handle_accepted(self.now, channel);
         match admission {

@@ -392,9 +392,10 @@ impl Preamble {
 
 #[cfg(test)]
 mod tests {
+    use super::super::encode::encode;
+    use super::super::frame::{PageData, PageFrame, PageKind};
     use super::*;
     use crate::layout::PageAddress;
-    use crate::wire::{encode, PageData, PageFrame, PageKind};
 
     fn huge_page_frame() -> Vec<u8> {
         let frame = Frame::Page(PageFrame {
