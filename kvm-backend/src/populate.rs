@@ -1,0 +1,163 @@
+//! Populating a destination's shared guest RAM in the background, so that
+//! the destination listens at once instead of after allocating every page
+//! (0.6-3 s per GiB on the machines of docs/machine.md).
+//!
+//! [`Population::start`] runs a thread that allocates the pages of a
+//! [`GuestRam::new_unpopulated`] RAM a chunk at a time
+//! ([`GuestRam::populate_pages`], `MADV_POPULATE_WRITE` through the placement
+//! mapping), in layout order: the order of the source's background push, so
+//! that the push finds its pages allocated as long as the population stays
+//! ahead of it. Correctness never depends on it: a page placed before the
+//! population reached it is allocated by the write that places it, and
+//! populating a page already written keeps its contents; a page the guest
+//! touches before either is a missing fault (the RAM is registered for
+//! missing and minor faults) served as any other. [`Population::stop`] ends
+//! it early (the migration ended or failed).
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::Instant;
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::error_chain;
+use crate::layout::PageRef;
+use crate::memory::GuestRam;
+
+/// Pages allocated per call: 2 MiB, about 1 ms with backed memory; the
+/// thread checks for a stop between chunks.
+pub const CHUNK_PAGES: u64 = 512;
+
+/// What a population did, for the report.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct PopulationSummary {
+    /// Pages the population allocated or found allocated (4 KiB).
+    pub pages: u64,
+    /// Pages of the RAM.
+    pub total_pages: u64,
+    /// It went through all of the RAM.
+    pub complete: bool,
+    /// From its start to its end (or to now, while it runs), in ms.
+    pub ms: f64,
+    /// Why it stopped early, if a call failed (the pages left are allocated
+    /// as they are placed).
+    pub error: Option<String>,
+}
+
+#[derive(Debug)]
+struct Progress {
+    stop: AtomicBool,
+    pages: AtomicU64,
+    total_pages: u64,
+    started: Instant,
+    /// ns from `started` to the thread's end (0: still running).
+    ended_ns: AtomicU64,
+    complete: AtomicBool,
+    error: Mutex<Option<String>>,
+}
+
+/// A background population of shared guest RAM.
+#[derive(Debug)]
+pub struct Population {
+    progress: Arc<Progress>,
+    thread: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl Population {
+    /// Starts populating `ram` (shared memory: [`GuestRam::new_unpopulated`])
+    /// in a thread named `dst-populate`, pinned to `cpu` when given (the
+    /// destination's bulk CPU: the population runs ahead of the bulk path,
+    /// and never delays the fault path or the vCPUs).
+    pub fn start(ram: Arc<GuestRam>, cpu: Option<usize>) -> std::io::Result<Self> {
+        let total_pages = ram.layout().blocks().iter().map(|b| b.pages()).sum();
+        let progress = Arc::new(Progress {
+            stop: AtomicBool::new(false),
+            pages: AtomicU64::new(0),
+            total_pages,
+            started: Instant::now(),
+            ended_ns: AtomicU64::new(0),
+            complete: AtomicBool::new(false),
+            error: Mutex::new(None),
+        });
+        let p = progress.clone();
+        let thread = std::thread::Builder::new().name("dst-populate".into()).spawn(move || {
+            crate::driver::pin_self(cpu, "dst-populate");
+            populate(&ram, &p);
+            p.ended_ns.store(p.started.elapsed().as_nanos().max(1) as u64, Ordering::SeqCst);
+        })?;
+        Ok(Self { progress, thread: Mutex::new(Some(thread)) })
+    }
+
+    /// Stops the population (between two chunks) and waits for its thread;
+    /// returns what it did.
+    pub fn stop(&self) -> PopulationSummary {
+        self.progress.stop.store(true, Ordering::SeqCst);
+        self.join();
+        self.summary()
+    }
+
+    /// Waits until the population went through all the RAM (or stopped).
+    pub fn wait(&self) -> PopulationSummary {
+        self.join();
+        self.summary()
+    }
+
+    fn join(&self) {
+        let thread = self.thread.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(t) = thread {
+            if t.join().is_err() {
+                tracing::error!("the population thread panicked");
+            }
+        }
+    }
+
+    /// What it did so far.
+    pub fn summary(&self) -> PopulationSummary {
+        let p = &self.progress;
+        let ended = p.ended_ns.load(Ordering::SeqCst);
+        let ns = if ended > 0 { ended } else { p.started.elapsed().as_nanos() as u64 };
+        PopulationSummary {
+            pages: p.pages.load(Ordering::SeqCst),
+            total_pages: p.total_pages,
+            complete: p.complete.load(Ordering::SeqCst),
+            ms: ns as f64 / 1e6,
+            error: p.error.lock().unwrap_or_else(|e| e.into_inner()).clone(),
+        }
+    }
+}
+
+impl Drop for Population {
+    fn drop(&mut self) {
+        self.progress.stop.store(true, Ordering::SeqCst);
+        self.join();
+    }
+}
+
+fn populate(ram: &GuestRam, p: &Progress) {
+    let t0 = Instant::now();
+    for (block, b) in ram.layout().blocks().iter().enumerate() {
+        let mut page = 0;
+        while page < b.pages() {
+            if p.stop.load(Ordering::Relaxed) {
+                tracing::debug!(pages = p.pages.load(Ordering::Relaxed), "population stopped");
+                return;
+            }
+            let count = CHUNK_PAGES.min(b.pages() - page);
+            if let Err(e) = ram.populate_pages(PageRef { block, page }, count) {
+                let text = error_chain(&e);
+                tracing::warn!(e = text, block, page, "populating guest RAM failed; pages are allocated as they arrive");
+                *p.error.lock().unwrap_or_else(|e| e.into_inner()) = Some(text);
+                return;
+            }
+            p.pages.fetch_add(count, Ordering::Relaxed);
+            page += count;
+        }
+    }
+    p.complete.store(true, Ordering::SeqCst);
+    tracing::info!(
+        mib = p.total_pages * crate::layout::PAGE_SIZE >> 20,
+        ms = t0.elapsed().as_secs_f64() * 1e3,
+        "guest RAM populated"
+    );
+}
