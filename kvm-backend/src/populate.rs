@@ -161,3 +161,23 @@ fn populate(ram: &GuestRam, p: &Progress) {
         "guest RAM populated"
     );
 }
+
+/// Guest RAM for `layout` allocated ahead of a migration, for a destination
+/// (`dest --prealloc`, `run --incoming --prealloc`): on 4 KiB pages, shared
+/// memory whose population runs in the background (this returns at once),
+/// with that population; on huge pages `huge`, or when `before_listening`,
+/// every page allocated now (as long as touching that much memory takes).
+pub fn preallocate(
+    layout: crate::layout::MemoryMap,
+    huge: Option<crate::hugepages::HugePageSize>,
+    before_listening: bool,
+    cpu: Option<usize>,
+) -> Result<(Arc<GuestRam>, Option<Arc<Population>>), crate::memory::MemoryError> {
+    if huge.is_some() || before_listening {
+        return Ok((Arc::new(GuestRam::new_preallocated_with(layout, huge)?), None));
+    }
+    let ram = Arc::new(GuestRam::new_unpopulated(layout)?);
+    let population = Population::start(ram.clone(), cpu)
+        .map_err(|source| crate::memory::MemoryError::Os { op: "spawn the population thread", source })?;
+    Ok((ram, Some(Arc::new(population))))
+}

@@ -132,6 +132,10 @@ pub struct DestinationReport {
     /// minor faults) rather than allocated as pages arrived.
     #[serde(default)]
     pub preallocated: bool,
+    /// The background population of the preallocated RAM, when it had one:
+    /// how far it got before the migration ended.
+    #[serde(default)]
+    pub population: Option<crate::populate::PopulationSummary>,
     /// Guest pages written per second while postcopy ran.
     pub progress_during_pages_per_s: Option<f64>,
     /// Guest pages written per second after the migration.
