@@ -43,6 +43,10 @@ pub struct PopulationSummary {
     /// Why it stopped early, if a call failed (the pages left are allocated
     /// as they are placed).
     pub error: Option<String>,
+    /// Guest faults on pages it had not reached yet (missing faults: the
+    /// page was not allocated, unless a placement was writing it).
+    #[serde(default)]
+    pub faults_ahead: u64,
 }
 
 #[derive(Debug)]
@@ -55,6 +59,9 @@ struct Progress {
     ended_ns: AtomicU64,
     complete: AtomicBool,
     error: Mutex<Option<String>>,
+    /// Each block's first page, counted over the whole RAM in layout order.
+    block_starts: Vec<u64>,
+    faults_ahead: AtomicU64,
 }
 
 /// A background population of shared guest RAM.
@@ -71,6 +78,16 @@ impl Population {
     /// and never delays the fault path or the vCPUs).
     pub fn start(ram: Arc<GuestRam>, cpu: Option<usize>) -> std::io::Result<Self> {
         let total_pages = ram.layout().blocks().iter().map(|b| b.pages()).sum();
+        let block_starts = ram
+            .layout()
+            .blocks()
+            .iter()
+            .scan(0, |next, b| {
+                let start = *next;
+                *next += b.pages();
+                Some(start)
+            })
+            .collect();
         let progress = Arc::new(Progress {
             stop: AtomicBool::new(false),
             pages: AtomicU64::new(0),
@@ -79,6 +96,8 @@ impl Population {
             ended_ns: AtomicU64::new(0),
             complete: AtomicBool::new(false),
             error: Mutex::new(None),
+            block_starts,
+            faults_ahead: AtomicU64::new(0),
         });
         let p = progress.clone();
         let thread = std::thread::Builder::new().name("dst-populate".into()).spawn(move || {
@@ -112,6 +131,21 @@ impl Population {
         }
     }
 
+    /// Whether the population has gone past `page` (it goes in layout
+    /// order): then the page is allocated.
+    pub fn has_reached(&self, page: PageRef) -> bool {
+        let p = &self.progress;
+        p.block_starts.get(page.block).is_some_and(|start| start + page.page < p.pages.load(Ordering::Relaxed))
+            || p.complete.load(Ordering::Relaxed)
+    }
+
+    /// Counts a guest fault on `page` if the population has not reached it.
+    pub fn note_fault(&self, page: PageRef) {
+        if !self.has_reached(page) {
+            self.progress.faults_ahead.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
     /// What it did so far.
     pub fn summary(&self) -> PopulationSummary {
         let p = &self.progress;
@@ -123,6 +157,7 @@ impl Population {
             complete: p.complete.load(Ordering::SeqCst),
             ms: ns as f64 / 1e6,
             error: p.error.lock().unwrap_or_else(|e| e.into_inner()).clone(),
+            faults_ahead: p.faults_ahead.load(Ordering::Relaxed),
         }
     }
 }

@@ -563,6 +563,7 @@ fn background_population_covers_the_ram_and_stops() {
     }
     let done = population.wait();
     assert!(done.complete && done.error.is_none(), "{done:?}");
+    assert!(population.has_reached(PageRef::new(0, total - 1)));
     assert_eq!((done.pages, done.total_pages), (total, total));
     let mut back = page_of(0);
     for page in (0..total).step_by(997) {
@@ -576,4 +577,8 @@ fn background_population_covers_the_ram_and_stops() {
     let stopped = population.stop();
     assert!(stopped.pages <= big_total && (stopped.complete || stopped.pages % CHUNK_PAGES == 0), "{stopped:?}");
     assert_eq!(population.summary(), stopped, "the thread ran on after the stop");
+    // Faults are counted against where it stopped.
+    population.note_fault(PageRef::new(0, big_total - 1));
+    assert_eq!(population.summary().faults_ahead, u64::from(!stopped.complete));
+    assert_eq!(population.has_reached(PageRef::new(0, 0)), stopped.pages > 0);
 }
