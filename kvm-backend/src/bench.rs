@@ -270,8 +270,7 @@ fn scaling(a: &BenchArgs, common: &Common, repeat: usize) -> Result<Vec<ScalingR
             let need = 2 * mem + 1024 * MIB;
             match memory_available() {
                 Some(avail) if avail < need => {
-                    row.skipped =
-                        Some(format!("needs {} MiB, {} MiB available", need / MIB, avail / MIB));
+                    row.skipped = Some(format!("needs {} MiB, {} MiB available", need / MIB, avail / MIB));
                     rows.push(row);
                     continue;
                 }
@@ -313,7 +312,14 @@ fn print_scaling(rows: &[ScalingRow], repeat: usize) {
     );
     println!(
         "{:>8} {:<17} {:>15} {:>12} {:>11} {:>16} {:>14} {:>24}  verified",
-        "RAM", "RAM allocated", "time to accept", "total time", "total/GiB", "fault p50/p99", "placing pages", "population at the end"
+        "RAM",
+        "RAM allocated",
+        "time to accept",
+        "total time",
+        "total/GiB",
+        "fault p50/p99",
+        "placing pages",
+        "population at the end"
     );
     for r in rows {
         if let Some(why) = &r.skipped {

@@ -11,8 +11,8 @@ use postcopy_kvm::driver::machine::GuestKind;
 use postcopy_kvm::driver::report::{DestinationReport, RunReport, SourceReport};
 use postcopy_kvm::driver::{self, Damage, DamageError, DestinationOptions, SourceError, SourceOptions, Tuning};
 use postcopy_kvm::layout::MIB;
-use postcopy_kvm::vmm::{BootError, GuestSpec, LiveGuest};
 use postcopy_kvm::populate;
+use postcopy_kvm::vmm::{BootError, GuestSpec, LiveGuest};
 use postcopy_kvm::{MemoryMap, SerialOutput};
 
 use crate::args::{parse_size, Common, GuestArgs};

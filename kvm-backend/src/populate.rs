@@ -181,7 +181,12 @@ fn populate(ram: &GuestRam, p: &Progress) {
             let count = CHUNK_PAGES.min(b.pages() - page);
             if let Err(e) = ram.populate_pages(PageRef { block, page }, count) {
                 let text = error_chain(&e);
-                tracing::warn!(e = text, block, page, "populating guest RAM failed; pages are allocated as they arrive");
+                tracing::warn!(
+                    e = text,
+                    block,
+                    page,
+                    "populating guest RAM failed; pages are allocated as they arrive"
+                );
                 *p.error.lock().unwrap_or_else(|e| e.into_inner()) = Some(text);
                 return;
             }
@@ -191,7 +196,7 @@ fn populate(ram: &GuestRam, p: &Progress) {
     }
     p.complete.store(true, Ordering::SeqCst);
     tracing::info!(
-        mib = p.total_pages * crate::layout::PAGE_SIZE >> 20,
+        mib = (p.total_pages * crate::layout::PAGE_SIZE) >> 20,
         ms = t0.elapsed().as_secs_f64() * 1e3,
         "guest RAM populated"
     );

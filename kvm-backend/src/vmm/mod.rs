@@ -44,8 +44,8 @@ use crate::driver::report::{DestinationReport, SourceReport};
 use crate::driver::watch::{ListenerSlot, UserRequest, Watch};
 use crate::driver::{self, error_chain, Damage, DestinationOptions, SourceOptions, Tuning};
 use crate::layout::MemoryMap;
-use crate::populate;
 use crate::memory::MemoryError;
+use crate::populate;
 pub use guest::{BootError, GuestSpec, LiveGuest};
 
 /// The capabilities this VMM can turn on, and their defaults (QEMU's
@@ -367,7 +367,9 @@ impl Shared {
             // On 4 KiB pages this returns at once and the population runs
             // in the background: the migration is accepted meanwhile.
             let cpu = self.config.tuning.bulk_cpu;
-            match MemoryMap::pc(bytes).map_err(MemoryError::from).and_then(|m| populate::preallocate(m, huge, false, cpu))
+            match MemoryMap::pc(bytes)
+                .map_err(MemoryError::from)
+                .and_then(|m| populate::preallocate(m, huge, false, cpu))
             {
                 Ok((ram, population)) => {
                     opts.preallocated = Some(ram);
