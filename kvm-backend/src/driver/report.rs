@@ -259,6 +259,18 @@ impl RunReport {
                 }
             ),
         );
+        if let Some(p) = &d.population {
+            row(
+                "RAM populated in the background",
+                format!(
+                    "{:.0}% in {:.0} ms{}; {} faults ahead of it",
+                    100.0 * p.pages as f64 / p.total_pages.max(1) as f64,
+                    p.ms,
+                    if p.complete { "" } else { " (stopped at the end of the migration)" },
+                    p.faults_ahead
+                ),
+            );
+        }
         let blocked: Vec<String> =
             d.stats.vcpu_blocked_ns.iter().enumerate().map(|(i, ns)| format!("vcpu{i} {:.1} ms", ms(*ns))).collect();
         row("vCPU time blocked on faults", if blocked.is_empty() { "none".into() } else { blocked.join(", ") });
