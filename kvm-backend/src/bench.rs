@@ -18,7 +18,7 @@ use postcopy_kvm::{GuestRam, HugePageSize, MemoryMap, MemoryRegion, PageRef, Uff
 use serde::Serialize;
 
 use crate::args::{parse_size, Common, GuestArgs, ModeArg};
-use crate::pair::{run_pair, PairError, PairReports};
+use crate::pair::{run_pair, run_pair_timed, DestinationStart, PairError, PairReports};
 use crate::tls::PairCredentials;
 
 /// Why the benchmark could not measure.
@@ -92,6 +92,27 @@ pub struct BenchArgs {
     /// mutual TLS, and the two are compared).
     #[arg(long)]
     pub no_tls: bool,
+    /// Guest sizes of the scaling section (destination started when the
+    /// source is ready: time to accept, total time, total per GiB). A size
+    /// whose two sides do not fit in the memory available is skipped.
+    #[arg(long, value_delimiter = ',', value_parser = parse_size, default_value = "1G,2G,4G,8G")]
+    pub scaling_sizes: Vec<u64>,
+    /// Migrations per scaling size; figures are medians.
+    #[arg(long, default_value_t = 3)]
+    pub scaling_repeat: usize,
+    /// No scaling section.
+    #[arg(long)]
+    pub no_scaling: bool,
+    /// Also run each scaling size with the destination's RAM populated
+    /// before it listens (--prealloc-before-listening), to compare.
+    #[arg(long)]
+    pub scaling_compare: bool,
+    /// Only the scaling section.
+    #[arg(long, conflicts_with = "no_scaling")]
+    pub scaling_only: bool,
+    /// Fewer repeats: one migration of each kind, and one per scaling size.
+    #[arg(long)]
+    pub quick: bool,
     #[command(flatten)]
     pub common: Common,
 }
@@ -165,6 +186,8 @@ struct BenchReport {
     tls_fault_heavy_runs: Vec<RunReport>,
     /// TLS against plaintext.
     tls_comparison: Vec<Comparison>,
+    /// The scaling section (empty with --no-scaling).
+    scaling: Vec<ScalingRow>,
 }
 
 /// A figure with TLS against plaintext (medians of the runs).
@@ -189,6 +212,140 @@ struct HugeRuns {
     floor: Floor,
     default_runs: Vec<RunReport>,
     fault_heavy_runs: Vec<RunReport>,
+}
+
+/// One size of the scaling section.
+#[derive(Debug, Serialize)]
+struct ScalingRow {
+    mem_mib: u64,
+    /// How the destination's RAM was allocated: "background" (listening at
+    /// once) or "before listening".
+    allocation: &'static str,
+    runs: Vec<ScalingRun>,
+    /// Why the size was not run.
+    skipped: Option<String>,
+}
+
+/// One migration of the scaling section.
+#[derive(Debug, Serialize)]
+struct ScalingRun {
+    /// Destination started to listening (connections accepted from then).
+    listening_ms: f64,
+    run: RunReport,
+}
+
+impl ScalingRow {
+    fn median(&self, f: impl Fn(&ScalingRun) -> f64) -> f64 {
+        let mut v: Vec<f64> = self.runs.iter().map(f).collect();
+        v.sort_by(|x, y| x.total_cmp(y));
+        v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
+    }
+
+    fn gib(&self) -> f64 {
+        self.mem_mib as f64 / 1024.0
+    }
+}
+
+/// Bytes of memory available (`MemAvailable`), if known.
+fn memory_available() -> Option<u64> {
+    let meminfo = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = meminfo.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    line.split_whitespace().nth(1)?.parse::<u64>().ok().map(|kib| kib * 1024)
+}
+
+/// The scaling section: for each size, migrations whose destination starts
+/// when the source's guest is ready, so that what it does before and after
+/// listening is part of the migration's wall time.
+fn scaling(a: &BenchArgs, common: &Common, repeat: usize) -> Result<Vec<ScalingRow>, BenchError> {
+    let mut rows = Vec::new();
+    let kinds: &[(&'static str, &[&str])] = if a.scaling_compare {
+        &[("background", &[]), ("before listening", &["--prealloc-before-listening"])]
+    } else {
+        &[("background", &[])]
+    };
+    for &mem in &a.scaling_sizes {
+        for &(allocation, dest_args) in kinds {
+            let mut row = ScalingRow { mem_mib: mem / MIB, allocation, runs: Vec::new(), skipped: None };
+            // Both sides hold the guest's RAM, plus room for everything else.
+            let need = 2 * mem + 1024 * MIB;
+            match memory_available() {
+                Some(avail) if avail < need => {
+                    row.skipped = Some(format!("needs {} MiB, {} MiB available", need / MIB, avail / MIB));
+                    rows.push(row);
+                    continue;
+                }
+                _ => {}
+            }
+            for i in 0..repeat {
+                eprintln!("bench: scaling {} MiB ({allocation}), run {}/{repeat}...", mem / MIB, i + 1);
+                let guest = GuestArgs {
+                    mode: ModeArg::Postcopy,
+                    precopy_rounds: 0,
+                    mem,
+                    vcpus: 1,
+                    guest_image: None,
+                    run_before_ms: 500,
+                };
+                let mut common = common.clone();
+                common.json = true;
+                let timed =
+                    run_pair_timed(&guest, &common, 500, &[], None, DestinationStart::WhenSourceReady, dest_args)
+                        .map_err(BenchError::Pair)?;
+                let PairReports { source, destination } = timed.reports;
+                match (source, destination) {
+                    (Some(s), Some(d)) => {
+                        row.runs.push(ScalingRun { listening_ms: timed.listening_ms, run: RunReport::new(s, d) })
+                    }
+                    _ => return Err(BenchError::MissingReport),
+                }
+            }
+            rows.push(row);
+        }
+    }
+    Ok(rows)
+}
+
+fn print_scaling(rows: &[ScalingRow], repeat: usize) {
+    println!(
+        "\nscaling: 1 vCPU, default settings, plaintext; the destination starts when the source's guest is ready \
+         (time to accept: destination started -> listening); medians of {repeat}:"
+    );
+    println!(
+        "{:>8} {:<17} {:>15} {:>12} {:>11} {:>16} {:>14} {:>24}  verified",
+        "RAM",
+        "RAM allocated",
+        "time to accept",
+        "total time",
+        "total/GiB",
+        "fault p50/p99",
+        "placing pages",
+        "population at the end"
+    );
+    for r in rows {
+        if let Some(why) = &r.skipped {
+            println!("{:>5} MiB {:<17} skipped: {why}", r.mem_mib, r.allocation);
+            continue;
+        }
+        let total = r.median(|x| x.run.total_ms);
+        let population = r.runs.last().and_then(|x| x.run.destination.population.as_ref()).map_or_else(
+            || "-".to_string(),
+            |p| format!("{:.0}% in {:.0} ms", 100.0 * p.pages as f64 / p.total_pages.max(1) as f64, p.ms),
+        );
+        let verified = r.runs.iter().all(|x| x.run.destination.ok && x.run.digests_match && x.run.integrity_ok);
+        println!(
+            "{:>5} MiB {:<17} {:>12.0} ms {:>9.0} ms {:>8.0} ms {:>7.0}/{:<4.0} us {:>11.0} ms {:>24}  {}",
+            r.mem_mib,
+            r.allocation,
+            r.median(|x| x.listening_ms),
+            total,
+            total / r.gib(),
+            r.median(|x| x.run.destination.fault_latency.p50_us),
+            r.median(|x| x.run.destination.fault_latency.p99_us),
+            r.median(|x| x.run.destination.install_busy_ns as f64 / 1e6),
+            population,
+            if verified { "yes" } else { "NO" }
+        );
+    }
 }
 
 #[derive(Debug, Serialize)]
@@ -473,8 +630,20 @@ pub fn run(a: BenchArgs) -> Result<ExitCode, BenchError> {
         return Err(BenchError::NoKvm);
     }
     let load_average = std::fs::read_to_string("/proc/loadavg").unwrap_or_default().trim().to_string();
-    eprintln!("bench: load average {load_average}; measuring the floors...");
     let (mut common, placement) = a.placed();
+    if a.scaling_only {
+        let repeat = if a.quick { 1 } else { a.scaling_repeat.max(1) };
+        eprintln!("bench: load average {load_average}; the scaling section only...");
+        let rows = scaling(&a, &common, repeat)?;
+        if a.common.json {
+            println!("{}", serde_json::to_string_pretty(&rows).map_err(BenchError::Json)?);
+        } else {
+            println!("postcopy bench --scaling-only: load average at start {load_average}; placement: {placement}");
+            print_scaling(&rows, repeat);
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
+    eprintln!("bench: load average {load_average}; measuring the floors...");
     // The runs on 4 KiB pages, and with --hugepages the same on huge pages.
     let huge_size = common.hugepages.take();
     let net = common.tuning();
@@ -493,7 +662,7 @@ pub fn run(a: BenchArgs) -> Result<ExitCode, BenchError> {
         loopback_gb_per_s,
         a.mem / MIB
     );
-    let repeat = a.repeat.max(1);
+    let repeat = if a.quick { 1 } else { a.repeat.max(1) };
     let creds = if a.no_tls { None } else { Some(PairCredentials::new("bench").map_err(BenchError::Credentials)?) };
     let mut default_runs = Vec::new();
     let mut fault_heavy_runs = Vec::new();
@@ -675,6 +844,39 @@ pub fn run(a: BenchArgs) -> Result<ExitCode, BenchError> {
             true,
         );
     }
+    let scaling_repeat = if a.quick { 1 } else { a.scaling_repeat.max(1) };
+    let scaling_rows = if a.no_scaling { Vec::new() } else { scaling(&a, &common, scaling_repeat)? };
+    let ran: Vec<&ScalingRow> =
+        scaling_rows.iter().filter(|r| r.allocation == "background" && !r.runs.is_empty()).collect();
+    let range = |r: &ScalingRow, f: &dyn Fn(&ScalingRun) -> f64| {
+        let v: Vec<f64> = r.runs.iter().map(f).collect();
+        (r.median(f), v.iter().copied().fold(f64::INFINITY, f64::min), v.iter().copied().fold(0.0, f64::max))
+    };
+    if let (Some(small), Some(large)) = (ran.first(), ran.last()) {
+        add(
+            &format!("time to accept, {} MiB guest", large.mem_mib),
+            range(large, &|x| x.listening_ms),
+            "ms",
+            2000.0,
+            "goal",
+            "< 2 s",
+            1.0,
+            false,
+        );
+        if large.mem_mib > small.mem_mib {
+            let (large_gib, small_gib) = (large.gib(), small.gib());
+            add(
+                &format!("total time per GiB, {} vs {} MiB", large.mem_mib, small.mem_mib),
+                range(large, &|x| x.run.total_ms / large_gib),
+                "ms",
+                small.median(|x| x.run.total_ms / small_gib),
+                "smallest size's total per GiB",
+                "<= 1.25x",
+                1.25,
+                false,
+            );
+        }
+    }
     let tls_comparison = if tls_default_runs.is_empty() {
         Vec::new()
     } else {
@@ -699,6 +901,7 @@ pub fn run(a: BenchArgs) -> Result<ExitCode, BenchError> {
         tls_default_runs,
         tls_fault_heavy_runs,
         tls_comparison,
+        scaling: scaling_rows,
     };
     if a.common.json {
         println!("{}", serde_json::to_string_pretty(&report).map_err(BenchError::Json)?);
@@ -754,6 +957,9 @@ pub fn run(a: BenchArgs) -> Result<ExitCode, BenchError> {
                 r.goal,
                 met_text(r.met)
             );
+        }
+        if !report.scaling.is_empty() {
+            print_scaling(&report.scaling, scaling_repeat);
         }
         if !report.tls_comparison.is_empty() {
             println!("\nmutual TLS against plaintext (medians of {repeat} runs each):");

@@ -3,7 +3,6 @@
 use std::net::{SocketAddr, TcpListener, ToSocketAddrs};
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use clap::Args;
@@ -12,8 +11,9 @@ use postcopy_kvm::driver::machine::GuestKind;
 use postcopy_kvm::driver::report::{DestinationReport, RunReport, SourceReport};
 use postcopy_kvm::driver::{self, Damage, DamageError, DestinationOptions, SourceError, SourceOptions, Tuning};
 use postcopy_kvm::layout::MIB;
+use postcopy_kvm::populate;
 use postcopy_kvm::vmm::{BootError, GuestSpec, LiveGuest};
-use postcopy_kvm::{GuestRam, MemoryMap, SerialOutput};
+use postcopy_kvm::{MemoryMap, SerialOutput};
 
 use crate::args::{parse_size, Common, GuestArgs};
 use crate::pair::PairReports;
@@ -22,6 +22,23 @@ use crate::vmm_pair::{run_vmm_pair, VmmPairError};
 
 /// How long the built-in guest may take for its first pass.
 const FIRST_PASS_TIMEOUT: Duration = Duration::from_secs(300);
+/// How long a source waits for its --connect-file.
+const CONNECT_FILE_TIMEOUT: Duration = Duration::from_secs(300);
+
+/// The address written to `path` (a destination's ready file, written
+/// whole by a rename), waiting up to `timeout` for it.
+fn wait_for_address(path: &std::path::Path, timeout: Duration) -> Result<String, CommandError> {
+    let t0 = Instant::now();
+    loop {
+        if let Ok(addr) = std::fs::read_to_string(path) {
+            return Ok(addr.trim().to_string());
+        }
+        if t0.elapsed() > timeout {
+            return Err(CommandError::NoConnectFile { path: path.to_path_buf(), timeout });
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
 
 /// Why a command could not run (a migration that ran and failed is
 /// reported, not an error).
@@ -74,6 +91,14 @@ pub enum CommandError {
     /// A bad test-only damage switch.
     #[error("bad test-only damage switch")]
     Damage(#[source] DamageError),
+    /// The destination's address did not come.
+    #[error("no destination address in {} within {timeout:?}", path.display())]
+    NoConnectFile {
+        /// The file waited for.
+        path: PathBuf,
+        /// How long.
+        timeout: Duration,
+    },
     /// The built-in guest did not write its pattern once.
     #[error("the guest did not complete a pass in {0:?}")]
     NoFirstPass(Duration),
@@ -126,14 +151,22 @@ pub struct DestinationArgs {
     /// No progress bar.
     #[arg(long)]
     pub no_progress: bool,
-    /// Allocate this much guest RAM (the source's --mem) before listening,
-    /// every page in shared memory: the migration then only copies pages
-    /// into place (UFFDIO_CONTINUE) instead of allocating each one as it
-    /// arrives, which costs up to ~10 us a page on a host that reclaims this
-    /// machine's free memory (see the README). Takes as long as touching
-    /// that much memory. A source with other RAM is refused.
+    /// Allocate this much guest RAM (the source's --mem) ahead of the
+    /// migration, every page in shared memory: the migration then only
+    /// copies pages into place (UFFDIO_CONTINUE) instead of allocating each
+    /// one as it arrives, which costs up to ~10 us a page on a host that
+    /// reclaims this machine's free memory (see the README). On 4 KiB pages
+    /// the destination listens at once and a thread (on --bulk-cpu)
+    /// allocates the pages in the background, in the order the source
+    /// pushes them; with --hugepages every page is allocated before
+    /// listening. A source with other RAM is refused.
     #[arg(long, value_parser = parse_size)]
     pub prealloc: Option<u64>,
+    /// With --prealloc: allocate every page before listening (as long as
+    /// touching that much memory takes) instead of in the background; for
+    /// comparison.
+    #[arg(long, requires = "prealloc")]
+    pub prealloc_before_listening: bool,
     #[command(flatten)]
     pub security: SecurityArgs,
     #[command(flatten)]
@@ -143,8 +176,16 @@ pub struct DestinationArgs {
 #[derive(Args, Debug)]
 pub struct SourceArgs {
     /// The destination's address.
-    #[arg(long)]
-    pub connect: String,
+    #[arg(long, required_unless_present = "connect_file")]
+    pub connect: Option<String>,
+    /// Once the guest is ready, wait for this file (a destination's
+    /// --ready-file) and connect to the address in it, instead of
+    /// --connect: the destination can be started when the source is ready.
+    #[arg(long, hide = true, conflicts_with = "connect")]
+    pub connect_file: Option<PathBuf>,
+    /// Write this (empty) file once the guest is ready to migrate.
+    #[arg(long, hide = true)]
+    pub ready_file: Option<PathBuf>,
     #[command(flatten)]
     pub guest: GuestArgs,
     /// Where the guest's serial port writes: a file, or - for stdout.
@@ -199,7 +240,7 @@ pub fn destination(a: DestinationArgs) -> Result<ExitCode, CommandError> {
     }
     let config = a.common.config(Mode::Postcopy);
     let security = a.security.security(Role::Destination, config.handshake_timeout)?;
-    let preallocated = match a.prealloc {
+    let (preallocated, population) = match a.prealloc {
         Some(bytes) => {
             let features = postcopy_kvm::uffd::probe_features().map_err(vmm("probe userfaultfd for --prealloc"))?;
             let huge = a.common.hugepages;
@@ -208,12 +249,17 @@ pub fn destination(a: DestinationArgs) -> Result<ExitCode, CommandError> {
             }
             let layout = MemoryMap::pc(bytes).map_err(vmm("lay out the RAM of --prealloc"))?;
             let t0 = Instant::now();
-            let ram =
-                GuestRam::new_preallocated_with(layout, huge).map_err(vmm("preallocate the RAM of --prealloc"))?;
-            tracing::info!(mib = bytes >> 20, ms = t0.elapsed().as_secs_f64() * 1e3, "guest RAM preallocated");
-            Some(Arc::new(ram))
+            let (ram, population) =
+                populate::preallocate(layout, huge, a.prealloc_before_listening, a.common.tuning().bulk_cpu)
+                    .map_err(vmm("preallocate the RAM of --prealloc"))?;
+            let ms = t0.elapsed().as_secs_f64() * 1e3;
+            match population {
+                Some(_) => tracing::info!(mib = bytes >> 20, ms, "guest RAM allocated, populating in the background"),
+                None => tracing::info!(mib = bytes >> 20, ms, "guest RAM preallocated"),
+            }
+            (Some(ram), population)
         }
-        None => None,
+        None => (None, None),
     };
     let listener = TcpListener::bind(resolve(&a.listen)?).map_err(io_error("cannot listen on", &a.listen))?;
     let addr = listener.local_addr().map_err(io_error("cannot read the address listened on", &a.listen))?;
@@ -234,6 +280,7 @@ pub fn destination(a: DestinationArgs) -> Result<ExitCode, CommandError> {
         damage: Damage::from_env().map_err(CommandError::Damage)?,
         progress_bar: !a.no_progress && !a.common.json,
         preallocated,
+        population,
         security,
     };
     let outcome = driver::run_destination(listener, &opts);
@@ -283,9 +330,12 @@ fn start_guest(g: &GuestArgs, serial: SerialOutput, tuning: &Tuning) -> Result<L
 
 /// `postcopy source`.
 pub fn source(a: SourceArgs) -> Result<ExitCode, CommandError> {
-    let addr = resolve(&a.connect)?;
     let config = a.common.config(a.guest.core_mode());
-    let security = a.security.security(Role::Source { connect: &a.connect }, config.handshake_timeout)?;
+    // Checked before the guest boots when the address is known.
+    let target = |connect: &str| -> Result<_, CommandError> {
+        Ok((resolve(connect)?, a.security.security(Role::Source { connect }, config.handshake_timeout)?))
+    };
+    let known = a.connect.as_deref().map(target).transpose()?;
     let tuning = a.common.tuning();
     let guest = start_guest(&a.guest, serial_output(&a.serial)?, &tuning)?;
     let stats = guest.vm.devices().stats().clone();
@@ -304,6 +354,14 @@ pub fn source(a: SourceArgs) -> Result<ExitCode, CommandError> {
     std::thread::sleep(Duration::from_millis(a.guest.run_before_ms));
     let progress_before = stats.pages_rate(t_a, postcopy_kvm::monotonic_ns());
     let passes_before: u64 = stats.snapshot().reports.iter().sum();
+    if let Some(path) = &a.ready_file {
+        std::fs::write(path, b"").map_err(io_error("cannot write the ready file", path.display()))?;
+    }
+    let (addr, security) = match (known, &a.connect_file) {
+        (Some(known), _) => known,
+        (None, Some(path)) => target(&wait_for_address(path, CONNECT_FILE_TIMEOUT)?)?,
+        (None, None) => return Err(CommandError::Unresolved("(no --connect)".into())),
+    };
     eprintln!(
         "source: {} MiB guest with {} vCPUs running; migrating to {addr} ({:?} mode, {})",
         a.guest.mem / MIB,

@@ -117,6 +117,22 @@ impl GuestRam {
     /// [`HugePageError`] when the pool has too few free pages or a block is
     /// not whole huge pages.
     pub fn new_preallocated_with(layout: MemoryMap, huge: Option<HugePageSize>) -> Result<Self> {
+        Self::new_shared(layout, huge, true)
+    }
+
+    /// The shared memory of [`GuestRam::new_preallocated`] (one memfd of 4
+    /// KiB pages, mapped twice), with no page allocated yet: returns at
+    /// once, whatever the size. Pages are allocated by
+    /// [`GuestRam::populate_pages`] (a background thread:
+    /// [`crate::populate::Population`]), or by the first write through the
+    /// placement mapping. A page the guest touches before either is not in
+    /// memory: registered with userfaultfd, that is a *missing* fault, not a
+    /// minor one ([`crate::uffd::UffdRam::register`] registers both).
+    pub fn new_unpopulated(layout: MemoryMap) -> Result<Self> {
+        Self::new_shared(layout, None, false)
+    }
+
+    fn new_shared(layout: MemoryMap, huge: Option<HugePageSize>, populate: bool) -> Result<Self> {
         let sizes = block_sizes(&layout)?;
         let total: u64 = layout.blocks().iter().map(|b| b.size).sum();
         let mut flags = rustix::fs::MemfdFlags::CLOEXEC;
@@ -151,9 +167,11 @@ impl GuestRam {
             let prot = libc::PROT_READ | libc::PROT_WRITE;
             let map = MmapRegion::<()>::build(Some(fo), size, prot, libc::MAP_SHARED | libc::MAP_NORESERVE)
                 .map_err(|e| layout_err(format!("placement mapping at {:#x}: {e}", gpa.0)))?;
-            // Allocates the pages and maps them writable here (not in the
-            // guest's mapping): placing a page later is a plain copy.
-            crate::sys::populate_write(&map).map_err(os_err("madvise(MADV_POPULATE_WRITE)"))?;
+            if populate {
+                // Allocates the pages and maps them writable here (not in
+                // the guest's mapping): placing a page later is a plain copy.
+                crate::sys::populate_write(&map).map_err(os_err("madvise(MADV_POPULATE_WRITE)"))?;
+            }
             let region = GuestRegionMmap::new(map, gpa)
                 .ok_or_else(|| layout_err(format!("placement region at {:#x} overflows", gpa.0)))?;
             regions.push(Arc::new(region));
@@ -163,6 +181,22 @@ impl GuestRam {
         let mut ram = Self::with_mappings(layout, mem, Some(placement))?;
         ram.huge = huge;
         Ok(ram)
+    }
+
+    /// Allocates `count` pages from `first` (one block) in the shared memory
+    /// and maps them writable in the placement mapping
+    /// (`MADV_POPULATE_WRITE`), as [`GuestRam::new_preallocated`] does for
+    /// all RAM. Never changes a page's contents: a page already allocated
+    /// (written through the placement mapping, or populated before) keeps
+    /// them. The guest's mapping is left as it is. Shared RAM only.
+    pub fn populate_pages(&self, first: PageRef, count: u64) -> Result<()> {
+        let placement = self.placement.as_ref().ok_or(MemoryError::NotPreallocated)?;
+        self.layout.check_range(first, count)?;
+        let out_of_range =
+            || MemoryMapError::PageOutOfRange { block: first.block, page: first.page.saturating_add(count) };
+        let len = count.checked_mul(PAGE_SIZE).and_then(|l| usize::try_from(l).ok()).ok_or_else(out_of_range)?;
+        let gpa = self.gpa(first)?;
+        crate::sys::populate_guest_range(placement, gpa, len).map_err(os_err("madvise(MADV_POPULATE_WRITE)"))
     }
 
     fn with_mappings(layout: MemoryMap, mem: GuestMemory, placement: Option<GuestMemoryMmap<()>>) -> Result<Self> {

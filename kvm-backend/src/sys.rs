@@ -171,6 +171,20 @@ pub(crate) fn populate_write(region: &vm_memory::MmapRegion<()>) -> io::Result<(
     unsafe { madvise(region.as_ptr() as u64, region.size(), Advice::PopulateWrite) }
 }
 
+/// Allocates the pages of `len` bytes at `gpa` of `mem` and maps them
+/// writable (`MADV_POPULATE_WRITE`). The range is checked against `mem`'s
+/// regions: no other memory can be named.
+pub(crate) fn populate_guest_range<M: GuestMemoryBackend>(mem: &M, gpa: u64, len: usize) -> io::Result<()> {
+    let invalid = |e| io::Error::new(io::ErrorKind::InvalidInput, e);
+    // Both checked by vm-memory: the whole range lies in one region.
+    mem.get_slice(GuestAddress(gpa), len).map_err(invalid)?;
+    let host = mem.get_host_address(GuestAddress(gpa)).map_err(invalid)? as u64;
+    // SAFETY: `[host, host + len)` lies in one region of `mem` (checked just
+    // above), which lives as long as `mem`; populating only allocates and
+    // maps pages, and leaves the contents of pages already there as they are.
+    unsafe { madvise(host, len, Advice::PopulateWrite) }
+}
+
 /// Waits until `fd` is readable or `timeout` passes; returns whether it is.
 pub(crate) fn poll_readable(fd: &impl AsRawFd, timeout: Duration) -> io::Result<bool> {
     let mut pfd = libc::pollfd { fd: fd.as_raw_fd(), events: libc::POLLIN, revents: 0 };

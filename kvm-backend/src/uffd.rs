@@ -1,9 +1,10 @@
 //! Destination memory: guest RAM registered with userfaultfd, so that a
 //! touch of a page that has not arrived yet (by a vCPU, by KVM itself, or by
 //! the VMM) blocks until the page is installed. Anonymous RAM is registered
-//! for missing faults; preallocated RAM (every page already allocated in
-//! shared memory) for minor faults: its pages are in memory but not yet
-//! mapped into the guest's mapping.
+//! for missing faults; preallocated RAM (shared memory) for minor faults:
+//! its pages are in memory but not yet mapped into the guest's mapping; on
+//! 4 KiB pages for missing faults too, for the pages a background
+//! population has not allocated yet ([`crate::populate`]).
 //!
 //! - [`UffdRam::register`] registers every block; do it before any vCPU runs.
 //! - [`UffdRam::install_page`] / [`UffdRam::install_pages`] and
@@ -341,11 +342,14 @@ pub struct UffdRam {
 }
 
 impl UffdRam {
-    /// Registers every block of `ram`: for missing faults, or for minor
-    /// faults when it is preallocated. An anonymous `ram` must not have been
-    /// touched (pages already present never fault), a preallocated one must
-    /// not have been touched through its guest mapping, and no vCPU may run
-    /// before this.
+    /// Registers every block of `ram`: for missing faults; or, when it is
+    /// shared memory with a placement mapping, for minor faults (page in
+    /// memory, not mapped in the guest's mapping) and, on 4 KiB pages, for
+    /// missing faults too (page not allocated yet: RAM still being
+    /// populated, [`GuestRam::new_unpopulated`]). An anonymous `ram` must
+    /// not have been touched (pages already present never fault), a shared
+    /// one must not have been touched through its guest mapping, and no
+    /// vCPU may run before this.
     pub fn register(ram: Arc<GuestRam>) -> Result<Self> {
         Self::register_with_features(ram, 0)
     }
@@ -358,8 +362,22 @@ impl UffdRam {
         let preallocated = ram.is_preallocated();
         let (mode, base, need) = if preallocated {
             let need = IoctlFlags::from_bits_retain(IOCTL_CONTINUE) | IoctlFlags::WAKE;
-            let minor = if ram.huge_pages().is_some() { FEATURE_MINOR_HUGETLBFS } else { FEATURE_MINOR_SHMEM };
-            (RegisterMode::MINOR, FeatureFlags::from_bits_retain(minor), need)
+            match ram.huge_pages() {
+                // Huge pages are all allocated up front: minor faults only.
+                Some(_) => (RegisterMode::MINOR, FeatureFlags::from_bits_retain(FEATURE_MINOR_HUGETLBFS), need),
+                // Shared 4 KiB pages may not be allocated yet
+                // (`GuestRam::new_unpopulated`): a touch of such a page is a
+                // missing fault, which the kernel would otherwise fill with
+                // zeros behind our back. Both are resolved the same way: a
+                // write through the placement mapping (which allocates the
+                // page), then `UFFDIO_CONTINUE`, which wakes the waiters
+                // of either kind.
+                None => (
+                    RegisterMode::MISSING | RegisterMode::MINOR,
+                    FeatureFlags::from_bits_retain(FEATURE_MINOR_SHMEM),
+                    need,
+                ),
+            }
         } else {
             (RegisterMode::MISSING, FeatureFlags::empty(), IoctlFlags::COPY | IoctlFlags::ZEROPAGE | IoctlFlags::WAKE)
         };

@@ -1,5 +1,6 @@
-//! Destination RAM under userfaultfd, without a VM, for both kinds of RAM
-//! (anonymous, missing faults; preallocated, minor faults): installing pages
+//! Destination RAM under userfaultfd, without a VM, for each kind of RAM
+//! (anonymous, missing faults; preallocated, minor faults; shared and not
+//! yet populated, missing and minor faults): installing pages
 //! (copy and zero), "already present" handling, discards that fault again,
 //! and the fault reader (non-blocking, pollable, with thread ids).
 
@@ -14,16 +15,33 @@ use postcopy_kvm::layout::MIB;
 use postcopy_kvm::uffd::{InjectedFault, InstallCount, InstallError, InstallFailure, InstallFaultPlan};
 use postcopy_kvm::{GuestRam, Install, MemoryMap, MemoryMapError, PageRef, UffdError, UffdRam, PAGE_SIZE};
 
-/// Registered RAM of `mib` MiB, anonymous or preallocated.
-fn fresh(mib: u64, preallocated: bool) -> Arc<UffdRam> {
+/// The kinds of destination RAM.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Kind {
+    /// Anonymous: missing faults, `UFFDIO_COPY`.
+    Anonymous,
+    /// Shared memory, every page allocated: minor faults, placement
+    /// mapping and `UFFDIO_CONTINUE`.
+    Preallocated,
+    /// Shared memory with no page allocated yet (a background population
+    /// has not reached them): missing faults served as minor ones.
+    Unpopulated,
+}
+
+/// Registered RAM of `mib` MiB of `kind`.
+fn fresh(mib: u64, kind: Kind) -> Arc<UffdRam> {
     let layout = MemoryMap::pc(mib * MIB).expect("layout");
-    let ram = if preallocated { GuestRam::new_preallocated(layout) } else { GuestRam::new(layout) };
+    let ram = match kind {
+        Kind::Anonymous => GuestRam::new(layout),
+        Kind::Preallocated => GuestRam::new_preallocated(layout),
+        Kind::Unpopulated => GuestRam::new_unpopulated(layout),
+    };
     let ram = Arc::new(ram.expect("ram"));
-    assert_eq!(ram.is_preallocated(), preallocated);
+    assert_eq!(ram.is_preallocated(), kind != Kind::Anonymous);
     Arc::new(UffdRam::register(ram).expect("register"))
 }
 
-const KINDS: [bool; 2] = [false, true];
+const KINDS: [Kind; 3] = [Kind::Anonymous, Kind::Preallocated, Kind::Unpopulated];
 
 /// Runs `test` (called `name`) on 2 MiB of each kind of registered RAM, or
 /// skips it where userfaultfd is missing.
@@ -31,9 +49,9 @@ fn for_each_kind(name: &str, test: impl Fn(Arc<UffdRam>)) {
     if !uffd_or_skip(name) {
         return;
     }
-    for preallocated in KINDS {
-        eprintln!("preallocated RAM: {preallocated}");
-        test(fresh(2, preallocated));
+    for kind in KINDS {
+        eprintln!("RAM: {kind:?}");
+        test(fresh(2, kind));
     }
 }
 
@@ -300,7 +318,7 @@ fn a_zero_fill_cut_short_counts_its_pages() {
     if !uffd_or_skip("a_zero_fill_cut_short_counts_its_pages") {
         return;
     }
-    let m = fresh(2, false);
+    let m = fresh(2, Kind::Anonymous);
     assert_eq!(m.install_page(PageRef::new(0, 22), &page_of(9)).unwrap(), Install::Installed);
     let n = m.install_zero_pages(PageRef::new(0, 20), 4).unwrap();
     assert_eq!(n, InstallCount { installed: 3, already_present: 1 });
@@ -461,4 +479,106 @@ fn huge_pages_install_whole() {
     let mut first = vec![1u8; 4096];
     uffd.ram().read_pages(PageRef::new(0, 511), &mut first).expect("read the zero page's last 4 KiB");
     assert!(first.iter().all(|&b| b == 0));
+}
+
+/// Reads `page`'s first word through the guest's mapping in a thread (which
+/// blocks on a fault until the page is installed).
+fn touch(m: &Arc<UffdRam>, page: PageRef) -> std::thread::JoinHandle<u64> {
+    let gpa = m.ram().layout().gpa_of(page).unwrap();
+    let m = m.clone();
+    std::thread::spawn(move || m.ram().read_u64(gpa).expect("read"))
+}
+
+/// Waits for exactly one fault and returns its page.
+fn one_fault(reader: &mut postcopy_kvm::uffd::FaultReader) -> PageRef {
+    assert!(reader.wait(Duration::from_secs(5)).unwrap(), "no fault arrived: the touch did not wait for the page");
+    let mut faults = Vec::new();
+    assert_eq!(reader.read(&mut faults).unwrap(), 1);
+    faults[0].page
+}
+
+/// RAM whose pages are not allocated yet: a guest touch of such a page is a
+/// (missing) fault that waits for the page, never a zero page mapped behind
+/// the migration's back; a data or zero install allocates the page and wakes
+/// the waiter; populating afterwards keeps every placed page as it is, and a
+/// touch of a page populated but not installed still waits for it (minor
+/// fault).
+#[test]
+fn unpopulated_pages_fault_and_populating_keeps_placed_pages() {
+    if !uffd_or_skip("unpopulated_pages_fault_and_populating_keeps_placed_pages") {
+        return;
+    }
+    let m = fresh(2, Kind::Unpopulated);
+    let mut reader = m.fault_reader();
+    // Missing faults, resolved by a data and by a zero install.
+    let (data_page, zero_page) = (PageRef::new(0, 3), PageRef::new(0, 4));
+    let toucher = touch(&m, data_page);
+    assert_eq!(one_fault(&mut reader), data_page);
+    assert_eq!(m.install_page(data_page, &page_of(0x5a)).unwrap(), Install::Installed);
+    assert_eq!(toucher.join().unwrap(), 0x5a5a_5a5a_5a5a_5a5a);
+    let toucher = touch(&m, zero_page);
+    assert_eq!(one_fault(&mut reader), zero_page);
+    assert_eq!(m.install_zero_page(zero_page).unwrap(), Install::Installed);
+    assert_eq!(toucher.join().unwrap(), 0);
+    // Installed without a fault (the push), before the population.
+    let mut run = Vec::new();
+    for i in 0..4u8 {
+        run.extend_from_slice(&page_of(0x20 + i));
+    }
+    assert_eq!(m.install_pages(PageRef::new(0, 10), &run).unwrap().installed, 4);
+    // Populating the whole block changes none of them.
+    m.ram().populate_pages(PageRef::new(0, 0), 512).expect("populate");
+    let mut back = page_of(1);
+    for (page, want) in [(3, 0x5a), (4, 0), (10, 0x20), (11, 0x21), (12, 0x22), (13, 0x23)] {
+        m.ram().read_page(PageRef::new(0, page), &mut back).unwrap();
+        assert!(back.iter().all(|&b| b == want), "page {page} changed by the population");
+    }
+    // Populated, not installed: still a fault (minor now), still served.
+    let populated = PageRef::new(0, 200);
+    let toucher = touch(&m, populated);
+    assert_eq!(one_fault(&mut reader), populated);
+    assert_eq!(m.install_page(populated, &page_of(0x33)).unwrap(), Install::Installed);
+    assert_eq!(toucher.join().unwrap(), 0x3333_3333_3333_3333);
+    // A population request outside the RAM is an error, not a crash.
+    assert!(m.ram().populate_pages(PageRef::new(0, 511), 2).is_err());
+    assert!(GuestRam::new(MemoryMap::pc(2 * MIB).unwrap()).unwrap().populate_pages(PageRef::new(0, 0), 1).is_err());
+}
+
+/// The background population goes through all the RAM, in chunks, around
+/// pages installed while it runs (their contents kept), and stops on request.
+#[test]
+fn background_population_covers_the_ram_and_stops() {
+    use postcopy_kvm::populate::{Population, CHUNK_PAGES};
+    if !uffd_or_skip("background_population_covers_the_ram_and_stops") {
+        return;
+    }
+    let m = fresh(64, Kind::Unpopulated);
+    let total: u64 = m.ram().layout().blocks().iter().map(|b| b.pages()).sum();
+    let population = Population::start(m.ram().clone(), None).expect("start");
+    // Installs race with the population: every one lands, whichever of the
+    // two allocates the page.
+    for page in (0..total).step_by(997) {
+        let p = PageRef::new(0, page);
+        assert_eq!(m.install_page(p, &page_of((page % 251) as u8 + 1)).unwrap(), Install::Installed, "page {page}");
+    }
+    let done = population.wait();
+    assert!(done.complete && done.error.is_none(), "{done:?}");
+    assert!(population.has_reached(PageRef::new(0, total - 1)));
+    assert_eq!((done.pages, done.total_pages), (total, total));
+    let mut back = page_of(0);
+    for page in (0..total).step_by(997) {
+        m.ram().read_page(PageRef::new(0, page), &mut back).unwrap();
+        assert!(back.iter().all(|&b| b == (page % 251) as u8 + 1), "page {page} changed by the population");
+    }
+    // Stopped at once: it ends between two chunks, whatever it reached.
+    let big = fresh(256, Kind::Unpopulated);
+    let big_total: u64 = big.ram().layout().blocks().iter().map(|b| b.pages()).sum();
+    let population = Population::start(big.ram().clone(), None).expect("start");
+    let stopped = population.stop();
+    assert!(stopped.pages <= big_total && (stopped.complete || stopped.pages % CHUNK_PAGES == 0), "{stopped:?}");
+    assert_eq!(population.summary(), stopped, "the thread ran on after the stop");
+    // Faults are counted against where it stopped.
+    population.note_fault(PageRef::new(0, big_total - 1));
+    assert_eq!(population.summary().faults_ahead, u64::from(!stopped.complete));
+    assert_eq!(population.has_reached(PageRef::new(0, 0)), stopped.pages > 0);
 }

@@ -132,6 +132,10 @@ pub struct DestinationReport {
     /// minor faults) rather than allocated as pages arrived.
     #[serde(default)]
     pub preallocated: bool,
+    /// The background population of the preallocated RAM, when it had one:
+    /// how far it got before the migration ended.
+    #[serde(default)]
+    pub population: Option<crate::populate::PopulationSummary>,
     /// Guest pages written per second while postcopy ran.
     pub progress_during_pages_per_s: Option<f64>,
     /// Guest pages written per second after the migration.
@@ -255,6 +259,18 @@ impl RunReport {
                 }
             ),
         );
+        if let Some(p) = &d.population {
+            row(
+                "RAM populated in the background",
+                format!(
+                    "{:.0}% in {:.0} ms{}; {} faults ahead of it",
+                    100.0 * p.pages as f64 / p.total_pages.max(1) as f64,
+                    p.ms,
+                    if p.complete { "" } else { " (stopped at the end of the migration)" },
+                    p.faults_ahead
+                ),
+            );
+        }
         let blocked: Vec<String> =
             d.stats.vcpu_blocked_ns.iter().enumerate().map(|(i, ns)| format!("vcpu{i} {:.1} ms", ms(*ns))).collect();
         row("vCPU time blocked on faults", if blocked.is_empty() { "none".into() } else { blocked.join(", ") });

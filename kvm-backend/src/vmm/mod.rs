@@ -44,7 +44,8 @@ use crate::driver::report::{DestinationReport, SourceReport};
 use crate::driver::watch::{ListenerSlot, UserRequest, Watch};
 use crate::driver::{self, error_chain, Damage, DestinationOptions, SourceOptions, Tuning};
 use crate::layout::MemoryMap;
-use crate::memory::{GuestRam, MemoryError};
+use crate::memory::MemoryError;
+use crate::populate;
 pub use guest::{BootError, GuestSpec, LiveGuest};
 
 /// The capabilities this VMM can turn on, and their defaults (QEMU's
@@ -338,6 +339,7 @@ impl Shared {
             damage: self.config.damage,
             progress_bar: false,
             preallocated: None,
+            population: None,
             blocktime: job.blocktime.clone(),
             security,
         };
@@ -358,9 +360,17 @@ impl Shared {
     fn receive(self: Arc<Self>, listener: Arc<ListenerSlot>, mut opts: DestinationOptions, job: Arc<Job>) {
         if let Some(bytes) = self.config.prealloc_bytes {
             let huge = self.config.tuning.hugepages;
-            match MemoryMap::pc(bytes).map_err(MemoryError::from).and_then(|m| GuestRam::new_preallocated_with(m, huge))
+            // On 4 KiB pages this returns at once and the population runs
+            // in the background: the migration is accepted meanwhile.
+            let cpu = self.config.tuning.bulk_cpu;
+            match MemoryMap::pc(bytes)
+                .map_err(MemoryError::from)
+                .and_then(|m| populate::preallocate(m, huge, false, cpu))
             {
-                Ok(ram) => opts.preallocated = Some(Arc::new(ram)),
+                Ok((ram, population)) => {
+                    opts.preallocated = Some(ram);
+                    opts.population = population;
+                }
                 Err(e) => tracing::warn!(e = error_chain(&e), "cannot preallocate guest RAM; allocating on arrival"),
             }
         }

@@ -65,6 +65,9 @@ impl DestinationDriver<'_> {
             let pages: Vec<(PageNumber, Waiter)> = faults
                 .iter()
                 .filter_map(|f| {
+                    if let Some(p) = &self.opts.population {
+                        p.note_fault(f.page);
+                    }
                     let page = m.map.number(f.page)?;
                     m.clock.start(page.0, t.0);
                     let vcpu = f.thread_id.and_then(|tid| tids.and_then(|ts| ts.iter().position(|&x| x == tid)));

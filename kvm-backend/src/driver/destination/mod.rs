@@ -168,10 +168,14 @@ fn run(
         while !d.finished_flag.load(Ordering::SeqCst) {
             d.finished_bell.wait_timeout(Duration::from_millis(100));
         }
+        // Every page is placed (allocated), or the migration failed: the
+        // population has nothing left to do for it.
+        let population = opts.population.as_ref().map(|p| p.stop());
         report = match after {
             AfterMigration::CheckAndStop => d.verify_and_report(),
             AfterMigration::Keep => d.report_kept(),
         };
+        report.population = population;
         d.stop_all();
     });
     tracing::info!(ok = report.ok, error = report.error.as_deref(), "destination done");

@@ -48,10 +48,16 @@ pub struct DestinationOptions {
     pub damage: Option<Damage>,
     /// Draw a progress bar on stderr (when it is a terminal).
     pub progress_bar: bool,
-    /// Guest RAM allocated before listening ([`GuestRam::new_preallocated`]),
-    /// for the layout the source is expected to send; None: anonymous RAM
-    /// allocated when the machine description arrives.
+    /// Guest RAM allocated ahead of the migration, in shared memory
+    /// ([`GuestRam::new_preallocated`], or [`GuestRam::new_unpopulated`]
+    /// populated in the background), for the layout the source is expected
+    /// to send; None: anonymous RAM allocated when the machine description
+    /// arrives.
     pub preallocated: Option<Arc<GuestRam>>,
+    /// The background population of `preallocated`
+    /// ([`crate::populate::preallocate`]; None: allocated up front, or not
+    /// preallocated): stopped when the migration ends, and reported.
+    pub population: Option<Arc<crate::populate::Population>>,
     /// Account vCPU blocktime and remote fault latency here (QMP's
     /// `postcopy-blocktime` capability); None: not measured.
     pub blocktime: Option<Arc<crate::driver::blocktime::Blocktime>>,
