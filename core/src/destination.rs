@@ -46,7 +46,9 @@ use crate::outcome::{Finished, Notice, Side};
 use crate::stats::{DestinationStats, LatencyHistogram, Observed, PhaseClock};
 use crate::time::Timestamp;
 use crate::timer::{Timer, TimerTable};
-use crate::wire::{self, Frame, Hello, PageData, PageFrame, PageKind, PagePartFrame, Welcome, WireMode, MAX_PRESENT_WORDS};
+use crate::wire::{
+    self, Frame, Hello, PageData, PageFrame, PageKind, PagePartFrame, Welcome, WireMode, MAX_PRESENT_WORDS,
+};
 
 /// Words of the present bitmap per recovery report frame.
 const PRESENT_WORDS_PER_FRAME: usize = 1024;

@@ -80,9 +80,10 @@ pub use encode::{
 };
 pub use error::WireError;
 pub use frame::{
-    Discard, Frame, FrameKind, Hello, PageData, PageFrame, PageKind, PagePartFrame, Preamble, PresentPages, Request, UrgentHello,
-    Welcome, WireMode, HEADER_LEN, MAGIC, MAX_DEVICE_STATE_CHUNK, MAX_DISCARD_RANGES, MAX_MACHINE_LEN,
-    MAX_PAGE_PARTS, MAX_PRESENT_WORDS, MAX_REASON_LEN, MAX_REQUEST_PAGES, PREAMBLE_LEN, PREAMBLE_MAGIC, PROTOCOL_VERSION,
+    Discard, Frame, FrameKind, Hello, PageData, PageFrame, PageKind, PagePartFrame, Preamble, PresentPages, Request,
+    UrgentHello, Welcome, WireMode, HEADER_LEN, MAGIC, MAX_DEVICE_STATE_CHUNK, MAX_DISCARD_RANGES, MAX_MACHINE_LEN,
+    MAX_PAGE_PARTS, MAX_PRESENT_WORDS, MAX_REASON_LEN, MAX_REQUEST_PAGES, PREAMBLE_LEN, PREAMBLE_MAGIC,
+    PROTOCOL_VERSION,
 };
 
 #[cfg(test)]
