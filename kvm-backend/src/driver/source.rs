@@ -366,7 +366,10 @@ impl SideDriver for SourceDriver<'_> {
     ) -> Option<Arc<Connection>> {
         let conn = l.connection(Channel::Urgent).cloned();
         if conn.is_some() {
-            poll_frames(l, Channel::Urgent, buf, BULK_STEP_BYTES, &self.guest, deferred);
+            // Up to a page per write: the parts of a page that a request
+            // took from the push go out together, as a whole page would.
+            let max = BULK_STEP_BYTES.max(self.shell.tuning.page_bytes() as usize);
+            poll_frames(l, Channel::Urgent, buf, max, &self.guest, deferred);
         }
         conn
     }
