@@ -91,8 +91,11 @@ pub struct Config {
     /// In postcopy the source pushes a page larger than this many bytes
     /// (a 2 MiB huge page) in parts of about this size (a power of two,
     /// at least a 64th of the page), so that a request for the page being
-    /// pushed gets the parts not yet sent on the urgent channel; 0: whole
-    /// pages only. The destination takes either.
+    /// pushed gets the parts not yet sent on the urgent channel; 0 (the
+    /// default): whole pages only. The destination takes either. 128 KiB
+    /// parts of 2 MiB pages cost about half again the push's time on
+    /// loopback (docs/hugepages.md); they pay off where a page takes long
+    /// to cross.
     pub page_part_bytes: u32,
     /// A deliberate bug, for showing that the checkers catch it.
     #[cfg(feature = "planted-bugs")]
@@ -120,7 +123,7 @@ impl Default for Config {
             auto_reconnect: true,
             start_timeout: Duration::from_secs(60),
             destination_gone_timeout: Duration::from_secs(600),
-            page_part_bytes: 128 * 1024,
+            page_part_bytes: 0,
             #[cfg(feature = "planted-bugs")]
             plant: None,
         }

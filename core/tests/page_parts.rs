@@ -163,9 +163,9 @@ fn bad_and_repeated_parts_are_typed_protocol_errors() {
 
 #[test]
 fn whole_pages_only_when_parts_are_off() {
-    let mut cfg = Config::postcopy();
-    cfg.page_part_bytes = 0;
-    let mut pair = Pair::new(PairConfig::with_huge_pages(cfg, 2, 2));
+    let mut cfg = PairConfig::with_huge_pages(Config::postcopy(), 2, 2);
+    cfg.config.page_part_bytes = 0;
+    let mut pair = Pair::new(cfg);
     for p in 0..4 {
         pair.guest_access(0, PageNumber(p), true);
     }

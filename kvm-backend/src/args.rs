@@ -80,8 +80,9 @@ pub struct Common {
     pub hugepages: Option<postcopy_kvm::HugePageSize>,
     /// In postcopy, push pages larger than this (2 MiB huge pages) in parts
     /// of this size, so that a fault on the page being pushed gets the rest
-    /// on the urgent channel at once (0: whole pages). See docs/hugepages.md.
-    #[arg(long, default_value = "128K", value_parser = parse_size)]
+    /// on the urgent channel at once (0: whole pages; try 128K on a link
+    /// where a 2 MiB page takes long to cross). See docs/hugepages.md.
+    #[arg(long, default_value = "0", value_parser = parse_size)]
     pub page_part: u64,
 }
 

@@ -50,13 +50,12 @@ impl PairConfig {
 
     /// `pages` pages of 64 bytes in a block "ram", then `huge_pages` pages
     /// of [`PairConfig::HUGE_PAGE_SIZE`] bytes in a block "huge" (the
-    /// harness's huge pages). With the default part size, the huge pages
-    /// are pushed in two parts each (as 2 MiB pages are in parts of
-    /// 128 KiB), so that a request can meet a page half pushed.
+    /// harness's huge pages). The huge pages are pushed in two parts each
+    /// (as 2 MiB pages in parts with `--page-part`), so that a request can
+    /// meet a page half pushed; set `config.page_part_bytes` to 0 after for
+    /// whole pages.
     pub fn with_huge_pages(mut config: Config, pages: u64, huge_pages: u64) -> Self {
-        if config.page_part_bytes == Config::default().page_part_bytes {
-            config.page_part_bytes = Self::HUGE_PAGE_SIZE / 2;
-        }
+        config.page_part_bytes = Self::HUGE_PAGE_SIZE / 2;
         let mut cfg = Self::new(config, pages);
         let blocks = vec![
             RamBlock { name: "ram".into(), page_count: pages, page_size: 64 },

@@ -58,7 +58,7 @@
 //! # Page parts
 //!
 //! In postcopy the source may push a page larger than its part size
-//! (`Config::page_part_bytes`, 128 KiB by default: 2 MiB pages) as
+//! (`Config::page_part_bytes`, off by default; 128 KiB for 2 MiB pages) as
 //! `PagePart` frames, so that a request for the page whose parts the push
 //! is sending gets the parts not yet sent on the urgent channel instead of
 //! waiting behind the push (docs/hugepages.md). The parts of a page all
