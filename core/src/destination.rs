@@ -46,7 +46,9 @@ use crate::outcome::{Finished, Notice, Side};
 use crate::stats::{DestinationStats, LatencyHistogram, Observed, PhaseClock};
 use crate::time::Timestamp;
 use crate::timer::{Timer, TimerTable};
-use crate::wire::{self, Frame, Hello, PageData, PageFrame, PageKind, Welcome, WireMode, MAX_PRESENT_WORDS};
+use crate::wire::{
+    self, Frame, Hello, PageData, PageFrame, PageKind, PagePartFrame, Welcome, WireMode, MAX_PRESENT_WORDS,
+};
 
 /// Words of the present bitmap per recovery report frame.
 const PRESENT_WORDS_PER_FRAME: usize = 1024;
@@ -243,6 +245,20 @@ pub struct Destination {
     /// Per page, how often installing it failed (see
     /// [`Destination::handle_install_failed`]).
     install_failures: BTreeMap<u64, u32>,
+    /// Pages arriving in parts, by page number: made visible (installed)
+    /// only once every part has arrived.
+    assembling: BTreeMap<u64, Assembly>,
+}
+
+/// A page arriving in parts ([`Frame::PagePart`]).
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+struct Assembly {
+    data: Vec<u8>,
+    part_len: usize,
+    /// Bit i: the part at `i * part_len` arrived.
+    have: u64,
+    /// A part came on request: the page counts as requested.
+    requested: bool,
 }
 
 impl Destination {
@@ -280,6 +296,7 @@ impl Destination {
             stats: Observed::default(),
             latency: Observed::default(),
             install_failures: BTreeMap::new(),
+            assembling: BTreeMap::new(),
         }
     }
 
@@ -585,6 +602,7 @@ impl Destination {
         match (channel, frame) {
             (_, Frame::Ping) => Ok(()),
             (Channel::Main | Channel::Urgent, Frame::Page(page)) => self.on_page(now, channel, page),
+            (Channel::Main | Channel::Urgent, Frame::PagePart(part)) => self.on_page_part(now, channel, part),
             (Channel::Main, Frame::Discard(discard)) if self.state() == DestinationState::Precopy => {
                 self.on_discard(discard)
             }
@@ -1015,23 +1033,92 @@ impl Destination {
         if !(precopy_ok || postcopy_ok) {
             return Err(self.unexpected(channel, &Frame::Page(frame)));
         }
+        // A whole copy replaces parts of an earlier one (none cross in
+        // parts before a loss that dropped them, so none are left here).
+        self.assembling.remove(&page.0);
+        self.page_arrived(now, page, frame.kind, frame.data, postcopy_ok);
+        Ok(())
+    }
+
+    /// A part of a page: kept until all of the page's parts have arrived,
+    /// then the page is installed as a whole page frame would be.
+    fn on_page_part(&mut self, now: Timestamp, channel: Channel, frame: PagePartFrame) -> Result<(), ProtocolError> {
+        let postcopy_ok = frame.kind != PageKind::Precopy
+            && matches!(
+                self.state(),
+                DestinationState::LoadingDevice
+                    | DestinationState::AwaitingStart
+                    | DestinationState::Running
+                    | DestinationState::Recovering
+                    | DestinationState::Completed
+            );
+        let Some(session) = self.session.as_ref().filter(|_| postcopy_ok) else {
+            return Err(self.unexpected(channel, &Frame::PagePart(frame)));
+        };
+        let layout = &session.layout;
+        let block = frame.address.block;
+        let page_size = layout.block_page_size(block).ok_or(ProtocolError::BlockOutOfRange { block })?;
+        let page = layout
+            .page_number(frame.address)
+            .ok_or(ProtocolError::PageOutOfRange { block, index: frame.address.index })?;
+        let (len, offset) = (frame.data.len(), frame.offset as usize);
+        let bad = ProtocolError::BadPagePart { page_size, offset: frame.offset, len };
+        let size = page_size as usize;
+        if len >= size || size % len != 0 || size / len > wire::MAX_PAGE_PARTS || offset % len != 0 || offset >= size {
+            return Err(bad);
+        }
+        if self.present.get(page.0) {
+            // A late part of a page present here never replaces it.
+            self.stats.0.duplicate_pages += 1;
+            return Ok(());
+        }
+        let assembly = self.assembling.entry(page.0).or_insert_with(|| Assembly {
+            data: vec![0; size],
+            part_len: len,
+            have: 0,
+            requested: false,
+        });
+        if assembly.part_len != len {
+            return Err(bad);
+        }
+        let bit = 1u64 << (offset / len);
+        if assembly.have & bit != 0 {
+            return Err(ProtocolError::DuplicatePagePart { block, index: frame.address.index, offset: frame.offset });
+        }
+        assembly.have |= bit;
+        assembly.requested |= frame.kind == PageKind::Requested;
+        assembly.data[offset..offset + len].copy_from_slice(&frame.data);
+        self.stats.0.page_parts_received += 1;
+        let parts = size / len;
+        if assembly.have.count_ones() as usize != parts {
+            return Ok(());
+        }
+        let Some(assembly) = self.assembling.remove(&page.0) else { return Ok(()) };
+        let kind = if assembly.requested { PageKind::Requested } else { PageKind::Background };
+        self.page_arrived(now, page, kind, PageData::Bytes(Bytes::from(assembly.data)), true);
+        Ok(())
+    }
+
+    /// A whole page arrived (in one frame, or its last part), in a state
+    /// that takes it.
+    fn page_arrived(&mut self, now: Timestamp, page: PageNumber, kind: PageKind, data: PageData, postcopy_ok: bool) {
         let was_present = self.present.get(page.0);
-        self.stats.0.pages_received.add(frame.kind, 1);
-        if frame.data == PageData::Zero {
+        self.stats.0.pages_received.add(kind, 1);
+        if data == PageData::Zero {
             self.stats.0.pages_received.zero += 1;
         }
         if was_present && postcopy_ok {
-            if planted!(self.config, BackgroundOverwritesNewer) && frame.kind == PageKind::Background {
-                self.actions.push_back(DestinationAction::InstallPage { page, data: frame.data, overwrite: true });
-                return Ok(());
+            if planted!(self.config, BackgroundOverwritesNewer) && kind == PageKind::Background {
+                self.actions.push_back(DestinationAction::InstallPage { page, data, overwrite: true });
+                return;
             }
             // A late or duplicate copy never replaces the page present here:
             // the guest may have written it since.
             self.stats.0.duplicate_pages += 1;
-            return Ok(());
+            return;
         }
         self.present.set(page.0);
-        self.actions.push_back(DestinationAction::InstallPage { page, data: frame.data, overwrite: was_present });
+        self.actions.push_back(DestinationAction::InstallPage { page, data, overwrite: was_present });
         if let Some(Observed(wait)) = self.outstanding.remove(&page.0) {
             let waited_ns = now.saturating_since(wait.since).as_nanos() as u64;
             self.latency.0.record_ns(waited_ns);
@@ -1047,7 +1134,6 @@ impl Destination {
             }
         }
         self.check_end_of_copy();
-        Ok(())
     }
 
     fn on_discard(&mut self, discard: wire::Discard) -> Result<(), ProtocolError> {
@@ -1067,6 +1153,7 @@ impl Destination {
         for (first, count) in discard.ranges {
             let first = range.start + u64::from(first);
             for page in first..first + u64::from(count) {
+                self.assembling.remove(&page);
                 if self.present.clear(page) {
                     self.stats.0.stale_pages_discarded += 1;
                 }
@@ -1304,6 +1391,9 @@ impl Destination {
     fn pause(&mut self, now: Timestamp, reason: MigrationError) {
         self.close_all_links();
         self.state = State::Paused;
+        // Parts of incomplete pages are dropped: those pages are not
+        // present, so the source sends them again after the recovery.
+        self.assembling.clear();
         self.control.clear();
         self.pending_requests.clear();
         self.report_word = None;

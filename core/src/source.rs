@@ -71,6 +71,18 @@ pub trait GuestMemory {
     /// block long.
     fn read_page(&self, page: PageNumber, out: &mut [u8]);
 
+    /// Copies `out.len()` bytes of page `page` (`page_size` bytes long),
+    /// from byte `offset` of it, into `out`: a part of a page pushed in
+    /// parts. The default reads the whole page; a driver reads the part
+    /// alone.
+    fn read_page_part(&self, page: PageNumber, page_size: usize, offset: usize, out: &mut [u8]) {
+        let mut whole = vec![0; page_size];
+        self.read_page(page, &mut whole);
+        if let Some(part) = whole.get(offset..offset + out.len()) {
+            out.copy_from_slice(part);
+        }
+    }
+
     /// Whether page `page` (`page_size` bytes, its block's) is all zeros. Used by
     /// [`Source::poll_transmit_deferred`], which decides a frame's shape
     /// before its payload is read; the default reads the page. A driver
@@ -88,8 +100,12 @@ pub trait GuestMemory {
 pub struct DeferredPage {
     pub offset: usize,
     pub page: PageNumber,
-    /// The page's length: its block's page size.
+    /// The payload's length: its block's page size, or a part's length.
     pub len: usize,
+    /// Where the payload starts in the page (0 unless it is a part).
+    pub page_offset: usize,
+    /// The page's length: its block's page size.
+    pub page_size: usize,
 }
 
 impl DeferredPage {
@@ -100,8 +116,10 @@ impl DeferredPage {
         for d in deferred {
             let room = d.offset.checked_add(d.len).and_then(|end| out.get_mut(d.offset..end));
             debug_assert!(room.is_some(), "deferred page {} outside the buffer", d.page.0);
-            if let Some(room) = room {
-                guest.read_page(d.page, room);
+            match room {
+                Some(room) if d.len == d.page_size => guest.read_page(d.page, room),
+                Some(room) => guest.read_page_part(d.page, d.page_size, d.page_offset, room),
+                None => {}
             }
         }
     }
@@ -281,6 +299,18 @@ impl State {
     }
 }
 
+/// A page sent in parts (see [`Config::page_part_bytes`]): the next part
+/// to send starts at byte `next`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+struct PartPush {
+    page: PageNumber,
+    page_size: usize,
+    part_len: usize,
+    next: usize,
+    /// The page was lost with a connection: its parts count as re-sent.
+    resent: bool,
+}
+
 /// The source's state machine.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct Source {
@@ -299,6 +329,11 @@ pub struct Source {
     /// Lost with a connection: the next copy counts as re-sent.
     lost: Bitmap,
     urgent_queue: VecDeque<PageNumber>,
+    /// The page the background push is sending in parts, if any.
+    pushing: Option<PartPush>,
+    /// Pages requested while the push was sending their parts: the parts
+    /// not yet sent go on the urgent channel (each part crosses once).
+    rushing: VecDeque<PartPush>,
     /// Where the precopy scan or background push continues.
     cursor: u64,
     round: u32,
@@ -339,6 +374,8 @@ impl Source {
             state: State::Connecting,
             links: Default::default(),
             urgent_queue: VecDeque::new(),
+            pushing: None,
+            rushing: VecDeque::new(),
             cursor: 0,
             round: 0,
             switch_requested: false,
@@ -984,6 +1021,14 @@ impl Source {
             self.stats.0.requests_received += 1;
             if self.sent.get(page.0) {
                 self.stats.0.requests_for_sent_pages += 1;
+                // The push is sending this page in parts: the rest goes on
+                // the urgent channel, where the request is served.
+                if self.config.urgent_channel && self.pushing.is_some_and(|p| p.page == page) {
+                    if let Some(push) = self.pushing.take() {
+                        self.stats.0.requests_for_pages_in_parts += 1;
+                        self.rushing.push_back(push);
+                    }
+                }
                 continue;
             }
             if self.queued.get(page.0) {
@@ -1229,6 +1274,16 @@ impl Source {
     }
 
     fn send_requested_page(&mut self, out: &mut Outbox<'_, impl GuestMemory + ?Sized>) -> bool {
+        if let Some(push) = self.rushing.front_mut() {
+            let part = *push;
+            push.next += push.part_len;
+            if push.next >= push.page_size {
+                self.rushing.pop_front();
+            }
+            self.write_part(out, part, PageKind::Requested);
+            self.check_all_sent();
+            return true;
+        }
         while let Some(page) = self.urgent_queue.pop_front() {
             self.queued.clear(page.0);
             if self.sent.get(page.0) {
@@ -1248,6 +1303,16 @@ impl Source {
     }
 
     fn send_background_page(&mut self, out: &mut Outbox<'_, impl GuestMemory + ?Sized>) -> bool {
+        if let Some(push) = &mut self.pushing {
+            let part = *push;
+            push.next += push.part_len;
+            if push.next >= push.page_size {
+                self.pushing = None;
+            }
+            self.write_part(out, part, PageKind::Background);
+            self.check_all_sent();
+            return true;
+        }
         // Skip pages waiting in the urgent queue: they go there, once. Each
         // queued page is skipped at most once per call, so this ends.
         let mut candidate = self.cursor;
@@ -1259,12 +1324,72 @@ impl Source {
                 candidate = page + 1;
                 continue;
             }
-            self.write_page(out, PageNumber(page), PageKind::Background);
             self.cursor = page + 1;
+            if !self.start_parts(out, PageNumber(page)) {
+                self.write_page(out, PageNumber(page), PageKind::Background);
+            }
             self.check_all_sent();
             return true;
         }
         false
+    }
+
+    /// Starts pushing `page` in parts (its first part goes into `out`) when
+    /// its block's pages are larger than a part and it is not all zeros
+    /// (a zero page goes whole, as a flag). Returns whether it did.
+    fn start_parts(&mut self, out: &mut Outbox<'_, impl GuestMemory + ?Sized>, page: PageNumber) -> bool {
+        let Some(page_size) = self.layout.page_size_of(page) else { return false };
+        let page_size = page_size as usize;
+        let Some(part_len) = self.config.part_len(page_size) else { return false };
+        if out.guest.is_zero_page(page, page_size) {
+            return false;
+        }
+        let resent = self.lost.get(page.0);
+        if resent {
+            self.lost.clear(page.0);
+        }
+        let push = PartPush { page, page_size, part_len, next: part_len, resent };
+        self.write_part(out, PartPush { next: 0, ..push }, PageKind::Background);
+        self.pushing = Some(push);
+        true
+    }
+
+    /// Writes the part of `push.page` at byte `push.next`. The page counts
+    /// as sent from its first part on.
+    fn write_part(&mut self, out: &mut Outbox<'_, impl GuestMemory + ?Sized>, push: PartPush, kind: PageKind) {
+        let Some(address) = self.layout.address(push.page) else {
+            debug_assert!(false, "the source only schedules pages of its own layout");
+            return;
+        };
+        let before = out.bytes.len();
+        let len = push.part_len.min(push.page_size - push.next);
+        let data_at = wire::encode_page_part_unfilled(out.bytes, address, kind, push.next as u32, len);
+        match &mut out.deferred {
+            Some(deferred) => deferred.push(DeferredPage {
+                offset: data_at,
+                page: push.page,
+                len,
+                page_offset: push.next,
+                page_size: push.page_size,
+            }),
+            None => out.guest.read_page_part(push.page, push.page_size, push.next, &mut out.bytes[data_at..]),
+        }
+        let bytes = (out.bytes.len() - before) as u64;
+        if push.next == 0 {
+            self.sent.set(push.page.0);
+        }
+        let stats = &mut self.stats.0;
+        stats.page_bytes_sent.add(kind, bytes);
+        stats.page_parts_sent += 1;
+        if push.next == 0 {
+            stats.pages_sent.add(kind, 1);
+        }
+        if push.resent {
+            if push.next == 0 {
+                stats.pages_sent.resent += 1;
+            }
+            stats.page_bytes_sent.resent += bytes;
+        }
     }
 
     fn write_page(&mut self, out: &mut Outbox<'_, impl GuestMemory + ?Sized>, page: PageNumber, kind: PageKind) {
@@ -1280,7 +1405,7 @@ impl Source {
             Some(deferred) => {
                 let zero = guest.is_zero_page(page, page_size);
                 if let Some(offset) = wire::encode_page_frame_unfilled(out.bytes, address, kind, page_size, zero) {
-                    deferred.push(DeferredPage { offset, page, len: page_size });
+                    deferred.push(DeferredPage { offset, page, len: page_size, page_offset: 0, page_size });
                 }
                 zero
             }
@@ -1335,7 +1460,8 @@ impl Source {
 
     fn check_all_sent(&mut self) {
         if let State::Active { end_of_stream_queued: queued @ false } = &mut self.state {
-            if self.sent.is_full() {
+            // Every page begun, and every part of those sent in parts.
+            if self.sent.is_full() && self.pushing.is_none() && self.rushing.is_empty() {
                 *queued = true;
                 self.main_control.push_back(Frame::EndOfStream);
             }
@@ -1468,6 +1594,11 @@ impl Source {
         }
         self.main_control.clear();
         self.urgent_control.clear();
+        // A page whose parts were not all sent is not present at the
+        // destination (it drops incomplete pages): the recovery's report
+        // makes it go again, whole or in parts from the first.
+        self.pushing = None;
+        self.rushing.clear();
         self.clock.0.pause(now);
         if was_recovering {
             self.actions.push_back(SourceAction::Notice(Notice::RecoveryFailed {

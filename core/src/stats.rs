@@ -90,6 +90,12 @@ pub struct SourceStats {
     pub requests_received: u64,
     /// Requests for pages already on their way (served by that copy).
     pub requests_for_sent_pages: u64,
+    /// Of those, requests for a page whose parts the background push was
+    /// sending: its parts not yet sent went on the urgent channel.
+    pub requests_for_pages_in_parts: u64,
+    /// Page part frames sent (pages larger than the part size, pushed in
+    /// postcopy; see `Config::page_part_bytes`).
+    pub page_parts_sent: u64,
     pub device_state_bytes: u64,
     pub recoveries: u32,
     /// Bytes of heap the per-page bookkeeping holds.
@@ -180,6 +186,8 @@ pub struct DestinationStats {
     pub pages_received: ByKind,
     /// Page frames for pages already present, dropped.
     pub duplicate_pages: u64,
+    /// Page part frames received (see `Config::page_part_bytes`).
+    pub page_parts_received: u64,
     /// Precopy pages dropped because the guest dirtied them on the source.
     pub stale_pages_discarded: u64,
     /// Faults that needed a page from the source.

@@ -4,8 +4,8 @@
 
 use bytes::Bytes;
 use postcopy_core::wire::{
-    self, Decoder, Discard, Frame, Hello, PageData, PageFrame, PageKind, PresentPages, Request, UrgentHello, Welcome,
-    WireMode, MAX_DEVICE_STATE_CHUNK,
+    self, Decoder, Discard, Frame, Hello, PageData, PageFrame, PageKind, PagePartFrame, PresentPages, Request,
+    UrgentHello, Welcome, WireMode, MAX_DEVICE_STATE_CHUNK,
 };
 use postcopy_core::{PageAddress, RamBlock, RamLayout};
 
@@ -100,6 +100,16 @@ pub enum FrameSpec {
         count: Num,
     },
     Reject(Vec<u8>),
+    /// A part of a page: `Near(k)` offsets are `k` parts in.
+    PagePart {
+        block: Num,
+        index: Num,
+        /// 0 precopy, 1 background, 2 requested (mod 3).
+        kind: u8,
+        offset: Num,
+        /// Bytes of the part; 0: half the block's page.
+        len: u16,
+    },
 }
 
 /// What the receiver would find plausible.
@@ -117,7 +127,7 @@ pub struct Ctx<'a> {
 
 impl FrameSpec {
     pub fn read(r: &mut In) -> FrameSpec {
-        match r.u8() % 17 {
+        match r.u8() % 18 {
             0 => FrameSpec::Hello {
                 resume: r.bool(),
                 urgent: r.bool(),
@@ -167,7 +177,8 @@ impl FrameSpec {
                 }),
             },
             15 => FrameSpec::PresentEnd { count: r.num() },
-            _ => FrameSpec::Reject(r.bytes(MAX_REASON)),
+            16 => FrameSpec::Reject(r.bytes(MAX_REASON)),
+            _ => FrameSpec::PagePart { block: r.num(), index: r.num(), kind: r.u8(), offset: r.num(), len: r.u16() },
         }
     }
 
@@ -243,6 +254,9 @@ impl FrameSpec {
             }
             FrameSpec::Reject(reason) => {
                 o.u8(16).bytes(reason);
+            }
+            FrameSpec::PagePart { block, index, kind, offset, len } => {
+                o.u8(17).num(*block).num(*index).u8(*kind).num(*offset).u16(*len);
             }
         }
     }
@@ -369,6 +383,27 @@ impl FrameSpec {
             }
             FrameSpec::PresentEnd { count } => Frame::PresentEnd { present_pages: count.offset_from(ctx.present_seen) },
             FrameSpec::Reject(r) => Frame::Reject { reason: reason(r) },
+            FrameSpec::PagePart { block, index, kind, offset, len } => {
+                let block = block_of(*block);
+                let index = index.index_below(pages_in(block)) as u32;
+                let kind = match kind % 3 {
+                    0 => PageKind::Precopy,
+                    1 => PageKind::Background,
+                    _ => PageKind::Requested,
+                };
+                let page_size = ctx.layout.and_then(|l| l.block_page_size(block)).unwrap_or(ctx.page_size);
+                let len = if *len == 0 { (page_size / 2).max(1) } else { u32::from(*len) };
+                let offset = match offset {
+                    Num::Near(k) => u32::from(*k).wrapping_mul(len),
+                    Num::Raw(x) => *x as u32,
+                };
+                Frame::PagePart(PagePartFrame {
+                    address: PageAddress { block, index },
+                    kind,
+                    offset,
+                    data: Bytes::from(vec![0x3c; len as usize]),
+                })
+            }
         }
     }
 }

@@ -589,6 +589,12 @@ impl Model for MigrationModel {
                 |_: &MigrationModel, s: &State| s.pair.completed() && s.pair.src.recovered,
             ));
         }
+        if self.cfg.huge_pages > 0 && self.cfg.urgent_channel {
+            properties.push(Property::sometimes(
+                "a request meets a huge page half pushed: its other part goes urgent",
+                |_: &MigrationModel, s: &State| part_rushed(&s.pair),
+            ));
+        }
         if self.hybrid() {
             properties.push(Property::sometimes(
                 "hybrid switchover: precopy pages, then postcopy",
@@ -769,6 +775,21 @@ fn hybrid_switchover(pair: &Pair) -> bool {
 
 /// A fault waits on the destination while the background push is partway:
 /// the property "a fair run completes" then requires it to be served.
+/// A part of a page pushed in parts is on the urgent channel: a request
+/// met the page while the push was sending it.
+fn part_rushed(pair: &Pair) -> bool {
+    let mut decoder = Decoder::new();
+    for bytes in &pair.pipes[Channel::Urgent.index()].in_flight {
+        decoder.push(bytes.clone());
+    }
+    while let Ok(Some(frame)) = decoder.next_frame() {
+        if matches!(frame, Frame::PagePart(_)) {
+            return true;
+        }
+    }
+    false
+}
+
 fn fault_during_push(pair: &Pair) -> bool {
     let sent = pair.src.core.pages_sent();
     pair.dst.core.state() == DestinationState::Running
@@ -1101,6 +1122,16 @@ pub fn describe_frame(frame: &Frame) -> String {
                 Some(v) => format!("Page({} {kind} v{v})", page.0),
                 None => format!("Page({} {kind} corrupt)", page.0),
             }
+        }
+        Frame::PagePart(p) => {
+            let kind = if p.kind == PageKind::Requested { "requested" } else { "background" };
+            format!(
+                "PagePart(block {} page {} {kind} at {}+{})",
+                p.address.block,
+                p.address.index,
+                p.offset,
+                p.data.len()
+            )
         }
         Frame::Discard(d) => {
             let ranges: Vec<String> = d.ranges.iter().map(|(first, count)| format!("{first}+{count}")).collect();

@@ -137,6 +137,8 @@ pub struct Checkers {
     next_version: u64,
     /// Postcopy copies of each page sent and not dropped, this attempt.
     alive: Vec<u8>,
+    /// Per page pushed in parts, a bit for each part of its copy sent.
+    parts: std::collections::HashMap<u64, u64>,
     pub violations: Vec<Violation>,
 }
 
@@ -146,6 +148,7 @@ impl Checkers {
             latest: vec![0; pages as usize],
             next_version: 1,
             alive: vec![0; pages as usize],
+            parts: std::collections::HashMap::new(),
             violations: Vec::new(),
         }
     }
@@ -255,6 +258,31 @@ impl Checkers {
         *alive = 1;
     }
 
+    /// Part `part` of a page pushed in parts entered a connection: its first
+    /// part is a copy of the page (invariant 4 as for a page frame); a part
+    /// sent again while the copy lives is a second crossing.
+    pub fn part_sent(&mut self, page: u64, part: u32, kind: u8) {
+        let bit = 1u64.checked_shl(part).unwrap_or(0);
+        let mask = self.parts.entry(page).or_default();
+        if *mask == 0 {
+            *mask = bit;
+            self.page_sent(page, kind);
+        } else if *mask & bit != 0 || bit == 0 {
+            let kind = if kind == 1 { "background" } else { "requested" };
+            self.flag(Violation::PageSentTwice { page, kind });
+        } else {
+            *mask |= bit;
+        }
+    }
+
+    /// A part was lost with its connection: the destination drops the
+    /// incomplete page, so this copy is void (the page goes again).
+    pub fn part_dropped(&mut self, page: u64, kind: u8) {
+        if self.parts.remove(&page).is_some_and(|mask| mask != 0) {
+            self.page_dropped(page, kind);
+        }
+    }
+
     /// A page frame was lost with its connection.
     pub fn page_dropped(&mut self, page: u64, kind: u8) {
         if kind != 0 {
@@ -266,6 +294,7 @@ impl Checkers {
     /// A new migration attempt starts from scratch.
     pub fn new_attempt(&mut self) {
         self.alive.fill(0);
+        self.parts.clear();
     }
 
     /// Invariants 2 and 5, after every step.

@@ -671,6 +671,8 @@ pub struct ScannedPage {
     /// The wire's kind code: 0 precopy, 1 background, 2 requested.
     pub kind: u8,
     pub zero: bool,
+    /// For a page part frame: which part of its page.
+    pub part: Option<u32>,
 }
 
 /// Bytes a page is charged on the network, whatever its size in the
@@ -680,7 +682,7 @@ pub struct ScannedPage {
 pub const CHARGED_PAGE_BYTES: u64 = 4096;
 
 /// Bytes a page of the huge-page block (`huge_pages`) is charged on the
-/// network: a 2 MiB huge page, which crosses whole.
+/// network: a 2 MiB huge page (pushed in parts, each its share of it).
 pub const HUGE_CHARGED_PAGE_BYTES: u64 = 2 << 20;
 
 /// What a page frame costs on the network, whatever its size in the
@@ -695,6 +697,15 @@ pub struct PageCharge {
 }
 
 impl PageCharge {
+    /// Bytes charged beyond the frame's own for a part of `data_len` bytes of
+    /// a huge page: its share of the page's real 2 MiB.
+    fn part_extra(&self, data_len: u64) -> u64 {
+        if self.huge_wire_bytes == 0 {
+            return 0;
+        }
+        (HUGE_CHARGED_PAGE_BYTES * data_len / self.huge_wire_bytes).saturating_sub(data_len)
+    }
+
     /// Bytes charged beyond the frame's own for a page of `data_len` bytes.
     fn extra(&self, data_len: u64) -> u64 {
         if self.huge_wire_bytes > 0 && data_len == self.huge_wire_bytes {
@@ -727,6 +738,19 @@ pub fn scan_chunk(bytes: &[u8], charge: PageCharge, mut page: impl FnMut(Scanned
                 index: u32::from_be_bytes([p[4], p[5], p[6], p[7]]),
                 kind: (header[1] >> 1) & 0x3,
                 zero,
+                part: None,
+            });
+        } else if header[0] == FrameKind::PagePart.code() && at + HEADER_LEN + 12 <= bytes.len() {
+            let p = &bytes[at + HEADER_LEN..];
+            let data_len = len.saturating_sub(12) as u64;
+            charged += charge.part_extra(data_len);
+            let offset = u32::from_be_bytes([p[8], p[9], p[10], p[11]]);
+            page(ScannedPage {
+                block: u32::from_be_bytes([p[0], p[1], p[2], p[3]]),
+                index: u32::from_be_bytes([p[4], p[5], p[6], p[7]]),
+                kind: (header[1] >> 1) & 0x3,
+                zero: false,
+                part: Some(offset / (data_len.max(1) as u32)),
             });
         }
         at += HEADER_LEN + len;

@@ -41,6 +41,11 @@ pub struct Report {
     pub duplicate_pages: u64,
     pub stale_pages_discarded: u64,
     pub requests_sent: u64,
+    /// Page part frames the source sent (huge pages pushed in parts).
+    pub page_parts_sent: u64,
+    /// Requests for a page whose parts the push was sending (the rest went
+    /// on the urgent channel).
+    pub requests_for_pages_in_parts: u64,
     pub guest: GuestProgress,
 }
 
@@ -122,6 +127,10 @@ pub fn table(result: &RunResult) -> String {
     row("vCPU blocked total / max (ms)", format!("{:.3} / {:.3}", r.vcpu_blocked_ms_total, r.vcpu_blocked_ms_max));
     row("recoveries", r.recoveries.to_string());
     row("duplicates / stale discarded", format!("{} / {}", r.duplicate_pages, r.stale_pages_discarded));
+    if r.page_parts_sent > 0 {
+        let parts = format!("{} / {}", r.page_parts_sent, r.requests_for_pages_in_parts);
+        row("page parts sent / requests for pages in parts", parts);
+    }
     let g = &r.guest;
     row(
         "guest accesses/ms before/src/post/after",

@@ -666,6 +666,9 @@ impl Scenario {
             reconnect_delay_min: ms(self.reconnect_min_ms),
             reconnect_delay_max: ms(self.reconnect_max_ms),
             start_timeout: ms(self.start_timeout_ms),
+            // A huge page goes in HUGE_WIRE_FACTOR parts, as a 2 MiB one in
+            // parts of 128 KiB: a request can meet a page half pushed.
+            page_part_bytes: self.wire_page_bytes,
             #[cfg(feature = "planted-bugs")]
             plant: self.plant.0.as_deref().and_then(|name| name.parse().ok()),
             ..Config::default()

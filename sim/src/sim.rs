@@ -1063,7 +1063,10 @@ impl Sim {
         let charged = scan_chunk(&bytes, self.sc.page_charge(), |p| {
             *frames += 1;
             if let Some(page) = Self::global_page(block_start, p.block, p.index) {
-                checks.page_sent(page, p.kind);
+                match p.part {
+                    Some(part) => checks.part_sent(page, part, p.kind),
+                    None => checks.page_sent(page, p.kind),
+                }
             }
         });
         self.net_input(NetInput::Write { conn, bytes, charged });
@@ -1074,7 +1077,10 @@ impl Sim {
         let (checks, block_start) = (&mut self.checks, &self.block_start);
         scan_chunk(bytes, PageCharge::default(), |p| {
             if let Some(page) = Self::global_page(block_start, p.block, p.index) {
-                checks.page_dropped(page, p.kind);
+                match p.part {
+                    Some(_) => checks.part_dropped(page, p.kind),
+                    None => checks.page_dropped(page, p.kind),
+                }
             }
         });
     }
@@ -1518,6 +1524,8 @@ impl Sim {
             duplicate_pages: dst_stats.duplicate_pages,
             stale_pages_discarded: dst_stats.stale_pages_discarded,
             requests_sent: dst_stats.requests_sent,
+            page_parts_sent: src_stats.page_parts_sent,
+            requests_for_pages_in_parts: src_stats.requests_for_pages_in_parts,
             guest,
         };
         let violations: Vec<String> = self.checks.violations.iter().map(ToString::to_string).collect();

@@ -74,6 +74,19 @@ fn huge_pages_cross_at_their_real_cost() {
         assert!(r.passed(), "{}\n{:?}\n{}", r.replay, r.violations, r.tail.join("\n"));
         assert!(r.report.network_bytes >= huge * (2 << 20), "{}: {} bytes", r.replay, r.report.network_bytes);
     }
+    let parts: u64 = results.iter().map(|r| r.report.page_parts_sent).sum();
+    assert!(parts >= 20 * huge, "huge pages go in parts: {parts} parts");
+    // With socket buffers smaller than a huge page, an urgent channel and
+    // no pre-paging, requests meet pages half pushed: their rest goes on
+    // the urgent channel (the checkers see each part cross once).
+    let meet = [extra.as_slice(), &[("urgent", "true"), ("prepaging", "false"), ("buffer_kib", "256")]].concat();
+    let results = run_many(0..20, &small(&meet), 2, 30).unwrap();
+    for r in &results {
+        assert!(r.passed(), "{}\n{:?}\n{}", r.replay, r.violations, r.tail.join("\n"));
+    }
+    let met: u64 = results.iter().map(|r| r.report.requests_for_pages_in_parts).sum();
+    println!("requests for pages in parts: {met}");
+    assert!(met > 0, "no request met a page half pushed in 20 seeds");
     let scenario = Scenario::with_overrides(3, &small(&extra)).unwrap();
     assert_eq!(scenario.layout().total_pages(), 4096 + huge);
     assert_eq!(scenario.layout().max_page_size(), 4 * scenario.layout().page_size());

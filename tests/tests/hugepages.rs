@@ -87,6 +87,35 @@ fn huge_hybrid_two_vcpus() {
     assert!(r.destination.stats.stale_pages_discarded > 0);
 }
 
+/// Pages pushed in parts of 128 KiB (`--page-part`), the main channel cut
+/// in the middle of a part: the page cut off is sent again after the
+/// recovery, and every page is verified.
+#[test]
+fn huge_pages_in_parts_recover_from_a_cut_in_a_part() {
+    let test = "huge_pages_in_parts_recover_from_a_cut_in_a_part";
+    if !huge_pages_or_skip(test, needed(128)) {
+        return;
+    }
+    let _one = serial();
+    let dir = temp_dir(test);
+    let relay = Relay::start((24 << 20) + (64 << 10));
+    let run = migrate(
+        &dir,
+        &["--mem", "128M", "--vcpus", "2", "--hugepages", "2M", "--page-part", "128K"],
+        &["--prealloc", "128M", "--hugepages", "2M"],
+        &[],
+        Some(&relay),
+    );
+    run.assert_verified();
+    assert!(relay.cut_done.load(std::sync::atomic::Ordering::SeqCst), "the relay never cut");
+    let r = run.report.expect("report");
+    let parts = r.source.stats.page_parts_sent;
+    assert!(parts > 0, "no page went in parts");
+    assert!(r.destination.stats.page_parts_received > 0, "no part arrived");
+    assert!(r.source.stats.recoveries >= 1, "{:?}", r.source.notices);
+    assert!(r.source.stats.pages_sent.resent >= 1, "{:?}", r.source.stats.pages_sent);
+}
+
 #[test]
 fn huge_lost_connection_during_postcopy_recovers() {
     let test = "huge_lost_connection_during_postcopy_recovers";

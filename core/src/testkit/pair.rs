@@ -3,7 +3,7 @@
 //! property tests and the model checker can choose the interleaving.
 
 use bytes::Bytes;
-use std::collections::VecDeque;
+use std::collections::{BTreeMap, VecDeque};
 use std::hash::{Hash, Hasher};
 
 use super::hosts::{DestHost, SourceHost};
@@ -50,8 +50,12 @@ impl PairConfig {
 
     /// `pages` pages of 64 bytes in a block "ram", then `huge_pages` pages
     /// of [`PairConfig::HUGE_PAGE_SIZE`] bytes in a block "huge" (the
-    /// harness's huge pages).
-    pub fn with_huge_pages(config: Config, pages: u64, huge_pages: u64) -> Self {
+    /// harness's huge pages). The huge pages are pushed in two parts each
+    /// (as 2 MiB pages in parts with `--page-part`), so that a request can
+    /// meet a page half pushed; set `config.page_part_bytes` to 0 after for
+    /// whole pages.
+    pub fn with_huge_pages(mut config: Config, pages: u64, huge_pages: u64) -> Self {
+        config.page_part_bytes = Self::HUGE_PAGE_SIZE / 2;
         let mut cfg = Self::new(config, pages);
         let blocks = vec![
             RamBlock { name: "ram".into(), page_count: pages, page_size: 64 },
@@ -173,6 +177,9 @@ pub struct Pair {
     /// Page frames written to the wire, per page (read from the bytes, so
     /// it is part of the pair's identity, unlike the cores' statistics).
     pub page_crossings: Vec<u32>,
+    /// Per page pushed in parts, a bit for each part written (a part
+    /// written twice counts as a second crossing of its page).
+    pub part_crossings: BTreeMap<u64, u64>,
     /// The destination process finished and exited: nothing listens any
     /// more, connection attempts are refused.
     pub dst_gone: bool,
@@ -201,6 +208,7 @@ impl Pair {
             connect_allowed: true,
             any_loss: false,
             page_crossings: vec![0; pages as usize],
+            part_crossings: BTreeMap::new(),
             dst_gone: false,
             violations: Vec::new(),
         };
@@ -352,17 +360,29 @@ impl Pair {
         }
     }
 
-    /// Counts the page frames in `bytes` (whole frames written by the source).
+    /// Counts the page frames in `bytes` (whole frames written by the
+    /// source): a page frame is a crossing of its page, and so are the
+    /// first part of a page pushed in parts and any part written again.
     fn count_crossings(&mut self, bytes: &Bytes) {
         let mut decoder = Decoder::new();
         decoder.push(bytes.clone());
         while let Ok(Some(frame)) = decoder.next_frame() {
-            if let Frame::Page(page) = frame {
-                let number = self.src.core.layout().page_number(page.address);
-                match number.and_then(|n| self.page_crossings.get_mut(n.0 as usize)) {
-                    Some(count) => *count += 1,
-                    None => self.violations.push(Violation::CorruptPage { page: u64::from(page.address.index) }),
+            let (address, crossed) = match frame {
+                Frame::Page(page) => (page.address, true),
+                Frame::PagePart(part) => {
+                    let number = self.src.core.layout().page_number(part.address);
+                    let bit = 1u64.checked_shl(part.offset / part.data.len().max(1) as u32).unwrap_or(0);
+                    let mask = self.part_crossings.entry(number.map_or(u64::MAX, |n| n.0)).or_default();
+                    let crossed = *mask == 0 || *mask & bit != 0 || bit == 0;
+                    *mask |= bit;
+                    (part.address, crossed)
                 }
+                _ => continue,
+            };
+            let number = self.src.core.layout().page_number(address);
+            match number.and_then(|n| self.page_crossings.get_mut(n.0 as usize)) {
+                Some(count) => *count += u32::from(crossed),
+                None => self.violations.push(Violation::CorruptPage { page: u64::from(address.index) }),
             }
         }
     }

@@ -292,6 +292,17 @@ fn parse_payload(header: Header, payload: Bytes) -> Result<Frame, WireError> {
             };
             Frame::Page(PageFrame { address, kind: page_kind, data })
         }
+        FrameKind::PagePart => {
+            let address = PageAddress { block: r.u32()?, index: r.u32()? };
+            let kind_code = (header.flags & PAGE_KIND_MASK) >> PAGE_KIND_SHIFT;
+            let page_kind = PageKind::from_code(kind_code).ok_or_else(|| r.malformed("unknown page kind"))?;
+            let offset = r.u32()?;
+            let data = r.rest();
+            if data.is_empty() {
+                return Err(r.malformed("page part without data"));
+            }
+            Frame::PagePart(PagePartFrame { address, kind: page_kind, offset, data })
+        }
         FrameKind::Discard => {
             let block = r.u32()?;
             let count = r.u16()? as usize;

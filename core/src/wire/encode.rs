@@ -68,6 +68,25 @@ pub fn encode_page_frame_unfilled(
     (!zero).then_some(data_at)
 }
 
+/// Appends a page part frame with `len` bytes of room for the part, which
+/// the caller writes at the returned offset of `out` before sending it.
+pub fn encode_page_part_unfilled(
+    out: &mut Vec<u8>,
+    address: PageAddress,
+    kind: PageKind,
+    offset: u32,
+    len: usize,
+) -> usize {
+    let length_at = begin(out, FrameKind::PagePart, kind.code() << PAGE_KIND_SHIFT);
+    out.extend_from_slice(&address.block.to_be_bytes());
+    out.extend_from_slice(&address.index.to_be_bytes());
+    out.extend_from_slice(&offset.to_be_bytes());
+    let data_at = out.len();
+    out.resize(data_at + len, 0);
+    finish(out, length_at, FrameKind::PagePart);
+    data_at
+}
+
 /// A whole page frame with `page_size` zero bytes of room for the payload
 /// (none when `zero`); returns where the payload starts.
 fn page_frame_with_room(
@@ -163,6 +182,14 @@ pub fn encode(frame: &Frame, out: &mut Vec<u8>) {
             if let PageData::Bytes(bytes) = &page.data {
                 out.extend_from_slice(bytes);
             }
+            finish(out, at, kind);
+        }
+        Frame::PagePart(part) => {
+            let at = begin(out, kind, part.kind.code() << PAGE_KIND_SHIFT);
+            out.extend_from_slice(&part.address.block.to_be_bytes());
+            out.extend_from_slice(&part.address.index.to_be_bytes());
+            out.extend_from_slice(&part.offset.to_be_bytes());
+            out.extend_from_slice(&part.data);
             finish(out, at, kind);
         }
         Frame::Discard(discard) => {

@@ -25,6 +25,9 @@ pub const MAX_DISCARD_RANGES: usize = 4096;
 pub const MAX_PRESENT_WORDS: usize = 8192;
 /// Bytes per `DeviceState` chunk, at most.
 pub const MAX_DEVICE_STATE_CHUNK: usize = 64 * 1024;
+/// Parts of one page, at most (a page part's length is at least its page
+/// size divided by this).
+pub const MAX_PAGE_PARTS: usize = 64;
 /// Bytes of a reason string, at most.
 pub const MAX_REASON_LEN: usize = 1024;
 /// Bytes of the machine description in a hello, at most.
@@ -50,6 +53,7 @@ pub enum FrameKind {
     PresentPages = 0x26,
     PresentEnd = 0x27,
     Reject = 0x28,
+    PagePart = 0x0a,
 }
 
 impl FrameKind {
@@ -73,6 +77,7 @@ impl FrameKind {
             0x26 => PresentPages,
             0x27 => PresentEnd,
             0x28 => Reject,
+            0x0a => PagePart,
             _ => return None,
         })
     }
@@ -96,6 +101,7 @@ impl FrameKind {
             Request => 6 + 4 * MAX_REQUEST_PAGES,
             PresentPages => 10 + 8 * MAX_PRESENT_WORDS,
             PresentEnd => 8,
+            PagePart => 12 + MAX_PAGE_SIZE as usize,
         };
         bytes as u32
     }
@@ -104,6 +110,7 @@ impl FrameKind {
     pub(super) fn allowed_flags(self) -> u8 {
         match self {
             FrameKind::Page => PAGE_FLAG_ZERO | PAGE_KIND_MASK,
+            FrameKind::PagePart => PAGE_KIND_MASK,
             FrameKind::DeviceState => DEVICE_STATE_FLAG_LAST,
             _ => 0,
         }
@@ -223,6 +230,18 @@ pub struct PageFrame {
     pub data: PageData,
 }
 
+/// A part of a page larger than the source's part size, pushed in
+/// postcopy: `data` goes at byte `offset` of the page. Every part of a page
+/// has the same length, which divides the page size, and crosses once; the
+/// destination makes the page visible only when all have arrived.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct PagePartFrame {
+    pub address: PageAddress,
+    pub kind: PageKind,
+    pub offset: u32,
+    pub data: Bytes,
+}
+
 /// Pages of one block that the destination must drop (stale precopy pages).
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct Discard {
@@ -266,6 +285,7 @@ pub enum Frame {
     PresentPages(PresentPages),
     PresentEnd { present_pages: u64 },
     Reject { reason: String },
+    PagePart(PagePartFrame),
 }
 
 impl Frame {
@@ -288,6 +308,7 @@ impl Frame {
             Frame::PresentPages(_) => FrameKind::PresentPages,
             Frame::PresentEnd { .. } => FrameKind::PresentEnd,
             Frame::Reject { .. } => FrameKind::Reject,
+            Frame::PagePart(_) => FrameKind::PagePart,
         }
     }
 }

@@ -43,6 +43,7 @@
 //! | 0x26 | `PresentPages` | return | first word u64, word count u16, then words u64 (bit i of word w: page 64 w + i is present) |
 //! | 0x27 | `PresentEnd` | return | present page count u64 |
 //! | 0x28 | `Reject` | return | UTF-8 reason |
+//! | 0x0a | `PagePart` | main, urgent | block u32, page index u32, offset u32, then a part of the page (at least one byte); flags bits 1-2: kind (background or requested) |
 //!
 //! # Page sizes
 //!
@@ -53,6 +54,20 @@
 //! (flag bit 2 clear, so they read it and compare page sizes as before);
 //! otherwise flag bit 2 is set and every block carries its page size. A
 //! build without block page sizes refuses such a hello (`ReservedBits`).
+//!
+//! # Page parts
+//!
+//! In postcopy the source may push a page larger than its part size
+//! (`Config::page_part_bytes`, off by default; 128 KiB for 2 MiB pages) as
+//! `PagePart` frames, so that a request for the page whose parts the push
+//! is sending gets the parts not yet sent on the urgent channel instead of
+//! waiting behind the push (docs/hugepages.md). The parts of a page all
+//! have one length, a divisor of the page size giving at most 64 parts, at
+//! offsets that are multiples of it; each crosses once (a part twice is a
+//! protocol error). The destination assembles them and makes the page
+//! visible only once all have arrived; it drops the parts of pages not
+//! complete when a connection is lost (the page is not present, so the
+//! source sends it again after the recovery).
 
 mod decode;
 mod encode;
@@ -60,12 +75,15 @@ mod error;
 mod frame;
 
 pub use decode::{Decoder, PreambleError};
-pub use encode::{encode, encode_page_frame, encode_page_frame_unfilled, encode_preamble, is_zero_page};
+pub use encode::{
+    encode, encode_page_frame, encode_page_frame_unfilled, encode_page_part_unfilled, encode_preamble, is_zero_page,
+};
 pub use error::WireError;
 pub use frame::{
-    Discard, Frame, FrameKind, Hello, PageData, PageFrame, PageKind, Preamble, PresentPages, Request, UrgentHello,
-    Welcome, WireMode, HEADER_LEN, MAGIC, MAX_DEVICE_STATE_CHUNK, MAX_DISCARD_RANGES, MAX_MACHINE_LEN,
-    MAX_PRESENT_WORDS, MAX_REASON_LEN, MAX_REQUEST_PAGES, PREAMBLE_LEN, PREAMBLE_MAGIC, PROTOCOL_VERSION,
+    Discard, Frame, FrameKind, Hello, PageData, PageFrame, PageKind, PagePartFrame, Preamble, PresentPages, Request,
+    UrgentHello, Welcome, WireMode, HEADER_LEN, MAGIC, MAX_DEVICE_STATE_CHUNK, MAX_DISCARD_RANGES, MAX_MACHINE_LEN,
+    MAX_PAGE_PARTS, MAX_PRESENT_WORDS, MAX_REASON_LEN, MAX_REQUEST_PAGES, PREAMBLE_LEN, PREAMBLE_MAGIC,
+    PROTOCOL_VERSION,
 };
 
 #[cfg(test)]

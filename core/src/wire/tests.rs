@@ -85,7 +85,38 @@ fn sample_frames() -> Vec<Frame> {
         Frame::PresentPages(PresentPages { first_word: 3, words: vec![!0, 0, 5] }),
         Frame::PresentEnd { present_pages: 12 },
         Frame::Reject { reason: "unsupported version".into() },
+        Frame::PagePart(PagePartFrame {
+            address: PageAddress { block: 1, index: 5 },
+            kind: PageKind::Requested,
+            offset: 128 << 10,
+            data: Bytes::from(vec![9u8; 32]),
+        }),
     ]
+}
+
+#[test]
+fn a_page_part_without_data_or_with_an_unknown_kind_is_malformed() {
+    let mut bytes = Vec::new();
+    encode(
+        &Frame::PagePart(PagePartFrame {
+            address: PageAddress { block: 0, index: 1 },
+            kind: PageKind::Background,
+            offset: 0,
+            data: Bytes::from_static(b"x"),
+        }),
+        &mut bytes,
+    );
+    // Without its one byte of data (the length says 12).
+    let mut empty = bytes[..bytes.len() - 1].to_vec();
+    empty[7] = 12;
+    assert!(matches!(decode_all(&empty, 1), Err(WireError::Malformed { kind: FrameKind::PagePart, .. })));
+    // Kind code 3 does not exist; the zero flag is not a part's.
+    let mut unknown = bytes.clone();
+    unknown[1] = 3 << 1;
+    assert!(matches!(decode_all(&unknown, 1), Err(WireError::Malformed { kind: FrameKind::PagePart, .. })));
+    let mut zero = bytes;
+    zero[1] |= 1;
+    assert_eq!(decode_all(&zero, 1), Err(WireError::ReservedBits { kind: FrameKind::PagePart }));
 }
 
 #[test]
@@ -296,6 +327,15 @@ fn arb_frame() -> impl Strategy<Value = Frame> {
                     address: PageAddress { block, index },
                     kind: PageKind::from_code(kind).unwrap_or(PageKind::Background),
                     data: data.map_or(PageData::Zero, PageData::Bytes),
+                })
+            }),
+        (any::<u32>(), any::<u32>(), 0u8..3, any::<u32>(), arb_bytes(300).prop_filter("non-empty", |b| !b.is_empty()))
+            .prop_map(|(block, index, kind, offset, data)| {
+                Frame::PagePart(PagePartFrame {
+                    address: PageAddress { block, index },
+                    kind: PageKind::from_code(kind).unwrap_or(PageKind::Background),
+                    offset,
+                    data,
                 })
             }),
         (any::<u32>(), prop::collection::vec((any::<u32>(), 1u32..), 1..20))

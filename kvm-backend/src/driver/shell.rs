@@ -548,9 +548,14 @@ pub(super) trait SideDriver: Sync + Sized {
         let shell = self.shell();
         let ch = Self::FAULT_PATH_CHANNEL.index();
         shell.flush_wanted[ch].store(true, Ordering::SeqCst);
+        thread_local! {
+            // Kept between flushes: a fresh buffer of a 2 MiB page costs
+            // 512 first touches (up to 0.8 ms measured) on the fault path.
+            static BUF: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+        }
         loop {
             let Ok(guard) = shell.write_locks[ch].try_lock() else { return };
-            let mut buf = Vec::new();
+            let mut buf = BUF.take();
             let mut deferred = Vec::new();
             while shell.flush_wanted[ch].swap(false, Ordering::SeqCst) {
                 loop {
@@ -577,6 +582,8 @@ pub(super) trait SideDriver: Sync + Sized {
                 }
             }
             drop(guard);
+            buf.clear();
+            BUF.set(buf);
             if !shell.flush_wanted[ch].load(Ordering::SeqCst) {
                 return;
             }

@@ -115,6 +115,36 @@ impl GuestMemory for SourceRam<'_> {
         self.digests.record(page.0, out);
     }
 
+    /// A part of a huge page pushed in parts (postcopy only: the guest is
+    /// stopped, so the parts and the whole page read for its digest, with
+    /// the first part, are of one content).
+    fn read_page_part(&self, page: PageNumber, page_size: usize, offset: usize, out: &mut [u8]) {
+        thread_local! {
+            static WHOLE: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+        }
+        let small = PAGE_SIZE as usize;
+        let ok = match self.map.page_ref(page) {
+            Some(r) if offset == 0 => WHOLE.with_borrow_mut(|whole| {
+                whole.resize(page_size, 0);
+                let read = self.ram.read_pages(r, whole).is_ok();
+                self.digests.record(page.0, whole);
+                if let Some(part) = whole.get(..out.len()) {
+                    out.copy_from_slice(part);
+                }
+                read
+            }),
+            Some(r) if offset % small == 0 => {
+                let first = crate::layout::PageRef { page: r.page + (offset / small) as u64, ..r };
+                self.ram.read_pages(first, out).is_ok()
+            }
+            _ => false,
+        };
+        if !ok {
+            tracing::error!(page = page.0, offset, "cannot read a part of a page the core asked for");
+            out.fill(0);
+        }
+    }
+
     /// Asked only for a page about to be sent: a zero page goes without
     /// payload and is never read, so its digest is recorded here.
     fn is_zero_page(&self, page: PageNumber, _page_size: usize) -> bool {
@@ -336,7 +366,10 @@ impl SideDriver for SourceDriver<'_> {
     ) -> Option<Arc<Connection>> {
         let conn = l.connection(Channel::Urgent).cloned();
         if conn.is_some() {
-            poll_frames(l, Channel::Urgent, buf, BULK_STEP_BYTES, &self.guest, deferred);
+            // Up to a page per write: the parts of a page that a request
+            // took from the push go out together, as a whole page would.
+            let max = BULK_STEP_BYTES.max(self.shell.tuning.page_bytes() as usize);
+            poll_frames(l, Channel::Urgent, buf, max, &self.guest, deferred);
         }
         conn
     }

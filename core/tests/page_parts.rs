@@ -1,0 +1,175 @@
+//! Pages pushed in parts (`Config::page_part_bytes`): a request for the page
+//! whose parts the push is sending gets the rest on the urgent channel, each
+//! part crossing once; the destination installs the page whole, drops the
+//! parts of an incomplete page on a loss, and refuses bad parts.
+
+use bytes::Bytes;
+use postcopy_core::testkit::{Outcome, Pair, PairConfig};
+use postcopy_core::wire::{Decoder, Frame, PageKind, PagePartFrame};
+use postcopy_core::{Channel, Config, DestinationState, PageAddress, PageNumber, ProtocolError};
+
+/// Two small pages (block "ram"), then two huge pages (block "huge", pages
+/// 2 and 3), pushed in two parts each.
+const HUGE_PAGE: PageNumber = PageNumber(2);
+
+fn started_pair() -> Pair {
+    let mut cfg = Config::postcopy();
+    cfg.prepaging = false;
+    let mut pair = Pair::new(PairConfig::with_huge_pages(cfg, 2, 2));
+    // Written on the source: no page is zero (a zero page goes whole).
+    for p in 0..4 {
+        pair.guest_access(0, PageNumber(p), true);
+    }
+    for _ in 0..50 {
+        for ch in [Channel::Main, Channel::Return, Channel::Urgent] {
+            // Only what the switchover needs: no page pushed yet.
+            if ch != Channel::Main || !pair.dst.running {
+                pair.transmit(ch, 0);
+                pair.deliver(ch, usize::MAX);
+            }
+        }
+        if pair.dst.running {
+            break;
+        }
+    }
+    assert!(pair.dst.running, "{:?} {:?}", pair.src.core.state(), pair.dst.core.state());
+    pair
+}
+
+/// Pushes main-channel frames until the first part of `page` is on the wire
+/// (not delivered).
+fn push_until_first_part(pair: &mut Pair, page: PageNumber) {
+    for _ in 0..10 {
+        if pair.src.core.is_sent(page) {
+            return;
+        }
+        pair.deliver(Channel::Main, usize::MAX);
+        pair.transmit(Channel::Main, 0);
+    }
+    panic!("the push never reached page {}", page.0);
+}
+
+fn parts_in_flight(pair: &Pair, channel: Channel) -> Vec<(u32, u32, PageKind)> {
+    let mut decoder = Decoder::new();
+    for bytes in &pair.pipes[channel.index()].in_flight {
+        decoder.push(bytes.clone());
+    }
+    let mut parts = Vec::new();
+    while let Ok(Some(frame)) = decoder.next_frame() {
+        if let Frame::PagePart(part) = frame {
+            parts.push((part.address.index, part.offset, part.kind));
+        }
+    }
+    parts
+}
+
+#[test]
+fn a_fault_on_the_page_being_pushed_gets_the_rest_on_the_urgent_channel() {
+    let mut pair = started_pair();
+    push_until_first_part(&mut pair, HUGE_PAGE);
+    assert_eq!(parts_in_flight(&pair, Channel::Main), vec![(0, 0, PageKind::Background)], "one part pushed");
+    // The guest touches the page: the request reaches the source while the
+    // page's first part is still on the main channel.
+    pair.guest_access(0, HUGE_PAGE, false);
+    pair.transmit(Channel::Return, 0);
+    pair.deliver(Channel::Return, usize::MAX);
+    assert_eq!(pair.src.core.stats(pair.now).requests_for_pages_in_parts, 1);
+    pair.transmit(Channel::Urgent, 0);
+    assert_eq!(parts_in_flight(&pair, Channel::Urgent), vec![(0, 128, PageKind::Requested)], "the rest goes urgent");
+    // The urgent part arrives first: nothing is visible until the push's part does.
+    pair.deliver(Channel::Urgent, usize::MAX);
+    assert!(!pair.dst.is_present(HUGE_PAGE), "a page with a part missing is not present");
+    assert!(pair.blocked[0].is_some(), "the vCPU still waits");
+    pair.deliver(Channel::Main, usize::MAX);
+    assert!(pair.dst.is_present(HUGE_PAGE));
+    assert!(pair.blocked[0].is_none(), "the vCPU read the whole page");
+    // The push does not send the page's second part again.
+    assert_eq!(pair.run_to_completion(10_000), Ok(Outcome::Completed));
+    assert_eq!(pair.page_crossings, vec![1, 1, 1, 1], "every page crossed once");
+    assert!(pair.violations.is_empty(), "{:?}", pair.violations);
+    let src = pair.src.core.stats(pair.now);
+    assert_eq!(src.page_parts_sent, 4, "two huge pages of two parts");
+    assert_eq!(pair.dst.core.stats(pair.now).page_parts_received, 4);
+}
+
+#[test]
+fn a_page_whose_parts_were_cut_off_by_a_loss_is_sent_again_after_the_recovery() {
+    let mut pair = started_pair();
+    push_until_first_part(&mut pair, HUGE_PAGE);
+    pair.deliver(Channel::Main, usize::MAX);
+    assert!(!pair.dst.is_present(HUGE_PAGE), "half the page arrived");
+    pair.lose(Channel::Main);
+    assert_eq!(pair.dst.core.state(), DestinationState::Paused);
+    pair.guest_access(0, HUGE_PAGE, true);
+    assert_eq!(pair.run_to_completion(10_000), Ok(Outcome::Completed));
+    assert!(pair.violations.is_empty(), "{:?}", pair.violations);
+    assert!(pair.src.recovered);
+    assert_eq!(pair.src.core.stats(pair.now).pages_sent.resent, 1, "the cut page went again");
+}
+
+fn part(index: u32, offset: u32, len: usize) -> Frame {
+    Frame::PagePart(PagePartFrame {
+        address: PageAddress { block: 1, index },
+        kind: PageKind::Background,
+        offset,
+        data: Bytes::from(vec![7; len]),
+    })
+}
+
+#[test]
+fn bad_and_repeated_parts_are_typed_protocol_errors() {
+    let pair = started_pair();
+    let now = pair.now;
+    let refused = |frame: Frame| {
+        let mut dst = pair.dst.core.clone();
+        dst.handle_frame(now, Channel::Main, frame)
+    };
+    for (offset, len) in [(0, 256), (0, 96), (64, 128), (256, 128), (0, 2)] {
+        let error = refused(part(0, offset, len));
+        assert_eq!(error, Err(ProtocolError::BadPagePart { page_size: 256, offset, len }), "offset {offset} len {len}");
+    }
+    assert_eq!(
+        refused(part(0, 0, 64 << 20)),
+        Err(ProtocolError::BadPagePart { page_size: 256, offset: 0, len: 64 << 20 })
+    );
+    // A part as long as its (small) page.
+    let small = Frame::PagePart(PagePartFrame {
+        address: PageAddress { block: 0, index: 0 },
+        kind: PageKind::Background,
+        offset: 0,
+        data: Bytes::from(vec![1; 64]),
+    });
+    assert!(matches!(refused(small), Err(ProtocolError::BadPagePart { page_size: 64, .. })));
+    assert_eq!(refused(part(9, 0, 128)), Err(ProtocolError::PageOutOfRange { block: 1, index: 9 }));
+    let mut dst = pair.dst.core.clone();
+    assert_eq!(dst.handle_frame(now, Channel::Main, part(1, 128, 128)), Ok(()));
+    assert_eq!(
+        dst.handle_frame(now, Channel::Urgent, part(1, 128, 128)),
+        Err(ProtocolError::DuplicatePagePart { block: 1, index: 1, offset: 128 })
+    );
+    // Parts of another length than the page's first.
+    let mut dst = pair.dst.core.clone();
+    assert_eq!(dst.handle_frame(now, Channel::Main, part(1, 0, 128)), Ok(()));
+    assert!(matches!(dst.handle_frame(now, Channel::Main, part(1, 192, 64)), Err(ProtocolError::BadPagePart { .. })));
+    // Precopy parts do not exist.
+    let precopy = Frame::PagePart(PagePartFrame {
+        address: PageAddress { block: 1, index: 0 },
+        kind: PageKind::Precopy,
+        offset: 0,
+        data: Bytes::from(vec![1; 128]),
+    });
+    assert!(matches!(refused(precopy), Err(ProtocolError::UnexpectedFrame { .. })));
+}
+
+#[test]
+fn whole_pages_only_when_parts_are_off() {
+    let mut cfg = PairConfig::with_huge_pages(Config::postcopy(), 2, 2);
+    cfg.config.page_part_bytes = 0;
+    let mut pair = Pair::new(cfg);
+    for p in 0..4 {
+        pair.guest_access(0, PageNumber(p), true);
+    }
+    assert_eq!(pair.run_to_completion(10_000), Ok(Outcome::Completed));
+    assert_eq!(pair.src.core.stats(pair.now).page_parts_sent, 0);
+    assert!(pair.violations.is_empty(), "{:?}", pair.violations);
+}
