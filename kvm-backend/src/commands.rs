@@ -8,10 +8,10 @@ use std::time::{Duration, Instant};
 use clap::Args;
 use postcopy_core::Mode;
 use postcopy_kvm::driver::machine::GuestKind;
+use postcopy_kvm::driver::populate;
 use postcopy_kvm::driver::report::{DestinationReport, RunReport, SourceReport};
 use postcopy_kvm::driver::{self, Damage, DamageError, DestinationOptions, SourceError, SourceOptions, Tuning};
 use postcopy_kvm::layout::MIB;
-use postcopy_kvm::populate;
 use postcopy_kvm::vmm::{BootError, GuestSpec, LiveGuest};
 use postcopy_kvm::{MemoryMap, SerialOutput};
 

@@ -21,7 +21,7 @@
 //! - [`guest`]: the built-in pattern guest ([`TestGuest`]) with its verifier,
 //!   and boot sectors ([`BootSector`]).
 //!
-//! - [`populate`]: a destination's shared RAM allocated in the background,
+//! - [`driver::populate`]: a destination's shared RAM allocated in the background,
 //!   so that it listens at once.
 //! - [`vmm`]: the long-running VMM behind `postcopy run`: one guest, QMP
 //!   commands, migrations in and out, again and again.
@@ -39,7 +39,6 @@ pub mod hugepages;
 pub mod layout;
 pub mod memory;
 pub mod page_bits;
-pub mod populate;
 pub mod runner;
 pub mod state;
 mod sys;

@@ -124,7 +124,7 @@ impl GuestRam {
     /// KiB pages, mapped twice), with no page allocated yet: returns at
     /// once, whatever the size. Pages are allocated by
     /// [`GuestRam::populate_pages`] (a background thread:
-    /// [`crate::populate::Population`]), or by the first write through the
+    /// [`crate::driver::populate::Population`]), or by the first write through the
     /// placement mapping. A page the guest touches before either is not in
     /// memory: registered with userfaultfd, that is a *missing* fault, not a
     /// minor one ([`crate::uffd::UffdRam::register`] registers both).

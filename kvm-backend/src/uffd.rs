@@ -4,7 +4,7 @@
 //! for missing faults; preallocated RAM (shared memory) for minor faults:
 //! its pages are in memory but not yet mapped into the guest's mapping; on
 //! 4 KiB pages for missing faults too, for the pages a background
-//! population has not allocated yet ([`crate::populate`]).
+//! population has not allocated yet ([`crate::driver::populate`]).
 //!
 //! - [`UffdRam::register`] registers every block; do it before any vCPU runs.
 //! - [`UffdRam::install_page`] / [`UffdRam::install_pages`] and

@@ -548,7 +548,7 @@ fn unpopulated_pages_fault_and_populating_keeps_placed_pages() {
 /// pages installed while it runs (their contents kept), and stops on request.
 #[test]
 fn background_population_covers_the_ram_and_stops() {
-    use postcopy_kvm::populate::{Population, CHUNK_PAGES};
+    use postcopy_kvm::driver::populate::{Population, CHUNK_PAGES};
     if !uffd_or_skip("background_population_covers_the_ram_and_stops") {
         return;
     }

@@ -89,6 +89,7 @@ pub mod framing;
 pub mod install_faults;
 pub mod machine;
 pub mod net;
+pub mod populate;
 pub mod report;
 pub mod security;
 pub mod sync;

@@ -135,7 +135,7 @@ pub struct DestinationReport {
     /// The background population of the preallocated RAM, when it had one:
     /// how far it got before the migration ended.
     #[serde(default)]
-    pub population: Option<crate::populate::PopulationSummary>,
+    pub population: Option<crate::driver::populate::PopulationSummary>,
     /// Guest pages written per second while postcopy ran.
     pub progress_during_pages_per_s: Option<f64>,
     /// Guest pages written per second after the migration.

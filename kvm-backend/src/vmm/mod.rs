@@ -40,12 +40,12 @@ use serde_json::{json, Value};
 
 use crate::devices::{lock, SerialOutput};
 use crate::driver::blocktime::Blocktime;
+use crate::driver::populate;
 use crate::driver::report::{DestinationReport, SourceReport};
 use crate::driver::watch::{ListenerSlot, UserRequest, Watch};
 use crate::driver::{self, error_chain, Damage, DestinationOptions, SourceOptions, Tuning};
 use crate::layout::MemoryMap;
 use crate::memory::MemoryError;
-use crate::populate;
 pub use guest::{BootError, GuestSpec, LiveGuest};
 
 /// The capabilities this VMM can turn on, and their defaults (QEMU's

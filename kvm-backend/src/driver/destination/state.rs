@@ -55,9 +55,9 @@ pub struct DestinationOptions {
     /// arrives.
     pub preallocated: Option<Arc<GuestRam>>,
     /// The background population of `preallocated`
-    /// ([`crate::populate::preallocate`]; None: allocated up front, or not
+    /// ([`crate::driver::populate::preallocate`]; None: allocated up front, or not
     /// preallocated): stopped when the migration ends, and reported.
-    pub population: Option<Arc<crate::populate::Population>>,
+    pub population: Option<Arc<crate::driver::populate::Population>>,
     /// Account vCPU blocktime and remote fault latency here (QMP's
     /// `postcopy-blocktime` capability); None: not measured.
     pub blocktime: Option<Arc<crate::driver::blocktime::Blocktime>>,

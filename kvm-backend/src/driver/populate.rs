@@ -101,7 +101,7 @@ impl Population {
         });
         let p = progress.clone();
         let thread = std::thread::Builder::new().name("dst-populate".into()).spawn(move || {
-            crate::driver::pin_self(cpu, "dst-populate");
+            super::placement::pin_self(cpu, "dst-populate");
             populate(&ram, &p);
             p.ended_ns.store(p.started.elapsed().as_nanos().max(1) as u64, Ordering::SeqCst);
         })?;
