@@ -1021,15 +1021,7 @@ impl Destination {
             && session.mode == WireMode::Hybrid
             && channel == Channel::Main
             && frame.kind == PageKind::Precopy;
-        let postcopy_ok = frame.kind != PageKind::Precopy
-            && matches!(
-                self.state(),
-                DestinationState::LoadingDevice
-                    | DestinationState::AwaitingStart
-                    | DestinationState::Running
-                    | DestinationState::Recovering
-                    | DestinationState::Completed
-            );
+        let postcopy_ok = frame.kind != PageKind::Precopy && self.takes_postcopy_pages();
         if !(precopy_ok || postcopy_ok) {
             return Err(self.unexpected(channel, &Frame::Page(frame)));
         }
@@ -1040,18 +1032,23 @@ impl Destination {
         Ok(())
     }
 
+    /// Whether pages of the postcopy kinds (requested, background) are
+    /// expected now: from the device state's loading on.
+    fn takes_postcopy_pages(&self) -> bool {
+        matches!(
+            self.state(),
+            DestinationState::LoadingDevice
+                | DestinationState::AwaitingStart
+                | DestinationState::Running
+                | DestinationState::Recovering
+                | DestinationState::Completed
+        )
+    }
+
     /// A part of a page: kept until all of the page's parts have arrived,
     /// then the page is installed as a whole page frame would be.
     fn on_page_part(&mut self, now: Timestamp, channel: Channel, frame: PagePartFrame) -> Result<(), ProtocolError> {
-        let postcopy_ok = frame.kind != PageKind::Precopy
-            && matches!(
-                self.state(),
-                DestinationState::LoadingDevice
-                    | DestinationState::AwaitingStart
-                    | DestinationState::Running
-                    | DestinationState::Recovering
-                    | DestinationState::Completed
-            );
+        let postcopy_ok = frame.kind != PageKind::Precopy && self.takes_postcopy_pages();
         let Some(session) = self.session.as_ref().filter(|_| postcopy_ok) else {
             return Err(self.unexpected(channel, &Frame::PagePart(frame)));
         };

@@ -14,7 +14,6 @@ use std::time::Duration;
 use common::*;
 use postcopy_core::wire::{self, Frame, Hello, WireMode};
 use postcopy_core::{Channel, RamBlock};
-use postcopy_kvm::driver::report::RunReport;
 
 /// How long a stranger waits for the destination to close its connection
 /// (the refusal is immediate; the handshake bound is 1.5 s).
@@ -64,14 +63,7 @@ fn stranger_then_source(test: &str, bytes: &[u8], linger: Duration) -> Visit {
     }
     let source = collect(start_source(dest.addr, &["--mem", "16M", "--vcpus", "1"]), Duration::from_secs(120));
     let dest = collect(dest.child, Duration::from_secs(60));
-    let report = match (source.json_line(), dest.json_line()) {
-        (Some(s), Some(d)) => match (serde_json::from_str(s), serde_json::from_str(d)) {
-            (Ok(s), Ok(d)) => Some(RunReport::new(s, d)),
-            _ => None,
-        },
-        _ => None,
-    };
-    Visit { closed_by_destination, run: Run { source, dest, report } }
+    Visit { closed_by_destination, run: Run::of(source, dest) }
 }
 
 /// The stranger was refused for `needle` (in the destination's notices and

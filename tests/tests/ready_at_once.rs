@@ -10,7 +10,6 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::*;
-use postcopy_kvm::driver::report::RunReport;
 
 /// Starts a source that boots its guest, writes `ready` once the guest is
 /// ready to migrate, then waits for `dest_addr` (a destination's ready file).
@@ -77,14 +76,7 @@ fn a_migration_accepted_before_the_ram_is_populated_arrives_whole() {
     let (dest, listening) = start_dest_timed(&dir, &["--prealloc", "512M"]);
     let source = collect(source, Duration::from_secs(180));
     let dest = collect(dest, Duration::from_secs(60));
-    let report = match (source.json_line(), dest.json_line()) {
-        (Some(s), Some(d)) => Some(RunReport::new(
-            serde_json::from_str(s).expect("source report"),
-            serde_json::from_str(d).expect("destination report"),
-        )),
-        _ => None,
-    };
-    let run = Run { source, dest, report };
+    let run = Run::of(source, dest);
     run.assert_verified();
     let r = run.report.expect("report");
     eprintln!("listening after {listening:?}; population {:?}", r.destination.population);

@@ -452,14 +452,7 @@ fn strangers_through_precopy_switchover_and_postcopy_change_nothing() {
         eprintln!("--- source ---\n{}\n{}", source.stderr, source.stdout);
     }
     assert!(saw_binding, "the destination bound the migration");
-    let report = match (source.json_line(), dest.json_line()) {
-        (Some(s), Some(d)) => Some(RunReport::new(
-            serde_json::from_str(s).expect("source report"),
-            serde_json::from_str(d).expect("destination report"),
-        )),
-        _ => None,
-    };
-    let run = Run { source, dest, report };
+    let run = Run::of(source, dest);
     run.assert_verified();
     let r = run.report.as_ref().expect("report");
     assert_eq!(r.source.stats.recoveries, 0, "no recovery: {:?}", r.source.notices);
@@ -573,14 +566,7 @@ fn a_lost_connection_in_postcopy_is_recovered_over_tls() {
     args.extend(["--mem", "128M", "--vcpus", "2"].map(String::from));
     let source = collect(start_source(relay.addr, &strs(&args)), Duration::from_secs(180));
     let dest = collect(dest.child, Duration::from_secs(60));
-    let report = match (source.json_line(), dest.json_line()) {
-        (Some(s), Some(d)) => Some(RunReport::new(
-            serde_json::from_str(s).expect("source report"),
-            serde_json::from_str(d).expect("destination report"),
-        )),
-        _ => None,
-    };
-    let run = Run { source, dest, report };
+    let run = Run::of(source, dest);
     run.assert_verified();
     assert!(relay.cut.load(Ordering::SeqCst), "the relay never cut");
     let r = run.report.expect("report");

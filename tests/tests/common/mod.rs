@@ -207,6 +207,19 @@ pub struct Run {
 }
 
 impl Run {
+    /// Both finished sides, with the report their JSON lines make (None
+    /// when either is missing or not a report: `assert_verified` fails).
+    pub fn of(source: Finished, dest: Finished) -> Run {
+        let report = match (source.json_line(), dest.json_line()) {
+            (Some(s), Some(d)) => match (serde_json::from_str(s), serde_json::from_str(d)) {
+                (Ok(s), Ok(d)) => Some(RunReport::new(s, d)),
+                _ => None,
+            },
+            _ => None,
+        };
+        Run { source, dest, report }
+    }
+
     pub fn source_report(&self) -> SourceReport {
         serde_json::from_str(self.source.json_line().expect("source JSON")).expect("source report")
     }
@@ -262,14 +275,7 @@ pub fn migrate(
     let source = start_source(target, source_args);
     let source = collect(source, Duration::from_secs(180));
     let dest = collect(dest.child, Duration::from_secs(60));
-    let report = match (source.json_line(), dest.json_line()) {
-        (Some(s), Some(d)) => match (serde_json::from_str(s), serde_json::from_str(d)) {
-            (Ok(s), Ok(d)) => Some(RunReport::new(s, d)),
-            _ => None,
-        },
-        _ => None,
-    };
-    Run { source, dest, report }
+    Run::of(source, dest)
 }
 
 /// A relay between source and destination. It reads each connection's
