@@ -312,11 +312,7 @@ impl FrameSpec {
             FrameSpec::Page { block, index, kind, data } => {
                 let block = block_of(*block);
                 let index = index.index_below(pages_in(block)) as u32;
-                let kind = match kind % 3 {
-                    0 => PageKind::Precopy,
-                    1 => PageKind::Background,
-                    _ => PageKind::Requested,
-                };
+                let kind = page_kind(*kind);
                 let data = match *data {
                     PageSpec::Zero => PageData::Zero,
                     PageSpec::Fill(b) => PageData::Bytes(Bytes::from(vec![b; ctx.page_size as usize])),
@@ -386,11 +382,7 @@ impl FrameSpec {
             FrameSpec::PagePart { block, index, kind, offset, len } => {
                 let block = block_of(*block);
                 let index = index.index_below(pages_in(block)) as u32;
-                let kind = match kind % 3 {
-                    0 => PageKind::Precopy,
-                    1 => PageKind::Background,
-                    _ => PageKind::Requested,
-                };
+                let kind = page_kind(*kind);
                 let page_size = ctx.layout.and_then(|l| l.block_page_size(block)).unwrap_or(ctx.page_size);
                 let len = if *len == 0 { (page_size / 2).max(1) } else { u32::from(*len) };
                 let offset = match offset {
@@ -439,4 +431,13 @@ pub fn encode_split(frame: &Frame, split: usize) -> (Bytes, Bytes) {
     let bytes = Bytes::from(bytes);
     let split = split % (bytes.len() + 1);
     (bytes.slice(..split), bytes.slice(split..))
+}
+
+/// A page kind from the fuzzer's byte (whole pages and parts alike).
+fn page_kind(selector: u8) -> PageKind {
+    match selector % 3 {
+        0 => PageKind::Precopy,
+        1 => PageKind::Background,
+        _ => PageKind::Requested,
+    }
 }
