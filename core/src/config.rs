@@ -88,6 +88,14 @@ pub struct Config {
     ///
     /// [`MigrationError::DestinationGone`]: crate::MigrationError::DestinationGone
     pub destination_gone_timeout: Duration,
+    /// Fallback (docs/fallback.md): while postcopy runs, the destination
+    /// runs the guest only under a lease from the source and streams
+    /// checkpoints back, so that the source can restart the guest from the
+    /// last one if the destination is lost. `None` (the default): off, and
+    /// the wire and both state machines behave exactly as without it. Set
+    /// on the source; the destination follows the source's terms and takes
+    /// checkpoints at its own `checkpoint_interval` (the default's if unset).
+    pub fallback: Option<crate::fallback::FallbackConfig>,
     /// A deliberate bug, for showing that the checkers catch it.
     #[cfg(feature = "planted-bugs")]
     pub plant: Option<crate::plant::PlantedBug>,
@@ -114,6 +122,7 @@ impl Default for Config {
             auto_reconnect: true,
             start_timeout: Duration::from_secs(60),
             destination_gone_timeout: Duration::from_secs(600),
+            fallback: None,
             #[cfg(feature = "planted-bugs")]
             plant: None,
         }

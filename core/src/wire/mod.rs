@@ -44,6 +44,22 @@
 //! | 0x27 | `PresentEnd` | return | present page count u64 |
 //! | 0x28 | `Reject` | return | UTF-8 reason |
 //!
+//! Fallback frames (only in a migration with fallback on; docs/fallback.md):
+//!
+//! | type | frame | channel | payload |
+//! |------|-------|---------|---------|
+//! | 0x30 | `FallbackTerms` | main, after each hello | lease ms u32 (non-zero), last committed checkpoint u64 |
+//! | 0x31 | `LeaseGrant` | main, urgent | the request's sequence number u64 |
+//! | 0x32 | `CheckpointAck` | main, urgent | the committed checkpoint's sequence number u64 |
+//! | 0x33 | `Superseded` | main, after a resume hello | empty: the source took the guest back |
+//! | 0x34 | `Released` | main, urgent | empty: the source will never take the guest back |
+//! | 0x38 | `LeaseRequest` | return | sequence number u64 |
+//! | 0x39 | `CheckpointBegin` | return | sequence number u64 (from 1), page count u64, device-state bytes u32 |
+//! | 0x3a | `CheckpointPage` | return | block u32, page index u32, the page (flag bit 0: zero page, no bytes) |
+//! | 0x3b | `CheckpointDevice` | return | a chunk (at most 64 KiB) of the checkpoint's device state |
+//! | 0x3c | `CheckpointEnd` | return | sequence number u64, digest u64 |
+//! | 0x3d | `ReleaseAck` | return | empty |
+//!
 //! # Page sizes
 //!
 //! Each RAM block has its own page size (a power of two from 16 bytes to
@@ -63,7 +79,7 @@ pub use decode::{Decoder, PreambleError};
 pub use encode::{encode, encode_page_frame, encode_page_frame_unfilled, encode_preamble, is_zero_page};
 pub use error::WireError;
 pub use frame::{
-    Discard, Frame, FrameKind, Hello, PageData, PageFrame, PageKind, Preamble, PresentPages, Request, UrgentHello,
+    CheckpointBegin, Discard, FallbackTerms, Frame, FrameKind, Hello, PageData, PageFrame, PageKind, Preamble, PresentPages, Request, UrgentHello,
     Welcome, WireMode, HEADER_LEN, MAGIC, MAX_DEVICE_STATE_CHUNK, MAX_DISCARD_RANGES, MAX_MACHINE_LEN,
     MAX_PRESENT_WORDS, MAX_REASON_LEN, MAX_REQUEST_PAGES, PREAMBLE_LEN, PREAMBLE_MAGIC, PROTOCOL_VERSION,
 };
