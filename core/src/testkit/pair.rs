@@ -77,6 +77,11 @@ pub enum Outcome {
     /// if its ReadyToRun had left, waits paused for a source that will not
     /// come back (it cannot tell that from a source past StartGuest).
     AbandonedOnSource,
+    /// Fallback: the destination was lost (crashed, or silent past its
+    /// lease) and the source took the guest back from the last committed
+    /// checkpoint; the destination crashed, dropped its copy, or waits
+    /// fenced (its vCPUs stopped) for a source that will not come back.
+    TookOver,
 }
 
 /// One channel's connection: bytes in flight, in order.
@@ -129,7 +134,9 @@ impl FrameOrder {
         if !self.opened {
             return Err(format!("{} before the connection's opening frame", frame.kind()));
         }
-        if self.ended {
+        // With fallback the destination keeps its lease after the Eoc
+        // until the source releases the guest.
+        if self.ended && !matches!(frame, Frame::LeaseRequest { .. } | Frame::ReleaseAck) {
             return Err(format!("{} after the Eoc", frame.kind()));
         }
         match (frame, self.report_next_word) {
@@ -176,6 +183,13 @@ pub struct Pair {
     /// The destination process finished and exited: nothing listens any
     /// more, connection attempts are refused.
     pub dst_gone: bool,
+    /// The destination process crashed (fallback): its core does nothing
+    /// more, its guest is gone.
+    pub dst_crashed: bool,
+    /// Fallback: the guest's image (newest version of every page) at each
+    /// instant the source may restart it from: checkpoint 0 is the stop,
+    /// then each checkpoint taken and not yet superseded by a commit.
+    pub images: Vec<(u64, Vec<u64>)>,
     pub violations: Vec<Violation>,
 }
 
@@ -202,6 +216,8 @@ impl Pair {
             any_loss: false,
             page_crossings: vec![0; pages as usize],
             dst_gone: false,
+            dst_crashed: false,
+            images: Vec::new(),
             violations: Vec::new(),
         };
         if let Err(error) = pair.src.core.handle_start(pair.now) {
@@ -229,7 +245,10 @@ impl Pair {
     pub fn settle(&mut self) {
         loop {
             self.src.process(self.now);
-            self.dst.process(self.now);
+            if !self.dst_crashed {
+                self.dst.process(self.now);
+            }
+            self.record_fallback_images();
             self.retry_blocked();
             let src_links = std::mem::take(&mut self.src.links);
             let dst_links = std::mem::take(&mut self.dst.links);
@@ -244,6 +263,64 @@ impl Pair {
             }
         }
         self.collect_violations();
+    }
+
+    /// Fallback bookkeeping after the hosts acted: the guest's image at a
+    /// stop or a checkpoint, and a takeover checked against the image of
+    /// the checkpoint it restarts from (invariant 7), after which the
+    /// guest's history is that image's.
+    fn record_fallback_images(&mut self) {
+        if std::mem::take(&mut self.src.stopped_now) && self.src.core.config().fallback.is_some() {
+            self.images = vec![(0, self.oracle.image())];
+        }
+        for seq in std::mem::take(&mut self.dst.checkpoints_taken) {
+            self.images.push((seq, self.oracle.image()));
+        }
+        let committed = self.src.core.committed_checkpoint();
+        self.images.retain(|(seq, _)| *seq >= committed);
+        let Some((checkpoint, device_state)) = self.src.took_over_now.take() else { return };
+        let expected_device = if checkpoint == 0 {
+            self.src.device_state.clone()
+        } else {
+            super::hosts::checkpoint_device_state(checkpoint)
+        };
+        if device_state != expected_device {
+            self.violations.push(Violation::RollbackDeviceState { checkpoint });
+        }
+        let Some(image) = self.images.iter().find(|(seq, _)| *seq == checkpoint).map(|(_, image)| image.clone())
+        else {
+            self.violations.push(Violation::RollbackDeviceState { checkpoint });
+            return;
+        };
+        for (page, (&found, &expected)) in self.src.guest.versions.iter().zip(&image).enumerate() {
+            if found != expected {
+                self.violations.push(Violation::RollbackMismatch { checkpoint, page: page as u64, expected, found });
+                break;
+            }
+        }
+        self.oracle.roll_back(&image);
+    }
+
+    /// The destination process crashes (kill -9, power): its guest and
+    /// core are gone, its connections reset, nothing listens any more.
+    /// Returns whether it was alive.
+    pub fn crash_destination(&mut self) -> bool {
+        if self.dst_crashed {
+            return false;
+        }
+        self.dst_crashed = true;
+        self.dst_gone = true;
+        self.dst.running = false;
+        for channel in Channel::ALL {
+            let pipe = &mut self.pipes[channel.index()];
+            if pipe.up {
+                self.any_loss |= !pipe.in_flight.is_empty();
+                *pipe = Pipe::default();
+                self.src.core.handle_connection_lost(self.now, channel);
+            }
+        }
+        self.settle();
+        true
     }
 
     fn connect(&mut self, channel: Channel) {
@@ -488,6 +565,9 @@ impl Pair {
         if write {
             let version = self.oracle.write(page);
             self.dst.memory[page.0 as usize] = Some(version);
+            if self.dst.dirty.len() > page.0 {
+                self.dst.dirty.set(page.0);
+            }
         } else {
             let found = self.dst.memory[page.0 as usize];
             let expected = self.oracle.latest(page);
@@ -515,14 +595,17 @@ impl Pair {
     /// Advances the clock to the earliest armed timer and fires it.
     /// Returns whether a timer was armed.
     pub fn fire_timer(&mut self) -> bool {
-        let next = match (self.src.core.poll_timeout(), self.dst.core.poll_timeout()) {
+        let dst_timeout = if self.dst_crashed { None } else { self.dst.core.poll_timeout() };
+        let next = match (self.src.core.poll_timeout(), dst_timeout) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
         };
         let Some(deadline) = next else { return false };
         self.now = self.now.max(deadline);
         self.src.core.handle_timeout(self.now);
-        self.dst.core.handle_timeout(self.now);
+        if !self.dst_crashed {
+            self.dst.core.handle_timeout(self.now);
+        }
         self.settle();
         true
     }
@@ -618,6 +701,41 @@ impl Pair {
         hasher.finish()
     }
 
+    /// Fallback: the source took the guest back. It runs it, with the
+    /// content of the guest's history (rolled back to the checkpoint); the
+    /// destination runs nothing.
+    fn check_took_over(&mut self) -> Result<Outcome, Violation> {
+        let src_done = self.src.finished.0.as_ref().is_some_and(|f| {
+            f.guest_on == crate::outcome::Side::Source
+                && matches!(f.result, Err(crate::error::MigrationError::TookOver { .. }))
+        });
+        let dst_out = self.dst_crashed
+            || self.dst.finished.0.as_ref().is_some_and(|f| {
+                matches!(f.result, Err(crate::error::MigrationError::Superseded)) && f.guest_on == crate::outcome::Side::Source
+            })
+            || (self.dst.core.is_fenced() && !self.dst.running);
+        if !src_done || !self.src.running || self.dst.running || !dst_out {
+            return Err(Violation::NoProgress {
+                detail: format!(
+                    "after a takeover: source {} (running {}), destination {} (running {}, fenced {})",
+                    self.src.core.state(),
+                    self.src.running,
+                    self.dst.core.state(),
+                    self.dst.running,
+                    self.dst.core.is_fenced()
+                ),
+            });
+        }
+        for page in 0..self.pages() {
+            let expected = self.oracle.latest(PageNumber(page));
+            let found = self.src.guest.versions[page as usize];
+            if found != expected {
+                return Err(Violation::SourceStaleRead { page, expected, found });
+            }
+        }
+        Ok(Outcome::TookOver)
+    }
+
     /// After a healed run: both completed with every page newest, or both
     /// gave up before the destination ran the guest; and no violation.
     pub fn check_outcome(&mut self) -> Result<Outcome, Violation> {
@@ -626,6 +744,9 @@ impl Pair {
             return Err(violation.clone());
         }
         let failure = |side: &str, error: String| Violation::MigrationFailed { side: side.into(), error };
+        if self.src.core.took_over() {
+            return self.check_took_over();
+        }
         match (self.src.finished_ok, self.dst.finished_ok) {
             (Some(true), Some(true)) => {
                 self.check_destination_memory();
