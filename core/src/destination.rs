@@ -40,7 +40,7 @@ use crate::bitmap::Bitmap;
 use crate::channel::Channel;
 use crate::config::Config;
 use crate::error::{EventError, MigrationError, ProtocolError};
-use crate::fallback::{Checkpoint, FallbackConfig};
+use crate::fallback::Checkpoint;
 use crate::layout::{PageAddress, PageNumber, RamLayout};
 use crate::link::Link;
 use crate::outcome::{Finished, Notice, Side};
@@ -184,6 +184,7 @@ struct Session {
 struct DestFallback {
     lease: std::time::Duration,
     checkpoint_interval: std::time::Duration,
+    renew_interval: std::time::Duration,
     next_request: u64,
     /// Lease requests sent and not answered, oldest first: (seq, when it
     /// was queued, no later than it left). Bounded: see `MAX_LEASE_REQUESTS`.
@@ -1277,6 +1278,7 @@ impl Destination {
         let fallback = self.fallback.get_or_insert_with(|| DestFallback {
             lease: std::time::Duration::from_millis(u64::from(terms.lease_ms)),
             checkpoint_interval: own.checkpoint_interval.max(std::time::Duration::from_millis(1)),
+            renew_interval: own.renew_interval(std::time::Duration::from_millis(u64::from(terms.lease_ms))),
             next_request: 1,
             requests: VecDeque::new(),
             until: None,
@@ -1303,7 +1305,7 @@ impl Destination {
         let Some(fallback) = &mut self.fallback else { return };
         let until = since.map(|at| at + fallback.lease);
         fallback.until = until;
-        let renew = FallbackConfig::renew_interval(fallback.lease);
+        let renew = fallback.renew_interval;
         let interval = fallback.checkpoint_interval;
         match until {
             Some(until) if until > now => {
@@ -1341,8 +1343,7 @@ impl Destination {
         if !self.guest_started || self.state.kind() == DestinationState::Failed {
             return;
         }
-        let renew = FallbackConfig::renew_interval(fallback.lease);
-        self.timers.set(Timer::Renew, now + renew);
+        self.timers.set(Timer::Renew, now + fallback.renew_interval);
         // Paused or recovering: the recovery's end asks at once.
         if matches!(self.state(), DestinationState::Running | DestinationState::Completed) {
             self.request_lease(now);

@@ -40,6 +40,9 @@ pub struct FallbackConfig {
     pub takeover_margin: Duration,
     /// The destination takes a checkpoint this often.
     pub checkpoint_interval: Duration,
+    /// The destination asks to renew its lease this many times per lease
+    /// (at least 1; more survive more lost requests).
+    pub renewals_per_lease: u32,
 }
 
 impl Default for FallbackConfig {
@@ -50,6 +53,7 @@ impl Default for FallbackConfig {
             drift_ppm: 1000,
             takeover_margin: Duration::from_millis(20),
             checkpoint_interval: Duration::from_millis(100),
+            renewals_per_lease: 4,
         }
     }
 }
@@ -63,9 +67,9 @@ impl FallbackConfig {
         Duration::from_nanos(u64::try_from(drifted).unwrap_or(u64::MAX)).saturating_add(self.takeover_margin)
     }
 
-    /// How often the destination asks to renew its lease: four times per lease.
-    pub fn renew_interval(lease: Duration) -> Duration {
-        (lease / 4).max(Duration::from_millis(1))
+    /// How often the destination asks to renew a lease of `lease`.
+    pub fn renew_interval(&self, lease: Duration) -> Duration {
+        (lease / self.renewals_per_lease.max(1)).max(Duration::from_millis(1))
     }
 }
 

@@ -20,6 +20,7 @@ fn fallback_config() -> Config {
             drift_ppm: 1000,
             takeover_margin: Duration::from_millis(10),
             checkpoint_interval: Duration::from_millis(20),
+            renewals_per_lease: 4,
         }),
         ..Config::postcopy()
     }
@@ -170,4 +171,40 @@ fn a_partition_shorter_than_the_lease_is_an_ordinary_recovery() {
     assert_eq!(outcome, Outcome::Completed);
     assert!(pair.src.recovered && !pair.src.core.took_over());
     assert!(!pair.violations.iter().any(|v| matches!(v, Violation::TwoRunners)));
+}
+
+/// Cuts every connection for good and runs the timers; returns whether the
+/// two sides ever both ran the guest.
+fn partition_until_takeover(pair: &mut Pair) -> bool {
+    pump(pair);
+    pair.connect_allowed = false;
+    for channel in Channel::ALL {
+        pair.lose(channel);
+    }
+    for _ in 0..50 {
+        if pair.src.core.took_over() {
+            break;
+        }
+        pair.fire_timer();
+        pair.check();
+    }
+    assert!(pair.src.core.took_over());
+    pair.violations.iter().any(|v| matches!(v, Violation::TwoRunners))
+}
+
+#[test]
+fn the_lease_lapses_before_the_takeover_at_the_worst_drift_the_bound_allows() {
+    let mut pair = started(fallback_config());
+    pair.dst_slow_ppm = 1000;
+    assert!(!partition_until_takeover(&mut pair), "{:?}", pair.violations);
+}
+
+#[test]
+fn clocks_that_break_the_drift_bound_can_give_two_runners() {
+    // The destination's clock 10 % slow, where the bound says 0.1 % and the
+    // margin covers 5 %: its lease lapses after the source took over. The
+    // timing assumption is what makes fencing safe.
+    let mut pair = started(fallback_config());
+    pair.dst_slow_ppm = 100_000;
+    assert!(partition_until_takeover(&mut pair));
 }

@@ -186,6 +186,10 @@ pub struct Pair {
     /// The destination process crashed (fallback): its core does nothing
     /// more, its guest is gone.
     pub dst_crashed: bool,
+    /// The destination's clock runs slower than the source's (the pair's)
+    /// by this many parts per million: the worst case a fallback drift
+    /// bound allows for the lease (its lapse comes as late as it may).
+    pub dst_slow_ppm: u32,
     /// Fallback: the guest's image (newest version of every page) at each
     /// instant the source may restart it from: checkpoint 0 is the stop,
     /// then each checkpoint taken and not yet superseded by a commit.
@@ -217,6 +221,7 @@ impl Pair {
             page_crossings: vec![0; pages as usize],
             dst_gone: false,
             dst_crashed: false,
+            dst_slow_ppm: 0,
             images: Vec::new(),
             violations: Vec::new(),
         };
@@ -246,7 +251,7 @@ impl Pair {
         loop {
             self.src.process(self.now);
             if !self.dst_crashed {
-                self.dst.process(self.now);
+                self.dst.process(self.dst_now());
             }
             self.record_fallback_images();
             self.retry_blocked();
@@ -263,6 +268,19 @@ impl Pair {
             }
         }
         self.collect_violations();
+    }
+
+    /// The destination's clock: the pair's, slowed by `dst_slow_ppm`.
+    pub fn dst_now(&self) -> Timestamp {
+        let ppm = u128::from(self.dst_slow_ppm);
+        Timestamp((u128::from(self.now.0) * 1_000_000 / (1_000_000 + ppm)) as u64)
+    }
+
+    /// When the pair's clock shows the destination's `at`.
+    fn dst_deadline(&self, at: Timestamp) -> Timestamp {
+        let ppm = u128::from(self.dst_slow_ppm);
+        let real = (u128::from(at.0) * (1_000_000 + ppm)).div_ceil(1_000_000);
+        Timestamp(u64::try_from(real).unwrap_or(u64::MAX))
     }
 
     /// Fallback bookkeeping after the hosts acted: the guest's image at a
@@ -332,17 +350,18 @@ impl Pair {
             self.src.core.handle_connect_failed(self.now, channel);
             return;
         }
+        let dst_now = self.dst_now();
         let pipe = &mut self.pipes[channel.index()];
         if pipe.up {
             // A new connection replaces the old one: the old one is gone.
             self.any_loss |= !pipe.in_flight.is_empty();
             pipe.in_flight.clear();
             pipe.closing = false;
-            self.dst.core.handle_connection_lost(self.now, channel);
+            self.dst.core.handle_connection_lost(dst_now, channel);
         }
         *pipe = Pipe { up: true, ..Pipe::default() };
         self.src.core.handle_connected(self.now, channel);
-        self.dst.core.handle_connected(self.now, channel);
+        self.dst.core.handle_connected(self.dst_now(), channel);
     }
 
     fn close(&mut self, channel: Channel, farewell: Option<Bytes>) {
@@ -369,7 +388,7 @@ impl Pair {
         pipe.closing = false;
         pipe.in_flight.clear();
         self.src.core.handle_connection_lost(self.now, channel);
-        self.dst.core.handle_connection_lost(self.now, channel);
+        self.dst.core.handle_connection_lost(self.dst_now(), channel);
     }
 
     /// The destination, finished, exits: its connections close with it and
@@ -399,7 +418,7 @@ impl Pair {
         let frames = if channel.is_from_source() {
             self.src.core.poll_transmit(self.now, channel, &mut out, max_bytes, &self.src.guest)
         } else {
-            self.dst.core.poll_transmit(self.now, channel, &mut out, max_bytes)
+            self.dst.core.poll_transmit(self.dst_now(), channel, &mut out, max_bytes)
         };
         self.src.observe();
         if frames == 0 {
@@ -457,7 +476,7 @@ impl Pair {
             pipe.in_flight.pop_front().unwrap_or_default()
         };
         if channel.is_from_source() {
-            self.dst.core.handle_input(self.now, channel, bytes);
+            self.dst.core.handle_input(self.dst_now(), channel, bytes);
         } else {
             self.src.core.handle_input(self.now, channel, bytes);
         }
@@ -498,15 +517,15 @@ impl Pair {
             None => bytes.extend_from_slice(&[0x7f; 12]),
         }
         let before = self.dst.core.clone();
-        let admission = self.dst.core.handle_accepted(self.now, channel);
+        let admission = self.dst.core.handle_accepted(self.dst_now(), channel);
         match admission {
             Admission::Provisional(id) => {
-                self.dst.core.handle_provisional_input(self.now, id, Bytes::from(bytes));
-                self.dst.core.handle_provisional_lost(self.now, id);
+                self.dst.core.handle_provisional_input(self.dst_now(), id, Bytes::from(bytes));
+                self.dst.core.handle_provisional_lost(self.dst_now(), id);
             }
             Admission::Current => {
-                self.dst.core.handle_input(self.now, channel, Bytes::from(bytes));
-                self.dst.core.handle_connection_lost(self.now, channel);
+                self.dst.core.handle_input(self.dst_now(), channel, Bytes::from(bytes));
+                self.dst.core.handle_connection_lost(self.dst_now(), channel);
             }
         }
         let mut only_refused = true;
@@ -553,7 +572,7 @@ impl Pair {
                 self.dst_access(page, write);
             } else {
                 self.blocked[vcpu as usize] = Some((page, write));
-                if let Err(error) = self.dst.core.handle_page_fault(self.now, page, Waiter::Vcpu(vcpu)) {
+                if let Err(error) = self.dst.core.handle_page_fault(self.dst_now(), page, Waiter::Vcpu(vcpu)) {
                     self.violations.push(Violation::DriverEvent { error: error.to_string() });
                 }
             }
@@ -595,7 +614,8 @@ impl Pair {
     /// Advances the clock to the earliest armed timer and fires it.
     /// Returns whether a timer was armed.
     pub fn fire_timer(&mut self) -> bool {
-        let dst_timeout = if self.dst_crashed { None } else { self.dst.core.poll_timeout() };
+        let dst_timeout =
+            if self.dst_crashed { None } else { self.dst.core.poll_timeout().map(|at| self.dst_deadline(at)) };
         let next = match (self.src.core.poll_timeout(), dst_timeout) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
@@ -604,7 +624,7 @@ impl Pair {
         self.now = self.now.max(deadline);
         self.src.core.handle_timeout(self.now);
         if !self.dst_crashed {
-            self.dst.core.handle_timeout(self.now);
+            self.dst.core.handle_timeout(self.dst_now());
         }
         self.settle();
         true
