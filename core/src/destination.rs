@@ -677,7 +677,9 @@ impl Destination {
                 self.fail(now, MigrationError::CancelledByPeer(reason), None);
                 Ok(())
             }
-            (Channel::Main, Frame::FallbackTerms(terms)) if !self.state().is_terminal() => {
+            // Also in COMPLETED: a recovery of a source that lost the Eoc or
+            // the release.
+            (Channel::Main, Frame::FallbackTerms(terms)) if self.state() != DestinationState::Failed => {
                 self.on_fallback_terms(terms);
                 Ok(())
             }
@@ -1323,9 +1325,10 @@ impl Destination {
         self.timers.set(Timer::Checkpoint, now + interval);
     }
 
-    /// Queues a lease request on a live return path.
+    /// Queues a lease request on a live return path, after its welcome and
+    /// outside a present report.
     fn request_lease(&mut self, now: Timestamp) {
-        if !self.links[Channel::Return.index()].up {
+        if !self.links[Channel::Return.index()].up || !self.return_welcomed || self.report_word.is_some() {
             return;
         }
         let Some(fallback) = self.fallback.as_mut().filter(|f| !f.released) else { return };

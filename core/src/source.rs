@@ -268,6 +268,9 @@ struct SourceFallback {
     released: bool,
     /// The source took the guest back.
     took_over: bool,
+    /// The destination acknowledged `Released` (a release lost with a
+    /// connection is sent again after the recovery).
+    release_acked: bool,
 }
 
 /// A checkpoint being received: what its begin announced and what came.
@@ -399,6 +402,7 @@ impl Source {
             staging: None,
             released: false,
             took_over: false,
+            release_acked: false,
         });
         let mut source = Source {
             sent: SearchBitmap::new(pages),
@@ -481,6 +485,12 @@ impl Source {
     /// Fallback: the last checkpoint committed (0: none yet, or fallback off).
     pub fn committed_checkpoint(&self) -> u64 {
         self.fallback.as_ref().map_or(0, |f| f.committed)
+    }
+
+    /// Fallback: whether `Released` left: from then on the guest is the
+    /// destination's for good (as after COMPLETED without fallback).
+    pub fn released(&self) -> bool {
+        self.fallback.as_ref().is_some_and(|f| f.released)
     }
 
     /// Fallback: whether the source took the guest back.
@@ -804,6 +814,9 @@ impl Source {
                 Ok(())
             }
             Frame::ReleaseAck if self.state() == SourceState::Releasing => {
+                if let Some(fallback) = &mut self.fallback {
+                    fallback.release_acked = true;
+                }
                 self.finish_completed(now);
                 Ok(())
             }
@@ -1645,7 +1658,7 @@ impl Source {
     /// runs under a lease until it hears `Released`, and the source may
     /// still take the guest back until that frame leaves.
     fn complete(&mut self, now: Timestamp) {
-        if self.fallback.as_ref().is_some_and(|f| !f.released) {
+        if self.fallback.as_ref().is_some_and(|f| !f.release_acked) {
             if self.state() != SourceState::Releasing {
                 self.state = State::Releasing;
                 self.queue_fast(Frame::Released);

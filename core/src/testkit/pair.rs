@@ -80,7 +80,8 @@ pub enum Outcome {
     /// Fallback: the destination was lost (crashed, or silent past its
     /// lease) and the source took the guest back from the last committed
     /// checkpoint; the destination crashed, dropped its copy, or waits
-    /// fenced (its vCPUs stopped) for a source that will not come back.
+    /// fenced (its vCPUs stopped), or never started the guest, for a source
+    /// that will not come back.
     TookOver,
 }
 
@@ -660,7 +661,9 @@ impl Pair {
                 bound: limit,
             });
         }
-        if self.dst.core.state() == DestinationState::Completed {
+        // After a takeover the guest's history is the source's (rolled
+        // back): a completed destination's copy is not the guest any more.
+        if self.dst.core.state() == DestinationState::Completed && !self.src.core.took_over() {
             self.check_destination_memory();
         }
         self.collect_violations();
@@ -733,7 +736,10 @@ impl Pair {
             || self.dst.finished.0.as_ref().is_some_and(|f| {
                 matches!(f.result, Err(crate::error::MigrationError::Superseded)) && f.guest_on == crate::outcome::Side::Source
             })
-            || (self.dst.core.is_fenced() && !self.dst.running);
+            || (self.dst.core.is_fenced() && !self.dst.running)
+            // Its StartGuest was cut off: it never ran the guest, and only
+            // a source that grants (this one never will again) could start it.
+            || !self.dst.core.guest_started();
         if !src_done || !self.src.running || self.dst.running || !dst_out {
             return Err(Violation::NoProgress {
                 detail: format!(
