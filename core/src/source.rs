@@ -268,6 +268,9 @@ struct SourceFallback {
     released: bool,
     /// The source took the guest back.
     took_over: bool,
+    /// The epoch whose welcome was accepted: only frames of a welcomed
+    /// return connection count as the destination's.
+    welcomed_epoch: Option<u32>,
     /// The destination acknowledged `Released` (a release lost with a
     /// connection is sent again after the recovery).
     release_acked: bool,
@@ -402,6 +405,7 @@ impl Source {
             staging: None,
             released: false,
             took_over: false,
+            welcomed_epoch: None,
             release_acked: false,
         });
         let mut source = Source {
@@ -787,6 +791,34 @@ impl Source {
             return Err(self.unexpected(channel, &frame));
         }
         self.heard_from_peer(now);
+        let welcome = matches!(frame, Frame::Welcome(_));
+        let result = self.handle_return_frame(now, channel, frame);
+        if result.is_ok() {
+            self.heard_from_destination(now, welcome);
+        }
+        result
+    }
+
+    /// Fallback: a frame from this migration's destination (on a return
+    /// connection whose welcome, of this session and epoch, was accepted:
+    /// bytes from anyone else, a restarted destination's keep-alives
+    /// included, do not count) moves the takeover deadline.
+    fn heard_from_destination(&mut self, now: Timestamp, welcome: bool) {
+        let epoch = self.epoch;
+        let Some(fallback) = &mut self.fallback else { return };
+        if welcome {
+            fallback.welcomed_epoch = Some(epoch);
+        }
+        if fallback.welcomed_epoch != Some(epoch) {
+            return;
+        }
+        fallback.last_heard = now;
+        if self.timers.is_armed(Timer::Takeover) {
+            self.arm_takeover();
+        }
+    }
+
+    fn handle_return_frame(&mut self, now: Timestamp, channel: Channel, frame: Frame) -> Result<(), ProtocolError> {
         match frame {
             Frame::Ping => Ok(()),
             Frame::Welcome(welcome) => self.on_welcome(now, welcome),
@@ -1869,12 +1901,6 @@ impl Source {
     /// Something came from the destination: it is alive. The peer timeout
     /// runs while the return channel, the one it writes, is up.
     fn heard_from_peer(&mut self, now: Timestamp) {
-        if let Some(fallback) = &mut self.fallback {
-            fallback.last_heard = now;
-            if self.timers.is_armed(Timer::Takeover) {
-                self.arm_takeover();
-            }
-        }
         if let Some(timeout) = self.config.peer_timeout {
             if self.links[Channel::Return.index()].up {
                 self.timers.set(Timer::PeerTimeout, now + timeout);
