@@ -218,16 +218,17 @@ impl Default for ModelConfig {
 
 impl ModelConfig {
     /// The fallback configuration (`check --fallback`): 2 pages, pure
-    /// postcopy, 1 vCPU, 1 lost connection, 2 writes, 6 timer firings, a
-    /// destination crash; no cancel, switch or strangers (checked without
-    /// fallback, and unchanged by it).
+    /// postcopy, 1 vCPU, 1 lost connection, 1 write, 4 timer firings, 1
+    /// batch in flight per channel, a destination crash; no cancel, switch
+    /// or strangers (checked without fallback, and unchanged by it).
     pub fn fallback() -> Self {
         Self {
             pages: 2,
             precopy_rounds: 0,
             losses: 1,
-            writes: 2,
-            timers: 6,
+            writes: 1,
+            timers: 4,
+            window: 1,
             cancel: false,
             switch: false,
             strangers: false,

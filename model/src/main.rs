@@ -107,7 +107,7 @@ struct Bounds {
     /// Fallback on (docs/fallback.md): leases, fencing, checkpoints, a
     /// destination that may crash after StartGuest, its clock slow by the
     /// drift bound; the fallback configuration's bounds (2 pages, pure
-    /// postcopy, 1 loss, 2 writes, 6 timers, no cancel, no strangers).
+    /// postcopy, 1 loss, 1 write, 4 timers, window 1, no cancel, no strangers).
     #[arg(long)]
     fallback: bool,
 }
