@@ -513,9 +513,10 @@ impl Scenario {
             let drain_ms = buffer_kib * 1024 * 8 / effective_mbps / 1000 + 1;
             let floor = 4 * (rtt_ms + 2 * drain_ms) + 20;
             lease_ms = r.log_uniform(floor, floor.max(400) * 2);
-            checkpoint_ms = r.log_uniform(lease_ms / 8 + 1, lease_ms * 2);
+            // Checkpoints within a migration's time, up to a lease.
+            checkpoint_ms = r.log_uniform(1, est_ms.clamp(2, lease_ms));
             checkpoint_us = r.log_uniform(10, 5000);
-            crash_after_start_ms = if r.chance(0.4) { r.range(0, 3 * est_ms + 20) } else { 0 };
+            crash_after_start_ms = if r.chance(0.5) { r.range(0, est_ms + 5) } else { 0 };
             // Partitions shorter and longer than the lease.
             partition_max_ms = partition_max_ms.max(3 * lease_ms);
         }
