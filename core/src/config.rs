@@ -92,9 +92,12 @@ pub struct Config {
     /// runs the guest only under a lease from the source and streams
     /// checkpoints back, so that the source can restart the guest from the
     /// last one if the destination is lost. `None` (the default): off, and
-    /// the wire and both state machines behave exactly as without it. Set
-    /// on the source; the destination follows the source's terms and takes
-    /// checkpoints at its own `checkpoint_interval` (the default's if unset).
+    /// the wire and both state machines behave exactly as without it. The
+    /// source offers it (its lease and drift bound count); a destination
+    /// accepts it only with this set too (its driver must fence and take
+    /// checkpoints), follows the source's lease and takes checkpoints at
+    /// its own `checkpoint_interval`. A destination without it refuses the
+    /// source's terms before the switchover: the source keeps the guest.
     pub fallback: Option<crate::fallback::FallbackConfig>,
     /// A deliberate bug, for showing that the checkers catch it.
     #[cfg(feature = "planted-bugs")]

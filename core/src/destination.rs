@@ -679,7 +679,12 @@ impl Destination {
             }
             // Also in COMPLETED: a recovery of a source that lost the Eoc or
             // the release.
-            (Channel::Main, Frame::FallbackTerms(terms)) if self.state() != DestinationState::Failed => {
+            // Only a destination whose driver fences and checkpoints (its
+            // own `Config::fallback` set) takes them: any other refuses the
+            // migration before the switchover, and the source keeps the guest.
+            (Channel::Main, Frame::FallbackTerms(terms))
+                if self.config.fallback.is_some() && self.state() != DestinationState::Failed =>
+            {
                 self.on_fallback_terms(terms);
                 Ok(())
             }

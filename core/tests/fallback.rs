@@ -230,3 +230,15 @@ fn a_release_cut_off_is_sent_again_after_a_recovery() {
     assert_eq!(outcome, Ok(Outcome::Completed), "source {} destination {}", pair.src.core.state(), pair.dst.core.state());
     assert!(pair.dst.core.is_released());
 }
+
+#[test]
+fn a_destination_that_cannot_fence_refuses_fallback_before_the_switchover() {
+    let mut pair = Pair::new(PairConfig::new(fallback_config(), PAGES));
+    // A destination whose driver cannot fence nor checkpoint.
+    pair.dst.core = postcopy_core::Destination::new(Config::postcopy(), 64);
+    let outcome = pair.run_to_completion(10_000).expect("abandoned safely");
+    assert_eq!(outcome, Outcome::AbandonedOnSource);
+    assert!(pair.src.running && !pair.dst.running);
+    let finished = pair.src.finished.0.as_ref().expect("the source finished");
+    assert!(matches!(&finished.result, Err(MigrationError::Protocol(_))), "{:?}", finished.result);
+}
