@@ -233,12 +233,41 @@ fn a_release_cut_off_is_sent_again_after_a_recovery() {
 
 #[test]
 fn a_destination_that_cannot_fence_refuses_fallback_before_the_switchover() {
-    let mut pair = Pair::new(PairConfig::new(fallback_config(), PAGES));
+    use postcopy_core::wire::{encode, FallbackTerms, Frame, Hello, WireMode};
+    use postcopy_core::{Destination, DestinationAction, RamLayout};
     // A destination whose driver cannot fence nor checkpoint.
-    pair.dst.core = postcopy_core::Destination::new(Config::postcopy(), 64);
-    let outcome = pair.run_to_completion(10_000).expect("abandoned safely");
-    assert_eq!(outcome, Outcome::AbandonedOnSource);
-    assert!(pair.src.running && !pair.dst.running);
-    let finished = pair.src.finished.0.as_ref().expect("the source finished");
-    assert!(matches!(&finished.result, Err(MigrationError::Protocol(_))), "{:?}", finished.result);
+    let mut dst = Destination::new(Config::postcopy(), 64);
+    let now = Timestamp::ZERO;
+    for channel in Channel::ALL {
+        dst.handle_connected(now, channel);
+    }
+    let layout = RamLayout::single("ram", 64, PAGES).unwrap();
+    let mut bytes = Vec::new();
+    let hello = Hello {
+        resume: false,
+        urgent_channel: true,
+        session: 7,
+        epoch: 0,
+        page_size: 64,
+        mode: WireMode::Postcopy,
+        precopy_rounds: 0,
+        blocks: layout.blocks().to_vec(),
+        machine: bytes::Bytes::new(),
+    };
+    encode(&Frame::Hello(hello), &mut bytes);
+    encode(&Frame::FallbackTerms(FallbackTerms { lease_ms: 200, committed_checkpoint: 0 }), &mut bytes);
+    dst.handle_input(now, Channel::Main, bytes.into());
+    assert_eq!(dst.state(), DestinationState::Failed);
+    assert!(!dst.fallback_on());
+    let actions: Vec<DestinationAction> = std::iter::from_fn(|| dst.poll_action()).collect();
+    let refused = actions.iter().any(|a| matches!(a, DestinationAction::Farewell { channel: Channel::Return, .. }));
+    let finished = actions.iter().find_map(|a| match a {
+        DestinationAction::Finished(f) => Some(f.result.clone()),
+        _ => None,
+    });
+    assert!(refused, "the source hears why: {actions:?}");
+    assert!(
+        matches!(finished, Some(Err(MigrationError::Protocol(postcopy_core::ProtocolError::UnexpectedFrame { .. })))),
+        "{finished:?}"
+    );
 }
