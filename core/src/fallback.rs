@@ -154,7 +154,8 @@ mod tests {
     #[test]
     fn the_digest_sees_every_page_and_byte() {
         let page = |n, b: u8| (PageNumber(n), PageData::Bytes(Bytes::from(vec![b; 16])));
-        let base = Checkpoint { seq: 3, device_state: Bytes::from_static(b"regs"), pages: vec![page(1, 7), page(2, 9)] };
+        let base =
+            Checkpoint { seq: 3, device_state: Bytes::from_static(b"regs"), pages: vec![page(1, 7), page(2, 9)] };
         let mut missing = base.clone();
         missing.pages.pop();
         let mut changed = base.clone();

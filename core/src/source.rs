@@ -1371,8 +1371,14 @@ impl Source {
                 if pages > total_pages || u64::from(device_bytes) > max_device {
                     return bad(format!("checkpoint {seq} announces {pages} pages and {device_bytes} device bytes"));
                 }
-                fallback.staging =
-                    Some(Staging { seq, pages, pages_seen: 0, device_bytes, device: Vec::new(), digest: Digest::new(seq) });
+                fallback.staging = Some(Staging {
+                    seq,
+                    pages,
+                    pages_seen: 0,
+                    device_bytes,
+                    device: Vec::new(),
+                    digest: Digest::new(seq),
+                });
                 Ok(())
             }
             Frame::CheckpointPage { address, data } => {
@@ -1403,7 +1409,10 @@ impl Source {
                     return bad("checkpoint device state outside a checkpoint".into());
                 };
                 if staging.device.len() + chunk.len() > staging.device_bytes as usize {
-                    return bad(format!("checkpoint {} carries more than {} device bytes", staging.seq, staging.device_bytes));
+                    return bad(format!(
+                        "checkpoint {} carries more than {} device bytes",
+                        staging.seq, staging.device_bytes
+                    ));
                 }
                 staging.digest.device(&chunk);
                 staging.device.extend_from_slice(&chunk);

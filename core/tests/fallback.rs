@@ -213,7 +213,8 @@ fn clocks_that_break_the_drift_bound_can_give_two_runners() {
 fn a_release_cut_off_is_sent_again_after_a_recovery() {
     let mut pair = started(fallback_config());
     for _ in 0..100 {
-        if pair.src.core.state() == SourceState::Releasing && pair.pipes[Channel::Urgent.index()].in_flight.len() > 0 {
+        if pair.src.core.state() == SourceState::Releasing && !pair.pipes[Channel::Urgent.index()].in_flight.is_empty()
+        {
             break;
         }
         for channel in Channel::ALL {
@@ -227,7 +228,13 @@ fn a_release_cut_off_is_sent_again_after_a_recovery() {
     assert_eq!(pair.src.core.state(), SourceState::Releasing);
     pair.lose(Channel::Main);
     let outcome = pair.run_to_completion(10_000);
-    assert_eq!(outcome, Ok(Outcome::Completed), "source {} destination {}", pair.src.core.state(), pair.dst.core.state());
+    assert_eq!(
+        outcome,
+        Ok(Outcome::Completed),
+        "source {} destination {}",
+        pair.src.core.state(),
+        pair.dst.core.state()
+    );
     assert!(pair.dst.core.is_released());
 }
 

@@ -113,9 +113,24 @@
 //!   destination may then wait paused for good (it cannot tell that source
 //!   from one past StartGuest, core commit b134bc8): the model accepts that
 //!   end, with the guest running on the source.
-//! - No process crashes: a crash after StartGuest loses the guest whatever
-//!   the protocol does; before it, it is a lost connection, which is
-//!   modelled. A destination does exit once it has finished.
+//! - No process crashes without fallback: a crash after StartGuest loses
+//!   the guest whatever the protocol does; before it, it is a lost
+//!   connection, which is modelled. A destination does exit once it has
+//!   finished.
+//!
+//! # Fallback (`check --fallback`, docs/fallback.md)
+//!
+//! Both sides run with fallback; the destination may crash once after
+//! StartGuest and before the source released the guest (`CrashDestination`:
+//! its core stops, its connections go, nothing listens any more). The
+//! destination's clock runs slow by the drift bound ([`FALLBACK_DRIFT_PPM`]),
+//! the worst case the bound allows for fencing, so a lease lapses as late as
+//! it may against the source's takeover timer. Lost connections with failed
+//! reconnections are the partitions. Extra properties: the rollback is exact
+//! (invariant 7: the harness compares the source's memory and device state
+//! at a takeover with the guest's image at that checkpoint's instant); one
+//! runner covers fencing; a fair run completes or falls back. Four planted
+//! bugs ([`PlantedBug::FALLBACK`]) are caught (`model/tests/fallback.rs`).
 
 #![forbid(unsafe_code)]
 
@@ -681,10 +696,9 @@ impl Model for MigrationModel {
                 "completes with fallback on: the source releases the guest",
                 |_: &MigrationModel, s: &State| s.pair.completed() && s.pair.dst.core.is_released(),
             ));
-            properties.push(Property::sometimes(
-                "a checkpoint is committed",
-                |_: &MigrationModel, s: &State| s.pair.src.core.committed_checkpoint() > 0,
-            ));
+            properties.push(Property::sometimes("a checkpoint is committed", |_: &MigrationModel, s: &State| {
+                s.pair.src.core.committed_checkpoint() > 0
+            }));
             properties.push(Property::sometimes(
                 "a crashed destination: the source restarts the guest from a committed checkpoint",
                 |_: &MigrationModel, s: &State| {
@@ -1231,7 +1245,9 @@ pub fn describe_frame(frame: &Frame) -> String {
         Frame::PresentPages(p) => format!("PresentPages({:#b})", p.words.first().copied().unwrap_or(0)),
         Frame::PresentEnd { present_pages } => format!("PresentEnd({present_pages})"),
         Frame::Reject { reason } => format!("Reject({reason})"),
-        Frame::FallbackTerms(t) => format!("FallbackTerms(lease {} ms, committed {})", t.lease_ms, t.committed_checkpoint),
+        Frame::FallbackTerms(t) => {
+            format!("FallbackTerms(lease {} ms, committed {})", t.lease_ms, t.committed_checkpoint)
+        }
         Frame::LeaseGrant { seq } => format!("LeaseGrant({seq})"),
         Frame::CheckpointAck { seq } => format!("CheckpointAck({seq})"),
         Frame::Superseded => "Superseded".into(),

@@ -52,24 +52,45 @@ const TIMER_LIVELOCK: u32 = 10_000;
 enum Ev {
     Start,
     NewAttempt,
-    Vcpu { vcpu: u32, generation: u32 },
+    Vcpu {
+        vcpu: u32,
+        generation: u32,
+    },
     Net(NetTimer),
-    Timer { dest: bool, generation: u32 },
-    VcpusStopped { generation: u32 },
-    DirtySynced { generation: u32, slot: u32 },
-    DeviceLoaded { generation: u32 },
-    Switch { generation: u32 },
+    Timer {
+        dest: bool,
+        generation: u32,
+    },
+    VcpusStopped {
+        generation: u32,
+    },
+    DirtySynced {
+        generation: u32,
+        slot: u32,
+    },
+    DeviceLoaded {
+        generation: u32,
+    },
+    Switch {
+        generation: u32,
+    },
     Reset,
     Stranger,
-    PartitionStart { index: u32 },
+    PartitionStart {
+        index: u32,
+    },
     Heal,
     DestRestart,
     Deadline,
     AfterEnd,
     /// Fallback: the destination's driver hands in the checkpoint it took.
-    CheckpointTaken { generation: u32 },
+    CheckpointTaken {
+        generation: u32,
+    },
     /// Fallback: the destination process crashes after the start.
-    CrashAfterStart { generation: u32 },
+    CrashAfterStart {
+        generation: u32,
+    },
 }
 
 impl Ev {
@@ -146,7 +167,7 @@ struct DestHost {
     /// dirty log).
     dirty: Vec<bool>,
     /// Fallback: a checkpoint taken, its vCPUs stopped until it is handed in.
-    checkpoint: Option<(u64, Bytes, Vec<(PageNumber, PageData)>)>,
+    checkpoint: Option<postcopy_core::Checkpoint>,
     /// A device-state load: done at this time, once its pages are present.
     load_until: Option<u64>,
     finished: Option<Finished<DestinationStats>>,
@@ -517,7 +538,8 @@ impl Sim {
             Ev::AfterEnd => self.done = true,
             Ev::CheckpointTaken { generation } => {
                 if generation == self.generation[1] && self.dst.alive {
-                    if let Some((seq, device_state, pages)) = self.dst.checkpoint.take() {
+                    if let Some(checkpoint) = self.dst.checkpoint.take() {
+                        let postcopy_core::Checkpoint { seq, device_state, pages } = checkpoint;
                         let result = self.dst.core.handle_checkpoint(self.ts(), seq, device_state, pages);
                         if let Err(error) = result {
                             self.checks.driver_event("destination", error.to_string());
@@ -752,7 +774,8 @@ impl Sim {
             }
             SourceAction::TakeOver { checkpoint, device_state } => {
                 self.trace.record(now, What::SourceAction("take-over"), checkpoint, 0);
-                let expected = if checkpoint == 0 { self.device_state.clone() } else { checkpoint_device_state(checkpoint) };
+                let expected =
+                    if checkpoint == 0 { self.device_state.clone() } else { checkpoint_device_state(checkpoint) };
                 self.checks.took_over(checkpoint, &self.src_mem.versions, device_state == expected);
                 self.notes.push(format!("the source took the guest back from checkpoint {checkpoint}"));
                 self.src.took_over = Some(checkpoint);
@@ -1528,7 +1551,8 @@ impl Sim {
         self.trace.record(self.now, What::DestAction("take-checkpoint"), seq, pages.len() as u64);
         self.checks.record_image(seq, self.src.core.committed_checkpoint());
         let delay = self.sc.checkpoint_us * US + 200 * pages.len() as u64;
-        self.dst.checkpoint = Some((seq, checkpoint_device_state(seq), pages));
+        self.dst.checkpoint =
+            Some(postcopy_core::Checkpoint { seq, device_state: checkpoint_device_state(seq), pages });
         // The vCPUs leave the guest now; a new generation stops their events.
         self.vcpu_generation += 1;
         let generation = self.generation[1];

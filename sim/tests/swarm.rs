@@ -103,7 +103,8 @@ fn the_swarm_with_fallback_passes_and_catches_every_fallback_plant() {
     assert!(clean.iter().any(|r| r.outcome == "completed"), "some runs complete with fallback on");
     assert!(clean.iter().any(|r| r.outcome == "fell-back"), "some runs fall back from a checkpoint");
     for bug in PlantedBug::FALLBACK {
-        let seeds = if bug == PlantedBug::FencedDestinationResumes { fallback_seeds(1900..2400) } else { seeds.clone() };
+        let seeds =
+            if bug == PlantedBug::FencedDestinationResumes { fallback_seeds(1900..2400) } else { seeds.clone() };
         let results = run_many(seeds.into_iter(), &small(&[("plant", bug.name())]), 2, 0).unwrap();
         let caught: Vec<u64> = results.iter().filter(|r| !r.passed()).map(|r| r.seed).collect();
         println!("{bug}: caught by {} of {} seeds: {caught:?}", caught.len(), results.len());

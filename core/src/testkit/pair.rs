@@ -306,8 +306,7 @@ impl Pair {
         if device_state != expected_device {
             self.violations.push(Violation::RollbackDeviceState { checkpoint });
         }
-        let Some(image) = self.images.iter().find(|(seq, _)| *seq == checkpoint).map(|(_, image)| image.clone())
-        else {
+        let Some(image) = self.images.iter().find(|(seq, _)| *seq == checkpoint).map(|(_, image)| image.clone()) else {
             self.violations.push(Violation::RollbackDeviceState { checkpoint });
             return;
         };

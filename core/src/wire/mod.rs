@@ -79,9 +79,10 @@ pub use decode::{Decoder, PreambleError};
 pub use encode::{encode, encode_page_frame, encode_page_frame_unfilled, encode_preamble, is_zero_page};
 pub use error::WireError;
 pub use frame::{
-    CheckpointBegin, Discard, FallbackTerms, Frame, FrameKind, Hello, PageData, PageFrame, PageKind, Preamble, PresentPages, Request, UrgentHello,
-    Welcome, WireMode, HEADER_LEN, MAGIC, MAX_DEVICE_STATE_CHUNK, MAX_DISCARD_RANGES, MAX_MACHINE_LEN,
-    MAX_PRESENT_WORDS, MAX_REASON_LEN, MAX_REQUEST_PAGES, PREAMBLE_LEN, PREAMBLE_MAGIC, PROTOCOL_VERSION,
+    CheckpointBegin, Discard, FallbackTerms, Frame, FrameKind, Hello, PageData, PageFrame, PageKind, Preamble,
+    PresentPages, Request, UrgentHello, Welcome, WireMode, HEADER_LEN, MAGIC, MAX_DEVICE_STATE_CHUNK,
+    MAX_DISCARD_RANGES, MAX_MACHINE_LEN, MAX_PRESENT_WORDS, MAX_REASON_LEN, MAX_REQUEST_PAGES, PREAMBLE_LEN,
+    PREAMBLE_MAGIC, PROTOCOL_VERSION,
 };
 
 #[cfg(test)]

@@ -238,8 +238,8 @@ fn malformed_fields() {
     assert!(matches!(one_error(&bytes), WireError::Malformed { kind: FrameKind::Page, .. }));
     // A reason that is not UTF-8.
     let bytes = vec![FrameKind::Reject.code(), 0, 0, 0, 0, 0, 0, 1, 0xff];
-    assert!(matches!(one_error(&bytes), WireError::Malformed { kind: FrameKind::Reject, .. }));    // Fallback: a zero lease, checkpoint 0, a checkpoint page with neither
-    // bytes nor the zero flag, a flag a lease grant does not define.
+    assert!(matches!(one_error(&bytes), WireError::Malformed { kind: FrameKind::Reject, .. })); // Fallback: a zero lease, checkpoint 0, a checkpoint page with neither
+                                                                                                // bytes nor the zero flag, a flag a lease grant does not define.
     let mut bytes = vec![FrameKind::FallbackTerms.code(), 0, 0, 0, 0, 0, 0, 12];
     bytes.extend_from_slice(&[0; 12]);
     assert!(matches!(one_error(&bytes), WireError::Malformed { kind: FrameKind::FallbackTerms, .. }));
