@@ -406,7 +406,8 @@ scenario! {
     /// (plus 200 ns per dirty page copied): slow checkpoints.
     checkpoint_us: u64,
     /// Fallback: the destination process crashes this long after the guest
-    /// started there (0: never), healed or not.
+    /// started there (0: never), healed or not; only with `fallback` (without
+    /// it no protocol saves the only running guest).
     crash_after_start_ms: u64,
 }
 

@@ -867,7 +867,7 @@ impl Sim {
             DestinationAction::ResumeVcpus => {
                 self.trace.record(now, What::DestAction("resume-vcpus"), 0, 0);
                 self.dst.running = true;
-                if !self.dst.started && self.sc.crash_after_start_ms > 0 {
+                if !self.dst.started && self.sc.fallback && self.sc.crash_after_start_ms > 0 {
                     let generation = self.generation[1];
                     self.at(now + self.sc.crash_after_start_ms * MS, Ev::CrashAfterStart { generation });
                 }

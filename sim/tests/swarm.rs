@@ -68,7 +68,8 @@ fn the_swarm_passes_on_the_clean_core_and_catches_every_planted_bug() {
 #[test]
 fn huge_pages_cross_at_their_real_cost() {
     let huge = 16u64;
-    let extra = [("huge_pages", "16"), ("zero_pct", "0")];
+    // Without fallback: a run that falls back early never sends every page.
+    let extra = [("huge_pages", "16"), ("zero_pct", "0"), ("fallback", "false")];
     let results = run_many(0..20, &small(&extra), 2, 30).unwrap();
     for r in &results {
         assert!(r.passed(), "{}\n{:?}\n{}", r.replay, r.violations, r.tail.join("\n"));
