@@ -206,6 +206,10 @@ struct DestFallback {
     sending: Option<CheckpointCursor>,
     /// The `ReleaseAck` went out: the migration is over for this side.
     release_acked: bool,
+    /// The epoch whose terms arrived: a checkpoint is sent again only once
+    /// this epoch's terms said whether the source committed it (the terms
+    /// may arrive after the recovery's report went out).
+    terms_epoch: u32,
 }
 
 /// Lease requests remembered; a grant for an older one is ignored (it only
@@ -1296,7 +1300,9 @@ impl Destination {
             outstanding: None,
             sending: None,
             release_acked: false,
+            terms_epoch: 0,
         });
+        fallback.terms_epoch = self.epoch;
         // The source committed it (its acknowledgement may have been lost).
         if fallback.outstanding.as_ref().is_some_and(|c| c.seq <= terms.committed_checkpoint) {
             fallback.outstanding = None;
@@ -1464,7 +1470,8 @@ impl Destination {
 
     /// The next frame of the checkpoint being sent, if any.
     fn send_checkpoint_frame(&mut self, out: &mut Vec<u8>) -> bool {
-        let Some(fallback) = &mut self.fallback else { return false };
+        let epoch = self.epoch;
+        let Some(fallback) = self.fallback.as_mut().filter(|f| f.terms_epoch == epoch) else { return false };
         let (Some(cursor), Some(checkpoint)) = (fallback.sending, &fallback.outstanding) else { return false };
         let Some(layout) = self.session.as_ref().map(|s| &s.layout) else { return false };
         let (frame, next) = match cursor {
