@@ -278,3 +278,48 @@ fn a_destination_that_cannot_fence_refuses_fallback_before_the_switchover() {
         "{finished:?}"
     );
 }
+
+/// Swarm seeds 1273 and 1958: the source committed a checkpoint, its
+/// acknowledgement was lost with the connection, and after the recovery
+/// the terms (saying it was committed) reached the destination after its
+/// report: the destination must not send the checkpoint again before them.
+#[test]
+fn a_committed_checkpoint_whose_ack_was_lost_is_not_sent_again() {
+    let mut pair = started(fallback_config());
+    pump(&mut pair);
+    pair.guest_access(0, PageNumber(4), true);
+    pump(&mut pair);
+    // The checkpoint is taken (the harness records its image), sent, and
+    // committed; its acknowledgement stays on the source's side.
+    while !pair.images.iter().any(|(seq, _)| *seq == 1) {
+        assert!(pair.fire_timer());
+    }
+    for _ in 0..50 {
+        if pair.src.core.committed_checkpoint() == 1 {
+            break;
+        }
+        pair.transmit(Channel::Return, 1 << 16);
+        while pair.deliver(Channel::Return, usize::MAX) {}
+    }
+    assert_eq!(pair.src.core.committed_checkpoint(), 1);
+    // The acknowledgement is lost with every connection.
+    for channel in Channel::ALL {
+        pair.lose(channel);
+    }
+    // Reconnect; the hello reaches the destination, the terms not yet.
+    while pair.src.core.state() != SourceState::Recovering {
+        assert!(pair.fire_timer());
+    }
+    assert!(pair.transmit(Channel::Main, 0), "the resume hello");
+    assert!(pair.transmit(Channel::Main, 0), "the terms");
+    pair.deliver(Channel::Main, usize::MAX);
+    assert!(pair.pipes[Channel::Main.index()].in_flight.len() == 1, "the terms are held back");
+    // The destination's answer goes out whole before the terms arrive.
+    for _ in 0..20 {
+        pair.transmit(Channel::Return, 0);
+    }
+    while pair.deliver(Channel::Return, usize::MAX) {}
+    let outcome = pair.run_to_completion(10_000).expect("completes");
+    assert_eq!(outcome, Outcome::Completed);
+    assert_eq!(pair.src.core.stats(pair.now).recoveries, 1, "one recovery: no checkpoint refused after it");
+}
