@@ -97,6 +97,17 @@ pub struct Config {
     /// loopback (docs/hugepages.md); they pay off where a page takes long
     /// to cross.
     pub page_part_bytes: u32,
+    /// Fallback (docs/fallback.md): while postcopy runs, the destination
+    /// runs the guest only under a lease from the source and streams
+    /// checkpoints back, so that the source can restart the guest from the
+    /// last one if the destination is lost. `None` (the default): off, and
+    /// the wire and both state machines behave exactly as without it. The
+    /// source offers it (its lease and drift bound count); a destination
+    /// accepts it only with this set too (its driver must fence and take
+    /// checkpoints), follows the source's lease and takes checkpoints at
+    /// its own `checkpoint_interval`. A destination without it refuses the
+    /// source's terms before the switchover: the source keeps the guest.
+    pub fallback: Option<crate::fallback::FallbackConfig>,
     /// A deliberate bug, for showing that the checkers catch it.
     #[cfg(feature = "planted-bugs")]
     pub plant: Option<crate::plant::PlantedBug>,
@@ -124,6 +135,7 @@ impl Default for Config {
             start_timeout: Duration::from_secs(60),
             destination_gone_timeout: Duration::from_secs(600),
             page_part_bytes: 0,
+            fallback: None,
             #[cfg(feature = "planted-bugs")]
             plant: None,
         }

@@ -40,6 +40,7 @@ use crate::bitmap::Bitmap;
 use crate::channel::Channel;
 use crate::config::Config;
 use crate::error::{EventError, MigrationError, ProtocolError};
+use crate::fallback::Checkpoint;
 use crate::layout::{PageAddress, PageNumber, RamLayout};
 use crate::link::Link;
 use crate::outcome::{Finished, Notice, Side};
@@ -47,7 +48,8 @@ use crate::stats::{DestinationStats, LatencyHistogram, Observed, PhaseClock};
 use crate::time::Timestamp;
 use crate::timer::{Timer, TimerTable};
 use crate::wire::{
-    self, Frame, Hello, PageData, PageFrame, PageKind, PagePartFrame, Welcome, WireMode, MAX_PRESENT_WORDS,
+    self, CheckpointBegin, FallbackTerms, Frame, Hello, PageData, PageFrame, PageKind, PagePartFrame, Welcome, WireMode,
+    MAX_DEVICE_STATE_CHUNK, MAX_PRESENT_WORDS,
 };
 
 /// Words of the present bitmap per recovery report frame.
@@ -142,6 +144,19 @@ pub enum DestinationAction {
     Notice(Notice),
     /// The migration is over for this side.
     Finished(Box<Finished<DestinationStats>>),
+    /// Fallback: the lease lapsed: stop every vCPU now and keep them
+    /// stopped until [`DestinationAction::ResumeVcpus`] (a renewed lease).
+    /// The source counts on this taking at most its takeover margin.
+    FenceVcpus,
+    /// Fallback: take checkpoint `seq` at one instant: stop the vCPUs, read
+    /// and clear the dirty log, copy every page the guest dirtied since the
+    /// previous checkpoint (since StartGuest for the first) and the device
+    /// state, resume the vCPUs (unless fenced meanwhile), then call
+    /// [`Destination::handle_checkpoint`].
+    TakeCheckpoint { seq: u64 },
+    /// Fallback: the source took the guest back: drop this copy (memory
+    /// and vCPUs); it must never run again.
+    DiscardGuest,
 }
 
 /// A page fault waiting for its page: when it began and who waits, for the
@@ -161,6 +176,52 @@ struct Session {
     mode: WireMode,
     urgent_channel: bool,
     layout: RamLayout,
+}
+
+/// What the destination knows of fallback (docs/fallback.md), from the
+/// source's terms on.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+struct DestFallback {
+    lease: std::time::Duration,
+    checkpoint_interval: std::time::Duration,
+    renew_interval: std::time::Duration,
+    next_request: u64,
+    /// Lease requests sent and not answered, oldest first: (seq, when it
+    /// was queued, no later than it left). Bounded: see `MAX_LEASE_REQUESTS`.
+    requests: VecDeque<(u64, Timestamp)>,
+    /// The lease holds until then (by this side's clock).
+    until: Option<Timestamp>,
+    /// The vCPUs are stopped for a lapsed lease.
+    fenced: bool,
+    /// The source sent `Released`: no lease needed any more.
+    released: bool,
+    /// The next checkpoint's sequence number.
+    next_checkpoint: u64,
+    /// A checkpoint asked of the driver and not handed in yet.
+    asked: Option<u64>,
+    /// The checkpoint taken and not acknowledged: re-sent whole after a
+    /// recovery until the source commits it. One at a time.
+    outstanding: Option<Checkpoint>,
+    /// Where sending `outstanding` is (None: nothing to send).
+    sending: Option<CheckpointCursor>,
+    /// The `ReleaseAck` went out: the migration is over for this side.
+    release_acked: bool,
+    /// The epoch whose terms arrived: a checkpoint is sent again only once
+    /// this epoch's terms said whether the source committed it (the terms
+    /// may arrive after the recovery's report went out).
+    terms_epoch: u32,
+}
+
+/// Lease requests remembered; a grant for an older one is ignored (it only
+/// renews a lease a newer request renews further).
+const MAX_LEASE_REQUESTS: usize = 16;
+
+/// The next frame of a checkpoint to send.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+enum CheckpointCursor {
+    Begin,
+    Page(usize),
+    Device(usize),
 }
 
 /// Where the destination is, with what only that state needs (the public
@@ -248,6 +309,12 @@ pub struct Destination {
     /// Pages arriving in parts, by page number: made visible (installed)
     /// only once every part has arrived.
     assembling: BTreeMap<u64, Assembly>,
+    /// Fallback: when the last ReadyToRun, or welcome saying the device
+    /// state is loaded, left: StartGuest answers one of them, and the
+    /// first lease counts from there.
+    start_requested_at: Option<Timestamp>,
+    /// Fallback, once the source's terms arrived.
+    fallback: Option<DestFallback>,
 }
 
 /// A page arriving in parts ([`Frame::PagePart`]).
@@ -297,6 +364,8 @@ impl Destination {
             latency: Observed::default(),
             install_failures: BTreeMap::new(),
             assembling: BTreeMap::new(),
+            start_requested_at: None,
+            fallback: None,
         }
     }
 
@@ -374,6 +443,21 @@ impl Destination {
     /// [`Destination::handle_install_failed`]).
     pub fn eoc_queued(&self) -> bool {
         self.eoc_queued
+    }
+
+    /// Fallback: whether the vCPUs are stopped for a lapsed lease.
+    pub fn is_fenced(&self) -> bool {
+        self.fallback.as_ref().is_some_and(|f| f.fenced)
+    }
+
+    /// Fallback: whether the source released the guest (no lease needed).
+    pub fn is_released(&self) -> bool {
+        self.fallback.as_ref().is_some_and(|f| f.released)
+    }
+
+    /// Whether this migration runs with fallback (the source's terms arrived).
+    pub fn fallback_on(&self) -> bool {
+        self.fallback.is_some()
     }
 
     pub fn is_connected(&self, channel: Channel) -> bool {
@@ -613,6 +697,33 @@ impl Destination {
                 self.fail(now, MigrationError::CancelledByPeer(reason), None);
                 Ok(())
             }
+            // Also in COMPLETED: a recovery of a source that lost the Eoc or
+            // the release.
+            // Only a destination whose driver fences and checkpoints (its
+            // own `Config::fallback` set) takes them: any other refuses the
+            // migration before the switchover, and the source keeps the guest.
+            (Channel::Main, Frame::FallbackTerms(terms))
+                if self.config.fallback.is_some() && self.state() != DestinationState::Failed =>
+            {
+                self.on_fallback_terms(terms);
+                Ok(())
+            }
+            (Channel::Main, Frame::Superseded) if self.fallback.is_some() => {
+                self.superseded(now);
+                Ok(())
+            }
+            (Channel::Main | Channel::Urgent, Frame::LeaseGrant { seq }) if self.fallback.is_some() => {
+                self.on_lease_grant(now, seq);
+                Ok(())
+            }
+            (Channel::Main | Channel::Urgent, Frame::CheckpointAck { seq }) if self.fallback.is_some() => {
+                self.on_checkpoint_ack(seq);
+                Ok(())
+            }
+            (Channel::Main | Channel::Urgent, Frame::Released) if self.fallback.is_some() && self.guest_started => {
+                self.on_released(now);
+                Ok(())
+            }
             (channel, frame) => Err(self.unexpected(channel, &frame)),
         }
     }
@@ -803,7 +914,10 @@ impl Destination {
                     self.control.push_back(Frame::Ping);
                 }
             }
-            Timer::Retry => {}
+            Timer::Lease => self.on_lease_lapse(now),
+            Timer::Renew => self.renew(now),
+            Timer::Checkpoint => self.checkpoint_due(now),
+            Timer::Retry | Timer::Takeover => {}
         }
     }
 
@@ -1189,7 +1303,11 @@ impl Destination {
                 self.guest_started = true;
                 self.state = State::Running;
                 self.clock.0.started = Some(now);
-                self.actions.push_back(DestinationAction::ResumeVcpus);
+                if self.fallback.is_some() {
+                    self.start_under_lease(now);
+                } else {
+                    self.actions.push_back(DestinationAction::ResumeVcpus);
+                }
                 self.check_end_of_copy();
                 Ok(())
             }
@@ -1199,6 +1317,283 @@ impl Destination {
         }
     }
 
+    // ----- fallback -------------------------------------------------------
+
+    /// Checkpoint `seq`, asked for by [`DestinationAction::TakeCheckpoint`],
+    /// was taken: `device_state` and every page the guest dirtied here since
+    /// the previous checkpoint, as they were at one instant (a zero page
+    /// may be given as [`PageData::Zero`]). The core keeps it until the
+    /// source commits it, and sends it again after a recovery if needed.
+    pub fn handle_checkpoint(
+        &mut self,
+        _now: Timestamp,
+        seq: u64,
+        device_state: Bytes,
+        mut pages: Vec<(PageNumber, PageData)>,
+    ) -> Result<(), EventError> {
+        let layout = self.session.as_ref().map(|s| s.layout.clone());
+        let Some(fallback) = &mut self.fallback else {
+            return Err(EventError::CheckpointNotDue { seq, expected: None });
+        };
+        if fallback.asked != Some(seq) {
+            // Released or paused-and-superseded meanwhile: nothing to send.
+            if fallback.released || self.state.kind().is_terminal() {
+                return Ok(());
+            }
+            return Err(EventError::CheckpointNotDue { seq, expected: fallback.asked });
+        }
+        if device_state.len() as u64 > self.config.max_device_state_bytes.min(u64::from(u32::MAX)) {
+            return Err(EventError::CheckpointNotDue { seq, expected: None });
+        }
+        let Some(layout) = layout else {
+            return Err(EventError::CheckpointNotDue { seq, expected: None });
+        };
+        for (page, data) in &pages {
+            let expected = layout.page_size_of(*page).ok_or(EventError::PageOutOfRange(page.0))?;
+            if let PageData::Bytes(bytes) = data {
+                if bytes.len() != expected as usize {
+                    return Err(EventError::CheckpointPageLength { page: page.0, expected, got: bytes.len() });
+                }
+            }
+        }
+        if planted!(self.config, CheckpointMissesPage) {
+            pages.pop();
+        }
+        fallback.asked = None;
+        fallback.next_checkpoint = seq + 1;
+        fallback.outstanding = Some(Checkpoint { seq, device_state, pages });
+        fallback.sending = Some(CheckpointCursor::Begin);
+        Ok(())
+    }
+
+    fn on_fallback_terms(&mut self, terms: FallbackTerms) {
+        let own = self.config.fallback.clone().unwrap_or_default();
+        let fallback = self.fallback.get_or_insert_with(|| DestFallback {
+            lease: std::time::Duration::from_millis(u64::from(terms.lease_ms)),
+            checkpoint_interval: own.checkpoint_interval.max(std::time::Duration::from_millis(1)),
+            renew_interval: own.renew_interval(std::time::Duration::from_millis(u64::from(terms.lease_ms))),
+            next_request: 1,
+            requests: VecDeque::new(),
+            until: None,
+            fenced: false,
+            released: false,
+            next_checkpoint: 1,
+            asked: None,
+            outstanding: None,
+            sending: None,
+            release_acked: false,
+            terms_epoch: 0,
+        });
+        fallback.terms_epoch = self.epoch;
+        // The source committed it (its acknowledgement may have been lost).
+        if fallback.outstanding.as_ref().is_some_and(|c| c.seq <= terms.committed_checkpoint) {
+            fallback.outstanding = None;
+            fallback.sending = None;
+        }
+    }
+
+    /// StartGuest arrived: the first lease counts from the moment the
+    /// request it answers (ReadyToRun, or a welcome saying the device state
+    /// is loaded) left. Run the guest only if it still holds.
+    fn start_under_lease(&mut self, now: Timestamp) {
+        let since = self.start_requested_at;
+        let Some(fallback) = &mut self.fallback else { return };
+        let until = since.map(|at| at + fallback.lease);
+        fallback.until = until;
+        let renew = fallback.renew_interval;
+        let interval = fallback.checkpoint_interval;
+        match until {
+            Some(until) if until > now => {
+                self.timers.set(Timer::Lease, until);
+                self.actions.push_back(DestinationAction::ResumeVcpus);
+            }
+            _ => {
+                // Started, but under a lapsed lease: wait for a grant.
+                fallback.fenced = true;
+                self.actions.push_back(DestinationAction::Notice(Notice::Fenced));
+                self.request_lease(now);
+            }
+        }
+        self.timers.set(Timer::Renew, now + renew);
+        self.timers.set(Timer::Checkpoint, now + interval);
+    }
+
+    /// Queues a lease request on a live return path, after its welcome and
+    /// outside a present report.
+    fn request_lease(&mut self, now: Timestamp) {
+        if !self.links[Channel::Return.index()].up || !self.return_welcomed || self.report_word.is_some() {
+            return;
+        }
+        let Some(fallback) = self.fallback.as_mut().filter(|f| !f.released) else { return };
+        let seq = fallback.next_request;
+        fallback.next_request += 1;
+        fallback.requests.push_back((seq, now));
+        if fallback.requests.len() > MAX_LEASE_REQUESTS {
+            fallback.requests.pop_front();
+        }
+        self.control.push_back(Frame::LeaseRequest { seq });
+    }
+
+    fn renew(&mut self, now: Timestamp) {
+        let Some(fallback) = self.fallback.as_ref().filter(|f| !f.released) else { return };
+        if !self.guest_started || self.state.kind() == DestinationState::Failed {
+            return;
+        }
+        self.timers.set(Timer::Renew, now + fallback.renew_interval);
+        // Paused or recovering: the recovery's end asks at once.
+        if matches!(self.state(), DestinationState::Running | DestinationState::Completed) {
+            self.request_lease(now);
+        }
+    }
+
+    fn on_lease_grant(&mut self, now: Timestamp, seq: u64) {
+        let plant_late_grant = planted!(self.config, FencedDestinationResumes);
+        let started = self.guest_started;
+        let Some(fallback) = self.fallback.as_mut().filter(|f| !f.released) else { return };
+        let Some(&(_, sent)) = fallback.requests.iter().find(|(s, _)| *s == seq) else { return };
+        fallback.requests.retain(|(s, _)| *s > seq);
+        // From the request's departure: a grant delayed in the network must
+        // not stretch the lease past the source's takeover.
+        let base = if plant_late_grant { now } else { sent };
+        let until = base + fallback.lease;
+        if fallback.until.is_some_and(|u| u >= until) {
+            return;
+        }
+        fallback.until = Some(until);
+        self.timers.set(Timer::Lease, until);
+        if fallback.fenced && until > now && started {
+            fallback.fenced = false;
+            self.actions.push_back(DestinationAction::ResumeVcpus);
+            self.actions.push_back(DestinationAction::Notice(Notice::LeaseRestored));
+        }
+    }
+
+    fn on_lease_lapse(&mut self, now: Timestamp) {
+        let started = self.guest_started;
+        let Some(fallback) = self.fallback.as_mut().filter(|f| !f.released && !f.fenced) else { return };
+        if !started || fallback.until.is_some_and(|u| u > now) {
+            return;
+        }
+        fallback.fenced = true;
+        self.actions.push_back(DestinationAction::FenceVcpus);
+        self.actions.push_back(DestinationAction::Notice(Notice::Fenced));
+    }
+
+    fn checkpoint_due(&mut self, now: Timestamp) {
+        let eoc = self.eoc_queued;
+        let running = self.state() == DestinationState::Running;
+        let Some(fallback) = self.fallback.as_mut().filter(|f| !f.released) else { return };
+        self.timers.set(Timer::Checkpoint, now + fallback.checkpoint_interval);
+        if running && !eoc && !fallback.fenced && fallback.asked.is_none() && fallback.outstanding.is_none() {
+            let seq = fallback.next_checkpoint;
+            fallback.asked = Some(seq);
+            self.actions.push_back(DestinationAction::TakeCheckpoint { seq });
+        }
+    }
+
+    fn on_checkpoint_ack(&mut self, seq: u64) {
+        let Some(fallback) = &mut self.fallback else { return };
+        if fallback.outstanding.as_ref().is_some_and(|c| c.seq == seq) {
+            fallback.outstanding = None;
+            fallback.sending = None;
+        }
+    }
+
+    fn on_released(&mut self, _now: Timestamp) {
+        let Some(fallback) = &mut self.fallback else { return };
+        if !fallback.released {
+            fallback.released = true;
+            fallback.asked = None;
+            fallback.outstanding = None;
+            fallback.sending = None;
+            fallback.requests.clear();
+            self.timers.stop(Timer::Lease);
+            self.timers.stop(Timer::Renew);
+            self.timers.stop(Timer::Checkpoint);
+            if std::mem::replace(&mut fallback.fenced, false) {
+                self.actions.push_back(DestinationAction::ResumeVcpus);
+                self.actions.push_back(DestinationAction::Notice(Notice::LeaseRestored));
+            }
+        }
+        self.control.push_back(Frame::ReleaseAck);
+    }
+
+    /// The source took the guest back: drop this copy, never run it again.
+    fn superseded(&mut self, now: Timestamp) {
+        if let Some(fallback) = &mut self.fallback {
+            if self.guest_started && !fallback.fenced {
+                // Only if the clocks broke the drift bound: stop at once.
+                fallback.fenced = true;
+                self.actions.push_back(DestinationAction::FenceVcpus);
+            }
+            fallback.asked = None;
+            fallback.outstanding = None;
+            fallback.sending = None;
+        }
+        self.close_all_links();
+        for stranger in std::mem::take(&mut self.provisional) {
+            self.actions.push_back(DestinationAction::CloseConnection(stranger.id));
+        }
+        self.actions.push_back(DestinationAction::DiscardGuest);
+        self.state = State::Failed;
+        self.control.clear();
+        self.pending_requests.clear();
+        self.report_word = None;
+        self.welcome_pending = false;
+        self.eoc_queued = false;
+        self.timers.stop_all();
+        let stats = self.stats(now);
+        self.actions.push_back(DestinationAction::Finished(Box::new(Finished {
+            result: Err(MigrationError::Superseded),
+            guest_on: Side::Source,
+            stats,
+        })));
+    }
+
+    /// The next frame of the checkpoint being sent, if any.
+    fn send_checkpoint_frame(&mut self, out: &mut Vec<u8>) -> bool {
+        let epoch = self.epoch;
+        let Some(fallback) = self.fallback.as_mut().filter(|f| f.terms_epoch == epoch) else { return false };
+        let (Some(cursor), Some(checkpoint)) = (fallback.sending, &fallback.outstanding) else { return false };
+        let Some(layout) = self.session.as_ref().map(|s| &s.layout) else { return false };
+        let (frame, next) = match cursor {
+            CheckpointCursor::Begin => (
+                Frame::CheckpointBegin(CheckpointBegin {
+                    seq: checkpoint.seq,
+                    pages: checkpoint.pages.len() as u64,
+                    device_bytes: checkpoint.device_state.len() as u32,
+                }),
+                CheckpointCursor::Page(0),
+            ),
+            CheckpointCursor::Page(i) => match checkpoint.pages.get(i) {
+                Some((page, data)) => {
+                    let Some(address) = layout.address(*page) else { return false };
+                    (Frame::CheckpointPage { address, data: data.clone() }, CheckpointCursor::Page(i + 1))
+                }
+                None => {
+                    fallback.sending = Some(CheckpointCursor::Device(0));
+                    return self.send_checkpoint_frame(out);
+                }
+            },
+            CheckpointCursor::Device(offset) if offset < checkpoint.device_state.len() => {
+                let end = (offset + MAX_DEVICE_STATE_CHUNK).min(checkpoint.device_state.len());
+                (
+                    Frame::CheckpointDevice { chunk: checkpoint.device_state.slice(offset..end) },
+                    CheckpointCursor::Device(end),
+                )
+            }
+            CheckpointCursor::Device(_) => {
+                let digest = checkpoint.digest();
+                wire::encode(&Frame::CheckpointEnd { seq: checkpoint.seq, digest }, out);
+                fallback.sending = None;
+                return true;
+            }
+        };
+        wire::encode(&frame, out);
+        fallback.sending = Some(next);
+        true
+    }
+
     // ----- internals: frames out -------------------------------------------
 
     fn next_return_frame(&mut self, now: Timestamp, out: &mut Vec<u8>) -> bool {
@@ -1206,6 +1601,15 @@ impl Destination {
             wire::encode(&frame, out);
             if matches!(frame, Frame::ReadyToRun | Frame::Welcome(Welcome { device_loaded: true, .. })) {
                 self.start_possible = true;
+                if self.fallback.is_some() {
+                    self.start_requested_at = Some(now);
+                }
+            }
+            if frame == Frame::ReleaseAck && self.state() == DestinationState::Completed {
+                if let Some(fallback) = self.fallback.as_mut().filter(|f| !f.release_acked) {
+                    fallback.release_acked = true;
+                    self.finish_completed(now);
+                }
             }
             return true;
         }
@@ -1218,6 +1622,9 @@ impl Destination {
             DestinationState::LoadingDevice | DestinationState::AwaitingStart | DestinationState::Running
         ) && self.send_request(out)
         {
+            return true;
+        }
+        if self.state() == DestinationState::Running && self.send_checkpoint_frame(out) {
             return true;
         }
         if self.eoc_queued {
@@ -1307,6 +1714,17 @@ impl Destination {
         if self.state() == DestinationState::Recovering {
             self.state = if self.guest_started { State::Running } else { State::AwaitingStart };
         }
+        if self.guest_started {
+            // Renew the lease at once (a fenced guest runs again on the
+            // grant) and send again the checkpoint the source has not
+            // committed, whole.
+            self.request_lease(now);
+            if let Some(fallback) = &mut self.fallback {
+                if fallback.outstanding.is_some() {
+                    fallback.sending = Some(CheckpointCursor::Begin);
+                }
+            }
+        }
         self.check_end_of_copy();
     }
 
@@ -1332,6 +1750,23 @@ impl Destination {
             return;
         }
         self.state = State::Completed;
+        if let Some(fallback) = &mut self.fallback {
+            if !fallback.released {
+                // Every page is here, but the source may still take the
+                // guest back until it sends `Released`: the lease goes on,
+                // the checkpoints stop.
+                fallback.asked = None;
+                fallback.sending = None;
+                self.timers.stop(Timer::Checkpoint);
+                self.timers.stop(Timer::Keepalive);
+                self.timers.stop(Timer::PeerTimeout);
+                return;
+            }
+        }
+        self.finish_completed(now);
+    }
+
+    fn finish_completed(&mut self, now: Timestamp) {
         self.timers.stop_all();
         let stats = self.stats(now);
         self.actions.push_back(DestinationAction::Finished(Box::new(Finished {
@@ -1396,6 +1831,11 @@ impl Destination {
         self.report_word = None;
         self.welcome_pending = false;
         self.eoc_queued = false;
+        if let Some(fallback) = &mut self.fallback {
+            // Cut with the connection: sent again whole after the recovery.
+            fallback.sending = None;
+            fallback.requests.clear();
+        }
         self.clock.0.pause(now);
         // Dropping the guest is safe only while the source cannot have
         // transmitted StartGuest.

@@ -62,6 +62,10 @@ pub enum ProtocolError {
     BadPagePart { page_size: u32, offset: u32, len: usize },
     #[error("page {index} of block {block}: its part at offset {offset} arrived twice (each part crosses once)")]
     DuplicatePagePart { block: u32, index: u32, offset: u32 },
+    /// A checkpoint that does not add up (out of order, more or fewer pages
+    /// or device-state bytes than announced, a digest that differs).
+    #[error("bad checkpoint: {0}")]
+    BadCheckpoint(String),
 }
 
 impl ProtocolError {
@@ -114,6 +118,18 @@ pub enum MigrationError {
     DeviceStateLoad(String),
     #[error("page {page} could not be installed: {reason}")]
     InstallFailed { page: u64, reason: String },
+    /// Fallback: the source heard nothing from the destination for the
+    /// takeover wait (its lease had surely lapsed) and restarted the guest
+    /// from the last committed checkpoint (0: from the switchover's state).
+    #[error(
+        "the destination was silent for {silent_ms} ms, longer than its lease allows: the source took the guest \
+         back from checkpoint {checkpoint} (the guest rolled back to that instant)"
+    )]
+    TookOver { checkpoint: u64, silent_ms: u64 },
+    /// Fallback: the destination learned that the source took the guest
+    /// back; it dropped its copy (it never resumes it).
+    #[error("the source took the guest back after this side's lease lapsed: the copy here was dropped")]
+    Superseded,
 }
 
 /// An event the driver should not have delivered (a bug in the driver, not the peer).
@@ -129,4 +145,11 @@ pub enum EventError {
     MachineDescriptionTooLong { len: usize, max: usize },
     #[error("page {page} failed to install after the end of copy was sent: the guest has a hole")]
     InstallFailedAfterEnd { page: u64 },
+    /// A checkpoint the core did not ask for (another sequence number, or
+    /// none due).
+    #[error("checkpoint {seq} was not asked for (expected {expected:?})")]
+    CheckpointNotDue { seq: u64, expected: Option<u64> },
+    /// A checkpoint page of the wrong length for its block.
+    #[error("checkpoint page {page} has {got} bytes, its block's pages have {expected}")]
+    CheckpointPageLength { page: u64, expected: u32, got: usize },
 }

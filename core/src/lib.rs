@@ -43,6 +43,7 @@ pub mod channel;
 pub mod config;
 pub mod destination;
 pub mod error;
+pub mod fallback;
 pub mod layout;
 mod link;
 pub mod outcome;
@@ -61,6 +62,7 @@ pub use channel::Channel;
 pub use config::{Config, Mode};
 pub use destination::{Destination, DestinationAction, DestinationState, Waiter};
 pub use error::{EventError, MigrationError, ProtocolError};
+pub use fallback::{Checkpoint, FallbackConfig};
 pub use layout::{LayoutError, PageAddress, PageNumber, RamBlock, RamLayout};
 pub use outcome::{Finished, Notice, Side};
 #[cfg(feature = "planted-bugs")]

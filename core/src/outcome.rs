@@ -51,6 +51,17 @@ pub enum Notice {
     /// closed alone, and nothing else changed (also: no identity shown
     /// within the handshake timeout, before any migration was bound).
     StrangerRefused { channel: Channel, reason: MigrationError },
+    /// Fallback, destination: the lease lapsed; the vCPUs are stopped until
+    /// a grant renews it (or for good, if the source takes the guest back).
+    Fenced,
+    /// Fallback, destination: a grant renewed a lapsed lease; the vCPUs run again.
+    LeaseRestored,
+    /// Fallback, source: a checkpoint is committed: the guest restarts from
+    /// it if the destination is lost.
+    CheckpointCommitted { seq: u64 },
+    /// Fallback, source: the destination was silent past its lease; the
+    /// guest restarted here from checkpoint `checkpoint` (0: the switchover's state).
+    TookOver { checkpoint: u64 },
 }
 
 impl<S> PartialEq for Finished<S> {

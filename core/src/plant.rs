@@ -7,6 +7,7 @@ use std::fmt;
 use std::str::FromStr;
 
 /// A deliberate bug, switched on through [`Config::plant`](crate::Config).
+/// [`PlantedBug::ALL`] lists the protocol's, [`PlantedBug::FALLBACK`] the fallback's.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum PlantedBug {
@@ -24,6 +25,20 @@ pub enum PlantedBug {
     /// On recovery the source drops its queue of requested pages but keeps
     /// them marked as queued, so nothing ever sends them.
     RequestForgottenOnReconnect,
+    /// Fallback: the source takes the guest back as soon as it has not
+    /// heard from the destination for the margin alone, without waiting
+    /// for the destination's lease to lapse.
+    TakeoverWithoutLease,
+    /// Fallback: the source commits a checkpoint cut off by a lost
+    /// connection instead of discarding what it staged.
+    CommitPartialCheckpoint,
+    /// Fallback: the destination's checkpoint leaves out the last page the
+    /// guest dirtied before its instant.
+    CheckpointMissesPage,
+    /// Fallback: a fenced destination resumes on a late grant, counting
+    /// the renewed lease from the grant's arrival instead of from its
+    /// request's departure.
+    FencedDestinationResumes,
 }
 
 impl PlantedBug {
@@ -35,6 +50,19 @@ impl PlantedBug {
         PlantedBug::RequestForgottenOnReconnect,
     ];
 
+    /// The fallback bugs (they need a migration with fallback on).
+    pub const FALLBACK: [PlantedBug; 4] = [
+        PlantedBug::TakeoverWithoutLease,
+        PlantedBug::CommitPartialCheckpoint,
+        PlantedBug::CheckpointMissesPage,
+        PlantedBug::FencedDestinationResumes,
+    ];
+
+    /// Every planted bug: [`PlantedBug::ALL`] (the protocol's) and [`PlantedBug::FALLBACK`].
+    pub fn every() -> impl Iterator<Item = PlantedBug> {
+        PlantedBug::ALL.into_iter().chain(PlantedBug::FALLBACK)
+    }
+
     pub fn name(self) -> &'static str {
         match self {
             PlantedBug::BackgroundOverwritesNewer => "background-overwrites-newer",
@@ -42,6 +70,10 @@ impl PlantedBug {
             PlantedBug::SourceResumesAfterSwitchover => "source-resumes-after-switchover",
             PlantedBug::StaleNotDropped => "stale-not-dropped",
             PlantedBug::RequestForgottenOnReconnect => "request-forgotten-on-reconnect",
+            PlantedBug::TakeoverWithoutLease => "takeover-without-lease",
+            PlantedBug::CommitPartialCheckpoint => "commit-partial-checkpoint",
+            PlantedBug::CheckpointMissesPage => "checkpoint-misses-page",
+            PlantedBug::FencedDestinationResumes => "fenced-destination-resumes",
         }
     }
 }
@@ -55,9 +87,8 @@ impl fmt::Display for PlantedBug {
 impl FromStr for PlantedBug {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
-        PlantedBug::ALL
-            .into_iter()
-            .find(|bug| bug.name() == s)
-            .ok_or_else(|| format!("unknown planted bug {s:?}; known: {:?}", PlantedBug::ALL.map(|b| b.name())))
+        PlantedBug::every().find(|bug| bug.name() == s).ok_or_else(|| {
+            format!("unknown planted bug {s:?}; known: {:?}", PlantedBug::every().map(|b| b.name()).collect::<Vec<_>>())
+        })
     }
 }

@@ -57,13 +57,17 @@ use crate::bitmap::{Bitmap, SearchBitmap};
 use crate::channel::Channel;
 use crate::config::{Config, Mode};
 use crate::error::{EventError, MigrationError, ProtocolError};
+use crate::fallback::{Digest, FallbackConfig};
 use crate::layout::{PageAddress, PageNumber, RamLayout};
 use crate::link::Link;
 use crate::outcome::{Finished, Notice, Side};
 use crate::stats::{Observed, PhaseClock, SourceStats};
 use crate::time::Timestamp;
 use crate::timer::{Timer, TimerTable};
-use crate::wire::{self, Frame, Hello, PageKind, UrgentHello, Welcome, WireMode, MAX_DISCARD_RANGES};
+use crate::wire::{
+    self, CheckpointBegin, FallbackTerms, Frame, Hello, PageData, PageKind, UrgentHello, Welcome, WireMode,
+    MAX_DISCARD_RANGES,
+};
 
 /// Read access to the guest's RAM on the source.
 pub trait GuestMemory {
@@ -154,7 +158,12 @@ pub enum SourceState {
     ErrorReceive,
     Paused,
     Recovering,
-    /// The guest runs on the source again after a loss before StartGuest;
+    /// Fallback: every page is at the destination and `Released` is on its
+    /// way (the source will never take the guest back once it left);
+    /// waiting for the destination's `ReleaseAck`.
+    Releasing,
+    /// The guest runs on the source again after a loss before StartGuest
+    /// (or, with fallback, after the source took it back);
     /// the source reconnects (a bounded number of times) only to tell the
     /// destination, which may be waiting after its ReadyToRun, to drop it.
     Withdrawing,
@@ -173,6 +182,7 @@ impl SourceState {
                 | SourceState::ErrorReceive
                 | SourceState::Paused
                 | SourceState::Recovering
+                | SourceState::Releasing
         )
     }
 
@@ -198,6 +208,7 @@ impl fmt::Display for SourceState {
             SourceState::ErrorReceive => "ERROR_RECEIVE",
             SourceState::Paused => "PAUSED",
             SourceState::Recovering => "RECOVERING",
+            SourceState::Releasing => "RELEASING",
             SourceState::Withdrawing => "WITHDRAWING",
             SourceState::Failed => "FAILED",
         };
@@ -229,6 +240,23 @@ pub enum SourceAction {
     Notice(Notice),
     /// The migration is over; no more events are needed.
     Finished(Box<Finished<SourceStats>>),
+    /// Fallback: keep this page of checkpoint `seq` in the staging area
+    /// (not in the fallback image yet). A page comes at most once per
+    /// checkpoint, so the staging area never holds more than the guest.
+    StageCheckpointPage { seq: u64, page: PageNumber, data: PageData },
+    /// Fallback: checkpoint `seq` is whole: copy every page staged for it
+    /// into the fallback image (the guest's memory as it was at the stop,
+    /// plus the checkpoints committed before), then empty the staging area.
+    /// Carry this out before any later action.
+    CommitCheckpoint { seq: u64 },
+    /// Fallback: checkpoint `seq` was cut off: empty the staging area; the
+    /// fallback image stays as it was.
+    DiscardCheckpoint { seq: u64 },
+    /// Fallback: the destination is lost. Load `device_state` and run the
+    /// guest from the fallback image: the guest restarts at the instant of
+    /// checkpoint `checkpoint` (0: the switchover's state, `device_state`
+    /// then being the one captured at the stop).
+    TakeOver { checkpoint: u64, device_state: Bytes },
 }
 
 /// Progress of reading the destination's present-page report.
@@ -237,6 +265,44 @@ struct RecoveryReport {
     welcome: Option<Welcome>,
     next_word: u64,
     present_seen: u64,
+}
+
+/// What the source knows of fallback (docs/fallback.md).
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+struct SourceFallback {
+    config: FallbackConfig,
+    /// When the last bytes from the destination arrived: the takeover wait
+    /// counts from here.
+    last_heard: Timestamp,
+    /// The last checkpoint committed (0: none).
+    committed: u64,
+    /// The device state of the fallback image: captured at the stop, then
+    /// each committed checkpoint's.
+    image_device_state: Bytes,
+    /// The checkpoint being received.
+    staging: Option<Staging>,
+    /// `Released` was transmitted: the destination may run the guest for
+    /// good; never take it back.
+    released: bool,
+    /// The source took the guest back.
+    took_over: bool,
+    /// The epoch whose welcome was accepted: only frames of a welcomed
+    /// return connection count as the destination's.
+    welcomed_epoch: Option<u32>,
+    /// The destination acknowledged `Released` (a release lost with a
+    /// connection is sent again after the recovery).
+    release_acked: bool,
+}
+
+/// A checkpoint being received: what its begin announced and what came.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+struct Staging {
+    seq: u64,
+    pages: u64,
+    pages_seen: u64,
+    device_bytes: u32,
+    device: Vec<u8>,
+    digest: Digest,
 }
 
 /// Where the source is, with what only that state needs (the public
@@ -260,6 +326,7 @@ enum State {
     ErrorReceive,
     Paused,
     Recovering(RecoveryReport),
+    Releasing,
     /// Why the migration was abandoned.
     Withdrawing(MigrationError),
     Failed,
@@ -293,6 +360,7 @@ impl State {
             State::ErrorReceive => SourceState::ErrorReceive,
             State::Paused => SourceState::Paused,
             State::Recovering(_) => SourceState::Recovering,
+            State::Releasing => SourceState::Releasing,
             State::Withdrawing(_) => SourceState::Withdrawing,
             State::Failed => SourceState::Failed,
         }
@@ -354,6 +422,8 @@ pub struct Source {
     /// The user paused the migration: no reconnection attempt until
     /// [`Source::handle_resume`].
     held: bool,
+    /// Fallback, when on.
+    fallback: Option<SourceFallback>,
 }
 
 impl Source {
@@ -362,6 +432,17 @@ impl Source {
     pub fn new(config: Config, layout: RamLayout, session: u64) -> Self {
         let pages = layout.total_pages();
         let hybrid = matches!(config.mode, Mode::Hybrid { .. });
+        let fallback = config.fallback.clone().map(|config| SourceFallback {
+            config,
+            last_heard: Timestamp::ZERO,
+            committed: 0,
+            image_device_state: Bytes::new(),
+            staging: None,
+            released: false,
+            took_over: false,
+            welcomed_epoch: None,
+            release_acked: false,
+        });
         let mut source = Source {
             sent: SearchBitmap::new(pages),
             queued: Bitmap::new(pages),
@@ -391,6 +472,7 @@ impl Source {
             machine: Bytes::new(),
             refused_since: None,
             held: false,
+            fallback,
         };
         source.update_bookkeeping_stat();
         source
@@ -439,6 +521,22 @@ impl Source {
     /// Whether `page` has been sent (and not lost since).
     pub fn is_sent(&self, page: PageNumber) -> bool {
         self.sent.get(page.0)
+    }
+
+    /// Fallback: the last checkpoint committed (0: none yet, or fallback off).
+    pub fn committed_checkpoint(&self) -> u64 {
+        self.fallback.as_ref().map_or(0, |f| f.committed)
+    }
+
+    /// Fallback: whether `Released` left: from then on the guest is the
+    /// destination's for good (as after COMPLETED without fallback).
+    pub fn released(&self) -> bool {
+        self.fallback.as_ref().is_some_and(|f| f.released)
+    }
+
+    /// Fallback: whether the source took the guest back.
+    pub fn took_over(&self) -> bool {
+        self.fallback.as_ref().is_some_and(|f| f.took_over)
     }
 
     pub fn pages_sent(&self) -> u64 {
@@ -590,6 +688,11 @@ impl Source {
             return;
         }
         self.main_control.push_back(Frame::Hello(hello));
+        if let Some(fallback) = &self.fallback {
+            let lease_ms = u32::try_from(fallback.config.lease.as_millis()).unwrap_or(u32::MAX).max(1);
+            self.main_control
+                .push_back(Frame::FallbackTerms(FallbackTerms { lease_ms, committed_checkpoint: fallback.committed }));
+        }
         // Nothing went out on the main channel before its hello: idle since it came up.
         let main_up_since = self.links[Channel::Main.index()].connected_at;
         self.arm_keepalive(main_up_since);
@@ -647,6 +750,14 @@ impl Source {
         }
         if matches!(self.state(), SourceState::Paused | SourceState::ErrorReceive) && !self.reconnects_by_itself() {
             // The user decides when to try again and when to give up.
+            self.links[channel.index()].down();
+            self.on_link_failure(now, MigrationError::ConnectFailed { channel });
+            return;
+        }
+        if matches!(self.state(), SourceState::Paused | SourceState::ErrorReceive) && self.may_take_over() {
+            // Fallback: a destination that refuses may have crashed; it
+            // cannot have finished before `Released`. The takeover timer,
+            // not the refusals, decides.
             self.links[channel.index()].down();
             self.on_link_failure(now, MigrationError::ConnectFailed { channel });
             return;
@@ -717,6 +828,34 @@ impl Source {
             return Err(self.unexpected(channel, &frame));
         }
         self.heard_from_peer(now);
+        let welcome = matches!(frame, Frame::Welcome(_));
+        let result = self.handle_return_frame(now, channel, frame);
+        if result.is_ok() {
+            self.heard_from_destination(now, welcome);
+        }
+        result
+    }
+
+    /// Fallback: a frame from this migration's destination (on a return
+    /// connection whose welcome, of this session and epoch, was accepted:
+    /// bytes from anyone else, a restarted destination's keep-alives
+    /// included, do not count) moves the takeover deadline.
+    fn heard_from_destination(&mut self, now: Timestamp, welcome: bool) {
+        let epoch = self.epoch;
+        let Some(fallback) = &mut self.fallback else { return };
+        if welcome {
+            fallback.welcomed_epoch = Some(epoch);
+        }
+        if fallback.welcomed_epoch != Some(epoch) {
+            return;
+        }
+        fallback.last_heard = now;
+        if self.timers.is_armed(Timer::Takeover) {
+            self.arm_takeover();
+        }
+    }
+
+    fn handle_return_frame(&mut self, now: Timestamp, channel: Channel, frame: Frame) -> Result<(), ProtocolError> {
         match frame {
             Frame::Ping => Ok(()),
             Frame::Welcome(welcome) => self.on_welcome(now, welcome),
@@ -739,6 +878,21 @@ impl Source {
             }
             Frame::PresentPages(present) => self.on_present_pages(present),
             Frame::PresentEnd { present_pages } => self.on_present_end(now, present_pages),
+            Frame::LeaseRequest { seq } if self.fallback.is_some() && self.state().after_start() => {
+                self.queue_fast(Frame::LeaseGrant { seq });
+                Ok(())
+            }
+            Frame::ReleaseAck if self.state() == SourceState::Releasing => {
+                if let Some(fallback) = &mut self.fallback {
+                    fallback.release_acked = true;
+                }
+                self.finish_completed(now);
+                Ok(())
+            }
+            frame @ (Frame::CheckpointBegin(_)
+            | Frame::CheckpointPage { .. }
+            | Frame::CheckpointDevice { .. }
+            | Frame::CheckpointEnd { .. }) => self.on_checkpoint_frame(channel, frame),
             frame => Err(self.unexpected(channel, &frame)),
         }
     }
@@ -755,6 +909,11 @@ impl Source {
             return Ok(());
         }
         self.stats.0.device_state_bytes = device_state.len() as u64;
+        if let Some(fallback) = &mut self.fallback {
+            // The fallback image until a checkpoint is committed: the
+            // guest as it stopped here.
+            fallback.image_device_state = device_state.clone();
+        }
         if self.precopy_sent_any {
             self.state = State::FinalSync(device_state);
             self.actions.push_back(SourceAction::SyncDirtyLog);
@@ -930,7 +1089,8 @@ impl Source {
                     self.main_control.push_back(Frame::Ping);
                 }
             }
-            Timer::Start => {}
+            Timer::Takeover => self.take_over(now),
+            Timer::Start | Timer::Lease | Timer::Renew | Timer::Checkpoint => {}
         }
     }
 
@@ -1151,6 +1311,191 @@ impl Source {
         Ok(())
     }
 
+    // ----- internals: fallback ---------------------------------------------
+
+    /// A small control frame for the destination, on the urgent channel
+    /// when it is up (so that it does not queue behind bulk pages), else
+    /// on the main one.
+    fn queue_fast(&mut self, frame: Frame) {
+        let urgent = self.config.urgent_channel && self.links[Channel::Urgent.index()].up;
+        let queue = if urgent { &mut self.urgent_control } else { &mut self.main_control };
+        queue.push_back(frame);
+    }
+
+    /// Fallback is on, the destination may run the guest, and the source
+    /// may still take it back (nothing released, not taken back yet).
+    fn may_take_over(&self) -> bool {
+        self.fallback.as_ref().is_some_and(|f| !f.released && !f.took_over) && self.state().after_start()
+    }
+
+    /// The takeover deadline: the takeover wait after the last bytes heard
+    /// from the destination (counted by this side's clock). Any grant this
+    /// side gave answered a request it received no later than that, sent
+    /// no later still: by the deadline the lease it renewed has lapsed.
+    fn arm_takeover(&mut self) {
+        if !self.may_take_over() {
+            return;
+        }
+        let Some(fallback) = &self.fallback else { return };
+        let wait = if planted!(self.config, TakeoverWithoutLease) {
+            fallback.config.takeover_margin
+        } else {
+            fallback.config.takeover_wait()
+        };
+        self.timers.set(Timer::Takeover, fallback.last_heard + wait);
+    }
+
+    /// The destination was silent past its lease: it cannot run the guest
+    /// any more. Restart the guest here from the last committed checkpoint,
+    /// then reconnect (as a withdrawal does) only to tell a destination
+    /// that reappears that it was superseded.
+    fn take_over(&mut self, now: Timestamp) {
+        if !self.may_take_over() {
+            return;
+        }
+        self.drop_staging();
+        let Some(fallback) = &mut self.fallback else { return };
+        fallback.took_over = true;
+        let checkpoint = fallback.committed;
+        let device_state = fallback.image_device_state.clone();
+        let silent_ms = duration_ms(now.saturating_since(fallback.last_heard));
+        self.close_all_links();
+        while let Some(page) = self.urgent_queue.pop_front() {
+            self.queued.clear(page.0);
+        }
+        self.main_control.clear();
+        self.urgent_control.clear();
+        self.timers.stop_all();
+        self.clock.0.unpause(now);
+        self.attempt = 0;
+        let error = MigrationError::TookOver { checkpoint, silent_ms };
+        self.actions.push_back(SourceAction::TakeOver { checkpoint, device_state });
+        self.actions.push_back(SourceAction::Notice(Notice::TookOver { checkpoint }));
+        if self.config.withdraw_attempts == 0 {
+            self.finish_failed(now, error, false);
+            return;
+        }
+        self.state = State::Withdrawing(error);
+        self.timers.set(Timer::Retry, now + self.config.reconnect_delay(0));
+    }
+
+    /// A checkpoint cut off (a lost connection, bad bytes): what was
+    /// staged goes; the fallback image stays at the last committed one.
+    fn drop_staging(&mut self) {
+        let Some(staging) = self.fallback.as_mut().and_then(|f| f.staging.take()) else { return };
+        if planted!(self.config, CommitPartialCheckpoint) {
+            if let Some(fallback) = &mut self.fallback {
+                fallback.committed = staging.seq;
+                fallback.image_device_state = Bytes::from(staging.device);
+            }
+            self.actions.push_back(SourceAction::CommitCheckpoint { seq: staging.seq });
+            return;
+        }
+        self.actions.push_back(SourceAction::DiscardCheckpoint { seq: staging.seq });
+    }
+
+    fn on_checkpoint_frame(&mut self, channel: Channel, frame: Frame) -> Result<(), ProtocolError> {
+        let receiving = matches!(
+            self.state(),
+            SourceState::Active | SourceState::EocReceived | SourceState::AllPagesSent | SourceState::Releasing
+        );
+        let total_pages = self.layout.total_pages();
+        let max_device = self.config.max_device_state_bytes;
+        let (Some(fallback), true) = (self.fallback.as_mut(), receiving) else {
+            return Err(self.unexpected(channel, &frame));
+        };
+        let bad = |what: String| Err(ProtocolError::BadCheckpoint(what));
+        match frame {
+            Frame::CheckpointBegin(CheckpointBegin { seq, pages, device_bytes }) => {
+                if let Some(staging) = &fallback.staging {
+                    return bad(format!("checkpoint {seq} begins inside checkpoint {}", staging.seq));
+                }
+                if seq != fallback.committed + 1 {
+                    return bad(format!("checkpoint {seq} after checkpoint {}", fallback.committed));
+                }
+                if pages > total_pages || u64::from(device_bytes) > max_device {
+                    return bad(format!("checkpoint {seq} announces {pages} pages and {device_bytes} device bytes"));
+                }
+                fallback.staging = Some(Staging {
+                    seq,
+                    pages,
+                    pages_seen: 0,
+                    device_bytes,
+                    device: Vec::new(),
+                    digest: Digest::new(seq),
+                });
+                Ok(())
+            }
+            Frame::CheckpointPage { address, data } => {
+                let Some(staging) = &mut fallback.staging else {
+                    return bad("a checkpoint page outside a checkpoint".into());
+                };
+                let page = self
+                    .layout
+                    .page_number(address)
+                    .ok_or(ProtocolError::PageOutOfRange { block: address.block, index: address.index })?;
+                if let PageData::Bytes(bytes) = &data {
+                    let expected = self.layout.page_size_of(page).unwrap_or(0);
+                    if bytes.len() != expected as usize {
+                        return Err(ProtocolError::PageLength { expected, got: bytes.len() });
+                    }
+                }
+                staging.pages_seen += 1;
+                if staging.pages_seen > staging.pages {
+                    return bad(format!("checkpoint {} carries more than {} pages", staging.seq, staging.pages));
+                }
+                staging.digest.page(page, &data);
+                let seq = staging.seq;
+                self.actions.push_back(SourceAction::StageCheckpointPage { seq, page, data });
+                Ok(())
+            }
+            Frame::CheckpointDevice { chunk } => {
+                let Some(staging) = &mut fallback.staging else {
+                    return bad("checkpoint device state outside a checkpoint".into());
+                };
+                if staging.device.len() + chunk.len() > staging.device_bytes as usize {
+                    return bad(format!(
+                        "checkpoint {} carries more than {} device bytes",
+                        staging.seq, staging.device_bytes
+                    ));
+                }
+                staging.digest.device(&chunk);
+                staging.device.extend_from_slice(&chunk);
+                Ok(())
+            }
+            Frame::CheckpointEnd { seq, digest } => {
+                let Some(staging) = fallback.staging.take() else {
+                    return bad(format!("end of checkpoint {seq} outside a checkpoint"));
+                };
+                let whole = staging.seq == seq
+                    && staging.pages_seen == staging.pages
+                    && staging.device.len() == staging.device_bytes as usize
+                    && staging.digest.finish() == digest;
+                if !whole {
+                    let detail = format!(
+                        "checkpoint {} ended as {seq} after {} of {} pages and {} of {} device bytes, digest {}",
+                        staging.seq,
+                        staging.pages_seen,
+                        staging.pages,
+                        staging.device.len(),
+                        staging.device_bytes,
+                        if staging.digest.finish() == digest { "matching" } else { "differing" }
+                    );
+                    // Staged pages go (pause drops nothing more: taken above).
+                    self.actions.push_back(SourceAction::DiscardCheckpoint { seq: staging.seq });
+                    return bad(detail);
+                }
+                fallback.committed = seq;
+                fallback.image_device_state = Bytes::from(staging.device);
+                self.actions.push_back(SourceAction::CommitCheckpoint { seq });
+                self.actions.push_back(SourceAction::Notice(Notice::CheckpointCommitted { seq }));
+                self.queue_fast(Frame::CheckpointAck { seq });
+                Ok(())
+            }
+            frame => Err(self.unexpected(channel, &frame)),
+        }
+    }
+
     // ----- internals: frames out -------------------------------------------
 
     fn next_main_frame(&mut self, now: Timestamp, out: &mut Outbox<'_, impl GuestMemory + ?Sized>) -> bool {
@@ -1196,7 +1541,14 @@ impl Source {
                     self.state = State::Active { end_of_stream_queued: false };
                 }
                 self.clock.0.started.get_or_insert(now);
+                self.arm_takeover();
                 self.check_all_sent();
+            }
+            Frame::Released => {
+                if let Some(fallback) = &mut self.fallback {
+                    fallback.released = true;
+                }
+                self.timers.stop(Timer::Takeover);
             }
             Frame::EndOfStream => match self.state() {
                 SourceState::EocReceived => self.complete(now),
@@ -1468,7 +1820,22 @@ impl Source {
         }
     }
 
+    /// Every page is at the destination and it said so. Without fallback
+    /// (or once released) that is the end; with fallback, the destination
+    /// runs under a lease until it hears `Released`, and the source may
+    /// still take the guest back until that frame leaves.
     fn complete(&mut self, now: Timestamp) {
+        if self.fallback.as_ref().is_some_and(|f| !f.release_acked) {
+            if self.state() != SourceState::Releasing {
+                self.state = State::Releasing;
+                self.queue_fast(Frame::Released);
+            }
+            return;
+        }
+        self.finish_completed(now);
+    }
+
+    fn finish_completed(&mut self, now: Timestamp) {
         self.state = State::Completed;
         self.timers.stop_all();
         for channel in Channel::ALL {
@@ -1532,7 +1899,13 @@ impl Source {
         let error = self.withdraw_reason().unwrap_or(MigrationError::Cancelled);
         let mut bytes = Vec::new();
         wire::encode(&Frame::Hello(hello), &mut bytes);
-        wire::encode(&Frame::Cancel { reason: format!("the source took the guest back: {error}") }, &mut bytes);
+        if self.took_over() {
+            // The destination may still hold the guest, fenced: it drops it
+            // and never resumes it.
+            wire::encode(&Frame::Superseded, &mut bytes);
+        } else {
+            wire::encode(&Frame::Cancel { reason: format!("the source took the guest back: {error}") }, &mut bytes);
+        }
         self.links[Channel::Main.index()].down();
         self.actions.push_back(SourceAction::Farewell { channel: Channel::Main, bytes: bytes.into() });
         self.finish_failed(now, error, false);
@@ -1585,6 +1958,7 @@ impl Source {
         let was_recovering = self.state() == SourceState::Recovering;
         self.state = if bad_bytes { State::ErrorReceive } else { State::Paused };
         self.close_all_links();
+        self.drop_staging();
         self.timers.stop(Timer::Handshake);
         // The destination re-sends its outstanding requests after recovery.
         while let Some(page) = self.urgent_queue.pop_front() {

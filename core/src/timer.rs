@@ -32,6 +32,15 @@ timers! {
     PeerTimeout,
     /// Nothing written to the peer for the keep-alive interval: send a ping.
     Keepalive,
+    /// Source, fallback: nothing heard from the destination for the
+    /// takeover wait: take the guest back.
+    Takeover,
+    /// Destination, fallback: the lease lapses: stop the vCPUs.
+    Lease,
+    /// Destination, fallback: ask for the lease to be renewed.
+    Renew,
+    /// Destination, fallback: take the next checkpoint.
+    Checkpoint,
 }
 
 /// When each timer expires, if armed.

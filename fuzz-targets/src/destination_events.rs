@@ -356,6 +356,10 @@ impl Driver {
                 DestinationAction::Close(_)
                 | DestinationAction::PromoteConnection(_)
                 | DestinationAction::CloseConnection(_) => {}
+                // This target's destination does not take fallback terms.
+                action @ (DestinationAction::FenceVcpus
+                | DestinationAction::TakeCheckpoint { .. }
+                | DestinationAction::DiscardGuest) => panic!("{action:?} without fallback"),
                 DestinationAction::Farewell { channel, bytes } => {
                     assert_eq!(channel, Channel::Return);
                     assert!(!self.resumed, "a destination that ran the guest said farewell");

@@ -295,6 +295,7 @@ pub fn run(input: &PairInput) -> PairOutcome {
         Ok(Outcome::AbandonedOnSource) => PairOutcome::FailedBeforeStart,
         // Only after the destination exits, which this target never does.
         Ok(Outcome::CompletedSourceGaveUp) => panic!("the source gave the guest up to a destination still there"),
+        Ok(Outcome::TookOver) => panic!("a takeover in a pair without fallback"),
         // The source gave up before StartGuest and took the guest back; the
         // destination may still be listening (it never learned of a session).
         Err(Violation::MigrationFailed { .. })

@@ -440,7 +440,16 @@ impl Driver {
                     Notice::ConnectionRefused { .. } | Notice::StrangerRefused { .. } => {
                         panic!("the source does not refuse connections")
                     }
+                    notice @ (Notice::Fenced
+                    | Notice::LeaseRestored
+                    | Notice::CheckpointCommitted { .. }
+                    | Notice::TookOver { .. }) => panic!("{notice:?} without fallback"),
                 },
+                // This target's source runs without fallback.
+                action @ (SourceAction::StageCheckpointPage { .. }
+                | SourceAction::CommitCheckpoint { .. }
+                | SourceAction::DiscardCheckpoint { .. }
+                | SourceAction::TakeOver { .. }) => panic!("{action:?} without fallback"),
                 SourceAction::Finished(finished) => {
                     self.finished = true;
                     match &finished.result {

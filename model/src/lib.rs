@@ -113,9 +113,24 @@
 //!   destination may then wait paused for good (it cannot tell that source
 //!   from one past StartGuest, core commit b134bc8): the model accepts that
 //!   end, with the guest running on the source.
-//! - No process crashes: a crash after StartGuest loses the guest whatever
-//!   the protocol does; before it, it is a lost connection, which is
-//!   modelled. A destination does exit once it has finished.
+//! - No process crashes without fallback: a crash after StartGuest loses
+//!   the guest whatever the protocol does; before it, it is a lost
+//!   connection, which is modelled. A destination does exit once it has
+//!   finished.
+//!
+//! # Fallback (`check --fallback`, docs/fallback.md)
+//!
+//! Both sides run with fallback; the destination may crash once after
+//! StartGuest and before the source released the guest (`CrashDestination`:
+//! its core stops, its connections go, nothing listens any more). The
+//! destination's clock runs slow by the drift bound ([`FALLBACK_DRIFT_PPM`]),
+//! the worst case the bound allows for fencing, so a lease lapses as late as
+//! it may against the source's takeover timer. Lost connections with failed
+//! reconnections are the partitions. Extra properties: the rollback is exact
+//! (invariant 7: the harness compares the source's memory and device state
+//! at a takeover with the guest's image at that checkpoint's instant); one
+//! runner covers fencing; a fair run completes or falls back. Four planted
+//! bugs ([`PlantedBug::FALLBACK`]) are caught (`model/tests/fallback.rs`).
 
 #![forbid(unsafe_code)]
 
@@ -128,7 +143,9 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use postcopy_core::testkit::{page_version, Outcome, Pair, PairConfig, Violation};
 use postcopy_core::wire::{Decoder, Frame, PageData, PageKind};
-use postcopy_core::{Channel, Config, DestinationState, Mode, PageNumber, PlantedBug, Side, SourceState};
+use postcopy_core::{
+    Channel, Config, DestinationState, FallbackConfig, MigrationError, Mode, PageNumber, PlantedBug, Side, SourceState,
+};
 use stateright::{Checker, Expectation, HasDiscoveries, Model, Property};
 
 /// Withdrawal attempts in the model's core configuration.
@@ -173,7 +190,19 @@ pub struct ModelConfig {
     pub strangers: bool,
     /// A planted bug in both cores.
     pub plant: Option<PlantedBug>,
+    /// Fallback on (docs/fallback.md): leases, fencing and checkpoints; the
+    /// destination may crash once after StartGuest; its clock runs slow by
+    /// the drift bound ([`FALLBACK_DRIFT_PPM`]), the latest its lease may lapse.
+    pub fallback: bool,
 }
+
+/// The model's fallback lease: long against a checkpoint interval and a
+/// renewal, so that few timer firings reach a checkpoint, a renewal, a
+/// lapse and a takeover.
+pub const FALLBACK_LEASE_MS: u64 = 100;
+/// The drift bound of the model's fallback, and how slow the destination's
+/// clock runs (the worst case it allows).
+pub const FALLBACK_DRIFT_PPM: u32 = 10_000;
 
 impl Default for ModelConfig {
     /// The CI configuration: 3 pages, 1 vCPU, 1 precopy round, 2 lost
@@ -197,11 +226,32 @@ impl Default for ModelConfig {
             fair_rounds: 200,
             strangers: true,
             plant: None,
+            fallback: false,
         }
     }
 }
 
 impl ModelConfig {
+    /// The fallback configuration (`check --fallback`): 2 pages, pure
+    /// postcopy, 1 vCPU, 1 lost connection, 1 write, 4 timer firings, 1
+    /// batch in flight per channel, a destination crash; no cancel, switch
+    /// or strangers (checked without fallback, and unchanged by it).
+    pub fn fallback() -> Self {
+        Self {
+            pages: 2,
+            precopy_rounds: 0,
+            losses: 1,
+            writes: 1,
+            timers: 4,
+            window: 1,
+            cancel: false,
+            switch: false,
+            strangers: false,
+            fallback: true,
+            ..Self::default()
+        }
+    }
+
     /// The core configuration both sides use.
     pub fn core_config(&self) -> Config {
         let mode = if self.precopy_rounds == 0 {
@@ -223,6 +273,15 @@ impl ModelConfig {
             // exited (refused at the first retry, 50 ms after the pause,
             // and at the second, 100 ms later).
             destination_gone_timeout: Duration::from_millis(100),
+            // A checkpoint before the first renewal, a renewal twice a
+            // lease: a lapse and a takeover within a few timer firings.
+            fallback: self.fallback.then(|| FallbackConfig {
+                lease: Duration::from_millis(FALLBACK_LEASE_MS),
+                drift_ppm: FALLBACK_DRIFT_PPM,
+                takeover_margin: Duration::from_millis(5),
+                checkpoint_interval: Duration::from_millis(40),
+                renewals_per_lease: 2,
+            }),
             plant: self.plant,
             ..Config::default()
         }
@@ -247,7 +306,7 @@ impl ModelConfig {
     pub fn summary(&self) -> String {
         format!(
             "pages={} huge_pages={} vcpus={} precopy_rounds={} losses={} writes={} timers={} window={} urgent={} device_page={} \
-             cancel={} switch={} symmetry={} plant={}",
+             cancel={} switch={} symmetry={} fallback={} plant={}",
             self.pages,
             self.huge_pages,
             self.vcpus,
@@ -261,6 +320,7 @@ impl ModelConfig {
             self.cancel,
             self.switch,
             self.symmetry,
+            self.fallback,
             self.plant.map_or("none", PlantedBug::name),
         )
     }
@@ -276,6 +336,8 @@ pub struct State {
     pub timers_left: u8,
     pub cancel_left: bool,
     pub switch_left: bool,
+    /// Fallback: the destination may still crash.
+    pub crash_left: bool,
 }
 
 /// One step of the environment or of the network.
@@ -298,6 +360,9 @@ pub enum Action {
     SwitchToPostcopy,
     CancelOnSource,
     CancelOnDestination,
+    /// Fallback: the destination process crashes (its guest, memory and
+    /// connections gone; nothing listens any more).
+    CrashDestination,
     /// A peer of another migration connects to the destination on the
     /// channel, shows its own hello (or garbage), and goes.
     Stranger {
@@ -320,6 +385,7 @@ impl fmt::Display for Action {
             Action::SwitchToPostcopy => write!(f, "user: switch to postcopy"),
             Action::CancelOnSource => write!(f, "user: cancel on the source"),
             Action::CancelOnDestination => write!(f, "user: cancel on the destination"),
+            Action::CrashDestination => write!(f, "the destination CRASHES"),
             Action::Stranger { channel, garbage: false } => write!(f, "a stranger's hello on {channel}"),
             Action::Stranger { channel, garbage: true } => write!(f, "a stranger's garbage on {channel}"),
         }
@@ -411,6 +477,10 @@ impl MigrationModel {
                 }
                 pair.settle();
             }
+            Action::CrashDestination => {
+                state.crash_left = false;
+                pair.crash_destination();
+            }
         }
         pair.check();
         if self.cfg.symmetry {
@@ -444,6 +514,9 @@ impl Model for MigrationModel {
 
     fn init_states(&self) -> Vec<State> {
         let mut pair = Pair::new(self.pair_cfg.clone());
+        if self.cfg.fallback {
+            pair.dst_slow_ppm = FALLBACK_DRIFT_PPM;
+        }
         pair.check();
         vec![State {
             pair,
@@ -452,6 +525,7 @@ impl Model for MigrationModel {
             timers_left: self.cfg.timers,
             cancel_left: self.cfg.cancel,
             switch_left: self.cfg.switch && self.hybrid(),
+            crash_left: self.cfg.fallback,
         }]
     }
 
@@ -459,7 +533,7 @@ impl Model for MigrationModel {
         let pair = &state.pair;
         // A broken invariant ends the path (its trace stays short); so does
         // the end of the migration on both sides.
-        if !pair.violations.is_empty() || pair.finished() {
+        if !pair.violations.is_empty() || pair.finished() || (pair.dst_crashed && pair.src.finished_ok.is_some()) {
             return;
         }
         for channel in self.channels() {
@@ -534,6 +608,13 @@ impl Model for MigrationModel {
         if pair.dst.finished_ok.is_some() && !pair.dst_gone {
             actions.push(Action::DestinationExits);
         }
+        // Fallback: the destination crashes once the guest may run there
+        // (before that a crash is a lost connection, modelled as one), and
+        // before the source released it (after that the guest is the
+        // destination's alone, as after COMPLETED without fallback).
+        if state.crash_left && pair.dst.core.guest_started() && !pair.src.core.released() {
+            actions.push(Action::CrashDestination);
+        }
         // The user.
         if state.switch_left
             && matches!(pair.src.core.state(), SourceState::Handshake | SourceState::Precopy | SourceState::DirtySync)
@@ -577,6 +658,7 @@ impl Model for MigrationModel {
             Property::always(STRANGER_CHANGES_NOTHING, |_: &MigrationModel, s: &State| {
                 stranger_changes_nothing(&s.pair).is_ok()
             }),
+            Property::always(ROLLBACK_EXACT, |_: &MigrationModel, s: &State| rollback_exact(&s.pair).is_ok()),
             Property::always(FAIR_RUN_COMPLETES, |m: &MigrationModel, s: &State| m.fair_run_ok(&s.pair)),
             Property::sometimes("both sides complete", |_: &MigrationModel, s: &State| s.pair.completed()),
             Property::sometimes("fault served during background push", |_: &MigrationModel, s: &State| {
@@ -615,6 +697,33 @@ impl Model for MigrationModel {
                 },
             ));
         }
+        if self.cfg.fallback {
+            properties.push(Property::sometimes(
+                "completes with fallback on: the source releases the guest",
+                |_: &MigrationModel, s: &State| s.pair.completed() && s.pair.dst.core.is_released(),
+            ));
+            properties.push(Property::sometimes("a checkpoint is committed", |_: &MigrationModel, s: &State| {
+                s.pair.src.core.committed_checkpoint() > 0
+            }));
+            properties.push(Property::sometimes(
+                "a crashed destination: the source restarts the guest from a committed checkpoint",
+                |_: &MigrationModel, s: &State| {
+                    s.pair.dst_crashed && s.pair.src.core.took_over() && s.pair.src.core.committed_checkpoint() > 0
+                },
+            ));
+            if self.cfg.losses > 0 {
+                properties.push(Property::sometimes(
+                    "a lapsed lease fences the destination",
+                    |_: &MigrationModel, s: &State| s.pair.dst.core.is_fenced() && !s.pair.dst_crashed,
+                ));
+                properties.push(Property::sometimes(
+                    "a partitioned destination is superseded and drops its copy",
+                    |_: &MigrationModel, s: &State| {
+                        s.pair.dst.finished.0.as_ref().is_some_and(|f| f.result == Err(MigrationError::Superseded))
+                    },
+                ));
+            }
+        }
         if self.cfg.cancel || self.cfg.losses > 0 {
             properties.push(Property::sometimes(
                 "fails safely: guest back on the source",
@@ -633,13 +742,16 @@ pub const CROSSES_ONCE: &str = "each page crosses once in pure postcopy (invaria
 pub const BOUNDED: &str = "queues within bounds (invariant 5)";
 pub const DRIVER_CONTRACT: &str = "cores accept every event of a correct driver";
 pub const FRAME_ORDER: &str = "frames in protocol order on every connection";
+pub const ROLLBACK_EXACT: &str =
+    "after a takeover the source holds exactly the last committed checkpoint (invariant 7)";
 pub const FAIR_RUN_COMPLETES: &str = "a fair run completes: EOC reaches COMPLETED, faults resolved (invariant 3)";
 
 pub const STRANGER_CHANGES_NOTHING: &str = "a stranger (another migration's hello, garbage) changes nothing";
 pub const HUGE_PAGE_WHOLE: &str = "a huge page is never visible half-filled";
 
 /// The names of the `always` properties.
-pub const SAFETY: [&str; 9] = [
+pub const SAFETY: [&str; 10] = [
+    ROLLBACK_EXACT,
     NO_PAGE_LOST,
     ONE_RUNNER,
     CROSSES_ONCE,
@@ -682,6 +794,14 @@ pub fn no_page_lost(pair: &Pair) -> Result<(), String> {
         }
     }
     Ok(())
+}
+
+/// Invariant 7: a takeover restarts the guest from exactly the image of
+/// the last committed checkpoint (every page at its version at that
+/// instant) with that checkpoint's device state (the harness compares them
+/// when the source takes the guest back).
+pub fn rollback_exact(pair: &Pair) -> Result<(), String> {
+    violation_of(pair, |v| matches!(v, Violation::RollbackMismatch { .. } | Violation::RollbackDeviceState { .. }))
 }
 
 /// Invariant 2.
@@ -1048,6 +1168,7 @@ pub fn format_trace(model: &MigrationModel, property: &str, steps: &[(State, Opt
             DRIVER_CONTRACT => driver_contract(&last.pair),
             FRAME_ORDER => frame_order(&last.pair),
             STRANGER_CHANGES_NOTHING => stranger_changes_nothing(&last.pair),
+            ROLLBACK_EXACT => rollback_exact(&last.pair),
             FAIR_RUN_COMPLETES => {
                 let _ = writeln!(out, "      then the fair run from this state (no new faults or losses):");
                 let (log, result) = fair_run_log(&last.pair, model.cfg.fair_rounds);
@@ -1155,6 +1276,29 @@ pub fn describe_frame(frame: &Frame) -> String {
         Frame::PresentPages(p) => format!("PresentPages({:#b})", p.words.first().copied().unwrap_or(0)),
         Frame::PresentEnd { present_pages } => format!("PresentEnd({present_pages})"),
         Frame::Reject { reason } => format!("Reject({reason})"),
+        Frame::FallbackTerms(t) => {
+            format!("FallbackTerms(lease {} ms, committed {})", t.lease_ms, t.committed_checkpoint)
+        }
+        Frame::LeaseGrant { seq } => format!("LeaseGrant({seq})"),
+        Frame::CheckpointAck { seq } => format!("CheckpointAck({seq})"),
+        Frame::Superseded => "Superseded".into(),
+        Frame::Released => "Released".into(),
+        Frame::LeaseRequest { seq } => format!("LeaseRequest({seq})"),
+        Frame::CheckpointBegin(b) => format!("CheckpointBegin({}, {} pages)", b.seq, b.pages),
+        Frame::CheckpointPage { address, data } => {
+            let page = PageNumber(u64::from(address.index));
+            let version = match data {
+                PageData::Zero => Some(0),
+                PageData::Bytes(b) => page_version(b, page),
+            };
+            match version {
+                Some(v) => format!("CheckpointPage({} v{v})", page.0),
+                None => format!("CheckpointPage({} corrupt)", page.0),
+            }
+        }
+        Frame::CheckpointDevice { chunk } => format!("CheckpointDevice({} bytes)", chunk.len()),
+        Frame::CheckpointEnd { seq, .. } => format!("CheckpointEnd({seq})"),
+        Frame::ReleaseAck => "ReleaseAck".into(),
     }
 }
 
@@ -1185,7 +1329,15 @@ impl fmt::Debug for StateView<'_> {
             pair.src.core.state(),
             if pair.src.running { " RUNS" } else { "" },
             pair.dst.core.state(),
-            if pair.dst.running { " RUNS" } else { "" },
+            if pair.dst_crashed {
+                " CRASHED"
+            } else if pair.dst.running {
+                " RUNS"
+            } else if pair.dst.core.is_fenced() {
+                " FENCED"
+            } else {
+                ""
+            },
             dst_mem.join(" "),
             blocked.join(" "),
             latest.join(" "),

@@ -4,6 +4,8 @@
 //! cargo run --release -p postcopy-model -- check                 # the CI configuration
 //! cargo run --release -p postcopy-model -- check --pages 2 --losses 1 --plant early-eoc
 //! cargo run --release -p postcopy-model -- check --list-plants
+//! cargo run --release -p postcopy-model -- check --fallback       # leases, checkpoints, crashes
+//! cargo run --release -p postcopy-model -- check --fallback --plant takeover-without-lease
 //! cargo run --release -p postcopy-model -- explore --port 3000   # stateright's Explorer
 //! ```
 
@@ -48,34 +50,36 @@ enum Command {
     },
 }
 
-/// The bounds of the model (defaults: the CI configuration).
+/// The bounds of the model. Unset bounds take the CI configuration's
+/// values (`check --help` shows them in `ModelConfig::default`), or with
+/// `--fallback` the fallback configuration's (`ModelConfig::fallback`).
 #[derive(Args)]
 struct Bounds {
     /// Guest pages.
-    #[arg(long, default_value_t = ModelConfig::default().pages)]
-    pages: u64,
+    #[arg(long)]
+    pages: Option<u64>,
     /// Pages of a second block of huge pages (four times the size of the
     /// others); 0 for none.
-    #[arg(long, default_value_t = ModelConfig::default().huge_pages)]
-    huge_pages: u64,
+    #[arg(long)]
+    huge_pages: Option<u64>,
     /// Guest vCPUs.
-    #[arg(long, default_value_t = ModelConfig::default().vcpus)]
-    vcpus: u32,
+    #[arg(long)]
+    vcpus: Option<u32>,
     /// Precopy rounds (0: pure postcopy).
-    #[arg(long, default_value_t = ModelConfig::default().precopy_rounds)]
-    precopy_rounds: u32,
+    #[arg(long)]
+    precopy_rounds: Option<u32>,
     /// Lost connections (and failed reconnection attempts), at most.
-    #[arg(long, default_value_t = ModelConfig::default().losses)]
-    losses: u8,
+    #[arg(long)]
+    losses: Option<u8>,
     /// Guest writes, at most.
-    #[arg(long, default_value_t = ModelConfig::default().writes)]
-    writes: u8,
+    #[arg(long)]
+    writes: Option<u8>,
     /// Timer firings, at most.
-    #[arg(long, default_value_t = ModelConfig::default().timers)]
-    timers: u8,
+    #[arg(long)]
+    timers: Option<u8>,
     /// Batches in flight per channel, at most.
-    #[arg(long, default_value_t = ModelConfig::default().window)]
-    window: usize,
+    #[arg(long)]
+    window: Option<usize>,
     /// No urgent channel: requested pages share the main channel.
     #[arg(long)]
     no_urgent: bool,
@@ -100,28 +104,35 @@ struct Bounds {
     /// A planted bug to switch on (see --list-plants).
     #[arg(long, value_name = "NAME")]
     plant: Option<PlantedBug>,
+    /// Fallback on (docs/fallback.md): leases, fencing, checkpoints, a
+    /// destination that may crash after StartGuest, its clock slow by the
+    /// drift bound; the fallback configuration's bounds (2 pages, pure
+    /// postcopy, 1 loss, 1 write, 4 timers, window 1, no cancel, no strangers).
+    #[arg(long)]
+    fallback: bool,
 }
 
 impl Bounds {
     fn config(&self) -> ModelConfig {
+        let base = if self.fallback { ModelConfig::fallback() } else { ModelConfig::default() };
         ModelConfig {
-            pages: self.pages,
-            huge_pages: self.huge_pages,
-            vcpus: self.vcpus,
-            precopy_rounds: self.precopy_rounds,
-            losses: self.losses,
-            writes: self.writes,
-            timers: self.timers,
-            window: self.window,
-            urgent_channel: !self.no_urgent,
-            device_page: self.device_page,
-            cancel: !self.no_cancel,
-            switch: !self.no_switch,
-            symmetry: !self.no_symmetry,
-            liveness: !self.no_liveness,
-            strangers: !self.no_strangers,
+            pages: self.pages.unwrap_or(base.pages),
+            huge_pages: self.huge_pages.unwrap_or(base.huge_pages),
+            vcpus: self.vcpus.unwrap_or(base.vcpus),
+            precopy_rounds: self.precopy_rounds.unwrap_or(base.precopy_rounds),
+            losses: self.losses.unwrap_or(base.losses),
+            writes: self.writes.unwrap_or(base.writes),
+            timers: self.timers.unwrap_or(base.timers),
+            window: self.window.unwrap_or(base.window),
+            urgent_channel: !self.no_urgent && base.urgent_channel,
+            device_page: self.device_page || base.device_page,
+            cancel: !self.no_cancel && base.cancel,
+            switch: !self.no_switch && base.switch,
+            symmetry: !self.no_symmetry && base.symmetry,
+            liveness: !self.no_liveness && base.liveness,
+            strangers: !self.no_strangers && base.strangers,
             plant: self.plant,
-            ..ModelConfig::default()
+            ..base
         }
     }
 }
@@ -131,6 +142,9 @@ fn main() -> ExitCode {
         Command::Check { list_plants: true, .. } => {
             for bug in PlantedBug::ALL {
                 println!("{bug}");
+            }
+            for bug in PlantedBug::FALLBACK {
+                println!("{bug} (with --fallback)");
             }
             ExitCode::SUCCESS
         }

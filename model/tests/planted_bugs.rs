@@ -21,6 +21,8 @@ fn expected(bug: PlantedBug) -> &'static [&'static str] {
         PlantedBug::SourceResumesAfterSwitchover => &[ONE_RUNNER],
         PlantedBug::StaleNotDropped => &[NO_PAGE_LOST, FAIR_RUN_COMPLETES],
         PlantedBug::RequestForgottenOnReconnect => &[FAIR_RUN_COMPLETES],
+        // Fallback plants: model/tests/fallback.rs.
+        _ => &[],
     }
 }
 

@@ -103,6 +103,19 @@ pub enum Violation {
     Disagreement {
         detail: String,
     },
+    /// Invariant 7: after a takeover the source's memory is not the guest
+    /// at the last committed checkpoint's instant.
+    RollbackMismatch {
+        checkpoint: u64,
+        page: u64,
+        expected: u64,
+        found: u64,
+    },
+    /// Invariant 7: the takeover's device state is not the checkpoint's, or
+    /// no image of that instant was recorded.
+    RollbackDeviceState {
+        checkpoint: u64,
+    },
 }
 
 impl fmt::Display for Violation {
@@ -139,6 +152,10 @@ pub struct Checkers {
     alive: Vec<u8>,
     /// Per page pushed in parts, a bit for each part of its copy sent.
     parts: std::collections::HashMap<u64, u64>,
+    /// Fallback: the guest's image at each instant the source may restart
+    /// it from (0: the stop; then each checkpoint), pruned to those not
+    /// older than the last commit: at most three.
+    images: Vec<(u64, Vec<u64>)>,
     pub violations: Vec<Violation>,
 }
 
@@ -149,8 +166,34 @@ impl Checkers {
             next_version: 1,
             alive: vec![0; pages as usize],
             parts: std::collections::HashMap::new(),
+            images: Vec::new(),
             violations: Vec::new(),
         }
+    }
+
+    /// Fallback: the guest's image now is the one checkpoint `seq` (0: the
+    /// stop) captures; images older than `committed` are dropped.
+    pub fn record_image(&mut self, seq: u64, committed: u64) {
+        self.images.retain(|(s, _)| *s >= committed && *s != seq);
+        self.images.push((seq, self.latest.clone()));
+    }
+
+    /// Fallback: the source restarted the guest from checkpoint
+    /// `checkpoint` with `memory` (invariant 7); the guest's history is
+    /// that image's from now on.
+    pub fn took_over(&mut self, checkpoint: u64, memory: &[u64], device_state_matches: bool) {
+        if !device_state_matches {
+            self.flag(Violation::RollbackDeviceState { checkpoint });
+        }
+        let Some(image) = self.images.iter().find(|(s, _)| *s == checkpoint).map(|(_, i)| i.clone()) else {
+            self.flag(Violation::RollbackDeviceState { checkpoint });
+            return;
+        };
+        if let Some(page) = (0..image.len()).find(|&p| memory.get(p) != Some(&image[p])) {
+            let found = memory.get(page).copied().unwrap_or(MISSING);
+            self.flag(Violation::RollbackMismatch { checkpoint, page: page as u64, expected: image[page], found });
+        }
+        self.latest = image;
     }
 
     fn flag(&mut self, violation: Violation) {

@@ -727,6 +727,11 @@ pub fn scan_chunk(bytes: &[u8], charge: PageCharge, mut page: impl FnMut(Scanned
     while at + HEADER_LEN <= bytes.len() {
         let header = &bytes[at..at + HEADER_LEN];
         let len = u32::from_be_bytes([header[4], header[5], header[6], header[7]]) as usize;
+        let checkpoint_page = header[0] == FrameKind::CheckpointPage.code();
+        if checkpoint_page && header[1] & ZERO == 0 {
+            // Fallback: a page of a checkpoint costs what a page costs.
+            charged += charge.extra(len.saturating_sub(8) as u64);
+        }
         if header[0] == FrameKind::Page.code() && at + HEADER_LEN + 8 <= bytes.len() {
             let p = &bytes[at + HEADER_LEN..];
             let zero = header[1] & ZERO != 0;

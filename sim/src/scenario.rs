@@ -49,6 +49,9 @@ pub struct LivenessSchedule {
     pub migration_ms: u64,
     /// Event granularity and the tail after the last page.
     pub slack_ms: u64,
+    /// Fallback: a crash after the start (its delay), the takeover wait,
+    /// then the withdrawal's attempts to tell the destination.
+    pub fallback_ms: u64,
 }
 
 impl LivenessSchedule {
@@ -57,7 +60,7 @@ impl LivenessSchedule {
     pub fn bound_ms(&self) -> u64 {
         let recover = self.recovery_ms + self.migration_ms;
         let abandon = self.withdrawal_ms + self.next_attempt_ms + self.migration_ms;
-        self.detect_ms + recover.max(abandon) + self.slack_ms
+        self.detect_ms + recover.max(abandon).max(self.fallback_ms) + self.slack_ms
     }
 }
 
@@ -393,6 +396,19 @@ scenario! {
     /// the other options, see `Scenario::liveness_bound_ms`).
     liveness_ms: u64,
     plant: Plant,
+    /// Fallback on (docs/fallback.md): leases, fencing, checkpoints.
+    fallback: bool,
+    /// Fallback: the lease.
+    lease_ms: u64,
+    /// Fallback: the destination takes a checkpoint this often.
+    checkpoint_ms: u64,
+    /// Fallback: the destination's vCPUs stop this long for each checkpoint
+    /// (plus 200 ns per dirty page copied): slow checkpoints.
+    checkpoint_us: u64,
+    /// Fallback: the destination process crashes this long after the guest
+    /// started there (0: never), healed or not; only with `fallback` (without
+    /// it no protocol saves the only running guest).
+    crash_after_start_ms: u64,
 }
 
 impl Scenario {
@@ -487,6 +503,24 @@ impl Scenario {
         // Drawn last: the options above stay what they were for every seed.
         let strangers = if r.chance(0.3) { r.range(1, 4) as u32 } else { 0 };
         let huge_pages = if r.chance(0.25) { r.log_uniform(1, 64) } else { 0 };
+        // Fallback, drawn after everything else: a seed that draws it off
+        // keeps every option it had.
+        let fallback = r.chance(0.3);
+        let (mut lease_ms, mut checkpoint_ms, mut checkpoint_us, mut crash_after_start_ms) = (1000, 100, 100, 0);
+        let mut partition_max_ms = partition_max_ms;
+        if fallback {
+            // Longer than a round trip plus what a full socket buffer holds
+            // ahead of a lease request or a grant, four times over.
+            let drain_ms = buffer_kib * 1024 * 8 / effective_mbps / 1000 + 1;
+            let floor = 4 * (rtt_ms + 2 * drain_ms) + 20;
+            lease_ms = r.log_uniform(floor, floor.max(400) * 2);
+            // Checkpoints within a migration's time, up to a lease.
+            checkpoint_ms = r.log_uniform(1, est_ms.clamp(2, lease_ms));
+            checkpoint_us = r.log_uniform(10, 5000);
+            crash_after_start_ms = if r.chance(0.5) { r.range(0, est_ms + 5) } else { 0 };
+            // Partitions shorter and longer than the lease.
+            partition_max_ms = partition_max_ms.max(3 * lease_ms);
+        }
 
         Scenario {
             seed,
@@ -535,6 +569,11 @@ impl Scenario {
             heal_ms,
             liveness_ms,
             plant: Plant(None),
+            fallback,
+            lease_ms,
+            checkpoint_ms,
+            checkpoint_us,
+            crash_after_start_ms,
         }
     }
 
@@ -565,7 +604,17 @@ impl Scenario {
         let withdrawal_ms = (0..config.withdraw_attempts)
             .map(|attempt| duration_ms(config.reconnect_delay(attempt)) + self.handshake_timeout_ms)
             .sum();
+        // Fallback: a destination lost for good is replaced after the
+        // takeover wait (from its crash, which may come after the heal),
+        // then told, as a withdrawal tells.
+        let fallback_ms = if self.fallback {
+            let wait = config.fallback.as_ref().map_or(0, |f| duration_ms(f.takeover_wait()));
+            self.crash_after_start_ms + wait + withdrawal_ms
+        } else {
+            0
+        };
         LivenessSchedule {
+            fallback_ms,
             detect_ms: self.peer_timeout_ms.max(self.handshake_timeout_ms),
             recovery_ms: self.reconnect_max_ms + self.handshake_timeout_ms,
             withdrawal_ms,
@@ -613,6 +662,9 @@ impl Scenario {
                 "max_outstanding={} must exceed vcpus + device_pages (each waits for one page at most)",
                 self.max_outstanding
             ));
+        }
+        if self.fallback && (self.lease_ms == 0 || self.checkpoint_ms == 0) {
+            return Err("lease_ms and checkpoint_ms must be positive".into());
         }
         if self.device_state_bytes > 64 << 20 {
             return Err("device_state_bytes must be at most 64 MiB".into());
@@ -669,6 +721,11 @@ impl Scenario {
             // A huge page goes in HUGE_WIRE_FACTOR parts, as a 2 MiB one in
             // parts of 128 KiB: a request can meet a page half pushed.
             page_part_bytes: self.wire_page_bytes,
+            fallback: self.fallback.then(|| postcopy_core::FallbackConfig {
+                lease: ms(self.lease_ms),
+                checkpoint_interval: ms(self.checkpoint_ms),
+                ..postcopy_core::FallbackConfig::default()
+            }),
             #[cfg(feature = "planted-bugs")]
             plant: self.plant.0.as_deref().and_then(|name| name.parse().ok()),
             ..Config::default()

@@ -34,6 +34,11 @@ use crate::scenario::{
 };
 use crate::trace::{Trace, What};
 
+/// The device state the simulated destination captures at checkpoint `seq`.
+fn checkpoint_device_state(seq: u64) -> Bytes {
+    Bytes::from(format!("device state at checkpoint {seq}"))
+}
+
 const MS: u64 = 1_000_000;
 const US: u64 = 1_000;
 /// A vCPU runs at most this long per event (a coarser step is faster to
@@ -47,20 +52,45 @@ const TIMER_LIVELOCK: u32 = 10_000;
 enum Ev {
     Start,
     NewAttempt,
-    Vcpu { vcpu: u32, generation: u32 },
+    Vcpu {
+        vcpu: u32,
+        generation: u32,
+    },
     Net(NetTimer),
-    Timer { dest: bool, generation: u32 },
-    VcpusStopped { generation: u32 },
-    DirtySynced { generation: u32, slot: u32 },
-    DeviceLoaded { generation: u32 },
-    Switch { generation: u32 },
+    Timer {
+        dest: bool,
+        generation: u32,
+    },
+    VcpusStopped {
+        generation: u32,
+    },
+    DirtySynced {
+        generation: u32,
+        slot: u32,
+    },
+    DeviceLoaded {
+        generation: u32,
+    },
+    Switch {
+        generation: u32,
+    },
     Reset,
     Stranger,
-    PartitionStart { index: u32 },
+    PartitionStart {
+        index: u32,
+    },
     Heal,
     DestRestart,
     Deadline,
     AfterEnd,
+    /// Fallback: the destination's driver hands in the checkpoint it took.
+    CheckpointTaken {
+        generation: u32,
+    },
+    /// Fallback: the destination process crashes after the start.
+    CrashAfterStart {
+        generation: u32,
+    },
 }
 
 impl Ev {
@@ -82,6 +112,8 @@ impl Ev {
             Ev::DestRestart => "dest-restart",
             Ev::Deadline => "deadline",
             Ev::AfterEnd => "after-end",
+            Ev::CheckpointTaken { .. } => "checkpoint-taken",
+            Ev::CrashAfterStart { .. } => "crash-after-start",
         }
     }
 
@@ -112,6 +144,10 @@ struct SourceHost {
     /// StartGuest was transmitted in this attempt.
     past_start: bool,
     finished: Option<Finished<SourceStats>>,
+    /// Fallback: pages of the checkpoint being received, with their versions.
+    staging: Vec<(u64, u64)>,
+    /// Fallback: the source took the guest back from this checkpoint.
+    took_over: Option<u64>,
 }
 
 struct DestHost {
@@ -127,6 +163,11 @@ struct DestHost {
     /// The guest ran here in this attempt.
     started: bool,
     memory: Vec<u64>,
+    /// Fallback: pages the guest wrote here since the last checkpoint (the
+    /// dirty log).
+    dirty: Vec<bool>,
+    /// Fallback: a checkpoint taken, its vCPUs stopped until it is handed in.
+    checkpoint: Option<postcopy_core::Checkpoint>,
     /// A device-state load: done at this time, once its pages are present.
     load_until: Option<u64>,
     finished: Option<Finished<DestinationStats>>,
@@ -150,6 +191,8 @@ impl DestHost {
             running: false,
             started: false,
             memory: Vec::new(),
+            dirty: Vec::new(),
+            checkpoint: None,
             load_until: None,
             finished: None,
         }
@@ -245,6 +288,8 @@ impl Sim {
             running: true,
             past_start: false,
             finished: None,
+            staging: Vec::new(),
+            took_over: None,
         };
         let dst = DestHost::new(&sc);
         let budget = sc.trigger_budget;
@@ -474,7 +519,8 @@ impl Sim {
                 }
             }
             Ev::Deadline => {
-                if self.completed_at.is_none() {
+                let fell_back = self.src.took_over.is_some() && self.src.finished.is_some();
+                if self.completed_at.is_none() && !fell_back {
                     let bound = if self.sc.liveness_ms > 0 {
                         "set by liveness_ms".to_owned()
                     } else {
@@ -490,6 +536,33 @@ impl Sim {
                 }
             }
             Ev::AfterEnd => self.done = true,
+            Ev::CheckpointTaken { generation } => {
+                if generation == self.generation[1] && self.dst.alive {
+                    if let Some(checkpoint) = self.dst.checkpoint.take() {
+                        let postcopy_core::Checkpoint { seq, device_state, pages } = checkpoint;
+                        let result = self.dst.core.handle_checkpoint(self.ts(), seq, device_state, pages);
+                        if let Err(error) = result {
+                            self.checks.driver_event("destination", error.to_string());
+                        }
+                        if self.dst.running {
+                            self.run_vcpus();
+                        }
+                        self.drain_dest();
+                    }
+                }
+            }
+            Ev::CrashAfterStart { generation } => {
+                if generation == self.generation[1] && self.dst.alive {
+                    if self.src.core.released() || self.src.core.state().is_terminal() {
+                        // Released: the guest is the destination's alone,
+                        // as after COMPLETED without fallback.
+                        self.notes.push("destination crash skipped: the source had released the guest".into());
+                    } else {
+                        self.crash_done = true;
+                        self.crash_destination();
+                    }
+                }
+            }
         }
     }
 
@@ -562,6 +635,7 @@ impl Sim {
         self.src.core = Source::new(self.sc.config(), self.layout.clone(), session);
         self.src.past_start = false;
         self.src.finished = None;
+        self.src.staging.clear();
         self.dst = DestHost::new(&self.sc);
         self.src_mem.take_dirty();
         self.checks.new_attempt();
@@ -573,9 +647,17 @@ impl Sim {
     fn source_finished(&mut self, finished: Finished<SourceStats>) {
         let ok = finished.result.is_ok();
         let reason = finished.result.as_ref().err().map(ToString::to_string).unwrap_or_default();
+        let took_over = matches!(finished.result, Err(MigrationError::TookOver { .. }));
         self.src.finished = Some(finished);
         if ok {
             self.maybe_completed();
+            return;
+        }
+        if took_over {
+            // The guest runs on the source again, rolled back: the run is
+            // over once it has run a while more (its reads checked).
+            self.trace.record(self.now, What::Note("fell back"), 0, 0);
+            self.at(self.now + self.sc.after_ms * MS, Ev::AfterEnd);
             return;
         }
         if self.dst.started {
@@ -644,6 +726,10 @@ impl Sim {
             SourceAction::StopVcpus => {
                 self.trace.record(now, What::SourceAction("stop-vcpus"), 0, 0);
                 self.src.running = false;
+                if self.sc.fallback {
+                    // The fallback image until a checkpoint is committed.
+                    self.checks.record_image(0, 0);
+                }
                 self.vcpu_generation += 1;
                 self.stop_at = Some(now);
                 // vCPUs leave the guest at the end of their current step.
@@ -666,6 +752,36 @@ impl Sim {
                 let generation = self.generation[0];
                 self.at(now + 5 * US + 3 * dirty, Ev::DirtySynced { generation, slot });
             }
+            SourceAction::StageCheckpointPage { page, data, .. } => {
+                let version = match &data {
+                    PageData::Zero => Some(0),
+                    PageData::Bytes(bytes) => decode_version(bytes, page),
+                };
+                match version {
+                    Some(version) => self.src.staging.push((page.0, version)),
+                    None => self.checks.driver_event("source", format!("corrupt checkpoint page {}", page.0)),
+                }
+            }
+            SourceAction::CommitCheckpoint { seq } => {
+                self.trace.record(now, What::SourceAction("commit-checkpoint"), seq, self.src.staging.len() as u64);
+                for (page, version) in std::mem::take(&mut self.src.staging) {
+                    self.src_mem.versions[page as usize] = version;
+                }
+            }
+            SourceAction::DiscardCheckpoint { seq } => {
+                self.trace.record(now, What::SourceAction("discard-checkpoint"), seq, 0);
+                self.src.staging.clear();
+            }
+            SourceAction::TakeOver { checkpoint, device_state } => {
+                self.trace.record(now, What::SourceAction("take-over"), checkpoint, 0);
+                let expected =
+                    if checkpoint == 0 { self.device_state.clone() } else { checkpoint_device_state(checkpoint) };
+                self.checks.took_over(checkpoint, &self.src_mem.versions, device_state == expected);
+                self.notes.push(format!("the source took the guest back from checkpoint {checkpoint}"));
+                self.src.took_over = Some(checkpoint);
+                self.src.running = true;
+                self.run_vcpus();
+            }
             SourceAction::Notice(notice) => self.notice("source", &notice),
             SourceAction::Finished(finished) => {
                 let code = u64::from(finished.result.is_ok());
@@ -687,6 +803,7 @@ impl Sim {
             DestinationAction::PrepareMemory(layout) => {
                 self.trace.record(now, What::DestAction("prepare-memory"), layout.total_pages(), 0);
                 self.dst.memory = vec![MISSING; layout.total_pages() as usize];
+                self.dst.dirty = vec![false; layout.total_pages() as usize];
             }
             DestinationAction::InstallPage { page, data, overwrite } => {
                 let p = page.0;
@@ -750,10 +867,16 @@ impl Sim {
             DestinationAction::ResumeVcpus => {
                 self.trace.record(now, What::DestAction("resume-vcpus"), 0, 0);
                 self.dst.running = true;
+                if !self.dst.started && self.sc.fallback && self.sc.crash_after_start_ms > 0 {
+                    let generation = self.generation[1];
+                    self.at(now + self.sc.crash_after_start_ms * MS, Ev::CrashAfterStart { generation });
+                }
                 self.dst.started = true;
-                self.dst_started_at = Some(now);
+                self.dst_started_at.get_or_insert(now);
                 self.checks.guest_started(&self.dst.memory);
-                self.run_vcpus();
+                if self.dst.checkpoint.is_none() {
+                    self.run_vcpus();
+                }
             }
             DestinationAction::Wake(page) => {
                 self.trace.record(now, What::DestAction("wake"), page.0, 0);
@@ -790,6 +913,16 @@ impl Sim {
                     self.net_input(NetInput::Close { conn, end: Side::Destination, farewell: Some(bytes) });
                 }
             }
+            DestinationAction::FenceVcpus => {
+                self.trace.record(now, What::DestAction("fence-vcpus"), 0, 0);
+                self.dst.running = false;
+            }
+            DestinationAction::DiscardGuest => {
+                self.trace.record(now, What::DestAction("discard-guest"), 0, 0);
+                self.dst.running = false;
+                self.dst.memory.fill(MISSING);
+            }
+            DestinationAction::TakeCheckpoint { seq } => self.take_checkpoint(seq),
             DestinationAction::Notice(notice) => self.notice("destination", &notice),
             DestinationAction::Finished(finished) => {
                 let ok = finished.result.is_ok();
@@ -808,7 +941,8 @@ impl Sim {
                 if ok {
                     self.checks.completed(&self.dst.memory);
                 } else {
-                    if self.dst.started {
+                    let superseded = finished.result == Err(MigrationError::Superseded);
+                    if self.dst.started && !superseded {
                         self.checks.disagreement("the destination dropped a guest it ran".into());
                     }
                     // The driver discards a guest that never ran here.
@@ -844,6 +978,10 @@ impl Sim {
                 reason: MigrationError::Protocol(ProtocolError::NothingToResume { .. }), ..
             } if self.generation[1] > 0 => ("stranger-refused", None),
             Notice::StrangerRefused { reason, .. } => ("stranger-refused", Some(reason)),
+            Notice::Fenced => ("fenced", None),
+            Notice::LeaseRestored => ("lease-restored", None),
+            Notice::CheckpointCommitted { .. } => ("checkpoint-committed", None),
+            Notice::TookOver { .. } => ("took-over", None),
         };
         let what = if side == "source" { What::SourceAction(name) } else { What::DestAction(name) };
         self.trace.record(self.now, what, 0, 0);
@@ -1389,6 +1527,44 @@ impl Sim {
         self.at(restart, Ev::DestRestart);
     }
 
+    // ----- fallback ---------------------------------------------------------
+
+    /// The destination driver's checkpoint: the vCPUs stop now, every page
+    /// dirtied since the last one and the device state are copied at this
+    /// instant, and the vCPUs run again once it is handed in, after
+    /// `checkpoint_us` plus 200 ns a page.
+    fn take_checkpoint(&mut self, seq: u64) {
+        let mut pages = Vec::new();
+        for page in 0..self.dst.dirty.len() {
+            if !std::mem::take(&mut self.dst.dirty[page]) {
+                continue;
+            }
+            let version = self.dst.memory[page];
+            if version == MISSING {
+                continue;
+            }
+            let number = PageNumber(page as u64);
+            let data = if version == 0 {
+                PageData::Zero
+            } else {
+                let size = self.layout.page_size_of(number).unwrap_or(self.sc.wire_page_bytes) as usize;
+                let mut bytes = vec![0; size];
+                postcopy_core::testkit::fill_page(&mut bytes, number, version);
+                PageData::Bytes(Bytes::from(bytes))
+            };
+            pages.push((number, data));
+        }
+        self.trace.record(self.now, What::DestAction("take-checkpoint"), seq, pages.len() as u64);
+        self.checks.record_image(seq, self.src.core.committed_checkpoint());
+        let delay = self.sc.checkpoint_us * US + 200 * pages.len() as u64;
+        self.dst.checkpoint =
+            Some(postcopy_core::Checkpoint { seq, device_state: checkpoint_device_state(seq), pages });
+        // The vCPUs leave the guest now; a new generation stops their events.
+        self.vcpu_generation += 1;
+        let generation = self.generation[1];
+        self.at(self.now + delay, Ev::CheckpointTaken { generation });
+    }
+
     // ----- guest ----------------------------------------------------------
 
     fn run_vcpus(&mut self) {
@@ -1421,7 +1597,7 @@ impl Sim {
     /// Runs vCPU `i` for up to one quantum, or to its next fault.
     fn step_vcpu(&mut self, i: usize) {
         let on_source = self.src.running;
-        let on_dest = !on_source && self.dst.running && self.dst.alive;
+        let on_dest = !on_source && self.dst.running && self.dst.alive && self.dst.checkpoint.is_none();
         if (!on_source && !on_dest) || self.vcpus[i].blocked_on.is_some() {
             return;
         }
@@ -1467,6 +1643,9 @@ impl Sim {
                 }
             } else if write {
                 self.dst.memory[page as usize] = self.checks.write(page);
+                if let Some(dirty) = self.dst.dirty.get_mut(page as usize) {
+                    *dirty = true;
+                }
             } else {
                 self.checks.read(Where::Destination, page, self.dst.memory[page as usize]);
             }
@@ -1533,6 +1712,8 @@ impl Sim {
             "violation"
         } else if self.completed_at.is_some() {
             "completed"
+        } else if self.src.took_over.is_some() {
+            "fell-back"
         } else {
             "unfinished"
         };

@@ -61,6 +61,8 @@ pub struct SwarmSummary {
     pub faulted_runs: u64,
     pub recovered_runs: u64,
     pub retried_runs: u64,
+    /// Fallback: runs where the source took the guest back.
+    pub fell_back_runs: u64,
 }
 
 pub fn summarise(results: &[RunResult], real_secs: f64) -> SwarmSummary {
@@ -76,6 +78,7 @@ pub fn summarise(results: &[RunResult], real_secs: f64) -> SwarmSummary {
         faulted_runs: results.iter().filter(|r| r.options.contains(" faults=true")).count() as u64,
         recovered_runs: results.iter().filter(|r| r.report.recoveries > 0).count() as u64,
         retried_runs: results.iter().filter(|r| r.attempts > 1).count() as u64,
+        fell_back_runs: results.iter().filter(|r| r.outcome == "fell-back").count() as u64,
     }
 }
 
@@ -135,6 +138,7 @@ impl SwarmSummary {
         self.faulted_runs += other.faulted_runs;
         self.recovered_runs += other.recovered_runs;
         self.retried_runs += other.retried_runs;
+        self.fell_back_runs += other.fell_back_runs;
     }
 }
 

@@ -17,6 +17,11 @@ use crate::stats::{DestinationStats, Observed, SourceStats};
 use crate::time::Timestamp;
 use crate::wire::PageData;
 
+/// The device state the fake destination driver captures at checkpoint `seq`.
+pub fn checkpoint_device_state(seq: u64) -> Bytes {
+    Bytes::from(format!("device state at checkpoint {seq}"))
+}
+
 /// The source's guest RAM: a content version per page, and the dirty log.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct SourceGuest {
@@ -67,6 +72,15 @@ pub struct SourceHost {
     pub finished: Observed<Option<Finished<SourceStats>>>,
     pub recovered: bool,
     pub violations: Vec<Violation>,
+    /// Fallback: pages of the checkpoint being received, not yet in the
+    /// fallback image (`guest`), with their versions.
+    pub staging: Vec<(PageNumber, u64)>,
+    /// Fallback: the guest stopped here just now (the harness records the
+    /// guest's image at that instant).
+    pub stopped_now: bool,
+    /// Fallback: the core took the guest back just now: (checkpoint,
+    /// device state it gave).
+    pub took_over_now: Option<(u64, Bytes)>,
 }
 
 impl SourceHost {
@@ -83,6 +97,9 @@ impl SourceHost {
             finished: Observed(None),
             recovered: false,
             violations: Vec::new(),
+            staging: Vec::new(),
+            stopped_now: false,
+            took_over_now: None,
         }
     }
 
@@ -95,6 +112,7 @@ impl SourceHost {
                 SourceAction::Farewell { channel, bytes } => self.links.close.push((channel, Some(bytes))),
                 SourceAction::StopVcpus => {
                     self.running = false;
+                    self.stopped_now = true;
                     let state = self.device_state.clone();
                     if let Err(error) = self.core.handle_vcpus_stopped(now, state) {
                         self.violations.push(Violation::DriverEvent { error: error.to_string() });
@@ -123,6 +141,28 @@ impl SourceHost {
                 SourceAction::Finished(finished) => {
                     self.finished_ok = Some(finished.result.is_ok());
                     self.finished.0 = Some(*finished);
+                }
+                SourceAction::StageCheckpointPage { page, data, .. } => {
+                    let version = match &data {
+                        PageData::Zero => Some(0),
+                        PageData::Bytes(bytes) => page_version(bytes, page),
+                    };
+                    match version {
+                        Some(version) => self.staging.push((page, version)),
+                        None => self.violations.push(Violation::CorruptPage { page: page.0 }),
+                    }
+                }
+                SourceAction::CommitCheckpoint { .. } => {
+                    // Into the fallback image; not a write of the guest
+                    // (not in the dirty log).
+                    for (page, version) in self.staging.drain(..) {
+                        self.guest.versions[page.0 as usize] = version;
+                    }
+                }
+                SourceAction::DiscardCheckpoint { .. } => self.staging.clear(),
+                SourceAction::TakeOver { checkpoint, device_state } => {
+                    self.running = true;
+                    self.took_over_now = Some((checkpoint, device_state));
                 }
             }
         }
@@ -155,6 +195,12 @@ pub struct DestHost {
     pub finished_ok: Option<bool>,
     pub finished: Observed<Option<Finished<DestinationStats>>>,
     pub violations: Vec<Violation>,
+    /// Fallback: pages the guest wrote here since the last checkpoint (the
+    /// dirty log).
+    pub dirty: Bitmap,
+    /// Fallback: checkpoints taken just now (the harness records the
+    /// guest's image at each one's instant).
+    pub checkpoints_taken: Vec<u64>,
 }
 
 impl DestHost {
@@ -171,6 +217,8 @@ impl DestHost {
             finished_ok: None,
             finished: Observed(None),
             violations: Vec::new(),
+            dirty: Bitmap::new(0),
+            checkpoints_taken: Vec::new(),
         }
     }
 
@@ -194,6 +242,7 @@ impl DestHost {
         match action {
             DestinationAction::PrepareMemory(layout) => {
                 self.memory = vec![None; layout.total_pages() as usize];
+                self.dirty = Bitmap::new(layout.total_pages());
                 self.layout = Some(layout);
             }
             DestinationAction::InstallPage { page, data, overwrite } => {
@@ -241,6 +290,12 @@ impl DestHost {
                 }
             }
             DestinationAction::ResumeVcpus => self.running = true,
+            DestinationAction::FenceVcpus => self.running = false,
+            DestinationAction::DiscardGuest => {
+                self.running = false;
+                self.memory.iter_mut().for_each(|v| *v = None);
+            }
+            DestinationAction::TakeCheckpoint { seq } => self.take_checkpoint(now, seq),
             DestinationAction::Wake(_) => {}
             DestinationAction::Close(channel) => self.links.close.push((channel, None)),
             DestinationAction::Farewell { channel, bytes } => self.links.close.push((channel, Some(bytes))),
@@ -256,6 +311,30 @@ impl DestHost {
                 }
                 self.finished.0 = Some(*finished);
             }
+        }
+    }
+
+    /// The driver's checkpoint: every page dirtied since the previous one,
+    /// read from memory at this instant, and a device state naming it.
+    fn take_checkpoint(&mut self, now: Timestamp, seq: u64) {
+        let mut pages = Vec::new();
+        for page in (0..self.dirty.len()).filter(|&p| self.dirty.get(p)) {
+            let page = PageNumber(page);
+            let Some(version) = self.memory.get(page.0 as usize).copied().flatten() else { continue };
+            let size = self.layout.as_ref().and_then(|l| l.page_size_of(page)).unwrap_or(0) as usize;
+            let data = if version == 0 {
+                PageData::Zero
+            } else {
+                let mut bytes = vec![0; size];
+                fill_page(&mut bytes, page, version);
+                PageData::Bytes(Bytes::from(bytes))
+            };
+            pages.push((page, data));
+        }
+        self.dirty.clear_all();
+        self.checkpoints_taken.push(seq);
+        if let Err(error) = self.core.handle_checkpoint(now, seq, checkpoint_device_state(seq), pages) {
+            self.violations.push(Violation::DriverEvent { error: error.to_string() });
         }
     }
 

@@ -10,6 +10,6 @@ mod oracle;
 mod pair;
 
 pub use content::{fill_page, page_version};
-pub use hosts::{DestHost, SourceGuest, SourceHost};
+pub use hosts::{checkpoint_device_state, DestHost, SourceGuest, SourceHost};
 pub use oracle::{Oracle, Violation};
 pub use pair::{Outcome, Pair, PairConfig, Pipe};

@@ -47,6 +47,12 @@ pub enum Violation {
     /// A connection from a peer of another migration changed the
     /// destination, or made it do more than close that connection.
     StrangerChangedState { channel: crate::channel::Channel },
+    /// Invariant 7: after a takeover the source's memory is not exactly the
+    /// guest at the last committed checkpoint's instant.
+    RollbackMismatch { checkpoint: u64, page: u64, expected: u64, found: u64 },
+    /// Invariant 7: after a takeover the source was given another device
+    /// state than the last committed checkpoint's.
+    RollbackDeviceState { checkpoint: u64 },
 }
 
 impl fmt::Display for Violation {
@@ -79,6 +85,17 @@ impl Oracle {
 
     pub fn latest(&self, page: PageNumber) -> u64 {
         self.latest[page.0 as usize]
+    }
+
+    /// The newest version of every page: the guest at this instant.
+    pub fn image(&self) -> Vec<u64> {
+        self.latest.clone()
+    }
+
+    /// The guest restarted from `image` (a fallback takeover): its history
+    /// goes back to that instant.
+    pub fn roll_back(&mut self, image: &[u64]) {
+        self.latest.copy_from_slice(image);
     }
 
     pub fn pages(&self) -> u64 {

@@ -81,6 +81,12 @@ pub enum Outcome {
     /// if its ReadyToRun had left, waits paused for a source that will not
     /// come back (it cannot tell that from a source past StartGuest).
     AbandonedOnSource,
+    /// Fallback: the destination was lost (crashed, or silent past its
+    /// lease) and the source took the guest back from the last committed
+    /// checkpoint; the destination crashed, dropped its copy, or waits
+    /// fenced (its vCPUs stopped), or never started the guest, for a source
+    /// that will not come back.
+    TookOver,
 }
 
 /// One channel's connection: bytes in flight, in order.
@@ -133,7 +139,9 @@ impl FrameOrder {
         if !self.opened {
             return Err(format!("{} before the connection's opening frame", frame.kind()));
         }
-        if self.ended {
+        // With fallback the destination keeps its lease after the Eoc
+        // until the source releases the guest.
+        if self.ended && !matches!(frame, Frame::LeaseRequest { .. } | Frame::ReleaseAck) {
             return Err(format!("{} after the Eoc", frame.kind()));
         }
         match (frame, self.report_next_word) {
@@ -183,6 +191,17 @@ pub struct Pair {
     /// The destination process finished and exited: nothing listens any
     /// more, connection attempts are refused.
     pub dst_gone: bool,
+    /// The destination process crashed (fallback): its core does nothing
+    /// more, its guest is gone.
+    pub dst_crashed: bool,
+    /// The destination's clock runs slower than the source's (the pair's)
+    /// by this many parts per million: the worst case a fallback drift
+    /// bound allows for the lease (its lapse comes as late as it may).
+    pub dst_slow_ppm: u32,
+    /// Fallback: the guest's image (newest version of every page) at each
+    /// instant the source may restart it from: checkpoint 0 is the stop,
+    /// then each checkpoint taken and not yet superseded by a commit.
+    pub images: Vec<(u64, Vec<u64>)>,
     pub violations: Vec<Violation>,
 }
 
@@ -210,6 +229,9 @@ impl Pair {
             page_crossings: vec![0; pages as usize],
             part_crossings: BTreeMap::new(),
             dst_gone: false,
+            dst_crashed: false,
+            dst_slow_ppm: 0,
+            images: Vec::new(),
             violations: Vec::new(),
         };
         if let Err(error) = pair.src.core.handle_start(pair.now) {
@@ -237,7 +259,10 @@ impl Pair {
     pub fn settle(&mut self) {
         loop {
             self.src.process(self.now);
-            self.dst.process(self.now);
+            if !self.dst_crashed {
+                self.dst.process(self.dst_now());
+            }
+            self.record_fallback_images();
             self.retry_blocked();
             let src_links = std::mem::take(&mut self.src.links);
             let dst_links = std::mem::take(&mut self.dst.links);
@@ -254,6 +279,76 @@ impl Pair {
         self.collect_violations();
     }
 
+    /// The destination's clock: the pair's, slowed by `dst_slow_ppm`.
+    pub fn dst_now(&self) -> Timestamp {
+        let ppm = u128::from(self.dst_slow_ppm);
+        Timestamp((u128::from(self.now.0) * 1_000_000 / (1_000_000 + ppm)) as u64)
+    }
+
+    /// When the pair's clock shows the destination's `at`.
+    fn dst_deadline(&self, at: Timestamp) -> Timestamp {
+        let ppm = u128::from(self.dst_slow_ppm);
+        let real = (u128::from(at.0) * (1_000_000 + ppm)).div_ceil(1_000_000);
+        Timestamp(u64::try_from(real).unwrap_or(u64::MAX))
+    }
+
+    /// Fallback bookkeeping after the hosts acted: the guest's image at a
+    /// stop or a checkpoint, and a takeover checked against the image of
+    /// the checkpoint it restarts from (invariant 7), after which the
+    /// guest's history is that image's.
+    fn record_fallback_images(&mut self) {
+        if std::mem::take(&mut self.src.stopped_now) && self.src.core.config().fallback.is_some() {
+            self.images = vec![(0, self.oracle.image())];
+        }
+        for seq in std::mem::take(&mut self.dst.checkpoints_taken) {
+            self.images.push((seq, self.oracle.image()));
+        }
+        let committed = self.src.core.committed_checkpoint();
+        self.images.retain(|(seq, _)| *seq >= committed);
+        let Some((checkpoint, device_state)) = self.src.took_over_now.take() else { return };
+        let expected_device = if checkpoint == 0 {
+            self.src.device_state.clone()
+        } else {
+            super::hosts::checkpoint_device_state(checkpoint)
+        };
+        if device_state != expected_device {
+            self.violations.push(Violation::RollbackDeviceState { checkpoint });
+        }
+        let Some(image) = self.images.iter().find(|(seq, _)| *seq == checkpoint).map(|(_, image)| image.clone()) else {
+            self.violations.push(Violation::RollbackDeviceState { checkpoint });
+            return;
+        };
+        for (page, (&found, &expected)) in self.src.guest.versions.iter().zip(&image).enumerate() {
+            if found != expected {
+                self.violations.push(Violation::RollbackMismatch { checkpoint, page: page as u64, expected, found });
+                break;
+            }
+        }
+        self.oracle.roll_back(&image);
+    }
+
+    /// The destination process crashes (kill -9, power): its guest and
+    /// core are gone, its connections reset, nothing listens any more.
+    /// Returns whether it was alive.
+    pub fn crash_destination(&mut self) -> bool {
+        if self.dst_crashed {
+            return false;
+        }
+        self.dst_crashed = true;
+        self.dst_gone = true;
+        self.dst.running = false;
+        for channel in Channel::ALL {
+            let pipe = &mut self.pipes[channel.index()];
+            if pipe.up {
+                self.any_loss |= !pipe.in_flight.is_empty();
+                *pipe = Pipe::default();
+                self.src.core.handle_connection_lost(self.now, channel);
+            }
+        }
+        self.settle();
+        true
+    }
+
     fn connect(&mut self, channel: Channel) {
         if self.dst_gone {
             self.src.core.handle_connect_refused(self.now, channel);
@@ -263,17 +358,18 @@ impl Pair {
             self.src.core.handle_connect_failed(self.now, channel);
             return;
         }
+        let dst_now = self.dst_now();
         let pipe = &mut self.pipes[channel.index()];
         if pipe.up {
             // A new connection replaces the old one: the old one is gone.
             self.any_loss |= !pipe.in_flight.is_empty();
             pipe.in_flight.clear();
             pipe.closing = false;
-            self.dst.core.handle_connection_lost(self.now, channel);
+            self.dst.core.handle_connection_lost(dst_now, channel);
         }
         *pipe = Pipe { up: true, ..Pipe::default() };
         self.src.core.handle_connected(self.now, channel);
-        self.dst.core.handle_connected(self.now, channel);
+        self.dst.core.handle_connected(self.dst_now(), channel);
     }
 
     fn close(&mut self, channel: Channel, farewell: Option<Bytes>) {
@@ -300,7 +396,7 @@ impl Pair {
         pipe.closing = false;
         pipe.in_flight.clear();
         self.src.core.handle_connection_lost(self.now, channel);
-        self.dst.core.handle_connection_lost(self.now, channel);
+        self.dst.core.handle_connection_lost(self.dst_now(), channel);
     }
 
     /// The destination, finished, exits: its connections close with it and
@@ -330,7 +426,7 @@ impl Pair {
         let frames = if channel.is_from_source() {
             self.src.core.poll_transmit(self.now, channel, &mut out, max_bytes, &self.src.guest)
         } else {
-            self.dst.core.poll_transmit(self.now, channel, &mut out, max_bytes)
+            self.dst.core.poll_transmit(self.dst_now(), channel, &mut out, max_bytes)
         };
         self.src.observe();
         if frames == 0 {
@@ -400,7 +496,7 @@ impl Pair {
             pipe.in_flight.pop_front().unwrap_or_default()
         };
         if channel.is_from_source() {
-            self.dst.core.handle_input(self.now, channel, bytes);
+            self.dst.core.handle_input(self.dst_now(), channel, bytes);
         } else {
             self.src.core.handle_input(self.now, channel, bytes);
         }
@@ -441,15 +537,15 @@ impl Pair {
             None => bytes.extend_from_slice(&[0x7f; 12]),
         }
         let before = self.dst.core.clone();
-        let admission = self.dst.core.handle_accepted(self.now, channel);
+        let admission = self.dst.core.handle_accepted(self.dst_now(), channel);
         match admission {
             Admission::Provisional(id) => {
-                self.dst.core.handle_provisional_input(self.now, id, Bytes::from(bytes));
-                self.dst.core.handle_provisional_lost(self.now, id);
+                self.dst.core.handle_provisional_input(self.dst_now(), id, Bytes::from(bytes));
+                self.dst.core.handle_provisional_lost(self.dst_now(), id);
             }
             Admission::Current => {
-                self.dst.core.handle_input(self.now, channel, Bytes::from(bytes));
-                self.dst.core.handle_connection_lost(self.now, channel);
+                self.dst.core.handle_input(self.dst_now(), channel, Bytes::from(bytes));
+                self.dst.core.handle_connection_lost(self.dst_now(), channel);
             }
         }
         let mut only_refused = true;
@@ -496,7 +592,7 @@ impl Pair {
                 self.dst_access(page, write);
             } else {
                 self.blocked[vcpu as usize] = Some((page, write));
-                if let Err(error) = self.dst.core.handle_page_fault(self.now, page, Waiter::Vcpu(vcpu)) {
+                if let Err(error) = self.dst.core.handle_page_fault(self.dst_now(), page, Waiter::Vcpu(vcpu)) {
                     self.violations.push(Violation::DriverEvent { error: error.to_string() });
                 }
             }
@@ -508,6 +604,9 @@ impl Pair {
         if write {
             let version = self.oracle.write(page);
             self.dst.memory[page.0 as usize] = Some(version);
+            if self.dst.dirty.len() > page.0 {
+                self.dst.dirty.set(page.0);
+            }
         } else {
             let found = self.dst.memory[page.0 as usize];
             let expected = self.oracle.latest(page);
@@ -535,14 +634,18 @@ impl Pair {
     /// Advances the clock to the earliest armed timer and fires it.
     /// Returns whether a timer was armed.
     pub fn fire_timer(&mut self) -> bool {
-        let next = match (self.src.core.poll_timeout(), self.dst.core.poll_timeout()) {
+        let dst_timeout =
+            if self.dst_crashed { None } else { self.dst.core.poll_timeout().map(|at| self.dst_deadline(at)) };
+        let next = match (self.src.core.poll_timeout(), dst_timeout) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
         };
         let Some(deadline) = next else { return false };
         self.now = self.now.max(deadline);
         self.src.core.handle_timeout(self.now);
-        self.dst.core.handle_timeout(self.now);
+        if !self.dst_crashed {
+            self.dst.core.handle_timeout(self.dst_now());
+        }
         self.settle();
         true
     }
@@ -577,7 +680,9 @@ impl Pair {
                 bound: limit,
             });
         }
-        if self.dst.core.state() == DestinationState::Completed {
+        // After a takeover the guest's history is the source's (rolled
+        // back): a completed destination's copy is not the guest any more.
+        if self.dst.core.state() == DestinationState::Completed && !self.src.core.took_over() {
             self.check_destination_memory();
         }
         self.collect_violations();
@@ -638,6 +743,44 @@ impl Pair {
         hasher.finish()
     }
 
+    /// Fallback: the source took the guest back. It runs it, with the
+    /// content of the guest's history (rolled back to the checkpoint); the
+    /// destination runs nothing.
+    fn check_took_over(&mut self) -> Result<Outcome, Violation> {
+        let src_done = self.src.finished.0.as_ref().is_some_and(|f| {
+            f.guest_on == crate::outcome::Side::Source
+                && matches!(f.result, Err(crate::error::MigrationError::TookOver { .. }))
+        });
+        let dst_out = self.dst_crashed
+            || self.dst.finished.0.as_ref().is_some_and(|f| {
+                matches!(f.result, Err(crate::error::MigrationError::Superseded)) && f.guest_on == crate::outcome::Side::Source
+            })
+            || (self.dst.core.is_fenced() && !self.dst.running)
+            // Its StartGuest was cut off: it never ran the guest, and only
+            // a source that grants (this one never will again) could start it.
+            || !self.dst.core.guest_started();
+        if !src_done || !self.src.running || self.dst.running || !dst_out {
+            return Err(Violation::NoProgress {
+                detail: format!(
+                    "after a takeover: source {} (running {}), destination {} (running {}, fenced {})",
+                    self.src.core.state(),
+                    self.src.running,
+                    self.dst.core.state(),
+                    self.dst.running,
+                    self.dst.core.is_fenced()
+                ),
+            });
+        }
+        for page in 0..self.pages() {
+            let expected = self.oracle.latest(PageNumber(page));
+            let found = self.src.guest.versions[page as usize];
+            if found != expected {
+                return Err(Violation::SourceStaleRead { page, expected, found });
+            }
+        }
+        Ok(Outcome::TookOver)
+    }
+
     /// After a healed run: both completed with every page newest, or both
     /// gave up before the destination ran the guest; and no violation.
     pub fn check_outcome(&mut self) -> Result<Outcome, Violation> {
@@ -646,6 +789,9 @@ impl Pair {
             return Err(violation.clone());
         }
         let failure = |side: &str, error: String| Violation::MigrationFailed { side: side.into(), error };
+        if self.src.core.took_over() {
+            return self.check_took_over();
+        }
         match (self.src.finished_ok, self.dst.finished_ok) {
             (Some(true), Some(true)) => {
                 self.check_destination_memory();

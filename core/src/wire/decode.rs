@@ -370,6 +370,41 @@ fn parse_payload(header: Header, payload: Bytes) -> Result<Frame, WireError> {
             Frame::PresentPages(PresentPages { first_word, words })
         }
         FrameKind::PresentEnd => Frame::PresentEnd { present_pages: r.u64()? },
+        FrameKind::FallbackTerms => {
+            let lease_ms = r.u32()?;
+            if lease_ms == 0 {
+                return Err(r.malformed("zero lease"));
+            }
+            Frame::FallbackTerms(FallbackTerms { lease_ms, committed_checkpoint: r.u64()? })
+        }
+        FrameKind::LeaseGrant => Frame::LeaseGrant { seq: r.u64()? },
+        FrameKind::CheckpointAck => Frame::CheckpointAck { seq: r.u64()? },
+        FrameKind::LeaseRequest => Frame::LeaseRequest { seq: r.u64()? },
+        FrameKind::Superseded => Frame::Superseded,
+        FrameKind::Released => Frame::Released,
+        FrameKind::ReleaseAck => Frame::ReleaseAck,
+        FrameKind::CheckpointBegin => {
+            let seq = r.u64()?;
+            if seq == 0 {
+                return Err(r.malformed("checkpoint 0 (they count from 1)"));
+            }
+            Frame::CheckpointBegin(CheckpointBegin { seq, pages: r.u64()?, device_bytes: r.u32()? })
+        }
+        FrameKind::CheckpointPage => {
+            let address = PageAddress { block: r.u32()?, index: r.u32()? };
+            let data = if header.flags & PAGE_FLAG_ZERO != 0 {
+                PageData::Zero
+            } else {
+                let bytes = r.rest();
+                if bytes.is_empty() {
+                    return Err(r.malformed("page without data or zero flag"));
+                }
+                PageData::Bytes(bytes)
+            };
+            Frame::CheckpointPage { address, data }
+        }
+        FrameKind::CheckpointDevice => Frame::CheckpointDevice { chunk: r.rest() },
+        FrameKind::CheckpointEnd => Frame::CheckpointEnd { seq: r.u64()?, digest: r.u64()? },
     };
     r.finish()?;
     Ok(frame)

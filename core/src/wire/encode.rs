@@ -207,7 +207,14 @@ pub fn encode(frame: &Frame, out: &mut Vec<u8>) {
             out.extend_from_slice(chunk);
             finish(out, at, kind);
         }
-        Frame::StartGuest | Frame::EndOfStream | Frame::Ping | Frame::ReadyToRun | Frame::Eoc => {
+        Frame::StartGuest
+        | Frame::EndOfStream
+        | Frame::Ping
+        | Frame::ReadyToRun
+        | Frame::Eoc
+        | Frame::Superseded
+        | Frame::Released
+        | Frame::ReleaseAck => {
             let at = begin(out, kind, 0);
             finish(out, at, kind);
         }
@@ -254,6 +261,44 @@ pub fn encode(frame: &Frame, out: &mut Vec<u8>) {
         Frame::PresentEnd { present_pages } => {
             let at = begin(out, kind, 0);
             out.extend_from_slice(&present_pages.to_be_bytes());
+            finish(out, at, kind);
+        }
+        Frame::FallbackTerms(terms) => {
+            let at = begin(out, kind, 0);
+            out.extend_from_slice(&terms.lease_ms.to_be_bytes());
+            out.extend_from_slice(&terms.committed_checkpoint.to_be_bytes());
+            finish(out, at, kind);
+        }
+        Frame::LeaseGrant { seq } | Frame::CheckpointAck { seq } | Frame::LeaseRequest { seq } => {
+            let at = begin(out, kind, 0);
+            out.extend_from_slice(&seq.to_be_bytes());
+            finish(out, at, kind);
+        }
+        Frame::CheckpointBegin(checkpoint) => {
+            let at = begin(out, kind, 0);
+            out.extend_from_slice(&checkpoint.seq.to_be_bytes());
+            out.extend_from_slice(&checkpoint.pages.to_be_bytes());
+            out.extend_from_slice(&checkpoint.device_bytes.to_be_bytes());
+            finish(out, at, kind);
+        }
+        Frame::CheckpointPage { address, data } => {
+            let at = begin(out, kind, if *data == PageData::Zero { PAGE_FLAG_ZERO } else { 0 });
+            out.extend_from_slice(&address.block.to_be_bytes());
+            out.extend_from_slice(&address.index.to_be_bytes());
+            if let PageData::Bytes(bytes) = data {
+                out.extend_from_slice(bytes);
+            }
+            finish(out, at, kind);
+        }
+        Frame::CheckpointDevice { chunk } => {
+            let at = begin(out, kind, 0);
+            out.extend_from_slice(chunk);
+            finish(out, at, kind);
+        }
+        Frame::CheckpointEnd { seq, digest } => {
+            let at = begin(out, kind, 0);
+            out.extend_from_slice(&seq.to_be_bytes());
+            out.extend_from_slice(&digest.to_be_bytes());
             finish(out, at, kind);
         }
     }

@@ -54,6 +54,19 @@ pub enum FrameKind {
     PresentEnd = 0x27,
     Reject = 0x28,
     PagePart = 0x0a,
+    // Fallback (docs/fallback.md), source to destination.
+    FallbackTerms = 0x30,
+    LeaseGrant = 0x31,
+    CheckpointAck = 0x32,
+    Superseded = 0x33,
+    Released = 0x34,
+    // Fallback, destination to source.
+    LeaseRequest = 0x38,
+    CheckpointBegin = 0x39,
+    CheckpointPage = 0x3a,
+    CheckpointDevice = 0x3b,
+    CheckpointEnd = 0x3c,
+    ReleaseAck = 0x3d,
 }
 
 impl FrameKind {
@@ -78,6 +91,17 @@ impl FrameKind {
             0x27 => PresentEnd,
             0x28 => Reject,
             0x0a => PagePart,
+            0x30 => FallbackTerms,
+            0x31 => LeaseGrant,
+            0x32 => CheckpointAck,
+            0x33 => Superseded,
+            0x34 => Released,
+            0x38 => LeaseRequest,
+            0x39 => CheckpointBegin,
+            0x3a => CheckpointPage,
+            0x3b => CheckpointDevice,
+            0x3c => CheckpointEnd,
+            0x3d => ReleaseAck,
             _ => return None,
         })
     }
@@ -95,13 +119,19 @@ impl FrameKind {
             Page => 8 + MAX_PAGE_SIZE as usize,
             Discard => 6 + 8 * MAX_DISCARD_RANGES,
             DeviceState => MAX_DEVICE_STATE_CHUNK,
-            StartGuest | EndOfStream | Ping | ReadyToRun | Eoc => 0,
+            StartGuest | EndOfStream | Ping | ReadyToRun | Eoc | Superseded | Released | ReleaseAck => 0,
             Cancel | GuestDropped | Reject => MAX_REASON_LEN,
             Welcome => 24,
             Request => 6 + 4 * MAX_REQUEST_PAGES,
             PresentPages => 10 + 8 * MAX_PRESENT_WORDS,
             PresentEnd => 8,
             PagePart => 12 + MAX_PAGE_SIZE as usize,
+            FallbackTerms => 12,
+            LeaseGrant | CheckpointAck | LeaseRequest => 8,
+            CheckpointBegin => 20,
+            CheckpointPage => 8 + MAX_PAGE_SIZE as usize,
+            CheckpointDevice => MAX_DEVICE_STATE_CHUNK,
+            CheckpointEnd => 16,
         };
         bytes as u32
     }
@@ -112,6 +142,7 @@ impl FrameKind {
             FrameKind::Page => PAGE_FLAG_ZERO | PAGE_KIND_MASK,
             FrameKind::PagePart => PAGE_KIND_MASK,
             FrameKind::DeviceState => DEVICE_STATE_FLAG_LAST,
+            FrameKind::CheckpointPage => PAGE_FLAG_ZERO,
             _ => 0,
         }
     }
@@ -265,6 +296,30 @@ pub struct PresentPages {
     pub words: Vec<u64>,
 }
 
+/// The source's fallback terms (docs/fallback.md): sent on the main
+/// channel right after every hello of a migration with fallback on. A
+/// destination that does not know this frame refuses the migration before
+/// the switchover, as it would refuse an unknown hello flag.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct FallbackTerms {
+    /// The destination runs the guest only within this long (by its own
+    /// clock) of sending a lease request the source granted.
+    pub lease_ms: u32,
+    /// The last checkpoint the source committed (0: none yet).
+    pub committed_checkpoint: u64,
+}
+
+/// The opening frame of a checkpoint: what must follow for it to be whole.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct CheckpointBegin {
+    /// Checkpoints count from 1, one more each.
+    pub seq: u64,
+    /// `CheckpointPage` frames that follow.
+    pub pages: u64,
+    /// Bytes of device state the `CheckpointDevice` frames carry.
+    pub device_bytes: u32,
+}
+
 /// One decoded frame.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub enum Frame {
@@ -286,6 +341,17 @@ pub enum Frame {
     PresentEnd { present_pages: u64 },
     Reject { reason: String },
     PagePart(PagePartFrame),
+    FallbackTerms(FallbackTerms),
+    LeaseGrant { seq: u64 },
+    CheckpointAck { seq: u64 },
+    Superseded,
+    Released,
+    LeaseRequest { seq: u64 },
+    CheckpointBegin(CheckpointBegin),
+    CheckpointPage { address: PageAddress, data: PageData },
+    CheckpointDevice { chunk: Bytes },
+    CheckpointEnd { seq: u64, digest: u64 },
+    ReleaseAck,
 }
 
 impl Frame {
@@ -309,6 +375,17 @@ impl Frame {
             Frame::PresentEnd { .. } => FrameKind::PresentEnd,
             Frame::Reject { .. } => FrameKind::Reject,
             Frame::PagePart(_) => FrameKind::PagePart,
+            Frame::FallbackTerms(_) => FrameKind::FallbackTerms,
+            Frame::LeaseGrant { .. } => FrameKind::LeaseGrant,
+            Frame::CheckpointAck { .. } => FrameKind::CheckpointAck,
+            Frame::Superseded => FrameKind::Superseded,
+            Frame::Released => FrameKind::Released,
+            Frame::LeaseRequest { .. } => FrameKind::LeaseRequest,
+            Frame::CheckpointBegin(_) => FrameKind::CheckpointBegin,
+            Frame::CheckpointPage { .. } => FrameKind::CheckpointPage,
+            Frame::CheckpointDevice { .. } => FrameKind::CheckpointDevice,
+            Frame::CheckpointEnd { .. } => FrameKind::CheckpointEnd,
+            Frame::ReleaseAck => FrameKind::ReleaseAck,
         }
     }
 }

@@ -45,6 +45,22 @@
 //! | 0x28 | `Reject` | return | UTF-8 reason |
 //! | 0x0a | `PagePart` | main, urgent | block u32, page index u32, offset u32, then a part of the page (at least one byte); flags bits 1-2: kind (background or requested) |
 //!
+//! Fallback frames (only in a migration with fallback on; docs/fallback.md):
+//!
+//! | type | frame | channel | payload |
+//! |------|-------|---------|---------|
+//! | 0x30 | `FallbackTerms` | main, after each hello | lease ms u32 (non-zero), last committed checkpoint u64 |
+//! | 0x31 | `LeaseGrant` | main, urgent | the request's sequence number u64 |
+//! | 0x32 | `CheckpointAck` | main, urgent | the committed checkpoint's sequence number u64 |
+//! | 0x33 | `Superseded` | main, after a resume hello | empty: the source took the guest back |
+//! | 0x34 | `Released` | main, urgent | empty: the source will never take the guest back |
+//! | 0x38 | `LeaseRequest` | return | sequence number u64 |
+//! | 0x39 | `CheckpointBegin` | return | sequence number u64 (from 1), page count u64, device-state bytes u32 |
+//! | 0x3a | `CheckpointPage` | return | block u32, page index u32, the page (flag bit 0: zero page, no bytes) |
+//! | 0x3b | `CheckpointDevice` | return | a chunk (at most 64 KiB) of the checkpoint's device state |
+//! | 0x3c | `CheckpointEnd` | return | sequence number u64, digest u64 |
+//! | 0x3d | `ReleaseAck` | return | empty |
+//!
 //! # Page sizes
 //!
 //! Each RAM block has its own page size (a power of two from 16 bytes to
@@ -80,10 +96,10 @@ pub use encode::{
 };
 pub use error::WireError;
 pub use frame::{
-    Discard, Frame, FrameKind, Hello, PageData, PageFrame, PageKind, PagePartFrame, Preamble, PresentPages, Request,
-    UrgentHello, Welcome, WireMode, HEADER_LEN, MAGIC, MAX_DEVICE_STATE_CHUNK, MAX_DISCARD_RANGES, MAX_MACHINE_LEN,
-    MAX_PAGE_PARTS, MAX_PRESENT_WORDS, MAX_REASON_LEN, MAX_REQUEST_PAGES, PREAMBLE_LEN, PREAMBLE_MAGIC,
-    PROTOCOL_VERSION,
+    CheckpointBegin, Discard, FallbackTerms, Frame, FrameKind, Hello, PageData, PageFrame, PageKind, PagePartFrame,
+    Preamble, PresentPages, Request, UrgentHello, Welcome, WireMode, HEADER_LEN, MAGIC, MAX_DEVICE_STATE_CHUNK,
+    MAX_DISCARD_RANGES, MAX_MACHINE_LEN, MAX_PAGE_PARTS, MAX_PRESENT_WORDS, MAX_REASON_LEN, MAX_REQUEST_PAGES,
+    PREAMBLE_LEN, PREAMBLE_MAGIC, PROTOCOL_VERSION,
 };
 
 #[cfg(test)]

@@ -91,6 +91,21 @@ fn sample_frames() -> Vec<Frame> {
             offset: 128 << 10,
             data: Bytes::from(vec![9u8; 32]),
         }),
+        Frame::FallbackTerms(FallbackTerms { lease_ms: 1000, committed_checkpoint: 4 }),
+        Frame::LeaseGrant { seq: 9 },
+        Frame::CheckpointAck { seq: 4 },
+        Frame::Superseded,
+        Frame::Released,
+        Frame::LeaseRequest { seq: 10 },
+        Frame::CheckpointBegin(CheckpointBegin { seq: 5, pages: 2, device_bytes: 3 }),
+        Frame::CheckpointPage {
+            address: PageAddress { block: 1, index: 3 },
+            data: PageData::Bytes(Bytes::from_static(&[7; 64])),
+        },
+        Frame::CheckpointPage { address: PageAddress { block: 0, index: 8 }, data: PageData::Zero },
+        Frame::CheckpointDevice { chunk: Bytes::from_static(b"abc") },
+        Frame::CheckpointEnd { seq: 5, digest: 0x1234_5678_9abc_def0 },
+        Frame::ReleaseAck,
     ]
 }
 
@@ -254,7 +269,23 @@ fn malformed_fields() {
     assert!(matches!(one_error(&bytes), WireError::Malformed { kind: FrameKind::Page, .. }));
     // A reason that is not UTF-8.
     let bytes = vec![FrameKind::Reject.code(), 0, 0, 0, 0, 0, 0, 1, 0xff];
-    assert!(matches!(one_error(&bytes), WireError::Malformed { kind: FrameKind::Reject, .. }));
+    assert!(matches!(one_error(&bytes), WireError::Malformed { kind: FrameKind::Reject, .. })); // Fallback: a zero lease, checkpoint 0, a checkpoint page with neither
+                                                                                                // bytes nor the zero flag, a flag a lease grant does not define.
+    let mut bytes = vec![FrameKind::FallbackTerms.code(), 0, 0, 0, 0, 0, 0, 12];
+    bytes.extend_from_slice(&[0; 12]);
+    assert!(matches!(one_error(&bytes), WireError::Malformed { kind: FrameKind::FallbackTerms, .. }));
+    let mut bytes = vec![FrameKind::CheckpointBegin.code(), 0, 0, 0, 0, 0, 0, 20];
+    bytes.extend_from_slice(&[0; 20]);
+    assert!(matches!(one_error(&bytes), WireError::Malformed { kind: FrameKind::CheckpointBegin, .. }));
+    let mut bytes = vec![FrameKind::CheckpointPage.code(), 0, 0, 0, 0, 0, 0, 8];
+    bytes.extend_from_slice(&[0; 8]);
+    assert!(matches!(one_error(&bytes), WireError::Malformed { kind: FrameKind::CheckpointPage, .. }));
+    let mut bytes = vec![FrameKind::LeaseGrant.code(), 1, 0, 0, 0, 0, 0, 8];
+    bytes.extend_from_slice(&[0; 8]);
+    assert_eq!(one_error(&bytes), WireError::ReservedBits { kind: FrameKind::LeaseGrant });
+    // A lease request of 9 bytes: more than its limit, refused from the header.
+    let bytes = vec![FrameKind::LeaseRequest.code(), 0, 0, 0, 0, 0, 0, 9];
+    assert!(matches!(one_error(&bytes), WireError::FrameTooLarge { kind: FrameKind::LeaseRequest, .. }));
 }
 
 #[test]

@@ -610,6 +610,12 @@ pub(super) fn notice_text(notice: &Notice) -> String {
         Notice::Recovered { epoch } => format!("recovered (epoch {epoch})"),
         Notice::ConnectionRefused { channel, error } => format!("refused a {channel} connection: {error}"),
         Notice::StrangerRefused { channel, reason } => format!("refused a stranger's {channel} connection: {reason}"),
+        Notice::Fenced => "the lease lapsed: the vCPUs are stopped until it is renewed".into(),
+        Notice::LeaseRestored => "the lease is renewed: the vCPUs run again".into(),
+        Notice::CheckpointCommitted { seq } => format!("checkpoint {seq} committed"),
+        Notice::TookOver { checkpoint } => {
+            format!("the destination was lost: the guest restarts here from checkpoint {checkpoint}")
+        }
     }
 }
 

@@ -331,6 +331,15 @@ impl SideDriver for SourceDriver<'_> {
             SourceAction::SyncDirtyLog => SourceOp::SyncDirtyLog,
             SourceAction::Notice(notice) => SourceOp::Notice(notice),
             SourceAction::Finished(finished) => SourceOp::Finished(finished),
+            // Fallback (docs/fallback.md) is not enabled by this driver yet:
+            // its core never asks for these.
+            action @ (SourceAction::StageCheckpointPage { .. }
+            | SourceAction::CommitCheckpoint { .. }
+            | SourceAction::DiscardCheckpoint { .. }
+            | SourceAction::TakeOver { .. }) => {
+                tracing::error!(?action, "a fallback action, but this driver does not run fallback");
+                return None;
+            }
         })
     }
 

@@ -36,7 +36,7 @@ pub fn source_status(state: SourceState, cancelled: bool) -> MigrationStatus {
     match state {
         Connecting | Handshake => MigrationStatus::Setup,
         Precopy | DirtySync | Stopping | FinalSync | Switchover => MigrationStatus::Active,
-        Active | EocReceived | AllPagesSent | ErrorReceive => MigrationStatus::PostcopyActive,
+        Active | EocReceived | AllPagesSent | ErrorReceive | Releasing => MigrationStatus::PostcopyActive,
         Paused => MigrationStatus::PostcopyPaused,
         Recovering => MigrationStatus::PostcopyRecover,
         Withdrawing => MigrationStatus::Cancelling,
@@ -52,7 +52,7 @@ pub fn source_run_state(state: SourceState) -> RunState {
     match state {
         Connecting | Handshake | Precopy | DirtySync | Withdrawing | Failed => RunState::Running,
         Stopping | FinalSync | Switchover | Active | EocReceived | AllPagesSent | ErrorReceive | Paused
-        | Recovering => RunState::FinishMigrate,
+        | Recovering | Releasing => RunState::FinishMigrate,
         Completed => RunState::Postmigrate,
     }
 }
