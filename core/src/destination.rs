@@ -48,8 +48,8 @@ use crate::stats::{DestinationStats, LatencyHistogram, Observed, PhaseClock};
 use crate::time::Timestamp;
 use crate::timer::{Timer, TimerTable};
 use crate::wire::{
-    self, CheckpointBegin, FallbackTerms, Frame, Hello, PageData, PageFrame, PageKind, PagePartFrame, Welcome, WireMode,
-    MAX_DEVICE_STATE_CHUNK, MAX_PRESENT_WORDS,
+    self, CheckpointBegin, FallbackTerms, Frame, Hello, PageData, PageFrame, PageKind, PagePartFrame, Welcome,
+    WireMode, MAX_DEVICE_STATE_CHUNK, MAX_PRESENT_WORDS,
 };
 
 /// Words of the present bitmap per recovery report frame.
