@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Args, ValueEnum};
-use postcopy_core::{Config, Mode};
+use postcopy_core::{Config, FallbackConfig, Mode};
 use postcopy_kvm::driver::Tuning;
 
 /// Migration mode.
@@ -84,6 +84,35 @@ pub struct Common {
     /// where a 2 MiB page takes long to cross). See docs/hugepages.md.
     #[arg(long, default_value = "0", value_parser = parse_size)]
     pub page_part: u64,
+    /// Survive the loss of the destination during postcopy: with
+    /// `checkpoint`, the destination runs the guest only under a lease the
+    /// source renews and streams checkpoints back; the source restarts the
+    /// guest from the last one if the destination is lost. Both sides must
+    /// say it. See docs/fallback.md.
+    #[arg(long, value_enum, default_value_t = FallbackArg::Off)]
+    pub fallback: FallbackArg,
+    /// Fallback: how long the destination may run the guest without a
+    /// renewal (the source's setting counts), in ms.
+    #[arg(long, default_value_t = 1000)]
+    pub lease_ms: u64,
+    /// Fallback: how often the destination takes a checkpoint, in ms.
+    #[arg(long, default_value_t = 100)]
+    pub checkpoint_interval_ms: u64,
+    /// Bytes per second the background push may send in postcopy (0: no
+    /// limit); requested pages are never held back. As QEMU's
+    /// `max-postcopy-bandwidth`.
+    #[arg(long, default_value = "0", value_parser = parse_size)]
+    pub max_postcopy_bandwidth: u64,
+}
+
+/// Whether the guest survives the loss of the destination.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, ValueEnum)]
+pub enum FallbackArg {
+    /// No fallback: after the switchover the guest is the destination's.
+    #[default]
+    Off,
+    /// Reverse checkpoints under a lease (docs/fallback.md).
+    Checkpoint,
 }
 
 impl Common {
@@ -100,6 +129,7 @@ impl Common {
             tcp_congestion: self.tcp_congestion(),
             main_socket_buffer: self.main_socket_buffer(),
             hugepages: self.hugepages,
+            max_postcopy_bandwidth: (self.max_postcopy_bandwidth > 0).then_some(self.max_postcopy_bandwidth),
         }
     }
 
@@ -123,8 +153,18 @@ impl Common {
             handshake_timeout: Duration::from_millis(self.handshake_timeout_ms),
             destination_gone_timeout: Duration::from_secs(self.destination_gone_timeout_s),
             page_part_bytes: u32::try_from(self.page_part).unwrap_or(u32::MAX),
+            fallback: self.fallback_config(),
             ..Config::default()
         }
+    }
+
+    /// The fallback settings, when fallback is on.
+    pub fn fallback_config(&self) -> Option<FallbackConfig> {
+        (self.fallback == FallbackArg::Checkpoint).then(|| FallbackConfig {
+            lease: Duration::from_millis(self.lease_ms),
+            checkpoint_interval: Duration::from_millis(self.checkpoint_interval_ms),
+            ..FallbackConfig::default()
+        })
     }
 
     /// These settings as arguments for a child `postcopy dest` or `source`.
@@ -158,6 +198,12 @@ impl Common {
             out.push(format!("--hugepages={size}"));
         }
         out.push(format!("--page-part={}", self.page_part));
+        if self.fallback == FallbackArg::Checkpoint {
+            out.push("--fallback=checkpoint".into());
+        }
+        out.push(format!("--lease-ms={}", self.lease_ms));
+        out.push(format!("--checkpoint-interval-ms={}", self.checkpoint_interval_ms));
+        out.push(format!("--max-postcopy-bandwidth={}", self.max_postcopy_bandwidth));
         out
     }
 }

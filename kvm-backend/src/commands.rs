@@ -305,6 +305,18 @@ fn print_destination(r: &DestinationReport) {
         r.stats.remote_faults, r.fault_latency.p50_us, r.fault_latency.p99_us, r.pages_installed
     );
     println!("  digest of installed pages {:016x} ({} missing)", r.digest.digest, r.digest.missing_pages);
+    if let Some(f) = &r.fallback {
+        println!(
+            "  fallback: {} checkpoints ({} pages, {:.1} MiB), vCPUs stopped p50 {:.0} us max {:.0} us; {} fences{}",
+            f.checkpoints,
+            f.checkpoint_pages,
+            f.checkpoint_bytes as f64 / MIB as f64,
+            f.stop_us_p50,
+            f.stop_us_max,
+            f.fences,
+            if f.discarded { "; the source took the guest back: this copy was dropped" } else { "" }
+        );
+    }
     if let Some(p) = &r.pattern {
         println!(
             "  guest pattern: {} pages checked, {} bad, {} errors reported by the guest: {}",
@@ -397,6 +409,8 @@ pub fn source(a: SourceArgs) -> Result<ExitCode, CommandError> {
         progress_after_failure_pages_per_s: None,
         notices: outcome.notices.clone(),
         handshakes_ns: outcome.handshakes.clone(),
+        fallback: opts.config.fallback.is_some().then(|| outcome.fallback.clone()),
+        pattern_after_takeover: None,
     };
     if ok {
         // The guest lives on the destination now; its vCPUs here stay stopped.
@@ -405,6 +419,20 @@ pub fn source(a: SourceArgs) -> Result<ExitCode, CommandError> {
         let t = postcopy_kvm::monotonic_ns();
         std::thread::sleep(Duration::from_millis(300));
         report.progress_after_failure_pages_per_s = stats.pages_rate(t, postcopy_kvm::monotonic_ns());
+        if outcome.fallback.takeover.is_some() {
+            // The guest restarted here from a checkpoint and ran on: its
+            // memory must match where its vCPUs stand now.
+            report.pattern_after_takeover = driver::check_running_guest(&guest.vm, &guest.vcpus, &guest.machine, true)
+                .map_err(|e| {
+                    report.error = Some(format!(
+                        "{}; after the takeover: {}",
+                        report.error.clone().unwrap_or_default(),
+                        driver::error_chain(&e)
+                    ));
+                })
+                .ok()
+                .flatten();
+        }
         eprintln!(
             "source: migration FAILED: {}; {} ({})",
             report.error.as_deref().unwrap_or("?"),
@@ -424,6 +452,31 @@ pub fn source(a: SourceArgs) -> Result<ExitCode, CommandError> {
         println!("  digest of sent pages {:016x} ({} missing)", report.digest.digest, report.digest.missing_pages);
     } else {
         println!("source: migration FAILED: {}", report.error.as_deref().unwrap_or("?"));
+    }
+    if let (false, Some(f)) = (a.common.json, &report.fallback) {
+        println!(
+            "  fallback: {} checkpoints committed ({} pages, {:.1} MiB), {} dropped",
+            f.checkpoints_committed,
+            f.checkpoint_pages,
+            f.checkpoint_bytes as f64 / MIB as f64,
+            f.checkpoints_discarded
+        );
+        if let Some(t) = &f.takeover {
+            println!(
+                "  the destination was lost: the guest runs here again from checkpoint {}, {:.0} ms after its last word{}",
+                t.checkpoint,
+                t.running_ns.saturating_sub(t.last_heard_ns) as f64 / 1e6,
+                t.error.as_deref().map(|e| format!(" (FAILED: {e})")).unwrap_or_default()
+            );
+        }
+        if let Some(p) = &report.pattern_after_takeover {
+            println!(
+                "  guest pattern after the takeover: {} pages checked, {} bad: {}",
+                p.pages_checked,
+                p.bad_pages,
+                if p.ok() { "ok" } else { "FAILED" }
+            );
+        }
     }
     Ok(if ok { ExitCode::SUCCESS } else { ExitCode::from(1) })
 }

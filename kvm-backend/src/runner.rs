@@ -79,6 +79,10 @@ struct Ctrl {
     exit: bool,
     save_requested: bool,
     saved: Option<Result<VcpuState>>,
+    /// A state to load while parked (a takeover restarts the guest from a
+    /// checkpoint's state), and the result.
+    restore_requested: Option<Box<VcpuState>>,
+    restored: Option<Result<()>>,
 }
 
 #[derive(Debug)]
@@ -150,6 +154,8 @@ impl VcpuSet {
                     exit: false,
                     save_requested: false,
                     saved: None,
+                    restore_requested: None,
+                    restored: None,
                 }),
                 cv: Condvar::new(),
             });
@@ -295,6 +301,40 @@ impl VcpuSet {
             }
         }
         Ok(out)
+    }
+
+    /// Loads `states` (by vCPU index) into the parked vCPUs, each on its own
+    /// thread; they stay parked until [`VcpuSet::resume`]. A fallback's
+    /// takeover restarts the guest this way from a checkpoint's state.
+    pub fn restore_states(&self, states: &[VcpuState]) -> Result<()> {
+        if states.len() != self.shared.len() {
+            return Err(Error::State(format!("{} saved vCPUs for {} vCPUs", states.len(), self.shared.len())));
+        }
+        let deadline = Instant::now() + CONTROL_TIMEOUT;
+        for (s, state) in self.shared.iter().zip(states) {
+            let mut c = lock(&s.ctrl);
+            if !c.state.is_parked() || c.state == RunState::Exited {
+                return Err(Error::Vcpu { vcpu: s.index, reason: format!("cannot load state while {:?}", c.state) });
+            }
+            c.restored = None;
+            c.restore_requested = Some(Box::new(state.clone()));
+            s.cv.notify_all();
+        }
+        for s in &self.shared {
+            let mut c = lock(&s.ctrl);
+            loop {
+                if let Some(r) = c.restored.take() {
+                    r?;
+                    break;
+                }
+                let left = deadline.saturating_duration_since(Instant::now());
+                if left.is_zero() || c.state == RunState::Exited {
+                    return Err(Error::Vcpu { vcpu: s.index, reason: "state not loaded in time".into() });
+                }
+                c = s.cv.wait_timeout(c, left).map(|r| r.0).unwrap_or_else(|e| e.into_inner().0);
+            }
+        }
+        Ok(())
     }
 
     /// Abandons a guest whose pages will not come, so that its threads can
@@ -482,6 +522,11 @@ fn park_thread(vcpu: &Vcpu, s: &Shared, reason: Park) -> bool {
         if c.save_requested {
             c.save_requested = false;
             c.saved = Some(vcpu.save_state());
+            s.cv.notify_all();
+            continue;
+        }
+        if let Some(state) = c.restore_requested.take() {
+            c.restored = Some(vcpu.restore_state(&state));
             s.cv.notify_all();
             continue;
         }

@@ -63,6 +63,19 @@ impl DeviceState {
         vm.devices().restore_state(&self.devices)
     }
 
+    /// Restores into `vm` whose vCPU threads in `set` are parked (they ran
+    /// before: a fallback's takeover restarts the guest from a checkpoint);
+    /// they stay parked until resumed.
+    pub fn restore_parked(&self, vm: &Vm, set: &VcpuSet) -> Result<()> {
+        if &self.ram != vm.ram().layout() {
+            return Err(Error::State("RAM layout differs from the saved one".into()));
+        }
+        // The same order as `restore`.
+        vm.restore_state(&self.vm)?;
+        set.restore_states(&self.vcpus)?;
+        vm.devices().restore_state(&self.devices)
+    }
+
     /// Encodes the blob.
     pub fn to_bytes(&self) -> Result<Vec<u8>> {
         let payload = postcard::to_stdvec(self).map_err(|e| Error::State(format!("encode: {e}")))?;

@@ -45,6 +45,11 @@ pub struct Tuning {
     /// migration then moves whole huge pages; both sides must agree.
     #[serde(default)]
     pub hugepages: Option<crate::hugepages::HugePageSize>,
+    /// Bytes per second the source's background push may send in postcopy
+    /// (None: as fast as it can), as QEMU's `max-postcopy-bandwidth`:
+    /// requested pages are never held back.
+    #[serde(default)]
+    pub max_postcopy_bandwidth: Option<u64>,
 }
 
 impl Tuning {

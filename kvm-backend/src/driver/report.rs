@@ -6,6 +6,73 @@ use serde::{Deserialize, Serialize};
 use super::digest::MemoryDigest;
 use postcopy_core::{DestinationStats, LatencySummary, SourceStats};
 
+/// What fallback did on the source (docs/fallback.md).
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct FallbackRecord {
+    /// Checkpoints committed into the fallback image.
+    pub checkpoints_committed: u64,
+    /// Their pages.
+    pub checkpoint_pages: u64,
+    /// Those pages' bytes (zero pages count none).
+    pub checkpoint_bytes: u64,
+    /// Checkpoints cut off and dropped.
+    pub checkpoints_discarded: u64,
+    /// The takeover, if the source took the guest back.
+    pub takeover: Option<Takeover>,
+}
+
+/// The source took the guest back.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Takeover {
+    /// The checkpoint the guest restarted from (0: the switchover's state).
+    pub checkpoint: u64,
+    /// Monotonic ns: when the last frame from the destination arrived
+    /// (the takeover waits from there).
+    pub last_heard_ns: u64,
+    /// Monotonic ns: when the guest ran here again.
+    pub running_ns: u64,
+    /// Why the guest could not run again here, if it could not.
+    pub error: Option<String>,
+}
+
+/// What fallback did on the destination, for the report.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct FallbackSummary {
+    /// Checkpoints taken and handed to the core.
+    pub checkpoints: u64,
+    /// Pages in them.
+    pub checkpoint_pages: u64,
+    /// Those pages' bytes (zero pages count none).
+    pub checkpoint_bytes: u64,
+    /// How long the vCPUs were stopped per checkpoint, median, us.
+    pub stop_us_p50: f64,
+    /// The longest such stop, us.
+    pub stop_us_max: f64,
+    /// The longest time a checkpoint spent copying pages (within its stop), us.
+    pub copy_us_max: f64,
+    /// Times the lease lapsed and the vCPUs were fenced.
+    pub fences: u64,
+    /// The longest time from a fence's kick to every vCPU parked, us.
+    pub fence_us_max: f64,
+    /// The source took the guest back and this copy was dropped.
+    pub discarded: bool,
+}
+
+impl FallbackSummary {
+    /// Counts a checkpoint; `stops` holds every stop so far, in us.
+    pub(crate) fn add_checkpoint(&mut self, stop_us: f64, copy_us: f64, pages: u64, bytes: u64, stops: &mut Vec<f64>) {
+        self.checkpoints += 1;
+        self.checkpoint_pages += pages;
+        self.checkpoint_bytes += bytes;
+        self.copy_us_max = self.copy_us_max.max(copy_us);
+        stops.push(stop_us);
+        let mut sorted = stops.clone();
+        sorted.sort_by(f64::total_cmp);
+        self.stop_us_p50 = sorted[sorted.len() / 2];
+        self.stop_us_max = sorted[sorted.len() - 1];
+    }
+}
+
 /// The source's report.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct SourceReport {
@@ -47,6 +114,13 @@ pub struct SourceReport {
     /// start and end, monotonic ns.
     #[serde(default)]
     pub handshakes_ns: Vec<(u64, u64)>,
+    /// Fallback (docs/fallback.md): checkpoints committed, the takeover.
+    #[serde(default)]
+    pub fallback: Option<FallbackRecord>,
+    /// After a takeover: the pattern guest's memory check here, against
+    /// the registers it restarted with and ran on from.
+    #[serde(default)]
+    pub pattern_after_takeover: Option<PatternCheck>,
 }
 
 impl SourceReport {
@@ -146,6 +220,9 @@ pub struct DestinationReport {
     pub notices: Vec<String>,
     /// Test-only damage that was applied.
     pub damage: Option<String>,
+    /// Fallback (docs/fallback.md): checkpoints taken, fences.
+    #[serde(default)]
+    pub fallback: Option<FallbackSummary>,
 }
 
 /// Both sides' reports and the checks that need both.

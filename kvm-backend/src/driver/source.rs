@@ -7,6 +7,7 @@ use std::thread::Scope;
 use std::time::Duration;
 
 use bytes::Bytes;
+use postcopy_core::wire::PageData;
 use postcopy_core::{
     Channel, Config, DeferredPage, EventError, Finished, GuestMemory, Notice, PageNumber, Source, SourceAction,
     SourceState, SourceStats, Timestamp,
@@ -17,6 +18,7 @@ use super::digest::PageDigests;
 use super::machine::{core_layout, MachineDescription, PageMap};
 use super::net::{self, lock_spin, Connection};
 use super::placement::{latency_thread, pin_self, set_policy, Boost, Tuning};
+use super::report::{FallbackRecord, Takeover};
 use super::security::{self, ChannelSecurity};
 use super::shell::{spawn, ConnectionOp, LockedCore, ProtocolCore, Shell, SideDriver, LOCK_SPIN};
 use super::sync::Doorbell;
@@ -75,6 +77,8 @@ pub struct SourceOutcome {
     /// Each connection's handshake (TCP, TLS, preamble, proof): when it
     /// started and ended, monotonic ns.
     pub handshakes: Vec<(u64, u64)>,
+    /// Fallback: the checkpoints committed and the takeover, if any.
+    pub fallback: FallbackRecord,
 }
 
 /// Why the source could not run a migration (the core's own verdict is in
@@ -188,6 +192,11 @@ enum SourceOp {
     SyncDirtyLog,
     Notice(Notice),
     Finished(Box<Finished<SourceStats>>),
+    /// Fallback: the guest restarts here from the last committed checkpoint.
+    TakeOver {
+        checkpoint: u64,
+        device_state: Bytes,
+    },
 }
 
 /// The source's driver: the shell, the guest it migrates, the bulk writer's
@@ -212,6 +221,12 @@ struct SourceDriver<'a> {
     stop_ns: AtomicU64,
     stop_capture_ns: AtomicU64,
     pause_ns: AtomicU64,
+    /// Fallback: the pages of the checkpoint being received, not yet in the
+    /// fallback image (the guest's memory here).
+    staging: Mutex<Vec<(PageNumber, PageData)>>,
+    fallback: Mutex<FallbackRecord>,
+    /// When the last frame from the destination arrived, monotonic ns.
+    last_heard_ns: AtomicU64,
 }
 
 /// Runs a migration of the running guest (`vm`, its vCPUs in `vcpus`) to
@@ -264,6 +279,9 @@ pub fn run_source_watched(
         stop_ns: AtomicU64::new(0),
         stop_capture_ns: AtomicU64::new(0),
         pause_ns: AtomicU64::new(0),
+        staging: Mutex::new(Vec::new()),
+        fallback: Mutex::new(FallbackRecord::default()),
+        last_heard_ns: AtomicU64::new(0),
     };
     let start_ns = now().0;
     tracing::info!(session, destination = %opts.connect, pages, "migration starts");
@@ -294,6 +312,7 @@ pub fn run_source_watched(
     why.dedup();
     let last_connect_error = (!why.is_empty()).then(|| why.join("; "));
     let handshakes = std::mem::take(&mut *lock(&driver.handshakes));
+    let fallback = std::mem::take(&mut *lock(&driver.fallback));
     tracing::info!(result = ?finished.result, "migration ended");
     Ok(SourceOutcome {
         finished,
@@ -305,6 +324,7 @@ pub fn run_source_watched(
         notices: driver.shell.notices(),
         last_connect_error,
         handshakes,
+        fallback,
         digests: driver.guest.digests,
     })
 }
@@ -331,15 +351,27 @@ impl SideDriver for SourceDriver<'_> {
             SourceAction::SyncDirtyLog => SourceOp::SyncDirtyLog,
             SourceAction::Notice(notice) => SourceOp::Notice(notice),
             SourceAction::Finished(finished) => SourceOp::Finished(finished),
-            // Fallback (docs/fallback.md) is not enabled by this driver yet:
-            // its core never asks for these.
-            action @ (SourceAction::StageCheckpointPage { .. }
-            | SourceAction::CommitCheckpoint { .. }
-            | SourceAction::DiscardCheckpoint { .. }
-            | SourceAction::TakeOver { .. }) => {
-                tracing::error!(?action, "a fallback action, but this driver does not run fallback");
+            // The staging area is kept in step with the core, under its
+            // lock: a commit must follow every page staged before it.
+            SourceAction::StageCheckpointPage { seq, page, data } => {
+                let mut staging = lock(&self.staging);
+                if staging.is_empty() {
+                    tracing::info!(seq, "checkpoint {seq} arriving");
+                }
+                staging.push((page, data));
                 return None;
             }
+            SourceAction::CommitCheckpoint { seq } => {
+                self.commit_checkpoint(seq);
+                return None;
+            }
+            SourceAction::DiscardCheckpoint { seq } => {
+                let dropped = std::mem::take(&mut *lock(&self.staging)).len();
+                tracing::info!(seq, dropped, "a checkpoint cut off: dropped");
+                lock(&self.fallback).checkpoints_discarded += 1;
+                return None;
+            }
+            SourceAction::TakeOver { checkpoint, device_state } => SourceOp::TakeOver { checkpoint, device_state },
         })
     }
 
@@ -355,6 +387,7 @@ impl SideDriver for SourceDriver<'_> {
                 }
                 SourceOp::SyncDirtyLog => self.sync_dirty_log(s),
                 SourceOp::Notice(notice) => self.notice(&notice),
+                SourceOp::TakeOver { checkpoint, device_state } => self.take_over(checkpoint, &device_state),
                 SourceOp::Finished(finished) => {
                     *lock(&self.finished) = Some(*finished);
                     self.shell.stopping.store(true, Ordering::SeqCst);
@@ -403,6 +436,58 @@ impl SideDriver for SourceDriver<'_> {
 }
 
 impl SourceDriver<'_> {
+    /// Copies the staged pages of checkpoint `seq` into the guest's memory
+    /// here, the fallback image. Those pages are never sent again (the
+    /// destination had them before its guest dirtied them), so the push and
+    /// the digests of pages as sent are untouched.
+    fn commit_checkpoint(&self, seq: u64) {
+        let staged = std::mem::take(&mut *lock(&self.staging));
+        let page_bytes = (self.guest.map.unit_pages() * PAGE_SIZE) as usize;
+        let zeros = vec![0u8; page_bytes];
+        let mut bytes = 0u64;
+        for (page, data) in &staged {
+            let content: &[u8] = match data {
+                PageData::Zero => &zeros,
+                PageData::Bytes(b) => b,
+            };
+            bytes += (content.len() as u64) * u64::from(matches!(data, PageData::Bytes(_)));
+            let written = self.guest.map.page_ref(*page).map(|r| self.guest.ram.write_pages(r, content));
+            if !matches!(written, Some(Ok(()))) {
+                // The core checked the page's number and length against the layout.
+                tracing::error!(page = page.0, ?written, "cannot write a committed checkpoint page");
+            }
+        }
+        tracing::debug!(seq, pages = staged.len(), bytes, "checkpoint committed");
+        let mut record = lock(&self.fallback);
+        record.checkpoints_committed += 1;
+        record.checkpoint_pages += staged.len() as u64;
+        record.checkpoint_bytes += bytes;
+    }
+
+    /// The destination is lost: the guest's memory here is the fallback
+    /// image (committed checkpoints applied); load the checkpoint's device
+    /// state into the parked vCPUs and run them.
+    fn take_over(&self, checkpoint: u64, device_state: &[u8]) {
+        let restored = DeviceState::from_bytes(device_state)
+            .and_then(|state| state.restore_parked(self.vm, self.vcpus))
+            .map_err(|e| error_chain(&e));
+        if restored.is_ok() {
+            self.vcpus.resume();
+            tracing::warn!(
+                checkpoint,
+                "the destination is lost: the guest runs here again, from checkpoint {checkpoint}"
+            );
+        } else {
+            tracing::error!(checkpoint, error = ?restored, "the destination is lost and the guest cannot run here again");
+        }
+        lock(&self.fallback).takeover = Some(Takeover {
+            checkpoint,
+            last_heard_ns: self.last_heard_ns.load(Ordering::SeqCst),
+            running_ns: now().0,
+            error: restored.err(),
+        });
+    }
+
     fn stop_vcpus<'s>(&'s self, s: &'s Scope<'s, '_>) {
         let t0 = now().0;
         self.stop_ns.store(t0, Ordering::SeqCst);
@@ -532,6 +617,9 @@ impl SourceDriver<'_> {
             let mut current = false;
             self.event(s, |l, now| {
                 current = l.input(now, &conn, bytes);
+                if current && fast {
+                    self.last_heard_ns.store(now.0, Ordering::Relaxed);
+                }
                 if current {
                     state = l.core.state();
                 }
@@ -557,10 +645,12 @@ impl SourceDriver<'_> {
         let mut boost = Boost::default();
         let mut buf: Vec<u8> = Vec::with_capacity(BULK_WRITE_BYTES + BULK_STEP_BYTES + 2 * PAGE_SIZE as usize);
         let mut deferred = Vec::new();
+        let mut pace = Pace::default();
         while !self.shell.is_stopping() {
             let guard = lock(&self.shell.write_locks[Channel::Main.index()]);
             buf.clear();
             let mut conn: Option<Arc<Connection>> = None;
+            let mut postcopy = false;
             while buf.len() < BULK_WRITE_BYTES {
                 let before = buf.len();
                 let (changed, ops, state) = {
@@ -591,6 +681,7 @@ impl SourceDriver<'_> {
                     SourceState::Handshake | SourceState::Stopping | SourceState::FinalSync | SourceState::Switchover
                 );
                 boost.set_nice(tuning.rt_switchover, switchover, tuning.bulk_nice, "src-bulk");
+                postcopy = state.after_start();
                 if !ops.is_empty() {
                     self.execute(s, ops);
                 }
@@ -607,9 +698,35 @@ impl SourceDriver<'_> {
                 if conn.write_all(&buf).is_err() {
                     drop(guard);
                     self.lost(s, &conn);
+                } else if let Some(rate) = tuning.max_postcopy_bandwidth.filter(|_| postcopy) {
+                    drop(guard);
+                    let wait = pace.sent(buf.len() as u64, rate, now().0);
+                    if !wait.is_zero() {
+                        self.bulk_bell.wait_timeout(wait);
+                    }
                 }
             }
         }
+    }
+}
+
+/// Keeps the background push at a rate: the bytes sent since it began
+/// are due no earlier than at that rate.
+#[derive(Debug, Default)]
+struct Pace {
+    /// Monotonic ns of the first write, and bytes written since.
+    since: Option<(u64, u64)>,
+}
+
+impl Pace {
+    /// `bytes` more were sent at `now_ns`; returns how long to wait before
+    /// the next write to stay within `bytes_per_s`.
+    fn sent(&mut self, bytes: u64, bytes_per_s: u64, now_ns: u64) -> Duration {
+        let (start, total) = self.since.get_or_insert((now_ns, 0));
+        *total += bytes;
+        let due = *start
+            + u64::try_from(u128::from(*total) * 1_000_000_000 / u128::from(bytes_per_s.max(1))).unwrap_or(u64::MAX);
+        Duration::from_nanos(due.saturating_sub(now_ns))
     }
 }
 
@@ -622,4 +739,21 @@ pub fn new_session_id() -> u64 {
     x ^= crate::sys::monotonic_ns() ^ (u64::from(std::process::id()) << 32);
     x = (x ^ (x >> 33)).wrapping_mul(0xff51_afd7_ed55_8ccd);
     x ^ (x >> 29)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Pace;
+    use std::time::Duration;
+
+    #[test]
+    fn the_pace_holds_the_push_to_its_rate() {
+        let mut pace = Pace::default();
+        // 1 MB/s: a first 1000-byte write is due 1 ms after it began.
+        assert_eq!(pace.sent(1000, 1_000_000, 5_000), Duration::from_millis(1));
+        // 2 ms later, 1000 more bytes: due at 2 ms, already past.
+        assert_eq!(pace.sent(1000, 1_000_000, 2_005_000), Duration::ZERO);
+        // 500 KB at once: due 502 ms after the start.
+        assert_eq!(pace.sent(500_000, 1_000_000, 2_005_000), Duration::from_millis(500));
+    }
 }

@@ -474,6 +474,8 @@ impl Shared {
                     progress_after_failure_pages_per_s: None,
                     notices: outcome.notices.clone(),
                     handshakes_ns: outcome.handshakes.clone(),
+                    fallback: opts.config.fallback.is_some().then(|| outcome.fallback.clone()),
+                    pattern_after_takeover: None,
                 });
                 snapshot.x = XPostcopyInfo {
                     pages_precopy: Some(stats.pages_sent.precopy),

@@ -166,6 +166,13 @@ impl DestinationDriver<'_> {
             tracing::error!("resume without vCPUs");
             return;
         };
+        // Fallback: checkpoints hold the pages the guest dirties here, from
+        // its first instruction.
+        if self.opts.config.fallback.is_some() {
+            if let Err(e) = m.vm.set_dirty_logging(true) {
+                tracing::error!(e = error_chain(&e), "cannot turn on dirty logging: no checkpoint can be taken");
+            }
+        }
         // vCPU threads inherit this thread's policy, possibly real time;
         // each switches itself to the normal policy first thing (runner.rs).
         match VcpuSet::start(vcpus, m.vm.devices().clone()) {

@@ -8,6 +8,7 @@
 //! module. Here: running a migration, the core's operations, accepting
 //! connections and reading them.
 
+mod checkpoint;
 mod damage;
 mod error;
 mod fault;
@@ -156,6 +157,8 @@ fn run(
         timeline: Timeline::default(),
         faults_read: AtomicU64::new(0),
         install_counters: InstallCounters::default(),
+        vcpu_hold: Mutex::default(),
+        fallback_log: Mutex::default(),
     };
     let mut report = DestinationReport::default();
     std::thread::scope(|s| {
@@ -232,14 +235,9 @@ impl SideDriver for DestinationDriver<'_> {
             DestinationAction::CloseConnection(id) => DestinationOp::Close(l.close_provisional(id)?),
             DestinationAction::Notice(notice) => DestinationOp::Notice(notice),
             DestinationAction::Finished(finished) => DestinationOp::Finished(finished),
-            // Fallback (docs/fallback.md) is not enabled by this driver yet:
-            // its core never asks for these.
-            action @ (DestinationAction::FenceVcpus
-            | DestinationAction::TakeCheckpoint { .. }
-            | DestinationAction::DiscardGuest) => {
-                tracing::error!(?action, "a fallback action, but this driver does not run fallback");
-                return None;
-            }
+            DestinationAction::FenceVcpus => DestinationOp::Fence,
+            DestinationAction::TakeCheckpoint { seq } => DestinationOp::TakeCheckpoint(seq),
+            DestinationAction::DiscardGuest => DestinationOp::DiscardGuest,
         })
     }
 
@@ -264,14 +262,20 @@ impl SideDriver for DestinationDriver<'_> {
                     spawn(s, "dst-loader", move || self.load(s, state))
                 }
                 DestinationOp::ResumeVcpus => {
-                    Timeline::mark(&self.timeline.start_received_ns);
-                    self.resume()
+                    if self.timeline.start_received_ns.load(Ordering::SeqCst) == 0 {
+                        Timeline::mark(&self.timeline.start_received_ns);
+                    }
+                    self.run_vcpus()
                 }
+                DestinationOp::Fence => self.fence(),
+                DestinationOp::TakeCheckpoint(seq) => spawn(s, "dst-checkpoint", move || self.take_checkpoint(s, seq)),
+                DestinationOp::DiscardGuest => self.discard_guest(),
                 DestinationOp::Wake(page) => self.wake(page),
                 DestinationOp::Close(op) => self.close_connection(s, op),
                 DestinationOp::Notice(notice) => self.notice(&notice),
                 DestinationOp::Finished(finished) => {
                     Timeline::mark(&self.timeline.end_ns);
+                    self.stop_checkpointing();
                     tracing::info!(result = ?finished.result, "the core finished");
                     *lock(&self.finished) = Some(*finished);
                     self.finished_flag.store(true, Ordering::SeqCst);

@@ -115,14 +115,27 @@ impl Timeline {
 /// core lock is held.
 pub(super) enum DestinationOp {
     Prepare(Bytes),
-    Install { page: PageNumber, data: PageData, overwrite: bool },
-    Discard { first: PageNumber, count: u64 },
+    Install {
+        page: PageNumber,
+        data: PageData,
+        overwrite: bool,
+    },
+    Discard {
+        first: PageNumber,
+        count: u64,
+    },
     LoadDeviceState(Bytes),
     ResumeVcpus,
     Wake(PageNumber),
     Close(ConnectionOp),
     Notice(Notice),
     Finished(Box<Finished<DestinationStats>>),
+    /// Fallback: the lease lapsed.
+    Fence,
+    /// Fallback: take this checkpoint.
+    TakeCheckpoint(u64),
+    /// Fallback: the source took the guest back.
+    DiscardGuest,
 }
 
 /// The destination's driver: the shell, the machine once built, the vCPUs,
@@ -155,4 +168,8 @@ pub(super) struct DestinationDriver<'a> {
     pub(super) timeline: Timeline,
     pub(super) faults_read: AtomicU64,
     pub(super) install_counters: InstallCounters,
+    /// Fallback: who holds the vCPUs stopped (lock it before `running`).
+    pub(super) vcpu_hold: Mutex<super::checkpoint::VcpuHold>,
+    /// Fallback: checkpoints and fences, for the report.
+    pub(super) fallback_log: Mutex<super::checkpoint::FallbackLog>,
 }

@@ -141,6 +141,7 @@ impl DestinationDriver<'_> {
             install_busy_ns: self.install_counters.busy_ns.load(Ordering::Relaxed),
             preallocated: self.opts.preallocated.is_some(),
             fault_latency: latency_summary(&lock(&self.latency)),
+            fallback: self.opts.config.fallback.is_some().then(|| lock(&self.fallback_log).summary.clone()),
             ..Default::default()
         };
         if let Some(f) = finished {
