@@ -31,7 +31,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use userfaultfd::{Event, EventBuffer, FeatureFlags, IoctlFlags, ReadWrite, RegisterMode, Uffd, UffdBuilder};
+use userfaultfd::{Event, EventBuffer, FaultKind, FeatureFlags, IoctlFlags, ReadWrite, RegisterMode, Uffd, UffdBuilder};
 
 use crate::page_bits::MappedPages;
 
@@ -108,6 +108,9 @@ const AGAIN_RETRIES: u32 = 16;
 const FEATURE_MINOR_SHMEM: u64 = 1 << 10;
 /// `UFFD_FEATURE_MINOR_HUGETLBFS`: minor faults on hugetlbfs memory.
 const FEATURE_MINOR_HUGETLBFS: u64 = 1 << 9;
+/// `UFFD_FEATURE_WP_HUGETLBFS_SHMEM`: write-protect faults on shared and
+/// hugetlbfs memory.
+const FEATURE_WP_HUGETLBFS_SHMEM: u64 = 1 << 12;
 /// `1 << _UFFDIO_CONTINUE` among a registration's ioctls.
 const IOCTL_CONTINUE: u64 = 1 << 0x07;
 
@@ -317,6 +320,8 @@ pub struct PageFault {
     /// Kernel id of the faulting thread (a vCPU thread for guest and KVM
     /// faults), when the kernel reports it.
     pub thread_id: Option<i32>,
+    /// A write to a write-protected page (present), not a missing page.
+    pub write_protected: bool,
 }
 
 /// Whole pages in `data` (checked by the callers).
@@ -354,11 +359,33 @@ impl UffdRam {
         Self::register_with_features(ram, 0)
     }
 
+    /// [`UffdRam::register`], and for write-protect faults too when
+    /// `write_protect`: a checkpoint write-protects the pages it must copy
+    /// and copies each before the guest's first write to it
+    /// ([`UffdRam::write_protect`], [`PageFault::write_protected`]).
+    pub fn register_with_write_protect(ram: Arc<GuestRam>, write_protect: bool) -> Result<Self> {
+        if !write_protect {
+            return Self::register(ram);
+        }
+        let shared = ram.is_preallocated();
+        let extra = if shared { FEATURE_WP_HUGETLBFS_SHMEM } else { 0 } | (1 << 0);
+        Self::register_inner(ram, extra, RegisterMode::WRITE_PROTECT, IoctlFlags::WRITE_PROTECT)
+    }
+
     /// Test-only: [`UffdRam::register`] asking for the extra `UFFD_FEATURE_*`
     /// bits `extra` too (e.g. `EVENT_REMOVE`, so that a discard leaves the
     /// address space "changing" until its event is read).
     #[doc(hidden)]
     pub fn register_with_features(ram: Arc<GuestRam>, extra: u64) -> Result<Self> {
+        Self::register_inner(ram, extra, RegisterMode::empty(), IoctlFlags::empty())
+    }
+
+    fn register_inner(
+        ram: Arc<GuestRam>,
+        extra: u64,
+        extra_mode: RegisterMode,
+        extra_need: IoctlFlags,
+    ) -> Result<Self> {
         let preallocated = ram.is_preallocated();
         let (mode, base, need) = if preallocated {
             let need = IoctlFlags::from_bits_retain(IOCTL_CONTINUE) | IoctlFlags::WAKE;
@@ -382,6 +409,7 @@ impl UffdRam {
             (RegisterMode::MISSING, FeatureFlags::empty(), IoctlFlags::COPY | IoctlFlags::ZEROPAGE | IoctlFlags::WAKE)
         };
         let base = base | FeatureFlags::from_bits_retain(extra);
+        let (mode, need) = (mode | extra_mode, need | extra_need);
         let (uffd, thread_id) = match new_uffd(base | FeatureFlags::THREAD_ID) {
             Ok(u) => (u, true),
             Err(_) => (new_uffd(base)?, false),
@@ -786,6 +814,25 @@ impl UffdRam {
             .map_err(|e| UffdError::Operation { op: "wake", reason: e.to_string() })
     }
 
+    /// Write-protects `count` pages from `first` (RAM registered with
+    /// [`UffdRam::register_with_write_protect`]): a write to one of them
+    /// then waits, as a write-protect fault, until it is unprotected.
+    pub fn write_protect(&self, first: PageRef, count: u64) -> Result<()> {
+        let dst = self.ram.pages_host_addr(first, count)?;
+        self.uffd
+            .write_protect(dst as *mut libc::c_void, (count * PAGE_SIZE) as usize)
+            .map_err(|e| UffdError::Operation { op: "write-protect", reason: e.to_string() })
+    }
+
+    /// Removes the write protection of `count` pages from `first`, waking
+    /// the threads whose writes waited for it.
+    pub fn unprotect(&self, first: PageRef, count: u64) -> Result<()> {
+        let dst = self.ram.pages_host_addr(first, count)?;
+        self.uffd
+            .remove_write_protection(dst as *mut libc::c_void, (count * PAGE_SIZE) as usize, true)
+            .map_err(|e| UffdError::Operation { op: "unprotect", reason: e.to_string() })
+    }
+
     /// Unregisters all RAM from userfaultfd: threads waiting for pages wake
     /// up and find zero pages. Only to abandon a guest whose pages will not
     /// come (so that its vCPU threads can exit); installs fail afterwards.
@@ -877,11 +924,12 @@ impl FaultReader {
         let mut bad: Option<(UffdError, usize)> = None;
         for ev in events {
             let fault = match ev {
-                Ok(Event::Pagefault { rw, addr, thread_id, .. }) => match self.ram.page_of_host_addr(addr as u64) {
+                Ok(Event::Pagefault { kind, rw, addr, thread_id }) => match self.ram.page_of_host_addr(addr as u64) {
                     Some(page) => Ok(PageFault {
                         page,
                         write: rw == ReadWrite::Write,
                         thread_id: self.thread_id.then(|| thread_id.as_raw()),
+                        write_protected: kind == FaultKind::WriteProtected,
                     }),
                     None => Err(format!("fault at {addr:?} outside guest RAM")),
                 },

@@ -70,13 +70,24 @@ impl Tuning {
                 tracing::warn!(%e, name, "cannot set the TCP congestion control");
             }
         }
-        if let (postcopy_core::Channel::Main, Some(bytes)) = (channel, self.main_socket_buffer) {
+        let bytes = match channel {
+            postcopy_core::Channel::Main => self.main_socket_buffer,
+            postcopy_core::Channel::Return => Some(RETURN_SOCKET_BUFFER),
+            postcopy_core::Channel::Urgent => None,
+        };
+        if let Some(bytes) = bytes {
             if let Err(e) = crate::sys::set_socket_buffers(stream, bytes) {
-                tracing::warn!(%e, bytes, "cannot set the main channel's socket buffers");
+                tracing::warn!(%e, bytes, %channel, "cannot set the socket buffers");
             }
         }
     }
 }
+
+/// Send and receive buffer of the return path's sockets. Page requests
+/// and lease renewals share that path with fallback's checkpoints (tens of
+/// MiB at a time): they wait behind what the two buffers hold, so those
+/// are kept small; without fallback the path carries only small frames.
+pub const RETURN_SOCKET_BUFFER: usize = 128 * 1024;
 
 /// Pins the calling thread, when asked (a failure is logged, not fatal).
 /// Besides the driver's own threads, `run` places its QMP server's threads
