@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use clap::{Args, ValueEnum};
 use postcopy_core::{Config, FallbackConfig, Mode};
-use postcopy_kvm::driver::Tuning;
+use postcopy_kvm::driver::{CheckpointCopy, Tuning};
 
 /// Migration mode.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -98,11 +98,25 @@ pub struct Common {
     /// Fallback: how often the destination takes a checkpoint, in ms.
     #[arg(long, default_value_t = 100)]
     pub checkpoint_interval_ms: u64,
+    /// Fallback: copy a checkpoint's pages on write (write-protect them at
+    /// the stop, copy each before the guest writes it) or during the stop.
+    #[arg(long, value_enum, default_value_t = CheckpointCopyArg::WriteProtect)]
+    pub checkpoint_copy: CheckpointCopyArg,
     /// Bytes per second the background push may send in postcopy (0: no
     /// limit); requested pages are never held back. As QEMU's
     /// `max-postcopy-bandwidth`.
     #[arg(long, default_value = "0", value_parser = parse_size)]
     pub max_postcopy_bandwidth: u64,
+}
+
+/// How a checkpoint's pages are copied at one instant.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, ValueEnum)]
+pub enum CheckpointCopyArg {
+    /// Write-protect at the stop, copy on write and in the background.
+    #[default]
+    WriteProtect,
+    /// Copy every dirty page while the vCPUs are stopped.
+    Stop,
 }
 
 /// Whether the guest survives the loss of the destination.
@@ -130,6 +144,10 @@ impl Common {
             main_socket_buffer: self.main_socket_buffer(),
             hugepages: self.hugepages,
             max_postcopy_bandwidth: (self.max_postcopy_bandwidth > 0).then_some(self.max_postcopy_bandwidth),
+            checkpoint_copy: match self.checkpoint_copy {
+                CheckpointCopyArg::WriteProtect => CheckpointCopy::WriteProtect,
+                CheckpointCopyArg::Stop => CheckpointCopy::Stop,
+            },
         }
     }
 
@@ -203,6 +221,9 @@ impl Common {
         }
         out.push(format!("--lease-ms={}", self.lease_ms));
         out.push(format!("--checkpoint-interval-ms={}", self.checkpoint_interval_ms));
+        if self.checkpoint_copy == CheckpointCopyArg::Stop {
+            out.push("--checkpoint-copy=stop".into());
+        }
         out.push(format!("--max-postcopy-bandwidth={}", self.max_postcopy_bandwidth));
         out
     }

@@ -582,3 +582,53 @@ fn background_population_covers_the_ram_and_stops() {
     assert_eq!(population.summary().faults_ahead, u64::from(!stopped.complete));
     assert_eq!(population.has_reached(PageRef::new(0, 0)), stopped.pages > 0);
 }
+
+/// Fallback's copy-on-write checkpoints: a write to a write-protected page
+/// waits, as a write-protect fault (not a missing page), until the page is
+/// unprotected; reads go through; pages not protected are written freely.
+#[test]
+fn a_write_to_a_write_protected_page_waits_for_its_unprotection() {
+    if !uffd_or_skip("a_write_to_a_write_protected_page_waits_for_its_unprotection") {
+        return;
+    }
+    for kind in KINDS {
+        eprintln!("RAM: {kind:?}");
+        let layout = MemoryMap::pc(2 * MIB).expect("layout");
+        let ram = match kind {
+            Kind::Anonymous => GuestRam::new(layout),
+            Kind::Preallocated => GuestRam::new_preallocated(layout),
+            Kind::Unpopulated => GuestRam::new_unpopulated(layout),
+        };
+        let m = Arc::new(UffdRam::register_with_write_protect(Arc::new(ram.expect("ram")), true).expect("register"));
+        let (page, other) = (PageRef::new(0, 42), PageRef::new(0, 43));
+        for p in [page, other] {
+            assert_eq!(m.install_page(p, &page_of(7)).unwrap(), Install::Installed);
+        }
+        let gpa = m.ram().layout().gpa_of(page).unwrap();
+        m.write_protect(page, 1).expect("write-protect");
+        // Reading a protected page, and writing a page beside it, do not fault.
+        assert_eq!(m.ram().read_u64(gpa).unwrap(), u64::from_le_bytes([7; 8]));
+        m.ram().write_u64(gpa + PAGE_SIZE, 9).expect("write beside");
+        let mut reader = m.fault_reader();
+        let done = Arc::new(AtomicBool::new(false));
+        let writer = {
+            let (m, done) = (m.clone(), done.clone());
+            std::thread::spawn(move || {
+                m.ram().write_u64(gpa, 5).expect("write");
+                done.store(true, Ordering::SeqCst);
+            })
+        };
+        assert!(reader.wait(Duration::from_secs(5)).unwrap(), "no write-protect fault");
+        let mut faults = Vec::new();
+        assert_eq!(reader.read(&mut faults).unwrap(), 1);
+        assert_eq!(faults[0].page, page);
+        assert!(faults[0].write && faults[0].write_protected, "{:?}", faults[0]);
+        std::thread::sleep(Duration::from_millis(20));
+        assert!(!done.load(Ordering::SeqCst), "the write did not wait");
+        // The checkpoint's copy, taken before the write goes through.
+        assert_eq!(m.ram().read_u64(gpa).unwrap(), u64::from_le_bytes([7; 8]));
+        m.unprotect(page, 1).expect("unprotect");
+        writer.join().unwrap();
+        assert_eq!(m.ram().read_u64(gpa).unwrap(), 5);
+    }
+}

@@ -110,4 +110,4 @@ pub use source::{new_session_id, run_source, run_source_watched, SourceError, So
 
 pub use crate::error::error_chain;
 pub use clock::now;
-pub use placement::{pin_self, Tuning};
+pub use placement::{pin_self, CheckpointCopy, Tuning};

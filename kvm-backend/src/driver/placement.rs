@@ -50,6 +50,22 @@ pub struct Tuning {
     /// requested pages are never held back.
     #[serde(default)]
     pub max_postcopy_bandwidth: Option<u64>,
+    /// Fallback: how the destination copies a checkpoint's pages.
+    #[serde(default)]
+    pub checkpoint_copy: CheckpointCopy,
+}
+
+/// How a fallback checkpoint's pages are copied at one instant (see
+/// docs/fallback.md, "Checkpoints on KVM").
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub enum CheckpointCopy {
+    /// Write-protect the dirty pages while the vCPUs are stopped, run them
+    /// again, and copy each page before the guest's first write to it
+    /// (userfaultfd write-protect faults), the rest in the background.
+    #[default]
+    WriteProtect,
+    /// Copy every dirty page while the vCPUs are stopped.
+    Stop,
 }
 
 impl Tuning {

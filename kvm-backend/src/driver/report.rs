@@ -48,8 +48,13 @@ pub struct FallbackSummary {
     pub stop_us_p50: f64,
     /// The longest such stop, us.
     pub stop_us_max: f64,
-    /// The longest time a checkpoint spent copying pages (within its stop), us.
+    /// The longest time a checkpoint spent copying pages, us (within the
+    /// stop; with write-protect, after it, while the guest runs).
     pub copy_us_max: f64,
+    /// Checkpoint pages copied by the fault thread before a guest write
+    /// (copy on write); the others were copied in the background.
+    #[serde(default)]
+    pub copied_on_write: u64,
     /// Times the lease lapsed and the vCPUs were fenced.
     pub fences: u64,
     /// The longest time from a fence's kick to every vCPU parked, us.

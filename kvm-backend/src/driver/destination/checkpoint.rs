@@ -26,7 +26,7 @@ use crate::driver::clock::now;
 use crate::driver::report::FallbackSummary;
 use crate::driver::shell::SideDriver;
 use crate::error::error_chain;
-use crate::layout::PAGE_SIZE;
+use crate::layout::{PageRef, PAGE_SIZE};
 use crate::runner::VcpuSet;
 use crate::state::DeviceState;
 
@@ -125,8 +125,11 @@ impl DestinationDriver<'_> {
         }
     }
 
-    /// Stops the vCPUs, copies the dirty pages and the device state, and
-    /// runs them again (unless fenced or discarded meanwhile).
+    /// Stops the vCPUs, takes the dirty pages and the device state of this
+    /// instant, and runs them again (unless fenced or discarded
+    /// meanwhile). The pages are copied during the stop, or (write-protect)
+    /// after it: each before the guest's first write to it, by the fault
+    /// thread, the rest here.
     fn checkpoint_of_one_instant(&self, seq: u64) -> Option<(Bytes, Vec<(PageNumber, PageData)>)> {
         let m = self.machine.get()?;
         {
@@ -137,11 +140,10 @@ impl DestinationDriver<'_> {
             hold.checkpointing = true;
         }
         let t0 = now().0;
-        let taken = {
+        let stopped = {
             let running = lock(&self.running);
-            running.as_ref().and_then(|vcpus| self.copy_stopped(m, vcpus, seq))
+            running.as_ref().and_then(|vcpus| self.stop_and_take(m, vcpus, seq))
         };
-        let t_copied = now().0;
         {
             let mut hold = lock(&self.vcpu_hold);
             hold.checkpointing = false;
@@ -152,30 +154,41 @@ impl DestinationDriver<'_> {
             }
         }
         let stop_us = (now().0 - t0) as f64 / 1e3;
-        let (device_state, pages, copy_ns) = taken?;
+        let Stopped { device_state, pages: numbers, copied, copy_ns } = stopped?;
+        let t_copy = now().0;
+        let (buf, on_write) = match copied {
+            Some(buf) => (buf, 0),
+            None => self.copy_the_rest(m)?,
+        };
+        let copy_ns = copy_ns + (now().0 - t_copy);
+        let page_bytes = (m.map.unit_pages() * PAGE_SIZE) as usize;
+        let zero: Vec<bool> = buf.chunks_exact(page_bytes).map(|p| p.iter().all(|&b| b == 0)).collect();
+        let buf = Bytes::from(buf);
+        let pages: Vec<(PageNumber, PageData)> = numbers
+            .iter()
+            .zip(zero)
+            .enumerate()
+            .map(|(i, (&page, zero))| {
+                let data = if zero {
+                    PageData::Zero
+                } else {
+                    PageData::Bytes(buf.slice(i * page_bytes..(i + 1) * page_bytes))
+                };
+                (page, data)
+            })
+            .collect();
         let bytes: u64 = pages.iter().map(|(_, d)| if let PageData::Bytes(b) = d { b.len() as u64 } else { 0 }).sum();
         let mut log = lock(&self.fallback_log);
         let FallbackLog { summary, stops_us } = &mut *log;
         summary.add_checkpoint(stop_us, copy_ns as f64 / 1e3, pages.len() as u64, bytes, stops_us);
-        tracing::debug!(
-            seq,
-            pages = pages.len(),
-            bytes,
-            stop_us,
-            until_copied_us = (t_copied - t0) / 1000,
-            "checkpoint taken"
-        );
+        summary.copied_on_write += on_write;
+        tracing::debug!(seq, pages = pages.len(), bytes, stop_us, on_write, "checkpoint taken");
         Some((device_state, pages))
     }
 
-    /// With the vCPUs parked: the dirty pages and the device state.
-    #[allow(clippy::type_complexity)]
-    fn copy_stopped(
-        &self,
-        m: &Machine,
-        vcpus: &VcpuSet,
-        seq: u64,
-    ) -> Option<(Bytes, Vec<(PageNumber, PageData)>, u64)> {
+    /// With the vCPUs parked: the dirty pages (copied, or write-protected
+    /// and handed to the fault thread) and the device state.
+    fn stop_and_take(&self, m: &Machine, vcpus: &VcpuSet, seq: u64) -> Option<Stopped> {
         vcpus.pause_within(Duration::ZERO);
         while !vcpus.wait_paused(PARK_POLL) {
             if self.shell.is_stopping() || self.finished_flag.load(Ordering::SeqCst) {
@@ -189,52 +202,175 @@ impl DestinationDriver<'_> {
                 return None;
             }
         };
-        let t_copy = now().0;
-        let mut numbers = Vec::new();
+        let mut pages = Vec::new();
         for block in 0..dirty.num_blocks() {
             let Some(start) = m.map.block_start(block) else { continue };
             for (w, &word) in m.map.fold_dirty(dirty.block_words(block)).iter().enumerate() {
                 let mut bits = word;
                 while bits != 0 {
-                    numbers.push(PageNumber(start + w as u64 * 64 + u64::from(bits.trailing_zeros())));
+                    pages.push(PageNumber(start + w as u64 * 64 + u64::from(bits.trailing_zeros())));
                     bits &= bits - 1;
                 }
             }
         }
         let page_bytes = (m.map.unit_pages() * PAGE_SIZE) as usize;
-        // One allocation for the whole checkpoint; each page a slice of it.
-        let mut buf = vec![0u8; numbers.len() * page_bytes];
-        let mut zero = vec![false; numbers.len()];
-        for ((page, out), zero) in numbers.iter().zip(buf.chunks_exact_mut(page_bytes)).zip(&mut zero) {
-            let read = m.map.page_ref(*page).map(|r| m.ram.read_pages(r, out));
-            if !matches!(read, Some(Ok(()))) {
-                tracing::error!(page = page.0, ?read, seq, "cannot read a dirty page for a checkpoint");
-                return None;
+        // Untouched until written: allocating it costs the stop nothing.
+        let mut buf = vec![0u8; pages.len() * page_bytes];
+        let t_copy = now().0;
+        let copied = if m.write_protect {
+            for (first, count) in runs(m, &pages) {
+                if let Err(e) = m.uffd.write_protect(first, count) {
+                    tracing::error!(e = error_chain(&e), seq, "cannot write-protect a checkpoint's pages");
+                    self.unprotect_all(m, &pages);
+                    return None;
+                }
             }
-            *zero = out.iter().all(|&b| b == 0);
-        }
+            None
+        } else {
+            for (page, out) in pages.iter().zip(buf.chunks_exact_mut(page_bytes)) {
+                let read = m.map.page_ref(*page).map(|r| m.ram.read_pages(r, out));
+                if !matches!(read, Some(Ok(()))) {
+                    tracing::error!(page = page.0, ?read, seq, "cannot read a dirty page for a checkpoint");
+                    return None;
+                }
+            }
+            Some(std::mem::take(&mut buf))
+        };
         let copy_ns = now().0 - t_copy;
         let device_state = match DeviceState::capture(&m.vm, vcpus).and_then(|st| st.to_bytes()) {
             Ok(bytes) => Bytes::from(bytes),
             Err(e) => {
                 tracing::error!(e = error_chain(&e), seq, "cannot capture the device state for a checkpoint");
+                if m.write_protect {
+                    self.unprotect_all(m, &pages);
+                }
                 return None;
             }
         };
-        let buf = Bytes::from(buf);
-        let pages = numbers
-            .iter()
-            .zip(zero)
-            .enumerate()
-            .map(|(i, (&page, zero))| {
-                let data = if zero {
-                    PageData::Zero
-                } else {
-                    PageData::Bytes(buf.slice(i * page_bytes..(i + 1) * page_bytes))
-                };
-                (page, data)
-            })
-            .collect();
-        Some((device_state, pages, copy_ns))
+        if m.write_protect {
+            // In place before any vCPU runs again: a write-protect fault
+            // finds the page to copy here.
+            let copied = vec![false; pages.len()];
+            *lock(&self.copy_on_write) =
+                Some(CopyOnWrite { pages: pages.clone(), copied, buf, page_bytes, on_write: 0 });
+        }
+        Some(Stopped { device_state, pages, copied, copy_ns })
     }
+
+    /// After a write-protected stop: copies the pages the guest has not
+    /// written yet (a chunk at a time, then unprotects them), and returns
+    /// every page's copy and how many the fault thread copied on write.
+    fn copy_the_rest(&self, m: &Machine) -> Option<(Vec<u8>, u64)> {
+        let pages = lock(&self.copy_on_write).as_ref()?.pages.clone();
+        for chunk in (0..pages.len()).collect::<Vec<_>>().chunks(COPY_CHUNK) {
+            {
+                let mut cow = lock(&self.copy_on_write);
+                let cow = cow.as_mut()?;
+                for &i in chunk {
+                    cow.copy(m, i);
+                }
+            }
+            let (first, last) = (chunk[0], chunk[chunk.len() - 1]);
+            for (start, count) in runs(m, &pages[first..=last]) {
+                if let Err(e) = m.uffd.unprotect(start, count) {
+                    tracing::error!(e = error_chain(&e), "cannot unprotect a checkpoint's pages");
+                }
+            }
+        }
+        let cow = lock(&self.copy_on_write).take()?;
+        if cow.copied.iter().any(|&c| !c) {
+            tracing::error!("a checkpoint page was left uncopied");
+            return None;
+        }
+        Some((cow.buf, cow.on_write))
+    }
+
+    /// A write-protect fault: the guest writes a page of the checkpoint
+    /// being copied. Copies it first (unless done), then lets the write go.
+    pub(super) fn copy_before_write(&self, m: &Machine, fault: PageRef) {
+        let Some(page) = m.map.number(fault) else { return };
+        {
+            let mut cow = lock(&self.copy_on_write);
+            if let Some(cow) = cow.as_mut() {
+                if let Ok(i) = cow.pages.binary_search(&page) {
+                    if cow.copy(m, i) {
+                        cow.on_write += 1;
+                    }
+                }
+            }
+        }
+        // A page of no checkpoint (protected by one whose copy failed) is
+        // let go as well: nothing would ever copy it.
+        if let Some(first) = m.map.page_ref(page) {
+            if let Err(e) = m.uffd.unprotect(first, m.map.unit_pages()) {
+                tracing::error!(
+                    e = error_chain(&e),
+                    page = page.0,
+                    "cannot unprotect a page written during a checkpoint"
+                );
+            }
+        }
+    }
+
+    /// Undoes a write protection whose checkpoint is abandoned.
+    fn unprotect_all(&self, m: &Machine, pages: &[PageNumber]) {
+        for (first, count) in runs(m, pages) {
+            let _ = m.uffd.unprotect(first, count);
+        }
+    }
+}
+
+/// Pages the write-protected copy handles under one hold of its lock.
+const COPY_CHUNK: usize = 64;
+
+/// What a checkpoint took while the vCPUs were stopped.
+struct Stopped {
+    device_state: Bytes,
+    /// The dirty pages, in order.
+    pages: Vec<PageNumber>,
+    /// Their contents, when copied during the stop.
+    copied: Option<Vec<u8>>,
+    copy_ns: u64,
+}
+
+/// A checkpoint whose pages are write-protected and copied on write.
+pub(crate) struct CopyOnWrite {
+    /// The pages, in order, and whether each is copied (into `buf`).
+    pages: Vec<PageNumber>,
+    copied: Vec<bool>,
+    buf: Vec<u8>,
+    page_bytes: usize,
+    /// Pages the fault thread copied before a write.
+    on_write: u64,
+}
+
+impl CopyOnWrite {
+    /// Copies page `i` unless it is copied; returns whether it copied.
+    fn copy(&mut self, m: &Machine, i: usize) -> bool {
+        if self.copied[i] {
+            return false;
+        }
+        let out = &mut self.buf[i * self.page_bytes..(i + 1) * self.page_bytes];
+        let read = m.map.page_ref(self.pages[i]).map(|r| m.ram.read_pages(r, out));
+        if !matches!(read, Some(Ok(()))) {
+            tracing::error!(page = self.pages[i].0, ?read, "cannot read a checkpoint page");
+            return false;
+        }
+        self.copied[i] = true;
+        true
+    }
+}
+
+/// `pages` (in order) as runs of adjacent pages within one block: the
+/// first page and the run's length in 4 KiB pages.
+fn runs(m: &Machine, pages: &[PageNumber]) -> Vec<(PageRef, u64)> {
+    let unit = m.map.unit_pages();
+    let mut out: Vec<(PageRef, u64)> = Vec::new();
+    for r in pages.iter().filter_map(|&p| m.map.page_ref(p)) {
+        match out.last_mut() {
+            Some((first, count)) if first.block == r.block && first.page + *count == r.page => *count += unit,
+            _ => out.push((r, unit)),
+        }
+    }
+    out
 }

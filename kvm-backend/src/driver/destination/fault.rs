@@ -60,6 +60,17 @@ impl DestinationDriver<'_> {
                     continue;
                 }
             }
+            // Writes to a checkpoint's write-protected pages: copied, then
+            // let go; they are not missing pages.
+            faults.retain(|f| {
+                if f.write_protected {
+                    self.copy_before_write(m, f.page);
+                }
+                !f.write_protected
+            });
+            if faults.is_empty() {
+                continue;
+            }
             let t = now();
             let tids = self.vcpu_tids.get();
             let pages: Vec<(PageNumber, Waiter)> = faults

@@ -107,7 +107,18 @@ impl DestinationDriver<'_> {
             ),
             None => Arc::new(GuestRam::new(desc.ram.clone()).map_err(step("allocate guest RAM"))?),
         };
-        let uffd = UffdRam::register(ram.clone()).map_err(step("register guest RAM with userfaultfd"))?;
+        // Fallback copies checkpoints on write where the kernel can
+        // write-protect this memory; else during the stop.
+        let wants_wp = self.opts.config.fallback.is_some()
+            && self.opts.tuning.checkpoint_copy == crate::driver::CheckpointCopy::WriteProtect;
+        let (uffd, write_protect) = match UffdRam::register_with_write_protect(ram.clone(), wants_wp) {
+            Ok(uffd) => (uffd, wants_wp),
+            Err(e) if wants_wp => {
+                tracing::warn!(e = error_chain(&e), "no userfaultfd write-protect: checkpoints copy during the stop");
+                (UffdRam::register(ram.clone()).map_err(step("register guest RAM with userfaultfd"))?, false)
+            }
+            Err(e) => return Err(step("register guest RAM with userfaultfd")(e)),
+        };
         let config = VmConfig { vcpus: desc.vcpus, irqchip: desc.irqchip, serial: self.opts.serial.clone() };
         let vm = Vm::new(ram.clone(), config).map_err(step("create the VM"))?;
         let vcpus = vm.create_vcpus().map_err(step("create the vCPUs"))?;
@@ -117,6 +128,7 @@ impl DestinationDriver<'_> {
             desc,
             ram,
             uffd,
+            write_protect,
             vm,
             map,
             installed: PageBits::new(pages),

@@ -159,6 +159,7 @@ fn run(
         install_counters: InstallCounters::default(),
         vcpu_hold: Mutex::default(),
         fallback_log: Mutex::default(),
+        copy_on_write: Mutex::new(None),
     };
     let mut report = DestinationReport::default();
     std::thread::scope(|s| {

@@ -70,6 +70,9 @@ pub(super) struct Machine {
     pub(super) desc: MachineDescription,
     pub(super) ram: Arc<GuestRam>,
     pub(super) uffd: UffdRam,
+    /// Fallback: RAM registered for write-protect faults, so checkpoints
+    /// copy on write ([`crate::driver::CheckpointCopy::WriteProtect`]).
+    pub(super) write_protect: bool,
     pub(super) vm: Vm,
     pub(super) map: PageMap,
     pub(super) installed: PageBits,
@@ -172,4 +175,6 @@ pub(super) struct DestinationDriver<'a> {
     pub(super) vcpu_hold: Mutex<super::checkpoint::VcpuHold>,
     /// Fallback: checkpoints and fences, for the report.
     pub(super) fallback_log: Mutex<super::checkpoint::FallbackLog>,
+    /// Fallback: the checkpoint being copied on write, if any.
+    pub(super) copy_on_write: Mutex<Option<super::checkpoint::CopyOnWrite>>,
 }
