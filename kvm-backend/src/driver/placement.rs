@@ -96,6 +96,15 @@ impl Tuning {
                 tracing::warn!(%e, bytes, %channel, "cannot set the socket buffers");
             }
         }
+        // A requested huge page crosses in one go: room for two on the
+        // urgent channel, instead of buffers that grow from a few KiB with
+        // the first pages after the switchover.
+        if channel == postcopy_core::Channel::Urgent && self.page_bytes() > crate::layout::PAGE_SIZE {
+            let bytes = 2 * self.page_bytes() as usize;
+            if let Err(e) = crate::sys::set_socket_buffers(stream, bytes) {
+                tracing::warn!(%e, bytes, "cannot set the urgent channel's socket buffers");
+            }
+        }
     }
 }
 

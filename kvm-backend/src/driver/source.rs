@@ -20,7 +20,9 @@ use super::net::{self, lock_spin, Connection};
 use super::placement::{latency_thread, pin_self, set_policy, Boost, Tuning};
 use super::report::{FallbackRecord, Takeover};
 use super::security::{self, ChannelSecurity};
-use super::shell::{spawn, ConnectionOp, LockedCore, ProtocolCore, Shell, SideDriver, LOCK_SPIN};
+use super::shell::{
+    spawn, warm_fault_path_buffer, ConnectionOp, LockedCore, ProtocolCore, Shell, SideDriver, LOCK_SPIN,
+};
 use super::sync::Doorbell;
 use super::watch::{UserRequest, Watch};
 use crate::devices::lock;
@@ -37,6 +39,9 @@ const BULK_STEP_BYTES: usize = 32 * 1024;
 const BULK_WRITE_BYTES: usize = 256 * 1024;
 /// Bytes read per receive on the return path.
 const READ_BYTES: usize = 64 * 1024;
+/// Room in the fault path's write buffer beyond one huge page: the
+/// frame's header and the small frames written with it.
+const FAULT_PATH_BUFFER_MARGIN: usize = 64 * 1024;
 
 /// How to run the source.
 #[derive(Clone, Debug)]
@@ -603,6 +608,11 @@ impl SourceDriver<'_> {
         let base = if fast { tuning.rt_priority } else { None };
         if fast {
             latency_thread(tuning, "src-return");
+            // This thread writes the requested pages (flush_fault_path):
+            // room for a huge page, touched before the first request.
+            if tuning.page_bytes() > PAGE_SIZE {
+                warm_fault_path_buffer(tuning.page_bytes() as usize + FAULT_PATH_BUFFER_MARGIN);
+            }
         } else {
             set_policy(None, "src-reader");
         }

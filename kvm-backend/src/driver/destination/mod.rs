@@ -35,6 +35,7 @@ use postcopy_core::{Channel, DeferredPage, Destination, DestinationAction, Times
 
 use super::clock::now;
 use super::digest::MemoryDigest;
+use super::framing::{read_frames_until_closed, FrameAligner};
 use super::machine::MachineDescription;
 use super::net::Connection;
 use super::placement::{pin_self, set_policy, Boost};
@@ -45,6 +46,7 @@ use super::sync::Doorbell;
 use super::watch::{ListenerSlot, Watch};
 use crate::devices::lock;
 use crate::error::error_chain;
+use crate::layout::PAGE_SIZE;
 use crate::runner::VcpuSet;
 use crate::vm::Vm;
 use state::{DestinationDriver, DestinationOp, InstallCounters, Timeline};
@@ -57,6 +59,12 @@ const URGENT_READ_BYTES: usize = 64 * 1024;
 const RETURN_READ_BYTES: usize = 4096;
 /// Bytes of frames the return path writes per system call at most.
 const RETURN_WRITE_BYTES: usize = 64 * 1024;
+/// Receive buffers a main or urgent reader touches before the first huge
+/// page arrives (the reader and the installer hold two at a time).
+const WARM_BUFFERS: usize = 3;
+/// Room in a warm buffer beyond one huge page: a frame's header and what
+/// a read may bring after it.
+const WARM_BUFFER_MARGIN: usize = 64 * 1024;
 /// How long the acceptor blocks in one poll (it checks for shutdown in between).
 const ACCEPT_POLL: Duration = Duration::from_millis(50);
 /// How often the progress bar is redrawn.
@@ -452,10 +460,10 @@ impl DestinationDriver<'_> {
             }
             Channel::Urgent => {
                 pin_self(tuning.latency_cpu, "dst-urgent");
-                // A requested huge page in as few reads (core lock
-                // acquisitions) as the socket allows.
-                let max = URGENT_READ_BYTES.max(tuning.page_bytes() as usize + 64);
-                (max, tuning.spin(), tuning.rt_priority)
+                // A requested huge page's header comes in a small read, and
+                // the rest of it in one read into a kept, warm buffer
+                // (framing); the core sees it whole, under one lock.
+                (URGENT_READ_BYTES, tuning.spin(), tuning.rt_priority)
             }
             Channel::Return => (RETURN_READ_BYTES, Duration::ZERO, None),
         };
@@ -504,7 +512,15 @@ impl DestinationDriver<'_> {
                 l.accepted_lost(now, &conn);
             })
         };
-        crate::driver::framing::read_frames_until_closed(&conn, max, spin, deliver, on_closed);
+        // On huge pages, the first pages after the switchover land in
+        // buffers touched now, not in fresh memory (module docs of framing).
+        let page_bytes = tuning.page_bytes() as usize;
+        let aligner = if conn.channel != Channel::Return && page_bytes > PAGE_SIZE as usize {
+            FrameAligner::warmed(page_bytes + WARM_BUFFER_MARGIN, WARM_BUFFERS)
+        } else {
+            FrameAligner::default()
+        };
+        read_frames_until_closed(&conn, max, spin, aligner, deliver, on_closed);
     }
 
     fn progress_loop(&self) {
