@@ -89,20 +89,16 @@ impl Tuning {
         let bytes = match channel {
             postcopy_core::Channel::Main => self.main_socket_buffer,
             postcopy_core::Channel::Return => Some(RETURN_SOCKET_BUFFER),
-            postcopy_core::Channel::Urgent => None,
+            // A requested huge page crosses in one go: room for two,
+            // instead of buffers that grow from a few KiB with the first
+            // pages after the switchover.
+            postcopy_core::Channel::Urgent => {
+                (self.page_bytes() > crate::layout::PAGE_SIZE).then(|| 2 * self.page_bytes() as usize)
+            }
         };
         if let Some(bytes) = bytes {
             if let Err(e) = crate::sys::set_socket_buffers(stream, bytes) {
                 tracing::warn!(%e, bytes, %channel, "cannot set the socket buffers");
-            }
-        }
-        // A requested huge page crosses in one go: room for two on the
-        // urgent channel, instead of buffers that grow from a few KiB with
-        // the first pages after the switchover.
-        if channel == postcopy_core::Channel::Urgent && self.page_bytes() > crate::layout::PAGE_SIZE {
-            let bytes = 2 * self.page_bytes() as usize;
-            if let Err(e) = crate::sys::set_socket_buffers(stream, bytes) {
-                tracing::warn!(%e, bytes, "cannot set the urgent channel's socket buffers");
             }
         }
     }
