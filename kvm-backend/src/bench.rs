@@ -17,7 +17,7 @@ use postcopy_kvm::layout::MIB;
 use postcopy_kvm::{GuestRam, HugePageSize, MemoryMap, MemoryRegion, PageRef, UffdRam, PAGE_SIZE};
 use serde::Serialize;
 
-use crate::args::{parse_size, Common, GuestArgs, ModeArg};
+use crate::args::{parse_size, Common, FallbackArg, GuestArgs, ModeArg};
 use crate::pair::{run_pair, run_pair_timed, DestinationStart, PairError, PairReports};
 use crate::tls::PairCredentials;
 
@@ -92,6 +92,11 @@ pub struct BenchArgs {
     /// mutual TLS, and the two are compared).
     #[arg(long)]
     pub no_tls: bool,
+    /// No fallback section (by default each default-settings migration
+    /// also runs with `--fallback checkpoint`, and one more has its
+    /// destination die after its first checkpoint).
+    #[arg(long)]
+    pub no_fallback: bool,
     /// Guest sizes of the scaling section (destination started when the
     /// source is ready: time to accept, total time, total per GiB). A size
     /// whose two sides do not fit in the memory available is skipped.
@@ -188,6 +193,10 @@ struct BenchReport {
     tls_comparison: Vec<Comparison>,
     /// The scaling section (empty with --no-scaling).
     scaling: Vec<ScalingRow>,
+    /// The default migrations with `--fallback checkpoint` (empty with
+    /// --no-fallback), and one whose destination died after checkpoint 1.
+    fallback_runs: Vec<RunReport>,
+    fallback_takeover: Option<postcopy_kvm::driver::report::SourceReport>,
 }
 
 /// A figure with TLS against plaintext (medians of the runs).
@@ -680,6 +689,29 @@ pub fn run(a: BenchArgs) -> Result<ExitCode, BenchError> {
             tls_fault_heavy_runs.push(migration(a.mem, &common, true, Some(creds))?);
         }
     }
+    let mut fallback_common = common.clone();
+    fallback_common.fallback = FallbackArg::Checkpoint;
+    let mut fallback_runs = Vec::new();
+    let mut fallback_takeover = None;
+    if !a.no_fallback {
+        for i in 0..repeat {
+            eprintln!("bench: run {}/{repeat}: default settings with --fallback checkpoint...", i + 1);
+            fallback_runs.push(migration(a.mem, &fallback_common, false, None)?);
+        }
+        eprintln!("bench: the destination dies after its first checkpoint...");
+        let guest = GuestArgs {
+            mode: ModeArg::Postcopy,
+            precopy_rounds: 0,
+            mem: a.mem,
+            vcpus: 1,
+            guest_image: None,
+            run_before_ms: 500,
+        };
+        let mut json_common = fallback_common.clone();
+        json_common.json = true;
+        let die = [(postcopy_kvm::driver::DIE_AFTER_CHECKPOINT_ENV, "1")];
+        fallback_takeover = run_pair(&guest, &json_common, 500, &die, None).map_err(BenchError::Pair)?.source;
+    }
     let huge = match huge_size {
         None => None,
         Some(size) => {
@@ -771,6 +803,61 @@ pub fn run(a: BenchArgs) -> Result<ExitCode, BenchError> {
     add("guest progress during postcopy / before", p, "", 1.0, "", ">= 0.6x", 0.6, true);
     let p = stat(&fault_heavy_runs, &progress);
     add("same, fault-heavy", p, "", 1.0, "", ">= 0.6x", 0.6, true);
+    if !fallback_runs.is_empty() {
+        let summary = |r: &RunReport| r.destination.fallback.clone().unwrap_or_default();
+        let stop = stat(&fallback_runs, &|r| summary(r).stop_us_p50 / 1e3);
+        add("fallback: vCPU stop per checkpoint, p50", stop, "ms", 1.0, "goal", "< 1 ms", 1.0, false);
+        let stop_max = stat(&fallback_runs, &|r| summary(r).stop_us_max / 1e3);
+        add("fallback: longest vCPU stop (info)", stop_max, "ms", 1.0, "1 ms", "-", f64::INFINITY, false);
+        let per_checkpoint = |r: &RunReport| {
+            let f = summary(r);
+            f.checkpoint_bytes as f64 / f.checkpoints.max(1) as f64 / MIB as f64
+        };
+        let mib = stat(&fallback_runs, &per_checkpoint);
+        add(
+            "fallback: MiB sent back per checkpoint (info)",
+            mib,
+            "MiB",
+            a.mem as f64 / MIB as f64,
+            "guest RAM",
+            "-",
+            f64::INFINITY,
+            false,
+        );
+        let (without, ..) = stat(&default_runs, &progress);
+        let with = stat(&fallback_runs, &progress);
+        add(
+            "fallback: guest progress during postcopy",
+            with,
+            "",
+            without,
+            "the same without fallback",
+            ">= 0.5x",
+            0.5,
+            true,
+        );
+        let (without, ..) = total;
+        let with = stat(&fallback_runs, &|r| r.total_ms);
+        add("fallback: total migration time", with, "ms", without, "the same without fallback", "<= 1.3x", 1.3, false);
+    }
+    if let Some(takeover) = fallback_takeover.as_ref().and_then(|r| r.fallback.as_ref()?.takeover.clone()) {
+        // The destination dies right after its last frame left: from the
+        // source's last word to the guest running there again.
+        let ms = takeover.running_ns.saturating_sub(takeover.last_heard_ns) as f64 / 1e6;
+        let goal = fallback_common.lease_ms as f64 + 50.0;
+        add(
+            "fallback: destination's death to the guest running on the source",
+            (ms, ms, ms),
+            "ms",
+            goal,
+            "lease + 50 ms",
+            "<= 1x",
+            1.0,
+            false,
+        );
+    } else if !a.no_fallback {
+        eprintln!("bench: the fallback takeover run did not take over: {fallback_takeover:?}");
+    }
     if let Some(h) = &huge {
         let floor_what = format!("{} request/reply + placement p50", h.size);
         let p50 = stat(&h.fault_heavy_runs, &|r| r.destination.fault_latency.p50_us);
@@ -901,6 +988,8 @@ pub fn run(a: BenchArgs) -> Result<ExitCode, BenchError> {
         tls_default_runs,
         tls_fault_heavy_runs,
         tls_comparison,
+        fallback_runs,
+        fallback_takeover,
         scaling: scaling_rows,
     };
     if a.common.json {

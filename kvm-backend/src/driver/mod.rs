@@ -104,6 +104,7 @@ mod source;
 pub use destination::{
     check_running_guest, run_destination, run_destination_kept, ArrivedGuest, BuildError, Damage, DamageError,
     DestinationError, DestinationOptions, DestinationOutcome, KeptOutcome, LoadError, VerifyError, DAMAGE_ENV,
+    DIE_AFTER_CHECKPOINT_ENV,
 };
 pub use security::{ChannelSecurity, ConnectError, TlsSettings};
 pub use source::{new_session_id, run_source, run_source_watched, SourceError, SourceOptions, SourceOutcome};

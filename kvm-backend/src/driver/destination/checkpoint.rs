@@ -30,6 +30,12 @@ use crate::layout::{PageRef, PAGE_SIZE};
 use crate::runner::VcpuSet;
 use crate::state::DeviceState;
 
+/// Test-only: with `N`, the destination process dies at once (as by
+/// SIGKILL: no farewell, no cleanup) when asked for checkpoint `N + 1`,
+/// that is once checkpoint `N` was acknowledged. The bench's takeover
+/// figure uses it.
+pub const DIE_AFTER_CHECKPOINT_ENV: &str = "POSTCOPY_TEST_DIE_AFTER_CHECKPOINT";
+
 /// How long a checkpoint waits for the vCPUs to park between checks of
 /// whether the migration is over (a vCPU blocked on a missing page parks
 /// when its page arrives).
@@ -114,6 +120,11 @@ impl DestinationDriver<'_> {
 
     /// Takes checkpoint `seq` in its own thread and hands it to the core.
     pub(super) fn take_checkpoint<'s>(&'s self, s: &'s Scope<'s, '_>, seq: u64) {
+        let die_after = std::env::var(DIE_AFTER_CHECKPOINT_ENV).ok().and_then(|v| v.parse::<u64>().ok());
+        if die_after.is_some_and(|n| seq > n) {
+            tracing::warn!(seq, "{DIE_AFTER_CHECKPOINT_ENV}: the destination dies now");
+            std::process::abort();
+        }
         let taken = self.checkpoint_of_one_instant(seq);
         match taken {
             Some((device_state, pages)) => self.event(s, |l, now| {

@@ -17,6 +17,7 @@ mod install;
 mod state;
 mod verify;
 
+pub use checkpoint::DIE_AFTER_CHECKPOINT_ENV;
 pub use damage::{Damage, DamageError, DAMAGE_ENV};
 pub use error::{BuildError, DestinationError};
 pub use guest::LoadError;
