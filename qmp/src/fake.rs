@@ -16,13 +16,14 @@ use crate::types::{
 use crate::vmm::{EventSink, Vmm};
 
 /// The capabilities the fake (like the real VMM) can turn on.
-pub const SUPPORTED_CAPABILITIES: [MigrationCapability; 6] = [
+pub const SUPPORTED_CAPABILITIES: [MigrationCapability; 7] = [
     MigrationCapability::Events,
     MigrationCapability::PostcopyRam,
     MigrationCapability::PostcopyBlocktime,
     MigrationCapability::PostcopyPreempt,
     MigrationCapability::XPostcopyPrepaging,
     MigrationCapability::XPostcopyAutoRecover,
+    MigrationCapability::XPostcopyFallback,
 ];
 
 /// The simulated guest's RAM.

@@ -199,6 +199,11 @@ qapi_enum! {
         /// `postcopy-paused` and waits for `migrate-recover` / `migrate
         /// {resume: true}` as QEMU does.
         XPostcopyAutoRecover = "x-postcopy-auto-recover",
+        /// Ours: the guest survives the loss of the destination during
+        /// postcopy: the destination runs it under a lease and sends
+        /// checkpoints back, from which the source restarts it if the
+        /// destination is lost (both sides must turn it on).
+        XPostcopyFallback = "x-postcopy-fallback",
     }
 }
 

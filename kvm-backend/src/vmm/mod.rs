@@ -50,13 +50,15 @@ pub use guest::{BootError, GuestSpec, LiveGuest};
 
 /// The capabilities this VMM can turn on, and their defaults (QEMU's
 /// defaults are all off; ours are what the engine does).
-const CAPABILITY_DEFAULTS: [(MigrationCapability, bool); 6] = [
+const CAPABILITY_DEFAULTS: [(MigrationCapability, bool); 7] = [
     (MigrationCapability::Events, false),
     (MigrationCapability::PostcopyRam, true),
     (MigrationCapability::PostcopyBlocktime, false),
     (MigrationCapability::PostcopyPreempt, true),
     (MigrationCapability::XPostcopyPrepaging, true),
     (MigrationCapability::XPostcopyAutoRecover, true),
+    // On when `run --fallback checkpoint` was given (see `KvmVmm::new`).
+    (MigrationCapability::XPostcopyFallback, false),
 ];
 
 /// How far back the guest's progress before a migration is measured.
@@ -304,6 +306,9 @@ impl Shared {
         config.urgent_channel = Shared::capability(state, MigrationCapability::PostcopyPreempt);
         config.prepaging = Shared::capability(state, MigrationCapability::XPostcopyPrepaging);
         config.auto_reconnect = Shared::capability(state, MigrationCapability::XPostcopyAutoRecover);
+        // The lease and checkpoint interval of the command line, or the defaults.
+        config.fallback = Shared::capability(state, MigrationCapability::XPostcopyFallback)
+            .then(|| self.config.base.fallback.clone().unwrap_or_default());
         if let Some(batch) = p.x_request_batch_pages {
             config.request_batch_pages = batch.clamp(1, u64::from(u32::MAX)) as u32;
         }
@@ -631,9 +636,13 @@ impl Watch<Destination> for DestinationWatch {
 
 impl KvmVmm {
     fn new(config: VmmConfig, events: Arc<dyn EventSink>, run_state: RunState, incoming: Incoming) -> KvmVmm {
+        let fallback = config.base.fallback.is_some();
         let capabilities = MigrationCapability::ALL
             .iter()
-            .map(|&c| (c, CAPABILITY_DEFAULTS.iter().any(|&(d, on)| d == c && on)))
+            .map(|&c| {
+                let on = CAPABILITY_DEFAULTS.iter().any(|&(d, on)| d == c && on);
+                (c, on || (c == MigrationCapability::XPostcopyFallback && fallback))
+            })
             .collect();
         let parameters = MigrationParameters {
             max_bandwidth: Some(0),
@@ -854,7 +863,11 @@ impl postcopy_qmp::Vmm for KvmVmm {
         let opts = SourceOptions {
             connect: addr,
             config: self.shared.core_config(&state),
-            tuning: self.shared.config.tuning.clone(),
+            tuning: Tuning {
+                // The push's rate in postcopy (QEMU's parameter; 0: none).
+                max_postcopy_bandwidth: state.parameters.max_postcopy_bandwidth.filter(|&b| b > 0),
+                ..self.shared.config.tuning.clone()
+            },
             security: self.shared.security(&state, tls::Way::Outgoing { uri: &args.uri })?,
         };
         state.job = Some(job.clone());

@@ -200,12 +200,14 @@ impl DestinationDriver<'_> {
     /// With the vCPUs parked: the dirty pages (copied, or write-protected
     /// and handed to the fault thread) and the device state.
     fn stop_and_take(&self, m: &Machine, vcpus: &VcpuSet, seq: u64) -> Option<Stopped> {
+        let t_pause = now().0;
         vcpus.pause_within(Duration::ZERO);
         while !vcpus.wait_paused(PARK_POLL) {
             if self.shell.is_stopping() || self.finished_flag.load(Ordering::SeqCst) {
                 return None;
             }
         }
+        let t_log = now().0;
         let dirty = match m.vm.take_dirty_log() {
             Ok(d) => d,
             Err(e) => {
@@ -248,6 +250,7 @@ impl DestinationDriver<'_> {
             Some(std::mem::take(&mut buf))
         };
         let copy_ns = now().0 - t_copy;
+        let t_capture = now().0;
         let device_state = match DeviceState::capture(&m.vm, vcpus).and_then(|st| st.to_bytes()) {
             Ok(bytes) => Bytes::from(bytes),
             Err(e) => {
@@ -258,6 +261,16 @@ impl DestinationDriver<'_> {
                 return None;
             }
         };
+        let us = |a: u64, b: u64| b.saturating_sub(a) / 1000;
+        tracing::debug!(
+            seq,
+            pages = pages.len(),
+            pause_us = us(t_pause, t_log),
+            dirty_log_us = us(t_log, t_copy),
+            protect_or_copy_us = us(t_copy, t_capture),
+            capture_us = us(t_capture, now().0),
+            "checkpoint stop"
+        );
         if m.write_protect {
             // In place before any vCPU runs again: a write-protect fault
             // finds the page to copy here.
