@@ -1252,6 +1252,7 @@ impl Sim {
                         precopy_rounds: 0,
                         blocks: self.layout.blocks().to_vec(),
                         machine: Bytes::new(),
+                        push_streams: 1,
                     }),
                 };
                 let mut out = Vec::new();
