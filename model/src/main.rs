@@ -97,6 +97,9 @@ struct Bounds {
     /// No strangers (peers of another migration connecting).
     #[arg(long)]
     no_strangers: bool,
+    /// Connections the background push is spread over (main and push channels).
+    #[arg(long, default_value_t = ModelConfig::default().push_streams)]
+    push_streams: u8,
     /// A planted bug to switch on (see --list-plants).
     #[arg(long, value_name = "NAME")]
     plant: Option<PlantedBug>,
@@ -114,6 +117,7 @@ impl Bounds {
             timers: self.timers,
             window: self.window,
             urgent_channel: !self.no_urgent,
+            push_streams: self.push_streams,
             device_page: self.device_page,
             cancel: !self.no_cancel,
             switch: !self.no_switch,
