@@ -84,6 +84,12 @@ pub struct Common {
     /// where a 2 MiB page takes long to cross). See docs/hugepages.md.
     #[arg(long, default_value = "0", value_parser = parse_size)]
     pub page_part: u64,
+    /// Spread the background push over this many connections (1-8), each
+    /// with its own sender and receiver thread; requested pages keep to the
+    /// urgent channel. The destination accepts at most its own value, so
+    /// give both sides the same. See docs/performance.md.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=postcopy_core::MAX_PUSH_STREAMS as i64))]
+    pub push_streams: u8,
 }
 
 impl Common {
@@ -123,6 +129,7 @@ impl Common {
             handshake_timeout: Duration::from_millis(self.handshake_timeout_ms),
             destination_gone_timeout: Duration::from_secs(self.destination_gone_timeout_s),
             page_part_bytes: u32::try_from(self.page_part).unwrap_or(u32::MAX),
+            push_streams: self.push_streams,
             ..Config::default()
         }
     }
@@ -158,6 +165,7 @@ impl Common {
             out.push(format!("--hugepages={size}"));
         }
         out.push(format!("--page-part={}", self.page_part));
+        out.push(format!("--push-streams={}", self.push_streams));
         out
     }
 }

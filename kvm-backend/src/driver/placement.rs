@@ -65,7 +65,7 @@ impl Tuning {
                 tracing::warn!(%e, name, "cannot set the TCP congestion control");
             }
         }
-        if let (postcopy_core::Channel::Main, Some(bytes)) = (channel, self.main_socket_buffer) {
+        if let (Some(_), Some(bytes)) = (channel.push_stream(), self.main_socket_buffer) {
             if let Err(e) = crate::sys::set_socket_buffers(stream, bytes) {
                 tracing::warn!(%e, bytes, "cannot set the main channel's socket buffers");
             }
