@@ -262,7 +262,7 @@ fn parse_payload(header: Header, payload: Bytes) -> Result<Frame, WireError> {
             let machine = r.take(machine_len)?;
             let push_streams = if flags & HELLO_FLAG_PUSH_STREAMS != 0 {
                 let streams = r.u8()?;
-                if streams < 2 || streams > MAX_PUSH_STREAMS {
+                if !(2..=MAX_PUSH_STREAMS).contains(&streams) {
                     return Err(r.malformed("push stream count out of range"));
                 }
                 streams
