@@ -154,6 +154,7 @@ fn destination_receive(page_size: u32) -> f64 {
         precopy_rounds: 0,
         blocks: layout.blocks().to_vec(),
         machine: Bytes::new(),
+        push_streams: 1,
     };
     dst.handle_input(now, Channel::Main, encode(&Frame::Hello(hello)));
     dst.handle_input(now, Channel::Urgent, encode(&Frame::UrgentHello(wire::UrgentHello { session: 1, epoch: 0 })));

@@ -3,6 +3,7 @@
 use serde::{Deserialize, Serialize};
 use std::time::Duration;
 
+use crate::channel::MAX_PUSH_STREAMS;
 use crate::wire::{MAX_DEVICE_STATE_CHUNK, MAX_REQUEST_PAGES};
 
 /// Pure postcopy, or precopy rounds first.
@@ -108,6 +109,14 @@ pub struct Config {
     /// its own `checkpoint_interval`. A destination without it refuses the
     /// source's terms before the switchover: the source keeps the guest.
     pub fallback: Option<crate::fallback::FallbackConfig>,
+    /// Connections the background push is spread over (1 to
+    /// [`MAX_PUSH_STREAMS`]): the main channel and `push_streams - 1`
+    /// [`Channel::Push`](crate::Channel::Push) channels, each taking the
+    /// next unsent page whenever it can take bytes. The source opens that
+    /// many; the destination accepts a hello that asks for at most that
+    /// many and refuses one that asks for more (`PushStreamsRefused`).
+    /// Requested pages keep to the urgent channel (or the main one).
+    pub push_streams: u8,
     /// A deliberate bug, for showing that the checkers catch it.
     #[cfg(feature = "planted-bugs")]
     pub plant: Option<crate::plant::PlantedBug>,
@@ -136,6 +145,7 @@ impl Default for Config {
             destination_gone_timeout: Duration::from_secs(600),
             page_part_bytes: 0,
             fallback: None,
+            push_streams: 1,
             #[cfg(feature = "planted-bugs")]
             plant: None,
         }
@@ -172,6 +182,11 @@ impl Config {
         let wanted = 1usize << (usize::BITS - 1 - (self.page_part_bytes as usize).leading_zeros());
         let part = wanted.max(page_size.div_ceil(crate::wire::MAX_PAGE_PARTS));
         (part < page_size && page_size % part == 0).then_some(part)
+    }
+
+    /// The number of push streams, within 1 and [`MAX_PUSH_STREAMS`].
+    pub fn push_stream_count(&self) -> u8 {
+        self.push_streams.clamp(1, MAX_PUSH_STREAMS)
     }
 
     /// The reconnection delay before attempt `attempt` (0-based): exponential, capped.

@@ -176,6 +176,19 @@ struct Session {
     mode: WireMode,
     urgent_channel: bool,
     layout: RamLayout,
+    /// Push streams of the migration (the main channel and `push_streams - 1` push channels).
+    push_streams: u8,
+}
+
+impl Session {
+    /// Whether the source of this migration writes `channel` (an urgent
+    /// channel is always taken; push streams up to the hello's count).
+    fn has_channel(&self, channel: Channel) -> bool {
+        match channel {
+            Channel::Push(stream) => stream.number() < self.push_streams,
+            Channel::Main | Channel::Return | Channel::Urgent => true,
+        }
+    }
 }
 
 /// What the destination knows of fallback (docs/fallback.md), from the
@@ -278,14 +291,14 @@ pub struct Destination {
     /// ReadyToRun, or a welcome saying the device state is loaded, has been
     /// transmitted: the source may have given the guest away since.
     start_possible: bool,
-    links: [Link; 3],
+    links: [Link; Channel::COUNT],
     /// Connections accepted beside a live one, oldest first; see [`Admission`].
     provisional: VecDeque<Provisional>,
     /// Names the next provisional connection. Names only label connections
     /// for the driver: states that differ only in it behave alike.
     next_connection: Observed<u64>,
     /// The hello (session, epoch) seen on each connection, if any.
-    hellos: [Option<(u64, u32)>; 3],
+    hellos: [Option<(u64, u32)>; Channel::COUNT],
     present: Bitmap,
     /// Pages with a fault waiting for them. Which vCPUs wait, and since when,
     /// are observations: faults on one page by different vCPUs behave alike.
@@ -349,7 +362,7 @@ impl Destination {
             links: Default::default(),
             provisional: VecDeque::new(),
             next_connection: Observed(0),
-            hellos: [None; 3],
+            hellos: [None; Channel::COUNT],
             present: Bitmap::new(0),
             outstanding: BTreeMap::new(),
             pending_requests: VecDeque::new(),
@@ -543,7 +556,7 @@ impl Destination {
         match candidate.link.decoder.next_frame() {
             Ok(None) => {}
             Err(error) => self.refuse_provisional(position, ProtocolError::Wire { channel, error }),
-            Ok(Some(frame)) if channel == Channel::Urgent && self.session.is_none() => {
+            Ok(Some(frame)) if matches!(channel, Channel::Urgent | Channel::Push(_)) && self.session.is_none() => {
                 // Its identity shows once a migration is bound; until then
                 // it waits (further bytes stay buffered).
                 self.provisional[position].first = Some(frame);
@@ -669,9 +682,9 @@ impl Destination {
         if self.hellos[index].is_none() {
             let shown = match (channel, frame) {
                 (Channel::Main, Frame::Hello(hello)) => self.on_hello(now, hello),
-                (Channel::Urgent, Frame::UrgentHello(hello)) => {
+                (Channel::Urgent | Channel::Push(_), Frame::UrgentHello(hello)) => {
                     self.hellos[index] = Some((hello.session, hello.epoch));
-                    self.check_urgent_hello();
+                    self.check_urgent_hello(channel);
                     Ok(())
                 }
                 (channel, frame) => Err(self.unexpected(channel, &frame)),
@@ -685,8 +698,10 @@ impl Destination {
         self.heard_from_peer(now);
         match (channel, frame) {
             (_, Frame::Ping) => Ok(()),
-            (Channel::Main | Channel::Urgent, Frame::Page(page)) => self.on_page(now, channel, page),
-            (Channel::Main | Channel::Urgent, Frame::PagePart(part)) => self.on_page_part(now, channel, part),
+            (Channel::Main | Channel::Urgent | Channel::Push(_), Frame::Page(page)) => self.on_page(now, channel, page),
+            (Channel::Main | Channel::Urgent | Channel::Push(_), Frame::PagePart(part)) => {
+                self.on_page_part(now, channel, part)
+            }
             (Channel::Main, Frame::Discard(discard)) if self.state() == DestinationState::Precopy => {
                 self.on_discard(discard)
             }
@@ -887,7 +902,7 @@ impl Destination {
                 // No migration is bound yet: whoever is connected never
                 // showed its identity in time. Refuse them; keep listening.
                 let timeout_ms = self.config.handshake_timeout.as_millis() as u64;
-                for channel in Channel::ALL {
+                for channel in Channel::EVERY {
                     if self.links[channel.index()].up {
                         self.link_down(channel);
                         self.actions.push_back(DestinationAction::Close(channel));
@@ -945,16 +960,18 @@ impl Destination {
                 }
                 Ok(true)
             }
-            (Channel::Urgent, Frame::UrgentHello(hello), Some(session)) => {
+            (Channel::Urgent | Channel::Push(_), Frame::UrgentHello(hello), Some(session)) => {
                 if hello.session != session.id {
                     return Err(ProtocolError::SessionMismatch { expected: session.id, got: hello.session });
+                }
+                if !session.has_channel(channel) {
+                    return Err(self.unexpected(channel, frame));
                 }
                 // The main connection's epoch, or a newer one whose main
                 // hello is on its way; newer than the live urgent
                 // connection's if that one showed its identity.
                 let current = self.hellos[Channel::Main.index()].map_or(self.epoch, |(_, epoch)| epoch);
-                let least =
-                    if self.hellos[Channel::Urgent.index()].is_some() { current.saturating_add(1) } else { current };
+                let least = if self.hellos[channel.index()].is_some() { current.saturating_add(1) } else { current };
                 if hello.epoch < least {
                     return Err(ProtocolError::EpochMismatch { expected: least, got: hello.epoch });
                 }
@@ -1016,6 +1033,12 @@ impl Destination {
                 });
             }
         }
+        if hello.push_streams > self.config.push_stream_count() {
+            return Err(ProtocolError::PushStreamsRefused {
+                asked: hello.push_streams,
+                accepted: self.config.push_stream_count(),
+            });
+        }
         let layout = RamLayout::new(hello.page_size, hello.blocks).map_err(ProtocolError::BadLayout)?;
         if layout.total_pages() > self.config.max_guest_pages {
             return Err(ProtocolError::GuestTooLarge {
@@ -1034,6 +1057,7 @@ impl Destination {
                     mode: hello.mode,
                     urgent_channel: hello.urgent_channel,
                     layout,
+                    push_streams: hello.push_streams,
                 });
                 self.epoch = hello.epoch;
                 self.state = State::Precopy(Vec::new());
@@ -1059,6 +1083,12 @@ impl Destination {
                 if session.layout != layout {
                     return Err(ProtocolError::LayoutChanged);
                 }
+                if session.push_streams != hello.push_streams {
+                    return Err(ProtocolError::PushStreamsRefused {
+                        asked: hello.push_streams,
+                        accepted: session.push_streams,
+                    });
+                }
                 self.epoch = hello.epoch;
                 self.eoc_queued = false;
                 self.report_word = None;
@@ -1078,7 +1108,10 @@ impl Destination {
             }
         }
         self.hellos[Channel::Main.index()] = Some((hello.session, hello.epoch));
-        self.check_urgent_hello();
+        self.check_urgent_hello(Channel::Urgent);
+        for channel in Channel::push_streams(crate::channel::MAX_PUSH_STREAMS) {
+            self.check_urgent_hello(channel);
+        }
         if self.return_welcomed && self.links[Channel::Return.index()].up {
             // The return connection already answered an older hello: the
             // source that sent this one reads a newer connection. Close it
@@ -1092,14 +1125,17 @@ impl Destination {
         Ok(())
     }
 
-    /// Closes an urgent connection that belongs to another session or epoch.
-    fn check_urgent_hello(&mut self) {
-        let (Some((session, epoch)), Some(current)) = (self.hellos[Channel::Urgent.index()], &self.session) else {
+    /// Closes an urgent or push connection (`channel`) that belongs to
+    /// another session or epoch, or a push stream the migration does not use.
+    fn check_urgent_hello(&mut self, channel: Channel) {
+        let (Some((session, epoch)), Some(current)) = (self.hellos[channel.index()], &self.session) else {
             return;
         };
         let main_epoch = self.hellos[Channel::Main.index()].map(|(_, e)| e);
         let reason = if session != current.id {
             ProtocolError::SessionMismatch { expected: current.id, got: session }
+        } else if !current.has_channel(channel) {
+            self.unexpected(channel, &Frame::UrgentHello(wire::UrgentHello { session, epoch }))
         } else {
             match main_epoch {
                 Some(main_epoch) if main_epoch != epoch => {
@@ -1108,9 +1144,9 @@ impl Destination {
                 _ => return,
             }
         };
-        self.link_down(Channel::Urgent);
-        self.actions.push_back(DestinationAction::Close(Channel::Urgent));
-        let notice = Notice::StrangerRefused { channel: Channel::Urgent, reason: reason.into() };
+        self.link_down(channel);
+        self.actions.push_back(DestinationAction::Close(channel));
+        let notice = Notice::StrangerRefused { channel, reason: reason.into() };
         self.actions.push_back(DestinationAction::Notice(notice));
     }
 
@@ -1879,7 +1915,7 @@ impl Destination {
             // never the source's; but once a migration is bound, the return
             // connection may carry its answers, so refusing it is a loss.)
             self.link_down(channel);
-            if channel == Channel::Main && self.session.is_none() && error.is_page_size_mismatch() {
+            if channel == Channel::Main && self.session.is_none() && error.is_told_to_source() {
                 // A fresh hello whose pages this side cannot hold: most
                 // likely the real source, configured with other page sizes.
                 // It hears why on the return connection (no stranger gains
@@ -1944,7 +1980,7 @@ impl Destination {
     }
 
     fn close_all_links(&mut self) {
-        for channel in Channel::ALL {
+        for channel in Channel::EVERY {
             if self.links[channel.index()].up {
                 self.link_down(channel);
                 self.actions.push_back(DestinationAction::Close(channel));

@@ -66,12 +66,21 @@ pub enum ProtocolError {
     /// or device-state bytes than announced, a digest that differs).
     #[error("bad checkpoint: {0}")]
     BadCheckpoint(String),
+    #[error("the source asks for {asked} push streams, this side accepts at most {accepted} (give both sides --push-streams)")]
+    PushStreamsRefused { asked: u8, accepted: u8 },
 }
 
 impl ProtocolError {
     /// Whether the peer's pages have another size than this side's.
     pub fn is_page_size_mismatch(&self) -> bool {
         matches!(self, ProtocolError::PageSizeMismatch { .. } | ProtocolError::BlockPageSizeMismatch { .. })
+    }
+
+    /// Whether a fresh hello refused for this is answered with a `Reject`
+    /// saying why: the source is most likely the real one, configured
+    /// differently (page sizes, push streams).
+    pub fn is_told_to_source(&self) -> bool {
+        self.is_page_size_mismatch() || matches!(self, ProtocolError::PushStreamsRefused { .. })
     }
 }
 

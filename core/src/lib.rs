@@ -58,7 +58,7 @@ mod timer;
 pub mod wire;
 
 pub use admission::{Admission, ConnectionId, MAX_PROVISIONAL_PER_CHANNEL};
-pub use channel::Channel;
+pub use channel::{Channel, PushStream, MAX_PUSH_STREAMS};
 pub use config::{Config, Mode};
 pub use destination::{Destination, DestinationAction, DestinationState, Waiter};
 pub use error::{EventError, MigrationError, ProtocolError};

@@ -387,7 +387,9 @@ pub struct Source {
     session: u64,
     epoch: u32,
     state: State,
-    links: [Link; 3],
+    links: [Link; Channel::COUNT],
+    /// Bit k: push stream k's connection still has its stream hello to send.
+    stream_hellos_due: u8,
     /// Sent in the current phase and not known lost.
     sent: SearchBitmap,
     /// In `urgent_queue` (requested, not yet sent).
@@ -454,6 +456,7 @@ impl Source {
             epoch: 0,
             state: State::Connecting,
             links: Default::default(),
+            stream_hellos_due: 0,
             urgent_queue: VecDeque::new(),
             pushing: None,
             rushing: VecDeque::new(),
@@ -563,11 +566,13 @@ impl Source {
     /// The channels this migration uses.
     pub fn channels(&self) -> impl Iterator<Item = Channel> + '_ {
         let withdrawing = self.state() == SourceState::Withdrawing;
-        Channel::ALL.into_iter().filter(move |&c| match c {
+        let streams = self.config.push_stream_count();
+        Channel::EVERY.into_iter().filter(move |&c| match c {
             Channel::Main => true,
             // Telling the destination to drop the guest needs the main channel only.
             Channel::Return => !withdrawing,
             Channel::Urgent => self.config.urgent_channel && !withdrawing,
+            Channel::Push(stream) => stream.number() < streams && !withdrawing,
         })
     }
 
@@ -637,6 +642,7 @@ impl Source {
             let written = match channel {
                 Channel::Main => self.next_main_frame(now, out),
                 Channel::Urgent => self.next_urgent_frame(now, out),
+                Channel::Push(stream) => self.next_push_frame(stream.number(), out),
                 Channel::Return => false,
             };
             if !written {
@@ -699,6 +705,9 @@ impl Source {
         if self.config.urgent_channel {
             self.urgent_control.push_back(Frame::UrgentHello(UrgentHello { session: self.session, epoch: self.epoch }));
         }
+        self.stream_hellos_due = Channel::push_streams(self.config.push_stream_count())
+            .filter_map(Channel::push_stream)
+            .fold(0, |due, stream| due | 1 << stream);
         match self.state() {
             SourceState::Connecting => self.state = State::Handshake,
             SourceState::Paused | SourceState::ErrorReceive => {
@@ -722,6 +731,7 @@ impl Source {
             precopy_rounds: self.config.mode.precopy_rounds(),
             blocks: self.layout.blocks().to_vec(),
             machine: self.machine.clone(),
+            push_streams: self.config.push_stream_count(),
         }
     }
 
@@ -1531,6 +1541,19 @@ impl Source {
         matches!(self.state(), SourceState::Switchover | SourceState::Active) && self.send_requested_page(out)
     }
 
+    /// Push stream `stream` (1 or more) carries its stream hello, then
+    /// background pages only, each the next unsent one when the stream can
+    /// take bytes: streams that go faster take more pages.
+    fn next_push_frame(&mut self, stream: u8, out: &mut Outbox<'_, impl GuestMemory + ?Sized>) -> bool {
+        if self.stream_hellos_due & 1 << stream != 0 {
+            self.stream_hellos_due &= !(1 << stream);
+            let hello = UrgentHello { session: self.session, epoch: self.epoch };
+            wire::encode(&Frame::UrgentHello(hello), out.bytes);
+            return true;
+        }
+        self.state() == SourceState::Active && self.send_background_page(out)
+    }
+
     fn after_control_sent(&mut self, now: Timestamp, frame: &Frame) {
         match frame {
             Frame::StartGuest => {
@@ -1838,7 +1861,7 @@ impl Source {
     fn finish_completed(&mut self, now: Timestamp) {
         self.state = State::Completed;
         self.timers.stop_all();
-        for channel in Channel::ALL {
+        for channel in Channel::EVERY {
             if self.links[channel.index()].up {
                 self.links[channel.index()].down();
                 self.actions.push_back(SourceAction::Close(channel));
@@ -2071,7 +2094,8 @@ impl Source {
     fn close_all_links(&mut self) {
         self.timers.stop(Timer::Keepalive);
         self.timers.stop(Timer::PeerTimeout);
-        for channel in Channel::ALL {
+        self.stream_hellos_due = 0;
+        for channel in Channel::EVERY {
             let link = &mut self.links[channel.index()];
             if link.up || link.connecting {
                 link.down();

@@ -40,6 +40,7 @@ fn hello(mode: WireMode, resume: bool, epoch: u32) -> Frame {
             RamBlock { name: "high".into(), page_count: PAGES - 60, page_size: PAGE_SIZE },
         ],
         machine: Bytes::from_static(b"vcpus=2"),
+        push_streams: 1,
     })
 }
 
@@ -188,6 +189,7 @@ fn handshake_errors_refuse_the_connection_and_keep_listening() {
         precopy_rounds: 0,
         blocks: vec![RamBlock { name: "ram".into(), page_count: 1, page_size: PAGE_SIZE }],
         machine: bytes::Bytes::new(),
+        push_streams: 1,
     });
     let bad_layout = Frame::Hello(Hello {
         resume: false,
@@ -199,6 +201,7 @@ fn handshake_errors_refuse_the_connection_and_keep_listening() {
         precopy_rounds: 0,
         blocks: vec![RamBlock { name: "ram".into(), page_count: 0, page_size: PAGE_SIZE }],
         machine: bytes::Bytes::new(),
+        push_streams: 1,
     });
     let cases = [
         (bad_size, MigrationError::Protocol(ProtocolError::PageSizeMismatch { ours: PAGE_SIZE, theirs: 4096 })),
@@ -629,6 +632,7 @@ fn resume_checks_session_epoch_and_layout() {
         precopy_rounds: 0,
         blocks: vec![RamBlock { name: "ram".into(), page_count: PAGES, page_size: PAGE_SIZE }],
         machine: bytes::Bytes::new(),
+        push_streams: 1,
     });
     let other_session = Frame::Hello(Hello {
         resume: true,
@@ -640,6 +644,7 @@ fn resume_checks_session_epoch_and_layout() {
         precopy_rounds: 0,
         blocks: vec![RamBlock { name: "ram".into(), page_count: PAGES, page_size: PAGE_SIZE }],
         machine: bytes::Bytes::new(),
+        push_streams: 1,
     });
     let cases = [
         (other_layout, ProtocolError::LayoutChanged),

@@ -260,6 +260,7 @@ fn a_destination_that_cannot_fence_refuses_fallback_before_the_switchover() {
         precopy_rounds: 0,
         blocks: layout.blocks().to_vec(),
         machine: bytes::Bytes::new(),
+        push_streams: 1,
     };
     encode(&Frame::Hello(hello), &mut bytes);
     encode(&Frame::FallbackTerms(FallbackTerms { lease_ms: 200, committed_checkpoint: 0 }), &mut bytes);

@@ -71,6 +71,7 @@ fn destination_refuses_a_guest_larger_than_its_bound() {
         precopy_rounds: 0,
         blocks,
         machine: Bytes::new(),
+        push_streams: 1,
     };
     let error = dst.handle_frame(now, Channel::Main, Frame::Hello(hello)).unwrap_err();
     assert_eq!(error, ProtocolError::GuestTooLarge { pages: 1 << 40, limit: Config::postcopy().max_guest_pages });
@@ -179,6 +180,7 @@ fn small_hello() -> Frame {
         precopy_rounds: 0,
         blocks: vec![RamBlock { name: "ram".into(), page_count: 4, page_size: 64 }],
         machine: Bytes::new(),
+        push_streams: 1,
     })
 }
 

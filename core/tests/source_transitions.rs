@@ -722,6 +722,7 @@ fn bad_requests_after_start_pause_with_typed_errors() {
                 precopy_rounds: 0,
                 blocks: vec![postcopy_core::RamBlock { name: "ram".into(), page_count: 1, page_size: 64 }],
                 machine: bytes::Bytes::new(),
+                push_streams: 1,
             }),
             ProtocolError::UnexpectedFrame {
                 channel: Channel::Return,

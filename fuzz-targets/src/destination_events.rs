@@ -38,7 +38,7 @@ use postcopy_core::{
 
 use crate::alloc_guard::Scope;
 use crate::frames::{decode_all, encode_split, take_frames, Ctx, FrameSpec};
-use crate::input::{In, Num, Out};
+use crate::input::{pick_channel, In, Num, Out};
 
 /// The session id the fuzzer's plausible hellos carry.
 pub const SESSION: u64 = 0x5eed;
@@ -235,6 +235,8 @@ impl DestinationSetup {
             max_device_state_bytes: u64::from(self.max_device_state) * 4,
             max_guest_pages: MAX_GUEST_PAGES,
             handshake_timeout: Duration::from_secs(2),
+            // Flag bits 3-4: the push streams it accepts.
+            push_streams: 1 + (self.flags >> 3) % 3,
             ..Config::default()
         }
     }
@@ -604,20 +606,20 @@ impl Driver {
     fn step(&mut self, op: &DestinationEvent) {
         match op {
             DestinationEvent::Stranger { ch, other_session, frame, garbage } => {
-                self.stranger(MAIN_FIRST[*ch as usize % 3], *other_session, frame, garbage)
+                self.stranger(pick_channel(&MAIN_FIRST, *ch), *other_session, frame, garbage)
             }
-            DestinationEvent::Connected(ch) => self.connected(MAIN_FIRST[*ch as usize % 3]),
+            DestinationEvent::Connected(ch) => self.connected(pick_channel(&MAIN_FIRST, *ch)),
             DestinationEvent::ConnectionLost(ch) => {
-                self.core.handle_connection_lost(self.now, MAIN_FIRST[*ch as usize % 3])
+                self.core.handle_connection_lost(self.now, pick_channel(&MAIN_FIRST, *ch))
             }
             DestinationEvent::Frame { ch, frame, split } => {
-                self.peer_frame(MAIN_FIRST[*ch as usize % 3], frame, *split as usize)
+                self.peer_frame(pick_channel(&MAIN_FIRST, *ch), frame, *split as usize)
             }
             DestinationEvent::Bytes { ch, bytes } => {
-                self.core.handle_input(self.now, MAIN_FIRST[*ch as usize % 3], Bytes::from(bytes.clone()))
+                self.core.handle_input(self.now, pick_channel(&MAIN_FIRST, *ch), Bytes::from(bytes.clone()))
             }
             DestinationEvent::Transmit { ch, max_bytes } => {
-                self.transmit(MAIN_FIRST[(*ch as usize + 2) % 3], *max_bytes as usize)
+                self.transmit(pick_channel(&MAIN_FIRST, ch.wrapping_add(2)), *max_bytes as usize)
             }
             DestinationEvent::PageFault { page, waiter } => {
                 let page = PageNumber(page.index_below(self.total()));
@@ -662,7 +664,7 @@ impl Driver {
                         "paused by the user in {state}"
                     );
                     assert_eq!(self.core.state(), DestinationState::Paused);
-                    for channel in Channel::ALL {
+                    for channel in Channel::EVERY {
                         assert!(!self.core.is_connected(channel), "{channel} still up after a user's pause");
                     }
                 }

@@ -54,6 +54,8 @@ pub enum FrameSpec {
         blocks: Vec<(u8, Num)>,
         /// The opaque machine description.
         machine: Vec<u8>,
+        /// `push_streams = 1 + v % 8`.
+        push: u8,
     },
     UrgentHello {
         session: Num,
@@ -138,6 +140,7 @@ impl FrameSpec {
                 rounds: r.u8(),
                 blocks: r.list(MAX_ITEMS, |r| (r.u8(), r.num())),
                 machine: r.bytes(255),
+                push: r.u8(),
             },
             1 => FrameSpec::UrgentHello { session: r.num(), epoch: r.num() },
             2 => FrameSpec::Page {
@@ -184,12 +187,12 @@ impl FrameSpec {
 
     pub fn write(&self, o: &mut Out) {
         match self {
-            FrameSpec::Hello { resume, urgent, session, epoch, page_size, hybrid, rounds, blocks, machine } => {
+            FrameSpec::Hello { resume, urgent, session, epoch, page_size, hybrid, rounds, blocks, machine, push } => {
                 o.u8(0).bool(*resume).bool(*urgent).num(*session).num(*epoch).num(*page_size);
                 o.bool(*hybrid).u8(*rounds).list(blocks, |o, &(name, pages)| {
                     o.u8(name).num(pages);
                 });
-                o.bytes(machine);
+                o.bytes(machine).u8(*push);
             }
             FrameSpec::UrgentHello { session, epoch } => {
                 o.u8(1).num(*session).num(*epoch);
@@ -274,7 +277,18 @@ impl FrameSpec {
         let reason = |bytes: &[u8]| String::from_utf8_lossy(bytes).chars().take(MAX_REASON).collect::<String>();
         let total_pages = ctx.layout.map_or(0, RamLayout::total_pages);
         match self {
-            FrameSpec::Hello { resume, urgent, session: s, epoch: e, page_size, hybrid, rounds, blocks, machine } => {
+            FrameSpec::Hello {
+                resume,
+                urgent,
+                session: s,
+                epoch: e,
+                page_size,
+                hybrid,
+                rounds,
+                blocks,
+                machine,
+                push,
+            } => {
                 let hello_page_size = match page_size {
                     Num::Near(0) => ctx.page_size,
                     Num::Near(k) => 1 << (k % 20),
@@ -304,6 +318,7 @@ impl FrameSpec {
                         })
                         .collect(),
                     machine: Bytes::from(machine.clone()),
+                    push_streams: 1 + push % postcopy_core::MAX_PUSH_STREAMS,
                 })
             }
             FrameSpec::UrgentHello { session: s, epoch: e } => {

@@ -195,6 +195,17 @@ impl Num {
     }
 }
 
+/// The channel an input byte `ch` names: `order[ch % 3]`, except that a
+/// byte from 0xf0 up names push stream `1 + ch % 3` (so that inputs written
+/// before push streams keep their meaning).
+pub fn pick_channel(order: &[postcopy_core::Channel; 3], ch: u8) -> postcopy_core::Channel {
+    if ch >= 0xf0 {
+        postcopy_core::Channel::Push(postcopy_core::PushStream::new(1 + ch % 3).unwrap_or_else(|| unreachable!()))
+    } else {
+        order[ch as usize % 3]
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

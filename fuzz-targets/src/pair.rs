@@ -22,7 +22,7 @@ use std::time::Duration;
 use postcopy_core::testkit::{Outcome, Pair, PairConfig, Violation};
 use postcopy_core::{Channel, Config, Mode, PageNumber, RamBlock, RamLayout, SourceState};
 
-use crate::input::{In, Num, Out};
+use crate::input::{pick_channel, In, Num, Out};
 
 /// Steps per input, at most.
 pub const MAX_OPS: usize = 1024;
@@ -207,6 +207,8 @@ impl PairSetup {
             max_outstanding_requests: vcpus + device_pages.len() as u32 + u32::from(self.spare_requests % 16),
             device_state_chunk_bytes: u32::from(self.chunk % 64) + 1,
             max_device_state_bytes: 256,
+            // The spare-requests byte's top bits: push streams.
+            push_streams: 1 + (self.spare_requests >> 4) % 3,
             ..Config::default()
         };
         let mut cfg = PairConfig::new(config, total);
@@ -246,14 +248,14 @@ pub fn run(input: &PairInput) -> PairOutcome {
     for op in &input.ops {
         match *op {
             PairOp::Transmit { ch, max_bytes } => {
-                pair.transmit(Channel::ALL[ch as usize % 3], max_bytes as usize);
+                pair.transmit(pick_channel(&Channel::ALL, ch), max_bytes as usize);
             }
             PairOp::Deliver { ch, max_bytes } => {
                 let max = if max_bytes == 0 { usize::MAX } else { max_bytes as usize };
-                pair.deliver(Channel::ALL[ch as usize % 3], max);
+                pair.deliver(pick_channel(&Channel::ALL, ch), max);
             }
             PairOp::Lose(ch) => {
-                pair.lose(Channel::ALL[ch as usize % 3]);
+                pair.lose(pick_channel(&Channel::ALL, ch));
             }
             PairOp::Access { vcpu, page, write } => {
                 let page = PageNumber(page.index_below(total) % total);
@@ -269,7 +271,7 @@ pub fn run(input: &PairInput) -> PairOutcome {
             }
             PairOp::Rounds(n) => {
                 for _ in 0..=n % 16 {
-                    for channel in Channel::ALL {
+                    for channel in Channel::EVERY {
                         pair.transmit(channel, 1 << 16);
                         while pair.deliver(channel, usize::MAX) {}
                     }

@@ -440,6 +440,7 @@ fn on(ch: Channel, frame: FrameSpec) -> DestinationEvent {
         Channel::Main => 0,
         Channel::Urgent => 1,
         Channel::Return => 2,
+        Channel::Push(stream) => 0xf0 + (stream.number() - 1) % 3,
     };
     DestinationEvent::Frame { ch, frame, split: 5 }
 }
@@ -455,6 +456,7 @@ fn hello(resume: bool, hybrid: bool, blocks: Vec<(u8, Num)>) -> FrameSpec {
         rounds: u8::from(hybrid),
         blocks,
         machine: b"2 vcpus, q35".to_vec(),
+        push: 0,
     }
 }
 
@@ -668,6 +670,7 @@ fn destination_seeds(events: &[Event], hybrid_events: &[Event]) -> Vec<Seed> {
             rounds: 0,
             blocks: vec![(0, Num::Near(3))],
             machine: Vec::new(),
+            push: 0,
         },
     ));
     seeds.push(destination_error("page-size-mismatch", ops, |e| {

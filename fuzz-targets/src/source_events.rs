@@ -41,7 +41,7 @@ use postcopy_core::{
 
 use crate::alloc_guard::Scope;
 use crate::frames::{decode_all, encode_split, take_frames, Ctx, FrameSpec};
-use crate::input::{In, Num, Out};
+use crate::input::{pick_channel, In, Num, Out};
 
 /// The session id of every fuzzed source.
 pub const SESSION: u64 = 0x5eed;
@@ -265,6 +265,8 @@ impl SourceSetup {
             reconnect_delay_max: Duration::from_millis(500),
             // Within reach of an input's refusals and timers.
             destination_gone_timeout: Duration::from_secs(3),
+            // The chunk byte's top bits: push streams.
+            push_streams: 1 + (self.chunk >> 6) % 3,
             ..Config::default()
         }
     }
@@ -310,8 +312,8 @@ struct Driver {
     past_start: bool,
     finished: bool,
     next_version: u64,
-    decoders: [Decoder; 3],
-    frames_on_conn: [usize; 3],
+    decoders: [Decoder; Channel::COUNT],
+    frames_on_conn: [usize; Channel::COUNT],
     /// Pages the peer asked for in structured requests.
     requested: HashSet<u64>,
     /// Raw bytes reached the return path: requests may be unknown to us.
@@ -551,10 +553,14 @@ impl Driver {
                 assert_eq!(hello.session, SESSION);
                 assert_eq!(hello.epoch, self.core.epoch());
                 assert_eq!(&hello.blocks[..], self.core.layout().blocks());
+                assert_eq!(hello.push_streams, self.config.push_stream_count());
                 return;
             }
-            (Channel::Urgent, Frame::UrgentHello(hello)) => {
-                assert!(first, "urgent hello in the middle of a connection");
+            (Channel::Urgent | Channel::Push(_), Frame::UrgentHello(hello)) => {
+                assert!(first, "urgent or stream hello in the middle of a connection");
+                if let Some(stream) = channel.push_stream() {
+                    assert!(stream < self.config.push_stream_count(), "a push stream the migration does not use");
+                }
                 assert_eq!((hello.session, hello.epoch), (SESSION, self.core.epoch()));
                 return;
             }
@@ -562,7 +568,7 @@ impl Driver {
         }
         let hybrid = matches!(self.config.mode, Mode::Hybrid { .. });
         match (channel, frame) {
-            (Channel::Main | Channel::Urgent, Frame::Page(page)) => {
+            (Channel::Main | Channel::Urgent | Channel::Push(_), Frame::Page(page)) => {
                 let number = self.core.layout().page_number(page.address).expect("page of the layout");
                 match page.kind {
                     PageKind::Precopy => {
@@ -571,9 +577,10 @@ impl Driver {
                     }
                     PageKind::Background => {
                         assert!(self.past_start, "background page before StartGuest");
-                        assert_eq!(channel, Channel::Main);
+                        assert!(channel.push_stream().is_some(), "background page on {channel}");
                     }
                     PageKind::Requested => {
+                        assert!(matches!(channel, Channel::Main | Channel::Urgent), "requested page on {channel}");
                         assert!(!self.running, "requested page while the guest runs on the source");
                         assert!(
                             self.raw_return || self.requested.contains(&number.0),
@@ -665,27 +672,29 @@ impl Driver {
             SourceEvent::Start => {
                 let _ = self.core.handle_start(self.now);
             }
-            SourceEvent::Connected(ch) => self.connected(Channel::ALL[*ch as usize % 3]),
+            SourceEvent::Connected(ch) => self.connected(pick_channel(&Channel::ALL, *ch)),
             // The high bit: refused (nothing listens) rather than failed.
             SourceEvent::ConnectFailed(ch) if *ch >= 0x80 => {
-                self.core.handle_connect_refused(self.now, Channel::ALL[*ch as usize % 3])
+                self.core.handle_connect_refused(self.now, pick_channel(&Channel::ALL, *ch))
             }
-            SourceEvent::ConnectFailed(ch) => self.core.handle_connect_failed(self.now, Channel::ALL[*ch as usize % 3]),
+            SourceEvent::ConnectFailed(ch) => {
+                self.core.handle_connect_failed(self.now, pick_channel(&Channel::ALL, *ch))
+            }
             SourceEvent::ConnectionLost(ch) => {
-                self.core.handle_connection_lost(self.now, Channel::ALL[*ch as usize % 3])
+                self.core.handle_connection_lost(self.now, pick_channel(&Channel::ALL, *ch))
             }
             SourceEvent::Frame { ch, frame, split } => {
-                self.peer_frame(RETURN_FIRST[*ch as usize % 3], frame, *split as usize)
+                self.peer_frame(pick_channel(&RETURN_FIRST, *ch), frame, *split as usize)
             }
             SourceEvent::Bytes { ch, bytes } => {
-                let channel = RETURN_FIRST[*ch as usize % 3];
+                let channel = pick_channel(&RETURN_FIRST, *ch);
                 if channel == Channel::Return {
                     self.raw_return = true;
                 }
                 self.core.handle_input(self.now, channel, Bytes::from(bytes.clone()));
             }
             SourceEvent::Transmit { ch, max_bytes } => {
-                self.transmit(Channel::ALL[*ch as usize % 3], *max_bytes as usize)
+                self.transmit(pick_channel(&Channel::ALL, *ch), *max_bytes as usize)
             }
             SourceEvent::VcpusStopped { len } => self.vcpus_stopped(*len as usize),
             SourceEvent::DirtyBitmap { first, words } => {
@@ -763,7 +772,7 @@ pub fn run(input: &SourceInput) -> SourceRunLog {
         finished: false,
         next_version: 0,
         decoders: Default::default(),
-        frames_on_conn: [0; 3],
+        frames_on_conn: [0; Channel::COUNT],
         requested: HashSet::new(),
         raw_return: false,
         sends: vec![0; total as usize],

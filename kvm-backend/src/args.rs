@@ -107,6 +107,12 @@ pub struct Common {
     /// `max-postcopy-bandwidth`.
     #[arg(long, default_value = "0", value_parser = parse_size)]
     pub max_postcopy_bandwidth: u64,
+    /// Spread the background push over this many connections (1-8), each
+    /// with its own sender and receiver thread; requested pages keep to the
+    /// urgent channel. The destination accepts at most its own value, so
+    /// give both sides the same. See docs/performance.md.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=postcopy_core::MAX_PUSH_STREAMS as i64))]
+    pub push_streams: u8,
 }
 
 /// How a checkpoint's pages are copied at one instant.
@@ -172,6 +178,7 @@ impl Common {
             destination_gone_timeout: Duration::from_secs(self.destination_gone_timeout_s),
             page_part_bytes: u32::try_from(self.page_part).unwrap_or(u32::MAX),
             fallback: self.fallback_config(),
+            push_streams: self.push_streams,
             ..Config::default()
         }
     }
@@ -225,6 +232,7 @@ impl Common {
             out.push("--checkpoint-copy=stop".into());
         }
         out.push(format!("--max-postcopy-bandwidth={}", self.max_postcopy_bandwidth));
+        out.push(format!("--push-streams={}", self.push_streams));
         out
     }
 }

@@ -118,6 +118,11 @@ pub struct BenchArgs {
     /// Fewer repeats: one migration of each kind, and one per scaling size.
     #[arg(long)]
     pub quick: bool,
+    /// Also run the migrations of each kind with the background push on
+    /// this many streams (--push-streams) and compare them with the runs
+    /// on one (0: no such runs).
+    #[arg(long, default_value_t = 2)]
+    pub streams_compare: u8,
     #[command(flatten)]
     pub common: Common,
 }
@@ -186,6 +191,11 @@ struct BenchReport {
     /// are on 4 KiB pages), and their fault floor.
     huge: Option<HugeRuns>,
     ratios: Vec<Ratio>,
+    /// The same migrations with the push on `streams` push streams (empty
+    /// with --streams-compare 0).
+    streams: u8,
+    streams_default_runs: Vec<RunReport>,
+    streams_fault_heavy_runs: Vec<RunReport>,
     /// The same migrations over mutual TLS (empty with --no-tls).
     tls_default_runs: Vec<RunReport>,
     tls_fault_heavy_runs: Vec<RunReport>,
@@ -677,11 +687,21 @@ pub fn run(a: BenchArgs) -> Result<ExitCode, BenchError> {
     let mut fault_heavy_runs = Vec::new();
     let mut tls_default_runs = Vec::new();
     let mut tls_fault_heavy_runs = Vec::new();
+    let streams = a.streams_compare.min(postcopy_core::MAX_PUSH_STREAMS);
+    let mut streams_common = common.clone();
+    streams_common.push_streams = streams.max(1);
+    let (mut streams_default_runs, mut streams_fault_heavy_runs) = (Vec::new(), Vec::new());
     for i in 0..repeat {
         eprintln!("bench: run {}/{repeat}: default settings...", i + 1);
         default_runs.push(migration(a.mem, &common, false, None)?);
         eprintln!("bench: run {}/{repeat}: fault-heavy workload (no pre-paging)...", i + 1);
         fault_heavy_runs.push(migration(a.mem, &common, true, None)?);
+        if streams > 0 {
+            eprintln!("bench: run {}/{repeat}: default settings on {streams} push streams...", i + 1);
+            streams_default_runs.push(migration(a.mem, &streams_common, false, None)?);
+            eprintln!("bench: run {}/{repeat}: fault-heavy workload on {streams} push streams...", i + 1);
+            streams_fault_heavy_runs.push(migration(a.mem, &streams_common, true, None)?);
+        }
         if let Some(creds) = &creds {
             eprintln!("bench: run {}/{repeat}: default settings over TLS...", i + 1);
             tls_default_runs.push(migration(a.mem, &common, false, Some(creds))?);
@@ -788,6 +808,55 @@ pub fn run(a: BenchArgs) -> Result<ExitCode, BenchError> {
         f64::INFINITY,
         false,
     );
+    if !streams_default_runs.is_empty() {
+        let n = streams_common.push_streams;
+        let streams_p50 = stat(&streams_fault_heavy_runs, &|r| r.destination.fault_latency.p50_us);
+        let streams_p99 = stat(&streams_fault_heavy_runs, &|r| r.destination.fault_latency.p99_us);
+        let streams_total = stat(&streams_default_runs, &|r| r.total_ms);
+        let what = |figure: &str| format!("{n} push streams: {figure}");
+        add(
+            &what("total time"),
+            streams_total,
+            "ms",
+            ram_over_bandwidth_ms,
+            "RAM / loopback bandwidth",
+            "<= 1.5x",
+            1.5,
+            false,
+        );
+        add(
+            &what("total vs 1 stream (info)"),
+            streams_total,
+            "ms",
+            total.0,
+            "1 stream, median",
+            "-",
+            f64::INFINITY,
+            false,
+        );
+        add(&what("fault p50 (fault-heavy)"), streams_p50, "us", floor.p50_us, floor_what, "<= 2x", 2.0, false);
+        add(&what("fault p99 (fault-heavy)"), streams_p99, "us", floor.p50_us, floor_what, "<= 5x", 5.0, false);
+        add(
+            &what("fault p50 vs 1 stream (info)"),
+            streams_p50,
+            "us",
+            p50.0,
+            "1 stream, median",
+            "-",
+            f64::INFINITY,
+            false,
+        );
+        add(
+            &what("fault p99 vs 1 stream (info)"),
+            streams_p99,
+            "us",
+            p99.0,
+            "1 stream, median",
+            "-",
+            f64::INFINITY,
+            false,
+        );
+    }
     let downtime = stat(&default_runs, &|r| r.downtime_ms);
     add("downtime", downtime, "ms", 5.0, "goal", "< 5 ms", 1.0, false);
     let progress = |r: &RunReport| {
@@ -985,6 +1054,9 @@ pub fn run(a: BenchArgs) -> Result<ExitCode, BenchError> {
         fault_heavy_runs,
         huge,
         ratios,
+        streams,
+        streams_default_runs,
+        streams_fault_heavy_runs,
         tls_default_runs,
         tls_fault_heavy_runs,
         tls_comparison,

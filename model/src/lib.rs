@@ -145,6 +145,7 @@ use postcopy_core::testkit::{page_version, Outcome, Pair, PairConfig, Violation}
 use postcopy_core::wire::{Decoder, Frame, PageData, PageKind};
 use postcopy_core::{
     Channel, Config, DestinationState, FallbackConfig, MigrationError, Mode, PageNumber, PlantedBug, Side, SourceState,
+    MAX_PUSH_STREAMS,
 };
 use stateright::{Checker, Expectation, HasDiscoveries, Model, Property};
 
@@ -173,6 +174,9 @@ pub struct ModelConfig {
     pub window: usize,
     /// Use the urgent channel for requested pages.
     pub urgent_channel: bool,
+    /// Connections the background push is spread over (the main channel
+    /// and `push_streams - 1` push channels, each its own pipe).
+    pub push_streams: u8,
     /// The destination's device-state load touches the last page.
     pub device_page: bool,
     /// The user may cancel (once, on either side).
@@ -218,6 +222,7 @@ impl Default for ModelConfig {
             timers: 3,
             window: 2,
             urgent_channel: true,
+            push_streams: 1,
             device_page: false,
             cancel: true,
             switch: true,
@@ -262,6 +267,7 @@ impl ModelConfig {
         Config {
             mode,
             urgent_channel: self.urgent_channel,
+            push_streams: self.push_streams,
             keepalive_interval: None,
             peer_timeout: None,
             // A fault can be outstanding for every page, never more.
@@ -305,7 +311,7 @@ impl ModelConfig {
     /// One line naming the configuration.
     pub fn summary(&self) -> String {
         format!(
-            "pages={} huge_pages={} vcpus={} precopy_rounds={} losses={} writes={} timers={} window={} urgent={} device_page={} \
+            "pages={} huge_pages={} vcpus={} precopy_rounds={} losses={} writes={} timers={} window={} urgent={} push_streams={} device_page={} \
              cancel={} switch={} symmetry={} fallback={} plant={}",
             self.pages,
             self.huge_pages,
@@ -316,6 +322,7 @@ impl ModelConfig {
             self.timers,
             self.window,
             self.urgent_channel,
+            self.push_streams,
             self.device_page,
             self.cancel,
             self.switch,
@@ -411,7 +418,10 @@ impl MigrationModel {
 
     fn channels(&self) -> impl Iterator<Item = Channel> {
         let urgent = self.cfg.urgent_channel;
-        Channel::ALL.into_iter().filter(move |&c| c != Channel::Urgent || urgent)
+        Channel::ALL
+            .into_iter()
+            .filter(move |&c| c != Channel::Urgent || urgent)
+            .chain(Channel::push_streams(self.cfg.push_streams))
     }
 
     /// Applies `action`; false when the cores refused it (a user command
@@ -677,6 +687,12 @@ impl Model for MigrationModel {
                 |_: &MigrationModel, s: &State| part_rushed(&s.pair),
             ));
         }
+        if self.cfg.push_streams > 1 {
+            properties.push(Property::sometimes(
+                "background pages in flight on two push streams at once",
+                |_: &MigrationModel, s: &State| pushed_on_two_streams(&s.pair),
+            ));
+        }
         if self.hybrid() {
             properties.push(Property::sometimes(
                 "hybrid switchover: precopy pages, then postcopy",
@@ -827,7 +843,7 @@ pub fn crosses_once(pair: &Pair) -> Result<(), String> {
 /// Invariant 5: the cores' queues (checked by the harness) and the pipes.
 pub fn bounded(model: &MigrationModel, pair: &Pair) -> Result<(), String> {
     violation_of(pair, |v| matches!(v, Violation::QueueOverBound { .. }))?;
-    for channel in Channel::ALL {
+    for channel in Channel::EVERY {
         let len = pair.pipes[channel.index()].in_flight.len();
         // A farewell may follow a full window.
         if len > model.cfg.window + 1 {
@@ -908,6 +924,20 @@ fn part_rushed(pair: &Pair) -> bool {
         }
     }
     false
+}
+
+/// Background pages are in flight on the main channel and on a push
+/// channel at once: the destination may take them in either order.
+fn pushed_on_two_streams(pair: &Pair) -> bool {
+    let carries_background = |channel: Channel| {
+        let mut decoder = Decoder::new();
+        for bytes in &pair.pipes[channel.index()].in_flight {
+            decoder.push(bytes.clone());
+        }
+        std::iter::from_fn(|| decoder.next_frame().ok().flatten())
+            .any(|frame| matches!(frame, Frame::Page(ref page) if page.kind == PageKind::Background))
+    };
+    carries_background(Channel::Main) && Channel::push_streams(MAX_PUSH_STREAMS).any(carries_background)
 }
 
 fn fault_during_push(pair: &Pair) -> bool {
@@ -1004,7 +1034,7 @@ fn fair_run_inner(
         seen.push(before);
         rounds += 1;
         let mut moved = false;
-        for channel in Channel::ALL {
+        for channel in Channel::EVERY {
             let written = pair.transmit(channel, 1 << 16);
             moved |= written;
             if let (Some(log), true) = (log.as_deref_mut(), written) {
@@ -1342,7 +1372,7 @@ impl fmt::Debug for StateView<'_> {
             blocked.join(" "),
             latest.join(" "),
         )?;
-        for channel in Channel::ALL {
+        for channel in Channel::EVERY {
             let pipe = &pair.pipes[channel.index()];
             if pipe.up || !pipe.in_flight.is_empty() {
                 let frames: Vec<String> = pipe.in_flight.iter().map(describe_bytes).collect();

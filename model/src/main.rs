@@ -101,6 +101,9 @@ struct Bounds {
     /// No strangers (peers of another migration connecting).
     #[arg(long)]
     no_strangers: bool,
+    /// Connections the background push is spread over (main and push channels).
+    #[arg(long)]
+    push_streams: Option<u8>,
     /// A planted bug to switch on (see --list-plants).
     #[arg(long, value_name = "NAME")]
     plant: Option<PlantedBug>,
@@ -125,6 +128,7 @@ impl Bounds {
             timers: self.timers.unwrap_or(base.timers),
             window: self.window.unwrap_or(base.window),
             urgent_channel: !self.no_urgent && base.urgent_channel,
+            push_streams: self.push_streams.unwrap_or(base.push_streams),
             device_page: self.device_page || base.device_page,
             cancel: !self.no_cancel && base.cancel,
             switch: !self.no_switch && base.switch,

@@ -91,3 +91,35 @@ fn symmetry_only_merges_states() {
     assert!(with.unique_states < without.unique_states, "{} vs {}", with.unique_states, without.unique_states);
     assert_eq!(with.reached, without.reached);
 }
+
+/// Two push streams: pages of the background push cross on the main and a
+/// push channel in any interleaving, and a loss of either is a recovery.
+fn two_streams() -> ModelConfig {
+    ModelConfig { precopy_rounds: 0, push_streams: 2, ..small() }
+}
+
+#[test]
+fn clean_core_passes_with_two_push_streams() {
+    let cfg = two_streams();
+    let report = check(&cfg, 2);
+    assert!(
+        report.reached.contains(&"background pages in flight on two push streams at once"),
+        "the model never had pages on two streams at once: {:?}",
+        report.reached
+    );
+    assert_passes(cfg);
+}
+
+#[test]
+fn planted_bugs_are_caught_with_two_push_streams() {
+    for bug in PlantedBug::ALL {
+        if bug == PlantedBug::StaleNotDropped {
+            continue;
+        }
+        let report = check(&ModelConfig { plant: Some(bug), ..two_streams() }, 1);
+        assert!(!report.failures.is_empty(), "{bug} was not caught with two push streams");
+        for (property, trace) in &report.failures {
+            assert!(expected(bug).contains(property), "{bug} caught by an unexpected property {property}:\n{trace}");
+        }
+    }
+}

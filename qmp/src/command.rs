@@ -78,7 +78,7 @@ const CAPABILITY_STATUS: Ty = Ty::Object(&[
     Member::required("state", Ty::Bool),
 ]);
 
-const PARAMETERS: [Member; 10] = {
+const PARAMETERS: [Member; 11] = {
     let n = MigrationParameters::NAMES;
     [
         Member::optional(n[0], Ty::Uint64),
@@ -88,9 +88,10 @@ const PARAMETERS: [Member; 10] = {
         Member::optional(n[4], Ty::Uint64),
         Member::optional(n[5], Ty::Uint64),
         Member::optional(n[6], Ty::Uint64),
-        Member::optional(n[7], Ty::Str),
+        Member::optional(n[7], Ty::Uint64),
         Member::optional(n[8], Ty::Str),
         Member::optional(n[9], Ty::Str),
+        Member::optional(n[10], Ty::Str),
     ]
 };
 
@@ -315,6 +316,10 @@ mod tests {
                 x_precopy_rounds: Some(2),
                 ..Default::default()
             }))
+        );
+        assert_eq!(
+            parse("migrate-set-parameters", json!({"x-push-streams": 2})),
+            Ok(Command::MigrateSetParameters(MigrationParameters { x_push_streams: Some(2), ..Default::default() }))
         );
         assert_eq!(Command::parse("query-migrate", None), Ok(Command::QueryMigrate));
     }

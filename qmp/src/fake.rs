@@ -88,6 +88,7 @@ impl FakeVmm {
             x_request_batch_pages: Some(64),
             x_peer_timeout_ms: Some(10_000),
             x_reconnect_delay_max_ms: Some(1_000),
+            x_push_streams: Some(1),
             ..MigrationParameters::default()
         };
         FakeVmm {

@@ -255,6 +255,10 @@ pub struct MigrationParameters {
     /// milliseconds.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub x_reconnect_delay_max_ms: Option<u64>,
+    /// Ours: connections the background push is spread over (1-8; set the
+    /// same on both sides, the destination accepts at most its own).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub x_push_streams: Option<u64>,
     /// The `tls-creds-x509` object the migration's connections use; an
     /// empty string: plain TCP.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -270,7 +274,7 @@ pub struct MigrationParameters {
 
 impl MigrationParameters {
     /// Wire names of the members, in declaration order.
-    pub const NAMES: [&'static str; 10] = [
+    pub const NAMES: [&'static str; 11] = [
         "max-bandwidth",
         "max-postcopy-bandwidth",
         "downtime-limit",
@@ -278,6 +282,7 @@ impl MigrationParameters {
         "x-request-batch-pages",
         "x-peer-timeout-ms",
         "x-reconnect-delay-max-ms",
+        "x-push-streams",
         "tls-creds",
         "tls-hostname",
         "tls-authz",
@@ -293,6 +298,7 @@ impl MigrationParameters {
             x_request_batch_pages: other.x_request_batch_pages.or(self.x_request_batch_pages),
             x_peer_timeout_ms: other.x_peer_timeout_ms.or(self.x_peer_timeout_ms),
             x_reconnect_delay_max_ms: other.x_reconnect_delay_max_ms.or(self.x_reconnect_delay_max_ms),
+            x_push_streams: other.x_push_streams.or(self.x_push_streams),
             tls_creds: other.tls_creds.clone().or_else(|| self.tls_creds.clone()),
             tls_hostname: other.tls_hostname.clone().or_else(|| self.tls_hostname.clone()),
             tls_authz: other.tls_authz.clone().or_else(|| self.tls_authz.clone()),

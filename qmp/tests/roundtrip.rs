@@ -100,7 +100,7 @@ fn migration_info() -> impl Strategy<Value = MigrationInfo> {
 }
 
 fn parameters() -> impl Strategy<Value = MigrationParameters> {
-    (vec(of(any::<u64>()), 7), vec(of("[a-z0-9.-]{0,16}"), 3)).prop_map(|(p, t)| MigrationParameters {
+    (vec(of(any::<u64>()), 8), vec(of("[a-z0-9.-]{0,16}"), 3)).prop_map(|(p, t)| MigrationParameters {
         max_bandwidth: p[0],
         max_postcopy_bandwidth: p[1],
         downtime_limit: p[2],
@@ -108,6 +108,7 @@ fn parameters() -> impl Strategy<Value = MigrationParameters> {
         x_request_batch_pages: p[4],
         x_peer_timeout_ms: p[5],
         x_reconnect_delay_max_ms: p[6],
+        x_push_streams: p[7],
         tls_creds: t[0].clone(),
         tls_hostname: t[1].clone(),
         tls_authz: t[2].clone(),

@@ -409,6 +409,12 @@ scenario! {
     /// started there (0: never), healed or not; only with `fallback` (without
     /// it no protocol saves the only running guest).
     crash_after_start_ms: u64,
+    /// Connections the background push is spread over (`--push-streams`).
+    push_streams: u8,
+    /// CPU time a source connection's sender and receiver spend on a page
+    /// (0: free): each connection has its own, so on a fast link several
+    /// push streams move pages faster than one.
+    stream_page_ns: u64,
 }
 
 impl Scenario {
@@ -503,6 +509,10 @@ impl Scenario {
         // Drawn last: the options above stay what they were for every seed.
         let strangers = if r.chance(0.3) { r.range(1, 4) as u32 } else { 0 };
         let huge_pages = if r.chance(0.25) { r.log_uniform(1, 64) } else { 0 };
+        let push_streams = if r.chance(0.3) { r.range(2, 3) as u8 } else { 1 };
+        // At most 2 simulated seconds of one stream's CPU for the whole push.
+        let frames = pages + u64::from(HUGE_WIRE_FACTOR) * huge_pages;
+        let stream_page_ns = if r.chance(0.3) { r.log_uniform(100, 3000).min(2_000_000_000 / frames) } else { 0 };
         // Fallback, drawn after everything else: a seed that draws it off
         // keeps every option it had.
         let fallback = r.chance(0.3);
@@ -574,6 +584,8 @@ impl Scenario {
             checkpoint_ms,
             checkpoint_us,
             crash_after_start_ms,
+            push_streams,
+            stream_page_ns,
         }
     }
 
@@ -592,7 +604,11 @@ impl Scenario {
         let wire_bits = (self.pages * (CHARGED_PAGE_BYTES + 16) + self.huge_pages * (HUGE_CHARGED_PAGE_BYTES + 16)) * 8;
         let window_mbps = self.buffer_kib * 1024 * 8 / self.latency_us.max(1);
         let effective_mbps = self.bandwidth_mbps.min(window_mbps).max(1);
-        let est_ms = wire_bits / effective_mbps / 1000 + 1;
+        // The senders' CPU: counted as if one stream pushed every page
+        // (precopy goes on the main channel alone).
+        let frames = self.pages + u64::from(HUGE_WIRE_FACTOR) * self.huge_pages;
+        let cpu_ms = frames * self.stream_page_ns / 1_000_000;
+        let est_ms = wire_bits / effective_mbps / 1000 + cpu_ms + 1;
         let rounds = u64::from(self.mode.0.precopy_rounds());
         // Faults served one round trip each, by a vCPU that scans.
         let fault_ms = (self.pages + self.huge_pages) * 2 * self.latency_us / 1000 / 8
@@ -666,6 +682,13 @@ impl Scenario {
         if self.fallback && (self.lease_ms == 0 || self.checkpoint_ms == 0) {
             return Err("lease_ms and checkpoint_ms must be positive".into());
         }
+        if self.push_streams == 0 || self.push_streams > postcopy_core::MAX_PUSH_STREAMS {
+            return Err(format!(
+                "push_streams={} must be in 1..={}",
+                self.push_streams,
+                postcopy_core::MAX_PUSH_STREAMS
+            ));
+        }
         if self.device_state_bytes > 64 << 20 {
             return Err("device_state_bytes must be at most 64 MiB".into());
         }
@@ -726,6 +749,7 @@ impl Scenario {
                 checkpoint_interval: ms(self.checkpoint_ms),
                 ..postcopy_core::FallbackConfig::default()
             }),
+            push_streams: self.push_streams,
             #[cfg(feature = "planted-bugs")]
             plant: self.plant.0.as_deref().and_then(|name| name.parse().ok()),
             ..Config::default()

@@ -76,6 +76,8 @@ enum Ev {
     },
     Reset,
     Stranger,
+    /// A source connection's sender finished the pages of its last chunk.
+    StreamFree,
     PartitionStart {
         index: u32,
     },
@@ -107,6 +109,7 @@ impl Ev {
             Ev::Switch { .. } => "switch",
             Ev::Reset => "reset",
             Ev::Stranger => "stranger",
+            Ev::StreamFree => "stream-free",
             Ev::PartitionStart { .. } => "partition-start",
             Ev::Heal => "heal",
             Ev::DestRestart => "dest-restart",
@@ -139,7 +142,7 @@ struct SourceSocket {
 struct SourceHost {
     core: Source,
     /// Its connection of each channel.
-    sockets: [Option<SourceSocket>; 3],
+    sockets: [Option<SourceSocket>; Channel::COUNT],
     running: bool,
     /// StartGuest was transmitted in this attempt.
     past_start: bool,
@@ -153,7 +156,7 @@ struct SourceHost {
 struct DestHost {
     core: Destination,
     /// Its connection of each channel.
-    sockets: [Option<ConnId>; 3],
+    sockets: [Option<ConnId>; Channel::COUNT],
     /// Connections the core keeps beside a live one until they show the
     /// migration's identity.
     provisional: Vec<(ConnectionId, ConnId, Channel)>,
@@ -185,7 +188,7 @@ impl DestHost {
         Self {
             core: Destination::new(scenario.config(), scenario.wire_page_bytes)
                 .with_block_page_size(HUGE_BLOCK, scenario.huge_wire_bytes()),
-            sockets: [None; 3],
+            sockets: [None; Channel::COUNT],
             provisional: Vec::new(),
             alive: true,
             running: false,
@@ -235,6 +238,9 @@ pub struct Sim {
     trigger_budget: [u32; 5],
     crash_done: bool,
     timer_at: [Option<u64>; 2],
+    /// Per source channel: its sender (one thread per connection) is busy
+    /// with the pages it last wrote until then (`stream_page_ns` a page).
+    sender_busy_until: [u64; Channel::COUNT],
     timer_spins: [(u64, u32); 2],
     last_states: (SourceState, Option<DestinationState>),
 
@@ -284,7 +290,7 @@ impl Sim {
             .collect();
         let src = SourceHost {
             core: Source::new(sc.config(), layout.clone(), session),
-            sockets: [None; 3],
+            sockets: [None; Channel::COUNT],
             running: true,
             past_start: false,
             finished: None,
@@ -332,6 +338,7 @@ impl Sim {
             trigger_budget: [budget; 5],
             crash_done: false,
             timer_at: [None; 2],
+            sender_busy_until: [0; Channel::COUNT],
             timer_spins: [(u64::MAX, 0); 2],
             last_states: (initial_state, None),
             checks,
@@ -505,6 +512,8 @@ impl Sim {
             }
             Ev::PartitionStart { index } => self.partition(index as usize),
             Ev::Stranger => self.stranger(),
+            // The pump that follows every event lets the stream write again.
+            Ev::StreamFree => {}
             Ev::Heal => {
                 self.healed = true;
                 self.trace.record(self.now, What::Fault("heal"), 0, 0);
@@ -630,7 +639,7 @@ impl Sim {
         self.generation[0] += 1;
         self.generation[1] += 1;
         self.net_input(NetInput::ResetAll);
-        self.src.sockets = [None; 3];
+        self.src.sockets = [None; Channel::COUNT];
         let session = self.rng.u64();
         self.src.core = Source::new(self.sc.config(), self.layout.clone(), session);
         self.src.past_start = false;
@@ -1134,7 +1143,7 @@ impl Sim {
         }
         loop {
             let mut wrote = false;
-            for ch in Channel::ALL {
+            for ch in Channel::EVERY {
                 let from_source = ch.is_from_source();
                 let writer = if from_source {
                     self.src.sockets[ch.index()].filter(|s| s.established).map(|s| s.conn)
@@ -1142,6 +1151,9 @@ impl Sim {
                     self.dst.sockets[ch.index()].filter(|_| self.dst.alive)
                 };
                 let Some(c) = writer else { continue };
+                if from_source && self.now < self.sender_busy_until[ch.index()] {
+                    continue;
+                }
                 loop {
                     let room = self.net.room(c);
                     if room < watermark {
@@ -1169,9 +1181,20 @@ impl Sim {
                     } else {
                         self.dst.core.poll_transmit(now, ch, &mut out, max_bytes)
                     };
+                    let mut sender_busy = false;
                     if frames > 0 {
                         wrote = true;
+                        let pages_before = self.page_frames;
                         self.write_chunk(c, Bytes::from(out));
+                        let cost = (self.page_frames - pages_before) * self.sc.stream_page_ns;
+                        if from_source && cost > 0 {
+                            // This stream's sender works through the chunk's
+                            // pages; the other streams' senders are free.
+                            let free_at = self.now + cost;
+                            self.sender_busy_until[ch.index()] = free_at;
+                            self.at(free_at, Ev::StreamFree);
+                            sender_busy = true;
+                        }
                     }
                     if from_source {
                         self.drain_source();
@@ -1179,7 +1202,7 @@ impl Sim {
                         self.drain_dest();
                     }
                     let current = if from_source { self.src.conn(ch) } else { self.dst.sockets[ch.index()] };
-                    if frames == 0 || current != Some(c) {
+                    if frames == 0 || current != Some(c) || sender_busy {
                         break;
                     }
                 }
@@ -1390,6 +1413,7 @@ impl Sim {
                         precopy_rounds: 0,
                         blocks: self.layout.blocks().to_vec(),
                         machine: Bytes::new(),
+                        push_streams: 1,
                     }),
                 };
                 let mut out = Vec::new();
@@ -1512,7 +1536,7 @@ impl Sim {
         self.generation[1] += 1;
         self.timer_at[1] = None;
         let provisional: Vec<ConnId> = self.dst.provisional.drain(..).map(|(_, conn, _)| conn).collect();
-        let current: Vec<ConnId> = Channel::ALL.iter().filter_map(|ch| self.dst.sockets[ch.index()].take()).collect();
+        let current: Vec<ConnId> = Channel::EVERY.iter().filter_map(|ch| self.dst.sockets[ch.index()].take()).collect();
         for conn in current.into_iter().chain(provisional) {
             {
                 self.net_input(NetInput::Abandon { conn, end: Side::Destination });

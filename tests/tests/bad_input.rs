@@ -176,6 +176,7 @@ fn early_close_after_the_hello() {
             precopy_rounds: 0,
             blocks: vec![RamBlock { name: "ram-below-4g".into(), page_count: 4096, page_size: 4096 }],
             machine: bytes::Bytes::from(machine.to_bytes()),
+            push_streams: 1,
         }),
         &mut v,
     );

@@ -121,7 +121,7 @@ impl FrameOrder {
     pub fn check(&mut self, channel: Channel, frame: &Frame) -> Result<(), String> {
         let opening = match channel {
             Channel::Main => matches!(frame, Frame::Hello(_)),
-            Channel::Urgent => matches!(frame, Frame::UrgentHello(_)),
+            Channel::Urgent | Channel::Push(_) => matches!(frame, Frame::UrgentHello(_)),
             Channel::Return => matches!(frame, Frame::Welcome(_)),
         };
         if opening {
@@ -168,13 +168,13 @@ impl Pipe {
     }
 }
 
-/// A source and a destination joined by three pipes.
+/// A source and a destination joined by a pipe per channel.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct Pair {
     pub now: Timestamp,
     pub src: SourceHost,
     pub dst: DestHost,
-    pub pipes: [Pipe; 3],
+    pub pipes: [Pipe; Channel::COUNT],
     pub oracle: Oracle,
     /// A destination vCPU's access waiting for its page: `(page, write)`.
     pub blocked: Vec<Option<(PageNumber, bool)>>,
@@ -406,7 +406,7 @@ impl Pair {
             return false;
         }
         self.dst_gone = true;
-        for channel in Channel::ALL {
+        for channel in Channel::EVERY {
             if self.pipes[channel.index()].up {
                 self.drop_pipe(channel);
             }
@@ -528,6 +528,7 @@ impl Pair {
                 precopy_rounds: 0,
                 blocks: self.src.core.layout().blocks().to_vec(),
                 machine: Bytes::new(),
+                push_streams: 1,
             })),
             _ => Some(Frame::UrgentHello(UrgentHello { session, epoch: self.dst.core.epoch() })),
         };
@@ -718,7 +719,7 @@ impl Pair {
             // round over pages all sent ends with a dirty-log sync only).
             let before = self.cores_hash();
             let mut progress = false;
-            for channel in Channel::ALL {
+            for channel in Channel::EVERY {
                 progress |= self.transmit(channel, 1 << 16);
                 while self.deliver(channel, usize::MAX) {
                     progress = true;

@@ -11,7 +11,7 @@ use thiserror::Error;
 
 use super::error::WireError;
 use super::frame::*;
-use crate::channel::Channel;
+use crate::channel::{Channel, MAX_PUSH_STREAMS};
 use crate::layout::{PageAddress, RamBlock, MAX_BLOCKS};
 
 /// A frame header, checked.
@@ -223,7 +223,9 @@ fn parse_payload(header: Header, payload: Bytes) -> Result<Frame, WireError> {
         FrameKind::Hello => {
             r.magic_and_version()?;
             let flags = r.u16()?;
-            if flags & !(HELLO_FLAG_RESUME | HELLO_FLAG_URGENT | HELLO_FLAG_BLOCK_PAGE_SIZES) != 0 {
+            if flags & !(HELLO_FLAG_RESUME | HELLO_FLAG_URGENT | HELLO_FLAG_BLOCK_PAGE_SIZES | HELLO_FLAG_PUSH_STREAMS)
+                != 0
+            {
                 return Err(WireError::ReservedBits { kind });
             }
             let session = r.u64()?;
@@ -258,6 +260,15 @@ fn parse_payload(header: Header, payload: Bytes) -> Result<Frame, WireError> {
                 return Err(r.malformed("machine description too long"));
             }
             let machine = r.take(machine_len)?;
+            let push_streams = if flags & HELLO_FLAG_PUSH_STREAMS != 0 {
+                let streams = r.u8()?;
+                if !(2..=MAX_PUSH_STREAMS).contains(&streams) {
+                    return Err(r.malformed("push stream count out of range"));
+                }
+                streams
+            } else {
+                1
+            };
             Frame::Hello(Hello {
                 resume: flags & HELLO_FLAG_RESUME != 0,
                 urgent_channel: flags & HELLO_FLAG_URGENT != 0,
@@ -268,6 +279,7 @@ fn parse_payload(header: Header, payload: Bytes) -> Result<Frame, WireError> {
                 precopy_rounds,
                 blocks,
                 machine,
+                push_streams,
             })
         }
         FrameKind::UrgentHello => {

@@ -140,6 +140,11 @@ pub fn encode(frame: &Frame, out: &mut Vec<u8>) {
             if block_page_sizes {
                 flags |= HELLO_FLAG_BLOCK_PAGE_SIZES;
             }
+            // One push stream keeps the encoding older builds read.
+            let push_streams = hello.push_streams > 1;
+            if push_streams {
+                flags |= HELLO_FLAG_PUSH_STREAMS;
+            }
             out.extend_from_slice(&flags.to_be_bytes());
             out.extend_from_slice(&hello.session.to_be_bytes());
             out.extend_from_slice(&hello.epoch.to_be_bytes());
@@ -160,6 +165,9 @@ pub fn encode(frame: &Frame, out: &mut Vec<u8>) {
             }
             out.extend_from_slice(&(hello.machine.len() as u16).to_be_bytes());
             out.extend_from_slice(&hello.machine);
+            if push_streams {
+                out.push(hello.push_streams);
+            }
             finish(out, at, kind);
         }
         Frame::UrgentHello(hello) => {

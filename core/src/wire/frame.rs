@@ -114,7 +114,7 @@ impl FrameKind {
     pub fn max_payload(self) -> u32 {
         use FrameKind::*;
         let bytes = match self {
-            Hello => 34 + MAX_BLOCKS * (1 + MAX_BLOCK_NAME_LEN + 8 + 4) + MAX_MACHINE_LEN,
+            Hello => 34 + MAX_BLOCKS * (1 + MAX_BLOCK_NAME_LEN + 8 + 4) + MAX_MACHINE_LEN + 1,
             UrgentHello => 20,
             Page => 8 + MAX_PAGE_SIZE as usize,
             Discard => 6 + 8 * MAX_DISCARD_RANGES,
@@ -161,6 +161,8 @@ pub(super) const DEVICE_STATE_FLAG_LAST: u8 = 0x01;
 pub(super) const HELLO_FLAG_RESUME: u16 = 0x01;
 pub(super) const HELLO_FLAG_URGENT: u16 = 0x02;
 pub(super) const HELLO_FLAG_BLOCK_PAGE_SIZES: u16 = 0x04;
+/// The hello ends with the number of push streams (2 or more).
+pub(super) const HELLO_FLAG_PUSH_STREAMS: u16 = 0x08;
 pub(super) const WELCOME_FLAG_STARTED: u16 = 0x01;
 pub(super) const WELCOME_FLAG_LOADED: u16 = 0x02;
 
@@ -222,6 +224,13 @@ pub struct Hello {
     /// What the destination must build before the device state arrives
     /// (vCPU count, interrupt controller...), opaque to the protocol.
     pub machine: Bytes,
+    /// Connections the background push is spread over: the main channel
+    /// and `push_streams - 1` [`Channel::Push`] channels (1 to
+    /// [`MAX_PUSH_STREAMS`]; 1 is encoded as older builds encode a hello).
+    ///
+    /// [`Channel::Push`]: crate::Channel::Push
+    /// [`MAX_PUSH_STREAMS`]: crate::channel::MAX_PUSH_STREAMS
+    pub push_streams: u8,
 }
 
 /// The first frame of the urgent channel.

@@ -52,6 +52,7 @@ fn sample_frames() -> Vec<Frame> {
                 RamBlock { name: "vga.vram".into(), page_count: 4096, page_size: 4096 },
             ],
             machine: Bytes::from_static(b"vcpus=4"),
+            push_streams: 1,
         }),
         Frame::UrgentHello(UrgentHello { session: 7, epoch: 2 }),
         Frame::Page(PageFrame {
@@ -298,8 +299,33 @@ fn a_failed_stream_stays_failed() {
 }
 
 #[test]
+fn push_stream_counts_round_trip_and_one_stream_keeps_the_old_encoding() {
+    let Some(Frame::Hello(one)) = sample_frames().into_iter().next() else { panic!("not a hello") };
+    let old = encoded(&Frame::Hello(Hello { push_streams: 1, ..one.clone() }));
+    for streams in 2..=crate::channel::MAX_PUSH_STREAMS {
+        let frame = Frame::Hello(Hello { push_streams: streams, ..one.clone() });
+        let bytes = encoded(&frame);
+        // One byte more than the old encoding, and flag bit 3.
+        assert_eq!(bytes.len(), old.len() + 1);
+        assert_eq!(bytes[8 + 7] & 0x08, 0x08);
+        let mut decoder = Decoder::new();
+        decoder.push(Bytes::from(bytes.clone()));
+        assert_eq!(decoder.next_frame(), Ok(Some(frame)));
+        // A count out of range is a malformed hello, not a panic.
+        for bad in [0u8, 1, crate::channel::MAX_PUSH_STREAMS + 1, 255] {
+            let mut bad_bytes = bytes.clone();
+            *bad_bytes.last_mut().unwrap() = bad;
+            let mut decoder = Decoder::new();
+            decoder.push(Bytes::from(bad_bytes));
+            assert!(matches!(decoder.next_frame(), Err(WireError::Malformed { .. })), "{bad}");
+        }
+    }
+    assert_eq!(old[8 + 7] & 0x08, 0);
+}
+
+#[test]
 fn preambles() {
-    for channel in Channel::ALL {
+    for channel in Channel::EVERY {
         let mut out = Vec::new();
         encode_preamble(&mut out, channel);
         let bytes: [u8; PREAMBLE_LEN] = out.try_into().unwrap();
@@ -308,8 +334,9 @@ fn preambles() {
     assert!(matches!(Preamble::decode(&[0; 8]), Err(PreambleError::BadMagic(0))));
     let mut out = Vec::new();
     encode_preamble(&mut out, Channel::Main);
-    out[4] = 9;
-    assert_eq!(Preamble::decode(&out.clone().try_into().unwrap()), Err(PreambleError::UnknownChannel(9)));
+    // Codes 3 to 9 name push streams 1 to 7; 10 and up name nothing.
+    out[4] = 10;
+    assert_eq!(Preamble::decode(&out.clone().try_into().unwrap()), Err(PreambleError::UnknownChannel(10)));
     out[4] = 0;
     out[7] = 1;
     assert_eq!(Preamble::decode(&out.try_into().unwrap()), Err(PreambleError::ReservedBytes));
@@ -344,6 +371,7 @@ fn arb_frame() -> impl Strategy<Value = Frame> {
                     precopy_rounds,
                     blocks,
                     machine: Bytes::from(vec![page_size as u8; (session % 300) as usize]),
+                    push_streams: (session % 8) as u8 + 1,
                 })
             }),
         (any::<u64>(), any::<u32>()).prop_map(|(session, epoch)| Frame::UrgentHello(UrgentHello { session, epoch })),

@@ -87,7 +87,7 @@ impl Tuning {
             }
         }
         let bytes = match channel {
-            postcopy_core::Channel::Main => self.main_socket_buffer,
+            postcopy_core::Channel::Main | postcopy_core::Channel::Push(_) => self.main_socket_buffer,
             postcopy_core::Channel::Return => Some(RETURN_SOCKET_BUFFER),
             // A requested huge page crosses in one go: room for two,
             // instead of buffers that grow from a few KiB with the first

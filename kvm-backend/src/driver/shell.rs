@@ -148,7 +148,7 @@ impl ProtocolCore for Destination {
 pub(super) struct LockedCore<C: ProtocolCore> {
     /// The side's core.
     pub(super) core: C,
-    connections: [Option<Arc<Connection>>; 3],
+    connections: [Option<Arc<Connection>>; Channel::COUNT],
     /// The destination's provisional connections (beside their channel's
     /// current one until the core promotes or closes them).
     provisional: Vec<(ConnectionId, Arc<Connection>)>,
@@ -158,7 +158,7 @@ pub(super) struct LockedCore<C: ProtocolCore> {
 
 impl<C: ProtocolCore> LockedCore<C> {
     fn new(core: C) -> Self {
-        Self { core, connections: [None, None, None], provisional: Vec::new(), watched_state: None }
+        Self { core, connections: Default::default(), provisional: Vec::new(), watched_state: None }
     }
 
     /// Whether `conn` is still its channel's connection (not replaced or closed).
@@ -287,7 +287,7 @@ impl LockedCore<Destination> {
         keep: impl Fn(&Connection) -> bool,
     ) -> Vec<Arc<Connection>> {
         let mut dropped = Vec::new();
-        for channel in Channel::ALL {
+        for channel in Channel::EVERY {
             if let Some(conn) = self.connections[channel.index()].clone() {
                 if !keep(&conn) && self.detach(now, &conn) {
                     dropped.push(conn);
@@ -320,8 +320,8 @@ pub(super) enum ConnectionOp {
 /// write lock while holding the core lock.
 pub(super) struct Shell<C: ProtocolCore> {
     pub(super) locked: Mutex<LockedCore<C>>,
-    pub(super) write_locks: [Mutex<()>; 3],
-    flush_wanted: [AtomicBool; 3],
+    pub(super) write_locks: [Mutex<()>; Channel::COUNT],
+    flush_wanted: [AtomicBool; Channel::COUNT],
     /// Set when the side's threads should end.
     pub(super) stopping: AtomicBool,
     notices: Mutex<Vec<String>>,
@@ -334,8 +334,8 @@ impl<C: ProtocolCore> Shell<C> {
     pub(super) fn new(core: C, tuning: Tuning, watch: Option<Arc<dyn Watch<C>>>) -> Self {
         Self {
             locked: Mutex::new(LockedCore::new(core)),
-            write_locks: [Mutex::new(()), Mutex::new(()), Mutex::new(())],
-            flush_wanted: [AtomicBool::new(false), AtomicBool::new(false), AtomicBool::new(false)],
+            write_locks: std::array::from_fn(|_| Mutex::new(())),
+            flush_wanted: std::array::from_fn(|_| AtomicBool::new(false)),
             stopping: AtomicBool::new(false),
             notices: Mutex::new(Vec::new()),
             tuning,

@@ -208,7 +208,8 @@ enum SourceOp {
 /// wake-ups and the switchover's timings.
 struct SourceDriver<'a> {
     shell: Shell<Source>,
-    bulk_bell: Doorbell,
+    /// The bulk writer of each push stream (main first) waits on its own.
+    bulk_bells: Vec<Doorbell>,
     done_bell: Doorbell,
     finished: Mutex<Option<Finished<SourceStats>>>,
     guest: SourceRam<'a>,
@@ -221,7 +222,7 @@ struct SourceDriver<'a> {
     security: ChannelSecurity,
     /// Per channel, why its last connection attempt failed (None: it
     /// succeeded, or none failed).
-    connect_errors: Mutex<[Option<String>; 3]>,
+    connect_errors: Mutex<[Option<String>; Channel::COUNT]>,
     handshakes: Mutex<Vec<(u64, u64)>>,
     stop_ns: AtomicU64,
     stop_capture_ns: AtomicU64,
@@ -269,7 +270,7 @@ pub fn run_source_watched(
     }
     let driver = SourceDriver {
         shell: Shell::new(core, opts.tuning.clone(), watch),
-        bulk_bell: Doorbell::new(),
+        bulk_bells: (0..opts.config.push_stream_count()).map(|_| Doorbell::new()).collect(),
         done_bell: Doorbell::new(),
         finished: Mutex::new(None),
         guest: SourceRam { ram, map, digests: PageDigests::new(pages, (ram.unit_pages() * PAGE_SIZE) as usize) },
@@ -279,7 +280,7 @@ pub fn run_source_watched(
         connect_timeout: opts.config.handshake_timeout,
         write_timeout: opts.config.peer_timeout,
         security: opts.security.clone(),
-        connect_errors: Mutex::new([None, None, None]),
+        connect_errors: Mutex::new(Default::default()),
         handshakes: Mutex::new(Vec::new()),
         stop_ns: AtomicU64::new(0),
         stop_capture_ns: AtomicU64::new(0),
@@ -292,7 +293,9 @@ pub fn run_source_watched(
     tracing::info!(session, destination = %opts.connect, pages, "migration starts");
     std::thread::scope(|s| {
         let d = &driver;
-        spawn(s, "src-bulk", move || d.bulk_loop(s));
+        for stream in std::iter::once(Channel::Main).chain(Channel::push_streams(opts.config.push_stream_count())) {
+            spawn(s, "src-bulk", move || d.bulk_loop(s, stream));
+        }
         spawn(s, "src-timer", move || d.timer_loop(s));
         d.event(s, |l, now| {
             if let Err(e) = l.core.handle_start(now) {
@@ -304,7 +307,7 @@ pub fn run_source_watched(
         }
         // Unblock every reader and writer still attached to a connection.
         d.shell.shutdown_all();
-        d.bulk_bell.ring();
+        d.ring_bulk();
     });
     if opts.config.mode.precopy_rounds() > 0 {
         if let Err(e) = vm.set_dirty_logging(false) {
@@ -397,12 +400,12 @@ impl SideDriver for SourceDriver<'_> {
                     *lock(&self.finished) = Some(*finished);
                     self.shell.stopping.store(true, Ordering::SeqCst);
                     self.done_bell.ring();
-                    self.bulk_bell.ring();
+                    self.ring_bulk();
                 }
             }
         }
         self.flush_fault_path(s);
-        self.bulk_bell.ring();
+        self.ring_bulk();
     }
 
     fn poll_fault_path(
@@ -648,7 +651,17 @@ impl SourceDriver<'_> {
         net::read_until_closed(&conn, READ_BYTES, spin, on_bytes, on_closed);
     }
 
-    fn bulk_loop<'s>(&'s self, s: &'s Scope<'s, '_>) {
+    /// Rings every push stream's bulk writer.
+    fn ring_bulk(&self) {
+        for bell in &self.bulk_bells {
+            bell.ring();
+        }
+    }
+
+    /// The bulk writer of push stream `channel` (the main channel, or a
+    /// push channel: background pages only), one thread each.
+    fn bulk_loop<'s>(&'s self, s: &'s Scope<'s, '_>, channel: Channel) {
+        let bell = &self.bulk_bells[channel.push_stream().unwrap_or(0) as usize];
         let tuning = &self.shell.tuning;
         pin_self(tuning.bulk_cpu, "src-bulk");
         set_policy(None, "src-bulk");
@@ -657,7 +670,7 @@ impl SourceDriver<'_> {
         let mut deferred = Vec::new();
         let mut pace = Pace::default();
         while !self.shell.is_stopping() {
-            let guard = lock(&self.shell.write_locks[Channel::Main.index()]);
+            let guard = lock(&self.shell.write_locks[channel.index()]);
             buf.clear();
             let mut conn: Option<Arc<Connection>> = None;
             let mut postcopy = false;
@@ -666,7 +679,7 @@ impl SourceDriver<'_> {
                 let (changed, ops, state) = {
                     let mut l = lock_spin(&self.shell.locked, LOCK_SPIN);
                     let state = l.core.state();
-                    let current = l.connection(Channel::Main).cloned();
+                    let current = l.connection(channel).cloned();
                     let changed = match (&conn, &current) {
                         (Some(a), Some(b)) => a.id != b.id,
                         (Some(_), None) => true,
@@ -677,7 +690,7 @@ impl SourceDriver<'_> {
                         if conn.is_some() {
                             let max = before + BULK_STEP_BYTES;
                             deferred.clear();
-                            poll_frames(&mut l, Channel::Main, &mut buf, max, &self.guest, &mut deferred);
+                            poll_frames(&mut l, channel, &mut buf, max, &self.guest, &mut deferred);
                         }
                     }
                     (changed, self.drain(&mut l), state)
@@ -701,7 +714,7 @@ impl SourceDriver<'_> {
             }
             if buf.is_empty() {
                 drop(guard);
-                self.bulk_bell.wait_timeout(Duration::from_millis(20));
+                bell.wait_timeout(Duration::from_millis(20));
                 continue;
             }
             if let Some(conn) = conn {
@@ -710,9 +723,11 @@ impl SourceDriver<'_> {
                     self.lost(s, &conn);
                 } else if let Some(rate) = tuning.max_postcopy_bandwidth.filter(|_| postcopy) {
                     drop(guard);
-                    let wait = pace.sent(buf.len() as u64, rate, now().0);
+                    // Each stream keeps to its share of the rate.
+                    let share = (rate / self.bulk_bells.len().max(1) as u64).max(1);
+                    let wait = pace.sent(buf.len() as u64, share, now().0);
                     if !wait.is_zero() {
-                        self.bulk_bell.wait_timeout(wait);
+                        bell.wait_timeout(wait);
                     }
                 }
             }

@@ -318,6 +318,9 @@ impl Shared {
         if let Some(ms) = p.x_reconnect_delay_max_ms {
             config.reconnect_delay_max = Duration::from_millis(ms).max(config.reconnect_delay_min);
         }
+        if let Some(streams) = p.x_push_streams {
+            config.push_streams = streams.clamp(1, u64::from(postcopy_core::MAX_PUSH_STREAMS)) as u8;
+        }
         config
     }
 
@@ -652,6 +655,7 @@ impl KvmVmm {
             x_request_batch_pages: Some(u64::from(config.base.request_batch_pages)),
             x_peer_timeout_ms: Some(config.base.peer_timeout.map_or(0, |t| t.as_millis() as u64)),
             x_reconnect_delay_max_ms: Some(config.base.reconnect_delay_max.as_millis() as u64),
+            x_push_streams: Some(u64::from(config.base.push_stream_count())),
             ..MigrationParameters::default()
         };
         let state = State {

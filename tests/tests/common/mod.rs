@@ -490,6 +490,7 @@ pub fn fresh_hello_frame(session: u64) -> Vec<u8> {
             precopy_rounds: 0,
             blocks: vec![RamBlock { name: "ram-below-4g".into(), page_count: 4096, page_size: 4096 }],
             machine: bytes::Bytes::new(),
+            push_streams: 1,
         }),
         &mut v,
     );

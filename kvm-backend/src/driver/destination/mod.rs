@@ -455,7 +455,7 @@ impl DestinationDriver<'_> {
     fn read_loop<'s>(&'s self, s: &'s Scope<'s, '_>, conn: Arc<Connection>) {
         let tuning = &self.opts.tuning;
         let (max, spin, base) = match conn.channel {
-            Channel::Main => {
+            Channel::Main | Channel::Push(_) => {
                 pin_self(tuning.bulk_cpu, "dst-main");
                 (MAIN_READ_BYTES, Duration::ZERO, None)
             }
@@ -474,7 +474,7 @@ impl DestinationDriver<'_> {
         let mut boost = Boost::default();
         let boostable = conn.channel != Channel::Return;
         let mut apply_boost = |started: bool| {
-            if conn.channel == Channel::Main {
+            if conn.channel.push_stream().is_some() {
                 boost.set_nice(tuning.rt_switchover, !started, tuning.bulk_nice, "dst-main");
             } else {
                 boost.set(base, tuning.rt_switchover, boostable && !started, "dst-reader");
