@@ -20,10 +20,10 @@ use bytes::Bytes;
 use postcopy_core::wire::PageData;
 use postcopy_core::PageNumber;
 
+use super::fallback_state::{CopyOnWrite, FallbackLog};
 use super::state::{DestinationDriver, Machine};
 use crate::devices::lock;
 use crate::driver::clock::now;
-use crate::driver::report::FallbackSummary;
 use crate::driver::shell::SideDriver;
 use crate::error::error_chain;
 use crate::layout::{PageRef, PAGE_SIZE};
@@ -40,30 +40,6 @@ pub const DIE_AFTER_CHECKPOINT_ENV: &str = "POSTCOPY_TEST_DIE_AFTER_CHECKPOINT";
 /// whether the migration is over (a vCPU blocked on a missing page parks
 /// when its page arrives).
 const PARK_POLL: Duration = Duration::from_millis(50);
-
-/// Who holds the vCPUs stopped. They run only when no one does.
-#[derive(Debug, Default)]
-pub(crate) struct VcpuHold {
-    /// The lease lapsed (until a renewal or the release).
-    pub(crate) fenced: bool,
-    /// A checkpoint is being taken.
-    pub(crate) checkpointing: bool,
-    /// The source took the guest back: this copy never runs again.
-    pub(crate) discarded: bool,
-}
-
-impl VcpuHold {
-    fn may_run(&self) -> bool {
-        !self.fenced && !self.checkpointing && !self.discarded
-    }
-}
-
-/// The summary and the stop times it is computed from.
-#[derive(Debug, Default)]
-pub(crate) struct FallbackLog {
-    pub(crate) summary: FallbackSummary,
-    stops_us: Vec<f64>,
-}
 
 impl DestinationDriver<'_> {
     /// The lease lapsed: stop every vCPU now (they stay stopped until the
@@ -291,7 +267,7 @@ impl DestinationDriver<'_> {
                 let mut cow = lock(&self.copy_on_write);
                 let cow = cow.as_mut()?;
                 for &i in chunk {
-                    cow.copy(m, i);
+                    cow.copy(&m.map, &m.ram, i);
                 }
             }
             let (first, last) = (chunk[0], chunk[chunk.len() - 1]);
@@ -317,7 +293,7 @@ impl DestinationDriver<'_> {
             let mut cow = lock(&self.copy_on_write);
             if let Some(cow) = cow.as_mut() {
                 if let Ok(i) = cow.pages.binary_search(&page) {
-                    if cow.copy(m, i) {
+                    if cow.copy(&m.map, &m.ram, i) {
                         cow.on_write += 1;
                     }
                 }
@@ -355,34 +331,6 @@ struct Stopped {
     /// Their contents, when copied during the stop.
     copied: Option<Vec<u8>>,
     copy_ns: u64,
-}
-
-/// A checkpoint whose pages are write-protected and copied on write.
-pub(crate) struct CopyOnWrite {
-    /// The pages, in order, and whether each is copied (into `buf`).
-    pages: Vec<PageNumber>,
-    copied: Vec<bool>,
-    buf: Vec<u8>,
-    page_bytes: usize,
-    /// Pages the fault thread copied before a write.
-    on_write: u64,
-}
-
-impl CopyOnWrite {
-    /// Copies page `i` unless it is copied; returns whether it copied.
-    fn copy(&mut self, m: &Machine, i: usize) -> bool {
-        if self.copied[i] {
-            return false;
-        }
-        let out = &mut self.buf[i * self.page_bytes..(i + 1) * self.page_bytes];
-        let read = m.map.page_ref(self.pages[i]).map(|r| m.ram.read_pages(r, out));
-        if !matches!(read, Some(Ok(()))) {
-            tracing::error!(page = self.pages[i].0, ?read, "cannot read a checkpoint page");
-            return false;
-        }
-        self.copied[i] = true;
-        true
-    }
 }
 
 /// `pages` (in order) as runs of adjacent pages within one block: the

@@ -110,7 +110,7 @@ impl DestinationDriver<'_> {
         // Fallback copies checkpoints on write where the kernel can
         // write-protect this memory; else during the stop.
         let wants_wp = self.opts.config.fallback.is_some()
-            && self.opts.tuning.checkpoint_copy == crate::driver::CheckpointCopy::WriteProtect;
+            && self.opts.tuning.checkpoint_copy == crate::driver::placement::CheckpointCopy::WriteProtect;
         let (uffd, write_protect) = match UffdRam::register_with_write_protect(ram.clone(), wants_wp) {
             Ok(uffd) => (uffd, wants_wp),
             Err(e) if wants_wp => {

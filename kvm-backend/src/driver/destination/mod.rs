@@ -11,6 +11,7 @@
 mod checkpoint;
 mod damage;
 mod error;
+mod fallback_state;
 mod fault;
 mod guest;
 mod install;

@@ -71,7 +71,7 @@ pub(super) struct Machine {
     pub(super) ram: Arc<GuestRam>,
     pub(super) uffd: UffdRam,
     /// Fallback: RAM registered for write-protect faults, so checkpoints
-    /// copy on write ([`crate::driver::CheckpointCopy::WriteProtect`]).
+    /// copy on write ([`crate::driver::placement::CheckpointCopy::WriteProtect`]).
     pub(super) write_protect: bool,
     pub(super) vm: Vm,
     pub(super) map: PageMap,
@@ -172,9 +172,9 @@ pub(super) struct DestinationDriver<'a> {
     pub(super) faults_read: AtomicU64,
     pub(super) install_counters: InstallCounters,
     /// Fallback: who holds the vCPUs stopped (lock it before `running`).
-    pub(super) vcpu_hold: Mutex<super::checkpoint::VcpuHold>,
+    pub(super) vcpu_hold: Mutex<super::fallback_state::VcpuHold>,
     /// Fallback: checkpoints and fences, for the report.
-    pub(super) fallback_log: Mutex<super::checkpoint::FallbackLog>,
+    pub(super) fallback_log: Mutex<super::fallback_state::FallbackLog>,
     /// Fallback: the checkpoint being copied on write, if any.
-    pub(super) copy_on_write: Mutex<Option<super::checkpoint::CopyOnWrite>>,
+    pub(super) copy_on_write: Mutex<Option<super::fallback_state::CopyOnWrite>>,
 }

@@ -1,0 +1,62 @@
+//! The destination's fallback state (docs/fallback.md): who holds the
+//! vCPUs stopped (the lease, a checkpoint, the source's takeover) and the
+//! checkpoints' log and the copy-on-write checkpoint in progress. Kept apart from the driver so that the driver's state
+//! and the checkpoint code both depend on it, not on each other.
+
+use postcopy_core::PageNumber;
+
+use crate::driver::machine::PageMap;
+use crate::driver::report::FallbackSummary;
+use crate::memory::GuestRam;
+
+/// Who holds the vCPUs stopped. They run only when no one does.
+#[derive(Debug, Default)]
+pub(crate) struct VcpuHold {
+    /// The lease lapsed (until a renewal or the release).
+    pub(crate) fenced: bool,
+    /// A checkpoint is being taken.
+    pub(crate) checkpointing: bool,
+    /// The source took the guest back: this copy never runs again.
+    pub(crate) discarded: bool,
+}
+
+impl VcpuHold {
+    pub(super) fn may_run(&self) -> bool {
+        !self.fenced && !self.checkpointing && !self.discarded
+    }
+}
+
+/// The summary and the stop times it is computed from.
+#[derive(Debug, Default)]
+pub(crate) struct FallbackLog {
+    pub(crate) summary: FallbackSummary,
+    pub(super) stops_us: Vec<f64>,
+}
+
+/// A checkpoint whose pages are write-protected and copied on write.
+pub(crate) struct CopyOnWrite {
+    /// The pages, in order, and whether each is copied (into `buf`).
+    pub(super) pages: Vec<PageNumber>,
+    pub(super) copied: Vec<bool>,
+    pub(super) buf: Vec<u8>,
+    pub(super) page_bytes: usize,
+    /// Pages the fault thread copied before a write.
+    pub(super) on_write: u64,
+}
+
+impl CopyOnWrite {
+    /// Copies page `i` unless it is copied; returns whether it copied.
+    pub(super) fn copy(&mut self, map: &PageMap, ram: &GuestRam, i: usize) -> bool {
+        if self.copied[i] {
+            return false;
+        }
+        let out = &mut self.buf[i * self.page_bytes..(i + 1) * self.page_bytes];
+        let read = map.page_ref(self.pages[i]).map(|r| ram.read_pages(r, out));
+        if !matches!(read, Some(Ok(()))) {
+            tracing::error!(page = self.pages[i].0, ?read, "cannot read a checkpoint page");
+            return false;
+        }
+        self.copied[i] = true;
+        true
+    }
+}
