@@ -1356,6 +1356,18 @@ impl Destination {
     // ----- fallback -------------------------------------------------------
 
     /// Checkpoint `seq`, asked for by [`DestinationAction::TakeCheckpoint`],
+    /// could not be taken (the guest was fenced or dropped meanwhile, or the
+    /// host failed to read its state): the next checkpoint timer asks again.
+    /// The last committed checkpoint stays the one the source would use.
+    pub fn handle_checkpoint_abandoned(&mut self, _now: Timestamp, seq: u64) {
+        if let Some(fallback) = &mut self.fallback {
+            if fallback.asked == Some(seq) {
+                fallback.asked = None;
+            }
+        }
+    }
+
+    /// Checkpoint `seq`, asked for by [`DestinationAction::TakeCheckpoint`],
     /// was taken: `device_state` and every page the guest dirtied here since
     /// the previous checkpoint, as they were at one instant (a zero page
     /// may be given as [`PageData::Zero`]). The core keeps it until the

@@ -109,6 +109,26 @@ fn writes_on_the_destination_are_checkpointed_and_committed() {
 }
 
 #[test]
+fn an_abandoned_checkpoint_is_asked_for_again_and_its_writes_are_in_the_next() {
+    let mut pair = started(fallback_config());
+    pump(&mut pair);
+    pair.guest_access(0, PageNumber(3), true);
+    pump(&mut pair);
+    pair.dst.abandon_checkpoints = 1;
+    let at = pair.now + Duration::from_millis(25);
+    advance_to(&mut pair, at);
+    pump(&mut pair);
+    assert_eq!(pair.dst.abandon_checkpoints, 0, "a checkpoint was asked for and abandoned");
+    assert_eq!(pair.src.core.committed_checkpoint(), 0);
+    // The next interval asks again: the same sequence number, the write in it.
+    let at = pair.now + Duration::from_millis(25);
+    advance_to(&mut pair, at);
+    pump(&mut pair);
+    assert_eq!(pair.src.core.committed_checkpoint(), 1);
+    assert_eq!(pair.src.guest.versions[3], pair.oracle.latest(PageNumber(3)), "committed into the image");
+}
+
+#[test]
 fn a_crashed_destination_is_replaced_from_the_last_committed_checkpoint() {
     let mut pair = started(fallback_config());
     pump(&mut pair);

@@ -217,20 +217,13 @@ impl VcpuSet {
     /// Waits until every vCPU is parked or `deadline` passes; returns which
     /// are parked.
     fn wait_parked(&self, deadline: Instant) -> Vec<bool> {
-        self.shared
-            .iter()
-            .map(|s| {
-                let mut c = lock(&s.ctrl);
-                while !c.state.is_parked() {
-                    let left = deadline.saturating_duration_since(Instant::now());
-                    if left.is_zero() {
-                        return false;
-                    }
-                    c = s.cv.wait_timeout(c, left).map(|r| r.0).unwrap_or_else(|e| e.into_inner().0);
-                }
-                true
-            })
-            .collect()
+        wait_parked(&self.shared, deadline)
+    }
+
+    /// A handle that waits for these vCPUs to park without borrowing the
+    /// set: a caller can wait with the lock that guards the set released.
+    pub fn park_watch(&self) -> ParkWatch {
+        ParkWatch { shared: self.shared.clone() }
     }
 
     /// Pauses every vCPU and waits until all are parked; returns how long
@@ -389,6 +382,37 @@ impl VcpuSet {
             None => Ok(out),
         }
     }
+}
+
+/// Waits for vCPUs to park (see [`VcpuSet::park_watch`]).
+#[derive(Debug, Clone)]
+pub struct ParkWatch {
+    shared: Vec<Arc<Shared>>,
+}
+
+impl ParkWatch {
+    /// Waits up to `timeout` for every vCPU to park; whether all did.
+    pub fn wait(&self, timeout: Duration) -> bool {
+        wait_parked(&self.shared, Instant::now() + timeout).iter().all(|&p| p)
+    }
+}
+
+/// Per vCPU, whether it parked by `deadline`.
+fn wait_parked(shared: &[Arc<Shared>], deadline: Instant) -> Vec<bool> {
+    shared
+        .iter()
+        .map(|s| {
+            let mut c = lock(&s.ctrl);
+            while !c.state.is_parked() {
+                let left = deadline.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    return false;
+                }
+                c = s.cv.wait_timeout(c, left).map(|r| r.0).unwrap_or_else(|e| e.into_inner().0);
+            }
+            true
+        })
+        .collect()
 }
 
 /// Result of [`VcpuSet::pause_within`].

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use common::{kvm_or_skip, serial, temp_dir};
 use hosts::TwoHosts;
-use postcopy_qmp::{MigrationParameters, MigrationStatus, RunState};
+use postcopy_qmp::{MigrationCapability, MigrationParameters, MigrationStatus, RunState};
 use vmm::{assert_hop_verified, read, Vmm, MIGRATION_TIMEOUT};
 
 /// The destination's port: each namespace has its own, so any will do.
@@ -228,4 +228,59 @@ fn the_namespaces_and_the_veth_are_removed_even_when_a_test_fails() {
         let link = std::process::Command::new("ip").args(["link", "show", "dev", &host.dev]).output().expect("ip link");
         assert!(!link.status.success(), "{} left behind in this namespace", host.dev);
     }
+}
+
+/// Fallback (docs/fallback.md) across a partition: the link goes down in
+/// postcopy for longer than the lease. The destination fences its guest
+/// when its lease lapses; the source takes the guest back from the last
+/// checkpoint after the lease surely lapsed; once the link is back, the
+/// destination learns it was superseded and drops its copy. Exactly one
+/// side runs the guest afterwards: the source.
+#[test]
+fn a_partition_longer_than_the_lease_leaves_the_guest_running_on_the_source_alone() {
+    let name = "a_partition_longer_than_the_lease_leaves_the_guest_running_on_the_source_alone";
+    if !kvm_or_skip(name) {
+        return;
+    }
+    let _one = serial();
+    let Some(hosts) = TwoHosts::create_or_skip(name) else {
+        return;
+    };
+    let dir = temp_dir("two-hosts-fallback");
+    hosts.source.shape("200mbit", "64kb");
+    let (mut source, mut dest) = start_pair(&hosts, &dir, "256M", |vmm| {
+        vmm.enable_events();
+        vmm.set_capability(MigrationCapability::XPostcopyFallback, true);
+        vmm.set_parameters(MigrationParameters { x_reconnect_delay_max_ms: Some(200), ..Default::default() });
+    });
+    source.migrate(hosts.dest.uri(PORT));
+    let t0 = Instant::now();
+    loop {
+        let info = source.qmp.query_migrate().expect("query-migrate");
+        let status = info.status.expect("a status");
+        assert!(status.is_running(), "ended before the cut: {status}; {}", source.stderr_text());
+        let ram = info.ram.unwrap_or_default();
+        if status == MigrationStatus::PostcopyActive && ram.total > 0 && ram.remaining < ram.total * 9 / 10 {
+            break;
+        }
+        assert!(t0.elapsed() < MIGRATION_TIMEOUT, "postcopy never started; {}", source.stderr_text());
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    hosts.source.set_link(false);
+    // The default lease is 1 s; the source takes over about 1.02 s after
+    // the destination's last word, while its reconnections still try.
+    std::thread::sleep(Duration::from_millis(1_600));
+    hosts.source.set_link(true);
+    assert_eq!(source.wait_ended(), MigrationStatus::Failed, "{}", source.stderr_text());
+    assert_eq!(dest.wait_ended(), MigrationStatus::Failed, "{}", dest.stderr_text());
+    let (source_log, dest_log) = (source.stderr_text(), dest.stderr_text());
+    let ctx = || format!("--- source ---\n{source_log}\n--- destination ---\n{dest_log}");
+    assert!(source_log.contains("the guest runs here again, from checkpoint"), "no takeover\n{}", ctx());
+    assert!(dest_log.contains("the lease lapsed: vCPUs fenced"), "the destination never fenced\n{}", ctx());
+    assert!(dest_log.contains("this copy is dropped and never runs again"), "not superseded\n{}", ctx());
+    // Exactly one runs it: the source.
+    assert_eq!(source.run_state(), RunState::Running, "{}", ctx());
+    assert_ne!(dest.run_state(), RunState::Running, "{}", ctx());
+    source.quit();
+    dest.quit();
 }

@@ -201,6 +201,9 @@ pub struct DestHost {
     /// Fallback: checkpoints taken just now (the harness records the
     /// guest's image at each one's instant).
     pub checkpoints_taken: Vec<u64>,
+    /// Fallback: the next this many checkpoints are abandoned instead of
+    /// taken (as a driver does when the guest is fenced mid-checkpoint).
+    pub abandon_checkpoints: u32,
 }
 
 impl DestHost {
@@ -219,6 +222,7 @@ impl DestHost {
             violations: Vec::new(),
             dirty: Bitmap::new(0),
             checkpoints_taken: Vec::new(),
+            abandon_checkpoints: 0,
         }
     }
 
@@ -317,6 +321,11 @@ impl DestHost {
     /// The driver's checkpoint: every page dirtied since the previous one,
     /// read from memory at this instant, and a device state naming it.
     fn take_checkpoint(&mut self, now: Timestamp, seq: u64) {
+        if self.abandon_checkpoints > 0 {
+            self.abandon_checkpoints -= 1;
+            self.core.handle_checkpoint_abandoned(now, seq);
+            return;
+        }
         let mut pages = Vec::new();
         for page in (0..self.dirty.len()).filter(|&p| self.dirty.get(p)) {
             let page = PageNumber(page);

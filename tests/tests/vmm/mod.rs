@@ -88,7 +88,11 @@ impl Vmm {
     }
 
     pub fn enable_events(&mut self) {
-        let capabilities = vec![MigrationCapabilityStatus { capability: MigrationCapability::Events, state: true }];
+        self.set_capability(MigrationCapability::Events, true);
+    }
+
+    pub fn set_capability(&mut self, capability: MigrationCapability, state: bool) {
+        let capabilities = vec![MigrationCapabilityStatus { capability, state }];
         self.execute(Qmp::MigrateSetCapabilities { capabilities });
     }
 

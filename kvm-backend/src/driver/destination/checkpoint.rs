@@ -27,7 +27,6 @@ use crate::driver::clock::now;
 use crate::driver::shell::SideDriver;
 use crate::error::error_chain;
 use crate::layout::{PageRef, PAGE_SIZE};
-use crate::runner::VcpuSet;
 use crate::state::DeviceState;
 
 /// Test-only: with `N`, the destination process dies at once (as by
@@ -108,7 +107,8 @@ impl DestinationDriver<'_> {
                     tracing::error!(%e, seq, "checkpoint");
                 }
             }),
-            None => tracing::warn!(seq, "checkpoint not taken (the migration is over)"),
+            // Over, fenced or discarded: the core may ask again later.
+            None => self.event(s, |l, now| l.core.handle_checkpoint_abandoned(now, seq)),
         }
     }
 
@@ -127,10 +127,7 @@ impl DestinationDriver<'_> {
             hold.checkpointing = true;
         }
         let t0 = now().0;
-        let stopped = {
-            let running = lock(&self.running);
-            running.as_ref().and_then(|vcpus| self.stop_and_take(m, vcpus, seq))
-        };
+        let stopped = self.stop_and_take(m, seq);
         {
             let mut hold = lock(&self.vcpu_hold);
             hold.checkpointing = false;
@@ -166,7 +163,7 @@ impl DestinationDriver<'_> {
             .collect();
         let bytes: u64 = pages.iter().map(|(_, d)| if let PageData::Bytes(b) = d { b.len() as u64 } else { 0 }).sum();
         let mut log = lock(&self.fallback_log);
-        let FallbackLog { summary, stops_us } = &mut *log;
+        let FallbackLog { summary, stops_us, .. } = &mut *log;
         summary.add_checkpoint(stop_us, copy_ns as f64 / 1e3, pages.len() as u64, bytes, stops_us);
         summary.copied_on_write += on_write;
         tracing::debug!(seq, pages = pages.len(), bytes, stop_us, on_write, "checkpoint taken");
@@ -175,14 +172,29 @@ impl DestinationDriver<'_> {
 
     /// With the vCPUs parked: the dirty pages (copied, or write-protected
     /// and handed to the fault thread) and the device state.
-    fn stop_and_take(&self, m: &Machine, vcpus: &VcpuSet, seq: u64) -> Option<Stopped> {
+    fn stop_and_take(&self, m: &Machine, seq: u64) -> Option<Stopped> {
         let t_pause = now().0;
-        vcpus.pause_within(Duration::ZERO);
-        while !vcpus.wait_paused(PARK_POLL) {
+        let parked = {
+            let running = lock(&self.running);
+            let vcpus = running.as_ref()?;
+            vcpus.pause_within(Duration::ZERO);
+            vcpus.park_watch()
+        };
+        // With `running` released: a vCPU blocked on a page that does not
+        // come (a partition) may never park, and the fence must not wait
+        // for this checkpoint to stop the guest.
+        while !parked.wait(PARK_POLL) {
             if self.shell.is_stopping() || self.finished_flag.load(Ordering::SeqCst) {
                 return None;
             }
+            let hold = lock(&self.vcpu_hold);
+            if hold.fenced || hold.discarded {
+                tracing::info!(seq, fenced = hold.fenced, "checkpoint abandoned: the guest is held stopped");
+                return None;
+            }
         }
+        let running = lock(&self.running);
+        let vcpus = running.as_ref()?;
         let t_log = now().0;
         let dirty = match m.vm.take_dirty_log() {
             Ok(d) => d,
@@ -202,6 +214,12 @@ impl DestinationDriver<'_> {
                 }
             }
         }
+        let carried = std::mem::take(&mut lock(&self.fallback_log).carried);
+        if !carried.is_empty() {
+            pages.extend(carried);
+            pages.sort_unstable();
+            pages.dedup();
+        }
         let page_bytes = (m.map.unit_pages() * PAGE_SIZE) as usize;
         // Untouched until written: allocating it costs the stop nothing.
         let mut buf = vec![0u8; pages.len() * page_bytes];
@@ -211,6 +229,7 @@ impl DestinationDriver<'_> {
                 if let Err(e) = m.uffd.write_protect(first, count) {
                     tracing::error!(e = error_chain(&e), seq, "cannot write-protect a checkpoint's pages");
                     self.unprotect_all(m, &pages);
+                    self.carry(pages);
                     return None;
                 }
             }
@@ -220,6 +239,7 @@ impl DestinationDriver<'_> {
                 let read = m.map.page_ref(*page).map(|r| m.ram.read_pages(r, out));
                 if !matches!(read, Some(Ok(()))) {
                     tracing::error!(page = page.0, ?read, seq, "cannot read a dirty page for a checkpoint");
+                    self.carry(pages.clone());
                     return None;
                 }
             }
@@ -234,6 +254,7 @@ impl DestinationDriver<'_> {
                 if m.write_protect {
                     self.unprotect_all(m, &pages);
                 }
+                self.carry(pages);
                 return None;
             }
         };
@@ -280,6 +301,7 @@ impl DestinationDriver<'_> {
         let cow = lock(&self.copy_on_write).take()?;
         if cow.copied.iter().any(|&c| !c) {
             tracing::error!("a checkpoint page was left uncopied");
+            self.carry(cow.pages);
             return None;
         }
         Some((cow.buf, cow.on_write))
@@ -310,6 +332,12 @@ impl DestinationDriver<'_> {
                 );
             }
         }
+    }
+
+    /// A checkpoint failed after reading the dirty log: its pages go into
+    /// the next one (KVM cleared their dirty bits).
+    fn carry(&self, pages: Vec<PageNumber>) {
+        lock(&self.fallback_log).carried.extend(pages);
     }
 
     /// Undoes a write protection whose checkpoint is abandoned.

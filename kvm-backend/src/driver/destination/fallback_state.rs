@@ -31,6 +31,9 @@ impl VcpuHold {
 pub(crate) struct FallbackLog {
     pub(crate) summary: FallbackSummary,
     pub(super) stops_us: Vec<f64>,
+    /// Pages read from (and so cleared in) KVM's dirty log by a checkpoint
+    /// that then failed: the next checkpoint includes them.
+    pub(super) carried: Vec<PageNumber>,
 }
 
 /// A checkpoint whose pages are write-protected and copied on write.

@@ -92,7 +92,13 @@ impl DestinationDriver<'_> {
             self.event(s, |l, now| {
                 for (page, waiter) in pages {
                     if let Err(e) = l.core.handle_page_fault(now, page, waiter) {
-                        tracing::error!(%e, page = page.0, "page fault");
+                        // Once the migration failed here, a blocked vCPU may
+                        // fault again until the guest is abandoned: expected.
+                        if l.core.state().is_terminal() {
+                            tracing::debug!(%e, page = page.0, "page fault after the end");
+                        } else {
+                            tracing::error!(%e, page = page.0, "page fault");
+                        }
                     }
                 }
             });

@@ -286,7 +286,14 @@ impl SideDriver for DestinationDriver<'_> {
                 DestinationOp::Notice(notice) => self.notice(&notice),
                 DestinationOp::Finished(finished) => {
                     Timeline::mark(&self.timeline.end_ns);
-                    self.stop_checkpointing();
+                    // Only a guest that stays here needs its memory slots
+                    // back without dirty logging. After a failure a kicked
+                    // vCPU may still retry a missing page inside KVM_RUN,
+                    // holding KVM's SRCU: a slot update would wait for it
+                    // forever; the guest is abandoned instead.
+                    if finished.result.is_ok() {
+                        self.stop_checkpointing();
+                    }
                     tracing::info!(result = ?finished.result, "the core finished");
                     *lock(&self.finished) = Some(*finished);
                     self.finished_flag.store(true, Ordering::SeqCst);
