@@ -32,6 +32,23 @@ fn start_pair(hosts: &TwoHosts, dir: &std::path::Path, mem: &str, setup: impl Fn
     (source, dest)
 }
 
+/// Polls the source until postcopy is on and a tenth of the RAM crossed.
+fn wait_for_postcopy_with_a_tenth_crossed(source: &mut Vmm) {
+    let t0 = Instant::now();
+    loop {
+        let info = source.qmp.query_migrate().expect("query-migrate");
+        let status = info.status.expect("a status");
+        assert!(status.is_running(), "ended before the cut: {status}; {}", source.stderr_text());
+        let ram = info.ram.unwrap_or_default();
+        if status == MigrationStatus::PostcopyActive && ram.total > 0 && ram.remaining < ram.total * 9 / 10 {
+            eprintln!("cut at {} of {} bytes remaining", ram.remaining, ram.total);
+            return;
+        }
+        assert!(t0.elapsed() < MIGRATION_TIMEOUT, "postcopy never started; {}", source.stderr_text());
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
 #[test]
 fn a_migration_crosses_the_veth_between_two_namespaces() {
     if !kvm_or_skip("a_migration_crosses_the_veth_between_two_namespaces") {
@@ -84,19 +101,7 @@ fn a_link_cut_during_postcopy_is_recovered_automatically() {
     });
     source.migrate(hosts.dest.uri(PORT));
     // Cut once postcopy is on and a tenth of the RAM has crossed.
-    let t0 = Instant::now();
-    loop {
-        let info = source.qmp.query_migrate().expect("query-migrate");
-        let status = info.status.expect("a status");
-        assert!(status.is_running(), "ended before the cut: {status}; {}", source.stderr_text());
-        let ram = info.ram.unwrap_or_default();
-        if status == MigrationStatus::PostcopyActive && ram.total > 0 && ram.remaining < ram.total * 9 / 10 {
-            eprintln!("cut at {} of {} bytes remaining", ram.remaining, ram.total);
-            break;
-        }
-        assert!(t0.elapsed() < MIGRATION_TIMEOUT, "postcopy never started; {}", source.stderr_text());
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    wait_for_postcopy_with_a_tenth_crossed(&mut source);
     hosts.source.set_link(false);
     // Down for three peer timeouts: both sides notice and pause.
     let (mut seen_source, mut seen_dest) = (BTreeSet::new(), BTreeSet::new());
@@ -254,18 +259,7 @@ fn a_partition_longer_than_the_lease_leaves_the_guest_running_on_the_source_alon
         vmm.set_parameters(MigrationParameters { x_reconnect_delay_max_ms: Some(200), ..Default::default() });
     });
     source.migrate(hosts.dest.uri(PORT));
-    let t0 = Instant::now();
-    loop {
-        let info = source.qmp.query_migrate().expect("query-migrate");
-        let status = info.status.expect("a status");
-        assert!(status.is_running(), "ended before the cut: {status}; {}", source.stderr_text());
-        let ram = info.ram.unwrap_or_default();
-        if status == MigrationStatus::PostcopyActive && ram.total > 0 && ram.remaining < ram.total * 9 / 10 {
-            break;
-        }
-        assert!(t0.elapsed() < MIGRATION_TIMEOUT, "postcopy never started; {}", source.stderr_text());
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    wait_for_postcopy_with_a_tenth_crossed(&mut source);
     hosts.source.set_link(false);
     // The default lease is 1 s; the source takes over about 1.02 s after
     // the destination's last word, while its reconnections still try.
