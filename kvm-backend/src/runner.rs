@@ -214,12 +214,6 @@ impl VcpuSet {
         }
     }
 
-    /// Waits until every vCPU is parked or `deadline` passes; returns which
-    /// are parked.
-    fn wait_parked(&self, deadline: Instant) -> Vec<bool> {
-        wait_parked(&self.shared, deadline)
-    }
-
     /// A handle that waits for these vCPUs to park without borrowing the
     /// set: a caller can wait with the lock that guards the set released.
     pub fn park_watch(&self) -> ParkWatch {
@@ -246,14 +240,14 @@ impl VcpuSet {
         for i in 0..self.shared.len() {
             self.kick(i);
         }
-        let parked = self.wait_parked(t0 + timeout);
+        let parked = wait_parked(&self.shared, t0 + timeout);
         PauseReport { latency: t0.elapsed(), parked }
     }
 
     /// After a pause, waits up to `timeout` for the vCPUs still running to
     /// park; returns whether all are parked.
     pub fn wait_paused(&self, timeout: Duration) -> bool {
-        self.wait_parked(Instant::now() + timeout).iter().all(|&p| p)
+        wait_parked(&self.shared, Instant::now() + timeout).iter().all(|&p| p)
     }
 
     /// Resumes every parked vCPU (paused, halted or shut down ones alike).
