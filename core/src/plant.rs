@@ -39,6 +39,12 @@ pub enum PlantedBug {
     /// the renewed lease from the grant's arrival instead of from its
     /// request's departure.
     FencedDestinationResumes,
+    /// Fallback, a driver's bug (planted in the testkit's and the
+    /// simulator's fake destination drivers, which read it from the
+    /// destination's config): a checkpoint abandoned after it read and
+    /// cleared the dirty log drops those pages instead of carrying them
+    /// into the next checkpoint.
+    AbandonedCheckpointForgetsPages,
 }
 
 impl PlantedBug {
@@ -51,11 +57,12 @@ impl PlantedBug {
     ];
 
     /// The fallback bugs (they need a migration with fallback on).
-    pub const FALLBACK: [PlantedBug; 4] = [
+    pub const FALLBACK: [PlantedBug; 5] = [
         PlantedBug::TakeoverWithoutLease,
         PlantedBug::CommitPartialCheckpoint,
         PlantedBug::CheckpointMissesPage,
         PlantedBug::FencedDestinationResumes,
+        PlantedBug::AbandonedCheckpointForgetsPages,
     ];
 
     /// Every planted bug: [`PlantedBug::ALL`] (the protocol's) and [`PlantedBug::FALLBACK`].
@@ -74,6 +81,7 @@ impl PlantedBug {
             PlantedBug::CommitPartialCheckpoint => "commit-partial-checkpoint",
             PlantedBug::CheckpointMissesPage => "checkpoint-misses-page",
             PlantedBug::FencedDestinationResumes => "fenced-destination-resumes",
+            PlantedBug::AbandonedCheckpointForgetsPages => "abandoned-checkpoint-forgets-pages",
         }
     }
 }

@@ -129,8 +129,13 @@
 //! reconnections are the partitions. Extra properties: the rollback is exact
 //! (invariant 7: the harness compares the source's memory and device state
 //! at a takeover with the guest's image at that checkpoint's instant); one
-//! runner covers fencing; a fair run completes or falls back. Four planted
-//! bugs ([`PlantedBug::FALLBACK`]) are caught (`model/tests/fallback.rs`).
+//! runner covers fencing; a fair run completes or falls back. The
+//! destination's driver may abandon a checkpoint (`AbandonCheckpoint`, at
+//! most `abandons` times): the core asks for it again at the next interval
+//! and the driver carries the pages it read from the dirty log into that
+//! one; `sometimes` "an abandoned checkpoint is asked for again and
+//! committed". Five planted bugs ([`PlantedBug::FALLBACK`]) are caught
+//! (`model/tests/fallback.rs`).
 
 #![forbid(unsafe_code)]
 
@@ -198,6 +203,10 @@ pub struct ModelConfig {
     /// destination may crash once after StartGuest; its clock runs slow by
     /// the drift bound ([`FALLBACK_DRIFT_PPM`]), the latest its lease may lapse.
     pub fallback: bool,
+    /// Fallback: checkpoints the destination's driver may abandon, at most
+    /// (`AbandonCheckpoint`: the checkpoint timer fires and the driver gives
+    /// up on the checkpoint the core asks for).
+    pub abandons: u8,
 }
 
 /// The model's fallback lease: long against a checkpoint interval and a
@@ -232,6 +241,7 @@ impl Default for ModelConfig {
             strangers: true,
             plant: None,
             fallback: false,
+            abandons: 0,
         }
     }
 }
@@ -239,8 +249,9 @@ impl Default for ModelConfig {
 impl ModelConfig {
     /// The fallback configuration (`check --fallback`): 2 pages, pure
     /// postcopy, 1 vCPU, 1 lost connection, 1 write, 4 timer firings, 1
-    /// batch in flight per channel, a destination crash; no cancel, switch
-    /// or strangers (checked without fallback, and unchanged by it).
+    /// batch in flight per channel, a destination crash, 1 abandoned
+    /// checkpoint; no cancel, switch or strangers (checked without
+    /// fallback, and unchanged by it).
     pub fn fallback() -> Self {
         Self {
             pages: 2,
@@ -253,6 +264,7 @@ impl ModelConfig {
             switch: false,
             strangers: false,
             fallback: true,
+            abandons: 1,
             ..Self::default()
         }
     }
@@ -312,7 +324,7 @@ impl ModelConfig {
     pub fn summary(&self) -> String {
         format!(
             "pages={} huge_pages={} vcpus={} precopy_rounds={} losses={} writes={} timers={} window={} urgent={} push_streams={} device_page={} \
-             cancel={} switch={} symmetry={} fallback={} plant={}",
+             cancel={} switch={} symmetry={} fallback={} abandons={} plant={}",
             self.pages,
             self.huge_pages,
             self.vcpus,
@@ -328,6 +340,7 @@ impl ModelConfig {
             self.switch,
             self.symmetry,
             self.fallback,
+            self.abandons,
             self.plant.map_or("none", PlantedBug::name),
         )
     }
@@ -345,6 +358,8 @@ pub struct State {
     pub switch_left: bool,
     /// Fallback: the destination may still crash.
     pub crash_left: bool,
+    /// Fallback: checkpoints the destination may still abandon.
+    pub abandons_left: u8,
 }
 
 /// One step of the environment or of the network.
@@ -355,6 +370,12 @@ pub enum Action {
     Lose(Channel),
     Timer,
     TimerConnectFails,
+    /// Fallback: the earliest timer fires and the destination's driver
+    /// abandons the checkpoint the core asks for (its vCPUs could not be
+    /// parked: fenced meanwhile, or one waits on a page behind a
+    /// partition); the pages it read from the dirty log go into the next.
+    /// Refused when the timer asks for no checkpoint.
+    AbandonCheckpoint,
     DestinationExits,
     Read {
         vcpu: u32,
@@ -386,6 +407,7 @@ impl fmt::Display for Action {
             Action::Lose(c) => write!(f, "LOSE {c} connection"),
             Action::Timer => write!(f, "timer fires"),
             Action::TimerConnectFails => write!(f, "timer fires, connections fail"),
+            Action::AbandonCheckpoint => write!(f, "timer fires, the destination ABANDONS its checkpoint"),
             Action::DestinationExits => write!(f, "the finished destination exits"),
             Action::Read { vcpu, page } => write!(f, "vCPU {vcpu} reads page {page}"),
             Action::Write { vcpu, page } => write!(f, "vCPU {vcpu} writes page {page}"),
@@ -454,6 +476,18 @@ impl MigrationModel {
                 pair.connect_allowed = false;
                 pair.fire_timer();
                 pair.connect_allowed = true;
+            }
+            Action::AbandonCheckpoint => {
+                state.timers_left -= 1;
+                state.abandons_left -= 1;
+                pair.dst.abandon_checkpoints = 1;
+                pair.fire_timer();
+                let asked = pair.dst.abandon_checkpoints == 0;
+                pair.dst.abandon_checkpoints = 0;
+                if !asked {
+                    // No checkpoint asked for: the same as `Timer`.
+                    return false;
+                }
             }
             Action::DestinationExits => {
                 pair.destination_exits();
@@ -536,6 +570,7 @@ impl Model for MigrationModel {
             cancel_left: self.cfg.cancel,
             switch_left: self.cfg.switch && self.hybrid(),
             crash_left: self.cfg.fallback,
+            abandons_left: if self.cfg.fallback { self.cfg.abandons } else { 0 },
         }]
     }
 
@@ -611,6 +646,10 @@ impl Model for MigrationModel {
             let withdrawing = pair.src.core.state() == SourceState::Withdrawing;
             if (state.losses_left > 0 || withdrawing) && reconnecting && source_first {
                 actions.push(Action::TimerConnectFails);
+            }
+            // The core asks for checkpoints only while the guest runs there.
+            if state.abandons_left > 0 && pair.dst.running && !pair.dst_crashed {
+                actions.push(Action::AbandonCheckpoint);
             }
         }
         // A destination that finished (completed, or dropped the guest)
@@ -721,6 +760,11 @@ impl Model for MigrationModel {
             properties.push(Property::sometimes("a checkpoint is committed", |_: &MigrationModel, s: &State| {
                 s.pair.src.core.committed_checkpoint() > 0
             }));
+            if self.cfg.abandons > 0 {
+                properties.push(Property::sometimes(ABANDONED_ASKED_AGAIN, |_: &MigrationModel, s: &State| {
+                    s.pair.dst.abandoned.is_some_and(|seq| s.pair.src.core.committed_checkpoint() >= seq)
+                }));
+            }
             properties.push(Property::sometimes(
                 "a crashed destination: the source restarts the guest from a committed checkpoint",
                 |_: &MigrationModel, s: &State| {
@@ -762,6 +806,8 @@ pub const ROLLBACK_EXACT: &str =
     "after a takeover the source holds exactly the last committed checkpoint (invariant 7)";
 pub const FAIR_RUN_COMPLETES: &str = "a fair run completes: EOC reaches COMPLETED, faults resolved (invariant 3)";
 
+/// Fallback, reached with `abandons > 0`.
+pub const ABANDONED_ASKED_AGAIN: &str = "an abandoned checkpoint is asked for again and committed";
 pub const STRANGER_CHANGES_NOTHING: &str = "a stranger (another migration's hello, garbage) changes nothing";
 pub const HUGE_PAGE_WHOLE: &str = "a huge page is never visible half-filled";
 
@@ -1391,11 +1437,12 @@ impl fmt::Debug for State {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "{:?} | left: w{} l{} t{}",
+            "{:?} | left: w{} l{} t{} a{}",
             StateView(&self.pair),
             self.writes_left,
             self.losses_left,
-            self.timers_left
+            self.timers_left,
+            self.abandons_left
         )
     }
 }

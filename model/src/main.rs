@@ -113,6 +113,10 @@ struct Bounds {
     /// postcopy, 1 loss, 1 write, 4 timers, window 1, no cancel, no strangers).
     #[arg(long)]
     fallback: bool,
+    /// Fallback: checkpoints the destination's driver may abandon, at most
+    /// (the fallback configuration: 1).
+    #[arg(long)]
+    abandons: Option<u8>,
 }
 
 impl Bounds {
@@ -136,6 +140,7 @@ impl Bounds {
             liveness: !self.no_liveness && base.liveness,
             strangers: !self.no_strangers && base.strangers,
             plant: self.plant,
+            abandons: self.abandons.unwrap_or(base.abandons),
             ..base
         }
     }

@@ -5,7 +5,10 @@
 //! bound) with every fallback outcome reached.
 
 use postcopy_core::PlantedBug;
-use postcopy_model::{check, find_cycle, MigrationModel, ModelConfig, FAIR_RUN_COMPLETES, ONE_RUNNER, ROLLBACK_EXACT};
+use postcopy_model::{
+    check, find_cycle, MigrationModel, ModelConfig, ABANDONED_ASKED_AGAIN, FAIR_RUN_COMPLETES, ONE_RUNNER,
+    ROLLBACK_EXACT,
+};
 
 /// Small enough for a test: the fallback configuration with 1 page.
 fn small() -> ModelConfig {
@@ -17,7 +20,9 @@ fn small() -> ModelConfig {
 fn expected(bug: PlantedBug) -> &'static [&'static str] {
     match bug {
         PlantedBug::TakeoverWithoutLease | PlantedBug::FencedDestinationResumes => &[ONE_RUNNER, FAIR_RUN_COMPLETES],
-        PlantedBug::CommitPartialCheckpoint | PlantedBug::CheckpointMissesPage => &[ROLLBACK_EXACT, FAIR_RUN_COMPLETES],
+        PlantedBug::CommitPartialCheckpoint
+        | PlantedBug::CheckpointMissesPage
+        | PlantedBug::AbandonedCheckpointForgetsPages => &[ROLLBACK_EXACT, FAIR_RUN_COMPLETES],
         _ => &[],
     }
 }
@@ -26,9 +31,9 @@ fn expected(bug: PlantedBug) -> &'static [&'static str] {
 fn symptom(bug: PlantedBug) -> &'static [&'static str] {
     match bug {
         PlantedBug::TakeoverWithoutLease | PlantedBug::FencedDestinationResumes => &["TwoRunners"],
-        PlantedBug::CommitPartialCheckpoint | PlantedBug::CheckpointMissesPage => {
-            &["RollbackMismatch", "RollbackDeviceState"]
-        }
+        PlantedBug::CommitPartialCheckpoint
+        | PlantedBug::CheckpointMissesPage
+        | PlantedBug::AbandonedCheckpointForgetsPages => &["RollbackMismatch", "RollbackDeviceState"],
         _ => &[],
     }
 }
@@ -85,9 +90,19 @@ fn clean_core_passes_the_small_fallback_configuration() {
         "a partitioned destination is superseded and drops its copy",
         "a lapsed lease fences the destination",
         "completes with fallback on: the source releases the guest",
+        ABANDONED_ASKED_AGAIN,
     ] {
         assert!(report.reached.contains(&wanted), "{wanted} not reached: {:?}", report.reached);
     }
     let cycle = find_cycle(&MigrationModel::new(cfg.clone()));
     assert!(cycle.cycle.is_none(), "{}: a run never ends: {:?}", cfg.summary(), cycle.cycle);
+}
+
+/// `abandoned-checkpoint-forgets-pages` needs an abandoned checkpoint: with
+/// `abandons: 0` the model never abandons one, and the plant passes.
+#[test]
+fn the_abandon_plant_needs_the_abandon_action() {
+    let cfg = ModelConfig { abandons: 0, plant: Some(PlantedBug::AbandonedCheckpointForgetsPages), ..small() };
+    let report = check(&cfg, 2);
+    assert!(report.failures.is_empty(), "{}: failed without abandoning a checkpoint", cfg.summary());
 }

@@ -201,7 +201,7 @@ fn real_main() -> Result<ExitCode, String> {
                 }
                 println!(
                     "swarm: {} seeds from {first}, {} passed, {} failed {:?}; {} with faults, {} recovered, {} retried, \
-                     {} fell back; {:.1} s real, {:.1} s simulated, {:.2} M page transfers/s",
+                     {} fell back, {} abandoned a checkpoint; {:.1} s real, {:.1} s simulated, {:.2} M page transfers/s",
                     summary.seeds,
                     summary.passed,
                     summary.failed.len(),
@@ -210,6 +210,7 @@ fn real_main() -> Result<ExitCode, String> {
                     summary.recovered_runs,
                     summary.retried_runs,
                     summary.fell_back_runs,
+                    summary.abandoned_runs,
                     summary.real_secs,
                     summary.sim_secs,
                     summary.transfers_per_sec / 1e6

@@ -46,6 +46,11 @@ pub struct Report {
     /// Requests for a page whose parts the push was sending (the rest went
     /// on the urgent channel).
     pub requests_for_pages_in_parts: u64,
+    /// Fallback: checkpoints the destination's driver abandoned (all).
+    pub checkpoints_abandoned: u64,
+    /// Fallback: of those, the ones abandoned waiting for a vCPU to park
+    /// (fenced or dropped meanwhile).
+    pub checkpoints_abandoned_parking: u64,
     pub guest: GuestProgress,
 }
 

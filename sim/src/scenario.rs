@@ -409,6 +409,12 @@ scenario! {
     /// started there (0: never), healed or not; only with `fallback` (without
     /// it no protocol saves the only running guest).
     crash_after_start_ms: u64,
+    /// Fallback: percent of checkpoints whose capture fails after the
+    /// dirty log was read (the driver abandons it and carries its pages
+    /// into the next). Besides these, a checkpoint asked for while a vCPU
+    /// waits on a missing page waits for it, and is abandoned if the
+    /// guest is fenced or dropped meanwhile.
+    abandon_pct: u32,
     /// Connections the background push is spread over (`--push-streams`).
     push_streams: u8,
     /// CPU time a source connection's sender and receiver spend on a page
@@ -517,6 +523,7 @@ impl Scenario {
         // keeps every option it had.
         let fallback = r.chance(0.3);
         let (mut lease_ms, mut checkpoint_ms, mut checkpoint_us, mut crash_after_start_ms) = (1000, 100, 100, 0);
+        let mut abandon_pct = 0;
         let mut partition_max_ms = partition_max_ms;
         if fallback {
             // Longer than a round trip plus what a full socket buffer holds
@@ -530,6 +537,8 @@ impl Scenario {
             crash_after_start_ms = if r.chance(0.5) { r.range(0, est_ms + 5) } else { 0 };
             // Partitions shorter and longer than the lease.
             partition_max_ms = partition_max_ms.max(3 * lease_ms);
+            // Drawn after the other fallback options, which stay as they were.
+            abandon_pct = if r.chance(0.5) { r.pick(&[5, 20, 50]) } else { 0 };
         }
 
         Scenario {
@@ -584,6 +593,7 @@ impl Scenario {
             checkpoint_ms,
             checkpoint_us,
             crash_after_start_ms,
+            abandon_pct,
             push_streams,
             stream_page_ns,
         }
@@ -681,6 +691,9 @@ impl Scenario {
         }
         if self.fallback && (self.lease_ms == 0 || self.checkpoint_ms == 0) {
             return Err("lease_ms and checkpoint_ms must be positive".into());
+        }
+        if self.abandon_pct > 100 {
+            return Err(format!("abandon_pct={} must be at most 100", self.abandon_pct));
         }
         if self.push_streams == 0 || self.push_streams > postcopy_core::MAX_PUSH_STREAMS {
             return Err(format!(

@@ -171,6 +171,11 @@ struct DestHost {
     dirty: Vec<bool>,
     /// Fallback: a checkpoint taken, its vCPUs stopped until it is handed in.
     checkpoint: Option<postcopy_core::Checkpoint>,
+    /// Fallback: a checkpoint asked for while a vCPU waited on a missing
+    /// page: the vCPUs are stopped and it waits for that one to park (when
+    /// its page arrives), or is abandoned if the guest is fenced or
+    /// dropped first, as the KVM driver does.
+    parking: Option<u64>,
     /// A device-state load: done at this time, once its pages are present.
     load_until: Option<u64>,
     finished: Option<Finished<DestinationStats>>,
@@ -184,6 +189,12 @@ impl SourceHost {
 }
 
 impl DestHost {
+    /// Fallback: a checkpoint holds the vCPUs stopped (waiting for them to
+    /// park, or taken and not handed in yet).
+    fn checkpointing(&self) -> bool {
+        self.checkpoint.is_some() || self.parking.is_some()
+    }
+
     fn new(scenario: &Scenario) -> Self {
         Self {
             core: Destination::new(scenario.config(), scenario.wire_page_bytes)
@@ -196,6 +207,7 @@ impl DestHost {
             memory: Vec::new(),
             dirty: Vec::new(),
             checkpoint: None,
+            parking: None,
             load_until: None,
             finished: None,
         }
@@ -227,6 +239,10 @@ pub struct Sim {
     vcpus: Vec<Vcpu>,
     vcpu_generation: u32,
     blocked: u32,
+    /// Fallback: checkpoints the destination's driver abandoned, and of
+    /// those the ones abandoned waiting for a vCPU to park.
+    checkpoints_abandoned: u64,
+    checkpoints_abandoned_parking: u64,
 
     net: Network,
     partitions: Vec<(u64, bool)>,
@@ -329,6 +345,8 @@ impl Sim {
             vcpus,
             vcpu_generation: 0,
             blocked: 0,
+            checkpoints_abandoned: 0,
+            checkpoints_abandoned_parking: 0,
             net,
             partitions,
             pending_dirty: Vec::new(),
@@ -549,9 +567,14 @@ impl Sim {
                 if generation == self.generation[1] && self.dst.alive {
                     if let Some(checkpoint) = self.dst.checkpoint.take() {
                         let postcopy_core::Checkpoint { seq, device_state, pages } = checkpoint;
-                        let result = self.dst.core.handle_checkpoint(self.ts(), seq, device_state, pages);
-                        if let Err(error) = result {
-                            self.checks.driver_event("destination", error.to_string());
+                        let fails = self.sc.abandon_pct > 0 && self.rng.chance(f64::from(self.sc.abandon_pct) / 100.0);
+                        if fails {
+                            self.abandon_read_checkpoint(seq, &pages);
+                        } else {
+                            let result = self.dst.core.handle_checkpoint(self.ts(), seq, device_state, pages);
+                            if let Err(error) = result {
+                                self.checks.driver_event("destination", error.to_string());
+                            }
                         }
                         if self.dst.running {
                             self.run_vcpus();
@@ -576,6 +599,7 @@ impl Sim {
     }
 
     fn after_event(&mut self) {
+        self.checkpoint_parking();
         self.pump();
         self.fault_points();
         self.arm_timers();
@@ -883,7 +907,7 @@ impl Sim {
                 self.dst.started = true;
                 self.dst_started_at.get_or_insert(now);
                 self.checks.guest_started(&self.dst.memory);
-                if self.dst.checkpoint.is_none() {
+                if !self.dst.checkpointing() {
                     self.run_vcpus();
                 }
             }
@@ -1553,11 +1577,64 @@ impl Sim {
 
     // ----- fallback ---------------------------------------------------------
 
-    /// The destination driver's checkpoint: the vCPUs stop now, every page
-    /// dirtied since the last one and the device state are copied at this
-    /// instant, and the vCPUs run again once it is handed in, after
-    /// `checkpoint_us` plus 200 ns a page.
+    /// The destination driver's checkpoint. The vCPUs stop now; one that
+    /// waits on a missing page parks only when its page arrives, and the
+    /// checkpoint waits for it ([`Sim::checkpoint_parking`]).
     fn take_checkpoint(&mut self, seq: u64) {
+        if self.blocked > 0 {
+            self.trace.record(self.now, What::DestAction("checkpoint-waits-to-park"), seq, u64::from(self.blocked));
+            self.dst.parking = Some(seq);
+            // The vCPUs leave the guest now; a new generation stops their events.
+            self.vcpu_generation += 1;
+            return;
+        }
+        self.stop_and_take(seq);
+    }
+
+    /// A checkpoint waiting for its vCPUs to park: taken once none waits on
+    /// a page; abandoned (nothing read from the dirty log yet) when the
+    /// guest was fenced or dropped first, or the migration ended.
+    fn checkpoint_parking(&mut self) {
+        let Some(seq) = self.dst.parking else { return };
+        if !self.dst.alive {
+            self.dst.parking = None;
+        } else if !self.dst.running || self.dst.finished.is_some() {
+            self.dst.parking = None;
+            self.trace.record(self.now, What::DestAction("checkpoint-abandoned"), seq, 0);
+            self.checkpoints_abandoned += 1;
+            self.checkpoints_abandoned_parking += 1;
+            self.dst.core.handle_checkpoint_abandoned(self.ts(), seq);
+        } else if self.blocked == 0 {
+            self.dst.parking = None;
+            self.stop_and_take(seq);
+        }
+    }
+
+    /// A checkpoint whose capture failed after it read and cleared the
+    /// dirty log: its pages go back into the log, so into the next
+    /// checkpoint (the planted bug `abandoned-checkpoint-forgets-pages`
+    /// drops them), and the vCPUs run again.
+    fn abandon_read_checkpoint(&mut self, seq: u64, pages: &[(PageNumber, PageData)]) {
+        self.trace.record(self.now, What::DestAction("checkpoint-abandoned"), seq, pages.len() as u64);
+        self.checkpoints_abandoned += 1;
+        #[cfg(feature = "planted-bugs")]
+        let forgets = self.dst.core.config().plant == Some(postcopy_core::PlantedBug::AbandonedCheckpointForgetsPages);
+        #[cfg(not(feature = "planted-bugs"))]
+        let forgets = false;
+        if !forgets {
+            for (page, _) in pages {
+                if let Some(dirty) = self.dst.dirty.get_mut(page.0 as usize) {
+                    *dirty = true;
+                }
+            }
+        }
+        self.dst.core.handle_checkpoint_abandoned(self.ts(), seq);
+    }
+
+    /// The vCPUs are parked: every page dirtied since the last checkpoint
+    /// and the device state are copied at this instant, and the vCPUs run
+    /// again once it is handed in, after `checkpoint_us` plus 200 ns a page.
+    fn stop_and_take(&mut self, seq: u64) {
         let mut pages = Vec::new();
         for page in 0..self.dst.dirty.len() {
             if !std::mem::take(&mut self.dst.dirty[page]) {
@@ -1621,7 +1698,7 @@ impl Sim {
     /// Runs vCPU `i` for up to one quantum, or to its next fault.
     fn step_vcpu(&mut self, i: usize) {
         let on_source = self.src.running;
-        let on_dest = !on_source && self.dst.running && self.dst.alive && self.dst.checkpoint.is_none();
+        let on_dest = !on_source && self.dst.running && self.dst.alive && !self.dst.checkpointing();
         if (!on_source && !on_dest) || self.vcpus[i].blocked_on.is_some() {
             return;
         }
@@ -1729,6 +1806,8 @@ impl Sim {
             requests_sent: dst_stats.requests_sent,
             page_parts_sent: src_stats.page_parts_sent,
             requests_for_pages_in_parts: src_stats.requests_for_pages_in_parts,
+            checkpoints_abandoned: self.checkpoints_abandoned,
+            checkpoints_abandoned_parking: self.checkpoints_abandoned_parking,
             guest,
         };
         let violations: Vec<String> = self.checks.violations.iter().map(ToString::to_string).collect();

@@ -63,6 +63,8 @@ pub struct SwarmSummary {
     pub retried_runs: u64,
     /// Fallback: runs where the source took the guest back.
     pub fell_back_runs: u64,
+    /// Fallback: runs where the destination abandoned a checkpoint.
+    pub abandoned_runs: u64,
 }
 
 pub fn summarise(results: &[RunResult], real_secs: f64) -> SwarmSummary {
@@ -79,6 +81,7 @@ pub fn summarise(results: &[RunResult], real_secs: f64) -> SwarmSummary {
         recovered_runs: results.iter().filter(|r| r.report.recoveries > 0).count() as u64,
         retried_runs: results.iter().filter(|r| r.attempts > 1).count() as u64,
         fell_back_runs: results.iter().filter(|r| r.outcome == "fell-back").count() as u64,
+        abandoned_runs: results.iter().filter(|r| r.report.checkpoints_abandoned > 0).count() as u64,
     }
 }
 
@@ -139,6 +142,7 @@ impl SwarmSummary {
         self.recovered_runs += other.recovered_runs;
         self.retried_runs += other.retried_runs;
         self.fell_back_runs += other.fell_back_runs;
+        self.abandoned_runs += other.abandoned_runs;
     }
 }
 

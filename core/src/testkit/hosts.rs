@@ -204,6 +204,8 @@ pub struct DestHost {
     /// Fallback: the next this many checkpoints are abandoned instead of
     /// taken (as a driver does when the guest is fenced mid-checkpoint).
     pub abandon_checkpoints: u32,
+    /// Fallback: the last checkpoint abandoned (its sequence number).
+    pub abandoned: Option<u64>,
 }
 
 impl DestHost {
@@ -223,6 +225,7 @@ impl DestHost {
             dirty: Bitmap::new(0),
             checkpoints_taken: Vec::new(),
             abandon_checkpoints: 0,
+            abandoned: None,
         }
     }
 
@@ -323,6 +326,13 @@ impl DestHost {
     fn take_checkpoint(&mut self, now: Timestamp, seq: u64) {
         if self.abandon_checkpoints > 0 {
             self.abandon_checkpoints -= 1;
+            self.abandoned = Some(seq);
+            // The driver failed after reading and clearing the dirty log:
+            // it carries those pages into the next checkpoint (here they
+            // simply stay in the dirty log).
+            if planted!(self.core.config(), AbandonedCheckpointForgetsPages) {
+                self.dirty.clear_all();
+            }
             self.core.handle_checkpoint_abandoned(now, seq);
             return;
         }
