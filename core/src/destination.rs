@@ -1360,6 +1360,9 @@ impl Destination {
     /// host failed to read its state): the next checkpoint timer asks again.
     /// The last committed checkpoint stays the one the source would use.
     pub fn handle_checkpoint_abandoned(&mut self, _now: Timestamp, seq: u64) {
+        if planted!(self.config, AbandonedCheckpointNotAskedAgain) {
+            return;
+        }
         if let Some(fallback) = &mut self.fallback {
             if fallback.asked == Some(seq) {
                 fallback.asked = None;

@@ -45,6 +45,11 @@ pub enum PlantedBug {
     /// cleared the dirty log drops those pages instead of carrying them
     /// into the next checkpoint.
     AbandonedCheckpointForgetsPages,
+    /// Fallback: the destination core ignores an abandoned checkpoint and
+    /// keeps waiting for it, so it never asks for another: the fallback
+    /// image stays at the last commit before it (a rollback stays exact,
+    /// only ever older).
+    AbandonedCheckpointNotAskedAgain,
 }
 
 impl PlantedBug {
@@ -57,12 +62,13 @@ impl PlantedBug {
     ];
 
     /// The fallback bugs (they need a migration with fallback on).
-    pub const FALLBACK: [PlantedBug; 5] = [
+    pub const FALLBACK: [PlantedBug; 6] = [
         PlantedBug::TakeoverWithoutLease,
         PlantedBug::CommitPartialCheckpoint,
         PlantedBug::CheckpointMissesPage,
         PlantedBug::FencedDestinationResumes,
         PlantedBug::AbandonedCheckpointForgetsPages,
+        PlantedBug::AbandonedCheckpointNotAskedAgain,
     ];
 
     /// Every planted bug: [`PlantedBug::ALL`] (the protocol's) and [`PlantedBug::FALLBACK`].
@@ -82,6 +88,7 @@ impl PlantedBug {
             PlantedBug::CheckpointMissesPage => "checkpoint-misses-page",
             PlantedBug::FencedDestinationResumes => "fenced-destination-resumes",
             PlantedBug::AbandonedCheckpointForgetsPages => "abandoned-checkpoint-forgets-pages",
+            PlantedBug::AbandonedCheckpointNotAskedAgain => "abandoned-checkpoint-not-asked-again",
         }
     }
 }
