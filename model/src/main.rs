@@ -6,6 +6,7 @@
 //! cargo run --release -p postcopy-model -- check --list-plants
 //! cargo run --release -p postcopy-model -- check --fallback       # leases, checkpoints, crashes
 //! cargo run --release -p postcopy-model -- check --fallback --plant takeover-without-lease
+//! cargo run --release -p postcopy-model -- check --fallback --abandons 2   # two abandoned checkpoints
 //! cargo run --release -p postcopy-model -- explore --port 3000   # stateright's Explorer
 //! ```
 
@@ -110,7 +111,8 @@ struct Bounds {
     /// Fallback on (docs/fallback.md): leases, fencing, checkpoints, a
     /// destination that may crash after StartGuest, its clock slow by the
     /// drift bound; the fallback configuration's bounds (2 pages, pure
-    /// postcopy, 1 loss, 1 write, 4 timers, window 1, no cancel, no strangers).
+    /// postcopy, 1 loss, 1 write, 4 timers, window 1, 1 abandoned
+    /// checkpoint, no cancel, no strangers).
     #[arg(long)]
     fallback: bool,
     /// Fallback: checkpoints the destination's driver may abandon, at most
