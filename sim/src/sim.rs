@@ -599,8 +599,10 @@ impl Sim {
     }
 
     fn after_event(&mut self) {
-        self.checkpoint_parking();
         self.pump();
+        // After the pump: a fence or a page it delivered settles a
+        // checkpoint waiting to park at this instant.
+        self.checkpoint_parking();
         self.fault_points();
         self.arm_timers();
         self.observe();
