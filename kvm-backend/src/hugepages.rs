@@ -87,8 +87,8 @@ impl HugePageSize {
         PathBuf::from(format!("/sys/kernel/mm/hugepages/hugepages-{}kB", self.bytes() >> 10))
     }
 
-    /// Checks that the protocol carries pages of this size (2 MiB: yes;
-    /// 1 GiB: no, a page crosses whole in one frame).
+    /// Checks that the protocol carries pages of this size (2 MiB: whole
+    /// or in parts; 1 GiB: in 512 parts of 2 MiB).
     pub fn check_supported(self) -> Result<(), HugePageError> {
         let max = postcopy_core::layout::MAX_PAGE_SIZE;
         if self.bytes() > u64::from(max) {
@@ -142,14 +142,16 @@ mod tests {
     use super::*;
 
     #[test]
-    fn sizes_parse_and_only_2m_crosses_whole() {
+    fn sizes_parse_and_both_cross() {
         assert_eq!("2M".parse(), Ok(HugePageSize::Size2M));
         assert_eq!("1g".parse(), Ok(HugePageSize::Size1G));
         assert!(matches!("4M".parse::<HugePageSize>(), Err(HugePageError::Parse(_))));
         assert_eq!(HugePageSize::Size2M.small_pages(), 512);
         assert_eq!(HugePageSize::Size2M.to_string(), "2M");
         assert!(HugePageSize::Size2M.check_supported().is_ok());
-        assert!(matches!(HugePageSize::Size1G.check_supported(), Err(HugePageError::TooLarge { .. })));
+        assert!(HugePageSize::Size1G.check_supported().is_ok());
+        assert_eq!(HugePageSize::Size1G.small_pages(), 262_144);
+        assert_eq!(HugePageSize::Size1G.sysfs_dir(), PathBuf::from("/sys/kernel/mm/hugepages/hugepages-1048576kB"));
         assert_eq!(HugePageSize::Size2M.sysfs_dir(), PathBuf::from("/sys/kernel/mm/hugepages/hugepages-2048kB"));
         let Err(e) = HugePageSize::Size2M.check_free(u64::MAX) else { panic!("nobody has 2^64 free huge pages") };
         assert!(e.to_string().contains("nr_hugepages"), "{e}");
