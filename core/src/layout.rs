@@ -264,7 +264,10 @@ mod tests {
         ];
         assert!(matches!(RamLayout::new(4096, dup), Err(LayoutError::DuplicateBlockName(_))));
         assert!(matches!(RamLayout::single("a", 4096, MAX_BLOCK_PAGES + 1), Err(LayoutError::BadBlockSize { .. })));
-        assert!(matches!(RamLayout::single("a", 4 << 20, 1), Err(LayoutError::BadPageSize(_))));
+        assert!(matches!(RamLayout::single("a", 2 << 30, 1), Err(LayoutError::BadPageSize(_))));
+        // 1 GiB pages are the largest: they cross in parts.
+        assert!(RamLayout::single("a", 1 << 30, 1).is_ok());
+        assert!(RamLayout::single("a", 4 << 20, 1).is_ok());
         let odd = vec![RamBlock { name: "a".into(), page_count: 1, page_size: 3 << 20 }];
         assert!(matches!(RamLayout::new(4096, odd), Err(LayoutError::BadBlockPageSize { .. })));
     }
