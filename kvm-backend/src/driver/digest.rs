@@ -17,7 +17,7 @@ pub fn page_hash(data: &[u8]) -> u64 {
 /// [`page_hash`] of `page_size` zero bytes, without a buffer of that size
 /// (a 1 GiB page): XXH3 streamed over a small zero buffer.
 fn zero_page_hash(page_size: usize) -> u64 {
-    const CHUNK: [u8; 64 * 1024] = [0; 64 * 1024];
+    static CHUNK: [u8; 64 * 1024] = [0; 64 * 1024];
     let mut hasher = xxhash_rust::xxh3::Xxh3::new();
     let mut left = page_size;
     while left > 0 {
