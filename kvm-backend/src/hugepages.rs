@@ -31,14 +31,24 @@ pub enum HugePageError {
     /// Not "2M" or "1G".
     #[error("huge page size {0:?}: use 2M or 1G")]
     Parse(String),
-    /// Larger than a page the protocol carries whole.
-    #[error(
-        "{size} huge pages are not supported: the protocol moves a page whole, in one frame of at most {max} bytes"
-    )]
+    /// Larger than a page the protocol carries.
+    #[error("{size} huge pages are not supported: the protocol carries pages of at most {max} bytes")]
     TooLarge {
         /// The size asked for.
         size: HugePageSize,
         /// The protocol's largest page.
+        max: u32,
+    },
+    /// Fallback (`--fallback checkpoint`) on pages larger than a frame:
+    /// a checkpoint carries each page whole, in one frame.
+    #[error(
+        "--fallback checkpoint does not work with {size} huge pages: a checkpoint carries each page whole, \
+         in one frame of at most {max} bytes"
+    )]
+    NoFallback {
+        /// The size asked for.
+        size: HugePageSize,
+        /// The largest page a frame carries.
         max: u32,
     },
     /// The host has fewer free huge pages than the guest needs.
@@ -97,6 +107,16 @@ impl HugePageSize {
         Ok(())
     }
 
+    /// Checks that fallback (`with_fallback`) works on pages of this size:
+    /// its checkpoints carry each page whole, so not on 1 GiB pages.
+    pub fn check_fallback(self, with_fallback: bool) -> Result<(), HugePageError> {
+        let max = postcopy_core::layout::MAX_FRAME_PAGE_SIZE;
+        if with_fallback && self.bytes() > u64::from(max) {
+            return Err(HugePageError::NoFallback { size: self, max });
+        }
+        Ok(())
+    }
+
     /// Free pages in this size's pool (0 when the kernel has no such pool).
     pub fn free_pages(self) -> u64 {
         std::fs::read_to_string(self.sysfs_dir().join("free_hugepages"))
@@ -150,6 +170,9 @@ mod tests {
         assert_eq!(HugePageSize::Size2M.to_string(), "2M");
         assert!(HugePageSize::Size2M.check_supported().is_ok());
         assert!(HugePageSize::Size1G.check_supported().is_ok());
+        assert!(HugePageSize::Size2M.check_fallback(true).is_ok());
+        assert!(HugePageSize::Size1G.check_fallback(false).is_ok());
+        assert!(matches!(HugePageSize::Size1G.check_fallback(true), Err(HugePageError::NoFallback { .. })));
         assert_eq!(HugePageSize::Size1G.small_pages(), 262_144);
         assert_eq!(HugePageSize::Size1G.sysfs_dir(), PathBuf::from("/sys/kernel/mm/hugepages/hugepages-1048576kB"));
         assert_eq!(HugePageSize::Size2M.sysfs_dir(), PathBuf::from("/sys/kernel/mm/hugepages/hugepages-2048kB"));
