@@ -24,6 +24,10 @@ use crate::uffd::{Install, InstallFailure, InstallFaultPlan, UffdError};
 
 /// Pages installed with one `UFFDIO_COPY` at most (the run's bits fit a u64).
 const MAX_INSTALL_RUN: usize = 64;
+/// How long a page's install waits for its parts being placed by other
+/// readers (a copy of 2 MiB takes well under a millisecond) before the
+/// page is reported lost.
+const PARTS_PLACED_TIMEOUT: Duration = Duration::from_secs(10);
 /// Retries of an install that failed transiently (`EAGAIN`) before the page
 /// is reported missing to the core.
 const INSTALL_RETRIES: u32 = 3;
@@ -109,6 +113,11 @@ impl DestinationDriver<'_> {
     /// smaller than 4 KiB, into a buffer of the page. Its hash goes to the
     /// page's digest ([`crate::driver::digest::parts_hash`]).
     pub(super) fn place_part(&self, page: PageNumber, offset: u32, data: Bytes) {
+        self.place_part_inner(page, offset, data);
+        self.parts_in_flight.done(page.0);
+    }
+
+    fn place_part_inner(&self, page: PageNumber, offset: u32, data: Bytes) {
         let Some(m) = self.machine.get() else {
             tracing::error!(page = page.0, "page part before the machine was built");
             return;
@@ -153,6 +162,14 @@ impl DestinationDriver<'_> {
             return;
         };
         let Some(r) = m.map.page_ref(page) else { return };
+        // Another reader may still be copying a part of this page in.
+        if !self.parts_in_flight.wait_placed(page.0, PARTS_PLACED_TIMEOUT) {
+            let e = UffdError::Memory(crate::memory::MemoryError::NotPreallocated);
+            tracing::error!(page = page.0, "a part of the page was never placed: the page is asked for again");
+            self.part_hashes.take(page.0);
+            lock(&self.staged_parts).remove(&page.0);
+            return self.report_lost(s, page, e);
+        }
         let hash = self.part_hashes.take(page.0);
         let staged = lock(&self.staged_parts).remove(&page.0);
         let started_ns = now().0;

@@ -170,6 +170,7 @@ fn run(
         vcpu_hold: Mutex::default(),
         fallback_log: Mutex::default(),
         copy_on_write: Mutex::new(None),
+        parts_in_flight: Default::default(),
         part_hashes: Default::default(),
         staged_parts: Mutex::new(Default::default()),
     };
@@ -238,7 +239,11 @@ impl SideDriver for DestinationDriver<'_> {
             DestinationAction::InstallPage { page, data, overwrite } => {
                 DestinationOp::Install { page, data, overwrite }
             }
-            DestinationAction::PlacePagePart { page, offset, data } => DestinationOp::PlacePart { page, offset, data },
+            DestinationAction::PlacePagePart { page, offset, data } => {
+                // Counted under the core lock: the page's install waits for it.
+                self.parts_in_flight.handed_out(page.0);
+                DestinationOp::PlacePart { page, offset, data }
+            }
             DestinationAction::InstallPlacedPage { page } => DestinationOp::InstallPlaced { page },
             DestinationAction::DiscardPages { first, count } => DestinationOp::Discard { first, count },
             DestinationAction::LoadDeviceState(state) => DestinationOp::LoadDeviceState(state),
