@@ -54,7 +54,7 @@ pub enum HugePageError {
     /// The host has fewer free huge pages than the guest needs.
     #[error(
         "{needed} free {size} huge pages needed, {free} free: reserve them as root (echo N > {path}, \
-         or scripts/hugepages reserve N)"
+         or scripts/hugepages --size {size} reserve N)"
     )]
     NotEnough {
         /// The size.
