@@ -266,3 +266,28 @@ fn a_page_crosses_in_at_most_max_page_parts_parts() {
     }
     assert_eq!((placed, installed), (limit, 1));
 }
+
+#[test]
+fn precopy_rounds_leave_pages_larger_than_a_frame_to_postcopy() {
+    let mut cfg = Config::hybrid(2);
+    cfg.prepaging = false;
+    cfg.page_part_bytes = 0;
+    let mut pc = PairConfig::new(cfg, 2);
+    let big = 2 * postcopy_core::layout::MAX_FRAME_PAGE_SIZE;
+    let blocks = vec![
+        RamBlock { name: "ram".into(), page_count: 2, page_size: 64 },
+        RamBlock { name: "huge".into(), page_count: 2, page_size: big },
+    ];
+    pc.layout = RamLayout::new(64, blocks).expect("a valid layout");
+    let mut pair = Pair::new(pc);
+    for p in 0..4 {
+        pair.guest_access(0, PageNumber(p), true);
+    }
+    assert_eq!(pair.run_to_completion(100_000), Ok(Outcome::Completed));
+    assert!(pair.violations.is_empty(), "{:?}", pair.violations);
+    let src = pair.src.core.stats(pair.now);
+    // The small pages crossed in precopy; the big ones only in postcopy, in parts.
+    assert!(src.pages_sent.precopy >= 2, "{:?}", src.pages_sent);
+    assert_eq!(src.page_parts_sent, 4, "{src:?}");
+    assert!(pair.dst.is_present(HUGE_PAGE) && pair.dst.is_present(PageNumber(3)));
+}
