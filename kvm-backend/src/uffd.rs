@@ -68,6 +68,10 @@ pub enum UffdError {
     /// Guest RAM itself failed.
     #[error(transparent)]
     Memory(MemoryError),
+    /// A page arriving in parts cannot be mapped: a part of it was not
+    /// placed (its placement failed, or never ran).
+    #[error("a part of the page was not placed")]
+    PartNotPlaced,
     /// An operating-system call failed.
     #[error("{op} failed: {source}")]
     Os {

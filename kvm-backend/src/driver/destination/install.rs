@@ -74,6 +74,11 @@ impl DestinationDriver<'_> {
             data = damage.apply(data, (m.map.unit_pages() * PAGE_SIZE) as usize);
             tracing::warn!(page = page.0, ?damage, "test-only damage applied");
         }
+        if m.map.unit_pages() > 1 && !overwrite {
+            // A whole copy of a page whose parts of an earlier copy another
+            // reader may still be placing: those go first.
+            let _ = self.parts_in_flight.wait_placed(page.0, PARTS_PLACED_TIMEOUT);
+        }
         // The install time is taken before a woken vCPU can preempt this thread.
         let started_ns = now().0;
         // A page of the migration: a huge page on huge-page RAM, written or
@@ -164,17 +169,16 @@ impl DestinationDriver<'_> {
         let Some(r) = m.map.page_ref(page) else { return };
         // Another reader may still be copying a part of this page in.
         if !self.parts_in_flight.wait_placed(page.0, PARTS_PLACED_TIMEOUT) {
-            let e = UffdError::Memory(crate::memory::MemoryError::NotPreallocated);
             tracing::error!(page = page.0, "a part of the page was never placed: the page is asked for again");
             self.part_hashes.take(page.0);
             lock(&self.staged_parts).remove(&page.0);
-            return self.report_lost(s, page, e);
+            return self.report_lost(s, page, UffdError::PartNotPlaced);
         }
         let hash = self.part_hashes.take(page.0);
         let staged = lock(&self.staged_parts).remove(&page.0);
         let started_ns = now().0;
         let result = match staged {
-            Some(bytes) if bytes.is_empty() => Err(UffdError::Memory(crate::memory::MemoryError::NotPreallocated)),
+            Some(bytes) if bytes.is_empty() => Err(UffdError::PartNotPlaced),
             Some(bytes) => m.uffd.install_page_with(r, &bytes, || now().0),
             None => m.uffd.map_placed_page_with(r, || now().0),
         };
