@@ -91,12 +91,15 @@ pub struct Config {
     pub destination_gone_timeout: Duration,
     /// In postcopy the source pushes a page larger than this many bytes
     /// (a 2 MiB huge page) in parts of about this size (a power of two,
-    /// at least a 64th of the page), so that a request for the page being
+    /// at least a 512th of the page), so that a request for the page being
     /// pushed gets the parts not yet sent on the urgent channel; 0 (the
     /// default): whole pages only. The destination takes either. 128 KiB
     /// parts of 2 MiB pages cost about half again the push's time on
     /// loopback (docs/hugepages.md); they pay off where a page takes long
-    /// to cross.
+    /// to cross. A page larger than a frame carries
+    /// ([`MAX_FRAME_PAGE_SIZE`](crate::layout::MAX_FRAME_PAGE_SIZE), 2 MiB:
+    /// a 1 GiB page) always goes in parts of at most that, pushed or
+    /// requested, whatever this says.
     pub page_part_bytes: u32,
     /// Fallback (docs/fallback.md): while postcopy runs, the destination
     /// runs the guest only under a lease from the source and streams
@@ -176,12 +179,26 @@ impl Config {
     /// The length of the parts a page of `page_size` bytes is pushed in, or
     /// None when it goes whole (see [`Config::page_part_bytes`]).
     pub(crate) fn part_len(&self, page_size: usize) -> Option<usize> {
-        if self.page_part_bytes == 0 || page_size <= self.page_part_bytes as usize {
+        let frame_max = crate::layout::MAX_FRAME_PAGE_SIZE as usize;
+        let must = page_size > frame_max;
+        let asked = self.page_part_bytes as usize;
+        if !must && (asked == 0 || page_size <= asked) {
             return None;
         }
-        let wanted = 1usize << (usize::BITS - 1 - (self.page_part_bytes as usize).leading_zeros());
+        // The largest power of two not above the asked length, and never
+        // above what a frame carries.
+        let wanted = match asked {
+            0 => frame_max,
+            n => (1usize << (usize::BITS - 1 - n.leading_zeros())).min(frame_max),
+        };
         let part = wanted.max(page_size.div_ceil(crate::wire::MAX_PAGE_PARTS));
-        (part < page_size && page_size % part == 0).then_some(part)
+        (part < page_size && page_size % part == 0 && part <= frame_max).then_some(part)
+    }
+
+    /// Whether a page of `page_size` bytes can only cross in parts (it is
+    /// larger than a frame carries).
+    pub(crate) fn parts_only(page_size: usize) -> bool {
+        page_size > crate::layout::MAX_FRAME_PAGE_SIZE as usize
     }
 
     /// The number of push streams, within 1 and [`MAX_PUSH_STREAMS`].

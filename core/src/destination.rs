@@ -122,6 +122,17 @@ pub enum DestinationAction {
     /// `overwrite` is set only for precopy pages replacing an older copy
     /// (the guest has not run here yet).
     InstallPage { page: PageNumber, data: PageData, overwrite: bool },
+    /// A part of a page arriving in parts: copy `data` into the page at
+    /// byte `offset` where the guest cannot see it (the page stays missing:
+    /// an access still faults). An [`DestinationAction::InstallPlacedPage`]
+    /// of the page follows once every part of it has been placed; a page
+    /// whose parts are dropped (a lost connection, a discard) has all of
+    /// its parts placed again before that.
+    PlacePagePart { page: PageNumber, offset: u32, data: Bytes },
+    /// Every part of the page has been placed ([`DestinationAction::PlacePagePart`]):
+    /// make it visible, whole at once, and wake whoever waits for it. The
+    /// page was missing (parts cross in postcopy only).
+    InstallPlacedPage { page: PageNumber },
     /// Drop these pages so that the next access faults again.
     DiscardPages { first: PageNumber, count: u64 },
     /// Load the device state (it may fault on guest RAM: keep serving
@@ -330,13 +341,18 @@ pub struct Destination {
     fallback: Option<DestFallback>,
 }
 
-/// A page arriving in parts ([`Frame::PagePart`]).
+/// A page arriving in parts ([`Frame::PagePart`]). Its bytes are not kept
+/// here: each part is placed as it arrives
+/// ([`DestinationAction::PlacePagePart`]), so a 1 GiB page is never
+/// buffered whole a second time.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 struct Assembly {
-    data: Vec<u8>,
     part_len: usize,
-    /// Bit i: the part at `i * part_len` arrived.
-    have: u64,
+    /// Bit i: the part at `i * part_len` arrived (at most
+    /// [`wire::MAX_PAGE_PARTS`] bits).
+    have: Vec<u64>,
+    /// Parts arrived.
+    count: usize,
     /// A part came on request: the page counts as requested.
     requested: bool,
 }
@@ -1178,7 +1194,7 @@ impl Destination {
         // A whole copy replaces parts of an earlier one (none cross in
         // parts before a loss that dropped them, so none are left here).
         self.assembling.remove(&page.0);
-        self.page_arrived(now, page, frame.kind, frame.data, postcopy_ok);
+        self.page_arrived(now, page, frame.kind, Some(frame.data), postcopy_ok);
         Ok(())
     }
 
@@ -1219,44 +1235,59 @@ impl Destination {
             self.stats.0.duplicate_pages += 1;
             return Ok(());
         }
+        let parts = size / len;
         let assembly = self.assembling.entry(page.0).or_insert_with(|| Assembly {
-            data: vec![0; size],
             part_len: len,
-            have: 0,
+            have: vec![0; parts.div_ceil(64)],
+            count: 0,
             requested: false,
         });
         if assembly.part_len != len {
             return Err(bad);
         }
-        let bit = 1u64 << (offset / len);
-        if assembly.have & bit != 0 {
+        let part = offset / len;
+        let (word, bit) = (part / 64, 1u64 << (part % 64));
+        let Some(have) = assembly.have.get_mut(word) else { return Err(bad) };
+        if *have & bit != 0 {
             return Err(ProtocolError::DuplicatePagePart { block, index: frame.address.index, offset: frame.offset });
         }
-        assembly.have |= bit;
+        *have |= bit;
+        assembly.count += 1;
         assembly.requested |= frame.kind == PageKind::Requested;
-        assembly.data[offset..offset + len].copy_from_slice(&frame.data);
+        let complete = assembly.count == parts;
         self.stats.0.page_parts_received += 1;
-        let parts = size / len;
-        if assembly.have.count_ones() as usize != parts {
+        self.actions.push_back(DestinationAction::PlacePagePart { page, offset: frame.offset, data: frame.data });
+        if !complete {
             return Ok(());
         }
         let Some(assembly) = self.assembling.remove(&page.0) else { return Ok(()) };
         let kind = if assembly.requested { PageKind::Requested } else { PageKind::Background };
-        self.page_arrived(now, page, kind, PageData::Bytes(Bytes::from(assembly.data)), true);
+        self.page_arrived(now, page, kind, None, true);
         Ok(())
     }
 
     /// A whole page arrived (in one frame, or its last part), in a state
     /// that takes it.
-    fn page_arrived(&mut self, now: Timestamp, page: PageNumber, kind: PageKind, data: PageData, postcopy_ok: bool) {
+    /// `data` is None for a page whose parts were placed
+    /// ([`DestinationAction::PlacePagePart`]).
+    fn page_arrived(
+        &mut self,
+        now: Timestamp,
+        page: PageNumber,
+        kind: PageKind,
+        data: Option<PageData>,
+        postcopy_ok: bool,
+    ) {
         let was_present = self.present.get(page.0);
         self.stats.0.pages_received.add(kind, 1);
-        if data == PageData::Zero {
+        if data == Some(PageData::Zero) {
             self.stats.0.pages_received.zero += 1;
         }
         if was_present && postcopy_ok {
             if planted!(self.config, BackgroundOverwritesNewer) && kind == PageKind::Background {
-                self.actions.push_back(DestinationAction::InstallPage { page, data, overwrite: true });
+                if let Some(data) = data {
+                    self.actions.push_back(DestinationAction::InstallPage { page, data, overwrite: true });
+                }
                 return;
             }
             // A late or duplicate copy never replaces the page present here:
@@ -1265,7 +1296,10 @@ impl Destination {
             return;
         }
         self.present.set(page.0);
-        self.actions.push_back(DestinationAction::InstallPage { page, data, overwrite: was_present });
+        self.actions.push_back(match data {
+            Some(data) => DestinationAction::InstallPage { page, data, overwrite: was_present },
+            None => DestinationAction::InstallPlacedPage { page },
+        });
         if let Some(Observed(wait)) = self.outstanding.remove(&page.0) {
             let waited_ns = now.saturating_since(wait.since).as_nanos() as u64;
             self.latency.0.record_ns(waited_ns);

@@ -58,7 +58,7 @@ pub enum ProtocolError {
     TooManyProvisional { channel: Channel, limit: usize },
     #[error("the peer rejected the migration: {0}")]
     Rejected(String),
-    #[error("page part of {len} bytes at offset {offset} does not fit a page of {page_size} bytes (parts have one length, a divisor of the page size giving at most 64 parts, at a multiple of it)")]
+    #[error("page part of {len} bytes at offset {offset} does not fit a page of {page_size} bytes (parts have one length, a divisor of the page size giving at most 512 parts, at a multiple of it)")]
     BadPagePart { page_size: u32, offset: u32, len: usize },
     #[error("page {index} of block {block}: its part at offset {offset} arrived twice (each part crosses once)")]
     DuplicatePagePart { block: u32, index: u32, offset: u32 },

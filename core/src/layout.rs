@@ -12,10 +12,14 @@ use thiserror::Error;
 /// Smallest page size the protocol accepts. Tiny pages let simulators and
 /// model checkers carry a content version in each page cheaply.
 pub const MIN_PAGE_SIZE: u32 = 16;
-/// Largest page size the protocol accepts: a page crosses whole in one frame,
-/// so this is 2 MiB (an x86 huge page). 1 GiB pages would need pages sent in
-/// parts, which the protocol does not do.
-pub const MAX_PAGE_SIZE: u32 = 2 * 1024 * 1024;
+/// Largest page size the protocol accepts: 1 GiB (an x86 PUD huge page).
+/// A page larger than [`MAX_FRAME_PAGE_SIZE`] never crosses whole: it goes
+/// in parts of at most that size (`PagePart` frames), or as a zero flag.
+pub const MAX_PAGE_SIZE: u32 = 1 << 30;
+/// Most page bytes one frame carries: 2 MiB (an x86 PMD huge page), so that
+/// no frame, and no receive buffer, is larger than about 2 MiB whatever the
+/// page size. A page up to this size may cross whole in one `Page` frame.
+pub const MAX_FRAME_PAGE_SIZE: u32 = 2 << 20;
 /// Most RAM blocks a layout may have.
 pub const MAX_BLOCKS: usize = 256;
 /// Longest block name in bytes (UTF-8).
@@ -28,9 +32,9 @@ pub const MAX_TOTAL_PAGES: u64 = 1 << 40;
 /// A RAM layout the protocol cannot carry.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, Error, Serialize, Deserialize)]
 pub enum LayoutError {
-    #[error("page size {0} is not a power of two between 16 and 2097152 (2 MiB)")]
+    #[error("page size {0} is not a power of two between 16 and 1073741824 (1 GiB)")]
     BadPageSize(u32),
-    #[error("block {name:?} has pages of {page_size} bytes: not a power of two between 16 and 2097152 (2 MiB)")]
+    #[error("block {name:?} has pages of {page_size} bytes: not a power of two between 16 and 1073741824 (1 GiB)")]
     BadBlockPageSize { name: String, page_size: u32 },
     #[error("a layout needs 1 to 256 blocks, not {0}")]
     BadBlockCount(usize),
@@ -64,7 +68,8 @@ pub struct PageAddress {
 /// One named RAM block. Its pages are the unit of everything that names
 /// pages of the block: page frames, requests, discards, bitmaps and
 /// recovery reports. A block backed by huge pages has pages of the huge
-/// page's size (2 MiB), which cross whole.
+/// page's size (2 MiB, which may cross whole, or 1 GiB, which crosses in
+/// parts).
 #[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct RamBlock {
     pub name: String,
@@ -259,7 +264,10 @@ mod tests {
         ];
         assert!(matches!(RamLayout::new(4096, dup), Err(LayoutError::DuplicateBlockName(_))));
         assert!(matches!(RamLayout::single("a", 4096, MAX_BLOCK_PAGES + 1), Err(LayoutError::BadBlockSize { .. })));
-        assert!(matches!(RamLayout::single("a", 4 << 20, 1), Err(LayoutError::BadPageSize(_))));
+        assert!(matches!(RamLayout::single("a", 2 << 30, 1), Err(LayoutError::BadPageSize(_))));
+        // 1 GiB pages are the largest: they cross in parts.
+        assert!(RamLayout::single("a", 1 << 30, 1).is_ok());
+        assert!(RamLayout::single("a", 4 << 20, 1).is_ok());
         let odd = vec![RamBlock { name: "a".into(), page_count: 1, page_size: 3 << 20 }];
         assert!(matches!(RamLayout::new(4096, odd), Err(LayoutError::BadBlockPageSize { .. })));
     }

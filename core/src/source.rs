@@ -1583,7 +1583,13 @@ impl Source {
     }
 
     fn send_precopy_page(&mut self, out: &mut Outbox<'_, impl GuestMemory + ?Sized>) -> bool {
-        match self.sent.next_clear(self.cursor) {
+        // A page only parts carry (1 GiB) waits for postcopy: precopy pages
+        // cross whole, and the destination takes parts in postcopy only.
+        let mut next = self.sent.next_clear(self.cursor);
+        while let Some(page) = next.filter(|&p| self.parts_only(PageNumber(p))) {
+            next = self.sent.next_clear(page + 1);
+        }
+        match next {
             Some(page) => {
                 self.write_page(out, PageNumber(page), PageKind::Precopy);
                 self.precopy_sent_any = true;
@@ -1664,7 +1670,9 @@ impl Source {
             if self.sent.get(page.0) {
                 continue;
             }
-            self.write_page(out, page, PageKind::Requested);
+            if !self.start_parts(out, page, PageKind::Requested) {
+                self.write_page(out, page, PageKind::Requested);
+            }
             if planted!(self.config, BackgroundOverwritesNewer) {
                 self.sent.clear(page.0);
             }
@@ -1700,7 +1708,7 @@ impl Source {
                 continue;
             }
             self.cursor = page + 1;
-            if !self.start_parts(out, PageNumber(page)) {
+            if !self.start_parts(out, PageNumber(page), PageKind::Background) {
                 self.write_page(out, PageNumber(page), PageKind::Background);
             }
             self.check_all_sent();
@@ -1709,12 +1717,24 @@ impl Source {
         false
     }
 
-    /// Starts pushing `page` in parts (its first part goes into `out`) when
+    /// Starts sending `page` in parts (its first part goes into `out`) when
     /// its block's pages are larger than a part and it is not all zeros
-    /// (a zero page goes whole, as a flag). Returns whether it did.
-    fn start_parts(&mut self, out: &mut Outbox<'_, impl GuestMemory + ?Sized>, page: PageNumber) -> bool {
+    /// (a zero page goes whole, as a flag). Returns whether it did. A
+    /// background page's other parts follow on the push (`pushing`); a
+    /// requested page is sent in parts only when it cannot cross whole (a
+    /// page larger than a frame), its other parts on the urgent channel
+    /// (`rushing`).
+    fn start_parts(
+        &mut self,
+        out: &mut Outbox<'_, impl GuestMemory + ?Sized>,
+        page: PageNumber,
+        kind: PageKind,
+    ) -> bool {
         let Some(page_size) = self.layout.page_size_of(page) else { return false };
         let page_size = page_size as usize;
+        if kind == PageKind::Requested && !Config::parts_only(page_size) {
+            return false;
+        }
         let Some(part_len) = self.config.part_len(page_size) else { return false };
         if out.guest.is_zero_page(page, page_size) {
             return false;
@@ -1724,9 +1744,18 @@ impl Source {
             self.lost.clear(page.0);
         }
         let push = PartPush { page, page_size, part_len, next: part_len, resent };
-        self.write_part(out, PartPush { next: 0, ..push }, PageKind::Background);
-        self.pushing = Some(push);
+        self.write_part(out, PartPush { next: 0, ..push }, kind);
+        match kind {
+            PageKind::Requested => self.rushing.push_back(push),
+            _ => self.pushing = Some(push),
+        }
         true
+    }
+
+    /// Whether `page` crosses only in parts (its block's pages are larger
+    /// than a frame carries).
+    fn parts_only(&self, page: PageNumber) -> bool {
+        self.layout.page_size_of(page).is_some_and(|size| Config::parts_only(size as usize))
     }
 
     /// Writes the part of `push.page` at byte `push.next`. The page counts
@@ -1776,6 +1805,14 @@ impl Source {
         let page_size = page_size as usize;
         let guest = out.guest;
         let zero = match &mut out.deferred {
+            // A page only parts carry comes here only when it is all zeros
+            // (`start_parts` took it otherwise): a flag, never a read of
+            // the whole page into the frame.
+            _ if Config::parts_only(page_size) => {
+                debug_assert!(guest.is_zero_page(page, page_size), "a non-zero page larger than a frame sent whole");
+                wire::encode_page_frame_unfilled(out.bytes, address, kind, page_size, true);
+                true
+            }
             None => wire::encode_page_frame(out.bytes, address, kind, page_size, |buf| guest.read_page(page, buf)),
             Some(deferred) => {
                 let zero = guest.is_zero_page(page, page_size);

@@ -6,7 +6,7 @@
 use bytes::Bytes;
 use postcopy_core::testkit::{Outcome, Pair, PairConfig};
 use postcopy_core::wire::{Decoder, Frame, PageKind, PagePartFrame};
-use postcopy_core::{Channel, Config, DestinationState, PageAddress, PageNumber, ProtocolError};
+use postcopy_core::{Channel, Config, DestinationState, PageAddress, PageNumber, ProtocolError, RamBlock, RamLayout};
 
 /// Two small pages (block "ram"), then two huge pages (block "huge", pages
 /// 2 and 3), pushed in two parts each.
@@ -124,7 +124,7 @@ fn bad_and_repeated_parts_are_typed_protocol_errors() {
         let mut dst = pair.dst.core.clone();
         dst.handle_frame(now, Channel::Main, frame)
     };
-    for (offset, len) in [(0, 256), (0, 96), (64, 128), (256, 128), (0, 2)] {
+    for (offset, len) in [(0, 256), (0, 96), (64, 128), (256, 128), (0, 3)] {
         let error = refused(part(0, offset, len));
         assert_eq!(error, Err(ProtocolError::BadPagePart { page_size: 256, offset, len }), "offset {offset} len {len}");
     }
@@ -172,4 +172,122 @@ fn whole_pages_only_when_parts_are_off() {
     assert_eq!(pair.run_to_completion(10_000), Ok(Outcome::Completed));
     assert_eq!(pair.src.core.stats(pair.now).page_parts_sent, 0);
     assert!(pair.violations.is_empty(), "{:?}", pair.violations);
+}
+
+/// Pages larger than a frame carries (`MAX_FRAME_PAGE_SIZE`, 2 MiB; a
+/// 1 GiB page on KVM): a block of two 4 MiB pages, written on the source.
+fn pair_with_pages_larger_than_a_frame() -> Pair {
+    let mut cfg = Config::postcopy();
+    cfg.prepaging = false;
+    cfg.page_part_bytes = 0;
+    let mut pc = PairConfig::new(cfg, 2);
+    let big = 2 * postcopy_core::layout::MAX_FRAME_PAGE_SIZE;
+    let blocks = vec![
+        RamBlock { name: "ram".into(), page_count: 2, page_size: 64 },
+        RamBlock { name: "huge".into(), page_count: 2, page_size: big },
+    ];
+    pc.layout = RamLayout::new(64, blocks).expect("a valid layout");
+    let mut pair = Pair::new(pc);
+    for p in 0..4 {
+        pair.guest_access(0, PageNumber(p), true);
+    }
+    pair
+}
+
+#[test]
+fn a_page_larger_than_a_frame_always_crosses_in_parts_requested_or_pushed() {
+    let mut pair = pair_with_pages_larger_than_a_frame();
+    // The guest's first touch on the destination is the huge page.
+    pair.guest_access(0, HUGE_PAGE, false);
+    assert_eq!(pair.run_to_completion(100_000), Ok(Outcome::Completed));
+    assert!(pair.violations.is_empty(), "{:?}", pair.violations);
+    let src = pair.src.core.stats(pair.now);
+    // Parts on, though the configuration asks for whole pages: two pages
+    // of two 2 MiB parts, each part once.
+    assert_eq!(src.page_parts_sent, 4, "{src:?}");
+    assert_eq!(pair.dst.core.stats(pair.now).page_parts_received, 4);
+    assert_eq!(src.pages_sent.total(), 4, "each page once: {:?}", src.pages_sent);
+    assert!(pair.dst.is_present(HUGE_PAGE) && pair.dst.is_present(PageNumber(3)));
+    // Nothing placed is left over: every placed page was installed.
+    assert!(pair.dst.placed.is_empty(), "{:?}", pair.dst.placed.keys());
+}
+
+#[test]
+fn a_page_crosses_in_at_most_max_page_parts_parts() {
+    let mut pair = pair_with_pages_larger_than_a_frame();
+    for _ in 0..50 {
+        for ch in [Channel::Main, Channel::Return, Channel::Urgent] {
+            if ch != Channel::Main || !pair.dst.running {
+                pair.transmit(ch, 0);
+                pair.deliver(ch, usize::MAX);
+            }
+        }
+        if pair.dst.running {
+            break;
+        }
+    }
+    assert!(pair.dst.running);
+    let big = 2 * postcopy_core::layout::MAX_FRAME_PAGE_SIZE;
+    let (now, limit) = (pair.now, postcopy_core::wire::MAX_PAGE_PARTS);
+    let frame = |offset: u32, len: usize| {
+        Frame::PagePart(PagePartFrame {
+            address: PageAddress { block: 1, index: 0 },
+            kind: PageKind::Background,
+            offset,
+            data: Bytes::from(vec![7; len]),
+        })
+    };
+    let mut dst = pair.dst.core.clone();
+    // One part more than the limit allows: refused before anything is kept.
+    let too_small = big as usize / (2 * limit);
+    assert_eq!(
+        dst.handle_frame(now, Channel::Main, frame(0, too_small)),
+        Err(ProtocolError::BadPagePart { page_size: big, offset: 0, len: too_small })
+    );
+    // Exactly the limit: taken, each part placed, the page installed whole
+    // with the last.
+    let len = big as usize / limit;
+    let mut dst = pair.dst.core.clone();
+    for i in (0..limit).rev() {
+        assert_eq!(dst.handle_frame(now, Channel::Main, frame((i * len) as u32, len)), Ok(()), "part {i}");
+    }
+    let mut placed = 0;
+    let mut installed = 0;
+    while let Some(action) = dst.poll_action() {
+        match action {
+            postcopy_core::DestinationAction::PlacePagePart { .. } => placed += 1,
+            postcopy_core::DestinationAction::InstallPlacedPage { page } => {
+                assert_eq!(placed, limit, "installed before every part was placed");
+                assert_eq!(page, HUGE_PAGE);
+                installed += 1;
+            }
+            _ => {}
+        }
+    }
+    assert_eq!((placed, installed), (limit, 1));
+}
+
+#[test]
+fn precopy_rounds_leave_pages_larger_than_a_frame_to_postcopy() {
+    let mut cfg = Config::hybrid(2);
+    cfg.prepaging = false;
+    cfg.page_part_bytes = 0;
+    let mut pc = PairConfig::new(cfg, 2);
+    let big = 2 * postcopy_core::layout::MAX_FRAME_PAGE_SIZE;
+    let blocks = vec![
+        RamBlock { name: "ram".into(), page_count: 2, page_size: 64 },
+        RamBlock { name: "huge".into(), page_count: 2, page_size: big },
+    ];
+    pc.layout = RamLayout::new(64, blocks).expect("a valid layout");
+    let mut pair = Pair::new(pc);
+    for p in 0..4 {
+        pair.guest_access(0, PageNumber(p), true);
+    }
+    assert_eq!(pair.run_to_completion(100_000), Ok(Outcome::Completed));
+    assert!(pair.violations.is_empty(), "{:?}", pair.violations);
+    let src = pair.src.core.stats(pair.now);
+    // The small pages crossed in precopy; the big ones only in postcopy, in parts.
+    assert!(src.pages_sent.precopy >= 2, "{:?}", src.pages_sent);
+    assert_eq!(src.page_parts_sent, 4, "{src:?}");
+    assert!(pair.dst.is_present(HUGE_PAGE) && pair.dst.is_present(PageNumber(3)));
 }

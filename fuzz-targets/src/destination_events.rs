@@ -330,6 +330,16 @@ impl Driver {
                     self.present.insert(page.0);
                     self.report.pages_installed += 1;
                 }
+                DestinationAction::PlacePagePart { page, .. } => {
+                    assert!(page.0 < self.total(), "part of page {} outside the layout", page.0);
+                    assert!(!self.present.contains(&page.0), "part placed into present page {}", page.0);
+                }
+                DestinationAction::InstallPlacedPage { page } => {
+                    assert!(page.0 < self.total(), "install of page {} outside the layout", page.0);
+                    assert!(!self.present.contains(&page.0), "page {} installed over a present page", page.0);
+                    self.present.insert(page.0);
+                    self.report.pages_installed += 1;
+                }
                 DestinationAction::DiscardPages { first, count } => {
                     assert!(!self.resumed, "pages discarded after the guest ran here");
                     let end = first.0.checked_add(count).expect("discard range overflows");

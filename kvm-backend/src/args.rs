@@ -183,6 +183,12 @@ impl Common {
         }
     }
 
+    /// Checks that the huge pages asked for work with `config` (fallback
+    /// does not on 1 GiB pages).
+    pub fn check_hugepages(&self, config: &Config) -> Result<(), postcopy_kvm::HugePageError> {
+        self.hugepages.map_or(Ok(()), |size| size.check_fallback(config.fallback.is_some()))
+    }
+
     /// The fallback settings, when fallback is on.
     pub fn fallback_config(&self) -> Option<FallbackConfig> {
         (self.fallback == FallbackArg::Checkpoint).then(|| FallbackConfig {

@@ -461,8 +461,23 @@ fn measure_floor(round_trips: usize, latency_cpu: Option<usize>, net: &Tuning) -
     Ok(Floor::of(samples??))
 }
 
-/// Huge pages the huge-page floor places (each discarded after use).
-const HUGE_FLOOR_PAGES: u64 = 8;
+/// Huge pages the huge-page floor places (each discarded after use): 8 of
+/// 2 MiB, or one of 1 GiB (a physically contiguous GiB each is scarce:
+/// the migrations after the floor need two).
+fn huge_floor_pages(size: HugePageSize) -> u64 {
+    match size {
+        HugePageSize::Size2M => 8,
+        HugePageSize::Size1G => 1,
+    }
+}
+
+/// Round trips of the huge-page floor: each of a 1 GiB page moves a GiB.
+fn huge_floor_round_trips(size: HugePageSize, asked: usize) -> usize {
+    match size {
+        HugePageSize::Size2M => asked.min(300),
+        HugePageSize::Size1G => asked.min(5),
+    }
+}
 
 /// The floor of a remote fault on a huge page: an 8-byte request, a reply of
 /// one huge page over loopback TCP, and its placement as the destination
@@ -477,7 +492,8 @@ fn measure_huge_floor(
 ) -> Result<Floor, BenchError> {
     let (accept_net, connect_net) = (net.clone(), net.clone());
     let page_bytes = size.bytes() as usize;
-    let block = MemoryRegion { name: "huge-floor".into(), gpa: 0, size: HUGE_FLOOR_PAGES * size.bytes() };
+    let floor_pages = huge_floor_pages(size);
+    let block = MemoryRegion { name: "huge-floor".into(), gpa: 0, size: floor_pages * size.bytes() };
     let layout = MemoryMap::new(vec![block]).map_err(memory("lay out the huge-page floor's memory"))?;
     let ram = GuestRam::new_preallocated_with(layout, Some(size)).map_err(memory("allocate the huge-page floor"))?;
     let uffd = UffdRam::register(Arc::new(ram)).map_err(memory("register the huge-page floor's memory"))?;
@@ -494,8 +510,8 @@ fn measure_huge_floor(
         let mut buf = vec![0u8; page_bytes];
         let mut samples = Vec::with_capacity(round_trips);
         for i in 0..round_trips as u64 {
-            let page = PageRef::new(0, (i % HUGE_FLOOR_PAGES) * size.small_pages());
-            if i >= HUGE_FLOOR_PAGES {
+            let page = PageRef::new(0, (i % floor_pages) * size.small_pages());
+            if i >= floor_pages {
                 uffd.discard_pages(page, size.small_pages()).map_err(memory("discard a huge floor page"))?;
             }
             let t0 = Instant::now();
@@ -735,7 +751,8 @@ pub fn run(a: BenchArgs) -> Result<ExitCode, BenchError> {
     let huge = match huge_size {
         None => None,
         Some(size) => {
-            let floor = measure_huge_floor(a.round_trips.min(300), size, common.latency_cpu, &net)?;
+            let round_trips = huge_floor_round_trips(size, a.round_trips);
+            let floor = measure_huge_floor(round_trips, size, common.latency_cpu, &net)?;
             eprintln!("bench: {size} floor p50 {:.1} us p99 {:.1} us", floor.p50_us, floor.p99_us);
             let mut huge_common = common.clone();
             huge_common.hugepages = Some(size);

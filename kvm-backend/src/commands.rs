@@ -88,6 +88,9 @@ pub enum CommandError {
     /// The guest did not boot.
     #[error("cannot boot the guest")]
     Boot(#[source] BootError),
+    /// Huge pages that cannot serve these settings.
+    #[error(transparent)]
+    HugePages(#[from] postcopy_kvm::HugePageError),
     /// A bad test-only damage switch.
     #[error("bad test-only damage switch")]
     Damage(#[source] DamageError),
@@ -239,6 +242,7 @@ pub fn destination(a: DestinationArgs) -> Result<ExitCode, CommandError> {
         return Err(CommandError::NoKvm);
     }
     let config = a.common.config(Mode::Postcopy);
+    a.common.check_hugepages(&config)?;
     let security = a.security.security(Role::Destination, config.handshake_timeout)?;
     let (preallocated, population) = match a.prealloc {
         Some(bytes) => {
@@ -343,6 +347,7 @@ fn start_guest(g: &GuestArgs, serial: SerialOutput, tuning: &Tuning) -> Result<L
 /// `postcopy source`.
 pub fn source(a: SourceArgs) -> Result<ExitCode, CommandError> {
     let config = a.common.config(a.guest.core_mode());
+    a.common.check_hugepages(&config)?;
     // Checked before the guest boots when the address is known.
     let target = |connect: &str| -> Result<_, CommandError> {
         Ok((resolve(connect)?, a.security.security(Role::Source { connect }, config.handshake_timeout)?))

@@ -31,20 +31,30 @@ pub enum HugePageError {
     /// Not "2M" or "1G".
     #[error("huge page size {0:?}: use 2M or 1G")]
     Parse(String),
-    /// Larger than a page the protocol carries whole.
-    #[error(
-        "{size} huge pages are not supported: the protocol moves a page whole, in one frame of at most {max} bytes"
-    )]
+    /// Larger than a page the protocol carries.
+    #[error("{size} huge pages are not supported: the protocol carries pages of at most {max} bytes")]
     TooLarge {
         /// The size asked for.
         size: HugePageSize,
         /// The protocol's largest page.
         max: u32,
     },
+    /// Fallback (`--fallback checkpoint`) on pages larger than a frame:
+    /// a checkpoint carries each page whole, in one frame.
+    #[error(
+        "--fallback checkpoint does not work with {size} huge pages: a checkpoint carries each page whole, \
+         in one frame of at most {max} bytes"
+    )]
+    NoFallback {
+        /// The size asked for.
+        size: HugePageSize,
+        /// The largest page a frame carries.
+        max: u32,
+    },
     /// The host has fewer free huge pages than the guest needs.
     #[error(
         "{needed} free {size} huge pages needed, {free} free: reserve them as root (echo N > {path}, \
-         or scripts/hugepages reserve N)"
+         or scripts/hugepages --size {size} reserve N)"
     )]
     NotEnough {
         /// The size.
@@ -87,12 +97,22 @@ impl HugePageSize {
         PathBuf::from(format!("/sys/kernel/mm/hugepages/hugepages-{}kB", self.bytes() >> 10))
     }
 
-    /// Checks that the protocol carries pages of this size (2 MiB: yes;
-    /// 1 GiB: no, a page crosses whole in one frame).
+    /// Checks that the protocol carries pages of this size (2 MiB: whole
+    /// or in parts; 1 GiB: in 512 parts of 2 MiB).
     pub fn check_supported(self) -> Result<(), HugePageError> {
         let max = postcopy_core::layout::MAX_PAGE_SIZE;
         if self.bytes() > u64::from(max) {
             return Err(HugePageError::TooLarge { size: self, max });
+        }
+        Ok(())
+    }
+
+    /// Checks that fallback (`with_fallback`) works on pages of this size:
+    /// its checkpoints carry each page whole, so not on 1 GiB pages.
+    pub fn check_fallback(self, with_fallback: bool) -> Result<(), HugePageError> {
+        let max = postcopy_core::layout::MAX_FRAME_PAGE_SIZE;
+        if with_fallback && self.bytes() > u64::from(max) {
+            return Err(HugePageError::NoFallback { size: self, max });
         }
         Ok(())
     }
@@ -142,14 +162,19 @@ mod tests {
     use super::*;
 
     #[test]
-    fn sizes_parse_and_only_2m_crosses_whole() {
+    fn sizes_parse_and_both_cross() {
         assert_eq!("2M".parse(), Ok(HugePageSize::Size2M));
         assert_eq!("1g".parse(), Ok(HugePageSize::Size1G));
         assert!(matches!("4M".parse::<HugePageSize>(), Err(HugePageError::Parse(_))));
         assert_eq!(HugePageSize::Size2M.small_pages(), 512);
         assert_eq!(HugePageSize::Size2M.to_string(), "2M");
         assert!(HugePageSize::Size2M.check_supported().is_ok());
-        assert!(matches!(HugePageSize::Size1G.check_supported(), Err(HugePageError::TooLarge { .. })));
+        assert!(HugePageSize::Size1G.check_supported().is_ok());
+        assert!(HugePageSize::Size2M.check_fallback(true).is_ok());
+        assert!(HugePageSize::Size1G.check_fallback(false).is_ok());
+        assert!(matches!(HugePageSize::Size1G.check_fallback(true), Err(HugePageError::NoFallback { .. })));
+        assert_eq!(HugePageSize::Size1G.small_pages(), 262_144);
+        assert_eq!(HugePageSize::Size1G.sysfs_dir(), PathBuf::from("/sys/kernel/mm/hugepages/hugepages-1048576kB"));
         assert_eq!(HugePageSize::Size2M.sysfs_dir(), PathBuf::from("/sys/kernel/mm/hugepages/hugepages-2048kB"));
         let Err(e) = HugePageSize::Size2M.check_free(u64::MAX) else { panic!("nobody has 2^64 free huge pages") };
         assert!(e.to_string().contains("nr_hugepages"), "{e}");

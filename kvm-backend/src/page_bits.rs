@@ -168,7 +168,6 @@ impl ClaimGuard<'_> {
     }
 
     /// Whether `page` of `block` is claimed.
-    #[cfg(test)]
     pub(crate) fn is_claimed(&self, block: usize, page: u64) -> bool {
         self.blocks.get(block).is_some_and(|b| b.get(page))
     }

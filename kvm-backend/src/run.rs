@@ -81,6 +81,7 @@ pub fn run(a: RunArgs) -> Result<ExitCode, RunError> {
     }
     let serial = serial_output(&a.serial)?;
     let base = a.common.config(Mode::Postcopy);
+    a.common.check_hugepages(&base).map_err(CommandError::from)?;
     let role = if a.incoming.is_some() { Role::Destination } else { Role::Either };
     let security = a.security.security(role, base.handshake_timeout).map_err(CommandError::from)?;
     let config = VmmConfig {

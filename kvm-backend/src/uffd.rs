@@ -68,6 +68,10 @@ pub enum UffdError {
     /// Guest RAM itself failed.
     #[error(transparent)]
     Memory(MemoryError),
+    /// A page arriving in parts cannot be mapped: a part of it was not
+    /// placed (its placement failed, or never ran).
+    #[error("a part of the page was not placed")]
+    PartNotPlaced,
     /// An operating-system call failed.
     #[error("{op} failed: {source}")]
     Os {
@@ -331,6 +335,18 @@ fn pages_in(data: &[u8]) -> u64 {
     (data.len() / PAGE_SIZE as usize) as u64
 }
 
+/// What [`UffdRam::place_then_wake`] writes into the pages it claims
+/// before mapping them.
+#[derive(Clone, Copy, Debug)]
+enum Fill<'a> {
+    /// These bytes.
+    Bytes(&'a [u8]),
+    /// Zeros.
+    Zero,
+    /// Nothing: the bytes are in place already ([`UffdRam::place_part`]).
+    Placed,
+}
+
 /// Guest RAM registered with a userfaultfd.
 #[derive(Debug)]
 pub struct UffdRam {
@@ -537,7 +553,7 @@ impl UffdRam {
     pub fn install_pages(&self, first: PageRef, data: &[u8]) -> Result<InstallCount> {
         let dst = self.copy_target(first, data)?;
         if self.mapped.is_some() {
-            return self.place_then_wake(first, pages_in(data), Some(data), |_| {}, || ()).map(|(n, ())| n);
+            return self.place_then_wake(first, pages_in(data), Fill::Bytes(data), |_| {}, || ()).map(|(n, ())| n);
         }
         let copy = |at, off: usize, len| sys::uffd_copy(&self.uffd, at, &data[off..off + len], Wake::Now);
         self.fill(first, dst, data.len(), copy, "UFFDIO_COPY", |_| {}).map_err(|s| s.into_error(first, pages_in(data)))
@@ -558,7 +574,7 @@ impl UffdRam {
     ) -> Result<(InstallCount, T)> {
         let dst = self.copy_target(first, data)?;
         if self.mapped.is_some() {
-            return self.place_then_wake(first, pages_in(data), Some(data), already_present, installed);
+            return self.place_then_wake(first, pages_in(data), Fill::Bytes(data), already_present, installed);
         }
         let copy = |at, off: usize, len| sys::uffd_copy(&self.uffd, at, &data[off..off + len], Wake::Later);
         self.fill_then_wake(first, dst, data.len(), copy, "UFFDIO_COPY", already_present, installed)
@@ -569,7 +585,7 @@ impl UffdRam {
     pub fn install_zero_pages(&self, first: PageRef, count: u64) -> Result<InstallCount> {
         let dst = self.ram.pages_host_addr(first, count)?;
         if self.mapped.is_some() {
-            return self.place_then_wake(first, count, None, |_| {}, || ()).map(|(n, ())| n);
+            return self.place_then_wake(first, count, Fill::Zero, |_| {}, || ()).map(|(n, ())| n);
         }
         let zero = |at, _, len| sys::uffd_zeropage(&self.uffd, at, len, Wake::Now);
         let len = (count * PAGE_SIZE) as usize;
@@ -587,7 +603,7 @@ impl UffdRam {
         let unit = self.ram.unit_pages();
         let dst = self.ram.pages_host_addr(page, unit)?;
         if self.mapped.is_some() {
-            let (n, t) = self.place_then_wake(page, unit, None, |_| {}, installed)?;
+            let (n, t) = self.place_then_wake(page, unit, Fill::Zero, |_| {}, installed)?;
             return Ok((Install::of(n), t));
         }
         let zero = |at, _, len| sys::uffd_zeropage(&self.uffd, at, len, Wake::Later);
@@ -615,6 +631,46 @@ impl UffdRam {
         Ok(self.ram.pages_host_addr(first, len as u64 / PAGE_SIZE)?)
     }
 
+    /// Preallocated RAM: writes `data` at byte `offset` of the page (of the
+    /// backing memory: a huge page on huge-page RAM) from `page` through
+    /// the placement mapping, without mapping anything into the guest's:
+    /// a part of a page arriving in parts, which stays invisible (a vCPU
+    /// touching it still faults) until [`UffdRam::map_placed_page_with`].
+    /// Returns false, writing nothing, when some of it is mapped already
+    /// (a late part of a present page: a mapped page is never written
+    /// again). `offset` and the length are whole 4 KiB pages.
+    pub fn place_part(&self, page: PageRef, offset: usize, data: &[u8]) -> Result<bool> {
+        let small = PAGE_SIZE as usize;
+        let unit = (self.ram.unit_pages() * PAGE_SIZE) as usize;
+        if data.is_empty() || offset % small != 0 || data.len() % small != 0 || offset + data.len() > unit {
+            return Err(UffdError::BadLength {
+                want: unit.min(data.len().div_ceil(small).max(1) * small),
+                got: data.len(),
+            });
+        }
+        let first = PageRef { page: page.page + (offset / small) as u64, ..page };
+        let count = (data.len() / small) as u64;
+        let claims = self.claims_of(first.block)?.claim();
+        if (0..count).any(|k| claims.is_claimed(first.block, first.page + k)) {
+            return Ok(false);
+        }
+        self.ram.place(first, data)?;
+        Ok(true)
+    }
+
+    /// Preallocated RAM: maps the page (of the backing memory) from `page`,
+    /// whose bytes were placed with [`UffdRam::place_part`], into the
+    /// guest's mapping with one `UFFDIO_CONTINUE` over the whole page, then
+    /// runs `installed()` and wakes its waiters (see
+    /// [`UffdRam::install_page_with`]).
+    pub fn map_placed_page_with<T>(&self, page: PageRef, installed: impl FnOnce() -> T) -> Result<(Install, T)> {
+        if self.mapped.is_none() {
+            return Err(UffdError::Memory(crate::memory::MemoryError::NotPreallocated));
+        }
+        let (n, t) = self.place_then_wake(page, self.ram.unit_pages(), Fill::Placed, |_| {}, installed)?;
+        Ok((Install::of(n), t))
+    }
+
     /// Preallocated RAM: claims each of the `count` pages from `first` that is
     /// not mapped yet, writes `data` (None: zeros) into the claimed ones through the
     /// placement mapping, maps them into the guest's (`UFFDIO_CONTINUE`
@@ -628,7 +684,7 @@ impl UffdRam {
         &self,
         first: PageRef,
         count: u64,
-        data: Option<&[u8]>,
+        data: Fill<'_>,
         mut already_present: impl FnMut(u64),
         installed: impl FnOnce() -> T,
     ) -> Result<(InstallCount, T)> {
@@ -654,10 +710,11 @@ impl UffdRam {
             let run = PageRef { block: first.block, page: first.page + start };
             let (from, to) = (start as usize * page, i as usize * page);
             let placed = match data {
-                Some(d) => self.ram.place(run, &d[from..to]),
-                None => {
+                Fill::Bytes(d) => self.ram.place(run, &d[from..to]),
+                Fill::Zero => {
                     (start..i).try_for_each(|k| self.ram.place(PageRef { page: first.page + k, ..first }, &ZERO_PAGE))
                 }
+                Fill::Placed => Ok(()),
             };
             let mapped = match placed {
                 Ok(()) => {

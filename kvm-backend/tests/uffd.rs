@@ -481,6 +481,48 @@ fn huge_pages_install_whole() {
     assert!(first.iter().all(|&b| b == 0));
 }
 
+/// A huge page arriving in parts: each part placed through the placement
+/// mapping leaves the page invisible (a guest touch keeps waiting on its
+/// fault); one `UFFDIO_CONTINUE` of the whole page maps it and wakes the
+/// waiter, which reads the placed bytes; a part of a mapped page is never
+/// written. Skips where no 2 MiB page can be reserved.
+#[test]
+fn huge_page_parts_stay_invisible_until_the_page_is_mapped_whole() {
+    use postcopy_kvm::HugePageSize;
+    let test = "huge_page_parts_stay_invisible_until_the_page_is_mapped_whole";
+    if !uffd_or_skip(test) || !huge_pages_or_skip(test, 2) {
+        return;
+    }
+    let ram = GuestRam::new_preallocated_with(MemoryMap::pc(4 * MIB).expect("layout"), Some(HugePageSize::Size2M))
+        .expect("ram");
+    let m = Arc::new(UffdRam::register(Arc::new(ram)).expect("register huge-page RAM for minor faults"));
+    let mut reader = m.fault_reader();
+    let page = PageRef::new(0, 512);
+    let bytes: Vec<u8> = (0..2 * MIB as usize).map(|i| (i / 4096) as u8 ^ 0xa5).collect();
+    let toucher = touch(&m, page);
+    assert_eq!(one_fault(&mut reader).page / 512, 1, "the touch faults on the second huge page");
+    let half = MIB as usize;
+    // The second half first: parts arrive in any order.
+    assert!(m.place_part(page, half, &bytes[half..]).expect("place the second half"));
+    assert!(m.place_part(page, 0, &bytes[..half]).expect("place the first half"));
+    std::thread::sleep(Duration::from_millis(50));
+    assert!(!toucher.is_finished(), "a placed page is visible before it is mapped");
+    let (installed, ()) = m.map_placed_page_with(page, || ()).expect("map the placed page");
+    assert_eq!(installed, Install::Installed);
+    let first_word = toucher.join().expect("the toucher");
+    assert_eq!(first_word, u64::from_le_bytes(bytes[..8].try_into().expect("8 bytes")));
+    let mut back = vec![0u8; 2 * MIB as usize];
+    m.ram().read_pages(page, &mut back).expect("read back");
+    assert!(back == bytes, "the page reads back as placed");
+    // A late part of a mapped page is dropped, the page left as it is.
+    assert!(!m.place_part(page, 0, &vec![0u8; half]).expect("a late part"));
+    m.ram().read_pages(page, &mut back).expect("read back again");
+    assert!(back == bytes, "a late part changed a mapped page");
+    // Parts are whole 4 KiB pages inside the huge page.
+    assert!(m.place_part(PageRef::new(0, 0), 100, &page_of(1)).is_err());
+    assert!(m.place_part(PageRef::new(0, 0), 2 * half, &page_of(1)).is_err());
+}
+
 /// Reads `page`'s first word through the guest's mapping in a thread (which
 /// blocks on a fault until the page is installed).
 fn touch(m: &Arc<UffdRam>, page: PageRef) -> std::thread::JoinHandle<u64> {

@@ -179,6 +179,10 @@ struct DestHost {
     /// A device-state load: done at this time, once its pages are present.
     load_until: Option<u64>,
     finished: Option<Finished<DestinationStats>>,
+    /// Pages whose parts are being placed where the guest cannot see them
+    /// (the driver's placement mapping): their bytes, and which bytes a
+    /// part wrote.
+    placed: std::collections::BTreeMap<u64, (Vec<u8>, Vec<bool>)>,
 }
 
 impl SourceHost {
@@ -210,6 +214,7 @@ impl DestHost {
             parking: None,
             load_until: None,
             finished: None,
+            placed: std::collections::BTreeMap::new(),
         }
     }
 }
@@ -839,6 +844,38 @@ impl Sim {
                 self.trace.record(now, What::DestAction("prepare-memory"), layout.total_pages(), 0);
                 self.dst.memory = vec![MISSING; layout.total_pages() as usize];
                 self.dst.dirty = vec![false; layout.total_pages() as usize];
+            }
+            DestinationAction::PlacePagePart { page, offset, data } => {
+                let p = page.0;
+                self.trace.record(now, What::DestAction("place-part"), p, u64::from(offset));
+                let size =
+                    if self.huge_block.contains(&p) { self.sc.huge_wire_bytes() } else { self.sc.wire_page_bytes };
+                let size = size as usize;
+                let (bytes, filled) = self.dst.placed.entry(p).or_insert_with(|| (vec![0; size], vec![false; size]));
+                let (start, end) = (offset as usize, offset as usize + data.len());
+                match (bytes.get_mut(start..end), filled.get_mut(start..end)) {
+                    (Some(room), Some(marks)) => {
+                        room.copy_from_slice(&data);
+                        marks.fill(true);
+                    }
+                    _ => self.checks.driver_event("destination", format!("part of page {p} past its end")),
+                }
+            }
+            DestinationAction::InstallPlacedPage { page } => {
+                let p = page.0;
+                let (bytes, filled) = self.dst.placed.remove(&p).unwrap_or_default();
+                let have = filled.iter().filter(|&&f| f).count();
+                if have != bytes.len() || bytes.is_empty() {
+                    // Visible before every byte of it was placed: half filled.
+                    let page_bytes = u64::from(self.sc.huge_wire_bytes());
+                    self.checks.huge_install(p, have as u64, page_bytes, None);
+                    return;
+                }
+                self.dest_action(DestinationAction::InstallPage {
+                    page,
+                    data: PageData::Bytes(bytes.into()),
+                    overwrite: false,
+                });
             }
             DestinationAction::InstallPage { page, data, overwrite } => {
                 let p = page.0;

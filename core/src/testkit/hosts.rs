@@ -206,6 +206,10 @@ pub struct DestHost {
     pub abandon_checkpoints: u32,
     /// Fallback: the last checkpoint abandoned (its sequence number).
     pub abandoned: Option<u64>,
+    /// Pages whose parts are being placed where the guest cannot see them
+    /// (the driver's placement mapping): their bytes, and which bytes a
+    /// part has written.
+    pub placed: std::collections::BTreeMap<u64, (Vec<u8>, Vec<bool>)>,
 }
 
 impl DestHost {
@@ -226,6 +230,7 @@ impl DestHost {
             checkpoints_taken: Vec::new(),
             abandon_checkpoints: 0,
             abandoned: None,
+            placed: std::collections::BTreeMap::new(),
         }
     }
 
@@ -251,6 +256,37 @@ impl DestHost {
                 self.memory = vec![None; layout.total_pages() as usize];
                 self.dirty = Bitmap::new(layout.total_pages());
                 self.layout = Some(layout);
+            }
+            DestinationAction::PlacePagePart { page, offset, data } => {
+                let page_size = self.layout.as_ref().and_then(|l| l.page_size_of(page)).unwrap_or(0) as usize;
+                let (bytes, filled) =
+                    self.placed.entry(page.0).or_insert_with(|| (vec![0; page_size], vec![false; page_size]));
+                let (start, end) = (offset as usize, offset as usize + data.len());
+                match (bytes.get_mut(start..end), filled.get_mut(start..end)) {
+                    (Some(room), Some(marks)) => {
+                        room.copy_from_slice(&data);
+                        marks.fill(true);
+                    }
+                    _ => self.violations.push(Violation::HalfFilledPage {
+                        page: page.0,
+                        bytes: end as u64,
+                        page_size: page_size as u32,
+                    }),
+                }
+            }
+            DestinationAction::InstallPlacedPage { page } => {
+                // Visible only once every byte of it was placed.
+                let page_size = self.layout.as_ref().and_then(|l| l.page_size_of(page)).unwrap_or(0);
+                let (bytes, filled) = self.placed.remove(&page.0).unwrap_or_default();
+                let have = filled.iter().filter(|&&f| f).count() as u64;
+                if have != u64::from(page_size) || bytes.len() != page_size as usize {
+                    self.violations.push(Violation::HalfFilledPage { page: page.0, bytes: have, page_size });
+                    return;
+                }
+                self.apply(
+                    now,
+                    DestinationAction::InstallPage { page, data: PageData::Bytes(bytes.into()), overwrite: false },
+                );
             }
             DestinationAction::InstallPage { page, data, overwrite } => {
                 // A page becomes visible whole: all of its block's page size.
@@ -300,6 +336,7 @@ impl DestHost {
             DestinationAction::FenceVcpus => self.running = false,
             DestinationAction::DiscardGuest => {
                 self.running = false;
+                self.placed.clear();
                 self.memory.iter_mut().for_each(|v| *v = None);
             }
             DestinationAction::TakeCheckpoint { seq } => self.take_checkpoint(now, seq),

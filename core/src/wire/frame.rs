@@ -5,7 +5,7 @@ use serde::{Deserialize, Serialize};
 use std::fmt;
 
 use crate::channel::Channel;
-use crate::layout::{PageAddress, RamBlock, MAX_BLOCKS, MAX_BLOCK_NAME_LEN, MAX_PAGE_SIZE};
+use crate::layout::{PageAddress, RamBlock, MAX_BLOCKS, MAX_BLOCK_NAME_LEN, MAX_FRAME_PAGE_SIZE, MAX_PAGE_SIZE};
 
 /// "PCPY": first field of every hello.
 pub const MAGIC: u32 = 0x5043_5059;
@@ -26,8 +26,12 @@ pub const MAX_PRESENT_WORDS: usize = 8192;
 /// Bytes per `DeviceState` chunk, at most.
 pub const MAX_DEVICE_STATE_CHUNK: usize = 64 * 1024;
 /// Parts of one page, at most (a page part's length is at least its page
-/// size divided by this).
-pub const MAX_PAGE_PARTS: usize = 64;
+/// size divided by this). Why 512: the largest page (1 GiB,
+/// [`MAX_PAGE_SIZE`]) must cross in frames of at most
+/// [`MAX_FRAME_PAGE_SIZE`] (2 MiB), which takes 512 parts. The bound keeps
+/// what a destination records per page in assembly small (a bit per part,
+/// 64 bytes) and what a part may claim checkable before anything is kept.
+pub const MAX_PAGE_PARTS: usize = (MAX_PAGE_SIZE / MAX_FRAME_PAGE_SIZE) as usize;
 /// Bytes of a reason string, at most.
 pub const MAX_REASON_LEN: usize = 1024;
 /// Bytes of the machine description in a hello, at most.
@@ -116,7 +120,7 @@ impl FrameKind {
         let bytes = match self {
             Hello => 34 + MAX_BLOCKS * (1 + MAX_BLOCK_NAME_LEN + 8 + 4) + MAX_MACHINE_LEN + 1,
             UrgentHello => 20,
-            Page => 8 + MAX_PAGE_SIZE as usize,
+            Page => 8 + MAX_FRAME_PAGE_SIZE as usize,
             Discard => 6 + 8 * MAX_DISCARD_RANGES,
             DeviceState => MAX_DEVICE_STATE_CHUNK,
             StartGuest | EndOfStream | Ping | ReadyToRun | Eoc | Superseded | Released | ReleaseAck => 0,
@@ -125,11 +129,11 @@ impl FrameKind {
             Request => 6 + 4 * MAX_REQUEST_PAGES,
             PresentPages => 10 + 8 * MAX_PRESENT_WORDS,
             PresentEnd => 8,
-            PagePart => 12 + MAX_PAGE_SIZE as usize,
+            PagePart => 12 + MAX_FRAME_PAGE_SIZE as usize,
             FallbackTerms => 12,
             LeaseGrant | CheckpointAck | LeaseRequest => 8,
             CheckpointBegin => 20,
-            CheckpointPage => 8 + MAX_PAGE_SIZE as usize,
+            CheckpointPage => 8 + MAX_FRAME_PAGE_SIZE as usize,
             CheckpointDevice => MAX_DEVICE_STATE_CHUNK,
             CheckpointEnd => 16,
         };

@@ -28,7 +28,7 @@
 //! |------|-------|---------|---------|
 //! | 0x01 | `Hello` | main | magic u32, version u16, flags u16 (bit 0: resume, bit 1: urgent channel, bit 2: block page sizes), session u64, epoch u32, page size u32, mode u8, precopy rounds u32, block count u16, then per block: name length u8, name (UTF-8), page count u64, and its page size u32 only when flag bit 2 is set (else the block's pages have the hello's page size); then machine description length u16 and bytes (opaque, at most 4 KiB) |
 //! | 0x02 | `UrgentHello` | urgent | magic u32, version u16, reserved u16, session u64, epoch u32 |
-//! | 0x03 | `Page` | main, urgent | block u32, page index u32, then the page, as many bytes as its block's page size, up to 2 MiB (absent when flag bit 0, *zero*, is set); flags bits 1-2: kind (0 precopy, 1 background, 2 requested) |
+//! | 0x03 | `Page` | main, urgent | block u32, page index u32, then the page, as many bytes as its block's page size, up to 2 MiB: larger pages cross in `PagePart` frames (absent when flag bit 0, *zero*, is set); flags bits 1-2: kind (0 precopy, 1 background, 2 requested) |
 //! | 0x04 | `Discard` | main | block u32, range count u16, then per range: first page u32, page count u32 |
 //! | 0x05 | `DeviceState` | main | a chunk of the opaque device state; flag bit 0: last chunk |
 //! | 0x06 | `StartGuest` | main, urgent | empty |
@@ -64,7 +64,8 @@
 //! # Page sizes
 //!
 //! Each RAM block has its own page size (a power of two from 16 bytes to
-//! 2 MiB); pages, requests, discards and present-page reports of a block
+//! 1 GiB; a page larger than 2 MiB crosses only in parts, or as a zero
+//! page frame); pages, requests, discards and present-page reports of a block
 //! count in that block's pages. The hello's page size is the base: a hello
 //! whose blocks all have it is encoded as by builds that knew one page size
 //! (flag bit 2 clear, so they read it and compare page sizes as before);
@@ -74,14 +75,16 @@
 //! # Page parts
 //!
 //! In postcopy the source may push a page larger than its part size
-//! (`Config::page_part_bytes`, off by default; 128 KiB for 2 MiB pages) as
-//! `PagePart` frames, so that a request for the page whose parts the push
+//! (`Config::page_part_bytes`, off by default; 128 KiB for 2 MiB pages), and
+//! always a non-zero page larger than 2 MiB (a 1 GiB page: 512 parts of
+//! 2 MiB, whether pushed or requested), as `PagePart` frames, so that a request for the page whose parts the push
 //! is sending gets the parts not yet sent on the urgent channel instead of
 //! waiting behind the push (docs/hugepages.md). The parts of a page all
-//! have one length, a divisor of the page size giving at most 64 parts, at
+//! have one length, a divisor of the page size giving at most 512 parts, at
 //! offsets that are multiples of it; each crosses once (a part twice is a
-//! protocol error). The destination assembles them and makes the page
-//! visible only once all have arrived; it drops the parts of pages not
+//! protocol error). The destination places each part where the guest
+//! cannot see it (`DestinationAction::PlacePagePart`) and makes the page
+//! visible only once all have arrived (`DestinationAction::InstallPlacedPage`); it drops the parts of pages not
 //! complete when a connection is lost (the page is not present, so the
 //! source sends it again after the recovery).
 

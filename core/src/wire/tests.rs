@@ -467,3 +467,28 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn a_part_carries_at_most_a_frame_page_and_the_limit_is_checked_from_the_header() {
+    use crate::layout::{MAX_FRAME_PAGE_SIZE, MAX_PAGE_SIZE};
+    // The part limit is what a 1 GiB page in 2 MiB frames needs.
+    assert_eq!(MAX_PAGE_PARTS, (MAX_PAGE_SIZE / MAX_FRAME_PAGE_SIZE) as usize);
+    assert_eq!(MAX_PAGE_PARTS, 512);
+    // The last 2 MiB part of a 1 GiB page round-trips.
+    let max = MAX_FRAME_PAGE_SIZE as usize;
+    let part = Frame::PagePart(PagePartFrame {
+        address: PageAddress { block: 0, index: 3 },
+        kind: PageKind::Requested,
+        offset: MAX_PAGE_SIZE - MAX_FRAME_PAGE_SIZE,
+        data: Bytes::from(vec![0x5a; max]),
+    });
+    let bytes = encoded(&part);
+    assert_eq!(decode_all(&bytes, 1 << 16), Ok(vec![part]));
+    // A byte more, for parts and whole pages alike: refused from the
+    // header alone, before a payload is kept.
+    for (kind, fixed) in [(FrameKind::PagePart, 12), (FrameKind::Page, 8)] {
+        let mut header = vec![kind.code(), PageKind::Background.code() << 1, 0, 0];
+        header.extend_from_slice(&((fixed + max + 1) as u32).to_be_bytes());
+        assert!(matches!(one_error(&header), WireError::FrameTooLarge { .. }), "{kind:?}");
+    }
+}

@@ -14,6 +14,61 @@ pub fn page_hash(data: &[u8]) -> u64 {
     xxhash_rust::xxh3::xxh3_64(data) | 1
 }
 
+/// [`page_hash`] of `page_size` zero bytes, without a buffer of that size
+/// (a 1 GiB page): XXH3 streamed over a small zero buffer.
+fn zero_page_hash(page_size: usize) -> u64 {
+    static CHUNK: [u8; 64 * 1024] = [0; 64 * 1024];
+    let mut hasher = xxhash_rust::xxh3::Xxh3::new();
+    let mut left = page_size;
+    while left > 0 {
+        let n = left.min(CHUNK.len());
+        hasher.update(&CHUNK[..n]);
+        left -= n;
+    }
+    hasher.digest() | 1
+}
+
+/// Hash of a page that crossed in parts: the hash of its parts' hashes, in
+/// order. Each side hashes a part where it has it (the source as it reads
+/// it, the destination as it places it), so no one reads a 1 GiB page
+/// again whole for its digest.
+pub fn parts_hash(part_hashes: &[u64]) -> u64 {
+    let bytes: Vec<u8> = part_hashes.iter().flat_map(|h| h.to_le_bytes()).collect();
+    page_hash(&bytes)
+}
+
+/// The hashes of the parts of pages crossing in parts, by page, until each
+/// page has all of its parts.
+#[derive(Debug, Default)]
+pub struct PartHashes {
+    pages: std::sync::Mutex<std::collections::HashMap<u64, Vec<u64>>>,
+}
+
+impl PartHashes {
+    /// Part `index` of `parts` of page `page` holds `data` (a part sent
+    /// again replaces the earlier one). Returns whether every part of the
+    /// page has a hash now ([`PartHashes::take`] then gives the page's).
+    pub fn part(&self, page: u64, index: usize, parts: usize, data: &[u8]) -> bool {
+        let hash = page_hash(data);
+        let mut pages = self.pages.lock().unwrap_or_else(|e| e.into_inner());
+        let hashes = pages.entry(page).or_default();
+        if hashes.len() != parts {
+            *hashes = vec![0; parts];
+        }
+        match hashes.get_mut(index) {
+            Some(slot) => *slot = hash,
+            None => return false,
+        }
+        !hashes.contains(&0)
+    }
+
+    /// Forgets the parts of `page`, returning their hash when all arrived.
+    pub fn take(&self, page: u64) -> Option<u64> {
+        let hashes = self.pages.lock().unwrap_or_else(|e| e.into_inner()).remove(&page)?;
+        (!hashes.is_empty() && !hashes.contains(&0)).then(|| parts_hash(&hashes))
+    }
+}
+
 /// splitmix64's finaliser: spreads a (page, hash) pair before the fold.
 fn mix(mut x: u64) -> u64 {
     x ^= x >> 30;
@@ -42,13 +97,20 @@ pub struct MemoryDigest {
 impl PageDigests {
     /// No page recorded yet, for `pages` pages of `page_size` bytes.
     pub fn new(pages: u64, page_size: usize) -> Self {
-        Self { hashes: (0..pages).map(|_| AtomicU64::new(0)).collect(), zero_page: page_hash(&vec![0u8; page_size]) }
+        Self { hashes: (0..pages).map(|_| AtomicU64::new(0)).collect(), zero_page: zero_page_hash(page_size) }
     }
 
     /// Page `page` now holds `data`.
     pub fn record(&self, page: u64, data: &[u8]) {
         if let Some(slot) = self.hashes.get(page as usize) {
             slot.store(page_hash(data), Ordering::Relaxed);
+        }
+    }
+
+    /// Page `page` now holds the page whose hash is `hash` ([`parts_hash`]).
+    pub fn record_hash(&self, page: u64, hash: u64) {
+        if let Some(slot) = self.hashes.get(page as usize) {
+            slot.store(hash | 1, Ordering::Relaxed);
         }
     }
 
@@ -115,6 +177,10 @@ mod tests {
         b.forget(1);
         assert_eq!(b.fold().missing_pages, 1);
         assert_eq!(page_hash(&[0u8; 4096]), a.get(1));
+        // The streamed zero hash is the one-shot one, for every size.
+        for size in [4096, 100_000, 2 << 20] {
+            assert_eq!(zero_page_hash(size), page_hash(&vec![0u8; size]), "{size}");
+        }
         // Every word position counts, and odd lengths too.
         let base = vec![3u8; 4096];
         for at in [0, 7, 8, 63, 64, 100, 4095] {

@@ -74,6 +74,13 @@ impl Tuning {
         self.hugepages.map_or(crate::layout::PAGE_SIZE, crate::hugepages::HugePageSize::bytes)
     }
 
+    /// The largest page payload of one frame: a page on this RAM, or, for
+    /// a page larger than a frame carries (1 GiB), its part (2 MiB). What
+    /// buffers and socket buffers sized "a page" hold.
+    pub fn frame_page_bytes(&self) -> u64 {
+        self.page_bytes().min(u64::from(postcopy_core::layout::MAX_FRAME_PAGE_SIZE))
+    }
+
     pub(crate) fn spin(&self) -> Duration {
         Duration::from_micros(self.spin_us)
     }
@@ -89,11 +96,11 @@ impl Tuning {
         let bytes = match channel {
             postcopy_core::Channel::Main | postcopy_core::Channel::Push(_) => self.main_socket_buffer,
             postcopy_core::Channel::Return => Some(RETURN_SOCKET_BUFFER),
-            // A requested huge page crosses in one go: room for two,
-            // instead of buffers that grow from a few KiB with the first
-            // pages after the switchover.
+            // A requested huge page (or part) crosses in one go: room for
+            // two, instead of buffers that grow from a few KiB with the
+            // first pages after the switchover.
             postcopy_core::Channel::Urgent => {
-                (self.page_bytes() > crate::layout::PAGE_SIZE).then(|| 2 * self.page_bytes() as usize)
+                (self.page_bytes() > crate::layout::PAGE_SIZE).then(|| 2 * self.frame_page_bytes() as usize)
             }
         };
         if let Some(bytes) = bytes {

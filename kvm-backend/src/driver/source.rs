@@ -14,7 +14,7 @@ use postcopy_core::{
 };
 
 use super::clock::now;
-use super::digest::PageDigests;
+use super::digest::{PageDigests, PartHashes};
 use super::machine::{core_layout, MachineDescription, PageMap};
 use super::net::{self, lock_spin, Connection};
 use super::placement::{latency_thread, pin_self, set_policy, Boost, Tuning};
@@ -110,6 +110,8 @@ struct SourceRam<'a> {
     ram: &'a GuestRam,
     map: PageMap,
     digests: PageDigests,
+    /// Pages being sent in parts: their parts' hashes so far.
+    parts: PartHashes,
 }
 
 impl GuestMemory for SourceRam<'_> {
@@ -124,25 +126,14 @@ impl GuestMemory for SourceRam<'_> {
         self.digests.record(page.0, out);
     }
 
-    /// A part of a huge page pushed in parts (postcopy only: the guest is
-    /// stopped, so the parts and the whole page read for its digest, with
-    /// the first part, are of one content).
+    /// A part of a huge page sent in parts (postcopy only: the guest is
+    /// stopped, so the parts are of one content). Only the part is read,
+    /// and hashed for the page's digest ([`crate::driver::digest::parts_hash`]):
+    /// a 1 GiB page is never read whole.
     fn read_page_part(&self, page: PageNumber, page_size: usize, offset: usize, out: &mut [u8]) {
-        thread_local! {
-            static WHOLE: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
-        }
         let small = PAGE_SIZE as usize;
         let ok = match self.map.page_ref(page) {
-            Some(r) if offset == 0 => WHOLE.with_borrow_mut(|whole| {
-                whole.resize(page_size, 0);
-                let read = self.ram.read_pages(r, whole).is_ok();
-                self.digests.record(page.0, whole);
-                if let Some(part) = whole.get(..out.len()) {
-                    out.copy_from_slice(part);
-                }
-                read
-            }),
-            Some(r) if offset % small == 0 => {
+            Some(r) if offset % small == 0 && !out.is_empty() => {
                 let first = crate::layout::PageRef { page: r.page + (offset / small) as u64, ..r };
                 self.ram.read_pages(first, out).is_ok()
             }
@@ -151,6 +142,12 @@ impl GuestMemory for SourceRam<'_> {
         if !ok {
             tracing::error!(page = page.0, offset, "cannot read a part of a page the core asked for");
             out.fill(0);
+        }
+        let len = out.len().max(1);
+        if self.parts.part(page.0, offset / len, page_size.div_ceil(len), out) {
+            if let Some(hash) = self.parts.take(page.0) {
+                self.digests.record_hash(page.0, hash);
+            }
         }
     }
 
@@ -273,7 +270,12 @@ pub fn run_source_watched(
         bulk_bells: (0..opts.config.push_stream_count()).map(|_| Doorbell::new()).collect(),
         done_bell: Doorbell::new(),
         finished: Mutex::new(None),
-        guest: SourceRam { ram, map, digests: PageDigests::new(pages, (ram.unit_pages() * PAGE_SIZE) as usize) },
+        guest: SourceRam {
+            ram,
+            map,
+            digests: PageDigests::new(pages, (ram.unit_pages() * PAGE_SIZE) as usize),
+            parts: PartHashes::default(),
+        },
         vm,
         vcpus,
         addr: Mutex::new(opts.connect),
@@ -418,7 +420,7 @@ impl SideDriver for SourceDriver<'_> {
         if conn.is_some() {
             // Up to a page per write: the parts of a page that a request
             // took from the push go out together, as a whole page would.
-            let max = BULK_STEP_BYTES.max(self.shell.tuning.page_bytes() as usize);
+            let max = BULK_STEP_BYTES.max(self.shell.tuning.frame_page_bytes() as usize);
             poll_frames(l, Channel::Urgent, buf, max, &self.guest, deferred);
         }
         conn
@@ -614,7 +616,7 @@ impl SourceDriver<'_> {
             // This thread writes the requested pages (flush_fault_path):
             // room for a huge page, touched before the first request.
             if tuning.page_bytes() > PAGE_SIZE {
-                warm_fault_path_buffer(tuning.page_bytes() as usize + FAULT_PATH_BUFFER_MARGIN);
+                warm_fault_path_buffer(tuning.frame_page_bytes() as usize + FAULT_PATH_BUFFER_MARGIN);
             }
         } else {
             set_policy(None, "src-reader");

@@ -13,6 +13,9 @@
 //! - [`InstallsInFlight`]: installs the destination's core handed out and
 //!   the driver has not carried out; the end of copy waits for them (the
 //!   loom model checks that protocol with the core lock around it).
+//! - [`PartsInFlight`]: per page, the parts the destination's core handed
+//!   out to be placed and not placed yet; the page is mapped only once
+//!   none is left (another reader thread may still be copying one in).
 
 pub use crate::page_bits::PageBits;
 
@@ -165,6 +168,54 @@ impl InstallsInFlight {
     }
 }
 
+/// Per page, page parts handed out to be placed and not placed yet.
+/// Counted up under the core lock as they are drained (so a page's
+/// install, drained after its last part, sees every part of it counted),
+/// down once each is placed. Placing runs on the reader that received the
+/// part, outside the core lock: without this the reader of a page's last
+/// part could map the page while another still copies an earlier part in.
+#[derive(Debug, Default)]
+pub struct PartsInFlight {
+    // std's (not loom's): a timed wait; not part of the loom models.
+    pages: std::sync::Mutex<std::collections::HashMap<u64, u64>>,
+    placed: std::sync::Condvar,
+}
+
+impl PartsInFlight {
+    /// A part of `page` was drained from the core (call under the core lock).
+    pub fn handed_out(&self, page: u64) {
+        *self.pages.lock().unwrap_or_else(|e| e.into_inner()).entry(page).or_insert(0) += 1;
+    }
+
+    /// A part of `page` is placed (or dropped).
+    pub fn done(&self, page: u64) {
+        let mut pages = self.pages.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = pages.get_mut(&page) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                pages.remove(&page);
+            }
+        }
+        drop(pages);
+        self.placed.notify_all();
+    }
+
+    /// Waits until no part of `page` is being placed, at most `timeout`;
+    /// returns whether none is.
+    pub fn wait_placed(&self, page: u64, timeout: std::time::Duration) -> bool {
+        let deadline = std::time::Instant::now() + timeout;
+        let mut pages = self.pages.lock().unwrap_or_else(|e| e.into_inner());
+        while pages.contains_key(&page) {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            if left.is_zero() {
+                return false;
+            }
+            pages = self.placed.wait_timeout(pages, left).unwrap_or_else(|e| e.into_inner()).0;
+        }
+        true
+    }
+}
+
 #[cfg(all(test, loom))]
 mod loom_tests {
     use super::*;
@@ -312,6 +363,30 @@ mod loom_tests {
 
 #[cfg(all(test, not(loom)))]
 mod tests {
+    #[test]
+    fn a_page_waits_for_its_parts_in_flight_only() {
+        use std::sync::Arc;
+        use std::time::Duration;
+        let parts = Arc::new(super::PartsInFlight::default());
+        parts.handed_out(7);
+        parts.handed_out(7);
+        assert!(parts.wait_placed(8, Duration::ZERO), "another page has none in flight");
+        assert!(!parts.wait_placed(7, Duration::from_millis(10)), "two parts of page 7 in flight");
+        parts.done(7);
+        let placer = {
+            let parts = parts.clone();
+            std::thread::spawn(move || {
+                std::thread::sleep(Duration::from_millis(20));
+                parts.done(7);
+            })
+        };
+        assert!(parts.wait_placed(7, Duration::from_secs(10)), "the last part was placed");
+        placer.join().expect("placer");
+        // Done without being handed out (a part dropped twice): no underflow.
+        parts.done(7);
+        assert!(parts.wait_placed(7, Duration::ZERO));
+    }
+
     use super::*;
     use std::time::Duration;
 

@@ -41,11 +41,18 @@ pub fn kvm_or_skip(test: &str) -> bool {
 /// free (scripts/test reserves them); otherwise prints why the test is
 /// skipped, or panics when `POSTCOPY_REQUIRE_KVM=1` (CI).
 pub fn huge_pages_or_skip(test: &str, pages: u64) -> bool {
+    huge_pages_of_size_or_skip(test, postcopy_kvm::HugePageSize::Size2M, pages)
+}
+
+/// As [`huge_pages_or_skip`], for `pages` free huge pages of `size`
+/// (1 GiB pages: scripts/test reserves them with
+/// `scripts/hugepages --size 1G`).
+pub fn huge_pages_of_size_or_skip(test: &str, size: postcopy_kvm::HugePageSize, pages: u64) -> bool {
     if !kvm_or_skip(test) {
         return false;
     }
     let required = std::env::var(REQUIRE_KVM_ENV).is_ok_and(|v| v == "1");
-    match postcopy_kvm::HugePageSize::Size2M.check_free(pages) {
+    match size.check_free(pages) {
         Ok(()) => true,
         Err(e) if required => panic!("{test}: {e} and {REQUIRE_KVM_ENV}=1"),
         Err(e) => {

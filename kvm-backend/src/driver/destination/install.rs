@@ -24,6 +24,10 @@ use crate::uffd::{Install, InstallFailure, InstallFaultPlan, UffdError};
 
 /// Pages installed with one `UFFDIO_COPY` at most (the run's bits fit a u64).
 const MAX_INSTALL_RUN: usize = 64;
+/// How long a page's install waits for its parts being placed by other
+/// readers (a copy of 2 MiB takes well under a millisecond) before the
+/// page is reported lost.
+const PARTS_PLACED_TIMEOUT: Duration = Duration::from_secs(10);
 /// Retries of an install that failed transiently (`EAGAIN`) before the page
 /// is reported missing to the core.
 const INSTALL_RETRIES: u32 = 3;
@@ -70,6 +74,11 @@ impl DestinationDriver<'_> {
             data = damage.apply(data, (m.map.unit_pages() * PAGE_SIZE) as usize);
             tracing::warn!(page = page.0, ?damage, "test-only damage applied");
         }
+        if m.map.unit_pages() > 1 && !overwrite {
+            // A whole copy of a page whose parts of an earlier copy another
+            // reader may still be placing: those go first.
+            let _ = self.parts_in_flight.wait_placed(page.0, PARTS_PLACED_TIMEOUT);
+        }
         // The install time is taken before a woken vCPU can preempt this thread.
         let started_ns = now().0;
         // A page of the migration: a huge page on huge-page RAM, written or
@@ -100,6 +109,102 @@ impl DestinationDriver<'_> {
             }
             Ok((Install::AlreadyPresent, _)) => self.note_already_present(page),
             Err(e) => self.install_failed(s, m, page, &data, overwrite, e),
+        }
+    }
+
+    /// Places a part of a page arriving in parts where the guest cannot
+    /// see it: through the placement mapping (so a 1 GiB page is never
+    /// buffered whole a second time), or, on RAM without one or for parts
+    /// smaller than 4 KiB, into a buffer of the page. Its hash goes to the
+    /// page's digest ([`crate::driver::digest::parts_hash`]).
+    pub(super) fn place_part(&self, page: PageNumber, offset: u32, data: Bytes) {
+        self.place_part_inner(page, offset, data);
+        self.parts_in_flight.done(page.0);
+    }
+
+    fn place_part_inner(&self, page: PageNumber, offset: u32, data: Bytes) {
+        let Some(m) = self.machine.get() else {
+            tracing::error!(page = page.0, "page part before the machine was built");
+            return;
+        };
+        let Some(r) = m.map.page_ref(page) else { return };
+        let page_bytes = (m.map.unit_pages() * PAGE_SIZE) as usize;
+        let (offset, len) = (offset as usize, data.len());
+        if len == 0 || page_bytes % len != 0 || offset % len != 0 || offset + len > page_bytes {
+            // The core checked the part against the page size.
+            tracing::error!(page = page.0, offset, len, "page part does not fit its page");
+            return;
+        }
+        self.part_hashes.part(page.0, offset / len, page_bytes / len, &data);
+        let started_ns = now().0;
+        if m.ram.is_preallocated() && len % PAGE_SIZE as usize == 0 {
+            match m.uffd.place_part(r, offset, &data) {
+                Ok(true) => {}
+                Ok(false) => tracing::warn!(page = page.0, offset, "part of a page already mapped: dropped"),
+                Err(e) => {
+                    tracing::error!(e = error_chain(&e), page = page.0, offset, "placing a page part");
+                    // An empty buffer marks the page as failed: its install
+                    // reports it lost, and the source sends it again.
+                    lock(&self.staged_parts).insert(page.0, Vec::new());
+                }
+            }
+        } else {
+            let mut staged = lock(&self.staged_parts);
+            let bytes = staged.entry(page.0).or_insert_with(|| vec![0; page_bytes]);
+            if let Some(room) = bytes.get_mut(offset..offset + len) {
+                room.copy_from_slice(&data);
+            }
+        }
+        self.install_counters.busy_ns.fetch_add(now().0.saturating_sub(started_ns), Ordering::Relaxed);
+    }
+
+    /// Every part of `page` is placed ([`DestinationDriver::place_part`]):
+    /// maps it into the guest whole, with one `UFFDIO_CONTINUE` (or installs
+    /// its buffer), and wakes its waiters.
+    pub(super) fn install_placed<'s>(&'s self, s: &'s Scope<'s, '_>, page: PageNumber) {
+        let Some(m) = self.machine.get() else {
+            tracing::error!(page = page.0, "page before the machine was built");
+            return;
+        };
+        let Some(r) = m.map.page_ref(page) else { return };
+        // Another reader may still be copying a part of this page in.
+        if !self.parts_in_flight.wait_placed(page.0, PARTS_PLACED_TIMEOUT) {
+            tracing::error!(page = page.0, "a part of the page was never placed: the page is asked for again");
+            self.part_hashes.take(page.0);
+            lock(&self.staged_parts).remove(&page.0);
+            return self.report_lost(s, page, UffdError::PartNotPlaced);
+        }
+        let hash = self.part_hashes.take(page.0);
+        let staged = lock(&self.staged_parts).remove(&page.0);
+        let started_ns = now().0;
+        let result = match staged {
+            Some(bytes) if bytes.is_empty() => Err(UffdError::PartNotPlaced),
+            Some(bytes) => m.uffd.install_page_with(r, &bytes, || now().0),
+            None => m.uffd.map_placed_page_with(r, || now().0),
+        };
+        if let Ok((_, at_ns)) = &result {
+            self.install_counters.busy_ns.fetch_add(at_ns.saturating_sub(started_ns), Ordering::Relaxed);
+        }
+        let note = |at_ns| {
+            match hash {
+                Some(h) => m.digests.record_hash(page.0, h),
+                None => {
+                    tracing::error!(page = page.0, "page installed without the hashes of all of its parts");
+                    m.digests.forget(page.0);
+                }
+            }
+            self.note_in_place(m, page, at_ns);
+        };
+        match result {
+            Ok((Install::Installed, at_ns)) => note(at_ns),
+            Ok((Install::AlreadyPresent, _)) => self.note_already_present(page),
+            Err(UffdError::Install(e)) if matches!(e.cause, InstallFailure::Wake(_)) => {
+                note(now().0);
+                if let Err(e) = m.uffd.wake_pages(r, m.map.unit_pages()) {
+                    tracing::error!(e = error_chain(&e), page = page.0, "waking a page's waiters");
+                }
+            }
+            Err(e) => self.report_lost(s, page, e),
         }
     }
 
@@ -163,6 +268,12 @@ impl DestinationDriver<'_> {
             Some(bytes) => m.digests.record(page.0, bytes),
             None => m.digests.record_zero(page.0),
         }
+        self.note_in_place(m, page, at_ns);
+    }
+
+    /// `page` is in place (its digest recorded): its present bit, and the
+    /// latency of a fault that waited for it.
+    fn note_in_place(&self, m: &Machine, page: PageNumber, at_ns: u64) {
         m.installed.set(page.0);
         if let Some(waited) = m.clock.finish(page.0, at_ns) {
             let _ = lock(&self.latency).record(waited.max(1));
@@ -265,6 +376,12 @@ impl DestinationDriver<'_> {
                 Err(e) => error = e,
             }
         }
+        self.report_lost(s, page, error);
+    }
+
+    /// Installing `page` failed for good: the core hears of it and gets
+    /// the page back from the source, or ends the migration.
+    fn report_lost<'s>(&'s self, s: &'s Scope<'s, '_>, page: PageNumber, error: UffdError) {
         self.install_counters.anomalies.fetch_add(1, Ordering::Relaxed);
         // The core keeps the reason as text.
         let reason = error_chain(&error);

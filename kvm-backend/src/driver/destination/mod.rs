@@ -170,6 +170,9 @@ fn run(
         vcpu_hold: Mutex::default(),
         fallback_log: Mutex::default(),
         copy_on_write: Mutex::new(None),
+        parts_in_flight: Default::default(),
+        part_hashes: Default::default(),
+        staged_parts: Mutex::new(Default::default()),
     };
     let mut report = DestinationReport::default();
     std::thread::scope(|s| {
@@ -236,6 +239,12 @@ impl SideDriver for DestinationDriver<'_> {
             DestinationAction::InstallPage { page, data, overwrite } => {
                 DestinationOp::Install { page, data, overwrite }
             }
+            DestinationAction::PlacePagePart { page, offset, data } => {
+                // Counted under the core lock: the page's install waits for it.
+                self.parts_in_flight.handed_out(page.0);
+                DestinationOp::PlacePart { page, offset, data }
+            }
+            DestinationAction::InstallPlacedPage { page } => DestinationOp::InstallPlaced { page },
             DestinationAction::DiscardPages { first, count } => DestinationOp::Discard { first, count },
             DestinationAction::LoadDeviceState(state) => DestinationOp::LoadDeviceState(state),
             DestinationAction::ResumeVcpus => DestinationOp::ResumeVcpus,
@@ -265,6 +274,11 @@ impl SideDriver for DestinationDriver<'_> {
                 }
                 DestinationOp::Install { page, data, overwrite } => {
                     self.install(s, page, data, overwrite);
+                    self.install_counters.in_flight.done(1);
+                }
+                DestinationOp::PlacePart { page, offset, data } => self.place_part(page, offset, data),
+                DestinationOp::InstallPlaced { page } => {
+                    self.install_placed(s, page);
                     self.install_counters.in_flight.done(1);
                 }
                 DestinationOp::Discard { first, count } => self.discard(first, count),
@@ -314,7 +328,8 @@ impl SideDriver for DestinationDriver<'_> {
         let mut installs = 0;
         while let Some(action) = l.core.poll_action() {
             if let Some(op) = self.to_op(l, action) {
-                installs += u64::from(matches!(op, DestinationOp::Install { .. }));
+                installs +=
+                    u64::from(matches!(op, DestinationOp::Install { .. } | DestinationOp::InstallPlaced { .. }));
                 ops.push(op);
             }
         }
@@ -523,7 +538,7 @@ impl DestinationDriver<'_> {
         };
         // On huge pages, the first pages after the switchover land in
         // buffers touched now, not in fresh memory (module docs of framing).
-        let page_bytes = tuning.page_bytes() as usize;
+        let page_bytes = tuning.frame_page_bytes() as usize;
         let aligner = if conn.channel != Channel::Return && page_bytes > PAGE_SIZE as usize {
             FrameAligner::warmed(page_bytes + WARM_BUFFER_MARGIN, WARM_BUFFERS)
         } else {

@@ -123,6 +123,16 @@ pub(super) enum DestinationOp {
         data: PageData,
         overwrite: bool,
     },
+    /// A part of a page arriving in parts: into the placement mapping.
+    PlacePart {
+        page: PageNumber,
+        offset: u32,
+        data: Bytes,
+    },
+    /// Every part placed: map the page whole.
+    InstallPlaced {
+        page: PageNumber,
+    },
     Discard {
         first: PageNumber,
         count: u64,
@@ -177,4 +187,12 @@ pub(super) struct DestinationDriver<'a> {
     pub(super) fallback_log: Mutex<super::fallback_state::FallbackLog>,
     /// Fallback: the checkpoint being copied on write, if any.
     pub(super) copy_on_write: Mutex<Option<super::fallback_state::CopyOnWrite>>,
+    /// Pages arriving in parts: parts handed out and not placed yet.
+    pub(super) parts_in_flight: crate::driver::sync::PartsInFlight,
+    /// Pages arriving in parts: their parts' hashes, for the digest.
+    pub(super) part_hashes: crate::driver::digest::PartHashes,
+    /// Pages arriving in parts that cannot be placed in guest RAM before
+    /// they are mapped (RAM without a placement mapping, or parts smaller
+    /// than 4 KiB): their bytes so far.
+    pub(super) staged_parts: Mutex<std::collections::HashMap<u64, Vec<u8>>>,
 }
