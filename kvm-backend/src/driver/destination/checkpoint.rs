@@ -24,6 +24,7 @@ use super::fallback_state::{CopyOnWrite, FallbackLog};
 use super::state::{DestinationDriver, Machine};
 use crate::devices::lock;
 use crate::driver::clock::now;
+use crate::driver::placement::set_policy;
 use crate::driver::shell::SideDriver;
 use crate::error::error_chain;
 use crate::layout::{PageRef, PAGE_SIZE};
@@ -126,8 +127,15 @@ impl DestinationDriver<'_> {
             }
             hold.checkpointing = true;
         }
+        let ahead = m.write_protect.then(|| self.protect_ahead(m, seq));
+        // The guest is stopped until the resume below: preempted by the
+        // push's threads, a stop of 0.7 ms lasted 1.3-6 ms.
+        set_policy(self.opts.tuning.rt_switchover, "dst-checkpoint");
         let t0 = now().0;
         let stopped = self.stop_and_take(m, seq);
+        if stopped.is_none() {
+            self.let_go_ahead(m);
+        }
         {
             let mut hold = lock(&self.vcpu_hold);
             hold.checkpointing = false;
@@ -138,6 +146,7 @@ impl DestinationDriver<'_> {
             }
         }
         let stop_us = (now().0 - t0) as f64 / 1e3;
+        set_policy(None, "dst-checkpoint");
         let Stopped { device_state, pages: numbers, copied, copy_ns } = stopped?;
         let t_copy = now().0;
         let (buf, on_write) = match copied {
@@ -166,7 +175,7 @@ impl DestinationDriver<'_> {
         let FallbackLog { summary, stops_us, .. } = &mut *log;
         summary.add_checkpoint(stop_us, copy_ns as f64 / 1e3, pages.len() as u64, bytes, stops_us);
         summary.copied_on_write += on_write;
-        tracing::debug!(seq, pages = pages.len(), bytes, stop_us, on_write, "checkpoint taken");
+        tracing::debug!(seq, pages = pages.len(), bytes, stop_us, on_write, ?ahead, "checkpoint taken");
         Some((device_state, pages))
     }
 
@@ -203,17 +212,7 @@ impl DestinationDriver<'_> {
                 return None;
             }
         };
-        let mut pages = Vec::new();
-        for block in 0..dirty.num_blocks() {
-            let Some(start) = m.map.block_start(block) else { continue };
-            for (w, &word) in m.map.fold_dirty(dirty.block_words(block)).iter().enumerate() {
-                let mut bits = word;
-                while bits != 0 {
-                    pages.push(PageNumber(start + w as u64 * 64 + u64::from(bits.trailing_zeros())));
-                    bits &= bits - 1;
-                }
-            }
-        }
+        let mut pages = dirty_pages(m, &dirty);
         let carried = std::mem::take(&mut lock(&self.fallback_log).carried);
         if !carried.is_empty() {
             pages.extend(carried);
@@ -221,20 +220,35 @@ impl DestinationDriver<'_> {
             pages.dedup();
         }
         let page_bytes = (m.map.unit_pages() * PAGE_SIZE) as usize;
-        // Untouched until written: allocating it costs the stop nothing.
-        let mut buf = vec![0u8; pages.len() * page_bytes];
         let t_copy = now().0;
         let copied = if m.write_protect {
-            for (first, count) in runs(m, &pages) {
+            // The pages protected ahead join this checkpoint; those a write
+            // let go are protected again with the pages dirtied since. The
+            // copy-on-write state is in place before any protection, so a
+            // late fault on one of them copies it (the guest is stopped).
+            let protect = {
+                let mut cow = lock(&self.copy_on_write);
+                let (ahead, released) = match cow.take() {
+                    Some(c) if c.ahead => (c.pages, c.released),
+                    _ => (Vec::new(), Vec::new()),
+                };
+                let let_go: Vec<PageNumber> =
+                    ahead.iter().zip(&released).filter(|(_, &r)| r).map(|(&p, _)| p).collect();
+                let protect = merge(&pages, &let_go);
+                pages = merge(&pages, &ahead);
+                *cow = Some(CopyOnWrite::at_the_stop(pages.clone(), page_bytes));
+                protect
+            };
+            for (first, count) in runs(m, &protect) {
                 if let Err(e) = m.uffd.write_protect(first, count) {
                     tracing::error!(e = error_chain(&e), seq, "cannot write-protect a checkpoint's pages");
-                    self.unprotect_all(m, &pages);
-                    self.carry(pages);
+                    self.drop_copy_on_write(m, pages);
                     return None;
                 }
             }
             None
         } else {
+            let mut buf = vec![0u8; pages.len() * page_bytes];
             for (page, out) in pages.iter().zip(buf.chunks_exact_mut(page_bytes)) {
                 let read = m.map.page_ref(*page).map(|r| m.ram.read_pages(r, out));
                 if !matches!(read, Some(Ok(()))) {
@@ -243,7 +257,7 @@ impl DestinationDriver<'_> {
                     return None;
                 }
             }
-            Some(std::mem::take(&mut buf))
+            Some(buf)
         };
         let copy_ns = now().0 - t_copy;
         let t_capture = now().0;
@@ -252,9 +266,10 @@ impl DestinationDriver<'_> {
             Err(e) => {
                 tracing::error!(e = error_chain(&e), seq, "cannot capture the device state for a checkpoint");
                 if m.write_protect {
-                    self.unprotect_all(m, &pages);
+                    self.drop_copy_on_write(m, pages);
+                } else {
+                    self.carry(pages);
                 }
-                self.carry(pages);
                 return None;
             }
         };
@@ -268,13 +283,6 @@ impl DestinationDriver<'_> {
             capture_us = us(t_capture, now().0),
             "checkpoint stop"
         );
-        if m.write_protect {
-            // In place before any vCPU runs again: a write-protect fault
-            // finds the page to copy here.
-            let copied = vec![false; pages.len()];
-            *lock(&self.copy_on_write) =
-                Some(CopyOnWrite { pages: pages.clone(), copied, buf, page_bytes, on_write: 0 });
-        }
         Some(Stopped { device_state, pages, copied, copy_ns })
     }
 
@@ -311,13 +319,15 @@ impl DestinationDriver<'_> {
     /// being copied. Copies it first (unless done), then lets the write go.
     pub(super) fn copy_before_write(&self, m: &Machine, fault: PageRef) {
         let Some(page) = m.map.number(fault) else { return };
-        {
-            let mut cow = lock(&self.copy_on_write);
-            if let Some(cow) = cow.as_mut() {
-                if let Ok(i) = cow.pages.binary_search(&page) {
-                    if cow.copy(&m.map, &m.ram, i) {
-                        cow.on_write += 1;
-                    }
+        // Held until the page is unprotected: a stop that protects it again
+        // does so after, never before.
+        let mut cow = lock(&self.copy_on_write);
+        if let Some(cow) = cow.as_mut() {
+            if let Ok(i) = cow.pages.binary_search(&page) {
+                if cow.ahead {
+                    cow.released[i] = true;
+                } else if cow.copy(&m.map, &m.ram, i) {
+                    cow.on_write += 1;
                 }
             }
         }
@@ -334,6 +344,77 @@ impl DestinationDriver<'_> {
         }
     }
 
+    /// Write-protect, before the stop, the guest still running: reads and
+    /// clears the dirty log and protects those pages, so that the stop
+    /// protects only the pages dirtied since (the ioctl's cost is linear in
+    /// the pages it protects). Returns how many pages it protected.
+    fn protect_ahead(&self, m: &Machine, seq: u64) -> usize {
+        let mut carried = std::mem::take(&mut lock(&self.fallback_log).carried);
+        carried.sort_unstable();
+        carried.dedup();
+        // In place before any protection: a write to one of them lets it go.
+        *lock(&self.copy_on_write) = Some(CopyOnWrite::ahead(Vec::new()));
+        let mut protected = 0;
+        for round in 0..AHEAD_ROUNDS {
+            let dirty = match m.vm.take_dirty_log() {
+                Ok(d) => d,
+                Err(e) => {
+                    tracing::error!(e = error_chain(&e), seq, "cannot read the dirty log ahead of a checkpoint");
+                    break;
+                }
+            };
+            let mut pages = dirty_pages(m, &dirty);
+            if round == 0 {
+                pages = merge(&pages, &carried);
+            }
+            {
+                let mut cow = lock(&self.copy_on_write);
+                let Some(cow) = cow.as_mut().filter(|c| c.ahead) else { return protected };
+                // Pages a write let go and dirtied again are protected again.
+                let let_go: Vec<PageNumber> =
+                    cow.pages.iter().zip(&cow.released).filter(|(_, &r)| r).map(|(&p, _)| p).collect();
+                let still_let_go: Vec<PageNumber> =
+                    let_go.into_iter().filter(|p| pages.binary_search(p).is_err()).collect();
+                cow.pages = merge(&cow.pages, &pages);
+                cow.released = cow.pages.iter().map(|p| still_let_go.binary_search(p).is_ok()).collect();
+            }
+            for (first, count) in runs(m, &pages) {
+                if let Err(e) = m.uffd.write_protect(first, count) {
+                    tracing::error!(
+                        e = error_chain(&e),
+                        seq,
+                        "cannot write-protect a checkpoint's pages ahead of its stop"
+                    );
+                    self.let_go_ahead(m);
+                    return 0;
+                }
+            }
+            protected += pages.len();
+        }
+        protected
+    }
+
+    /// The pages protected ahead of a stop that did not happen: unprotected,
+    /// and carried into the next checkpoint (KVM cleared their dirty bits).
+    fn let_go_ahead(&self, m: &Machine) {
+        let mut cow = lock(&self.copy_on_write);
+        if cow.as_ref().is_some_and(|c| c.ahead) {
+            if let Some(c) = cow.take() {
+                self.unprotect_all(m, &c.pages);
+                self.carry(c.pages);
+            }
+        }
+    }
+
+    /// A checkpoint failed after its stop protected `pages`: no copy, the
+    /// pages unprotected and carried into the next one.
+    fn drop_copy_on_write(&self, m: &Machine, pages: Vec<PageNumber>) {
+        let mut cow = lock(&self.copy_on_write);
+        cow.take();
+        self.unprotect_all(m, &pages);
+        self.carry(pages);
+    }
+
     /// A checkpoint failed after reading the dirty log: its pages go into
     /// the next one (KVM cleared their dirty bits).
     fn carry(&self, pages: Vec<PageNumber>) {
@@ -348,6 +429,11 @@ impl DestinationDriver<'_> {
     }
 }
 
+/// Rounds of write protection ahead of a stop: the second protects the
+/// pages dirtied during the first (milliseconds for 100k pages), so that
+/// the stop protects only those of the last round's short time.
+const AHEAD_ROUNDS: usize = 2;
+
 /// Pages the write-protected copy handles under one hold of its lock.
 const COPY_CHUNK: usize = 64;
 
@@ -359,6 +445,42 @@ struct Stopped {
     /// Their contents, when copied during the stop.
     copied: Option<Vec<u8>>,
     copy_ns: u64,
+}
+
+/// The pages a dirty log marks, in order (a huge page if any of its 4 KiB
+/// pages is dirty).
+fn dirty_pages(m: &Machine, dirty: &crate::memory::DirtyBitmap) -> Vec<PageNumber> {
+    let mut pages = Vec::new();
+    for block in 0..dirty.num_blocks() {
+        let Some(start) = m.map.block_start(block) else { continue };
+        for (w, &word) in m.map.fold_dirty(dirty.block_words(block)).iter().enumerate() {
+            let mut bits = word;
+            while bits != 0 {
+                pages.push(PageNumber(start + w as u64 * 64 + u64::from(bits.trailing_zeros())));
+                bits &= bits - 1;
+            }
+        }
+    }
+    pages
+}
+
+/// The union of two ordered lists of distinct pages, in order: linear,
+/// since it runs while the guest is stopped.
+fn merge(a: &[PageNumber], b: &[PageNumber]) -> Vec<PageNumber> {
+    let mut out = Vec::with_capacity(a.len() + b.len());
+    let (mut i, mut j) = (0, 0);
+    while i < a.len() && j < b.len() {
+        let (page, next_i, next_j) = match a[i].cmp(&b[j]) {
+            std::cmp::Ordering::Less => (a[i], i + 1, j),
+            std::cmp::Ordering::Greater => (b[j], i, j + 1),
+            std::cmp::Ordering::Equal => (a[i], i + 1, j + 1),
+        };
+        out.push(page);
+        (i, j) = (next_i, next_j);
+    }
+    out.extend_from_slice(&a[i..]);
+    out.extend_from_slice(&b[j..]);
+    out
 }
 
 /// `pages` (in order) as runs of adjacent pages within one block: the
@@ -373,4 +495,21 @@ fn runs(m: &Machine, pages: &[PageNumber]) -> Vec<(PageRef, u64)> {
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pages(numbers: &[u64]) -> Vec<PageNumber> {
+        numbers.iter().map(|&n| PageNumber(n)).collect()
+    }
+
+    #[test]
+    fn merge_is_the_ordered_union() {
+        assert_eq!(merge(&pages(&[1, 3, 5, 9]), &pages(&[2, 3, 10, 11])), pages(&[1, 2, 3, 5, 9, 10, 11]));
+        assert_eq!(merge(&pages(&[]), &pages(&[4])), pages(&[4]));
+        assert_eq!(merge(&pages(&[7, 8]), &pages(&[])), pages(&[7, 8]));
+        assert_eq!(merge(&pages(&[1, 2]), &pages(&[1, 2])), pages(&[1, 2]));
+    }
 }

@@ -1,7 +1,8 @@
 //! The destination's fallback state (docs/fallback.md): who holds the
 //! vCPUs stopped (the lease, a checkpoint, the source's takeover) and the
-//! checkpoints' log and the copy-on-write checkpoint in progress. Kept apart from the driver so that the driver's state
-//! and the checkpoint code both depend on it, not on each other.
+//! checkpoints' log and the copy-on-write checkpoint in progress. Kept
+//! apart from the driver so that the driver's state and the checkpoint
+//! code both depend on it, not on each other.
 
 use postcopy_core::PageNumber;
 
@@ -36,7 +37,8 @@ pub(crate) struct FallbackLog {
     pub(super) carried: Vec<PageNumber>,
 }
 
-/// A checkpoint whose pages are write-protected and copied on write.
+/// A checkpoint whose pages are write-protected: ahead of its stop, or
+/// after it and copied on write.
 pub(crate) struct CopyOnWrite {
     /// The pages, in order, and whether each is copied (into `buf`).
     pub(super) pages: Vec<PageNumber>,
@@ -45,13 +47,32 @@ pub(crate) struct CopyOnWrite {
     pub(super) page_bytes: usize,
     /// Pages the fault thread copied before a write.
     pub(super) on_write: u64,
+    /// Protected ahead of the stop, the guest still running: a write lets
+    /// its page go (KVM logs the write, so the stop protects it again).
+    pub(super) ahead: bool,
+    /// Ahead of the stop: which pages a write let go.
+    pub(super) released: Vec<bool>,
 }
 
 impl CopyOnWrite {
+    /// `pages` (in order) protected ahead of the stop.
+    pub(super) fn ahead(pages: Vec<PageNumber>) -> CopyOnWrite {
+        let released = vec![false; pages.len()];
+        CopyOnWrite { pages, copied: Vec::new(), buf: Vec::new(), page_bytes: 0, on_write: 0, ahead: true, released }
+    }
+
+    /// `pages` (in order) of the instant of the stop, to be copied.
+    pub(super) fn at_the_stop(pages: Vec<PageNumber>, page_bytes: usize) -> CopyOnWrite {
+        // Untouched until written: allocating it costs the stop nothing.
+        let buf = vec![0u8; pages.len() * page_bytes];
+        let copied = vec![false; pages.len()];
+        CopyOnWrite { pages, copied, buf, page_bytes, on_write: 0, ahead: false, released: Vec::new() }
+    }
+
     /// Copies page `i` unless it is copied; returns whether it copied.
     pub(super) fn copy(&mut self, map: &PageMap, ram: &GuestRam, i: usize) -> bool {
-        if self.copied[i] {
-            return false;
+        if self.copied.get(i) != Some(&false) {
+            return false; // copied, or ahead of the stop: nothing to copy
         }
         let out = &mut self.buf[i * self.page_bytes..(i + 1) * self.page_bytes];
         let read = map.page_ref(self.pages[i]).map(|r| ram.read_pages(r, out));
