@@ -177,7 +177,11 @@ fn whole_pages_only_when_parts_are_off() {
 /// Pages larger than a frame carries (`MAX_FRAME_PAGE_SIZE`, 2 MiB; a
 /// 1 GiB page on KVM): a block of two 4 MiB pages, written on the source.
 fn pair_with_pages_larger_than_a_frame() -> Pair {
-    let mut cfg = Config::postcopy();
+    pair_with_pages_larger_than_a_frame_in(Config::postcopy())
+}
+
+/// As [`pair_with_pages_larger_than_a_frame`], in mode `cfg`.
+fn pair_with_pages_larger_than_a_frame_in(mut cfg: Config) -> Pair {
     cfg.prepaging = false;
     cfg.page_part_bytes = 0;
     let mut pc = PairConfig::new(cfg, 2);
@@ -269,20 +273,7 @@ fn a_page_crosses_in_at_most_max_page_parts_parts() {
 
 #[test]
 fn precopy_rounds_leave_pages_larger_than_a_frame_to_postcopy() {
-    let mut cfg = Config::hybrid(2);
-    cfg.prepaging = false;
-    cfg.page_part_bytes = 0;
-    let mut pc = PairConfig::new(cfg, 2);
-    let big = 2 * postcopy_core::layout::MAX_FRAME_PAGE_SIZE;
-    let blocks = vec![
-        RamBlock { name: "ram".into(), page_count: 2, page_size: 64 },
-        RamBlock { name: "huge".into(), page_count: 2, page_size: big },
-    ];
-    pc.layout = RamLayout::new(64, blocks).expect("a valid layout");
-    let mut pair = Pair::new(pc);
-    for p in 0..4 {
-        pair.guest_access(0, PageNumber(p), true);
-    }
+    let mut pair = pair_with_pages_larger_than_a_frame_in(Config::hybrid(2));
     assert_eq!(pair.run_to_completion(100_000), Ok(Outcome::Completed));
     assert!(pair.violations.is_empty(), "{:?}", pair.violations);
     let src = pair.src.core.stats(pair.now);
