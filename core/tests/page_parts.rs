@@ -20,9 +20,15 @@ fn started_pair() -> Pair {
     for p in 0..4 {
         pair.guest_access(0, PageNumber(p), true);
     }
+    run_to_the_switchover(&mut pair);
+    pair
+}
+
+/// Delivers only what the switchover needs (no page pushed yet) until the
+/// destination runs the guest.
+fn run_to_the_switchover(pair: &mut Pair) {
     for _ in 0..50 {
         for ch in [Channel::Main, Channel::Return, Channel::Urgent] {
-            // Only what the switchover needs: no page pushed yet.
             if ch != Channel::Main || !pair.dst.running {
                 pair.transmit(ch, 0);
                 pair.deliver(ch, usize::MAX);
@@ -33,7 +39,6 @@ fn started_pair() -> Pair {
         }
     }
     assert!(pair.dst.running, "{:?} {:?}", pair.src.core.state(), pair.dst.core.state());
-    pair
 }
 
 /// Pushes main-channel frames until the first part of `page` is on the wire
@@ -219,18 +224,7 @@ fn a_page_larger_than_a_frame_always_crosses_in_parts_requested_or_pushed() {
 #[test]
 fn a_page_crosses_in_at_most_max_page_parts_parts() {
     let mut pair = pair_with_pages_larger_than_a_frame();
-    for _ in 0..50 {
-        for ch in [Channel::Main, Channel::Return, Channel::Urgent] {
-            if ch != Channel::Main || !pair.dst.running {
-                pair.transmit(ch, 0);
-                pair.deliver(ch, usize::MAX);
-            }
-        }
-        if pair.dst.running {
-            break;
-        }
-    }
-    assert!(pair.dst.running);
+    run_to_the_switchover(&mut pair);
     let big = 2 * postcopy_core::layout::MAX_FRAME_PAGE_SIZE;
     let (now, limit) = (pair.now, postcopy_core::wire::MAX_PAGE_PARTS);
     let frame = |offset: u32, len: usize| {
