@@ -46,6 +46,9 @@ pub struct FallbackSummary {
     pub checkpoint_bytes: u64,
     /// How long the vCPUs were stopped per checkpoint, median, us.
     pub stop_us_p50: f64,
+    /// The 99th percentile of those stops, us.
+    #[serde(default)]
+    pub stop_us_p99: f64,
     /// The longest such stop, us.
     pub stop_us_max: f64,
     /// The longest time a checkpoint spent copying pages, us (within the
@@ -74,6 +77,7 @@ impl FallbackSummary {
         let mut sorted = stops.clone();
         sorted.sort_by(f64::total_cmp);
         self.stop_us_p50 = sorted[sorted.len() / 2];
+        self.stop_us_p99 = sorted[(sorted.len() * 99).div_ceil(100) - 1];
         self.stop_us_max = sorted[sorted.len() - 1];
     }
 }
