@@ -40,7 +40,7 @@ use crate::bitmap::Bitmap;
 use crate::channel::Channel;
 use crate::config::Config;
 use crate::error::{EventError, MigrationError, ProtocolError};
-use crate::fallback::Checkpoint;
+use crate::fallback::{Checkpoint, Digest};
 use crate::layout::{PageAddress, PageNumber, RamLayout};
 use crate::link::Link;
 use crate::outcome::{Finished, Notice, Side};
@@ -228,6 +228,10 @@ struct DestFallback {
     outstanding: Option<Checkpoint>,
     /// Where sending `outstanding` is (None: nothing to send).
     sending: Option<CheckpointCursor>,
+    /// The digest of what was sent of `outstanding` so far, folded frame by
+    /// frame (at its end in one go, it held the core lock for as long as
+    /// hashing the whole checkpoint takes).
+    sending_digest: Digest,
     /// The `ReleaseAck` went out: the migration is over for this side.
     release_acked: bool,
     /// The epoch whose terms arrived: a checkpoint is sent again only once
@@ -1466,6 +1470,7 @@ impl Destination {
             asked: None,
             outstanding: None,
             sending: None,
+            sending_digest: Digest::new(0),
             release_acked: false,
             terms_epoch: 0,
         });
@@ -1643,16 +1648,20 @@ impl Destination {
         let Some(layout) = self.session.as_ref().map(|s| &s.layout) else { return false };
         let (frame, next) = match cursor {
             CheckpointCursor::Begin => (
-                Frame::CheckpointBegin(CheckpointBegin {
-                    seq: checkpoint.seq,
-                    pages: checkpoint.pages.len() as u64,
-                    device_bytes: checkpoint.device_state.len() as u32,
-                }),
+                {
+                    fallback.sending_digest = Digest::new(checkpoint.seq);
+                    Frame::CheckpointBegin(CheckpointBegin {
+                        seq: checkpoint.seq,
+                        pages: checkpoint.pages.len() as u64,
+                        device_bytes: checkpoint.device_state.len() as u32,
+                    })
+                },
                 CheckpointCursor::Page(0),
             ),
             CheckpointCursor::Page(i) => match checkpoint.pages.get(i) {
                 Some((page, data)) => {
                     let Some(address) = layout.address(*page) else { return false };
+                    fallback.sending_digest.page(*page, data);
                     (Frame::CheckpointPage { address, data: data.clone() }, CheckpointCursor::Page(i + 1))
                 }
                 None => {
@@ -1662,13 +1671,15 @@ impl Destination {
             },
             CheckpointCursor::Device(offset) if offset < checkpoint.device_state.len() => {
                 let end = (offset + MAX_DEVICE_STATE_CHUNK).min(checkpoint.device_state.len());
+                fallback.sending_digest.device(&checkpoint.device_state[offset..end]);
                 (
                     Frame::CheckpointDevice { chunk: checkpoint.device_state.slice(offset..end) },
                     CheckpointCursor::Device(end),
                 )
             }
             CheckpointCursor::Device(_) => {
-                let digest = checkpoint.digest();
+                let digest = fallback.sending_digest.finish();
+                debug_assert_eq!(digest, checkpoint.digest());
                 wire::encode(&Frame::CheckpointEnd { seq: checkpoint.seq, digest }, out);
                 fallback.sending = None;
                 return true;

@@ -20,7 +20,7 @@ use serde::{Deserialize, Serialize};
 use std::time::Duration;
 
 use crate::layout::PageNumber;
-use crate::wire::PageData;
+use crate::wire::{PageData, MAX_DEVICE_STATE_CHUNK};
 
 /// Fallback settings of the source (the destination follows the source's
 /// lease, announced in `FallbackTerms`, and takes checkpoints at its own
@@ -84,49 +84,64 @@ pub struct Checkpoint {
 }
 
 impl Checkpoint {
-    /// The digest `CheckpointEnd` carries.
+    /// The digest `CheckpointEnd` carries (the destination folds it frame
+    /// by frame as it sends them; this is the same in one go).
     pub fn digest(&self) -> u64 {
         let mut digest = Digest::new(self.seq);
         for (page, data) in &self.pages {
             digest.page(*page, data);
         }
-        digest.device(&self.device_state);
+        for chunk in self.device_state.chunks(MAX_DEVICE_STATE_CHUNK) {
+            digest.device(chunk);
+        }
         digest.finish()
     }
 }
 
-/// FNV-1a over a checkpoint's sequence number, pages (number and bytes, a
-/// zero page as a marker) and device state, in the order they cross: the
-/// source computes it as the frames arrive and compares.
+/// A checkpoint's digest over its sequence number, pages (number and bytes,
+/// a zero page as a marker) and device state, in the order they cross: the
+/// source computes it as the frames arrive and compares. Each page and
+/// device-state chunk is hashed whole with XXH3 (a checkpoint may carry the
+/// whole RAM: a byte-at-a-time hash cost 0.3 s per 250 MB on each side),
+/// and the pieces' hashes are folded in order, so both sides must cut the
+/// device state into the same chunks (its frames).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct Digest(u64);
 
 impl Digest {
-    const PRIME: u64 = 0x0000_0100_0000_01b3;
-
     pub fn new(seq: u64) -> Self {
         let mut digest = Digest(0xcbf2_9ce4_8422_2325);
-        digest.bytes(&seq.to_be_bytes());
+        digest.word(seq);
         digest
     }
 
+    /// Folds one word in (splitmix64's finaliser over the xor: order and
+    /// every bit of each word count).
+    fn word(&mut self, word: u64) {
+        let mut x = (self.0 ^ word).wrapping_add(0x9e37_79b9_7f4a_7c15);
+        x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        self.0 = x ^ (x >> 31);
+    }
+
+    /// Folds in a piece of bytes: its length and its XXH3 hash.
     fn bytes(&mut self, bytes: &[u8]) {
-        for &byte in bytes {
-            self.0 = (self.0 ^ u64::from(byte)).wrapping_mul(Self::PRIME);
-        }
+        self.word(bytes.len() as u64);
+        self.word(xxhash_rust::xxh3::xxh3_64(bytes));
     }
 
     pub fn page(&mut self, page: PageNumber, data: &PageData) {
-        self.bytes(&page.0.to_be_bytes());
+        self.word(page.0);
         match data {
-            PageData::Zero => self.bytes(&[0]),
+            PageData::Zero => self.word(0),
             PageData::Bytes(bytes) => {
-                self.bytes(&[1]);
+                self.word(1);
                 self.bytes(bytes);
             }
         }
     }
 
+    /// One device-state chunk, as one `CheckpointDevice` frame carries it.
     pub fn device(&mut self, chunk: &[u8]) {
         self.bytes(chunk);
     }
@@ -164,7 +179,13 @@ mod tests {
         device.device_state = Bytes::from_static(b"regz");
         let mut seq = base.clone();
         seq.seq = 4;
-        for other in [missing, changed, device, seq] {
+        let mut zero = base.clone();
+        zero.pages[0].1 = PageData::Zero;
+        // The same bytes cut differently between the pages.
+        let mut shifted = base.clone();
+        shifted.pages[0].1 = PageData::Bytes(Bytes::from(vec![7; 15]));
+        shifted.pages[1].1 = PageData::Bytes(Bytes::from([vec![7], vec![9; 16]].concat()));
+        for other in [missing, changed, device, seq, zero, shifted] {
             assert_ne!(base.digest(), other.digest());
         }
     }

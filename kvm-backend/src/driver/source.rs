@@ -164,6 +164,50 @@ impl GuestMemory for SourceRam<'_> {
     }
 }
 
+/// The pages of the checkpoint being received, until its commit: copied
+/// into one arena that is kept from one checkpoint to the next. Holding the
+/// frames' own bytes instead pinned every receive buffer they came in, so
+/// the reader took fresh memory for each read, and fresh memory costs a
+/// first touch per page here (docs/machine.md).
+#[derive(Debug, Default)]
+struct Staging {
+    /// Each page and where its contents are in `arena` (None: a zero page).
+    pages: Vec<(PageNumber, Option<std::ops::Range<usize>>)>,
+    arena: Vec<u8>,
+}
+
+impl Staging {
+    fn is_empty(&self) -> bool {
+        self.pages.is_empty()
+    }
+
+    fn stage(&mut self, page: PageNumber, data: &PageData) {
+        let at = match data {
+            PageData::Zero => None,
+            PageData::Bytes(b) => {
+                let start = self.arena.len();
+                self.arena.extend_from_slice(b);
+                Some(start..self.arena.len())
+            }
+        };
+        self.pages.push((page, at));
+    }
+
+    /// The staged pages in order, with their contents (None: zeros).
+    fn pages(&self) -> impl Iterator<Item = (PageNumber, Option<&[u8]>)> {
+        self.pages.iter().map(|(page, at)| (*page, at.clone().and_then(|r| self.arena.get(r))))
+    }
+
+    /// Forgets the staged pages (keeping the arena's memory); returns how
+    /// many there were.
+    fn clear(&mut self) -> usize {
+        let n = self.pages.len();
+        self.pages.clear();
+        self.arena.clear();
+        n
+    }
+}
+
 /// Asks the core for frames on `channel`. While the guest may still run here
 /// (precopy), pages are read under the core lock, so that the digest of a
 /// page's last copy is recorded last; once it is stopped, contents no longer
@@ -226,7 +270,7 @@ struct SourceDriver<'a> {
     pause_ns: AtomicU64,
     /// Fallback: the pages of the checkpoint being received, not yet in the
     /// fallback image (the guest's memory here).
-    staging: Mutex<Vec<(PageNumber, PageData)>>,
+    staging: Mutex<Staging>,
     fallback: Mutex<FallbackRecord>,
     /// When the last frame from the destination arrived, monotonic ns.
     last_heard_ns: AtomicU64,
@@ -287,7 +331,7 @@ pub fn run_source_watched(
         stop_ns: AtomicU64::new(0),
         stop_capture_ns: AtomicU64::new(0),
         pause_ns: AtomicU64::new(0),
-        staging: Mutex::new(Vec::new()),
+        staging: Mutex::new(Staging::default()),
         fallback: Mutex::new(FallbackRecord::default()),
         last_heard_ns: AtomicU64::new(0),
     };
@@ -368,7 +412,7 @@ impl SideDriver for SourceDriver<'_> {
                 if staging.is_empty() {
                     tracing::info!(seq, "checkpoint {seq} arriving");
                 }
-                staging.push((page, data));
+                staging.stage(page, &data);
                 return None;
             }
             SourceAction::CommitCheckpoint { seq } => {
@@ -376,7 +420,7 @@ impl SideDriver for SourceDriver<'_> {
                 return None;
             }
             SourceAction::DiscardCheckpoint { seq } => {
-                let dropped = std::mem::take(&mut *lock(&self.staging)).len();
+                let dropped = lock(&self.staging).clear();
                 tracing::info!(seq, dropped, "a checkpoint cut off: dropped");
                 lock(&self.fallback).checkpoints_discarded += 1;
                 return None;
@@ -451,26 +495,25 @@ impl SourceDriver<'_> {
     /// destination had them before its guest dirtied them), so the push and
     /// the digests of pages as sent are untouched.
     fn commit_checkpoint(&self, seq: u64) {
-        let staged = std::mem::take(&mut *lock(&self.staging));
+        let mut staging = lock(&self.staging);
         let page_bytes = (self.guest.map.unit_pages() * PAGE_SIZE) as usize;
         let zeros = vec![0u8; page_bytes];
         let mut bytes = 0u64;
-        for (page, data) in &staged {
-            let content: &[u8] = match data {
-                PageData::Zero => &zeros,
-                PageData::Bytes(b) => b,
-            };
-            bytes += (content.len() as u64) * u64::from(matches!(data, PageData::Bytes(_)));
-            let written = self.guest.map.page_ref(*page).map(|r| self.guest.ram.write_pages(r, content));
+        for (page, content) in staging.pages() {
+            bytes += content.map_or(0, |c| c.len() as u64);
+            let content = content.unwrap_or(&zeros);
+            let written = self.guest.map.page_ref(page).map(|r| self.guest.ram.write_pages(r, content));
             if !matches!(written, Some(Ok(()))) {
                 // The core checked the page's number and length against the layout.
                 tracing::error!(page = page.0, ?written, "cannot write a committed checkpoint page");
             }
         }
-        tracing::debug!(seq, pages = staged.len(), bytes, "checkpoint committed");
+        let pages = staging.clear() as u64;
+        drop(staging);
+        tracing::debug!(seq, pages, bytes, "checkpoint committed");
         let mut record = lock(&self.fallback);
         record.checkpoints_committed += 1;
-        record.checkpoint_pages += staged.len() as u64;
+        record.checkpoint_pages += pages;
         record.checkpoint_bytes += bytes;
     }
 
@@ -770,7 +813,29 @@ pub fn new_session_id() -> u64 {
 
 #[cfg(test)]
 mod tests {
-    use super::Pace;
+    use super::{Pace, Staging};
+    use bytes::Bytes;
+    use postcopy_core::wire::PageData;
+    use postcopy_core::PageNumber;
+
+    #[test]
+    fn staging_keeps_each_page_and_its_memory_across_checkpoints() {
+        let mut staging = Staging::default();
+        staging.stage(PageNumber(9), &PageData::Bytes(Bytes::from(vec![1u8; 4096])));
+        staging.stage(PageNumber(3), &PageData::Zero);
+        staging.stage(PageNumber(5), &PageData::Bytes(Bytes::from(vec![2u8; 4096])));
+        let seen: Vec<(u64, Option<u8>, usize)> =
+            staging.pages().map(|(p, c)| (p.0, c.map(|c| c[0]), c.map_or(0, <[u8]>::len))).collect();
+        assert_eq!(seen, vec![(9, Some(1), 4096), (3, None, 0), (5, Some(2), 4096)]);
+        let capacity = staging.arena.capacity();
+        assert_eq!(staging.clear(), 3);
+        assert!(staging.is_empty());
+        assert_eq!(staging.pages().count(), 0);
+        // The next checkpoint reuses the memory.
+        assert_eq!(staging.arena.capacity(), capacity);
+        staging.stage(PageNumber(1), &PageData::Bytes(Bytes::from(vec![4u8; 4096])));
+        assert_eq!(staging.pages().map(|(p, c)| (p.0, c.map(|c| c[4095]))).collect::<Vec<_>>(), vec![(1, Some(4))]);
+    }
     use std::time::Duration;
 
     #[test]

@@ -101,6 +101,7 @@ impl DestinationDriver<'_> {
             tracing::warn!(seq, "{DIE_AFTER_CHECKPOINT_ENV}: the destination dies now");
             std::process::abort();
         }
+        self.checkpoint_buffers.free_retired();
         let taken = self.checkpoint_of_one_instant(seq);
         match taken {
             Some((device_state, pages)) => self.event(s, |l, now| {
@@ -155,8 +156,11 @@ impl DestinationDriver<'_> {
         };
         let copy_ns = copy_ns + (now().0 - t_copy);
         let page_bytes = (m.map.unit_pages() * PAGE_SIZE) as usize;
-        let zero: Vec<bool> = buf.chunks_exact(page_bytes).map(|p| p.iter().all(|&b| b == 0)).collect();
-        let buf = Bytes::from(buf);
+        // The buffer may be longer than this checkpoint (kept from a larger
+        // one): only its first pages are this one's.
+        let zero: Vec<bool> =
+            buf.chunks_exact(page_bytes).take(numbers.len()).map(|p| p.iter().all(|&b| b == 0)).collect();
+        let buf = self.checkpoint_buffers.lend(buf);
         let pages: Vec<(PageNumber, PageData)> = numbers
             .iter()
             .zip(zero)
@@ -236,7 +240,9 @@ impl DestinationDriver<'_> {
                     ahead.iter().zip(&released).filter(|(_, &r)| r).map(|(&p, _)| p).collect();
                 let protect = merge(&pages, &let_go);
                 pages = merge(&pages, &ahead);
-                *cow = Some(CopyOnWrite::at_the_stop(pages.clone(), page_bytes));
+                let buf =
+                    self.checkpoint_buffers.take(pages.len() * page_bytes, m.map.total_pages() as usize * page_bytes);
+                *cow = Some(CopyOnWrite::at_the_stop(pages.clone(), page_bytes, buf));
                 protect
             };
             for (first, count) in runs(m, &protect) {
@@ -248,12 +254,14 @@ impl DestinationDriver<'_> {
             }
             None
         } else {
-            let mut buf = vec![0u8; pages.len() * page_bytes];
+            let mut buf =
+                self.checkpoint_buffers.take(pages.len() * page_bytes, m.map.total_pages() as usize * page_bytes);
             for (page, out) in pages.iter().zip(buf.chunks_exact_mut(page_bytes)) {
                 let read = m.map.page_ref(*page).map(|r| m.ram.read_pages(r, out));
                 if !matches!(read, Some(Ok(()))) {
                     tracing::error!(page = page.0, ?read, seq, "cannot read a dirty page for a checkpoint");
                     self.carry(pages.clone());
+                    self.checkpoint_buffers.give_back(buf);
                     return None;
                 }
             }

@@ -187,6 +187,8 @@ pub(super) struct DestinationDriver<'a> {
     pub(super) fallback_log: Mutex<super::fallback_state::FallbackLog>,
     /// Fallback: the checkpoint being copied on write, if any.
     pub(super) copy_on_write: Mutex<Option<super::fallback_state::CopyOnWrite>>,
+    /// The checkpoints' copy buffer, kept between checkpoints.
+    pub(super) checkpoint_buffers: super::fallback_state::BufferPool,
     /// Pages arriving in parts: parts handed out and not placed yet.
     pub(super) parts_in_flight: crate::driver::sync::PartsInFlight,
     /// Pages arriving in parts: their parts' hashes, for the digest.
