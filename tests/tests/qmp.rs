@@ -12,8 +12,8 @@ use std::time::{Duration, Instant};
 
 use common::{binary, kvm_or_skip, serial, temp_dir};
 use postcopy_qmp::{
-    Command as Qmp, MigrateArgs, MigrateIncomingArgs, MigrationCapability, MigrationCapabilityStatus, MigrationStatus,
-    RunState,
+    Command as Qmp, MigrateArgs, MigrateIncomingArgs, MigrationCapability, MigrationCapabilityStatus,
+    MigrationParameters, MigrationStatus, RunState,
 };
 use serde_json::Value;
 use vmm::{assert_hop_verified, free_port, read, sent_digest, uri, Vmm, MIGRATION_TIMEOUT};
@@ -636,4 +636,52 @@ fn dump_memory_at_quit_and_exit_on_error() {
     assert!(read(&d.stderr).contains("exit-on-error"), "{}", read(&d.stderr));
     assert_eq!(c.run_state(), RunState::Running, "the guest keeps running on the source");
     c.quit();
+}
+
+/// The state of `capability` in a `query-migrate-capabilities` reply.
+fn capability_state(caps: &Value, capability: &str) -> bool {
+    let listed = caps.as_array().expect("a list of capabilities");
+    let entry = listed.iter().find(|c| c["capability"] == capability);
+    entry.and_then(|c| c["state"].as_bool()).unwrap_or_else(|| panic!("{capability} not listed: {caps}"))
+}
+
+/// The command line's migration choices are where QMP starts from (as
+/// QEMU's `-global migration.*`): `--no-urgent`, `--no-prepaging` and
+/// `--max-postcopy-bandwidth` show in the capabilities and parameters that
+/// the next migration uses (they were ignored: every `run` started from the
+/// built-in defaults), and `max-postcopy-bandwidth` can be set over QMP.
+#[test]
+fn command_line_migration_settings_are_the_qmp_starting_values() {
+    if !kvm_or_skip("command_line_migration_settings_are_the_qmp_starting_values") {
+        return;
+    }
+    let _one = serial();
+    let dir = temp_dir("qmp-command-line");
+    // Deferred: capabilities cannot change while an incoming migration waits.
+    let mut plain = Vmm::start(&dir, "plain", &["--incoming", "defer"]);
+    let mut chosen = Vmm::start(
+        &dir,
+        "chosen",
+        &["--incoming", &uri(free_port()), "--no-urgent", "--no-prepaging", "--max-postcopy-bandwidth", "1M"],
+    );
+    let (plain_caps, chosen_caps) =
+        (plain.execute(Qmp::QueryMigrateCapabilities), chosen.execute(Qmp::QueryMigrateCapabilities));
+    for capability in ["postcopy-preempt", "x-postcopy-prepaging"] {
+        assert!(capability_state(&plain_caps, capability), "{capability} off by default: {plain_caps}");
+        assert!(!capability_state(&chosen_caps, capability), "{capability} on despite the command line: {chosen_caps}");
+    }
+    assert!(capability_state(&chosen_caps, "postcopy-ram"));
+    let bandwidth = |vmm: &mut Vmm| vmm.execute(Qmp::QueryMigrateParameters)["max-postcopy-bandwidth"].as_u64();
+    assert_eq!(bandwidth(&mut plain), Some(0));
+    assert_eq!(bandwidth(&mut chosen), Some(1 << 20));
+    // QMP changes them from there; precopy's rate cannot be limited.
+    plain.set_parameters(MigrationParameters { max_postcopy_bandwidth: Some(5000), ..Default::default() });
+    set_capability(&mut plain, MigrationCapability::XPostcopyPrepaging, false);
+    assert_eq!(bandwidth(&mut plain), Some(5000));
+    assert!(!capability_state(&plain.execute(Qmp::QueryMigrateCapabilities), "x-postcopy-prepaging"));
+    let refused = refusal(
+        &mut plain,
+        Qmp::MigrateSetParameters(MigrationParameters { max_bandwidth: Some(1), ..Default::default() }),
+    );
+    assert!(refused.contains("max-bandwidth"), "{refused}");
 }

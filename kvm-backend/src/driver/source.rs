@@ -770,15 +770,22 @@ impl SourceDriver<'_> {
                     drop(guard);
                     // Each stream keeps to its share of the rate.
                     let share = (rate / self.bulk_bells.len().max(1) as u64).max(1);
-                    let wait = pace.sent(buf.len() as u64, share, now().0);
-                    if !wait.is_zero() {
-                        bell.wait_timeout(wait);
+                    let mut wait = pace.sent(buf.len() as u64, share, now().0);
+                    // A ring (a fault's request, a state change) ends a wait
+                    // early: wait again for what is left, or a guest that
+                    // faults often unpaced the push altogether.
+                    while !wait.is_zero() && !self.shell.is_stopping() {
+                        bell.wait_timeout(wait.min(PACE_WAIT_MAX));
+                        wait = pace.sent(0, share, now().0);
                     }
                 }
             }
         }
     }
 }
+
+/// The longest single wait of a paced push (it checks for shutdown between).
+const PACE_WAIT_MAX: Duration = Duration::from_millis(50);
 
 /// Keeps the background push at a rate: the bytes sent since it began
 /// are due no earlier than at that rate.
@@ -847,5 +854,7 @@ mod tests {
         assert_eq!(pace.sent(1000, 1_000_000, 2_005_000), Duration::ZERO);
         // 500 KB at once: due 502 ms after the start.
         assert_eq!(pace.sent(500_000, 1_000_000, 2_005_000), Duration::from_millis(500));
+        // Woken 100 ms into that wait: nothing sent, 400 ms left.
+        assert_eq!(pace.sent(0, 1_000_000, 102_005_000), Duration::from_millis(400));
     }
 }

@@ -57,7 +57,8 @@ const CAPABILITY_DEFAULTS: [(MigrationCapability, bool); 7] = [
     (MigrationCapability::PostcopyPreempt, true),
     (MigrationCapability::XPostcopyPrepaging, true),
     (MigrationCapability::XPostcopyAutoRecover, true),
-    // On when `run --fallback checkpoint` was given (see `KvmVmm::new`).
+    // On when `run --fallback checkpoint` was given; this and the two
+    // above follow `--no-urgent` and `--no-prepaging` (see `KvmVmm::new`).
     (MigrationCapability::XPostcopyFallback, false),
 ];
 
@@ -639,17 +640,24 @@ impl Watch<Destination> for DestinationWatch {
 
 impl KvmVmm {
     fn new(config: VmmConfig, events: Arc<dyn EventSink>, run_state: RunState, incoming: Incoming) -> KvmVmm {
-        let fallback = config.base.fallback.is_some();
+        // The command line's choices are the starting values; QMP changes
+        // them from there.
+        let from_command_line = |c: MigrationCapability| match c {
+            MigrationCapability::XPostcopyFallback => Some(config.base.fallback.is_some()),
+            MigrationCapability::PostcopyPreempt => Some(config.base.urgent_channel),
+            MigrationCapability::XPostcopyPrepaging => Some(config.base.prepaging),
+            _ => None,
+        };
         let capabilities = MigrationCapability::ALL
             .iter()
             .map(|&c| {
-                let on = CAPABILITY_DEFAULTS.iter().any(|&(d, on)| d == c && on);
-                (c, on || (c == MigrationCapability::XPostcopyFallback && fallback))
+                let default = CAPABILITY_DEFAULTS.iter().any(|&(d, on)| d == c && on);
+                (c, from_command_line(c).unwrap_or(default))
             })
             .collect();
         let parameters = MigrationParameters {
             max_bandwidth: Some(0),
-            max_postcopy_bandwidth: Some(0),
+            max_postcopy_bandwidth: Some(config.tuning.max_postcopy_bandwidth.unwrap_or(0)),
             downtime_limit: Some(300),
             x_precopy_rounds: Some(0),
             x_request_batch_pages: Some(u64::from(config.base.request_batch_pages)),
@@ -809,12 +817,13 @@ impl postcopy_qmp::Vmm for KvmVmm {
     }
 
     fn migrate_set_parameters(&self, parameters: &MigrationParameters) -> Result<(), QmpError> {
-        for (name, value) in
-            [("max-bandwidth", parameters.max_bandwidth), ("max-postcopy-bandwidth", parameters.max_postcopy_bandwidth)]
-        {
-            if value.is_some_and(|v| v != 0) {
-                return Err(QmpError::invalid_parameter_value(name, "0 (this VMM does not limit bandwidth)"));
-            }
+        // The postcopy push is paced (the driver's `max_postcopy_bandwidth`);
+        // precopy rounds are not.
+        if parameters.max_bandwidth.is_some_and(|v| v != 0) {
+            return Err(QmpError::invalid_parameter_value(
+                "max-bandwidth",
+                "0 (this VMM does not limit precopy's bandwidth)",
+            ));
         }
         if parameters.downtime_limit.is_some_and(|ms| ms > 2_000_000) {
             return Err(QmpError::invalid_parameter_value(
