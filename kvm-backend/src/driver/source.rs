@@ -243,6 +243,12 @@ enum SourceOp {
         checkpoint: u64,
         device_state: Bytes,
     },
+    /// Fallback: copy checkpoint `seq`'s staged pages into the fallback
+    /// image (counted in `pending_commits` until done).
+    Commit {
+        seq: u64,
+        staged: Staging,
+    },
 }
 
 /// The source's driver: the shell, the guest it migrates, the bulk writer's
@@ -271,6 +277,12 @@ struct SourceDriver<'a> {
     /// Fallback: the pages of the checkpoint being received, not yet in the
     /// fallback image (the guest's memory here).
     staging: Mutex<Staging>,
+    /// The staging area of the last commit, cleared, for the checkpoint
+    /// after next (its memory kept).
+    staging_spare: Mutex<Option<Staging>>,
+    /// Commits handed out under the core lock and not yet in the image: a
+    /// takeover and the end wait for them.
+    pending_commits: (Mutex<u64>, std::sync::Condvar),
     fallback: Mutex<FallbackRecord>,
     /// When the last frame from the destination arrived, monotonic ns.
     last_heard_ns: AtomicU64,
@@ -332,6 +344,8 @@ pub fn run_source_watched(
         stop_capture_ns: AtomicU64::new(0),
         pause_ns: AtomicU64::new(0),
         staging: Mutex::new(Staging::default()),
+        staging_spare: Mutex::new(None),
+        pending_commits: (Mutex::new(0), std::sync::Condvar::new()),
         fallback: Mutex::new(FallbackRecord::default()),
         last_heard_ns: AtomicU64::new(0),
     };
@@ -415,9 +429,16 @@ impl SideDriver for SourceDriver<'_> {
                 staging.stage(page, &data);
                 return None;
             }
+            // The copy into the image happens after the core lock is
+            // released (tens of milliseconds for a large checkpoint, which
+            // held up the fault path and the push); the pages are taken
+            // here, in step with the core, and the commit is counted until
+            // done so that a takeover waits for it.
             SourceAction::CommitCheckpoint { seq } => {
-                self.commit_checkpoint(seq);
-                return None;
+                let spare = lock(&self.staging_spare).take().unwrap_or_default();
+                let staged = std::mem::replace(&mut *lock(&self.staging), spare);
+                *lock(&self.pending_commits.0) += 1;
+                SourceOp::Commit { seq, staged }
             }
             SourceAction::DiscardCheckpoint { seq } => {
                 let dropped = lock(&self.staging).clear();
@@ -441,8 +462,14 @@ impl SideDriver for SourceDriver<'_> {
                 }
                 SourceOp::SyncDirtyLog => self.sync_dirty_log(s),
                 SourceOp::Notice(notice) => self.notice(&notice),
-                SourceOp::TakeOver { checkpoint, device_state } => self.take_over(checkpoint, &device_state),
+                SourceOp::TakeOver { checkpoint, device_state } => {
+                    self.wait_for_commits();
+                    self.take_over(checkpoint, &device_state)
+                }
+                SourceOp::Commit { seq, staged } => self.commit_checkpoint(seq, staged),
                 SourceOp::Finished(finished) => {
+                    // The report counts every commit.
+                    self.wait_for_commits();
                     *lock(&self.finished) = Some(*finished);
                     self.shell.stopping.store(true, Ordering::SeqCst);
                     self.done_bell.ring();
@@ -494,12 +521,12 @@ impl SourceDriver<'_> {
     /// here, the fallback image. Those pages are never sent again (the
     /// destination had them before its guest dirtied them), so the push and
     /// the digests of pages as sent are untouched.
-    fn commit_checkpoint(&self, seq: u64) {
-        let mut staging = lock(&self.staging);
+    fn commit_checkpoint(&self, seq: u64, mut staged: Staging) {
+        let t0 = now().0;
         let page_bytes = (self.guest.map.unit_pages() * PAGE_SIZE) as usize;
         let zeros = vec![0u8; page_bytes];
         let mut bytes = 0u64;
-        for (page, content) in staging.pages() {
+        for (page, content) in staged.pages() {
             bytes += content.map_or(0, |c| c.len() as u64);
             let content = content.unwrap_or(&zeros);
             let written = self.guest.map.page_ref(page).map(|r| self.guest.ram.write_pages(r, content));
@@ -508,13 +535,33 @@ impl SourceDriver<'_> {
                 tracing::error!(page = page.0, ?written, "cannot write a committed checkpoint page");
             }
         }
-        let pages = staging.clear() as u64;
-        drop(staging);
-        tracing::debug!(seq, pages, bytes, "checkpoint committed");
-        let mut record = lock(&self.fallback);
-        record.checkpoints_committed += 1;
-        record.checkpoint_pages += pages;
-        record.checkpoint_bytes += bytes;
+        let pages = staged.clear() as u64;
+        {
+            let mut record = lock(&self.fallback);
+            record.checkpoints_committed += 1;
+            record.checkpoint_pages += pages;
+            record.checkpoint_bytes += bytes;
+        }
+        tracing::debug!(seq, pages, bytes, us = (now().0 - t0) / 1000, "checkpoint committed");
+        {
+            let mut spare = lock(&self.staging_spare);
+            if spare.as_ref().is_none_or(|s| s.arena.capacity() < staged.arena.capacity()) {
+                *spare = Some(staged);
+            }
+        }
+        let (count, done) = &self.pending_commits;
+        let mut count = lock(count);
+        *count = count.saturating_sub(1);
+        done.notify_all();
+    }
+
+    /// Waits until every commit handed out is in the fallback image.
+    fn wait_for_commits(&self) {
+        let (count, done) = &self.pending_commits;
+        let mut count = lock(count);
+        while *count > 0 {
+            count = done.wait(count).unwrap_or_else(|e| e.into_inner());
+        }
     }
 
     /// The destination is lost: the guest's memory here is the fallback
