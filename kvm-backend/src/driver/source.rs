@@ -451,7 +451,11 @@ impl SideDriver for SourceDriver<'_> {
     }
 
     fn execute<'s>(&'s self, s: &'s Scope<'s, '_>, ops: Vec<SourceOp>) {
-        for op in ops {
+        // Commits first: a takeover or the end later in this list waits for
+        // every pending commit, this list's too.
+        let (commits, ops): (Vec<SourceOp>, Vec<SourceOp>) =
+            ops.into_iter().partition(|op| matches!(op, SourceOp::Commit { .. }));
+        for op in commits.into_iter().chain(ops) {
             match op {
                 SourceOp::Connect(channel) => spawn(s, "src-connect", move || self.connect(s, channel)),
                 SourceOp::Close(op) => self.close_connection(s, op),
