@@ -150,8 +150,9 @@ pub struct Checkers {
     next_version: u64,
     /// Postcopy copies of each page sent and not dropped, this attempt.
     alive: Vec<u8>,
-    /// Per page pushed in parts, a bit for each part of its copy sent.
-    parts: std::collections::HashMap<u64, u64>,
+    /// Per page pushed in parts, a bit for each part of its copy sent, and
+    /// the copy's page kind.
+    parts: std::collections::HashMap<u64, (u64, u8)>,
     /// Fallback: the guest's image at each instant the source may restart
     /// it from (0: the stop; then each checkpoint), pruned to those not
     /// older than the last commit: at most three.
@@ -306,7 +307,7 @@ impl Checkers {
     /// sent again while the copy lives is a second crossing.
     pub fn part_sent(&mut self, page: u64, part: u32, kind: u8) {
         let bit = 1u64.checked_shl(part).unwrap_or(0);
-        let mask = self.parts.entry(page).or_default();
+        let (mask, _) = self.parts.entry(page).or_insert((0, kind));
         if *mask == 0 {
             *mask = bit;
             self.page_sent(page, kind);
@@ -321,7 +322,24 @@ impl Checkers {
     /// A part was lost with its connection: the destination drops the
     /// incomplete page, so this copy is void (the page goes again).
     pub fn part_dropped(&mut self, page: u64, kind: u8) {
-        if self.parts.remove(&page).is_some_and(|mask| mask != 0) {
+        if self.parts.remove(&page).is_some_and(|(mask, _)| mask != 0) {
+            self.page_dropped(page, kind);
+        }
+    }
+
+    /// The destination paused: it drops the parts it holds of pages not
+    /// complete (`memory`: not present), so those copies are void and the
+    /// pages go again after the recovery, whether or not a part of them
+    /// was lost in flight.
+    pub fn destination_paused(&mut self, memory: &[u64]) {
+        let void: Vec<(u64, u8)> = self
+            .parts
+            .iter()
+            .filter(|&(&page, &(mask, _))| mask != 0 && memory.get(page as usize).is_none_or(|&v| v == MISSING))
+            .map(|(&page, &(_, kind))| (page, kind))
+            .collect();
+        for (page, kind) in void {
+            self.parts.remove(&page);
             self.page_dropped(page, kind);
         }
     }
@@ -414,5 +432,23 @@ mod tests {
         assert!(matches!(c.violations[1], Violation::StaleRead { page: 1, found: None, .. }));
         c.completed(&[0, v, 0, MISSING]);
         assert!(matches!(c.violations[2], Violation::WrongPageAtEnd { page: 3, .. }));
+    }
+
+    #[test]
+    fn a_destination_pause_voids_only_incomplete_pages_in_parts() {
+        let mut c = Checkers::new(4);
+        // Page 1: two of its parts delivered, none in flight; page 2: every
+        // part delivered and the page installed.
+        c.part_sent(1, 0, 1);
+        c.part_sent(1, 1, 1);
+        c.part_sent(2, 0, 1);
+        c.part_sent(2, 1, 1);
+        c.destination_paused(&[MISSING, MISSING, 7, MISSING]);
+        // The destination dropped page 1's parts: it goes again.
+        c.part_sent(1, 0, 1);
+        assert!(c.ok(), "{:?}", c.violations);
+        // Page 2 is there: a second copy is a second crossing.
+        c.part_sent(2, 0, 1);
+        assert!(matches!(c.violations[..], [Violation::PageSentTwice { page: 2, .. }]), "{:?}", c.violations);
     }
 }

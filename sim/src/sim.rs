@@ -1031,6 +1031,9 @@ impl Sim {
     }
 
     fn notice(&mut self, side: &'static str, notice: &Notice) {
+        if side == "destination" && matches!(notice, Notice::Paused { .. }) {
+            self.checks.destination_paused(&self.dst.memory);
+        }
         let (name, reason) = match notice {
             Notice::Paused { reason } => ("paused", Some(reason)),
             Notice::RecoveryAttempt { .. } => ("recovery-attempt", None),
