@@ -1646,16 +1646,16 @@ impl Destination {
         let Some(fallback) = self.fallback.as_mut().filter(|f| f.terms_epoch == epoch) else { return false };
         let (Some(cursor), Some(checkpoint)) = (fallback.sending, &fallback.outstanding) else { return false };
         let Some(layout) = self.session.as_ref().map(|s| &s.layout) else { return false };
+        if cursor == CheckpointCursor::Begin {
+            fallback.sending_digest = Digest::new(checkpoint.seq);
+        }
         let (frame, next) = match cursor {
             CheckpointCursor::Begin => (
-                {
-                    fallback.sending_digest = Digest::new(checkpoint.seq);
-                    Frame::CheckpointBegin(CheckpointBegin {
-                        seq: checkpoint.seq,
-                        pages: checkpoint.pages.len() as u64,
-                        device_bytes: checkpoint.device_state.len() as u32,
-                    })
-                },
+                Frame::CheckpointBegin(CheckpointBegin {
+                    seq: checkpoint.seq,
+                    pages: checkpoint.pages.len() as u64,
+                    device_bytes: checkpoint.device_state.len() as u32,
+                }),
                 CheckpointCursor::Page(0),
             ),
             CheckpointCursor::Page(i) => match checkpoint.pages.get(i) {
