@@ -136,6 +136,11 @@ pub enum FallbackArg {
 }
 
 impl Common {
+    /// Whether any of the driver's threads is pinned to a CPU.
+    pub fn pins_threads(&self) -> bool {
+        self.latency_cpu.is_some() || self.bulk_cpu.is_some() || self.vcpu_cpu.is_some()
+    }
+
     /// Thread placement and socket settings.
     pub fn tuning(&self) -> Tuning {
         Tuning {

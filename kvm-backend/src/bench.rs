@@ -21,9 +21,10 @@ use crate::args::{parse_size, Common, FallbackArg, GuestArgs, ModeArg};
 use crate::pair::{run_pair, run_pair_timed, DestinationStart, PairError, PairReports};
 use crate::tls::PairCredentials;
 
-/// How long the push of the fallback takeover run lasts at least: time for
-/// a checkpoint to be committed and the next asked for, when it dies.
-const TAKEOVER_PUSH_SECONDS: u64 = 4;
+/// How long the push of the held fallback runs (the takeover, the many
+/// checkpoints) lasts at least: time for checkpoints to be committed and
+/// the next asked for before the migration ends.
+const HELD_PUSH_SECONDS: u64 = 4;
 
 /// Why the benchmark could not measure.
 #[derive(Debug, thiserror::Error)]
@@ -137,8 +138,7 @@ impl BenchArgs {
     fn placed(&self) -> (Common, String) {
         let mut common = self.common.clone();
         let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
-        let chosen = common.latency_cpu.is_some() || common.bulk_cpu.is_some() || common.vcpu_cpu.is_some();
-        if !self.unpinned && !chosen && cpus >= 2 {
+        if !self.unpinned && !common.pins_threads() && cpus >= 2 {
             common.latency_cpu = Some(cpus - 1);
             common.vcpu_cpu = Some(cpus - 1);
             common.bulk_cpu = Some(0);
@@ -216,7 +216,7 @@ struct BenchReport {
     fallback_runs: Vec<RunReport>,
     fallback_takeover: Option<postcopy_kvm::driver::report::SourceReport>,
     /// A default migration with fallback whose push is held to
-    /// `TAKEOVER_PUSH_SECONDS`, so that it takes many checkpoints.
+    /// `HELD_PUSH_SECONDS`, so that it takes many checkpoints.
     fallback_held: Option<RunReport>,
 }
 
@@ -720,8 +720,8 @@ pub fn run(a: BenchArgs) -> Result<ExitCode, BenchError> {
     let (mut streams_default_runs, mut streams_fault_heavy_runs) = (Vec::new(), Vec::new());
     // The demo's placement (none: the scheduler's), when the runs above are
     // pinned: the total-time goal holds for both.
-    let unpinned_common = (common.latency_cpu.is_some() || common.bulk_cpu.is_some() || common.vcpu_cpu.is_some())
-        .then(|| Common { latency_cpu: None, bulk_cpu: None, vcpu_cpu: None, ..common.clone() });
+    let unpinned_common =
+        common.pins_threads().then(|| Common { latency_cpu: None, bulk_cpu: None, vcpu_cpu: None, ..common.clone() });
     let (mut unpinned_default_runs, mut unpinned_fault_heavy_runs) = (Vec::new(), Vec::new());
     for i in 0..repeat {
         eprintln!("bench: run {}/{repeat}: default settings...", i + 1);
@@ -766,20 +766,18 @@ pub fn run(a: BenchArgs) -> Result<ExitCode, BenchError> {
             guest_image: None,
             run_before_ms: 500,
         };
-        let mut json_common = fallback_common.clone();
-        json_common.json = true;
-        // The push held to the RAM over TAKEOVER_PUSH_SECONDS: unthrottled,
-        // a 1 GiB migration ended before its second checkpoint was asked
-        // for, and the destination never died. The figure (death to the
-        // guest running on the source) does not depend on the push.
-        json_common.max_postcopy_bandwidth = a.mem / TAKEOVER_PUSH_SECONDS;
+        // The push held to the RAM over HELD_PUSH_SECONDS: unthrottled, a
+        // 1 GiB migration ended before its second checkpoint was asked for,
+        // and the destination never died. The figure (death to the guest
+        // running on the source) does not depend on the push.
+        let mut held = fallback_common.clone();
+        held.max_postcopy_bandwidth = a.mem / HELD_PUSH_SECONDS;
+        let json_common = Common { json: true, ..held.clone() };
         let die = [(postcopy_kvm::driver::DIE_AFTER_CHECKPOINT_ENV, "1")];
         fallback_takeover = run_pair(&guest, &json_common, 500, &die, None).map_err(BenchError::Pair)?.source;
         // The runs above take one or two checkpoints each (the migration is
         // short); this one lasts long enough for tens, to show their spread.
-        eprintln!("bench: a fallback migration whose push is held to {TAKEOVER_PUSH_SECONDS} s (many checkpoints)...");
-        let mut held = fallback_common.clone();
-        held.max_postcopy_bandwidth = a.mem / TAKEOVER_PUSH_SECONDS;
+        eprintln!("bench: a fallback migration whose push is held to {HELD_PUSH_SECONDS} s (many checkpoints)...");
         fallback_held = Some(migration(a.mem, &held, false, None)?);
     }
     let huge = match huge_size {
@@ -989,7 +987,7 @@ pub fn run(a: BenchArgs) -> Result<ExitCode, BenchError> {
         add("fallback: total migration time", with, "ms", without, "the same without fallback", "<= 1.3x", 1.3, false);
     }
     if let Some(f) = fallback_held.as_ref().and_then(|r| r.destination.fallback.clone()) {
-        let what = |figure: &str| format!("fallback, push held to {TAKEOVER_PUSH_SECONDS} s: {figure}");
+        let what = |figure: &str| format!("fallback, push held to {HELD_PUSH_SECONDS} s: {figure}");
         let one = |v: f64| (v, v, v);
         let n = f.checkpoints as f64;
         add(&what("checkpoints (info)"), one(n), "", 1.0, "", "-", f64::INFINITY, true);
