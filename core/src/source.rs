@@ -240,17 +240,19 @@ pub enum SourceAction {
     Notice(Notice),
     /// The migration is over; no more events are needed.
     Finished(Box<Finished<SourceStats>>),
-    /// Fallback: keep this page of checkpoint `seq` in the staging area
-    /// (not in the fallback image yet). A page comes at most once per
-    /// checkpoint, so the staging area never holds more than the guest.
+    /// Fallback: a page of checkpoint `seq`. It belongs to the fallback
+    /// image only once the checkpoint commits: stage it apart, or write it
+    /// in place keeping what it overwrote (so that a discard puts that
+    /// back). A page comes at most once per checkpoint, so either holds
+    /// at most the guest.
     StageCheckpointPage { seq: u64, page: PageNumber, data: PageData },
-    /// Fallback: checkpoint `seq` is whole: copy every page staged for it
-    /// into the fallback image (the guest's memory as it was at the stop,
-    /// plus the checkpoints committed before), then empty the staging area.
-    /// Carry this out before any later action.
+    /// Fallback: checkpoint `seq` is whole: every page staged for it is
+    /// now in the fallback image (the guest's memory as it was at the
+    /// stop, plus the checkpoints committed before). Carry this out before
+    /// any later action.
     CommitCheckpoint { seq: u64 },
-    /// Fallback: checkpoint `seq` was cut off: empty the staging area; the
-    /// fallback image stays as it was.
+    /// Fallback: checkpoint `seq` was cut off: drop what was staged (or put
+    /// back what it overwrote); the fallback image is as it was.
     DiscardCheckpoint { seq: u64 },
     /// Fallback: the destination is lost. Load `device_state` and run the
     /// guest from the fallback image: the guest restarts at the instant of

@@ -102,6 +102,13 @@ pub struct Common {
     /// the stop, copy each before the guest writes it) or during the stop.
     #[arg(long, value_enum, default_value_t = CheckpointCopyArg::WriteProtect)]
     pub checkpoint_copy: CheckpointCopyArg,
+    /// Fallback: memory each side reserves for checkpoints when fallback is
+    /// turned on, touched then and kept (a checkpoint passes through it;
+    /// a larger one takes fresh memory, slow while a guest runs). Default:
+    /// half the guest's RAM where it is known (a source's `--mem`, a
+    /// destination's `--prealloc`). See docs/fallback.md.
+    #[arg(long, value_parser = parse_size)]
+    pub checkpoint_reserve: Option<u64>,
     /// Bytes per second the background push may send in postcopy (0: no
     /// limit); requested pages are never held back. As QEMU's
     /// `max-postcopy-bandwidth`.
@@ -194,6 +201,12 @@ impl Common {
         self.hugepages.map_or(Ok(()), |size| size.check_fallback(config.fallback.is_some()))
     }
 
+    /// Bytes of checkpoint memory to reserve for a guest of `guest_ram`
+    /// bytes (None: not known) when fallback is turned on.
+    pub fn checkpoint_reserve_bytes(&self, guest_ram: Option<u64>) -> u64 {
+        self.checkpoint_reserve.unwrap_or_else(|| guest_ram.map_or(0, |bytes| bytes / 2))
+    }
+
     /// The fallback settings, when fallback is on.
     pub fn fallback_config(&self) -> Option<FallbackConfig> {
         (self.fallback == FallbackArg::Checkpoint).then(|| FallbackConfig {
@@ -241,6 +254,9 @@ impl Common {
         out.push(format!("--checkpoint-interval-ms={}", self.checkpoint_interval_ms));
         if self.checkpoint_copy == CheckpointCopyArg::Stop {
             out.push("--checkpoint-copy=stop".into());
+        }
+        if let Some(bytes) = self.checkpoint_reserve {
+            out.push(format!("--checkpoint-reserve={bytes}"));
         }
         out.push(format!("--max-postcopy-bandwidth={}", self.max_postcopy_bandwidth));
         out.push(format!("--push-streams={}", self.push_streams));

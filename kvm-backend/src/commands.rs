@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 
 use clap::Args;
 use postcopy_core::Mode;
+use postcopy_kvm::driver::checkpoint_memory::CheckpointMemory;
 use postcopy_kvm::driver::machine::GuestKind;
 use postcopy_kvm::driver::populate;
 use postcopy_kvm::driver::report::{DestinationReport, RunReport, SourceReport};
@@ -225,6 +226,16 @@ pub fn serial_output(arg: &Option<String>) -> Result<SerialOutput, CommandError>
     }
 }
 
+/// Reserves `bytes` of checkpoint memory now (fallback on: call it before
+/// the guest runs, when first touches are cheapest).
+pub fn reserve_checkpoint_memory(memory: &CheckpointMemory, bytes: u64) {
+    if bytes == 0 {
+        return;
+    }
+    let took = memory.reserve(usize::try_from(bytes).unwrap_or(usize::MAX));
+    tracing::info!(mib = bytes >> 20, ms = took.as_millis() as u64, "checkpoint memory reserved");
+}
+
 fn resolve(addr: &str) -> Result<SocketAddr, CommandError> {
     addr.to_socket_addrs()
         .map_err(|source| CommandError::Resolve { addr: addr.into(), source })?
@@ -244,6 +255,10 @@ pub fn destination(a: DestinationArgs) -> Result<ExitCode, CommandError> {
     let config = a.common.config(Mode::Postcopy);
     a.common.check_hugepages(&config)?;
     let security = a.security.security(Role::Destination, config.handshake_timeout)?;
+    let checkpoint_memory = CheckpointMemory::default();
+    if config.fallback.is_some() {
+        reserve_checkpoint_memory(&checkpoint_memory, a.common.checkpoint_reserve_bytes(a.prealloc));
+    }
     let (preallocated, population) = match a.prealloc {
         Some(bytes) => {
             let features = postcopy_kvm::uffd::probe_features().map_err(vmm("probe userfaultfd for --prealloc"))?;
@@ -286,6 +301,7 @@ pub fn destination(a: DestinationArgs) -> Result<ExitCode, CommandError> {
         preallocated,
         population,
         security,
+        checkpoint_memory,
     };
     let outcome = driver::run_destination(listener, &opts);
     let r = outcome.report;
@@ -354,6 +370,10 @@ pub fn source(a: SourceArgs) -> Result<ExitCode, CommandError> {
     };
     let known = a.connect.as_deref().map(target).transpose()?;
     let tuning = a.common.tuning();
+    let checkpoint_memory = CheckpointMemory::default();
+    if config.fallback.is_some() {
+        reserve_checkpoint_memory(&checkpoint_memory, a.common.checkpoint_reserve_bytes(Some(a.guest.mem)));
+    }
     let guest = start_guest(&a.guest, serial_output(&a.serial)?, &tuning)?;
     let stats = guest.vm.devices().stats().clone();
     if guest.machine.guest == GuestKind::Pattern {
@@ -386,7 +406,7 @@ pub fn source(a: SourceArgs) -> Result<ExitCode, CommandError> {
         a.guest.mode,
         security.describe()
     );
-    let opts = SourceOptions { connect: addr, config, tuning, security };
+    let opts = SourceOptions { connect: addr, config, tuning, security, checkpoint_memory };
     let session = driver::new_session_id();
     let outcome =
         driver::run_source(&guest.vm, &guest.vcpus, &guest.machine, session, &opts).map_err(CommandError::Source)?;

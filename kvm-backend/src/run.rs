@@ -1,5 +1,6 @@
 //! `postcopy run`: a long-running VMM process driven over QMP.
 
+use postcopy_kvm::driver::checkpoint_memory::CheckpointMemory;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -84,6 +85,14 @@ pub fn run(a: RunArgs) -> Result<ExitCode, RunError> {
     a.common.check_hugepages(&base).map_err(CommandError::from)?;
     let role = if a.incoming.is_some() { Role::Destination } else { Role::Either };
     let security = a.security.security(role, base.handshake_timeout).map_err(CommandError::from)?;
+    // Fallback's checkpoints pass through memory reserved now, before the
+    // guest runs (a first touch costs several times more after).
+    let guest_ram = if a.incoming.is_some() { a.prealloc } else { Some(a.mem) };
+    let checkpoint_reserve = a.common.checkpoint_reserve_bytes(guest_ram);
+    let checkpoint_memory = CheckpointMemory::default();
+    if base.fallback.is_some() {
+        crate::commands::reserve_checkpoint_memory(&checkpoint_memory, checkpoint_reserve);
+    }
     let config = VmmConfig {
         tuning: a.common.tuning(),
         base,
@@ -91,6 +100,8 @@ pub fn run(a: RunArgs) -> Result<ExitCode, RunError> {
         prealloc_bytes: a.prealloc,
         damage: Damage::from_env().map_err(CommandError::Damage)?,
         security,
+        checkpoint_memory,
+        checkpoint_reserve,
     };
     let bus = EventBus::new();
     let vmm = match a.incoming.as_deref() {

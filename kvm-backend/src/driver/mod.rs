@@ -84,6 +84,7 @@
 //! block: on this machine a wake-up across CPUs costs about 30 us.
 
 pub mod blocktime;
+pub mod checkpoint_memory;
 pub mod digest;
 pub mod framing;
 pub mod install_faults;

@@ -13,6 +13,7 @@ use postcopy_core::{
     SourceState, SourceStats, Timestamp,
 };
 
+use super::checkpoint_memory::CheckpointMemory;
 use super::clock::now;
 use super::digest::{PageDigests, PartHashes};
 use super::machine::{core_layout, MachineDescription, PageMap};
@@ -54,6 +55,9 @@ pub struct SourceOptions {
     pub tuning: Tuning,
     /// Plain TCP or mutual TLS (and a migration secret).
     pub security: ChannelSecurity,
+    /// Fallback: where the pages a checkpoint overwrites are kept until it
+    /// is committed (reserved ahead, kept).
+    pub checkpoint_memory: CheckpointMemory,
 }
 
 /// How the source's migration ended.
@@ -164,47 +168,86 @@ impl GuestMemory for SourceRam<'_> {
     }
 }
 
-/// The pages of the checkpoint being received, until its commit: copied
-/// into one arena that is kept from one checkpoint to the next. Holding the
-/// frames' own bytes instead pinned every receive buffer they came in, so
-/// the reader took fresh memory for each read, and fresh memory costs a
-/// first touch per page here (docs/machine.md).
+/// Fallback: the checkpoint being received is written into the fallback
+/// image (the guest's memory here) as its pages arrive, and what each page
+/// held before is kept here until the checkpoint is whole: a checkpoint
+/// cut off is undone (the image back at the last commit) and a commit
+/// costs nothing. Staging the pages apart instead and copying them into
+/// the image at the commit took a second copy of each page (7-48 ms per
+/// checkpoint, done off the core's lock in a thread of its own) and two
+/// staging areas. The old contents go to the checkpoint memory reserved
+/// ahead ([`CheckpointMemory`]): fresh memory cost up to 10-30 us a page
+/// here while a guest runs.
 #[derive(Debug, Default)]
-struct Staging {
-    /// Each page and where its contents are in `arena` (None: a zero page).
-    pages: Vec<(PageNumber, Option<std::ops::Range<usize>>)>,
-    arena: Vec<u8>,
+struct UndoLog {
+    /// The pages overwritten, in order; page `i`'s old contents are at
+    /// `i * page_bytes` in `old`.
+    pages: Vec<PageNumber>,
+    old: Vec<u8>,
+    /// Bytes of the non-zero pages written.
+    bytes: u64,
 }
 
-impl Staging {
+impl UndoLog {
     fn is_empty(&self) -> bool {
         self.pages.is_empty()
     }
 
-    fn stage(&mut self, page: PageNumber, data: &PageData) {
-        let at = match data {
-            PageData::Zero => None,
-            PageData::Bytes(b) => {
-                let start = self.arena.len();
-                self.arena.extend_from_slice(b);
-                Some(start..self.arena.len())
-            }
-        };
-        self.pages.push((page, at));
+    /// Keeps what `page` holds, then writes `data` over it (a page of
+    /// zeros if `zero`, counted as no bytes).
+    fn overwrite(&mut self, ram: &impl PageStore, page: PageNumber, data: &[u8], zero: bool) -> Result<(), String> {
+        let page_bytes = data.len();
+        let start = self.pages.len() * page_bytes;
+        if self.old.len() < start + page_bytes {
+            // Past the reserved memory: fresh memory from here on.
+            let grown = (start + page_bytes).max(self.old.len().saturating_mul(2));
+            self.old.resize(grown, 0);
+        }
+        ram.read(page, &mut self.old[start..start + page_bytes])?;
+        ram.write(page, data)?;
+        self.pages.push(page);
+        if !zero {
+            self.bytes += page_bytes as u64;
+        }
+        Ok(())
     }
 
-    /// The staged pages in order, with their contents (None: zeros).
-    fn pages(&self) -> impl Iterator<Item = (PageNumber, Option<&[u8]>)> {
-        self.pages.iter().map(|(page, at)| (*page, at.clone().and_then(|r| self.arena.get(r))))
-    }
-
-    /// Forgets the staged pages (keeping the arena's memory); returns how
-    /// many there were.
-    fn clear(&mut self) -> usize {
-        let n = self.pages.len();
+    /// The checkpoint is whole: its pages stay; returns how many, and the
+    /// bytes of those not zero.
+    fn commit(&mut self) -> (u64, u64) {
+        let n = self.pages.len() as u64;
         self.pages.clear();
-        self.arena.clear();
-        n
+        (n, std::mem::take(&mut self.bytes))
+    }
+
+    /// The checkpoint was cut off: puts back what its pages overwrote
+    /// (last first, should a page come twice); returns how many.
+    fn undo(&mut self, ram: &impl PageStore, page_bytes: usize) -> Result<usize, String> {
+        let n = self.pages.len();
+        for (i, page) in self.pages.iter().enumerate().rev() {
+            ram.write(*page, &self.old[i * page_bytes..(i + 1) * page_bytes])?;
+        }
+        self.pages.clear();
+        self.bytes = 0;
+        Ok(n)
+    }
+}
+
+/// Pages of guest memory, read and written whole ([`UndoLog`]'s view).
+trait PageStore {
+    fn read(&self, page: PageNumber, out: &mut [u8]) -> Result<(), String>;
+    fn write(&self, page: PageNumber, data: &[u8]) -> Result<(), String>;
+}
+
+impl PageStore for SourceRam<'_> {
+    fn read(&self, page: PageNumber, out: &mut [u8]) -> Result<(), String> {
+        let at = self.map.page_ref(page).ok_or_else(|| format!("page {} is outside the guest", page.0))?;
+        self.ram.read_pages(at, out).map_err(|e| error_chain(&e))
+    }
+
+    fn write(&self, page: PageNumber, data: &[u8]) -> Result<(), String> {
+        let at = self.map.page_ref(page).ok_or_else(|| format!("page {} is outside the guest", page.0))?;
+        self.ram.write_pages(at, data).map_err(|e| error_chain(&e))
     }
 }
 
@@ -243,12 +286,6 @@ enum SourceOp {
         checkpoint: u64,
         device_state: Bytes,
     },
-    /// Fallback: copy checkpoint `seq`'s staged pages into the fallback
-    /// image (counted in `pending_commits` until done).
-    Commit {
-        seq: u64,
-        staged: Staging,
-    },
 }
 
 /// The source's driver: the shell, the guest it migrates, the bulk writer's
@@ -274,15 +311,13 @@ struct SourceDriver<'a> {
     stop_ns: AtomicU64,
     stop_capture_ns: AtomicU64,
     pause_ns: AtomicU64,
-    /// Fallback: the pages of the checkpoint being received, not yet in the
+    /// Fallback: what the checkpoint being received overwrote in the
     /// fallback image (the guest's memory here).
-    staging: Mutex<Staging>,
-    /// The staging area of the last commit, cleared, for the checkpoint
-    /// after next (its memory kept).
-    staging_spare: Mutex<Option<Staging>>,
-    /// Commits handed out under the core lock and not yet in the image: a
-    /// takeover and the end wait for them.
-    pending_commits: (Mutex<u64>, std::sync::Condvar),
+    undo: Mutex<UndoLog>,
+    /// A page of zeros, written for a checkpoint's zero pages.
+    zero_page: Vec<u8>,
+    /// Where `undo`'s memory comes from and goes back to at the end.
+    checkpoint_memory: CheckpointMemory,
     fallback: Mutex<FallbackRecord>,
     /// When the last frame from the destination arrived, monotonic ns.
     last_heard_ns: AtomicU64,
@@ -343,9 +378,9 @@ pub fn run_source_watched(
         stop_ns: AtomicU64::new(0),
         stop_capture_ns: AtomicU64::new(0),
         pause_ns: AtomicU64::new(0),
-        staging: Mutex::new(Staging::default()),
-        staging_spare: Mutex::new(None),
-        pending_commits: (Mutex::new(0), std::sync::Condvar::new()),
+        undo: Mutex::new(UndoLog { old: opts.checkpoint_memory.take(0, 0), ..UndoLog::default() }),
+        zero_page: vec![0u8; (ram.unit_pages() * PAGE_SIZE) as usize],
+        checkpoint_memory: opts.checkpoint_memory.clone(),
         fallback: Mutex::new(FallbackRecord::default()),
         last_heard_ns: AtomicU64::new(0),
     };
@@ -381,6 +416,17 @@ pub fn run_source_watched(
     let last_connect_error = (!why.is_empty()).then(|| why.join("; "));
     let handshakes = std::mem::take(&mut *lock(&driver.handshakes));
     let fallback = std::mem::take(&mut *lock(&driver.fallback));
+    {
+        // The core discards a checkpoint cut off before it ends; a part
+        // still here would be one it never saw end.
+        let mut undo = lock(&driver.undo);
+        if !undo.is_empty() {
+            let undone = undo.undo(&driver.guest, driver.zero_page.len());
+            tracing::warn!(?undone, "the migration ended in the middle of a checkpoint: undone");
+        }
+        // Kept for the next migration of this process.
+        driver.checkpoint_memory.give_back(std::mem::take(&mut undo.old));
+    }
     tracing::info!(result = ?finished.result, "migration ended");
     Ok(SourceOutcome {
         finished,
@@ -419,30 +465,39 @@ impl SideDriver for SourceDriver<'_> {
             SourceAction::SyncDirtyLog => SourceOp::SyncDirtyLog,
             SourceAction::Notice(notice) => SourceOp::Notice(notice),
             SourceAction::Finished(finished) => SourceOp::Finished(finished),
-            // The staging area is kept in step with the core, under its
-            // lock: a commit must follow every page staged before it.
+            // The checkpoint's pages go into the image in step with the
+            // core, under its lock: a commit is then only forgetting the
+            // old contents, and a takeover finds the image as committed.
             SourceAction::StageCheckpointPage { seq, page, data } => {
-                let mut staging = lock(&self.staging);
-                if staging.is_empty() {
+                let mut undo = lock(&self.undo);
+                if undo.is_empty() {
                     tracing::info!(seq, "checkpoint {seq} arriving");
                 }
-                staging.stage(page, &data);
+                let (data, zero) = match &data {
+                    PageData::Bytes(bytes) => (bytes.as_ref(), false),
+                    PageData::Zero => (self.zero_page.as_slice(), true),
+                };
+                if let Err(e) = undo.overwrite(&self.guest, page, data, zero) {
+                    // The core checked the page's number and length against the layout.
+                    tracing::error!(seq, page = page.0, e, "cannot write a checkpoint page into the image");
+                }
                 return None;
             }
-            // The copy into the image happens after the core lock is
-            // released (tens of milliseconds for a large checkpoint, which
-            // held up the fault path and the push); the pages are taken
-            // here, in step with the core, and the commit is counted until
-            // done so that a takeover waits for it.
             SourceAction::CommitCheckpoint { seq } => {
-                let spare = lock(&self.staging_spare).take().unwrap_or_default();
-                let staged = std::mem::replace(&mut *lock(&self.staging), spare);
-                *lock(&self.pending_commits.0) += 1;
-                SourceOp::Commit { seq, staged }
+                let (pages, bytes) = lock(&self.undo).commit();
+                let mut record = lock(&self.fallback);
+                record.checkpoints_committed += 1;
+                record.checkpoint_pages += pages;
+                record.checkpoint_bytes += bytes;
+                tracing::debug!(seq, pages, bytes, "checkpoint committed");
+                return None;
             }
             SourceAction::DiscardCheckpoint { seq } => {
-                let dropped = lock(&self.staging).clear();
-                tracing::info!(seq, dropped, "a checkpoint cut off: dropped");
+                let undone = lock(&self.undo).undo(&self.guest, self.zero_page.len());
+                match undone {
+                    Ok(pages) => tracing::info!(seq, pages, "a checkpoint cut off: undone"),
+                    Err(e) => tracing::error!(seq, e, "cannot undo a checkpoint cut off: the image is damaged"),
+                }
                 lock(&self.fallback).checkpoints_discarded += 1;
                 return None;
             }
@@ -451,11 +506,7 @@ impl SideDriver for SourceDriver<'_> {
     }
 
     fn execute<'s>(&'s self, s: &'s Scope<'s, '_>, ops: Vec<SourceOp>) {
-        // Commits first: a takeover or the end later in this list waits for
-        // every pending commit, this list's too.
-        let (commits, ops): (Vec<SourceOp>, Vec<SourceOp>) =
-            ops.into_iter().partition(|op| matches!(op, SourceOp::Commit { .. }));
-        for op in commits.into_iter().chain(ops) {
+        for op in ops {
             match op {
                 SourceOp::Connect(channel) => spawn(s, "src-connect", move || self.connect(s, channel)),
                 SourceOp::Close(op) => self.close_connection(s, op),
@@ -466,14 +517,8 @@ impl SideDriver for SourceDriver<'_> {
                 }
                 SourceOp::SyncDirtyLog => self.sync_dirty_log(s),
                 SourceOp::Notice(notice) => self.notice(&notice),
-                SourceOp::TakeOver { checkpoint, device_state } => {
-                    self.wait_for_commits();
-                    self.take_over(checkpoint, &device_state)
-                }
-                SourceOp::Commit { seq, staged } => self.commit_checkpoint(seq, staged),
+                SourceOp::TakeOver { checkpoint, device_state } => self.take_over(checkpoint, &device_state),
                 SourceOp::Finished(finished) => {
-                    // The report counts every commit.
-                    self.wait_for_commits();
                     *lock(&self.finished) = Some(*finished);
                     self.shell.stopping.store(true, Ordering::SeqCst);
                     self.done_bell.ring();
@@ -521,53 +566,6 @@ impl SideDriver for SourceDriver<'_> {
 }
 
 impl SourceDriver<'_> {
-    /// Copies the staged pages of checkpoint `seq` into the guest's memory
-    /// here, the fallback image. Those pages are never sent again (the
-    /// destination had them before its guest dirtied them), so the push and
-    /// the digests of pages as sent are untouched.
-    fn commit_checkpoint(&self, seq: u64, mut staged: Staging) {
-        let t0 = now().0;
-        let page_bytes = (self.guest.map.unit_pages() * PAGE_SIZE) as usize;
-        let zeros = vec![0u8; page_bytes];
-        let mut bytes = 0u64;
-        for (page, content) in staged.pages() {
-            bytes += content.map_or(0, |c| c.len() as u64);
-            let content = content.unwrap_or(&zeros);
-            let written = self.guest.map.page_ref(page).map(|r| self.guest.ram.write_pages(r, content));
-            if !matches!(written, Some(Ok(()))) {
-                // The core checked the page's number and length against the layout.
-                tracing::error!(page = page.0, ?written, "cannot write a committed checkpoint page");
-            }
-        }
-        let pages = staged.clear() as u64;
-        {
-            let mut record = lock(&self.fallback);
-            record.checkpoints_committed += 1;
-            record.checkpoint_pages += pages;
-            record.checkpoint_bytes += bytes;
-        }
-        tracing::debug!(seq, pages, bytes, us = (now().0 - t0) / 1000, "checkpoint committed");
-        {
-            let mut spare = lock(&self.staging_spare);
-            if spare.as_ref().is_none_or(|s| s.arena.capacity() < staged.arena.capacity()) {
-                *spare = Some(staged);
-            }
-        }
-        let (count, done) = &self.pending_commits;
-        let mut count = lock(count);
-        *count = count.saturating_sub(1);
-        done.notify_all();
-    }
-
-    /// Waits until every commit handed out is in the fallback image.
-    fn wait_for_commits(&self) {
-        let (count, done) = &self.pending_commits;
-        let mut count = lock(count);
-        while *count > 0 {
-            count = done.wait(count).unwrap_or_else(|e| e.into_inner());
-        }
-    }
-
     /// The destination is lost: the guest's memory here is the fallback
     /// image (committed checkpoints applied); load the checkpoint's device
     /// state into the parked vCPUs and run them.
@@ -871,29 +869,55 @@ pub fn new_session_id() -> u64 {
 
 #[cfg(test)]
 mod tests {
-    use super::{Pace, Staging};
-    use bytes::Bytes;
-    use postcopy_core::wire::PageData;
+    use super::{Pace, PageStore, UndoLog};
     use postcopy_core::PageNumber;
+    use std::cell::RefCell;
+
+    /// Guest memory of a few small pages.
+    struct Pages(RefCell<Vec<Vec<u8>>>);
+
+    impl PageStore for Pages {
+        fn read(&self, page: PageNumber, out: &mut [u8]) -> Result<(), String> {
+            let pages = self.0.borrow();
+            out.copy_from_slice(pages.get(page.0 as usize).ok_or("outside")?);
+            Ok(())
+        }
+
+        fn write(&self, page: PageNumber, data: &[u8]) -> Result<(), String> {
+            let mut pages = self.0.borrow_mut();
+            pages.get_mut(page.0 as usize).ok_or("outside")?.copy_from_slice(data);
+            Ok(())
+        }
+    }
+
+    fn contents(ram: &Pages) -> Vec<u8> {
+        ram.0.borrow().iter().map(|p| p[0]).collect()
+    }
 
     #[test]
-    fn staging_keeps_each_page_and_its_memory_across_checkpoints() {
-        let mut staging = Staging::default();
-        staging.stage(PageNumber(9), &PageData::Bytes(Bytes::from(vec![1u8; 4096])));
-        staging.stage(PageNumber(3), &PageData::Zero);
-        staging.stage(PageNumber(5), &PageData::Bytes(Bytes::from(vec![2u8; 4096])));
-        let seen: Vec<(u64, Option<u8>, usize)> =
-            staging.pages().map(|(p, c)| (p.0, c.map(|c| c[0]), c.map_or(0, <[u8]>::len))).collect();
-        assert_eq!(seen, vec![(9, Some(1), 4096), (3, None, 0), (5, Some(2), 4096)]);
-        let capacity = staging.arena.capacity();
-        assert_eq!(staging.clear(), 3);
-        assert!(staging.is_empty());
-        assert_eq!(staging.pages().count(), 0);
-        // The next checkpoint reuses the memory.
-        assert_eq!(staging.arena.capacity(), capacity);
-        staging.stage(PageNumber(1), &PageData::Bytes(Bytes::from(vec![4u8; 4096])));
-        assert_eq!(staging.pages().map(|(p, c)| (p.0, c.map(|c| c[4095]))).collect::<Vec<_>>(), vec![(1, Some(4))]);
+    fn a_checkpoint_is_written_in_place_and_undone_if_cut_off() {
+        let ram = Pages(RefCell::new((0..4).map(|i| vec![i as u8; 8]).collect()));
+        // Room for one page reserved: the second grows it.
+        let mut undo = UndoLog { old: vec![0xee; 8], ..UndoLog::default() };
+        undo.overwrite(&ram, PageNumber(1), &[7; 8], false).unwrap();
+        undo.overwrite(&ram, PageNumber(3), &[0; 8], true).unwrap();
+        assert_eq!(contents(&ram), vec![0, 7, 2, 0]);
+        assert_eq!(undo.commit(), (2, 8));
+        assert!(undo.is_empty());
+        // The next one, cut off: the image is back at the commit. A page
+        // that came twice gets its contents from before the first.
+        undo.overwrite(&ram, PageNumber(0), &[5; 8], false).unwrap();
+        undo.overwrite(&ram, PageNumber(1), &[6; 8], false).unwrap();
+        undo.overwrite(&ram, PageNumber(1), &[8; 8], false).unwrap();
+        assert_eq!(contents(&ram), vec![5, 8, 2, 0]);
+        assert_eq!(undo.undo(&ram, 8), Ok(3));
+        assert_eq!(contents(&ram), vec![0, 7, 2, 0]);
+        assert_eq!(undo.commit(), (0, 0));
+        // A page outside the guest is refused before anything changes.
+        assert!(undo.overwrite(&ram, PageNumber(9), &[1; 8], false).is_err());
+        assert!(undo.is_empty());
     }
+
     use std::time::Duration;
 
     #[test]

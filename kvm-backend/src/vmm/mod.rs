@@ -40,6 +40,7 @@ use serde_json::{json, Value};
 
 use crate::devices::{lock, SerialOutput};
 use crate::driver::blocktime::Blocktime;
+use crate::driver::checkpoint_memory::CheckpointMemory;
 use crate::driver::populate;
 use crate::driver::report::{DestinationReport, SourceReport};
 use crate::driver::watch::{ListenerSlot, UserRequest, Watch};
@@ -86,6 +87,11 @@ pub struct VmmConfig {
     pub damage: Option<Damage>,
     /// Plain TCP or mutual TLS on every migration's connections.
     pub security: driver::ChannelSecurity,
+    /// Fallback: the checkpoints' memory, shared by every migration of the
+    /// process (reserved by `run` when its command line turns fallback on).
+    pub checkpoint_memory: CheckpointMemory,
+    /// Bytes of it to reserve when QMP turns fallback on (0: none ahead).
+    pub checkpoint_reserve: u64,
 }
 
 /// Where the process stands with respect to an incoming migration.
@@ -294,6 +300,24 @@ impl Shared {
         }
     }
 
+    /// Fallback was turned on: reserves the checkpoints' memory in a thread
+    /// of its own (touching it takes a while with the guest running; a
+    /// migration started meanwhile uses what is kept then, and fresh
+    /// memory past it).
+    fn reserve_checkpoint_memory(&self) {
+        let (memory, bytes) = (self.config.checkpoint_memory.clone(), self.config.checkpoint_reserve);
+        if bytes == 0 || memory.kept_bytes() as u64 >= bytes {
+            return;
+        }
+        let spawned = std::thread::Builder::new().name("vmm-reserve".into()).spawn(move || {
+            let took = memory.reserve(usize::try_from(bytes).unwrap_or(usize::MAX));
+            tracing::info!(mib = bytes >> 20, ms = took.as_millis() as u64, "checkpoint memory reserved");
+        });
+        if let Err(e) = spawned {
+            tracing::warn!(%e, "cannot start reserving the checkpoint memory: checkpoints take fresh memory");
+        }
+    }
+
     fn capability(state: &State, capability: MigrationCapability) -> bool {
         state.capabilities.get(&capability).copied().unwrap_or(false)
     }
@@ -351,6 +375,7 @@ impl Shared {
             population: None,
             blocktime: job.blocktime.clone(),
             security,
+            checkpoint_memory: self.config.checkpoint_memory.clone(),
         };
         state.incoming = Incoming::Started;
         state.job = Some(job.clone());
@@ -801,8 +826,12 @@ impl postcopy_qmp::Vmm for KvmVmm {
                 return Err(QmpError::capability_unsupported(c.capability.as_str()));
             }
         }
+        let fallback_before = Shared::capability(&state, MigrationCapability::XPostcopyFallback);
         for c in capabilities {
             state.capabilities.insert(c.capability, c.state);
+        }
+        if !fallback_before && Shared::capability(&state, MigrationCapability::XPostcopyFallback) {
+            self.shared.reserve_checkpoint_memory();
         }
         Ok(())
     }
@@ -882,6 +911,7 @@ impl postcopy_qmp::Vmm for KvmVmm {
                 ..self.shared.config.tuning.clone()
             },
             security: self.shared.security(&state, tls::Way::Outgoing { uri: &args.uri })?,
+            checkpoint_memory: self.shared.config.checkpoint_memory.clone(),
         };
         state.job = Some(job.clone());
         if job.events {

@@ -159,7 +159,7 @@ impl DestinationDriver<'_> {
         // The buffer may be longer than this checkpoint (kept from a larger
         // one): only its first pages are this one's.
         let zero: Vec<bool> =
-            buf.chunks_exact(page_bytes).take(numbers.len()).map(|p| p.iter().all(|&b| b == 0)).collect();
+            buf.chunks_exact(page_bytes).take(numbers.len()).map(postcopy_core::wire::is_zero_page).collect();
         let buf = self.checkpoint_buffers.lend(buf);
         let pages: Vec<(PageNumber, PageData)> = numbers
             .iter()

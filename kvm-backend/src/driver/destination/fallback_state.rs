@@ -4,12 +4,7 @@
 //! apart from the driver so that the driver's state and the checkpoint
 //! code both depend on it, not on each other.
 
-use std::sync::{Arc, Mutex};
-
-use bytes::Bytes;
 use postcopy_core::PageNumber;
-
-use crate::devices::lock;
 
 use crate::driver::machine::PageMap;
 use crate::driver::report::FallbackSummary;
@@ -86,120 +81,5 @@ impl CopyOnWrite {
         }
         self.copied[i] = true;
         true
-    }
-}
-
-/// The checkpoints' copy buffer, kept from one checkpoint to the next: a
-/// fresh buffer costs a first touch per page (about 10 us here for memory
-/// the host had reclaimed: 0.6 s for a checkpoint of 60k pages), and the
-/// destination takes one checkpoint at a time. The buffer is lent to the
-/// core's frames ([`BufferPool::lend`]) and comes back when the last of
-/// them is dropped, once the source acknowledged the checkpoint.
-#[derive(Clone, Debug, Default)]
-pub(crate) struct BufferPool(Arc<Mutex<Pool>>);
-
-#[derive(Debug, Default)]
-struct Pool {
-    /// The longest buffer back from its checkpoint.
-    kept: Option<Vec<u8>>,
-    /// Buffers too short to keep, freed by [`BufferPool::free_retired`]:
-    /// unmapping 300 MB took milliseconds, and [`BufferPool::take`] runs
-    /// while the guest is stopped, [`BufferPool::give_back`] under the
-    /// core's lock.
-    retired: Vec<Vec<u8>>,
-}
-
-impl BufferPool {
-    /// A buffer of at least `bytes`: the kept one if it is long enough (its
-    /// old contents are there: every page is copied before it is read), or
-    /// a new one with room for half as much again, up to `at_most` (a
-    /// checkpoint larger than the last is likely followed by a larger
-    /// still), untouched until written (so that taking it during a
-    /// checkpoint's stop costs nothing).
-    pub(super) fn take(&self, bytes: usize, at_most: usize) -> Vec<u8> {
-        let mut pool = lock(&self.0);
-        match pool.kept.take() {
-            Some(buf) if buf.len() >= bytes => buf,
-            short => {
-                pool.retired.extend(short);
-                vec![0u8; bytes.saturating_add(bytes / 2).min(at_most).max(bytes)]
-            }
-        }
-    }
-
-    /// `buf` as shared bytes that return it here when the last is dropped.
-    pub(super) fn lend(&self, buf: Vec<u8>) -> Bytes {
-        Bytes::from_owner(Lent { buf, pool: self.clone() })
-    }
-
-    /// A buffer back (its checkpoint acknowledged, or failed): kept for
-    /// the next checkpoint if it is the longest.
-    pub(super) fn give_back(&self, buf: Vec<u8>) {
-        let mut pool = lock(&self.0);
-        let keep = pool.kept.as_ref().is_none_or(|k| k.len() < buf.len());
-        let retire = if keep { pool.kept.replace(buf) } else { Some(buf) };
-        pool.retired.extend(retire);
-    }
-
-    /// Frees the buffers too short to keep (call where a pause costs
-    /// nothing: the guest running, no lock held).
-    pub(super) fn free_retired(&self) {
-        let retired = std::mem::take(&mut lock(&self.0).retired);
-        drop(retired);
-    }
-}
-
-/// A buffer lent to the core's frames.
-struct Lent {
-    buf: Vec<u8>,
-    pool: BufferPool,
-}
-
-impl AsRef<[u8]> for Lent {
-    fn as_ref(&self) -> &[u8] {
-        &self.buf
-    }
-}
-
-impl Drop for Lent {
-    fn drop(&mut self) {
-        self.pool.give_back(std::mem::take(&mut self.buf));
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::BufferPool;
-    use crate::devices::lock;
-
-    #[test]
-    fn a_lent_buffer_comes_back_when_its_last_slice_is_dropped() {
-        let pool = BufferPool::default();
-        let mut buf = pool.take(8192, 8192);
-        assert_eq!(buf.len(), 8192);
-        buf[0] = 7;
-        let at = buf.as_ptr();
-        let bytes = pool.lend(buf);
-        let slice = bytes.slice(4096..8192);
-        drop(bytes);
-        // Still lent: a new buffer.
-        let other = pool.take(4096, 1 << 20);
-        assert_ne!(other.as_ptr(), at);
-        // With room for half as much again.
-        assert_eq!((other.len(), other[0]), (6144, 0));
-        drop(slice);
-        // Back: the same memory, for anything no longer than it.
-        let again = pool.take(4096, 8192);
-        assert_eq!((again.as_ptr(), again.len(), again[0]), (at, 8192, 7));
-        pool.give_back(again);
-        // Too short for a larger checkpoint: a new one, zeroed; the short
-        // one is freed only when asked.
-        let larger = pool.take(16384, 20000);
-        assert_eq!((larger.len(), larger[0]), (20000, 0));
-        assert_eq!(lock(&pool.0).retired.len(), 1);
-        pool.give_back(larger);
-        assert_eq!(lock(&pool.0).kept.as_ref().map(Vec::len), Some(20000));
-        pool.free_retired();
-        assert!(lock(&pool.0).retired.is_empty());
     }
 }

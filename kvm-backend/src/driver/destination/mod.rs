@@ -170,7 +170,7 @@ fn run(
         vcpu_hold: Mutex::default(),
         fallback_log: Mutex::default(),
         copy_on_write: Mutex::new(None),
-        checkpoint_buffers: Default::default(),
+        checkpoint_buffers: opts.checkpoint_memory.clone(),
         parts_in_flight: Default::default(),
         part_hashes: Default::default(),
         staged_parts: Mutex::new(Default::default()),

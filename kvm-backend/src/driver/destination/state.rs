@@ -4,6 +4,7 @@
 //! timeline and its operations. Data only: every module of the destination
 //! imports this one, and this one imports none of them.
 
+use crate::driver::checkpoint_memory::CheckpointMemory;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
@@ -63,6 +64,8 @@ pub struct DestinationOptions {
     pub blocktime: Option<Arc<crate::driver::blocktime::Blocktime>>,
     /// Plain TCP or mutual TLS (and a migration secret).
     pub security: ChannelSecurity,
+    /// Fallback: where checkpoints are copied (reserved ahead, kept).
+    pub checkpoint_memory: CheckpointMemory,
 }
 
 /// What the destination builds for the guest when the hello arrives.
@@ -188,7 +191,7 @@ pub(super) struct DestinationDriver<'a> {
     /// Fallback: the checkpoint being copied on write, if any.
     pub(super) copy_on_write: Mutex<Option<super::fallback_state::CopyOnWrite>>,
     /// The checkpoints' copy buffer, kept between checkpoints.
-    pub(super) checkpoint_buffers: super::fallback_state::BufferPool,
+    pub(super) checkpoint_buffers: CheckpointMemory,
     /// Pages arriving in parts: parts handed out and not placed yet.
     pub(super) parts_in_flight: crate::driver::sync::PartsInFlight,
     /// Pages arriving in parts: their parts' hashes, for the digest.
