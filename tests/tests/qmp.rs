@@ -685,3 +685,42 @@ fn command_line_migration_settings_are_the_qmp_starting_values() {
     );
     assert!(refused.contains("max-bandwidth"), "{refused}");
 }
+
+/// Fallback's checkpoint memory is reserved when fallback is turned on: at
+/// start from the command line, and when `migrate-set-capabilities` turns
+/// it on, in the background.
+#[test]
+fn checkpoint_memory_is_reserved_when_fallback_is_turned_on() {
+    if !kvm_or_skip("checkpoint_memory_is_reserved_when_fallback_is_turned_on") {
+        return;
+    }
+    let _one = serial();
+    let dir = temp_dir("qmp-checkpoint-memory");
+    let info = [("POSTCOPY_LOG", "info")];
+    let reserved = |vmm: &Vmm| vmm.stderr_text().lines().filter(|l| l.contains("checkpoint memory reserved")).count();
+    let mut later = Vmm::start_with_env(&dir, "later", &["--incoming", "defer", "--prealloc", "64M"], &info);
+    let at_start = Vmm::start_with_env(
+        &dir,
+        "at-start",
+        &["--incoming", "defer", "--fallback", "checkpoint", "--checkpoint-reserve", "16M"],
+        &info,
+    );
+    // Reserved before the VMM serves QMP; the explicit size counts.
+    assert_eq!(reserved(&at_start), 1, "{}", at_start.stderr_text());
+    assert!(at_start.stderr_text().contains("mib=16"), "{}", at_start.stderr_text());
+    assert_eq!(reserved(&later), 0, "reserved with fallback off: {}", later.stderr_text());
+    later.set_capability(MigrationCapability::XPostcopyFallback, true);
+    let t0 = Instant::now();
+    while reserved(&later) == 0 && t0.elapsed() < Duration::from_secs(20) {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // Half of `--prealloc`, once: turning it on again keeps what is there.
+    assert_eq!(reserved(&later), 1, "{}", later.stderr_text());
+    assert!(later.stderr_text().contains("mib=32"), "{}", later.stderr_text());
+    later.set_capability(MigrationCapability::XPostcopyFallback, false);
+    later.set_capability(MigrationCapability::XPostcopyFallback, true);
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(reserved(&later), 1, "{}", later.stderr_text());
+    later.quit();
+    at_start.quit();
+}
