@@ -255,6 +255,10 @@ fn parse_payload(header: Header, payload: Bytes) -> Result<Frame, WireError> {
                 let block_page_size = if flags & HELLO_FLAG_BLOCK_PAGE_SIZES != 0 { r.u32()? } else { page_size };
                 blocks.push(RamBlock { name, page_count, page_size: block_page_size });
             }
+            // One encoding per hello: the flag means some block differs.
+            if flags & HELLO_FLAG_BLOCK_PAGE_SIZES != 0 && blocks.iter().all(|b| b.page_size == page_size) {
+                return Err(r.malformed("block page sizes sent though every block has the hello's"));
+            }
             let machine_len = r.u16()? as usize;
             if machine_len > MAX_MACHINE_LEN {
                 return Err(r.malformed("machine description too long"));

@@ -70,7 +70,9 @@
 //! whose blocks all have it is encoded as by builds that knew one page size
 //! (flag bit 2 clear, so they read it and compare page sizes as before);
 //! otherwise flag bit 2 is set and every block carries its page size. A
-//! build without block page sizes refuses such a hello (`ReservedBits`).
+//! build without block page sizes refuses such a hello (`ReservedBits`); the
+//! flag with every block at the base size is refused (`Malformed`), so that
+//! each hello has one encoding, which the fuzzer checks.
 //!
 //! # Page parts
 //!

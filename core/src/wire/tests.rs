@@ -191,6 +191,13 @@ fn block_page_sizes_cross_only_when_a_block_differs() {
     assert_eq!(uniform_bytes[HEADER_LEN + 7] & 0x04, 0, "a uniform layout keeps the old encoding");
     assert_eq!(huge_bytes[HEADER_LEN + 7] & 0x04, 0x04);
     assert_eq!(decode_all(&huge_bytes, 5).unwrap(), vec![huge]);
+    // The flag with every block at the hello's size is a second encoding of
+    // the uniform hello, refused so that each hello has one.
+    let huge_size = (2u32 << 20).to_be_bytes();
+    let at = huge_bytes.windows(4).position(|w| w == huge_size).expect("the huge block's size is on the wire");
+    let mut flagged_uniform = huge_bytes.clone();
+    flagged_uniform[at..at + 4].copy_from_slice(&4096u32.to_be_bytes());
+    assert!(matches!(decode_all(&flagged_uniform, 5), Err(WireError::Malformed { .. })));
     // A huge page crosses whole in one frame.
     let page = Frame::Page(PageFrame {
         address: PageAddress { block: 1, index: 0 },
