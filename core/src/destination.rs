@@ -493,6 +493,13 @@ impl Destination {
         self.fallback.is_some()
     }
 
+    /// Fallback: checkpoints the driver handed in (0: none yet, or
+    /// fallback off). Sequence numbers run from 1 without gaps, so this is
+    /// the last one's.
+    pub fn checkpoints_taken(&self) -> u64 {
+        self.fallback.as_ref().map_or(0, |f| f.next_checkpoint.saturating_sub(1))
+    }
+
     pub fn is_connected(&self, channel: Channel) -> bool {
         self.links[channel.index()].up
     }

@@ -105,6 +105,7 @@ fn writes_on_the_destination_are_checkpointed_and_committed() {
     advance_to(&mut pair, at);
     pump(&mut pair);
     assert_eq!(pair.src.core.committed_checkpoint(), 1);
+    assert_eq!(pair.dst.core.checkpoints_taken(), 1);
     assert_eq!(pair.src.guest.versions[3], pair.oracle.latest(PageNumber(3)), "committed into the image");
 }
 
@@ -120,11 +121,13 @@ fn an_abandoned_checkpoint_is_asked_for_again_and_its_writes_are_in_the_next() {
     pump(&mut pair);
     assert_eq!(pair.dst.abandon_checkpoints, 0, "a checkpoint was asked for and abandoned");
     assert_eq!(pair.src.core.committed_checkpoint(), 0);
+    assert_eq!(pair.dst.core.checkpoints_taken(), 0, "an abandoned checkpoint is not counted as taken");
     // The next interval asks again: the same sequence number, the write in it.
     let at = pair.now + Duration::from_millis(25);
     advance_to(&mut pair, at);
     pump(&mut pair);
     assert_eq!(pair.src.core.committed_checkpoint(), 1);
+    assert_eq!(pair.dst.core.checkpoints_taken(), 1);
     assert_eq!(pair.src.guest.versions[3], pair.oracle.latest(PageNumber(3)), "committed into the image");
 }
 

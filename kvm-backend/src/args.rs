@@ -209,11 +209,17 @@ impl Common {
 
     /// The fallback settings, when fallback is on.
     pub fn fallback_config(&self) -> Option<FallbackConfig> {
-        (self.fallback == FallbackArg::Checkpoint).then(|| FallbackConfig {
+        (self.fallback == FallbackArg::Checkpoint).then(|| self.fallback_settings())
+    }
+
+    /// The fallback settings of the command line (or their defaults),
+    /// whether or not it turned fallback on: `run` uses them when QMP does.
+    pub fn fallback_settings(&self) -> FallbackConfig {
+        FallbackConfig {
             lease: Duration::from_millis(self.lease_ms),
             checkpoint_interval: Duration::from_millis(self.checkpoint_interval_ms),
             ..FallbackConfig::default()
-        })
+        }
     }
 
     /// These settings as arguments for a child `postcopy dest` or `source`.

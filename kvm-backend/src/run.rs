@@ -102,6 +102,7 @@ pub fn run(a: RunArgs) -> Result<ExitCode, RunError> {
         security,
         checkpoint_memory,
         checkpoint_reserve,
+        fallback_settings: a.common.fallback_settings(),
     };
     let bus = EventBus::new();
     let vmm = match a.incoming.as_deref() {

@@ -375,6 +375,25 @@ pub struct XPostcopyInfo {
     /// Estimated time to completion, milliseconds.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub eta_ms: Option<u64>,
+    /// Fallback, on the source: checkpoints committed into the fallback
+    /// image (the guest would restart from the last one).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub checkpoints_committed: Option<u64>,
+    /// Fallback, on the source: the committed checkpoints' page bytes
+    /// (zero pages count none).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub checkpoint_bytes: Option<u64>,
+    /// Fallback, on the source: checkpoints cut off (a lost connection)
+    /// and dropped.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub checkpoints_discarded: Option<u64>,
+    /// Fallback, on the source after a takeover: the checkpoint the guest
+    /// restarted from here (0: the state it stopped in at the switchover).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub restarted_from_checkpoint: Option<u64>,
+    /// Fallback, on the destination: checkpoints taken and sent back.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub checkpoints_taken: Option<u64>,
 }
 
 /// The answer to `query-migrate` (`MigrationInfo`): everything optional, as
@@ -600,6 +619,19 @@ mod tests {
         assert_eq!(json["postcopy-latency-dist"], serde_json::json!([0, 3]));
         assert_eq!(json["x-postcopy"], serde_json::json!({"recoveries": 1}));
         assert!(json.get("downtime").is_none());
+        let fallback = XPostcopyInfo {
+            checkpoints_committed: Some(3),
+            checkpoint_bytes: Some(4096),
+            checkpoints_discarded: Some(0),
+            restarted_from_checkpoint: Some(3),
+            checkpoints_taken: Some(4),
+            ..Default::default()
+        };
+        assert_eq!(
+            serde_json::to_value(&fallback).unwrap(),
+            serde_json::json!({"checkpoints-committed": 3, "checkpoint-bytes": 4096, "checkpoints-discarded": 0,
+                "restarted-from-checkpoint": 3, "checkpoints-taken": 4})
+        );
     }
 
     #[test]

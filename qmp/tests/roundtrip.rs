@@ -46,8 +46,9 @@ fn x_postcopy() -> impl Strategy<Value = XPostcopyInfo> {
         (of(finite()), of(finite()), of(finite()), of(finite())),
         (of(any::<u64>()), of(any::<u64>()), of(any::<u64>()), of(any::<u64>())),
         (of("[0-9a-f]{0,64}"), of(any::<bool>()), of(any::<u64>())),
+        (of(any::<u64>()), of(any::<u64>()), of(any::<u64>()), of(any::<u64>()), of(any::<u64>())),
     )
-        .prop_map(|((p50, p90, p99, max), (pre, bg, req, rec), (digest, verified, eta))| XPostcopyInfo {
+        .prop_map(|((p50, p90, p99, max), (pre, bg, req, rec), (digest, verified, eta), fallback)| XPostcopyInfo {
             fault_latency_p50_us: p50,
             fault_latency_p90_us: p90,
             fault_latency_p99_us: p99,
@@ -59,6 +60,11 @@ fn x_postcopy() -> impl Strategy<Value = XPostcopyInfo> {
             memory_digest: digest,
             verified,
             eta_ms: eta,
+            checkpoints_committed: fallback.0,
+            checkpoint_bytes: fallback.1,
+            checkpoints_discarded: fallback.2,
+            restarted_from_checkpoint: fallback.3,
+            checkpoints_taken: fallback.4,
         })
 }
 

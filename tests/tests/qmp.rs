@@ -724,3 +724,110 @@ fn checkpoint_memory_is_reserved_when_fallback_is_turned_on() {
     later.quit();
     at_start.quit();
 }
+
+/// The pattern passes the guest in `vmm` completed, from `x-postcopy-verify`
+/// (which also checks its memory against where its vCPUs stand).
+fn verified_passes(vmm: &mut Vmm) -> u64 {
+    let report = vmm.verify();
+    assert_eq!(report["ok"], true, "{}: {report:#}", vmm.name);
+    report["pattern"]["passes_after"].as_u64().unwrap_or_else(|| panic!("{}: no passes: {report:#}", vmm.name))
+}
+
+/// Fallback as an orchestrator sees it: with `x-postcopy-fallback` on both
+/// sides (the source's command line, the destination's QMP), the source's
+/// `query-migrate` counts the checkpoints it committed while postcopy runs;
+/// once the destination process is killed (SIGKILL) it ends `failed`,
+/// naming the checkpoint the guest restarted from, and the guest runs on
+/// there (its passes advance, its memory checks out) and can leave again.
+#[test]
+fn a_killed_destination_leaves_the_guest_running_on_the_source_from_the_checkpoint_query_migrate_names() {
+    if !kvm_or_skip(
+        "a_killed_destination_leaves_the_guest_running_on_the_source_from_the_checkpoint_query_migrate_names",
+    ) {
+        return;
+    }
+    let _one = serial();
+    let dir = temp_dir("qmp-fallback-kill");
+    let port = free_port();
+    // A short lease (the source's counts): the takeover comes about 0.6 s
+    // after the destination's last word.
+    let mut a =
+        Vmm::start(&dir, "a", &["--mem", "128M", "--vcpus", "1", "--fallback", "checkpoint", "--lease-ms", "600"]);
+    let mut b = Vmm::start(&dir, "b", &["--incoming", "defer", "--checkpoint-interval-ms", "50"]);
+    let caps = b.execute(Qmp::QueryMigrateCapabilities);
+    assert!(!capability_state(&caps, "x-postcopy-fallback"), "fallback on by default: {caps}");
+    assert!(capability_state(&a.execute(Qmp::QueryMigrateCapabilities), "x-postcopy-fallback"));
+    set_capability(&mut b, MigrationCapability::XPostcopyFallback, true);
+    b.listen(uri(port));
+    // The push held (requested pages never are), so that postcopy lasts
+    // seconds: the kill lands in it, after a checkpoint was committed.
+    a.set_parameters(MigrationParameters { max_postcopy_bandwidth: Some(16 << 20), ..Default::default() });
+    a.migrate(uri(port));
+    let t0 = Instant::now();
+    let committed = loop {
+        let info = a.qmp.query_migrate().expect("query-migrate");
+        let x = info.x_postcopy.unwrap_or_default();
+        match (info.status, x.checkpoints_committed) {
+            (Some(MigrationStatus::PostcopyActive), Some(n)) if n >= 1 => {
+                assert_eq!(x.restarted_from_checkpoint, None, "no takeover yet");
+                break n;
+            }
+            (Some(status), _) if !status.is_running() => {
+                panic!("the migration ended {status} before a checkpoint was committed: {}", read(&a.stderr))
+            }
+            _ => {}
+        }
+        assert!(t0.elapsed() < MIGRATION_TIMEOUT, "no checkpoint committed; {}", read(&a.stderr));
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    let committed_after_ms = t0.elapsed().as_millis();
+    // The destination counts what it took: at least what was committed.
+    let t1 = Instant::now();
+    while b.qmp.query_migrate().expect("query-migrate").x_postcopy.and_then(|x| x.checkpoints_taken) < Some(committed) {
+        assert!(t1.elapsed() < Duration::from_secs(5), "the destination shows no checkpoint; {}", read(&b.stderr));
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert_eq!(a.status(), Some(MigrationStatus::PostcopyActive), "the kill must land in postcopy");
+    b.child.kill().expect("SIGKILL the destination");
+    let _ = b.child.wait();
+    let killed = Instant::now();
+    assert_eq!(a.wait_ended(), MigrationStatus::Failed, "{}", read(&a.stderr));
+    let ended_after_ms = killed.elapsed().as_millis();
+    let info = a.qmp.query_migrate().expect("query-migrate");
+    let x = info.x_postcopy.clone().expect("x-postcopy");
+    let final_committed = x.checkpoints_committed.expect("checkpoints-committed at the end");
+    let restarted = x.restarted_from_checkpoint.unwrap_or_else(|| panic!("no restarted-from-checkpoint: {info:?}"));
+    println!(
+        "checkpoint {committed} committed {committed_after_ms} ms after migrate; {final_committed} in all \
+         ({} bytes, {} discarded); restarted from {restarted}; failed {ended_after_ms} ms after the kill",
+        x.checkpoint_bytes.unwrap_or(0),
+        x.checkpoints_discarded.unwrap_or(0)
+    );
+    assert!(final_committed >= committed, "{info:?}");
+    // From the last committed one, which is at least the one seen live.
+    assert!((committed..=final_committed).contains(&restarted), "{info:?}");
+    assert_eq!(restarted, final_committed, "not the last committed checkpoint: {info:?}");
+    assert!(x.checkpoint_bytes.is_some_and(|b| b > 0) && x.checkpoints_discarded.is_some(), "{info:?}");
+    let error = info.error_desc.clone().unwrap_or_default();
+    assert!(error.contains(&format!("took the guest back from checkpoint {restarted}")), "{error}");
+    assert_eq!(a.run_state(), RunState::Running);
+    // It runs: its passes advance, its memory matches its registers.
+    let before = verified_passes(&mut a);
+    std::thread::sleep(Duration::from_millis(500));
+    let after = verified_passes(&mut a);
+    assert!(after > before, "the guest does not run after the takeover: {before} then {after} passes");
+    // And it can leave again, to a process with fallback on, verified.
+    let port = free_port();
+    let mut c = Vmm::start(&dir, "c", &["--incoming", &uri(port), "--fallback", "checkpoint"]);
+    a.set_parameters(MigrationParameters { max_postcopy_bandwidth: Some(0), ..Default::default() });
+    a.migrate(uri(port));
+    assert_eq!(a.wait_ended(), MigrationStatus::Completed, "{}", read(&a.stderr));
+    assert_eq!(c.wait_ended(), MigrationStatus::Completed, "{}", read(&c.stderr));
+    assert_hop_verified(&mut a, &mut c, 2);
+    let x = a.qmp.query_migrate().expect("query-migrate").x_postcopy.expect("x-postcopy");
+    assert!(x.checkpoints_committed.is_some() && x.restarted_from_checkpoint.is_none(), "{x:?}");
+    let x = c.qmp.query_migrate().expect("query-migrate").x_postcopy.expect("x-postcopy");
+    assert!(x.checkpoints_taken.is_some(), "{x:?}");
+    a.quit();
+    c.quit();
+}

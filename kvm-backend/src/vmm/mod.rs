@@ -30,7 +30,9 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use postcopy_core::{Config, Destination, DestinationState, EventError, Mode, Source, SourceState, Timestamp};
+use postcopy_core::{
+    Config, Destination, DestinationState, EventError, FallbackConfig, Mode, Source, SourceState, Timestamp,
+};
 use postcopy_qmp::command::parse_tcp_uri;
 use postcopy_qmp::{
     Event, EventSink, MigrateArgs, MigrateIncomingArgs, MigrationCapability, MigrationCapabilityStatus, MigrationInfo,
@@ -92,6 +94,10 @@ pub struct VmmConfig {
     pub checkpoint_memory: CheckpointMemory,
     /// Bytes of it to reserve when QMP turns fallback on (0: none ahead).
     pub checkpoint_reserve: u64,
+    /// The lease and checkpoint interval of a migration with fallback on:
+    /// the command line's (`--lease-ms`, `--checkpoint-interval-ms`) or
+    /// their defaults, whether the command line or QMP turned fallback on.
+    pub fallback_settings: FallbackConfig,
 }
 
 /// Where the process stands with respect to an incoming migration.
@@ -154,6 +160,12 @@ struct Job {
     passes_sent: AtomicU64,
     /// Incoming, with `postcopy-blocktime`: the blocktime accounts.
     blocktime: Option<Arc<Blocktime>>,
+    /// Incoming: the source's fallback terms arrived (fallback is on for
+    /// this migration; the destination's own setting alone does not say).
+    fallback_on: AtomicBool,
+    /// Outgoing: after a fallback takeover, the guest runs here again and
+    /// `query-status` / `query-migrate` say so.
+    restarted: AtomicBool,
     snapshot: Mutex<Snapshot>,
 }
 
@@ -172,6 +184,8 @@ impl Job {
             recover_listening: AtomicBool::new(false),
             passes_sent: AtomicU64::new(0),
             blocktime: None,
+            fallback_on: AtomicBool::new(false),
+            restarted: AtomicBool::new(false),
             snapshot: Mutex::new(Snapshot { status: Some(MigrationStatus::Setup), ..Default::default() }),
         }
     }
@@ -331,9 +345,8 @@ impl Shared {
         config.urgent_channel = Shared::capability(state, MigrationCapability::PostcopyPreempt);
         config.prepaging = Shared::capability(state, MigrationCapability::XPostcopyPrepaging);
         config.auto_reconnect = Shared::capability(state, MigrationCapability::XPostcopyAutoRecover);
-        // The lease and checkpoint interval of the command line, or the defaults.
         config.fallback = Shared::capability(state, MigrationCapability::XPostcopyFallback)
-            .then(|| self.config.base.fallback.clone().unwrap_or_default());
+            .then(|| self.config.fallback_settings.clone());
         if let Some(batch) = p.x_request_batch_pages {
             config.request_batch_pages = batch.clamp(1, u64::from(u32::MAX)) as u32;
         }
@@ -434,8 +447,12 @@ impl Shared {
                 pages_requested: Some(report.stats.pages_received.requested),
                 recoveries: Some(u64::from(report.stats.recoveries)),
                 memory_digest: ok.then(|| format!("{:016x}", report.digest.digest)),
-                verified: None,
-                eta_ms: None,
+                checkpoints_taken: report
+                    .fallback
+                    .as_ref()
+                    .filter(|_| job.fallback_on.load(Ordering::SeqCst))
+                    .map(|f| f.checkpoints),
+                ..Default::default()
             };
             snapshot.destination_report = Some(report);
         }
@@ -464,7 +481,8 @@ impl Shared {
 
     /// The outgoing migration's thread.
     fn send(self: Arc<Self>, guest: Arc<LiveGuest>, opts: SourceOptions, job: Arc<Job>) {
-        let watch: Arc<dyn Watch<Source>> = Arc::new(SourceWatch { shared: self.clone(), job: job.clone() });
+        let watch: Arc<dyn Watch<Source>> =
+            Arc::new(SourceWatch { shared: self.clone(), job: job.clone(), guest: guest.clone() });
         let guest_stats = guest.vm.devices().stats().clone();
         let t_start = crate::sys::monotonic_ns();
         let progress_before = guest_stats.pages_rate(t_start.saturating_sub(PROGRESS_WINDOW_NS), t_start);
@@ -472,6 +490,14 @@ impl Shared {
         let session = driver::new_session_id();
         let result = driver::run_source_watched(&guest.vm, &guest.vcpus, &guest.machine, session, &opts, Some(watch));
         let cancelled = job.cancel_requested.load(Ordering::SeqCst);
+        let takeover = result.as_ref().ok().and_then(|o| o.fallback.takeover.clone());
+        // A takeover whose restore failed: the migration's error, and why
+        // the guest cannot run here either.
+        let cannot_run = takeover
+            .as_ref()
+            .and_then(|t| t.error.as_deref())
+            .map(|why| format!("; the guest cannot run here again: {why}"));
+        let cannot_run = cannot_run.as_deref().unwrap_or_default();
         let (status, error) = match &result {
             Ok(outcome) => {
                 let finished = &outcome.finished;
@@ -489,8 +515,8 @@ impl Shared {
                 snapshot.source_report = Some(SourceReport {
                     ok: finished.result.is_ok(),
                     error: finished.result.as_ref().err().map(|e| match &outcome.last_connect_error {
-                        Some(why) => format!("{}: {why}", error_chain(e)),
-                        None => error_chain(e),
+                        Some(why) => format!("{}: {why}{cannot_run}", error_chain(e)),
+                        None => format!("{}{cannot_run}", error_chain(e)),
                     }),
                     guest_on: format!("{:?}", finished.guest_on).to_lowercase(),
                     mem_bytes: guest.machine.ram.total_bytes(),
@@ -519,11 +545,14 @@ impl Shared {
                     memory_digest: finished.result.is_ok().then(|| format!("{:016x}", digest.digest)),
                     ..Default::default()
                 };
+                if opts.config.fallback.is_some() {
+                    status::fill_source_fallback(&mut snapshot.x, &outcome.fallback);
+                }
                 match &finished.result {
                     Ok(()) => (MigrationStatus::Completed, None),
                     Err(e) => {
                         let status = if cancelled { MigrationStatus::Cancelled } else { MigrationStatus::Failed };
-                        (status, Some(error_chain(e)))
+                        (status, Some(format!("{}{cannot_run}", error_chain(e))))
                     }
                 }
             }
@@ -531,16 +560,25 @@ impl Shared {
         };
         lock(&job.snapshot).error = error.clone();
         let mut state = self.lock();
-        if status == MigrationStatus::Completed {
-            // The guest lives on the destination: its vCPU threads here end
-            // with the last reference.
-            state.guest = None;
-            state.incoming = Incoming::Deferred;
-            self.set_run_state(&mut state, RunState::Postmigrate);
-            eprintln!("postcopy run: the migration completed; the guest runs on the destination");
-        } else {
-            self.set_run_state(&mut state, RunState::Running);
-            eprintln!("postcopy run: the migration ended ({status}); the guest keeps running here");
+        let run_state = status::source_end_run_state(status, takeover.as_ref());
+        self.set_run_state(&mut state, run_state);
+        match (run_state, &takeover) {
+            (RunState::Postmigrate, _) => {
+                // The guest lives on the destination: its vCPU threads here
+                // end with the last reference.
+                state.guest = None;
+                state.incoming = Incoming::Deferred;
+                eprintln!("postcopy run: the migration completed; the guest runs on the destination");
+            }
+            (RunState::InternalError, _) => {
+                eprintln!("postcopy run: the migration ended ({status}); the guest cannot run here{cannot_run}")
+            }
+            (_, Some(t)) => eprintln!(
+                "postcopy run: the migration ended ({status}); the destination was lost and the guest runs here \
+                 again from checkpoint {}",
+                t.checkpoint
+            ),
+            _ => eprintln!("postcopy run: the migration ended ({status}); the guest keeps running here"),
         }
         self.set_status(&job, status);
         drop(state);
@@ -562,6 +600,9 @@ fn resolve(uri: &str) -> Result<SocketAddr, QmpError> {
 struct SourceWatch {
     shared: Arc<Shared>,
     job: Arc<Job>,
+    /// The guest being migrated: after a takeover, whether its vCPUs run
+    /// again says whether the driver could restore it.
+    guest: Arc<LiveGuest>,
 }
 
 impl Watch<Source> for SourceWatch {
@@ -590,8 +631,12 @@ impl Watch<Source> for SourceWatch {
         // where it will stay.
         if !state.is_terminal() {
             self.shared.set_status(&self.job, status);
-            let mut vmm = self.shared.lock();
-            self.shared.set_run_state(&mut vmm, status::source_run_state(state));
+            // After a takeover the driver restores the guest only after this
+            // call, and may fail to: `sample` says running once it runs.
+            if !core.took_over() {
+                let mut vmm = self.shared.lock();
+                self.shared.set_run_state(&mut vmm, status::source_run_state(state));
+            }
         }
     }
 
@@ -608,6 +653,21 @@ impl Watch<Source> for SourceWatch {
             snapshot.x.pages_background = Some(stats.pages_sent.background);
             snapshot.x.pages_requested = Some(stats.pages_sent.requested);
             snapshot.x.recoveries = Some(u64::from(stats.recoveries));
+            if core.config().fallback.is_some() {
+                // Sequence numbers run from 1 without gaps: the last is the count.
+                snapshot.x.checkpoints_committed = Some(core.committed_checkpoint());
+            }
+        }
+        // The takeover's restore resumes the parked vCPUs, or leaves them
+        // parked when it failed (the end then says `internal-error`).
+        let restored = || self.guest.vcpus.states().iter().any(|s| !s.is_parked());
+        if core.took_over() && !self.job.restarted.load(Ordering::SeqCst) && restored() {
+            let mut vmm = self.shared.lock();
+            if let Ok(mut snapshot) = self.job.snapshot.try_lock() {
+                snapshot.x.restarted_from_checkpoint = Some(core.committed_checkpoint());
+                self.shared.set_run_state(&mut vmm, RunState::Running);
+                self.job.restarted.store(true, Ordering::SeqCst);
+            }
         }
     }
 
@@ -644,6 +704,9 @@ impl Watch<Destination> for DestinationWatch {
             let mut vmm = self.shared.lock();
             self.shared.set_run_state(&mut vmm, status::destination_run_state(true));
         }
+        if core.fallback_on() {
+            self.job.fallback_on.store(true, Ordering::SeqCst);
+        }
     }
 
     fn sample(&self, core: &Destination, _now: Timestamp) {
@@ -651,6 +714,10 @@ impl Watch<Destination> for DestinationWatch {
         let ram = status::destination_ram(core.pages_present(), total_pages);
         if let Ok(mut snapshot) = self.job.snapshot.try_lock() {
             snapshot.ram = Some(ram);
+            if core.fallback_on() {
+                self.job.fallback_on.store(true, Ordering::SeqCst);
+                snapshot.x.checkpoints_taken = Some(core.checkpoints_taken());
+            }
         }
     }
 
@@ -803,6 +870,8 @@ impl postcopy_qmp::Vmm for KvmVmm {
                 Ok(())
             }
             (Some(_), RunState::Running) => Ok(()),
+            // A takeover whose restore failed left no state to run from.
+            (Some(_), RunState::InternalError) => Err(QmpError::generic("Resetting the Virtual Machine is required")),
             _ => Err(QmpError::generic("The guest has migrated away; it runs on the destination")),
         }
     }
@@ -888,6 +957,11 @@ impl postcopy_qmp::Vmm for KvmVmm {
         };
         if KvmVmm::running_job(&state).is_some() {
             return Err(QmpError::migration_active());
+        }
+        if state.run_state == RunState::InternalError {
+            return Err(QmpError::generic(
+                "the guest cannot run (internal-error: a fallback takeover could not restore it); nothing to migrate",
+            ));
         }
         if state.run_state != RunState::Running {
             return Err(QmpError::generic(format!(
@@ -1102,5 +1176,47 @@ impl postcopy_qmp::Vmm for KvmVmm {
             "last-incoming": incoming,
             "last-outgoing": outgoing,
         }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use postcopy_qmp::Vmm as _;
+
+    struct NoEvents;
+
+    impl EventSink for NoEvents {
+        fn emit(&self, _event: Event) {}
+    }
+
+    /// `x-postcopy-fallback` turned on over QMP runs with the command
+    /// line's lease and checkpoint interval (it took the defaults unless the
+    /// command line had said `--fallback checkpoint` too).
+    #[test]
+    fn fallback_turned_on_over_qmp_uses_the_command_lines_settings() {
+        let settings = FallbackConfig {
+            lease: Duration::from_millis(600),
+            checkpoint_interval: Duration::from_millis(50),
+            ..FallbackConfig::default()
+        };
+        assert_ne!(settings, FallbackConfig::default());
+        let config = VmmConfig {
+            tuning: Tuning::default(),
+            base: Config::default(),
+            serial: SerialOutput::default(),
+            prealloc_bytes: None,
+            damage: None,
+            security: driver::ChannelSecurity::default(),
+            checkpoint_memory: CheckpointMemory::default(),
+            checkpoint_reserve: 0,
+            fallback_settings: settings.clone(),
+        };
+        let vmm = KvmVmm::incoming(config, Arc::new(NoEvents), None).expect("a deferred incoming VMM");
+        let fallback = |vmm: &KvmVmm| vmm.shared.core_config(&vmm.shared.lock()).fallback;
+        assert_eq!(fallback(&vmm), None, "off by default");
+        let on = MigrationCapabilityStatus { capability: MigrationCapability::XPostcopyFallback, state: true };
+        vmm.migrate_set_capabilities(&[on]).expect("fallback turned on");
+        assert_eq!(fallback(&vmm), Some(settings));
     }
 }

@@ -11,8 +11,10 @@
 //! | Paused | postcopy-paused | finish-migrate |
 //! | Recovering | postcopy-recover | finish-migrate |
 //! | Withdrawing | cancelling | running |
+//! | Withdrawing after a fallback takeover | cancelling | finish-migrate, running once a vCPU runs again |
 //! | Completed | completed | postmigrate |
 //! | Failed | failed (cancelled after `migrate_cancel`) | running |
+//! | Failed after a takeover whose restore failed | failed | internal-error |
 //!
 //! | destination core | QMP status | guest here |
 //! | --- | --- | --- |
@@ -24,9 +26,10 @@
 //! | Failed | failed | inmigrate |
 
 use postcopy_core::{DestinationState, SourceState, SourceStats};
-use postcopy_qmp::{MigrationInfo, MigrationStats, MigrationStatus, RunState};
+use postcopy_qmp::{MigrationInfo, MigrationStats, MigrationStatus, RunState, XPostcopyInfo};
 
 use crate::driver::blocktime::BlocktimeFigures;
+use crate::driver::report::{FallbackRecord, Takeover};
 use crate::layout::PAGE_SIZE;
 
 /// The QMP status of a source in `state`; `cancelled`: the user asked for
@@ -55,6 +58,30 @@ pub fn source_run_state(state: SourceState) -> RunState {
         | Recovering | Releasing => RunState::FinishMigrate,
         Completed => RunState::Postmigrate,
     }
+}
+
+/// The run state of the source's guest once its outgoing migration ended
+/// with `status`: gone to the destination, running here (before the
+/// switchover, or restarted by a fallback takeover), or, after a takeover
+/// whose restore failed, parked with no state to run from: QEMU's
+/// `internal-error`, which it too refuses to `cont` until a reset.
+pub fn source_end_run_state(status: MigrationStatus, takeover: Option<&Takeover>) -> RunState {
+    match (status, takeover) {
+        (MigrationStatus::Completed, _) => RunState::Postmigrate,
+        (_, Some(Takeover { error: Some(_), .. })) => RunState::InternalError,
+        _ => RunState::Running,
+    }
+}
+
+/// `x-postcopy`'s fallback fields on a source whose migration ran with
+/// fallback, from the driver's record once it ended. The checkpoint the
+/// guest restarted from only if it did restart (a failed restore leaves
+/// it out; `error-desc` says why).
+pub fn fill_source_fallback(x: &mut XPostcopyInfo, record: &FallbackRecord) {
+    x.checkpoints_committed = Some(record.checkpoints_committed);
+    x.checkpoint_bytes = Some(record.checkpoint_bytes);
+    x.checkpoints_discarded = Some(record.checkpoints_discarded);
+    x.restarted_from_checkpoint = record.takeover.as_ref().filter(|t| t.error.is_none()).map(|t| t.checkpoint);
 }
 
 /// The QMP status of a destination in `state`.
@@ -155,6 +182,41 @@ mod tests {
         assert_eq!(source_run_state(SourceState::Withdrawing), RunState::Running);
         assert_eq!(destination_status(DestinationState::Running), MigrationStatus::PostcopyActive);
         assert_eq!(destination_run_state(false), RunState::Inmigrate);
+    }
+
+    #[test]
+    fn a_takeover_whose_restore_failed_leaves_a_guest_that_cannot_run() {
+        let takeover = |error: Option<&str>| Takeover {
+            checkpoint: 4,
+            last_heard_ns: 1,
+            running_ns: 2,
+            error: error.map(str::to_owned),
+        };
+        let (restored, failed) = (takeover(None), takeover(Some("bad device state")));
+        assert_eq!(source_end_run_state(MigrationStatus::Failed, Some(&restored)), RunState::Running);
+        assert_eq!(source_end_run_state(MigrationStatus::Failed, Some(&failed)), RunState::InternalError);
+        assert_eq!(source_end_run_state(MigrationStatus::Failed, None), RunState::Running);
+        assert_eq!(source_end_run_state(MigrationStatus::Cancelled, None), RunState::Running);
+        assert_eq!(source_end_run_state(MigrationStatus::Completed, None), RunState::Postmigrate);
+        let mut record = FallbackRecord {
+            checkpoints_committed: 4,
+            checkpoint_pages: 10,
+            checkpoint_bytes: 40_960,
+            checkpoints_discarded: 1,
+            takeover: Some(restored),
+        };
+        let mut x = XPostcopyInfo::default();
+        fill_source_fallback(&mut x, &record);
+        assert_eq!(
+            (x.checkpoints_committed, x.checkpoint_bytes, x.checkpoints_discarded, x.restarted_from_checkpoint),
+            (Some(4), Some(40_960), Some(1), Some(4))
+        );
+        record.takeover = Some(failed);
+        fill_source_fallback(&mut x, &record);
+        assert_eq!(x.restarted_from_checkpoint, None, "the guest did not restart");
+        record.takeover = None;
+        fill_source_fallback(&mut x, &record);
+        assert_eq!((x.checkpoints_committed, x.restarted_from_checkpoint), (Some(4), None));
     }
 
     #[test]
