@@ -35,7 +35,11 @@ struct LongModeProgram {
 /// `value(r10 + 1)` and every page at or above holds `value(r10)`, except that
 /// when `c` is the end of the last range the pass is complete: the pages hold
 /// `value(r10 + 1)` if RIP is outside `[pass_counted, range_top]` (r10 not yet
-/// incremented) and `value(r10)` inside it.
+/// incremented) and `value(r10)` inside it. And the counter word `[rsp - 8]`
+/// holds `r12`, or `r12 - 1` between the increment of `r12` and the
+/// `cmpxchg` that checks and stores it in one instruction (it starts zero, as
+/// `r12` does), so a word of a later instant than the registers is reported
+/// at the guest's next page.
 fn long_mode_program() -> BuildResult<LongModeProgram> {
     let mut a = CodeAssembler::new(64)?;
     let mut pass_end = a.create_label();
@@ -47,6 +51,8 @@ fn long_mode_program() -> BuildResult<LongModeProgram> {
     let mut store = a.create_label();
     let mut mismatch = a.create_label();
     let mut no_report = a.create_label();
+    let mut counter_ok = a.create_label();
+    let mut counter_mismatch = a.create_label();
 
     // End of a pass: count it, report it, fall through into the next pass.
     a.set_label(&mut pass_end)?;
@@ -90,6 +96,15 @@ fn long_mode_program() -> BuildResult<LongModeProgram> {
     // Fine-grained progress: r12 counts pages written since boot; every
     // PAGES_REPORT_INTERVAL pages its low 32 bits go out on PAGES_PORT.
     a.inc(r12)?;
+    // The counter word, a copy of r12 at the top of this vCPU's stack page,
+    // so that registers and memory saved at one instant (a switchover, a
+    // checkpoint) must agree on it: check it held r12 - 1 and store r12 in
+    // one instruction, so that no stop falls between the check and the store.
+    a.lea(rax, qword_ptr(r12 - 1))?;
+    a.mov(rdx, rax)?;
+    a.cmpxchg(qword_ptr(rsp - 8), r12)?;
+    a.jne(counter_mismatch)?;
+    a.set_label(&mut counter_ok)?;
     a.test(r12d, (PAGES_REPORT_INTERVAL - 1) as i32)?;
     a.jnz(no_report)?;
     a.mov(eax, r12d)?;
@@ -106,6 +121,12 @@ fn long_mode_program() -> BuildResult<LongModeProgram> {
     a.set_label(&mut mismatch)?;
     a.out(u32::from(ERROR_PORT), al)?;
     a.jmp(store)?;
+
+    // Report the counter word (expected in rdx, found in rax), then repair it.
+    a.set_label(&mut counter_mismatch)?;
+    a.out(u32::from(COUNTER_ERROR_PORT), al)?;
+    a.mov(qword_ptr(rsp - 8), r12)?;
+    a.jmp(counter_ok)?;
 
     let result = a.assemble_options(LM_CODE_ADDR, BlockEncoderOptions::RETURN_NEW_INSTRUCTION_OFFSETS)?;
     let program = LongModeProgram {

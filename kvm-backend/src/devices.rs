@@ -13,7 +13,7 @@ use vm_superio::serial::{NoEvents, SerialState};
 use vm_superio::{Serial, Trigger};
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::guest::abi::{ERROR_PORT, PAGES_PORT, PROGRESS_PORT};
+use crate::guest::abi::{COUNTER_ERROR_PORT, ERROR_PORT, PAGES_PORT, PROGRESS_PORT};
 
 /// First port of COM1.
 pub const SERIAL_PORT_BASE: u16 = 0x3f8;
@@ -110,6 +110,9 @@ pub enum PioOutcome {
     /// The pattern guest found a bad page: the vCPU loop reads the registers
     /// and calls [`GuestStats::record_error`].
     GuestError,
+    /// The pattern guest found its counter word wrong: the vCPU loop reads
+    /// the registers and calls [`GuestStats::record_error`].
+    CounterError,
     /// The guest asked for a reset (port 0x92 bit 0).
     ResetRequested,
 }
@@ -373,6 +376,7 @@ impl Devices {
                 PioOutcome::Done
             }
             ERROR_PORT => PioOutcome::GuestError,
+            COUNTER_ERROR_PORT => PioOutcome::CounterError,
             PAGES_PORT => {
                 let mut b = [0u8; 4];
                 let n = data.len().min(4);
@@ -481,6 +485,7 @@ mod tests {
         d.pio_write(1, PROGRESS_PORT, &7u32.to_le_bytes());
         d.pio_write(1, PROGRESS_PORT, &8u32.to_le_bytes());
         assert_eq!(d.pio_write(0, ERROR_PORT, &[0]), PioOutcome::GuestError);
+        assert_eq!(d.pio_write(0, COUNTER_ERROR_PORT, &[0]), PioOutcome::CounterError);
         let s1 = d.stats().snapshot();
         assert_eq!(s1.reports, vec![0, 2]);
         assert_eq!(s1.last_pass, vec![0, 8]);

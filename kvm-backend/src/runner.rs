@@ -465,14 +465,18 @@ fn vcpu_thread(mut vcpu: Vcpu, s: Arc<Shared>, devices: Arc<Devices>) -> Vcpu {
             Ok(exit) => match exit {
                 VcpuExit::IoOut(port, data) => match devices.pio_write(index, port, data) {
                     PioOutcome::Done => None,
-                    PioOutcome::GuestError => {
+                    outcome @ (PioOutcome::GuestError | PioOutcome::CounterError) => {
                         match vcpu.regs() {
-                            Ok(r) => devices.stats().record_error(GuestErrorReport {
-                                vcpu: index,
-                                gpa: r.rdi,
-                                expected: r.rdx,
-                                found: r.rax,
-                            }),
+                            Ok(r) => {
+                                // A bad page is at rdi, the counter word at rsp - 8.
+                                let gpa = if outcome == PioOutcome::GuestError { r.rdi } else { r.rsp.wrapping_sub(8) };
+                                devices.stats().record_error(GuestErrorReport {
+                                    vcpu: index,
+                                    gpa,
+                                    expected: r.rdx,
+                                    found: r.rax,
+                                })
+                            }
                             Err(e) => tracing::error!(vcpu = index, %e, "reading registers"),
                         }
                         None

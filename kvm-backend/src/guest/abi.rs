@@ -12,6 +12,14 @@ pub const PROGRESS_PORT: u16 = 0xe0;
 /// `rdx` the expected word and `rax` the word found.
 pub const ERROR_PORT: u16 = 0xe1;
 
+/// Port the built-in guest writes to when its counter word (the last word
+/// of its stack page, a copy of `r12`: pages written since boot) differs
+/// from what `r12` says it holds (`out COUNTER_ERROR_PORT, al`); at that
+/// moment `rsp - 8` is the word's address, `rdx` the expected value and
+/// `rax` the value found.
+/// Registers and memory saved at one instant always agree on it.
+pub const COUNTER_ERROR_PORT: u16 = 0xe3;
+
 /// Port the built-in guest writes the low 32 bits of its count of pages
 /// written since boot to, every [`PAGES_REPORT_INTERVAL`] pages: a progress
 /// rate finer than whole passes.

@@ -12,6 +12,15 @@
 //! pass 0 (fresh memory is zero), so a page that is dropped (left zero), stale
 //! (an older pass) or corrupted is detected by the guest on its next visit,
 //! and by [`TestGuest::verify`] at any stop.
+//!
+//! After every page it also checks and advances a counter word, a copy of
+//! its count of pages written (`r12`) at the top of its stack page: memory
+//! and registers saved at one instant agree on it, so a switchover or a
+//! checkpoint whose memory is of a later instant than its registers is
+//! reported on [`abi::COUNTER_ERROR_PORT`] at the next page (the pass
+//! pattern alone misses that: a page written again holds the same value).
+//! It also makes the guest write a page the pattern does not, between two
+//! checkpoints, which is what copy-on-write of a checkpoint has to handle.
 
 /// Addresses, ports and constants shared with the build script that
 /// assembles the guest programs.
