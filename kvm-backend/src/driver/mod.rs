@@ -98,6 +98,7 @@ pub mod watch;
 
 mod clock;
 mod destination;
+mod fallback_image;
 mod placement;
 mod shell;
 mod source;

@@ -7,7 +7,6 @@ use std::thread::Scope;
 use std::time::Duration;
 
 use bytes::Bytes;
-use postcopy_core::wire::PageData;
 use postcopy_core::{
     Channel, Config, DeferredPage, EventError, Finished, GuestMemory, Notice, PageNumber, Source, SourceAction,
     SourceState, SourceStats, Timestamp,
@@ -16,6 +15,7 @@ use postcopy_core::{
 use super::checkpoint_memory::CheckpointMemory;
 use super::clock::now;
 use super::digest::{PageDigests, PartHashes};
+use super::fallback_image::{FallbackImage, ImageWrite, PageStore};
 use super::machine::{core_layout, MachineDescription, PageMap};
 use super::net::{self, lock_spin, Connection};
 use super::placement::{latency_thread, pin_self, set_policy, Boost, Tuning};
@@ -168,77 +168,6 @@ impl GuestMemory for SourceRam<'_> {
     }
 }
 
-/// Fallback: the checkpoint being received is written into the fallback
-/// image (the guest's memory here) as its pages arrive, and what each page
-/// held before is kept here until the checkpoint is whole: a checkpoint
-/// cut off is undone (the image back at the last commit) and a commit
-/// costs nothing. Staging the pages apart instead and copying them into
-/// the image at the commit took a second copy of each page (7-48 ms per
-/// checkpoint, done off the core's lock in a thread of its own) and two
-/// staging areas. The old contents go to the checkpoint memory reserved
-/// ahead ([`CheckpointMemory`]): fresh memory cost up to 10-30 us a page
-/// here while a guest runs.
-#[derive(Debug, Default)]
-struct UndoLog {
-    /// The pages overwritten, in order; page `i`'s old contents are at
-    /// `i * page_bytes` in `old`.
-    pages: Vec<PageNumber>,
-    old: Vec<u8>,
-    /// Bytes of the non-zero pages written.
-    bytes: u64,
-}
-
-impl UndoLog {
-    fn is_empty(&self) -> bool {
-        self.pages.is_empty()
-    }
-
-    /// Keeps what `page` holds, then writes `data` over it (a page of
-    /// zeros if `zero`, counted as no bytes).
-    fn overwrite(&mut self, ram: &impl PageStore, page: PageNumber, data: &[u8], zero: bool) -> Result<(), String> {
-        let page_bytes = data.len();
-        let start = self.pages.len() * page_bytes;
-        if self.old.len() < start + page_bytes {
-            // Past the reserved memory: fresh memory from here on.
-            let grown = (start + page_bytes).max(self.old.len().saturating_mul(2));
-            self.old.resize(grown, 0);
-        }
-        ram.read(page, &mut self.old[start..start + page_bytes])?;
-        ram.write(page, data)?;
-        self.pages.push(page);
-        if !zero {
-            self.bytes += page_bytes as u64;
-        }
-        Ok(())
-    }
-
-    /// The checkpoint is whole: its pages stay; returns how many, and the
-    /// bytes of those not zero.
-    fn commit(&mut self) -> (u64, u64) {
-        let n = self.pages.len() as u64;
-        self.pages.clear();
-        (n, std::mem::take(&mut self.bytes))
-    }
-
-    /// The checkpoint was cut off: puts back what its pages overwrote
-    /// (last first, should a page come twice); returns how many.
-    fn undo(&mut self, ram: &impl PageStore, page_bytes: usize) -> Result<usize, String> {
-        let n = self.pages.len();
-        for (i, page) in self.pages.iter().enumerate().rev() {
-            ram.write(*page, &self.old[i * page_bytes..(i + 1) * page_bytes])?;
-        }
-        self.pages.clear();
-        self.bytes = 0;
-        Ok(n)
-    }
-}
-
-/// Pages of guest memory, read and written whole ([`UndoLog`]'s view).
-trait PageStore {
-    fn read(&self, page: PageNumber, out: &mut [u8]) -> Result<(), String>;
-    fn write(&self, page: PageNumber, data: &[u8]) -> Result<(), String>;
-}
-
 impl PageStore for SourceRam<'_> {
     fn read(&self, page: PageNumber, out: &mut [u8]) -> Result<(), String> {
         let at = self.map.page_ref(page).ok_or_else(|| format!("page {} is outside the guest", page.0))?;
@@ -281,6 +210,8 @@ enum SourceOp {
     SyncDirtyLog,
     Notice(Notice),
     Finished(Box<Finished<SourceStats>>),
+    /// Fallback: carry out the writes queued for the image.
+    WriteImage,
     /// Fallback: the guest restarts here from the last committed checkpoint.
     TakeOver {
         checkpoint: u64,
@@ -311,14 +242,13 @@ struct SourceDriver<'a> {
     stop_ns: AtomicU64,
     stop_capture_ns: AtomicU64,
     pause_ns: AtomicU64,
-    /// Fallback: what the checkpoint being received overwrote in the
-    /// fallback image (the guest's memory here).
-    undo: Mutex<UndoLog>,
-    /// A page of zeros, written for a checkpoint's zero pages.
-    zero_page: Vec<u8>,
-    /// Where `undo`'s memory comes from and goes back to at the end.
+    /// Fallback: the image the guest restarts from (its memory here) and
+    /// the checkpoint writes queued for it.
+    image: FallbackImage,
+    /// Where the image's undo log takes its memory from and gives it back
+    /// to at the end.
     checkpoint_memory: CheckpointMemory,
-    fallback: Mutex<FallbackRecord>,
+    takeover: Mutex<Option<Takeover>>,
     /// When the last frame from the destination arrived, monotonic ns.
     last_heard_ns: AtomicU64,
 }
@@ -378,10 +308,9 @@ pub fn run_source_watched(
         stop_ns: AtomicU64::new(0),
         stop_capture_ns: AtomicU64::new(0),
         pause_ns: AtomicU64::new(0),
-        undo: Mutex::new(UndoLog { old: opts.checkpoint_memory.take(0, 0), ..UndoLog::default() }),
-        zero_page: vec![0u8; (ram.unit_pages() * PAGE_SIZE) as usize],
+        image: FallbackImage::new(opts.checkpoint_memory.take(0, 0), (ram.unit_pages() * PAGE_SIZE) as usize),
         checkpoint_memory: opts.checkpoint_memory.clone(),
-        fallback: Mutex::new(FallbackRecord::default()),
+        takeover: Mutex::new(None),
         last_heard_ns: AtomicU64::new(0),
     };
     let start_ns = now().0;
@@ -415,18 +344,12 @@ pub fn run_source_watched(
     why.dedup();
     let last_connect_error = (!why.is_empty()).then(|| why.join("; "));
     let handshakes = std::mem::take(&mut *lock(&driver.handshakes));
-    let fallback = std::mem::take(&mut *lock(&driver.fallback));
-    {
-        // The core discards a checkpoint cut off before it ends; a part
-        // still here would be one it never saw end.
-        let mut undo = lock(&driver.undo);
-        if !undo.is_empty() {
-            let undone = undo.undo(&driver.guest, driver.zero_page.len());
-            tracing::warn!(?undone, "the migration ended in the middle of a checkpoint: undone");
-        }
-        // Kept for the next migration of this process.
-        driver.checkpoint_memory.give_back(std::mem::take(&mut undo.old));
-    }
+    // The core discards a checkpoint cut off before it ends; a part still
+    // in the image would be one it never saw end: undone.
+    let (mut fallback, undo_memory) = driver.image.finish(&driver.guest);
+    fallback.takeover = lock(&driver.takeover).take();
+    // Kept for the next migration of this process.
+    driver.checkpoint_memory.give_back(undo_memory);
     tracing::info!(result = ?finished.result, "migration ended");
     Ok(SourceOutcome {
         finished,
@@ -465,41 +388,16 @@ impl SideDriver for SourceDriver<'_> {
             SourceAction::SyncDirtyLog => SourceOp::SyncDirtyLog,
             SourceAction::Notice(notice) => SourceOp::Notice(notice),
             SourceAction::Finished(finished) => SourceOp::Finished(finished),
-            // The checkpoint's pages go into the image in step with the
-            // core, under its lock: a commit is then only forgetting the
-            // old contents, and a takeover finds the image as committed.
+            // Queued here, carried out once the core's lock is released, in
+            // the core's order (fallback_image.rs).
             SourceAction::StageCheckpointPage { seq, page, data } => {
-                let mut undo = lock(&self.undo);
-                if undo.is_empty() {
-                    tracing::info!(seq, "checkpoint {seq} arriving");
-                }
-                let (data, zero) = match &data {
-                    PageData::Bytes(bytes) => (bytes.as_ref(), false),
-                    PageData::Zero => (self.zero_page.as_slice(), true),
-                };
-                if let Err(e) = undo.overwrite(&self.guest, page, data, zero) {
-                    // The core checked the page's number and length against the layout.
-                    tracing::error!(seq, page = page.0, e, "cannot write a checkpoint page into the image");
-                }
-                return None;
+                return self.image.queue(ImageWrite::Page { seq, page, data }).then_some(SourceOp::WriteImage);
             }
             SourceAction::CommitCheckpoint { seq } => {
-                let (pages, bytes) = lock(&self.undo).commit();
-                let mut record = lock(&self.fallback);
-                record.checkpoints_committed += 1;
-                record.checkpoint_pages += pages;
-                record.checkpoint_bytes += bytes;
-                tracing::debug!(seq, pages, bytes, "checkpoint committed");
-                return None;
+                return self.image.queue(ImageWrite::Commit { seq }).then_some(SourceOp::WriteImage);
             }
             SourceAction::DiscardCheckpoint { seq } => {
-                let undone = lock(&self.undo).undo(&self.guest, self.zero_page.len());
-                match undone {
-                    Ok(pages) => tracing::info!(seq, pages, "a checkpoint cut off: undone"),
-                    Err(e) => tracing::error!(seq, e, "cannot undo a checkpoint cut off: the image is damaged"),
-                }
-                lock(&self.fallback).checkpoints_discarded += 1;
-                return None;
+                return self.image.queue(ImageWrite::Discard { seq }).then_some(SourceOp::WriteImage);
             }
             SourceAction::TakeOver { checkpoint, device_state } => SourceOp::TakeOver { checkpoint, device_state },
         })
@@ -517,6 +415,7 @@ impl SideDriver for SourceDriver<'_> {
                 }
                 SourceOp::SyncDirtyLog => self.sync_dirty_log(s),
                 SourceOp::Notice(notice) => self.notice(&notice),
+                SourceOp::WriteImage => self.image.carry_out(&self.guest),
                 SourceOp::TakeOver { checkpoint, device_state } => self.take_over(checkpoint, &device_state),
                 SourceOp::Finished(finished) => {
                     *lock(&self.finished) = Some(*finished);
@@ -570,6 +469,9 @@ impl SourceDriver<'_> {
     /// image (committed checkpoints applied); load the checkpoint's device
     /// state into the parked vCPUs and run them.
     fn take_over(&self, checkpoint: u64, device_state: &[u8]) {
+        // The image as the core left it: the discard of a checkpoint cut
+        // off, queued before, carried out.
+        self.image.carry_out(&self.guest);
         let restored = DeviceState::from_bytes(device_state)
             .and_then(|state| state.restore_parked(self.vm, self.vcpus))
             .map_err(|e| error_chain(&e));
@@ -582,7 +484,7 @@ impl SourceDriver<'_> {
         } else {
             tracing::error!(checkpoint, error = ?restored, "the destination is lost and the guest cannot run here again");
         }
-        lock(&self.fallback).takeover = Some(Takeover {
+        *lock(&self.takeover) = Some(Takeover {
             checkpoint,
             last_heard_ns: self.last_heard_ns.load(Ordering::SeqCst),
             running_ns: now().0,
@@ -869,54 +771,7 @@ pub fn new_session_id() -> u64 {
 
 #[cfg(test)]
 mod tests {
-    use super::{Pace, PageStore, UndoLog};
-    use postcopy_core::PageNumber;
-    use std::cell::RefCell;
-
-    /// Guest memory of a few small pages.
-    struct Pages(RefCell<Vec<Vec<u8>>>);
-
-    impl PageStore for Pages {
-        fn read(&self, page: PageNumber, out: &mut [u8]) -> Result<(), String> {
-            let pages = self.0.borrow();
-            out.copy_from_slice(pages.get(page.0 as usize).ok_or("outside")?);
-            Ok(())
-        }
-
-        fn write(&self, page: PageNumber, data: &[u8]) -> Result<(), String> {
-            let mut pages = self.0.borrow_mut();
-            pages.get_mut(page.0 as usize).ok_or("outside")?.copy_from_slice(data);
-            Ok(())
-        }
-    }
-
-    fn contents(ram: &Pages) -> Vec<u8> {
-        ram.0.borrow().iter().map(|p| p[0]).collect()
-    }
-
-    #[test]
-    fn a_checkpoint_is_written_in_place_and_undone_if_cut_off() {
-        let ram = Pages(RefCell::new((0..4).map(|i| vec![i as u8; 8]).collect()));
-        // Room for one page reserved: the second grows it.
-        let mut undo = UndoLog { old: vec![0xee; 8], ..UndoLog::default() };
-        undo.overwrite(&ram, PageNumber(1), &[7; 8], false).unwrap();
-        undo.overwrite(&ram, PageNumber(3), &[0; 8], true).unwrap();
-        assert_eq!(contents(&ram), vec![0, 7, 2, 0]);
-        assert_eq!(undo.commit(), (2, 8));
-        assert!(undo.is_empty());
-        // The next one, cut off: the image is back at the commit. A page
-        // that came twice gets its contents from before the first.
-        undo.overwrite(&ram, PageNumber(0), &[5; 8], false).unwrap();
-        undo.overwrite(&ram, PageNumber(1), &[6; 8], false).unwrap();
-        undo.overwrite(&ram, PageNumber(1), &[8; 8], false).unwrap();
-        assert_eq!(contents(&ram), vec![5, 8, 2, 0]);
-        assert_eq!(undo.undo(&ram, 8), Ok(3));
-        assert_eq!(contents(&ram), vec![0, 7, 2, 0]);
-        assert_eq!(undo.commit(), (0, 0));
-        // A page outside the guest is refused before anything changes.
-        assert!(undo.overwrite(&ram, PageNumber(9), &[1; 8], false).is_err());
-        assert!(undo.is_empty());
-    }
+    use super::Pace;
 
     use std::time::Duration;
 
