@@ -528,12 +528,47 @@ impl Destination {
     /// number of frames appended.
     #[must_use]
     pub fn poll_transmit(&mut self, now: Timestamp, channel: Channel, out: &mut Vec<u8>, max_bytes: usize) -> usize {
-        if channel != Channel::Return || !self.links[channel.index()].up {
+        if channel != Channel::Return {
+            return 0;
+        }
+        self.poll_return(now, out, max_bytes, true)
+    }
+
+    /// As [`Destination::poll_transmit`] on the return path, but only the
+    /// frames that keep the migration going: control frames, the
+    /// present-page report and page requests, not checkpoint frames nor
+    /// the end of copy (which follows them). A driver whose every thread
+    /// flushes the return path after its events lets them use this, so
+    /// that the thread receiving the push never waits behind tens of MiB
+    /// of checkpoint, and leaves the rest to one writer of its own
+    /// ([`Destination::return_bulk_pending`] tells when it has work).
+    #[must_use]
+    pub fn poll_transmit_urgent(&mut self, now: Timestamp, out: &mut Vec<u8>, max_bytes: usize) -> usize {
+        self.poll_return(now, out, max_bytes, false)
+    }
+
+    /// Whether the return path has frames that only
+    /// [`Destination::poll_transmit`] sends: a checkpoint being sent, or
+    /// the end of copy.
+    pub fn return_bulk_pending(&self) -> bool {
+        self.eoc_queued || (self.state() == DestinationState::Running && self.checkpoint_sending())
+    }
+
+    fn checkpoint_sending(&self) -> bool {
+        let epoch = self.epoch;
+        self.fallback
+            .as_ref()
+            .filter(|f| f.terms_epoch == epoch)
+            .is_some_and(|f| f.sending.is_some() && f.outstanding.is_some())
+    }
+
+    fn poll_return(&mut self, now: Timestamp, out: &mut Vec<u8>, max_bytes: usize, bulk: bool) -> usize {
+        if !self.links[Channel::Return.index()].up {
             return 0;
         }
         let mut frames = 0;
         while frames == 0 || out.len() < max_bytes {
-            if !self.next_return_frame(now, out) {
+            if !self.next_return_frame(now, out, bulk) {
                 break;
             }
             frames += 1;
@@ -1699,7 +1734,9 @@ impl Destination {
 
     // ----- internals: frames out -------------------------------------------
 
-    fn next_return_frame(&mut self, now: Timestamp, out: &mut Vec<u8>) -> bool {
+    /// The next frame for the return path, by priority; with `bulk`
+    /// false, none of checkpoints or the end of copy.
+    fn next_return_frame(&mut self, now: Timestamp, out: &mut Vec<u8>, bulk: bool) -> bool {
         if let Some(frame) = self.control.pop_front() {
             wire::encode(&frame, out);
             if matches!(frame, Frame::ReadyToRun | Frame::Welcome(Welcome { device_loaded: true, .. })) {
@@ -1726,6 +1763,9 @@ impl Destination {
         ) && self.send_request(out)
         {
             return true;
+        }
+        if !bulk {
+            return false;
         }
         if self.state() == DestinationState::Running && self.send_checkpoint_frame(out) {
             return true;

@@ -347,3 +347,53 @@ fn a_committed_checkpoint_whose_ack_was_lost_is_not_sent_again() {
     assert_eq!(outcome, Outcome::Completed);
     assert_eq!(pair.src.core.stats(pair.now).recoveries, 1, "one recovery: no checkpoint refused after it");
 }
+
+/// The frames of `bytes`, decoded.
+fn frames(bytes: Vec<u8>) -> Vec<postcopy_core::wire::Frame> {
+    let mut decoder = postcopy_core::wire::Decoder::new();
+    decoder.push(bytes::Bytes::from(bytes));
+    std::iter::from_fn(|| decoder.next_frame().expect("well-formed")).collect()
+}
+
+#[test]
+fn the_urgent_poll_leaves_a_checkpoint_to_the_full_one_but_not_a_request() {
+    use postcopy_core::wire::Frame;
+    let mut pair = started(fallback_config());
+    pump(&mut pair);
+    pair.guest_access(0, PageNumber(3), true);
+    pump(&mut pair);
+    assert!(!pair.dst.core.return_bulk_pending());
+    // The checkpoint timer fires; its frames are not transmitted yet.
+    for _ in 0..100 {
+        if pair.dst.core.return_bulk_pending() {
+            break;
+        }
+        assert!(pair.fire_timer(), "no timer left before a checkpoint");
+    }
+    assert!(pair.dst.core.return_bulk_pending(), "a checkpoint to send");
+    let now = pair.dst_now();
+    let mut out = Vec::new();
+    let urgent = frames({
+        let _ = pair.dst.core.poll_transmit_urgent(now, &mut out, usize::MAX);
+        out
+    });
+    assert!(
+        !urgent.iter().any(|f| matches!(f, Frame::CheckpointBegin(_) | Frame::CheckpointPage { .. } | Frame::Eoc)),
+        "{urgent:?}"
+    );
+    assert!(pair.dst.core.return_bulk_pending(), "still there for the full poll");
+    // A fault now: its request goes out on the urgent poll, ahead of the
+    // checkpoint.
+    pair.guest_access(0, PageNumber(6), false);
+    let mut out = Vec::new();
+    let _ = pair.dst.core.poll_transmit_urgent(now, &mut out, usize::MAX);
+    let urgent = frames(out);
+    assert!(urgent.iter().any(|f| matches!(f, Frame::Request(_))), "{urgent:?}");
+    assert!(!urgent.iter().any(|f| matches!(f, Frame::CheckpointPage { .. })), "{urgent:?}");
+    // The full poll sends the checkpoint.
+    let mut out = Vec::new();
+    let _ = pair.dst.core.poll_transmit(now, Channel::Return, &mut out, usize::MAX);
+    let full = frames(out);
+    assert!(full.iter().any(|f| matches!(f, Frame::CheckpointEnd { .. })), "{full:?}");
+    assert!(!pair.dst.core.return_bulk_pending());
+}

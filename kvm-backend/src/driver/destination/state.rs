@@ -178,6 +178,9 @@ pub(super) struct DestinationDriver<'a> {
     pub(super) finished: Mutex<Option<Finished<DestinationStats>>>,
     pub(super) finished_flag: AtomicBool,
     pub(super) finished_bell: Doorbell,
+    /// Fallback: rung when the return path has checkpoint frames or the
+    /// end of copy for its writer.
+    pub(super) return_bell: Doorbell,
     pub(super) fatal: Mutex<Option<DestinationError>>,
     /// Fault read to page in place, ns.
     pub(super) latency: Mutex<Histogram<u64>>,
