@@ -894,6 +894,16 @@ impl postcopy_qmp::Vmm for KvmVmm {
             if c.state && !supported {
                 return Err(QmpError::capability_unsupported(c.capability.as_str()));
             }
+            // As `--fallback checkpoint` is refused on the command line:
+            // a checkpoint carries each page whole, in one frame.
+            if c.state && c.capability == MigrationCapability::XPostcopyFallback {
+                if let Some(Err(e)) = self.shared.config.tuning.hugepages.map(|size| size.check_fallback(true)) {
+                    return Err(QmpError::generic(format!(
+                        "Migration capability '{}' does not work with this guest's RAM: {e}",
+                        c.capability.as_str()
+                    )));
+                }
+            }
         }
         let fallback_before = Shared::capability(&state, MigrationCapability::XPostcopyFallback);
         for c in capabilities {
@@ -1182,6 +1192,7 @@ impl postcopy_qmp::Vmm for KvmVmm {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::hugepages::HugePageSize;
     use postcopy_qmp::Vmm as _;
 
     struct NoEvents;
@@ -1218,5 +1229,34 @@ mod tests {
         let on = MigrationCapabilityStatus { capability: MigrationCapability::XPostcopyFallback, state: true };
         vmm.migrate_set_capabilities(&[on]).expect("fallback turned on");
         assert_eq!(fallback(&vmm), Some(settings));
+    }
+
+    /// On 1 GiB pages `x-postcopy-fallback` is refused, as `--fallback
+    /// checkpoint` is on the command line, and nothing changes; 2 MiB
+    /// pages take it.
+    #[test]
+    fn fallback_is_refused_over_qmp_on_1_gib_pages() {
+        let config = |hugepages| VmmConfig {
+            tuning: Tuning { hugepages, ..Tuning::default() },
+            base: Config::default(),
+            serial: SerialOutput::default(),
+            prealloc_bytes: None,
+            damage: None,
+            security: driver::ChannelSecurity::default(),
+            checkpoint_memory: CheckpointMemory::default(),
+            checkpoint_reserve: 0,
+            fallback_settings: FallbackConfig::default(),
+        };
+        let on = MigrationCapabilityStatus { capability: MigrationCapability::XPostcopyFallback, state: true };
+        let events = MigrationCapabilityStatus { capability: MigrationCapability::Events, state: true };
+        let vmm = KvmVmm::incoming(config(Some(HugePageSize::Size1G)), Arc::new(NoEvents), None).expect("a VMM");
+        let refused = vmm.migrate_set_capabilities(&[events, on]).expect_err("refused on 1 GiB pages");
+        assert!(refused.desc.contains("x-postcopy-fallback") && refused.desc.contains("1G"), "{}", refused.desc);
+        let state = vmm.shared.lock();
+        assert!(!Shared::capability(&state, MigrationCapability::XPostcopyFallback));
+        assert!(!Shared::capability(&state, MigrationCapability::Events), "all or nothing");
+        drop(state);
+        let vmm = KvmVmm::incoming(config(Some(HugePageSize::Size2M)), Arc::new(NoEvents), None).expect("a VMM");
+        vmm.migrate_set_capabilities(&[on]).expect("2 MiB pages take fallback");
     }
 }
