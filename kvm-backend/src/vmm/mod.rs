@@ -1201,6 +1201,21 @@ mod tests {
         fn emit(&self, _event: Event) {}
     }
 
+    /// A VMM's settings for these tests: `tuning` and the fallback's.
+    fn test_config(tuning: Tuning, fallback_settings: FallbackConfig) -> VmmConfig {
+        VmmConfig {
+            tuning,
+            base: Config::default(),
+            serial: SerialOutput::default(),
+            prealloc_bytes: None,
+            damage: None,
+            security: driver::ChannelSecurity::default(),
+            checkpoint_memory: CheckpointMemory::default(),
+            checkpoint_reserve: 0,
+            fallback_settings,
+        }
+    }
+
     /// `x-postcopy-fallback` turned on over QMP runs with the command
     /// line's lease and checkpoint interval (it took the defaults unless the
     /// command line had said `--fallback checkpoint` too).
@@ -1212,17 +1227,7 @@ mod tests {
             ..FallbackConfig::default()
         };
         assert_ne!(settings, FallbackConfig::default());
-        let config = VmmConfig {
-            tuning: Tuning::default(),
-            base: Config::default(),
-            serial: SerialOutput::default(),
-            prealloc_bytes: None,
-            damage: None,
-            security: driver::ChannelSecurity::default(),
-            checkpoint_memory: CheckpointMemory::default(),
-            checkpoint_reserve: 0,
-            fallback_settings: settings.clone(),
-        };
+        let config = test_config(Tuning::default(), settings.clone());
         let vmm = KvmVmm::incoming(config, Arc::new(NoEvents), None).expect("a deferred incoming VMM");
         let fallback = |vmm: &KvmVmm| vmm.shared.core_config(&vmm.shared.lock()).fallback;
         assert_eq!(fallback(&vmm), None, "off by default");
@@ -1236,17 +1241,7 @@ mod tests {
     /// pages take it.
     #[test]
     fn fallback_is_refused_over_qmp_on_1_gib_pages() {
-        let config = |hugepages| VmmConfig {
-            tuning: Tuning { hugepages, ..Tuning::default() },
-            base: Config::default(),
-            serial: SerialOutput::default(),
-            prealloc_bytes: None,
-            damage: None,
-            security: driver::ChannelSecurity::default(),
-            checkpoint_memory: CheckpointMemory::default(),
-            checkpoint_reserve: 0,
-            fallback_settings: FallbackConfig::default(),
-        };
+        let config = |hugepages| test_config(Tuning { hugepages, ..Tuning::default() }, FallbackConfig::default());
         let on = MigrationCapabilityStatus { capability: MigrationCapability::XPostcopyFallback, state: true };
         let events = MigrationCapabilityStatus { capability: MigrationCapability::Events, state: true };
         let vmm = KvmVmm::incoming(config(Some(HugePageSize::Size1G)), Arc::new(NoEvents), None).expect("a VMM");
