@@ -278,3 +278,50 @@ fn a_partition_longer_than_the_lease_leaves_the_guest_running_on_the_source_alon
     source.quit();
     dest.quit();
 }
+
+/// A cut shorter than the lease, with fallback on, is an ordinary recovery:
+/// both sides pause and resume, the destination keeps its lease (never
+/// fenced), the source never takes over, nothing is rolled back, and the
+/// migration completes verified with checkpoints committed.
+#[test]
+fn a_cut_shorter_than_the_lease_is_an_ordinary_recovery_with_fallback_on() {
+    let name = "a_cut_shorter_than_the_lease_is_an_ordinary_recovery_with_fallback_on";
+    if !kvm_or_skip(name) {
+        return;
+    }
+    let _one = serial();
+    let Some(hosts) = TwoHosts::create_or_skip(name) else {
+        return;
+    };
+    let dir = temp_dir("two-hosts-fallback-short-cut");
+    hosts.source.shape("200mbit", "64kb");
+    // The lease is 1 s (run's default); a loss is noticed after 150 ms of
+    // silence and reconnections are tried every 100 ms at most.
+    let parameters =
+        MigrationParameters { x_peer_timeout_ms: Some(150), x_reconnect_delay_max_ms: Some(100), ..Default::default() };
+    let (mut source, mut dest) = start_pair(&hosts, &dir, "256M", |vmm| {
+        vmm.enable_events();
+        vmm.set_capability(MigrationCapability::XPostcopyFallback, true);
+        vmm.set_parameters(parameters.clone());
+    });
+    source.migrate(hosts.dest.uri(PORT));
+    wait_for_postcopy_with_a_tenth_crossed(&mut source);
+    hosts.source.set_link(false);
+    std::thread::sleep(Duration::from_millis(300));
+    hosts.source.set_link(true);
+    assert_eq!(source.wait_ended(), MigrationStatus::Completed, "{}", source.stderr_text());
+    assert_eq!(dest.wait_ended(), MigrationStatus::Completed, "{}", dest.stderr_text());
+    let (source_log, dest_log) = (source.stderr_text(), dest.stderr_text());
+    let ctx = || format!("--- source ---\n{source_log}\n--- destination ---\n{dest_log}");
+    assert!(!source_log.contains("the guest runs here again"), "a takeover\n{}", ctx());
+    assert!(!dest_log.contains("the lease lapsed"), "the destination fenced\n{}", ctx());
+    let x = |vmm: &mut Vmm| vmm.qmp.query_migrate().expect("query-migrate").x_postcopy.expect("x-postcopy");
+    let (sx, dx) = (x(&mut source), x(&mut dest));
+    assert!(sx.recoveries.unwrap_or(0) >= 1 && dx.recoveries.unwrap_or(0) >= 1, "no recovery\n{}", ctx());
+    assert!(sx.checkpoints_committed.unwrap_or(0) >= 1, "no checkpoint committed: {sx:?}");
+    assert_eq!(sx.restarted_from_checkpoint, None, "rolled back: {sx:?}");
+    assert_eq!(dest.run_state(), RunState::Running, "{}", ctx());
+    assert_hop_verified(&mut source, &mut dest, 1);
+    source.quit();
+    dest.quit();
+}
