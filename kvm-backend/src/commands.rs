@@ -406,7 +406,14 @@ pub fn source(a: SourceArgs) -> Result<ExitCode, CommandError> {
         a.guest.mode,
         security.describe()
     );
-    let opts = SourceOptions { connect: addr, config, tuning, security, checkpoint_memory };
+    let opts = SourceOptions {
+        connect: addr,
+        config,
+        tuning,
+        security,
+        checkpoint_memory,
+        checkpoint_counters: Default::default(),
+    };
     let session = driver::new_session_id();
     let outcome =
         driver::run_source(&guest.vm, &guest.vcpus, &guest.machine, session, &opts).map_err(CommandError::Source)?;

@@ -767,9 +767,12 @@ fn a_killed_destination_leaves_the_guest_running_on_the_source_from_the_checkpoi
     let committed = loop {
         let info = a.qmp.query_migrate().expect("query-migrate");
         let x = info.x_postcopy.unwrap_or_default();
+        // Live: the bytes committed show while it runs, not only at the end.
+        let bytes = x.checkpoint_bytes.unwrap_or(0);
         match (info.status, x.checkpoints_committed) {
-            (Some(MigrationStatus::PostcopyActive), Some(n)) if n >= 1 => {
+            (Some(MigrationStatus::PostcopyActive), Some(n)) if n >= 1 && bytes > 0 => {
                 assert_eq!(x.restarted_from_checkpoint, None, "no takeover yet");
+                assert_eq!(x.checkpoints_discarded, Some(0), "{x:?}");
                 break n;
             }
             (Some(status), _) if !status.is_running() => {

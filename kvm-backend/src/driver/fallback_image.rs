@@ -14,12 +14,12 @@
 //! in order, by whichever thread queued into an empty queue, or by a
 //! reader of the image ([`FallbackImage::carry_out`] first).
 
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use postcopy_core::wire::PageData;
 use postcopy_core::PageNumber;
 
-use super::report::FallbackRecord;
+use super::report::{CheckpointCounters, FallbackRecord};
 use crate::devices::lock;
 
 /// Pages of guest memory, read and written whole (the image's view).
@@ -49,20 +49,21 @@ pub(super) struct FallbackImage {
     undo: Mutex<UndoLog>,
     /// A page of zeros, written for a checkpoint's zero pages.
     zero_page: Vec<u8>,
-    /// What was committed and discarded, for the report.
-    record: Mutex<FallbackRecord>,
+    /// What was committed and discarded, as it happens.
+    counters: Arc<CheckpointCounters>,
 }
 
 impl FallbackImage {
     /// An image whose undo log starts in `reserved` (memory touched ahead:
     /// fresh memory costs up to 10-30 us a page here while a guest runs),
-    /// of pages of `page_bytes`.
-    pub(super) fn new(reserved: Vec<u8>, page_bytes: usize) -> Self {
+    /// of pages of `page_bytes`, counting its commits and discards in
+    /// `counters`.
+    pub(super) fn new(reserved: Vec<u8>, page_bytes: usize, counters: Arc<CheckpointCounters>) -> Self {
         Self {
             queued: Mutex::new(Vec::new()),
             undo: Mutex::new(UndoLog { old: reserved, ..UndoLog::default() }),
             zero_page: vec![0; page_bytes],
-            record: Mutex::new(FallbackRecord::default()),
+            counters,
         }
     }
 
@@ -109,10 +110,7 @@ impl FallbackImage {
             }
             ImageWrite::Commit { seq } => {
                 let (pages, bytes) = undo.commit();
-                let mut record = lock(&self.record);
-                record.checkpoints_committed += 1;
-                record.checkpoint_pages += pages;
-                record.checkpoint_bytes += bytes;
+                self.counters.count_committed(pages, bytes);
                 tracing::debug!(seq, pages, bytes, "checkpoint committed");
             }
             ImageWrite::Discard { seq } => {
@@ -120,7 +118,7 @@ impl FallbackImage {
                     Ok(pages) => tracing::info!(seq, pages, "a checkpoint cut off: undone"),
                     Err(e) => tracing::error!(seq, e, "cannot undo a checkpoint cut off: the image is damaged"),
                 }
-                lock(&self.record).checkpoints_discarded += 1;
+                self.counters.count_discarded();
             }
         }
     }
@@ -136,7 +134,7 @@ impl FallbackImage {
             let undone = undo.undo(ram, self.zero_page.len());
             tracing::warn!(?undone, "the migration ended in the middle of a checkpoint: undone");
         }
-        (std::mem::take(&mut *lock(&self.record)), std::mem::take(&mut undo.old))
+        (self.counters.record(), std::mem::take(&mut undo.old))
     }
 }
 
@@ -261,7 +259,8 @@ mod tests {
     #[test]
     fn queued_writes_are_carried_out_later_in_the_cores_order() {
         let ram = ram();
-        let image = FallbackImage::new(Vec::new(), 8);
+        let counters = Arc::new(CheckpointCounters::default());
+        let image = FallbackImage::new(Vec::new(), 8, counters.clone());
         // Only the first write into an empty queue asks for a carry-out.
         assert!(image.queue(page(1, 1, 7)));
         assert!(!image.queue(ImageWrite::Page { seq: 1, page: PageNumber(3), data: PageData::Zero }));
@@ -274,6 +273,7 @@ mod tests {
         assert!(!image.queue(page(2, 1, 6)));
         image.carry_out(&ram);
         assert_eq!(contents(&ram), vec![5, 6, 2, 0]);
+        assert_eq!(counters.record().checkpoints_committed, 1, "counted as carried out");
         assert!(image.queue(ImageWrite::Discard { seq: 2 }));
         image.carry_out(&ram);
         assert_eq!(contents(&ram), vec![0, 7, 2, 0], "checkpoint 2 undone, 1 kept");

@@ -1,6 +1,8 @@
 //! What each side reports (serde, for `--json`), and the table of
 //! docs/protocol.md's "What a run reports" built from both.
 
+use std::sync::atomic::{AtomicU64, Ordering};
+
 use serde::{Deserialize, Serialize};
 
 use super::digest::MemoryDigest;
@@ -19,6 +21,42 @@ pub struct FallbackRecord {
     pub checkpoints_discarded: u64,
     /// The takeover, if the source took the guest back.
     pub takeover: Option<Takeover>,
+}
+
+/// Fallback on the source: checkpoints committed into the image and
+/// dropped, counted as it happens, so that a VMM reads them while the
+/// migration runs (`query-migrate`), not only in the final record.
+#[derive(Debug, Default)]
+pub struct CheckpointCounters {
+    committed: AtomicU64,
+    pages: AtomicU64,
+    bytes: AtomicU64,
+    discarded: AtomicU64,
+}
+
+impl CheckpointCounters {
+    /// A checkpoint of `pages` pages, `bytes` of them not zero, committed.
+    pub fn count_committed(&self, pages: u64, bytes: u64) {
+        self.pages.fetch_add(pages, Ordering::Relaxed);
+        self.bytes.fetch_add(bytes, Ordering::Relaxed);
+        self.committed.fetch_add(1, Ordering::Release);
+    }
+
+    /// A checkpoint cut off and dropped.
+    pub fn count_discarded(&self) {
+        self.discarded.fetch_add(1, Ordering::Release);
+    }
+
+    /// The counts so far, as a record (without a takeover).
+    pub fn record(&self) -> FallbackRecord {
+        FallbackRecord {
+            checkpoints_committed: self.committed.load(Ordering::Acquire),
+            checkpoint_pages: self.pages.load(Ordering::Relaxed),
+            checkpoint_bytes: self.bytes.load(Ordering::Relaxed),
+            checkpoints_discarded: self.discarded.load(Ordering::Acquire),
+            takeover: None,
+        }
+    }
 }
 
 /// The source took the guest back.

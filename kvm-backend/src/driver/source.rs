@@ -19,7 +19,7 @@ use super::fallback_image::{FallbackImage, ImageWrite, PageStore};
 use super::machine::{core_layout, MachineDescription, PageMap};
 use super::net::{self, lock_spin, Connection};
 use super::placement::{latency_thread, pin_self, set_policy, Boost, Tuning};
-use super::report::{FallbackRecord, Takeover};
+use super::report::{CheckpointCounters, FallbackRecord, Takeover};
 use super::security::{self, ChannelSecurity};
 use super::shell::{
     spawn, warm_fault_path_buffer, ConnectionOp, LockedCore, ProtocolCore, Shell, SideDriver, LOCK_SPIN,
@@ -58,6 +58,9 @@ pub struct SourceOptions {
     /// Fallback: where the pages a checkpoint overwrites are kept until it
     /// is committed (reserved ahead, kept).
     pub checkpoint_memory: CheckpointMemory,
+    /// Fallback: checkpoints committed and dropped, counted as it happens
+    /// (a VMM keeps a clone to read them while the migration runs).
+    pub checkpoint_counters: Arc<CheckpointCounters>,
 }
 
 /// How the source's migration ended.
@@ -308,7 +311,11 @@ pub fn run_source_watched(
         stop_ns: AtomicU64::new(0),
         stop_capture_ns: AtomicU64::new(0),
         pause_ns: AtomicU64::new(0),
-        image: FallbackImage::new(opts.checkpoint_memory.take(0, 0), (ram.unit_pages() * PAGE_SIZE) as usize),
+        image: FallbackImage::new(
+            opts.checkpoint_memory.take(0, 0),
+            (ram.unit_pages() * PAGE_SIZE) as usize,
+            opts.checkpoint_counters.clone(),
+        ),
         checkpoint_memory: opts.checkpoint_memory.clone(),
         takeover: Mutex::new(None),
         last_heard_ns: AtomicU64::new(0),

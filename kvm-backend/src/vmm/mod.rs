@@ -44,7 +44,7 @@ use crate::devices::{lock, SerialOutput};
 use crate::driver::blocktime::Blocktime;
 use crate::driver::checkpoint_memory::CheckpointMemory;
 use crate::driver::populate;
-use crate::driver::report::{DestinationReport, SourceReport};
+use crate::driver::report::{CheckpointCounters, DestinationReport, SourceReport};
 use crate::driver::watch::{ListenerSlot, UserRequest, Watch};
 use crate::driver::{self, error_chain, Damage, DestinationOptions, SourceOptions, Tuning};
 use crate::layout::MemoryMap;
@@ -166,6 +166,8 @@ struct Job {
     /// Outgoing: after a fallback takeover, the guest runs here again and
     /// `query-status` / `query-migrate` say so.
     restarted: AtomicBool,
+    /// Outgoing, with fallback: checkpoints committed and dropped so far.
+    checkpoint_counters: Arc<CheckpointCounters>,
     snapshot: Mutex<Snapshot>,
 }
 
@@ -186,6 +188,7 @@ impl Job {
             blocktime: None,
             fallback_on: AtomicBool::new(false),
             restarted: AtomicBool::new(false),
+            checkpoint_counters: Arc::default(),
             snapshot: Mutex::new(Snapshot { status: Some(MigrationStatus::Setup), ..Default::default() }),
         }
     }
@@ -996,6 +999,7 @@ impl postcopy_qmp::Vmm for KvmVmm {
             },
             security: self.shared.security(&state, tls::Way::Outgoing { uri: &args.uri })?,
             checkpoint_memory: self.shared.config.checkpoint_memory.clone(),
+            checkpoint_counters: job.checkpoint_counters.clone(),
         };
         state.job = Some(job.clone());
         if job.events {
@@ -1129,6 +1133,13 @@ impl postcopy_qmp::Vmm for KvmVmm {
         };
         if let Some(blocktime) = &job.blocktime {
             status::fill_blocktime(&mut info, &blocktime.figures(crate::sys::monotonic_ns()));
+        }
+        // While it runs, the source's checkpoint bytes and discards as
+        // counted (the committed count comes from the core's samples).
+        if let Some(x) = info.x_postcopy.as_mut().filter(|x| !ended && x.checkpoints_committed.is_some()) {
+            let record = job.checkpoint_counters.record();
+            x.checkpoint_bytes = Some(record.checkpoint_bytes);
+            x.checkpoints_discarded = Some(record.checkpoints_discarded);
         }
         Ok(info)
     }
