@@ -134,21 +134,39 @@ fn refused(dir: &Path, source_dir: &Path, hostname: &str, dest_dir: &Path, sourc
     );
 }
 
-#[test]
-fn an_expired_source_certificate_is_refused_on_both_sides() {
-    if !kvm_or_skip("an_expired_source_certificate_is_refused_on_both_sides") {
+/// One side's credentials in a refusal case (see [`Pki::dir`]).
+struct Side {
+    name: &'static str,
+    lifetime: Lifetime,
+    other_ca: bool,
+}
+
+/// `name`'s certificate, valid, signed by our CA.
+fn side(name: &'static str) -> Side {
+    Side { name, lifetime: valid(), other_ca: false }
+}
+
+/// Test `test`: credentials made as `src` and `dst` say, the source
+/// dialling `hostname`, and the migration [`refused`] with these words.
+fn refusal_case(test: &str, src: Side, dst: Side, hostname: &str, source_says: &str, dest_says: &str) {
+    if !kvm_or_skip(test) {
         return;
     }
     let _one = serial();
-    let dir = temp_dir("tls_expired");
+    let dir = temp_dir(test);
     let pki = Pki::new(&dir);
-    let src = pki.dir("src", SOURCE, expired(), false);
-    let dst = pki.dir("dst", DESTINATION, valid(), false);
-    refused(
-        &dir,
-        &src,
+    let src = pki.dir("src", src.name, src.lifetime, src.other_ca);
+    let dst = pki.dir("dst", dst.name, dst.lifetime, dst.other_ca);
+    refused(&dir, &src, hostname, &dst, source_says, dest_says);
+}
+
+#[test]
+fn an_expired_source_certificate_is_refused_on_both_sides() {
+    refusal_case(
+        "an_expired_source_certificate_is_refused_on_both_sides",
+        Side { lifetime: expired(), ..side(SOURCE) },
+        side(DESTINATION),
         DESTINATION,
-        &dst,
         "the peer refused our certificate: it has expired",
         "the peer's certificate has expired",
     );
@@ -156,19 +174,11 @@ fn an_expired_source_certificate_is_refused_on_both_sides() {
 
 #[test]
 fn a_not_yet_valid_destination_certificate_is_refused_on_both_sides() {
-    if !kvm_or_skip("a_not_yet_valid_destination_certificate_is_refused_on_both_sides") {
-        return;
-    }
-    let _one = serial();
-    let dir = temp_dir("tls_not_yet_valid");
-    let pki = Pki::new(&dir);
-    let src = pki.dir("src", SOURCE, valid(), false);
-    let dst = pki.dir("dst", DESTINATION, not_yet_valid(), false);
-    refused(
-        &dir,
-        &src,
+    refusal_case(
+        "a_not_yet_valid_destination_certificate_is_refused_on_both_sides",
+        side(SOURCE),
+        Side { lifetime: not_yet_valid(), ..side(DESTINATION) },
         DESTINATION,
-        &dst,
         "the peer's certificate is not valid yet",
         "the peer refused our certificate: it is not valid yet",
     );
@@ -176,19 +186,11 @@ fn a_not_yet_valid_destination_certificate_is_refused_on_both_sides() {
 
 #[test]
 fn a_certificate_of_another_ca_is_refused_on_both_sides() {
-    if !kvm_or_skip("a_certificate_of_another_ca_is_refused_on_both_sides") {
-        return;
-    }
-    let _one = serial();
-    let dir = temp_dir("tls_wrong_ca");
-    let pki = Pki::new(&dir);
-    let src = pki.dir("src", SOURCE, valid(), true);
-    let dst = pki.dir("dst", DESTINATION, valid(), false);
-    refused(
-        &dir,
-        &src,
+    refusal_case(
+        "a_certificate_of_another_ca_is_refused_on_both_sides",
+        Side { other_ca: true, ..side(SOURCE) },
+        side(DESTINATION),
         DESTINATION,
-        &dst,
         "the peer does not trust our CA",
         "the peer's certificate is not signed by our CA",
     );
@@ -196,19 +198,11 @@ fn a_certificate_of_another_ca_is_refused_on_both_sides() {
 
 #[test]
 fn a_destination_of_another_name_is_refused_on_both_sides() {
-    if !kvm_or_skip("a_destination_of_another_name_is_refused_on_both_sides") {
-        return;
-    }
-    let _one = serial();
-    let dir = temp_dir("tls_wrong_name");
-    let pki = Pki::new(&dir);
-    let src = pki.dir("src", SOURCE, valid(), false);
-    let dst = pki.dir("dst", DESTINATION, valid(), false);
-    refused(
-        &dir,
-        &src,
+    refusal_case(
+        "a_destination_of_another_name_is_refused_on_both_sides",
+        side(SOURCE),
+        side(DESTINATION),
         "elsewhere.test",
-        &dst,
         "the peer's certificate is not valid for the name we dialled",
         "the peer refused our certificate's name",
     );
@@ -216,19 +210,11 @@ fn a_destination_of_another_name_is_refused_on_both_sides() {
 
 #[test]
 fn an_identity_not_in_the_allowlist_is_refused_on_both_sides() {
-    if !kvm_or_skip("an_identity_not_in_the_allowlist_is_refused_on_both_sides") {
-        return;
-    }
-    let _one = serial();
-    let dir = temp_dir("tls_not_allowed");
-    let pki = Pki::new(&dir);
-    let src = pki.dir("src", "intruder.test", valid(), false);
-    let dst = pki.dir("dst", DESTINATION, valid(), false);
-    refused(
-        &dir,
-        &src,
+    refusal_case(
+        "an_identity_not_in_the_allowlist_is_refused_on_both_sides",
+        side("intruder.test"),
+        side(DESTINATION),
         DESTINATION,
-        &dst,
         "the peer's allowlist does not include our identity",
         "are not in our allowlist",
     );
