@@ -17,7 +17,8 @@
 //! its count of pages written (`r12`) at the top of its stack page: memory
 //! and registers saved at one instant agree on it, so a switchover or a
 //! checkpoint whose memory is of a later instant than its registers is
-//! reported on [`abi::COUNTER_ERROR_PORT`] at the next page (the pass
+//! reported on [`abi::COUNTER_ERROR_PORT`] at the next page, and by
+//! [`TestGuest::verify`] against the registers' count at any stop (the pass
 //! pattern alone misses that: a page written again holds the same value).
 //! It also makes the guest write a page the pattern does not, between two
 //! checkpoints, which is what copy-on-write of a checkpoint has to handle.
@@ -87,13 +88,18 @@ impl Share {
 
 /// Where a vCPU of the pattern guest is: `passes` complete passes, and in the
 /// current pass the first `pages_done` pages of its share already hold
-/// `value(passes + 1)` while the rest hold `value(passes)`.
+/// `value(passes + 1)` while the rest hold `value(passes)`; its counter
+/// word holds `pages_written` (or one less, between the count's increment
+/// and the word's store).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct CpuPosition {
     /// Complete passes.
     pub passes: u64,
     /// Pages of the share done in the current pass.
     pub pages_done: u64,
+    /// Pages written since boot (`r12`).
+    #[serde(default)]
+    pub pages_written: u64,
 }
 
 /// A page that does not hold what the pattern says.
@@ -309,17 +315,19 @@ impl TestGuest {
         let done = share
             .pages_below(cursor)
             .ok_or_else(|| Error::Vcpu { vcpu, reason: format!("rdi {:#x} outside its share", regs.rdi) })?;
+        let pages_written = regs.r12;
         if done < share.pages() {
-            return Ok(CpuPosition { passes: regs.r10, pages_done: done });
+            return Ok(CpuPosition { passes: regs.r10, pages_done: done, pages_written });
         }
         // The pass is complete; r10 is incremented between PASS_COUNTED and
         // the reload of rdi at RANGE_TOP.
         let counted = regs.rip >= programs::LM_PASS_COUNTED && regs.rip <= programs::LM_RANGE_TOP;
-        Ok(CpuPosition { passes: if counted { regs.r10 } else { regs.r10 + 1 }, pages_done: 0 })
+        Ok(CpuPosition { passes: if counted { regs.r10 } else { regs.r10 + 1 }, pages_done: 0, pages_written })
     }
 
-    /// Checks every pattern page of every share against `positions` (one per
-    /// vCPU), and the reserved bytes against what setup wrote.
+    /// Checks every pattern page of every share and each vCPU's counter word
+    /// against `positions` (one per vCPU), and the reserved bytes against
+    /// what setup wrote.
     pub fn verify(&self, ram: &GuestRam, positions: &[CpuPosition]) -> Result<VerifyReport> {
         if positions.len() != self.shares.len() {
             return Err(Error::Config(format!("{} positions for {} vCPUs", positions.len(), self.shares.len())));
@@ -336,6 +344,15 @@ impl TestGuest {
                     if report.first_bad.len() < MAX_REPORTED_BAD_PAGES {
                         report.first_bad.push(BadPage { vcpu, gpa, expected, found });
                     }
+                }
+            }
+            // Memory of a later (or earlier) instant than the registers.
+            let gpa = counter_word_addr(vcpu);
+            let (expected, found) = (pos.pages_written, ram.read_u64(gpa)?);
+            if found != expected && found.wrapping_add(1) != expected {
+                report.bad_pages += 1;
+                if report.first_bad.len() < MAX_REPORTED_BAD_PAGES {
+                    report.first_bad.push(BadPage { vcpu, gpa, expected, found });
                 }
             }
         }
@@ -357,14 +374,20 @@ impl TestGuest {
     /// Writes the pattern as the guest would have left it at `positions`
     /// (for tests of the verifier and of page transfer without running KVM).
     pub fn write_pattern(&self, ram: &GuestRam, positions: &[CpuPosition]) -> Result<()> {
-        for (share, pos) in self.shares.iter().zip(positions) {
+        for (vcpu, (share, pos)) in self.shares.iter().zip(positions).enumerate() {
             for (i, gpa) in share.page_addrs().enumerate() {
                 let passes = if (i as u64) < pos.pages_done { pos.passes + 1 } else { pos.passes };
                 ram.write_u64(gpa, pattern_value(passes, gpa))?;
             }
+            ram.write_u64(counter_word_addr(vcpu), pos.pages_written)?;
         }
         Ok(())
     }
+}
+
+/// Where vCPU `vcpu` keeps its counter word: the last word of its stack page.
+fn counter_word_addr(vcpu: usize) -> u64 {
+    LM_STACKS_ADDR + (vcpu as u64 + 1) * PAGE_SIZE - 8
 }
 
 fn no_vcpu(vcpu: usize) -> Error {
@@ -441,15 +464,27 @@ mod tests {
     #[test]
     fn verifier_accepts_the_pattern_and_catches_dropped_stale_and_corrupt_pages() {
         let (ram, g) = guest(8, 2);
-        let pos = [CpuPosition { passes: 3, pages_done: 100 }, CpuPosition { passes: 0, pages_done: 7 }];
+        let pos = [
+            CpuPosition { passes: 3, pages_done: 100, pages_written: 3 * 1000 + 100 },
+            CpuPosition { passes: 0, pages_done: 7, pages_written: 7 },
+        ];
         g.write_pattern(&ram, &pos).unwrap();
         let r = g.verify(&ram, &pos).unwrap();
         assert!(r.is_ok(), "{r:?}");
         assert_eq!(r.pages_checked, g.pattern_pages());
 
         // A wrong position is itself a mismatch.
-        let shifted = [CpuPosition { passes: 3, pages_done: 101 }, pos[1]];
+        let shifted = [CpuPosition { passes: 3, pages_done: 101, ..pos[0] }, pos[1]];
         assert_eq!(g.verify(&ram, &shifted).unwrap().bad_pages, 1);
+        // The counter word may lag the count by one (a stop between the
+        // increment and the store), not lead it nor lag it by more.
+        let lagging = [pos[0], CpuPosition { pages_written: 8, ..pos[1] }];
+        assert!(g.verify(&ram, &lagging).unwrap().is_ok());
+        for wrong in [6, 9] {
+            let r = g.verify(&ram, &[pos[0], CpuPosition { pages_written: wrong, ..pos[1] }]).unwrap();
+            assert_eq!(r.bad_pages, 1, "count {wrong}, word 7");
+            assert_eq!(r.first_bad[0].gpa, LM_STACKS_ADDR + 2 * PAGE_SIZE - 8);
+        }
 
         let share0: Vec<u64> = g.share(0).unwrap().page_addrs().collect();
         // Dropped page (left zero).
@@ -485,24 +520,24 @@ mod tests {
         let share = g.share(0).unwrap().clone();
         let (start, end) = share.ranges[0];
         let mut regs = g.initial_regs(0).unwrap();
-        assert_eq!(g.position_from_regs(0, &regs).unwrap(), CpuPosition { passes: 0, pages_done: 0 });
+        assert_eq!(g.position_from_regs(0, &regs).unwrap(), CpuPosition { passes: 0, pages_done: 0, pages_written: 0 });
         // Mid pass, just after the store of page 5 (rdi = page + 8).
         regs.r10 = 7;
         regs.rdi = start + 5 * PAGE_SIZE + 8;
         regs.rip = programs::LM_PASS_TOP + 0x30;
-        assert_eq!(g.position_from_regs(0, &regs).unwrap(), CpuPosition { passes: 7, pages_done: 6 });
+        assert_eq!(g.position_from_regs(0, &regs).unwrap(), CpuPosition { passes: 7, pages_done: 6, pages_written: 0 });
         // Before the store of page 5.
         regs.rdi = start + 5 * PAGE_SIZE;
-        assert_eq!(g.position_from_regs(0, &regs).unwrap(), CpuPosition { passes: 7, pages_done: 5 });
+        assert_eq!(g.position_from_regs(0, &regs).unwrap(), CpuPosition { passes: 7, pages_done: 5, pages_written: 0 });
         // End of pass, counter not yet incremented.
         regs.rdi = end;
         regs.rip = programs::LM_PASS_TOP + 0x40;
-        assert_eq!(g.position_from_regs(0, &regs).unwrap(), CpuPosition { passes: 8, pages_done: 0 });
+        assert_eq!(g.position_from_regs(0, &regs).unwrap(), CpuPosition { passes: 8, pages_done: 0, pages_written: 0 });
         // End of pass, counter incremented.
         regs.rip = programs::LM_PASS_COUNTED;
-        assert_eq!(g.position_from_regs(0, &regs).unwrap(), CpuPosition { passes: 7, pages_done: 0 });
+        assert_eq!(g.position_from_regs(0, &regs).unwrap(), CpuPosition { passes: 7, pages_done: 0, pages_written: 0 });
         regs.rip = programs::LM_RANGE_TOP;
-        assert_eq!(g.position_from_regs(0, &regs).unwrap(), CpuPosition { passes: 7, pages_done: 0 });
+        assert_eq!(g.position_from_regs(0, &regs).unwrap(), CpuPosition { passes: 7, pages_done: 0, pages_written: 0 });
         // Nonsense registers.
         regs.rdi = 0x1000;
         assert!(g.position_from_regs(0, &regs).is_err());
