@@ -106,7 +106,7 @@ impl GuestRam {
 
     /// Allocates every page of `layout` now, zero-filled, in one memfd
     /// mapped twice: the guest's mapping, and the placement mapping (see
-    /// [`GuestRam::place`]). Takes as long as touching all of it.
+    /// `GuestRam::place`). Takes as long as touching all of it.
     pub fn new_preallocated(layout: MemoryMap) -> Result<Self> {
         Self::new_preallocated_with(layout, None)
     }

@@ -4,7 +4,7 @@
 //!
 //! - [`PageBits`]: one bit per page with an exact count of the set bits
 //!   (the destination driver's pages installed; the claims below).
-//! - [`MappedPages`]: preallocated RAM's claims, one bit per page mapped
+//! - `MappedPages`: preallocated RAM's claims, one bit per page mapped
 //!   (or about to be mapped) into the guest's mapping, kept in step with
 //!   the mapping itself: discards exclude installs, so no install ever sees
 //!   a page unmapped but still claimed, or mapped but unclaimed.

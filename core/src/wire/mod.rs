@@ -3,7 +3,7 @@
 //!
 //! # Connections
 //!
-//! Each [`Channel`] is its own connection, opened by the
+//! Each [`Channel`](crate::Channel) is its own connection, opened by the
 //! source. A connection starts with an 8-byte [`Preamble`] written by the
 //! source (magic `PCPC`, channel code, three zero bytes) so that the
 //! destination can tell the channels apart whatever order they arrive in.

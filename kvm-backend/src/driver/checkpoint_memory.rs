@@ -18,9 +18,9 @@ use crate::devices::lock;
 use crate::layout::PAGE_SIZE;
 
 /// Buffers for checkpoints, kept: one process's, shared by its migrations.
-/// A buffer is taken for a checkpoint ([`CheckpointMemory::take`]), lent to
-/// the core's frames ([`CheckpointMemory::lend`]) and comes back when the
-/// last of them is dropped, or given back ([`CheckpointMemory::give_back`]).
+/// A buffer is taken for a checkpoint (`CheckpointMemory::take`), lent to
+/// the core's frames (`CheckpointMemory::lend`) and comes back when the
+/// last of them is dropped, or given back (`CheckpointMemory::give_back`).
 #[derive(Clone, Debug, Default)]
 pub struct CheckpointMemory(Arc<Mutex<Pool>>);
 

@@ -164,7 +164,7 @@ impl FrameAligner {
     }
 
     /// Takes a piece received elsewhere (tests, other readers): returns what
-    /// [`FrameAligner::take`] has then.
+    /// `FrameAligner::take` has then.
     pub fn push(&mut self, bytes: &[u8]) -> Option<Bytes> {
         self.buf.extend_from_slice(bytes);
         self.take()
