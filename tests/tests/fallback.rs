@@ -12,7 +12,7 @@ use std::process::{Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use common::{binary, collect, kvm_or_skip, migrate, serial, start_dest, temp_dir, Finished};
+use common::{binary, collect, huge_pages_or_skip, kvm_or_skip, migrate, serial, start_dest, temp_dir, Finished};
 use postcopy_kvm::driver::report::SourceReport;
 
 /// The guest: big enough that postcopy lasts about a second here, the
@@ -79,13 +79,26 @@ impl KillAt {
 /// Runs a migration with fallback, kills the destination (SIGKILL) when
 /// `at`'s line appears, and returns the source's report and output.
 fn kill_destination(test: &str, interval_ms: u64, at: KillAt) -> (SourceReport, Finished) {
+    kill_destination_of(test, interval_ms, at, GUEST, &[])
+}
+
+/// As [`kill_destination`], for the guest `guest` (the source's arguments)
+/// and with `dest_extra` given to the destination too.
+fn kill_destination_of(
+    test: &str,
+    interval_ms: u64,
+    at: KillAt,
+    guest: &[&str],
+    dest_extra: &[&str],
+) -> (SourceReport, Finished) {
     let dir = temp_dir(test);
     let args = fallback_args(interval_ms);
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let mut dest = start_dest(&dir, &args, &[("POSTCOPY_LOG", "info")]);
+    let dest_args: Vec<&str> = args.iter().chain(dest_extra).copied().collect();
+    let mut dest = start_dest(&dir, &dest_args, &[("POSTCOPY_LOG", "info")]);
     let mut source = Command::new(binary())
         .args(["source", "--json", "--run-before-ms", "100", "--connect", &dest.addr.to_string()])
-        .args(GUEST)
+        .args(guest)
         .args(&args)
         .env("POSTCOPY_LOG", "info")
         .stdout(Stdio::piped())
@@ -170,6 +183,26 @@ fn a_destination_killed_between_checkpoints_leaves_the_guest_on_the_source_from_
     let _one = serial();
     let (report, out) = kill_destination("fallback-kill-between", 50, KillAt::AfterFirstCommit);
     assert_taken_over(&report, &out, |c| c >= 1);
+}
+
+/// On 2 MiB huge pages: the dirty log and the write protection work per
+/// huge page, and a checkpoint carries whole 2 MiB pages.
+#[test]
+fn a_destination_on_2_mib_pages_killed_between_checkpoints_leaves_the_guest_on_the_source() {
+    let test = "a_destination_on_2_mib_pages_killed_between_checkpoints_leaves_the_guest_on_the_source";
+    // Both sides' 64 MiB.
+    if !huge_pages_or_skip(test, 64) {
+        return;
+    }
+    let _one = serial();
+    // The push held to 16 MiB/s: postcopy lasts seconds, so the kill
+    // lands in it after a checkpoint was committed.
+    let guest = ["--mem", "64M", "--vcpus", "2", "--hugepages", "2M", "--max-postcopy-bandwidth", "16M"];
+    let dest_extra = ["--prealloc", "64M", "--hugepages", "2M"];
+    let (report, out) = kill_destination_of("fallback-kill-huge", 50, KillAt::AfterFirstCommit, &guest, &dest_extra);
+    assert_taken_over(&report, &out, |c| c >= 1);
+    let bytes = report.fallback.as_ref().map_or(0, |f| f.checkpoint_bytes);
+    assert!(bytes > 0 && bytes % (2 << 20) == 0, "checkpoints of whole 2 MiB pages: {bytes} bytes");
 }
 
 #[test]
