@@ -10,7 +10,7 @@ use postcopy_core::Mode;
 use postcopy_kvm::driver::checkpoint_memory::CheckpointMemory;
 use postcopy_kvm::driver::machine::GuestKind;
 use postcopy_kvm::driver::populate;
-use postcopy_kvm::driver::report::{DestinationReport, RunReport, SourceReport};
+use postcopy_kvm::driver::report::{DestinationReport, RunReport};
 use postcopy_kvm::driver::{self, Damage, DamageError, DestinationOptions, SourceError, SourceOptions, Tuning};
 use postcopy_kvm::layout::MIB;
 use postcopy_kvm::vmm::{BootError, GuestSpec, LiveGuest};
@@ -418,32 +418,14 @@ pub fn source(a: SourceArgs) -> Result<ExitCode, CommandError> {
     let outcome =
         driver::run_source(&guest.vm, &guest.vcpus, &guest.machine, session, &opts).map_err(CommandError::Source)?;
     let ok = outcome.finished.result.is_ok();
-    let mut report = SourceReport {
-        ok,
-        error: outcome.finished.result.as_ref().err().map(|e| match &outcome.last_connect_error {
-            // Why connecting failed (a TLS refusal says who refused what).
-            Some(why) => format!("{}: {why}", driver::error_chain(e)),
-            None => driver::error_chain(e),
-        }),
-        guest_on: format!("{:?}", outcome.finished.guest_on).to_lowercase(),
+    let mut report = outcome.report(driver::ReportedGuest {
         mem_bytes: a.guest.mem,
         vcpus: guest.machine.vcpus,
         mode: format!("{:?}", a.guest.mode).to_lowercase(),
-        stats: outcome.finished.stats.clone(),
-        start_ns: outcome.start_ns,
-        stop_ns: outcome.stop_ns,
-        end_ns: outcome.end_ns,
-        stop_capture_us: outcome.stop_capture_us,
-        pause_us: outcome.pause_us,
-        digest: outcome.digests.fold(),
         progress_before_pages_per_s: progress_before,
         passes_before,
-        progress_after_failure_pages_per_s: None,
-        notices: outcome.notices.clone(),
-        handshakes_ns: outcome.handshakes.clone(),
-        fallback: opts.config.fallback.is_some().then(|| outcome.fallback.clone()),
-        pattern_after_takeover: None,
-    };
+        fallback: opts.config.fallback.is_some(),
+    });
     if ok {
         // The guest lives on the destination now; its vCPUs here stay stopped.
         drop(guest);

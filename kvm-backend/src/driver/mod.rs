@@ -109,7 +109,9 @@ pub use destination::{
     DIE_AFTER_CHECKPOINT_ENV,
 };
 pub use security::{ChannelSecurity, ConnectError, TlsSettings};
-pub use source::{new_session_id, run_source, run_source_watched, SourceError, SourceOptions, SourceOutcome};
+pub use source::{
+    new_session_id, run_source, run_source_watched, ReportedGuest, SourceError, SourceOptions, SourceOutcome,
+};
 
 pub use crate::error::error_chain;
 pub use clock::now;

@@ -19,7 +19,7 @@ use super::fallback_image::{FallbackImage, ImageWrite, PageStore};
 use super::machine::{core_layout, MachineDescription, PageMap};
 use super::net::{self, lock_spin, Connection};
 use super::placement::{latency_thread, pin_self, set_policy, Boost, Tuning};
-use super::report::{CheckpointCounters, FallbackRecord, Takeover};
+use super::report::{CheckpointCounters, FallbackRecord, SourceReport, Takeover};
 use super::security::{self, ChannelSecurity};
 use super::shell::{
     spawn, warm_fault_path_buffer, ConnectionOp, LockedCore, ProtocolCore, Shell, SideDriver, LOCK_SPIN,
@@ -91,6 +91,57 @@ pub struct SourceOutcome {
     pub handshakes: Vec<(u64, u64)>,
     /// Fallback: the checkpoints committed and the takeover, if any.
     pub fallback: FallbackRecord,
+}
+
+/// What the caller of [`run_source`] knows of the guest, for the report.
+#[derive(Clone, Debug)]
+pub struct ReportedGuest {
+    /// Guest RAM in bytes.
+    pub mem_bytes: u64,
+    /// vCPUs.
+    pub vcpus: usize,
+    /// "postcopy" or "hybrid".
+    pub mode: String,
+    /// Guest pages written per second before the migration.
+    pub progress_before_pages_per_s: Option<f64>,
+    /// Pattern passes completed before the migration (all vCPUs).
+    pub passes_before: u64,
+    /// The migration ran with fallback (its record is reported).
+    pub fallback: bool,
+}
+
+impl SourceOutcome {
+    /// The report of this migration of `guest` (what only the caller
+    /// learns after it, such as the guest's progress after a failure, is
+    /// left empty).
+    pub fn report(&self, guest: ReportedGuest) -> SourceReport {
+        SourceReport {
+            ok: self.finished.result.is_ok(),
+            error: self.finished.result.as_ref().err().map(|e| match &self.last_connect_error {
+                // Why connecting failed (a TLS refusal says who refused what).
+                Some(why) => format!("{}: {why}", error_chain(e)),
+                None => error_chain(e),
+            }),
+            guest_on: format!("{:?}", self.finished.guest_on).to_lowercase(),
+            mem_bytes: guest.mem_bytes,
+            vcpus: guest.vcpus,
+            mode: guest.mode,
+            stats: self.finished.stats.clone(),
+            start_ns: self.start_ns,
+            stop_ns: self.stop_ns,
+            end_ns: self.end_ns,
+            stop_capture_us: self.stop_capture_us,
+            pause_us: self.pause_us,
+            digest: self.digests.fold(),
+            progress_before_pages_per_s: guest.progress_before_pages_per_s,
+            passes_before: guest.passes_before,
+            progress_after_failure_pages_per_s: None,
+            notices: self.notices.clone(),
+            handshakes_ns: self.handshakes.clone(),
+            fallback: guest.fallback.then(|| self.fallback.clone()),
+            pattern_after_takeover: None,
+        }
+    }
 }
 
 /// Why the source could not run a migration (the core's own verdict is in

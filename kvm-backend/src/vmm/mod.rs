@@ -513,33 +513,20 @@ impl Shared {
                 snapshot.total_time_ms = Some(elapsed_ms);
                 snapshot.setup_time_ms = Some(stats.phases.setup_ns / 1_000_000);
                 snapshot.downtime_ms = Some(stats.phases.downtime_ns / 1_000_000);
-                let digest = outcome.digests.fold();
                 let mode = if opts.config.mode.precopy_rounds() > 0 { "hybrid" } else { "postcopy" };
-                snapshot.source_report = Some(SourceReport {
-                    ok: finished.result.is_ok(),
-                    error: finished.result.as_ref().err().map(|e| match &outcome.last_connect_error {
-                        Some(why) => format!("{}: {why}{cannot_run}", error_chain(e)),
-                        None => format!("{}{cannot_run}", error_chain(e)),
-                    }),
-                    guest_on: format!("{:?}", finished.guest_on).to_lowercase(),
+                let mut report = outcome.report(driver::ReportedGuest {
                     mem_bytes: guest.machine.ram.total_bytes(),
                     vcpus: guest.machine.vcpus,
                     mode: mode.into(),
-                    stats: stats.clone(),
-                    start_ns: outcome.start_ns,
-                    stop_ns: outcome.stop_ns,
-                    end_ns: outcome.end_ns,
-                    stop_capture_us: outcome.stop_capture_us,
-                    pause_us: outcome.pause_us,
-                    digest,
                     progress_before_pages_per_s: progress_before,
                     passes_before,
-                    progress_after_failure_pages_per_s: None,
-                    notices: outcome.notices.clone(),
-                    handshakes_ns: outcome.handshakes.clone(),
-                    fallback: opts.config.fallback.is_some().then(|| outcome.fallback.clone()),
-                    pattern_after_takeover: None,
+                    fallback: opts.config.fallback.is_some(),
                 });
+                if let Some(error) = report.error.as_mut() {
+                    error.push_str(cannot_run);
+                }
+                let digest = report.digest;
+                snapshot.source_report = Some(report);
                 snapshot.x = XPostcopyInfo {
                     pages_precopy: Some(stats.pages_sent.precopy),
                     pages_background: Some(stats.pages_sent.background),
