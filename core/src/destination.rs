@@ -1668,11 +1668,7 @@ impl Destination {
         }
         self.actions.push_back(DestinationAction::DiscardGuest);
         self.state = State::Failed;
-        self.control.clear();
-        self.pending_requests.clear();
-        self.report_word = None;
-        self.welcome_pending = false;
-        self.eoc_queued = false;
+        self.forget_outgoing();
         self.timers.stop_all();
         let stats = self.stats(now);
         self.actions.push_back(DestinationAction::Finished(Box::new(Finished {
@@ -1950,10 +1946,7 @@ impl Destination {
     fn give_up_with_guest(&mut self, now: Timestamp, error: MigrationError) {
         self.close_all_links();
         self.state = State::Failed;
-        self.control.clear();
-        self.pending_requests.clear();
-        self.report_word = None;
-        self.welcome_pending = false;
+        self.forget_outgoing();
         self.timers.stop_all();
         let stats = self.stats(now);
         self.actions.push_back(DestinationAction::Finished(Box::new(Finished {
@@ -1963,17 +1956,24 @@ impl Destination {
         })));
     }
 
+    /// What was queued for the return path goes with its links: control
+    /// frames, requests not sent, the present report, the welcome and the
+    /// end of copy (a recovery queues what it needs again).
+    fn forget_outgoing(&mut self) {
+        self.control.clear();
+        self.pending_requests.clear();
+        self.report_word = None;
+        self.welcome_pending = false;
+        self.eoc_queued = false;
+    }
+
     fn pause(&mut self, now: Timestamp, reason: MigrationError) {
         self.close_all_links();
         self.state = State::Paused;
         // Parts of incomplete pages are dropped: those pages are not
         // present, so the source sends them again after the recovery.
         self.assembling.clear();
-        self.control.clear();
-        self.pending_requests.clear();
-        self.report_word = None;
-        self.welcome_pending = false;
-        self.eoc_queued = false;
+        self.forget_outgoing();
         if let Some(fallback) = &mut self.fallback {
             // Cut with the connection: sent again whole after the recovery.
             fallback.sending = None;
