@@ -243,7 +243,7 @@ impl TestGuest {
         let i = vcpu as u64;
         Ok(kvm_regs {
             rip: programs::LM_PASS_TOP,
-            rsp: LM_STACKS_ADDR + (i + 1) * PAGE_SIZE,
+            rsp: stack_top(vcpu),
             rflags: 2,
             rbx: i,
             rdi: first,
@@ -385,9 +385,14 @@ impl TestGuest {
     }
 }
 
+/// The top of vCPU `vcpu`'s stack page (its initial `rsp`).
+fn stack_top(vcpu: usize) -> u64 {
+    LM_STACKS_ADDR + (vcpu as u64 + 1) * PAGE_SIZE
+}
+
 /// Where vCPU `vcpu` keeps its counter word: the last word of its stack page.
 fn counter_word_addr(vcpu: usize) -> u64 {
-    LM_STACKS_ADDR + (vcpu as u64 + 1) * PAGE_SIZE - 8
+    stack_top(vcpu) - 8
 }
 
 fn no_vcpu(vcpu: usize) -> Error {
