@@ -551,7 +551,8 @@ impl Destination {
     /// [`Destination::poll_transmit`] sends: a checkpoint being sent, or
     /// the end of copy.
     pub fn return_bulk_pending(&self) -> bool {
-        self.eoc_queued || (self.state() == DestinationState::Running && self.checkpoint_sending())
+        let eoc = self.eoc_queued && !planted!(self.config, EocUnannounced);
+        eoc || (self.state() == DestinationState::Running && self.checkpoint_sending())
     }
 
     fn checkpoint_sending(&self) -> bool {

@@ -50,6 +50,11 @@ pub enum PlantedBug {
     /// image stays at the last commit before it (a rollback stays exact,
     /// only ever older).
     AbandonedCheckpointNotAskedAgain,
+    /// Fallback: [`Destination::return_bulk_pending`](crate::Destination::return_bulk_pending)
+    /// leaves out a queued end of copy, so a driver whose return writer
+    /// sends it (the KVM driver's, the simulator's with `return_writer_us`)
+    /// is never woken for it and the migration never completes.
+    EocUnannounced,
 }
 
 impl PlantedBug {
@@ -62,13 +67,14 @@ impl PlantedBug {
     ];
 
     /// The fallback bugs (they need a migration with fallback on).
-    pub const FALLBACK: [PlantedBug; 6] = [
+    pub const FALLBACK: [PlantedBug; 7] = [
         PlantedBug::TakeoverWithoutLease,
         PlantedBug::CommitPartialCheckpoint,
         PlantedBug::CheckpointMissesPage,
         PlantedBug::FencedDestinationResumes,
         PlantedBug::AbandonedCheckpointForgetsPages,
         PlantedBug::AbandonedCheckpointNotAskedAgain,
+        PlantedBug::EocUnannounced,
     ];
 
     /// Every planted bug: [`PlantedBug::ALL`] (the protocol's) and [`PlantedBug::FALLBACK`].
@@ -89,6 +95,7 @@ impl PlantedBug {
             PlantedBug::FencedDestinationResumes => "fenced-destination-resumes",
             PlantedBug::AbandonedCheckpointForgetsPages => "abandoned-checkpoint-forgets-pages",
             PlantedBug::AbandonedCheckpointNotAskedAgain => "abandoned-checkpoint-not-asked-again",
+            PlantedBug::EocUnannounced => "eoc-unannounced",
         }
     }
 }

@@ -134,9 +134,12 @@
 //! most `abandons` times): the core asks for it again at the next interval
 //! and the driver carries the pages it read from the dirty log into that
 //! one; `sometimes` "an abandoned checkpoint is asked for again and
-//! committed". The six planted bugs of [`PlantedBug::FALLBACK`] are caught
+//! committed". The planted bugs of [`PlantedBug::FALLBACK`] are caught
 //! (`model/tests/fallback.rs`); `abandoned-checkpoint-not-asked-again`,
 //! which breaks no safety property, by that `sometimes` never reached.
+//! Not `eoc-unannounced`: the model polls the return path whole, as one
+//! writer would, and never asks `return_bulk_pending` (the simulator and
+//! the `destination_events` fuzzer check the driver's split).
 
 #![forbid(unsafe_code)]
 

@@ -40,8 +40,11 @@ fn symptom(bug: PlantedBug) -> &'static [&'static str] {
 
 #[test]
 fn every_planted_fallback_bug_is_caught_with_a_trace() {
-    // Not a safety bug: caught by reachability below.
-    for bug in PlantedBug::FALLBACK.into_iter().filter(|&b| b != PlantedBug::AbandonedCheckpointNotAskedAgain) {
+    // Not a safety bug: caught by reachability below. Nor the split of the
+    // return path between writers, which the model does not have (it polls
+    // the return path whole): the simulator catches that one.
+    let skip = [PlantedBug::AbandonedCheckpointNotAskedAgain, PlantedBug::EocUnannounced];
+    for bug in PlantedBug::FALLBACK.into_iter().filter(|b| !skip.contains(b)) {
         // Two pages: with one, the end of copy is due as soon as the page
         // arrives, and checkpoints stop before the guest's write.
         let report = check(&ModelConfig { plant: Some(bug), ..ModelConfig::fallback() }, 2);

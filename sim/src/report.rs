@@ -51,6 +51,9 @@ pub struct Report {
     /// Fallback: of those, the ones abandoned waiting for a vCPU to park
     /// (fenced or dropped meanwhile).
     pub checkpoints_abandoned_parking: u64,
+    /// Fallback with `return_writer_us`: wake-ups of the destination's
+    /// return writer (one per ring it answered).
+    pub return_writer_wakes: u64,
     pub guest: GuestProgress,
 }
 

@@ -415,6 +415,12 @@ scenario! {
     /// waits on a missing page waits for it, and is abandoned if the
     /// guest is fenced or dropped meanwhile.
     abandon_pct: u32,
+    /// Fallback: the destination's other writers flush only the urgent
+    /// frames of the return path and ring one return writer for the
+    /// checkpoints and the end of copy when `return_bulk_pending` says so,
+    /// as the KVM driver does; the writer wakes this long after the ring
+    /// (0: one writer sends everything).
+    return_writer_us: u64,
     /// Connections the background push is spread over (`--push-streams`).
     push_streams: u8,
     /// CPU time a source connection's sender and receiver spend on a page
@@ -523,7 +529,7 @@ impl Scenario {
         // keeps every option it had.
         let fallback = r.chance(0.3);
         let (mut lease_ms, mut checkpoint_ms, mut checkpoint_us, mut crash_after_start_ms) = (1000, 100, 100, 0);
-        let mut abandon_pct = 0;
+        let (mut abandon_pct, mut return_writer_us) = (0, 0);
         let mut partition_max_ms = partition_max_ms;
         if fallback {
             // Longer than a round trip plus what a full socket buffer holds
@@ -539,6 +545,7 @@ impl Scenario {
             partition_max_ms = partition_max_ms.max(3 * lease_ms);
             // Drawn after the other fallback options, which stay as they were.
             abandon_pct = if r.chance(0.5) { r.pick(&[5, 20, 50]) } else { 0 };
+            return_writer_us = if r.chance(0.5) { r.log_uniform(5, 2000) } else { 0 };
         }
 
         Scenario {
@@ -594,6 +601,7 @@ impl Scenario {
             checkpoint_us,
             crash_after_start_ms,
             abandon_pct,
+            return_writer_us,
             push_streams,
             stream_page_ns,
         }
@@ -694,6 +702,11 @@ impl Scenario {
         }
         if self.abandon_pct > 100 {
             return Err(format!("abandon_pct={} must be at most 100", self.abandon_pct));
+        }
+        // The liveness bound's slack (200 ms) covers a wake-up of the return
+        // writer behind the end of copy.
+        if self.return_writer_us > 100_000 {
+            return Err(format!("return_writer_us={} must be at most 100000", self.return_writer_us));
         }
         if self.push_streams == 0 || self.push_streams > postcopy_core::MAX_PUSH_STREAMS {
             return Err(format!(

@@ -93,6 +93,10 @@ enum Ev {
     CrashAfterStart {
         generation: u32,
     },
+    /// Fallback: the destination's return writer wakes after a ring.
+    ReturnWriter {
+        generation: u32,
+    },
 }
 
 impl Ev {
@@ -117,6 +121,7 @@ impl Ev {
             Ev::AfterEnd => "after-end",
             Ev::CheckpointTaken { .. } => "checkpoint-taken",
             Ev::CrashAfterStart { .. } => "crash-after-start",
+            Ev::ReturnWriter { .. } => "return-writer",
         }
     }
 
@@ -183,6 +188,20 @@ struct DestHost {
     /// (the driver's placement mapping): their bytes, and which bytes a
     /// part wrote.
     placed: std::collections::BTreeMap<u64, (Vec<u8>, Vec<bool>)>,
+    /// Fallback with `return_writer_us`: the writer of checkpoints and the
+    /// end of copy.
+    return_writer: ReturnWriter,
+}
+
+/// The destination's return writer (the KVM driver's `dst-return` thread).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum ReturnWriter {
+    /// Waits for a ring.
+    Asleep,
+    /// Rung; wakes at an `Ev::ReturnWriter`.
+    Rung,
+    /// Polls the return path whole until a poll writes nothing.
+    Writing,
 }
 
 impl SourceHost {
@@ -215,6 +234,7 @@ impl DestHost {
             load_until: None,
             finished: None,
             placed: std::collections::BTreeMap::new(),
+            return_writer: ReturnWriter::Asleep,
         }
     }
 }
@@ -248,6 +268,8 @@ pub struct Sim {
     /// those the ones abandoned waiting for a vCPU to park.
     checkpoints_abandoned: u64,
     checkpoints_abandoned_parking: u64,
+    /// Fallback: times the destination's return writer woke for a ring.
+    return_writer_wakes: u64,
 
     net: Network,
     partitions: Vec<(u64, bool)>,
@@ -352,6 +374,7 @@ impl Sim {
             blocked: 0,
             checkpoints_abandoned: 0,
             checkpoints_abandoned_parking: 0,
+            return_writer_wakes: 0,
             net,
             partitions,
             pending_dirty: Vec::new(),
@@ -586,6 +609,13 @@ impl Sim {
                         }
                         self.drain_dest();
                     }
+                }
+            }
+            Ev::ReturnWriter { generation } => {
+                if generation == self.generation[1] && self.dst.alive && self.dst.return_writer == ReturnWriter::Rung {
+                    // The pump after this event lets it write.
+                    self.dst.return_writer = ReturnWriter::Writing;
+                    self.return_writer_wakes += 1;
                 }
             }
             Ev::CrashAfterStart { generation } => {
@@ -1245,7 +1275,7 @@ impl Sim {
                     } else if from_source {
                         self.src.core.poll_transmit(now, ch, &mut out, max_bytes, &self.src_mem)
                     } else {
-                        self.dst.core.poll_transmit(now, ch, &mut out, max_bytes)
+                        self.poll_destination(now, ch, &mut out, max_bytes)
                     };
                     let mut sender_busy = false;
                     if frames > 0 {
@@ -1277,6 +1307,31 @@ impl Sim {
                 break;
             }
         }
+    }
+
+    /// The destination's writers. With a return writer of its own
+    /// (`return_writer_us`), every other flush sends only the urgent frames
+    /// and rings the writer when `return_bulk_pending` says so, as the KVM
+    /// driver does: a checkpoint frame or end of copy it did not announce
+    /// would wait for nobody, and the run would not finish.
+    fn poll_destination(&mut self, now: Timestamp, ch: Channel, out: &mut Vec<u8>, max_bytes: usize) -> usize {
+        if !(self.sc.fallback && self.sc.return_writer_us > 0 && ch == Channel::Return) {
+            return self.dst.core.poll_transmit(now, ch, out, max_bytes);
+        }
+        if self.dst.return_writer == ReturnWriter::Writing {
+            let frames = self.dst.core.poll_transmit(now, ch, out, max_bytes);
+            if frames == 0 {
+                self.dst.return_writer = ReturnWriter::Asleep;
+            }
+            return frames;
+        }
+        let frames = self.dst.core.poll_transmit_urgent(now, out, max_bytes);
+        if self.dst.return_writer == ReturnWriter::Asleep && self.dst.core.return_bulk_pending() {
+            self.dst.return_writer = ReturnWriter::Rung;
+            let generation = self.generation[1];
+            self.at(self.now + self.sc.return_writer_us * US, Ev::ReturnWriter { generation });
+        }
+        frames
     }
 
     fn global_page(block_start: &[u64], block: u32, index: u32) -> Option<u64> {
@@ -1850,6 +1905,7 @@ impl Sim {
             requests_for_pages_in_parts: src_stats.requests_for_pages_in_parts,
             checkpoints_abandoned: self.checkpoints_abandoned,
             checkpoints_abandoned_parking: self.checkpoints_abandoned_parking,
+            return_writer_wakes: self.return_writer_wakes,
             guest,
         };
         let violations: Vec<String> = self.checks.violations.iter().map(ToString::to_string).collect();
