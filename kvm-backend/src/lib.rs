@@ -6,7 +6,7 @@
 //! - [`layout`]: the RAM layout (named blocks of 4 KiB pages, [`PageRef`]).
 //! - [`memory`]: guest RAM ([`GuestRam`], vm-memory mmaps) with the VMM's own
 //!   write tracking, and [`DirtyBitmap`].
-//! - [`hugepages`]: guest RAM on 2 MiB huge pages ([`HugePageSize`]).
+//! - [`hugepages`]: guest RAM on 2 MiB or 1 GiB huge pages ([`HugePageSize`]).
 //! - [`vm`]: the KVM VM ([`Vm`]): memory slots, dirty logging, irqchip,
 //!   vCPU creation, VM-wide state.
 //! - [`vcpu`]: a vCPU ([`Vcpu`]) and its saved state ([`VcpuState`]).

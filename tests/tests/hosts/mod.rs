@@ -9,6 +9,10 @@ use std::process::Command;
 use std::sync::atomic::{AtomicU32, Ordering};
 
 use crate::common::REQUIRE_KVM_ENV;
+
+/// Set to `1`, a test that cannot make its network namespaces fails
+/// instead of skipping.
+const REQUIRE_NETNS_ENV: &str = "POSTCOPY_REQUIRE_NETNS";
 use serde_json::Value;
 
 /// A command of the `ip` / `tc` tools that failed.
@@ -144,12 +148,15 @@ impl TwoHosts {
     }
 
     /// The pair, or None after printing why the test is skipped; panics
-    /// under `POSTCOPY_REQUIRE_KVM=1` (CI runs as root and can make them).
+    /// under `POSTCOPY_REQUIRE_NETNS=1` or `POSTCOPY_REQUIRE_KVM=1` (CI
+    /// sets both: it runs as root and can make them).
     pub fn create_or_skip(test: &str) -> Option<TwoHosts> {
+        let required =
+            [REQUIRE_NETNS_ENV, REQUIRE_KVM_ENV].into_iter().find(|name| std::env::var(name).is_ok_and(|v| v == "1"));
         match TwoHosts::create() {
             Ok(hosts) => Some(hosts),
-            Err(e) if std::env::var(REQUIRE_KVM_ENV).is_ok_and(|v| v == "1") => {
-                panic!("{test}: cannot make network namespaces ({e}) and {REQUIRE_KVM_ENV}=1")
+            Err(e) if required.is_some() => {
+                panic!("{test}: cannot make network namespaces ({e}) and {}=1", required.unwrap_or_default())
             }
             Err(e) => {
                 eprintln!("SKIPPED {test}: cannot make network namespaces (needs root and iproute2): {e}");
