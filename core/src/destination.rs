@@ -493,6 +493,17 @@ impl Destination {
         self.fallback.is_some()
     }
 
+    /// Fallback: the lease the source's terms set (None before them).
+    pub fn fallback_lease(&self) -> Option<std::time::Duration> {
+        self.fallback.as_ref().map(|f| f.lease)
+    }
+
+    /// Fallback: how often this side takes a checkpoint (None before the
+    /// source's terms).
+    pub fn checkpoint_interval(&self) -> Option<std::time::Duration> {
+        self.fallback.as_ref().map(|f| f.checkpoint_interval)
+    }
+
     /// Fallback: checkpoints the driver handed in (0: none yet, or
     /// fallback off). Sequence numbers run from 1 without gaps, so this is
     /// the last one's.

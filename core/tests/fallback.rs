@@ -85,6 +85,9 @@ fn advance_to(pair: &mut Pair, at: Timestamp) {
 #[test]
 fn with_fallback_on_a_migration_completes_and_releases() {
     let mut pair = started(fallback_config());
+    // What QMP's x-postcopy shows: the lease the terms set, its own interval.
+    assert_eq!(pair.dst.core.fallback_lease(), Some(Duration::from_millis(200)));
+    assert_eq!(pair.dst.core.checkpoint_interval(), Some(Duration::from_millis(20)));
     let outcome = pair.run_to_completion(10_000).expect("completes");
     assert_eq!(outcome, Outcome::Completed);
     assert!(pair.dst.core.is_released());

@@ -7,6 +7,7 @@ use std::time::Duration;
 use clap::{Args, ValueEnum};
 use postcopy_core::{Config, FallbackConfig, Mode};
 use postcopy_kvm::driver::{CheckpointCopy, Tuning};
+use postcopy_kvm::vmm::FALLBACK_MS_RANGE;
 
 /// Migration mode.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -73,8 +74,8 @@ pub struct Common {
     /// faults: the benchmark's fault-heavy workload).
     #[arg(long, hide = true)]
     pub no_prepaging: bool,
-    /// Back guest RAM with huge pages of this size (2M; both sides must
-    /// agree). Needs free huge pages (scripts/hugepages reserves them); see
+    /// Back guest RAM with huge pages of this size (2M or 1G; both sides
+    /// must agree). Needs free huge pages (scripts/hugepages reserves them); see
     /// docs/hugepages.md.
     #[arg(long, value_name = "2M|1G")]
     pub hugepages: Option<postcopy_kvm::HugePageSize>,
@@ -93,10 +94,10 @@ pub struct Common {
     pub fallback: FallbackArg,
     /// Fallback: how long the destination may run the guest without a
     /// renewal (the source's setting counts), in ms.
-    #[arg(long, default_value_t = 1000)]
+    #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(FALLBACK_MS_RANGE))]
     pub lease_ms: u64,
     /// Fallback: how often the destination takes a checkpoint, in ms.
-    #[arg(long, default_value_t = 100)]
+    #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u64).range(FALLBACK_MS_RANGE))]
     pub checkpoint_interval_ms: u64,
     /// Fallback: copy a checkpoint's pages on write (write-protect them at
     /// the stop, copy each before the guest writes it) or during the stop.
@@ -349,5 +350,24 @@ mod tests {
         assert_eq!(parse_size("12Q"), Err(SizeError::Unit("12Q".into())));
         assert_eq!(parse_size(""), Err(SizeError::Number(String::new())));
         assert_eq!(parse_size("99999999999999G"), Err(SizeError::TooLarge("99999999999999G".into())));
+    }
+
+    #[derive(clap::Parser)]
+    struct WithCommon {
+        #[command(flatten)]
+        common: Common,
+    }
+
+    /// The lease and the checkpoint interval take what QMP takes.
+    #[test]
+    fn fallback_timing_is_refused_out_of_range() {
+        use clap::Parser;
+        let parse = |args: &[&str]| WithCommon::try_parse_from([&["postcopy"], args].concat());
+        let settings = parse(&["--lease-ms", "600", "--checkpoint-interval-ms", "3600000"]).expect("in range");
+        let fallback = settings.common.fallback_settings();
+        assert_eq!((fallback.lease.as_millis(), fallback.checkpoint_interval.as_millis()), (600, 3_600_000));
+        for bad in [["--lease-ms", "0"], ["--checkpoint-interval-ms", "0"], ["--lease-ms", "3600001"]] {
+            assert!(parse(&bad).is_err(), "{bad:?} taken");
+        }
     }
 }

@@ -78,7 +78,7 @@ const CAPABILITY_STATUS: Ty = Ty::Object(&[
     Member::required("state", Ty::Bool),
 ]);
 
-const PARAMETERS: [Member; 11] = {
+const PARAMETERS: [Member; 13] = {
     let n = MigrationParameters::NAMES;
     [
         Member::optional(n[0], Ty::Uint64),
@@ -89,9 +89,11 @@ const PARAMETERS: [Member; 11] = {
         Member::optional(n[5], Ty::Uint64),
         Member::optional(n[6], Ty::Uint64),
         Member::optional(n[7], Ty::Uint64),
-        Member::optional(n[8], Ty::Str),
-        Member::optional(n[9], Ty::Str),
+        Member::optional(n[8], Ty::Uint64),
+        Member::optional(n[9], Ty::Uint64),
         Member::optional(n[10], Ty::Str),
+        Member::optional(n[11], Ty::Str),
+        Member::optional(n[12], Ty::Str),
     ]
 };
 
@@ -320,6 +322,14 @@ mod tests {
         assert_eq!(
             parse("migrate-set-parameters", json!({"x-push-streams": 2})),
             Ok(Command::MigrateSetParameters(MigrationParameters { x_push_streams: Some(2), ..Default::default() }))
+        );
+        assert_eq!(
+            parse("migrate-set-parameters", json!({"x-fallback-lease-ms": 500, "x-checkpoint-interval-ms": 50})),
+            Ok(Command::MigrateSetParameters(MigrationParameters {
+                x_fallback_lease_ms: Some(500),
+                x_checkpoint_interval_ms: Some(50),
+                ..Default::default()
+            }))
         );
         assert_eq!(Command::parse("query-migrate", None), Ok(Command::QueryMigrate));
     }

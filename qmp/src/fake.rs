@@ -89,6 +89,8 @@ impl FakeVmm {
             x_peer_timeout_ms: Some(10_000),
             x_reconnect_delay_max_ms: Some(1_000),
             x_push_streams: Some(1),
+            x_fallback_lease_ms: Some(1000),
+            x_checkpoint_interval_ms: Some(100),
             ..MigrationParameters::default()
         };
         FakeVmm {

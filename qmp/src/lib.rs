@@ -27,7 +27,7 @@
 //! | `stop`, `cont`, `quit` | | `{}`; events `STOP`, `RESUME`, `SHUTDOWN` |
 //! | `migrate-set-capabilities` | `capabilities: [{capability, state}]` | `{}` |
 //! | `query-migrate-capabilities` | | `[{capability, state}]` |
-//! | `migrate-set-parameters` | `max-bandwidth`, `max-postcopy-bandwidth`, `downtime-limit`, `x-precopy-rounds`, `x-request-batch-pages`, `x-peer-timeout-ms`, `x-reconnect-delay-max-ms`, `x-push-streams` | `{}` |
+//! | `migrate-set-parameters` | `max-bandwidth`, `max-postcopy-bandwidth`, `downtime-limit`, `x-precopy-rounds`, `x-request-batch-pages`, `x-peer-timeout-ms`, `x-reconnect-delay-max-ms`, `x-push-streams`, `x-fallback-lease-ms`, `x-checkpoint-interval-ms` | `{}` |
 //! | `query-migrate-parameters` | | the same members |
 //! | `migrate` | `uri` (`tcp:HOST:PORT`), `resume`, `detach` (ignored) | `{}` |
 //! | `migrate-incoming` | `uri`, `exit-on-error` | `{}` |

@@ -259,6 +259,15 @@ pub struct MigrationParameters {
     /// same on both sides, the destination accepts at most its own).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub x_push_streams: Option<u64>,
+    /// Ours, fallback on the source: how long the destination may run the
+    /// guest without a renewal, in milliseconds (1 to 3600000; the source
+    /// announces it, the destination follows).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub x_fallback_lease_ms: Option<u64>,
+    /// Ours, fallback on the destination: how often it takes a checkpoint,
+    /// in milliseconds (1 to 3600000).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub x_checkpoint_interval_ms: Option<u64>,
     /// The `tls-creds-x509` object the migration's connections use; an
     /// empty string: plain TCP.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -274,7 +283,7 @@ pub struct MigrationParameters {
 
 impl MigrationParameters {
     /// Wire names of the members, in declaration order.
-    pub const NAMES: [&'static str; 11] = [
+    pub const NAMES: [&'static str; 13] = [
         "max-bandwidth",
         "max-postcopy-bandwidth",
         "downtime-limit",
@@ -283,6 +292,8 @@ impl MigrationParameters {
         "x-peer-timeout-ms",
         "x-reconnect-delay-max-ms",
         "x-push-streams",
+        "x-fallback-lease-ms",
+        "x-checkpoint-interval-ms",
         "tls-creds",
         "tls-hostname",
         "tls-authz",
@@ -299,6 +310,8 @@ impl MigrationParameters {
             x_peer_timeout_ms: other.x_peer_timeout_ms.or(self.x_peer_timeout_ms),
             x_reconnect_delay_max_ms: other.x_reconnect_delay_max_ms.or(self.x_reconnect_delay_max_ms),
             x_push_streams: other.x_push_streams.or(self.x_push_streams),
+            x_fallback_lease_ms: other.x_fallback_lease_ms.or(self.x_fallback_lease_ms),
+            x_checkpoint_interval_ms: other.x_checkpoint_interval_ms.or(self.x_checkpoint_interval_ms),
             tls_creds: other.tls_creds.clone().or_else(|| self.tls_creds.clone()),
             tls_hostname: other.tls_hostname.clone().or_else(|| self.tls_hostname.clone()),
             tls_authz: other.tls_authz.clone().or_else(|| self.tls_authz.clone()),
@@ -391,6 +404,15 @@ pub struct XPostcopyInfo {
     /// restarted from here (0: the state it stopped in at the switchover).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub restarted_from_checkpoint: Option<u64>,
+    /// Fallback, on both sides: the lease in force, milliseconds (the
+    /// source's setting; the destination follows what the source
+    /// announced).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lease_ms: Option<u64>,
+    /// Fallback, on the destination: how often it takes a checkpoint,
+    /// milliseconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub checkpoint_interval_ms: Option<u64>,
     /// Fallback, on the destination: checkpoints taken and sent back.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub checkpoints_taken: Option<u64>,
@@ -625,12 +647,15 @@ mod tests {
             checkpoints_discarded: Some(0),
             restarted_from_checkpoint: Some(3),
             checkpoints_taken: Some(4),
+            lease_ms: Some(600),
+            checkpoint_interval_ms: Some(50),
             ..Default::default()
         };
         assert_eq!(
             serde_json::to_value(&fallback).unwrap(),
             serde_json::json!({"checkpoints-committed": 3, "checkpoint-bytes": 4096, "checkpoints-discarded": 0,
-                "restarted-from-checkpoint": 3, "checkpoints-taken": 4})
+                "restarted-from-checkpoint": 3, "checkpoints-taken": 4, "lease-ms": 600,
+                "checkpoint-interval-ms": 50})
         );
     }
 

@@ -47,24 +47,29 @@ fn x_postcopy() -> impl Strategy<Value = XPostcopyInfo> {
         (of(any::<u64>()), of(any::<u64>()), of(any::<u64>()), of(any::<u64>())),
         (of("[0-9a-f]{0,64}"), of(any::<bool>()), of(any::<u64>())),
         (of(any::<u64>()), of(any::<u64>()), of(any::<u64>()), of(any::<u64>()), of(any::<u64>())),
+        (of(any::<u64>()), of(any::<u64>())),
     )
-        .prop_map(|((p50, p90, p99, max), (pre, bg, req, rec), (digest, verified, eta), fallback)| XPostcopyInfo {
-            fault_latency_p50_us: p50,
-            fault_latency_p90_us: p90,
-            fault_latency_p99_us: p99,
-            fault_latency_max_us: max,
-            pages_precopy: pre,
-            pages_background: bg,
-            pages_requested: req,
-            recoveries: rec,
-            memory_digest: digest,
-            verified,
-            eta_ms: eta,
-            checkpoints_committed: fallback.0,
-            checkpoint_bytes: fallback.1,
-            checkpoints_discarded: fallback.2,
-            restarted_from_checkpoint: fallback.3,
-            checkpoints_taken: fallback.4,
+        .prop_map(|((p50, p90, p99, max), (pre, bg, req, rec), (digest, verified, eta), fallback, timing)| {
+            XPostcopyInfo {
+                fault_latency_p50_us: p50,
+                fault_latency_p90_us: p90,
+                fault_latency_p99_us: p99,
+                fault_latency_max_us: max,
+                pages_precopy: pre,
+                pages_background: bg,
+                pages_requested: req,
+                recoveries: rec,
+                memory_digest: digest,
+                verified,
+                eta_ms: eta,
+                checkpoints_committed: fallback.0,
+                checkpoint_bytes: fallback.1,
+                checkpoints_discarded: fallback.2,
+                restarted_from_checkpoint: fallback.3,
+                checkpoints_taken: fallback.4,
+                lease_ms: timing.0,
+                checkpoint_interval_ms: timing.1,
+            }
         })
 }
 
@@ -106,7 +111,7 @@ fn migration_info() -> impl Strategy<Value = MigrationInfo> {
 }
 
 fn parameters() -> impl Strategy<Value = MigrationParameters> {
-    (vec(of(any::<u64>()), 8), vec(of("[a-z0-9.-]{0,16}"), 3)).prop_map(|(p, t)| MigrationParameters {
+    (vec(of(any::<u64>()), 10), vec(of("[a-z0-9.-]{0,16}"), 3)).prop_map(|(p, t)| MigrationParameters {
         max_bandwidth: p[0],
         max_postcopy_bandwidth: p[1],
         downtime_limit: p[2],
@@ -115,6 +120,8 @@ fn parameters() -> impl Strategy<Value = MigrationParameters> {
         x_peer_timeout_ms: p[5],
         x_reconnect_delay_max_ms: p[6],
         x_push_streams: p[7],
+        x_fallback_lease_ms: p[8],
+        x_checkpoint_interval_ms: p[9],
         tls_creds: t[0].clone(),
         tls_hostname: t[1].clone(),
         tls_authz: t[2].clone(),

@@ -750,14 +750,20 @@ fn a_killed_destination_leaves_the_guest_running_on_the_source_from_the_checkpoi
     let dir = temp_dir("qmp-fallback-kill");
     let port = free_port();
     // A short lease (the source's counts): the takeover comes about 0.6 s
-    // after the destination's last word.
+    // after the destination's last word. The command line's lease is the
+    // starting value, which QMP replaces; the destination follows the
+    // source's lease (its own would be the default, 1 s) and takes a
+    // checkpoint every 50 ms, set over QMP only.
     let mut a =
-        Vmm::start(&dir, "a", &["--mem", "128M", "--vcpus", "1", "--fallback", "checkpoint", "--lease-ms", "600"]);
-    let mut b = Vmm::start(&dir, "b", &["--incoming", "defer", "--checkpoint-interval-ms", "50"]);
+        Vmm::start(&dir, "a", &["--mem", "128M", "--vcpus", "1", "--fallback", "checkpoint", "--lease-ms", "900"]);
+    let mut b = Vmm::start(&dir, "b", &["--incoming", "defer"]);
     let caps = b.execute(Qmp::QueryMigrateCapabilities);
     assert!(!capability_state(&caps, "x-postcopy-fallback"), "fallback on by default: {caps}");
     assert!(capability_state(&a.execute(Qmp::QueryMigrateCapabilities), "x-postcopy-fallback"));
     set_capability(&mut b, MigrationCapability::XPostcopyFallback, true);
+    assert_eq!(a.execute(Qmp::QueryMigrateParameters)["x-fallback-lease-ms"].as_u64(), Some(900));
+    a.set_parameters(MigrationParameters { x_fallback_lease_ms: Some(600), ..Default::default() });
+    b.set_parameters(MigrationParameters { x_checkpoint_interval_ms: Some(50), ..Default::default() });
     b.listen(uri(port));
     // The push held (requested pages never are), so that postcopy lasts
     // seconds: the kill lands in it, after a checkpoint was committed.
@@ -786,10 +792,17 @@ fn a_killed_destination_leaves_the_guest_running_on_the_source_from_the_checkpoi
     let committed_after_ms = t0.elapsed().as_millis();
     // The destination counts what it took: at least what was committed.
     let t1 = Instant::now();
-    while b.qmp.query_migrate().expect("query-migrate").x_postcopy.and_then(|x| x.checkpoints_taken) < Some(committed) {
+    let on_b = loop {
+        let x = b.qmp.query_migrate().expect("query-migrate").x_postcopy.unwrap_or_default();
+        if x.checkpoints_taken >= Some(committed) {
+            break x;
+        }
         assert!(t1.elapsed() < Duration::from_secs(5), "the destination shows no checkpoint; {}", read(&b.stderr));
         std::thread::sleep(Duration::from_millis(5));
-    }
+    };
+    assert_eq!((on_b.lease_ms, on_b.checkpoint_interval_ms), (Some(600), Some(50)), "{on_b:?}");
+    let on_a = a.qmp.query_migrate().expect("query-migrate").x_postcopy.unwrap_or_default();
+    assert_eq!((on_a.lease_ms, on_a.checkpoint_interval_ms), (Some(600), None), "{on_a:?}");
     assert_eq!(a.status(), Some(MigrationStatus::PostcopyActive), "the kill must land in postcopy");
     b.child.kill().expect("SIGKILL the destination");
     let _ = b.child.wait();
@@ -811,6 +824,7 @@ fn a_killed_destination_leaves_the_guest_running_on_the_source_from_the_checkpoi
     assert!((committed..=final_committed).contains(&restarted), "{info:?}");
     assert_eq!(restarted, final_committed, "not the last committed checkpoint: {info:?}");
     assert!(x.checkpoint_bytes.is_some_and(|b| b > 0) && x.checkpoints_discarded.is_some(), "{info:?}");
+    assert_eq!(x.lease_ms, Some(600), "the lease in force, kept at the end: {info:?}");
     let error = info.error_desc.clone().unwrap_or_default();
     assert!(error.contains(&format!("took the guest back from checkpoint {restarted}")), "{error}");
     assert_eq!(a.run_state(), RunState::Running);

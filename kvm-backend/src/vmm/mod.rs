@@ -70,6 +70,11 @@ const PROGRESS_WINDOW_NS: u64 = 300_000_000;
 /// How long a command waits for the migration to take its request (the
 /// timer thread looks every 10 ms).
 const REQUEST_WAIT: Duration = Duration::from_secs(2);
+/// The fallback's lease and checkpoint interval, in milliseconds, as QMP's
+/// `x-fallback-lease-ms` / `x-checkpoint-interval-ms` and the command
+/// line's `--lease-ms` / `--checkpoint-interval-ms` take them: a lease of
+/// 0 would fence the guest at once, and an hour is past any use.
+pub const FALLBACK_MS_RANGE: std::ops::RangeInclusive<u64> = 1..=3_600_000;
 
 /// How the process runs its migrations.
 #[derive(Clone, Debug)]
@@ -348,8 +353,16 @@ impl Shared {
         config.urgent_channel = Shared::capability(state, MigrationCapability::PostcopyPreempt);
         config.prepaging = Shared::capability(state, MigrationCapability::XPostcopyPrepaging);
         config.auto_reconnect = Shared::capability(state, MigrationCapability::XPostcopyAutoRecover);
-        config.fallback = Shared::capability(state, MigrationCapability::XPostcopyFallback)
-            .then(|| self.config.fallback_settings.clone());
+        config.fallback = Shared::capability(state, MigrationCapability::XPostcopyFallback).then(|| {
+            let mut fallback = self.config.fallback_settings.clone();
+            if let Some(ms) = p.x_fallback_lease_ms {
+                fallback.lease = Duration::from_millis(ms);
+            }
+            if let Some(ms) = p.x_checkpoint_interval_ms {
+                fallback.checkpoint_interval = Duration::from_millis(ms);
+            }
+            fallback
+        });
         if let Some(batch) = p.x_request_batch_pages {
             config.request_batch_pages = batch.clamp(1, u64::from(u32::MAX)) as u32;
         }
@@ -440,6 +453,8 @@ impl Shared {
                     status::destination_ram(ram.total / crate::layout::PAGE_SIZE, ram.total / crate::layout::PAGE_SIZE);
             }
             let latency = &report.fault_latency;
+            // The fallback's timing, as the samples saw it (the report has no copy).
+            let (lease_ms, checkpoint_interval_ms) = (snapshot.x.lease_ms, snapshot.x.checkpoint_interval_ms);
             snapshot.x = XPostcopyInfo {
                 fault_latency_p50_us: Some(latency.p50_us),
                 fault_latency_p90_us: Some(latency.p90_us),
@@ -455,6 +470,8 @@ impl Shared {
                     .as_ref()
                     .filter(|_| job.fallback_on.load(Ordering::SeqCst))
                     .map(|f| f.checkpoints),
+                lease_ms,
+                checkpoint_interval_ms,
                 ..Default::default()
             };
             snapshot.destination_report = Some(report);
@@ -535,8 +552,9 @@ impl Shared {
                     memory_digest: finished.result.is_ok().then(|| format!("{:016x}", digest.digest)),
                     ..Default::default()
                 };
-                if opts.config.fallback.is_some() {
+                if let Some(fallback) = &opts.config.fallback {
                     status::fill_source_fallback(&mut snapshot.x, &outcome.fallback);
+                    snapshot.x.lease_ms = Some(fallback.lease.as_millis() as u64);
                 }
                 match &finished.result {
                     Ok(()) => (MigrationStatus::Completed, None),
@@ -643,9 +661,10 @@ impl Watch<Source> for SourceWatch {
             snapshot.x.pages_background = Some(stats.pages_sent.background);
             snapshot.x.pages_requested = Some(stats.pages_sent.requested);
             snapshot.x.recoveries = Some(u64::from(stats.recoveries));
-            if core.config().fallback.is_some() {
+            if let Some(fallback) = &core.config().fallback {
                 // Sequence numbers run from 1 without gaps: the last is the count.
                 snapshot.x.checkpoints_committed = Some(core.committed_checkpoint());
+                snapshot.x.lease_ms = Some(fallback.lease.as_millis() as u64);
             }
         }
         // The takeover's restore resumes the parked vCPUs, or leaves them
@@ -707,6 +726,8 @@ impl Watch<Destination> for DestinationWatch {
             if core.fallback_on() {
                 self.job.fallback_on.store(true, Ordering::SeqCst);
                 snapshot.x.checkpoints_taken = Some(core.checkpoints_taken());
+                snapshot.x.lease_ms = core.fallback_lease().map(|d| d.as_millis() as u64);
+                snapshot.x.checkpoint_interval_ms = core.checkpoint_interval().map(|d| d.as_millis() as u64);
             }
         }
     }
@@ -746,6 +767,8 @@ impl KvmVmm {
             x_peer_timeout_ms: Some(config.base.peer_timeout.map_or(0, |t| t.as_millis() as u64)),
             x_reconnect_delay_max_ms: Some(config.base.reconnect_delay_max.as_millis() as u64),
             x_push_streams: Some(u64::from(config.base.push_stream_count())),
+            x_fallback_lease_ms: Some(config.fallback_settings.lease.as_millis() as u64),
+            x_checkpoint_interval_ms: Some(config.fallback_settings.checkpoint_interval.as_millis() as u64),
             ..MigrationParameters::default()
         };
         let state = State {
@@ -931,6 +954,14 @@ impl postcopy_qmp::Vmm for KvmVmm {
         }
         if parameters.x_precopy_rounds.is_some_and(|r| r > u64::from(u32::MAX)) {
             return Err(QmpError::invalid_parameter_value("x-precopy-rounds", "an integer from 0 to 4294967295"));
+        }
+        for (name, value) in [
+            ("x-fallback-lease-ms", parameters.x_fallback_lease_ms),
+            ("x-checkpoint-interval-ms", parameters.x_checkpoint_interval_ms),
+        ] {
+            if value.is_some_and(|ms| !FALLBACK_MS_RANGE.contains(&ms)) {
+                return Err(QmpError::invalid_parameter_value(name, "an integer from 1 to 3600000 (milliseconds)"));
+            }
         }
         let mut state = self.shared.lock();
         state.parameters = state.parameters.merged(parameters);
@@ -1232,6 +1263,40 @@ mod tests {
         let on = MigrationCapabilityStatus { capability: MigrationCapability::XPostcopyFallback, state: true };
         vmm.migrate_set_capabilities(&[on]).expect("fallback turned on");
         assert_eq!(fallback(&vmm), Some(settings));
+    }
+
+    /// `x-fallback-lease-ms` and `x-checkpoint-interval-ms` start at the
+    /// command line's values, replace them for the next migration, and
+    /// refuse 0 and more than an hour without changing anything.
+    #[test]
+    fn fallback_timing_is_set_over_qmp_from_the_command_lines_starting_values() {
+        let settings = FallbackConfig { lease: Duration::from_millis(600), ..FallbackConfig::default() };
+        let vmm = KvmVmm::incoming(test_config(Tuning::default(), settings), Arc::new(NoEvents), None).expect("a VMM");
+        let on = MigrationCapabilityStatus { capability: MigrationCapability::XPostcopyFallback, state: true };
+        vmm.migrate_set_capabilities(&[on]).expect("fallback turned on");
+        let shown = vmm.query_migrate_parameters().expect("parameters");
+        assert_eq!((shown.x_fallback_lease_ms, shown.x_checkpoint_interval_ms), (Some(600), Some(100)));
+        let timing = |vmm: &KvmVmm| {
+            let fallback = vmm.shared.core_config(&vmm.shared.lock()).fallback.expect("fallback on");
+            (fallback.lease.as_millis(), fallback.checkpoint_interval.as_millis())
+        };
+        assert_eq!(timing(&vmm), (600, 100));
+        let set = |lease, interval| MigrationParameters {
+            x_fallback_lease_ms: lease,
+            x_checkpoint_interval_ms: interval,
+            ..MigrationParameters::default()
+        };
+        vmm.migrate_set_parameters(&set(Some(450), Some(25))).expect("taken");
+        assert_eq!(timing(&vmm), (450, 25));
+        for (bad, name) in [
+            (set(Some(0), None), "x-fallback-lease-ms"),
+            (set(None, Some(0)), "x-checkpoint-interval-ms"),
+            (set(Some(3_600_001), Some(10)), "x-fallback-lease-ms"),
+        ] {
+            let refused = vmm.migrate_set_parameters(&bad).expect_err("refused");
+            assert!(refused.desc.contains(name), "{}", refused.desc);
+            assert_eq!(timing(&vmm), (450, 25), "a refused command changes nothing");
+        }
     }
 
     /// On 1 GiB pages `x-postcopy-fallback` is refused, as `--fallback
