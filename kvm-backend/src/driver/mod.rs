@@ -105,8 +105,8 @@ mod source;
 
 pub use destination::{
     check_running_guest, run_destination, run_destination_kept, ArrivedGuest, BuildError, Damage, DamageError,
-    DestinationError, DestinationOptions, DestinationOutcome, KeptOutcome, LoadError, VerifyError, DAMAGE_ENV,
-    DIE_AFTER_CHECKPOINT_ENV,
+    DestinationError, DestinationOptions, DestinationOutcome, KeptOutcome, LoadError, VerifyError,
+    COPY_ON_WRITE_HEAD_START_ENV, DAMAGE_ENV, DIE_AFTER_CHECKPOINT_ENV,
 };
 pub use security::{ChannelSecurity, ConnectError, TlsSettings};
 pub use source::{

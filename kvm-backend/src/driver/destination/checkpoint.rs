@@ -36,6 +36,13 @@ use crate::state::DeviceState;
 /// figure uses it.
 pub const DIE_AFTER_CHECKPOINT_ENV: &str = "POSTCOPY_TEST_DIE_AFTER_CHECKPOINT";
 
+/// Test-only: with `N`, the copy of a checkpoint's write-protected pages
+/// starts `N` ms after the vCPUs resume, so that the guest's writes come
+/// first and go through the copy on write. Without it the copier may reach
+/// a page before the guest writes it, and a copy-on-write bug would then
+/// go unseen in that run; the e2e fallback tests set it.
+pub const COPY_ON_WRITE_HEAD_START_ENV: &str = "POSTCOPY_TEST_COPY_ON_WRITE_HEAD_START_MS";
+
 /// How long a checkpoint waits for the vCPUs to park between checks of
 /// whether the migration is over (a vCPU blocked on a missing page parks
 /// when its page arrives).
@@ -149,6 +156,12 @@ impl DestinationDriver<'_> {
         let stop_us = (now().0 - t0) as f64 / 1e3;
         set_policy(None, "dst-checkpoint");
         let Stopped { device_state, pages: numbers, copied, copy_ns } = stopped?;
+        if copied.is_none() {
+            let head_start = std::env::var(COPY_ON_WRITE_HEAD_START_ENV).ok().and_then(|v| v.parse().ok());
+            if let Some(ms) = head_start {
+                std::thread::sleep(Duration::from_millis(ms));
+            }
+        }
         let t_copy = now().0;
         let (buf, on_write) = match copied {
             Some(buf) => (buf, 0),

@@ -18,7 +18,7 @@ mod install;
 mod state;
 mod verify;
 
-pub use checkpoint::DIE_AFTER_CHECKPOINT_ENV;
+pub use checkpoint::{COPY_ON_WRITE_HEAD_START_ENV, DIE_AFTER_CHECKPOINT_ENV};
 pub use damage::{Damage, DamageError, DAMAGE_ENV};
 pub use error::{BuildError, DestinationError};
 pub use guest::LoadError;
