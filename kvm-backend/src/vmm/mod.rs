@@ -960,7 +960,11 @@ impl postcopy_qmp::Vmm for KvmVmm {
             ("x-checkpoint-interval-ms", parameters.x_checkpoint_interval_ms),
         ] {
             if value.is_some_and(|ms| !FALLBACK_MS_RANGE.contains(&ms)) {
-                return Err(QmpError::invalid_parameter_value(name, "an integer from 1 to 3600000 (milliseconds)"));
+                let (first, last) = (FALLBACK_MS_RANGE.start(), FALLBACK_MS_RANGE.end());
+                return Err(QmpError::invalid_parameter_value(
+                    name,
+                    &format!("an integer from {first} to {last} (milliseconds)"),
+                ));
             }
         }
         let mut state = self.shared.lock();
