@@ -20,6 +20,30 @@ use vmm::{assert_hop_verified, read, Vmm, MIGRATION_TIMEOUT};
 /// The destination's port: each namespace has its own, so any will do.
 const PORT: u16 = 4444;
 
+/// A test's two hosts, held while it runs one test at a time. Fields drop
+/// in order: the namespaces go before the next test may start.
+struct Exclusive {
+    hosts: TwoHosts,
+    _one: std::sync::MutexGuard<'static, ()>,
+}
+
+impl std::ops::Deref for Exclusive {
+    type Target = TwoHosts;
+    fn deref(&self) -> &TwoHosts {
+        &self.hosts
+    }
+}
+
+/// KVM and the two hosts for test `name`, or None after printing why the
+/// test is skipped.
+fn hosts_or_skip(name: &str) -> Option<Exclusive> {
+    if !kvm_or_skip(name) {
+        return None;
+    }
+    let one = serial();
+    TwoHosts::create_or_skip(name).map(|hosts| Exclusive { hosts, _one: one })
+}
+
 /// Starts the source (with its guest) and the destination in their
 /// namespaces, runs `setup` on both, then has the destination listen on
 /// its own address.
@@ -51,11 +75,7 @@ fn wait_for_postcopy_with_a_tenth_crossed(source: &mut Vmm) {
 
 #[test]
 fn a_migration_crosses_the_veth_between_two_namespaces() {
-    if !kvm_or_skip("a_migration_crosses_the_veth_between_two_namespaces") {
-        return;
-    }
-    let _one = serial();
-    let Some(hosts) = TwoHosts::create_or_skip("a_migration_crosses_the_veth_between_two_namespaces") else {
+    let Some(hosts) = hosts_or_skip("a_migration_crosses_the_veth_between_two_namespaces") else {
         return;
     };
     let dir = temp_dir("two-hosts-plain");
@@ -78,11 +98,7 @@ fn a_migration_crosses_the_veth_between_two_namespaces() {
 
 #[test]
 fn a_link_cut_during_postcopy_is_recovered_automatically() {
-    if !kvm_or_skip("a_link_cut_during_postcopy_is_recovered_automatically") {
-        return;
-    }
-    let _one = serial();
-    let Some(hosts) = TwoHosts::create_or_skip("a_link_cut_during_postcopy_is_recovered_automatically") else {
+    let Some(hosts) = hosts_or_skip("a_link_cut_during_postcopy_is_recovered_automatically") else {
         return;
     };
     let dir = temp_dir("two-hosts-cut");
@@ -147,12 +163,7 @@ fn a_link_cut_during_postcopy_is_recovered_automatically() {
 
 #[test]
 fn a_migration_over_a_1_gbit_link_takes_at_least_its_bytes_over_the_rate() {
-    if !kvm_or_skip("a_migration_over_a_1_gbit_link_takes_at_least_its_bytes_over_the_rate") {
-        return;
-    }
-    let _one = serial();
-    let Some(hosts) = TwoHosts::create_or_skip("a_migration_over_a_1_gbit_link_takes_at_least_its_bytes_over_the_rate")
-    else {
+    let Some(hosts) = hosts_or_skip("a_migration_over_a_1_gbit_link_takes_at_least_its_bytes_over_the_rate") else {
         return;
     };
     let dir = temp_dir("two-hosts-1gbit");
@@ -244,11 +255,7 @@ fn the_namespaces_and_the_veth_are_removed_even_when_a_test_fails() {
 #[test]
 fn a_partition_longer_than_the_lease_leaves_the_guest_running_on_the_source_alone() {
     let name = "a_partition_longer_than_the_lease_leaves_the_guest_running_on_the_source_alone";
-    if !kvm_or_skip(name) {
-        return;
-    }
-    let _one = serial();
-    let Some(hosts) = TwoHosts::create_or_skip(name) else {
+    let Some(hosts) = hosts_or_skip(name) else {
         return;
     };
     let dir = temp_dir("two-hosts-fallback");
@@ -286,11 +293,7 @@ fn a_partition_longer_than_the_lease_leaves_the_guest_running_on_the_source_alon
 #[test]
 fn a_cut_shorter_than_the_lease_is_an_ordinary_recovery_with_fallback_on() {
     let name = "a_cut_shorter_than_the_lease_is_an_ordinary_recovery_with_fallback_on";
-    if !kvm_or_skip(name) {
-        return;
-    }
-    let _one = serial();
-    let Some(hosts) = TwoHosts::create_or_skip(name) else {
+    let Some(hosts) = hosts_or_skip(name) else {
         return;
     };
     let dir = temp_dir("two-hosts-fallback-short-cut");
